@@ -1,0 +1,148 @@
+"""Command line: argument parsing, one error funnel, exit codes.
+
+Each command lives in `ctfix/commands/<name>.py` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Only the chosen command's module is
+imported (after parsing has picked it), so `ctfix --help` stays fast: command modules
+must import heavy libraries inside `run`, never at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, Protocol
+
+from ctfix import __version__
+from ctfix.errors import CtfixError, ExitStatus
+
+PROG = "ctfix"
+
+#: name -> one-line summary shown by `ctfix --help`.
+COMMANDS: dict[str, str] = {
+    "watch": "detect wrong-source UDP replies live, from conntrack events",
+    "explain": "say which process on a UDP port is affected, why, the evidence and the fix",
+    "fix": "apply (or print, or revert) a reversible remediation for a UDP port",
+    "serve": "run the reference UDP echo server that always answers from the right address",
+    "lab": "reproduce the bug and its fix in throwaway network namespaces",
+}
+
+DESCRIPTION = """\
+A UDP server bound to 0.0.0.0 or :: on a host with several addresses answers with
+sendto(); the kernel picks the reply's source by routing, and clients that sent to
+another local address drop the reply (ICMP port unreachable). ctfix finds such
+services from the kernel's connection tracking, explains them and fixes them.
+"""
+
+EPILOG = """\
+examples:
+  ctfix lab                          see the bug and its fix in throwaway namespaces
+  ctfix watch --json --duration 60   report wrong-source replies for a minute
+  ctfix explain 5353                 who is on UDP 5353, is it affected, how to fix it
+  ctfix fix 5353 --method snat-zone  print the plan; add --apply to apply it
+
+Run `ctfix COMMAND --help` for a command's options.
+"""
+
+
+class _Command(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            ExitStatus.ERROR,
+            f"{self.prog}: error: {message} (see `{self.prog} --help`)\n",
+        )
+
+
+def _load(name: str) -> _Command:
+    module: _Command = importlib.import_module(f"ctfix.commands.{name}")
+    return module
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    for token in argv:
+        if token in COMMANDS:
+            return token
+        if not token.startswith("-"):
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """Build the parser; only the command named in argv gets its full arguments."""
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks and debugging output on errors"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    chosen = _chosen_command(argv)
+    for name, summary in COMMANDS.items():
+        cmd_parser = sub.add_parser(
+            name,
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        cmd_parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        if name == chosen:
+            _load(name).add_arguments(cmd_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, and turn every error into one line and a status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    debug = bool(getattr(args, "debug", False)) or bool(os.environ.get("CTFIX_DEBUG"))
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitStatus.ERROR
+    try:
+        return int(_load(args.command).run(args))
+    except CtfixError as err:
+        if debug:
+            raise
+        print(f"ctfix {args.command}: error: {err.one_line()}", file=sys.stderr)
+        return ExitStatus.ERROR
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        # `ctfix watch | head`: the reader left; that is not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitStatus.OK
+    except PermissionError as err:
+        if debug:
+            raise
+        print(
+            f"ctfix {args.command}: error: permission denied ({err.strerror or err}); "
+            "run as root or with CAP_NET_ADMIN",
+            file=sys.stderr,
+        )
+        return ExitStatus.ERROR
+    except Exception as err:
+        if debug:
+            raise
+        print(
+            f"ctfix {args.command}: internal error: {type(err).__name__}: {err}; "
+            "rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return ExitStatus.ERROR

@@ -1,0 +1,114 @@
+"""Network namespaces: resolve `--netns NAME|PATH|pid:PID` and enter them.
+
+Know before changing: setns(2) switches only the calling *thread*. `enter()` is for a
+command that works in one namespace for its whole life (call it before any thread or
+socket exists); `entered()` switches the current thread temporarily, for code that
+opens a socket in another namespace and then carries on in its own (sockets keep the
+namespace they were created in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ctfix.errors import CtfixError, PrivilegeError
+
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Netns:
+    """A resolved namespace: what the user typed, and the file that names it."""
+
+    spec: str
+    path: str
+
+    @property
+    def label(self) -> str:
+        """Short name for output: the `ip netns` name, or the spec as given."""
+        return self.spec or "current"
+
+
+CURRENT = Netns("", "/proc/self/ns/net")
+
+
+def resolve(spec: str | None) -> Netns:
+    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do."""
+    if not spec:
+        return CURRENT
+    if spec.startswith("pid:"):
+        pid = spec[4:]
+        if not pid.isdigit():
+            raise CtfixError(f"bad --netns {spec!r}", "use pid:PID with a numeric process id")
+        path = f"/proc/{pid}/ns/net"
+        if not os.path.exists(path):
+            raise CtfixError(f"no process {pid} for --netns {spec}", "check the pid with `ps`")
+        return Netns(spec, path)
+    path = spec if "/" in spec else os.path.join(NETNS_RUN_DIR, spec)
+    if not os.path.exists(path):
+        raise CtfixError(
+            f"network namespace {spec!r} not found ({path})",
+            "list them with `ip netns list`, or pass a path or pid:PID",
+        )
+    return Netns(spec, path)
+
+
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            raise PrivilegeError(f"entering network namespace {what}", "CAP_SYS_ADMIN")
+        raise CtfixError(f"cannot enter network namespace {what}: {os.strerror(err)}")
+
+
+def _open(ns: Netns) -> int:
+    try:
+        return os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError:
+        raise PrivilegeError(f"opening network namespace {ns.spec}", "CAP_SYS_ADMIN") from None
+    except OSError as err:
+        raise CtfixError(f"cannot open network namespace {ns.spec}: {err.strerror}") from None
+
+
+def enter(ns: Netns) -> None:
+    """Move the calling thread (the whole process, if single-threaded) into ns."""
+    if ns is CURRENT or ns.path == CURRENT.path:
+        return
+    fd = _open(ns)
+    try:
+        _setns(fd, ns.spec)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def entered(ns: Netns | str) -> Iterator[None]:
+    """Run the body in ns on this thread, then return to the original namespace."""
+    target = ns if isinstance(ns, Netns) else resolve(ns)
+    if target is CURRENT:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        enter(target)
+        try:
+            yield
+        finally:
+            _setns(home, "(return to the original)")
+    finally:
+        os.close(home)
+
+
+def same_as_current(ns: Netns) -> bool:
+    """True when ns is the namespace this thread is already in."""
+    mine = os.stat("/proc/thread-self/ns/net")
+    other = os.stat(ns.path)
+    return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)

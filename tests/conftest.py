@@ -1,0 +1,34 @@
+"""Shared fixtures. Namespace tests build their topology with ctfix's lab library."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from ctfix.lab.topology import Topology, lab_topology, leftover_namespaces
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/netns/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.netns)
+            if os.geteuid() != 0:
+                item.add_marker(pytest.mark.skip(reason="namespace tests need root"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_namespaces() -> Iterator[None]:
+    """Fail the run if any test leaves one of the lab's namespaces behind."""
+    before = set(leftover_namespaces())
+    yield
+    left = set(leftover_namespaces()) - before
+    assert not left, f"namespaces left behind: {sorted(left)}"
+
+
+@pytest.fixture
+def lab() -> Iterator[Topology]:
+    """The write-up's topology, IPv4 and IPv6, MASQUERADE in nftables."""
+    with lab_topology(ipv6=True, netfilter="nft") as topo:
+        yield topo
