@@ -1,0 +1,67 @@
+"""Arguments and checks several commands share (--netns, --json, ports)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ctfix.errors import CtfixError, PrivilegeError
+
+
+def add_netns_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--netns",
+        metavar="NAME|PATH|pid:PID",
+        default=None,
+        help="work in this network namespace: an `ip netns` name, a path such as "
+        "/proc/PID/ns/net, or pid:PID (default: the current namespace)",
+    )
+
+
+def port_number(text: str) -> int:
+    """argparse type for a UDP port: 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
+    return int(text)
+
+
+def require_root(what: str, capability: str = "CAP_NET_ADMIN") -> None:
+    """Fail early, in one line, when the process cannot have the capability."""
+    if os.geteuid() != 0 and not _has_capability(capability):
+        raise PrivilegeError(what, capability)
+
+
+_CAP_BITS = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
+
+
+def _has_capability(name: str) -> bool:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_BITS[name] & 1)
+    except OSError:
+        pass
+    return False
+
+
+def enter_netns(spec: str | None) -> str:
+    """Resolve and enter --netns for the whole command; return its label for output."""
+    from ctfix.platform import netns
+
+    target = netns.resolve(spec)
+    netns.enter(target)
+    return target.label
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+__all__ = ["CtfixError", "add_netns_argument", "enter_netns", "port_number", "require_root"]
