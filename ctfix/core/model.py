@@ -1,0 +1,95 @@
+"""The values explain produces and fix consumes: what a diagnosis is made of.
+
+Know before changing: the field names are the JSON contract of
+`ctfix explain --json` (issue: listeners[], clients[], evidence, rules[], fixes[]);
+renaming one breaks users' scripts. Add fields, do not rename them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Verdict = Literal["ok", "at-risk", "broken"]
+FixMethod = Literal["pktinfo", "bind", "policy-route", "snat-zone"]
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A UDP socket on the port, and the process that owns it (if found)."""
+
+    address: str  # local address as bound: "0.0.0.0", "::", "192.0.2.1"
+    port: int
+    family: str  # "ipv4" | "ipv6"
+    state: str  # "listening" (unconnected) | "connected"
+    pid: int | None = None
+    process: str | None = None  # comm, e.g. "nc"
+    cmdline: tuple[str, ...] = ()
+    unit: str | None = None  # systemd unit or container id from the cgroup
+    v6only: bool | None = None  # AF_INET6 sockets only
+    peer: str | None = None  # "addr:port" of a connected socket
+
+    @property
+    def wildcard(self) -> bool:
+        return self.address in ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientNetwork:
+    """A network clients reach the service from, and what they would get back."""
+
+    network: str  # CIDR, e.g. "192.0.2.0/24"
+    addressed: tuple[str, ...]  # local addresses these clients sent to (seen or assumed)
+    predicted_source: str | None  # source the kernel picks for a reply from the port
+    ok: bool  # every addressed address equals predicted_source
+    interface: str | None = None  # where the network is connected
+    seen: bool = False  # from conntrack evidence (True) or from a connected route
+
+
+@dataclass(frozen=True, slots=True)
+class WrongSourceReply:
+    """One wrong-source pair from the conntrack table (request, then the bad reply)."""
+
+    client: str  # "addr:port"
+    service: str  # the addr:port the client sent to
+    expected_source: str
+    actual_source: str
+    mismatch: str  # "address" | "port" | "address+port"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    wrong_source: tuple[WrongSourceReply, ...] = ()
+    healthy: int = 0  # replied flows on the port whose reply came from the right source
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHit:
+    """A netfilter rule that touches the port, and why it cannot help (if so)."""
+
+    backend: str  # "nftables" | "iptables-legacy"
+    table: str
+    chain: str
+    rule: str  # the rule as its own tool prints it
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fix:
+    method: FixMethod
+    summary: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    port: int
+    netns: str
+    verdict: Verdict
+    reasons: tuple[str, ...]
+    listeners: tuple[Listener, ...] = ()
+    clients: tuple[ClientNetwork, ...] = ()
+    evidence: Evidence = field(default_factory=Evidence)
+    rules: tuple[RuleHit, ...] = ()
+    fixes: tuple[Fix, ...] = ()
+    local_addresses: tuple[str, ...] = ()

@@ -1,0 +1,88 @@
+"""libnftables, through its JSON API, in the current network namespace.
+
+Know before changing: libnftables opens its netlink socket per command, in the
+namespace of the calling thread, so enter the namespace first
+(`ctfix.platform.netns`). A batch given to `run_json` is atomic in the kernel: it
+applies whole or not at all, which `ctfix fix` relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
+
+JsonObject = dict[str, Any]
+
+
+class NftError(CtfixError):
+    """libnftables refused a command; the message is its own first error line."""
+
+
+def _context() -> Any:
+    try:
+        import nftables
+    except ImportError:
+        raise MissingFeatureError(
+            "the nftables Python module is not installed",
+            "pip install pip-nftables (or run scripts/setup)",
+        ) from None
+    try:
+        nft = nftables.Nftables()
+    except OSError:
+        raise MissingFeatureError(
+            "libnftables is not installed", "apt-get install libnftables1 (or run scripts/setup)"
+        ) from None
+    nft.set_json_output(True)
+    nft.set_handle_output(True)
+    return nft
+
+
+def _check(rc: int, error: str, what: str) -> None:
+    if rc == 0:
+        return
+    first = next((line for line in error.splitlines() if line.strip()), f"status {rc}")
+    if "Operation not permitted" in error:
+        raise PrivilegeError(f"nftables ({what})")
+    raise NftError(f"nftables refused {what}: {first.strip()}")
+
+
+def run_json(commands: list[JsonObject], what: str = "the change") -> JsonObject:
+    """Run one atomic batch of JSON commands ({"add": {...}}, {"delete": {...}}, ...)."""
+    nft = _context()
+    rc, output, error = nft.json_cmd({"nftables": commands})
+    _check(rc, str(error or ""), what)
+    result: JsonObject = output if isinstance(output, dict) else {"nftables": []}
+    return result
+
+
+def run_text(command: str, what: str = "the command") -> list[JsonObject]:
+    """Run nft syntax (one or more lines); return the JSON objects it printed."""
+    nft = _context()
+    rc, output, error = nft.cmd(command)
+    _check(rc, str(error or ""), what)
+    if not output:
+        return []
+    objects: list[JsonObject] = json.loads(output).get("nftables", [])
+    return objects
+
+
+def ruleset() -> list[JsonObject]:
+    """`nft -j list ruleset` as objects, metainfo dropped."""
+    return [obj for obj in run_text("list ruleset", "listing the ruleset") if "metainfo" not in obj]
+
+
+def ruleset_text() -> str:
+    """`nft list ruleset` in nft syntax (for byte-for-byte comparisons and plans)."""
+    nft = _context()
+    nft.set_json_output(False)
+    nft.set_handle_output(False)
+    rc, output, error = nft.cmd("list ruleset")
+    _check(rc, str(error or ""), "listing the ruleset")
+    return str(output)
+
+
+def has_rules() -> bool:
+    """True when the namespace holds any nftables table."""
+    return any("table" in obj for obj in ruleset())
