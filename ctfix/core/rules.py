@@ -1,0 +1,451 @@
+"""The knowledge base of UDP services: load `rules/*.yaml`, validate it, match a listener.
+
+Each YAML file holds `version: 1` and a list `services:` of entries; an entry says how
+to recognise a service (process names as /proc/PID/comm shows them, command-line
+regexes, default ports), whether it answers from the wrong source when bound to the
+wildcard, and the fix in its own configuration. `docs/knowledge-base.md` is the
+user-facing description of the schema.
+
+Know before changing: every validation error must name `file:line` (1-based, from the
+YAML node's start mark), so this module walks the composed node tree instead of
+`yaml.safe_load`'s plain values, and rejects unknown keys so that a typo never passes
+silently. The dataclasses below are consumed by `ctfix explain`; add fields, do not
+rename them. yaml is imported inside functions only (start-up cost, see HACKING.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ctfix.errors import CtfixError
+
+if TYPE_CHECKING:
+    import yaml
+
+#: /proc/PID/comm holds at most TASK_COMM_LEN - 1 = 15 characters.
+COMM_LEN = 15
+SCHEMA_VERSION = 1
+
+Confidence = Literal["high", "medium", "low"]
+MatchedBy = Literal["process", "cmdline", "port"]
+
+
+class RuleError(CtfixError):
+    """A knowledge-base file is malformed; the message is `file:line: what is wrong`."""
+
+    def __init__(self, source: str, line: int | None, what: str) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {what}")
+        self.source = source
+        self.line = line
+        self.what = what
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRule:
+    """One UDP service the knowledge base knows.
+
+    `affected_when_wildcard`: True = a wildcard bind answers from whatever source the
+    routing picks (the bug); False = the service answers correctly on a wildcard bind
+    in its default configuration (IP_PKTINFO, or it binds each address itself);
+    None = it depends on its configuration, and `why` says on what.
+    """
+
+    id: str
+    name: str
+    processes: tuple[str, ...]
+    cmdline_patterns: tuple[str, ...]
+    ports: tuple[int, ...]
+    affected_when_wildcard: bool | None
+    why: str
+    fix: str
+    snippet: str
+    reference: str
+    replies_from_other_port: bool
+    confidence: Confidence
+    notes: str
+    see_also: tuple[str, ...]
+    source: str  # file the entry came from, as shown in error messages
+    line: int  # 1-based line of the entry in `source`
+
+    def matches_process(self, process: str) -> bool:
+        """True if `process` (a comm, truncated to 15 characters) is one of ours."""
+        return any(process == name[:COMM_LEN] for name in self.processes)
+
+    def matches_cmdline(self, cmdline: Sequence[str]) -> bool:
+        if not self.cmdline_patterns or not cmdline:
+            return False
+        joined = " ".join(cmdline)
+        return any(re.search(pattern, joined) for pattern in self.cmdline_patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleMatch:
+    """Which entry matched a listener, and how strong the match is.
+
+    `matched_by == "port"` means only the default port agreed: a weak hint (any program
+    may use port 53), to be worded as "probably" by whoever shows it.
+    """
+
+    rule: ServiceRule
+    matched_by: MatchedBy
+
+    @property
+    def port_only(self) -> bool:
+        return self.matched_by == "port"
+
+
+@dataclass(frozen=True, slots=True)
+class KnowledgeBase:
+    """Validated entries, user entries first (they win matching and override ids)."""
+
+    entries: tuple[ServiceRule, ...]
+
+    def get(self, rule_id: str) -> ServiceRule | None:
+        for rule in self.entries:
+            if rule.id == rule_id:
+                return rule
+        return None
+
+    def by_port(self, port: int) -> tuple[ServiceRule, ...]:
+        return tuple(rule for rule in self.entries if port in rule.ports)
+
+    def match(
+        self, process: str | None, cmdline: Sequence[str] = (), port: int | None = None
+    ) -> RuleMatch | None:
+        """Recognise a listener: by process name, else command line, else default port.
+
+        The port alone is used only when exactly one entry claims it: port 53 belongs
+        to five DNS servers here, and guessing one of them would mislead.
+        """
+        names = []
+        if process:
+            names.append(process[:COMM_LEN])
+        if cmdline:
+            # A script run by an interpreter has comm "node"/"python3"; argv[0]'s
+            # basename still helps when comm was not read.
+            names.append(Path(cmdline[0]).name[:COMM_LEN])
+        for name in names:
+            for rule in self.entries:
+                if rule.matches_process(name):
+                    return RuleMatch(rule, "process")
+        for rule in self.entries:
+            if rule.matches_cmdline(cmdline):
+                return RuleMatch(rule, "cmdline")
+        if port is not None:
+            candidates = self.by_port(port)
+            if len(candidates) == 1:
+                return RuleMatch(candidates[0], "port")
+        return None
+
+
+def builtin_dir() -> Path:
+    """The repository's top-level `rules/` (ctfix is installed editable)."""
+    import ctfix
+
+    return Path(ctfix.__file__).resolve().parent.parent / "rules"
+
+
+def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeBase:
+    """Load the built-in rules and then each user directory (`--rules DIR`).
+
+    A user entry replaces a built-in entry with the same id; a later user directory
+    replaces an earlier one. Two entries with one id inside the same layer are an
+    error naming both places. Raises RuleError for anything malformed.
+    """
+    layers: list[list[ServiceRule]] = []
+    if builtin:
+        root = builtin_dir()
+        if not root.is_dir():
+            raise RuleError(str(root), None, "the built-in rules directory is missing")
+        layers.append(_load_dir(root, display_root=Path("rules")))
+    for directory in dirs or ():
+        if not directory.exists():
+            raise RuleError(str(directory), None, "no such rules directory")
+        if not directory.is_dir():
+            raise RuleError(str(directory), None, "--rules expects a directory of *.yaml files")
+        layers.append(_load_dir(directory, display_root=directory))
+
+    merged: dict[str, ServiceRule] = {}
+    order: list[str] = []
+    for layer in layers:
+        seen: dict[str, ServiceRule] = {}
+        for rule in layer:
+            if rule.id in seen:
+                first = seen[rule.id]
+                raise RuleError(
+                    rule.source,
+                    rule.line,
+                    f"duplicate id {rule.id!r} (first defined at {first.source}:{first.line})",
+                )
+            seen[rule.id] = rule
+        for rule in layer:
+            if rule.id not in merged:
+                order.append(rule.id)
+            merged[rule.id] = rule
+    # Matching walks entries in order: the last layer (the user's) first.
+    layer_of = {rule.id: index for index, layer in enumerate(layers) for rule in layer}
+    ranked = sorted(order, key=lambda rule_id: -layer_of[rule_id])
+    return KnowledgeBase(tuple(merged[rule_id] for rule_id in ranked))
+
+
+def load_file(path: Path, display: str | None = None) -> list[ServiceRule]:
+    """Validate one file; `display` is how the file is named in errors."""
+    source = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(source, None, f"cannot read: {exc}") from None
+    return parse(text, source)
+
+
+def parse(text: str, source: str) -> list[ServiceRule]:
+    """Validate the text of one rules file (named `source` in errors)."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "malformed YAML"
+        raise RuleError(source, mark.line + 1 if mark else None, f"YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise RuleError(source, None, f"YAML: {exc}") from None
+    if root is None:
+        raise RuleError(source, 1, "empty file: expected 'version: 1' and 'services:'")
+    top = _mapping(root, source, "the file", {"version", "services"}, {"version", "services"})
+    version = _scalar(top["version"], source, "version", int)
+    if version != SCHEMA_VERSION:
+        raise RuleError(
+            source, _line(top["version"]), f"'version' must be {SCHEMA_VERSION}, not {version}"
+        )
+    services = top["services"]
+    if not isinstance(services, yaml.SequenceNode) or not services.value:
+        raise RuleError(source, _line(services), "'services' must be a non-empty list of entries")
+    return [_entry(node, source) for node in services.value]
+
+
+# -- validation ------------------------------------------------------------------------
+
+_REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "reference",
+             "confidence"}
+_OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
+             "see_also"}
+_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def _entry(node: yaml.Node, source: str) -> ServiceRule:
+    fields = _mapping(node, source, "a service entry", _REQUIRED, _REQUIRED | _OPTIONAL)
+    line = _line(node)
+
+    rule_id = _text(fields["id"], source, "id")
+    if not _ID.match(rule_id):
+        raise RuleError(
+            source, _line(fields["id"]),
+            "'id' must be lower-case letters, digits, '.', '_' or '-' (e.g. 'pdns-recursor')",
+        )
+
+    processes = _text_list(fields.get("processes"), source, "processes")
+    for index, name in enumerate(processes):
+        if "/" in name or " " in name:
+            item = _item_line(fields["processes"], index)
+            raise RuleError(
+                source, item,
+                f"'processes' holds names as /proc/PID/comm shows them, not paths: {name!r}",
+            )
+    patterns = _text_list(fields.get("cmdline_patterns"), source, "cmdline_patterns")
+    for index, pattern in enumerate(patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RuleError(
+                source, _item_line(fields["cmdline_patterns"], index),
+                f"'cmdline_patterns' item is not a valid regular expression: {exc}",
+            ) from None
+    ports = _ports(fields["ports"], source)
+    if not (processes or patterns or ports):
+        raise RuleError(
+            source, line, "an entry needs at least one of 'processes', 'cmdline_patterns', 'ports'"
+        )
+
+    affected_node = fields["affected_when_wildcard"]
+    affected_raw = _construct(affected_node)
+    affected: bool | None
+    if isinstance(affected_raw, bool):
+        affected = affected_raw
+    elif affected_raw == "depends":
+        affected = None
+    else:
+        raise RuleError(
+            source, _line(affected_node),
+            "'affected_when_wildcard' must be true, false or depends",
+        )
+
+    confidence = _text(fields["confidence"], source, "confidence")
+    if confidence not in ("high", "medium", "low"):
+        raise RuleError(
+            source, _line(fields["confidence"]), "'confidence' must be high, medium or low"
+        )
+    reference = _text(fields["reference"], source, "reference")
+    _check_url(reference, source, _line(fields["reference"]), "reference")
+    see_also = _text_list(fields.get("see_also"), source, "see_also")
+    for index, url in enumerate(see_also):
+        _check_url(url, source, _item_line(fields["see_also"], index), "see_also")
+
+    other_port_node = fields.get("replies_from_other_port")
+    other_port = False
+    if other_port_node is not None:
+        other_port = _scalar(other_port_node, source, "replies_from_other_port", bool)
+
+    return ServiceRule(
+        id=rule_id,
+        name=_text(fields["name"], source, "name"),
+        processes=processes,
+        cmdline_patterns=patterns,
+        ports=ports,
+        affected_when_wildcard=affected,
+        why=_text(fields["why"], source, "why").strip(),
+        fix=_text(fields["fix"], source, "fix").strip(),
+        snippet=_optional_text(fields.get("snippet"), source, "snippet"),
+        reference=reference,
+        replies_from_other_port=other_port,
+        confidence=confidence,  # type: ignore[arg-type]  # checked just above
+        notes=_optional_text(fields.get("notes"), source, "notes").strip(),
+        see_also=see_also,
+        source=source,
+        line=line,
+    )
+
+
+def _load_dir(directory: Path, display_root: Path) -> list[ServiceRule]:
+    rules: list[ServiceRule] = []
+    for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+        rules.extend(load_file(path, display=str(display_root / path.name)))
+    return rules
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _item_line(node: yaml.Node | None, index: int) -> int | None:
+    if node is None:
+        return None
+    items = getattr(node, "value", None)
+    if isinstance(items, list) and index < len(items):
+        return _line(items[index])
+    return _line(node)
+
+
+def _construct(node: yaml.Node) -> Any:
+    import yaml
+
+    if not isinstance(node, yaml.ScalarNode):
+        return node
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+
+
+def _mapping(
+    node: yaml.Node, source: str, what: str, required: set[str], allowed: set[str]
+) -> dict[str, yaml.Node]:
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        raise RuleError(source, _line(node), f"{what} must be a mapping of keys to values")
+    fields: dict[str, yaml.Node] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if not isinstance(key, str):
+            raise RuleError(source, _line(key_node), "keys must be plain words")
+        if key not in allowed:
+            close = _closest(key, allowed)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise RuleError(
+                source, _line(key_node),
+                f"unknown key {key!r} in {what}{hint}; allowed: {', '.join(sorted(allowed))}",
+            )
+        if key in fields:
+            raise RuleError(
+                source, _line(key_node),
+                f"key {key!r} given twice (first at line {_line(fields[key])})",
+            )
+        fields[key] = value_node
+    missing = sorted(required - fields.keys())
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        raise RuleError(source, _line(node), f"{what} lacks required key(s) {names}")
+    return fields
+
+
+def _closest(key: str, allowed: Iterable[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return close[0] if close else None
+
+
+def _scalar(node: yaml.Node, source: str, key: str, kind: type[Any]) -> Any:
+    value = _construct(node)
+    # bool is an int subclass: a `true` must not pass as the integer 1.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = {int: "an integer", bool: "true or false", str: "text"}
+        raise RuleError(source, _line(node), f"{key!r} must be {names.get(kind, kind.__name__)}")
+    return value
+
+
+def _text(node: yaml.Node, source: str, key: str) -> str:
+    value = _construct(node)
+    if not isinstance(value, str) or not value.strip():
+        raise RuleError(source, _line(node), f"{key!r} must be non-empty text")
+    return value
+
+
+def _optional_text(node: yaml.Node | None, source: str, key: str) -> str:
+    if node is None:
+        return ""
+    value = _construct(node)
+    if value is None:  # `key:` with nothing after it
+        return ""
+    if not isinstance(value, str):
+        raise RuleError(source, _line(node), f"{key!r} must be text")
+    return value
+
+
+def _text_list(node: yaml.Node | None, source: str, key: str) -> tuple[str, ...]:
+    import yaml
+
+    if node is None:
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        raise RuleError(source, _line(node), f"{key!r} must be a list of text items")
+    items = []
+    for item in node.value:
+        value = _construct(item)
+        if not isinstance(value, str) or not value:
+            raise RuleError(source, _line(item), f"{key!r} must be a list of text items")
+        items.append(value)
+    return tuple(items)
+
+
+def _ports(node: yaml.Node, source: str) -> tuple[int, ...]:
+    import yaml
+
+    message = "'ports' must be a list of integers 1-65535"
+    if not isinstance(node, yaml.SequenceNode):
+        raise RuleError(source, _line(node), message)
+    ports = []
+    for item in node.value:
+        value = _construct(item)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+            raise RuleError(source, _line(item), message)
+        ports.append(value)
+    return tuple(ports)
+
+
+def _check_url(url: str, source: str, line: int | None, key: str) -> None:
+    if not re.match(r"^https?://\S+$", url):
+        raise RuleError(source, line, f"{key!r} must be an http(s) URL, got {url!r}")
