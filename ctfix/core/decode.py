@@ -1,0 +1,427 @@
+"""ctnetlink bytes -> small immutable values (`CtTuple`, `CtEntry`, `CtEvent`). Pure.
+
+This is the hot path of `ctfix watch` (one call per conntrack event, >100k/s) and of
+`dump()`. It never raises on bad input: a message it cannot understand is skipped
+and counted (`Batch.malformed`).
+
+Know before changing:
+- The attribute order of a ctnetlink message is fixed for a kernel and family, so the
+  common layouts (IPv4 and IPv6 tuples, UDP/TCP-style ports) are decoded by one
+  precompiled `struct.Struct` over the two tuples, with every attribute header
+  checked against the expected values before the result is trusted. Anything else
+  (other protocols, a different kernel's layout, damaged bytes) takes the general
+  attribute walk, which gives the same values, only slower. The tests check that
+  both paths agree on recorded real messages.
+- Netlink headers are in host byte order; attribute *values* (addresses, ports,
+  status, timeout, mark, zone) are big-endian.
+- The values are NamedTuples, not dataclasses: they are just as immutable and
+  slot-free, and build in ~0.1 us instead of ~0.4 us (a frozen dataclass's
+  `__init__` goes through `object.__setattr__`), which matters at kernel event rates.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple, TypeAlias
+
+Buf: TypeAlias = bytes | bytearray | memoryview
+
+# -- constants from linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h ---------------
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_MULTI = 0x2
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+MSG_CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+MSG_CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ID = 12
+CTA_ZONE = 18
+CTA_FILTER = 25
+
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC = 1
+CTA_IP_V4_DST = 2
+CTA_IP_V6_SRC = 3
+CTA_IP_V6_DST = 4
+CTA_PROTO_NUM = 1
+CTA_PROTO_SRC_PORT = 2
+CTA_PROTO_DST_PORT = 3
+
+IPS_EXPECTED = 1 << 0
+IPS_SEEN_REPLY = 1 << 1
+IPS_ASSURED = 1 << 2
+IPS_CONFIRMED = 1 << 3
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+IPPROTO_UDP = 17
+
+# Event kinds (what the kernel's message type and flags say happened).
+NEW = 1
+UPDATE = 2
+DESTROY = 3
+DUMPED = 4  # an entry from a dump (GET reply), not an event
+
+
+class CtTuple(NamedTuple):
+    """One direction of a conntrack entry, as the kernel keeps it."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    proto: int
+    family: int
+
+
+class CtEntry(NamedTuple):
+    """A conntrack entry: both tuples and the attributes detection uses.
+
+    `zone` is 0 for the default zone; `mark`, `timeout` (seconds left) and `id` are
+    None when the message did not carry them.
+    """
+
+    orig: CtTuple
+    reply: CtTuple
+    status: int = 0
+    zone: int = 0
+    mark: int | None = None
+    timeout: int | None = None
+    id: int | None = None
+
+    @property
+    def family(self) -> int:
+        return self.orig.family
+
+    @property
+    def proto(self) -> int:
+        return self.orig.proto
+
+    @property
+    def seen_reply(self) -> bool:
+        return bool(self.status & IPS_SEEN_REPLY)
+
+    @property
+    def assured(self) -> bool:
+        return bool(self.status & IPS_ASSURED)
+
+
+class CtEvent(NamedTuple):
+    """What happened (NEW, UPDATE, DESTROY or DUMPED) to which entry."""
+
+    kind: int
+    entry: CtEntry
+
+
+class Batch(NamedTuple):
+    """Everything decoded from one buffer returned by recv().
+
+    `done` is True at the end of a dump (NLMSG_DONE); `error` is the errno of an
+    NLMSG_ERROR message (0 = none or an ACK); `malformed` counts messages skipped.
+    """
+
+    events: list[CtEvent]
+    done: bool = False
+    error: int = 0
+    malformed: int = 0
+
+
+# -- address formatting, cached: the same few addresses recur in nearly every event ---
+
+_ADDR_CACHE: dict[bytes, str] = {}
+_ADDR_CACHE_MAX = 1 << 16
+
+
+def _addr(raw: bytes) -> str:
+    text = _ADDR_CACHE.get(raw)
+    if text is None:
+        text = socket.inet_ntop(AF_INET6 if len(raw) == 16 else AF_INET, raw)
+        if len(_ADDR_CACHE) >= _ADDR_CACHE_MAX:
+            _ADDR_CACHE.clear()
+        _ADDR_CACHE[raw] = text
+    return text
+
+
+# -- the fast path: one Struct over nlmsghdr, nfgenmsg and both tuples ----------------
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr
+_NLA = struct.Struct("=HH")
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+
+
+def _tuple_format(addr_len: int) -> str:
+    # Each attribute header is read as one u32 (len | type << 16) so that the whole
+    # skeleton can be compared in one go.
+    pad = (-addr_len) % 4
+    a = f"{addr_len}s" + ("x" * pad)
+    return f"I I I{a} I{a} I I B3x I 2s2x I 2s2x"
+
+
+def _hdr(length: int, nla_type: int) -> int:
+    return length | (nla_type << 16)
+
+
+class _Layout(NamedTuple):
+    family: int
+    size: int  # bytes covered: nlmsghdr + nfgenmsg + both tuples
+    struct: struct.Struct
+    skeletons: frozenset[tuple[int, ...]]  # accepted attribute headers, in order
+
+
+def _layout(family: int, addr_len: int) -> _Layout:
+    fmt = "=" + "B3x " + _tuple_format(addr_len) + " " + _tuple_format(addr_len)
+    st = struct.Struct(fmt)
+    alen = 4 + addr_len + ((-addr_len) % 4)
+    ip_len = 4 + 2 * alen
+    proto_len = 4 + 8 + 8 + 8
+    tuple_len = 4 + ip_len + proto_len
+    src_t, dst_t = (
+        (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == AF_INET else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+    )
+    skeletons = set()
+    for nested in (0, NLA_F_NESTED):
+        one = []
+        for which in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+            one += [
+                _hdr(tuple_len, which | nested),
+                _hdr(ip_len, CTA_TUPLE_IP | nested),
+                _hdr(4 + addr_len, src_t),
+                _hdr(4 + addr_len, dst_t),
+                _hdr(proto_len, CTA_TUPLE_PROTO | nested),
+                _hdr(5, CTA_PROTO_NUM),
+                _hdr(6, CTA_PROTO_SRC_PORT),
+                _hdr(6, CTA_PROTO_DST_PORT),
+            ]
+        skeletons.add(tuple(one))
+    return _Layout(family, 16 + st.size, st, frozenset(skeletons))
+
+
+_V4 = _layout(AF_INET, 4)
+_V6 = _layout(AF_INET6, 16)
+# Positions, in the unpacked values, of the attribute headers and of the values.
+# values: family, then per tuple (13 each): h h h src h dst h h num h sport h dport
+_SKEL_IDX = (1, 2, 3, 5, 7, 8, 10, 12, 14, 15, 16, 18, 20, 21, 23, 25)
+
+
+def _skeleton(values: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(values[i] for i in _SKEL_IDX)
+
+
+def _fast(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
+    layout = _V4 if family == AF_INET else _V6 if family == AF_INET6 else None
+    if layout is None or msg_len < layout.size:
+        return None
+    v = layout.struct.unpack_from(buf, offset + 16)
+    if _skeleton(v) not in layout.skeletons:
+        return None
+    fam = v[0]
+    osport = (v[11][0] << 8) | v[11][1]
+    odport = (v[13][0] << 8) | v[13][1]
+    rsport = (v[24][0] << 8) | v[24][1]
+    rdport = (v[26][0] << 8) | v[26][1]
+    orig = CtTuple(_addr(v[4]), _addr(v[6]), osport, odport, v[9], fam)
+    reply = CtTuple(_addr(v[17]), _addr(v[19]), rsport, rdport, v[22], fam)
+    status, zone, mark, timeout, ct_id = _scalars(buf, offset + layout.size, offset + msg_len)
+    return CtEntry(orig, reply, status, zone, mark, timeout, ct_id)
+
+
+def _scalars(buf: Buf, pos: int, end: int) -> tuple[int, int, int | None, int | None, int | None]:
+    """Walk the top-level attributes after the tuples for the few scalars we keep."""
+    status = zone = 0
+    mark = timeout = ct_id = None
+    while pos + 4 <= end:
+        nla_len, nla_type = _NLA.unpack_from(buf, pos)
+        if nla_len < 4 or pos + nla_len > end:
+            break
+        t = nla_type & NLA_TYPE_MASK
+        if nla_len >= 8:
+            if t == CTA_STATUS:
+                status = _BE32.unpack_from(buf, pos + 4)[0]
+            elif t == CTA_TIMEOUT:
+                timeout = _BE32.unpack_from(buf, pos + 4)[0]
+            elif t == CTA_MARK:
+                mark = _BE32.unpack_from(buf, pos + 4)[0]
+            elif t == CTA_ID:
+                ct_id = _BE32.unpack_from(buf, pos + 4)[0]
+        if t == CTA_ZONE and nla_len >= 6:
+            zone = _BE16.unpack_from(buf, pos + 4)[0]
+        pos += (nla_len + 3) & ~3
+    return status, zone, mark, timeout, ct_id
+
+
+# -- the general walk -----------------------------------------------------------------
+
+
+def _attrs(buf: Buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """Yield (type, value start, value end) of the attributes in buf[pos:end]."""
+    while pos + 4 <= end:
+        nla_len, nla_type = _NLA.unpack_from(buf, pos)
+        if nla_len < 4 or pos + nla_len > end:
+            return
+        yield nla_type & NLA_TYPE_MASK, pos + 4, pos + nla_len
+        pos += (nla_len + 3) & ~3
+
+
+def _walk_tuple(buf: Buf, pos: int, end: int, family: int) -> CtTuple | None:
+    src = dst = None
+    sport = dport = 0
+    proto = -1
+    for t, vs, ve in _attrs(buf, pos, end):
+        if t == CTA_TUPLE_IP:
+            for at, avs, ave in _attrs(buf, vs, ve):
+                size = ave - avs
+                if at in (CTA_IP_V4_SRC, CTA_IP_V6_SRC) and size in (4, 16):
+                    src = _addr(bytes(buf[avs:ave]))
+                elif at in (CTA_IP_V4_DST, CTA_IP_V6_DST) and size in (4, 16):
+                    dst = _addr(bytes(buf[avs:ave]))
+        elif t == CTA_TUPLE_PROTO:
+            for pt, pvs, pve in _attrs(buf, vs, ve):
+                if pt == CTA_PROTO_NUM and pve - pvs >= 1:
+                    proto = buf[pvs]
+                elif pt == CTA_PROTO_SRC_PORT and pve - pvs >= 2:
+                    sport = _BE16.unpack_from(buf, pvs)[0]
+                elif pt == CTA_PROTO_DST_PORT and pve - pvs >= 2:
+                    dport = _BE16.unpack_from(buf, pvs)[0]
+    if src is None or dst is None or proto < 0:
+        return None
+    return CtTuple(src, dst, sport, dport, proto, family)
+
+
+def _slow(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
+    end = offset + msg_len
+    orig = reply = None
+    for t, vs, ve in _attrs(buf, offset + 20, end):
+        if t == CTA_TUPLE_ORIG:
+            orig = _walk_tuple(buf, vs, ve, family)
+        elif t == CTA_TUPLE_REPLY:
+            reply = _walk_tuple(buf, vs, ve, family)
+    if orig is None or reply is None:
+        return None
+    status, zone, mark, timeout, ct_id = _scalars(buf, offset + 20, end)
+    return CtEntry(orig, reply, status, zone, mark, timeout, ct_id)
+
+
+def decode_entry(buf: Buf, offset: int = 0, *, fast: bool = True) -> CtEntry | None:
+    """Decode the ctnetlink conntrack message at buf[offset:]; None if it is not one."""
+    try:
+        if len(buf) - offset < 20:
+            return None
+        msg_len = _HDR.unpack_from(buf, offset)[0]
+        if msg_len < 20 or offset + msg_len > len(buf):
+            return None
+        family = buf[offset + 16]
+        if fast:
+            entry = _fast(buf, offset, msg_len, family)
+            if entry is not None:
+                return entry
+        return _slow(buf, offset, msg_len, family)
+    except (struct.error, ValueError, IndexError):
+        return None
+
+
+def _kind(msg_type: int, flags: int) -> int:
+    if msg_type == MSG_CT_DELETE:
+        return DESTROY
+    if flags & NLM_F_MULTI:
+        return DUMPED
+    if flags & (NLM_F_CREATE | NLM_F_EXCL):
+        return NEW
+    return UPDATE
+
+
+def decode(buf: Buf, *, fast: bool = True) -> Batch:
+    """Decode every netlink message in one buffer returned by recv(). Never raises."""
+    events: list[CtEvent] = []
+    done = False
+    error = malformed = 0
+    offset = 0
+    size = len(buf)
+    try:
+        while offset + 16 <= size:
+            msg_len, msg_type, flags, _seq, _pid = _HDR.unpack_from(buf, offset)
+            if msg_len < 16 or offset + msg_len > size:
+                malformed += 1
+                break
+            if msg_type == NLMSG_DONE:
+                done = True
+            elif msg_type == NLMSG_ERROR:
+                if msg_len >= 20:
+                    code = struct.unpack_from("=i", buf, offset + 16)[0]
+                    error = -code if code < 0 else code
+                else:
+                    malformed += 1
+                done = True
+            elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
+                entry = decode_entry(buf, offset, fast=fast)
+                if entry is None:
+                    malformed += 1
+                else:
+                    events.append(CtEvent(_kind(msg_type, flags), entry))
+            offset += (msg_len + 3) & ~3
+    except (struct.error, ValueError, IndexError):
+        malformed += 1
+    return Batch(events, done, error, malformed)
+
+
+# -- building requests (pure too: bytes out) -------------------------------------------
+
+
+def nla(nla_type: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    raw = _NLA.pack(4 + len(payload), nla_type) + payload
+    return raw + b"\0" * ((-len(raw)) % 4)
+
+
+def dump_request(
+    *,
+    family: int,
+    proto: int | None = None,
+    sport: int | None = None,
+    dport: int | None = None,
+    seq: int = 1,
+) -> bytes:
+    """IPCTNL_MSG_CT_GET dump request, with CTA_FILTER for what the kernel can filter.
+
+    The kernel (>= 5.8) filters a dump on the original tuple's protocol and ports
+    when CTA_FILTER/CTA_FILTER_ORIG_FLAGS names them and CTA_TUPLE_ORIG carries the
+    values, which is what `conntrack -L -p udp --dport P` sends. Zones are not asked
+    of the kernel (it can filter only non-default zones); callers filter them.
+    """
+    attrs = b""
+    flags = 0
+    if proto is not None:
+        proto_attrs = nla(CTA_PROTO_NUM, bytes([proto]))
+        flags |= 1 << 3  # CTA_FILTER_FLAG(CTA_PROTO_NUM)
+        if sport is not None:
+            proto_attrs += nla(CTA_PROTO_SRC_PORT, _BE16.pack(sport))
+            flags |= 1 << 4
+        if dport is not None:
+            proto_attrs += nla(CTA_PROTO_DST_PORT, _BE16.pack(dport))
+            flags |= 1 << 5
+        tuple_attrs = nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto_attrs)
+        attrs += nla(CTA_TUPLE_ORIG | NLA_F_NESTED, tuple_attrs)
+        attrs += nla(CTA_FILTER | NLA_F_NESTED, nla(1, struct.pack("=I", flags)))
+    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    body = struct.pack("=BBH", family, 0, 0) + attrs
+    return _HDR.pack(16 + len(body), msg_type, 0x1 | 0x300, seq, 0) + body

@@ -1,0 +1,269 @@
+"""The kernel's conntrack table over raw ctnetlink: dumps and live events.
+
+`dump()` lists entries (filtered in the kernel where it can, >= 5.8, and always again
+in user space); `EventSocket` subscribes to NEW/UPDATE events with an in-kernel BPF
+filter that lets only UDP through, a large receive buffer, and tells the caller
+about overflows instead of dying on them. Both decode with `ctfix.core.decode`.
+
+Know before changing: a netlink socket belongs to the network namespace of the
+thread that created it; create sockets after entering the namespace (or inside
+`ctfix.platform.netns.entered`). The BPF filter reads fixed offsets of the IPv4 and
+IPv6 layouts and lets through whatever it does not recognise, so a new kernel
+layout costs speed, never events.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ctfix.core import decode
+from ctfix.core.decode import CtEntry, CtEvent
+from ctfix.errors import MissingFeatureError, PrivilegeError
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
+
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+DEFAULT_RCVBUF = 64 << 20
+_RECV_SIZE = 1 << 16  # dumps fill skbs up to ~32 KiB; events are one message each
+
+_UNAVAILABLE = {errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT}
+
+__all__ = ["CtEntry", "CtEvent", "EventSocket", "Overflow", "available", "dump"]
+
+
+def _unavailable() -> MissingFeatureError:
+    return MissingFeatureError(
+        "conntrack is not available in this network namespace (no ctnetlink)",
+        "load the kernel modules: modprobe nf_conntrack nf_conntrack_netlink",
+    )
+
+
+def _open(what: str) -> socket.socket:
+    try:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    except PermissionError:
+        raise PrivilegeError(what) from None
+    except OSError as err:
+        if err.errno in _UNAVAILABLE:
+            raise _unavailable() from None
+        raise
+
+
+def _raise_for(err: int, what: str) -> None:
+    if err in (errno.EPERM, errno.EACCES):
+        raise PrivilegeError(what)
+    if err in _UNAVAILABLE:
+        raise _unavailable()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _dump_family(
+    family: int, proto: int | None, sport: int | None, dport: int | None
+) -> Iterator[CtEntry]:
+    sock = _open("reading the conntrack table")
+    try:
+        sock.bind((0, 0))
+        request = decode.dump_request(family=family, proto=proto, sport=sport, dport=dport)
+        try:
+            sock.send(request)
+        except PermissionError:
+            raise PrivilegeError("reading the conntrack table") from None
+        buf = bytearray(_RECV_SIZE)
+        view = memoryview(buf)
+        first = True
+        while True:
+            n = sock.recv_into(buf)
+            batch = decode.decode(view[:n])
+            if batch.error:
+                if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
+                    # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask
+                    # for everything and let the caller's user-space filter work.
+                    yield from _dump_family(family, None, None, None)
+                    return
+                _raise_for(batch.error, "reading the conntrack table")
+            first = False
+            for event in batch.events:
+                yield event.entry
+            if batch.done:
+                return
+    finally:
+        sock.close()
+
+
+def dump(
+    *,
+    family: int | None = None,
+    proto: int = 17,
+    port: int | None = None,
+    zone: int | None = None,
+    sport: int | None = None,
+) -> Iterator[CtEntry]:
+    """Yield the conntrack entries of the current network namespace.
+
+    family: socket.AF_INET or AF_INET6 (None: both); proto: IP protocol of the
+    original tuple (17 = UDP); port: the original tuple's destination port (what
+    `conntrack -L -p udp --dport P` selects: requests to a service on P); sport: the
+    original tuple's source port (entries a service on P started, e.g. its
+    wrong-source replies); zone: only this conntrack zone (0 = default).
+    The kernel filters family, protocol and ports (>= 5.8); the same conditions are
+    checked again here, so older kernels give the same answer, slower. Raises
+    PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
+    """
+    families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
+    for fam in families:
+        for entry in _dump_family(fam, proto, sport, port):
+            orig = entry.orig
+            if (
+                orig.family != fam
+                or orig.proto != proto
+                or (port is not None and orig.dport != port)
+                or (sport is not None and orig.sport != sport)
+                or (zone is not None and entry.zone != zone)
+            ):
+                continue
+            yield entry
+
+
+def available() -> None:
+    """Raise a one-line error unless ctnetlink answers here (and we may use it)."""
+    # A dump for a port no entry has is cheap and exercises privilege and module.
+    for _entry in dump(family=socket.AF_INET, proto=17, port=1, zone=None):
+        break
+
+
+# -- events --------------------------------------------------------------------------
+
+
+def _bpf_udp_only() -> bytes:
+    """Classic BPF: drop ctnetlink events whose original protocol is not UDP.
+
+    Offsets: nfgenmsg family at 16; the PROTO_NUM attribute header (len 5, type 1,
+    little-endian, read big-endian by BPF: 0x05000100) at 48 (IPv4) / 72 (IPv6),
+    its value 4 bytes later. An unknown family or layout is accepted.
+    """
+    ld_b, ld_w, jeq, ret = 0x30, 0x20, 0x15, 0x06
+    accept, reject = "accept", "reject"
+    prog: list[tuple[int, str | int, str | int, int]] = []
+    labels: dict[str, int] = {}
+
+    def op(code: int, k: int, jt: str | int = 0, jf: str | int = 0) -> None:
+        prog.append((code, jt, jf, k))
+
+    op(ld_b, 16)
+    op(jeq, socket.AF_INET, "v4", "not4")
+    labels["not4"] = len(prog)
+    op(jeq, socket.AF_INET6, "v6", accept)
+    for name, hdr_at in (("v4", 48), ("v6", 72)):
+        labels[name] = len(prog)
+        op(ld_w, hdr_at)
+        op(jeq, 0x05000100, 0, accept)
+        op(ld_b, hdr_at + 4)
+        op(jeq, socket.IPPROTO_UDP, accept, reject)
+    labels[accept] = len(prog)
+    op(ret, 0xFFFFFFFF)
+    labels[reject] = len(prog)
+    op(ret, 0)
+
+    out = b""
+    for i, (code, jt, jf, k) in enumerate(prog):
+        jt_n = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf_n = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        out += struct.pack("=HBBI", code, jt_n, jf_n, k)
+    return out
+
+
+class Overflow(Exception):
+    """The kernel dropped events (ENOBUFS): resynchronise from a dump, then go on."""
+
+
+@dataclass
+class EventSocket:
+    """A subscription to conntrack events in the current network namespace."""
+
+    groups: tuple[int, ...] = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE)
+    rcvbuf: int = DEFAULT_RCVBUF
+    udp_only: bool = True
+
+    def __post_init__(self) -> None:
+        self.sock = _open("subscribing to conntrack events")
+        try:
+            self.sock.bind((0, 0))
+            for group in self.groups:
+                try:
+                    self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+                except OSError as err:
+                    _raise_for(err.errno or 0, "subscribing to conntrack events")
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+            except PermissionError:
+                # Without CAP_NET_ADMIN only rmem_max applies; still better than nothing.
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            if self.udp_only:
+                program = _bpf_udp_only()
+                holder = ctypes.create_string_buffer(program, len(program))
+                fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(holder))
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._buf = bytearray(_RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self.inode = os.fstat(self.sock.fileno()).st_ino
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list[CtEvent]:
+        """Events available now ([] when none); raises Overflow after a kernel drop."""
+        try:
+            n = self.sock.recv_into(self._buf)
+        except BlockingIOError:
+            return []
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                raise Overflow() from None
+            raise
+        return decode.decode(self._view[:n]).events
+
+    def read_raw(self) -> bytes | None:
+        """One raw message (for recording fixtures); None when none is waiting."""
+        try:
+            return self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                raise Overflow() from None
+            raise
+
+    def drops(self) -> int | None:
+        """Events the kernel dropped for this socket so far (/proc/net/netlink Drops)."""
+        try:
+            with open("/proc/self/net/netlink") as fh:
+                header = fh.readline().split()
+                col = header.index("Drops")
+                ino_col = header.index("Inode")
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > ino_col and fields[ino_col] == str(self.inode):
+                        return int(fields[col])
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
