@@ -83,6 +83,20 @@ def ruleset_text() -> str:
     return str(output)
 
 
+def ruleset_text_with_handles() -> str:
+    """`nft -a -s list ruleset`: rule lines end in `# handle N`, counters left out.
+
+    Lets a reader of the JSON ruleset show each rule the way `nft` prints it.
+    """
+    nft = _context()
+    nft.set_json_output(False)
+    nft.set_handle_output(True)
+    nft.set_stateless_output(True)
+    rc, output, error = nft.cmd("list ruleset")
+    _check(rc, str(error or ""), "listing the ruleset")
+    return str(output)
+
+
 def has_rules() -> bool:
     """True when the namespace holds any nftables table."""
     return any("table" in obj for obj in ruleset())

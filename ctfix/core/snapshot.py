@@ -1,0 +1,128 @@
+"""What explain collected about one UDP port in one namespace, as plain values.
+
+`ctfix.platform.snapshot.collect()` fills a `Snapshot` from the kernel;
+`ctfix.core.diagnose.diagnose()` reads it without touching the system, so the
+analysis is tested on hand-built snapshots.
+
+Know before changing: a Snapshot holds *observations* only (what the kernel said),
+never conclusions; anything that judges (is this affected, can this rule help)
+belongs in diagnose.py, so that tests can build any situation by hand.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ctfix.core.model import Listener, WrongSourceReply
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAddress:
+    """An address configured on an interface of the namespace."""
+
+    interface: str
+    address: str
+    prefixlen: int
+    family: str  # "ipv4" | "ipv6"
+    scope: str = "global"  # "global" | "link" | "host"
+
+    @property
+    def network(self) -> str:
+        return str(ipaddress.ip_interface(f"{self.address}/{self.prefixlen}").network)
+
+    @property
+    def loopback(self) -> bool:
+        return self.scope == "host" or ipaddress.ip_address(self.address).is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """One `ip rule`, as `ip rule show` prints it, with what matters for a port."""
+
+    family: str
+    priority: int
+    text: str  # "100: from all ipproto udp sport 5353 lookup 100"
+    table: int | None = None
+    ipproto: int | None = None
+    sport: tuple[int, int] | None = None  # inclusive range
+    dport: tuple[int, int] | None = None
+
+    def matches_reply_from(self, port: int) -> bool:
+        """True when the rule selects UDP replies sent from `port` specifically."""
+        if self.sport is None or not self.sport[0] <= port <= self.sport[1]:
+            return False
+        return self.ipproto in (None, 17)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChoice:
+    """The kernel's answer to `ip route get DEST ipproto udp sport PORT`."""
+
+    destination: str
+    source: str | None  # the source it would choose (RTA_PREFSRC)
+    interface: str | None = None
+    table: int | None = None
+    error: str | None = None  # "Network is unreachable", ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackFlow:
+    """One conntrack entry that involves the port, as orig and reply tuples."""
+
+    family: str
+    orig_src: str
+    orig_dst: str
+    orig_sport: int
+    orig_dport: int
+    reply_src: str
+    reply_dst: str
+    reply_sport: int
+    reply_dport: int
+    replied: bool  # the kernel saw traffic in the reply direction (SEEN_REPLY)
+    zone: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NetfilterRule:
+    """A netfilter rule that mentions the port, with what it does to packets.
+
+    `actions` are the statements it applies, normalised across backends:
+    "snat", "masquerade", "dnat", "redirect", "notrack", "zone", "mark", "set-add",
+    "accept", "drop", "reject", "log", "other". `matches_sport`/`matches_dport` say
+    on which side the port appears (sport: the server's replies; dport: requests).
+    """
+
+    backend: str  # "nftables" | "iptables-legacy"
+    family: str  # "ip", "ip6", "inet", ... (nft) | "ipv4" | "ipv6" (legacy)
+    table: str
+    chain: str
+    rule: str
+    actions: frozenset[str] = frozenset()
+    matches_sport: bool = False
+    matches_dport: bool = False
+    to_port: bool = False  # the port appears only in a NAT target (`to :P`)
+    hook: str | None = None  # "prerouting", "output", "postrouting", ... when known
+    matches_mark: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything explain observed, for one port, in one namespace."""
+
+    port: int
+    netns: str
+    listeners: tuple[Listener, ...] = ()
+    addresses: tuple[LocalAddress, ...] = ()
+    routes: tuple[str, ...] = ()  # `ip route show table all` style lines, for the record
+    policy_rules: tuple[PolicyRule, ...] = ()
+    # One entry per destination asked: seen clients and a probe in each network.
+    route_choices: tuple[RouteChoice, ...] = ()
+    flows: tuple[ConntrackFlow, ...] = ()
+    conntrack_error: str | None = None  # why there is no conntrack evidence, if so
+    netfilter: tuple[NetfilterRule, ...] = ()
+    netfilter_errors: tuple[str, ...] = ()
+    # Wrong-source replies reported live (`--listen`) by the watch detector.
+    live_findings: tuple[WrongSourceReply, ...] = ()
+    listened_seconds: float = 0.0
+    probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address

@@ -1,0 +1,400 @@
+"""Netfilter rules that mention a UDP port, from nftables and iptables-legacy.
+
+Read-only. nftables is read as JSON through libnftables (the rule text comes from
+the same ruleset printed with handles); iptables-legacy through python-iptables.
+
+Know before changing: python-iptables creates any legacy table it opens, and it
+opens *every* table as soon as it looks at a rule's target (to tell a chain jump
+from an extension). `_legacy_rules` therefore tells python-iptables, before it
+touches anything, which tables exist (from /proc/thread-self/net/ip*_tables_names)
+and which do not; never call `iptc.Table(...)` for a name outside that list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from ctfix.core.snapshot import NetfilterRule
+from ctfix.errors import CtfixError
+from ctfix.platform import iptables_legacy
+
+JsonObject = dict[str, Any]
+
+_NFT_ACTIONS = {
+    "snat": "snat",
+    "masquerade": "masquerade",
+    "dnat": "dnat",
+    "redirect": "redirect",
+    "notrack": "notrack",
+    "accept": "accept",
+    "drop": "drop",
+    "reject": "reject",
+    "log": "log",
+    "set": "set-add",
+    "jump": "jump",
+    "goto": "jump",
+}
+
+
+# -- nftables ---------------------------------------------------------------------
+
+
+def _port_in(right: Any, port: int) -> bool:
+    """Does an nft match's right-hand side include the port?"""
+    if isinstance(right, bool):
+        return False
+    if isinstance(right, int):
+        return right == port
+    if isinstance(right, str):
+        return right.isdigit() and int(right) == port
+    if isinstance(right, dict):
+        if "range" in right:
+            low, high = right["range"]
+            return isinstance(low, int) and isinstance(high, int) and low <= port <= high
+        if "set" in right:
+            members = right["set"]
+            return any(
+                _port_in(m, port) for m in (members if isinstance(members, list) else [members])
+            )
+    return False
+
+
+def _port_field(left: Any) -> str | None:
+    """`sport`/`dport` when the match is on a UDP (or any transport) port."""
+    if isinstance(left, dict) and "payload" in left:
+        payload = left["payload"]
+        if payload.get("protocol") in ("udp", "th") and payload.get("field") in ("sport", "dport"):
+            field: str = payload["field"]
+            return field
+    return None
+
+
+def _nft_classify(
+    expressions: list[JsonObject], port: int
+) -> tuple[frozenset[str], bool, bool, bool, bool]:
+    actions: set[str] = set()
+    sport = dport = to_port = mark = False
+    for expr in expressions:
+        if "match" in expr:
+            match = expr["match"]
+            field = _port_field(match.get("left"))
+            op_includes = match.get("op", "==") in ("==", "in")
+            if field is not None and op_includes and _port_in(match.get("right"), port):
+                sport = sport or field == "sport"
+                dport = dport or field == "dport"
+            left = match.get("left")
+            if isinstance(left, dict) and left.get("meta", {}).get("key") == "mark":
+                mark = True
+            continue
+        for key, value in expr.items():
+            if key == "mangle":
+                target = value.get("key", {}) if isinstance(value, dict) else {}
+                if target.get("ct", {}).get("key") == "zone":
+                    actions.add("zone")
+                elif target.get("meta", {}).get("key") == "mark":
+                    actions.add("mark")
+                else:
+                    actions.add("other")
+            elif key == "ct" and isinstance(value, dict) and value.get("key") == "zone":
+                actions.add("zone")
+            elif key in _NFT_ACTIONS:
+                actions.add(_NFT_ACTIONS[key])
+                if key in ("snat", "dnat", "masquerade", "redirect") and isinstance(value, dict):
+                    to_port = to_port or _port_in(value.get("port"), port)
+            elif key != "counter":
+                actions.add("other")
+    return frozenset(actions), sport, dport, to_port, mark
+
+
+_TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{ # handle \d+$")
+_CHAIN_LINE = re.compile(r"^\s*chain (\S+) \{ # handle \d+$")
+_RULE_LINE = re.compile(r"^\s*(.*\S) # handle (\d+)$")
+
+
+def _nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
+    """(family, table, chain, handle) -> the rule as `nft list ruleset` prints it."""
+    texts: dict[tuple[str, str, str, int], str] = {}
+    family = table = chain = None
+    for line in text.splitlines():
+        if m := _TABLE_LINE.match(line):
+            family, table, chain = m.group(1), m.group(2), None
+        elif m := _CHAIN_LINE.match(line):
+            chain = m.group(1)
+        elif line.strip() == "}" and line.startswith("\t}"):
+            chain = None
+        elif chain is not None and family and table and (m := _RULE_LINE.match(line)):
+            texts[(family, table, chain, int(m.group(2)))] = m.group(1).strip()
+    return texts
+
+
+def nft_rules(port: int) -> list[NetfilterRule]:
+    """nftables rules whose matches or NAT targets name the port."""
+    from ctfix.platform import nft
+
+    objects = nft.ruleset()
+    hooks: dict[tuple[str, str, str], str] = {}
+    candidates: list[tuple[JsonObject, tuple[frozenset[str], bool, bool, bool, bool]]] = []
+    for obj in objects:
+        if "chain" in obj:
+            chain = obj["chain"]
+            if "hook" in chain:
+                hooks[(chain["family"], chain["table"], chain["name"])] = str(chain["hook"])
+        elif "rule" in obj:
+            rule = obj["rule"]
+            found = _nft_classify(rule.get("expr", []), port)
+            _actions, sport, dport, to_port, _mark = found
+            if sport or dport or to_port:
+                candidates.append((rule, found))
+    if not candidates:
+        return []
+    texts = _nft_rule_texts(nft.ruleset_text_with_handles())
+    result: list[NetfilterRule] = []
+    for rule, (actions, sport, dport, to_port, mark) in candidates:
+        key = (rule["family"], rule["table"], rule["chain"])
+        result.append(
+            NetfilterRule(
+                backend="nftables",
+                family=rule["family"],
+                table=rule["table"],
+                chain=rule["chain"],
+                rule=texts.get((*key, int(rule.get("handle", -1))), "(rule text unavailable)"),
+                actions=actions,
+                matches_sport=sport,
+                matches_dport=dport,
+                to_port=to_port and not (sport or dport),
+                hook=hooks.get(key),
+                matches_mark=mark,
+            )
+        )
+    return result
+
+
+# -- iptables-legacy -----------------------------------------------------------------
+
+_LEGACY_ACTIONS = {
+    "SNAT": "snat",
+    "MASQUERADE": "masquerade",
+    "DNAT": "dnat",
+    "REDIRECT": "redirect",
+    "NETMAP": "snat",
+    "NOTRACK": "notrack",
+    "ACCEPT": "accept",
+    "DROP": "drop",
+    "REJECT": "reject",
+    "LOG": "log",
+    "MARK": "mark",
+    "CONNMARK": "mark",
+    "SET": "set-add",
+}
+_BUILTIN_HOOKS = {
+    "PREROUTING": "prerouting",
+    "INPUT": "input",
+    "FORWARD": "forward",
+    "OUTPUT": "output",
+    "POSTROUTING": "postrouting",
+}
+
+
+def _ports_in(text: str, port: int) -> bool:
+    """`53,56000:57000` (iptables port list/range syntax) includes the port?"""
+    for part in text.split(","):
+        low, _, high = part.partition(":")
+        if low.isdigit() and low == part and int(low) == port:
+            return True
+        if low.isdigit() and high.isdigit() and int(low) <= port <= int(high):
+            return True
+    return False
+
+
+_PORT_OPTION = re.compile(
+    r"(!\s+)?--(sports?|dports?|source-ports?|destination-ports?|ports)\s+(\S+)"
+)
+
+
+def _match_ports(saved: str, port: int) -> tuple[bool, bool]:
+    sport = dport = False
+    for negated, option, value in _PORT_OPTION.findall(saved):
+        if negated or not _ports_in(value, port):
+            continue
+        if option.startswith(("s", "source")):
+            sport = True
+        elif option.startswith(("d", "destination")):
+            dport = True
+        else:  # multiport --ports: either side
+            sport = dport = True
+    return sport, dport
+
+
+def _address_option(flag: str, value: str | None) -> str:
+    if not value:
+        return ""
+    negated = value.startswith("!")
+    value = value.lstrip("!")
+    address, _, mask = value.partition("/")
+    if ":" in mask:  # python-iptables gives IPv6 masks as addresses
+        mask = str(bin(int(ipaddress.IPv6Address(mask))).count("1"))
+    try:
+        net = ipaddress.ip_network(f"{address}/{mask or 'max'}".replace("/max", ""), strict=False)
+    except ValueError:
+        return f" {'! ' if negated else ''}{flag} {value}"
+    if net.prefixlen == 0:
+        return ""
+    return f" {'! ' if negated else ''}{flag} {net}"
+
+
+def _saved(part: Any, ip: Any) -> str:
+    raw = part._get_saved_buf(ip)
+    if raw is None:
+        return ""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return text.rstrip("\n")
+
+
+def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
+    loaded = iptables_legacy.loaded_tables(family)
+    if not loaded:
+        return
+    try:
+        import iptc
+    except ImportError:
+        raise CtfixError(
+            "python-iptables is not installed but iptables-legacy rules exist",
+            "pip install python-iptables (or run scripts/setup)",
+        ) from None
+    table_class: Any = iptc.Table6 if family == "ipv6" else iptc.Table
+    # Tell python-iptables which tables exist, so it never probes (creates) others.
+    table_class.existing_table_names.clear()
+    table_class.existing_table_names.update({name: name in loaded for name in table_class.ALL})
+    for name in loaded:
+        if name not in table_class.ALL:
+            continue
+        table = table_class(name, autocommit=False)
+        table.refresh()
+        for chain in table.chains:
+            for rule in chain.rules:
+                if rule.protocol not in ("udp", "17", None, ""):
+                    continue
+                ip = rule.get_ip()
+                options = ""
+                options += _address_option("-s", rule.src)
+                options += _address_option("-d", rule.dst)
+                for flag, iface in (("-i", rule.in_interface), ("-o", rule.out_interface)):
+                    if iface:
+                        neg = iface.startswith("!")
+                        options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
+                if rule.protocol:
+                    options += f" -p {rule.protocol}"
+                sport = dport = mark = False
+                for match in rule.matches:
+                    saved = _saved(match, ip)
+                    options += f" -m {match.name}{saved}"
+                    s, d = _match_ports(saved, port)
+                    sport, dport = sport or s, dport or d
+                    mark = mark or match.name in ("mark", "connmark")
+                target = rule.target
+                target_name = target.name if target is not None else ""
+                target_saved = _saved(target, ip) if target is not None and target_name else ""
+                to_port = bool(
+                    re.search(rf"--to(?:-source|-destination)?\s+\S*:{port}\b", target_saved)
+                    or re.search(rf"--to-ports\s+{port}\b", target_saved)
+                )
+                if not (sport or dport or to_port):
+                    continue
+                if target_name:
+                    options += f" -j {target_name}{target_saved}"
+                actions: set[str] = set()
+                if target_name == "CT":
+                    if "--notrack" in target_saved:
+                        actions.add("notrack")
+                    if "--zone" in target_saved:
+                        actions.add("zone")
+                    actions = actions or {"other"}
+                elif target_name in _LEGACY_ACTIONS:
+                    actions.add(_LEGACY_ACTIONS[target_name])
+                elif target_name:
+                    chains = {c.name for c in table.chains}
+                    actions.add("jump" if target_name in chains else "other")
+                yield NetfilterRule(
+                    backend="iptables-legacy",
+                    family=family,
+                    table=name,
+                    chain=chain.name,
+                    rule=f"-A {chain.name}{options}",
+                    actions=frozenset(actions),
+                    matches_sport=sport,
+                    matches_dport=dport,
+                    to_port=to_port and not (sport or dport),
+                    hook=_BUILTIN_HOOKS.get(chain.name),
+                    matches_mark=mark,
+                )
+
+
+def _in_child(port: int, family: str) -> list[NetfilterRule]:
+    """Run `_legacy_rules` in a forked child and return its result.
+
+    libxtables keeps one protocol's extensions per process: once libxt_MASQUERADE
+    is loaded for IPv4, python-iptables cannot find the IPv6 MASQUERADE ("can't
+    find target"). A child per family keeps each one clean (it inherits the
+    namespace we entered).
+    """
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's code
+        status = 0
+        try:
+            os.close(readable)
+            try:
+                outcome: tuple[str, Any] = ("ok", list(_legacy_rules(port, family)))
+            except CtfixError as err:
+                outcome = ("error", err.one_line())
+            except Exception as err:
+                outcome = ("error", f"{type(err).__name__}: {err}")
+            with os.fdopen(writable, "wb") as out:
+                pickle.dump(outcome, out)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as inp:
+        data = inp.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise CtfixError(f"reading the {family} iptables-legacy tables failed")
+    kind, value = pickle.loads(data)
+    if kind != "ok":
+        raise CtfixError(f"reading the {family} iptables-legacy tables: {value}")
+    rules: list[NetfilterRule] = value
+    return rules
+
+
+def legacy_rules(port: int) -> list[NetfilterRule]:
+    """iptables-legacy rules (IPv4 and IPv6, loaded tables only) that name the port."""
+    families = [f for f in ("ipv4", "ipv6") if iptables_legacy.loaded_tables(f)]
+    if not families:
+        return []
+    try:
+        import iptc  # noqa: F401  (once, before forking: children share the import)
+    except ImportError:
+        raise CtfixError(
+            "python-iptables is not installed but iptables-legacy rules exist",
+            "pip install python-iptables (or run scripts/setup)",
+        ) from None
+    return [rule for family in families for rule in _in_child(port, family)]
+
+
+def rules_for_port(port: int) -> tuple[list[NetfilterRule], list[str]]:
+    """Rules from every backend that holds any; errors per backend, not fatal."""
+    found: list[NetfilterRule] = []
+    errors: list[str] = []
+    for backend, reader in (("nftables", nft_rules), ("iptables-legacy", legacy_rules)):
+        try:
+            found.extend(reader(port))
+        except CtfixError as err:
+            errors.append(f"{backend}: {err.one_line()}")
+    return found, errors

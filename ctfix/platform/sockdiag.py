@@ -1,0 +1,203 @@
+"""UDP sockets on a port (sock_diag), and the process that owns each one.
+
+Know before changing: sock_diag answers for the calling thread's network namespace,
+but /proc is the whole PID namespace: the owner of a socket is found by its inode
+(`socket:[INODE]` links under /proc/PID/fd), which is unique across namespaces.
+A netcat-style server `connect()`s to its first client, so a connected socket on the
+port is still the service: list both unconnected and connected sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ctfix.core.model import Listener
+from ctfix.platform import nlsock
+
+SOCK_DIAG_BY_FAMILY = 20
+INET_DIAG_SKV6ONLY = 11
+TCP_ESTABLISHED = 1
+ALL_STATES = 0xFFFFFFFF
+
+# inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid
+# (sport, dport big-endian, src[16], dst[16], if, cookie[2]).
+_REQUEST = struct.Struct("=BBBxI")
+_SOCKID = struct.Struct("!HH16s16s")
+_SOCKID_SIZE = 48
+# inet_diag_msg: family, state, timer, retrans, sockid, expires, rqueue, wqueue, uid, inode
+_MSG_HEAD = struct.Struct("=BBBB")
+_MSG_TAIL = struct.Struct("=IIIII")
+_MSG_SIZE = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size
+
+
+@dataclass(frozen=True, slots=True)
+class UdpSocket:
+    """One UDP socket as sock_diag reports it."""
+
+    family: str  # "ipv4" | "ipv6"
+    address: str
+    port: int
+    peer: str | None  # connected peer "addr:port", None when unconnected
+    inode: int
+    uid: int
+    v6only: bool | None
+
+
+def _address(family: int, raw: bytes) -> str:
+    size = 4 if family == socket.AF_INET else 16
+    return socket.inet_ntop(family, raw[:size])
+
+
+def udp_sockets(port: int) -> list[UdpSocket]:
+    """Every UDP socket (IPv4 and IPv6, any state) whose local port is `port`."""
+    from ctfix.core.addr import endpoint
+
+    found: list[UdpSocket] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        # Dump all UDP sockets of the family and filter here: a host has few UDP
+        # sockets, and an exact-match request would miss wildcard binds.
+        payload = _REQUEST.pack(family, socket.IPPROTO_UDP, 0, ALL_STATES) + b"\0" * _SOCKID_SIZE
+        for _kind, body in nlsock.request(
+            nlsock.NETLINK_SOCK_DIAG,
+            SOCK_DIAG_BY_FAMILY,
+            payload,
+            dump=True,
+            what="listing UDP sockets (sock_diag)",
+        ):
+            if len(body) < _MSG_SIZE:
+                continue
+            fam, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
+            sport, dport, src, dst = _SOCKID.unpack_from(body, _MSG_HEAD.size)
+            if sport != port:
+                continue
+            _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_HEAD.size + _SOCKID_SIZE)
+            attrs = nlsock.attributes(body, _MSG_SIZE, len(body))
+            v6only_raw = attrs.get(INET_DIAG_SKV6ONLY)
+            peer = (
+                endpoint(_address(fam, dst), dport) if state == TCP_ESTABLISHED and dport else None
+            )
+            found.append(
+                UdpSocket(
+                    family="ipv6" if fam == socket.AF_INET6 else "ipv4",
+                    address=_address(fam, src),
+                    port=sport,
+                    peer=peer,
+                    inode=inode,
+                    uid=uid,
+                    v6only=bool(v6only_raw[0]) if v6only_raw else None,
+                )
+            )
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    pid: int
+    process: str | None
+    cmdline: tuple[str, ...]
+    unit: str | None
+
+
+_SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
+
+
+def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner]:
+    """inode -> the first process (lowest pid) holding that socket open."""
+    wanted = set(inodes)
+    owners: dict[int, Owner] = {}
+    if not wanted:
+        return owners
+    pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
+    for pid in pids:
+        fd_dir = f"{proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            match = _SOCKET_LINK.fullmatch(target)
+            if match is None:
+                continue
+            inode = int(match.group(1))
+            if inode in wanted and inode not in owners:
+                owners[inode] = _owner(pid, proc)
+        if len(owners) == len(wanted):
+            break
+    return owners
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _owner(pid: int, proc: str) -> Owner:
+    comm = _read(f"{proc}/{pid}/comm")
+    raw_cmdline = _read(f"{proc}/{pid}/cmdline") or ""
+    cmdline = tuple(part for part in raw_cmdline.split("\0") if part)
+    return Owner(
+        pid=pid,
+        process=comm.strip() if comm else None,
+        cmdline=cmdline,
+        unit=unit_from_cgroup(_read(f"{proc}/{pid}/cgroup") or ""),
+    )
+
+
+_CONTAINER = re.compile(
+    r"(?:docker|libpod|crio|cri-containerd|containerd)[-/:]([0-9a-f]{12,64})(?:\.scope)?$"
+)
+
+
+def unit_from_cgroup(text: str) -> str | None:
+    """A container id (`docker:abcdef123456`) or a systemd unit from /proc/PID/cgroup."""
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        parts = [part for part in path.split("/") if part]
+        for part in reversed(parts):
+            match = _CONTAINER.search(part)
+            if match is not None:
+                runtime = part.split("-", 1)[0].split(":", 1)[0]
+                runtime = "docker" if runtime == match.group(1) else runtime
+                return f"{runtime}:{match.group(1)[:12]}"
+        # A docker cgroup v1 path is /docker/<id>: the runtime is the parent part.
+        if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{64}", parts[-1]):
+            return f"{parts[-2]}:{parts[-1][:12]}"
+        for part in reversed(parts):
+            if part.endswith((".service", ".scope")) and not part.startswith("session-"):
+                return part
+    return None
+
+
+def listeners(port: int) -> list[tuple[Listener, int]]:
+    """The port's sockets with their owners, each with the socket's uid (for routing)."""
+    sockets = udp_sockets(port)
+    owners = socket_owners(sock.inode for sock in sockets)
+    result: list[tuple[Listener, int]] = []
+    for sock in sockets:
+        owner = owners.get(sock.inode)
+        listener = Listener(
+            address=sock.address,
+            port=sock.port,
+            family=sock.family,
+            state="connected" if sock.peer else "listening",
+            pid=owner.pid if owner else None,
+            process=owner.process if owner else None,
+            cmdline=owner.cmdline if owner else (),
+            unit=owner.unit if owner else None,
+            v6only=sock.v6only if sock.family == "ipv6" else None,
+            peer=sock.peer,
+        )
+        result.append((listener, sock.uid))
+    return result
