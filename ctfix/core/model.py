@@ -55,12 +55,14 @@ class WrongSourceReply:
     expected_source: str
     actual_source: str
     mismatch: str  # "address" | "port" | "address+port"
+    count: int = 1  # pairs seen for this (service, actual source, client network)
 
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
     wrong_source: tuple[WrongSourceReply, ...] = ()
     healthy: int = 0  # replied flows on the port whose reply came from the right source
+    unanswered: int = 0  # requests without any reply in the table (and no wrong-source pair)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ class Fix:
     method: FixMethod
     summary: str
     detail: str
+    recommended: bool = False  # explain's pick for this host (may be several)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +96,4 @@ class Diagnosis:
     rules: tuple[RuleHit, ...] = ()
     fixes: tuple[Fix, ...] = ()
     local_addresses: tuple[str, ...] = ()
+    service: str | None = None  # the knowledge base's name for the program, if recognised
