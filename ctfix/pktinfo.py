@@ -222,7 +222,7 @@ def log_drop(kind: str, message: str) -> None:
         count = _drops[kind]
     if count & (count - 1) == 0:
         suffix = "" if count == 1 else f" ({count} {kind} drops so far)"
-        log.warning("%s; dropped%s", message, suffix)
+        log.warning("%s%s", message, suffix)
 
 
 def drop_counts() -> dict[str, int]:
@@ -305,8 +305,12 @@ def receive(sock: socket.socket, *, ancillary_size: int = ANCILLARY_SIZE) -> Req
     payload, ancdata, flags, peer = sock.recvmsg(MAX_DATAGRAM, ancillary_size)
     parsed = parse_request(payload, ancdata, flags, peer, sock.family)
     if isinstance(parsed, Dropped):
-        log_drop(parsed.kind, parsed.reason)
+        log_drop(parsed.kind, f"{parsed.reason}; request dropped")
         return None
+    log.debug(
+        "request of %d bytes from %s to %s", len(payload), _peer_text(parsed.peer),
+        parsed.destination,
+    )
     return parsed
 
 
@@ -320,7 +324,7 @@ def reply(sock: socket.socket, request: Request, payload: bytes) -> bool:
         log_drop(
             "amplification",
             f"reply of {len(payload)} bytes to {_peer_text(request.peer)} is larger than "
-            f"its {len(request.payload)}-byte request",
+            f"its {len(request.payload)}-byte request; reply dropped",
         )
         return False
     try:
@@ -331,7 +335,7 @@ def reply(sock: socket.socket, request: Request, payload: bytes) -> bool:
         log_drop(
             "gone" if err.errno in ADDRESS_GONE_ERRNOS else "sendfail",
             f"cannot answer {_peer_text(request.peer)} from {request.local_address}: "
-            f"{err.strerror} ({name}), {why}; reply",
+            f"{err.strerror} ({name}), {why}; reply dropped",
         )
         return False
     log.debug(
