@@ -71,6 +71,27 @@ class ServiceRule:
     see_also: tuple[str, ...]
     source: str  # file the entry came from, as shown in error messages
     line: int  # 1-based line of the entry in `source`
+    #: Overrides of `affected_when_wildcard` for one family: (("ipv6", True),).
+    affected_by_family: tuple[tuple[str, bool | None], ...] = ()
+    #: Regexes on the command line that show the service's own fix is on
+    #: (OpenVPN's `--multihome`): when one matches, the listener is not affected.
+    fixed_if_cmdline: tuple[str, ...] = ()
+
+    def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
+        """The verdict for a wildcard listener of this service.
+
+        `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
+        process's argv. True = affected, False = answers correctly, None = depends on
+        configuration that ctfix cannot see (see `why`).
+        """
+        if cmdline and self.fixed_if_cmdline:
+            joined = " ".join(cmdline)
+            if any(re.search(pattern, joined) for pattern in self.fixed_if_cmdline):
+                return False
+        for name, verdict in self.affected_by_family:
+            if name == family:
+                return verdict
+        return self.affected_when_wildcard
 
     def matches_process(self, process: str) -> bool:
         """True if `process` (a comm, truncated to 15 characters) is one of ours."""
@@ -234,7 +255,8 @@ def parse(text: str, source: str) -> list[ServiceRule]:
 _REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "reference",
              "confidence"}
 _OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
-             "see_also"}
+             "see_also", "affected_by_family", "fixed_if_cmdline"}
+_FAMILIES = ("ipv4", "ipv6")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
@@ -257,33 +279,23 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
                 source, item,
                 f"'processes' holds names as /proc/PID/comm shows them, not paths: {name!r}",
             )
-    patterns = _text_list(fields.get("cmdline_patterns"), source, "cmdline_patterns")
-    for index, pattern in enumerate(patterns):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise RuleError(
-                source, _item_line(fields["cmdline_patterns"], index),
-                f"'cmdline_patterns' item is not a valid regular expression: {exc}",
-            ) from None
+    patterns = _regex_list(fields.get("cmdline_patterns"), source, "cmdline_patterns")
     ports = _ports(fields["ports"], source)
     if not (processes or patterns or ports):
         raise RuleError(
             source, line, "an entry needs at least one of 'processes', 'cmdline_patterns', 'ports'"
         )
 
-    affected_node = fields["affected_when_wildcard"]
-    affected_raw = _construct(affected_node)
-    affected: bool | None
-    if isinstance(affected_raw, bool):
-        affected = affected_raw
-    elif affected_raw == "depends":
-        affected = None
-    else:
-        raise RuleError(
-            source, _line(affected_node),
-            "'affected_when_wildcard' must be true, false or depends",
+    affected = _verdict(fields["affected_when_wildcard"], source, "affected_when_wildcard")
+    by_family: list[tuple[str, bool | None]] = []
+    family_node = fields.get("affected_by_family")
+    if family_node is not None:
+        family_fields = _mapping(
+            family_node, source, "'affected_by_family'", set(), set(_FAMILIES)
         )
+        for name, node_value in family_fields.items():
+            by_family.append((name, _verdict(node_value, source, f"affected_by_family.{name}")))
+    fixed_if = _regex_list(fields.get("fixed_if_cmdline"), source, "fixed_if_cmdline")
 
     confidence = _text(fields["confidence"], source, "confidence")
     if confidence not in ("high", "medium", "low"):
@@ -318,7 +330,31 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         see_also=see_also,
         source=source,
         line=line,
+        affected_by_family=tuple(by_family),
+        fixed_if_cmdline=fixed_if,
     )
+
+
+def _verdict(node: yaml.Node, source: str, key: str) -> bool | None:
+    raw = _construct(node)
+    if isinstance(raw, bool):
+        return raw
+    if raw == "depends":
+        return None
+    raise RuleError(source, _line(node), f"{key!r} must be true, false or depends")
+
+
+def _regex_list(node: yaml.Node | None, source: str, key: str) -> tuple[str, ...]:
+    patterns = _text_list(node, source, key)
+    for index, pattern in enumerate(patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise RuleError(
+                source, _item_line(node, index),
+                f"{key!r} item is not a valid regular expression: {exc}",
+            ) from None
+    return patterns
 
 
 def _load_dir(directory: Path, display_root: Path) -> list[ServiceRule]:

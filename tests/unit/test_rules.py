@@ -54,7 +54,7 @@ def test_every_builtin_file_loads_and_names_its_source() -> None:
     sources = {rule.source for rule in kb.entries}
     assert sources == {f"rules/{path.name}" for path in files}
     for rule in kb.entries:
-        assert rule.reference.startswith("https://")
+        assert rule.reference.startswith(("https://", "http://"))
         assert rule.why and rule.fix
         # A "depends" verdict must say on what, and an affected one must show the fix.
         if rule.affected_when_wildcard is not False:
@@ -78,13 +78,107 @@ def test_port_shared_by_several_servers_is_no_hint() -> None:
     assert load().match("nc", ("nc", "-ul", "53"), 53) is None
 
 
-def test_builtin_verdicts_for_dns() -> None:
+REQUIRED_SERVICES = {
+    # id: verdict for a wildcard listener (None = depends on its configuration)
+    "dnsmasq": False,
+    "unbound": None,
+    "bind9": False,
+    "coredns": False,
+    "pdns-recursor": False,
+    "chrony": False,
+    "ntpd": False,
+    "snmpd": None,
+    "openvpn": None,
+    "freeradius": False,
+    "coturn": None,
+    "kamailio": True,
+    "asterisk": True,
+    "tftpd-hpa": False,
+    "rsyslog": False,
+    "syslog-ng": False,
+    "statsd": False,
+    "wireguard": False,
+    "consul": True,
+    "krb5kdc": False,
+}
+
+
+def test_every_required_service_is_known_with_its_verdict() -> None:
     kb = load()
-    dnsmasq, unbound, named = kb.get("dnsmasq"), kb.get("unbound"), kb.get("bind9")
-    assert dnsmasq is not None and dnsmasq.affected_when_wildcard is False
-    assert unbound is not None and unbound.affected_when_wildcard is None
+    verdicts = {rule_id: kb.get(rule_id) for rule_id in REQUIRED_SERVICES}
+    missing = [rule_id for rule_id, rule in verdicts.items() if rule is None]
+    assert not missing
+    for rule_id, expected in REQUIRED_SERVICES.items():
+        rule = kb.get(rule_id)
+        assert rule is not None
+        assert rule.affected_when_wildcard is expected, rule_id
+
+
+def test_process_names_fit_in_comm() -> None:
+    # /proc/PID/comm shows 15 characters: a longer built-in name could never match.
+    for rule in load().entries:
+        for name in rule.processes:
+            assert len(name) <= 15, f"{rule.id}: {name!r} is longer than comm can show"
+
+
+@pytest.mark.parametrize(
+    ("comm", "cmdline", "port", "expected"),
+    [
+        ("chronyd", ("/usr/sbin/chronyd", "-F", "1"), 123, "chrony"),
+        ("ntpd", ("/usr/sbin/ntpd", "-p", "/run/ntpd.pid"), 123, "ntpd"),
+        ("pdns_recursor", ("/usr/sbin/pdns_recursor",), 53, "pdns-recursor"),
+        ("in.tftpd", ("/usr/sbin/in.tftpd", "--listen"), 69, "tftpd-hpa"),
+        ("turnserver", ("/usr/bin/turnserver", "-c", "/etc/turnserver.conf"), 3478, "coturn"),
+        ("krb5kdc", ("/usr/sbin/krb5kdc", "-P", "/run/krb5kdc.pid"), 88, "krb5kdc"),
+        ("openvpn", ("/usr/sbin/openvpn", "--config", "server.conf"), 1194, "openvpn"),
+        ("node", ("node", "/opt/statsd/stats.js", "/etc/statsd/config.js"), 8125, "statsd"),
+    ],
+)
+def test_builtin_services_are_recognised(
+    comm: str, cmdline: tuple[str, ...], port: int, expected: str
+) -> None:
+    match = load().match(comm, cmdline, port)
+    assert match is not None and match.rule.id == expected
+    assert not match.port_only
+
+
+def test_kernel_wireguard_socket_is_recognised_by_port_only() -> None:
+    # The kernel's WireGuard socket has no process: only the port can hint at it.
+    match = load().match(None, (), 51820)
+    assert match is not None and match.rule.id == "wireguard" and match.port_only
+
+
+def test_tftp_is_marked_as_replying_from_another_port() -> None:
+    kb = load()
+    tftp = kb.get("tftpd-hpa")
+    assert tftp is not None and tftp.replies_from_other_port
+    assert not any(
+        rule.replies_from_other_port for rule in kb.entries if rule.id != "tftpd-hpa"
+    )
+
+
+def test_openvpn_multihome_on_the_command_line_settles_the_verdict() -> None:
+    openvpn = load().get("openvpn")
+    assert openvpn is not None
+    assert openvpn.affected("ipv4", ("openvpn", "--config", "s.conf")) is None
+    assert openvpn.affected("ipv4", ("openvpn", "--config", "s.conf", "--multihome")) is False
+    # A longer option that merely starts with the word does not count.
+    assert openvpn.affected("ipv4", ("openvpn", "--multihomed-thing")) is None
+
+
+def test_snmpd_verdict_depends_on_the_family() -> None:
+    snmpd = load().get("snmpd")
+    assert snmpd is not None
+    assert snmpd.affected("ipv4") is False
+    assert snmpd.affected("ipv6") is True
+    assert snmpd.affected() is None
+
+
+def test_unbound_fix_names_its_options() -> None:
+    unbound = load().get("unbound")
+    assert unbound is not None
     assert "interface-automatic: yes" in unbound.snippet
-    assert named is not None and named.affected_when_wildcard is False
+    assert "interface:" in unbound.snippet
 
 
 # -- matching -----------------------------------------------------------------------------
@@ -252,6 +346,27 @@ def test_replies_from_other_port_must_be_boolean(tmp_path: Path) -> None:
     text = GOOD_ENTRY + "    replies_from_other_port: sometimes\n"
     message = error_for(tmp_path, text)
     assert message.endswith("bad.yaml:15: 'replies_from_other_port' must be true or false")
+
+
+def test_unknown_family_in_affected_by_family(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + "    affected_by_family:\n      ipv5: true\n"
+    message = error_for(tmp_path, text)
+    assert "bad.yaml:16: unknown key 'ipv5' in 'affected_by_family'" in message
+    assert message.endswith("allowed: ipv4, ipv6")
+
+
+def test_bad_fixed_if_cmdline_regex(tmp_path: Path) -> None:
+    text = GOOD_ENTRY + "    fixed_if_cmdline: ['ok', '[']\n"
+    message = error_for(tmp_path, text)
+    assert "bad.yaml:15: 'fixed_if_cmdline' item is not a valid regular expression" in message
+
+
+def test_reference_must_be_a_url(tmp_path: Path) -> None:
+    text = GOOD_ENTRY.replace("https://example.org/myservice", "see the man page")
+    message = error_for(tmp_path, text)
+    assert message.endswith(
+        "bad.yaml:13: 'reference' must be an http(s) URL, got 'see the man page'"
+    )
 
 
 def test_rule_error_is_a_ctfix_error() -> None:
