@@ -20,10 +20,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_namespaces() -> Iterator[None]:
-    """Fail the run if any test leaves one of the lab's namespaces behind."""
-    before = set(leftover_namespaces())
+    """Fail the run if any test leaves one of the lab's namespaces behind.
+
+    Only this process's namespaces count (their run id starts with our pid), so
+    a lab or another test run going on at the same time is not blamed.
+    """
+    mine = f"{os.getpid() % 0xFFFF:04x}"
     yield
-    left = set(leftover_namespaces()) - before
+    left = {ns for ns in leftover_namespaces() if ns.split("-")[1].startswith(mine)}
     assert not left, f"namespaces left behind: {sorted(left)}"
 
 

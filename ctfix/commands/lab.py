@@ -1,15 +1,88 @@
-"""`ctfix lab` (placeholder until its issue lands)."""
+"""`ctfix lab`: reproduce the wrong-source bug and its fix in throwaway namespaces.
+
+Know before changing: teardown must happen whatever ends the run (an error, Ctrl-C,
+SIGTERM, SIGHUP), so signals are turned into exceptions and the topology is a
+context manager; nothing is ever created in the caller's own namespace.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from types import FrameType
+from typing import TextIO
 
-from ctfix.errors import NotImplementedYet
+from ctfix.commands.common import port_number, positive_seconds, require_root
+from ctfix.errors import ExitStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.description = (
+        "Build a host namespace with a bridge (192.0.2.1, docker0's role) and an uplink "
+        "(198.51.100.13), a container namespace (192.0.2.3) behind the bridge and "
+        "Docker's MASQUERADE rule; run a wildcard UDP server that replies with sendto() "
+        "and show that a client addressing the uplink gets no reply (with the conntrack "
+        "entries and the ICMP that prove why); then run the IP_PKTINFO reference server "
+        "and show that every address answers. Exit 0 only when the bug was reproduced "
+        "and the fix confirmed. Everything is removed at the end."
+    )
+    parser.add_argument("--ipv6", action="store_true", help="also run the story over IPv6")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the namespaces up afterwards and print how to enter and remove them",
+    )
+    parser.add_argument(
+        "--port", type=port_number, default=56789, help="UDP port of the lab's service"
+    )
+    parser.add_argument(
+        "--netfilter",
+        choices=("nft", "iptables-legacy"),
+        default="nft",
+        help="where to install Docker's MASQUERADE rule (default: nft)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="how long a client waits for a reply (default: 1)",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("lab")
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    require_root("ctfix lab (it creates network namespaces)", "CAP_SYS_ADMIN")
+    from ctfix.lab import topology as t
+    from ctfix.lab.scenario import run_story
+    from ctfix.render.lab import LabPrinter
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stop)
+    printer = LabPrinter(out)
+    topo = t.Topology(t.new_run_id(), ipv6=args.ipv6, netfilter=args.netfilter)
+    try:
+        printer.topology(topo, args.port)
+        topo.build()
+        story = run_story(topo, args.port, printer.report, timeout=args.timeout)
+        printer.verdict(story)
+        if args.keep:
+            printer.keep(topo, args.port)
+        return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
+    except _Stop as stop:
+        print(f"ctfix lab: stopped by {stop}; removing the lab", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
+    finally:
+        if args.keep:
+            for proc in list(topo.processes):
+                topo.stop(proc)
+        else:
+            topo.destroy()

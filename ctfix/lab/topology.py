@@ -131,7 +131,11 @@ class Topology:
     ) -> subprocess.Popen[bytes]:
         """Start a process in ns; it is stopped (by pid) at teardown at the latest."""
         proc = subprocess.Popen(
-            self.exec_argv(ns, argv), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
+            self.exec_argv(ns, argv),
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         self.processes.append(proc)
         return proc
@@ -248,6 +252,14 @@ addr add {UPLINK_V4}/24 dev {self.uplink}
         if family == socket.AF_INET6:
             return [UPLINK_V6, BRIDGE_V6] if self.ipv6 else []
         return [UPLINK_V4, BRIDGE_V4]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the lab itself is killed (even -9)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def new_run_id() -> str:
