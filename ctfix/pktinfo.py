@@ -145,7 +145,10 @@ def _peer_text(peer: Sockaddr) -> str:
 
 
 def parse_request(
-    payload: bytes, ancdata: Iterable[tuple[int, int, bytes]], flags: int, peer: Sockaddr,
+    payload: bytes,
+    ancdata: Iterable[tuple[int, int, bytes]],
+    flags: int,
+    peer: Sockaddr,
     family: int,
 ) -> Request | Dropped:
     """Turn one recvmsg() result into a Request, or say why it must be dropped."""
@@ -161,10 +164,14 @@ def parse_request(
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= IN_PKTINFO.size:
             ifindex, spec_dst, addr = IN_PKTINFO.unpack_from(data)
-            v4 = (ifindex, socket.inet_ntop(socket.AF_INET, spec_dst),
-                  socket.inet_ntop(socket.AF_INET, addr))
-        elif (level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO
-              and len(data) >= IN6_PKTINFO.size):
+            v4 = (
+                ifindex,
+                socket.inet_ntop(socket.AF_INET, spec_dst),
+                socket.inet_ntop(socket.AF_INET, addr),
+            )
+        elif (
+            level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= IN6_PKTINFO.size
+        ):
             addr6, ifindex6 = IN6_PKTINFO.unpack_from(data)
             v6 = (ifindex6, socket.inet_ntop(socket.AF_INET6, addr6))
     if family == socket.AF_INET:
@@ -188,9 +195,7 @@ def parse_request(
 def reply_ancillary(request: Request) -> Ancillary:
     """The control message that makes the reply leave from request.local_address."""
     if request.family == socket.AF_INET:
-        data = IN_PKTINFO.pack(
-            0, socket.inet_pton(socket.AF_INET, request.local_address), bytes(4)
-        )
+        data = IN_PKTINFO.pack(0, socket.inet_pton(socket.AF_INET, request.local_address), bytes(4))
         return [(socket.IPPROTO_IP, IP_PKTINFO, data)]
     local = _ip(request.local_address)
     scoped = (
@@ -231,6 +236,12 @@ def drop_counts() -> dict[str, int]:
         return dict(_drops)
 
 
+def reset_drop_counts() -> None:
+    """Start counting (and logging) drops afresh, e.g. after a metrics scrape."""
+    with _drops_lock:
+        _drops.clear()
+
+
 # -- sockets -----------------------------------------------------------------------
 
 
@@ -242,8 +253,9 @@ def bind_udp(address: str, port: int, *, v6only: bool = True) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-            scope_id = (int(scope) if scope.isdigit() else socket.if_nametoindex(scope)) \
-                if scope else 0
+            scope_id = (
+                (int(scope) if scope.isdigit() else socket.if_nametoindex(scope)) if scope else 0
+            )
             sock.bind((host, port, 0, scope_id))
         else:
             sock.bind((host, port))
@@ -308,7 +320,9 @@ def receive(sock: socket.socket, *, ancillary_size: int = ANCILLARY_SIZE) -> Req
         log_drop(parsed.kind, f"{parsed.reason}; request dropped")
         return None
     log.debug(
-        "request of %d bytes from %s to %s", len(payload), _peer_text(parsed.peer),
+        "request of %d bytes from %s to %s",
+        len(payload),
+        _peer_text(parsed.peer),
         parsed.destination,
     )
     return parsed
@@ -339,7 +353,9 @@ def reply(sock: socket.socket, request: Request, payload: bytes) -> bool:
         )
         return False
     log.debug(
-        "echo %d bytes to %s from %s", len(payload), _peer_text(request.peer),
+        "echo %d bytes to %s from %s",
+        len(payload),
+        _peer_text(request.peer),
         request.local_address,
     )
     return True
@@ -463,12 +479,14 @@ __all__ = [
     "describe",
     "drop_counts",
     "enable_pktinfo",
+    "log_drop",
     "open_sockets",
     "parse_request",
     "receive",
     "reply",
     "reply_allowed",
     "reply_ancillary",
+    "reset_drop_counts",
     "serve_async",
     "serve_forever",
 ]

@@ -51,9 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reproduce the bug: answer with recvfrom/sendto from wildcard sockets",
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log every reply on stderr"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every reply on stderr")
     add_netns_argument(parser)
     # Test hook: hold each reply back, so a test can remove the address meanwhile.
     parser.add_argument("--reply-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -89,9 +87,7 @@ def _bind_error(err: OSError, port: int, where: str) -> CtfixError:
     if err.errno == errno.EACCES:
         return PrivilegeError(f"binding UDP port {port}", "CAP_NET_BIND_SERVICE")
     if err.errno == errno.EADDRNOTAVAIL:
-        return CtfixError(
-            f"{where} is not an address of this host", "list them with `ip address`"
-        )
+        return CtfixError(f"{where} is not an address of this host", "list them with `ip address`")
     if err.errno == errno.ENODEV or isinstance(err, socket.gaierror):
         return CtfixError(f"{where}: no such interface", "list them with `ip link`")
     return CtfixError(f"cannot bind UDP port {port} ({where}): {err.strerror or err}")
@@ -149,9 +145,7 @@ def _serve_broken(sockets: Sequence[socket.socket], stop: pktinfo.Stopper, delay
 
 def run(args: argparse.Namespace) -> int:
     if args.broken and args.address:
-        raise CtfixError(
-            "--broken binds the wildcard addresses on purpose; it takes no --address"
-        )
+        raise CtfixError("--broken binds the wildcard addresses on purpose; it takes no --address")
     if args.dual_stack and args.address:
         raise CtfixError("--dual-stack binds :: itself; it takes no --address")
     if args.reply_delay < 0:

@@ -333,8 +333,7 @@ def test_asyncio_server_answers_from_the_right_address(
             exchange = udp_exchange(topo.container, address, PORT, b"quiet")
             assert (exchange.reply, exchange.reply_from) == (b"quiet", (address, PORT))
         with caplog.at_level(logging.WARNING, logger="ctfix.pktinfo"):
-            big = udp_exchange(topo.container, UPLINK_V4, PORT, b"big?", connect=False,
-                               timeout=0.5)
+            big = udp_exchange(topo.container, UPLINK_V4, PORT, b"big?", connect=False, timeout=0.5)
         assert not big.answered
         assert any("larger than its 4-byte request" in r.message for r in caplog.records)
     finally:
