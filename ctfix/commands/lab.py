@@ -18,15 +18,22 @@ from ctfix.errors import ExitStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Build a host namespace with a bridge (192.0.2.1, docker0's role) and an uplink "
-        "(198.51.100.13), a container namespace (192.0.2.3) behind the bridge and "
-        "Docker's MASQUERADE rule; run a wildcard UDP server that replies with sendto() "
-        "and show that a client addressing the uplink gets no reply (with the conntrack "
-        "entries and the ICMP that prove why); then run the IP_PKTINFO reference server "
-        "and show that every address answers. Exit 0 only when the bug was reproduced "
-        "and the fix confirmed. Everything is removed at the end."
-    )
+    parser.description = """\
+Reproduce the wrong-source bug and its fix in throwaway network namespaces.
+
+Builds a host namespace with a bridge (192.0.2.1, docker0's role) and an uplink
+(198.51.100.13), a container namespace (192.0.2.3) behind the bridge, and Docker's
+MASQUERADE rule. A wildcard UDP server that replies with sendto() leaves a client
+that addresses the uplink without an answer: the lab shows the two conntrack
+entries and the client's ICMP port unreachable that prove why. Then the IP_PKTINFO
+reference server answers on every address. Everything is removed at the end.
+
+exit status: 0 bug reproduced and fix confirmed, 1 otherwise, 2 errors."""
+    parser.epilog = """\
+examples:
+  ctfix lab                 IPv4 story, about 3 seconds
+  ctfix lab --ipv6          IPv4 and IPv6
+  ctfix lab --keep          leave the namespaces up to experiment in them"""
     parser.add_argument("--ipv6", action="store_true", help="also run the story over IPv6")
     parser.add_argument(
         "--keep",
@@ -34,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave the namespaces up afterwards and print how to enter and remove them",
     )
     parser.add_argument(
-        "--port", type=port_number, default=56789, help="UDP port of the lab's service"
+        "--port",
+        type=port_number,
+        default=56789,
+        help="UDP port of the lab's service (default: 56789)",
     )
     parser.add_argument(
         "--netfilter",
