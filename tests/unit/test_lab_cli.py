@@ -13,7 +13,7 @@ def test_lab_without_privilege_is_one_line(
 ) -> None:
     import ctfix.commands.common as common
 
-    monkeypatch.setattr(common.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
     monkeypatch.setattr(common, "_has_capability", lambda name: False)
     before = leftover_namespaces()
     assert main(["lab"]) == 2
