@@ -182,6 +182,30 @@ def test_server_says_where_it_listens_and_exits_0_on_sigterm(topo: Topology) -> 
     assert proc.returncode == 0
 
 
+def test_address_option_binds_only_those_addresses(topo: Topology) -> None:
+    bridge_ll = link_local(topo, topo.host, topo.bridge)
+    start_server(topo, "--address", UPLINK_V4, "--address", f"{bridge_ll}%{topo.bridge}")
+    assert udp_exchange(topo.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    scope = ifindex(topo, topo.container, topo.container_if)
+    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope)
+    assert exchange.reply_from == (bridge_ll, PORT)
+    assert not udp_exchange(topo.container, BRIDGE_V4, PORT, timeout=0.3).answered
+
+
+def test_netns_option_serves_inside_that_namespace(topo: Topology) -> None:
+    # Started in the test's own namespace: the server must enter the host's itself.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctfix", "serve", "--port", str(PORT), "--netns", topo.host],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    topo.processes.append(proc)  # stopped by pid at teardown, whatever happens
+    wait_udp_bound(proc.pid, PORT)
+    assert udp_exchange(topo.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    status, _ = stop_server(topo, proc)
+    assert status == 0
+
+
 # -- addresses the wildcard does not name --------------------------------------------
 
 
