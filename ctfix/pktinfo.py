@@ -57,7 +57,6 @@ Why each rule exists (what dnsmasq, unbound, PowerDNS, quic-go and quinn learned
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -69,7 +68,10 @@ import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("ctfix.pktinfo")
 
@@ -422,6 +424,8 @@ async def serve_async(sockets: Sequence[socket.socket], handler: AsyncHandler) -
     tasks, so a slow handler does not hold up other requests. asyncio's
     DatagramProtocol cannot be used: it never passes ancillary data.
     """
+    import asyncio  # here, not at the top: it doubles the import time of `ctfix serve`
+
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
 

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reproduce the bug: answer with recvfrom/sendto from wildcard sockets",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every reply on stderr")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every request and reply on stderr"
+    )
     add_netns_argument(parser)
     # Test hook: hold each reply back, so a test can remove the address meanwhile.
     parser.add_argument("--reply-delay", type=float, default=0.0, help=argparse.SUPPRESS)
