@@ -1,0 +1,640 @@
+"""Diagnosis + method -> Plan: the ordered, reversible steps of `ctfix fix`.
+
+Pure: no sockets, no subprocess, no kernel. Every step names the objects it creates
+(all recognisably ctfix's: rule protocol 199 and priority 32100, routing table
+0xC7F00000+port, nftables table `inet ctfix_<port>`, iptables comment `ctfix:<port>`,
+ipsets `ctfix-<port>-v4-<n>`), the equivalent command lines, and how to undo it.
+
+Know before changing: a step's spec is what the state file records and what
+`--revert` undoes, possibly by a later ctfix version after a crash; so specs must
+stay serialisable (`step_to_dict`/`step_from_dict`) and undo must need nothing but
+the spec. The order of steps is the order of safety: for snat-zone, the reply zone
+comes before the SNAT that needs it (an SNAT without the zone collides with the
+request's conntrack entry and the reply is dropped), and undo runs in reverse.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ctfix.core.addr import endpoint, unmap
+from ctfix.core.model import ClientNetwork, Diagnosis
+from ctfix.errors import CtfixError
+
+Method = Literal["policy-route", "snat-zone", "bind"]
+Backend = Literal["iproute2", "nftables", "iptables-legacy", "none"]
+METHODS: tuple[Method, ...] = ("policy-route", "snat-zone", "bind")
+
+#: rtm_protocol / FRA_PROTOCOL of every route and rule ctfix makes (unassigned in
+#: /etc/iproute2/rt_protos), so `ip rule`/`ip route` show `proto 199` and revert
+#: can never mistake somebody else's object for ours.
+RT_PROTO = 199
+#: ctfix's rule priority: after the `local` rule, before `main` (32766).
+RULE_PRIORITY = 32100
+#: table id = RT_TABLE_BASE + port: one table per fixed port, in a range nobody uses.
+RT_TABLE_BASE = 0xC7F00000
+#: the conntrack zone the rewritten replies live in (any zone other than 0 works).
+CT_ZONE = 51185
+#: how long a client (address, port) is remembered after its last request, seconds.
+#: Longer than conntrack's UDP stream timeout (120 s), so a remembered reply path
+#: never outlives its memory.
+CLIENT_TIMEOUT = 180
+
+
+def table_id(port: int) -> int:
+    return RT_TABLE_BASE + port
+
+
+def nft_table_name(port: int) -> str:
+    return f"ctfix_{port}"
+
+
+def comment(port: int) -> str:
+    return f"ctfix:{port}"
+
+
+def ipset_name(port: int, family: str, index: int) -> str:
+    return f"ctfix-{port}-{'v6' if family == 'ipv6' else 'v4'}-{index}"
+
+
+def _family(address: str) -> str:
+    return "ipv6" if ipaddress.ip_address(address).version == 6 else "ipv4"
+
+
+# -- step specs (what is recorded and undone) -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """`ip route add NETWORK dev IFACE src SOURCE table T proto 199`."""
+
+    family: str
+    network: str
+    interface: str
+    source: str
+    table: int
+    protocol: int = RT_PROTO
+    kind: Literal["route"] = "route"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """`ip rule add priority P ipproto udp sport PORT lookup T protocol 199`."""
+
+    family: str
+    port: int
+    table: int
+    priority: int = RULE_PRIORITY
+    protocol: int = RT_PROTO
+    kind: Literal["rule"] = "rule"
+
+
+@dataclass(frozen=True, slots=True)
+class NftTableSpec:
+    """A whole nftables table of ctfix's own, created in one atomic batch."""
+
+    family: str  # "inet"
+    name: str
+    batch: str  # JSON list of libnftables commands (json.dumps), applied atomically
+    text: str  # the same table in nft syntax, for people and `nft -f`
+    kind: Literal["nft-table"] = "nft-table"
+
+
+@dataclass(frozen=True, slots=True)
+class IpsetSpec:
+    """`ipset create NAME hash:ip,port family inet|inet6 timeout T`."""
+
+    name: str
+    family: str
+    set_type: str = "hash:ip,port"
+    timeout: int = CLIENT_TIMEOUT
+    kind: Literal["ipset"] = "ipset"
+
+
+@dataclass(frozen=True, slots=True)
+class XtExtension:
+    """An iptables match or target: name and its options in iptables' order."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()  # ("match-set", "NAME dst,dst")
+
+
+@dataclass(frozen=True, slots=True)
+class IptRuleSpec:
+    """One iptables-legacy rule, inserted first in its chain, marked `ctfix:<port>`."""
+
+    family: str
+    table: str
+    chain: str
+    protocol: str
+    source: str | None  # "198.51.100.13" or "!198.51.100.13"
+    destination: str | None
+    matches: tuple[XtExtension, ...]
+    target: XtExtension
+    kind: Literal["iptables-rule"] = "iptables-rule"
+
+
+Spec = RouteSpec | RuleSpec | NftTableSpec | IpsetSpec | IptRuleSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    spec: Spec
+    summary: str
+    creates: tuple[str, ...]
+    commands: tuple[str, ...]  # equivalent shell commands that apply the step
+    undo: tuple[str, ...]  # equivalent shell commands that remove it
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCheck:
+    """After apply: a reply from the port to `destination` must leave from `source`."""
+
+    destination: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    port: int
+    method: Method
+    backend: Backend
+    steps: tuple[Step, ...]
+    notes: tuple[str, ...] = ()
+    checks: tuple[RouteCheck, ...] = ()
+    advice: tuple[str, ...] = ()  # method "bind": what to change in the application
+
+
+# -- serialisation (state file, --json) ---------------------------------------------------
+
+_SPECS: dict[str, type[Any]] = {
+    "route": RouteSpec,
+    "rule": RuleSpec,
+    "nft-table": NftTableSpec,
+    "ipset": IpsetSpec,
+    "iptables-rule": IptRuleSpec,
+}
+
+
+def step_to_dict(step: Step) -> dict[str, Any]:
+    return asdict(step)
+
+
+def step_from_dict(data: dict[str, Any]) -> Step:
+    """Inverse of `step_to_dict`; raises CtfixError on a record it cannot read."""
+    try:
+        raw = dict(data["spec"])
+        cls = _SPECS[raw["kind"]]
+        if cls is IptRuleSpec:
+            raw["matches"] = tuple(_xt(m) for m in raw["matches"])
+            raw["target"] = _xt(raw["target"])
+        spec = cls(**raw)
+        return Step(
+            spec=spec,
+            summary=str(data["summary"]),
+            creates=tuple(data["creates"]),
+            commands=tuple(data["commands"]),
+            undo=tuple(data["undo"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CtfixError(f"unreadable step in the state file ({err})") from None
+
+
+def _xt(raw: dict[str, Any]) -> XtExtension:
+    return XtExtension(str(raw["name"]), tuple((str(k), str(v)) for k, v in raw["options"]))
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    return {
+        "port": plan.port,
+        "method": plan.method,
+        "backend": plan.backend,
+        "notes": list(plan.notes),
+        "advice": list(plan.advice),
+        "checks": [asdict(c) for c in plan.checks],
+        "steps": [step_to_dict(s) for s in plan.steps],
+    }
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def make_plan(
+    diagnosis: Diagnosis,
+    method: Method,
+    backend: Backend = "nftables",
+    *,
+    force: bool = False,
+    notes: tuple[str, ...] = (),
+    advice: tuple[str, ...] = (),
+) -> Plan:
+    """The steps that fix `diagnosis.port` by `method`, or a CtfixError saying why not.
+
+    `backend` matters only for snat-zone ("nftables" or "iptables-legacy");
+    policy-route always uses iproute2, bind changes nothing.
+    """
+    port = diagnosis.port
+    if method not in METHODS:
+        raise CtfixError(f"unknown method {method!r}", f"use one of {', '.join(METHODS)}")
+    if method == "bind":
+        return Plan(port, "bind", "none", (), notes, advice=advice)
+    if not diagnosis.listeners and not diagnosis.evidence.wrong_source and not force:
+        raise CtfixError(
+            f"no UDP socket on port {port} and no evidence of wrong-source replies",
+            "check the port (`ctfix explain PORT`), or pass --force to plan anyway",
+        )
+    if method == "policy-route":
+        return _policy_route(diagnosis, notes)
+    if backend not in ("nftables", "iptables-legacy"):
+        raise CtfixError(f"snat-zone needs nftables or iptables-legacy, not {backend}")
+    return _snat_zone(diagnosis, backend, force, notes)
+
+
+def _broken_networks(diagnosis: Diagnosis) -> list[ClientNetwork]:
+    return [cn for cn in diagnosis.clients if not cn.ok]
+
+
+def _addressed(cn: ClientNetwork) -> list[str]:
+    """Local addresses these clients sent to, unmapped, de-duplicated, in order."""
+    seen: list[str] = []
+    for address in cn.addressed:
+        plain = unmap(address)
+        if plain not in seen:
+            seen.append(plain)
+    return seen
+
+
+def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
+    """An address in the client network to ask the route lookup about.
+
+    A client actually seen is best; otherwise the network's last host address, which
+    is rarely a local one (asking about a local address would answer `local`).
+    """
+    net = ipaddress.ip_network(cn.network, strict=False)
+    for reply in diagnosis.evidence.wrong_source:
+        client = unmap(reply.client.rsplit(":", 1)[0].strip("[]"))
+        try:
+            if ipaddress.ip_address(client) in net:
+                return client
+        except ValueError:
+            continue
+    local = {unmap(a) for a in diagnosis.local_addresses}
+    first = net.network_address
+    candidate = net.broadcast_address - 1 if net.num_addresses > 2 else first
+    while str(candidate) in local and candidate != first:
+        candidate = candidate - 1
+    return str(candidate)
+
+
+def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...]) -> Plan:
+    port = diagnosis.port
+    broken = _broken_networks(diagnosis)
+    if not broken:
+        raise CtfixError(
+            f"nothing to route: every known client network of port {port} already gets "
+            "replies from the address it sends to",
+            "see `ctfix explain PORT`; use --method snat-zone to cover clients not seen yet",
+        )
+    table = table_id(port)
+    steps: list[Step] = []
+    checks: list[RouteCheck] = []
+    families: list[str] = []
+    for cn in broken:
+        addressed = _addressed(cn)
+        if len(addressed) != 1:
+            raise CtfixError(
+                f"clients in {cn.network} send to {' and '.join(addressed) or 'no known address'}"
+                ": a route can give their replies only one source",
+                "use --method snat-zone",
+            )
+        if cn.interface is None:
+            raise CtfixError(
+                f"the interface of client network {cn.network} is unknown",
+                "use --method snat-zone",
+            )
+        source = addressed[0]
+        family = _family(source)
+        if _family(cn.network.split("/")[0]) != family:
+            raise CtfixError(f"clients in {cn.network} address {source} of another family")
+        if family not in families:
+            families.append(family)
+        ip = "ip -6" if family == "ipv6" else "ip"
+        where = f"{cn.network} dev {cn.interface} src {source} table {table} proto {RT_PROTO}"
+        steps.append(
+            Step(
+                RouteSpec(family, cn.network, cn.interface, source, table),
+                f"replies to {cn.network} leave from {source}",
+                (f"route {cn.network} dev {cn.interface} src {source} in table {table}",),
+                (f"{ip} route add {where}",),
+                (f"{ip} route del {where}",),
+            )
+        )
+        checks.append(RouteCheck(_probe_address(cn, diagnosis), source))
+    for family in families:
+        ip = "ip -6" if family == "ipv6" else "ip"
+        rule = (
+            f"priority {RULE_PRIORITY} ipproto udp sport {port} lookup {table} "
+            f"protocol {RT_PROTO}"
+        )
+        steps.append(
+            Step(
+                RuleSpec(family, port, table),
+                f"{family} UDP replies from port {port} consult table {table}",
+                (f"{family} rule {RULE_PRIORITY}: ipproto udp sport {port} lookup {table}",),
+                (f"{ip} rule add {rule}",),
+                (f"{ip} rule del {rule}",),
+            )
+        )
+    if any(len(_addressed(cn)) > 1 for cn in diagnosis.clients if cn.ok):
+        notes = (
+            *notes,
+            "some client networks address several local addresses; they are left alone",
+        )
+    return Plan(port, "policy-route", "iproute2", tuple(steps), notes, tuple(checks))
+
+
+def _snat_targets(diagnosis: Diagnosis, force: bool) -> list[str]:
+    """Local addresses whose clients may get replies from another source."""
+    targets: list[str] = []
+    for cn in diagnosis.clients:
+        predicted = unmap(cn.predicted_source) if cn.predicted_source else None
+        for address in _addressed(cn):
+            if address != predicted and address not in targets:
+                targets.append(address)
+    if not targets and force:
+        targets = [unmap(a) for a in diagnosis.local_addresses]
+    usable = []
+    for address in targets:
+        ip = ipaddress.ip_address(address)
+        # Loopback and link-local addresses are not what remote clients address.
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+            usable.append(address)
+    return usable
+
+
+def _snat_zone(
+    diagnosis: Diagnosis, backend: Backend, force: bool, notes: tuple[str, ...]
+) -> Plan:
+    port = diagnosis.port
+    targets = _snat_targets(diagnosis, force)
+    if not targets:
+        raise CtfixError(
+            f"nothing to fix: no client of port {port} is known to address a local address "
+            "other than the one its replies come from",
+            "see `ctfix explain PORT`, or pass --force to cover every local address",
+        )
+    steps = _nft_steps(port, targets) if backend == "nftables" else _ipt_steps(port, targets)
+    return Plan(port, "snat-zone", backend, tuple(steps), notes)
+
+
+# -- nftables ------------------------------------------------------------------------------
+
+_NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
+_NFT_ADDR = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
+
+
+def _nft_set_name(family: str, index: int) -> str:
+    return f"clients{'6' if family == 'ipv6' else '4'}_{index}"
+
+
+def _payload(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _nft_steps(port: int, targets: list[str]) -> list[Step]:
+    table = nft_table_name(port)
+    tag = comment(port)
+    base = {"family": "inet", "table": table}
+    batch: list[dict[str, Any]] = [{"add": {"table": {"family": "inet", "name": table}}}]
+    chains = [
+        ("remember_clients", "filter", "prerouting", -300, "raw"),
+        ("reply_zone", "filter", "output", -300, "raw"),
+        ("reply_snat", "nat", "postrouting", 100, "srcnat"),
+    ]
+    sets_text: list[str] = []
+    rules_text: dict[str, list[str]] = {name: [] for name, *_ in chains}
+    rules_json: list[dict[str, Any]] = []
+    creates = [f"table inet {table}"]
+    indexes = {"ipv4": 0, "ipv6": 0}
+    for address in targets:
+        family = _family(address)
+        index = indexes[family]
+        indexes[family] += 1
+        name = _nft_set_name(family, index)
+        nf = _NFT_FAMILY[family]
+        creates.append(f"set {name}: clients that sent to {endpoint(address, port)}")
+        batch.append(
+            {
+                "add": {
+                    "set": {
+                        **base,
+                        "name": name,
+                        "type": [_NFT_ADDR[family], "inet_service"],
+                        "flags": ["timeout"],
+                        "timeout": CLIENT_TIMEOUT,
+                    }
+                }
+            }
+        )
+        sets_text.append(
+            f"\tset {name} {{\n\t\ttype {_NFT_ADDR[family]} . inet_service\n"
+            f"\t\tflags dynamic,timeout\n\t\ttimeout {CLIENT_TIMEOUT}s\n\t}}\n"
+        )
+        client_key = {"concat": [_payload(nf, "saddr"), _payload("udp", "sport")]}
+        reply_key = {"concat": [_payload(nf, "daddr"), _payload("udp", "dport")]}
+        wrong_source = [
+            _match(_payload(nf, "saddr"), address, "!="),
+            _match(_payload("udp", "sport"), port),
+            _match(reply_key, f"@{name}"),
+        ]
+        snat_to = f"[{address}]:{port}" if family == "ipv6" else f"{address}:{port}"
+        rules = {
+            "remember_clients": (
+                [
+                    _match(_payload(nf, "daddr"), address),
+                    _match(_payload("udp", "dport"), port),
+                    {"set": {"op": "update", "elem": client_key, "set": f"@{name}"}},
+                ],
+                f"{nf} daddr {address} udp dport {port} "
+                f"update @{name} {{ {nf} saddr . udp sport }}",
+            ),
+            "reply_zone": (
+                [*wrong_source, {"mangle": {"key": {"ct": {"key": "zone"}}, "value": CT_ZONE}}],
+                f"{nf} saddr != {address} udp sport {port} {nf} daddr . udp dport @{name} "
+                f"ct zone set {CT_ZONE}",
+            ),
+            "reply_snat": (
+                [*wrong_source, {"snat": {"family": nf, "addr": address, "port": port}}],
+                f"{nf} saddr != {address} udp sport {port} {nf} daddr . udp dport @{name} "
+                f"snat {nf} to {snat_to}",
+            ),
+        }
+        for chain, (expr, text) in rules.items():
+            rules_json.append(
+                {"add": {"rule": {**base, "chain": chain, "expr": expr, "comment": tag}}}
+            )
+            rules_text[chain].append(f'\t\t{text} comment "{tag}"\n')
+    for name, kind, hook, prio, prio_name in chains:
+        batch.append(
+            {
+                "add": {
+                    "chain": {
+                        **base,
+                        "name": name,
+                        "type": kind,
+                        "hook": hook,
+                        "prio": prio,
+                        "policy": "accept",
+                    }
+                }
+            }
+        )
+        creates.append(f"chain {name} ({kind} hook {hook} priority {prio_name})")
+    batch.extend(rules_json)
+    text = f"table inet {table} {{\n" + "".join(sets_text)
+    for name, kind, hook, _prio, prio_name in chains:
+        text += (
+            f"\tchain {name} {{\n\t\ttype {kind} hook {hook} priority {prio_name}; "
+            "policy accept;\n" + "".join(rules_text[name]) + "\t}\n"
+        )
+    text += "}\n"
+    addresses = ", ".join(targets)
+    return [
+        Step(
+            NftTableSpec("inet", table, json.dumps(batch, sort_keys=True), text),
+            f"remember the clients of {addresses}; move port {port}'s replies to them "
+            f"from another source into conntrack zone {CT_ZONE} and SNAT them there",
+            tuple(creates),
+            (f"nft -f - <<'EOF'\n{text}EOF",),
+            (f"nft delete table inet {table}",),
+        )
+    ]
+
+
+# -- iptables-legacy + ipset ------------------------------------------------------------------
+
+
+def _ipt_argv(spec: IptRuleSpec, action: str) -> str:
+    tool = "ip6tables-legacy" if spec.family == "ipv6" else "iptables-legacy"
+    words = [tool, "-w", "-t", spec.table, action, spec.chain, "-p", spec.protocol]
+    for flag, value in (("-s", spec.source), ("-d", spec.destination)):
+        if value:
+            words += ["!", flag, value[1:]] if value.startswith("!") else [flag, value]
+    for ext in spec.matches:
+        words += ["-m", ext.name]
+        for option, value in ext.options:
+            words += [f"--{option}", *_quoted(value)]
+    words += ["-j", spec.target.name]
+    for option, value in spec.target.options:
+        words += [f"--{option}", *_quoted(value)]
+    return " ".join(words)
+
+
+def _quoted(value: str) -> list[str]:
+    return value.split() if value else []
+
+
+def _ipt_steps(port: int, targets: list[str]) -> list[Step]:
+    tag = comment(port)
+    ipsets: list[Step] = []
+    remember: list[Step] = []
+    zone: list[Step] = []
+    snat: list[Step] = []
+    indexes = {"ipv4": 0, "ipv6": 0}
+    for address in targets:
+        family = _family(address)
+        index = indexes[family]
+        indexes[family] += 1
+        name = ipset_name(port, family, index)
+        inet = "inet6" if family == "ipv6" else "inet"
+        ipsets.append(
+            Step(
+                IpsetSpec(name, family),
+                f"a set for the clients (address, port) that send to {address}",
+                (f"ipset {name} (hash:ip,port, {inet}, timeout {CLIENT_TIMEOUT}s)",),
+                (f"ipset create {name} hash:ip,port family {inet} timeout {CLIENT_TIMEOUT}",),
+                (f"ipset destroy {name}",),
+            )
+        )
+        udp = XtExtension("udp", (("dport", str(port)),))
+        udp_reply = XtExtension("udp", (("sport", str(port)),))
+        tagged = XtExtension("comment", (("comment", tag),))
+        in_set = XtExtension("set", (("match-set", f"{name} dst,dst"),))
+        snat_to = f"[{address}]:{port}" if family == "ipv6" else f"{address}:{port}"
+        specs = [
+            (
+                remember,
+                IptRuleSpec(
+                    family,
+                    "raw",
+                    "PREROUTING",
+                    "udp",
+                    None,
+                    address,
+                    (udp, tagged),
+                    XtExtension("SET", (("add-set", f"{name} src,src"), ("exist", ""))),
+                ),
+                f"remember clients that send to {endpoint(address, port)}",
+            ),
+            (
+                zone,
+                IptRuleSpec(
+                    family,
+                    "raw",
+                    "OUTPUT",
+                    "udp",
+                    f"!{address}",
+                    None,
+                    (udp_reply, in_set, tagged),
+                    XtExtension("CT", (("zone", str(CT_ZONE)),)),
+                ),
+                f"replies to them from another source go to conntrack zone {CT_ZONE}",
+            ),
+            (
+                snat,
+                IptRuleSpec(
+                    family,
+                    "nat",
+                    "POSTROUTING",
+                    "udp",
+                    f"!{address}",
+                    None,
+                    (udp_reply, in_set, tagged),
+                    XtExtension("SNAT", (("to-source", snat_to),)),
+                ),
+                f"and leave from {endpoint(address, port)}",
+            ),
+        ]
+        for bucket, spec, summary in specs:
+            where = f"{spec.table} {spec.chain}"
+            bucket.append(
+                Step(
+                    spec,
+                    summary,
+                    (f"{spec.family} {where} rule `{tag}`",),
+                    (_ipt_argv(spec, "-I"),),
+                    (_ipt_argv(spec, "-D"),),
+                )
+            )
+    return ipsets + remember + zone + snat
+
+
+# -- bind advice -------------------------------------------------------------------------
+
+PKTINFO_ADVICE = (
+    "The lasting fix is in the application: answer each datagram from the address it "
+    "was sent to.",
+    "Either bind one socket per local address (and per address added later), or keep "
+    "the wildcard socket and enable IP_PKTINFO / IPV6_RECVPKTINFO: read the destination "
+    "address with recvmsg() and pass it back as the source in sendmsg()'s "
+    "IP_PKTINFO / IPV6_PKTINFO control message.",
+    "`ctfix serve --port PORT` is a reference echo server that does exactly this "
+    "(see ctfix/pktinfo.py).",
+)

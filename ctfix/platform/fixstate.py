@@ -1,0 +1,196 @@
+"""The record of what `ctfix fix` made in one network namespace.
+
+One JSON file per namespace, under /run/ctfix/fix/ (or $CTFIX_STATE_DIR), named by
+the namespace's inode, so `--netns NAME` and `--netns pid:PID` of the same namespace
+share it. /run is right: every object recorded here lives in the kernel and dies
+with a reboot, and so does the record.
+
+Know before changing: the file is written atomically (temp file, fsync, rename,
+fsync of the directory) and a step is recorded as "pending" BEFORE it is applied,
+so after a `kill -9` at any moment the file lists everything that may exist; revert
+removes pending steps too, tolerating their absence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ctfix.core.plan import Plan, Step, step_from_dict, step_to_dict
+from ctfix.errors import CtfixError
+
+DEFAULT_DIR = "/run/ctfix/fix"
+VERSION = 1
+
+StepStatus = Literal["pending", "done"]
+
+
+def state_dir() -> str:
+    return os.environ.get("CTFIX_STATE_DIR") or DEFAULT_DIR
+
+
+def namespace_key(ns_path: str = "/proc/thread-self/ns/net") -> str:
+    """`netns-<inode>` of the namespace the calling thread is in (or of ns_path)."""
+    st = os.stat(ns_path)
+    return f"netns-{st.st_ino}"
+
+
+@dataclass
+class RecordedStep:
+    step: Step
+    status: StepStatus
+
+
+@dataclass
+class RecordedFix:
+    port: int
+    method: str
+    backend: str
+    started: float
+    complete: bool
+    steps: list[RecordedStep] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. legacy tables it loaded
+
+    def same_plan(self, plan: Plan) -> bool:
+        return (
+            self.method == plan.method
+            and self.backend == plan.backend
+            and [r.step for r in self.steps] == list(plan.steps)
+        )
+
+
+@dataclass
+class FixState:
+    """Every fix recorded for one namespace; `save()` after each change."""
+
+    path: str
+    netns: str
+    fixes: dict[int, RecordedFix] = field(default_factory=dict)
+
+    # -- persistence ---------------------------------------------------------------
+
+    @classmethod
+    def load(cls, netns_label: str, key: str | None = None) -> FixState:
+        path = os.path.join(state_dir(), f"{key or namespace_key()}.json")
+        try:
+            with open(path) as fh:
+                raw = json.load(fh)
+        except FileNotFoundError:
+            return cls(path, netns_label)
+        except (OSError, ValueError) as err:
+            raise CtfixError(
+                f"cannot read the fix state file {path}: {err}",
+                "inspect it; remove it only once the objects it lists are gone",
+            ) from None
+        if raw.get("version") != VERSION:
+            raise CtfixError(f"{path}: state file version {raw.get('version')} not understood")
+        state = cls(path, str(raw.get("netns") or netns_label))
+        for port_text, fix in raw.get("fixes", {}).items():
+            try:
+                state.fixes[int(port_text)] = RecordedFix(
+                    port=int(port_text),
+                    method=str(fix["method"]),
+                    backend=str(fix["backend"]),
+                    started=float(fix["started"]),
+                    complete=bool(fix["complete"]),
+                    notes=[str(n) for n in fix.get("notes", [])],
+                    steps=[
+                        RecordedStep(step_from_dict(s["step"]), s["status"])
+                        for s in fix["steps"]
+                    ],
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                raise CtfixError(f"{path}: unreadable fix for port {port_text} ({err})") from None
+        return state
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "netns": self.netns,
+            "fixes": {
+                str(port): {
+                    "method": fix.method,
+                    "backend": fix.backend,
+                    "started": fix.started,
+                    "complete": fix.complete,
+                    "notes": fix.notes,
+                    "steps": [
+                        {"status": r.status, "step": step_to_dict(r.step)} for r in fix.steps
+                    ],
+                }
+                for port, fix in sorted(self.fixes.items())
+            },
+        }
+
+    def save(self) -> None:
+        """Write atomically; with no fix left, remove the file."""
+        directory = os.path.dirname(self.path)
+        if not self.fixes:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+                _fsync_dir(directory)
+            return
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+        except OSError as err:
+            raise CtfixError(f"cannot write the fix state in {directory}: {err.strerror}") from None
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.to_json(), fh, indent=1, sort_keys=True)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    # -- recording -----------------------------------------------------------------
+
+    def begin(self, plan: Plan) -> RecordedFix:
+        fix = RecordedFix(plan.port, plan.method, plan.backend, time.time(), complete=False)
+        self.fixes[plan.port] = fix
+        self.save()
+        return fix
+
+    def record_pending(self, fix: RecordedFix, step: Step) -> RecordedStep:
+        recorded = RecordedStep(step, "pending")
+        fix.steps.append(recorded)
+        self.save()
+        return recorded
+
+    def mark_done(self, recorded: RecordedStep) -> None:
+        recorded.status = "done"
+        self.save()
+
+    def drop_step(self, fix: RecordedFix, recorded: RecordedStep) -> None:
+        """The step's objects are gone (undone, or never made): stop listing it."""
+        fix.steps.remove(recorded)
+        self.save()
+
+    def finish(self, fix: RecordedFix) -> None:
+        fix.complete = True
+        self.save()
+
+    def forget(self, port: int) -> None:
+        self.fixes.pop(port, None)
+        self.save()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,333 @@
+"""Apply a `ctfix.core.plan.Plan` all-or-nothing, check it, revert it, report it.
+
+Works in the network namespace the process is in (the command enters `--netns`
+first). Backends: policy routing (pyroute2), nftables (one table of ctfix's own, one
+atomic batch) and iptables-legacy (python-iptables) plus ipset.
+
+Know before changing: the order inside `apply_plan` is the crash-safety contract:
+record the step as pending in the state file, THEN change the kernel, then mark it
+done. Revert walks the record backwards and removes each object only if it is there,
+so it is correct after a failure, a `kill -9` at any point, or a second revert.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ctfix.core.plan import (
+    IpsetSpec,
+    NftTableSpec,
+    Plan,
+    RouteSpec,
+    RuleSpec,
+    Spec,
+    Step,
+)
+from ctfix.errors import CtfixError, MissingFeatureError
+from ctfix.platform import iptables_legacy
+from ctfix.platform.fixstate import FixState, RecordedFix
+
+#: Test hook: seconds to sleep after recording each step as pending, before applying
+#: it, so a test can `kill -9` the process in the middle of an apply.
+PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
+#: tables `ctfix fix` makes (`ctfix_lab` is the lab's own, a real user of netfilter).
+_OWN_TABLE = re.compile(r"ctfix_\d+")
+
+
+# -- dispatch per kind of step ------------------------------------------------------------
+
+
+def create(spec: Spec) -> None:
+    if isinstance(spec, RouteSpec):
+        from ctfix.platform.remedy import iproute
+
+        iproute.create_route(spec)
+    elif isinstance(spec, RuleSpec):
+        from ctfix.platform.remedy import iproute
+
+        iproute.create_rule(spec)
+    elif isinstance(spec, NftTableSpec):
+        from ctfix.platform.remedy import nftables
+
+        nftables.create_table(spec)
+    elif isinstance(spec, IpsetSpec):
+        from ctfix.platform.remedy import legacy
+
+        legacy.create_ipset(spec)
+    else:
+        from ctfix.platform.remedy import legacy
+
+        legacy.create_rule(spec)
+
+
+def remove(spec: Spec) -> bool:
+    """Remove the object if it exists; False when it was not there."""
+    if isinstance(spec, RouteSpec):
+        from ctfix.platform.remedy import iproute
+
+        return iproute.remove_route(spec)
+    if isinstance(spec, RuleSpec):
+        from ctfix.platform.remedy import iproute
+
+        return iproute.remove_rule(spec)
+    if isinstance(spec, NftTableSpec):
+        from ctfix.platform.remedy import nftables
+
+        return nftables.remove_table(spec)
+    if isinstance(spec, IpsetSpec):
+        from ctfix.platform.remedy import legacy
+
+        return legacy.remove_ipset(spec)
+    from ctfix.platform.remedy import legacy
+
+    return legacy.remove_rule(spec)
+
+
+def present(spec: Spec) -> bool:
+    if isinstance(spec, RouteSpec):
+        from ctfix.platform.remedy import iproute
+
+        return iproute.route_present(spec)
+    if isinstance(spec, RuleSpec):
+        from ctfix.platform.remedy import iproute
+
+        return iproute.rule_present(spec)
+    if isinstance(spec, NftTableSpec):
+        from ctfix.platform.remedy import nftables
+
+        return nftables.table_present(spec)
+    if isinstance(spec, IpsetSpec):
+        from ctfix.platform.remedy import legacy
+
+        return legacy.ipset_present(spec)
+    from ctfix.platform.remedy import legacy
+
+    return legacy.rule_present(spec)
+
+
+# -- backend choice -----------------------------------------------------------------------
+
+
+def choose_backend(override: str | None) -> tuple[str, str]:
+    """(backend, why) for snat-zone: the one the namespace already uses."""
+    if override:
+        return override, f"--backend {override}"
+    nft_tables, nft_nat = _nft_usage()
+    legacy_rules = legacy_nat = False
+    if iptables_legacy.in_use():
+        from ctfix.platform.remedy import legacy
+
+        legacy_rules = legacy.rules_present()
+        legacy_nat = legacy_rules and legacy.nat_rules_present()
+    if legacy_rules and not nft_tables:
+        return "iptables-legacy", "only iptables-legacy tables hold rules in this namespace"
+    if legacy_rules and nft_tables:
+        if legacy_nat and not nft_nat:
+            return (
+                "iptables-legacy",
+                "both nftables and iptables-legacy hold rules; the NAT rules are in "
+                "iptables-legacy",
+            )
+        return (
+            "nftables",
+            "both nftables and iptables-legacy hold rules; "
+            + ("the NAT rules are in nftables" if nft_nat else "preferring nftables"),
+        )
+    if nft_tables:
+        return "nftables", "the namespace's rules are in nftables"
+    return "nftables", "the namespace holds no netfilter rules"
+
+
+def _nft_usage() -> tuple[bool, bool]:
+    """(has tables other than ctfix's, has a nat chain other than ctfix's)."""
+    from ctfix.platform import nft
+
+    try:
+        objects = nft.ruleset()
+    except MissingFeatureError:
+        return False, False
+    tables = nat = False
+    for obj in objects:
+        table = obj.get("table")
+        if table and not _OWN_TABLE.fullmatch(str(table.get("name", ""))):
+            tables = True
+        chain = obj.get("chain")
+        if chain and not _OWN_TABLE.fullmatch(str(chain.get("table", ""))):
+            nat = nat or chain.get("type") == "nat"
+    return tables, nat
+
+
+# -- apply / verify / revert --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    already: bool  # the same fix was in place: nothing changed
+    checks: tuple[str, ...]  # what was verified, for the user
+    notes: tuple[str, ...] = ()
+
+
+def apply_plan(plan: Plan, state: FixState, verify: Callable[[Plan], list[str]]) -> ApplyResult:
+    """Apply every step or none; `verify` returns problems (empty list = fine)."""
+    existing = state.fixes.get(plan.port)
+    if existing is not None:
+        if existing.complete and existing.same_plan(plan):
+            missing = [
+                f"{r.step.summary}: not in the kernel"
+                for r in existing.steps
+                if not present(r.step.spec)
+            ]
+            problems = missing or verify(plan)
+            if not problems:
+                return ApplyResult(True, tuple(checked_lines(plan)), tuple(existing.notes))
+            raise CtfixError(
+                f"the recorded fix for port {plan.port} is no longer whole in the kernel "
+                f"({problems[0]})",
+                f"run `ctfix fix --revert {plan.port}` and apply again",
+            )
+        what = "an interrupted apply" if not existing.complete else f"a {existing.method} fix"
+        raise CtfixError(
+            f"port {plan.port} already has {what} recorded in this namespace",
+            f"run `ctfix fix --revert {plan.port}` first (`ctfix fix --status` shows it)",
+        )
+    legacy_before = _legacy_tables()
+    fix = state.begin(plan)
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
+    try:
+        for step in plan.steps:
+            recorded = state.record_pending(fix, step)
+            if pause:
+                time.sleep(pause)
+            create(step.spec)
+            state.mark_done(recorded)
+        problems = verify(plan)
+        if problems:
+            raise CtfixError(f"the fix did not take: {problems[0]}", "nothing was left applied")
+    except BaseException as err:
+        removed, failures = _undo(state, fix)
+        if isinstance(err, CtfixError):
+            err.message += (
+                f" (rolled back {len(removed)} step(s) already made; nothing changed)"
+                if not failures
+                else f" (rollback incomplete: {failures[0]}; run `ctfix fix --revert "
+                f"{plan.port}`)"
+            )
+        raise
+    fix.notes = list(_legacy_notes(legacy_before))
+    state.finish(fix)
+    return ApplyResult(False, tuple(checked_lines(plan)), tuple(fix.notes))
+
+
+def _undo(state: FixState, fix: RecordedFix) -> tuple[list[str], list[str]]:
+    """Remove the fix's recorded objects, last first; (removed, failures).
+
+    A step whose removal fails stays recorded (and so does the fix), so that a later
+    `--revert` can retry it; the others are still removed.
+    """
+    removed: list[str] = []
+    failures: list[str] = []
+    for recorded in reversed(list(fix.steps)):
+        try:
+            if remove(recorded.step.spec):
+                removed.append("; ".join(recorded.step.creates))
+        except CtfixError as err:
+            failures.append(f"{recorded.step.summary}: {err.one_line()}")
+            continue
+        state.drop_step(fix, recorded)
+    if not failures:
+        state.forget(fix.port)
+    else:
+        fix.complete = False
+        state.save()
+    return removed, failures
+
+
+def revert(state: FixState, port: int | None) -> list[str]:
+    """Undo the recorded fix for port (or every fix); lines saying what was removed."""
+    ports = [port] if port is not None else sorted(state.fixes)
+    if port is not None and port not in state.fixes:
+        raise CtfixError(
+            f"no ctfix fix is recorded for port {port} in this namespace",
+            "`ctfix fix --status` lists what is recorded",
+        )
+    lines: list[str] = []
+    failures: list[str] = []
+    for p in ports:
+        fix = state.fixes[p]
+        recorded = list(fix.steps)
+        removed, failed = _undo(state, fix)
+        lines.append(
+            f"port {p}: removed {len(removed)} of {len(recorded)} recorded step(s)"
+            + (" (the others were not in the kernel)" if len(removed) < len(recorded) else "")
+        )
+        lines.extend(f"  removed {what}" for what in removed)
+        lines.extend(f"  note: {note}" for note in fix.notes)
+        failures.extend(failed)
+    if failures:
+        raise CtfixError(
+            f"could not remove everything: {failures[0]}",
+            "it stays recorded; fix the cause and run --revert again",
+        )
+    return lines
+
+
+def _legacy_tables() -> dict[str, set[str]]:
+    return {f: set(iptables_legacy.loaded_tables(f)) for f in ("ipv4", "ipv6")}
+
+
+def _legacy_notes(before: dict[str, set[str]]) -> tuple[str, ...]:
+    created = [
+        f"{'ip6tables' if family == 'ipv6' else 'iptables'} {name}"
+        for family, names in _legacy_tables().items()
+        for name in sorted(names - before[family])
+    ]
+    if not created:
+        return ()
+    return (
+        f"this loaded the iptables-legacy table(s) {', '.join(created)}; the kernel "
+        "cannot unload a legacy table from a live namespace, so after --revert they "
+        "stay, empty, with ACCEPT policies",
+    )
+
+
+def verify_plan(plan: Plan) -> list[str]:
+    """What is wrong after apply (empty: every object is loaded, every lookup right)."""
+    problems = [f"{s.summary}: not in the kernel" for s in plan.steps if not present(s.spec)]
+    if problems:
+        return problems
+    for check in plan.checks:
+        source = _reply_source(check.destination, plan.port)
+        if source != check.source:
+            problems.append(
+                f"a reply from port {plan.port} to {check.destination} would leave from "
+                f"{source or 'nowhere'}, not {check.source}"
+            )
+    return problems
+
+
+def checked_lines(plan: Plan) -> list[str]:
+    lines = [
+        f"route lookup: a reply from UDP port {plan.port} to {c.destination} now leaves "
+        f"from {c.source}"
+        for c in plan.checks
+    ]
+    lines.append(f"all {len(plan.steps)} step(s) present in the kernel")
+    return lines
+
+
+def _reply_source(destination: str, port: int) -> str | None:
+    from ctfix.platform import routing
+
+    return routing.reply_source(destination, port).source
+
+
+def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, str, bool]]]]:
+    """For each recorded fix: (fix, [(step, recorded status, present in the kernel)])."""
+    return [
+        (fix, [(r.step, r.status, present(r.step.spec)) for r in fix.steps])
+        for _port, fix in sorted(state.fixes.items())
+    ]

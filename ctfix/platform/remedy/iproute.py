@@ -1,0 +1,151 @@
+"""Policy routing steps (routes in ctfix's table, `ip rule`s) through pyroute2.
+
+Know before changing: everything made here carries protocol 199 (`proto 199`), and
+removal matches on it, so a route or rule somebody else added to the same table or
+priority is never touched. Works in the calling thread's namespace.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any
+
+from ctfix.core.plan import RouteSpec, RuleSpec
+from ctfix.errors import CtfixError, PrivilegeError
+
+_AF = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+_ABSENT = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def _netlink_error(err: Exception) -> int | None:
+    code = getattr(err, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def _raise(err: Exception, what: str) -> None:
+    code = _netlink_error(err)
+    if code == errno.EPERM:
+        raise PrivilegeError(what) from None
+    if code in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+        raise CtfixError(f"{what}: the kernel does not support it ({err})") from None
+    raise CtfixError(f"{what} failed: {err}") from None
+
+
+def _route_args(spec: RouteSpec, oif: int | None) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "family": _AF[spec.family],
+        "dst": spec.network,
+        "prefsrc": spec.source,
+        "table": spec.table,
+        "proto": spec.protocol,
+    }
+    if oif is not None:
+        args["oif"] = oif
+    return args
+
+
+def _ifindex(ipr: Any, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def create_route(spec: RouteSpec) -> None:
+    what = f"adding route {spec.network} src {spec.source} to table {spec.table}"
+    with _iproute() as ipr:
+        oif = _ifindex(ipr, spec.interface)
+        if oif is None:
+            raise CtfixError(f"{what}: interface {spec.interface} does not exist")
+        try:
+            ipr.route("add", **_route_args(spec, oif))
+        except Exception as err:
+            if _netlink_error(err) == errno.EEXIST:
+                raise CtfixError(
+                    f"{what}: table {spec.table} already has a route to {spec.network}",
+                    f"inspect `ip route show table {spec.table}`",
+                ) from None
+            _raise(err, what)
+
+
+def route_present(spec: RouteSpec) -> bool:
+    with _iproute() as ipr:
+        for route in ipr.route("dump", family=_AF[spec.family], table=spec.table):
+            dst = route.get("dst")
+            network = f"{dst}/{route['dst_len']}" if dst else None
+            if (
+                network == spec.network
+                and route.get("proto") == spec.protocol
+                and route.get("prefsrc") == spec.source
+                and route.get_attr("RTA_TABLE") == spec.table
+            ):
+                return True
+    return False
+
+
+def remove_route(spec: RouteSpec) -> bool:
+    """Delete the route if it is there; False when it was not."""
+    if not route_present(spec):
+        return False
+    with _iproute() as ipr:
+        try:
+            ipr.route("del", **_route_args(spec, None))
+        except Exception as err:
+            if _netlink_error(err) in _ABSENT:
+                return False
+            _raise(err, f"removing route {spec.network} from table {spec.table}")
+    return True
+
+
+def _rule_args(spec: RuleSpec) -> dict[str, Any]:
+    return {
+        "family": _AF[spec.family],
+        "priority": spec.priority,
+        "table": spec.table,
+        "ip_proto": socket.IPPROTO_UDP,
+        "sport_range": f"{spec.port}:{spec.port}",
+        "protocol": spec.protocol,
+    }
+
+
+def rule_present(spec: RuleSpec) -> bool:
+    with _iproute() as ipr:
+        for rule in ipr.get_rules(family=_AF[spec.family]):
+            if (
+                rule.get("priority") == spec.priority
+                and rule.get_attr("FRA_TABLE") == spec.table
+                and rule.get("protocol") == spec.protocol
+                and rule.get("ip_proto") == socket.IPPROTO_UDP
+                and rule.get("sport_range") == f"{spec.port}:{spec.port}"
+            ):
+                return True
+    return False
+
+
+def create_rule(spec: RuleSpec) -> None:
+    what = f"adding {spec.family} rule `ipproto udp sport {spec.port} lookup {spec.table}`"
+    if rule_present(spec):
+        raise CtfixError(f"{what}: it exists already", "see `ip rule` and `ctfix fix --status`")
+    with _iproute() as ipr:
+        try:
+            ipr.rule("add", **_rule_args(spec))
+        except Exception as err:
+            _raise(err, what)
+
+
+def remove_rule(spec: RuleSpec) -> bool:
+    if not rule_present(spec):
+        return False
+    with _iproute() as ipr:
+        try:
+            ipr.rule("del", **_rule_args(spec))
+        except Exception as err:
+            if _netlink_error(err) in _ABSENT:
+                return False
+            _raise(err, f"removing the {spec.family} rule for port {spec.port}")
+    return True

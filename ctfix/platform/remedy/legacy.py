@@ -1,0 +1,272 @@
+"""The snat-zone fix in iptables-legacy (python-iptables) and ipset (the `ipset` tool).
+
+Know before changing, three traps measured on this kernel:
+- python-iptables creates any legacy table it opens, and probes (opens) every table
+  when it resolves a target name; each operation therefore declares which tables
+  exist first (`existing_table_names`), like ctfix/platform/netfilter_read.py.
+- libxtables keeps one protocol's extensions per process (after IPv4's SNAT is
+  loaded, IPv6's cannot be): every libiptc operation runs in a forked child, which
+  inherits the namespace the command entered.
+- The kernel cannot unload a legacy table from a live namespace: when the fix needs
+  `raw` (for the CT zone) and `raw` was not loaded, an empty `raw` table (ACCEPT
+  policies) remains after revert. `tables_created()` tells the caller, who says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ctfix.core.plan import IpsetSpec, IptRuleSpec
+from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
+from ctfix.platform import iptables_legacy
+
+T = TypeVar("T")
+
+
+# -- ipset ---------------------------------------------------------------------------
+
+
+def _ipset(*argv: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("ipset") is None:
+        raise MissingFeatureError(
+            "the `ipset` tool is not installed", "apt-get install ipset (or run scripts/setup)"
+        )
+    return subprocess.run(["ipset", *argv], capture_output=True, text=True, check=False)
+
+
+def ipset_names() -> list[str]:
+    proc = _ipset("list", "-n")
+    if proc.returncode != 0:
+        _ipset_error(proc, "listing ipsets")
+    return proc.stdout.split()
+
+
+def _ipset_error(proc: subprocess.CompletedProcess[str], what: str) -> None:
+    message = (proc.stderr or proc.stdout).strip().splitlines()
+    detail = message[-1] if message else f"status {proc.returncode}"
+    if "not permitted" in detail:
+        raise PrivilegeError(what)
+    if "Kernel error received" in detail or "not supported" in detail:
+        raise MissingFeatureError(f"{what}: {detail} (the kernel lacks ip_set support)")
+    raise CtfixError(f"{what} failed: {detail}")
+
+
+def ipset_present(spec: IpsetSpec) -> bool:
+    return spec.name in ipset_names()
+
+
+def create_ipset(spec: IpsetSpec) -> None:
+    what = f"creating ipset {spec.name}"
+    if ipset_present(spec):
+        raise CtfixError(f"{what}: it exists already", "see `ipset list -n`")
+    family = "inet6" if spec.family == "ipv6" else "inet"
+    proc = _ipset(
+        "create", spec.name, spec.set_type, "family", family, "timeout", str(spec.timeout)
+    )
+    if proc.returncode != 0:
+        _ipset_error(proc, what)
+
+
+def remove_ipset(spec: IpsetSpec) -> bool:
+    if not ipset_present(spec):
+        return False
+    proc = _ipset("destroy", spec.name)
+    if proc.returncode != 0:
+        _ipset_error(proc, f"destroying ipset {spec.name}")
+    return True
+
+
+# -- iptables-legacy (in a child per operation) ------------------------------------------
+
+
+def _in_child(function: Callable[..., T], *args: Any) -> T:
+    """Run function(*args) in a forked child; return its result or re-raise its error."""
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's code
+        status = 0
+        try:
+            os.close(readable)
+            try:
+                outcome: tuple[str, Any] = ("ok", function(*args))
+            except CtfixError as err:
+                outcome = ("error", err)
+            except Exception as err:
+                outcome = ("error", CtfixError(f"{type(err).__name__}: {err}"))
+            with os.fdopen(writable, "wb") as out:
+                pickle.dump(outcome, out)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as inp:
+        data = inp.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise CtfixError("an iptables-legacy operation died without an answer")
+    kind, value = pickle.loads(data)
+    if kind != "ok":
+        raise value
+    result: T = value
+    return result
+
+
+def _iptc(family: str, creating: str | None = None) -> tuple[Any, Any, Any]:
+    """(module, Table class, Rule class) with the table list declared to python-iptables."""
+    try:
+        import iptc
+    except ImportError:
+        raise MissingFeatureError(
+            "python-iptables is not installed", "pip install python-iptables (or run scripts/setup)"
+        ) from None
+    table_class: Any = iptc.Table6 if family == "ipv6" else iptc.Table
+    rule_class: Any = iptc.Rule6 if family == "ipv6" else iptc.Rule
+    loaded = set(iptables_legacy.loaded_tables(family))
+    if creating:
+        loaded.add(creating)
+    table_class.existing_table_names.clear()
+    table_class.existing_table_names.update({name: name in loaded for name in table_class.ALL})
+    return iptc, table_class, rule_class
+
+
+def _build(spec: IptRuleSpec, rule_class: Any) -> Any:
+    rule = rule_class()
+    rule.protocol = spec.protocol
+    if spec.source:
+        rule.src = spec.source
+    if spec.destination:
+        rule.dst = spec.destination
+    for ext in spec.matches:
+        match = rule.create_match(ext.name)
+        for option, value in ext.options:
+            match.set_parameter(option, value.split() if " " in value else value)
+    target = rule.create_target(spec.target.name)
+    for option, value in spec.target.options:
+        target.set_parameter(option, value.split() if " " in value else value)
+    return rule
+
+
+def _signature(rule: Any) -> tuple[Any, ...]:
+    """What iptables-save would print for the rule, as a comparable value.
+
+    python-iptables' own `==` compares raw target buffers, which differ between a
+    freshly parsed SNAT and the kernel's copy; the extensions' save output does not.
+    """
+    ip = rule.get_ip()
+
+    def saved(part: Any) -> str:
+        raw = part._get_saved_buf(ip)
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
+        return text.strip()
+
+    target = rule.target
+    return (
+        rule.src,
+        rule.dst,
+        rule.protocol,
+        tuple((m.name, saved(m)) for m in rule.matches),
+        target.name if target is not None else "",
+        saved(target) if target is not None and target.name else "",
+    )
+
+
+def _find(spec: IptRuleSpec) -> bool:
+    if spec.table not in iptables_legacy.loaded_tables(spec.family):
+        return False
+    _iptc_module, table_class, rule_class = _iptc(spec.family)
+    table = table_class(spec.table, autocommit=False)
+    table.refresh()
+    wanted = _signature(_build(spec, rule_class))
+    for chain in table.chains:
+        if chain.name == spec.chain:
+            return any(_signature(rule) == wanted for rule in chain.rules)
+    return False
+
+
+def _insert(spec: IptRuleSpec) -> None:
+    iptc, table_class, rule_class = _iptc(spec.family, creating=spec.table)
+    rule = _build(spec, rule_class)
+    table = table_class(spec.table, autocommit=False)
+    table.refresh()
+    chain = iptc.Chain(table, spec.chain)
+    try:
+        chain.insert_rule(rule)
+        table.commit()
+    except iptc.IPTCError as err:
+        text = str(err)
+        if "Permission" in text or "not permitted" in text:
+            raise PrivilegeError("changing iptables-legacy rules") from None
+        if "No chain/target/match" in text or "Protocol not available" in text:
+            raise MissingFeatureError(
+                f"iptables-legacy refused `-j {spec.target.name}` or `-m set`: {text} "
+                "(the kernel lacks xt_CT, xt_set or NAT support)"
+            ) from None
+        raise CtfixError(
+            f"adding an iptables-legacy rule to {spec.table} {spec.chain}: {text}"
+        ) from None
+
+
+def _delete(spec: IptRuleSpec) -> bool:
+    if spec.table not in iptables_legacy.loaded_tables(spec.family):
+        return False
+    _module, table_class, rule_class = _iptc(spec.family)
+    table = table_class(spec.table, autocommit=False)
+    table.refresh()
+    wanted = _signature(_build(spec, rule_class))
+    for chain in table.chains:
+        if chain.name != spec.chain:
+            continue
+        for rule in chain.rules:
+            if _signature(rule) == wanted:
+                chain.delete_rule(rule)
+                table.commit()
+                return True
+    return False
+
+
+def rule_present(spec: IptRuleSpec) -> bool:
+    return _in_child(_find, spec)
+
+
+def create_rule(spec: IptRuleSpec) -> None:
+    if rule_present(spec):
+        raise CtfixError(
+            f"the iptables-legacy rule `{spec.table} {spec.chain} ... {spec.target.name}` "
+            "exists already",
+            "see `ctfix fix --status`",
+        )
+    _in_child(_insert, spec)
+
+
+def remove_rule(spec: IptRuleSpec) -> bool:
+    return _in_child(_delete, spec)
+
+
+def rules_present() -> bool:
+    """True when a loaded legacy table (v4 or v6) holds any rule or user chain."""
+    return any(_in_child(_holds_rules, family) for family in ("ipv4", "ipv6")
+               if iptables_legacy.loaded_tables(family))
+
+
+def nat_rules_present() -> bool:
+    return any(_in_child(_holds_rules, family, "nat") for family in ("ipv4", "ipv6")
+               if "nat" in iptables_legacy.loaded_tables(family))
+
+
+def _holds_rules(family: str, only: str | None = None) -> bool:
+    _iptc_module, table_class, _rule = _iptc(family)
+    for name in iptables_legacy.loaded_tables(family):
+        if (only and name != only) or name not in table_class.ALL:
+            continue
+        table = table_class(name, autocommit=False)
+        table.refresh()
+        for chain in table.chains:
+            if not table.builtin_chain(chain.name) or chain.rules:
+                return True
+    return False
