@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ctfix.core.decode import CtEntry
 from ctfix.core.model import Listener, WrongSourceReply
 
 
@@ -67,23 +68,6 @@ class RouteChoice:
 
 
 @dataclass(frozen=True, slots=True)
-class ConntrackFlow:
-    """One conntrack entry that involves the port, as orig and reply tuples."""
-
-    family: str
-    orig_src: str
-    orig_dst: str
-    orig_sport: int
-    orig_dport: int
-    reply_src: str
-    reply_dst: str
-    reply_sport: int
-    reply_dport: int
-    replied: bool  # the kernel saw traffic in the reply direction (SEEN_REPLY)
-    zone: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class NetfilterRule:
     """A netfilter rule that mentions the port, with what it does to packets.
 
@@ -118,11 +102,14 @@ class Snapshot:
     policy_rules: tuple[PolicyRule, ...] = ()
     # One entry per destination asked: seen clients and a probe in each network.
     route_choices: tuple[RouteChoice, ...] = ()
-    flows: tuple[ConntrackFlow, ...] = ()
+    # Conntrack entries of the port: requests to it (orig dport) and flows it started
+    # (orig sport: its wrong-source replies), as ctfix.platform.conntrack.dump gives.
+    flows: tuple[CtEntry, ...] = ()
     conntrack_error: str | None = None  # why there is no conntrack evidence, if so
     netfilter: tuple[NetfilterRule, ...] = ()
     netfilter_errors: tuple[str, ...] = ()
     # Wrong-source replies reported live (`--listen`) by the watch detector.
     live_findings: tuple[WrongSourceReply, ...] = ()
     listened_seconds: float = 0.0
+    # The destination asked for each client network (diagnose.probe_destinations).
     probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address

@@ -1,0 +1,664 @@
+"""Snapshot (+ knowledge base) -> Diagnosis: verdict, reasons, evidence, fixes. Pure.
+
+Definitions (the contract of `ctfix explain`; keep this docstring in step with them):
+
+* A *serving* socket is an unconnected UDP socket on the port. It serves IPv4 if it
+  is AF_INET, or AF_INET6 without v6only and bound to `::`; IPv6 if AF_INET6.
+  A *connected* socket on the port (netcat connect()s to its first client) serves
+  only its peer; it is listed, and named in the reasons, but serves no network.
+* A wildcard socket is *exposed* unless the knowledge base says its program answers
+  from the request's destination (`affected` is False, matched by process name or
+  command line, not by port alone) or it is ctfix's own `ctfix serve`.
+* *Client networks*, per family served: the networks of the clients seen in the
+  conntrack table for the port (the directly connected network that contains the
+  client, else its /24 or /64); when none is seen for a family, each directly
+  connected network of that family (loopback and link-local left out).
+* *Addressed*: for a seen network, the local addresses its clients sent to. For an
+  assumed network: every global local address of the family when an exposed
+  wildcard socket serves it (a client on a connected network can reach any local
+  address: the host routes between its own addresses), else the specifically bound
+  addresses.
+* *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
+  PORT` for a client in the network (a seen client, else a probe address in it).
+* A network is *ok* when each address it addresses would be answered from that
+  address: it is the predicted source, or a socket is bound to it specifically, or
+  no serving socket of the family is exposed.
+* Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
+  reply; else `at-risk` when some client network is not ok; else `ok`.
+
+Know before changing: this module only reads the Snapshot; anything it needs from the
+system must be collected by ctfix.platform.snapshot first (which asks
+`probe_destinations` what to look up), so the analysis stays testable by hand.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ctfix.core.addr import endpoint, family_name, unmap
+from ctfix.core.decode import CtEntry
+from ctfix.core.model import (
+    ClientNetwork,
+    Diagnosis,
+    Evidence,
+    Fix,
+    Listener,
+    RuleHit,
+    Verdict,
+    WrongSourceReply,
+)
+from ctfix.core.snapshot import LocalAddress, NetfilterRule, RouteChoice, Snapshot
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import KnowledgeBase, ServiceRule
+
+UDP = 17
+MAIN_TABLE = 254
+
+# -- what cannot work, and why (shown with each rule, and in the runbook) --------------
+
+PROBLEM_SNAT_REPLY = (
+    "SNAT/MASQUERADE of the reply cannot work alone: the rewritten reply has the same "
+    "tuple as the request's conntrack entry, so it is dropped when its entry is "
+    "confirmed (conntrack -S: insert_failed rises) and the server's sendto() fails "
+    "with EPERM. It needs the reply in another conntrack zone first (snat-zone)."
+)
+PROBLEM_NOTRACK = (
+    "NOTRACK takes the port's packets out of connection tracking: no NAT can rewrite "
+    "untracked replies, and conntrack-based tools (ctfix watch) see nothing."
+)
+PROBLEM_DNAT_REPLY = (
+    "DNAT/REDIRECT on the reply path changes where the reply goes, not the source "
+    "address it leaves with: the client still sees the wrong source."
+)
+PROBLEM_ZONE_ALONE = (
+    "a conntrack zone alone changes nothing on the wire: the reply still leaves from "
+    "the routing source. It only helps together with an SNAT of the zoned replies "
+    "(snat-zone)."
+)
+PROBLEM_SNAT_REQUEST = (
+    "SNAT/MASQUERADE of the requests changes the address the server sees as the "
+    "client, not the source it answers from."
+)
+PROBLEM_DROP_REPLY = "drops the server's replies from the port."
+
+_NAT_SOURCE = frozenset({"snat", "masquerade"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    client: str
+    client_port: int
+    addressed: str
+    family: str
+    replied: bool
+
+
+# -- helpers shared with the platform's collector ---------------------------------------
+
+
+def usable_addresses(addresses: Iterable[LocalAddress], family: str) -> list[str]:
+    """Global local addresses of a family: what remote clients can address."""
+    found: list[str] = []
+    for addr in addresses:
+        if addr.family != family or addr.loopback or addr.scope not in ("global", "site"):
+            continue
+        if ipaddress.ip_address(addr.address).is_link_local:
+            continue
+        if addr.address not in found:
+            found.append(addr.address)
+    return found
+
+
+def connected_networks(addresses: Iterable[LocalAddress]) -> list[tuple[str, str, str]]:
+    """(network, interface, family) of each directly connected, non-loopback network."""
+    found: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for addr in addresses:
+        if addr.loopback or addr.scope not in ("global", "site"):
+            continue
+        if ipaddress.ip_address(addr.address).is_link_local:
+            continue
+        if addr.network not in seen:
+            seen.add(addr.network)
+            found.append((addr.network, addr.interface, addr.family))
+    return found
+
+
+def _requests(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[_Request]:
+    requests = []
+    for entry in flows:
+        orig = entry.orig
+        if orig.proto != UDP or orig.dport != port:
+            continue
+        client = unmap(orig.src)
+        if client in local or ipaddress.ip_address(client).is_loopback:
+            continue  # the host's own clients are answered from what they addressed
+        requests.append(
+            _Request(client, orig.sport, unmap(orig.dst), family_name(client), entry.seen_reply)
+        )
+    return requests
+
+
+def _network_of(client: str, connected: Sequence[tuple[str, str, str]]) -> tuple[str, str | None]:
+    ip = ipaddress.ip_address(client)
+    for network, interface, _family in connected:
+        net = ipaddress.ip_network(network)
+        if ip.version == net.version and ip in net:
+            return network, interface
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)), None
+
+
+def _probe_in(network: str, local: set[str]) -> str:
+    """An address in the network that is not local (a local one would answer `local`)."""
+    net = ipaddress.ip_network(network)
+    first = int(net.network_address)
+    candidate = int(net.broadcast_address) - 1 if net.num_addresses > 2 else first
+
+    def text(value: int) -> str:
+        return str(
+            ipaddress.IPv4Address(value) if net.version == 4 else ipaddress.IPv6Address(value)
+        )
+
+    while text(candidate) in local and candidate > first:
+        candidate -= 1
+    return text(candidate)
+
+
+def probe_destinations(
+    port: int, addresses: Sequence[LocalAddress], flows: Iterable[CtEntry]
+) -> dict[str, str]:
+    """network -> the destination to ask the route lookup about.
+
+    Every network explain may show: those of the clients seen for the port (a seen
+    client) and every directly connected network (a probe address in it).
+    """
+    local = {a.address for a in addresses}
+    connected = connected_networks(addresses)
+    probes: dict[str, str] = {}
+    for request in _requests(flows, port, local):
+        network, _iface = _network_of(request.client, connected)
+        probes.setdefault(network, request.client)
+    for network, _iface, _family in connected:
+        probes.setdefault(network, _probe_in(network, local))
+    return probes
+
+
+# -- the analysis -----------------------------------------------------------------------
+
+
+def _is_ctfix_serve(listener: Listener) -> bool:
+    words = [w.rsplit("/", 1)[-1] for w in listener.cmdline]
+    return "serve" in words and any(w in ("ctfix", "ctfix.cli", "-mctfix") for w in words)
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    rule: ServiceRule | None
+    port_only: bool
+    correct: bool  # answers from the request's destination even on a wildcard
+    label: str | None
+
+
+def _recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> _Known:
+    if _is_ctfix_serve(listener):
+        return _Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
+    if kb is None:
+        return _Known(None, False, False, None)
+    match = kb.match(listener.process, listener.cmdline, port)
+    if match is None:
+        return _Known(None, False, False, None)
+    verdict = match.rule.affected(listener.family, listener.cmdline)
+    correct = verdict is False and not match.port_only
+    return _Known(match.rule, match.port_only, correct, match.rule.name)
+
+
+def _serves(listener: Listener) -> tuple[str, ...]:
+    if listener.state != "listening":
+        return ()
+    if listener.family == "ipv4":
+        return ("ipv4",)
+    if listener.address == "::" and not listener.v6only:
+        return ("ipv4", "ipv6")
+    if listener.address.startswith("::ffff:"):
+        return ("ipv4",)
+    return ("ipv6",)
+
+
+def _who(listener: Listener) -> str:
+    name = listener.process or "an unknown process"
+    pid = f" (pid {listener.pid})" if listener.pid is not None else ""
+    unit = f" in {listener.unit}" if listener.unit else ""
+    return f"{name}{pid}{unit}"
+
+
+def _bind_text(listener: Listener) -> str:
+    where = endpoint(listener.address, listener.port)
+    if listener.address == "0.0.0.0":
+        return f"{where} (every IPv4 address)"
+    if listener.address == "::":
+        scope = "every IPv6 address" if listener.v6only else "every IPv6 and IPv4 address"
+        return f"[::]:{listener.port} ({scope})"
+    return where
+
+
+def _evidence(snapshot: Snapshot, requests: list[_Request], local: set[str]) -> Evidence:
+    from ctfix.core.detect import Detector
+
+    detector = Detector(local_addresses=frozenset(local))
+    detector.resync(list(snapshot.flows), now=0.0)
+    merged: dict[tuple[str, str, str], WrongSourceReply] = {}
+    for finding in detector.findings.values():
+        merged[(finding.service, finding.actual_source, finding.client)] = WrongSourceReply(
+            client=finding.client,
+            service=finding.service,
+            expected_source=finding.expected_source,
+            actual_source=finding.actual_source,
+            mismatch=finding.mismatch,
+            count=finding.count,
+        )
+    for live in snapshot.live_findings:
+        merged.setdefault((live.service, live.actual_source, live.client), live)
+    wrong = tuple(sorted(merged.values(), key=lambda w: (w.service, w.actual_source, w.client)))
+    wrong_clients = {w.client for w in wrong}
+    unanswered = sum(
+        1
+        for r in requests
+        if not r.replied and endpoint(r.client, r.client_port) not in wrong_clients
+    )
+    return Evidence(
+        wrong_source=wrong,
+        healthy=sum(1 for r in requests if r.replied),
+        unanswered=unanswered,
+    )
+
+
+def rule_problem(rule: NetfilterRule, ruleset: Sequence[NetfilterRule]) -> str | None:
+    """Why a rule that mentions the port cannot fix wrong-source replies (None: fine)."""
+    same_backend = [r for r in ruleset if r.backend == rule.backend]
+    zoned = any("zone" in r.actions and r.matches_sport for r in same_backend)
+    snatted = any(
+        r.actions & _NAT_SOURCE and (r.matches_sport or r.matches_mark or r.to_port)
+        for r in same_backend
+    )
+    if "notrack" in rule.actions:
+        return PROBLEM_NOTRACK
+    if rule.actions & _NAT_SOURCE:
+        if rule.matches_sport or (rule.to_port and not rule.matches_dport):
+            return None if zoned else PROBLEM_SNAT_REPLY
+        if rule.matches_dport:
+            return PROBLEM_SNAT_REQUEST
+    if rule.actions & {"dnat", "redirect"} and rule.matches_sport:
+        return PROBLEM_DNAT_REPLY
+    if "zone" in rule.actions and rule.matches_sport and not snatted:
+        return PROBLEM_ZONE_ALONE
+    if rule.actions & {"drop", "reject"} and rule.matches_sport:
+        return PROBLEM_DROP_REPLY
+    return None
+
+
+def _choice_for(snapshot: Snapshot, network: str) -> RouteChoice | None:
+    probe = snapshot.probes.get(network)
+    for choice in snapshot.route_choices:
+        if choice.destination == probe:
+            return choice
+    return None
+
+
+def _clients(
+    snapshot: Snapshot,
+    requests: list[_Request],
+    serving: dict[str, list[Listener]],
+    exposed: dict[str, bool],
+) -> list[ClientNetwork]:
+    connected = connected_networks(snapshot.addresses)
+    result: list[ClientNetwork] = []
+    for family in ("ipv4", "ipv6"):
+        listeners = serving.get(family)
+        if not listeners:
+            continue
+        wildcard = any(_wild_for(listener, family) for listener in listeners)
+        specific = {
+            unmap(listener.address) for listener in listeners if not _wild_for(listener, family)
+        }
+        seen: dict[str, list[str]] = {}
+        interfaces: dict[str, str | None] = {}
+        for request in requests:
+            if request.family != family:
+                continue
+            network, iface = _network_of(request.client, connected)
+            addressed = seen.setdefault(network, [])
+            interfaces[network] = iface
+            if request.addressed not in addressed:
+                addressed.append(request.addressed)
+        if seen:
+            networks = [(net, interfaces[net], sorted(addr), True) for net, addr in seen.items()]
+        else:
+            assumed = (
+                usable_addresses(snapshot.addresses, family)
+                if wildcard and exposed.get(family)
+                else sorted(a for a in specific if not ipaddress.ip_address(a).is_loopback)
+            )
+            if wildcard and not exposed.get(family) and not assumed:
+                assumed = usable_addresses(snapshot.addresses, family)
+            networks = [
+                (net, iface, assumed, False) for net, iface, fam in connected if fam == family
+            ]
+        for network, iface, addressed, was_seen in networks:
+            choice = _choice_for(snapshot, network)
+            if wildcard:
+                predicted = choice.source if choice is not None else None
+            elif len(specific) == 1:
+                predicted = next(iter(specific))
+            else:
+                predicted = None
+            ok = all(not exposed.get(family) or a == predicted or a in specific for a in addressed)
+            result.append(
+                ClientNetwork(
+                    network=network,
+                    addressed=tuple(addressed),
+                    predicted_source=predicted,
+                    ok=ok,
+                    interface=iface or (choice.interface if choice else None),
+                    seen=was_seen,
+                )
+            )
+    result.extend(_connected_peers(snapshot, requests, result))
+    return result
+
+
+def _connected_peers(
+    snapshot: Snapshot, requests: list[_Request], known: list[ClientNetwork]
+) -> list[ClientNetwork]:
+    """Networks served only by a connect()ed socket (netcat after its first datagram).
+
+    Its replies leave from its local address, which the kernel fixed at connect() by
+    routing: the peer's network is affected if the peer sent to another address.
+    """
+    connected = connected_networks(snapshot.addresses)
+    covered = {cn.network for cn in known}
+    found: list[ClientNetwork] = []
+    for listener in snapshot.listeners:
+        if listener.state != "connected" or not listener.peer:
+            continue
+        peer = unmap(listener.peer.rsplit(":", 1)[0].strip("[]"))
+        network, iface = _network_of(peer, connected)
+        if network in covered:
+            continue
+        covered.add(network)
+        source = unmap(listener.address)
+        addressed = sorted({r.addressed for r in requests if r.client == peer}) or [source]
+        found.append(
+            ClientNetwork(
+                network=network,
+                addressed=tuple(addressed),
+                predicted_source=source,
+                ok=all(a == source for a in addressed),
+                interface=iface,
+                seen=True,
+            )
+        )
+    return found
+
+
+def _wild_for(listener: Listener, family: str) -> bool:
+    return listener.wildcard or (family == "ipv4" and listener.address == "::ffff:0.0.0.0")
+
+
+def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
+    """Judge the snapshot: see the module docstring for every definition used."""
+    port = snapshot.port
+    local = {a.address for a in snapshot.addresses}
+    requests = _requests(snapshot.flows, port, local)
+    evidence = _evidence(snapshot, requests, local)
+    reasons: list[str] = []
+
+    known = {id(listener): _recognise(listener, kb, port) for listener in snapshot.listeners}
+    serving: dict[str, list[Listener]] = {}
+    for listener in snapshot.listeners:
+        for family in _serves(listener):
+            serving.setdefault(family, []).append(listener)
+    exposed = {
+        family: any(_wild_for(lst, family) and not known[id(lst)].correct for lst in listeners)
+        for family, listeners in serving.items()
+    }
+    clients = _clients(snapshot, requests, serving, exposed)
+
+    # Who is on the port.
+    if not snapshot.listeners:
+        reasons.append(f"Nothing is bound to UDP port {port} in this namespace.")
+    for listener in snapshot.listeners:
+        info = known[id(listener)]
+        if listener.state == "connected":
+            reasons.append(
+                f"{_who(listener)} has a socket on {endpoint(listener.address, port)} "
+                f"connect()ed to {listener.peer}: it accepts datagrams from that peer only "
+                "(netcat does this after its first datagram); other clients get ICMP port "
+                "unreachable."
+            )
+            continue
+        line = f"{_who(listener)} listens on {_bind_text(listener)}"
+        if listener.wildcard and info.correct:
+            line += (
+                f"; it is {info.label}, which answers from the address each request was sent to."
+            )
+        elif listener.wildcard:
+            line += (
+                ": it does not choose the source of its replies, so the kernel picks it by "
+                "routing toward the client, whatever address the client sent to."
+            )
+            if info.rule is not None:
+                hedge = "probably " if info.port_only else ""
+                affected_now = info.rule.affected(listener.family, listener.cmdline)
+                line += f" It is {hedge}{info.label}" + (
+                    " (affected in this configuration)."
+                    if affected_now
+                    else " (affected or not depending on its configuration)."
+                )
+        else:
+            line += ": replies always leave from the bound address."
+        reasons.append(line)
+
+    # What the evidence shows.
+    for wrong in evidence.wrong_source:
+        times = f" ({wrong.count} times)" if wrong.count > 1 else ""
+        reasons.append(
+            f"Conntrack shows wrong-source replies{times}: client {wrong.client} sent to "
+            f"{wrong.service}, the reply left from {wrong.actual_source}; a connect()ed "
+            "client drops it and answers ICMP port unreachable."
+        )
+    if snapshot.listened_seconds and not snapshot.live_findings:
+        reasons.append(
+            f"No wrong-source reply was seen during {snapshot.listened_seconds:g} s of listening."
+        )
+
+    # Which client networks are exposed.
+    for cn in clients:
+        if cn.ok:
+            continue
+        others = [a for a in cn.addressed if a != cn.predicted_source]
+        how = "send to" if cn.seen else "may send to"
+        source = cn.predicted_source or "an address routing picks"
+        reasons.append(
+            f"Clients in {cn.network} {how} {', '.join(cn.addressed)}; replies to them leave "
+            f"from {source}, so those that address {', '.join(others)} get no answer."
+        )
+        choice = _choice_for(snapshot, cn.network)
+        if choice is not None and choice.table not in (None, MAIN_TABLE):
+            policy = [r.text for r in snapshot.policy_rules if r.matches_reply_from(port)]
+            if policy:
+                reasons.append(
+                    f"The policy rule `{policy[0]}` sends these replies through table "
+                    f"{choice.table}: right for clients of {source}, wrong for clients "
+                    f"of {', '.join(others)}."
+                )
+    if (
+        not evidence.wrong_source
+        and any(exposed.values())
+        and clients
+        and all(cn.ok for cn in clients)
+        and any(cn.seen for cn in clients)
+    ):
+        reasons.append(
+            "Every client seen so far addressed the address its replies come from; a client "
+            "that sends to another local address would not get an answer."
+        )
+
+    rules = tuple(
+        RuleHit(
+            backend=r.backend,
+            table=f"{r.family} {r.table}" if r.backend == "nftables" else r.table,
+            chain=r.chain,
+            rule=r.rule,
+            problem=rule_problem(r, snapshot.netfilter),
+        )
+        for r in snapshot.netfilter
+    )
+    doomed = [r for r in rules if r.problem]
+    if doomed:
+        reasons.append(
+            f"{len(doomed)} netfilter rule{'s' if len(doomed) > 1 else ''} on the port cannot "
+            "fix this (see the rules and their problems)."
+        )
+    if snapshot.conntrack_error:
+        reasons.append(f"No conntrack evidence: {snapshot.conntrack_error}.")
+
+    verdict: Verdict
+    if evidence.wrong_source:
+        verdict = "broken"
+    elif any(not cn.ok for cn in clients):
+        verdict = "at-risk"
+    else:
+        verdict = "ok"
+
+    recognised = [known[id(lst)] for lst in snapshot.listeners if known[id(lst)].rule]
+    service_rule = recognised[0].rule if recognised else None
+    fixes = _fixes(port, verdict, clients, service_rule, rules) if verdict != "ok" else ()
+    return Diagnosis(
+        port=port,
+        netns=snapshot.netns,
+        verdict=verdict,
+        reasons=tuple(reasons),
+        listeners=snapshot.listeners,
+        clients=tuple(clients),
+        evidence=evidence,
+        rules=rules,
+        fixes=fixes,
+        local_addresses=tuple(
+            a.address for a in snapshot.addresses if not a.loopback and a.scope != "link"
+        ),
+        service=service_rule.name if service_rule else None,
+    )
+
+
+# -- the fixes --------------------------------------------------------------------------
+
+
+def _fixes(
+    port: int,
+    verdict: Verdict,
+    clients: Sequence[ClientNetwork],
+    service: ServiceRule | None,
+    rules: Sequence[RuleHit],
+) -> tuple[Fix, ...]:
+    affected = [cn for cn in clients if not cn.ok]
+    mixed = [cn for cn in affected if len(cn.addressed) > 1]
+    single = bool(affected) and not mixed
+    unseen = [cn for cn in affected if not cn.seen]
+    notrack = any(r.problem == PROBLEM_NOTRACK for r in rules)
+    fixes: list[Fix] = [
+        Fix(
+            method="pktinfo",
+            summary="Make the server answer from the address each request was sent to "
+            "(IP_PKTINFO / IPV6_RECVPKTINFO).",
+            detail="The root-cause fix, in the application: read each request's "
+            "destination address with recvmsg() and IP_PKTINFO (IPV6_RECVPKTINFO for "
+            "IPv6) and pass it back in sendmsg(). `ctfix serve --port "
+            f"{port}` is a reference server that does this; its library is "
+            "ctfix/pktinfo.py and docs/pktinfo.md explains it. Trade-off: a code change "
+            "in the server; nothing to maintain on the host afterwards.",
+            recommended=service is None,
+        )
+    ]
+    if service is not None:
+        snippet = f"\n{service.snippet.rstrip()}" if service.snippet else ""
+        reference = f"\nReference: {service.reference}" if service.reference else ""
+        fixes.append(
+            Fix(
+                method="bind",
+                summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
+                detail=f"{service.why.strip()}\n{service.fix.strip()}{snippet}{reference}",
+                recommended=True,
+            )
+        )
+    else:
+        fixes.append(
+            Fix(
+                method="bind",
+                summary="Bind the service to the address(es) clients use instead of the wildcard.",
+                detail="A socket bound to one address always replies from it: run one "
+                "socket per local address that clients use (or the single address they "
+                f"should use). `ctfix fix {port} --method bind` prints the steps. "
+                "Trade-off: an address added later needs a new socket (a restart), and "
+                "the program must support several binds.",
+            )
+        )
+    if single and not unseen:
+        routes = "; ".join(f"{cn.network} from {cn.addressed[0]}" for cn in affected)
+        fixes.append(
+            Fix(
+                method="policy-route",
+                summary="Route the port's replies from the one address each client network "
+                f"uses ({routes}).",
+                detail="A policy rule `ip rule add ipproto udp sport "
+                f"{port} table T` with routes `ip route add NETWORK dev IF src ADDRESS "
+                "table T` makes the kernel choose the address clients use, with no change "
+                "to the server and no per-flow state. Right only when each client network "
+                "addresses one local address, as seen here. `ctfix fix "
+                f"{port} --method policy-route` shows the plan; add --apply, undo with "
+                "--revert.",
+                recommended=True,
+            )
+        )
+    else:
+        why_not = (
+            f"clients in {mixed[0].network} address {' and '.join(mixed[0].addressed)}"
+            if mixed
+            else "it is not known which single address each client network uses"
+        )
+        fixes.append(
+            Fix(
+                method="policy-route",
+                summary=f"Not right here: {why_not}.",
+                detail="Policy routing by source port gives all replies to a network one "
+                "source address: it fixes the clients of that address and breaks the "
+                "clients of every other one. Use it only when each client network "
+                "addresses exactly one local address.",
+            )
+        )
+    fixes.append(
+        Fix(
+            method="snat-zone",
+            summary="Rewrite wrong-source replies in netfilter, for mixed addressing.",
+            detail="Remember each client (address, port) as its request arrives, move "
+            "the server's reply to it into another conntrack zone, then SNAT it to the "
+            "address the client sent to. The zone is what makes it work: an SNAT alone "
+            "collides with the request's entry and is dropped. Works for clients of "
+            "every address at once, with the server unchanged. Trade-off: a set entry "
+            "and a conntrack entry per client, and rules to keep. `ctfix fix "
+            f"{port} --method snat-zone` shows the plan; --apply, --status, --revert."
+            + (
+                " Remove the NOTRACK rule on the port first: NAT needs conntrack."
+                if notrack
+                else ""
+            ),
+            recommended=not single or bool(unseen),
+        )
+    )
+    if verdict == "ok":
+        return ()
+    return tuple(fixes)

@@ -1,0 +1,112 @@
+"""Collect one Snapshot of a UDP port: sockets, addresses, routes, conntrack, rules.
+
+Read-only: every call here only asks the kernel (netlink dumps and lookups, /proc,
+the nftables ruleset, iptables-legacy tables that already exist).
+
+Know before changing: everything reads the calling thread's network namespace, so
+the command enters the namespace (`ctfix.commands.common.enter_netns`) before this
+runs; and conntrack is asked with kernel-side filters (orig dport = port, then
+orig sport = port), so a table of 250k entries costs a filtered walk, not a copy.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+
+from ctfix.core.decode import CtEntry
+from ctfix.core.diagnose import probe_destinations
+from ctfix.core.model import Listener, WrongSourceReply
+from ctfix.core.snapshot import RouteChoice, Snapshot
+from ctfix.errors import CtfixError
+from ctfix.platform import netfilter_read, routing, sockdiag
+
+
+def conntrack_flows(port: int) -> list[CtEntry]:
+    """Requests to the port and flows the port started (its replies), both families."""
+    from ctfix.platform import conntrack
+
+    flows = list(conntrack.dump(proto=17, port=port))
+    flows.extend(conntrack.dump(proto=17, sport=port))
+    return flows
+
+
+def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
+    """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
+    from ctfix.core.detect import Detector
+    from ctfix.platform import conntrack
+
+    detector = Detector(local_addresses=local)
+    events = conntrack.EventSocket()
+    try:
+        detector.resync(conntrack_flows(port), now=time.time())
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([events], [], [], min(left, 0.5))
+            if not readable:
+                continue
+            try:
+                batch = events.read()
+            except conntrack.Overflow:
+                detector.resync(conntrack_flows(port), now=time.time())
+                continue
+            now = time.time()
+            for event in batch:
+                detector.feed(event, now)
+    finally:
+        events.close()
+    return [
+        WrongSourceReply(
+            client=f.client,
+            service=f.service,
+            expected_source=f.expected_source,
+            actual_source=f.actual_source,
+            mismatch=f.mismatch,
+            count=f.count,
+        )
+        for f in detector.findings.values()
+        if f.service.endswith(f":{port}")
+    ]
+
+
+def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
+    """Everything explain needs about the port, from the current namespace."""
+    addresses = routing.local_addresses()
+    local = frozenset(a.address for a in addresses)
+    live: list[WrongSourceReply] = []
+    if listen_seconds > 0:
+        live = listen(port, listen_seconds, local)
+
+    owned = sockdiag.listeners(port)
+    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
+    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
+    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
+
+    flows: list[CtEntry] = []
+    conntrack_error: str | None = None
+    try:
+        flows = conntrack_flows(port)
+    except CtfixError as err:
+        conntrack_error = err.one_line()
+
+    probes = probe_destinations(port, addresses, flows)
+    choices: list[RouteChoice] = [
+        routing.reply_source(destination, port, uid=uid) for destination in probes.values()
+    ]
+    netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
+    return Snapshot(
+        port=port,
+        netns=netns,
+        listeners=listeners,
+        addresses=tuple(addresses),
+        routes=tuple(routing.routes()),
+        policy_rules=tuple(routing.policy_rules()),
+        route_choices=tuple(choices),
+        flows=tuple(flows),
+        conntrack_error=conntrack_error,
+        netfilter=tuple(netfilter),
+        netfilter_errors=tuple(netfilter_errors),
+        live_findings=tuple(live),
+        listened_seconds=listen_seconds,
+        probes=probes,
+    )

@@ -1,0 +1,272 @@
+"""`ctfix explain` output: a short expert write-up (text), the same for incident
+documents (markdown), and JSON with stable keys.
+
+Know before changing: the JSON keys are a contract (issue: port, netns, verdict,
+reasons[], listeners[], clients[], evidence, rules[], fixes[]); add keys, never rename
+or remove one. Text and markdown are for people: say what happens, why, the
+evidence, and the fixes with their trade-offs, in that order.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from typing import Any
+
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.render.style import Style
+
+WHY = (
+    "A UDP server that answers with sendto() on a socket bound to the wildcard (0.0.0.0 "
+    "or ::) does not say which source address the reply should have; the kernel picks "
+    "one by routing toward the client. On a host with several addresses, a client that "
+    "sent to another local address gets the reply from an address it never talked to: "
+    "a connect()ed client (resolvers, most UDP clients) drops it, and its kernel answers "
+    "ICMP port unreachable."
+)
+
+_VERDICT_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN"}
+_VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broken": ("red", "bold")}
+
+
+def to_json_obj(d: Diagnosis) -> dict[str, Any]:
+    """The stable JSON shape of a diagnosis."""
+    return {
+        "port": d.port,
+        "netns": d.netns,
+        "verdict": d.verdict,
+        "reasons": list(d.reasons),
+        "service": d.service,
+        "listeners": [
+            {
+                "pid": lst.pid,
+                "process": lst.process,
+                "address": lst.address,
+                "port": lst.port,
+                "family": lst.family,
+                "state": lst.state,
+                "wildcard": lst.wildcard,
+                "v6only": lst.v6only,
+                "peer": lst.peer,
+                "cmdline": list(lst.cmdline),
+                "unit": lst.unit,
+            }
+            for lst in d.listeners
+        ],
+        "clients": [
+            {
+                "network": cn.network,
+                "addressed": list(cn.addressed),
+                "predicted_source": cn.predicted_source,
+                "ok": cn.ok,
+                "interface": cn.interface,
+                "seen": cn.seen,
+            }
+            for cn in d.clients
+        ],
+        "evidence": {
+            "wrong_source": [
+                {
+                    "client": w.client,
+                    "service": w.service,
+                    "expected_source": w.expected_source,
+                    "actual_source": w.actual_source,
+                    "mismatch": w.mismatch,
+                    "count": w.count,
+                }
+                for w in d.evidence.wrong_source
+            ],
+            "healthy": d.evidence.healthy,
+            "unanswered": d.evidence.unanswered,
+        },
+        "rules": [
+            {
+                "backend": r.backend,
+                "table": r.table,
+                "chain": r.chain,
+                "rule": r.rule,
+                "problem": r.problem,
+            }
+            for r in d.rules
+        ],
+        "fixes": [
+            {
+                "method": f.method,
+                "summary": f.summary,
+                "detail": f.detail,
+                "recommended": f.recommended,
+            }
+            for f in d.fixes
+        ],
+        "local_addresses": list(d.local_addresses),
+    }
+
+
+def render_json(d: Diagnosis) -> str:
+    return json.dumps(to_json_obj(d), indent=2) + "\n"
+
+
+def _listener_line(lst: Listener) -> str:
+    who = lst.process or "?"
+    pid = f"pid {lst.pid}" if lst.pid is not None else "owner unknown"
+    address = f"[{lst.address}]" if ":" in lst.address else lst.address
+    where = f"{address}:{lst.port}"
+    extra = []
+    if lst.family == "ipv6" and lst.address == "::":
+        extra.append("v6only" if lst.v6only else "dual-stack")
+    if lst.peer:
+        extra.append(f"connected to {lst.peer}")
+    if lst.unit:
+        extra.append(lst.unit)
+    tail = f" ({', '.join(extra)})" if extra else ""
+    return f"{who} ({pid}) {lst.state} on {where}{tail}"
+
+
+def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
+    addressed = ", ".join(cn.addressed) or "-"
+    origin = "seen" if cn.seen else "assumed"
+    wrong = [a for a in cn.addressed if a != cn.predicted_source]
+    if cn.ok:
+        status = "ok"
+    elif wrong:
+        status = f"wrong for {', '.join(wrong)}"
+    else:
+        status = "at risk"
+    return (
+        cn.network,
+        cn.interface or "-",
+        f"{addressed} ({origin})",
+        cn.predicted_source or "-",
+        status,
+    )
+
+
+def _wrap(text: str, indent: str, width: int = 88) -> str:
+    return "\n".join(
+        textwrap.fill(
+            paragraph,
+            width=width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        if paragraph.strip()
+        else ""
+        for paragraph in text.splitlines()
+    )
+
+
+def render_text(d: Diagnosis, style: Style | None = None) -> str:
+    s = style or Style(False)
+    verdict = s(_VERDICT_WORDS[d.verdict], *_VERDICT_STYLE[d.verdict])
+    out = [f"UDP port {d.port} in namespace {d.netns}: {verdict}", ""]
+
+    out.append(s("What happens", "bold"))
+    for reason in d.reasons:
+        out.append(_wrap(reason, "  ").replace("  ", "- ", 1))
+    if d.verdict != "ok":
+        out += ["", s("Why", "bold"), _wrap(WHY, "  ")]
+
+    out += ["", s("Sockets on the port", "bold")]
+    out += [f"  {_listener_line(lst)}" for lst in d.listeners] or ["  none"]
+
+    if d.clients:
+        out += [
+            "",
+            s(
+                "Client networks (reply source from `ip route get CLIENT ipproto udp "
+                f"sport {d.port}`)",
+                "bold",
+            ),
+        ]
+        rows = [("network", "via", "clients send to", "reply from", "")]
+        rows += [_client_cells(cn) for cn in d.clients]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for index, row in enumerate(rows):
+            cells = [row[i].ljust(widths[i]) for i in range(4)]
+            line = "  " + "  ".join(cells) + "  " + row[4]
+            if index and row[4] != "ok":
+                line = "  " + "  ".join(cells) + "  " + s(row[4], "red")
+            out.append(line.rstrip())
+
+    ev = d.evidence
+    out += ["", s("Evidence (conntrack, this port)", "bold")]
+    if ev.wrong_source:
+        for w in ev.wrong_source:
+            times = f", {w.count}x" if w.count > 1 else ""
+            out.append(
+                f"  {s('wrong source', 'red')}: {w.client} -> {w.service}, reply from "
+                f"{w.actual_source} ({w.mismatch} mismatch{times})"
+            )
+    else:
+        out.append("  no wrong-source replies in the table")
+    out.append(f"  replied flows: {ev.healthy}; requests without any reply: {ev.unanswered}")
+
+    if d.rules:
+        out += ["", s("Netfilter rules on the port", "bold")]
+        for r in d.rules:
+            out.append(f"  {r.backend} {r.table} {r.chain}: {r.rule}")
+            if r.problem:
+                out.append(_wrap(f"cannot help: {r.problem}", "      "))
+
+    if d.fixes:
+        out += ["", s("How to fix it", "bold")]
+        for fix in sorted(d.fixes, key=lambda f: not f.recommended):
+            mark = s("recommended", "green") + " " if fix.recommended else ""
+            out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  "))
+            out.append(_wrap(fix.detail, "      "))
+        out += ["", "  Runbook: docs/runbooks/udp-wrong-source.md; live view: ctfix watch"]
+    return "\n".join(out) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(d: Diagnosis) -> str:
+    out = [f"## UDP port {d.port} (namespace `{d.netns}`): **{_VERDICT_WORDS[d.verdict]}**", ""]
+    out += ["### What happens", ""]
+    out += [f"- {reason}" for reason in d.reasons]
+    if d.verdict != "ok":
+        out += ["", "### Why", "", WHY]
+    out += ["", "### Sockets on the port", ""]
+    out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
+    if d.clients:
+        out += [
+            "",
+            "### Client networks",
+            "",
+            f"Reply source as `ip route get CLIENT ipproto udp sport {d.port}` predicts it.",
+            "",
+            "| network | via | clients send to | reply from | |",
+            "|---|---|---|---|---|",
+        ]
+        for cn in d.clients:
+            cells = _client_cells(cn)
+            out.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    ev = d.evidence
+    out += ["", "### Evidence (conntrack)", ""]
+    for w in ev.wrong_source:
+        out.append(
+            f"- wrong source: `{w.client}` -> `{w.service}`, reply from `{w.actual_source}` "
+            f"({w.mismatch} mismatch, {w.count}x)"
+        )
+    if not ev.wrong_source:
+        out.append("- no wrong-source replies in the table")
+    out.append(f"- replied flows: {ev.healthy}; requests without any reply: {ev.unanswered}")
+    if d.rules:
+        out += ["", "### Netfilter rules on the port", ""]
+        for r in d.rules:
+            out.append(f"- {r.backend} `{r.table}` `{r.chain}`: `{r.rule}`")
+            if r.problem:
+                out.append(f"  - **cannot help**: {r.problem}")
+    if d.fixes:
+        out += ["", "### How to fix it", ""]
+        for fix in sorted(d.fixes, key=lambda f: not f.recommended):
+            rec = " *(recommended)*" if fix.recommended else ""
+            out.append(f"- **{fix.method}**{rec}: {fix.summary}")
+            detail = fix.detail.strip().splitlines()
+            out += [f"  {line}" if line.strip() else "" for line in detail]
+        out += ["", "Runbook: `docs/runbooks/udp-wrong-source.md`."]
+    return "\n".join(out) + "\n"
