@@ -1,0 +1,191 @@
+"""The fix planner: plans are data, compared as data (no kernel, no mocks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctfix.core.model import ClientNetwork, Diagnosis, Evidence, Listener, WrongSourceReply
+from ctfix.core.plan import (
+    CT_ZONE,
+    IpsetSpec,
+    IptRuleSpec,
+    NftTableSpec,
+    RouteCheck,
+    RouteSpec,
+    RuleSpec,
+    make_plan,
+    step_from_dict,
+    step_to_dict,
+    table_id,
+)
+from ctfix.errors import CtfixError
+
+PORT = 56789
+WILDCARD = Listener("0.0.0.0", PORT, "ipv4", "listening", pid=42, process="socat")
+
+
+def diagnosis(*clients: ClientNetwork, listeners: tuple[Listener, ...] = (WILDCARD,)) -> Diagnosis:
+    return Diagnosis(
+        port=PORT,
+        netns="host",
+        verdict="broken",
+        reasons=(),
+        listeners=listeners,
+        clients=clients,
+        local_addresses=("192.0.2.1", "198.51.100.13", "2001:db8:1::1", "2001:db8:2::13"),
+    )
+
+
+UPLINK_ONLY = ClientNetwork("192.0.2.0/24", ("198.51.100.13",), "192.0.2.1", False, "br0", True)
+UPLINK_ONLY_V6 = ClientNetwork(
+    "2001:db8:1::/64", ("2001:db8:2::13",), "2001:db8:1::1", False, "br0", True
+)
+MIXED = ClientNetwork(
+    "192.0.2.0/24", ("198.51.100.13", "192.0.2.1"), "192.0.2.1", False, "br0", True
+)
+HEALTHY_UPSTREAM = ClientNetwork(
+    "198.51.100.0/24", ("198.51.100.13",), "198.51.100.13", True, "eth0", True
+)
+
+
+def test_policy_route_one_route_per_broken_network_then_one_rule_per_family() -> None:
+    plan = make_plan(diagnosis(UPLINK_ONLY, UPLINK_ONLY_V6, HEALTHY_UPSTREAM), "policy-route")
+    table = table_id(PORT)
+    assert [s.spec for s in plan.steps] == [
+        RouteSpec("ipv4", "192.0.2.0/24", "br0", "198.51.100.13", table),
+        RouteSpec("ipv6", "2001:db8:1::/64", "br0", "2001:db8:2::13", table),
+        RuleSpec("ipv4", PORT, table),
+        RuleSpec("ipv6", PORT, table),
+    ]
+    assert plan.steps[0].commands == (
+        f"ip route add 192.0.2.0/24 dev br0 src 198.51.100.13 table {table} proto 199",
+    )
+    assert plan.steps[3].commands == (
+        f"ip -6 rule add priority 32100 ipproto udp sport {PORT} lookup {table} protocol 199",
+    )
+    # The check asks about an address inside the network that is not a local one.
+    assert plan.checks == (
+        RouteCheck("192.0.2.254", "198.51.100.13"),
+        RouteCheck("2001:db8:1:0:ffff:ffff:ffff:fffe", "2001:db8:2::13"),
+    )
+
+
+def test_policy_route_checks_a_client_that_was_actually_seen() -> None:
+    seen = Diagnosis(
+        port=PORT,
+        netns="host",
+        verdict="broken",
+        reasons=(),
+        listeners=(WILDCARD,),
+        clients=(UPLINK_ONLY,),
+        evidence=Evidence(
+            (WrongSourceReply("192.0.2.3:40000", "198.51.100.13:56789", "198.51.100.13",
+                              "192.0.2.1", "address"),)
+        ),
+    )
+    assert make_plan(seen, "policy-route").checks == (RouteCheck("192.0.2.3", "198.51.100.13"),)
+
+
+def test_policy_route_refuses_a_network_that_addresses_several_local_addresses() -> None:
+    with pytest.raises(CtfixError) as err:
+        make_plan(diagnosis(MIXED), "policy-route")
+    assert "192.0.2.0/24" in err.value.message
+    assert "198.51.100.13 and 192.0.2.1" in err.value.message
+    assert err.value.hint == "use --method snat-zone"
+
+
+def test_policy_route_refuses_when_nothing_is_broken() -> None:
+    with pytest.raises(CtfixError, match="nothing to route"):
+        make_plan(diagnosis(HEALTHY_UPSTREAM), "policy-route")
+
+
+def test_no_socket_and_no_evidence_is_refused_unless_forced() -> None:
+    quiet = diagnosis(UPLINK_ONLY, listeners=())
+    with pytest.raises(CtfixError, match="no UDP socket on port 56789"):
+        make_plan(quiet, "snat-zone")
+    assert make_plan(quiet, "snat-zone", force=True).steps
+
+
+def test_snat_zone_nftables_is_one_atomic_table_for_both_families() -> None:
+    plan = make_plan(diagnosis(MIXED, UPLINK_ONLY_V6), "snat-zone", "nftables")
+    assert plan.backend == "nftables"
+    [step] = plan.steps
+    spec = step.spec
+    assert isinstance(spec, NftTableSpec)
+    assert (spec.family, spec.name) == ("inet", "ctfix_56789")
+    assert step.undo == ("nft delete table inet ctfix_56789",)
+    # Only the address whose clients get the wrong source is rewritten; replies that
+    # already leave from the address the client used are excluded by `saddr !=`.
+    assert (
+        "ip saddr != 198.51.100.13 udp sport 56789 ip daddr . udp dport @clients4_0 "
+        f"ct zone set {CT_ZONE}" in spec.text
+    )
+    assert "snat ip to 198.51.100.13:56789" in spec.text
+    assert "snat ip6 to [2001:db8:2::13]:56789" in spec.text
+    assert "192.0.2.1" not in spec.text
+    batch = json.loads(spec.batch)
+    assert batch[0] == {"add": {"table": {"family": "inet", "name": "ctfix_56789"}}}
+    chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in batch if "chain" in c["add"]}
+    assert chains["reply_zone"]["prio"] == -300  # before conntrack (-200) sees the reply
+    assert chains["reply_zone"]["hook"] == "output"
+    assert chains["reply_snat"]["type"] == "nat"
+    rules = [c["add"]["rule"] for c in batch if "rule" in c["add"]]
+    assert len(rules) == 6 and all(r["comment"] == "ctfix:56789" for r in rules)
+
+
+def test_snat_zone_iptables_orders_sets_remember_zone_then_snat() -> None:
+    plan = make_plan(diagnosis(MIXED), "snat-zone", "iptables-legacy")
+    specs = [s.spec for s in plan.steps]
+    assert specs[0] == IpsetSpec("ctfix-56789-v4-0", "ipv4")
+    rules = [s for s in specs if isinstance(s, IptRuleSpec)]
+    assert [(r.table, r.chain, r.target.name) for r in rules] == [
+        ("raw", "PREROUTING", "SET"),
+        ("raw", "OUTPUT", "CT"),
+        ("nat", "POSTROUTING", "SNAT"),
+    ]
+    assert plan.steps[2].commands == (
+        "iptables-legacy -w -t raw -I OUTPUT -p udp ! -s 198.51.100.13 -m udp --sport 56789 "
+        "-m set --match-set ctfix-56789-v4-0 dst,dst -m comment --comment ctfix:56789 "
+        f"-j CT --zone {CT_ZONE}",
+    )
+    assert all(("comment", "ctfix:56789") in r.matches[-1].options for r in rules)
+
+
+def test_snat_zone_with_nothing_wrong_is_refused_unless_forced() -> None:
+    with pytest.raises(CtfixError, match="nothing to fix"):
+        make_plan(diagnosis(HEALTHY_UPSTREAM), "snat-zone")
+    forced = make_plan(diagnosis(HEALTHY_UPSTREAM), "snat-zone", "iptables-legacy", force=True)
+    names = [s.spec.name for s in forced.steps if isinstance(s.spec, IpsetSpec)]
+    assert names == ["ctfix-56789-v4-0", "ctfix-56789-v4-1", "ctfix-56789-v6-0", "ctfix-56789-v6-1"]
+
+
+def test_dual_stack_mapped_addresses_are_planned_as_ipv4() -> None:
+    mapped = ClientNetwork(
+        "192.0.2.0/24", ("::ffff:198.51.100.13",), "192.0.2.1", False, "br0", True
+    )
+    plan = make_plan(diagnosis(mapped), "policy-route")
+    assert plan.steps[0].spec == RouteSpec(
+        "ipv4", "192.0.2.0/24", "br0", "198.51.100.13", table_id(PORT)
+    )
+
+
+def test_bind_changes_nothing() -> None:
+    plan = make_plan(diagnosis(MIXED), "bind", advice=("use IP_PKTINFO",))
+    assert plan.steps == () and plan.advice == ("use IP_PKTINFO",)
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables-legacy"])
+def test_steps_survive_the_state_file_round_trip(backend: str) -> None:
+    plan = make_plan(diagnosis(MIXED, UPLINK_ONLY_V6), "snat-zone", backend)  # type: ignore[arg-type]
+    for step in plan.steps:
+        assert step_from_dict(json.loads(json.dumps(step_to_dict(step)))) == step
+    routed = make_plan(diagnosis(UPLINK_ONLY), "policy-route")
+    for step in routed.steps:
+        assert step_from_dict(json.loads(json.dumps(step_to_dict(step)))) == step
+
+
+def test_unreadable_step_record_is_a_one_line_error() -> None:
+    with pytest.raises(CtfixError, match="unreadable step"):
+        step_from_dict({"spec": {"kind": "teleport"}})
