@@ -1,0 +1,176 @@
+"""`ctfix explain` in the write-up's lab topology, as a new user would try it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ctfix.lab.topology import (
+    BRIDGE_V4,
+    CONTAINER_NET_V4,
+    CONTAINER_V4,
+    UPLINK_V4,
+    Topology,
+    lab_topology,
+    wait_udp_bound,
+)
+from ctfix.platform import netns
+
+PORT = 56789
+
+
+def explain(topo: Topology, *extra: str) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctfix", "explain", str(PORT), "--netns", topo.host, "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stderr == "", proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return proc.returncode, result
+
+
+def netcat(topo: Topology, *args: str) -> int:
+    """Start netcat-openbsd on the host; it sends a line every 0.2 s once it has a peer."""
+    shell = topo.spawn(
+        topo.host,
+        ["sh", "-c", f"while :; do echo pong; sleep 0.2; done | nc -ul {' '.join(args)} {PORT}"],
+    )
+    wait_udp_bound(shell.pid, PORT)
+    out = topo.run(topo.host, "ss", "-Hunlp", f"sport = :{PORT}")
+    pid = int(out.split("pid=", 1)[1].split(",", 1)[0])
+    with open(f"/proc/{pid}/comm") as fh:
+        assert fh.read().strip() == "nc"
+    return pid
+
+
+def kernel_state(topo: Topology) -> tuple[str, str, str]:
+    """What explain must leave untouched: nft ruleset, legacy table lists, rules."""
+    nft = topo.run(topo.host, "nft", "list", "ruleset")
+    legacy = topo.run(topo.host, "cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
+    rules = topo.run(topo.host, "ip", "rule") + topo.run(topo.host, "ip", "route", "show", "table", "all")
+    return nft, legacy, rules
+
+
+@pytest.fixture
+def lab4() -> Iterator[Topology]:
+    with lab_topology(ipv6=False, netfilter="nft") as topo:
+        yield topo
+
+
+def client_network(result: dict[str, Any], network: str) -> dict[str, Any]:
+    found = [c for c in result["clients"] if c["network"] == network]
+    assert found, result["clients"]
+    return found[0]
+
+
+def test_netcat_is_at_risk_then_broken_with_evidence(lab4: Topology) -> None:
+    pid = netcat(lab4)
+    before = kernel_state(lab4)
+
+    status, result = explain(lab4)
+    assert (status, result["verdict"]) == (1, "at-risk")
+    [nc] = result["listeners"]
+    assert (nc["process"], nc["pid"], nc["address"], nc["state"]) == ("nc", pid, "0.0.0.0", "listening")
+    container = client_network(result, CONTAINER_NET_V4)
+    assert container["predicted_source"] == BRIDGE_V4
+    assert UPLINK_V4 in container["addressed"] and not container["ok"]
+
+    # A client in the container sends to the uplink address. It stays open and
+    # unconnected, so netcat's replies reach it and netcat stays alive.
+    with netns.entered(lab4.container):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.settimeout(2.0)
+        client.sendto(b"ping", (UPLINK_V4, PORT))
+        data, source = client.recvfrom(100)
+        assert source[0] == BRIDGE_V4  # the bug itself: the reply's source is wrong
+        status, result = explain(lab4)
+    finally:
+        client.close()
+    assert (status, result["verdict"]) == (1, "broken")
+    [wrong] = result["evidence"]["wrong_source"]
+    assert wrong["service"] == f"{UPLINK_V4}:{PORT}"
+    assert wrong["actual_source"] == f"{BRIDGE_V4}:{PORT}"
+    assert wrong["client"].startswith(CONTAINER_V4 + ":")
+    [nc] = result["listeners"]  # connect()ed to its client now, still found
+    assert (nc["process"], nc["pid"], nc["state"]) == ("nc", pid, "connected")
+    assert nc["peer"].startswith(CONTAINER_V4 + ":")
+    assert {f["method"] for f in result["fixes"]} == {"pktinfo", "bind", "policy-route", "snat-zone"}
+    assert kernel_state(lab4) == before
+
+
+def test_server_bound_to_one_address_is_ok(lab4: Topology) -> None:
+    netcat(lab4, BRIDGE_V4)
+    status, result = explain(lab4)
+    assert (status, result["verdict"]) == (0, "ok"), result["reasons"]
+    assert result["listeners"][0]["address"] == BRIDGE_V4
+
+
+def test_ctfix_serve_is_ok(lab4: Topology) -> None:
+    server = lab4.spawn(lab4.host, [sys.executable, "-m", "ctfix", "serve", "--port", str(PORT)])
+    wait_udp_bound(server.pid, PORT)
+    status, result = explain(lab4)
+    assert (status, result["verdict"]) == (0, "ok"), result["reasons"]
+    assert all(lst["pid"] == server.pid for lst in result["listeners"])
+
+
+def _snat_problem(result: dict[str, Any], backend: str) -> str:
+    hits = [r for r in result["rules"] if r["backend"] == backend and "56789" in r["rule"]]
+    assert hits, result["rules"]
+    problem: str = hits[0]["problem"]
+    return problem
+
+
+def test_snat_rule_in_nftables_is_listed_with_its_problem(lab4: Topology) -> None:
+    netcat(lab4)
+    lab4.run(
+        lab4.host,
+        "nft",
+        "-f",
+        "-",
+        stdin="table ip attempt {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
+        f"  ip saddr {BRIDGE_V4} udp sport {PORT} snat to {UPLINK_V4}:{PORT}\n }}\n}}\n",
+    )
+    status, result = explain(lab4)
+    assert status == 1
+    problem = _snat_problem(result, "nftables")
+    assert "insert_failed" in problem and "EPERM" in problem
+
+
+def test_snat_rule_in_iptables_legacy_is_listed_without_creating_tables() -> None:
+    with lab_topology(ipv6=False, netfilter="iptables-legacy") as topo:
+        netcat(topo)
+        topo.run(
+            topo.host,
+            *["iptables-legacy", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", BRIDGE_V4],
+            *["-p", "udp", "--sport", str(PORT), "-j", "SNAT", "--to-source", f"{UPLINK_V4}:{PORT}"],
+        )
+        before = kernel_state(topo)
+        status, result = explain(topo)
+        assert status == 1
+        problem = _snat_problem(result, "iptables-legacy")
+        assert "insert_failed" in problem
+        [hit] = [r for r in result["rules"] if r["backend"] == "iptables-legacy" and r["problem"]]
+        assert hit["rule"].startswith(f"-A POSTROUTING -s {BRIDGE_V4}/32 -p udp -m udp --sport {PORT}")
+        # Reading must not have created the filter/mangle/raw tables.
+        assert kernel_state(topo) == before
+
+
+def test_missing_namespace_is_one_line_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctfix", "explain", "53", "--netns", "ctfix-no-such-ns"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
