@@ -267,3 +267,31 @@ class EventSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- is a family tracked at all? ---------------------------------------------------------
+
+
+def probe_tracking(family: int) -> bool | None:
+    """Send one datagram over loopback and see whether conntrack made an entry for it.
+
+    The kernel tracks a family in a namespace only once some loaded rule needs
+    conntrack (NAT, ct state, ...); /proc's nf_conntrack_count is per namespace but not
+    per family, so a probe is the direct test. None: cannot tell (loopback is down
+    or has no address of that family).
+    """
+    loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    try:
+        sock.bind((loopback, 0))
+        port = sock.getsockname()[1]
+        # Port 9 (discard): nothing listens in a namespace that did not ask for it.
+        sock.sendto(b"ctfix watch: is this family tracked?", (loopback, 9))
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return any(True for _ in dump(family=family, proto=socket.IPPROTO_UDP, sport=port))

@@ -1,0 +1,385 @@
+"""Conntrack events -> wrong-source UDP reply findings. Pure: no sockets, no clock.
+
+The rule. A request creates an unreplied entry C:q -> B:p whose reply tuple says the
+answer is expected from B':p' and addressed to C':q' (reply.src:sport, reply.dst:dport,
+after any NAT of the request). While it is unreplied, a *new* entry whose original
+tuple goes to C':q' is the server answering on a flow conntrack could not match:
+it is a wrong-source reply when its source, as it leaves after its own NAT
+(its reply tuple's dst:dport), is not B':p'.
+
+Know before changing:
+- Memory is the constraint (1M unreplied flows in < 200 MB): a pending request is
+  two small `bytes` (key: client address+port; value: expected source, service,
+  client, deadline) in a dict, plus one reference in a deque that orders expiry.
+  Do not store the decoded tuples.
+- Zones: requests and replies are matched across conntrack zones. The snat-zone
+  remedy puts replies in another zone on purpose, and its SNAT makes the reply leave
+  from the right source; because the actual source is taken after the reply's own
+  NAT, a fixed service is not reported. The price: two clients with the same address
+  and port in different zones at the same moment (overlapping address spaces) can be
+  confused.
+- Time: callers pass `now` (seconds, time.time()); entries expire after the
+  kernel's timeout for them (CTA_TIMEOUT of the event, else `udp_timeout`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass, replace
+
+from ctfix.core.addr import endpoint
+from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
+
+#: The kernel's defaults (nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream).
+UDP_TIMEOUT = 30
+UDP_TIMEOUT_STREAM = 120
+#: How long a wrong-source pair is remembered: to confirm it by ICMP, and not to count
+#: it twice when a resync dump shows it again.
+PAIR_MEMORY = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One aggregated wrong-source finding: (service, actual source, client network)."""
+
+    family: str  # "ipv4" | "ipv6"
+    proto: str  # "udp"
+    client: str  # "addr:port" of the latest client seen
+    service: str  # the addr:port the client sent to
+    expected_source: str
+    actual_source: str
+    mismatch: str  # "address" | "port" | "address+port"
+    local: bool
+    confirmed: bool
+    count: int
+    first_seen: float
+    last_seen: float
+    client_network: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.service, self.actual_source, self.client_network)
+
+
+def client_network(address: str) -> str:
+    """The client's /24 (IPv4) or /64 (IPv6): the unit findings are aggregated by."""
+    ip = ipaddress.ip_address(address)
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def mismatch_of(expected: tuple[str, int], actual: tuple[str, int]) -> str | None:
+    """ "address", "port", "address+port", or None when they are the same."""
+    address = expected[0] != actual[0]
+    port = expected[1] != actual[1]
+    if address and port:
+        return "address+port"
+    if address:
+        return "address"
+    if port:
+        return "port"
+    return None
+
+
+_PORT = struct.Struct(">H")
+_DEADLINE = struct.Struct(">I")
+_PACK_CACHE: dict[str, bytes] = {}
+
+
+def _pack(address: str) -> bytes:
+    raw = _PACK_CACHE.get(address)
+    if raw is None:
+        raw = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        if len(_PACK_CACHE) >= 1 << 16:
+            _PACK_CACHE.clear()
+        _PACK_CACHE[address] = raw
+    return raw
+
+
+def _unpack_endpoint(raw: bytes) -> tuple[str, int]:
+    family = socket.AF_INET6 if len(raw) == 18 else socket.AF_INET
+    return socket.inet_ntop(family, raw[:-2]), _PORT.unpack(raw[-2:])[0]
+
+
+@dataclass
+class Stats:
+    events: int = 0
+    new_flows: int = 0
+    pending: int = 0
+    expired: int = 0
+    evicted: int = 0
+    recovered: int = 0  # unreplied flows first learnt from a resync dump
+
+
+class Detector:
+    """Keeps the unreplied UDP flows and turns wrong-source replies into findings.
+
+    `feed()` one event at a time; it returns (finding, is_new) when the event was a
+    wrong-source reply. `expire(now)` drops flows the kernel has forgotten; call it
+    about once a second. `max_flows` bounds memory whatever the traffic.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_flows: int = 2_000_000,
+        max_findings: int = 10_000,
+        udp_timeout: int = UDP_TIMEOUT,
+        local_addresses: frozenset[str] = frozenset(),
+    ) -> None:
+        self.max_flows = max_flows
+        self.max_findings = max_findings
+        self.udp_timeout = udp_timeout
+        self.local_addresses = local_addresses
+        self.stats = Stats()
+        self._epoch: float | None = None
+        # client (packed addr + port) -> expected(18|6) + service + client + deadline
+        self._pending: dict[bytes, bytes] = {}
+        self._order: deque[bytes] = deque()
+        self.findings: dict[tuple[str, str, str], Finding] = {}
+        # (actual source, client) -> finding key; for ICMP confirmation and dedup
+        self._pairs: dict[tuple[str, int, str, int], tuple[tuple[str, str, str], float]] = {}
+        self._icmp_seen: dict[tuple[str, int, str, int], float] = {}
+        self._matched = False  # set by _match: the entry answered a pending request
+
+    # -- state ---------------------------------------------------------------------
+
+    def _tick(self, now: float) -> int:
+        if self._epoch is None:
+            self._epoch = now
+        return int(now - self._epoch)
+
+    def _remember(self, entry: CtEntry, now: float) -> bool:
+        """Store an unreplied entry as a pending request; True if it was not known."""
+        reply = entry.reply
+        orig = entry.orig
+        service = _pack(orig.dst)
+        if service[0] >= 224 if len(service) == 4 else service[0] == 0xFF:
+            # Multicast/broadcast requests (mDNS, SSDP, DHCP) are answered from unicast
+            # addresses by design, and conntrack never pairs those answers with them.
+            return False
+        key = _pack(reply.dst) + _PORT.pack(reply.dport)
+        timeout = entry.timeout if entry.timeout is not None else self.udp_timeout
+        value = b"".join(
+            (
+                _pack(reply.src),
+                _PORT.pack(reply.sport),
+                service,
+                _PORT.pack(orig.dport),
+                _pack(orig.src),
+                _PORT.pack(orig.sport),
+                _DEADLINE.pack(self._tick(now) + timeout + 1),
+            )
+        )
+        pending = self._pending
+        known = key in pending
+        pending[key] = value
+        self._order.append(key)
+        if len(pending) > self.max_flows:
+            self._evict_one()
+        return not known
+
+    def _forget(self, entry: CtEntry) -> None:
+        """Drop the pending request this entry made, if it is still the stored one."""
+        key = _pack(entry.reply.dst) + _PORT.pack(entry.reply.dport)
+        value = self._pending.get(key)
+        if value is not None and value[:-4].endswith(
+            _pack(entry.orig.src) + _PORT.pack(entry.orig.sport)
+        ):
+            del self._pending[key]
+
+    def _evict_one(self) -> None:
+        while self._order:
+            key = self._order.popleft()
+            if key in self._pending:
+                del self._pending[key]
+                self.stats.evicted += 1
+                return
+
+    def expire(self, now: float) -> None:
+        """Forget pending requests whose conntrack entry has timed out."""
+        tick = self._tick(now)
+        order = self._order
+        pending = self._pending
+        while order:
+            key = order[0]
+            value = pending.get(key)
+            if value is not None and _DEADLINE.unpack(value[-4:])[0] > tick:
+                break
+            order.popleft()
+            # A refreshed key is queued again later; delete only when it is due.
+            if value is not None:
+                del pending[key]
+                self.stats.expired += 1
+        # deque copies of refreshed keys are bounded by the event rate x timeout
+        while len(order) > 2 * self.max_flows:
+            order.popleft()
+        # Both dicts are in last-seen order: one pass from the front, then delete
+        # (repeated next(iter(d)) after deletions would be quadratic).
+        old_pairs = []
+        for pair, (_key, seen) in self._pairs.items():
+            if now - seen <= PAIR_MEMORY:
+                break
+            old_pairs.append(pair)
+        for pair in old_pairs:
+            del self._pairs[pair]
+        old_icmp = []
+        for pair, seen in self._icmp_seen.items():
+            if now - seen <= 10.0:
+                break
+            old_icmp.append(pair)
+        for pair in old_icmp:
+            del self._icmp_seen[pair]
+        self.stats.pending = len(pending)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- events --------------------------------------------------------------------
+
+    def feed(self, event: CtEvent, now: float) -> tuple[Finding, bool] | None:
+        """Process one event; return (finding, is_new) for a wrong-source reply."""
+        entry = event.entry
+        if entry.orig.proto != socket.IPPROTO_UDP:
+            return None
+        self.stats.events += 1
+        kind = event.kind
+        if kind == NEW:
+            self.stats.new_flows += 1
+            return self._new_flow(entry, now, from_dump=False)
+        if kind in (UPDATE, DESTROY):
+            if kind == DESTROY or entry.status & IPS_SEEN_REPLY:
+                self._forget(entry)
+            return None
+        if kind == DUMPED:
+            return self._new_flow(entry, now, from_dump=True)
+        return None
+
+    def resync(self, entries: list[CtEntry], now: float) -> list[tuple[Finding, bool]]:
+        """Rebuild from a dump after lost events: learn unreplied flows, then match."""
+        for entry in entries:
+            unreplied = not entry.status & IPS_SEEN_REPLY
+            if entry.orig.proto == socket.IPPROTO_UDP and unreplied and self._remember(entry, now):
+                self.stats.recovered += 1
+        results = []
+        for entry in entries:
+            if entry.orig.proto == socket.IPPROTO_UDP and not entry.status & IPS_SEEN_REPLY:
+                found = self._match(entry, now, from_dump=True)
+                if found is not None:
+                    results.append(found)
+                if self._matched:
+                    self._forget(entry)
+        return results
+
+    def _new_flow(
+        self, entry: CtEntry, now: float, *, from_dump: bool
+    ) -> tuple[Finding, bool] | None:
+        found = self._match(entry, now, from_dump=from_dump)
+        # A flow that answered a pending request is a reply, not a request: keeping it
+        # would make the client's next request look like a reply to it.
+        if not self._matched and not entry.status & IPS_SEEN_REPLY:
+            self._remember(entry, now)
+        return found
+
+    def _match(self, entry: CtEntry, now: float, *, from_dump: bool) -> tuple[Finding, bool] | None:
+        self._matched = False
+        orig = entry.orig
+        key = _pack(orig.dst) + _PORT.pack(orig.dport)
+        value = self._pending.get(key)
+        if value is None:
+            return None
+        size = 6 if len(key) == 6 else 18
+        expected = _unpack_endpoint(value[:size])
+        service = _unpack_endpoint(value[size : 2 * size])
+        client = _unpack_endpoint(value[2 * size : 3 * size])
+        if client == (orig.src, orig.sport) and expected == (orig.dst, orig.dport):
+            return None  # the same flow seen again (a dump repeating an event)
+        self._matched = True
+        # The source the reply leaves with, after its own NAT (snat-zone remedy).
+        actual = (entry.reply.dst, entry.reply.dport)
+        mismatch = mismatch_of(expected, actual)
+        if mismatch is None:
+            return None
+        pair = (actual[0], actual[1], orig.dst, orig.dport)
+        if from_dump and pair in self._pairs:
+            return None
+        return self._record(entry, expected, service, client, actual, mismatch, pair, now)
+
+    def _record(
+        self,
+        entry: CtEntry,
+        expected: tuple[str, int],
+        service: tuple[str, int],
+        client: tuple[str, int],
+        actual: tuple[str, int],
+        mismatch: str,
+        pair: tuple[str, int, str, int],
+        now: float,
+    ) -> tuple[Finding, bool] | None:
+        family = "ipv6" if entry.orig.family == socket.AF_INET6 else "ipv4"
+        service_s = endpoint(*service)
+        actual_s = endpoint(*actual)
+        network = client_network(client[0])
+        key = (service_s, actual_s, network)
+        local = expected[0] in self.local_addresses and actual[0] in self.local_addresses
+        confirmed = self._icmp_seen.pop(pair, None) is not None
+        old = self.findings.get(key)
+        self._pairs.pop(pair, None)
+        self._pairs[pair] = (key, now)
+        if old is None:
+            if len(self.findings) >= self.max_findings:
+                return None
+            finding = Finding(
+                family=family,
+                proto="udp",
+                client=endpoint(*client),
+                service=service_s,
+                expected_source=endpoint(*expected),
+                actual_source=actual_s,
+                mismatch=mismatch,
+                local=local,
+                confirmed=confirmed,
+                count=1,
+                first_seen=now,
+                last_seen=now,
+                client_network=network,
+            )
+            self.findings[key] = finding
+            return finding, True
+        finding = replace(
+            old,
+            client=endpoint(*client),
+            count=old.count + 1,
+            last_seen=now,
+            local=local or old.local,
+            confirmed=confirmed or old.confirmed,
+        )
+        self.findings[key] = finding
+        return finding, False
+
+    # -- ICMP confirmation ---------------------------------------------------------
+
+    def icmp_port_unreachable(
+        self, inner_src: str, inner_sport: int, inner_dst: str, inner_dport: int, now: float
+    ) -> Finding | None:
+        """The client rejected a datagram src:sport -> dst:dport; confirm a finding.
+
+        Returns the finding when this newly confirms it (so the caller can show it).
+        """
+        pair = (inner_src, inner_sport, inner_dst, inner_dport)
+        known = self._pairs.get(pair)
+        if known is None:
+            self._icmp_seen[pair] = now
+            if len(self._icmp_seen) > 4096:
+                self._icmp_seen.pop(next(iter(self._icmp_seen)))
+            return None
+        finding = self.findings.get(known[0])
+        if finding is None or finding.confirmed:
+            return None
+        finding = replace(finding, confirmed=True)
+        self.findings[known[0]] = finding
+        return finding
