@@ -12,14 +12,12 @@ ctfix modules (`ctfix --help` must stay fast); the planner is pure
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 from typing import Any
 
 from ctfix.commands.common import add_netns_argument, enter_netns, port_number, require_root
-from ctfix.core.addr import unmap
-from ctfix.core.model import ClientNetwork, Diagnosis, Evidence, WrongSourceReply
+from ctfix.core.model import Diagnosis
 from ctfix.errors import CtfixError, ExitStatus
 
 METHODS = ("policy-route", "snat-zone", "bind")
@@ -297,84 +295,12 @@ def _bind_advice(diagnosis: Diagnosis) -> tuple[str, ...]:
 
 def _diagnose(port: int, label: str) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
-    return _minimal_diagnosis(port, label)
+    from ctfix.core import rules
+    from ctfix.core.diagnose import diagnose
+    from ctfix.platform import snapshot
 
-
-# MINIMAL STAND-IN for explain's snapshot+diagnose (not yet in the tree when fix was
-# written): listeners, connected client networks, the route lookup's source for each,
-# and which local address each network's clients were seen sending to (conntrack).
-def _minimal_diagnosis(port: int, label: str) -> Diagnosis:
-    from ctfix.platform import conntrack, routing, sockdiag
-
-    listeners = tuple(listener for listener, _inode in sockdiag.listeners(port))
-    addresses = [a for a in routing.local_addresses() if a.scope == "global" and not a.loopback]
-    networks: dict[str, tuple[str, str]] = {}  # CIDR -> (interface, its local address)
-    for a in addresses:
-        networks.setdefault(a.network, (a.interface, a.address))
-    seen: dict[str, list[str]] = {net: [] for net in networks}
-    wrong: list[WrongSourceReply] = []
-    requests: dict[tuple[str, int], str] = {}
     try:
-        for entry in conntrack.dump(port=port):
-            client, local = unmap(entry.orig.src), unmap(entry.orig.dst)
-            requests[(client, entry.orig.sport)] = local
-            net = _network_of(client, networks)
-            if net is not None and local not in seen[net]:
-                seen[net].append(local)
-        for entry in conntrack.dump(sport=port):
-            client, source = unmap(entry.orig.dst), unmap(entry.orig.src)
-            sent_to = requests.get((client, entry.orig.dport))
-            if sent_to is not None and sent_to != source:
-                wrong.append(
-                    WrongSourceReply(
-                        client=_ep(client, entry.orig.dport),
-                        service=_ep(sent_to, port),
-                        expected_source=sent_to,
-                        actual_source=source,
-                        mismatch="address",
-                    )
-                )
+        kb: rules.KnowledgeBase | None = rules.load()
     except CtfixError:
-        pass  # no conntrack: the plan relies on connected networks only
-    clients = []
-    for net, (interface, own) in networks.items():
-        probe = str(ipaddress.ip_network(net).broadcast_address - 1)
-        if probe == own:
-            probe = str(ipaddress.ip_network(net).broadcast_address - 2)
-        predicted = routing.reply_source(probe, port).source
-        addressed = tuple(seen[net])
-        clients.append(
-            ClientNetwork(
-                network=net,
-                addressed=addressed,
-                predicted_source=predicted,
-                ok=all(a == predicted for a in addressed),
-                interface=interface,
-                seen=bool(addressed),
-            )
-        )
-    return Diagnosis(
-        port=port,
-        netns=label,
-        verdict="broken" if wrong else "ok",
-        reasons=(),
-        listeners=listeners,
-        clients=tuple(clients),
-        evidence=Evidence(wrong_source=tuple(wrong)),
-        local_addresses=tuple(a.address for a in addresses),
-    )
-
-
-def _network_of(address: str, networks: dict[str, tuple[str, str]]) -> str | None:
-    ip = ipaddress.ip_address(address)
-    for net in networks:
-        network = ipaddress.ip_network(net)
-        if ip.version == network.version and ip in network:
-            return net
-    return None
-
-
-def _ep(address: str, port: int) -> str:
-    from ctfix.core.addr import endpoint
-
-    return endpoint(address, port)
+        kb = None  # the fix does not depend on recognising the program
+    return diagnose(snapshot.collect(port, label), kb)

@@ -292,6 +292,18 @@ def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
 def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...]) -> Plan:
     port = diagnosis.port
     broken = _broken_networks(diagnosis)
+    seen = [cn for cn in broken if cn.seen]
+    if broken and not seen:
+        raise CtfixError(
+            f"no client of port {port} has been seen yet, so which local address each "
+            "network sends to is unknown; a route can give a network only one source",
+            "let clients send requests first (conntrack remembers them), or use "
+            "--method snat-zone",
+        )
+    if len(seen) < len(broken):
+        skipped = ", ".join(cn.network for cn in broken if not cn.seen)
+        notes = (*notes, f"no client seen from {skipped}: left alone")
+    broken = seen
     if not broken:
         raise CtfixError(
             f"nothing to route: every known client network of port {port} already gets "
