@@ -28,7 +28,17 @@ PORT = 56789
 
 def explain(topo: Topology, *extra: str) -> tuple[int, dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "ctfix", "explain", str(PORT), "--netns", topo.host, "--json", *extra],
+        [
+            sys.executable,
+            "-m",
+            "ctfix",
+            "explain",
+            str(PORT),
+            "--netns",
+            topo.host,
+            "--json",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -56,7 +66,9 @@ def kernel_state(topo: Topology) -> tuple[str, str, str]:
     """What explain must leave untouched: nft ruleset, legacy table lists, rules."""
     nft = topo.run(topo.host, "nft", "list", "ruleset")
     legacy = topo.run(topo.host, "cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
-    rules = topo.run(topo.host, "ip", "rule") + topo.run(topo.host, "ip", "route", "show", "table", "all")
+    rules = topo.run(topo.host, "ip", "rule") + topo.run(
+        topo.host, "ip", "route", "show", "table", "all"
+    )
     return nft, legacy, rules
 
 
@@ -69,7 +81,8 @@ def lab4() -> Iterator[Topology]:
 def client_network(result: dict[str, Any], network: str) -> dict[str, Any]:
     found = [c for c in result["clients"] if c["network"] == network]
     assert found, result["clients"]
-    return found[0]
+    first: dict[str, Any] = found[0]
+    return first
 
 
 def test_netcat_is_at_risk_then_broken_with_evidence(lab4: Topology) -> None:
@@ -79,7 +92,12 @@ def test_netcat_is_at_risk_then_broken_with_evidence(lab4: Topology) -> None:
     status, result = explain(lab4)
     assert (status, result["verdict"]) == (1, "at-risk")
     [nc] = result["listeners"]
-    assert (nc["process"], nc["pid"], nc["address"], nc["state"]) == ("nc", pid, "0.0.0.0", "listening")
+    assert (nc["process"], nc["pid"], nc["address"], nc["state"]) == (
+        "nc",
+        pid,
+        "0.0.0.0",
+        "listening",
+    )
     container = client_network(result, CONTAINER_NET_V4)
     assert container["predicted_source"] == BRIDGE_V4
     assert UPLINK_V4 in container["addressed"] and not container["ok"]
@@ -91,7 +109,7 @@ def test_netcat_is_at_risk_then_broken_with_evidence(lab4: Topology) -> None:
     try:
         client.settimeout(2.0)
         client.sendto(b"ping", (UPLINK_V4, PORT))
-        data, source = client.recvfrom(100)
+        _data, source = client.recvfrom(100)
         assert source[0] == BRIDGE_V4  # the bug itself: the reply's source is wrong
         status, result = explain(lab4)
     finally:
@@ -104,7 +122,12 @@ def test_netcat_is_at_risk_then_broken_with_evidence(lab4: Topology) -> None:
     [nc] = result["listeners"]  # connect()ed to its client now, still found
     assert (nc["process"], nc["pid"], nc["state"]) == ("nc", pid, "connected")
     assert nc["peer"].startswith(CONTAINER_V4 + ":")
-    assert {f["method"] for f in result["fixes"]} == {"pktinfo", "bind", "policy-route", "snat-zone"}
+    assert {f["method"] for f in result["fixes"]} == {
+        "pktinfo",
+        "bind",
+        "policy-route",
+        "snat-zone",
+    }
     assert kernel_state(lab4) == before
 
 
@@ -152,7 +175,16 @@ def test_snat_rule_in_iptables_legacy_is_listed_without_creating_tables() -> Non
         topo.run(
             topo.host,
             *["iptables-legacy", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", BRIDGE_V4],
-            *["-p", "udp", "--sport", str(PORT), "-j", "SNAT", "--to-source", f"{UPLINK_V4}:{PORT}"],
+            *[
+                "-p",
+                "udp",
+                "--sport",
+                str(PORT),
+                "-j",
+                "SNAT",
+                "--to-source",
+                f"{UPLINK_V4}:{PORT}",
+            ],
         )
         before = kernel_state(topo)
         status, result = explain(topo)
@@ -160,7 +192,9 @@ def test_snat_rule_in_iptables_legacy_is_listed_without_creating_tables() -> Non
         problem = _snat_problem(result, "iptables-legacy")
         assert "insert_failed" in problem
         [hit] = [r for r in result["rules"] if r["backend"] == "iptables-legacy" and r["problem"]]
-        assert hit["rule"].startswith(f"-A POSTROUTING -s {BRIDGE_V4}/32 -p udp -m udp --sport {PORT}")
+        assert hit["rule"].startswith(
+            f"-A POSTROUTING -s {BRIDGE_V4}/32 -p udp -m udp --sport {PORT}"
+        )
         # Reading must not have created the filter/mangle/raw tables.
         assert kernel_state(topo) == before
 

@@ -1,0 +1,229 @@
+"""diagnose() on hand-built snapshots: the verdicts, the client networks, the rules."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ctfix.core import rules
+from ctfix.core.decode import IPS_SEEN_REPLY, CtEntry, CtTuple
+from ctfix.core.diagnose import (
+    PROBLEM_DNAT_REPLY,
+    PROBLEM_NOTRACK,
+    PROBLEM_SNAT_REPLY,
+    PROBLEM_ZONE_ALONE,
+    diagnose,
+    probe_destinations,
+)
+from ctfix.core.model import Listener
+from ctfix.core.snapshot import LocalAddress, NetfilterRule, PolicyRule, RouteChoice, Snapshot
+
+PORT = 56789
+BRIDGE, UPLINK, CLIENT = "192.0.2.1", "198.51.100.13", "192.0.2.3"
+ADDRESSES = (
+    LocalAddress("lo", "127.0.0.1", 8, "ipv4", "host"),
+    LocalAddress("br0", BRIDGE, 24, "ipv4"),
+    LocalAddress("eth0", UPLINK, 24, "ipv4"),
+    LocalAddress("br0", "fe80::1", 64, "ipv6", "link"),
+)
+NC = Listener(
+    "0.0.0.0", PORT, "ipv4", "listening", pid=42, process="nc", cmdline=("nc", "-ul", "56789")
+)
+
+
+def udp(src: str, dst: str, sport: int, dport: int) -> CtTuple:
+    return CtTuple(src, dst, sport, dport, 17, socket.AF_INET)
+
+
+def request(
+    addressed: str, client: str = CLIENT, cport: int = 40000, replied: bool = False
+) -> CtEntry:
+    return CtEntry(
+        udp(client, addressed, cport, PORT),
+        udp(addressed, client, PORT, cport),
+        status=IPS_SEEN_REPLY if replied else 0,
+    )
+
+
+def reply_from(source: str, client: str = CLIENT, cport: int = 40000) -> CtEntry:
+    """The entry a wildcard server's wrong-source reply creates."""
+    return CtEntry(udp(source, client, PORT, cport), udp(client, source, cport, PORT))
+
+
+def snapshot(*listeners: Listener, flows: tuple[CtEntry, ...] = (), **kw: object) -> Snapshot:
+    probes = probe_destinations(PORT, ADDRESSES, flows)
+
+    # The kernel's choice in the lab: the address on the interface toward the client.
+    def source(dest: str) -> str:
+        return BRIDGE if dest.startswith("192.0.2.") else UPLINK
+
+    choices = tuple(
+        RouteChoice(d, source(d), "br0" if source(d) == BRIDGE else "eth0", 254)
+        for d in probes.values()
+    )
+    base = Snapshot(
+        port=PORT,
+        netns="test",
+        listeners=listeners,
+        addresses=ADDRESSES,
+        route_choices=choices,
+        flows=flows,
+        probes=probes,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def network(diagnosis_clients: object, cidr: str) -> object:
+    return next(cn for cn in diagnosis_clients if cn.network == cidr)  # type: ignore[attr-defined]
+
+
+def test_wildcard_without_traffic_is_at_risk_for_each_connected_network() -> None:
+    d = diagnose(snapshot(NC))
+    assert d.verdict == "at-risk"
+    nets = {cn.network: cn for cn in d.clients}
+    assert set(nets) == {"192.0.2.0/24", "198.51.100.0/24"}  # not loopback, not fe80::
+    bridge_net = nets["192.0.2.0/24"]
+    assert bridge_net.predicted_source == BRIDGE and not bridge_net.ok and not bridge_net.seen
+    assert set(bridge_net.addressed) == {BRIDGE, UPLINK}
+    assert bridge_net.interface == "br0"
+    assert any("nc (pid 42)" in r and "0.0.0.0" in r for r in d.reasons)
+    methods = [f.method for f in d.fixes]
+    assert methods.count("snat-zone") == 1 and "pktinfo" in methods
+    policy = next(f for f in d.fixes if f.method == "policy-route")
+    assert not policy.recommended  # which address clients use is unknown
+
+
+def test_wrong_source_pair_in_conntrack_is_broken() -> None:
+    flows = (request(UPLINK), reply_from(BRIDGE))
+    d = diagnose(snapshot(NC, flows=flows))
+    assert d.verdict == "broken"
+    [wrong] = d.evidence.wrong_source
+    assert (wrong.service, wrong.actual_source) == (f"{UPLINK}:{PORT}", f"{BRIDGE}:{PORT}")
+    assert wrong.client == f"{CLIENT}:40000" and wrong.mismatch == "address"
+    [cn] = d.clients  # only the network seen in conntrack
+    assert (cn.network, cn.addressed, cn.seen, cn.ok) == ("192.0.2.0/24", (UPLINK,), True, False)
+
+
+def test_each_network_one_address_recommends_policy_route() -> None:
+    d = diagnose(snapshot(NC, flows=(request(UPLINK),)))
+    assert d.verdict == "at-risk"
+    policy = next(f for f in d.fixes if f.method == "policy-route")
+    assert policy.recommended and "192.0.2.0/24 from 198.51.100.13" in policy.summary
+    assert not next(f for f in d.fixes if f.method == "snat-zone").recommended
+
+
+def test_mixed_addressing_recommends_snat_zone_not_policy_route() -> None:
+    flows = (request(UPLINK, cport=1), request(BRIDGE, cport=2, replied=True))
+    d = diagnose(snapshot(NC, flows=flows))
+    policy = next(f for f in d.fixes if f.method == "policy-route")
+    assert not policy.recommended and "192.0.2.1 and 198.51.100.13" in policy.summary
+    assert next(f for f in d.fixes if f.method == "snat-zone").recommended
+    assert d.evidence.healthy == 1
+
+
+def test_only_healthy_evidence_is_ok() -> None:
+    d = diagnose(snapshot(NC, flows=(request(BRIDGE, replied=True),)))
+    assert d.verdict == "ok" and d.fixes == ()
+    assert d.evidence.healthy == 1
+    assert any("another local address" in r for r in d.reasons)
+
+
+def test_specific_bind_is_ok() -> None:
+    d = diagnose(snapshot(replace(NC, address=BRIDGE)))
+    assert d.verdict == "ok"
+    assert all(cn.ok and cn.addressed == (BRIDGE,) for cn in d.clients)
+
+
+def test_v6only_wildcard_does_not_serve_ipv4() -> None:
+    v6 = Listener("::", PORT, "ipv6", "listening", process="srv", v6only=True)
+    d = diagnose(snapshot(v6))
+    assert d.verdict == "ok"  # no global IPv6 address here, and IPv4 is not served
+    dual = replace(v6, v6only=False)
+    assert diagnose(snapshot(dual)).verdict == "at-risk"
+
+
+def test_knowledge_base_service_that_uses_pktinfo_is_ok() -> None:
+    kb = rules.load([], builtin=True)
+    dnsmasq = Listener("0.0.0.0", PORT, "ipv4", "listening", pid=7, process="dnsmasq")
+    d = diagnose(snapshot(dnsmasq), kb)
+    assert d.verdict == "ok", d.reasons
+    assert d.service is not None and "dnsmasq" in d.service
+
+
+def test_ctfix_serve_is_ok_but_its_broken_twin_is_not() -> None:
+    serve = replace(NC, process="python", cmdline=("python", "-m", "ctfix", "serve", "--port", "1"))
+    assert diagnose(snapshot(serve)).verdict == "ok"
+    twin = replace(serve, cmdline=(*serve.cmdline, "--broken"))
+    assert diagnose(snapshot(twin)).verdict == "at-risk"
+
+
+def test_connected_netcat_is_still_judged_by_its_peer() -> None:
+    connected = replace(NC, address=BRIDGE, state="connected", peer=f"{CLIENT}:40000")
+    d = diagnose(snapshot(connected, flows=(request(UPLINK),)))
+    assert d.verdict == "at-risk"
+    [cn] = d.clients
+    assert (cn.addressed, cn.predicted_source) == ((UPLINK,), BRIDGE)
+    assert any("connect()ed" in r for r in d.reasons)
+
+
+def test_nothing_listening_is_ok_with_a_reason() -> None:
+    d = diagnose(snapshot())
+    assert d.verdict == "ok" and "Nothing is bound" in d.reasons[0]
+
+
+def nat_rule(
+    actions: set[str], *, sport: bool = True, dport: bool = False, backend: str = "nftables"
+) -> NetfilterRule:
+    return NetfilterRule(backend, "ip", "t", "c", "rule", frozenset(actions), sport, dport)
+
+
+@pytest.mark.parametrize(
+    ("ruleset", "expected"),
+    [
+        ([nat_rule({"snat"})], PROBLEM_SNAT_REPLY),
+        ([nat_rule({"masquerade"})], PROBLEM_SNAT_REPLY),
+        ([nat_rule({"notrack"}, sport=False, dport=True)], PROBLEM_NOTRACK),
+        ([nat_rule({"dnat"})], PROBLEM_DNAT_REPLY),
+        ([nat_rule({"zone"})], PROBLEM_ZONE_ALONE),
+        ([nat_rule({"snat"}), nat_rule({"zone", "mark"})], None),  # the snat-zone method
+        ([nat_rule({"accept"})], None),
+    ],
+)
+def test_rule_problems(ruleset: list[NetfilterRule], expected: str | None) -> None:
+    d = diagnose(snapshot(NC, netfilter=tuple(ruleset)))
+    assert d.rules[0].problem == expected
+
+
+def test_zone_in_another_backend_does_not_rescue_an_snat() -> None:
+    ruleset = (nat_rule({"snat"}), nat_rule({"zone"}, backend="iptables-legacy"))
+    d = diagnose(snapshot(NC, netfilter=ruleset))
+    assert d.rules[0].problem == PROBLEM_SNAT_REPLY
+
+
+def test_policy_rule_on_the_port_that_breaks_the_other_address_is_named() -> None:
+    flows = (request(BRIDGE, cport=1),)
+    snap = snapshot(NC, flows=flows)
+    # ip rule add ipproto udp sport 56789 table 100; route 192.0.2.0/24 src UPLINK there.
+    choices = tuple(replace(c, source=UPLINK, table=100) for c in snap.route_choices)
+    rule = PolicyRule(
+        "ipv4", 100, "100: from all ipproto udp sport 56789 lookup 100", 100, 17, (PORT, PORT)
+    )
+    d = diagnose(replace(snap, route_choices=choices, policy_rules=(rule,)))
+    assert d.verdict == "at-risk"
+    assert any(
+        "ipproto udp sport 56789" in r and "wrong for clients of 192.0.2.1" in r for r in d.reasons
+    )
+
+
+def test_user_rules_directory_overrides(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text(
+        "version: 1\nservices:\n  - id: mine\n    name: My echo\n    processes: [nc]\n"
+        "    ports: [56789]\n    affected_when_wildcard: false\n    why: uses IP_PKTINFO\n"
+        "    fix: nothing\n    snippet: ''\n    reference: https://example.org\n"
+        "    confidence: high\n"
+    )
+    kb = rules.load([tmp_path], builtin=True)
+    assert diagnose(snapshot(NC), kb).verdict == "ok"

@@ -1,0 +1,124 @@
+"""explain's output: JSON keeps its contract; text and markdown say the key facts."""
+
+from __future__ import annotations
+
+import json
+
+from ctfix.core.model import (
+    ClientNetwork,
+    Diagnosis,
+    Evidence,
+    Fix,
+    Listener,
+    RuleHit,
+    WrongSourceReply,
+)
+from ctfix.render.explain import render_json, render_markdown, render_text
+from ctfix.render.style import Style
+
+BROKEN = Diagnosis(
+    port=56789,
+    netns="lab-host",
+    verdict="broken",
+    reasons=("nc (pid 42) listens on 0.0.0.0:56789 (every IPv4 address): ...",),
+    listeners=(Listener("0.0.0.0", 56789, "ipv4", "listening", pid=42, process="nc"),),
+    clients=(ClientNetwork("192.0.2.0/24", ("198.51.100.13",), "192.0.2.1", False, "br0", True),),
+    evidence=Evidence(
+        (
+            WrongSourceReply(
+                "192.0.2.3:40000",
+                "198.51.100.13:56789",
+                "198.51.100.13:56789",
+                "192.0.2.1:56789",
+                "address",
+            ),
+        ),
+        healthy=3,
+    ),
+    rules=(
+        RuleHit(
+            "iptables-legacy",
+            "nat",
+            "POSTROUTING",
+            "-A POSTROUTING -p udp -m udp --sport 56789 -j SNAT --to-source 198.51.100.13:56789",
+            "SNAT/MASQUERADE of the reply cannot work alone",
+        ),
+    ),
+    fixes=(
+        Fix("pktinfo", "Answer from the request's address.", "ctfix serve ..."),
+        Fix("snat-zone", "Rewrite in netfilter.", "ctfix fix 56789 --method snat-zone", True),
+    ),
+)
+
+
+def test_json_has_the_stable_keys_of_the_issue() -> None:
+    data = json.loads(render_json(BROKEN))
+    assert {
+        "port",
+        "netns",
+        "verdict",
+        "reasons",
+        "listeners",
+        "clients",
+        "evidence",
+        "rules",
+        "fixes",
+    } <= set(data)
+    assert {"pid", "process", "address", "port", "family", "state"} <= set(data["listeners"][0])
+    assert data["clients"][0] == {
+        "network": "192.0.2.0/24",
+        "addressed": ["198.51.100.13"],
+        "predicted_source": "192.0.2.1",
+        "ok": False,
+        "interface": "br0",
+        "seen": True,
+    }
+    assert data["evidence"]["healthy"] == 3
+    assert data["evidence"]["wrong_source"][0]["actual_source"] == "192.0.2.1:56789"
+    assert set(data["rules"][0]) == {"backend", "table", "chain", "rule", "problem"}
+    assert {f["method"] for f in data["fixes"]} == {"pktinfo", "snat-zone"}
+    assert data["verdict"] == "broken"
+
+
+def test_text_reads_as_a_write_up() -> None:
+    text = render_text(BROKEN)
+    assert text.startswith("UDP port 56789 in namespace lab-host: BROKEN")
+    order = [
+        text.index(h)
+        for h in (
+            "What happens",
+            "Why",
+            "Sockets on the port",
+            "Client networks",
+            "Evidence",
+            "Netfilter rules",
+            "How to fix it",
+        )
+    ]
+    assert order == sorted(order)
+    assert "nc (pid 42) listening on 0.0.0.0:56789" in text
+    assert "192.0.2.3:40000 -> 198.51.100.13:56789, reply from 192.0.2.1:56789" in text
+    assert "wrong for 198.51.100.13" in text
+    assert "cannot help: SNAT/MASQUERADE" in text
+    # The recommended fix comes first.
+    assert text.index("[snat-zone]") < text.index("[pktinfo]")
+    assert "\033[" not in text  # no colour unless asked
+
+
+def test_text_colour_only_when_enabled() -> None:
+    assert "\033[" in render_text(BROKEN, Style(True))
+
+
+def test_ok_text_has_no_fix_section() -> None:
+    ok = Diagnosis(port=53, netns="current", verdict="ok", reasons=("fine",))
+    text = render_text(ok)
+    assert ": OK" in text and "How to fix it" not in text and "Why" not in text
+
+
+def test_markdown_is_pasteable() -> None:
+    md = render_markdown(BROKEN)
+    assert md.startswith("## UDP port 56789 (namespace `lab-host`): **BROKEN**")
+    assert (
+        "| 192.0.2.0/24 | br0 | 198.51.100.13 (seen) | 192.0.2.1 | wrong for 198.51.100.13 |" in md
+    )
+    assert "**cannot help**" in md and "**snat-zone** *(recommended)*" in md
