@@ -1,0 +1,244 @@
+"""`ctfix fix` against an unmodified broken server in the lab topology.
+
+What a user notices: clients get replies after --apply, the dry run changes nothing,
+and after --revert the namespace's routing and netfilter state is what it was
+(compared as the tools print it), also after a `kill -9` in the middle of an apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ctfix.lab.topology import (
+    BRIDGE_V4,
+    BRIDGE_V6,
+    UPLINK_V4,
+    UPLINK_V6,
+    Netfilter,
+    Topology,
+    lab_topology,
+    udp_exchange,
+    wait_udp_bound,
+)
+from ctfix.platform.remedy import PAUSE_ENV
+
+PORT = 56789
+ALL_ADDRESSES = (UPLINK_V4, BRIDGE_V4, UPLINK_V6, BRIDGE_V6)
+#: what an iptables-legacy table ctfix had to load looks like after revert.
+EMPTY_RAW = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+
+
+def _lab(netfilter: Netfilter) -> Iterator[Topology]:
+    with lab_topology(ipv6=True, netfilter=netfilter) as topo:
+        server = topo.spawn(
+            topo.host, [sys.executable, "-m", "ctfix", "serve", "--broken", "--port", str(PORT)]
+        )
+        wait_udp_bound(server.pid, PORT)
+        yield topo
+
+
+@pytest.fixture(params=["nft", "iptables-legacy"])
+def broken_lab(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    yield from _lab(request.param)
+
+
+@pytest.fixture
+def nft_lab() -> Iterator[Topology]:
+    yield from _lab("nft")
+
+
+@pytest.fixture
+def legacy_lab() -> Iterator[Topology]:
+    yield from _lab("iptables-legacy")
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def ctfix_fix(topo: Topology, *args: str, env: dict[str, str] | None = None) -> (
+    subprocess.CompletedProcess[str]
+):
+    return subprocess.run(
+        [sys.executable, "-m", "ctfix", "fix", *args, "--netns", topo.host],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def kernel_state(topo: Topology) -> dict[str, str]:
+    """Everything fix may touch, as the tools print it (timestamps, counters removed)."""
+
+    def run(*argv: str) -> str:
+        return topo.run(topo.host, *argv)
+
+    def saved(tool: str) -> str:
+        text = run(tool)
+        lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
+        return re.sub(r"\[\d+:\d+\]", "[0:0]", "".join(lines))
+
+    return {
+        "ip -4 rule": run("ip", "-4", "rule"),
+        "ip -6 rule": run("ip", "-6", "rule"),
+        "ip -4 route": run("ip", "-4", "route", "show", "table", "all"),
+        "ip -6 route": run("ip", "-6", "route", "show", "table", "all"),
+        "nft": run("nft", "list", "ruleset"),
+        "iptables-legacy-save": saved("iptables-legacy-save"),
+        "ip6tables-legacy-save": saved("ip6tables-legacy-save"),
+        "ipset": run("ipset", "list"),
+    }
+
+
+def answered(topo: Topology, address: str) -> bool:
+    return udp_exchange(topo.container, address, PORT, timeout=0.5).answered
+
+
+def without_members(state: dict[str, str]) -> dict[str, str]:
+    """The remembered clients (set members and their timers), which traffic changes."""
+    cleaned = dict(state)
+    cleaned["nft"] = re.sub(r"\s*elements = \{[^}]*\}", "", state["nft"])
+    cleaned["ipset"] = re.sub(r"Members:\n(?:.+\n)*", "Members:\n", state["ipset"])
+    cleaned["ipset"] = re.sub(r"References: \d+|Size in memory: \d+", "", cleaned["ipset"])
+    return cleaned
+
+
+def without_loaded_raw(after: dict[str, str], before: dict[str, str]) -> dict[str, str]:
+    """Drop an empty `raw` table the fix loaded: the kernel cannot unload it (see
+    ctfix/platform/remedy/legacy.py); the apply output announces it."""
+    cleaned = dict(after)
+    for key in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        if "*raw" not in before[key]:
+            cleaned[key] = after[key].replace(EMPTY_RAW, "")
+    return cleaned
+
+
+def test_policy_route_fixes_clients_of_the_uplink_and_reverts_exactly(nft_lab: Topology) -> None:
+    topo = nft_lab
+    # Clients that address the uplink: broken, and now in conntrack as evidence.
+    assert not answered(topo, UPLINK_V4) and not answered(topo, UPLINK_V6)
+    before = kernel_state(topo)
+
+    dry = ctfix_fix(topo, str(PORT), "--method", "policy-route")
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run, nothing changed" in dry.stdout
+    assert "ip route add 192.0.2.0/24 dev br0 src 198.51.100.13" in dry.stdout
+    assert kernel_state(topo) == before
+
+    applied = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "192.0.2.3 now leaves from 198.51.100.13" in applied.stdout
+    assert answered(topo, UPLINK_V4) and answered(topo, UPLINK_V6)
+    fixed = kernel_state(topo)
+
+    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
+    assert again.returncode == 0, again.stderr
+    assert "already applied" in again.stdout
+    assert kernel_state(topo) == fixed
+
+    reverted = ctfix_fix(topo, "--revert", str(PORT))
+    assert reverted.returncode == 0, reverted.stderr
+    assert kernel_state(topo) == before
+    assert not answered(topo, UPLINK_V4)
+
+
+def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None:
+    topo = broken_lab
+    assert [answered(topo, a) for a in ALL_ADDRESSES] == [False, True, False, True]
+    before = kernel_state(topo)
+
+    dry = ctfix_fix(topo, str(PORT), "--method", "snat-zone")
+    assert dry.returncode == 0, dry.stderr
+    backend = "nftables" if topo.netfilter == "nft" else "iptables-legacy"
+    assert f"backend {backend}" in dry.stdout
+    assert kernel_state(topo) == before
+
+    applied = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    # Twice each: the second request of a client goes through the remembered path.
+    for _ in range(2):
+        assert [answered(topo, a) for a in ALL_ADDRESSES] == [True, True, True, True]
+    fixed = kernel_state(topo)
+
+    again = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply")
+    assert again.returncode == 0 and "already applied" in again.stdout
+    assert without_members(kernel_state(topo)) == without_members(fixed)
+
+    status = ctfix_fix(topo, "--status", "--json")
+    [fix] = json.loads(status.stdout)["fixes"]
+    assert fix["method"] == "snat-zone" and fix["complete"]
+    assert all(step["present"] for step in fix["steps"])
+
+    reverted = ctfix_fix(topo, "--revert")
+    assert reverted.returncode == 0, reverted.stderr
+    after = kernel_state(topo)
+    if topo.netfilter == "iptables-legacy" and "*raw" not in before["iptables-legacy-save"]:
+        assert "cannot unload" in applied.stdout
+        after = without_loaded_raw(after, before)
+    assert after == before
+    assert not answered(topo, UPLINK_V4)
+
+
+def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology) -> None:
+    topo = legacy_lab
+    assert not answered(topo, UPLINK_V4)
+    before = kernel_state(topo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone", "--apply",
+         "--netns", topo.host],
+        env={**os.environ, PAUSE_ENV: "0.4"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Wait until a few steps are recorded (some done, one pending), then kill -9.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = ctfix_fix(topo, "--status", "--json")
+            fixes = json.loads(status.stdout)["fixes"] if status.returncode == 0 else []
+            if fixes and len(fixes[0]["steps"]) >= 4:
+                break
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    status = ctfix_fix(topo, "--status")
+    assert "INTERRUPTED" in status.stdout
+    assert ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply").returncode == 2
+
+    reverted = ctfix_fix(topo, "--revert", str(PORT))
+    assert reverted.returncode == 0, reverted.stderr
+    assert without_loaded_raw(kernel_state(topo), before) == before
+    assert "no fix recorded" in ctfix_fix(topo, "--status").stdout
+
+
+def test_no_socket_and_no_evidence_is_refused_and_changes_nothing(nft_lab: Topology) -> None:
+    before = kernel_state(nft_lab)
+    refused = ctfix_fix(nft_lab, "40000", "--method", "snat-zone", "--apply")
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "no UDP socket on port 40000" in refused.stderr
+    assert kernel_state(nft_lab) == before
+
+
+def test_policy_route_refuses_mixed_addressing(nft_lab: Topology) -> None:
+    answered(nft_lab, UPLINK_V4)
+    answered(nft_lab, BRIDGE_V4)
+    before = kernel_state(nft_lab)
+    refused = ctfix_fix(nft_lab, str(PORT), "--method", "policy-route", "--apply")
+    assert refused.returncode == 2
+    assert "use --method snat-zone" in refused.stderr
+    assert kernel_state(nft_lab) == before
