@@ -452,3 +452,18 @@ def decode_event(buf: Buf) -> CtEvent | None:
     if entry is None:
         return None
     return _new_tuple(CtEvent, (_kind(msg_type, flags), entry))
+
+
+def ends_dump(buf: Buf) -> bool:
+    """True when buf holds NLMSG_DONE or NLMSG_ERROR (or is not netlink at all)."""
+    offset = 0
+    size = len(buf)
+    try:
+        while offset + 16 <= size:
+            msg_len, msg_type = struct.unpack_from("=IH", buf, offset)
+            if msg_type in (NLMSG_DONE, NLMSG_ERROR) or msg_len < 16:
+                return True
+            offset += (msg_len + 3) & ~3
+    except struct.error:
+        return True
+    return size == 0

@@ -70,9 +70,10 @@ def _raise_for(err: int, what: str) -> None:
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _dump_family(
-    family: int, proto: int | None, sport: int | None, dport: int | None
-) -> Iterator[CtEntry]:
+def dump_buffers(
+    family: int, proto: int | None, sport: int | None = None, dport: int | None = None
+) -> Iterator[bytes]:
+    """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures)."""
     sock = _open("reading the conntrack table")
     try:
         sock.bind((0, 0))
@@ -82,25 +83,32 @@ def _dump_family(
         except PermissionError:
             raise PrivilegeError("reading the conntrack table") from None
         buf = bytearray(_RECV_SIZE)
-        view = memoryview(buf)
-        first = True
         while True:
             n = sock.recv_into(buf)
-            batch = decode.decode(view[:n])
-            if batch.error:
-                if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
-                    # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask
-                    # for everything and let the caller's user-space filter work.
-                    yield from _dump_family(family, None, None, None)
-                    return
-                _raise_for(batch.error, "reading the conntrack table")
-            first = False
-            for event in batch.events:
-                yield event.entry
-            if batch.done:
+            chunk = bytes(buf[:n])
+            yield chunk
+            if decode.ends_dump(chunk):
                 return
     finally:
         sock.close()
+
+
+def _dump_family(
+    family: int, proto: int | None, sport: int | None, dport: int | None
+) -> Iterator[CtEntry]:
+    first = True
+    for chunk in dump_buffers(family, proto, sport, dport):
+        batch = decode.decode(chunk)
+        if batch.error:
+            if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
+                # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask for
+                # everything and let the caller's user-space filter work.
+                yield from _dump_family(family, None, None, None)
+                return
+            _raise_for(batch.error, "reading the conntrack table")
+        first = False
+        for event in batch.events:
+            yield event.entry
 
 
 def dump(

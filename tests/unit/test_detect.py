@@ -1,0 +1,188 @@
+"""The detector: the wrong-source rule, what must not be reported, bounds and expiry."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import socket
+
+from ctfix.core import decode
+from ctfix.core.decode import DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent, CtTuple
+from ctfix.core.detect import Detector, Finding
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+LOCAL = frozenset({"198.51.100.13", "192.0.2.1", "2001:db8:2::13", "2001:db8:1::1"})
+
+
+def flow(
+    src: str,
+    sport: int,
+    dst: str,
+    dport: int,
+    *,
+    reply_src: str | None = None,
+    reply_sport: int | None = None,
+    reply_dst: str | None = None,
+    zone: int = 0,
+    status: int = 0,
+) -> CtEntry:
+    family = V6 if ":" in src else V4
+    orig = CtTuple(src, dst, sport, dport, 17, family)
+    reply = CtTuple(reply_src or dst, reply_dst or src, reply_sport or dport, sport, 17, family)
+    return CtEntry(orig, reply, status=status, zone=zone, timeout=30)
+
+
+def new(entry: CtEntry) -> CtEvent:
+    return CtEvent(NEW, entry)
+
+
+def detector() -> Detector:
+    return Detector(local_addresses=LOCAL)
+
+
+def only(found: tuple[Finding, bool] | None) -> Finding:
+    assert found is not None
+    return found[0]
+
+
+def test_reply_from_another_local_address_is_an_address_mismatch() -> None:
+    d = detector()
+    assert d.feed(new(flow("192.0.2.3", 33611, "198.51.100.13", 56789)), 100.0) is None
+    found = d.feed(new(flow("192.0.2.1", 56789, "192.0.2.3", 33611)), 100.1)
+    assert found is not None and found[1] is True
+    f = found[0]
+    assert (f.client, f.service) == ("192.0.2.3:33611", "198.51.100.13:56789")
+    assert (f.expected_source, f.actual_source) == ("198.51.100.13:56789", "192.0.2.1:56789")
+    assert f.mismatch == "address" and f.local and not f.confirmed
+    assert f.family == "ipv4" and f.client_network == "192.0.2.0/24"
+
+
+def test_port_and_address_plus_port_mismatches() -> None:
+    d = detector()
+    d.feed(new(flow("192.0.2.3", 1000, "198.51.100.13", 69)), 1.0)
+    assert (
+        only(d.feed(new(flow("198.51.100.13", 40000, "192.0.2.3", 1000)), 1.1)).mismatch == "port"
+    )
+    d.feed(new(flow("192.0.2.3", 1001, "198.51.100.13", 69)), 1.0)
+    f = only(d.feed(new(flow("192.0.2.1", 40000, "192.0.2.3", 1001)), 1.1))
+    assert f.mismatch == "address+port"
+
+
+def test_ipv6_pair_from_recorded_kernel_messages() -> None:
+    records = json.loads(
+        (pathlib.Path(__file__).parent / "fixtures" / "ctnetlink_messages.json").read_text()
+    )
+    d = detector()
+    findings = []
+    for record in records:
+        if record["source"] == "event":
+            event = decode.decode_event(bytes.fromhex(record["hex"]))
+            assert event is not None
+            if (found := d.feed(event, 5.0)) is not None:
+                findings.append(found[0])
+    assert [(f.family, f.expected_source, f.actual_source, f.mismatch) for f in findings] == [
+        ("ipv4", "198.51.100.13:56789", "192.0.2.1:56789", "address"),
+        ("ipv6", "[2001:db8:2::13]:5353", "[2001:db8:1::1]:5353", "address"),
+    ]
+
+
+def test_the_dnat_reply_tuple_is_the_expectation_not_the_original_destination() -> None:
+    d = detector()
+    # Client sent to 203.0.113.80:53, DNAT'd to the container 192.0.2.3:5353.
+    d.feed(
+        new(
+            flow("198.51.100.1", 4000, "203.0.113.80", 53, reply_src="192.0.2.3", reply_sport=5353)
+        ),
+        1.0,
+    )
+    # The container answers from the right place: conntrack matches, no new entry.
+    # A new entry from 192.0.2.3:5353 can only mean the DNAT'd service answered
+    # outside the flow; but the expectation is 192.0.2.3:5353, so equal -> nothing.
+    assert d.feed(new(flow("192.0.2.3", 5353, "198.51.100.1", 4000)), 1.1) is None
+    f = only(d.feed(new(flow("192.0.2.9", 5353, "198.51.100.1", 4000)), 1.2))
+    assert (f.service, f.expected_source) == ("203.0.113.80:53", "192.0.2.3:5353")
+
+
+def test_a_reply_snatted_from_another_zone_to_the_right_source_is_not_reported() -> None:
+    d = detector()
+    d.feed(new(flow("192.0.2.3", 33611, "198.51.100.13", 56789)), 1.0)
+    # snat-zone remedy: the reply is in zone 7 and leaves as 198.51.100.13:56789.
+    fixed = flow("192.0.2.1", 56789, "192.0.2.3", 33611, reply_dst="198.51.100.13", zone=7)
+    assert d.feed(new(fixed), 1.1) is None
+    assert not d.findings
+
+
+def test_replied_or_expired_requests_are_forgotten() -> None:
+    d = detector()
+    request = flow("192.0.2.3", 2000, "198.51.100.13", 53)
+    d.feed(new(request), 1.0)
+    d.feed(CtEvent(UPDATE, request._replace(status=IPS_SEEN_REPLY)), 1.1)
+    assert d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 2000)), 1.2) is None
+    d.feed(new(flow("192.0.2.3", 2001, "198.51.100.13", 53)), 10.0)
+    d.expire(10.0 + 32)
+    assert d.pending == 0
+    assert d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 2001)), 10.0 + 33) is None
+
+
+def test_the_clients_next_request_is_not_mistaken_for_a_reply() -> None:
+    d = detector()
+    d.feed(new(flow("2001:db8:1::3", 5000, "2001:db8:2::13", 5353)), 1.0)
+    assert d.feed(new(flow("2001:db8:1::1", 5353, "2001:db8:1::3", 5000)), 1.1) is not None
+    # The same client now asks the address that answered: an ordinary request.
+    assert d.feed(new(flow("2001:db8:1::3", 5001, "2001:db8:1::1", 5353)), 1.2) is None
+    assert len(d.findings) == 1
+
+
+def test_multicast_queries_answered_by_unicast_are_not_reported() -> None:
+    d = detector()
+    d.feed(new(flow("192.0.2.1", 5353, "224.0.0.251", 5353)), 1.0)
+    assert d.feed(new(flow("192.0.2.3", 5353, "192.0.2.1", 5353)), 1.1) is None
+
+
+def test_findings_aggregate_per_service_source_and_client_network() -> None:
+    d = detector()
+    results = []
+    for i, client in enumerate(["192.0.2.3", "192.0.2.4", "203.0.113.5"]):
+        d.feed(new(flow(client, 3000 + i, "198.51.100.13", 53)), 1.0 + i)
+        results.append(d.feed(new(flow("192.0.2.1", 53, client, 3000 + i)), 1.5 + i))
+    assert [r[1] for r in results if r] == [True, False, True]
+    counts = {f.client_network: f.count for f in d.findings.values()}
+    assert counts == {"192.0.2.0/24": 2, "203.0.113.0/24": 1}
+    agg = d.findings[("198.51.100.13:53", "192.0.2.1:53", "192.0.2.0/24")]
+    assert (agg.first_seen, agg.last_seen) == (1.5, 2.5)
+
+
+def test_icmp_port_unreachable_confirms_whichever_comes_first() -> None:
+    d = detector()
+    d.feed(new(flow("192.0.2.3", 4000, "198.51.100.13", 53)), 1.0)
+    d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4000)), 1.1)
+    confirmed = d.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.3", 4000, 1.2)
+    assert confirmed is not None and confirmed.confirmed
+    assert d.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.3", 4000, 1.3) is None
+    # ICMP read before the conntrack event:
+    d2 = detector()
+    d2.feed(new(flow("192.0.2.3", 4001, "198.51.100.13", 53)), 1.0)
+    assert d2.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.3", 4001, 1.05) is None
+    assert only(d2.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4001)), 1.1)).confirmed
+
+
+def test_a_resync_dump_finds_pairs_once() -> None:
+    d = detector()
+    entries = [
+        flow("192.0.2.3", 4000, "198.51.100.13", 53),
+        flow("192.0.2.1", 53, "192.0.2.3", 4000),
+        flow("192.0.2.3", 4001, "198.51.100.13", 53, status=IPS_SEEN_REPLY),
+    ]
+    first = d.resync(entries, 1.0)
+    assert [(f.actual_source, new_) for f, new_ in first] == [("192.0.2.1:53", True)]
+    assert d.resync(entries, 2.0) == []
+    assert d.findings[first[0][0].key].count == 1
+    assert d.feed(CtEvent(DUMPED, entries[1]), 2.5) is None
+
+
+def test_memory_is_bounded_under_a_flood_of_unrelated_flows() -> None:
+    d = Detector(max_flows=1000)
+    for i in range(5000):
+        d.feed(new(flow(f"203.0.113.{i % 250}", 1024 + i, "198.51.100.13", 53)), 1.0)
+    assert d.pending == 1000
+    assert d.stats.evicted == 4000 and d.stats.new_flows == 5000
