@@ -1,0 +1,195 @@
+"""`ctfix watch` against real broken and correct servers in the lab topology.
+
+Broken servers (nc, socat, `ctfix serve --broken --dual-stack`) and correct ones
+(`ctfix serve`, dnsmasq) run in the host namespace, clients in the container. IPv6
+is left untracked on purpose (the lab's ip6 table is removed) so that `--track` has
+to switch it on; the test checks the table is gone again afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from ctfix.lab.topology import (
+    UPLINK_V4,
+    UPLINK_V6,
+    Topology,
+    lab_topology,
+    udp_exchange,
+    wait_udp_bound,
+)
+from ctfix.platform import netns
+
+WATCH = [sys.executable, "-m", "ctfix", "watch"]
+
+
+def _start_watch(topo: Topology, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [*WATCH, "--netns", topo.host, "--json", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Ready once the --track table is loaded and the probes are done.
+    deadline = time.monotonic() + 10
+    while "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables"):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "watch did not load its --track table"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the event subscription follows the table
+    return proc
+
+
+def _records(stdout: str) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
+    findings: dict[tuple[str, str], dict[str, Any]] = {}
+    summary: dict[str, Any] = {}
+    for line in stdout.splitlines():
+        record = json.loads(line)
+        if record["kind"] == "summary":
+            summary = record
+        else:
+            assert record["kind"] == "wrong-source-reply"
+            findings[(record["service"], record["actual_source"])] = record  # last wins
+    return findings, summary
+
+
+def _dns_query(ns: str, server: str, port: int) -> tuple[bytes, tuple[str, int]] | None:
+    query = struct.pack(">HHHHHH", 0x4354, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(p)]) + p for p in (b"ctfix", b"test")) + b"\0"
+    query += struct.pack(">HH", 1, 1)
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect((server, port))
+        sock.send(query)
+        data, peer = sock.recvfrom(4096)
+        return data, peer[:2]
+    except (TimeoutError, ConnectionRefusedError):
+        return None
+    finally:
+        sock.close()
+
+
+def _serve(topo: Topology, *args: str) -> subprocess.Popen[bytes]:
+    return topo.spawn(topo.host, [sys.executable, "-m", "ctfix", "serve", *args])
+
+
+@pytest.fixture
+def lab_v6_untracked() -> Any:
+    with lab_topology(ipv6=True, netfilter="nft") as topo:
+        # IPv6 has no stateful rule now: the kernel does not track it in the host.
+        topo.run(topo.host, "nft", "delete", "table", "ip6", "ctfix_lab")
+        yield topo
+
+
+def test_watch_reports_broken_servers_and_not_correct_ones(lab_v6_untracked: Topology) -> None:
+    topo = lab_v6_untracked
+    nc = subprocess.Popen(
+        topo.exec_argv(topo.host, ["nc", "-ul", "56789"]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    topo.processes.append(nc)  # type: ignore[arg-type]
+    socat = topo.spawn(topo.host, ["socat", "UDP6-RECVFROM:5353,fork", "EXEC:cat"])
+    dual = _serve(topo, "--port", "7001", "--broken", "--dual-stack")
+    good = _serve(topo, "--port", "7000")
+    dnsmasq = topo.spawn(
+        topo.host,
+        [
+            "dnsmasq",
+            "--no-daemon",
+            "--port=5300",
+            "--no-resolv",
+            "--no-hosts",
+            "-C",
+            "/dev/null",
+            "--pid-file=",
+            "--address=/ctfix.test/192.0.2.55",
+        ],
+    )
+    for proc, port in ((nc, 56789), (socat, 5353), (dual, 7001), (good, 7000), (dnsmasq, 5300)):
+        wait_udp_bound(proc.pid, port)
+    watch = _start_watch(topo, "--track", "--duration", "4")
+
+    # nc answers with what it reads on stdin, after connect()ing to the first client.
+    assert nc.stdin is not None
+    nc.stdin.write(b"hello\n")
+    nc.stdin.flush()
+    broken = [
+        udp_exchange(topo.container, UPLINK_V4, 56789),
+        udp_exchange(topo.container, UPLINK_V6, 5353),
+        udp_exchange(topo.container, UPLINK_V4, 7001),
+    ]
+    assert not any(exchange.answered for exchange in broken)  # the bug, as users see it
+    correct = [
+        udp_exchange(topo.container, UPLINK_V4, 7000),
+        udp_exchange(topo.container, UPLINK_V6, 7000),
+    ]
+    assert [e.reply_from for e in correct] == [(UPLINK_V4, 7000), (UPLINK_V6, 7000)]
+    dns = _dns_query(topo.container, UPLINK_V4, 5300)
+    assert dns is not None and dns[1] == (UPLINK_V4, 5300)
+    assert bytes([192, 0, 2, 55]) in dns[0]  # a real answer, not just any datagram
+
+    stdout, stderr = watch.communicate(timeout=15)
+    assert watch.returncode == 0, stderr
+    findings, summary = _records(stdout)
+    clients = {e.server[1]: e.client for e in broken}
+    expected = {
+        ("198.51.100.13:56789", "192.0.2.1:56789"): clients[56789],
+        ("[2001:db8:2::13]:5353", "[2001:db8:1::1]:5353"): clients[5353],
+        ("198.51.100.13:7001", "192.0.2.1:7001"): clients[7001],
+    }
+    assert set(findings) == set(expected)
+    for (service, actual), client in expected.items():
+        record = findings[(service, actual)]
+        assert record["expected_source"] == service
+        assert record["mismatch"] == "address"
+        assert record["local"] is True
+        assert record["client"].endswith(f":{client[1]}")
+        assert record["netns"] == topo.host
+    # The connected clients rejected the replies: ICMP port unreachable was seen.
+    assert findings[("198.51.100.13:56789", "192.0.2.1:56789")]["confirmed"] is True
+    assert summary["findings"] == 3 and summary["lost"] == 0
+    assert summary["new_flows"] >= 9  # 6 requests (+1 DNS) and 3 wrong-source replies
+    assert "not tracked" not in stderr
+    assert "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables")
+
+
+def test_watch_warns_about_untracked_ipv6_and_cleans_up_on_sigterm(
+    lab_v6_untracked: Topology,
+) -> None:
+    topo = lab_v6_untracked
+    plain = subprocess.run(
+        [*WATCH, "--netns", topo.host, "--duration", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert plain.returncode == 0
+    assert "IPv6 is not tracked" in plain.stderr and "IPv4" not in plain.stderr
+    assert plain.stdout.strip().endswith("0 finding(s)")
+
+    watch = _start_watch(topo, "--track")
+    watch.send_signal(signal.SIGTERM)
+    stdout, _ = watch.communicate(timeout=10)
+    assert watch.returncode == 0
+    assert json.loads(stdout.splitlines()[-1])["kind"] == "summary"
+    assert "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables")
+
+
+def test_watch_errors_are_one_line() -> None:
+    proc = subprocess.run(
+        [*WATCH, "--netns", "ctfix-no-such-namespace"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
