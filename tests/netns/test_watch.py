@@ -99,7 +99,7 @@ def test_watch_reports_broken_servers_and_not_correct_ones(lab_v6_untracked: Top
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
-    topo.processes.append(nc)  # type: ignore[arg-type]
+    topo.processes.append(nc)
     socat = topo.spawn(topo.host, ["socat", "UDP6-RECVFROM:5353,fork", "EXEC:cat"])
     dual = _serve(topo, "--port", "7001", "--broken", "--dual-stack")
     good = _serve(topo, "--port", "7000")
