@@ -316,6 +316,7 @@ def _clients(
     requests: list[_Request],
     serving: dict[str, list[Listener]],
     exposed: dict[str, bool],
+    rewritten: set[str],
 ) -> list[ClientNetwork]:
     connected = connected_networks(snapshot.addresses)
     result: list[ClientNetwork] = []
@@ -358,7 +359,11 @@ def _clients(
                 predicted = next(iter(specific))
             else:
                 predicted = None
-            ok = all(not exposed.get(family) or a == predicted or a in specific for a in addressed)
+            # `rewritten`: a working snat-zone setup gives those clients the right source.
+            ok = all(
+                not exposed.get(family) or a == predicted or a in specific or a in rewritten
+                for a in addressed
+            )
             result.append(
                 ClientNetwork(
                     network=network,
@@ -369,12 +374,12 @@ def _clients(
                     seen=was_seen,
                 )
             )
-    result.extend(_connected_peers(snapshot, requests, result))
+    result.extend(_connected_peers(snapshot, requests, result, rewritten))
     return result
 
 
 def _connected_peers(
-    snapshot: Snapshot, requests: list[_Request], known: list[ClientNetwork]
+    snapshot: Snapshot, requests: list[_Request], known: list[ClientNetwork], rewritten: set[str]
 ) -> list[ClientNetwork]:
     """Networks served only by a connect()ed socket (netcat after its first datagram).
 
@@ -399,7 +404,7 @@ def _connected_peers(
                 network=network,
                 addressed=tuple(addressed),
                 predicted_source=source,
-                ok=all(a == source for a in addressed),
+                ok=all(a == source or a in rewritten for a in addressed),
                 interface=iface,
                 seen=True,
             )
@@ -428,7 +433,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         family: any(_wild_for(lst, family) and not known[id(lst)].correct for lst in listeners)
         for family, listeners in serving.items()
     }
-    clients = _clients(snapshot, requests, serving, exposed)
+    rewritten = {
+        unmap(r.nat_to)
+        for r in snapshot.netfilter
+        if r.nat_to
+        and r.actions & _NAT_SOURCE
+        and (r.matches_sport or r.to_port)
+        and rule_problem(r, snapshot.netfilter) is None
+    }
+    clients = _clients(snapshot, requests, serving, exposed, rewritten)
 
     # Who is on the port.
     if not snapshot.listeners:
@@ -520,6 +533,12 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         )
         for r in snapshot.netfilter
     )
+    if rewritten:
+        reasons.append(
+            f"Replies to clients of {', '.join(sorted(rewritten))} that leave from another "
+            "address are rewritten by SNAT in a separate conntrack zone (snat-zone): those "
+            "clients get the right source."
+        )
     doomed = [r for r in rules if r.problem]
     if doomed:
         reasons.append(

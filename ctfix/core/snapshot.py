@@ -88,6 +88,7 @@ class NetfilterRule:
     to_port: bool = False  # the port appears only in a NAT target (`to :P`)
     hook: str | None = None  # "prerouting", "output", "postrouting", ... when known
     matches_mark: bool = False
+    nat_to: str | None = None  # the address a snat/dnat statement rewrites to
 
 
 @dataclass(frozen=True, slots=True)

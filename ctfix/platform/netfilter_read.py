@@ -74,6 +74,16 @@ def _port_field(left: Any) -> str | None:
     return None
 
 
+def _nft_nat_to(expressions: list[JsonObject]) -> str | None:
+    for expr in expressions:
+        for key in ("snat", "dnat"):
+            value = expr.get(key)
+            if isinstance(value, dict) and isinstance(value.get("addr"), str):
+                address: str = value["addr"]
+                return address
+    return None
+
+
 def _nft_classify(
     expressions: list[JsonObject], port: int
 ) -> tuple[frozenset[str], bool, bool, bool, bool]:
@@ -169,6 +179,7 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 to_port=to_port and not (sport or dport),
                 hook=hooks.get(key),
                 matches_mark=mark,
+                nat_to=_nft_nat_to(rule.get("expr", [])),
             )
         )
     return result
@@ -245,6 +256,12 @@ def _address_option(flag: str, value: str | None) -> str:
     if net.prefixlen == 0:
         return ""
     return f" {'! ' if negated else ''}{flag} {net}"
+
+
+def _legacy_nat_to(saved: str) -> str | None:
+    """`--to-source 198.51.100.13:53` / `[2001:db8::1]:53` -> the address."""
+    match = re.search(r"--to-(?:source|destination)\s+(\[[^\]]+\]|[^\s:\-]+)", saved)
+    return match.group(1).strip("[]") if match else None
 
 
 def _saved(part: Any, ip: Any) -> str:
@@ -331,6 +348,7 @@ def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
                     to_port=to_port and not (sport or dport),
                     hook=_BUILTIN_HOOKS.get(chain.name),
                     matches_mark=mark,
+                    nat_to=_legacy_nat_to(target_saved),
                 )
 
 

@@ -208,3 +208,18 @@ def test_missing_namespace_is_one_line_error() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+def test_snat_zone_fix_reads_ok_and_its_rules_have_no_problem(lab4: Topology) -> None:
+    netcat(lab4)
+    assert explain(lab4)[1]["verdict"] == "at-risk"
+    fix = [sys.executable, "-m", "ctfix", "fix", str(PORT), "--netns", lab4.host]
+    subprocess.run([*fix, "--method", "snat-zone", "--apply"], check=True, capture_output=True)
+    try:
+        status, result = explain(lab4)
+        assert (status, result["verdict"]) == (0, "ok"), result["reasons"]
+        ours = [r for r in result["rules"] if "ctfix_" in r["table"]]
+        assert ours and all(r["problem"] is None for r in ours)
+    finally:
+        subprocess.run([*fix, "--revert"], check=True, capture_output=True)
+    assert explain(lab4)[1]["verdict"] == "at-risk"

@@ -227,3 +227,17 @@ def test_user_rules_directory_overrides(tmp_path: Path) -> None:
     )
     kb = rules.load([tmp_path], builtin=True)
     assert diagnose(snapshot(NC), kb).verdict == "ok"
+
+
+def test_working_snat_zone_rules_make_the_networks_ok() -> None:
+    def snat_to(address: str) -> NetfilterRule:
+        return replace(nat_rule({"snat"}), nat_to=address)
+
+    one = (snat_to(UPLINK), nat_rule({"zone"}))
+    d = diagnose(snapshot(NC, netfilter=one))
+    nets = {cn.network: cn.ok for cn in d.clients}
+    assert nets == {"192.0.2.0/24": True, "198.51.100.0/24": False}
+    both = (*one, snat_to(BRIDGE))
+    assert diagnose(snapshot(NC, netfilter=both)).verdict == "ok"
+    # Without the zone the same SNAT is the doomed kind and rescues nothing.
+    assert diagnose(snapshot(NC, netfilter=(snat_to(UPLINK), snat_to(BRIDGE)))).verdict == "at-risk"
