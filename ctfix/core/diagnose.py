@@ -646,11 +646,15 @@ def _fixes(
             )
         )
     else:
-        why_not = (
-            f"clients in {mixed[0].network} address {' and '.join(mixed[0].addressed)}"
-            if mixed
-            else "it is not known which single address each client network uses"
-        )
+        if mixed and mixed[0].seen:
+            why_not = f"clients in {mixed[0].network} address {' and '.join(mixed[0].addressed)}"
+        elif mixed:
+            why_not = (
+                f"clients in {mixed[0].network} may address "
+                f"{' or '.join(mixed[0].addressed)}, and none has been seen yet"
+            )
+        else:
+            why_not = "it is not known which single address each client network uses"
         fixes.append(
             Fix(
                 method="policy-route",
