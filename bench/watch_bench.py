@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.flows import blast  # noqa: E402
-from ctfix.lab.topology import CONTAINER_V4, UPLINK_V4, Topology, lab_topology  # noqa: E402
-from ctfix.platform import netns  # noqa: E402
+from bench.flows import blast
+from ctfix.lab.topology import CONTAINER_V4, UPLINK_V4, Topology, lab_topology
+from ctfix.platform import netns
 
 MEMORY_PROBE = r"""
 import os, socket, sys, time
@@ -126,7 +126,7 @@ def main() -> int:
     with lab_topology(ipv6=False, netfilter="nft") as topo:
         # Longer than the run, so that entries are still there for the count below.
         _host_sysctl(topo, "net.netfilter.nf_conntrack_udp_timeout", "120")
-        out_ct = tempfile.TemporaryFile(mode="w+")
+        out_ct = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the process
         conntrack_e = topo.spawn(
             topo.host,
             ["conntrack", "-E", "-e", "NEW", "-p", "udp", "-b", str(64 << 20)],
