@@ -1,9 +1,12 @@
 """The record of what `ctfix fix` made in one network namespace.
 
 One JSON file per namespace, under /run/ctfix/fix/ (or $CTFIX_STATE_DIR), named by
-the namespace's inode, so `--netns NAME` and `--netns pid:PID` of the same namespace
-share it. /run is right: every object recorded here lives in the kernel and dies
-with a reboot, and so does the record.
+the namespace's cookie (SO_NETNS_COOKIE), so `--netns NAME` and `--netns pid:PID` of
+the same namespace share it. Not by its inode: the kernel reuses the inode of a
+deleted namespace, and a new namespace must never inherit a stale record (it would
+read as "already applied"). The inode is the fallback on kernels before 5.14.
+/run is right: every object recorded here lives in the kernel and dies with a
+reboot, and so does the record.
 
 Know before changing: the file is written atomically (temp file, fsync, rename,
 fsync of the directory) and a step is recorded as "pending" BEFORE it is applied,
@@ -34,10 +37,19 @@ def state_dir() -> str:
     return os.environ.get("CTFIX_STATE_DIR") or DEFAULT_DIR
 
 
-def namespace_key(ns_path: str = "/proc/thread-self/ns/net") -> str:
-    """`netns-<inode>` of the namespace the calling thread is in (or of ns_path)."""
-    st = os.stat(ns_path)
-    return f"netns-{st.st_ino}"
+SO_NETNS_COOKIE = 71  # Linux >= 5.14; not in Python's socket module
+
+
+def namespace_key() -> str:
+    """`netns-cookie-<n>` of the calling thread's namespace, unique until reboot."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        return f"netns-cookie-{int.from_bytes(raw, 'little')}"
+    except OSError:
+        return f"netns-{os.stat('/proc/thread-self/ns/net').st_ino}"
 
 
 @dataclass

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -210,7 +211,10 @@ def test_missing_namespace_is_one_line_error() -> None:
     assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
 
 
-def test_snat_zone_fix_reads_ok_and_its_rules_have_no_problem(lab4: Topology) -> None:
+def test_snat_zone_fix_reads_ok_and_its_rules_have_no_problem(
+    lab4: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))  # not the machine's /run/ctfix
     netcat(lab4)
     assert explain(lab4)[1]["verdict"] == "at-risk"
     fix = [sys.executable, "-m", "ctfix", "fix", str(PORT), "--netns", lab4.host]
