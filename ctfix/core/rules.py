@@ -165,10 +165,15 @@ class KnowledgeBase:
 
 
 def builtin_dir() -> Path:
-    """The repository's top-level `rules/` (ctfix is installed editable)."""
+    """The built-in `rules/`: the repository's top level (an editable install or a
+    checkout), else the copy a regular install puts in `<prefix>/share/ctfix/rules`."""
+    import sys
+
     import ctfix
 
-    return Path(ctfix.__file__).resolve().parent.parent / "rules"
+    checkout = Path(ctfix.__file__).resolve().parent.parent / "rules"
+    installed = Path(sys.prefix) / "share" / "ctfix" / "rules"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
 
 def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeBase:
