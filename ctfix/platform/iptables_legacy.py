@@ -4,10 +4,23 @@ Know before changing: opening a legacy table with libiptc (python-iptables) make
 the kernel create it if it is not there yet, after which Debian's `iptables`
 (nf_tables) warns "iptables-legacy tables present". Read-only code must therefore
 only open the tables listed in /proc/thread-self/net/ip{,6}_tables_names (the
-calling thread's namespace, also inside `netns.entered()`).
+calling thread's namespace, also inside `netns.entered()`). python-iptables also
+opens *every* table when it resolves a target name: `table_class` declares which
+tables exist before anything is opened. And libxtables keeps one protocol's
+extensions per process, so each family's libiptc work runs in its own forked child
+(`in_child`).
 """
 
 from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from ctfix.errors import CtfixError, MissingFeatureError
+
+T = TypeVar("T")
 
 FAMILY_FILES = {
     "ipv4": "/proc/thread-self/net/ip_tables_names",
@@ -27,3 +40,75 @@ def loaded_tables(family: str = "ipv4") -> list[str]:
 def in_use() -> bool:
     """True when this namespace holds any iptables-legacy table (v4 or v6)."""
     return bool(loaded_tables("ipv4") or loaded_tables("ipv6"))
+
+
+def import_iptc(message: str = "python-iptables is not installed") -> Any:
+    """The python-iptables module, imported only when needed (it loads libiptc)."""
+    try:
+        import iptc
+    except ImportError:
+        raise MissingFeatureError(
+            message, "pip install python-iptables (or run scripts/setup)"
+        ) from None
+    return iptc
+
+
+def table_class(iptc: Any, family: str, existing: Iterable[str]) -> Any:
+    """python-iptables' Table class for the family, told which tables exist.
+
+    Without this it probes (and so creates) every table it has not seen, the first
+    time it resolves a target name. Open only tables named in `existing`.
+    """
+    cls: Any = iptc.Table6 if family == "ipv6" else iptc.Table
+    names = set(existing)
+    cls.existing_table_names.clear()
+    cls.existing_table_names.update({name: name in names for name in cls.ALL})
+    return cls
+
+
+def saved_options(part: Any, ip: Any) -> str:
+    """A match's or target's options as iptables-save prints them (leading space)."""
+    raw = part._get_saved_buf(ip)
+    if raw is None:
+        return ""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return text.rstrip("\n")
+
+
+def in_child(function: Callable[..., T], *args: Any) -> T:
+    """Run function(*args) in a forked child; return its result or re-raise its error.
+
+    libxtables keeps one protocol's extensions per process: once libxt_MASQUERADE
+    is loaded for IPv4, python-iptables cannot find the IPv6 MASQUERADE ("can't find
+    target"). A child per operation keeps each one clean; it inherits the namespace
+    the caller entered. Errors come back as `CtfixError`.
+    """
+    readable, writable = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's code
+        status = 0
+        try:
+            os.close(readable)
+            try:
+                outcome: tuple[str, Any] = ("ok", function(*args))
+            except CtfixError as err:
+                outcome = ("error", err)
+            except Exception as err:
+                outcome = ("error", CtfixError(f"{type(err).__name__}: {err}"))
+            with os.fdopen(writable, "wb") as out:
+                pickle.dump(outcome, out)
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(writable)
+    with os.fdopen(readable, "rb") as inp:
+        data = inp.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise CtfixError("an iptables-legacy operation died without an answer")
+    kind, value = pickle.loads(data)
+    if kind != "ok":
+        raise value
+    result: T = value
+    return result

@@ -5,16 +5,14 @@ the same ruleset printed with handles); iptables-legacy through python-iptables.
 
 Know before changing: python-iptables creates any legacy table it opens, and it
 opens *every* table as soon as it looks at a rule's target (to tell a chain jump
-from an extension). `_legacy_rules` therefore tells python-iptables, before it
-touches anything, which tables exist (from /proc/thread-self/net/ip*_tables_names)
-and which do not; never call `iptc.Table(...)` for a name outside that list.
+from an extension). `_legacy_rules` therefore gets its Table class from
+`iptables_legacy.table_class`, which declares which tables exist (from
+/proc/thread-self/net/ip*_tables_names); never open a name outside that list.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
-import pickle
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -264,29 +262,11 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
-def _saved(part: Any, ip: Any) -> str:
-    raw = part._get_saved_buf(ip)
-    if raw is None:
-        return ""
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    return text.rstrip("\n")
-
-
 def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
     loaded = iptables_legacy.loaded_tables(family)
     if not loaded:
         return
-    try:
-        import iptc
-    except ImportError:
-        raise CtfixError(
-            "python-iptables is not installed but iptables-legacy rules exist",
-            "pip install python-iptables (or run scripts/setup)",
-        ) from None
-    table_class: Any = iptc.Table6 if family == "ipv6" else iptc.Table
-    # Tell python-iptables which tables exist, so it never probes (creates) others.
-    table_class.existing_table_names.clear()
-    table_class.existing_table_names.update({name: name in loaded for name in table_class.ALL})
+    table_class = iptables_legacy.table_class(_import_iptc(), family, loaded)
     for name in loaded:
         if name not in table_class.ALL:
             continue
@@ -308,14 +288,18 @@ def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
                     options += f" -p {rule.protocol}"
                 sport = dport = mark = False
                 for match in rule.matches:
-                    saved = _saved(match, ip)
+                    saved = iptables_legacy.saved_options(match, ip)
                     options += f" -m {match.name}{saved}"
                     s, d = _match_ports(saved, port)
                     sport, dport = sport or s, dport or d
                     mark = mark or match.name in ("mark", "connmark")
                 target = rule.target
                 target_name = target.name if target is not None else ""
-                target_saved = _saved(target, ip) if target is not None and target_name else ""
+                target_saved = (
+                    iptables_legacy.saved_options(target, ip)
+                    if target is not None and target_name
+                    else ""
+                )
                 to_port = bool(
                     re.search(rf"--to(?:-source|-destination)?\s+\S*:{port}\b", target_saved)
                     or re.search(rf"--to-ports\s+{port}\b", target_saved)
@@ -352,43 +336,20 @@ def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
                 )
 
 
-def _in_child(port: int, family: str) -> list[NetfilterRule]:
-    """Run `_legacy_rules` in a forked child and return its result.
+def _import_iptc() -> Any:
+    return iptables_legacy.import_iptc(
+        "python-iptables is not installed but iptables-legacy rules exist"
+    )
 
-    libxtables keeps one protocol's extensions per process: once libxt_MASQUERADE
-    is loaded for IPv4, python-iptables cannot find the IPv6 MASQUERADE ("can't
-    find target"). A child per family keeps each one clean (it inherits the
-    namespace we entered).
-    """
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller's code
-        status = 0
-        try:
-            os.close(readable)
-            try:
-                outcome: tuple[str, Any] = ("ok", list(_legacy_rules(port, family)))
-            except CtfixError as err:
-                outcome = ("error", err.one_line())
-            except Exception as err:
-                outcome = ("error", f"{type(err).__name__}: {err}")
-            with os.fdopen(writable, "wb") as out:
-                pickle.dump(outcome, out)
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(writable)
-    with os.fdopen(readable, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
-    if not data:
-        raise CtfixError(f"reading the {family} iptables-legacy tables failed")
-    kind, value = pickle.loads(data)
-    if kind != "ok":
-        raise CtfixError(f"reading the {family} iptables-legacy tables: {value}")
-    rules: list[NetfilterRule] = value
-    return rules
+
+def _read_family(port: int, family: str) -> list[NetfilterRule]:
+    """`_legacy_rules` for one family, in its own child (see `iptables_legacy.in_child`)."""
+    try:
+        return iptables_legacy.in_child(lambda: list(_legacy_rules(port, family)))
+    except CtfixError as err:
+        raise CtfixError(
+            f"reading the {family} iptables-legacy tables: {err.one_line()}"
+        ) from None
 
 
 def legacy_rules(port: int) -> list[NetfilterRule]:
@@ -396,14 +357,8 @@ def legacy_rules(port: int) -> list[NetfilterRule]:
     families = [f for f in ("ipv4", "ipv6") if iptables_legacy.loaded_tables(f)]
     if not families:
         return []
-    try:
-        import iptc  # noqa: F401  (once, before forking: children share the import)
-    except ImportError:
-        raise CtfixError(
-            "python-iptables is not installed but iptables-legacy rules exist",
-            "pip install python-iptables (or run scripts/setup)",
-        ) from None
-    return [rule for family in families for rule in _in_child(port, family)]
+    _import_iptc()  # once, before forking: the children share the import
+    return [rule for family in families for rule in _read_family(port, family)]
 
 
 def rules_for_port(port: int) -> tuple[list[NetfilterRule], list[str]]:

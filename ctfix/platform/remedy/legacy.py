@@ -3,10 +3,10 @@
 Know before changing, three traps measured on this kernel:
 - python-iptables creates any legacy table it opens, and probes (opens) every table
   when it resolves a target name; each operation therefore declares which tables
-  exist first (`existing_table_names`), like ctfix/platform/netfilter_read.py.
+  exist first (`iptables_legacy.table_class`), like ctfix/platform/netfilter_read.py.
 - libxtables keeps one protocol's extensions per process (after IPv4's SNAT is
-  loaded, IPv6's cannot be): every libiptc operation runs in a forked child, which
-  inherits the namespace the command entered.
+  loaded, IPv6's cannot be): every libiptc operation runs in a forked child
+  (`iptables_legacy.in_child`), which inherits the namespace the command entered.
 - The kernel cannot unload a legacy table from a live namespace: when the fix needs
   `raw` (for the CT zone) and `raw` was not loaded, an empty `raw` table (ACCEPT
   policies) remains after revert. `tables_created()` tells the caller, who says so.
@@ -14,19 +14,13 @@ Know before changing, three traps measured on this kernel:
 
 from __future__ import annotations
 
-import os
-import pickle
 import shutil
 import subprocess
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from ctfix.core.plan import IpsetSpec, IptRuleSpec
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import iptables_legacy
-
-T = TypeVar("T")
-
 
 # -- ipset ---------------------------------------------------------------------------
 
@@ -84,54 +78,14 @@ def remove_ipset(spec: IpsetSpec) -> bool:
 # -- iptables-legacy (in a child per operation) ------------------------------------------
 
 
-def _in_child(function: Callable[..., T], *args: Any) -> T:
-    """Run function(*args) in a forked child; return its result or re-raise its error."""
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller's code
-        status = 0
-        try:
-            os.close(readable)
-            try:
-                outcome: tuple[str, Any] = ("ok", function(*args))
-            except CtfixError as err:
-                outcome = ("error", err)
-            except Exception as err:
-                outcome = ("error", CtfixError(f"{type(err).__name__}: {err}"))
-            with os.fdopen(writable, "wb") as out:
-                pickle.dump(outcome, out)
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)
-    os.close(writable)
-    with os.fdopen(readable, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
-    if not data:
-        raise CtfixError("an iptables-legacy operation died without an answer")
-    kind, value = pickle.loads(data)
-    if kind != "ok":
-        raise value
-    result: T = value
-    return result
-
-
 def _iptc(family: str, creating: str | None = None) -> tuple[Any, Any, Any]:
     """(module, Table class, Rule class) with the table list declared to python-iptables."""
-    try:
-        import iptc
-    except ImportError:
-        raise MissingFeatureError(
-            "python-iptables is not installed", "pip install python-iptables (or run scripts/setup)"
-        ) from None
-    table_class: Any = iptc.Table6 if family == "ipv6" else iptc.Table
-    rule_class: Any = iptc.Rule6 if family == "ipv6" else iptc.Rule
+    iptc = iptables_legacy.import_iptc()
     loaded = set(iptables_legacy.loaded_tables(family))
     if creating:
         loaded.add(creating)
-    table_class.existing_table_names.clear()
-    table_class.existing_table_names.update({name: name in loaded for name in table_class.ALL})
+    table_class = iptables_legacy.table_class(iptc, family, loaded)
+    rule_class: Any = iptc.Rule6 if family == "ipv6" else iptc.Rule
     return iptc, table_class, rule_class
 
 
@@ -161,9 +115,7 @@ def _signature(rule: Any) -> tuple[Any, ...]:
     ip = rule.get_ip()
 
     def saved(part: Any) -> str:
-        raw = part._get_saved_buf(ip)
-        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw or "")
-        return text.strip()
+        return iptables_legacy.saved_options(part, ip).strip()
 
     target = rule.target
     return (
@@ -231,7 +183,7 @@ def _delete(spec: IptRuleSpec) -> bool:
 
 
 def rule_present(spec: IptRuleSpec) -> bool:
-    return _in_child(_find, spec)
+    return iptables_legacy.in_child(_find, spec)
 
 
 def create_rule(spec: IptRuleSpec) -> None:
@@ -241,22 +193,28 @@ def create_rule(spec: IptRuleSpec) -> None:
             "exists already",
             "see `ctfix fix --status`",
         )
-    _in_child(_insert, spec)
+    iptables_legacy.in_child(_insert, spec)
 
 
 def remove_rule(spec: IptRuleSpec) -> bool:
-    return _in_child(_delete, spec)
+    return iptables_legacy.in_child(_delete, spec)
 
 
 def rules_present() -> bool:
     """True when a loaded legacy table (v4 or v6) holds any rule or user chain."""
-    return any(_in_child(_holds_rules, family) for family in ("ipv4", "ipv6")
-               if iptables_legacy.loaded_tables(family))
+    return any(
+        iptables_legacy.in_child(_holds_rules, family)
+        for family in ("ipv4", "ipv6")
+        if iptables_legacy.loaded_tables(family)
+    )
 
 
 def nat_rules_present() -> bool:
-    return any(_in_child(_holds_rules, family, "nat") for family in ("ipv4", "ipv6")
-               if "nat" in iptables_legacy.loaded_tables(family))
+    return any(
+        iptables_legacy.in_child(_holds_rules, family, "nat")
+        for family in ("ipv4", "ipv6")
+        if "nat" in iptables_legacy.loaded_tables(family)
+    )
 
 
 def _holds_rules(family: str, only: str | None = None) -> bool:
