@@ -128,17 +128,25 @@ def _signature(rule: Any) -> tuple[Any, ...]:
     )
 
 
-def _find(spec: IptRuleSpec) -> bool:
+def _located(spec: IptRuleSpec) -> tuple[Any, Any, Any] | None:
+    """(table, chain, rule) holding the kernel's copy of the rule, or None."""
     if spec.table not in iptables_legacy.loaded_tables(spec.family):
-        return False
-    _iptc_module, table_class, rule_class = _iptc(spec.family)
+        return None
+    _module, table_class, rule_class = _iptc(spec.family)
     table = table_class(spec.table, autocommit=False)
     table.refresh()
     wanted = _signature(_build(spec, rule_class))
     for chain in table.chains:
-        if chain.name == spec.chain:
-            return any(_signature(rule) == wanted for rule in chain.rules)
-    return False
+        if chain.name != spec.chain:
+            continue
+        for rule in chain.rules:
+            if _signature(rule) == wanted:
+                return table, chain, rule
+    return None
+
+
+def _find(spec: IptRuleSpec) -> bool:
+    return _located(spec) is not None
 
 
 def _insert(spec: IptRuleSpec) -> None:
@@ -165,21 +173,13 @@ def _insert(spec: IptRuleSpec) -> None:
 
 
 def _delete(spec: IptRuleSpec) -> bool:
-    if spec.table not in iptables_legacy.loaded_tables(spec.family):
+    found = _located(spec)
+    if found is None:
         return False
-    _module, table_class, rule_class = _iptc(spec.family)
-    table = table_class(spec.table, autocommit=False)
-    table.refresh()
-    wanted = _signature(_build(spec, rule_class))
-    for chain in table.chains:
-        if chain.name != spec.chain:
-            continue
-        for rule in chain.rules:
-            if _signature(rule) == wanted:
-                chain.delete_rule(rule)
-                table.commit()
-                return True
-    return False
+    table, chain, rule = found
+    chain.delete_rule(rule)
+    table.commit()
+    return True
 
 
 def rule_present(spec: IptRuleSpec) -> bool:
