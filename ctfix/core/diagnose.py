@@ -24,7 +24,9 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   address: it is the predicted source, or a socket is bound to it specifically, or
   no serving socket of the family is exposed.
 * Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
-  reply; else `at-risk` when some client network is not ok; else `ok`.
+  reply to a client that would still get one (a recorded reply whose client network
+  is ok now, e.g. after `ctfix fix`, predates the change and is reported as such);
+  else `at-risk` when some client network is not ok; else `ok`.
 
 Know before changing: this module only reads the Snapshot; anything it needs from the
 system must be collected by ctfix.platform.snapshot first (which asks
@@ -38,7 +40,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ctfix.core.addr import endpoint, family_name, unmap
+from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
 from ctfix.core.decode import CtEntry
 from ctfix.core.model import (
     ClientNetwork,
@@ -412,6 +414,17 @@ def _connected_peers(
     return found
 
 
+def _answered_rightly_now(wrong: WrongSourceReply, clients: Sequence[ClientNetwork]) -> bool:
+    """True when the client of a recorded wrong-source reply is in a network that is ok
+    now (e.g. after `ctfix fix`): the evidence is history, not the present."""
+    client = ipaddress.ip_address(unmap(parse_endpoint(wrong.client)[0]))
+    service = unmap(parse_endpoint(wrong.service)[0])
+    for cn in clients:
+        if client in ipaddress.ip_network(cn.network):
+            return cn.ok and service in cn.addressed
+    return False
+
+
 def _wild_for(listener: Listener, family: str) -> bool:
     return listener.wildcard or (family == "ipv4" and listener.address == "::ffff:0.0.0.0")
 
@@ -549,7 +562,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         reasons.append(f"No conntrack evidence: {snapshot.conntrack_error}.")
 
     verdict: Verdict
-    if evidence.wrong_source:
+    current = [w for w in evidence.wrong_source if not _answered_rightly_now(w, clients)]
+    if evidence.wrong_source and not current:
+        reasons.append(
+            f"The {len(evidence.wrong_source)} wrong-source repl"
+            f"{'ies' if len(evidence.wrong_source) > 1 else 'y'} in the conntrack table "
+            "went to clients that would now get the right source: they predate the change "
+            "and expire with their entries (30 s for unreplied UDP)."
+        )
+    if current:
         verdict = "broken"
     elif any(not cn.ok for cn in clients):
         verdict = "at-risk"

@@ -20,6 +20,7 @@ from ctfix.lab.topology import (
     UPLINK_V4,
     Topology,
     lab_topology,
+    udp_exchange,
     wait_udp_bound,
 )
 from ctfix.platform import netns
@@ -227,3 +228,28 @@ def test_snat_zone_fix_reads_ok_and_its_rules_have_no_problem(
     finally:
         subprocess.run([*fix, "--revert"], check=True, capture_output=True)
     assert explain(lab4)[1]["verdict"] == "at-risk"
+
+
+def test_evidence_from_before_a_fix_does_not_read_as_broken(
+    lab4: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `ctfix fix --apply`, the wrong-source entries still in conntrack are
+    history: explain says so and reads ok; after --revert the port is broken again."""
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
+    server = lab4.spawn(
+        lab4.host, [sys.executable, "-m", "ctfix", "serve", "--broken", "--port", str(PORT)]
+    )
+    wait_udp_bound(server.pid, PORT)
+    assert not udp_exchange(lab4.container, UPLINK_V4, PORT).answered
+    assert explain(lab4)[1]["verdict"] == "broken"
+    fix = [sys.executable, "-m", "ctfix", "fix", str(PORT), "--netns", lab4.host]
+    subprocess.run([*fix, "--method", "snat-zone", "--apply"], check=True, capture_output=True)
+    try:
+        status, result = explain(lab4)
+        assert (status, result["verdict"]) == (0, "ok"), result["reasons"]
+        assert result["evidence"]["wrong_source"], "the old entry is still shown as evidence"
+        assert any("predate the change" in r for r in result["reasons"])
+        assert udp_exchange(lab4.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    finally:
+        subprocess.run([*fix, "--revert"], check=True, capture_output=True)
+    assert explain(lab4)[1]["verdict"] == "broken"
