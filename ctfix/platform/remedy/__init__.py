@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from ctfix.core.plan import (
     IpsetSpec,
@@ -41,72 +42,44 @@ _OWN_TABLE = re.compile(r"ctfix_\d+")
 # -- dispatch per kind of step ------------------------------------------------------------
 
 
-def create(spec: Spec) -> None:
+class _Operations(NamedTuple):
+    create: Callable[[Any], None]
+    remove: Callable[[Any], bool]
+    present: Callable[[Any], bool]
+
+
+def _operations(spec: Spec) -> _Operations:
+    """The backend functions for this kind of step (imported only when needed)."""
     if isinstance(spec, RouteSpec):
         from ctfix.platform.remedy import iproute
 
-        iproute.create_route(spec)
-    elif isinstance(spec, RuleSpec):
+        return _Operations(iproute.create_route, iproute.remove_route, iproute.route_present)
+    if isinstance(spec, RuleSpec):
         from ctfix.platform.remedy import iproute
 
-        iproute.create_rule(spec)
-    elif isinstance(spec, NftTableSpec):
+        return _Operations(iproute.create_rule, iproute.remove_rule, iproute.rule_present)
+    if isinstance(spec, NftTableSpec):
         from ctfix.platform.remedy import nftables
 
-        nftables.create_table(spec)
-    elif isinstance(spec, IpsetSpec):
-        from ctfix.platform.remedy import legacy
+        return _Operations(nftables.create_table, nftables.remove_table, nftables.table_present)
+    from ctfix.platform.remedy import legacy
 
-        legacy.create_ipset(spec)
-    else:
-        from ctfix.platform.remedy import legacy
+    if isinstance(spec, IpsetSpec):
+        return _Operations(legacy.create_ipset, legacy.remove_ipset, legacy.ipset_present)
+    return _Operations(legacy.create_rule, legacy.remove_rule, legacy.rule_present)
 
-        legacy.create_rule(spec)
+
+def create(spec: Spec) -> None:
+    _operations(spec).create(spec)
 
 
 def remove(spec: Spec) -> bool:
     """Remove the object if it exists; False when it was not there."""
-    if isinstance(spec, RouteSpec):
-        from ctfix.platform.remedy import iproute
-
-        return iproute.remove_route(spec)
-    if isinstance(spec, RuleSpec):
-        from ctfix.platform.remedy import iproute
-
-        return iproute.remove_rule(spec)
-    if isinstance(spec, NftTableSpec):
-        from ctfix.platform.remedy import nftables
-
-        return nftables.remove_table(spec)
-    if isinstance(spec, IpsetSpec):
-        from ctfix.platform.remedy import legacy
-
-        return legacy.remove_ipset(spec)
-    from ctfix.platform.remedy import legacy
-
-    return legacy.remove_rule(spec)
+    return _operations(spec).remove(spec)
 
 
 def present(spec: Spec) -> bool:
-    if isinstance(spec, RouteSpec):
-        from ctfix.platform.remedy import iproute
-
-        return iproute.route_present(spec)
-    if isinstance(spec, RuleSpec):
-        from ctfix.platform.remedy import iproute
-
-        return iproute.rule_present(spec)
-    if isinstance(spec, NftTableSpec):
-        from ctfix.platform.remedy import nftables
-
-        return nftables.table_present(spec)
-    if isinstance(spec, IpsetSpec):
-        from ctfix.platform.remedy import legacy
-
-        return legacy.ipset_present(spec)
-    from ctfix.platform.remedy import legacy
-
-    return legacy.rule_present(spec)
+    return _operations(spec).present(spec)
 
 
 # -- backend choice -----------------------------------------------------------------------
