@@ -7,68 +7,23 @@ opened in the host namespace, where the client's port-unreachable arrives.
 
 from __future__ import annotations
 
-import ipaddress
 import select
 import socket
-import struct
 import time
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from ctfix.core.addr import endpoint
 from ctfix.lab import topology as t
 from ctfix.lab.scenario import Check
-from ctfix.platform import netns
-
-ICMP_DEST_UNREACH, ICMP_PORT_UNREACH = 3, 3
-ICMP6_DST_UNREACH, ICMP6_DST_UNREACH_NOPORT = 1, 4
+from ctfix.platform import icmp, netns
 
 
-@dataclass(frozen=True, slots=True)
-class PortUnreachable:
-    """An ICMP port unreachable: who sent it, about which UDP datagram."""
+class PortUnreachable(NamedTuple):
+    """An ICMP port unreachable: who sent it, about which UDP datagram (the reply)."""
 
     sender: str
-    inner_src: str
-    inner_dst: str
-    inner_sport: int
-    inner_dport: int
-
-
-def parse_icmp4(packet: bytes) -> PortUnreachable | None:
-    """Parse an IPv4 packet as read from a raw ICMP socket (IP header included)."""
-    try:
-        ihl = (packet[0] & 0x0F) * 4
-        sender = socket.inet_ntoa(packet[12:16])
-        icmp = packet[ihl:]
-        if icmp[0] != ICMP_DEST_UNREACH or icmp[1] != ICMP_PORT_UNREACH:
-            return None
-        inner = icmp[8:]
-        inner_ihl = (inner[0] & 0x0F) * 4
-        if inner[9] != socket.IPPROTO_UDP:
-            return None
-        sport, dport = struct.unpack_from("!HH", inner, inner_ihl)
-        return PortUnreachable(
-            sender, socket.inet_ntoa(inner[12:16]), socket.inet_ntoa(inner[16:20]), sport, dport
-        )
-    except (IndexError, struct.error, OSError):
-        return None
-
-
-def parse_icmp6(message: bytes, sender: str) -> PortUnreachable | None:
-    """Parse an ICMPv6 message as read from a raw ICMPv6 socket (no IPv6 header)."""
-    try:
-        if message[0] != ICMP6_DST_UNREACH or message[1] != ICMP6_DST_UNREACH_NOPORT:
-            return None
-        inner = message[8:]
-        if inner[6] != socket.IPPROTO_UDP:
-            return None
-        src = str(ipaddress.IPv6Address(inner[8:24]))
-        dst = str(ipaddress.IPv6Address(inner[24:40]))
-        sport, dport = struct.unpack_from("!HH", inner, 40)
-        return PortUnreachable(sender.split("%")[0], src, dst, sport, dport)
-    except (IndexError, struct.error, ValueError):
-        return None
+    reply: icmp.Rejected
 
 
 class LabEvidence:
@@ -106,12 +61,10 @@ class LabEvidence:
                 break
             for sock in ready:
                 data, peer = sock.recvfrom(65535)
-                if sock.family == socket.AF_INET:
-                    hit = parse_icmp4(data)
-                else:
-                    hit = parse_icmp6(data, peer[0])
-                if hit is not None:
-                    found.append(hit)
+                parse = icmp.parse_icmp4 if sock.family == socket.AF_INET else icmp.parse_icmp6
+                reply = parse(data)
+                if reply is not None:
+                    found.append(PortUnreachable(peer[0].split("%")[0], reply))
         return found
 
     def checks(self, port: int, ex: t.Exchange) -> list[Check]:
@@ -121,13 +74,13 @@ class LabEvidence:
         hits = [
             u
             for u in self._unreachables(0.3)
-            if u.inner_dport == client_port and u.inner_dst == client_addr
+            if u.reply.dport == client_port and u.reply.dst == client_addr
         ]
         if hits:
-            u = hits[0]
+            sender, r = hits[0]
             seen = (
-                f"ICMP port unreachable from {u.sender} for the reply "
-                f"{endpoint(u.inner_src, u.inner_sport)} -> {endpoint(u.inner_dst, u.inner_dport)}"
+                f"ICMP port unreachable from {sender} for the reply "
+                f"{endpoint(r.src, r.sport)} -> {endpoint(r.dst, r.dport)}"
             )
         else:
             seen = "no ICMP port unreachable seen"
@@ -136,7 +89,7 @@ class LabEvidence:
                 "the client rejects the reply it did not expect",
                 "ICMP port unreachable from the client, about a reply from another address",
                 seen,
-                bool(hits) and hits[0].inner_src != ex.server[0],
+                bool(hits) and hits[0].reply.src != ex.server[0],
             )
         )
         return checks
