@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from typing import Any, TextIO
 
 from ctfix.core.detect import Finding
+from ctfix.render.style import Style, use_colour
 
 
 def timestamp(seconds: float) -> str:
@@ -56,13 +56,6 @@ def summary_record(
     }
 
 
-def use_colour(stream: TextIO) -> bool:
-    if os.environ.get("NO_COLOR"):
-        return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
 class WatchRenderer:
     """Writes findings and the summary to a stream, as text or JSON lines."""
 
@@ -70,10 +63,7 @@ class WatchRenderer:
         self.stream = stream
         self.json = json_lines
         self.netns = netns
-        self.colour = use_colour(stream) and not json_lines
-
-    def _c(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.colour else text
+        self.style = Style(use_colour(stream) and not json_lines)
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
@@ -90,14 +80,14 @@ class WatchRenderer:
         if finding.local:
             tags.append("local")
         if finding.confirmed:
-            tags.append(self._c("confirmed", "1"))
+            tags.append(self.style("confirmed", "bold"))
         head = "confirmed" if update else "wrong source"
         return (
-            f"{timestamp(finding.last_seen)} {self._c(head.upper(), '1;31')} "
+            f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {finding.service}: "
             f"client {finding.client} expected the reply from "
-            f"{self._c(finding.expected_source, '32')}, it came from "
-            f"{self._c(finding.actual_source, '1;31')} ({', '.join(tags)}) "
+            f"{self.style(finding.expected_source, 'green')}, it came from "
+            f"{self.style(finding.actual_source, 'bold', 'red')} ({', '.join(tags)}) "
             f"x{finding.count}"
         )
 
