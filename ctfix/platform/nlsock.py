@@ -83,15 +83,12 @@ def request(
                     return
                 if kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", body)[0]
-                    if code == 0:
+                    if code == 0:  # the ack that follows a non-dump request's answer
                         return
                     if code == errno.EPERM:
                         raise PrivilegeError(what)
                     raise NetlinkError(code, what)
                 yield kind, body
-                if not dump:
-                    # A non-dump request has one answer, then its ack.
-                    continue
     finally:
         sock.close()
 
