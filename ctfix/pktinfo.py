@@ -66,7 +66,7 @@ import socket
 import struct
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -386,14 +386,15 @@ class Stopper:
         self._writer.close()
 
 
-def serve_forever(
-    sockets: Sequence[socket.socket], handler: Handler, *, stop: Stopper | None = None
-) -> None:
-    """Answer each request with handler(request) (None: no reply) until stop.stop().
+def readable(
+    sockets: Sequence[socket.socket], stop: Stopper | None = None
+) -> Iterator[socket.socket]:
+    """Each socket whenever it is readable, until stop.stop(); the serving loop.
 
     The sockets are switched to non-blocking: a readiness report can be stale (a
-    datagram with a bad checksum is discarded only when read) and a full send buffer
-    should drop one UDP reply, not stall the server.
+    datagram with a bad checksum is discarded only when read, so the caller must
+    expect BlockingIOError) and a full send buffer should drop one UDP reply, not
+    stall the server.
     """
     with selectors.DefaultSelector() as selector:
         for sock in sockets:
@@ -405,16 +406,23 @@ def serve_forever(
             for key, _ in selector.select():
                 if key.fileobj is stop:
                     return
-                sock = key.data
-                try:
-                    request = receive(sock)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                if request is None:
-                    continue
-                answer = handler(request)
-                if answer is not None:
-                    reply(sock, request, answer)
+                yield key.data
+
+
+def serve_forever(
+    sockets: Sequence[socket.socket], handler: Handler, *, stop: Stopper | None = None
+) -> None:
+    """Answer each request with handler(request) (None: no reply) until stop.stop()."""
+    for sock in readable(sockets, stop):
+        try:
+            request = receive(sock)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if request is None:
+            continue
+        answer = handler(request)
+        if answer is not None:
+            reply(sock, request, answer)
 
 
 async def serve_async(sockets: Sequence[socket.socket], handler: AsyncHandler) -> None:
@@ -486,6 +494,7 @@ __all__ = [
     "log_drop",
     "open_sockets",
     "parse_request",
+    "readable",
     "receive",
     "reply",
     "reply_allowed",

@@ -15,7 +15,6 @@ import argparse
 import errno
 import ipaddress
 import logging
-import selectors
 import signal
 import socket
 import sys
@@ -119,30 +118,21 @@ def _open_broken(port: int, dual_stack: bool) -> list[socket.socket]:
 
 def _serve_broken(sockets: Sequence[socket.socket], stop: pktinfo.Stopper, delay: float) -> None:
     """The bug: the reply's source is whatever routing picks for the client."""
-    with selectors.DefaultSelector() as selector:
-        for sock in sockets:
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ, sock)
-        selector.register(stop, selectors.EVENT_READ)
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj is stop:
-                    return
-                sock = key.data
-                try:
-                    payload, peer = sock.recvfrom(pktinfo.MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                if peer[1] == 0:
-                    continue
-                if delay:
-                    time.sleep(delay)
-                try:
-                    sock.sendto(payload, peer)
-                except OSError as err:
-                    logging.getLogger("ctfix.pktinfo").warning(
-                        "sendto %s failed: %s", peer[0], err.strerror
-                    )
+    for sock in pktinfo.readable(sockets, stop):
+        try:
+            payload, peer = sock.recvfrom(pktinfo.MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if peer[1] == 0:
+            continue
+        if delay:
+            time.sleep(delay)
+        try:
+            sock.sendto(payload, peer)
+        except OSError as err:
+            logging.getLogger("ctfix.pktinfo").warning(
+                "sendto %s failed: %s", peer[0], err.strerror
+            )
 
 
 def run(args: argparse.Namespace) -> int:
