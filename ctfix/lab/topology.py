@@ -128,13 +128,14 @@ class Topology:
         *,
         stdout: int | None = subprocess.DEVNULL,
         stderr: int | None = subprocess.DEVNULL,
+        stdin: int | None = subprocess.DEVNULL,
     ) -> subprocess.Popen[bytes]:
         """Start a process in ns; it is stopped (by pid) at teardown at the latest."""
         proc = subprocess.Popen(
             self.exec_argv(ns, argv),
             stdout=stdout,
             stderr=stderr,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             preexec_fn=_die_with_parent,
         )
         self.processes.append(proc)

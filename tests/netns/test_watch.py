@@ -94,12 +94,7 @@ def lab_v6_untracked() -> Any:
 
 def test_watch_reports_broken_servers_and_not_correct_ones(lab_v6_untracked: Topology) -> None:
     topo = lab_v6_untracked
-    nc = subprocess.Popen(
-        topo.exec_argv(topo.host, ["nc", "-ul", "56789"]),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-    )
-    topo.processes.append(nc)
+    nc = topo.spawn(topo.host, ["nc", "-ul", "56789"], stdin=subprocess.PIPE)
     socat = topo.spawn(topo.host, ["socat", "UDP6-RECVFROM:5353,fork", "EXEC:cat"])
     dual = _serve(topo, "--port", "7001", "--broken", "--dual-stack")
     good = _serve(topo, "--port", "7000")
