@@ -55,6 +55,7 @@ from ctfix.core.model import (
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, RouteChoice, Snapshot
 
 if TYPE_CHECKING:
+    from ctfix.core.detect import Finding
     from ctfix.core.rules import KnowledgeBase, ServiceRule
 
 UDP = 17
@@ -250,6 +251,18 @@ def _bind_text(listener: Listener) -> str:
     return where
 
 
+def wrong_source_reply(finding: Finding) -> WrongSourceReply:
+    """watch's detector finding as explain's evidence record."""
+    return WrongSourceReply(
+        client=finding.client,
+        service=finding.service,
+        expected_source=finding.expected_source,
+        actual_source=finding.actual_source,
+        mismatch=finding.mismatch,
+        count=finding.count,
+    )
+
+
 def _evidence(snapshot: Snapshot, requests: list[_Request], local: set[str]) -> Evidence:
     from ctfix.core.detect import Detector
 
@@ -257,13 +270,8 @@ def _evidence(snapshot: Snapshot, requests: list[_Request], local: set[str]) -> 
     detector.resync(list(snapshot.flows), now=0.0)
     merged: dict[tuple[str, str, str], WrongSourceReply] = {}
     for finding in detector.findings.values():
-        merged[(finding.service, finding.actual_source, finding.client)] = WrongSourceReply(
-            client=finding.client,
-            service=finding.service,
-            expected_source=finding.expected_source,
-            actual_source=finding.actual_source,
-            mismatch=finding.mismatch,
-            count=finding.count,
+        merged[(finding.service, finding.actual_source, finding.client)] = wrong_source_reply(
+            finding
         )
     for live in snapshot.live_findings:
         merged.setdefault((live.service, live.actual_source, live.client), live)

@@ -15,7 +15,7 @@ import select
 import time
 
 from ctfix.core.decode import CtEntry
-from ctfix.core.diagnose import probe_destinations
+from ctfix.core.diagnose import probe_destinations, wrong_source_reply
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.snapshot import RouteChoice, Snapshot
 from ctfix.errors import CtfixError
@@ -56,16 +56,7 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
     finally:
         events.close()
     return [
-        WrongSourceReply(
-            client=f.client,
-            service=f.service,
-            expected_source=f.expected_source,
-            actual_source=f.actual_source,
-            mismatch=f.mismatch,
-            count=f.count,
-        )
-        for f in detector.findings.values()
-        if f.service.endswith(f":{port}")
+        wrong_source_reply(f) for f in detector.findings.values() if f.service.endswith(f":{port}")
     ]
 
 
