@@ -61,8 +61,3 @@ def remove_table(spec: NftTableSpec) -> bool:
         f"deleting table {spec.family} {spec.name}",
     )
     return True
-
-
-def owned_tables() -> list[str]:
-    """Names of ctfix's tables present in the namespace (for backend detection)."""
-    return [name for _family, name in _tables() if name.removeprefix("ctfix_").isdigit()]
