@@ -272,68 +272,74 @@ def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
             continue
         table = table_class(name, autocommit=False)
         table.refresh()
-        for chain in table.chains:
+        chains = table.chains
+        chain_names = frozenset(c.name for c in chains)
+        for chain in chains:
             for rule in chain.rules:
-                if rule.protocol not in ("udp", "17", None, ""):
-                    continue
-                ip = rule.get_ip()
-                options = ""
-                options += _address_option("-s", rule.src)
-                options += _address_option("-d", rule.dst)
-                for flag, iface in (("-i", rule.in_interface), ("-o", rule.out_interface)):
-                    if iface:
-                        neg = iface.startswith("!")
-                        options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
-                if rule.protocol:
-                    options += f" -p {rule.protocol}"
-                sport = dport = mark = False
-                for match in rule.matches:
-                    saved = iptables_legacy.saved_options(match, ip)
-                    options += f" -m {match.name}{saved}"
-                    s, d = _match_ports(saved, port)
-                    sport, dport = sport or s, dport or d
-                    mark = mark or match.name in ("mark", "connmark")
-                target = rule.target
-                target_name = target.name if target is not None else ""
-                target_saved = (
-                    iptables_legacy.saved_options(target, ip)
-                    if target is not None and target_name
-                    else ""
-                )
-                to_port = bool(
-                    re.search(rf"--to(?:-source|-destination)?\s+\S*:{port}\b", target_saved)
-                    or re.search(rf"--to-ports\s+{port}\b", target_saved)
-                )
-                if not (sport or dport or to_port):
-                    continue
-                if target_name:
-                    options += f" -j {target_name}{target_saved}"
-                actions: set[str] = set()
-                if target_name == "CT":
-                    if "--notrack" in target_saved:
-                        actions.add("notrack")
-                    if "--zone" in target_saved:
-                        actions.add("zone")
-                    actions = actions or {"other"}
-                elif target_name in _LEGACY_ACTIONS:
-                    actions.add(_LEGACY_ACTIONS[target_name])
-                elif target_name:
-                    chains = {c.name for c in table.chains}
-                    actions.add("jump" if target_name in chains else "other")
-                yield NetfilterRule(
-                    backend="iptables-legacy",
-                    family=family,
-                    table=name,
-                    chain=chain.name,
-                    rule=f"-A {chain.name}{options}",
-                    actions=frozenset(actions),
-                    matches_sport=sport,
-                    matches_dport=dport,
-                    to_port=to_port and not (sport or dport),
-                    hook=_BUILTIN_HOOKS.get(chain.name),
-                    matches_mark=mark,
-                    nat_to=_legacy_nat_to(target_saved),
-                )
+                found = _legacy_rule(rule, port, family, name, chain.name, chain_names)
+                if found is not None:
+                    yield found
+
+
+def _legacy_rule(
+    rule: Any, port: int, family: str, table: str, chain: str, chain_names: frozenset[str]
+) -> NetfilterRule | None:
+    """The rule as iptables-save prints it, classified; None when it does not name port."""
+    if rule.protocol not in ("udp", "17", None, ""):
+        return None
+    ip = rule.get_ip()
+    options = ""
+    options += _address_option("-s", rule.src)
+    options += _address_option("-d", rule.dst)
+    for flag, iface in (("-i", rule.in_interface), ("-o", rule.out_interface)):
+        if iface:
+            neg = iface.startswith("!")
+            options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
+    if rule.protocol:
+        options += f" -p {rule.protocol}"
+    sport = dport = mark = False
+    for match in rule.matches:
+        saved = iptables_legacy.saved_options(match, ip)
+        options += f" -m {match.name}{saved}"
+        s, d = _match_ports(saved, port)
+        sport, dport = sport or s, dport or d
+        mark = mark or match.name in ("mark", "connmark")
+    target = rule.target
+    target_name = target.name if target is not None else ""
+    target_saved = iptables_legacy.saved_options(target, ip) if target_name else ""
+    to_port = bool(
+        re.search(rf"--to(?:-source|-destination)?\s+\S*:{port}\b", target_saved)
+        or re.search(rf"--to-ports\s+{port}\b", target_saved)
+    )
+    if not (sport or dport or to_port):
+        return None
+    if target_name:
+        options += f" -j {target_name}{target_saved}"
+    actions: set[str] = set()
+    if target_name == "CT":
+        if "--notrack" in target_saved:
+            actions.add("notrack")
+        if "--zone" in target_saved:
+            actions.add("zone")
+        actions = actions or {"other"}
+    elif target_name in _LEGACY_ACTIONS:
+        actions.add(_LEGACY_ACTIONS[target_name])
+    elif target_name:
+        actions.add("jump" if target_name in chain_names else "other")
+    return NetfilterRule(
+        backend="iptables-legacy",
+        family=family,
+        table=table,
+        chain=chain,
+        rule=f"-A {chain}{options}",
+        actions=frozenset(actions),
+        matches_sport=sport,
+        matches_dport=dport,
+        to_port=to_port and not (sport or dport),
+        hook=_BUILTIN_HOOKS.get(chain),
+        matches_mark=mark,
+        nat_to=_legacy_nat_to(target_saved),
+    )
 
 
 def _import_iptc() -> Any:
