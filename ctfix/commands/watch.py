@@ -3,8 +3,11 @@
 The loop: subscribe to conntrack NEW/UPDATE events (UDP only, filtered in the
 kernel), learn the namespace's addresses, open raw ICMP sockets, dump the table once,
 then feed every event to `ctfix.core.detect.Detector` and print what it finds. When
-the kernel drops events (ENOBUFS) the loss is counted, the state is rebuilt from a
-dump, and watching goes on.
+the kernel drops events (ENOBUFS) the loss is counted (the kernel's per-socket drop
+count), the state is rebuilt from a complete dump 0.2 s later (at most once a
+second), a warning line says so, and watching goes on; the summary and the metrics
+carry `lost` and `resyncs`. CTFIX_WATCH_RCVBUF (test-only, not in --help) shrinks
+the event buffer so that tests/netns/test_watch_overflow.py can force a real loss.
 
 Know before changing: the drain loop in `_drain` is the hot path (>100k events/s);
 keep attribute lookups out of it. Everything that changes the namespace (the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import selectors
 import signal
@@ -159,10 +163,10 @@ def _watch(args: argparse.Namespace, label: str) -> int:
 
     renderer = WatchRenderer(sys.stdout, json_lines=args.json, netns=label)
     detector = Detector(udp_timeout=_udp_timeout())
-    events = conntrack.EventSocket()
+    events = conntrack.EventSocket(rcvbuf=_rcvbuf(conntrack.DEFAULT_RCVBUF))
     closers: list[Any] = [events]
     metrics: WatchMetrics | None = None
-    lost = resyncs = 0
+    lost = resyncs = overflows = 0
     try:
         addresses = LocalAddresses()
         closers.append(addresses)
@@ -181,8 +185,16 @@ def _watch(args: argparse.Namespace, label: str) -> int:
             if found is not None and metrics is not None:
                 metrics.finding(found[0])
 
-        for found in detector.resync(list(conntrack.dump(proto=17)), time.time()):
-            report(found)
+        def resync() -> int:
+            """Feed what is queued, then rebuild from a dump; the number of entries."""
+            nonlocal overflows
+            overflows += _drain_quietly(events, detector, decode.decode_event, report)
+            entries = list(conntrack.dump(proto=17))
+            for found in detector.resync(entries, time.time(), complete=True):
+                report(found)
+            return len(entries)
+
+        resync()
         detector.stats.recovered = 0
 
         sel = selectors.DefaultSelector()
@@ -193,10 +205,10 @@ def _watch(args: argparse.Namespace, label: str) -> int:
         deadline = time.monotonic() + args.duration if args.duration else None
         next_tick = time.monotonic() + 1.0
         resync_due: float | None = None
-        last_warning = 0.0
+        last_resync = last_warning = -math.inf
         while True:
             mono = time.monotonic()
-            if deadline is not None and mono >= deadline:
+            if deadline is not None and mono >= deadline and resync_due is None:
                 break
             wait = min(next_tick, deadline or next_tick) - mono
             if resync_due is not None:
@@ -206,7 +218,12 @@ def _watch(args: argparse.Namespace, label: str) -> int:
                     try:
                         _drain(events, detector, decode.decode_event, report)
                     except conntrack.Overflow:
-                        resync_due = time.monotonic() + 0.2
+                        overflows += 1
+                        if resync_due is None:
+                            # Let the burst that overflowed the buffer drain first, and
+                            # under a lasting overload dump at most once a second: a
+                            # dump of a big table costs more than it recovers.
+                            resync_due = max(time.monotonic() + 0.2, last_resync + 1.0)
                 elif key.data == "icmp":
                     now = time.time()
                     for rejected in icmp.read(key.fileobj):  # type: ignore[arg-type]
@@ -216,24 +233,26 @@ def _watch(args: argparse.Namespace, label: str) -> int:
                 elif key.data == "addr" and addresses.refresh():
                     detector.local_addresses = addresses.addresses
             mono = time.monotonic()
-            if resync_due is not None and mono >= resync_due:
-                # Let the burst that overflowed the buffer drain before the dump.
-                _drain_quietly(events, detector, decode.decode_event, report)
-                entries = list(conntrack.dump(proto=17))
-                for found in detector.resync(entries, time.time()):
-                    report(found)
+            # At --duration's end a due resync still runs: the summary must not miss
+            # the findings whose events were dropped.
+            if resync_due is not None and (mono >= resync_due or (deadline or math.inf) <= mono):
+                dumped = resync()
                 resyncs += 1
                 resync_due = None
-                lost = max(lost, events.drops() or 0)
+                last_resync = mono = time.monotonic()
+                lost = _lost(events, lost, overflows)
                 if mono - last_warning >= 5.0:
                     last_warning = mono
                     _warn(
                         f"the kernel dropped conntrack events ({lost} so far): "
-                        f"resynchronised from a dump of {len(entries)} UDP entries"
+                        f"resynchronised from a dump of {dumped} UDP entries"
                     )
             if mono >= next_tick:
                 next_tick = mono + 1.0
                 detector.expire(time.time())
+                # Every second, not only at a resync: under a lasting overload the
+                # lost-events metric must move while it happens.
+                lost = _lost(events, lost, overflows)
                 if metrics is not None:
                     metrics.update(
                         _totals(detector, lost, resyncs), detector.pending, len(detector.findings)
@@ -243,7 +262,7 @@ def _watch(args: argparse.Namespace, label: str) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        lost = max(lost, events.drops() or 0, detector.stats.recovered)
+        lost = _lost(events, lost, overflows)
         for closer in reversed(closers):
             # Closing must not hide the summary.
             with contextlib.suppress(Exception):
@@ -261,6 +280,13 @@ def _watch(args: argparse.Namespace, label: str) -> int:
         )
     )
     return 0
+
+
+def _lost(events: EventSocket, lost: int, overflows: int) -> int:
+    """Events the kernel dropped so far: its count for the socket (each dropped
+    message), or, where /proc does not say, at least one per ENOBUFS."""
+    drops = events.drops()
+    return max(lost, overflows if drops is None else drops)
 
 
 def _totals(detector: Detector, lost: int, resyncs: int) -> dict[str, int]:
@@ -305,15 +331,32 @@ def _drain(
                 report(found)
 
 
-def _drain_quietly(events: EventSocket, detector: Detector, decode_event: Any, report: Any) -> None:
+def _drain_quietly(events: EventSocket, detector: Detector, decode_event: Any, report: Any) -> int:
+    """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""
     from ctfix.platform.conntrack import Overflow
 
+    overflows = 0
     for _ in range(64):
         try:
             _drain(events, detector, decode_event, report)
-            return
+            return overflows
         except Overflow:
-            continue
+            overflows += 1
+    return overflows
+
+
+#: Test-only, not in --help: the event socket's receive buffer in bytes. A small one
+#: makes the kernel drop events (ENOBUFS) so tests can drive the overflow path.
+RCVBUF_ENV = "CTFIX_WATCH_RCVBUF"
+
+
+def _rcvbuf(default: int) -> int:
+    text = os.environ.get(RCVBUF_ENV)
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) <= 0:
+        raise CtfixError(f"bad {RCVBUF_ENV}={text!r}", "a number of bytes, or unset it")
+    return int(text)
 
 
 def _udp_timeout() -> int:

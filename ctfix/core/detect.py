@@ -20,6 +20,10 @@ Know before changing:
   confused.
 - Time: callers pass `now` (seconds, time.time()); entries expire after the
   kernel's timeout for them (CTA_TIMEOUT of the event, else `udp_timeout`).
+- Lost events: after a loss, `resync(dump, complete=True)` makes the pending
+  requests what the table says (lost NEW, UPDATE and DESTROY events alike), and a
+  wrong-source reply is counted once whether it was seen as an event, in a dump, or
+  both (same conntrack id), in either order.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class Stats:
     pending: int = 0
     expired: int = 0
     evicted: int = 0
-    recovered: int = 0  # unreplied flows first learnt from a resync dump
+    recovered: int = 0  # unreplied requests first learnt from a resync dump
+    stale: int = 0  # pending requests a complete resync found answered or gone
 
 
 class Detector:
@@ -140,8 +145,11 @@ class Detector:
         self._pending: dict[bytes, bytes] = {}
         self._order: deque[bytes] = deque()
         self.findings: dict[tuple[str, str, str], Finding] = {}
-        # (actual source, client) -> finding key; for ICMP confirmation and dedup
-        self._pairs: dict[tuple[str, int, str, int], tuple[tuple[str, str, str], float]] = {}
+        # (actual source, client) -> (finding key, last seen, conntrack id of the reply
+        # entry); for ICMP confirmation and not to count one entry twice
+        self._pairs: dict[
+            tuple[str, int, str, int], tuple[tuple[str, str, str], float, int | None]
+        ] = {}
         self._icmp_seen: dict[tuple[str, int, str, int], float] = {}
         self._matched = False  # set by _match: the entry answered a pending request
 
@@ -152,15 +160,15 @@ class Detector:
             self._epoch = now
         return int(now - self._epoch)
 
-    def _remember(self, entry: CtEntry, now: float) -> bool:
-        """Store an unreplied entry as a pending request; True if it was not known."""
+    def _remember(self, entry: CtEntry, now: float) -> bytes | None:
+        """Store an unreplied entry as a pending request; its key (None: not stored)."""
         reply = entry.reply
         orig = entry.orig
         service = _pack(orig.dst)
         if service[0] >= 224 if len(service) == 4 else service[0] == 0xFF:
             # Multicast/broadcast requests (mDNS, SSDP, DHCP) are answered from unicast
             # addresses by design, and conntrack never pairs those answers with them.
-            return False
+            return None
         key = _pack(reply.dst) + _PORT.pack(reply.dport)
         timeout = entry.timeout if entry.timeout is not None else self.udp_timeout
         value = b"".join(
@@ -175,20 +183,26 @@ class Detector:
             )
         )
         pending = self._pending
-        known = key in pending
         pending[key] = value
         self._order.append(key)
         if len(pending) > self.max_flows:
             self._evict_one()
-        return not known
+        return key
+
+    @staticmethod
+    def _key(entry: CtEntry) -> bytes:
+        return _pack(entry.reply.dst) + _PORT.pack(entry.reply.dport)
+
+    @staticmethod
+    def _made_by(value: bytes, entry: CtEntry) -> bool:
+        """Whether a stored pending value is the request `entry` made."""
+        return value[:-4].endswith(_pack(entry.orig.src) + _PORT.pack(entry.orig.sport))
 
     def _forget(self, entry: CtEntry) -> None:
         """Drop the pending request this entry made, if it is still the stored one."""
-        key = _pack(entry.reply.dst) + _PORT.pack(entry.reply.dport)
+        key = self._key(entry)
         value = self._pending.get(key)
-        if value is not None and value[:-4].endswith(
-            _pack(entry.orig.src) + _PORT.pack(entry.orig.sport)
-        ):
+        if value is not None and self._made_by(value, entry):
             del self._pending[key]
 
     def _evict_one(self) -> None:
@@ -220,7 +234,7 @@ class Detector:
         # Both dicts are in last-seen order: one pass from the front, then delete
         # (repeated next(iter(d)) after deletions would be quadratic).
         old_pairs = []
-        for pair, (_key, seen) in self._pairs.items():
+        for pair, (_key, seen, _id) in self._pairs.items():
             if now - seen <= PAIR_MEMORY:
                 break
             old_pairs.append(pair)
@@ -259,20 +273,52 @@ class Detector:
             return self._new_flow(entry, now, from_dump=True)
         return None
 
-    def resync(self, entries: list[CtEntry], now: float) -> list[tuple[Finding, bool]]:
-        """Rebuild from a dump after lost events: learn unreplied flows, then match."""
-        for entry in entries:
-            unreplied = not entry.status & IPS_SEEN_REPLY
-            if entry.orig.proto == socket.IPPROTO_UDP and unreplied and self._remember(entry, now):
-                self.stats.recovered += 1
+    def resync(
+        self, entries: list[CtEntry], now: float, *, complete: bool = False
+    ) -> list[tuple[Finding, bool]]:
+        """Rebuild from a dump after lost events: learn unreplied flows, then match.
+
+        complete: `entries` is the whole UDP table of the namespace, taken after every
+        event that came before it was fed. A pending request it does not list as
+        unreplied was answered or destroyed while events were lost: it is forgotten.
+        Leave it False for a partial dump (one port), which can only add.
+        """
+        udp = socket.IPPROTO_UDP
+        unreplied = [e for e in entries if e.orig.proto == udp and not e.status & IPS_SEEN_REPLY]
+        pending = self._pending
+        # key -> the value it had before this dump (None: not pending), for every key
+        # the dump stored. A reply is only known to be one once its request is stored,
+        # and the dump's order is the hash table's: store all, then undo the replies.
+        before: dict[bytes, bytes | None] = {}
+        for entry in unreplied:
+            previous = pending.get(self._key(entry))
+            key = self._remember(entry, now)
+            if key is not None and key not in before:
+                before[key] = previous
         results = []
-        for entry in entries:
-            if entry.orig.proto == socket.IPPROTO_UDP and not entry.status & IPS_SEEN_REPLY:
-                found = self._match(entry, now, from_dump=True)
-                if found is not None:
-                    results.append(found)
-                if self._matched:
-                    self._forget(entry)
+        for entry in unreplied:
+            found = self._match(entry, now, from_dump=True)
+            if found is not None:
+                results.append(found)
+            if not self._matched:
+                continue
+            key = self._key(entry)
+            value = pending.get(key)
+            if key in before and value is not None and self._made_by(value, entry):
+                previous = before[key]
+                if previous is None:
+                    del pending[key]
+                    del before[key]
+                else:
+                    pending[key] = previous  # what was there before it is not stale
+        if complete:
+            stale = [key for key in pending if key not in before]
+            for key in stale:
+                del pending[key]
+            self.stats.stale += len(stale)
+        self.stats.recovered += sum(
+            1 for key, previous in before.items() if previous is None and key in pending
+        )
         return results
 
     def _new_flow(
@@ -305,8 +351,13 @@ class Detector:
         if mismatch is None:
             return None
         pair = (actual[0], actual[1], orig.dst, orig.dport)
-        if from_dump and pair in self._pairs:
-            return None
+        known = self._pairs.get(pair)
+        if known is not None:
+            if entry.id is not None and known[2] is not None:
+                if entry.id == known[2]:
+                    return None  # the same entry again: an event and a dump, either order
+            elif from_dump:
+                return None  # without ids, a dump never counts a known pair again
         return self._record(entry, expected, service, client, actual, mismatch, pair, now)
 
     def _record(
@@ -329,7 +380,7 @@ class Detector:
         confirmed = self._icmp_seen.pop(pair, None) is not None
         old = self.findings.get(key)
         self._pairs.pop(pair, None)
-        self._pairs[pair] = (key, now)
+        self._pairs[pair] = (key, now, entry.id)
         if old is None:
             if len(self.findings) >= self.max_findings:
                 return None
