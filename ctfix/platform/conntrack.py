@@ -105,6 +105,10 @@ def _dump_family(
                 # everything and let the caller's user-space filter work.
                 yield from _dump_family(family, None, None, None)
                 return
+            if first and batch.error == errno.EINVAL and proto is None:
+                # nfnetlink answers EINVAL for a subsystem nobody registered: no
+                # nf_conntrack_netlink (or no conntrack at all) in this kernel.
+                raise _unavailable()
             _raise_for(batch.error, "reading the conntrack table")
         first = False
         for event in batch.events:
