@@ -46,8 +46,3 @@ class PrivilegeError(CtfixError):
 
 class MissingFeatureError(CtfixError):
     """The kernel or the host lacks something the command needs."""
-
-
-class NotImplementedYet(CtfixError):
-    def __init__(self, command: str) -> None:
-        super().__init__(f"`ctfix {command}` is not yet implemented", "see the README's roadmap")

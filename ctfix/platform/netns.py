@@ -105,10 +105,3 @@ def entered(ns: Netns | str) -> Iterator[None]:
             _setns(home, "(return to the original)")
     finally:
         os.close(home)
-
-
-def same_as_current(ns: Netns) -> bool:
-    """True when ns is the namespace this thread is already in."""
-    mine = os.stat("/proc/thread-self/ns/net")
-    other = os.stat(ns.path)
-    return (mine.st_dev, mine.st_ino) == (other.st_dev, other.st_ino)

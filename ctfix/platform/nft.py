@@ -73,16 +73,6 @@ def ruleset() -> list[JsonObject]:
     return [obj for obj in run_text("list ruleset", "listing the ruleset") if "metainfo" not in obj]
 
 
-def ruleset_text() -> str:
-    """`nft list ruleset` in nft syntax (for byte-for-byte comparisons and plans)."""
-    nft = _context()
-    nft.set_json_output(False)
-    nft.set_handle_output(False)
-    rc, output, error = nft.cmd("list ruleset")
-    _check(rc, str(error or ""), "listing the ruleset")
-    return str(output)
-
-
 def ruleset_text_with_handles() -> str:
     """`nft -a -s list ruleset`: rule lines end in `# handle N`, counters left out.
 
@@ -95,8 +85,3 @@ def ruleset_text_with_handles() -> str:
     rc, output, error = nft.cmd("list ruleset")
     _check(rc, str(error or ""), "listing the ruleset")
     return str(output)
-
-
-def has_rules() -> bool:
-    """True when the namespace holds any nftables table."""
-    return any("table" in obj for obj in ruleset())
