@@ -2,11 +2,14 @@
 
     sudo .venv/bin/python bench/watch_bench.py [--flows 150000] [--services 200]
 
-1. latency: `--services` broken UDP services in the lab's host namespace each send one
-   wrong-source reply; the time from that sendto() to the finding's JSON line.
+1. latency, idle: `--services` broken UDP services in the lab's host namespace each
+   send one wrong-source reply; the time from that sendto() to the finding's JSON line.
 2. burst: `--flows` new UDP flows blasted from the container namespace to the host
-   while `ctfix watch` and `conntrack -E -e NEW -p udp -b 64MiB` both listen there:
-   the share of flows each saw, and watch's CPU time per event.
+   (by another process) while `ctfix watch` and `conntrack -E -e NEW -p udp -b 64MiB`
+   both listen there: the share of flows each saw, and watch's CPU time per event.
+   Meanwhile up to `--services` more broken services answer from the wrong address,
+   one every 10 ms: the latency to the finding during the burst (only replies sent
+   while the burst was still running count).
 3. memory: 1M synthetic unreplied flows fed to the detector in a fresh interpreter.
 
 Know before changing: figures are printed, never asserted (the machine decides);
@@ -26,11 +29,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.flows import blast
 from ctfix.lab.topology import CONTAINER_V4, UPLINK_V4, Topology, lab_topology
 from ctfix.platform import netns
 
@@ -71,37 +75,101 @@ def _reader(stream: object, lines: list[tuple[float, str]]) -> None:
         lines.append((time.time(), line))
 
 
-def latency_phase(topo: Topology, services: int, lines: list[tuple[float, str]]) -> list[float]:
-    """Each service answers one request from the wrong address; return seconds to finding."""
-    base = 21000
+class Latency(NamedTuple):
+    seconds: list[float]  # sendto -> finding line, for the replies whose finding came
+    replies: int  # bad replies sent (while keep_going() held)
+    unanswered: int  # requests that never reached their server
+    first_sent: float  # time.time() of the first and last counted bad reply
+    last_sent: float
+
+
+def latency_phase(
+    topo: Topology,
+    services: int,
+    lines: list[tuple[float, str]],
+    *,
+    base: int,
+    keep_going: Callable[[], bool] = lambda: True,
+    interval: float = 0.005,
+) -> Latency:
+    """Services answer one request each from the wrong address, one every `interval`
+    seconds, while keep_going() says so."""
     with netns.entered(topo.host):
         servers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(services)]
     with netns.entered(topo.container):
         clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(services)]
     sent: dict[int, float] = {}
+    unanswered = 0
     try:
         for i, server in enumerate(servers):
             server.bind(("0.0.0.0", base + i))
+            server.settimeout(2.0)
         for i, (server, client) in enumerate(zip(servers, clients, strict=True)):
+            if not keep_going():
+                break
             client.connect((UPLINK_V4, base + i))
             client.send(b"ping")
-            data, peer = server.recvfrom(2048)
+            try:
+                data, peer = server.recvfrom(2048)
+            except TimeoutError:
+                unanswered += 1  # dropped on the way in (a full backlog during a burst)
+                continue
             server.sendto(data, peer)  # the kernel picks 192.0.2.1: the bug
-            sent[base + i] = time.time()
-            time.sleep(0.005)
+            when = time.time()
+            if keep_going():
+                sent[base + i] = when
+            time.sleep(interval)
         deadline = time.monotonic() + 5
         seen: dict[int, float] = {}
-        while time.monotonic() < deadline and len(seen) < services:
+        while time.monotonic() < deadline and len(seen) < len(sent):
             for when, line in list(lines):
                 record = json.loads(line)
                 if record.get("kind") == "wrong-source-reply":
                     port = int(record["service"].rsplit(":", 1)[1])
                     seen.setdefault(port, when)
             time.sleep(0.05)
-        return [seen[p] - sent[p] for p in sent if p in seen]
+        times = sorted(sent.values()) or [0.0]
+        return Latency(
+            [seen[p] - sent[p] for p in sent if p in seen],
+            len(sent),
+            unanswered,
+            times[0],
+            times[-1],
+        )
     finally:
         for sock in servers + clients:
             sock.close()
+
+
+def start_blast(topo: Topology, flows: int) -> subprocess.Popen[str]:
+    """bench.flows.blast in another process (this one measures latency meanwhile);
+    it prints the seconds the burst took and when it ended (time.time())."""
+    code = (
+        "import time; from bench.flows import blast; "
+        f"print(blast({topo.container!r}, {CONTAINER_V4!r}, {UPLINK_V4!r}, {flows}, "
+        "(7, 9, 13, 19)), time.time())"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def latency_line(label: str, latency: Latency) -> str:
+    if not latency.seconds:
+        return f"latency bad reply -> finding, {label}: no finding seen ({latency.replies} replies)"
+    ordered = sorted(latency.seconds)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    lost_requests = (
+        f", {latency.unanswered} request(s) dropped on the way" if latency.unanswered else ""
+    )
+    return (
+        f"latency bad reply -> finding, {label}: {len(ordered)}/{latency.replies} found, "
+        f"p50 {1000 * statistics.median(ordered):.1f} ms, p99 {1000 * p99:.1f} ms, "
+        f"max {1000 * ordered[-1]:.1f} ms{lost_requests}"
+    )
 
 
 def memory_phase(flows: int) -> tuple[int, int, int]:
@@ -144,12 +212,28 @@ def main() -> int:
         reader.start()
         time.sleep(2.0)  # both subscribed (watch imports, probes and dumps first)
 
-        latencies = latency_phase(topo, args.services, lines)
-        before_burst = 2 * args.services  # each service: one request, one bad reply
+        idle = latency_phase(topo, args.services, lines, base=21000)
+        # Each service made two flows (its request and its bad reply); a request
+        # that never arrived made at most one, which counts in the share's noise.
+        before_burst = 2 * idle.replies
 
         count_before = int(topo.run(topo.host, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
-        seconds = blast(topo.container, CONTAINER_V4, UPLINK_V4, args.flows, (7, 9, 13, 19))
+        blaster = start_blast(topo, args.flows)
+        time.sleep(0.3)  # into the burst (the blaster imports and enters the namespace)
+        # One bad reply every 10 ms spreads them over the whole burst (~2 s).
+        during = latency_phase(
+            topo,
+            args.services,
+            lines,
+            base=23000,
+            keep_going=lambda: blaster.poll() is None,
+            interval=0.01,
+        )
+        out, _ = blaster.communicate()
+        seconds, burst_end = (float(x) for x in out.split())
+        burst_start = burst_end - seconds
         count_after = int(topo.run(topo.host, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
+        # The burst's flows and the bad replies made during it.
         created = count_after - count_before
         time.sleep(3.0)  # let both listeners drain their queues
 
@@ -169,7 +253,8 @@ def main() -> int:
 
     print(
         f"burst: {args.flows} flows sent in {seconds:.2f} s ({args.flows / seconds:,.0f}/s), "
-        f"{created} new conntrack entries in the host namespace"
+        f"{created} new conntrack entries in the host namespace (with {2 * during.replies} "
+        "from the bad replies made during it)"
     )
     print(
         f"  conntrack -E -e NEW -p udp -b 64MiB saw {conntrack_seen} "
@@ -185,16 +270,12 @@ def main() -> int:
         f"= {1e6 * cpu / max(1, summary['events']):.1f} us/event (includes start-up), "
         f"max RSS {usage.ru_maxrss / 1024:.0f} MiB"
     )
-    if latencies:
-        ordered = sorted(latencies)
-        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-        print(
-            f"latency bad reply -> finding: {len(latencies)}/{args.services} found, "
-            f"p50 {1000 * statistics.median(ordered):.1f} ms, p99 {1000 * p99:.1f} ms, "
-            f"max {1000 * ordered[-1]:.1f} ms"
-        )
-    else:
-        print(f"latency: no finding seen (watch stderr: {stderr.strip()[:200]})")
+    print(latency_line("idle", idle))
+    print(latency_line(f"during the {args.flows}-flow burst", during))
+    print(
+        f"  (bad replies sent {during.first_sent - burst_start:.2f} s to "
+        f"{during.last_sent - burst_start:.2f} s into the {seconds:.2f} s burst)"
+    )
     print(
         f"memory: {pending} unreplied flows tracked, RSS {rss_before / 2**20:.0f} MiB -> "
         f"{rss_after / 2**20:.0f} MiB ({(rss_after - rss_before) / max(1, pending):.0f} "
