@@ -219,11 +219,7 @@ def _watch(args: argparse.Namespace, label: str) -> int:
                         _drain(events, detector, decode.decode_event, report)
                     except conntrack.Overflow:
                         overflows += 1
-                        if resync_due is None:
-                            # Let the burst that overflowed the buffer drain first, and
-                            # under a lasting overload dump at most once a second: a
-                            # dump of a big table costs more than it recovers.
-                            resync_due = max(time.monotonic() + 0.2, last_resync + 1.0)
+                        resync_due = _resync_due(resync_due, time.monotonic(), last_resync)
                 elif key.data == "icmp":
                     now = time.time()
                     for rejected in icmp.read(key.fileobj):  # type: ignore[arg-type]
@@ -280,6 +276,19 @@ def _watch(args: argparse.Namespace, label: str) -> int:
         )
     )
     return 0
+
+
+def _resync_due(due: float | None, now: float, last_resync: float) -> float:
+    """When to resync after an ENOBUFS at `now` (monotonic seconds).
+
+    0.2 s later, so that the burst that overflowed the buffer drains first; at most
+    once a second under a lasting overload (a dump of a big table costs more than it
+    recovers); and an ENOBUFS while one is due never postpones it, or a lasting
+    overload would postpone it for ever.
+    """
+    if due is not None:
+        return due
+    return max(now + 0.2, last_resync + 1.0)
 
 
 def _lost(events: EventSocket, lost: int, overflows: int) -> int:

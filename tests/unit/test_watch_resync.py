@@ -3,6 +3,7 @@ count once. Built from hand-made entries (ids as the kernel's CTA_ID would give)
 
 from __future__ import annotations
 
+import math
 import socket
 
 from ctfix.core.decode import DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent, CtTuple
@@ -100,3 +101,13 @@ def test_without_ids_a_dump_never_counts_a_known_pair_again() -> None:
     assert d.feed(CtEvent(DUMPED, bad_reply(4000)), 2.5) is None
     d.feed(CtEvent(UPDATE, request(4000)), 2.6)
     assert counts(d) == {f"{SERVICE}:53": 1}
+
+
+def test_an_overflow_schedules_a_resync_that_later_overflows_do_not_postpone() -> None:
+    from ctfix.commands.watch import _resync_due
+
+    first = _resync_due(None, 100.0, last_resync=-math.inf)
+    assert first == 100.2
+    assert _resync_due(first, 100.15, last_resync=-math.inf) == first
+    # Right after a resync, the next one waits a second.
+    assert _resync_due(None, 101.0, last_resync=100.9) == 101.9
