@@ -18,11 +18,15 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   wildcard socket serves it (a client on a connected network can reach any local
   address: the host routes between its own addresses), else the specifically bound
   addresses.
+* *On-link*: the host's own global addresses on the interface a network is reached
+  by (its clients' gateway). Its clients may address them at any time: conntrack
+  forgets a flow after 30 s, so not seeing such a client is no evidence there is
+  none. They count like addressed ones for *ok* (and for the policy-route advice).
 * *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
   PORT` for a client in the network (a seen client, else a probe address in it).
-* A network is *ok* when each address it addresses would be answered from that
-  address: it is the predicted source, or a socket is bound to it specifically, or
-  no serving socket of the family is exposed.
+* A network is *ok* when each address it addresses or has on-link would be answered
+  from that address: it is the predicted source, or a socket is bound to it
+  specifically, or no serving socket of the family is exposed.
 * Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
   reply to a client that would still get one (a recorded reply whose client network
   is ok now, e.g. after `ctfix fix`, predates the change and is reported as such);
@@ -144,6 +148,17 @@ def _requests(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[_Req
             _Request(client, orig.sport, unmap(orig.dst), family_name(client), entry.seen_reply)
         )
     return requests
+
+
+def _onlink(addresses: Iterable[LocalAddress], interface: str | None, family: str) -> list[str]:
+    """The host's usable addresses on the interface a client network is reached by.
+
+    Its clients can always address them (one is their gateway), whether or not the
+    conntrack table, which forgets a flow after 30 s, shows one doing so right now.
+    """
+    if interface is None:
+        return []
+    return usable_addresses((a for a in addresses if a.interface == interface), family)
 
 
 def _network_of(client: str, connected: Sequence[tuple[str, str, str]]) -> tuple[str, str | None]:
@@ -369,10 +384,12 @@ def _clients(
                 predicted = next(iter(specific))
             else:
                 predicted = None
+            interface = iface or (choice.interface if choice else None)
+            onlink = tuple(_onlink(snapshot.addresses, interface, family))
             # `rewritten`: a working snat-zone setup gives those clients the right source.
             ok = all(
                 not exposed.get(family) or a == predicted or a in specific or a in rewritten
-                for a in addressed
+                for a in (*addressed, *onlink)
             )
             result.append(
                 ClientNetwork(
@@ -380,8 +397,9 @@ def _clients(
                     addressed=tuple(addressed),
                     predicted_source=predicted,
                     ok=ok,
-                    interface=iface or (choice.interface if choice else None),
+                    interface=interface,
                     seen=was_seen,
+                    onlink=onlink,
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
@@ -409,14 +427,16 @@ def _connected_peers(
         covered.add(network)
         source = unmap(listener.address)
         addressed = sorted({r.addressed for r in requests if r.client == peer}) or [source]
+        onlink = tuple(_onlink(snapshot.addresses, iface, family_name(peer)))
         found.append(
             ClientNetwork(
                 network=network,
                 addressed=tuple(addressed),
                 predicted_source=source,
-                ok=all(a == source or a in rewritten for a in addressed),
+                ok=all(a == source or a in rewritten for a in (*addressed, *onlink)),
                 interface=iface,
                 seen=True,
+                onlink=onlink,
             )
         )
     return found
@@ -516,12 +536,19 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     for cn in clients:
         if cn.ok:
             continue
-        others = [a for a in cn.addressed if a != cn.predicted_source]
+        extra = [a for a in cn.onlink if a not in cn.addressed]
+        others = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
         how = "send to" if cn.seen else "may send to"
         source = cn.predicted_source or "an address routing picks"
+        also = (
+            f" and may address {', '.join(extra)} (the host's own address on "
+            f"{cn.interface}, their gateway)"
+            if [a for a in extra if a in others]
+            else ""
+        )
         reasons.append(
-            f"Clients in {cn.network} {how} {', '.join(cn.addressed)}; replies to them leave "
-            f"from {source}, so those that address {', '.join(others)} get no answer."
+            f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{also}; replies to them "
+            f"leave from {source}, so those that address {', '.join(others)} get no answer."
         )
         choice = _choice_for(snapshot, cn.network)
         if choice is not None and choice.table not in (None, MAIN_TABLE):
@@ -619,6 +646,12 @@ def _fixes(
     mixed = [cn for cn in affected if len(cn.addressed) > 1]
     single = bool(affected) and not mixed
     unseen = [cn for cn in affected if not cn.seen]
+    # A route gives a network's replies one source: the clients of its on-link address
+    # (their gateway) would break, and conntrack's 30 s memory cannot rule them out.
+    spared = [
+        (cn, [a for a in cn.onlink if a not in cn.addressed]) for cn in affected if cn.seen
+    ]
+    at_stake = [(cn, extra) for cn, extra in spared if extra]
     notrack = any(r.problem == PROBLEM_NOTRACK for r in rules)
     fixes: list[Fix] = [
         Fix(
@@ -659,21 +692,44 @@ def _fixes(
         )
     if single and not unseen:
         routes = "; ".join(f"{cn.network} from {cn.addressed[0]}" for cn in affected)
-        fixes.append(
-            Fix(
-                method="policy-route",
-                summary="Route the port's replies from the one address each client network "
-                f"uses ({routes}).",
-                detail="A policy rule `ip rule add ipproto udp sport "
-                f"{port} table T` with routes `ip route add NETWORK dev IF src ADDRESS "
-                "table T` makes the kernel choose the address clients use, with no change "
-                "to the server and no per-flow state. Right only when each client network "
-                "addresses one local address, as seen here. `ctfix fix "
-                f"{port} --method policy-route` shows the plan; add --apply, undo with "
-                "--revert.",
-                recommended=True,
-            )
+        how = (
+            "A policy rule `ip rule add ipproto udp sport "
+            f"{port} table T` with routes `ip route add NETWORK dev IF src ADDRESS "
+            "table T` makes the kernel choose the address clients use, with no change "
+            "to the server and no per-flow state."
         )
+        if at_stake:
+            only_if = "; ".join(
+                f"clients in {cn.network} never address {' or '.join(extra)}"
+                for cn, extra in at_stake
+            )
+            fixes.append(
+                Fix(
+                    method="policy-route",
+                    summary=f"Only if {only_if}: route the port's replies from the address "
+                    f"seen ({routes}).",
+                    detail=f"{how} But it gives all replies to a network that one source: "
+                    "clients that address the host's own address on their link (their "
+                    "gateway) would stop getting answers. None was seen, but conntrack "
+                    "forgets a flow after 30 s, so that is no proof. `ctfix fix "
+                    f"{port} --method policy-route` refuses for this reason; add --force "
+                    "only if you know those clients never use that address (snat-zone "
+                    "serves both).",
+                )
+            )
+        else:
+            fixes.append(
+                Fix(
+                    method="policy-route",
+                    summary="Route the port's replies from the one address each client "
+                    f"network uses ({routes}).",
+                    detail=f"{how} Right only when each client network addresses one "
+                    "local address, as here. `ctfix fix "
+                    f"{port} --method policy-route` shows the plan; add --apply, undo with "
+                    "--revert.",
+                    recommended=True,
+                )
+            )
     else:
         if mixed and mixed[0].seen:
             why_not = f"clients in {mixed[0].network} address {' and '.join(mixed[0].addressed)}"
@@ -710,7 +766,7 @@ def _fixes(
                 if notrack
                 else ""
             ),
-            recommended=not single or bool(unseen),
+            recommended=not single or bool(unseen) or bool(at_stake),
         )
     )
     if verdict == "ok":

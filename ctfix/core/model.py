@@ -44,6 +44,9 @@ class ClientNetwork:
     ok: bool  # every addressed address equals predicted_source
     interface: str | None = None  # where the network is connected
     seen: bool = False  # from conntrack evidence (True) or from a connected route
+    #: the host's own addresses on `interface` (the clients' gateway, on their link):
+    #: clients may address them even when conntrack (30 s of memory) shows none doing so.
+    onlink: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

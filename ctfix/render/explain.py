@@ -61,6 +61,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "ok": cn.ok,
                 "interface": cn.interface,
                 "seen": cn.seen,
+                "onlink": list(cn.onlink),
             }
             for cn in d.clients
         ],
@@ -123,9 +124,13 @@ def _listener_line(lst: Listener) -> str:
 
 
 def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
-    addressed = ", ".join(cn.addressed) or "-"
     origin = "seen" if cn.seen else "assumed"
-    wrong = [a for a in cn.addressed if a != cn.predicted_source]
+    extra = [a for a in cn.onlink if a not in cn.addressed]
+    addressed = f"{', '.join(cn.addressed) or '-'} ({origin})"
+    if extra:
+        # Clients may use their gateway whatever conntrack remembers (30 s).
+        addressed += f", {', '.join(extra)} (on-link)"
+    wrong = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
     if cn.ok:
         status = "ok"
     elif wrong:
@@ -135,7 +140,7 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     return (
         cn.network,
         cn.interface or "-",
-        f"{addressed} ({origin})",
+        addressed,
         cn.predicted_source or "-",
         status,
     )

@@ -107,11 +107,51 @@ def test_wrong_source_pair_in_conntrack_is_broken() -> None:
     assert (cn.network, cn.addressed, cn.seen, cn.ok) == ("192.0.2.0/24", (UPLINK,), True, False)
 
 
-def test_each_network_one_address_recommends_policy_route() -> None:
+def test_clients_seen_using_the_uplink_only_may_still_use_their_gateway() -> None:
+    """The QA case: the bridge clients' flows had expired, only the uplink was seen.
+    policy-route would break the clients of 192.0.2.1 (their gateway): not recommended,
+    said as a condition; snat-zone is."""
     d = diagnose(snapshot(NC, flows=(request(UPLINK),)))
     assert d.verdict == "at-risk"
+    [cn] = d.clients
+    assert (cn.addressed, cn.onlink, cn.seen) == ((UPLINK,), (BRIDGE,), True)
     policy = next(f for f in d.fixes if f.method == "policy-route")
-    assert policy.recommended and "192.0.2.0/24 from 198.51.100.13" in policy.summary
+    assert not policy.recommended
+    assert policy.summary.startswith("Only if clients in 192.0.2.0/24 never address 192.0.2.1:")
+    assert "--force" in policy.detail
+    assert next(f for f in d.fixes if f.method == "snat-zone").recommended
+
+
+def test_policy_route_already_in_place_reads_at_risk_for_the_gateway_clients() -> None:
+    """After a forced policy-route, the clients that use their gateway are the ones
+    exposed, and explain names them."""
+    snap = snapshot(NC, flows=(request(UPLINK),))
+    choices = tuple(replace(c, source=UPLINK, table=100) for c in snap.route_choices)
+    d = diagnose(replace(snap, route_choices=choices))
+    [cn] = d.clients
+    assert cn.predicted_source == UPLINK and not cn.ok
+    assert d.verdict == "at-risk"
+    assert any(
+        "may address 192.0.2.1 (the host's own address on br0" in r
+        and "those that address 192.0.2.1 get no answer" in r
+        for r in d.reasons
+    ), d.reasons
+
+
+def test_network_behind_an_interface_without_an_address_recommends_policy_route() -> None:
+    """A tunnel with no address of its own: its clients can only use the one they
+    were seen using, so a route per network is right."""
+    client = "203.0.113.7"
+    snap = snapshot(NC, flows=(request(BRIDGE, client=client),))
+    choices = tuple(
+        replace(c, source=UPLINK, interface="tun0") if c.destination == client else c
+        for c in snap.route_choices
+    )
+    d = diagnose(replace(snap, route_choices=choices))
+    [cn] = d.clients
+    assert (cn.network, cn.interface, cn.onlink, cn.ok) == ("203.0.113.0/24", "tun0", (), False)
+    policy = next(f for f in d.fixes if f.method == "policy-route")
+    assert policy.recommended and "203.0.113.0/24 from 192.0.2.1" in policy.summary
     assert not next(f for f in d.fixes if f.method == "snat-zone").recommended
 
 

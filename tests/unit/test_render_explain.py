@@ -72,6 +72,7 @@ def test_json_has_the_stable_keys_of_the_issue() -> None:
         "ok": False,
         "interface": "br0",
         "seen": True,
+        "onlink": [],
     }
     assert data["evidence"]["healthy"] == 3
     assert data["evidence"]["wrong_source"][0]["actual_source"] == "192.0.2.1:56789"
@@ -122,3 +123,17 @@ def test_markdown_is_pasteable() -> None:
         "| 192.0.2.0/24 | br0 | 198.51.100.13 (seen) | 192.0.2.1 | wrong for 198.51.100.13 |" in md
     )
     assert "**cannot help**" in md and "**snat-zone** *(recommended)*" in md
+
+
+def test_table_shows_the_gateway_address_clients_may_use() -> None:
+    """After a forced policy-route: conntrack shows only the uplink, but the bridge's
+    clients may use their gateway, and the table says they get the wrong source."""
+    routed = ClientNetwork(
+        "192.0.2.0/24", ("198.51.100.13",), "198.51.100.13", False, "br0", True,
+        onlink=("192.0.2.1",),
+    )
+    d = Diagnosis(56789, "lab-host", "at-risk", (), clients=(routed,))
+    [row] = [line for line in render_text(d).splitlines() if line.startswith("  192.0.2.0/24")]
+    assert "198.51.100.13 (seen), 192.0.2.1 (on-link)" in row
+    assert row.endswith("wrong for 192.0.2.1")
+    assert json.loads(render_json(d))["clients"][0]["onlink"] == ["192.0.2.1"]
