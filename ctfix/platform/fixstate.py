@@ -94,6 +94,11 @@ class FixState:
                 raw = json.load(fh)
         except FileNotFoundError:
             return cls(path, netns_label)
+        except PermissionError:
+            raise CtfixError(
+                f"cannot read the fix state file {path}: permission denied",
+                "run as root (sudo ctfix fix ...): the file is root's, like what it records",
+            ) from None
         except (OSError, ValueError) as err:
             raise CtfixError(
                 f"cannot read the fix state file {path}: {err}",
