@@ -137,6 +137,16 @@ def _nft_usage() -> tuple[bool, bool]:
 # -- apply / verify / revert --------------------------------------------------------------
 
 
+class Interrupted(Exception):
+    """A signal asked the apply to stop; it was rolled back (see `failures`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+        self.removed: list[str] = []
+        self.failures: list[str] = []
+
+
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     already: bool  # the same fix was in place: nothing changed
@@ -144,8 +154,19 @@ class ApplyResult:
     notes: tuple[str, ...] = ()
 
 
-def apply_plan(plan: Plan, state: FixState, verify: Callable[[Plan], list[str]]) -> ApplyResult:
-    """Apply every step or none; `verify` returns problems (empty list = fine)."""
+def apply_plan(
+    plan: Plan,
+    state: FixState,
+    verify: Callable[[Plan], list[str]],
+    stop: Callable[[], int | None] = lambda: None,
+) -> ApplyResult:
+    """Apply every step or none; `verify` returns problems (empty list = fine).
+
+    `stop` returns the number of a signal that asked to stop (or None). It is asked
+    between steps, never inside one: the caller's handler only records the signal, so
+    a step and its record are never cut in half; a stop rolls back like a failure and
+    raises `Interrupted`.
+    """
     existing = state.fixes.get(plan.port)
     if existing is not None:
         if existing.complete and existing.same_plan(plan):
@@ -172,16 +193,21 @@ def apply_plan(plan: Plan, state: FixState, verify: Callable[[Plan], list[str]])
     pause = float(os.environ.get(PAUSE_ENV) or 0)
     try:
         for step in plan.steps:
+            _stop_if_asked(stop)
             recorded = state.record_pending(fix, step)
             if pause:
                 time.sleep(pause)
             create(step.spec)
             state.mark_done(recorded)
+        _stop_if_asked(stop)
         problems = verify(plan)
         if problems:
             raise CtfixError(f"the fix did not take: {problems[0]}", "nothing was left applied")
+        _stop_if_asked(stop)
     except BaseException as err:
         removed, failures = _undo(state, fix)
+        if isinstance(err, Interrupted):
+            err.removed, err.failures = removed, failures
         if isinstance(err, CtfixError):
             err.message += (
                 f" (rolled back {len(removed)} step(s) already made; nothing changed)"
@@ -193,6 +219,12 @@ def apply_plan(plan: Plan, state: FixState, verify: Callable[[Plan], list[str]])
     fix.notes = list(_legacy_notes(legacy_before))
     state.finish(fix)
     return ApplyResult(False, tuple(checked_lines(plan)), tuple(fix.notes))
+
+
+def _stop_if_asked(stop: Callable[[], int | None]) -> None:
+    signum = stop()
+    if signum is not None:
+        raise Interrupted(signum)
 
 
 def _undo(state: FixState, fix: RecordedFix) -> tuple[list[str], list[str]]:
