@@ -12,8 +12,12 @@ ctfix modules (`ctfix --help` must stay fast); the planner is pure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ctfix.commands.common import add_netns_argument, enter_netns, port_number, require_root
@@ -21,6 +25,26 @@ from ctfix.core.model import Diagnosis
 from ctfix.errors import CtfixError, ExitStatus
 
 METHODS = ("policy-route", "snat-zone", "bind")
+
+EPILOG = """\
+examples:
+  ctfix fix 5000 --method snat-zone                  print the plan, change nothing
+  ctfix fix 5000 --method snat-zone --apply          apply it (all or nothing)
+  ctfix fix 5000 --method snat-zone --backend iptables-legacy --netns H --apply
+  ctfix fix 5000 --method policy-route --apply --force
+                         policy-route when you know no client in a network uses the
+                         host's own address on its link (ctfix refuses otherwise)
+  ctfix fix 5000 --method bind --rules ./my-rules    how to fix the application itself
+  ctfix fix --status                                 what ctfix fix made, against the kernel
+  ctfix fix --revert 5000                            remove it (safe to repeat)
+
+exit status:
+  0    done (or a dry run; or nothing to revert)
+  1    --status: a recorded fix is DAMAGED or INTERRUPTED (revert it)
+  2    refused or failed, nothing changed; bad input; missing privilege or feature
+  128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
+       what was applied so far is rolled back
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "       ctfix fix --revert [PORT] [--netns NS]\n"
         "       ctfix fix --status [--netns NS] [--json]"
     )
+    parser.epilog = EPILOG
     parser.add_argument("port", nargs="?", type=port_number, metavar="PORT", help="UDP port")
     parser.add_argument(
         "--method",
@@ -45,12 +70,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="plan even when the port has no socket and no evidence",
+        help="plan even when the port has no socket and no evidence; policy-route even "
+        "though clients that address the host's own address on their link (their gateway) "
+        "would get no answer",
     )
     parser.add_argument(
         "--backend",
         choices=("nft", "iptables-legacy"),
         help="netfilter backend for snat-zone (default: the one the namespace uses)",
+    )
+    parser.add_argument(
+        "--rules",
+        metavar="DIR",
+        action="append",
+        type=Path,
+        default=[],
+        help="also load the knowledge-base files (*.yaml) in DIR (as explain --rules); "
+        "repeatable",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
@@ -68,6 +104,21 @@ def run(args: argparse.Namespace) -> int:
         raise CtfixError("which port?", "ctfix fix PORT --method ...")
     if args.method is None:
         raise CtfixError("--method is required", f"one of {', '.join(METHODS)}")
+    if args.backend and args.method != "snat-zone":
+        raise CtfixError(
+            f"--backend is for snat-zone only; {args.method} uses "
+            + ("iproute2 (ip rule/ip route)" if args.method == "policy-route" else "nothing"),
+            "drop --backend",
+        )
+    if args.rules and args.method != "bind":
+        raise CtfixError("--rules is for --method bind only", "drop --rules")
+    if args.method == "bind":
+        if args.apply:
+            raise CtfixError(
+                "--method bind changes nothing on the host, so there is nothing to apply",
+                f"run `ctfix fix {args.port} --method bind` and change the application",
+            )
+        return _bind(args)
     if args.apply:
         require_root("ctfix fix --apply")
     label = enter_netns(args.netns)
@@ -77,30 +128,32 @@ def run(args: argparse.Namespace) -> int:
         return ExitStatus.OK
     diagnosis = _diagnose(args.port, label)
     notes: list[str] = []
-    backend = "nftables"
+    backend = "iproute2"
     if args.method == "snat-zone":
         from ctfix.platform import remedy
 
         override = {"nft": "nftables"}.get(args.backend or "", args.backend)
         backend, why = remedy.choose_backend(override)
         notes.append(f"backend {backend}: {why}")
-    advice = _bind_advice(diagnosis) if args.method == "bind" else ()
     plan = make_plan(
         diagnosis,
         args.method,
         backend,  # type: ignore[arg-type]
         force=args.force,
         notes=tuple(notes),
-        advice=advice,
     )
-    if not args.apply or plan.method == "bind":
-        _print_plan(plan, label, args.json, applied=False)
+    if not args.apply:
+        _print_plan(plan, label, args.json, _apply_command(args))
         return ExitStatus.OK
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 
     state = FixState.load(label)
-    result = remedy.apply_plan(plan, state, remedy.verify_plan)
+    try:
+        with _deferred_signals() as stop:
+            result = remedy.apply_plan(plan, state, remedy.verify_plan, stop)
+    except remedy.Interrupted as stopped:
+        return _interrupted(args, stopped)
     if args.json:
         from ctfix.core.plan import plan_to_dict
 
@@ -121,10 +174,67 @@ def run(args: argparse.Namespace) -> int:
               f"netns {label}")
     for line in result.checks:
         print(f"  checked: {line}")
+    for warning in plan.warnings:
+        print(f"  warning: {warning}")
     for note in result.notes:
         print(f"  note: {note}")
     print(f"  undo with: ctfix fix --revert {plan.port}{_netns_flag(args)}")
     return ExitStatus.OK
+
+
+@contextlib.contextmanager
+def _deferred_signals() -> Iterator[Any]:
+    """Ctrl-C, SIGTERM and SIGHUP only record themselves while a fix is applied.
+
+    apply_plan asks between steps and rolls back; a handler that raised inside a step
+    (Python's default for SIGINT) or a default that kills (SIGTERM, SIGHUP) would leave
+    the fix half-applied. The first signal counts; later ones are absorbed so they
+    cannot cut the rollback short.
+    """
+    caught: list[int] = []
+
+    def record(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, record) for signum in wanted}
+    try:
+        yield lambda: caught[0] if caught else None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(args: argparse.Namespace, stopped: Any) -> int:
+    name = signal.Signals(stopped.signum).name
+    if stopped.failures:
+        print(
+            f"ctfix fix {args.port}: interrupted ({name}); rollback incomplete: "
+            f"{stopped.failures[0]}; run `ctfix fix --revert {args.port}{_netns_flag(args)}`",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"ctfix fix {args.port}: interrupted ({name}); rolled back "
+            f"{len(stopped.removed)} step(s) already made, nothing changed",
+            file=sys.stderr,
+        )
+    return 128 + int(stopped.signum)
+
+
+def _apply_command(args: argparse.Namespace) -> str:
+    """The dry run's last line: the same command with --apply, every option kept."""
+    words = ["ctfix", "fix", str(args.port), "--method", args.method]
+    if args.backend:
+        words += ["--backend", args.backend]
+    if args.force:
+        words.append("--force")
+    if args.netns:
+        words += ["--netns", args.netns]
+    words.append("--apply")
+    import shlex
+
+    return shlex.join(words)
 
 
 def _already_applied(args: argparse.Namespace, label: str) -> bool:
@@ -163,11 +273,11 @@ def _netns_flag(args: argparse.Namespace) -> str:
 # -- output ---------------------------------------------------------------------------
 
 
-def _print_plan(plan: Any, label: str, as_json: bool, applied: bool) -> None:
+def _print_plan(plan: Any, label: str, as_json: bool, apply_with: str | None) -> None:
     from ctfix.core.plan import plan_to_dict
 
     if as_json:
-        print(json.dumps({"netns": label, "applied": applied, "plan": plan_to_dict(plan)},
+        print(json.dumps({"netns": label, "applied": False, "plan": plan_to_dict(plan)},
                          indent=2))
         return
     out = sys.stdout
@@ -180,6 +290,8 @@ def _print_plan(plan: Any, label: str, as_json: bool, applied: bool) -> None:
         f"ctfix fix {plan.port} --method {plan.method} (netns {label}): "
         f"{len(plan.steps)} step(s), dry run, nothing changed\n"
     )
+    for warning in plan.warnings:
+        out.write(f"  warning: {warning}\n")
     for note in plan.notes:
         out.write(f"  {note}\n")
     for number, step in enumerate(plan.steps, 1):
@@ -196,7 +308,8 @@ def _print_plan(plan: Any, label: str, as_json: bool, applied: bool) -> None:
     for check in plan.checks:
         out.write(f"\nafter apply, check: a reply to {check.destination} leaves from "
                   f"{check.source}\n")
-    out.write(f"\napply with: ctfix fix {plan.port} --method {plan.method} --apply\n")
+    if apply_with:
+        out.write(f"\napply with: {apply_with}\n")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -206,6 +319,11 @@ def _status(args: argparse.Namespace) -> int:
 
     state = FixState.load(label)
     report = remedy.status(state)
+    # A fix that is not whole is a problem to act on (revert it): say so in the status.
+    whole = {
+        fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
+    }
+    status = ExitStatus.OK if all(whole.values()) else ExitStatus.PROBLEM
     if args.json:
         from ctfix.core.plan import step_to_dict
 
@@ -218,6 +336,7 @@ def _status(args: argparse.Namespace) -> int:
                     "method": fix.method,
                     "backend": fix.backend,
                     "complete": fix.complete,
+                    "whole": whole[fix.port],
                     "started": fix.started,
                     "notes": fix.notes,
                     "steps": [
@@ -228,23 +347,27 @@ def _status(args: argparse.Namespace) -> int:
                 for fix, steps in report
             ],
         }, indent=2))
-        return ExitStatus.OK
+        return status
     if not report:
         print(f"ctfix fix --status: no fix recorded in netns {label}")
         return ExitStatus.OK
     print(f"ctfix fix --status (netns {label}, {state.path}):")
     for fix, steps in report:
-        whole = fix.complete and all(here for _s, _st, here in steps)
-        condition = "applied" if whole else (
+        condition = "applied" if whole[fix.port] else (
             "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
         )
         print(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
         for step, st, here in steps:
             mark = "present" if here else "MISSING"
-            print(f"    [{st:7}] {mark:7} {'; '.join(step.creates)}")
+            first, *rest = step.creates or ("(nothing)",)
+            print(f"    [{st:7}] {mark:7} {first}")
+            for obj in rest:  # one object per line: an nftables table lists its parts
+                print(f"    {'':9} {'':7} {obj}")
         for note in fix.notes:
             print(f"    note: {note}")
-    return ExitStatus.OK
+    if status != ExitStatus.OK:
+        print(f"  revert with: ctfix fix --revert{_netns_flag(args)}")
+    return status
 
 
 def _revert(args: argparse.Namespace) -> int:
@@ -254,8 +377,16 @@ def _revert(args: argparse.Namespace) -> int:
     from ctfix.platform.fixstate import FixState
 
     state = FixState.load(label)
+    # Reverting is safe to repeat: nothing recorded is the state it leads to, not an error.
     if args.port is None and not state.fixes:
         print(f"ctfix fix --revert: nothing recorded in netns {label}; nothing changed")
+        return ExitStatus.OK
+    if args.port is not None and args.port not in state.fixes:
+        others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
+            state.fixes
+        ) else ""
+        print(f"ctfix fix --revert: nothing recorded for port {args.port} in netns {label}"
+              f"{others}; nothing changed")
         return ExitStatus.OK
     lines = remedy.revert(state, args.port)
     what = f"port {args.port}" if args.port is not None else "every fix"
@@ -268,29 +399,49 @@ def _revert(args: argparse.Namespace) -> int:
 # -- what the planner needs to know -----------------------------------------------------
 
 
-def _bind_advice(diagnosis: Diagnosis) -> tuple[str, ...]:
-    from ctfix.core.plan import PKTINFO_ADVICE
+def _bind(args: argparse.Namespace) -> int:
+    """--method bind: advice only. Needs no privilege beyond what `--netns` needs: it
+    reads the port's sockets (sock_diag) and the knowledge base, never conntrack,
+    routes or netfilter."""
+    from ctfix.core import rules
+    from ctfix.core.plan import make_plan
 
+    kb = rules.load(args.rules, builtin=True)  # a broken --rules file fails first
+    label = enter_netns(args.netns)
+    from ctfix.platform import sockdiag
+
+    listeners = tuple(listener for listener, _uid in sockdiag.listeners(args.port))
+    diagnosis = Diagnosis(args.port, label, "at-risk", (), listeners=listeners)
+    plan = make_plan(diagnosis, "bind", advice=_bind_advice(diagnosis, kb))
+    _print_plan(plan, label, args.json, None)
+    return ExitStatus.OK
+
+
+def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
+    from ctfix.core.plan import pktinfo_advice
+
+    port = diagnosis.port
     lines: list[str] = []
-    try:
-        from ctfix.core import rules
-
-        kb = rules.load()
-        for listener in diagnosis.listeners or ():
-            found = kb.match(listener.process, listener.cmdline, diagnosis.port)
-            if found is None:
-                continue
-            rule = found.rule
-            likely = "probably " if found.port_only else ""
-            lines.append(f"{listener.process or 'the service'} is {likely}{rule.name}: {rule.fix}")
-            if rule.snippet:
-                lines.extend(f"    {line}" for line in rule.snippet.rstrip().splitlines())
-            if rule.reference:
-                lines.append(f"    see {rule.reference}")
-            break
-    except CtfixError as err:
-        lines.append(f"(the knowledge base could not be read: {err.one_line()})")
-    return (*lines, *PKTINFO_ADVICE)
+    for listener in diagnosis.listeners:
+        found = kb.match(listener.process, listener.cmdline, port)
+        if found is None:
+            continue
+        rule = found.rule
+        likely = "probably " if found.port_only else ""
+        lines.append(f"{listener.process or 'the service'} is {likely}{rule.name}: {rule.fix}")
+        if rule.snippet:
+            lines.extend(f"    {line}" for line in rule.snippet.rstrip().splitlines())
+        if rule.reference:
+            lines.append(f"    see {rule.reference}")
+        break
+    if not lines and diagnosis.listeners and all(lst.pid is None for lst in diagnosis.listeners):
+        lines.append(
+            f"(the process on UDP port {port} is not visible to this user, so it was not "
+            "matched against the knowledge base: run as root to see which program it is)"
+        )
+    elif not diagnosis.listeners:
+        lines.append(f"(no UDP socket on port {port} now: the advice below is generic)")
+    return (*lines, *pktinfo_advice(port))
 
 
 def _diagnose(port: int, label: str) -> Diagnosis:

@@ -166,6 +166,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     checks: tuple[RouteCheck, ...] = ()
     advice: tuple[str, ...] = ()  # method "bind": what to change in the application
+    #: what the plan knowingly breaks (only with --force): printed before applying.
+    warnings: tuple[str, ...] = ()
 
 
 # -- serialisation (state file, --json) ---------------------------------------------------
@@ -213,6 +215,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "method": plan.method,
         "backend": plan.backend,
         "notes": list(plan.notes),
+        "warnings": list(plan.warnings),
         "advice": list(plan.advice),
         "checks": [asdict(c) for c in plan.checks],
         "steps": [step_to_dict(s) for s in plan.steps],
@@ -244,10 +247,10 @@ def make_plan(
     if not diagnosis.listeners and not diagnosis.evidence.wrong_source and not force:
         raise CtfixError(
             f"no UDP socket on port {port} and no evidence of wrong-source replies",
-            "check the port (`ctfix explain PORT`), or pass --force to plan anyway",
+            f"check the port (`ctfix explain {port}`), or pass --force to plan anyway",
         )
     if method == "policy-route":
-        return _policy_route(diagnosis, notes)
+        return _policy_route(diagnosis, notes, force)
     if backend not in ("nftables", "iptables-legacy"):
         raise CtfixError(f"snat-zone needs nftables or iptables-legacy, not {backend}")
     return _snat_zone(diagnosis, backend, force, notes)
@@ -289,7 +292,7 @@ def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
     return str(candidate)
 
 
-def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...]) -> Plan:
+def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> Plan:
     port = diagnosis.port
     broken = _broken_networks(diagnosis)
     seen = [cn for cn in broken if cn.seen]
@@ -308,12 +311,14 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...]) -> Plan:
         raise CtfixError(
             f"nothing to route: every known client network of port {port} already gets "
             "replies from the address it sends to",
-            "see `ctfix explain PORT`; use --method snat-zone to cover clients not seen yet",
+            f"see `ctfix explain {port}`; use --method snat-zone to cover clients not seen "
+            "yet",
         )
     table = table_id(port)
     steps: list[Step] = []
     checks: list[RouteCheck] = []
     families: list[str] = []
+    warnings: list[str] = []
     for cn in broken:
         addressed = _addressed(cn)
         if len(addressed) != 1:
@@ -328,6 +333,23 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...]) -> Plan:
                 "use --method snat-zone",
             )
         source = addressed[0]
+        stranded = [a for a in (unmap(o) for o in cn.onlink) if a != source]
+        if stranded:
+            who = (
+                f"clients in {cn.network} that address {' or '.join(stranded)} (the host's "
+                f"own address on {cn.interface}, their gateway)"
+            )
+            if not force:
+                raise CtfixError(
+                    f"policy-route would break {who}: none was seen, but conntrack "
+                    "forgets a flow after 30 s, so that is no proof there are none",
+                    "use --method snat-zone (it serves both), or add --force if no client "
+                    f"in {cn.network} ever addresses {' or '.join(stranded)}",
+                )
+            warnings.append(
+                f"--force: replies to {cn.network} will leave from {source}; {who} will "
+                "get no answer until --revert"
+            )
         family = _family(source)
         if _family(cn.network.split("/")[0]) != family:
             raise CtfixError(f"clients in {cn.network} address {source} of another family")
@@ -365,7 +387,10 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...]) -> Plan:
             *notes,
             "some client networks address several local addresses; they are left alone",
         )
-    return Plan(port, "policy-route", "iproute2", tuple(steps), notes, tuple(checks))
+    return Plan(
+        port, "policy-route", "iproute2", tuple(steps), notes, tuple(checks),
+        warnings=tuple(warnings),
+    )
 
 
 def _snat_targets(diagnosis: Diagnosis, force: bool) -> list[str]:
@@ -396,7 +421,7 @@ def _snat_zone(
         raise CtfixError(
             f"nothing to fix: no client of port {port} is known to address a local address "
             "other than the one its replies come from",
-            "see `ctfix explain PORT`, or pass --force to cover every local address",
+            f"see `ctfix explain {port}`, or pass --force to cover every local address",
         )
     steps = _nft_steps(port, targets) if backend == "nftables" else _ipt_steps(port, targets)
     return Plan(port, "snat-zone", backend, tuple(steps), notes)
@@ -640,13 +665,15 @@ def _ipt_steps(port: int, targets: list[str]) -> list[Step]:
 
 # -- bind advice -------------------------------------------------------------------------
 
-PKTINFO_ADVICE = (
-    "The lasting fix is in the application: answer each datagram from the address it "
-    "was sent to.",
-    "Either bind one socket per local address (and per address added later), or keep "
-    "the wildcard socket and enable IP_PKTINFO / IPV6_RECVPKTINFO: read the destination "
-    "address with recvmsg() and pass it back as the source in sendmsg()'s "
-    "IP_PKTINFO / IPV6_PKTINFO control message.",
-    "`ctfix serve --port PORT` is a reference echo server that does exactly this "
-    "(see ctfix/pktinfo.py).",
-)
+def pktinfo_advice(port: int) -> tuple[str, ...]:
+    """The generic application fix, for any program."""
+    return (
+        "The lasting fix is in the application: answer each datagram from the address it "
+        "was sent to.",
+        "Either bind one socket per local address (and per address added later), or keep "
+        "the wildcard socket and enable IP_PKTINFO / IPV6_RECVPKTINFO: read the "
+        "destination address with recvmsg() and pass it back as the source in sendmsg()'s "
+        "IP_PKTINFO / IPV6_PKTINFO control message.",
+        f"`ctfix serve --port {port}` is a reference echo server that does exactly this "
+        "(see ctfix/pktinfo.py and docs/pktinfo.md).",
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -126,25 +127,54 @@ def without_loaded_raw(after: dict[str, str], before: dict[str, str]) -> dict[st
     return cleaned
 
 
-def test_policy_route_fixes_clients_of_the_uplink_and_reverts_exactly(nft_lab: Topology) -> None:
+def test_policy_route_refuses_to_break_the_clients_of_their_gateway(nft_lab: Topology) -> None:
+    """Only the uplink is in conntrack, but the containers may use 192.0.2.1 (their
+    gateway) at any time: a route from 198.51.100.13 would break them, so no."""
+    topo = nft_lab
+    assert not answered(topo, UPLINK_V4)
+    before = kernel_state(topo)
+    refused = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1" in line
+    assert "use --method snat-zone" in line and "--force" in line
+    assert kernel_state(topo) == before
+    assert answered(topo, BRIDGE_V4)
+
+
+def test_policy_route_forced_fixes_the_uplink_warns_and_reverts_exactly(
+    nft_lab: Topology,
+) -> None:
     topo = nft_lab
     # Clients that address the uplink: broken, and now in conntrack as evidence.
+    # (No request to the bridge address yet: that would be evidence of mixed addressing.)
     assert not answered(topo, UPLINK_V4) and not answered(topo, UPLINK_V6)
     before = kernel_state(topo)
 
-    dry = ctfix_fix(topo, str(PORT), "--method", "policy-route")
+    dry = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force")
     assert dry.returncode == 0, dry.stderr
     assert "dry run, nothing changed" in dry.stdout
     assert "ip route add 192.0.2.0/24 dev br0 src 198.51.100.13" in dry.stdout
+    assert "warning: --force: replies to 192.0.2.0/24 will leave from 198.51.100.13" in dry.stdout
+    assert dry.stdout.rstrip().endswith(
+        f"apply with: ctfix fix {PORT} --method policy-route --force --netns {topo.host} --apply"
+    )
     assert kernel_state(topo) == before
 
-    applied = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
+    applied = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply")
     assert applied.returncode == 0, applied.stderr
     assert "192.0.2.3 now leaves from 198.51.100.13" in applied.stdout
+    # The warning names exactly who pays for it, and they do.
+    assert (
+        "warning: --force: replies to 192.0.2.0/24 will leave from 198.51.100.13; clients in "
+        "192.0.2.0/24 that address 192.0.2.1 (the host's own address on br0, their gateway) "
+        "will get no answer until --revert" in applied.stdout
+    )
     assert answered(topo, UPLINK_V4) and answered(topo, UPLINK_V6)
+    assert not answered(topo, BRIDGE_V4)
     fixed = kernel_state(topo)
 
-    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
+    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply")
     assert again.returncode == 0, again.stderr
     assert "already applied" in again.stdout
     assert kernel_state(topo) == fixed
@@ -152,7 +182,7 @@ def test_policy_route_fixes_clients_of_the_uplink_and_reverts_exactly(nft_lab: T
     reverted = ctfix_fix(topo, "--revert", str(PORT))
     assert reverted.returncode == 0, reverted.stderr
     assert kernel_state(topo) == before
-    assert not answered(topo, UPLINK_V4)
+    assert not answered(topo, UPLINK_V4) and answered(topo, BRIDGE_V4)
 
 
 def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None:
@@ -181,6 +211,12 @@ def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None
     [fix] = json.loads(status.stdout)["fixes"]
     assert fix["method"] == "snat-zone" and fix["complete"]
     assert all(step["present"] for step in fix["steps"])
+    text = ctfix_fix(topo, "--status")
+    assert text.returncode == 0 and "applied" in text.stdout
+    objects = [obj for step in fix["steps"] for obj in step["step"]["creates"]]
+    lines = text.stdout.splitlines()
+    for obj in objects:  # one object per line
+        assert sum(line.rstrip().endswith(obj) for line in lines) == 1, (obj, text.stdout)
 
     reverted = ctfix_fix(topo, "--revert")
     assert reverted.returncode == 0, reverted.stderr
@@ -208,7 +244,7 @@ def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             status = ctfix_fix(topo, "--status", "--json")
-            fixes = json.loads(status.stdout)["fixes"] if status.returncode == 0 else []
+            fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
             if fixes and len(fixes[0]["steps"]) >= 4:
                 break
             time.sleep(0.1)
@@ -216,13 +252,17 @@ def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology
     finally:
         proc.wait()
     status = ctfix_fix(topo, "--status")
-    assert "INTERRUPTED" in status.stdout
+    assert status.returncode == 1 and "INTERRUPTED" in status.stdout
     assert ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply").returncode == 2
 
     reverted = ctfix_fix(topo, "--revert", str(PORT))
     assert reverted.returncode == 0, reverted.stderr
     assert without_loaded_raw(kernel_state(topo), before) == before
-    assert "no fix recorded" in ctfix_fix(topo, "--status").stdout
+    status = ctfix_fix(topo, "--status")
+    assert status.returncode == 0 and "no fix recorded" in status.stdout
+    # Reverting again is safe, and says so, with or without the port.
+    for again in (ctfix_fix(topo, "--revert", str(PORT)), ctfix_fix(topo, "--revert")):
+        assert again.returncode == 0 and "nothing changed" in again.stdout
 
 
 def test_no_socket_and_no_evidence_is_refused_and_changes_nothing(nft_lab: Topology) -> None:
@@ -242,3 +282,107 @@ def test_policy_route_refuses_mixed_addressing(nft_lab: Topology) -> None:
     assert refused.returncode == 2
     assert "use --method snat-zone" in refused.stderr
     assert kernel_state(nft_lab) == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signal_in_the_middle_of_apply_rolls_back(legacy_lab: Topology, signum: int) -> None:
+    """What an operator's Ctrl-C, a service manager's SIGTERM or a closed terminal's
+    SIGHUP leave behind: nothing, and one line saying so."""
+    topo = legacy_lab
+    assert not answered(topo, UPLINK_V4)
+    before = kernel_state(topo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone", "--apply",
+         "--netns", topo.host],
+        env={**os.environ, PAUSE_ENV: "0.3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = ctfix_fix(topo, "--status", "--json")
+            fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
+            if fixes and len(fixes[0]["steps"]) >= 3:
+                break
+            time.sleep(0.1)
+        os.kill(proc.pid, signum)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert f"interrupted ({name}); rolled back" in err and "nothing changed" in err
+    assert without_loaded_raw(kernel_state(topo), before) == before
+    status = ctfix_fix(topo, "--status")
+    assert status.returncode == 0 and "no fix recorded" in status.stdout
+    assert not answered(topo, UPLINK_V4)
+
+
+def test_dry_run_apply_line_keeps_netns_and_backend(legacy_lab: Topology) -> None:
+    """Pasting the dry run's last line applies the same plan in the same namespace."""
+    topo = legacy_lab
+    assert not answered(topo, UPLINK_V4)
+    dry = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--backend", "iptables-legacy")
+    last = dry.stdout.rstrip().splitlines()[-1]
+    assert last == (
+        f"apply with: ctfix fix {PORT} --method snat-zone --backend iptables-legacy "
+        f"--netns {topo.host} --apply"
+    )
+    argv = shlex.split(last.removeprefix("apply with: "))
+    pasted = subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    assert f"in netns {topo.host}" in pasted.stdout
+    assert "ctfix-56789-v4-0" in topo.run(topo.host, "ipset", "list", "-n")
+    assert answered(topo, UPLINK_V4)
+    assert ctfix_fix(topo, "--revert").returncode == 0
+
+
+RULES = """version: 1
+services:
+  - id: test-echo
+    name: the test echo server
+    processes: [test-echo]
+    cmdline_patterns: ['serve --broken']
+    ports: [56789]
+    affected_when_wildcard: true
+    why: it answers with recvfrom/sendto on a wildcard socket
+    fix: start it with --bind ADDRESS, once per address
+    snippet: 'test-echo --bind 192.0.2.1 --bind 198.51.100.13'
+    reference: https://example.org/test-echo
+    confidence: high
+"""
+
+
+def test_bind_uses_local_rules_and_needs_no_privilege(nft_lab: Topology, tmp_path: Path) -> None:
+    topo = nft_lab
+    (tmp_path / "mine.yaml").write_text(RULES)
+    advised = ctfix_fix(topo, str(PORT), "--method", "bind", "--rules", str(tmp_path))
+    assert advised.returncode == 0, advised.stderr
+    assert "is the test echo server: start it with --bind ADDRESS" in advised.stdout
+    assert "test-echo --bind 192.0.2.1 --bind 198.51.100.13" in advised.stdout
+    assert f"ctfix serve --port {PORT}" in advised.stdout and "PORT" not in advised.stdout
+
+    refused = ctfix_fix(topo, str(PORT), "--method", "bind", "--apply")
+    assert refused.returncode == 2 and "nothing to apply" in refused.stderr
+
+    # An unprivileged user inside the namespace: advice, and why the program is unnamed.
+    nobody = subprocess.run(
+        ["ip", "netns", "exec", topo.host, "setpriv", "--reuid=65534", "--regid=65534",
+         "--clear-groups", sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "bind"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2],
+    )
+    assert nobody.returncode == 0, nobody.stderr
+    assert "not visible to this user" in nobody.stdout
+    assert f"ctfix serve --port {PORT}" in nobody.stdout
+
+
+def test_backend_with_policy_route_is_refused(nft_lab: Topology) -> None:
+    refused = ctfix_fix(nft_lab, str(PORT), "--method", "policy-route", "--backend", "nft")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("drop --backend")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 
 import pytest
 
@@ -94,6 +96,44 @@ def test_policy_route_refuses_a_network_that_addresses_several_local_addresses()
     assert "192.0.2.0/24" in err.value.message
     assert "198.51.100.13 and 192.0.2.1" in err.value.message
     assert err.value.hint == "use --method snat-zone"
+
+
+#: What diagnose() reports in the QA case: only the uplink seen, but the bridge
+#: address is the clients' gateway (conntrack had forgotten their flows).
+GATEWAY_UNSEEN = replace(UPLINK_ONLY, onlink=("192.0.2.1",))
+GATEWAY_UNSEEN_V6 = replace(UPLINK_ONLY_V6, onlink=("2001:db8:1::1",))
+
+
+def test_policy_route_refuses_when_clients_may_address_their_gateway() -> None:
+    with pytest.raises(CtfixError) as err:
+        make_plan(diagnosis(GATEWAY_UNSEEN, GATEWAY_UNSEEN_V6), "policy-route")
+    assert err.value.message.startswith(
+        "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1 "
+        "(the host's own address on br0, their gateway)"
+    )
+    assert err.value.hint == (
+        "use --method snat-zone (it serves both), or add --force if no client in "
+        "192.0.2.0/24 ever addresses 192.0.2.1"
+    )
+
+
+def test_policy_route_forced_plans_the_same_routes_and_names_who_breaks() -> None:
+    forced = make_plan(diagnosis(GATEWAY_UNSEEN, GATEWAY_UNSEEN_V6), "policy-route", force=True)
+    plain = make_plan(diagnosis(UPLINK_ONLY, UPLINK_ONLY_V6), "policy-route")
+    assert forced.steps == plain.steps and plain.warnings == ()
+    assert forced.warnings == (
+        "--force: replies to 192.0.2.0/24 will leave from 198.51.100.13; clients in "
+        "192.0.2.0/24 that address 192.0.2.1 (the host's own address on br0, their "
+        "gateway) will get no answer until --revert",
+        "--force: replies to 2001:db8:1::/64 will leave from 2001:db8:2::13; clients in "
+        "2001:db8:1::/64 that address 2001:db8:1::1 (the host's own address on br0, their "
+        "gateway) will get no answer until --revert",
+    )
+
+
+def test_policy_route_gateway_seen_in_use_is_refused_even_forced() -> None:
+    with pytest.raises(CtfixError, match=re.escape("198.51.100.13 and 192.0.2.1")):
+        make_plan(diagnosis(replace(MIXED, onlink=("192.0.2.1",))), "policy-route", force=True)
 
 
 def test_policy_route_refuses_when_nothing_is_broken() -> None:
