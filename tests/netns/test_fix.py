@@ -220,6 +220,8 @@ def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None
 
     reverted = ctfix_fix(topo, "--revert")
     assert reverted.returncode == 0, reverted.stderr
+    removed = [line.strip() for line in reverted.stdout.splitlines() if "  removed " in line]
+    assert sorted(removed) == sorted(f"removed {obj}" for obj in objects)  # one per line
     after = kernel_state(topo)
     if topo.netfilter == "iptables-legacy" and "*raw" not in before["iptables-legacy-save"]:
         assert "cannot unload" in applied.stdout

@@ -143,7 +143,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
-        self.removed: list[str] = []
+        self.removed: list[tuple[str, ...]] = []
         self.failures: list[str] = []
 
 
@@ -227,18 +227,18 @@ def _stop_if_asked(stop: Callable[[], int | None]) -> None:
         raise Interrupted(signum)
 
 
-def _undo(state: FixState, fix: RecordedFix) -> tuple[list[str], list[str]]:
+def _undo(state: FixState, fix: RecordedFix) -> tuple[list[tuple[str, ...]], list[str]]:
     """Remove the fix's recorded objects, last first; (removed, failures).
 
     A step whose removal fails stays recorded (and so does the fix), so that a later
     `--revert` can retry it; the others are still removed.
     """
-    removed: list[str] = []
+    removed: list[tuple[str, ...]] = []
     failures: list[str] = []
     for recorded in reversed(list(fix.steps)):
         try:
             if remove(recorded.step.spec):
-                removed.append("; ".join(recorded.step.creates))
+                removed.append(recorded.step.creates)
         except CtfixError as err:
             failures.append(f"{recorded.step.summary}: {err.one_line()}")
             continue
@@ -269,7 +269,7 @@ def revert(state: FixState, port: int | None) -> list[str]:
             f"port {p}: removed {len(removed)} of {len(recorded)} recorded step(s)"
             + (" (the others were not in the kernel)" if len(removed) < len(recorded) else "")
         )
-        lines.extend(f"  removed {what}" for what in removed)
+        lines.extend(f"  removed {obj}" for creates in removed for obj in creates)
         lines.extend(f"  note: {note}" for note in fix.notes)
         failures.extend(failed)
     if failures:
