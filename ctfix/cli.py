@@ -103,6 +103,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         )
         if name == chosen:
             _load(name).add_arguments(cmd_parser)
+            parser.chosen_parser = cmd_parser  # type: ignore[attr-defined]
     return parser
 
 
@@ -110,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn every error into one line and a status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_list)
-    args = parser.parse_args(args_list)
+    args, extra = parser.parse_known_args(args_list)
+    if extra:
+        # argparse would blame `ctfix`; the stray words belong to the command.
+        culprit = getattr(parser, "chosen_parser", None) or parser
+        culprit.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = bool(getattr(args, "debug", False)) or bool(os.environ.get("CTFIX_DEBUG"))
     if args.command is None:
         parser.print_help(sys.stderr)

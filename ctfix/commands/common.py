@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from ctfix.errors import CtfixError, PrivilegeError
@@ -20,7 +21,7 @@ def add_netns_argument(parser: argparse.ArgumentParser) -> None:
 
 def port_number(text: str) -> int:
     """argparse type for a UDP port: 1-65535."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
     return int(text)
 
@@ -59,9 +60,25 @@ def positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds above 0")
     return value
 
 
 __all__ = ["CtfixError", "add_netns_argument", "enter_netns", "port_number", "require_root"]
+
+
+def ctfix_command() -> str:
+    """How to run this same ctfix from a shell, for the commands ctfix prints: `ctfix`
+    when that is on PATH and is this installation, else an absolute path (a venv's
+    ctfix is usually not on root's PATH, and `ip netns exec` needs a real program)."""
+    import shutil
+    import sys
+
+    script = os.path.abspath(sys.argv[0])
+    if os.path.basename(script) == "ctfix":
+        on_path = shutil.which("ctfix")
+        if on_path and os.path.realpath(on_path) == os.path.realpath(script):
+            return "ctfix"
+        return script
+    return f"{sys.executable} -m ctfix"

@@ -15,11 +15,44 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctfix.commands.common import add_netns_argument, enter_netns, port_number, positive_seconds
-from ctfix.errors import ExitStatus
+from ctfix.commands.common import (
+    add_netns_argument,
+    enter_netns,
+    port_number,
+    positive_seconds,
+    require_root,
+)
+from ctfix.errors import CtfixError, ExitStatus
+
+DESCRIPTION = """\
+Say which process on a UDP port is affected by wrong-source replies, why, with the
+evidence, and how to fix it. Read-only: explain never changes anything.
+
+It reads the sockets on the port and their processes, the namespace's addresses,
+routes and policy rules (the reply source is a route lookup with ipproto udp and the
+source port, so policy rules count), the conntrack table for the port (filtered in
+the kernel), and the nftables and iptables-legacy rules that touch the port.
+
+verdicts and exit status:
+  0  ok        specific binds, a service known to answer correctly, or healthy evidence
+  1  at-risk   a wildcard socket where some client network would get replies from
+               another address than the one it sends to (no evidence yet)
+  1  broken    conntrack shows wrong-source replies
+  2  error     bad input, missing privileges (CAP_NET_ADMIN), missing namespace"""
+
+EPILOG = """\
+examples:
+  ctfix explain 53                          the host's DNS port
+  ctfix explain 5353 --netns pid:4242       inside a container, by a process id
+  ctfix explain 1194 --listen 30            watch live events for 30 s first
+  ctfix explain 53 --format markdown        for an incident document
+  ctfix explain 53 --json | jq .verdict     for scripts
+  ctfix explain 123 --rules /etc/ctfix/rules   with your own knowledge-base entries"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
     parser.add_argument("port", type=port_number, metavar="PORT", help="the UDP port")
     add_netns_argument(parser)
     parser.add_argument(
@@ -52,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
     from ctfix.platform import snapshot
     from ctfix.render import explain as render
 
+    if args.json and args.format != "text":
+        raise CtfixError(
+            f"--json and --format {args.format} contradict each other", "give only one of them"
+        )
     kb = rules.load(args.rules, builtin=True)
+    require_root("ctfix explain (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)
     diagnosis = diagnose(snap, kb)

@@ -87,8 +87,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if args.keep:
             printer.keep(topo, args.port)
         return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
-    except _Stop as stop:
-        print(f"ctfix lab: stopped by {stop}; removing the lab", file=sys.stderr)
+    except (_Stop, KeyboardInterrupt) as stop:
+        what = str(stop) or "SIGINT"
+        print(f"ctfix lab: stopped by {what}; removing the lab", file=sys.stderr)
         return ExitStatus.INTERRUPTED
     finally:
         if args.keep:

@@ -486,7 +486,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
 
     # Who is on the port.
     if not snapshot.listeners:
-        reasons.append(f"Nothing is bound to UDP port {port} in this namespace.")
+        reasons.append(
+            f"Nothing is bound to UDP port {port} in this namespace: check the port "
+            "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
+            "(a container: --netns pid:PID)."
+        )
     for listener in snapshot.listeners:
         info = known[id(listener)]
         if listener.state == "connected":

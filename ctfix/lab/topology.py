@@ -137,20 +137,27 @@ class Topology:
             stderr=stderr,
             stdin=stdin,
             preexec_fn=_die_with_parent,
+            start_new_session=True,  # its own process group: stop() ends all of it
         )
         self.processes.append(proc)
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 2.0) -> None:
-        """Stop one process this topology started: SIGTERM, then SIGKILL."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for stream in (proc.stdout, proc.stderr):
+        """Stop a process this topology started and what it started in turn: SIGTERM,
+        then SIGKILL, to its process group (spawn makes one per process), so that the
+        rest of a pipeline such as `sh -c 'feed | nc -ul P'` does not outlive it."""
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # The leader is gone; give the rest of its group a moment, then insist.
+        deadline = time.monotonic() + min(timeout, 0.5)
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _signal_group(proc.pid, signal.SIGKILL)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
         if proc in self.processes:
@@ -253,6 +260,19 @@ addr add {UPLINK_V4}/24 dev {self.uplink}
         if family == socket.AF_INET6:
             return [UPLINK_V6, BRIDGE_V6] if self.ipv6 else []
         return [UPLINK_V4, BRIDGE_V4]
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _die_with_parent() -> None:

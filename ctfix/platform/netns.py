@@ -40,20 +40,41 @@ class Netns:
 CURRENT = Netns("", "/proc/self/ns/net")
 
 
+def _exists(path: str, spec: str) -> bool:
+    """Like os.path.exists, but a namespace we may not look at is a privilege error."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise PrivilegeError(f"opening network namespace {spec}", "CAP_SYS_ADMIN") from None
+    except OSError:
+        return False
+    return True
+
+
 def resolve(spec: str | None) -> Netns:
-    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do."""
-    if not spec:
+    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do.
+
+    None means the current namespace; an empty string is an error, so that a script's
+    `--netns "$NS"` with NS unset never acts on the host's own namespace by accident.
+    """
+    if spec is None:
         return CURRENT
+    if not spec.strip():
+        raise CtfixError(
+            "--netns is empty",
+            "give an `ip netns` name, a path or pid:PID, or leave --netns out for the "
+            "current namespace",
+        )
     if spec.startswith("pid:"):
         pid = spec[4:]
-        if not pid.isdigit():
+        if not (pid.isascii() and pid.isdigit()):
             raise CtfixError(f"bad --netns {spec!r}", "use pid:PID with a numeric process id")
         path = f"/proc/{pid}/ns/net"
-        if not os.path.exists(path):
+        if not _exists(path, spec):
             raise CtfixError(f"no process {pid} for --netns {spec}", "check the pid with `ps`")
         return Netns(spec, path)
     path = spec if "/" in spec else os.path.join(NETNS_RUN_DIR, spec)
-    if not os.path.exists(path):
+    if not _exists(path, spec):
         raise CtfixError(
             f"network namespace {spec!r} not found ({path})",
             "list them with `ip netns list`, or pass a path or pid:PID",
@@ -66,6 +87,11 @@ def _setns(fd: int, what: str) -> None:
         err = ctypes.get_errno()
         if err == errno.EPERM:
             raise PrivilegeError(f"entering network namespace {what}", "CAP_SYS_ADMIN")
+        if err == errno.EINVAL:
+            raise CtfixError(
+                f"{what} is not a network namespace",
+                "pass an `ip netns` name, /proc/PID/ns/net, /run/netns/NAME or pid:PID",
+            )
         raise CtfixError(f"cannot enter network namespace {what}: {os.strerror(err)}")
 
 

@@ -42,7 +42,9 @@ class LabPrinter:
             f"                  eth0 {t.CONTAINER_V4}/24"
             + (f", {t.CONTAINER_V6}/64" if v6 else "")
             + ", default via the bridge\n"
-            f"  upstream ns   {topo.upstream}   ({t.UPSTREAM_V4}, no route out)\n"
+            f"  upstream ns   {topo.upstream}   ({t.UPSTREAM_V4}"
+            + (f", {t.UPSTREAM_V6}" if v6 else "")
+            + ", no route out)\n"
             f"  netfilter     MASQUERADE {t.CONTAINER_NET_V4} leaving by anything but br0 "
             f"({topo.netfilter}), as Docker does\n"
             f"  service       UDP port {port} in the host ns; clients in the container"
@@ -84,13 +86,17 @@ class LabPrinter:
             )
 
     def keep(self, topo: Topology, port: int) -> None:
+        from ctfix.commands.common import ctfix_command
+
+        ctfix = ctfix_command()
         self._p()
         self._p("The lab is still up (--keep). Enter it with:")
         for role, ns in (("host", topo.host), ("container", topo.container)):
             self._p(f"  ip netns exec {ns} bash    # {role}")
         self._p("Try it:")
-        self._p(f"  ip netns exec {topo.host} ctfix serve --broken --port {port} &")
+        self._p(f"  ip netns exec {topo.host} {ctfix} serve --broken --port {port} &")
         self._p(f"  ip netns exec {topo.container} nc -u 198.51.100.13 {port}")
-        self._p(f"  ctfix watch --netns {topo.host}")
+        self._p(f"  {ctfix} watch --netns {topo.host}")
+        self._p(f"  {ctfix} explain {port} --netns {topo.host}")
         self._p("Remove it with:")
         self._p("  " + " && ".join(f"ip netns del {ns}" for ns in topo.namespaces))
