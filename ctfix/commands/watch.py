@@ -41,7 +41,22 @@ _FAMILIES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 _NFT_FAMILY: dict[int, str] = {socket.AF_INET: "ip", socket.AF_INET6: "ip6"}
 
 
+DESCRIPTION = """\
+Report UDP replies that leave from another address (or port) than the one the
+client sent to, live, from the kernel's conntrack events, until Ctrl-C, SIGTERM or
+--duration. A finding prints once and then only updates its count:
+
+  service       the address:port the client sent to
+  actual source where the reply came from; expected: what the client waits for
+  local         both addresses belong to this namespace (a multi-homed server)
+  confirmed     the client's ICMP port unreachable for that reply was seen
+
+exit status: 0, or 1 when --duration ended with findings; 2 on errors (no
+CAP_NET_ADMIN, no such namespace, conntrack unavailable)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
     parser.epilog = (
         "examples:\n"
         "  ctfix watch                                  watch this namespace until Ctrl-C\n"
@@ -50,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_netns_argument(parser)
     parser.add_argument(
-        "--duration", type=positive_seconds, metavar="S", help="stop after S seconds"
+        "--duration",
+        type=positive_seconds,
+        metavar="S",
+        help="stop after S seconds (default: run until Ctrl-C or SIGTERM)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print JSON lines (findings and a summary)"
@@ -77,6 +95,10 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stop()
 
 
+def _note(text: str) -> None:
+    print(f"ctfix watch: {text}", file=sys.stderr, flush=True)
+
+
 def _warn(text: str) -> None:
     print(f"ctfix watch: warning: {text}", file=sys.stderr, flush=True)
 
@@ -99,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if untracked and args.track:
             table = _load_track_table(untracked)
+            _note(
+                f"--track: loaded nftables table {table.partition(':')[0]} so that "
+                f"{' and '.join(_FAMILIES[f] for f in untracked)} is tracked; it is "
+                "removed on exit"
+            )
             still = [fam for fam in untracked if conntrack.probe_tracking(fam) is False]
             for fam in still:
                 _warn(f"{_FAMILIES[fam]} is still not tracked after --track")
@@ -167,6 +194,7 @@ def _watch(args: argparse.Namespace, label: str) -> int:
     closers: list[Any] = [events]
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
+    stopped_by_duration = False
     try:
         addresses = LocalAddresses()
         closers.append(addresses)
@@ -178,6 +206,7 @@ def _watch(args: argparse.Namespace, label: str) -> int:
 
             metrics = WatchMetrics(args.metrics, label)
             closers.append(metrics)
+            _note(f"Prometheus metrics on http://{args.metrics}/metrics")
 
         def report(found: tuple[Finding, bool] | None) -> None:
             if found is not None and found[1]:
@@ -209,6 +238,7 @@ def _watch(args: argparse.Namespace, label: str) -> int:
         while True:
             mono = time.monotonic()
             if deadline is not None and mono >= deadline and resync_due is None:
+                stopped_by_duration = True
                 break
             wait = min(next_tick, deadline or next_tick) - mono
             if resync_due is not None:
@@ -275,7 +305,8 @@ def _watch(args: argparse.Namespace, label: str) -> int:
             findings=len(findings),
         )
     )
-    return 0
+    # Like grep: a timed watch tells a script whether it found something.
+    return 1 if findings and stopped_by_duration else 0
 
 
 def _resync_due(due: float | None, now: float, last_resync: float) -> float:
