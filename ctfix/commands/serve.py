@@ -24,10 +24,26 @@ from types import FrameType
 
 from ctfix import pktinfo
 from ctfix.commands.common import add_netns_argument, enter_netns, port_number
+from ctfix.core.addr import endpoint
 from ctfix.errors import CtfixError, PrivilegeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run a UDP echo server that always answers from the address each request was\n"
+        "sent to (IP_PKTINFO / IPV6_PKTINFO with recvmsg/sendmsg), the proper fix that\n"
+        "dnsmasq and unbound use. Its socket code is ctfix/pktinfo.py, a small library\n"
+        "(blocking and asyncio) to copy or import; docs/pktinfo.md explains each rule.\n"
+        "--broken answers with recvfrom/sendto instead, to reproduce the bug."
+    )
+    parser.epilog = (
+        "examples:\n"
+        "  ctfix serve --port 5353                     IPv4 and IPv6 wildcard sockets\n"
+        "  ctfix serve --port 5353 --dual-stack        one :: socket for both families\n"
+        "  ctfix serve --port 5353 --address 192.0.2.1 --address fe80::1%br0\n"
+        "  ctfix serve --port 5353 --broken -v         the bug, logging each reply\n"
+        "stops cleanly (exit 0) on Ctrl-C or SIGTERM"
+    )
     parser.add_argument(
         "--port", type=port_number, required=True, metavar="P", help="UDP port to serve"
     )
@@ -118,6 +134,7 @@ def _open_broken(port: int, dual_stack: bool) -> list[socket.socket]:
 
 def _serve_broken(sockets: Sequence[socket.socket], stop: pktinfo.Stopper, delay: float) -> None:
     """The bug: the reply's source is whatever routing picks for the client."""
+    log = logging.getLogger("ctfix.pktinfo")
     for sock in pktinfo.readable(sockets, stop):
         try:
             payload, peer = sock.recvfrom(pktinfo.MAX_DATAGRAM)
@@ -125,14 +142,21 @@ def _serve_broken(sockets: Sequence[socket.socket], stop: pktinfo.Stopper, delay
             continue
         if peer[1] == 0:
             continue
+        # recvfrom() cannot say which local address the request was sent to: that
+        # blindness is the bug, so the log can only name the client.
+        log.debug("request of %d bytes from %s", len(payload), endpoint(peer[0], peer[1]))
         if delay:
             time.sleep(delay)
         try:
             sock.sendto(payload, peer)
         except OSError as err:
-            logging.getLogger("ctfix.pktinfo").warning(
-                "sendto %s failed: %s", peer[0], err.strerror
-            )
+            log.warning("sendto %s failed: %s", peer[0], err.strerror)
+            continue
+        log.debug(
+            "echo %d bytes to %s with sendto(): the kernel picks the source",
+            len(payload),
+            endpoint(peer[0], peer[1]),
+        )
 
 
 def run(args: argparse.Namespace) -> int:
