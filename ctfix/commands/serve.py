@@ -31,8 +31,8 @@ from ctfix.errors import CtfixError, PrivilegeError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run a UDP echo server that always answers from the address each request was\n"
-        "sent to (IP_PKTINFO / IPV6_PKTINFO with recvmsg/sendmsg), the proper fix that\n"
-        "dnsmasq and unbound use. Its socket code is ctfix/pktinfo.py, a small library\n"
+        "sent to (IP_PKTINFO / IPV6_PKTINFO with recvmsg/sendmsg), the proper fix, as\n"
+        "dnsmasq does it. Its socket code is ctfix/pktinfo.py, a small library\n"
         "(blocking and asyncio) to copy or import; docs/pktinfo.md explains each rule.\n"
         "--broken answers with recvfrom/sendto instead, to reproduce the bug."
     )
