@@ -5,7 +5,17 @@ answer is expected from B':p' and addressed to C':q' (reply.src:sport, reply.dst
 after any NAT of the request). While it is unreplied, a *new* entry whose original
 tuple goes to C':q' is the server answering on a flow conntrack could not match:
 it is a wrong-source reply when its source, as it leaves after its own NAT
-(its reply tuple's dst:dport), is not B':p'.
+(its reply tuple's dst:dport), is not B':p'. The source port is compared too but not
+required to match: a server that answers from another port (TFTP-like) is reported.
+
+What is a request, when the namespace's addresses are known (`local_addresses`): a
+client is remote (C is not local) and it addressed this namespace (B is local) or a
+service DNAT'd behind it (B':p' differs from B:p). Everything else is not a request:
+the server's own outgoing flows, i.e. its wrong-source replies and the snat-zone
+remedy's zoned replies (their C is local: taken as requests, the next client of B:p
+would look like their reply), the namespace's own clients, forwarded flows that
+nothing here NATs, directed broadcasts. Without local addresses every unreplied
+entry is a candidate (the pure rule, for tests and for callers that cannot list them).
 
 Know before changing:
 - Memory is the constraint (1M unreplied flows in < 200 MB): a pending request is
@@ -62,6 +72,9 @@ class Finding:
     first_seen: float
     last_seen: float
     client_network: str
+    # Distinct clients (addr:port as the server saw it) among the `count` replies; one
+    # that comes back after PAIR_MEMORY without a wrong reply in between counts again.
+    clients: int = 1
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -134,11 +147,16 @@ class Detector:
         max_findings: int = 10_000,
         udp_timeout: int = UDP_TIMEOUT,
         local_addresses: frozenset[str] = frozenset(),
+        track_answers: bool = False,
     ) -> None:
         self.max_flows = max_flows
         self.max_findings = max_findings
         self.udp_timeout = udp_timeout
         self.local_addresses = local_addresses
+        # track_answers (explain, one bounded snapshot; not watch, unbounded): request
+        # client (addr, port) -> True when a new entry answered it from the wrong
+        # source, False when from the right one (the snat-zone remedy's zoned reply).
+        self.answered: dict[tuple[str, int], bool] | None = {} if track_answers else None
         self.stats = Stats()
         self._epoch: float | None = None
         # client (packed addr + port) -> expected(18|6) + service + client + deadline
@@ -160,8 +178,23 @@ class Detector:
             self._epoch = now
         return int(now - self._epoch)
 
+    def _is_request(self, entry: CtEntry) -> bool:
+        """A remote client's flow to this namespace or a DNAT behind it (module doc)."""
+        local = self.local_addresses
+        if not local:
+            return True
+        orig = entry.orig
+        if orig.src in local:
+            return False
+        if orig.dst in local:
+            return True
+        reply = entry.reply
+        return reply.src != orig.dst or reply.sport != orig.dport
+
     def _remember(self, entry: CtEntry, now: float) -> bytes | None:
         """Store an unreplied entry as a pending request; its key (None: not stored)."""
+        if not self._is_request(entry):
+            return None
         reply = entry.reply
         orig = entry.orig
         service = _pack(orig.dst)
@@ -348,6 +381,8 @@ class Detector:
         # The source the reply leaves with, after its own NAT (snat-zone remedy).
         actual = (entry.reply.dst, entry.reply.dport)
         mismatch = mismatch_of(expected, actual)
+        if self.answered is not None:
+            self.answered[client] = self.answered.get(client, False) or mismatch is not None
         if mismatch is None:
             return None
         pair = (actual[0], actual[1], orig.dst, orig.dport)
@@ -379,7 +414,8 @@ class Detector:
         local = expected[0] in self.local_addresses and actual[0] in self.local_addresses
         confirmed = self._icmp_seen.pop(pair, None) is not None
         old = self.findings.get(key)
-        self._pairs.pop(pair, None)
+        known = self._pairs.pop(pair, None)
+        new_client = known is None or known[0] != key
         self._pairs[pair] = (key, now, entry.id)
         if old is None:
             if len(self.findings) >= self.max_findings:
@@ -405,6 +441,7 @@ class Detector:
             old,
             client=endpoint(*client),
             count=old.count + 1,
+            clients=old.clients + new_client,
             last_seen=now,
             local=local or old.local,
             confirmed=confirmed or old.confirmed,
@@ -434,3 +471,45 @@ class Detector:
         finding = replace(finding, confirmed=True)
         self.findings[known[0]] = finding
         return finding
+
+
+# -- wording shared by watch and explain ----------------------------------------------
+
+
+def _plural(count: int, word: str, words: str) -> str:
+    return f"{count} {word if count == 1 else words}"
+
+
+def replies_text(count: int, clients: int, network: str | None, latest: str) -> str:
+    """ "1 reply to C", "3 replies to C", "2 replies to 2 clients in NET, latest C"."""
+    replies = _plural(count, "reply", "replies")
+    if clients <= 1 or count <= 1:
+        return f"{replies} to {latest}"
+    where = f" in {network}" if network else ""
+    return f"{replies} to {clients} clients{where}, latest {latest}"
+
+
+def wrong_source_text(
+    *,
+    service: str,
+    expected_source: str,
+    actual_source: str,
+    mismatch: str,
+    count: int,
+    clients: int,
+    client_network: str | None,
+    client: str,
+    tags: tuple[str, ...] = (),
+) -> str:
+    """One wrong-source finding in words, the same in watch and explain.
+
+    `198.51.100.13:53 answered from 192.0.2.1:53 (address mismatch, local): 2 replies
+    to 2 clients in 192.0.2.0/24, latest 192.0.2.3:40000`; "instead of E" is added when
+    the expected source is not the service (DNAT).
+    """
+    instead = f" instead of {expected_source}" if expected_source != service else ""
+    what = " and ".join(mismatch.split("+")) + " mismatch"
+    return (
+        f"{service} answered from {actual_source}{instead} ({', '.join((what, *tags))}): "
+        f"{replies_text(count, clients, client_network, client)}"
+    )

@@ -275,33 +275,59 @@ def wrong_source_reply(finding: Finding) -> WrongSourceReply:
         actual_source=finding.actual_source,
         mismatch=finding.mismatch,
         count=finding.count,
+        clients=finding.clients,
+        client_network=finding.client_network,
+    )
+
+
+def _wrong_words(wrong: WrongSourceReply) -> str:
+    from ctfix.core.detect import wrong_source_text
+
+    return wrong_source_text(
+        service=wrong.service,
+        expected_source=wrong.expected_source,
+        actual_source=wrong.actual_source,
+        mismatch=wrong.mismatch,
+        count=wrong.count,
+        clients=wrong.clients,
+        client_network=wrong.client_network,
+        client=wrong.client,
     )
 
 
 def _evidence(snapshot: Snapshot, requests: list[_Request], local: set[str]) -> Evidence:
-    from ctfix.core.detect import Detector
+    """Wrong-source findings, and the port's requests that were answered or not.
 
-    detector = Detector(local_addresses=frozenset(local))
+    The detector keeps only remote clients' flows to local addresses as requests
+    (ctfix.core.detect), so the server's own outgoing flows, including the snat-zone
+    remedy's zoned replies, are never paired as client and reply. A request is
+    answered when its entry saw a reply, or when another entry answered its client: a
+    wrong-source reply (counted in `wrong_source`, not as unanswered) or a zoned reply
+    that left from the right source (healthy).
+    """
+    from ctfix.core.detect import Detector, client_network
+
+    detector = Detector(local_addresses=frozenset(local), track_answers=True)
     detector.resync(list(snapshot.flows), now=0.0)
+    answered = detector.answered or {}
     merged: dict[tuple[str, str, str], WrongSourceReply] = {}
     for finding in detector.findings.values():
-        merged[(finding.service, finding.actual_source, finding.client)] = wrong_source_reply(
-            finding
-        )
+        merged[finding.key] = wrong_source_reply(finding)
     for live in snapshot.live_findings:
-        merged.setdefault((live.service, live.actual_source, live.client), live)
+        network = live.client_network or client_network(unmap(parse_endpoint(live.client)[0]))
+        key = (live.service, live.actual_source, network)
+        # --listen resyncs from the table first: its count includes the table's.
+        if key not in merged or live.count > merged[key].count:
+            merged[key] = live
     wrong = tuple(sorted(merged.values(), key=lambda w: (w.service, w.actual_source, w.client)))
-    wrong_clients = {w.client for w in wrong}
-    unanswered = sum(
-        1
-        for r in requests
-        if not r.replied and endpoint(r.client, r.client_port) not in wrong_clients
-    )
-    return Evidence(
-        wrong_source=wrong,
-        healthy=sum(1 for r in requests if r.replied),
-        unanswered=unanswered,
-    )
+    healthy = unanswered = 0
+    for r in requests:
+        wrongly = answered.get((r.client, r.client_port))
+        if r.replied or wrongly is False:
+            healthy += 1
+        elif wrongly is None:
+            unanswered += 1
+    return Evidence(wrong_source=wrong, healthy=healthy, unanswered=unanswered)
 
 
 def rule_problem(rule: NetfilterRule, ruleset: Sequence[NetfilterRule]) -> str | None:
@@ -525,11 +551,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
 
     # What the evidence shows.
     for wrong in evidence.wrong_source:
-        times = f" ({wrong.count} times)" if wrong.count > 1 else ""
         reasons.append(
-            f"Conntrack shows wrong-source replies{times}: client {wrong.client} sent to "
-            f"{wrong.service}, the reply left from {wrong.actual_source}; a connect()ed "
-            "client drops it and answers ICMP port unreachable."
+            f"Conntrack shows wrong-source replies: {_wrong_words(wrong)}. A connect()ed "
+            "client drops such a reply and answers ICMP port unreachable."
         )
     if snapshot.listened_seconds and not snapshot.live_findings:
         reasons.append(

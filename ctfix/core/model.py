@@ -59,6 +59,8 @@ class WrongSourceReply:
     actual_source: str
     mismatch: str  # "address" | "port" | "address+port"
     count: int = 1  # pairs seen for this (service, actual source, client network)
+    clients: int = 1  # distinct clients among them; `client` is the latest
+    client_network: str | None = None  # the /24 or /64 they were aggregated by
 
 
 @dataclass(frozen=True, slots=True)

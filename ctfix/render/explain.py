@@ -13,7 +13,8 @@ import json
 import textwrap
 from typing import Any
 
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.core.detect import wrong_source_text
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
 from ctfix.render.style import Style
 
 WHY = (
@@ -74,6 +75,8 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     "actual_source": w.actual_source,
                     "mismatch": w.mismatch,
                     "count": w.count,
+                    "clients": w.clients,
+                    "client_network": w.client_network,
                 }
                 for w in d.evidence.wrong_source
             ],
@@ -105,6 +108,27 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
 
 def render_json(d: Diagnosis) -> str:
     return json.dumps(to_json_obj(d), indent=2) + "\n"
+
+
+def wrong_text(w: WrongSourceReply) -> str:
+    """A wrong-source record in the words watch uses for a finding."""
+    return wrong_source_text(
+        service=w.service,
+        expected_source=w.expected_source,
+        actual_source=w.actual_source,
+        mismatch=w.mismatch,
+        count=w.count,
+        clients=w.clients,
+        client_network=w.client_network,
+        client=w.client,
+    )
+
+
+def _answers(healthy: int, unanswered: int) -> str:
+    return (
+        f"requests answered from the right source: {healthy}; "
+        f"requests without any reply: {unanswered}"
+    )
 
 
 def _listener_line(lst: Listener) -> str:
@@ -199,14 +223,10 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     out += ["", s("Evidence (conntrack, this port)", "bold")]
     if ev.wrong_source:
         for w in ev.wrong_source:
-            times = f", {w.count}x" if w.count > 1 else ""
-            out.append(
-                f"  {s('wrong source', 'red')}: {w.client} -> {w.service}, reply from "
-                f"{w.actual_source} ({w.mismatch} mismatch{times})"
-            )
+            out.append(f"  {s('wrong source', 'red')}: {wrong_text(w)}")
     else:
         out.append("  no wrong-source replies in the table")
-    out.append(f"  replied flows: {ev.healthy}; requests without any reply: {ev.unanswered}")
+    out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
@@ -253,13 +273,10 @@ def render_markdown(d: Diagnosis) -> str:
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
     for w in ev.wrong_source:
-        out.append(
-            f"- wrong source: `{w.client}` -> `{w.service}`, reply from `{w.actual_source}` "
-            f"({w.mismatch} mismatch, {w.count}x)"
-        )
+        out.append(f"- wrong source: {wrong_text(w)}")
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
-    out.append(f"- replied flows: {ev.healthy}; requests without any reply: {ev.unanswered}")
+    out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
     if d.rules:
         out += ["", "### Netfilter rules on the port", ""]
         for r in d.rules:

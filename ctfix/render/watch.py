@@ -3,8 +3,10 @@
 Know before changing: the JSON keys are a stable contract (users' scripts and alert
 pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
-last_seen; and the summary's kind, events, new_flows, lost, resyncs, findings.
-Add keys if needed; never rename or remove one. Colour only on a TTY and never
+last_seen (added since: clients, client_network); and the summary's kind, events,
+new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
+The words of a finding come from ctfix.core.detect.wrong_source_text, which explain
+uses too: change them there, for both. Colour only on a TTY and never
 when NO_COLOR is set.
 """
 
@@ -14,7 +16,7 @@ import datetime
 import json
 from typing import Any, TextIO
 
-from ctfix.core.detect import Finding
+from ctfix.core.detect import Finding, wrong_source_text
 from ctfix.render.style import Style, use_colour
 
 
@@ -40,6 +42,8 @@ def finding_record(finding: Finding, netns: str) -> dict[str, Any]:
         "count": finding.count,
         "first_seen": timestamp(finding.first_seen),
         "last_seen": timestamp(finding.last_seen),
+        "clients": finding.clients,
+        "client_network": finding.client_network,
     }
 
 
@@ -75,20 +79,27 @@ class WatchRenderer:
             return
         self._write(self.finding_line(finding, update=update))
 
+    def _text(self, finding: Finding, tags: tuple[str, ...]) -> str:
+        return wrong_source_text(
+            service=finding.service,
+            expected_source=finding.expected_source,
+            actual_source=self.style(finding.actual_source, "bold", "red"),
+            mismatch=finding.mismatch,
+            count=finding.count,
+            clients=finding.clients,
+            client_network=finding.client_network,
+            client=finding.client,
+            tags=tags,
+        )
+
     def finding_line(self, finding: Finding, *, update: bool = False) -> str:
-        tags = [f"mismatch {finding.mismatch}"]
-        if finding.local:
-            tags.append("local")
+        tags: tuple[str, ...] = ("local",) if finding.local else ()
         if finding.confirmed:
-            tags.append(self.style("confirmed", "bold"))
+            tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
             f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
-            f"{finding.proto}/{finding.family[-1]} {finding.service}: "
-            f"client {finding.client} expected the reply from "
-            f"{self.style(finding.expected_source, 'green')}, it came from "
-            f"{self.style(finding.actual_source, 'bold', 'red')} ({', '.join(tags)}) "
-            f"x{finding.count}"
+            f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
     def final(self, findings: list[Finding]) -> None:
@@ -98,19 +109,27 @@ class WatchRenderer:
                 self._write(json.dumps(finding_record(finding, self.netns)))
             return
         for finding in findings:
+            tags: tuple[str, ...] = ("local",) if finding.local else ()
+            if finding.confirmed:
+                tags += ("confirmed",)
             self._write(
-                f"  {finding.service} <- {finding.actual_source} "
-                f"(expected {finding.expected_source}) clients {finding.client_network}: "
-                f"{finding.count} reply(ies), {timestamp(finding.first_seen)} .. "
-                f"{timestamp(finding.last_seen)}" + (", confirmed" if finding.confirmed else "")
+                f"  {self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
+                f"{timestamp(finding.last_seen)}"
             )
 
     def summary(self, record: dict[str, Any]) -> None:
         if self.json:
             self._write(json.dumps(record))
             return
-        self._write(
-            f"summary: {record['events']} events, {record['new_flows']} new UDP flows, "
-            f"{record['lost']} lost, {record['resyncs']} resyncs, "
-            f"{record['findings']} finding(s)"
-        )
+        counts = [
+            _plural(record["events"], "event"),
+            _plural(record["new_flows"], "new UDP flow"),
+            f"{record['lost']} lost",
+            _plural(record["resyncs"], "resync"),
+            _plural(record["findings"], "finding"),
+        ]
+        self._write(f"summary: {', '.join(counts)}")
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"

@@ -186,3 +186,104 @@ def test_memory_is_bounded_under_a_flood_of_unrelated_flows() -> None:
         d.feed(new(flow(f"203.0.113.{i % 250}", 1024 + i, "198.51.100.13", 53)), 1.0)
     assert d.pending == 1000
     assert d.stats.evicted == 4000 and d.stats.new_flows == 5000
+
+
+# -- what is a request (QA P2.3): the server's own flows never are -----------------------
+# Entries as `conntrack -L` showed them in the lab (host namespace), after
+# `socat UDP4-RECVFROM:5000,fork EXEC:cat` answered clients of both addresses and
+# `ctfix fix 5000 --method snat-zone --apply` was in place.
+SNAT_ZONE_TABLE = [
+    flow("192.0.2.3", 38683, "192.0.2.1", 5000, status=IPS_SEEN_REPLY),
+    flow("192.0.2.1", 5000, "192.0.2.3", 50078, reply_dst="198.51.100.13", zone=51185),
+    flow("192.0.2.3", 50106, "192.0.2.1", 5000, status=IPS_SEEN_REPLY),
+    flow("192.0.2.3", 50078, "198.51.100.13", 5000),
+    flow("192.0.2.1", 5000, "192.0.2.3", 51298, reply_dst="198.51.100.13", zone=51185),
+    flow("192.0.2.3", 51298, "198.51.100.13", 5000),
+]
+
+
+def test_a_working_snat_zone_fix_reads_clean_whatever_the_dump_order() -> None:
+    for shift in range(len(SNAT_ZONE_TABLE)):
+        table = SNAT_ZONE_TABLE[shift:] + SNAT_ZONE_TABLE[:shift]
+        for entries in (table, table[::-1]):
+            d = Detector(local_addresses=LOCAL, track_answers=True)
+            assert d.resync(entries, 1.0, complete=True) == []
+            assert not d.findings
+            # Both clients of the uplink address got their (zoned, rewritten) reply.
+            assert d.answered == {("192.0.2.3", 50078): False, ("192.0.2.3", 51298): False}
+
+
+def test_the_servers_own_wrong_source_flow_is_not_taken_for_a_request() -> None:
+    # nc connect()ed to its first client keeps sending to it from the bridge address;
+    # the client's request entry is gone. Then another client asks the bridge address.
+    d = detector()
+    d.feed(new(flow("192.0.2.1", 5001, "192.0.2.3", 45191)), 1.0)
+    assert d.feed(new(flow("192.0.2.3", 57437, "192.0.2.1", 5001)), 1.1) is None
+    assert not d.findings  # not "client 192.0.2.1:5001 ... (port mismatch)"
+    # ...and that request is still pending: a wrong-source reply to it is reported.
+    f = only(d.feed(new(flow("198.51.100.13", 5001, "192.0.2.3", 57437)), 1.2))
+    assert (f.client, f.service, f.actual_source) == (
+        "192.0.2.3:57437",
+        "192.0.2.1:5001",
+        "198.51.100.13:5001",
+    )
+
+
+def test_a_start_up_dump_pairs_no_server_flow_with_a_later_client() -> None:
+    # What watch's first dump and explain saw for port 5001 (QA): a wrong-source reply
+    # still in the table, the request it answered, and later clients of both addresses.
+    entries = [
+        flow("192.0.2.1", 5001, "192.0.2.3", 45191),
+        flow("192.0.2.3", 57437, "192.0.2.1", 5001),
+        flow("192.0.2.3", 45191, "198.51.100.13", 5001),
+        flow("192.0.2.3", 40227, "192.0.2.1", 5001),
+    ]
+    for order in (entries, entries[::-1]):
+        d = detector()
+        found = d.resync(order, 1.0, complete=True)
+        assert [(f.client, f.actual_source, f.mismatch) for f, _ in found] == [
+            ("192.0.2.3:45191", "192.0.2.1:5001", "address")
+        ]
+
+
+def test_a_remote_client_of_a_dnat_to_a_non_local_address_is_still_a_request() -> None:
+    # kube-proxy style: the service address is no address of the namespace.
+    d = detector()
+    vip = flow("192.0.2.3", 4000, "203.0.113.10", 53, reply_src="203.0.113.20")
+    d.feed(new(vip), 1.0)
+    f = only(d.feed(new(flow("203.0.113.21", 53, "192.0.2.3", 4000)), 1.1))
+    assert (f.service, f.expected_source, f.local) == (
+        "203.0.113.10:53",
+        "203.0.113.20:53",
+        False,
+    )
+
+
+def test_the_namespaces_own_clients_and_unnatted_forwarding_are_not_requests() -> None:
+    d = detector()
+    d.feed(new(flow("198.51.100.13", 6000, "203.0.113.53", 53)), 1.0)  # a local resolver
+    d.feed(new(flow("192.0.2.3", 6001, "203.0.113.53", 53)), 1.0)  # routed through
+    assert d.pending == 0
+    # Without the addresses, every unreplied entry is a candidate (the pure rule).
+    bare = Detector()
+    bare.feed(new(flow("192.0.2.3", 6001, "203.0.113.53", 53)), 1.0)
+    assert bare.pending == 1
+
+
+# -- counts (QA P2.5) ---------------------------------------------------------------------
+
+
+def test_two_clients_are_counted_as_two_and_one_client_twice_as_one() -> None:
+    d = detector()
+    for cport in (57589, 49785):
+        d.feed(new(flow("192.0.2.3", cport, "198.51.100.13", 5000)), 1.0)
+        d.feed(new(flow("192.0.2.1", 5000, "192.0.2.3", cport)), 1.1)
+    [f] = d.findings.values()
+    assert (f.count, f.clients, f.client) == (2, 2, "192.0.2.3:49785")
+    d2 = detector()
+    for ct_id in (1, 2):  # the same client port, its first entry expired in between
+        d2.feed(new(flow("192.0.2.3", 57589, "198.51.100.13", 5000)), float(ct_id))
+        reply = flow("192.0.2.1", 5000, "192.0.2.3", 57589)._replace(id=ct_id)
+        d2.feed(new(reply), ct_id + 0.1)
+    [g] = d2.findings.values()
+    assert (g.count, g.clients) == (2, 1)

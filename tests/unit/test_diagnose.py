@@ -20,6 +20,7 @@ from ctfix.core.diagnose import (
 )
 from ctfix.core.model import Listener
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, PolicyRule, RouteChoice, Snapshot
+from ctfix.render.explain import render_text, to_json_obj
 
 PORT = 56789
 BRIDGE, UPLINK, CLIENT = "192.0.2.1", "198.51.100.13", "192.0.2.3"
@@ -281,3 +282,46 @@ def test_working_snat_zone_rules_make_the_networks_ok() -> None:
     assert diagnose(snapshot(NC, netfilter=both)).verdict == "ok"
     # Without the zone the same SNAT is the doomed kind and rescues nothing.
     assert diagnose(snapshot(NC, netfilter=(snat_to(UPLINK), snat_to(BRIDGE)))).verdict == "at-risk"
+
+
+# -- evidence counts and pairing (QA P2.3, P2.5) ------------------------------------------
+
+
+def test_two_clients_with_wrong_source_replies_are_two_and_none_is_unanswered() -> None:
+    flows = (
+        request(UPLINK, cport=57589),
+        reply_from(BRIDGE, cport=57589),
+        request(UPLINK, cport=49785),
+        reply_from(BRIDGE, cport=49785),
+        request(UPLINK, cport=40001),  # no reply of any kind yet
+    )
+    d = diagnose(snapshot(NC, flows=flows))
+    [wrong] = d.evidence.wrong_source
+    assert (wrong.count, wrong.clients, wrong.client_network) == (2, 2, "192.0.2.0/24")
+    assert d.evidence.unanswered == 1
+    text = render_text(d)
+    assert f"2 replies to 2 clients in 192.0.2.0/24, latest {wrong.client}" in text
+    assert "requests without any reply: 1" in text
+    assert to_json_obj(d)["evidence"]["wrong_source"][0]["clients"] == 2
+
+
+def test_after_a_working_snat_zone_fix_the_zoned_replies_are_answers_not_evidence() -> None:
+    def zoned(cport: int) -> CtEntry:
+        """The remedy's reply: zone 51185, SNAT'd back to the uplink address."""
+        return CtEntry(
+            udp(BRIDGE, CLIENT, PORT, cport), udp(CLIENT, UPLINK, cport, PORT), zone=51185
+        )
+
+    flows = (
+        request(BRIDGE, cport=38683, replied=True),
+        zoned(50078),
+        request(BRIDGE, cport=50106, replied=True),
+        request(UPLINK, cport=50078),
+        zoned(51298),
+        request(UPLINK, cport=51298),
+    )
+    for order in (flows, flows[::-1]):
+        d = diagnose(snapshot(NC, flows=order))
+        assert d.evidence.wrong_source == ()  # not "192.0.2.1:... -> 192.0.2.3:..."
+        assert (d.evidence.healthy, d.evidence.unanswered) == (4, 0)
+        assert d.verdict != "broken"

@@ -98,7 +98,10 @@ def test_text_reads_as_a_write_up() -> None:
     ]
     assert order == sorted(order)
     assert "nc (pid 42) listening on 0.0.0.0:56789" in text
-    assert "192.0.2.3:40000 -> 198.51.100.13:56789, reply from 192.0.2.1:56789" in text
+    assert (
+        "wrong source: 198.51.100.13:56789 answered from 192.0.2.1:56789 (address mismatch): "
+        "1 reply to 192.0.2.3:40000" in text
+    )
     assert "wrong for 198.51.100.13" in text
     assert "cannot help: SNAT/MASQUERADE" in text
     # The recommended fix comes first.
