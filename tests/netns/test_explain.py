@@ -253,3 +253,54 @@ def test_evidence_from_before_a_fix_does_not_read_as_broken(
     finally:
         subprocess.run([*fix, "--revert"], check=True, capture_output=True)
     assert explain(lab4)[1]["verdict"] == "broken"
+
+
+def socat_cat(topo: Topology, port: int = PORT) -> None:
+    """socat's fork-per-client echo server: each client gets its own wrong-source reply."""
+    server = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{port},fork", "EXEC:cat"])
+    wait_udp_bound(server.pid, port)
+
+
+def test_two_clients_answered_from_the_wrong_source_are_two_not_one_unanswered(
+    lab4: Topology,
+) -> None:
+    """QA P2.5: two clients, two wrong-source replies; neither is 'without any reply'."""
+    socat_cat(lab4)
+    first, second = (udp_exchange(lab4.container, UPLINK_V4, PORT, timeout=0.5) for _ in "12")
+    assert not first.answered and not second.answered
+    status, result = explain(lab4)
+    assert (status, result["verdict"]) == (1, "broken")
+    [wrong] = result["evidence"]["wrong_source"]
+    assert (wrong["service"], wrong["actual_source"]) == (
+        f"{UPLINK_V4}:{PORT}",
+        f"{BRIDGE_V4}:{PORT}",
+    )
+    assert (wrong["count"], wrong["clients"]) == (2, 2)
+    assert wrong["client_network"] == CONTAINER_NET_V4
+    assert result["evidence"]["unanswered"] == 0
+
+
+def test_after_a_working_snat_zone_fix_no_client_is_the_server_itself(
+    lab4: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA P2.3: the remedy's zoned replies start at the server's address; paired with
+    the next client they read `wrong source: 192.0.2.1:P -> 192.0.2.3:Q (port mismatch)`."""
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
+    socat_cat(lab4)
+    fix = [sys.executable, "-m", "ctfix", "fix", str(PORT), "--netns", lab4.host]
+    subprocess.run([*fix, "--method", "snat-zone", "--apply"], check=True, capture_output=True)
+    try:
+        exchanges = [
+            udp_exchange(lab4.container, a, PORT) for a in (UPLINK_V4, UPLINK_V4, BRIDGE_V4)
+        ]
+        assert [e.reply_from for e in exchanges] == [
+            (UPLINK_V4, PORT),
+            (UPLINK_V4, PORT),
+            (BRIDGE_V4, PORT),
+        ]  # the fix works on the wire
+        status, result = explain(lab4)
+    finally:
+        subprocess.run([*fix, "--revert"], check=True, capture_output=True)
+    assert (status, result["verdict"]) == (0, "ok"), result["evidence"]
+    assert result["evidence"]["wrong_source"] == []
+    assert (result["evidence"]["healthy"], result["evidence"]["unanswered"]) == (3, 0)

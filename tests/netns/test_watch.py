@@ -15,11 +15,14 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ctfix.lab.topology import (
+    BRIDGE_V4,
+    CONTAINER_V4,
     UPLINK_V4,
     UPLINK_V6,
     Topology,
@@ -188,3 +191,59 @@ def test_watch_errors_are_one_line() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+def test_watch_pairs_no_server_flow_with_a_client_and_counts_clients(
+    lab_v6_untracked: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA P2.3 and P2.5 in the lab: the server's own flows (a wrong-source reply still
+    in the table, snat-zone's zoned replies, a datagram it sends first) are never a
+    client's request, at start-up (dump) or live; two clients count as two."""
+    topo = lab_v6_untracked
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
+    socat = topo.spawn(topo.host, ["socat", "UDP4-RECVFROM:5000,fork", "EXEC:cat"])
+    nc = topo.spawn(topo.host, ["sh", "-c", "while :; do echo pong; sleep 0.2; done | nc -ul 5001"])
+    wait_udp_bound(socat.pid, 5000)
+    wait_udp_bound(nc.pid, 5001)
+    # Before watch starts, so its start-up dump holds them: two clients answered from
+    # the bridge address on 5000; nc's first client too, then one it ignores.
+    before = [udp_exchange(topo.container, UPLINK_V4, 5000, timeout=0.5) for _ in "12"]
+    before.append(udp_exchange(topo.container, UPLINK_V4, 5001, timeout=0.5))
+    before.append(udp_exchange(topo.container, BRIDGE_V4, 5001, timeout=0.3))
+    assert not any(e.answered for e in before)
+    fix = [sys.executable, "-m", "ctfix", "fix", "5000", "--netns", topo.host]
+    subprocess.run([*fix, "--method", "snat-zone", "--apply"], check=True, capture_output=True)
+    try:
+        fixed = [udp_exchange(topo.container, a, 5000) for a in (UPLINK_V4, BRIDGE_V4)]
+        assert [e.reply_from for e in fixed] == [(UPLINK_V4, 5000), (BRIDGE_V4, 5000)]
+        watch = subprocess.Popen(
+            [*WATCH, "--netns", topo.host, "--json", "--duration", "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # Ready (subscribed, then dumped) once the start-up dump's two findings are out.
+        assert watch.stdout is not None
+        early = [watch.stdout.readline() for _ in "12"]
+        # Live: the server sends first (as a DNS NOTIFY or an SNMP trap would), then a
+        # client asks that address and port; and more clients of the fixed port.
+        with netns.entered(topo.host):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sender:
+            sender.bind((BRIDGE_V4, 5002))
+            sender.sendto(b"notify", (CONTAINER_V4, 40999))
+        udp_exchange(topo.container, BRIDGE_V4, 5002, timeout=0.2)
+        assert udp_exchange(topo.container, UPLINK_V4, 5000).reply_from == (UPLINK_V4, 5000)
+        stdout, stderr = watch.communicate(timeout=15)
+    finally:
+        subprocess.run([*fix, "--revert"], check=True, capture_output=True)
+    stdout = "".join(early) + stdout
+    findings, summary = _records(stdout)
+    assert set(findings) == {
+        (f"{UPLINK_V4}:5000", f"{BRIDGE_V4}:5000"),
+        (f"{UPLINK_V4}:5001", f"{BRIDGE_V4}:5001"),
+    }, stdout
+    assert all(f["client"].startswith(f"{CONTAINER_V4}:") for f in findings.values())
+    socat_finding = findings[(f"{UPLINK_V4}:5000", f"{BRIDGE_V4}:5000")]
+    assert (socat_finding["count"], socat_finding["clients"]) == (2, 2)
+    assert summary["findings"] == 2, stderr
