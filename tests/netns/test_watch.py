@@ -175,7 +175,7 @@ def test_watch_warns_about_untracked_ipv6_and_cleans_up_on_sigterm(
     )
     assert plain.returncode == 0
     assert "IPv6 is not tracked" in plain.stderr and "IPv4" not in plain.stderr
-    assert plain.stdout.strip().endswith("0 finding(s)")
+    assert plain.stdout.strip().endswith(" 0 findings")
 
     watch = _start_watch(topo, "--track")
     watch.send_signal(signal.SIGTERM)
