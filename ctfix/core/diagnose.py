@@ -511,7 +511,14 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     clients = _clients(snapshot, requests, serving, exposed, rewritten)
 
     # Who is on the port.
-    if not snapshot.listeners:
+    if not snapshot.listeners and evidence.unanswered:
+        reasons.append(
+            f"Nothing is bound to UDP port {port} in this namespace, yet clients sent "
+            f"{evidence.unanswered} request{'s' if evidence.unanswered > 1 else ''} "
+            "to it that got no reply: is the service down? (The host answers such "
+            "requests with ICMP port unreachable.)"
+        )
+    elif not snapshot.listeners:
         reasons.append(
             f"Nothing is bound to UDP port {port} in this namespace: check the port "
             "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
@@ -676,9 +683,7 @@ def _fixes(
     unseen = [cn for cn in affected if not cn.seen]
     # A route gives a network's replies one source: the clients of its on-link address
     # (their gateway) would break, and conntrack's 30 s memory cannot rule them out.
-    spared = [
-        (cn, [a for a in cn.onlink if a not in cn.addressed]) for cn in affected if cn.seen
-    ]
+    spared = [(cn, [a for a in cn.onlink if a not in cn.addressed]) for cn in affected if cn.seen]
     at_stake = [(cn, extra) for cn, extra in spared if extra]
     notrack = any(r.problem == PROBLEM_NOTRACK for r in rules)
     fixes: list[Fix] = [

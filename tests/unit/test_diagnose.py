@@ -215,6 +215,12 @@ def test_nothing_listening_is_ok_with_a_reason() -> None:
     assert d.verdict == "ok" and "Nothing is bound" in d.reasons[0]
 
 
+def test_nothing_listening_but_clients_asking_says_the_service_may_be_down() -> None:
+    d = diagnose(snapshot(flows=(request(UPLINK), request(BRIDGE, cport=40001))))
+    assert d.evidence.unanswered == 2
+    assert "2 requests to it that got no reply: is the service down?" in d.reasons[0]
+
+
 def nat_rule(
     actions: set[str], *, sport: bool = True, dport: bool = False, backend: str = "nftables"
 ) -> NetfilterRule:

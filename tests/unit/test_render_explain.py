@@ -132,7 +132,12 @@ def test_table_shows_the_gateway_address_clients_may_use() -> None:
     """After a forced policy-route: conntrack shows only the uplink, but the bridge's
     clients may use their gateway, and the table says they get the wrong source."""
     routed = ClientNetwork(
-        "192.0.2.0/24", ("198.51.100.13",), "198.51.100.13", False, "br0", True,
+        "192.0.2.0/24",
+        ("198.51.100.13",),
+        "198.51.100.13",
+        False,
+        "br0",
+        True,
         onlink=("192.0.2.1",),
     )
     d = Diagnosis(56789, "lab-host", "at-risk", (), clients=(routed,))
