@@ -634,9 +634,10 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     verdict: Verdict
     current = [w for w in evidence.wrong_source if not _answered_rightly_now(w, clients)]
     if evidence.wrong_source and not current:
+        replies = sum(w.count for w in evidence.wrong_source)
         reasons.append(
-            f"The {len(evidence.wrong_source)} wrong-source repl"
-            f"{'ies' if len(evidence.wrong_source) > 1 else 'y'} in the conntrack table "
+            f"The {replies} wrong-source repl{'ies' if replies > 1 else 'y'} in the "
+            "conntrack table "
             "went to clients that would now get the right source: they predate the change "
             "and expire with their entries (30 s for unreplied UDP)."
         )
