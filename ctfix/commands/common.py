@@ -19,6 +19,20 @@ def add_netns_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_rules_argument(parser: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    parser.add_argument(
+        "--rules",
+        metavar="DIR",
+        action="append",
+        type=Path,
+        default=[],
+        help="also load the knowledge-base files (*.yaml) in DIR; an entry with a "
+        "built-in id replaces it; repeatable",
+    )
+
+
 def port_number(text: str) -> int:
     """argparse type for a UDP port: 1-65535."""
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:

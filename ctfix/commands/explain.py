@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ctfix.commands.common import (
     add_netns_argument,
+    add_rules_argument,
     enter_netns,
     port_number,
     positive_seconds,
@@ -62,14 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text (default), markdown for an incident document, or json",
     )
     parser.add_argument("--json", action="store_true", help="same as --format json")
-    parser.add_argument(
-        "--rules",
-        metavar="DIR",
-        action="append",
-        type=Path,
-        default=[],
-        help="also load the knowledge-base files (*.yaml) in DIR; repeatable",
-    )
+    add_rules_argument(parser)
     parser.add_argument(
         "--listen",
         metavar="S",

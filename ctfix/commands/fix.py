@@ -17,10 +17,15 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from ctfix.commands.common import add_netns_argument, enter_netns, port_number, require_root
+from ctfix.commands.common import (
+    add_netns_argument,
+    add_rules_argument,
+    enter_netns,
+    port_number,
+    require_root,
+)
 from ctfix.core.model import Diagnosis
 from ctfix.errors import CtfixError, ExitStatus
 
@@ -79,15 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("nft", "iptables-legacy"),
         help="netfilter backend for snat-zone (default: the one the namespace uses)",
     )
-    parser.add_argument(
-        "--rules",
-        metavar="DIR",
-        action="append",
-        type=Path,
-        default=[],
-        help="also load the knowledge-base files (*.yaml) in DIR (as explain --rules); "
-        "repeatable",
-    )
+    add_rules_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
 

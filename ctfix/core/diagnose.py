@@ -280,7 +280,8 @@ def wrong_source_reply(finding: Finding) -> WrongSourceReply:
     )
 
 
-def _wrong_words(wrong: WrongSourceReply) -> str:
+def wrong_text(wrong: WrongSourceReply) -> str:
+    """A wrong-source record in the words watch uses for a finding."""
     from ctfix.core.detect import wrong_source_text
 
     return wrong_source_text(
@@ -559,7 +560,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # What the evidence shows.
     for wrong in evidence.wrong_source:
         reasons.append(
-            f"Conntrack shows wrong-source replies: {_wrong_words(wrong)}. A connect()ed "
+            f"Conntrack shows wrong-source replies: {wrong_text(wrong)}. A connect()ed "
             "client drops such a reply and answers ICMP port unreachable."
         )
     if snapshot.listened_seconds and not snapshot.live_findings:

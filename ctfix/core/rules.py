@@ -194,7 +194,12 @@ def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeB
             raise RuleError(str(directory), None, "no such rules directory")
         if not directory.is_dir():
             raise RuleError(str(directory), None, "--rules expects a directory of *.yaml files")
-        layers.append(_load_dir(directory, display_root=directory))
+        layer = _load_dir(directory, display_root=directory)
+        if not layer:
+            # Most likely a wrong directory, or files named *.yml.txt: say so rather
+            # than silently explain without the user's entries.
+            raise RuleError(str(directory), None, "no rules (*.yaml or *.yml files) in it")
+        layers.append(layer)
 
     merged: dict[str, ServiceRule] = {}
     order: list[str] = []

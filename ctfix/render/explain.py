@@ -13,8 +13,8 @@ import json
 import textwrap
 from typing import Any
 
-from ctfix.core.detect import wrong_source_text
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
+from ctfix.core.diagnose import wrong_text
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.render.style import Style
 
 WHY = (
@@ -108,20 +108,6 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
 
 def render_json(d: Diagnosis) -> str:
     return json.dumps(to_json_obj(d), indent=2) + "\n"
-
-
-def wrong_text(w: WrongSourceReply) -> str:
-    """A wrong-source record in the words watch uses for a finding."""
-    return wrong_source_text(
-        service=w.service,
-        expected_source=w.expected_source,
-        actual_source=w.actual_source,
-        mismatch=w.mismatch,
-        count=w.count,
-        clients=w.clients,
-        client_network=w.client_network,
-        client=w.client,
-    )
 
 
 def _answers(healthy: int, unanswered: int) -> str:

@@ -373,3 +373,10 @@ def test_rule_error_is_a_ctfix_error() -> None:
     from ctfix.errors import CtfixError
 
     assert issubclass(RuleError, CtfixError)
+
+
+def test_a_rules_directory_without_rules_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a rule\n")
+    with pytest.raises(rules.RuleError) as err:
+        rules.load([tmp_path])
+    assert "no rules (*.yaml or *.yml files)" in str(err.value)
