@@ -123,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
             table = _load_track_table(untracked)
             _note(
                 f"--track: loaded nftables table {table.partition(':')[0]} so that "
-                f"{' and '.join(_FAMILIES[f] for f in untracked)} is tracked; it is "
-                "removed on exit"
+                f"{' and '.join(_FAMILIES[f] for f in untracked)} "
+                f"{'are' if len(untracked) > 1 else 'is'} tracked; it is removed on exit"
             )
             still = [fam for fam in untracked if conntrack.probe_tracking(fam) is False]
             for fam in still:

@@ -45,7 +45,9 @@ class LabPrinter:
             f"  upstream ns   {topo.upstream}   ({t.UPSTREAM_V4}"
             + (f", {t.UPSTREAM_V6}" if v6 else "")
             + ", no route out)\n"
-            f"  netfilter     MASQUERADE {t.CONTAINER_NET_V4} leaving by anything but br0 "
+            f"  netfilter     MASQUERADE {t.CONTAINER_NET_V4}"
+            + (f" and {t.CONTAINER_NET_V6}" if v6 else "")
+            + " leaving by anything but br0 "
             f"({topo.netfilter}), as Docker does\n"
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
