@@ -65,6 +65,7 @@ def require_tools(*tools: str) -> None:
     """Fail with one line naming the Debian package when a tool is missing."""
     packages = {
         "ip": "iproute2",
+        "sysctl": "procps",
         "nft": "nftables",
         "iptables-legacy": "iptables",
         "ip6tables-legacy": "iptables",
@@ -166,7 +167,7 @@ class Topology:
     # -- life cycle ---------------------------------------------------------------
 
     def build(self) -> None:
-        require_tools("ip")
+        require_tools("ip", "sysctl")
         if self.netfilter == "nft":
             require_tools("nft")
         elif self.netfilter == "iptables-legacy":
