@@ -36,7 +36,11 @@ RT_PROTO = 199
 RULE_PRIORITY = 32100
 #: table id = RT_TABLE_BASE + port: one table per fixed port, in a range nobody uses.
 RT_TABLE_BASE = 0xC7F00000
-#: the conntrack zone the rewritten replies live in (any zone other than 0 works).
+#: the conntrack zone the replies rewritten to the first target address live in (any
+#: zone other than 0 works); the n-th address uses CT_ZONE + n. One zone per address,
+#: because a NAT binding is made once per conntrack entry: if a client with a fixed
+#: source port switched from one rewritten address to another within the same zone,
+#: its replies would keep the first address's binding.
 CT_ZONE = 51185
 #: how long a client (address, port) is remembered after its last request, seconds.
 #: Longer than conntrack's UDP stream timeout (120 s), so a remembered reply path
@@ -460,12 +464,13 @@ def _nft_steps(port: int, targets: list[str]) -> list[Step]:
     rules_json: list[dict[str, Any]] = []
     creates = [f"table inet {table}"]
     indexes = {"ipv4": 0, "ipv6": 0}
-    for address in targets:
+    for number, address in enumerate(targets):
         family = _family(address)
         index = indexes[family]
         indexes[family] += 1
         name = _nft_set_name(family, index)
         nf = _NFT_FAMILY[family]
+        zone = CT_ZONE + number
         creates.append(f"set {name}: clients that sent to {endpoint(address, port)}")
         batch.append(
             {
@@ -502,10 +507,23 @@ def _nft_steps(port: int, targets: list[str]) -> list[Step]:
                 f"{nf} daddr {address} udp dport {port} "
                 f"update @{name} {{ {nf} saddr . udp sport }}",
             ),
+            # A client that now asks another local address (a fixed source port:
+            # ntpd's 123, SNMP, a port-keeping NAT) must get that address's replies
+            # untouched: it stops being one of this address's clients at once.
+            "forget_clients": (
+                [
+                    _match(_payload(nf, "daddr"), address, "!="),
+                    _match(_payload("udp", "dport"), port),
+                    _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
+                    {"set": {"op": "delete", "elem": client_key, "set": f"@{name}"}},
+                ],
+                f"{nf} daddr != {address} udp dport {port} fib daddr type local "
+                f"delete @{name} {{ {nf} saddr . udp sport }}",
+            ),
             "reply_zone": (
-                [*wrong_source, {"mangle": {"key": {"ct": {"key": "zone"}}, "value": CT_ZONE}}],
+                [*wrong_source, {"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}}],
                 f"{nf} saddr != {address} udp sport {port} {nf} daddr . udp dport @{name} "
-                f"ct zone set {CT_ZONE}",
+                f"ct zone set {zone}",
             ),
             "reply_snat": (
                 [*wrong_source, {"snat": {"family": nf, "addr": address, "port": port}}],
@@ -513,7 +531,8 @@ def _nft_steps(port: int, targets: list[str]) -> list[Step]:
                 f"snat {nf} to {snat_to}",
             ),
         }
-        for chain, (expr, text) in rules.items():
+        for rule_name, (expr, text) in rules.items():
+            chain = "remember_clients" if rule_name == "forget_clients" else rule_name
             rules_json.append(
                 {"add": {"rule": {**base, "chain": chain, "expr": expr, "comment": tag}}}
             )
@@ -546,13 +565,18 @@ def _nft_steps(port: int, targets: list[str]) -> list[Step]:
     return [
         Step(
             NftTableSpec("inet", table, json.dumps(batch, sort_keys=True), text),
-            f"remember the clients of {addresses}; move port {port}'s replies to them "
-            f"from another source into conntrack zone {CT_ZONE} and SNAT them there",
+            f"remember the clients of {addresses} (and forget them when they ask another "
+            f"local address); move port {port}'s replies to them from another source "
+            f"into a conntrack zone of their own ({_zones(len(targets))}) and SNAT them there",
             tuple(creates),
             (f"nft -f - <<'EOF'\n{text}EOF",),
             (f"nft delete table inet {table}",),
         )
     ]
+
+
+def _zones(count: int) -> str:
+    return f"zone {CT_ZONE}" if count == 1 else f"zones {CT_ZONE}-{CT_ZONE + count - 1}"
 
 
 # -- iptables-legacy + ipset ------------------------------------------------------------------
@@ -585,11 +609,12 @@ def _ipt_steps(port: int, targets: list[str]) -> list[Step]:
     zone: list[Step] = []
     snat: list[Step] = []
     indexes = {"ipv4": 0, "ipv6": 0}
-    for address in targets:
+    for number, address in enumerate(targets):
         family = _family(address)
         index = indexes[family]
         indexes[family] += 1
         name = ipset_name(port, family, index)
+        zone_id = str(CT_ZONE + number)
         inet = "inet6" if family == "ipv6" else "inet"
         ipsets.append(
             Step(
@@ -621,6 +646,22 @@ def _ipt_steps(port: int, targets: list[str]) -> list[Step]:
                 f"remember clients that send to {endpoint(address, port)}",
             ),
             (
+                # A client with a fixed source port that now asks another local
+                # address must get that address's replies untouched.
+                remember,
+                IptRuleSpec(
+                    family,
+                    "raw",
+                    "PREROUTING",
+                    "udp",
+                    None,
+                    f"!{address}",
+                    (udp, XtExtension("addrtype", (("dst-type", "LOCAL"),)), tagged),
+                    XtExtension("SET", (("del-set", f"{name} src,src"),)),
+                ),
+                f"forget them when they send to another local address on port {port}",
+            ),
+            (
                 zone,
                 IptRuleSpec(
                     family,
@@ -630,9 +671,9 @@ def _ipt_steps(port: int, targets: list[str]) -> list[Step]:
                     f"!{address}",
                     None,
                     (udp_reply, in_set, tagged),
-                    XtExtension("CT", (("zone", str(CT_ZONE)),)),
+                    XtExtension("CT", (("zone", zone_id),)),
                 ),
-                f"replies to them from another source go to conntrack zone {CT_ZONE}",
+                f"replies to them from another source go to conntrack zone {zone_id}",
             ),
             (
                 snat,
@@ -651,11 +692,14 @@ def _ipt_steps(port: int, targets: list[str]) -> list[Step]:
         ]
         for bucket, spec, summary in specs:
             where = f"{spec.table} {spec.chain}"
+            action = " ".join(
+                [spec.target.name, *(f"--{o} {v}".strip() for o, v in spec.target.options)]
+            )
             bucket.append(
                 Step(
                     spec,
                     summary,
-                    (f"{spec.family} {where} rule `{tag}`",),
+                    (f"{spec.family} {where} rule `{tag}` -j {action}",),
                     (_ipt_argv(spec, "-I"),),
                     (_ipt_argv(spec, "-D"),),
                 )

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,10 +28,12 @@ from ctfix.lab.topology import (
     UPLINK_V6,
     Netfilter,
     Topology,
+    family_of,
     lab_topology,
     udp_exchange,
     wait_udp_bound,
 )
+from ctfix.platform import netns
 from ctfix.platform.remedy import PAUSE_ENV
 
 PORT = 56789
@@ -106,6 +109,24 @@ def kernel_state(topo: Topology) -> dict[str, str]:
 
 def answered(topo: Topology, address: str) -> bool:
     return udp_exchange(topo.container, address, PORT, timeout=0.5).answered
+
+
+def answered_from_port(topo: Topology, address: str, client_port: int) -> bool:
+    """A connected client on a fixed source port (ntpd's 123, an SNMP manager)."""
+    family = family_of(address)
+    with netns.entered(topo.container):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", client_port))
+        sock.settimeout(0.5)
+        sock.connect((address, PORT))
+        sock.send(b"ctfix-fixed-port")
+        return sock.recv(100) == b"ctfix-fixed-port"
+    except (TimeoutError, ConnectionRefusedError):
+        return False
+    finally:
+        sock.close()
 
 
 def without_members(state: dict[str, str]) -> dict[str, str]:
@@ -228,6 +249,22 @@ def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None
         after = without_loaded_raw(after, before)
     assert after == before
     assert not answered(topo, UPLINK_V4)
+
+
+def test_snat_zone_client_with_a_fixed_port_alternating_addresses(
+    broken_lab: Topology,
+) -> None:
+    """QA P2: one client (address, port) asks the bridge address, the uplink, the
+    bridge again...: every request is answered, from the address it was sent to (the
+    bridge's replies, which worked before the fix, must not be rewritten)."""
+    topo = broken_lab
+    assert [answered(topo, a) for a in ALL_ADDRESSES] == [False, True, False, True]
+    applied = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    for bridge, uplink in ((BRIDGE_V4, UPLINK_V4), (BRIDGE_V6, UPLINK_V6)):
+        sequence = (bridge, uplink, bridge, uplink, bridge)
+        assert [answered_from_port(topo, a, 40123) for a in sequence] == [True] * 5, bridge
+    assert ctfix_fix(topo, "--revert").returncode == 0
 
 
 def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology) -> None:

@@ -172,7 +172,7 @@ def test_snat_zone_nftables_is_one_atomic_table_for_both_families() -> None:
     assert chains["reply_zone"]["hook"] == "output"
     assert chains["reply_snat"]["type"] == "nat"
     rules = [c["add"]["rule"] for c in batch if "rule" in c["add"]]
-    assert len(rules) == 6 and all(r["comment"] == "ctfix:56789" for r in rules)
+    assert len(rules) == 8 and all(r["comment"] == "ctfix:56789" for r in rules)
 
 
 def test_snat_zone_iptables_orders_sets_remember_zone_then_snat() -> None:
@@ -182,10 +182,11 @@ def test_snat_zone_iptables_orders_sets_remember_zone_then_snat() -> None:
     rules = [s for s in specs if isinstance(s, IptRuleSpec)]
     assert [(r.table, r.chain, r.target.name) for r in rules] == [
         ("raw", "PREROUTING", "SET"),
+        ("raw", "PREROUTING", "SET"),
         ("raw", "OUTPUT", "CT"),
         ("nat", "POSTROUTING", "SNAT"),
     ]
-    assert plan.steps[2].commands == (
+    assert plan.steps[3].commands == (
         "iptables-legacy -w -t raw -I OUTPUT -p udp ! -s 198.51.100.13 -m udp --sport 56789 "
         "-m set --match-set ctfix-56789-v4-0 dst,dst -m comment --comment ctfix:56789 "
         f"-j CT --zone {CT_ZONE}",
@@ -229,3 +230,57 @@ def test_steps_survive_the_state_file_round_trip(backend: str) -> None:
 def test_unreadable_step_record_is_a_one_line_error() -> None:
     with pytest.raises(CtfixError, match="unreadable step"):
         step_from_dict({"spec": {"kind": "teleport"}})
+
+
+#: QA P2: ntpd (always port 123), SNMP managers, a NAT that keeps source ports: one
+#: client (address, port) may ask several local addresses in turn.
+TWO_UPLINKS = ClientNetwork(
+    "192.0.2.0/24", ("198.51.100.13", "198.51.100.14", "192.0.2.1"), "192.0.2.1", False,
+    "br0", True,
+)
+
+
+def test_snat_zone_nftables_forgets_a_client_that_asks_another_local_address() -> None:
+    plan = make_plan(diagnosis(TWO_UPLINKS), "snat-zone", "nftables")
+    [step] = plan.steps
+    assert isinstance(step.spec, NftTableSpec)
+    remember = step.spec.text.split("chain remember_clients {")[1].split("}\n")[0]
+    rules = [line.strip() for line in remember.splitlines() if "comment" in line]
+    assert rules == [
+        f"ip daddr {address} udp dport 56789 update @{name} {{ ip saddr . udp sport }} "
+        'comment "ctfix:56789"'
+        if op == "update"
+        else f"ip daddr != {address} udp dport 56789 fib daddr type local "
+        f'delete @{name} {{ ip saddr . udp sport }} comment "ctfix:56789"'
+        for address, name in (("198.51.100.13", "clients4_0"), ("198.51.100.14", "clients4_1"))
+        for op in ("update", "delete")
+    ]
+    # Each rewritten address has its own zone: a NAT binding is per conntrack entry,
+    # so a client moving from .13 to .14 must not find .13's binding in the zone.
+    assert f"@clients4_0 ct zone set {CT_ZONE}" in step.spec.text
+    assert f"@clients4_1 ct zone set {CT_ZONE + 1}" in step.spec.text
+    batch = json.loads(step.spec.batch)
+    deletes = [
+        e["set"] for c in batch if "rule" in c["add"] for e in c["add"]["rule"]["expr"]
+        if "set" in e and e["set"]["op"] == "delete"
+    ]
+    assert [d["set"] for d in deletes] == ["@clients4_0", "@clients4_1"]
+
+
+def test_snat_zone_iptables_forgets_a_client_that_asks_another_local_address() -> None:
+    plan = make_plan(diagnosis(TWO_UPLINKS), "snat-zone", "iptables-legacy")
+    commands = [c for s in plan.steps for c in s.commands]
+    for n, address in enumerate(("198.51.100.13", "198.51.100.14")):
+        assert (
+            f"iptables-legacy -w -t raw -I PREROUTING -p udp ! -d {address} -m udp --dport "
+            "56789 -m addrtype --dst-type LOCAL -m comment --comment ctfix:56789 "
+            f"-j SET --del-set ctfix-56789-v4-{n} src,src"
+        ) in commands
+        assert any(
+            c.startswith(f"iptables-legacy -w -t raw -I OUTPUT -p udp ! -s {address} ")
+            and c.endswith(f"-j CT --zone {CT_ZONE + n}")
+            for c in commands
+        )
+    # Every rule is told apart in --status and --revert's one-object-per-line output.
+    objects = [obj for s in plan.steps for obj in s.creates]
+    assert len(set(objects)) == len(objects)
