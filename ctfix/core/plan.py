@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ctfix.core.addr import endpoint, unmap
-from ctfix.core.model import ClientNetwork, Diagnosis
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.errors import CtfixError
 
 Method = Literal["policy-route", "snat-zone", "bind"]
@@ -261,17 +261,64 @@ def make_plan(
 
 
 def _broken_networks(diagnosis: Diagnosis) -> list[ClientNetwork]:
-    return [cn for cn in diagnosis.clients if not cn.ok]
+    """Client networks that send to an exposed address other than the reply source."""
+    broken = []
+    for cn in diagnosis.clients:
+        predicted = unmap(cn.predicted_source) if cn.predicted_source else None
+        if not cn.ok and any(a != predicted for a in _addressed(cn, diagnosis.listeners)):
+            broken.append(cn)
+    return broken
 
 
-def _addressed(cn: ClientNetwork) -> list[str]:
-    """Local addresses these clients sent to, unmapped, de-duplicated, in order."""
+def _addressed(cn: ClientNetwork, listeners: tuple[Listener, ...]) -> list[str]:
+    """Local addresses these clients sent to and a wildcard socket receives, unmapped,
+    de-duplicated, in order."""
     seen: list[str] = []
     for address in cn.addressed:
         plain = unmap(address)
-        if plain not in seen:
+        if plain not in seen and _unexposed_reason(plain, listeners) is None:
             seen.append(plain)
     return seen
+
+
+def _serves(listener: Listener, family: str) -> bool:
+    """A wildcard socket that receives this family's datagrams."""
+    if not listener.wildcard:
+        return False
+    if listener.family == "ipv4":
+        return family == "ipv4"
+    # An AF_INET6 wildcard gets IPv4 too unless IPV6_V6ONLY (unknown: Linux's default
+    # net.ipv6.bindv6only=0, dual-stack).
+    return family == "ipv6" or listener.v6only is not True
+
+
+def _unexposed_reason(address: str, listeners: tuple[Listener, ...]) -> str | None:
+    """Why replies to clients of `address` cannot come from a wrong source, or None.
+
+    Only a wildcard socket answers from whatever source the route picks. A socket
+    bound to the address itself gets its datagrams (the kernel prefers the most
+    specific bind) and answers from it. No socket at all (planned with --force): every
+    address is assumed exposed.
+    """
+    if not listeners:
+        return None
+    port = listeners[0].port
+    if any(
+        lst.state == "listening" and not lst.wildcard and unmap(lst.address) == address
+        for lst in listeners
+    ):
+        return (
+            f"{address} has a UDP socket of its own on port {port}, bound to it, so its "
+            "replies already leave from it"
+        )
+    family = _family(address)
+    if not any(_serves(lst, family) for lst in listeners):
+        name = "IPv6" if family == "ipv6" else "IPv4"
+        return (
+            f"no {name} wildcard socket listens on port {port}, so nothing there "
+            f"answers from the wrong source for {address}"
+        )
+    return None
 
 
 def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
@@ -324,7 +371,7 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
     families: list[str] = []
     warnings: list[str] = []
     for cn in broken:
-        addressed = _addressed(cn)
+        addressed = _addressed(cn, diagnosis.listeners)
         if len(addressed) != 1:
             raise CtfixError(
                 f"clients in {cn.network} send to {' and '.join(addressed) or 'no known address'}"
@@ -337,7 +384,11 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
                 "use --method snat-zone",
             )
         source = addressed[0]
-        stranded = [a for a in (unmap(o) for o in cn.onlink) if a != source]
+        stranded = [
+            a
+            for a in (unmap(o) for o in cn.onlink)
+            if a != source and _unexposed_reason(a, diagnosis.listeners) is None
+        ]
         if stranded:
             who = (
                 f"clients in {cn.network} that address {' or '.join(stranded)} (the host's "
@@ -386,7 +437,7 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
                 (f"{ip} rule del {rule}",),
             )
         )
-    if any(len(_addressed(cn)) > 1 for cn in diagnosis.clients if cn.ok):
+    if any(len(_addressed(cn, diagnosis.listeners)) > 1 for cn in diagnosis.clients if cn.ok):
         notes = (
             *notes,
             "some client networks address several local addresses; they are left alone",
@@ -397,37 +448,50 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
     )
 
 
-def _snat_targets(diagnosis: Diagnosis, force: bool) -> list[str]:
-    """Local addresses whose clients may get replies from another source."""
-    targets: list[str] = []
+def _snat_targets(diagnosis: Diagnosis, force: bool) -> tuple[list[str], list[str]]:
+    """(local addresses whose clients may get replies from another source, why other
+    addressed ones are left alone)."""
+    candidates: list[str] = []
     for cn in diagnosis.clients:
         predicted = unmap(cn.predicted_source) if cn.predicted_source else None
-        for address in _addressed(cn):
-            if address != predicted and address not in targets:
-                targets.append(address)
-    if not targets and force:
-        targets = [unmap(a) for a in diagnosis.local_addresses]
-    usable = []
-    for address in targets:
+        for address in (unmap(a) for a in cn.addressed):
+            if address != predicted and address not in candidates:
+                candidates.append(address)
+    if not candidates and force:
+        candidates = [unmap(a) for a in diagnosis.local_addresses]
+    usable: list[str] = []
+    skipped: list[str] = []
+    for address in candidates:
         ip = ipaddress.ip_address(address)
         # Loopback and link-local addresses are not what remote clients address.
-        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+        if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+            continue
+        reason = _unexposed_reason(address, diagnosis.listeners)
+        if reason is None:
             usable.append(address)
-    return usable
+        elif reason not in skipped:
+            skipped.append(reason)
+    return usable, skipped
 
 
 def _snat_zone(
     diagnosis: Diagnosis, backend: Backend, force: bool, notes: tuple[str, ...]
 ) -> Plan:
     port = diagnosis.port
-    targets = _snat_targets(diagnosis, force)
+    targets, skipped = _snat_targets(diagnosis, force)
     if not targets:
+        if skipped:
+            raise CtfixError(
+                f"nothing to fix on port {port}: {'; '.join(skipped)}",
+                f"see `ctfix explain {port}`",
+            )
         raise CtfixError(
             f"nothing to fix: no client of port {port} is known to address a local address "
             "other than the one its replies come from",
             f"see `ctfix explain {port}`, or pass --force to cover every local address",
         )
     steps = _nft_steps(port, targets) if backend == "nftables" else _ipt_steps(port, targets)
+    notes = (*notes, *(f"left alone: {why}" for why in skipped))
     return Plan(port, "snat-zone", backend, tuple(steps), notes)
 
 

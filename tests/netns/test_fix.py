@@ -267,6 +267,37 @@ def test_snat_zone_client_with_a_fixed_port_alternating_addresses(
     assert ctfix_fix(topo, "--revert").returncode == 0
 
 
+def test_snat_zone_plans_only_for_what_a_wildcard_socket_receives(nft_lab: Topology) -> None:
+    """QA P6: an IPv4 socket bound to the uplink next to an IPv6-only wildcard. IPv4
+    has no wrong-source problem (the bridge address has no IPv4 listener at all), so
+    the fix covers the IPv6 uplink only."""
+    topo = nft_lab
+    port = 5353
+    bound = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{port},bind={UPLINK_V4},fork",
+                                   "EXEC:cat"])
+    wild6 = topo.spawn(topo.host, ["socat", f"UDP6-RECVFROM:{port},ipv6only=1,fork",
+                                   "EXEC:cat"])
+    wait_udp_bound(bound.pid, port)
+    wait_udp_bound(wild6.pid, port)
+
+    def replies() -> list[bool]:
+        return [udp_exchange(topo.container, a, port, timeout=0.5).answered
+                for a in ALL_ADDRESSES]
+
+    assert replies() == [True, False, False, True]
+    dry = ctfix_fix(topo, str(port), "--method", "snat-zone", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)["plan"]
+    creates = [obj for step in plan["steps"] for obj in step["creates"]]
+    assert [obj for obj in creates if obj.startswith("set ")] == [
+        f"set clients6_0: clients that sent to [{UPLINK_V6}]:{port}"
+    ]
+    assert any("no IPv4 wildcard socket" in note for note in plan["notes"])
+    assert ctfix_fix(topo, str(port), "--method", "snat-zone", "--apply").returncode == 0
+    assert replies() == [True, False, True, True]
+    assert ctfix_fix(topo, "--revert").returncode == 0
+
+
 def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology) -> None:
     topo = legacy_lab
     assert not answered(topo, UPLINK_V4)

@@ -26,9 +26,11 @@ from ctfix.errors import CtfixError
 
 PORT = 56789
 WILDCARD = Listener("0.0.0.0", PORT, "ipv4", "listening", pid=42, process="socat")
+WILDCARD6 = Listener("::", PORT, "ipv6", "listening", pid=43, process="socat", v6only=True)
+BOTH = (WILDCARD, WILDCARD6)
 
 
-def diagnosis(*clients: ClientNetwork, listeners: tuple[Listener, ...] = (WILDCARD,)) -> Diagnosis:
+def diagnosis(*clients: ClientNetwork, listeners: tuple[Listener, ...] = BOTH) -> Diagnosis:
     return Diagnosis(
         port=PORT,
         netns="host",
@@ -284,3 +286,55 @@ def test_snat_zone_iptables_forgets_a_client_that_asks_another_local_address() -
     # Every rule is told apart in --status and --revert's one-object-per-line output.
     objects = [obj for s in plan.steps for obj in s.creates]
     assert len(set(objects)) == len(objects)
+
+
+#: QA P6: `socat UDP4-RECVFROM:5353,bind=198.51.100.13` beside
+#: `socat UDP6-RECVFROM:5353,ipv6only=1`: no IPv4 socket can answer from a wrong source.
+BOUND_V4 = Listener("198.51.100.13", PORT, "ipv4", "listening", pid=44, process="socat")
+ASSUMED_BRIDGE = ClientNetwork(
+    "198.51.100.0/24", ("198.51.100.13", "192.0.2.1"), "198.51.100.13", False, "eth0", False
+)
+
+
+def test_snat_zone_covers_only_addresses_a_wildcard_socket_receives() -> None:
+    plan = make_plan(
+        diagnosis(ASSUMED_BRIDGE, UPLINK_ONLY, UPLINK_ONLY_V6, listeners=(BOUND_V4, WILDCARD6)),
+        "snat-zone",
+        "nftables",
+    )
+    [step] = plan.steps
+    assert step.creates[1:3] == (
+        "set clients6_0: clients that sent to [2001:db8:2::13]:56789",
+        "chain remember_clients (filter hook prerouting priority raw)",
+    )
+    assert isinstance(step.spec, NftTableSpec)
+    assert "192.0.2.1" not in step.spec.text and "198.51.100.13" not in step.spec.text
+    assert plan.notes == (
+        "left alone: no IPv4 wildcard socket listens on port 56789, so nothing there "
+        "answers from the wrong source for 192.0.2.1",
+        "left alone: 198.51.100.13 has a UDP socket of its own on port 56789, bound to it, "
+        "so its replies already leave from it",
+    )
+
+
+def test_snat_zone_with_only_bound_sockets_is_refused_with_the_reason() -> None:
+    with pytest.raises(CtfixError) as err:
+        make_plan(diagnosis(ASSUMED_BRIDGE, UPLINK_ONLY, listeners=(BOUND_V4,)), "snat-zone")
+    assert err.value.message == (
+        "nothing to fix on port 56789: no IPv4 wildcard socket listens on port 56789, so "
+        "nothing there answers from the wrong source for 192.0.2.1; 198.51.100.13 has a UDP "
+        "socket of its own on port 56789, bound to it, so its replies already leave from it"
+    )
+
+
+def test_dual_stack_v6_wildcard_serves_ipv4_too() -> None:
+    dual = Listener("::", PORT, "ipv6", "listening", pid=45, v6only=False)
+    plan = make_plan(diagnosis(MIXED, listeners=(dual,)), "snat-zone", "iptables-legacy")
+    assert [s.spec for s in plan.steps if isinstance(s.spec, IpsetSpec)] == [
+        IpsetSpec("ctfix-56789-v4-0", "ipv4")
+    ]
+
+
+def test_policy_route_leaves_a_network_alone_when_its_address_has_its_own_socket() -> None:
+    with pytest.raises(CtfixError, match="nothing to route"):
+        make_plan(diagnosis(UPLINK_ONLY, listeners=(BOUND_V4, WILDCARD6)), "policy-route")
