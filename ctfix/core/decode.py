@@ -404,6 +404,7 @@ def dump_request(
     sport: int | None = None,
     dport: int | None = None,
     seq: int = 1,
+    reply_sport: int | None = None,
 ) -> bytes:
     """IPCTNL_MSG_CT_GET dump request, with CTA_FILTER for what the kernel can filter.
 
@@ -411,6 +412,8 @@ def dump_request(
     when CTA_FILTER/CTA_FILTER_ORIG_FLAGS names them and CTA_TUPLE_ORIG carries the
     values, which is what `conntrack -L -p udp --dport P` sends. Zones are not asked
     of the kernel (it can filter only non-default zones); callers filter them.
+    reply_sport filters on the reply tuple's source port the same way
+    (CTA_FILTER_REPLY_FLAGS with CTA_TUPLE_REPLY): the port a DNAT sent requests to.
     """
     attrs = b""
     flags = 0
@@ -425,7 +428,16 @@ def dump_request(
             flags |= 1 << 5
         tuple_attrs = nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto_attrs)
         attrs += nla(CTA_TUPLE_ORIG | NLA_F_NESTED, tuple_attrs)
-        attrs += nla(CTA_FILTER | NLA_F_NESTED, nla(1, struct.pack("=I", flags)))
+        filters = nla(1, struct.pack("=I", flags))  # CTA_FILTER_ORIG_FLAGS
+        if reply_sport is not None:
+            reply_attrs = nla(CTA_PROTO_NUM, bytes([proto]))
+            reply_attrs += nla(CTA_PROTO_SRC_PORT, _BE16.pack(reply_sport))
+            attrs += nla(
+                CTA_TUPLE_REPLY | NLA_F_NESTED, nla(CTA_TUPLE_PROTO | NLA_F_NESTED, reply_attrs)
+            )
+            # CTA_FILTER_REPLY_FLAGS: protocol and source port of the reply tuple.
+            filters += nla(2, struct.pack("=I", (1 << 3) | (1 << 4)))
+        attrs += nla(CTA_FILTER | NLA_F_NESTED, filters)
     msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
     body = struct.pack("=BBH", family, 0, 0) + attrs
     return _HDR.pack(16 + len(body), msg_type, 0x1 | 0x300, seq, 0) + body

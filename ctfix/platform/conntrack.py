@@ -71,13 +71,20 @@ def _raise_for(err: int, what: str) -> None:
 
 
 def dump_buffers(
-    family: int, proto: int | None, sport: int | None = None, dport: int | None = None
+    family: int,
+    proto: int | None,
+    sport: int | None = None,
+    dport: int | None = None,
+    *,
+    reply_sport: int | None = None,
 ) -> Iterator[bytes]:
     """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures)."""
     sock = _open("reading the conntrack table")
     try:
         sock.bind((0, 0))
-        request = decode.dump_request(family=family, proto=proto, sport=sport, dport=dport)
+        request = decode.dump_request(
+            family=family, proto=proto, sport=sport, dport=dport, reply_sport=reply_sport
+        )
         try:
             sock.send(request)
         except PermissionError:
@@ -94,10 +101,14 @@ def dump_buffers(
 
 
 def _dump_family(
-    family: int, proto: int | None, sport: int | None, dport: int | None
+    family: int,
+    proto: int | None,
+    sport: int | None,
+    dport: int | None,
+    reply_sport: int | None = None,
 ) -> Iterator[CtEntry]:
     first = True
-    for chunk in dump_buffers(family, proto, sport, dport):
+    for chunk in dump_buffers(family, proto, sport, dport, reply_sport=reply_sport):
         batch = decode.decode(chunk)
         if batch.error:
             if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
@@ -122,6 +133,7 @@ def dump(
     port: int | None = None,
     zone: int | None = None,
     sport: int | None = None,
+    reply_sport: int | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -129,20 +141,23 @@ def dump(
     original tuple (17 = UDP); port: the original tuple's destination port (what
     `conntrack -L -p udp --dport P` selects: requests to a service on P); sport: the
     original tuple's source port (entries a service on P started, e.g. its
-    wrong-source replies); zone: only this conntrack zone (0 = default).
+    wrong-source replies); reply_sport: the reply tuple's source port (requests a
+    DNAT forwarded to a service on P, whatever port they were sent to); zone: only
+    this conntrack zone (0 = default).
     The kernel filters family, protocol and ports (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port):
+        for entry in _dump_family(fam, proto, sport, port, reply_sport):
             orig = entry.orig
             if (
                 orig.family != fam
                 or orig.proto != proto
                 or (port is not None and orig.dport != port)
                 or (sport is not None and orig.sport != sport)
+                or (reply_sport is not None and entry.reply.sport != reply_sport)
                 or (zone is not None and entry.zone != zone)
             ):
                 continue
