@@ -6,13 +6,15 @@ nftables ruleset, iptables-legacy tables that exist) and never changes anything.
 Know before changing: the namespace is entered for the whole command, before any
 socket is created (sockets keep the namespace they were made in); the knowledge base
 is loaded first, so a broken `--rules` file fails before any work. Exit 0 = ok,
-1 = broken or at-risk, 2 = error (via the CLI's funnel).
+1 = broken or at-risk, or nothing bound while clients go unanswered (service_down),
+2 = error (via the CLI's funnel).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ctfix.commands.common import (
     add_netns_argument,
@@ -23,6 +25,9 @@ from ctfix.commands.common import (
     require_root,
 )
 from ctfix.errors import CtfixError, ExitStatus
+
+if TYPE_CHECKING:
+    from ctfix.core.model import Diagnosis
 
 DESCRIPTION = """\
 Say which process on a UDP port is affected by wrong-source replies, why, with the
@@ -38,6 +43,8 @@ verdicts and exit status:
   1  at-risk   a wildcard socket where some client network would get replies from
                another address than the one it sends to (no evidence yet)
   1  broken    conntrack shows wrong-source replies
+  1  ok, but nothing answers: no socket on the port while clients' requests go
+               unanswered (an outage; JSON: "service_down": true)
   2  error     bad input, missing privileges (CAP_NET_ADMIN), missing namespace"""
 
 EPILOG = """\
@@ -96,4 +103,11 @@ def run(args: argparse.Namespace) -> int:
         from ctfix.render.style import Style
 
         sys.stdout.write(render.render_text(diagnosis, Style.for_stream(sys.stdout)))
-    return ExitStatus.OK if diagnosis.verdict == "ok" else ExitStatus.PROBLEM
+    return exit_status(diagnosis)
+
+
+def exit_status(diagnosis: Diagnosis) -> int:
+    """0 only when the port is fine: ok, and not an outage (nothing bound, clients
+    unanswered), which the verdict (about wrong sources) would call ok."""
+    healthy = diagnosis.verdict == "ok" and not diagnosis.service_down
+    return ExitStatus.OK if healthy else ExitStatus.PROBLEM

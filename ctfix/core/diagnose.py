@@ -8,7 +8,12 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   only its peer; it is listed, and named in the reasons, but serves no network.
 * A wildcard socket is *exposed* unless the knowledge base says its program answers
   from the request's destination (`affected` is False, matched by process name or
-  command line, not by port alone) or it is ctfix's own `ctfix serve`.
+  command line, not by port alone) or it is ctfix's own `ctfix serve`; evidence
+  beats that claim: when conntrack shows wrong-source replies for a family it
+  serves, it is exposed (it may not be the real program, or its config differs).
+* *Requests*: remote clients' entries whose original destination port is the port,
+  or whose reply tuple's source port is (a local DNAT forwarded them here). Their
+  *addressed* address is the reply tuple's source: what the server must answer from.
 * *Client networks*, per family served: the networks of the clients seen in the
   conntrack table for the port (the directly connected network that contains the
   client, else its /24 or /64); when none is seen for a family, each directly
@@ -28,9 +33,14 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   from that address: it is the predicted source, or a socket is bound to it
   specifically, or no serving socket of the family is exposed.
 * Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
-  reply to a client that would still get one (a recorded reply whose client network
-  is ok now, e.g. after `ctfix fix`, predates the change and is reported as such);
-  else `at-risk` when some client network is not ok; else `ok`.
+  reply, unless a remedy now in place covers it: a working snat-zone SNAT to the
+  address the server had to answer from, or a policy rule on the port through which
+  the route lookup for the client's network now gives that address. Such a recorded
+  reply predates the change and is reported as such; one seen live (`--listen`) is
+  never discounted. Else `at-risk` when some client network is not ok; else `ok`.
+* *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
+  and requests without any reply. The verdict (about wrong sources) stays `ok`;
+  the headline, the reasons and the exit status (1) say it.
 
 Know before changing: this module only reads the Snapshot; anything it needs from the
 system must be collected by ctfix.platform.snapshot first (which asks
@@ -40,6 +50,7 @@ system must be collected by ctfix.platform.snapshot first (which asks
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -136,18 +147,75 @@ def connected_networks(addresses: Iterable[LocalAddress]) -> list[tuple[str, str
 
 
 def _requests(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[_Request]:
+    """Remote clients' requests to the port, or forwarded to it by a local DNAT.
+
+    `addressed` is the address the server must answer from for conntrack to deliver
+    the reply: the request's destination after DNAT (the reply tuple's source), which
+    is the address the client sent to when there is no DNAT.
+    """
     requests = []
+    seen: set[tuple[str, int, str, int]] = set()
     for entry in flows:
         orig = entry.orig
-        if orig.proto != UDP or orig.dport != port:
+        if orig.proto != UDP:
+            continue
+        served = unmap(entry.reply.src)
+        forwarded_here = entry.reply.sport == port and served in local
+        if orig.dport != port and not forwarded_here:
             continue
         client = unmap(orig.src)
         if client in local or ipaddress.ip_address(client).is_loopback:
             continue  # the host's own clients are answered from what they addressed
+        key = (client, orig.sport, orig.dst, orig.dport)
+        if key in seen:
+            continue  # the same entry from two dumps (orig dport and reply sport)
+        seen.add(key)
+        addressed = served if served in local else unmap(orig.dst)
         requests.append(
-            _Request(client, orig.sport, unmap(orig.dst), family_name(client), entry.seen_reply)
+            _Request(client, orig.sport, addressed, family_name(client), entry.seen_reply)
         )
     return requests
+
+
+def newest_last(flows: Iterable[CtEntry]) -> list[CtEntry]:
+    """The entries oldest first, as far as the table tells: by time left, ascending.
+
+    A dump comes in hash-table order; the detector calls the last client it pairs the
+    latest. Entries of one kind start with the same timeout, so the newest has the
+    most left (entries without a timeout first; ties keep the dump's order).
+    """
+    return sorted(flows, key=lambda e: -1 if e.timeout is None else e.timeout)
+
+
+_DNAT_TO = re.compile(
+    r"(?:\bdnat (?:ip6? )?to|--to-destination)\s+(\[[^\]]+\]|[0-9.]+)(?::(\d+))?(?![:\w])"
+)
+
+
+def forwarded_to(
+    port: int, ruleset: Iterable[NetfilterRule], flows: Iterable[CtEntry], local: set[str]
+) -> list[tuple[str, int]]:
+    """(address, port) on this host that a DNAT sends the port's requests to, when the
+    port differs: from the rules (`dnat to A:P`, `--to-destination A:P`) and from the
+    conntrack entries of requests already forwarded."""
+    found: list[tuple[str, int]] = []
+    for rule in ruleset:
+        if "dnat" not in rule.actions or not rule.matches_dport:
+            continue
+        match = _DNAT_TO.search(rule.rule)
+        if match is None or match.group(2) is None:
+            continue
+        address, target = unmap(match.group(1).strip("[]")), int(match.group(2))
+        if target != port and address in local and (address, target) not in found:
+            found.append((address, target))
+    for entry in flows:
+        served = unmap(entry.reply.src)
+        if entry.orig.proto != UDP or entry.orig.dport != port or served not in local:
+            continue
+        forward = (served, entry.reply.sport)
+        if entry.reply.sport != port and forward not in found:
+            found.append(forward)
+    return found
 
 
 def _onlink(addresses: Iterable[LocalAddress], interface: str | None, family: str) -> list[str]:
@@ -306,17 +374,16 @@ def _evidence(snapshot: Snapshot, requests: list[_Request], local: set[str]) -> 
     wrong-source reply (counted in `wrong_source`, not as unanswered) or a zoned reply
     that left from the right source (healthy).
     """
-    from ctfix.core.detect import Detector, client_network
+    from ctfix.core.detect import Detector
 
     detector = Detector(local_addresses=frozenset(local), track_answers=True)
-    detector.resync(list(snapshot.flows), now=0.0)
+    detector.resync(newest_last(snapshot.flows), now=0.0)
     answered = detector.answered or {}
     merged: dict[tuple[str, str, str], WrongSourceReply] = {}
     for finding in detector.findings.values():
         merged[finding.key] = wrong_source_reply(finding)
     for live in snapshot.live_findings:
-        network = live.client_network or client_network(unmap(parse_endpoint(live.client)[0]))
-        key = (live.service, live.actual_source, network)
+        key = _key(live)
         # --listen resyncs from the table first: its count includes the table's.
         if key not in merged or live.count > merged[key].count:
             merged[key] = live
@@ -329,6 +396,14 @@ def _evidence(snapshot: Snapshot, requests: list[_Request], local: set[str]) -> 
         elif wrongly is None:
             unanswered += 1
     return Evidence(wrong_source=wrong, healthy=healthy, unanswered=unanswered)
+
+
+def _key(wrong: WrongSourceReply) -> tuple[str, str, str]:
+    """The detector's aggregation key of a wrong-source record."""
+    from ctfix.core.detect import client_network
+
+    network = wrong.client_network or client_network(unmap(parse_endpoint(wrong.client)[0]))
+    return (wrong.service, wrong.actual_source, network)
 
 
 def rule_problem(rule: NetfilterRule, ruleset: Sequence[NetfilterRule]) -> str | None:
@@ -469,15 +544,36 @@ def _connected_peers(
     return found
 
 
-def _answered_rightly_now(wrong: WrongSourceReply, clients: Sequence[ClientNetwork]) -> bool:
-    """True when the client of a recorded wrong-source reply is in a network that is ok
-    now (e.g. after `ctfix fix`): the evidence is history, not the present."""
+def _remedy_for(
+    wrong: WrongSourceReply, snapshot: Snapshot, rewritten: set[str], expected: str
+) -> str | None:
+    """The remedy now in place that answers this record's clients from the right
+    source, in words; None when there is none (the record is the present).
+
+    Only a change on the host counts, never a claim: a working snat-zone rewrite to
+    the address the server had to answer from, or a policy rule on the port through
+    which the route lookup for the client's network now gives that address. A
+    knowledge-base entry or a network that merely looks ok proves nothing.
+    """
+    if expected in rewritten:
+        return f"the snat-zone rewrite to {expected}"
+    policy = [r.text for r in snapshot.policy_rules if r.matches_reply_from(snapshot.port)]
+    if not policy:
+        return None
     client = ipaddress.ip_address(unmap(parse_endpoint(wrong.client)[0]))
-    service = unmap(parse_endpoint(wrong.service)[0])
-    for cn in clients:
-        if client in ipaddress.ip_network(cn.network):
-            return cn.ok and service in cn.addressed
-    return False
+    for network, probe in snapshot.probes.items():
+        net = ipaddress.ip_network(network)
+        if net.version != client.version or client not in net:
+            continue
+        choice = next((c for c in snapshot.route_choices if c.destination == probe), None)
+        if (
+            choice is not None
+            and choice.table not in (None, MAIN_TABLE)
+            and choice.source is not None
+            and unmap(choice.source) == expected
+        ):
+            return f"the policy rule `{policy[0]}` (replies to {network} from {expected})"
+    return None
 
 
 def _wild_for(listener: Listener, family: str) -> bool:
@@ -493,6 +589,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     reasons: list[str] = []
 
     known = {id(listener): _recognise(listener, kb, port) for listener in snapshot.listeners}
+    # Evidence beats a claim: a program the knowledge base trusts that was caught
+    # answering from the wrong source is judged like any other wildcard server.
+    caught = {family_name(unmap(parse_endpoint(w.client)[0])) for w in evidence.wrong_source}
+    contradicted: set[int] = set()
+    for listener in snapshot.listeners:
+        info = known[id(listener)]
+        if info.correct and any(f in caught and _wild_for(listener, f) for f in _serves(listener)):
+            contradicted.add(id(listener))
+            known[id(listener)] = _Known(info.rule, info.port_only, False, info.label)
     serving: dict[str, list[Listener]] = {}
     for listener in snapshot.listeners:
         for family in _serves(listener):
@@ -510,14 +615,26 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         and rule_problem(r, snapshot.netfilter) is None
     }
     clients = _clients(snapshot, requests, serving, exposed, rewritten)
+    forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
 
     # Who is on the port.
-    if not snapshot.listeners and evidence.unanswered:
+    service_down = False
+    if not snapshot.listeners and forwards:
+        targets = ", ".join(endpoint(a, p) for a, p in forwards)
+        first = forwards[0][1]
         reasons.append(
-            f"Nothing is bound to UDP port {port} in this namespace, yet clients sent "
-            f"{evidence.unanswered} request{'s' if evidence.unanswered > 1 else ''} "
+            f"Nothing is bound to UDP port {port} here, and none needs to be: it is "
+            f"forwarded by DNAT to {targets}. The server is there: run `ctfix explain "
+            f"{first}` for its sockets, client networks and fixes."
+        )
+    elif not snapshot.listeners and evidence.unanswered:
+        service_down = True
+        reasons.append(
+            f"NOTHING ANSWERS: nothing is bound to UDP port {port} in this namespace, yet "
+            f"clients sent {evidence.unanswered} request{'s' if evidence.unanswered > 1 else ''} "
             "to it that got no reply: is the service down? (The host answers such "
-            "requests with ICMP port unreachable.)"
+            "requests with ICMP port unreachable.) The verdict speaks only of "
+            "wrong-source replies; the exit status is 1 all the same."
         )
     elif not snapshot.listeners:
         reasons.append(
@@ -540,6 +657,14 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             line += (
                 f"; it is {info.label}, which answers from the address each request was sent to."
             )
+        elif id(listener) in contradicted:
+            line += (
+                f": the knowledge base says {info.label} answers from the address each "
+                "request was sent to, but conntrack caught this one answering from another "
+                "address (below). It behaves unlike that entry: it may not be the real "
+                f"{info.label}, or its configuration differs. The evidence wins: it is "
+                "judged as a server that lets routing pick its reply source."
+            )
         elif listener.wildcard:
             line += (
                 ": it does not choose the source of its replies, so the kernel picks it by "
@@ -556,11 +681,36 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         else:
             line += ": replies always leave from the bound address."
         reasons.append(line)
+    if snapshot.listeners:
+        for address, target in forwards:
+            reasons.append(
+                f"A DNAT forwards UDP port {port} to {endpoint(address, target)}: that "
+                "is another port; `ctfix explain "
+                f"{target}` judges the server that answers those requests."
+            )
+    dnat_here = sorted(
+        {
+            endpoint(unmap(e.orig.dst), e.orig.dport)
+            for e in snapshot.flows
+            if e.orig.proto == UDP
+            and e.orig.dport != port
+            and e.reply.sport == port
+            and unmap(e.reply.src) in local
+        }
+    )
+    if dnat_here:
+        reasons.append(
+            f"Requests to {', '.join(dnat_here)} are forwarded here by DNAT: the server "
+            "must answer them from the address the DNAT sent them to, or conntrack cannot "
+            "translate the reply back."
+        )
 
     # What the evidence shows.
+    live = {_key(w) for w in snapshot.live_findings}
     for wrong in evidence.wrong_source:
+        when = " (seen live, during --listen)" if _key(wrong) in live else ""
         reasons.append(
-            f"Conntrack shows wrong-source replies: {wrong_text(wrong)}. A connect()ed "
+            f"Conntrack shows wrong-source replies{when}: {wrong_text(wrong)}. A connect()ed "
             "client drops such a reply and answers ICMP port unreachable."
         )
     if snapshot.listened_seconds and not snapshot.live_findings:
@@ -576,10 +726,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         others = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
         how = "send to" if cn.seen else "may send to"
         source = cn.predicted_source or "an address routing picks"
+        # The same addresses as the client table's "clients send to" column.
         also = (
             f" and may address {', '.join(extra)} (the host's own address on "
             f"{cn.interface}, their gateway)"
-            if [a for a in extra if a in others]
+            if extra
             else ""
         )
         reasons.append(
@@ -632,16 +783,26 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     if snapshot.conntrack_error:
         reasons.append(f"No conntrack evidence: {snapshot.conntrack_error}.")
 
-    verdict: Verdict
-    current = [w for w in evidence.wrong_source if not _answered_rightly_now(w, clients)]
-    if evidence.wrong_source and not current:
-        replies = sum(w.count for w in evidence.wrong_source)
+    # Recorded evidence is history only when a remedy now in place covers its clients;
+    # what --listen saw happened during this run and is never discounted.
+    current: list[WrongSourceReply] = []
+    history: dict[str, int] = {}
+    for wrong in evidence.wrong_source:
+        expected = unmap(parse_endpoint(wrong.expected_source)[0])
+        remedy = None if _key(wrong) in live else _remedy_for(wrong, snapshot, rewritten, expected)
+        if remedy is None:
+            current.append(wrong)
+        else:
+            history[remedy] = history.get(remedy, 0) + wrong.count
+    for remedy, replies in history.items():
         reasons.append(
             f"The {replies} wrong-source repl{'ies' if replies > 1 else 'y'} in the "
-            "conntrack table "
-            "went to clients that would now get the right source: they predate the change "
-            "and expire with their entries (30 s for unreplied UDP)."
+            f"conntrack table went to clients that {remedy} now answers from the right "
+            "source: they predate the change and expire with their entries (30 s for "
+            "unreplied UDP)."
         )
+
+    verdict: Verdict
     if current:
         verdict = "broken"
     elif any(not cn.ok for cn in clients):
@@ -651,7 +812,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
 
     recognised = [known[id(lst)] for lst in snapshot.listeners if known[id(lst)].rule]
     service_rule = recognised[0].rule if recognised else None
-    fixes = _fixes(port, verdict, clients, service_rule, rules) if verdict != "ok" else ()
+    # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
+    wanted = verdict != "ok" and not (forwards and not snapshot.listeners)
+    fixes = _fixes(port, verdict, clients, service_rule, rules) if wanted else ()
     return Diagnosis(
         port=port,
         netns=snapshot.netns,
@@ -661,12 +824,19 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         clients=tuple(clients),
         evidence=evidence,
         rules=rules,
-        fixes=fixes,
+        fixes=recommended_first(fixes),
         local_addresses=tuple(
             a.address for a in snapshot.addresses if not a.loopback and a.scope != "link"
         ),
         service=service_rule.name if service_rule else None,
+        service_down=service_down,
+        forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
     )
+
+
+def recommended_first(fixes: Iterable[Fix]) -> tuple[Fix, ...]:
+    """The order every output lists fixes in: recommended first, then as diagnosed."""
+    return tuple(sorted(fixes, key=lambda f: not f.recommended))
 
 
 # -- the fixes --------------------------------------------------------------------------

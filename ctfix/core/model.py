@@ -102,3 +102,8 @@ class Diagnosis:
     fixes: tuple[Fix, ...] = ()
     local_addresses: tuple[str, ...] = ()
     service: str | None = None  # the knowledge base's name for the program, if recognised
+    #: nothing is bound to the port while clients' requests go unanswered (an outage,
+    #: not a wrong-source problem: the verdict stays about wrong sources, exit is 1)
+    service_down: bool = False
+    #: "addr:port" on this host that a DNAT forwards the port's requests to
+    forwarded_to: tuple[str, ...] = ()

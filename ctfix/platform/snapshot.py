@@ -5,8 +5,9 @@ the nftables ruleset, iptables-legacy tables that already exist).
 
 Know before changing: everything reads the calling thread's network namespace, so
 the command enters the namespace (`ctfix.commands.common.enter_netns`) before this
-runs; and conntrack is asked with kernel-side filters (orig dport = port, then
-orig sport = port), so a table of 250k entries costs a filtered walk, not a copy.
+runs; and conntrack is asked with kernel-side filters (orig dport = port, orig
+sport = port, reply sport = port for requests a DNAT forwarded to the port), so a
+table of 250k entries costs a few filtered walks, not a copy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import select
 import time
 
 from ctfix.core.decode import CtEntry
-from ctfix.core.diagnose import probe_destinations, wrong_source_reply
+from ctfix.core.diagnose import (
+    forwarded_to,
+    newest_last,
+    probe_destinations,
+    wrong_source_reply,
+)
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.snapshot import RouteChoice, Snapshot
 from ctfix.errors import CtfixError
@@ -23,12 +29,20 @@ from ctfix.platform import netfilter_read, routing, sockdiag
 
 
 def conntrack_flows(port: int) -> list[CtEntry]:
-    """Requests to the port and flows the port started (its replies), both families."""
+    """Requests to the port, requests a DNAT forwarded to it, and flows the port
+    started (its replies), both families, each entry once."""
     from ctfix.platform import conntrack
 
     flows = list(conntrack.dump(proto=17, port=port))
-    flows.extend(conntrack.dump(proto=17, sport=port))
+    # A request DNAT'd from another port: orig dport is that port, reply sport is ours.
+    flows.extend(e for e in conntrack.dump(proto=17, reply_sport=port) if e.orig.dport != port)
+    flows.extend(e for e in conntrack.dump(proto=17, sport=port) if e.reply.sport != port)
     return flows
+
+
+def _ours(service: str, expected_source: str, port: int) -> bool:
+    # A DNAT'd request names the port it was sent to; the server's port is expected.
+    return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
 def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
@@ -38,8 +52,11 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
 
     detector = Detector(local_addresses=local)
     events = conntrack.EventSocket()
+    # Only what happened during the listen is live; the first resync only teaches the
+    # detector the requests already waiting, and its findings are the table's.
+    seen_live: set[tuple[str, str, str]] = set()
     try:
-        detector.resync(conntrack_flows(port), now=time.time())
+        detector.resync(newest_last(conntrack_flows(port)), now=time.time())
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([events], [], [], min(left, 0.5))
@@ -48,15 +65,20 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
             try:
                 batch = events.read()
             except conntrack.Overflow:
-                detector.resync(conntrack_flows(port), now=time.time())
+                found = detector.resync(newest_last(conntrack_flows(port)), now=time.time())
+                seen_live.update(f.key for f, is_new in found if is_new)
                 continue
             now = time.time()
             for event in batch:
-                detector.feed(event, now)
+                result = detector.feed(event, now)
+                if result is not None:
+                    seen_live.add(result[0].key)
     finally:
         events.close()
     return [
-        wrong_source_reply(f) for f in detector.findings.values() if f.service.endswith(f":{port}")
+        wrong_source_reply(f)
+        for f in detector.findings.values()
+        if f.key in seen_live and _ours(f.service, f.expected_source, port)
     ]
 
 
@@ -80,11 +102,19 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
     except CtfixError as err:
         conntrack_error = err.one_line()
 
+    netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
+    if conntrack_error is None:
+        # A port forwarded elsewhere on this host: its requests are answered from the
+        # target port, so the replies (the evidence) are that port's flows.
+        from ctfix.platform import conntrack
+
+        for _address, target in forwarded_to(port, netfilter, flows, set(local)):
+            flows.extend(conntrack.dump(proto=17, sport=target))
+
     probes = probe_destinations(port, addresses, flows)
     choices: list[RouteChoice] = [
         routing.reply_source(destination, port, uid=uid) for destination in probes.values()
     ]
-    netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
     return Snapshot(
         port=port,
         netns=netns,

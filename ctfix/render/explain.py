@@ -13,7 +13,7 @@ import json
 import textwrap
 from typing import Any
 
-from ctfix.core.diagnose import wrong_text
+from ctfix.core.diagnose import recommended_first, wrong_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.render.style import Style
 
@@ -100,9 +100,11 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "detail": f.detail,
                 "recommended": f.recommended,
             }
-            for f in d.fixes
+            for f in recommended_first(d.fixes)
         ],
         "local_addresses": list(d.local_addresses),
+        "service_down": d.service_down,
+        "forwarded_to": list(d.forwarded_to),
     }
 
 
@@ -172,10 +174,26 @@ def _wrap(text: str, indent: str, width: int = 88) -> str:
     )
 
 
+def _headline_tail(d: Diagnosis) -> str:
+    """What the verdict alone would hide: an outage, or a port served elsewhere."""
+    if d.service_down:
+        asked = d.evidence.unanswered
+        return (
+            f" (no wrong-source replies), but NOTHING ANSWERS: no socket on the port, "
+            f"{asked} request{'s' if asked != 1 else ''} without a reply"
+        )
+    if d.forwarded_to and not d.listeners:
+        return f" (forwarded by DNAT to {', '.join(d.forwarded_to)})"
+    return ""
+
+
 def render_text(d: Diagnosis, style: Style | None = None) -> str:
     s = style or Style(False)
     verdict = s(_VERDICT_WORDS[d.verdict], *_VERDICT_STYLE[d.verdict])
-    out = [f"UDP port {d.port} in namespace {d.netns}: {verdict}", ""]
+    tail = _headline_tail(d)
+    if d.service_down:
+        tail = s(tail, "red", "bold")
+    out = [f"UDP port {d.port} in namespace {d.netns}: {verdict}{tail}", ""]
 
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
@@ -223,7 +241,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
 
     if d.fixes:
         out += ["", s("How to fix it", "bold")]
-        for fix in sorted(d.fixes, key=lambda f: not f.recommended):
+        for fix in recommended_first(d.fixes):
             mark = s("recommended", "green") + " " if fix.recommended else ""
             out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  "))
             out.append(_wrap(fix.detail, "      "))
@@ -236,7 +254,11 @@ def _md_escape(text: str) -> str:
 
 
 def render_markdown(d: Diagnosis) -> str:
-    out = [f"## UDP port {d.port} (namespace `{d.netns}`): **{_VERDICT_WORDS[d.verdict]}**", ""]
+    out = [
+        f"## UDP port {d.port} (namespace `{d.netns}`): **{_VERDICT_WORDS[d.verdict]}**"
+        + _headline_tail(d),
+        "",
+    ]
     out += ["### What happens", ""]
     out += [f"- {reason}" for reason in d.reasons]
     if d.verdict != "ok":
@@ -271,10 +293,10 @@ def render_markdown(d: Diagnosis) -> str:
                 out.append(f"  - **cannot help**: {r.problem}")
     if d.fixes:
         out += ["", "### How to fix it", ""]
-        for fix in sorted(d.fixes, key=lambda f: not f.recommended):
+        for fix in recommended_first(d.fixes):
             rec = " *(recommended)*" if fix.recommended else ""
             out.append(f"- **{fix.method}**{rec}: {fix.summary}")
             detail = fix.detail.strip().splitlines()
             out += [f"  {line}" if line.strip() else "" for line in detail]
-        out += ["", "Runbook: `docs/runbooks/udp-wrong-source.md`."]
+        out += ["", "Runbook: `docs/runbooks/udp-wrong-source.md`; live view: `ctfix watch`."]
     return "\n".join(out) + "\n"

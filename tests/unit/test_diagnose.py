@@ -331,3 +331,180 @@ def test_after_a_working_snat_zone_fix_the_zoned_replies_are_answers_not_evidenc
         assert d.evidence.wrong_source == ()  # not "192.0.2.1:... -> 192.0.2.3:..."
         assert (d.evidence.healthy, d.evidence.unanswered) == (4, 0)
         assert d.verdict != "broken"
+
+
+# -- second QA pass (P1, P3, P4, P5, P7, P8) ---------------------------------------------
+
+DNSMASQ = Listener(
+    "0.0.0.0", PORT, "ipv4", "listening", pid=16441, process="dnsmasq", cmdline=("dnsmasq",)
+)
+
+
+def test_a_trusted_program_caught_answering_from_the_wrong_source_is_broken() -> None:
+    """P1: a binary named dnsmasq that is really socat. The knowledge base says dnsmasq
+    answers right; conntrack shows it did not. The evidence wins."""
+    kb = rules.load([], builtin=True)
+    flows = (request(UPLINK), reply_from(BRIDGE))
+    d = diagnose(snapshot(DNSMASQ, flows=flows), kb)
+    assert d.verdict == "broken", d.reasons
+    assert any("behaves unlike that entry" in r and "dnsmasq (pid 16441)" in r for r in d.reasons)
+    assert not any("predate" in r for r in d.reasons)
+    assert not any("which answers from the address each request" in r for r in d.reasons)
+    [cn] = d.clients
+    assert not cn.ok and cn.predicted_source == BRIDGE
+    # Without evidence the knowledge base is believed.
+    assert diagnose(snapshot(DNSMASQ), kb).verdict == "ok"
+
+
+def snat_zone_rules(address: str) -> tuple[NetfilterRule, ...]:
+    return (replace(nat_rule({"snat"}), nat_to=address), nat_rule({"zone"}))
+
+
+def test_evidence_before_a_snat_zone_fix_is_history_but_live_evidence_is_not() -> None:
+    flows = (request(UPLINK), reply_from(BRIDGE))
+    snap = snapshot(NC, flows=flows, netfilter=snat_zone_rules(UPLINK))
+    d = diagnose(snap)
+    assert d.verdict == "ok", d.reasons
+    assert any("the snat-zone rewrite to 198.51.100.13" in r and "predate" in r for r in d.reasons)
+    # The same reply seen during --listen happened now: never discounted.
+    [wrong] = d.evidence.wrong_source
+    live = diagnose(replace(snap, live_findings=(wrong,), listened_seconds=3.0))
+    assert live.verdict == "broken"
+    assert any("seen live, during --listen" in r for r in live.reasons)
+    assert not any("predate" in r for r in live.reasons)
+
+
+def test_a_network_that_looks_ok_without_a_remedy_does_not_discount_evidence() -> None:
+    """Routing from the main table happens to give the uplink address now: that is not
+    a change anyone made for this port, so the wrong-source reply is current."""
+    flows = (request(UPLINK), reply_from(BRIDGE))
+    snap = snapshot(NC, flows=flows)
+    choices = tuple(replace(c, source=UPLINK) for c in snap.route_choices)
+    d = diagnose(replace(snap, route_choices=choices))
+    assert d.verdict == "broken"
+
+
+POLICY = PolicyRule(
+    "ipv4", 100, f"100: from all ipproto udp sport {PORT} lookup 100", 100, 17, (PORT, PORT)
+)
+
+
+def test_evidence_before_a_forced_policy_route_is_history_and_gateway_clients_at_risk() -> None:
+    """P7: after `ctfix fix P --method policy-route --force --apply` the replies to the
+    container network leave from the uplink address through table 100."""
+    flows = (request(UPLINK), reply_from(BRIDGE))
+    snap = snapshot(NC, flows=flows)
+    choices = tuple(replace(c, source=UPLINK, table=100) for c in snap.route_choices)
+    d = diagnose(replace(snap, route_choices=choices, policy_rules=(POLICY,)))
+    assert d.verdict == "at-risk", d.reasons
+    assert any("predate the change" in r and "policy rule" in r for r in d.reasons), d.reasons
+    assert any("those that address 192.0.2.1 get no answer" in r for r in d.reasons)
+    # Without the policy rule the same route answer is no remedy.
+    assert diagnose(replace(snap, route_choices=choices)).verdict == "broken"
+
+
+DNAT_CLIENT, DNAT_PORT, SERVICE_PORT = "198.51.100.1", 9053, PORT
+
+
+def dnat_flows() -> tuple[CtEntry, ...]:
+    """nft: ip daddr UPLINK udp dport 9053 dnat to BRIDGE:PORT; a broken wildcard
+    server answers the upstream client from UPLINK:PORT (routing's choice)."""
+    forwarded = CtEntry(
+        udp(DNAT_CLIENT, UPLINK, 40254, DNAT_PORT), udp(BRIDGE, DNAT_CLIENT, PORT, 40254)
+    )
+    wrong = CtEntry(udp(UPLINK, DNAT_CLIENT, PORT, 40254), udp(DNAT_CLIENT, UPLINK, 40254, PORT))
+    return forwarded, wrong
+
+
+DNAT_RULE = NetfilterRule(
+    "nftables",
+    "ip",
+    "qa_dnat",
+    "prerouting",
+    f"ip daddr {UPLINK} udp dport {DNAT_PORT} dnat to {BRIDGE}:{PORT}",
+    frozenset({"dnat"}),
+    matches_dport=True,
+    nat_to=BRIDGE,
+)
+
+
+def test_requests_forwarded_by_dnat_are_evidence_for_the_service_port() -> None:
+    """P3, `explain 56789`: the forwarded client is a client, and its reply was wrong."""
+    d = diagnose(snapshot(NC, flows=dnat_flows()))
+    assert d.verdict == "broken", d.reasons
+    [wrong] = d.evidence.wrong_source
+    assert wrong.service == f"{UPLINK}:{DNAT_PORT}"
+    assert wrong.expected_source == f"{BRIDGE}:{PORT}"
+    assert wrong.actual_source == f"{UPLINK}:{PORT}"
+    [cn] = d.clients
+    assert (cn.network, cn.addressed, cn.predicted_source) == ("198.51.100.0/24", (BRIDGE,), UPLINK)
+    assert any(
+        f"Requests to {UPLINK}:{DNAT_PORT} are forwarded here by DNAT" in r for r in d.reasons
+    )
+
+
+def test_a_port_forwarded_by_dnat_points_to_the_service_port() -> None:
+    """P3, `explain 9053`: nothing is bound there and none needs to be."""
+    snap = snapshot(flows=dnat_flows(), netfilter=(DNAT_RULE,), port=DNAT_PORT)
+    d = diagnose(snap)
+    assert d.forwarded_to == (f"{BRIDGE}:{PORT}",)
+    assert not d.service_down
+    assert not any("service down" in r for r in d.reasons)
+    assert f"forwarded by DNAT to {BRIDGE}:{PORT}" in d.reasons[0]
+    assert f"run `ctfix explain {PORT}`" in d.reasons[0]
+    assert d.verdict == "broken" and d.fixes == ()  # the evidence; the fixes are there
+    # The rule alone (no traffic yet) is enough to know.
+    quiet = diagnose(snapshot(netfilter=(DNAT_RULE,), port=DNAT_PORT))
+    assert quiet.forwarded_to == (f"{BRIDGE}:{PORT}",) and quiet.verdict == "ok"
+    assert "forwarded by DNAT" in render_text(quiet).splitlines()[0]
+
+
+def test_nothing_bound_with_unanswered_clients_is_unmistakably_an_outage() -> None:
+    """P4: the verdict stays about wrong sources, but nobody reads it as fine."""
+    from ctfix.commands.explain import exit_status
+
+    d = diagnose(snapshot(flows=(request(UPLINK), request(BRIDGE, cport=40001))))
+    assert d.verdict == "ok" and d.service_down
+    assert d.reasons[0].startswith("NOTHING ANSWERS")
+    assert "NOTHING ANSWERS" in render_text(d).splitlines()[0]
+    assert to_json_obj(d)["service_down"] is True
+    assert exit_status(d) == 1
+    idle = diagnose(snapshot())
+    assert not idle.service_down and exit_status(idle) == 0
+
+
+def test_the_latest_client_is_the_newest_entry_not_the_first_in_the_dump() -> None:
+    """P5: clients from 41001..41004 in that order; the newest has the most time left."""
+    flows: list[CtEntry] = []
+    for age, cport in enumerate((41001, 41002, 41003, 41004)):
+        left = 26 + age
+        flows += [
+            request(UPLINK, cport=cport)._replace(timeout=left),
+            reply_from(BRIDGE, cport=cport)._replace(timeout=left),
+        ]
+    for order in (flows, flows[::-1]):  # the dump's hash order is arbitrary
+        [wrong] = diagnose(snapshot(NC, flows=tuple(order))).evidence.wrong_source
+        assert wrong.client == f"{CLIENT}:41004"
+        assert (wrong.count, wrong.clients) == (4, 4)
+
+
+def test_fixes_come_in_the_same_order_in_json_and_text() -> None:
+    """P8: recommended first, everywhere."""
+    d = diagnose(snapshot(NC))
+    json_order = [f["method"] for f in to_json_obj(d)["fixes"]]
+    text = render_text(d)
+    text_order = sorted(json_order, key=lambda m: text.index(f"[{m}]"))
+    assert json_order == text_order == [f.method for f in d.fixes]
+    assert json_order == ["pktinfo", "snat-zone", "bind", "policy-route"]
+
+
+def test_the_reason_names_the_same_addresses_as_the_client_table() -> None:
+    """P8: the table says 'UPLINK (seen), BRIDGE (on-link)'; so does the reason, also
+    when the on-link address is the one replies come from."""
+    d = diagnose(snapshot(NC, flows=(request(UPLINK),)))
+    [cn] = d.clients
+    assert cn.predicted_source == BRIDGE
+    assert f"{UPLINK} (seen), {BRIDGE} (on-link)" in render_text(d)
+    assert any(
+        f"Clients in 192.0.2.0/24 send to {UPLINK} and may address {BRIDGE}" in r for r in d.reasons
+    ), d.reasons

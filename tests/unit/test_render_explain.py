@@ -145,3 +145,39 @@ def test_table_shows_the_gateway_address_clients_may_use() -> None:
     assert "198.51.100.13 (seen), 192.0.2.1 (on-link)" in row
     assert row.endswith("wrong for 192.0.2.1")
     assert json.loads(render_json(d))["clients"][0]["onlink"] == ["192.0.2.1"]
+
+
+def test_every_format_lists_the_fixes_in_the_same_order() -> None:
+    """QA2 P8: the JSON listed pktinfo first, the text snat-zone (recommended) first."""
+    methods = [f["method"] for f in json.loads(render_json(BROKEN))["fixes"]]
+    text, md = render_text(BROKEN), render_markdown(BROKEN)
+    assert methods == ["snat-zone", "pktinfo"]
+    assert text.index("[snat-zone]") < text.index("[pktinfo]")
+    assert md.index("**snat-zone**") < md.index("**pktinfo**")
+
+
+def test_markdown_points_to_the_live_view_like_the_text() -> None:
+    """QA2 P8: markdown dropped 'live view: ctfix watch'."""
+    assert "live view: ctfix watch" in render_text(BROKEN)
+    assert "live view: `ctfix watch`" in render_markdown(BROKEN)
+
+
+def test_an_outage_is_in_the_headline_of_every_format() -> None:
+    """QA2 P4: nothing bound, clients unanswered: `jq .verdict` says ok, so the
+    headline and the JSON must say what is wrong."""
+    down = Diagnosis(
+        5302,
+        "lab-host",
+        "ok",
+        ("NOTHING ANSWERS: nothing is bound to UDP port 5302 ...",),
+        evidence=Evidence(unanswered=2),
+        service_down=True,
+    )
+    assert render_text(down).splitlines()[0] == (
+        "UDP port 5302 in namespace lab-host: OK (no wrong-source replies), but NOTHING "
+        "ANSWERS: no socket on the port, 2 requests without a reply"
+    )
+    assert "NOTHING ANSWERS" in render_markdown(down).splitlines()[0]
+    data = json.loads(render_json(down))
+    assert data["service_down"] is True and data["reasons"][0].startswith("NOTHING ANSWERS")
+    assert json.loads(render_json(BROKEN))["service_down"] is False
