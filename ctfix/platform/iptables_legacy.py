@@ -13,9 +13,12 @@ extensions per process, so each family's libiptc work runs in its own forked chi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import pickle
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ctfix.errors import CtfixError, MissingFeatureError
@@ -112,3 +115,40 @@ def in_child(function: Callable[..., T], *args: Any) -> T:
         raise value
     result: T = value
     return result
+
+
+#: The lock `iptables -w` takes around a table change (iptables' XT_LOCK_NAME; like
+#: iptables, XTABLES_LOCKFILE overrides it).
+XTABLES_LOCK = "/run/xtables.lock"
+
+
+@contextlib.contextmanager
+def xtables_lock(timeout: float = 10.0) -> Iterator[None]:
+    """Hold the xtables lock, as `iptables -w` does, for one read-modify-write.
+
+    libiptc replaces a whole table at commit: without the lock a rule Docker or
+    firewalld adds between our read and our commit would be silently lost. Waits up
+    to `timeout` seconds, then raises a one-line CtfixError.
+    """
+    path = os.environ.get("XTABLES_LOCKFILE") or XTABLES_LOCK
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as err:
+        raise CtfixError(f"cannot open the xtables lock {path}: {err.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CtfixError(
+                        f"another program has held the xtables lock {path} for "
+                        f"{timeout:g} s (iptables, Docker, firewalld?); nothing changed",
+                        "try again when it is done",
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

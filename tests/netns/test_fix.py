@@ -7,6 +7,7 @@ and after --revert the namespace's routing and netfilter state is what it was
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -390,6 +392,48 @@ def test_signal_in_the_middle_of_apply_rolls_back(legacy_lab: Topology, signum: 
     status = ctfix_fix(topo, "--status")
     assert status.returncode == 0 and "no fix recorded" in status.stdout
     assert not answered(topo, UPLINK_V4)
+
+
+def test_apply_waits_for_the_xtables_lock_like_iptables_w(
+    legacy_lab: Topology, tmp_path: Path
+) -> None:
+    """QA P8: while another program (Docker, firewalld: `iptables -w`) holds the
+    xtables lock, ctfix changes no iptables table; it goes on once the lock is free."""
+    topo = legacy_lab
+    assert not answered(topo, UPLINK_V4)
+    lock = tmp_path / "xtables.lock"  # not /run/xtables.lock: the host's Docker uses that
+    env = {**os.environ, "XTABLES_LOCKFILE": str(lock)}
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone",
+             "--apply", "--netns", topo.host],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            # The ipsets come first (ipset has no such lock); the first iptables rule
+            # then waits for the lock.
+            deadline = time.monotonic() + 20
+            steps: list[dict[str, Any]] = []
+            while time.monotonic() < deadline and not any(
+                s["step"]["spec"]["kind"] == "iptables-rule" for s in steps
+            ):
+                status = ctfix_fix(topo, "--status", "--json")
+                fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
+                steps = fixes[0]["steps"] if fixes else []
+                time.sleep(0.1)
+            time.sleep(0.5)  # time enough to commit, were it not waiting
+            assert [s["step"]["spec"]["kind"] for s in steps][-1] == "iptables-rule"
+            assert steps[-1]["status"] == "pending"
+            assert proc.poll() is None
+            assert "ctfix:" not in topo.run(topo.host, "iptables-legacy-save")
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "ctfix:56789" in topo.run(topo.host, "iptables-legacy-save")
+    assert answered(topo, UPLINK_V4)
+    assert ctfix_fix(topo, "--revert").returncode == 0
 
 
 def test_dry_run_apply_line_keeps_netns_and_backend(legacy_lab: Topology) -> None:

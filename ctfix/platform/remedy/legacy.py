@@ -150,6 +150,12 @@ def _find(spec: IptRuleSpec) -> bool:
 
 
 def _insert(spec: IptRuleSpec) -> None:
+    # Read, change and commit the whole table under the lock `iptables -w` takes.
+    with iptables_legacy.xtables_lock():
+        _insert_locked(spec)
+
+
+def _insert_locked(spec: IptRuleSpec) -> None:
     iptc, table_class, rule_class = _iptc(spec.family, creating=spec.table)
     rule = _build(spec, rule_class)
     table = table_class(spec.table, autocommit=False)
@@ -173,13 +179,14 @@ def _insert(spec: IptRuleSpec) -> None:
 
 
 def _delete(spec: IptRuleSpec) -> bool:
-    found = _located(spec)
-    if found is None:
-        return False
-    table, chain, rule = found
-    chain.delete_rule(rule)
-    table.commit()
-    return True
+    with iptables_legacy.xtables_lock():
+        found = _located(spec)
+        if found is None:
+            return False
+        table, chain, rule = found
+        chain.delete_rule(rule)
+        table.commit()
+        return True
 
 
 def rule_present(spec: IptRuleSpec) -> bool:
