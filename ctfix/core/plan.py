@@ -370,6 +370,9 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
     checks: list[RouteCheck] = []
     families: list[str] = []
     warnings: list[str] = []
+    #: (who would get no answer, the --force condition): refused after the loop, so
+    #: that the refusal names every network, not just the first one.
+    breaks: list[tuple[str, str]] = []
     for cn in broken:
         addressed = _addressed(cn, diagnosis.listeners)
         if len(addressed) != 1:
@@ -394,13 +397,7 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
                 f"clients in {cn.network} that address {' or '.join(stranded)} (the host's "
                 f"own address on {cn.interface}, their gateway)"
             )
-            if not force:
-                raise CtfixError(
-                    f"policy-route would break {who}: none was seen, but conntrack "
-                    "forgets a flow after 30 s, so that is no proof there are none",
-                    "use --method snat-zone (it serves both), or add --force if no client "
-                    f"in {cn.network} ever addresses {' or '.join(stranded)}",
-                )
+            breaks.append((who, f"in {cn.network} ever addresses {' or '.join(stranded)}"))
             warnings.append(
                 f"--force: replies to {cn.network} will leave from {source}; {who} will "
                 "get no answer until --revert"
@@ -422,6 +419,14 @@ def _policy_route(diagnosis: Diagnosis, notes: tuple[str, ...], force: bool) -> 
             )
         )
         checks.append(RouteCheck(_probe_address(cn, diagnosis), source))
+    if breaks and not force:
+        raise CtfixError(
+            f"policy-route would break {' and '.join(who for who, _ in breaks)}: none was "
+            "seen, but conntrack forgets a flow after 30 s, so that is no proof there are "
+            "none",
+            "use --method snat-zone (it serves both), or add --force if no client "
+            + ", and none ".join(unless for _, unless in breaks),
+        )
     for family in families:
         ip = "ip -6" if family == "ipv6" else "ip"
         rule = (

@@ -154,12 +154,13 @@ def test_policy_route_refuses_to_break_the_clients_of_their_gateway(nft_lab: Top
     """Only the uplink is in conntrack, but the containers may use 192.0.2.1 (their
     gateway) at any time: a route from 198.51.100.13 would break them, so no."""
     topo = nft_lab
-    assert not answered(topo, UPLINK_V4)
+    assert not answered(topo, UPLINK_V4) and not answered(topo, UPLINK_V6)
     before = kernel_state(topo)
     refused = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
     assert "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1" in line
+    assert "clients in 2001:db8:1::/64 that address 2001:db8:1::1" in line  # QA P8: all
     assert "use --method snat-zone" in line and "--force" in line
     assert kernel_state(topo) == before
     assert answered(topo, BRIDGE_V4)

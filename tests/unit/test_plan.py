@@ -108,14 +108,31 @@ GATEWAY_UNSEEN_V6 = replace(UPLINK_ONLY_V6, onlink=("2001:db8:1::1",))
 
 def test_policy_route_refuses_when_clients_may_address_their_gateway() -> None:
     with pytest.raises(CtfixError) as err:
-        make_plan(diagnosis(GATEWAY_UNSEEN, GATEWAY_UNSEEN_V6), "policy-route")
+        make_plan(diagnosis(GATEWAY_UNSEEN), "policy-route")
     assert err.value.message.startswith(
         "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1 "
-        "(the host's own address on br0, their gateway)"
+        "(the host's own address on br0, their gateway): none was seen"
     )
     assert err.value.hint == (
         "use --method snat-zone (it serves both), or add --force if no client in "
         "192.0.2.0/24 ever addresses 192.0.2.1"
+    )
+
+
+def test_policy_route_refusal_names_every_network_it_would_break() -> None:
+    """QA P8: the dual-stack lab's refusal named only 192.0.2.0/24."""
+    with pytest.raises(CtfixError) as err:
+        make_plan(diagnosis(GATEWAY_UNSEEN, GATEWAY_UNSEEN_V6), "policy-route")
+    assert err.value.message == (
+        "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1 (the "
+        "host's own address on br0, their gateway) and clients in 2001:db8:1::/64 that "
+        "address 2001:db8:1::1 (the host's own address on br0, their gateway): none was "
+        "seen, but conntrack forgets a flow after 30 s, so that is no proof there are none"
+    )
+    assert err.value.hint == (
+        "use --method snat-zone (it serves both), or add --force if no client in "
+        "192.0.2.0/24 ever addresses 192.0.2.1, and none in 2001:db8:1::/64 ever "
+        "addresses 2001:db8:1::1"
     )
 
 
