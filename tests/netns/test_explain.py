@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ctfix.lab.topology import (
     BRIDGE_V4,
     CONTAINER_NET_V4,
     CONTAINER_V4,
+    UPLINK_NET_V4,
     UPLINK_V4,
     Topology,
     lab_topology,
@@ -26,6 +28,7 @@ from ctfix.lab.topology import (
 from ctfix.platform import netns
 
 PORT = 56789
+EXPLAIN = [sys.executable, "-m", "ctfix", "explain"]
 
 
 def explain(topo: Topology, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -304,3 +307,138 @@ def test_after_a_working_snat_zone_fix_no_client_is_the_server_itself(
     assert (status, result["verdict"]) == (0, "ok"), result["evidence"]
     assert result["evidence"]["wrong_source"] == []
     assert (result["evidence"]["healthy"], result["evidence"]["unanswered"]) == (3, 0)
+
+
+# -- second QA pass: P1 (a trusted name), P3 (DNAT), P7 (forced policy-route) ----------
+
+
+def explain_port(topo: Topology, port: int, *extra: str) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctfix",
+            "explain",
+            str(port),
+            "--netns",
+            topo.host,
+            "--json",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stderr == "", proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return proc.returncode, result
+
+
+def test_a_broken_server_named_like_a_trusted_one_is_broken(lab4: Topology, tmp_path: Path) -> None:
+    """QA2 P1: socat copied to a file named dnsmasq. The knowledge base says dnsmasq
+    answers from the address asked; the conntrack evidence says this one does not."""
+    fake = tmp_path / "dnsmasq"
+    fake.write_bytes(Path("/usr/bin/socat").read_bytes())
+    fake.chmod(0o755)
+    server = lab4.spawn(lab4.host, [str(fake), f"UDP4-RECVFROM:{PORT},fork", "EXEC:cat"])
+    wait_udp_bound(server.pid, PORT)
+
+    # The request is sent while explain listens: live evidence.
+    listening = subprocess.Popen(
+        [*EXPLAIN, str(PORT), "--netns", lab4.host, "--json", "--listen", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.8)  # explain subscribes to events first thing
+        assert not udp_exchange(lab4.container, UPLINK_V4, PORT, timeout=0.5).answered
+        out, err = listening.communicate(timeout=30)
+    finally:
+        if listening.poll() is None:
+            listening.kill()
+            listening.wait()
+    assert err == "", err
+    result = json.loads(out)
+    assert (listening.returncode, result["verdict"]) == (1, "broken"), result["reasons"]
+    assert result["service"] and "dnsmasq" in result["service"]
+    assert {lst["process"] for lst in result["listeners"]} == {"dnsmasq"}
+    assert any("behaves unlike that entry" in r for r in result["reasons"]), result["reasons"]
+    assert any("seen live" in r for r in result["reasons"])
+    assert not any("predate" in r for r in result["reasons"])
+    [wrong] = result["evidence"]["wrong_source"]
+    assert wrong["actual_source"] == f"{BRIDGE_V4}:{PORT}"
+
+    # And from the table alone, afterwards.
+    status, result = explain(lab4)
+    assert (status, result["verdict"]) == (1, "broken"), result["reasons"]
+
+
+DNAT_PORT = 9053
+
+
+def test_a_dnat_forwarded_port_counts_for_the_service_and_points_to_it(lab4: Topology) -> None:
+    """QA2 P3: UPLINK:9053 is DNAT'd to BRIDGE:PORT, where a wildcard server answers
+    the upstream client from the uplink address (routing), which conntrack cannot
+    translate back: the client gets nothing."""
+    lab4.run(
+        lab4.host,
+        "nft",
+        "-f",
+        "-",
+        stdin="table ip qa_dnat {\n chain prerouting {\n"
+        "  type nat hook prerouting priority dstnat;\n"
+        f"  ip daddr {UPLINK_V4} udp dport {DNAT_PORT} dnat to {BRIDGE_V4}:{PORT}\n }}\n}}\n",
+    )
+    server = lab4.spawn(
+        lab4.host, [sys.executable, "-m", "ctfix", "serve", "--broken", "--port", str(PORT)]
+    )
+    wait_udp_bound(server.pid, PORT)
+    assert not udp_exchange(lab4.upstream, UPLINK_V4, DNAT_PORT, timeout=0.5).answered
+
+    status, result = explain_port(lab4, PORT)
+    assert (status, result["verdict"]) == (1, "broken"), result["reasons"]
+    [wrong] = result["evidence"]["wrong_source"]
+    assert wrong["service"] == f"{UPLINK_V4}:{DNAT_PORT}"
+    assert wrong["expected_source"] == f"{BRIDGE_V4}:{PORT}"
+    assert wrong["actual_source"] == f"{UPLINK_V4}:{PORT}"
+    assert client_network(result, UPLINK_NET_V4)["addressed"] == [BRIDGE_V4]
+
+    status, result = explain_port(lab4, DNAT_PORT)
+    assert result["forwarded_to"] == [f"{BRIDGE_V4}:{PORT}"]
+    assert result["service_down"] is False
+    assert not any("service down" in r for r in result["reasons"])
+    assert f"run `ctfix explain {PORT}`" in result["reasons"][0]
+    assert (status, result["verdict"]) == (1, "broken")  # the same evidence, seen from 9053
+    assert any("dnat to" in r["rule"] for r in result["rules"])
+
+
+def test_evidence_from_before_a_forced_policy_route_is_history(
+    lab4: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA2 P7: after `fix --method policy-route --force --apply`, the reply to the
+    container's client is right; the wrong one before it is history, and explain reads
+    at-risk for the clients of the gateway address that the route strands."""
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
+    server = lab4.spawn(
+        lab4.host, [sys.executable, "-m", "ctfix", "serve", "--broken", "--port", str(PORT)]
+    )
+    wait_udp_bound(server.pid, PORT)
+    assert not udp_exchange(lab4.container, UPLINK_V4, PORT, timeout=0.5).answered
+    assert explain(lab4)[1]["verdict"] == "broken"
+    fix = [sys.executable, "-m", "ctfix", "fix", str(PORT), "--netns", lab4.host]
+    subprocess.run(
+        [*fix, "--method", "policy-route", "--force", "--apply"], check=True, capture_output=True
+    )
+    try:
+        assert udp_exchange(lab4.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+        status, result = explain(lab4)
+        assert (status, result["verdict"]) == (1, "at-risk"), result["reasons"]
+        assert result["evidence"]["wrong_source"], "the old entry is still shown"
+        assert any("predate the change" in r and "policy rule" in r for r in result["reasons"])
+        assert any(
+            f"those that address {BRIDGE_V4} get no answer" in r for r in result["reasons"]
+        ), result["reasons"]
+    finally:
+        subprocess.run([*fix, "--revert"], check=True, capture_output=True)
+    assert explain(lab4)[1]["verdict"] == "broken"
