@@ -662,8 +662,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
                 f": the knowledge base says {info.label} answers from the address each "
                 "request was sent to, but conntrack caught this one answering from another "
                 "address (below). It behaves unlike that entry: it may not be the real "
-                f"{info.label}, or its configuration differs. The evidence wins: it is "
-                "judged as a server that lets routing pick its reply source."
+                f"{listener.process or 'program'}, or its configuration differs. The "
+                "evidence wins: it is judged as a server that lets routing pick its reply "
+                "source, and the knowledge base's advice is not offered."
             )
         elif listener.wildcard:
             line += (
@@ -812,9 +813,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
 
     recognised = [known[id(lst)] for lst in snapshot.listeners if known[id(lst)].rule]
     service_rule = recognised[0].rule if recognised else None
+    # Advice for the program it claims to be ("nothing to do") would be wrong for it.
+    advice_rule = None if contradicted else service_rule
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
     wanted = verdict != "ok" and not (forwards and not snapshot.listeners)
-    fixes = _fixes(port, verdict, clients, service_rule, rules) if wanted else ()
+    fixes = _fixes(port, verdict, clients, advice_rule, rules) if wanted else ()
     return Diagnosis(
         port=port,
         netns=snapshot.netns,

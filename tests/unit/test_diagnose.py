@@ -352,6 +352,9 @@ def test_a_trusted_program_caught_answering_from_the_wrong_source_is_broken() ->
     assert not any("which answers from the address each request" in r for r in d.reasons)
     [cn] = d.clients
     assert not cn.ok and cn.predicted_source == BRIDGE
+    # Not dnsmasq's "nothing to do": the generic fixes, the server's own first.
+    assert d.fixes[0].method == "pktinfo" and d.fixes[0].recommended
+    assert not any("Nothing to do" in f.summary for f in d.fixes)
     # Without evidence the knowledge base is believed.
     assert diagnose(snapshot(DNSMASQ), kb).verdict == "ok"
 
