@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
         "ctfix fix PORT --method policy-route|snat-zone|bind [--apply] [--force] "
         "[--backend nft|iptables-legacy] [--netns NS] [--json]\n"
-        "       ctfix fix --revert [PORT] [--netns NS]\n"
+        "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
         "       ctfix fix --status [--netns NS] [--json]"
     )
     parser.epilog = EPILOG
@@ -376,19 +376,37 @@ def _revert(args: argparse.Namespace) -> int:
     state = FixState.load(label)
     # Reverting is safe to repeat: nothing recorded is the state it leads to, not an error.
     if args.port is None and not state.fixes:
-        print(f"ctfix fix --revert: nothing recorded in netns {label}; nothing changed")
-        return ExitStatus.OK
+        return _reverted(args, label, [], f"nothing recorded in netns {label}")
     if args.port is not None and args.port not in state.fixes:
         others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
             state.fixes
         ) else ""
-        print(f"ctfix fix --revert: nothing recorded for port {args.port} in netns {label}"
-              f"{others}; nothing changed")
+        return _reverted(
+            args, label, [], f"nothing recorded for port {args.port} in netns {label}{others}"
+        )
+    return _reverted(args, label, remedy.revert(state, args.port), None)
+
+
+def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: str | None) -> int:
+    """--revert's report: `nothing` says why nothing was recorded (and so changed)."""
+    from dataclasses import asdict
+
+    from ctfix.platform import remedy
+
+    if args.json:
+        print(json.dumps({
+            "netns": label,
+            "changed": bool(done),
+            "reason": nothing,
+            "reverted": [asdict(fix) for fix in done],
+        }, indent=2))
         return ExitStatus.OK
-    lines = remedy.revert(state, args.port)
+    if nothing is not None:
+        print(f"ctfix fix --revert: {nothing}; nothing changed")
+        return ExitStatus.OK
     what = f"port {args.port}" if args.port is not None else "every fix"
     print(f"ctfix fix --revert: removed {what} in netns {label}")
-    for line in lines:
+    for line in remedy.reverted_lines(done):
         print(f"  {line}")
     return ExitStatus.OK
 

@@ -455,7 +455,17 @@ def test_dry_run_apply_line_keeps_netns_and_backend(legacy_lab: Topology) -> Non
     assert f"in netns {topo.host}" in pasted.stdout
     assert "ctfix-56789-v4-0" in topo.run(topo.host, "ipset", "list", "-n")
     assert answered(topo, UPLINK_V4)
-    assert ctfix_fix(topo, "--revert").returncode == 0
+    reverted = ctfix_fix(topo, "--revert", "--json")  # QA P8: JSON when asked
+    assert reverted.returncode == 0, reverted.stderr
+    [fix] = json.loads(reverted.stdout)["reverted"]
+    assert (fix["port"], fix["method"], fix["backend"]) == (PORT, "snat-zone", "iptables-legacy")
+    assert fix["removed_steps"] == fix["recorded"] and "ipset ctfix-56789-v4-0" in " ".join(
+        fix["removed"]
+    )
+    assert "ctfix-56789" not in topo.run(topo.host, "ipset", "list", "-n")
+    again = json.loads(ctfix_fix(topo, "--revert", "--json").stdout)
+    assert again["changed"] is False and again["reverted"] == []
+    assert again["reason"] == f"nothing recorded in netns {topo.host}"
 
 
 RULES = """version: 1

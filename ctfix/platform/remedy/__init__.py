@@ -251,32 +251,58 @@ def _undo(state: FixState, fix: RecordedFix) -> tuple[list[tuple[str, ...]], lis
     return removed, failures
 
 
-def revert(state: FixState, port: int | None) -> list[str]:
-    """Undo the recorded fix for port (or every fix); lines saying what was removed."""
+@dataclass(frozen=True, slots=True)
+class Reverted:
+    """One fix undone: what was recorded, what was actually removed from the kernel."""
+
+    port: int
+    method: str
+    backend: str
+    recorded: int  # steps in the record
+    removed_steps: int  # steps found in the kernel and removed (the others were gone)
+    removed: tuple[str, ...]  # the objects those steps had created
+    notes: tuple[str, ...]
+
+
+def revert(state: FixState, port: int | None) -> list[Reverted]:
+    """Undo the recorded fix for port (or every fix)."""
     ports = [port] if port is not None else sorted(state.fixes)
     if port is not None and port not in state.fixes:
         raise CtfixError(
             f"no ctfix fix is recorded for port {port} in this namespace",
             "`ctfix fix --status` lists what is recorded",
         )
-    lines: list[str] = []
+    done: list[Reverted] = []
     failures: list[str] = []
     for p in ports:
         fix = state.fixes[p]
-        recorded = list(fix.steps)
+        recorded = len(fix.steps)
         removed, failed = _undo(state, fix)
-        lines.append(
-            f"port {p}: removed {len(removed)} of {len(recorded)} recorded step(s)"
-            + (" (the others were not in the kernel)" if len(removed) < len(recorded) else "")
+        done.append(
+            Reverted(
+                p, fix.method, fix.backend, recorded, len(removed),
+                tuple(obj for creates in removed for obj in creates), tuple(fix.notes),
+            )
         )
-        lines.extend(f"  removed {obj}" for creates in removed for obj in creates)
-        lines.extend(f"  note: {note}" for note in fix.notes)
         failures.extend(failed)
     if failures:
         raise CtfixError(
             f"could not remove everything: {failures[0]}",
             "it stays recorded; fix the cause and run --revert again",
         )
+    return done
+
+
+def reverted_lines(done: list[Reverted]) -> list[str]:
+    """What --revert prints: per port a summary, then one removed object per line."""
+    lines: list[str] = []
+    for fix in done:
+        lines.append(
+            f"port {fix.port}: removed {fix.removed_steps} of {fix.recorded} recorded step(s)"
+            + (" (the others were not in the kernel)" if fix.removed_steps < fix.recorded else "")
+        )
+        lines.extend(f"  removed {obj}" for obj in fix.removed)
+        lines.extend(f"  note: {note}" for note in fix.notes)
     return lines
 
 
