@@ -301,6 +301,22 @@ def test_snat_zone_plans_only_for_what_a_wildcard_socket_receives(nft_lab: Topol
     assert ctfix_fix(topo, "--revert").returncode == 0
 
 
+def test_snat_zone_client_with_a_fixed_port_moving_between_two_uplink_addresses(
+    broken_lab: Topology,
+) -> None:
+    """Two rewritten addresses: a NAT binding is made once per conntrack entry, so
+    each address needs a zone of its own or the client keeps the first one's."""
+    topo = broken_lab
+    second = "198.51.100.14"
+    topo.ip(topo.host, f"addr add {second}/24 dev {topo.uplink}\n")
+    assert [answered(topo, a) for a in (UPLINK_V4, second)] == [False, False]
+    applied = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    sequence = (UPLINK_V4, second, UPLINK_V4, BRIDGE_V4, second)
+    assert [answered_from_port(topo, a, 40123) for a in sequence] == [True] * 5
+    assert ctfix_fix(topo, "--revert").returncode == 0
+
+
 def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology) -> None:
     topo = legacy_lab
     assert not answered(topo, UPLINK_V4)
