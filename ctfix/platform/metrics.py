@@ -95,3 +95,6 @@ class WatchMetrics:
 
     def close(self) -> None:
         self.server.shutdown()
+        # shutdown() only stops serving; the listening socket stays bound until this.
+        self.server.server_close()
+        self.thread.join(timeout=1.0)
