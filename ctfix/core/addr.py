@@ -8,11 +8,15 @@ shown as the IPv4 address they carry, because that is what the client used.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Pure, and watch formats the same few addresses for every wrong-source reply:
+# cached, bounded (an ipaddress parse costs about a microsecond).
+@functools.lru_cache(maxsize=4096)
 def unmap(address: str) -> str:
     """`::ffff:192.0.2.3` -> `192.0.2.3`; anything else unchanged."""
     try:
