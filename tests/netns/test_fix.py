@@ -531,3 +531,54 @@ def test_backend_with_policy_route_is_refused(nft_lab: Topology) -> None:
     refused = ctfix_fix(nft_lab, str(PORT), "--method", "policy-route", "--backend", "nft")
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("drop --backend")
+
+
+# -- objects ctfix did not make, and two applies at once (final review B1, B4) ---------
+
+
+def test_a_foreign_nft_table_with_ctfix_name_is_refused_and_left_byte_identical(
+    nft_lab: Topology,
+) -> None:
+    """Somebody else's `table inet ctfix_<port>` (or ours, its state file lost: the
+    state dir is empty) is not ctfix's to delete: apply refuses in one line and the
+    table, with its foreign chain, stays exactly as it was."""
+    topo = nft_lab
+    assert not answered(topo, UPLINK_V4)
+    topo.run(topo.host, "nft", "add", "table", "inet", f"ctfix_{PORT}")
+    topo.run(topo.host, "nft", "add", "chain", "inet", f"ctfix_{PORT}", "theirs",
+             "{ type filter hook input priority 0 ; policy accept ; }")
+    topo.run(topo.host, "nft", "add", "rule", "inet", f"ctfix_{PORT}", "theirs",
+             "udp", "dport", "9", "counter", "accept")
+    before = kernel_state(topo)
+    assert "chain theirs" in before["nft"]
+
+    refused = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--force", "--apply")
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert f"table inet ctfix_{PORT}: it is already in the kernel" in line
+    assert "no record of making it" in line and "nothing changed" in line
+    assert "rolled back" not in line
+    assert kernel_state(topo) == before
+    status = ctfix_fix(topo, "--status")
+    assert status.returncode == 0 and "no fix recorded" in status.stdout
+
+
+def test_a_foreign_route_in_ctfix_routing_table_is_refused_and_left_alone(
+    nft_lab: Topology,
+) -> None:
+    """A route somebody put in the table ctfix would use for the port (its range,
+    0xC7F00000+port) is refused up front, not deleted by a rollback."""
+    from ctfix.core.plan import table_id
+
+    topo = nft_lab
+    assert not answered(topo, UPLINK_V4) and not answered(topo, UPLINK_V6)
+    topo.ip(topo.host, f"route add 192.0.2.0/24 dev br0 table {table_id(PORT)}\n")
+    before = kernel_state(topo)
+    assert f"192.0.2.0/24 dev br0 table {table_id(PORT)}" in before["ip -4 route"]
+
+    refused = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply")
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert f"table {table_id(PORT)} already has a route to 192.0.2.0/24" in line
+    assert "nothing changed" in line
+    assert kernel_state(topo) == before

@@ -8,6 +8,10 @@ Know before changing: the order inside `apply_plan` is the crash-safety contract
 record the step as pending in the state file, THEN change the kernel, then mark it
 done. Revert walks the record backwards and removes each object only if it is there,
 so it is correct after a failure, a `kill -9` at any point, or a second revert.
+That is only safe because nothing already in the kernel is ever recorded: an object
+(or name) that is there before the apply is refused up front, and a create that finds
+one in a race raises `AlreadyThere`, whose step is dropped from the record before the
+rollback, so the rollback never removes what somebody else made.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
 _OWN_TABLE = re.compile(r"ctfix_\d+")
 
 
+class AlreadyThere(CtfixError):
+    """A create found its object (or its name, its route slot) taken by somebody else.
+
+    apply_plan drops that step from the record before rolling back, so the rollback
+    never removes the object that was there.
+    """
+
+
 # -- dispatch per kind of step ------------------------------------------------------------
 
 
@@ -46,6 +58,8 @@ class _Operations(NamedTuple):
     create: Callable[[Any], None]
     remove: Callable[[Any], bool]
     present: Callable[[Any], bool]
+    #: why creating it would clash with what is in the kernel now (None: it would not)
+    clash: Callable[[Any], str | None]
 
 
 def _operations(spec: Spec) -> _Operations:
@@ -53,20 +67,46 @@ def _operations(spec: Spec) -> _Operations:
     if isinstance(spec, RouteSpec):
         from ctfix.platform.remedy import iproute
 
-        return _Operations(iproute.create_route, iproute.remove_route, iproute.route_present)
+        return _Operations(
+            iproute.create_route, iproute.remove_route, iproute.route_present,
+            iproute.route_clash,
+        )
     if isinstance(spec, RuleSpec):
         from ctfix.platform.remedy import iproute
 
-        return _Operations(iproute.create_rule, iproute.remove_rule, iproute.rule_present)
+        return _Operations(
+            iproute.create_rule, iproute.remove_rule, iproute.rule_present,
+            _clash_if(iproute.rule_present),
+        )
     if isinstance(spec, NftTableSpec):
         from ctfix.platform.remedy import nftables
 
-        return _Operations(nftables.create_table, nftables.remove_table, nftables.table_present)
+        return _Operations(
+            nftables.create_table, nftables.remove_table, nftables.table_present,
+            _clash_if(nftables.table_present),
+        )
     from ctfix.platform.remedy import legacy
 
     if isinstance(spec, IpsetSpec):
-        return _Operations(legacy.create_ipset, legacy.remove_ipset, legacy.ipset_present)
-    return _Operations(legacy.create_rule, legacy.remove_rule, legacy.rule_present)
+        return _Operations(
+            legacy.create_ipset, legacy.remove_ipset, legacy.ipset_present,
+            _clash_if(legacy.ipset_present),
+        )
+    return _Operations(
+        legacy.create_rule, legacy.remove_rule, legacy.rule_present,
+        _clash_if(legacy.rule_present),
+    )
+
+
+def _clash_if(
+    present_fn: Callable[[Any], bool]
+) -> Callable[[Any], str | None]:
+    """For objects known by name alone: the name is taken."""
+
+    def clash(spec: Any) -> str | None:
+        return "it is already in the kernel" if present_fn(spec) else None
+
+    return clash
 
 
 def create(spec: Spec) -> None:
@@ -80,6 +120,11 @@ def remove(spec: Spec) -> bool:
 
 def present(spec: Spec) -> bool:
     return _operations(spec).present(spec)
+
+
+def clash(spec: Spec) -> str | None:
+    """Why the step cannot be made without touching something already there."""
+    return _operations(spec).clash(spec)
 
 
 # -- backend choice -----------------------------------------------------------------------
@@ -188,6 +233,7 @@ def apply_plan(
             f"port {plan.port} already has {what} recorded in this namespace",
             f"run `ctfix fix --revert {plan.port}` first (`ctfix fix --status` shows it)",
         )
+    _refuse_what_is_there(plan)
     legacy_before = _legacy_tables()
     fix = state.begin(plan)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
@@ -197,7 +243,12 @@ def apply_plan(
             recorded = state.record_pending(fix, step)
             if pause:
                 time.sleep(pause)
-            create(step.spec)
+            try:
+                create(step.spec)
+            except AlreadyThere:
+                # Somebody else's object appeared since the check: not ours to undo.
+                state.drop_step(fix, recorded)
+                raise
             state.mark_done(recorded)
         _stop_if_asked(stop)
         problems = verify(plan)
@@ -219,6 +270,25 @@ def apply_plan(
     fix.notes = list(_legacy_notes(legacy_before))
     state.finish(fix)
     return ApplyResult(False, tuple(checked_lines(plan)), tuple(fix.notes))
+
+
+def _refuse_what_is_there(plan: Plan) -> None:
+    """Refuse before recording anything when a step's object or slot is taken.
+
+    It is not in this namespace's record (apply_plan checked), so somebody else made
+    it (or a state file was lost): recording it would make a rollback or a revert
+    delete it.
+    """
+    for step in plan.steps:
+        why = clash(step.spec)
+        if why is not None:
+            made = step.creates[0] if step.creates else step.summary
+            raise CtfixError(
+                f"{made}: {why}, and ctfix fix has no record of making it in this "
+                "namespace; nothing changed",
+                "somebody else's? inspect it and remove it yourself if it is stale "
+                "(`ctfix fix --status` lists what ctfix recorded)",
+            )
 
 
 def _stop_if_asked(stop: Callable[[], int | None]) -> None:

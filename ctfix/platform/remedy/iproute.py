@@ -13,6 +13,7 @@ from typing import Any
 
 from ctfix.core.plan import RouteSpec, RuleSpec
 from ctfix.errors import CtfixError, PrivilegeError
+from ctfix.platform.remedy import AlreadyThere
 
 _AF = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 _ABSENT = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
@@ -66,26 +67,37 @@ def create_route(spec: RouteSpec) -> None:
             ipr.route("add", **_route_args(spec, oif))
         except Exception as err:
             if _netlink_error(err) == errno.EEXIST:
-                raise CtfixError(
+                raise AlreadyThere(
                     f"{what}: table {spec.table} already has a route to {spec.network}",
                     f"inspect `ip route show table {spec.table}`",
                 ) from None
             _raise(err, what)
 
 
-def route_present(spec: RouteSpec) -> bool:
+def _routes_to(spec: RouteSpec) -> list[Any]:
+    """The routes to spec.network in spec.table, whoever made them."""
+    found = []
     with _iproute() as ipr:
         for route in ipr.route("dump", family=_AF[spec.family], table=spec.table):
             dst = route.get("dst")
             network = f"{dst}/{route['dst_len']}" if dst else None
-            if (
-                network == spec.network
-                and route.get("proto") == spec.protocol
-                and route.get("prefsrc") == spec.source
-                and route.get_attr("RTA_TABLE") == spec.table
-            ):
-                return True
-    return False
+            if network == spec.network and route.get_attr("RTA_TABLE") == spec.table:
+                found.append(route)
+    return found
+
+
+def route_present(spec: RouteSpec) -> bool:
+    return any(
+        route.get("proto") == spec.protocol and route.get("prefsrc") == spec.source
+        for route in _routes_to(spec)
+    )
+
+
+def route_clash(spec: RouteSpec) -> str | None:
+    """Any route to the network in the table takes the slot (the kernel says EEXIST)."""
+    if _routes_to(spec):
+        return f"table {spec.table} already has a route to {spec.network}"
+    return None
 
 
 def remove_route(spec: RouteSpec) -> bool:
@@ -130,7 +142,7 @@ def rule_present(spec: RuleSpec) -> bool:
 def create_rule(spec: RuleSpec) -> None:
     what = f"adding {spec.family} rule `ipproto udp sport {spec.port} lookup {spec.table}`"
     if rule_present(spec):
-        raise CtfixError(f"{what}: it exists already", "see `ip rule` and `ctfix fix --status`")
+        raise AlreadyThere(f"{what}: it exists already", "see `ip rule` and `ctfix fix --status`")
     with _iproute() as ipr:
         try:
             ipr.rule("add", **_rule_args(spec))

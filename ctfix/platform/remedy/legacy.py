@@ -21,6 +21,7 @@ from typing import Any
 from ctfix.core.plan import IpsetSpec, IptRuleSpec
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import iptables_legacy
+from ctfix.platform.remedy import AlreadyThere
 
 # -- ipset ---------------------------------------------------------------------------
 
@@ -57,12 +58,14 @@ def ipset_present(spec: IpsetSpec) -> bool:
 def create_ipset(spec: IpsetSpec) -> None:
     what = f"creating ipset {spec.name}"
     if ipset_present(spec):
-        raise CtfixError(f"{what}: it exists already", "see `ipset list -n`")
+        raise AlreadyThere(f"{what}: it exists already", "see `ipset list -n`")
     family = "inet6" if spec.family == "ipv6" else "inet"
     proc = _ipset(
         "create", spec.name, spec.set_type, "family", family, "timeout", str(spec.timeout)
     )
     if proc.returncode != 0:
+        if "already exists" in (proc.stderr or ""):  # made by somebody else meanwhile
+            raise AlreadyThere(f"{what}: it exists already", "see `ipset list -n`")
         _ipset_error(proc, what)
 
 
@@ -195,7 +198,7 @@ def rule_present(spec: IptRuleSpec) -> bool:
 
 def create_rule(spec: IptRuleSpec) -> None:
     if rule_present(spec):
-        raise CtfixError(
+        raise AlreadyThere(
             f"the iptables-legacy rule `{spec.table} {spec.chain} ... {spec.target.name}` "
             "exists already",
             "see `ctfix fix --status`",

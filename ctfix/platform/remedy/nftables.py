@@ -12,8 +12,9 @@ import json
 from typing import Any
 
 from ctfix.core.plan import NftTableSpec
-from ctfix.errors import CtfixError, MissingFeatureError
+from ctfix.errors import MissingFeatureError
 from ctfix.platform import nft
+from ctfix.platform.remedy import AlreadyThere
 
 _MISSING_FEATURE_HINTS = ("Operation not supported", "No such file or directory", "not supported")
 
@@ -33,7 +34,7 @@ def table_present(spec: NftTableSpec) -> bool:
 
 def create_table(spec: NftTableSpec) -> None:
     if table_present(spec):
-        raise CtfixError(
+        raise AlreadyThere(
             f"nftables table {spec.family} {spec.name} exists already",
             f"see `nft list table {spec.family} {spec.name}` and `ctfix fix --status`",
         )
@@ -45,6 +46,11 @@ def create_table(spec: NftTableSpec) -> None:
     try:
         nft.run_json(commands, f"creating table {spec.family} {spec.name}")
     except nft.NftError as err:
+        if "File exists" in err.message:  # `create` lost a race with somebody else
+            raise AlreadyThere(
+                f"nftables table {spec.family} {spec.name} exists already",
+                f"see `nft list table {spec.family} {spec.name}` and `ctfix fix --status`",
+            ) from None
         if any(hint in err.message for hint in _MISSING_FEATURE_HINTS):
             raise MissingFeatureError(
                 f"{err.message} (the kernel lacks an nftables feature this fix needs: "
