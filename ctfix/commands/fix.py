@@ -145,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 
-    state = FixState.load(label)
     try:
-        with _deferred_signals() as stop:
+        # Held from load to last save: another apply or revert in this namespace
+        # would otherwise overwrite this one's record, or this one theirs.
+        with FixState.locked(label) as state, _deferred_signals() as stop:
             result = remedy.apply_plan(plan, state, remedy.verify_plan, stop)
     except remedy.Interrupted as stopped:
         return _interrupted(args, stopped)
@@ -373,18 +374,20 @@ def _revert(args: argparse.Namespace) -> int:
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 
-    state = FixState.load(label)
-    # Reverting is safe to repeat: nothing recorded is the state it leads to, not an error.
-    if args.port is None and not state.fixes:
-        return _reverted(args, label, [], f"nothing recorded in netns {label}")
-    if args.port is not None and args.port not in state.fixes:
-        others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
-            state.fixes
-        ) else ""
-        return _reverted(
-            args, label, [], f"nothing recorded for port {args.port} in netns {label}{others}"
-        )
-    return _reverted(args, label, remedy.revert(state, args.port), None)
+    with FixState.locked(label) as state:
+        # Reverting is safe to repeat: nothing recorded is the state it leads to, not an
+        # error.
+        if args.port is None and not state.fixes:
+            nothing: str | None = f"nothing recorded in netns {label}"
+        elif args.port is not None and args.port not in state.fixes:
+            others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
+                state.fixes
+            ) else ""
+            nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
+        else:
+            done = remedy.revert(state, args.port)
+            nothing = None
+    return _reverted(args, label, [] if nothing is not None else done, nothing)
 
 
 def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: str | None) -> int:

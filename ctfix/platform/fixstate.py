@@ -11,16 +11,21 @@ reboot, and so does the record.
 Know before changing: the file is written atomically (temp file, fsync, rename,
 fsync of the directory) and a step is recorded as "pending" BEFORE it is applied,
 so after a `kill -9` at any moment the file lists everything that may exist; revert
-removes pending steps too, tolerating their absence.
+removes pending steps too, tolerating their absence. Each save rewrites the whole
+file from this process's view, so whoever changes it (apply, revert) must hold
+`FixState.locked` from load to last save: two runs interleaving would otherwise lose
+each other's records (last writer wins). Reading (--status) needs no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +34,8 @@ from ctfix.errors import CtfixError
 
 DEFAULT_DIR = "/run/ctfix/fix"
 VERSION = 1
+#: how long an apply or revert waits for another one in the same namespace
+LOCK_TIMEOUT = 60.0
 
 StepStatus = Literal["pending", "done"]
 
@@ -85,6 +92,47 @@ class FixState:
     fixes: dict[int, RecordedFix] = field(default_factory=dict)
 
     # -- persistence ---------------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(
+        cls, netns_label: str, key: str | None = None, timeout: float = LOCK_TIMEOUT
+    ) -> Iterator[FixState]:
+        """The namespace's state, loaded and held against other applies and reverts.
+
+        An flock on `<key>.lock` next to the state file: the kernel drops it when the
+        holder exits, even by `kill -9`, so a crashed run never blocks the next.
+        """
+        key = key or namespace_key()
+        directory = state_dir()
+        path = os.path.join(directory, f"{key}.lock")
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        except PermissionError:
+            raise CtfixError(
+                f"cannot open the fix state lock {path}: permission denied",
+                "run as root (sudo ctfix fix ...)",
+            ) from None
+        except OSError as err:
+            raise CtfixError(f"cannot open the fix state lock {path}: {err.strerror}") from None
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CtfixError(
+                            f"another `ctfix fix --apply/--revert` in netns {netns_label} "
+                            f"has held {path} for {timeout:g} s; nothing changed",
+                            "wait for it to finish (`ctfix fix --status` shows its record)",
+                        ) from None
+                    time.sleep(0.05)
+            yield cls.load(netns_label, key)
+        finally:
+            os.close(fd)  # releases the flock
 
     @classmethod
     def load(cls, netns_label: str, key: str | None = None) -> FixState:

@@ -582,3 +582,66 @@ def test_a_foreign_route_in_ctfix_routing_table_is_refused_and_left_alone(
     assert f"table {table_id(PORT)} already has a route to 192.0.2.0/24" in line
     assert "nothing changed" in line
     assert kernel_state(topo) == before
+
+
+def test_two_applies_at_once_on_two_ports_both_recorded_both_revert(
+    nft_lab: Topology,
+) -> None:
+    """Two operators (or two scripts) fix two ports of one host at the same moment:
+    each apply keeps the other's record, so --status lists both and --revert removes
+    both, leaving the namespace as it was."""
+    topo = nft_lab
+    second = PORT + 1
+    server = topo.spawn(
+        topo.host, [sys.executable, "-m", "ctfix", "serve", "--broken", "--port", str(second)]
+    )
+    wait_udp_bound(server.pid, second)
+    ports = (PORT, second)
+    for port in ports:
+        assert not udp_exchange(topo.container, UPLINK_V4, port, timeout=0.5).answered
+    before = kernel_state(topo)
+
+    def start(port: int, pause: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ctfix", "fix", str(port), "--method", "snat-zone",
+             "--apply", "--netns", topo.host],
+            env={**os.environ, PAUSE_ENV: pause},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    procs = [start(PORT, "1.5")]
+    try:
+        # The second starts while the first sits between recording and making its step.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = ctfix_fix(topo, "--status", "--json")
+            fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
+            if fixes and fixes[0]["steps"]:
+                break
+            time.sleep(0.05)
+        procs.append(start(second, "0"))
+        results = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (_out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+
+    status = ctfix_fix(topo, "--status", "--json")
+    assert status.returncode == 0, status.stdout
+    fixes = json.loads(status.stdout)["fixes"]
+    assert [(f["port"], f["complete"], f["whole"]) for f in fixes] == [
+        (PORT, True, True), (second, True, True)
+    ]
+    for port in ports:
+        assert udp_exchange(topo.container, UPLINK_V4, port, timeout=0.5).answered
+
+    reverted = ctfix_fix(topo, "--revert")
+    assert reverted.returncode == 0, reverted.stderr
+    assert f"port {PORT}: removed" in reverted.stdout
+    assert f"port {second}: removed" in reverted.stdout
+    assert without_members(kernel_state(topo)) == without_members(before)
+    for port in ports:
+        assert not udp_exchange(topo.container, UPLINK_V4, port, timeout=0.5).answered

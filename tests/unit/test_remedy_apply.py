@@ -1,5 +1,5 @@
-"""apply_plan's bookkeeping against a fake kernel: what it records and what a rollback
-removes.
+"""apply_plan's bookkeeping against a fake kernel: what it records, what a rollback
+removes, and the state file's lock.
 
 The fake kernel is a set of step specs; no root, no netlink.
 """
@@ -13,7 +13,7 @@ import pytest
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.core.plan import Plan, Spec, make_plan
 from ctfix.errors import CtfixError
-from ctfix.platform import remedy
+from ctfix.platform import fixstate, remedy
 from ctfix.platform.fixstate import FixState
 
 PORT = 56789
@@ -113,3 +113,16 @@ def test_an_object_somebody_makes_during_the_apply_survives_the_rollback(
     assert theirs not in kernel.removed
     assert sorted(map(repr, kernel.removed)) == sorted(repr(s.spec) for s in plan.steps[:-1])
     assert FixState.load("host", KEY).fixes == {}
+
+
+def test_a_second_apply_waits_for_the_lock_then_fails_in_one_line() -> None:
+    """B4: while one apply or revert holds the namespace's state, another cannot load
+    it to overwrite the record; it gives up after the timeout, changing nothing."""
+    with FixState.locked("host", KEY) as first:
+        assert first.fixes == {}
+        with pytest.raises(CtfixError) as waited, FixState.locked("host", KEY, timeout=0.2):
+            pytest.fail("two holders of one namespace's state")
+        assert "nothing changed" in waited.value.one_line()
+    with FixState.locked("host", KEY) as again:  # released on exit
+        assert again.fixes == {}
+    assert fixstate.LOCK_TIMEOUT > 0
