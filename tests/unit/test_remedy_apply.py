@@ -1,5 +1,5 @@
 """apply_plan's bookkeeping against a fake kernel: what it records, what a rollback
-removes, and the state file's lock.
+removes, which tables choose_backend counts, and the state file's lock.
 
 The fake kernel is a set of step specs; no root, no netlink.
 """
@@ -7,13 +7,14 @@ The fake kernel is a set of step specs; no root, no netlink.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.core.plan import Plan, Spec, make_plan
 from ctfix.errors import CtfixError
-from ctfix.platform import fixstate, remedy
+from ctfix.platform import remedy
 from ctfix.platform.fixstate import FixState
 
 PORT = 56789
@@ -115,6 +116,27 @@ def test_an_object_somebody_makes_during_the_apply_survives_the_rollback(
     assert FixState.load("host", KEY).fixes == {}
 
 
+def test_choose_backend_does_not_count_ctfix_own_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While `ctfix watch --track` runs (table ctfix_watch_<pid>) next to an earlier
+    fix (ctfix_<port>), a namespace with no rules of its own still has none; the lab's
+    own ctfix_lab table is a real user of netfilter and counts."""
+    from ctfix.platform import iptables_legacy, nft
+
+    def ruleset_of(*tables: str) -> list[dict[str, Any]]:
+        objects: list[dict[str, Any]] = []
+        for name in tables:
+            objects.append({"table": {"family": "inet", "name": name}})
+            objects.append({"chain": {"family": "inet", "table": name, "name": "c",
+                                      "type": "nat"}})
+        return objects
+
+    monkeypatch.setattr(iptables_legacy, "in_use", lambda: False)
+    monkeypatch.setattr(nft, "ruleset", lambda: ruleset_of("ctfix_watch_4242", "ctfix_5000"))
+    assert remedy.choose_backend(None) == ("nftables", "the namespace holds no netfilter rules")
+    monkeypatch.setattr(nft, "ruleset", lambda: ruleset_of("ctfix_watch_4242", "ctfix_lab"))
+    assert remedy.choose_backend(None) == ("nftables", "the namespace's rules are in nftables")
+
+
 def test_a_second_apply_waits_for_the_lock_then_fails_in_one_line() -> None:
     """B4: while one apply or revert holds the namespace's state, another cannot load
     it to overwrite the record; it gives up after the timeout, changing nothing."""
@@ -125,4 +147,3 @@ def test_a_second_apply_waits_for_the_lock_then_fails_in_one_line() -> None:
         assert "nothing changed" in waited.value.one_line()
     with FixState.locked("host", KEY) as again:  # released on exit
         assert again.fixes == {}
-    assert fixstate.LOCK_TIMEOUT > 0

@@ -39,8 +39,10 @@ from ctfix.platform.fixstate import FixState, RecordedFix
 #: Test hook: seconds to sleep after recording each step as pending, before applying
 #: it, so a test can `kill -9` the process in the middle of an apply.
 PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
-#: tables `ctfix fix` makes (`ctfix_lab` is the lab's own, a real user of netfilter).
-_OWN_TABLE = re.compile(r"ctfix_\d+")
+#: tables ctfix makes and choose_backend must not count as the namespace's own rules:
+#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>`.
+#: (`ctfix_lab` is the lab's own, a real user of netfilter, so it counts.)
+_OWN_TABLE = re.compile(r"ctfix_(?:watch_)?\d+")
 
 
 class AlreadyThere(CtfixError):
