@@ -254,17 +254,23 @@ class EventSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[CtEvent]:
-        """Events available now ([] when none); raises Overflow after a kernel drop."""
+    def recv_into(self) -> memoryview | None:
+        """The next waiting message, as a view of this socket's buffer, valid until
+        the next call (None when none waits); raises Overflow after a kernel drop."""
         try:
             n = self.sock.recv_into(self._buf)
         except BlockingIOError:
-            return []
+            return None
         except OSError as err:
             if err.errno == errno.ENOBUFS:
                 raise Overflow() from None
             raise
-        return decode.decode(self._view[:n]).events
+        return self._view[:n]
+
+    def read(self) -> list[CtEvent]:
+        """Events available now ([] when none); raises Overflow after a kernel drop."""
+        view = self.recv_into()
+        return [] if view is None else decode.decode(view).events
 
     def read_raw(self) -> bytes | None:
         """One raw message (for recording fixtures); None when none is waiting."""
