@@ -12,7 +12,10 @@ the event buffer so that tests/netns/test_watch_overflow.py can force a real los
 Know before changing: the drain loop in `_drain` is the hot path (>100k events/s);
 keep attribute lookups out of it. Everything that changes the namespace (the
 --track table) is undone in a `finally`, and SIGTERM is turned into an exception
-so that the `finally` runs.
+so that the `finally` runs: a name is recorded for removal *before* the change is
+made, and a stop at any point (even during start-up) ends normally, with a summary.
+CTFIX_WATCH_TEST_SIGNAL_AT (test-only) sends watch a SIGTERM at a named start-up
+step so that tests can check that.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from ctfix.commands.common import add_netns_argument, enter_netns, positive_seco
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
-    from ctfix.core.detect import Detector, Finding
+    from ctfix.core.detect import Change, Detector, Finding
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
+    from ctfix.render.watch import WatchRenderer
 
 _FAMILIES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 _NFT_FAMILY: dict[int, str] = {socket.AF_INET: "ip", socket.AF_INET6: "ip6"}
@@ -112,15 +116,26 @@ def run(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
 
     from ctfix.platform import conntrack
+    from ctfix.render.watch import WatchRenderer
 
+    renderer = WatchRenderer(sys.stdout, json_lines=args.json, netns=label)
     conntrack.available()
-    untracked = [fam for fam in _FAMILIES if conntrack.probe_tracking(fam) is not True]
     table: str | None = None
-    old_term = signal.signal(signal.SIGTERM, _on_signal)
-    old_int = signal.signal(signal.SIGINT, _on_signal)
+    old_term = signal.getsignal(signal.SIGTERM)
+    old_int = signal.getsignal(signal.SIGINT)
     try:
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        untracked = [fam for fam in _FAMILIES if conntrack.probe_tracking(fam) is not True]
         if untracked and args.track:
-            table = _load_track_table(untracked)
+            # Named before it is loaded: a signal just after libnftables commits must
+            # still find it in the `finally`.
+            table = _track_table(untracked)
+            try:
+                _load_track_table(table)
+            except CtfixError:
+                table = None  # one nft transaction: nothing was loaded
+                raise
             _note(
                 f"--track: loaded nftables table {table.partition(':')[0]} so that "
                 f"{' and '.join(_FAMILIES[f] for f in untracked)} "
@@ -135,7 +150,14 @@ def run(args: argparse.Namespace) -> int:
                     f"{_FAMILIES[fam]} is not tracked in this namespace (no loaded rule "
                     "needs conntrack): its replies are invisible; add --track"
                 )
-        return _watch(args, label)
+        return _watch(args, label, renderer)
+    except _Stop:
+        # Stopped before the watch loop began: a normal end, with an empty summary
+        # (scripts always get one).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        renderer.summary(_empty_summary())
+        return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -147,14 +169,34 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, old_int)
 
 
-def _load_track_table(families: list[int]) -> str:
+def _empty_summary() -> dict[str, Any]:
+    from ctfix.render.watch import summary_record
+
+    return summary_record(events=0, new_flows=0, lost=0, resyncs=0, findings=0)
+
+
+#: Test-only, not in --help: a start-up step ("track-loaded", "subscribing") at which
+#: watch sends itself SIGTERM, to check that a stop there ends normally and cleanly.
+SIGNAL_AT_ENV = "CTFIX_WATCH_TEST_SIGNAL_AT"
+
+
+def _test_signal(step: str) -> None:
+    if os.environ.get(SIGNAL_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _track_table(families: list[int]) -> str:
+    """`ctfix_watch_<pid>:<nft families>`: what `_load_track_table` loads."""
+    return f"ctfix_watch_{os.getpid()}:" + ",".join(_NFT_FAMILY[f] for f in families)
+
+
+def _load_track_table(table: str) -> None:
     """Load `table <fam> ctfix_watch_<pid>` with a `ct state new` rule per family."""
     from ctfix.platform import nft
 
-    name = f"ctfix_watch_{os.getpid()}"
+    name, _, families = table.partition(":")
     lines = []
-    for fam in families:
-        nf = _NFT_FAMILY[fam]
+    for nf in families.split(","):
         lines += [
             f"add table {nf} {name}",
             f"add chain {nf} {name} pre {{ type filter hook prerouting priority filter; "
@@ -166,7 +208,7 @@ def _load_track_table(families: list[int]) -> str:
             f"add rule {nf} {name} out ct state new counter",
         ]
     nft.run_text("\n".join(lines), "loading the --track table")
-    return name + ":" + ",".join(_NFT_FAMILY[f] for f in families)
+    _test_signal("track-loaded")
 
 
 def _remove_track_table(table: str) -> None:
@@ -180,22 +222,39 @@ def _remove_track_table(table: str) -> None:
         _warn(f"could not remove nftables table {name}: {err.one_line()}")
 
 
-def _watch(args: argparse.Namespace, label: str) -> int:
+def _report(
+    renderer: WatchRenderer, metrics: WatchMetrics | None, found: tuple[Finding, Change] | None
+) -> None:
+    """Show a finding when it is new or newly confirmed; count every reply in metrics."""
+    if found is None:
+        return
+    finding, change = found
+    if change:
+        # CONFIRMED: the ICMP came before the reply's event; the finding is older.
+        renderer.finding(finding, update=change != change.NEW)
+    if metrics is not None:
+        metrics.finding(finding)
+
+
+def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int:
     from ctfix.core import decode
     from ctfix.core.detect import Detector
     from ctfix.platform import conntrack
     from ctfix.platform.addresses import LocalAddresses
     from ctfix.platform.icmp import IcmpWatch
-    from ctfix.render.watch import WatchRenderer, summary_record
+    from ctfix.render.watch import summary_record
 
-    renderer = WatchRenderer(sys.stdout, json_lines=args.json, netns=label)
     detector = Detector(udp_timeout=_udp_timeout())
-    events = conntrack.EventSocket(rcvbuf=_rcvbuf(conntrack.DEFAULT_RCVBUF))
-    closers: list[Any] = [events]
+    rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
+    events: EventSocket | None = None
+    closers: list[Any] = []
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
     stopped_by_duration = False
     try:
+        _test_signal("subscribing")
+        events = conntrack.EventSocket(rcvbuf=rcvbuf)
+        closers.append(events)
         addresses = LocalAddresses()
         closers.append(addresses)
         detector.local_addresses = addresses.addresses
@@ -208,13 +267,10 @@ def _watch(args: argparse.Namespace, label: str) -> int:
             closers.append(metrics)
             _note(f"Prometheus metrics on http://{args.metrics}/metrics")
 
-        def report(found: tuple[Finding, bool] | None) -> None:
-            if found is not None and found[1]:
-                renderer.finding(found[0])
-            if found is not None and metrics is not None:
-                metrics.finding(found[0])
+        def report(found: tuple[Finding, Change] | None) -> None:
+            _report(renderer, metrics, found)
 
-        def resync() -> int:
+        def resync(events: EventSocket) -> int:
             """Feed what is queued, then rebuild from a dump; the number of entries."""
             nonlocal overflows
             overflows += _drain_quietly(events, detector, decode.decode_event, report)
@@ -223,10 +279,11 @@ def _watch(args: argparse.Namespace, label: str) -> int:
                 report(found)
             return len(entries)
 
-        resync()
+        resync(events)
         detector.stats.recovered = 0
 
         sel = selectors.DefaultSelector()
+        closers.append(sel)
         sel.register(events.sock, selectors.EVENT_READ, "ct")
         sel.register(addresses.sock, selectors.EVENT_READ, "addr")
         for sock in icmp.sockets:
@@ -235,6 +292,10 @@ def _watch(args: argparse.Namespace, label: str) -> int:
         next_tick = time.monotonic() + 1.0
         resync_due: float | None = None
         last_resync = last_warning = -math.inf
+        # Subscribed, addresses known, table dumped: from here no reply is missed.
+        # (Tests wait for this line instead of sleeping.)
+        where = "this namespace" if label == "current" else f"namespace {label}"
+        _note(f"watching {where} for wrong-source UDP replies")
         while True:
             mono = time.monotonic()
             if deadline is not None and mono >= deadline and resync_due is None:
@@ -262,7 +323,7 @@ def _watch(args: argparse.Namespace, label: str) -> int:
             # At --duration's end a due resync still runs: the summary must not miss
             # the findings whose events were dropped.
             if resync_due is not None and (mono >= resync_due or (deadline or math.inf) <= mono):
-                dumped = resync()
+                dumped = resync(events)
                 resyncs += 1
                 resync_due = None
                 last_resync = mono = time.monotonic()
@@ -288,7 +349,8 @@ def _watch(args: argparse.Namespace, label: str) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        lost = _lost(events, lost, overflows)
+        if events is not None:
+            lost = _lost(events, lost, overflows)
         for closer in reversed(closers):
             # Closing must not hide the summary.
             with contextlib.suppress(Exception):
@@ -346,25 +408,14 @@ def _drain(
     limit: int = 8192,
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS)."""
-    import errno
-
-    from ctfix.platform.conntrack import Overflow
-
-    recv_into = events.sock.recv_into
-    buf = events._buf
-    view = events._view
+    recv_into = events.recv_into
     feed = detector.feed
     now = time.time()
     for _ in range(limit):
-        try:
-            n = recv_into(buf)
-        except BlockingIOError:
+        view = recv_into()
+        if view is None:
             return
-        except OSError as err:
-            if err.errno == errno.ENOBUFS:
-                raise Overflow() from None
-            raise
-        event = decode_event(view[:n])
+        event = decode_event(view)
         if event is not None:
             found = feed(event, now)
             if found is not None:

@@ -38,6 +38,8 @@ Know before changing:
 
 from __future__ import annotations
 
+import enum
+import functools
 import ipaddress
 import socket
 import struct
@@ -81,6 +83,23 @@ class Finding:
         return (self.service, self.actual_source, self.client_network)
 
 
+class Change(enum.IntEnum):
+    """What one wrong-source reply changed about its finding (the second element of
+    what `feed`/`resync` return).
+
+    Falsy only for COUNTED, so a caller that asks "is it worth a line?" can test it
+    as a bool; NEW == 1 keeps callers that wrote `if is_new` right as long as nothing
+    confirms by ICMP (only watch calls `icmp_port_unreachable`).
+    """
+
+    COUNTED = 0  # an existing finding's count moved: update counts, not the screen
+    NEW = 1  # a new finding: print it
+    CONFIRMED = 2  # an existing finding is now confirmed (its ICMP came first): print
+
+
+# Pure and called for every wrong-source reply with the same few client addresses:
+# cached, bounded (an ipaddress parse costs about a microsecond).
+@functools.lru_cache(maxsize=4096)
 def client_network(address: str) -> str:
     """The client's /24 (IPv4) or /64 (IPv6): the unit findings are aggregated by."""
     ip = ipaddress.ip_address(address)
@@ -135,7 +154,7 @@ class Stats:
 class Detector:
     """Keeps the unreplied UDP flows and turns wrong-source replies into findings.
 
-    `feed()` one event at a time; it returns (finding, is_new) when the event was a
+    `feed()` one event at a time; it returns (finding, Change) when the event was a
     wrong-source reply. `expire(now)` drops flows the kernel has forgotten; call it
     about once a second. `max_flows` bounds memory whatever the traffic.
     """
@@ -170,6 +189,7 @@ class Detector:
         ] = {}
         self._icmp_seen: dict[tuple[str, int, str, int], float] = {}
         self._matched = False  # set by _match: the entry answered a pending request
+        self._probe = b""  # set by _match: packed orig dst + dport, reused by _remember
 
     # -- state ---------------------------------------------------------------------
 
@@ -191,14 +211,18 @@ class Detector:
         reply = entry.reply
         return reply.src != orig.dst or reply.sport != orig.dport
 
-    def _remember(self, entry: CtEntry, now: float) -> bytes | None:
-        """Store an unreplied entry as a pending request; its key (None: not stored)."""
+    def _remember(self, entry: CtEntry, now: float, service: bytes | None = None) -> bytes | None:
+        """Store an unreplied entry as a pending request; its key (None: not stored).
+
+        service: packed orig dst + dport when the caller has it (`_match` did).
+        """
         if not self._is_request(entry):
             return None
         reply = entry.reply
         orig = entry.orig
-        service = _pack(orig.dst)
-        if service[0] >= 224 if len(service) == 4 else service[0] == 0xFF:
+        if service is None:
+            service = _pack(orig.dst) + _PORT.pack(orig.dport)
+        if service[0] >= 224 if len(service) == 6 else service[0] == 0xFF:
             # Multicast/broadcast requests (mDNS, SSDP, DHCP) are answered from unicast
             # addresses by design, and conntrack never pairs those answers with them.
             return None
@@ -209,7 +233,6 @@ class Detector:
                 _pack(reply.src),
                 _PORT.pack(reply.sport),
                 service,
-                _PORT.pack(orig.dport),
                 _pack(orig.src),
                 _PORT.pack(orig.sport),
                 _DEADLINE.pack(self._tick(now) + timeout + 1),
@@ -288,8 +311,8 @@ class Detector:
 
     # -- events --------------------------------------------------------------------
 
-    def feed(self, event: CtEvent, now: float) -> tuple[Finding, bool] | None:
-        """Process one event; return (finding, is_new) for a wrong-source reply."""
+    def feed(self, event: CtEvent, now: float) -> tuple[Finding, Change] | None:
+        """Process one event; return (finding, change) for a wrong-source reply."""
         entry = event.entry
         if entry.orig.proto != socket.IPPROTO_UDP:
             return None
@@ -308,7 +331,7 @@ class Detector:
 
     def resync(
         self, entries: list[CtEntry], now: float, *, complete: bool = False
-    ) -> list[tuple[Finding, bool]]:
+    ) -> list[tuple[Finding, Change]]:
         """Rebuild from a dump after lost events: learn unreplied flows, then match.
 
         complete: `entries` is the whole UDP table of the namespace, taken after every
@@ -356,18 +379,20 @@ class Detector:
 
     def _new_flow(
         self, entry: CtEntry, now: float, *, from_dump: bool
-    ) -> tuple[Finding, bool] | None:
+    ) -> tuple[Finding, Change] | None:
         found = self._match(entry, now, from_dump=from_dump)
         # A flow that answered a pending request is a reply, not a request: keeping it
         # would make the client's next request look like a reply to it.
         if not self._matched and not entry.status & IPS_SEEN_REPLY:
-            self._remember(entry, now)
+            self._remember(entry, now, self._probe)
         return found
 
-    def _match(self, entry: CtEntry, now: float, *, from_dump: bool) -> tuple[Finding, bool] | None:
+    def _match(
+        self, entry: CtEntry, now: float, *, from_dump: bool
+    ) -> tuple[Finding, Change] | None:
         self._matched = False
         orig = entry.orig
-        key = _pack(orig.dst) + _PORT.pack(orig.dport)
+        self._probe = key = _pack(orig.dst) + _PORT.pack(orig.dport)
         value = self._pending.get(key)
         if value is None:
             return None
@@ -405,7 +430,7 @@ class Detector:
         mismatch: str,
         pair: tuple[str, int, str, int],
         now: float,
-    ) -> tuple[Finding, bool] | None:
+    ) -> tuple[Finding, Change] | None:
         family = "ipv6" if entry.orig.family == socket.AF_INET6 else "ipv4"
         service_s = endpoint(*service)
         actual_s = endpoint(*actual)
@@ -436,7 +461,7 @@ class Detector:
                 client_network=network,
             )
             self.findings[key] = finding
-            return finding, True
+            return finding, Change.NEW
         finding = replace(
             old,
             client=endpoint(*client),
@@ -447,7 +472,9 @@ class Detector:
             confirmed=confirmed or old.confirmed,
         )
         self.findings[key] = finding
-        return finding, False
+        # The client's ICMP came before the reply's event (read in another batch, or
+        # the event came from a resync dump): the confirmation is news, say so.
+        return finding, Change.CONFIRMED if confirmed and not old.confirmed else Change.COUNTED
 
     # -- ICMP confirmation ---------------------------------------------------------
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import socket
 
 from ctfix.core import decode
 from ctfix.core.decode import DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent, CtTuple
-from ctfix.core.detect import Detector, Finding
+from ctfix.core.detect import Change, Detector, Finding
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 LOCAL = frozenset({"198.51.100.13", "192.0.2.1", "2001:db8:2::13", "2001:db8:1::1"})
@@ -49,7 +50,7 @@ def test_reply_from_another_local_address_is_an_address_mismatch() -> None:
     d = detector()
     assert d.feed(new(flow("192.0.2.3", 33611, "198.51.100.13", 56789)), 100.0) is None
     found = d.feed(new(flow("192.0.2.1", 56789, "192.0.2.3", 33611)), 100.1)
-    assert found is not None and found[1] is True
+    assert found is not None and found[1] is Change.NEW
     f = found[0]
     assert (f.client, f.service) == ("192.0.2.3:33611", "198.51.100.13:56789")
     assert (f.expected_source, f.actual_source) == ("198.51.100.13:56789", "192.0.2.1:56789")
@@ -145,7 +146,7 @@ def test_findings_aggregate_per_service_source_and_client_network() -> None:
     for i, client in enumerate(["192.0.2.3", "192.0.2.4", "203.0.113.5"]):
         d.feed(new(flow(client, 3000 + i, "198.51.100.13", 53)), 1.0 + i)
         results.append(d.feed(new(flow("192.0.2.1", 53, client, 3000 + i)), 1.5 + i))
-    assert [r[1] for r in results if r] == [True, False, True]
+    assert [r[1] for r in results if r] == [Change.NEW, Change.COUNTED, Change.NEW]
     counts = {f.client_network: f.count for f in d.findings.values()}
     assert counts == {"192.0.2.0/24": 2, "203.0.113.0/24": 1}
     agg = d.findings[("198.51.100.13:53", "192.0.2.1:53", "192.0.2.0/24")]
@@ -164,6 +165,49 @@ def test_icmp_port_unreachable_confirms_whichever_comes_first() -> None:
     d2.feed(new(flow("192.0.2.3", 4001, "198.51.100.13", 53)), 1.0)
     assert d2.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.3", 4001, 1.05) is None
     assert only(d2.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4001)), 1.1)).confirmed
+
+
+def test_an_icmp_read_before_the_reply_of_a_known_finding_prints_a_confirmed_line() -> None:
+    """The second client's ICMP is read before its reply's event (another batch, or a
+    resync dump): the finding exists already, and still the user must see it turn
+    confirmed, once."""
+    from ctfix.commands.watch import _report
+    from ctfix.render.watch import WatchRenderer
+
+    out = io.StringIO()
+    renderer = WatchRenderer(out, json_lines=False, netns="lab")
+    d = detector()
+    d.feed(new(flow("192.0.2.3", 4000, "198.51.100.13", 53)), 1.0)
+    _report(renderer, None, d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4000)), 1.1))
+    d.feed(new(flow("192.0.2.4", 4001, "198.51.100.13", 53)), 2.0)
+    assert d.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.4", 4001, 2.05) is None
+    second = d.feed(new(flow("192.0.2.1", 53, "192.0.2.4", 4001)), 2.1)
+    assert second is not None and second[1] is Change.CONFIRMED
+    _report(renderer, None, second)
+    # A third reply to an already confirmed finding only counts.
+    d.feed(new(flow("192.0.2.5", 4002, "198.51.100.13", 53)), 3.0)
+    d.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.5", 4002, 3.05)
+    third = d.feed(new(flow("192.0.2.1", 53, "192.0.2.5", 4002)), 3.1)
+    assert third is not None and third[1] is Change.COUNTED
+    _report(renderer, None, third)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert " WRONG SOURCE " in lines[0] and "confirmed" not in lines[0]
+    assert " CONFIRMED " in lines[1] and "(address mismatch, local, confirmed)" in lines[1]
+    assert "2 replies to 2 clients in 192.0.2.0/24, latest 192.0.2.4:4001" in lines[1]
+
+
+def test_multicast_is_never_a_request_even_without_local_addresses() -> None:
+    d = Detector()  # no local addresses: only the multicast rule keeps these out
+    d.feed(new(flow("2001:db8:1::3", 5353, "ff02::fb", 5353)), 1.0)
+    assert d.feed(new(flow("2001:db8:1::1", 5353, "2001:db8:1::3", 5353)), 1.1) is None
+    d.feed(new(flow("192.0.2.3", 5353, "224.0.0.251", 5353)), 1.0)
+    assert d.feed(new(flow("192.0.2.1", 5353, "192.0.2.3", 5353)), 1.1) is None
+    # while unicast requests still are
+    d.feed(new(flow("2001:db8:1::3", 4000, "2001:db8:2::13", 53)), 2.0)
+    assert only(d.feed(new(flow("2001:db8:1::1", 53, "2001:db8:1::3", 4000)), 2.1))
+    d.feed(new(flow("192.0.2.3", 4000, "198.51.100.13", 53)), 2.0)
+    assert only(d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4000)), 2.1))
 
 
 def test_a_resync_dump_finds_pairs_once() -> None:
