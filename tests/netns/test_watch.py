@@ -8,13 +8,17 @@ to switch it on; the test checks the table is gone again afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +39,58 @@ from ctfix.platform import netns
 WATCH = [sys.executable, "-m", "ctfix", "watch"]
 
 
-def _start_watch(topo: Topology, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [*WATCH, "--netns", topo.host, "--json", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    # Ready once the --track table is loaded and the probes are done.
-    deadline = time.monotonic() + 10
-    while "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "watch did not load its --track table"
-        time.sleep(0.05)
-    time.sleep(0.5)  # the event subscription follows the table
-    return proc
+class Watch:
+    """A running `ctfix watch --json`: stdout through a pipe, stderr into a file that
+    is read for the readiness note (so that reading it never blocks the test)."""
+
+    def __init__(self, proc: subprocess.Popen[str], errors: Any) -> None:
+        self.proc = proc
+        self.errors = errors
+
+    def stderr(self) -> str:
+        self.errors.flush()
+        with open(self.errors.name) as fh:
+            return fh.read()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Until watch says it is watching: subscribed, addresses known, table dumped."""
+        deadline = time.monotonic() + timeout
+        while "ctfix watch: watching " not in self.stderr():
+            assert self.proc.poll() is None, self.stderr()
+            assert time.monotonic() < deadline, f"watch never got ready: {self.stderr()}"
+            time.sleep(0.02)
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        stdout, _ = self.proc.communicate(timeout=timeout)
+        return stdout, self.stderr()
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def _watching(topo: Topology, *extra: str) -> Iterator[Watch]:
+    """Start watch in the host namespace, wait until it is ready; whatever happens in
+    the test, it does not outlive the block (killed by pid, then reaped)."""
+    with tempfile.NamedTemporaryFile("w+", prefix="ctfix-watch-stderr-") as errors:
+        proc = subprocess.Popen(
+            [*WATCH, "--netns", topo.host, "--json", *extra],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+        try:
+            watch = Watch(proc, errors)
+            watch.wait_ready()
+            yield watch
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
 
 
 def _records(stdout: str) -> tuple[dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
@@ -117,28 +158,29 @@ def test_watch_reports_broken_servers_and_not_correct_ones(lab_v6_untracked: Top
     )
     for proc, port in ((nc, 56789), (socat, 5353), (dual, 7001), (good, 7000), (dnsmasq, 5300)):
         wait_udp_bound(proc.pid, port)
-    watch = _start_watch(topo, "--track", "--duration", "4")
+    with _watching(topo, "--track", "--duration", "4") as watch:
+        # nc answers with what it reads on stdin, after connect()ing to the first client.
+        assert nc.stdin is not None
+        nc.stdin.write(b"hello\n")
+        nc.stdin.flush()
+        # The wrong-source reply comes within milliseconds; 0.3 s keeps the three
+        # unanswered exchanges well inside --duration on a loaded machine.
+        broken = [
+            udp_exchange(topo.container, UPLINK_V4, 56789, timeout=0.3),
+            udp_exchange(topo.container, UPLINK_V6, 5353, timeout=0.3),
+            udp_exchange(topo.container, UPLINK_V4, 7001, timeout=0.3),
+        ]
+        assert not any(exchange.answered for exchange in broken)  # the bug, as users see it
+        correct = [
+            udp_exchange(topo.container, UPLINK_V4, 7000),
+            udp_exchange(topo.container, UPLINK_V6, 7000),
+        ]
+        assert [e.reply_from for e in correct] == [(UPLINK_V4, 7000), (UPLINK_V6, 7000)]
+        dns = _dns_query(topo.container, UPLINK_V4, 5300)
+        assert dns is not None and dns[1] == (UPLINK_V4, 5300)
+        assert bytes([192, 0, 2, 55]) in dns[0]  # a real answer, not just any datagram
 
-    # nc answers with what it reads on stdin, after connect()ing to the first client.
-    assert nc.stdin is not None
-    nc.stdin.write(b"hello\n")
-    nc.stdin.flush()
-    broken = [
-        udp_exchange(topo.container, UPLINK_V4, 56789),
-        udp_exchange(topo.container, UPLINK_V6, 5353),
-        udp_exchange(topo.container, UPLINK_V4, 7001),
-    ]
-    assert not any(exchange.answered for exchange in broken)  # the bug, as users see it
-    correct = [
-        udp_exchange(topo.container, UPLINK_V4, 7000),
-        udp_exchange(topo.container, UPLINK_V6, 7000),
-    ]
-    assert [e.reply_from for e in correct] == [(UPLINK_V4, 7000), (UPLINK_V6, 7000)]
-    dns = _dns_query(topo.container, UPLINK_V4, 5300)
-    assert dns is not None and dns[1] == (UPLINK_V4, 5300)
-    assert bytes([192, 0, 2, 55]) in dns[0]  # a real answer, not just any datagram
-
-    stdout, stderr = watch.communicate(timeout=15)
+        stdout, stderr = watch.communicate(timeout=15)
     assert watch.returncode == 1, stderr  # --duration ended with findings
     findings, summary = _records(stdout)
     clients = {e.server[1]: e.client for e in broken}
@@ -177,12 +219,84 @@ def test_watch_warns_about_untracked_ipv6_and_cleans_up_on_sigterm(
     assert "IPv6 is not tracked" in plain.stderr and "IPv4" not in plain.stderr
     assert plain.stdout.strip().endswith(" 0 findings")
 
-    watch = _start_watch(topo, "--track")
-    watch.send_signal(signal.SIGTERM)
-    stdout, _ = watch.communicate(timeout=10)
+    with _watching(topo, "--track") as watch:
+        assert "ctfix_watch_" in topo.run(topo.host, "nft", "list", "tables")
+        watch.send_signal(signal.SIGTERM)
+        stdout, _ = watch.communicate(timeout=10)
     assert watch.returncode == 0
     assert json.loads(stdout.splitlines()[-1])["kind"] == "summary"
     assert "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables")
+
+
+@pytest.mark.parametrize("step", ["track-loaded", "subscribing"])
+def test_a_stop_during_start_up_ends_normally_and_removes_the_track_table(
+    lab_v6_untracked: Topology, step: str
+) -> None:
+    """SIGTERM right after libnftables committed the --track table (before watch had
+    noted it) or while subscribing: exit 0 with a summary, and no table left behind."""
+    topo = lab_v6_untracked
+    proc = subprocess.run(
+        [*WATCH, "--netns", topo.host, "--json", "--track"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=dict(os.environ, CTFIX_WATCH_TEST_SIGNAL_AT=step),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert "watching" not in proc.stderr  # it was stopped before it watched
+    assert json.loads(proc.stdout.splitlines()[-1]) == {
+        "kind": "summary",
+        "events": 0,
+        "new_flows": 0,
+        "lost": 0,
+        "resyncs": 0,
+        "findings": 0,
+    }
+    assert "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables")
+
+
+PEER_LOCAL, PEER_REMOTE = "203.0.113.1", "203.0.113.99"
+
+
+def test_a_client_at_the_far_end_of_a_point_to_point_address_is_remote(lab: Topology) -> None:
+    """`ip addr add A peer P` (WireGuard, ppp, GRE look like this): P is the other end,
+    a client. Its wrong-source reply is reported, from the local end A, as `local`."""
+    topo = lab
+    topo.ip(topo.host, f"addr add {PEER_LOCAL} peer {PEER_REMOTE}/32 dev {topo.uplink}")
+    topo.ip(topo.upstream, f"addr add {PEER_REMOTE}/32 dev eth0\nroute add {PEER_LOCAL} dev eth0")
+
+    from ctfix.platform.addresses import LocalAddresses
+
+    with netns.entered(topo.host):
+        addresses = LocalAddresses()
+    with contextlib.closing(addresses):
+        assert PEER_LOCAL in addresses.addresses
+        assert PEER_REMOTE not in addresses.addresses
+
+    # A server on 0.0.0.0 answers with sendto(): the kernel picks the source of the
+    # route to the peer, A, not the uplink address the client asked.
+    with netns.entered(topo.host):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with netns.entered(topo.upstream):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with server, client, _watching(topo, "--duration", "1.5") as watch:
+        server.settimeout(1.0)
+        server.bind(("0.0.0.0", 7200))
+        client.bind((PEER_REMOTE, 0))
+        client.connect((UPLINK_V4, 7200))
+        client.send(b"ctfix-peer")
+        client_port = client.getsockname()[1]
+        data, peer = server.recvfrom(2048)
+        assert peer[0] == PEER_REMOTE
+        server.sendto(data, peer)
+        stdout, stderr = watch.communicate(timeout=15)
+    findings, summary = _records(stdout)
+    assert set(findings) == {(f"{UPLINK_V4}:7200", f"{PEER_LOCAL}:7200")}, stderr
+    finding = findings[(f"{UPLINK_V4}:7200", f"{PEER_LOCAL}:7200")]
+    assert finding["client"] == f"{PEER_REMOTE}:{client_port}"
+    assert finding["mismatch"] == "address" and finding["local"] is True
+    assert summary["findings"] == 1
 
 
 def test_watch_errors_are_one_line() -> None:
@@ -216,28 +330,20 @@ def test_watch_pairs_no_server_flow_with_a_client_and_counts_clients(
     try:
         fixed = [udp_exchange(topo.container, a, 5000) for a in (UPLINK_V4, BRIDGE_V4)]
         assert [e.reply_from for e in fixed] == [(UPLINK_V4, 5000), (BRIDGE_V4, 5000)]
-        watch = subprocess.Popen(
-            [*WATCH, "--netns", topo.host, "--json", "--duration", "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # Ready (subscribed, then dumped) once the start-up dump's two findings are out.
-        assert watch.stdout is not None
-        early = [watch.stdout.readline() for _ in "12"]
-        # Live: the server sends first (as a DNS NOTIFY or an SNMP trap would), then a
-        # client asks that address and port; and more clients of the fixed port.
-        with netns.entered(topo.host):
-            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with sender:
-            sender.bind((BRIDGE_V4, 5002))
-            sender.sendto(b"notify", (CONTAINER_V4, 40999))
-        udp_exchange(topo.container, BRIDGE_V4, 5002, timeout=0.2)
-        assert udp_exchange(topo.container, UPLINK_V4, 5000).reply_from == (UPLINK_V4, 5000)
-        stdout, stderr = watch.communicate(timeout=15)
+        with _watching(topo, "--duration", "2") as watch:
+            # Ready (subscribed, then dumped): the start-up dump's findings are out.
+            # Live: the server sends first (as a DNS NOTIFY or an SNMP trap would), then
+            # a client asks that address and port; and more clients of the fixed port.
+            with netns.entered(topo.host):
+                sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sender:
+                sender.bind((BRIDGE_V4, 5002))
+                sender.sendto(b"notify", (CONTAINER_V4, 40999))
+            udp_exchange(topo.container, BRIDGE_V4, 5002, timeout=0.2)
+            assert udp_exchange(topo.container, UPLINK_V4, 5000).reply_from == (UPLINK_V4, 5000)
+            stdout, stderr = watch.communicate(timeout=15)
     finally:
         subprocess.run([*fix, "--revert"], check=True, capture_output=True)
-    stdout = "".join(early) + stdout
     findings, summary = _records(stdout)
     assert set(findings) == {
         (f"{UPLINK_V4}:5000", f"{BRIDGE_V4}:5000"),
