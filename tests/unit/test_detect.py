@@ -41,7 +41,7 @@ def detector() -> Detector:
     return Detector(local_addresses=LOCAL)
 
 
-def only(found: tuple[Finding, bool] | None) -> Finding:
+def only(found: tuple[Finding, Change] | None) -> Finding:
     assert found is not None
     return found[0]
 
@@ -218,7 +218,7 @@ def test_a_resync_dump_finds_pairs_once() -> None:
         flow("192.0.2.3", 4001, "198.51.100.13", 53, status=IPS_SEEN_REPLY),
     ]
     first = d.resync(entries, 1.0)
-    assert [(f.actual_source, new_) for f, new_ in first] == [("192.0.2.1:53", True)]
+    assert [(f.actual_source, new_) for f, new_ in first] == [("192.0.2.1:53", Change.NEW)]
     assert d.resync(entries, 2.0) == []
     assert d.findings[first[0][0].key].count == 1
     assert d.feed(CtEvent(DUMPED, entries[1]), 2.5) is None

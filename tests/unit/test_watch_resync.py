@@ -7,7 +7,7 @@ import math
 import socket
 
 from ctfix.core.decode import DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent, CtTuple
-from ctfix.core.detect import Detector
+from ctfix.core.detect import Change, Detector
 
 SERVICE, BRIDGE, CLIENT = "198.51.100.13", "192.0.2.1", "192.0.2.3"
 
@@ -44,7 +44,7 @@ def test_a_reply_created_during_the_dump_and_then_seen_as_an_event_is_counted_on
     d = Detector()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     found = d.resync([request(4000, ct_id=1), bad_reply(4000, ct_id=2)], 2.0, complete=True)
-    assert [new for _f, new in found] == [True]
+    assert [change for _f, change in found] == [Change.NEW]
     # Its NEW event was queued while the dump ran, and is read after it.
     assert d.feed(CtEvent(NEW, bad_reply(4000, ct_id=2)), 2.1) is None
     assert counts(d) == {f"{SERVICE}:53": 1}
@@ -57,7 +57,7 @@ def test_a_new_reply_entry_whose_event_was_lost_counts_again() -> None:
     # The first reply entry expired, the server answered again: a new entry (new id)
     # for the same pair, its event lost.
     found = d.resync([request(4000, ct_id=1), bad_reply(4000, ct_id=3)], 40.0, complete=True)
-    assert [(f.count, new) for f, new in found] == [(2, False)]
+    assert [(f.count, change) for f, change in found] == [(2, Change.COUNTED)]
 
 
 def test_recovered_counts_requests_learnt_from_the_dump_not_replies() -> None:
