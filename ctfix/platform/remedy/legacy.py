@@ -192,7 +192,23 @@ def _delete(spec: IptRuleSpec) -> bool:
         return True
 
 
+def _sets_named(spec: IptRuleSpec) -> set[str]:
+    """The ipsets the rule refers to (`-m set --match-set`, `-j SET --add-set`)."""
+    return {
+        value.split()[0]
+        for ext in (*spec.matches, spec.target)
+        for option, value in ext.options
+        if option.endswith("-set") and value.split()
+    }
+
+
 def rule_present(spec: IptRuleSpec) -> bool:
+    # libxtables rejects a rule naming a missing set (ValueError) even to look for
+    # it; such a rule cannot be in the kernel either (the apply's check before the
+    # sets exist, a status after somebody destroyed one).
+    named = _sets_named(spec)
+    if named and not named <= set(ipset_names()):
+        return False
     return iptables_legacy.in_child(_find, spec)
 
 
