@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -375,18 +376,37 @@ def udp_exchange(
         sock.close()
 
 
-def wait_udp_bound(pid: int, port: int, timeout: float = 5.0) -> None:
-    """Wait until process pid's namespace has a UDP socket on port (server ready)."""
-    needle = f":{port:04X} "
+def _proc_net_address(address: str) -> str:
+    """An address as /proc/net/udp{,6} prints it: 32-bit words in host byte order."""
+    packed = socket.inet_pton(family_of(address), address)
+    return "".join(
+        f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4)
+    )
+
+
+def wait_udp_bound(
+    pid: int, port: int, timeout: float = 5.0, *, address: str | None = None
+) -> None:
+    """Wait until process pid's namespace has a UDP socket on port (server ready).
+
+    With `address` ("0.0.0.0", "::", "192.0.2.1"...), only a socket bound to exactly
+    that address counts: with two servers on one port in a namespace, the first one
+    up must not make the second look ready.
+    """
+    port_hex = f"{port:04X}"
+    wanted = f"{_proc_net_address(address)}:{port_hex}" if address else None
+    tables = ("udp6",) if address and ":" in address else ("udp",) if address else ("udp", "udp6")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for table in ("udp", "udp6"):
+        for table in tables:
             try:
                 with open(f"/proc/{pid}/net/{table}") as fh:
                     rows = fh.read().splitlines()[1:]
             except FileNotFoundError:
                 raise CtfixError(f"process {pid} exited before binding UDP port {port}") from None
-            if any(needle in row.split(None, 3)[1] + " " for row in rows):
-                return
+            for row in rows:
+                local = row.split(None, 2)[1]
+                if local == wanted or (wanted is None and local.endswith(f":{port_hex}")):
+                    return
         time.sleep(0.02)
     raise CtfixError(f"nothing bound UDP port {port} within {timeout:.0f}s (pid {pid})")

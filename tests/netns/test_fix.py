@@ -276,12 +276,23 @@ def test_snat_zone_plans_only_for_what_a_wildcard_socket_receives(nft_lab: Topol
     the fix covers the IPv6 uplink only."""
     topo = nft_lab
     port = 5353
-    bound = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{port},bind={UPLINK_V4},fork",
-                                   "EXEC:cat"])
-    wild6 = topo.spawn(topo.host, ["socat", f"UDP6-RECVFROM:{port},ipv6only=1,fork",
-                                   "EXEC:cat"])
-    wait_udp_bound(bound.pid, port)
-    wait_udp_bound(wild6.pid, port)
+    # recvfrom/sendto echo servers in one process each (socat's fork re-listens after
+    # every datagram, and a request in that gap got ICMP port unreachable: flaky).
+    echo = (
+        "import socket, sys\n"
+        "family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+        "s = socket.socket(family, socket.SOCK_DGRAM)\n"
+        "if family == socket.AF_INET6:\n"
+        "    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n"
+        "s.bind((sys.argv[1], int(sys.argv[2])))\n"
+        "while True:\n"
+        "    data, peer = s.recvfrom(2048)\n"
+        "    s.sendto(data, peer)\n"
+    )
+    bound = topo.spawn(topo.host, [sys.executable, "-c", echo, UPLINK_V4, str(port)])
+    wild6 = topo.spawn(topo.host, [sys.executable, "-c", echo, "::", str(port)])
+    wait_udp_bound(bound.pid, port, address=UPLINK_V4)
+    wait_udp_bound(wild6.pid, port, address="::")
 
     def replies() -> list[bool]:
         return [udp_exchange(topo.container, a, port, timeout=0.5).answered
