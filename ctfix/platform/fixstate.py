@@ -20,7 +20,6 @@ each other's records (last writer wins). Reading (--status) needs no lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any, Literal
 
 from ctfix.core.plan import Plan, Step, step_from_dict, step_to_dict
 from ctfix.errors import CtfixError
+from ctfix.platform.locks import flock_within
 
 DEFAULT_DIR = "/run/ctfix/fix"
 VERSION = 1
@@ -117,19 +117,12 @@ class FixState:
         except OSError as err:
             raise CtfixError(f"cannot open the fix state lock {path}: {err.strerror}") from None
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CtfixError(
-                            f"another `ctfix fix --apply/--revert` in netns {netns_label} "
-                            f"has held {path} for {timeout:g} s; nothing changed",
-                            "wait for it to finish (`ctfix fix --status` shows its record)",
-                        ) from None
-                    time.sleep(0.05)
+            if not flock_within(fd, timeout):
+                raise CtfixError(
+                    f"another `ctfix fix --apply/--revert` in netns {netns_label} "
+                    f"has held {path} for {timeout:g} s; nothing changed",
+                    "wait for it to finish (`ctfix fix --status` shows its record)",
+                )
             yield cls.load(netns_label, key)
         finally:
             os.close(fd)  # releases the flock
@@ -165,8 +158,7 @@ class FixState:
                     complete=bool(fix["complete"]),
                     notes=[str(n) for n in fix.get("notes", [])],
                     steps=[
-                        RecordedStep(step_from_dict(s["step"]), s["status"])
-                        for s in fix["steps"]
+                        RecordedStep(step_from_dict(s["step"]), s["status"]) for s in fix["steps"]
                     ],
                 )
             except (KeyError, TypeError, ValueError) as err:

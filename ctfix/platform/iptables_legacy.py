@@ -14,14 +14,13 @@ extensions per process, so each family's libiptc work runs in its own forked chi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pickle
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ctfix.errors import CtfixError, MissingFeatureError
+from ctfix.platform.locks import flock_within
 
 T = TypeVar("T")
 
@@ -136,19 +135,12 @@ def xtables_lock(timeout: float = 10.0) -> Iterator[None]:
     except OSError as err:
         raise CtfixError(f"cannot open the xtables lock {path}: {err.strerror}") from None
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise CtfixError(
-                        f"another program has held the xtables lock {path} for "
-                        f"{timeout:g} s (iptables, Docker, firewalld?); nothing changed",
-                        "try again when it is done",
-                    ) from None
-                time.sleep(0.05)
+        if not flock_within(fd, timeout):
+            raise CtfixError(
+                f"another program has held the xtables lock {path} for "
+                f"{timeout:g} s (iptables, Docker, firewalld?); nothing changed",
+                "try again when it is done",
+            )
         yield
     finally:
         os.close(fd)
