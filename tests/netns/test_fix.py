@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,36 @@ def answered_from_port(topo: Topology, address: str, client_port: int) -> bool:
         return False
     finally:
         sock.close()
+
+
+def start_apply(
+    topo: Topology, port: int = PORT, *, pause: str = "0", env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`ctfix fix PORT --method snat-zone --apply` in the background, pausing `pause`
+    seconds between steps (the test hook), so a test can act in the middle."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ctfix", "fix", str(port), "--method", "snat-zone",
+         "--apply", "--netns", topo.host],
+        env={**(env or os.environ), PAUSE_ENV: pause},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_steps(
+    topo: Topology, ready: Callable[[list[dict[str, Any]]], bool], interval: float = 0.1
+) -> list[dict[str, Any]]:
+    """Poll `fix --status --json` until the first recorded fix's steps satisfy ready
+    (or 20 s pass); return those steps."""
+    deadline = time.monotonic() + 20
+    steps: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        status = ctfix_fix(topo, "--status", "--json")
+        fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
+        steps = fixes[0]["steps"] if fixes else []
+        if ready(steps):
+            break
+        time.sleep(interval)
+    return steps
 
 
 def without_members(state: dict[str, str]) -> dict[str, str]:
@@ -332,25 +362,13 @@ def test_kill_9_in_the_middle_of_apply_then_revert_restores(legacy_lab: Topology
     topo = legacy_lab
     assert not answered(topo, UPLINK_V4)
     before = kernel_state(topo)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone", "--apply",
-         "--netns", topo.host],
-        env={**os.environ, PAUSE_ENV: "0.4"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_apply(topo, pause="0.4")
     try:
         # Wait until a few steps are recorded (some done, one pending), then kill -9.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            status = ctfix_fix(topo, "--status", "--json")
-            fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
-            if fixes and len(fixes[0]["steps"]) >= 4:
-                break
-            time.sleep(0.1)
+        wait_for_steps(topo, lambda steps: len(steps) >= 4)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait()
+        proc.communicate()
     status = ctfix_fix(topo, "--status")
     assert status.returncode == 1 and "INTERRUPTED" in status.stdout
     assert ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply").returncode == 2
@@ -391,22 +409,9 @@ def test_signal_in_the_middle_of_apply_rolls_back(legacy_lab: Topology, signum: 
     topo = legacy_lab
     assert not answered(topo, UPLINK_V4)
     before = kernel_state(topo)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone", "--apply",
-         "--netns", topo.host],
-        env={**os.environ, PAUSE_ENV: "0.3"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_apply(topo, pause="0.3")
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            status = ctfix_fix(topo, "--status", "--json")
-            fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
-            if fixes and len(fixes[0]["steps"]) >= 3:
-                break
-            time.sleep(0.1)
+        wait_for_steps(topo, lambda steps: len(steps) >= 3)
         os.kill(proc.pid, signum)
         _out, err = proc.communicate(timeout=30)
     finally:
@@ -433,23 +438,13 @@ def test_apply_waits_for_the_xtables_lock_like_iptables_w(
     env = {**os.environ, "XTABLES_LOCKFILE": str(lock)}
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone",
-             "--apply", "--netns", topo.host],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        proc = start_apply(topo, env=env)
         try:
             # The ipsets come first (ipset has no such lock); the first iptables rule
             # then waits for the lock.
-            deadline = time.monotonic() + 20
-            steps: list[dict[str, Any]] = []
-            while time.monotonic() < deadline and not any(
-                s["step"]["spec"]["kind"] == "iptables-rule" for s in steps
-            ):
-                status = ctfix_fix(topo, "--status", "--json")
-                fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
-                steps = fixes[0]["steps"] if fixes else []
-                time.sleep(0.1)
+            steps = wait_for_steps(
+                topo, lambda steps: any(s["step"]["spec"]["kind"] == "iptables-rule" for s in steps)
+            )
             time.sleep(0.5)  # time enough to commit, were it not waiting
             assert [s["step"]["spec"]["kind"] for s in steps][-1] == "iptables-rule"
             assert steps[-1]["status"] == "pending"
@@ -612,25 +607,11 @@ def test_two_applies_at_once_on_two_ports_both_recorded_both_revert(
         assert not udp_exchange(topo.container, UPLINK_V4, port, timeout=0.5).answered
     before = kernel_state(topo)
 
-    def start(port: int, pause: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "ctfix", "fix", str(port), "--method", "snat-zone",
-             "--apply", "--netns", topo.host],
-            env={**os.environ, PAUSE_ENV: pause},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-
-    procs = [start(PORT, "1.5")]
+    procs = [start_apply(topo, PORT, pause="1.5")]
     try:
         # The second starts while the first sits between recording and making its step.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            status = ctfix_fix(topo, "--status", "--json")
-            fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
-            if fixes and fixes[0]["steps"]:
-                break
-            time.sleep(0.05)
-        procs.append(start(second, "0"))
+        wait_for_steps(topo, bool, interval=0.05)
+        procs.append(start_apply(topo, second))
         results = [proc.communicate(timeout=60) for proc in procs]
     finally:
         for proc in procs:
