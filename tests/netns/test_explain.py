@@ -31,19 +31,10 @@ PORT = 56789
 EXPLAIN = [sys.executable, "-m", "ctfix", "explain"]
 
 
-def explain(topo: Topology, *extra: str) -> tuple[int, dict[str, Any]]:
+def explain_port(topo: Topology, port: int, *extra: str) -> tuple[int, dict[str, Any]]:
+    """`ctfix explain PORT --netns HOST --json`: its exit status and its JSON."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctfix",
-            "explain",
-            str(PORT),
-            "--netns",
-            topo.host,
-            "--json",
-            *extra,
-        ],
+        [*EXPLAIN, str(port), "--netns", topo.host, "--json", *extra],
         capture_output=True,
         text=True,
         timeout=30,
@@ -51,6 +42,10 @@ def explain(topo: Topology, *extra: str) -> tuple[int, dict[str, Any]]:
     assert proc.stderr == "", proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
     return proc.returncode, result
+
+
+def explain(topo: Topology, *extra: str) -> tuple[int, dict[str, Any]]:
+    return explain_port(topo, PORT, *extra)
 
 
 def netcat(topo: Topology, *args: str) -> int:
@@ -310,28 +305,6 @@ def test_after_a_working_snat_zone_fix_no_client_is_the_server_itself(
 
 
 # -- second QA pass: P1 (a trusted name), P3 (DNAT), P7 (forced policy-route) ----------
-
-
-def explain_port(topo: Topology, port: int, *extra: str) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ctfix",
-            "explain",
-            str(port),
-            "--netns",
-            topo.host,
-            "--json",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert proc.stderr == "", proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return proc.returncode, result
 
 
 def test_a_broken_server_named_like_a_trusted_one_is_broken(lab4: Topology, tmp_path: Path) -> None:
