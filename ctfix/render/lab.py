@@ -29,26 +29,24 @@ class LabPrinter:
 
         s = self.style
         self._p(s("ctfix lab: a UDP service that answers from the wrong address", "bold"))
-        v6 = topo.ipv6
+
+        def both(v4: str, v6: str, sep: str = ", ") -> str:
+            """The IPv4 item, and the IPv6 one too when the lab runs IPv6."""
+            return f"{v4}{sep}{v6}" if topo.ipv6 else v4
+
         self._p(
             f"  host ns       {topo.host}\n"
-            f"                  br0  {t.BRIDGE_V4}/24"
-            + (f", {t.BRIDGE_V6}/64" if v6 else "")
-            + "   (docker0's role)\n"
-            f"                  eth0 {t.UPLINK_V4}/24"
-            + (f", {t.UPLINK_V6}/64" if v6 else "")
-            + "   (uplink)\n"
+            f"                  br0  {both(f'{t.BRIDGE_V4}/24', f'{t.BRIDGE_V6}/64')}"
+            "   (docker0's role)\n"
+            f"                  eth0 {both(f'{t.UPLINK_V4}/24', f'{t.UPLINK_V6}/64')}"
+            "   (uplink)\n"
             f"  container ns  {topo.container}\n"
-            f"                  eth0 {t.CONTAINER_V4}/24"
-            + (f", {t.CONTAINER_V6}/64" if v6 else "")
-            + ", default via the bridge\n"
-            f"  upstream ns   {topo.upstream}   ({t.UPSTREAM_V4}"
-            + (f", {t.UPSTREAM_V6}" if v6 else "")
-            + ", no route out)\n"
-            f"  netfilter     MASQUERADE {t.CONTAINER_NET_V4}"
-            + (f" and {t.CONTAINER_NET_V6}" if v6 else "")
-            + " leaving by anything but br0 "
-            f"({topo.netfilter}), as Docker does\n"
+            f"                  eth0 {both(f'{t.CONTAINER_V4}/24', f'{t.CONTAINER_V6}/64')}"
+            ", default via the bridge\n"
+            f"  upstream ns   {topo.upstream}   ({both(t.UPSTREAM_V4, t.UPSTREAM_V6)}"
+            ", no route out)\n"
+            f"  netfilter     MASQUERADE {both(t.CONTAINER_NET_V4, t.CONTAINER_NET_V6, ' and ')}"
+            f" leaving by anything but br0 ({topo.netfilter}), as Docker does\n"
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
 
