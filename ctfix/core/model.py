@@ -11,6 +11,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Verdict = Literal["ok", "at-risk", "broken"]
+Family = Literal["ipv4", "ipv6"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One statement of a diagnosis: a stable kebab-case `code` that scripts and tests
+    branch on, and the `text` people read. Codes are listed in docs/json.md; never
+    reuse a code for another meaning."""
+
+    code: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not self.code or self.code != self.code.lower() or " " in self.code:
+            raise ValueError(f"reason code must be kebab-case: {self.code!r}")
 FixMethod = Literal["pktinfo", "bind", "policy-route", "snat-zone"]
 
 
