@@ -8,9 +8,6 @@ name is an error instead of silently gaining duplicate rules. Removing it is
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from ctfix.core.plan import NftTableSpec
 from ctfix.errors import MissingFeatureError
 from ctfix.platform import nft
@@ -38,7 +35,7 @@ def create_table(spec: NftTableSpec) -> None:
             f"nftables table {spec.family} {spec.name} exists already",
             f"see `nft list table {spec.family} {spec.name}` and `ctfix fix --status`",
         )
-    commands: list[dict[str, Any]] = json.loads(spec.batch)
+    commands = list(spec.batch)
     # `create` fails on an existing table; `add` would merge into it.
     first = commands[0]
     if "add" in first and "table" in first["add"]:
