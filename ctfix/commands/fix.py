@@ -462,7 +462,7 @@ def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
 def _diagnose(port: int, label: str) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
     from ctfix.core import rules
-    from ctfix.core.diagnose import diagnose
+    from ctfix.core.diagnosis import diagnose
     from ctfix.platform import snapshot
 
     try:

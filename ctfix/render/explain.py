@@ -13,7 +13,7 @@ import json
 import textwrap
 from typing import Any
 
-from ctfix.core.diagnose import recommended_first, wrong_text
+from ctfix.core.diagnosis import recommended_first, wrong_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.render.style import Style
 

@@ -10,7 +10,7 @@ import pytest
 
 from ctfix.core import rules
 from ctfix.core.decode import IPS_SEEN_REPLY, CtEntry, CtTuple
-from ctfix.core.diagnose import (
+from ctfix.core.diagnosis import (
     PROBLEM_DNAT_REPLY,
     PROBLEM_NOTRACK,
     PROBLEM_SNAT_REPLY,
