@@ -115,7 +115,7 @@ class Diagnosis:
     port: int
     netns: str
     verdict: Verdict
-    reasons: tuple[str, ...]
+    reasons: tuple[Reason, ...]
     listeners: tuple[Listener, ...] = ()
     clients: tuple[ClientNetwork, ...] = ()
     evidence: Evidence = field(default_factory=Evidence)

@@ -6,7 +6,7 @@ analysis is tested on hand-built snapshots.
 
 Know before changing: a Snapshot holds *observations* only (what the kernel said),
 never conclusions; anything that judges (is this affected, can this rule help)
-belongs in diagnose.py, so that tests can build any situation by hand.
+belongs in ctfix/core/diagnosis/, so that tests can build any situation by hand.
 """
 
 from __future__ import annotations
