@@ -64,6 +64,11 @@ class WatchMetrics:
             registry=self.registry,
         )
         self._netns = netns
+        from ctfix.platform.health_metrics import ConntrackHealthCollector
+
+        # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
+        self.conntrack = ConntrackHealthCollector(netns)
+        self.registry.register(self.conntrack)
         try:
             self.server, self.thread = prom.start_http_server(
                 port, addr=host, registry=self.registry
@@ -82,6 +87,7 @@ class WatchMetrics:
             self._totals[name] = value
         self.pending.set(pending)
         self.findings.set(findings)
+        self.conntrack.refresh()
 
     def finding(self, finding: Finding) -> None:
         self.wrong.labels(
