@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctfix.core.detect import Finding
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.errors import CtfixError
 
 
@@ -83,7 +83,7 @@ class WatchMetrics:
         self.pending.set(pending)
         self.findings.set(findings)
 
-    def finding(self, finding: Finding) -> None:
+    def finding(self, finding: WrongSourceFinding) -> None:
         self.wrong.labels(
             netns=self._netns,
             service=finding.service,
