@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctfix.core.detect import Finding
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.errors import CtfixError
 
 
@@ -89,7 +89,7 @@ class WatchMetrics:
         self.findings.set(findings)
         self.conntrack.refresh()
 
-    def finding(self, finding: Finding) -> None:
+    def finding(self, finding: WrongSourceFinding) -> None:
         self.wrong.labels(
             netns=self._netns,
             service=finding.service,
