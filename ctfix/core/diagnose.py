@@ -297,7 +297,7 @@ def _recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> _Know
         return _Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
     if kb is None:
         return _Known(None, False, False, None)
-    match = kb.match(listener.process, listener.cmdline, port)
+    match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
     if match is None:
         return _Known(None, False, False, None)
     verdict = match.rule.affected(listener.family, listener.cmdline)
@@ -671,10 +671,16 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
                 ": it does not choose the source of its replies, so the kernel picks it by "
                 "routing toward the client, whatever address the client sent to."
             )
-            if info.rule is not None:
-                hedge = "probably " if info.port_only else ""
+            if info.rule is not None and info.port_only:
+                line += (
+                    f" Port {port} is the default port of {info.label}, but "
+                    f"{listener.process or 'the process'} was not recognised as it by name "
+                    "or command line: that is a guess from the port, so the knowledge "
+                    "base's advice for it is not offered."
+                )
+            elif info.rule is not None:
                 affected_now = info.rule.affected(listener.family, listener.cmdline)
-                line += f" It is {hedge}{info.label}" + (
+                line += f" It is {info.label}" + (
                     " (affected in this configuration)."
                     if affected_now
                     else " (affected or not depending on its configuration)."
@@ -811,7 +817,12 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     else:
         verdict = "ok"
 
-    recognised = [known[id(lst)] for lst in snapshot.listeners if known[id(lst)].rule]
+    # A match by the port alone is a guess: it names no service and gives no advice
+    # (atftpd on port 69 is not tftpd-hpa, whatever that entry says).
+    recognised = [
+        known[id(lst)] for lst in snapshot.listeners
+        if known[id(lst)].rule and not known[id(lst)].port_only
+    ]
     service_rule = recognised[0].rule if recognised else None
     # Advice for the program it claims to be ("nothing to do") would be wrong for it.
     advice_rule = None if contradicted else service_rule
@@ -882,7 +893,8 @@ def _fixes(
             Fix(
                 method="bind",
                 summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
-                detail=f"{service.why.strip()}\n{service.fix.strip()}{snippet}{reference}",
+                detail=f"{service.why.strip()}\n{service.fix.strip()}{service.upgrade_advice()}"
+                f"{snippet}{reference}",
                 recommended=True,
             )
         )
