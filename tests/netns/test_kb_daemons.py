@@ -731,8 +731,15 @@ def _check_recognised(
     variant: Variant, rule: rules.ServiceRule, kb: rules.KnowledgeBase, topo: Topology
 ) -> None:
     """ctfix's own socket listing names the entry by process, and every holder."""
-    with netns.entered(topo.host):
-        found = [lst for lst, _uid in sockdiag.listeners(variant.port)]
+    deadline = time.monotonic() + 15
+    while True:
+        with netns.entered(topo.host):
+            found = [lst for lst, _uid in sockdiag.listeners(variant.port)]
+        # A pre-forking daemon forks its workers after binding: wait for them.
+        settled = not variant.prefork or all(len(lst.processes) >= 2 for lst in found)
+        if (found and settled) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert found, f"sock_diag sees no socket on port {variant.port}"
     for listener in found:
         match = kb.match(listener.process, listener.cmdline, variant.port, exe=listener.exe)
