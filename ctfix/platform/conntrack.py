@@ -1,9 +1,10 @@
 """The kernel's conntrack table over raw ctnetlink: dumps and live events.
 
 `dump()` lists entries (filtered in the kernel where it can, >= 5.8, and always again
-in user space); `EventSocket` subscribes to NEW/UPDATE events with an in-kernel BPF
-filter that lets only UDP through, a large receive buffer, and tells the caller
-about overflows instead of dying on them. Both decode with `ctfix.core.decode`.
+in user space); `EventSocket` subscribes to events (NEW/UPDATE by default; DESTROY
+too for watch's unanswered flows) with an in-kernel BPF filter that lets only UDP
+through, and of DESTROY events only entries that never saw a reply, a large receive
+buffer, and tells the caller about overflows instead of dying on them. Both decode with `ctfix.core.decode`.
 
 Know before changing: a netlink socket belongs to the network namespace of the
 thread that created it; create sockets after entering the namespace (or inside
@@ -174,14 +175,35 @@ def available() -> None:
 # -- events --------------------------------------------------------------------------
 
 
-def _bpf_udp_only() -> bytes:
-    """Classic BPF: drop ctnetlink events whose original protocol is not UDP.
+def _be(native: bytes) -> int:
+    """What BPF's big-endian load reads from these host-order bytes."""
+    return int.from_bytes(native, "big")
 
-    Offsets: nfgenmsg family at 16; the PROTO_NUM attribute header (len 5, type 1,
-    little-endian, read big-endian by BPF: 0x05000100) at 48 (IPv4) / 72 (IPv6),
-    its value 4 bytes later. An unknown family or layout is accepted.
+
+def _nla_hdr(length: int, nla_type: int) -> int:
+    return _be(struct.pack("=HH", length, nla_type))
+
+
+#: nlmsg_type of a DESTROY event (IPCTNL_MSG_CT_DELETE), as BPF's ld_h reads it
+_BPF_DELETE = _be(struct.pack("=H", decode.MSG_CT_DELETE))
+_BPF_PROTO_NUM = _nla_hdr(5, decode.CTA_PROTO_NUM)
+_BPF_ID = _nla_hdr(8, decode.CTA_ID)
+_BPF_ZONE = _nla_hdr(6, decode.CTA_ZONE)
+_BPF_STATUS = _nla_hdr(8, decode.CTA_STATUS)
+
+
+def _bpf_udp_only() -> bytes:
+    """Classic BPF: drop ctnetlink events whose original protocol is not UDP, and
+    DESTROY events of entries that saw a reply (IPS_SEEN_REPLY set in CTA_STATUS).
+
+    Offsets: nfgenmsg family at 16; the PROTO_NUM attribute header (len 5, type 1) at
+    48 (IPv4) / 72 (IPv6), its value 4 bytes later; nlmsg_type at 4. After the two
+    tuples (at 124 / 172) a DESTROY event carries CTA_ZONE (only for a non-default
+    zone; 8 bytes padded), CTA_ID and CTA_STATUS (8 bytes each), in that order
+    (ctnetlink_conntrack_event). NEW and UPDATE events are filtered on UDP alone. An
+    unknown family or layout is accepted: user space checks again.
     """
-    ld_b, ld_w, jeq, ret = 0x30, 0x20, 0x15, 0x06
+    ld_b, ld_h, ld_w, jeq, jset, ret = 0x30, 0x28, 0x20, 0x15, 0x45, 0x06
     accept, reject = "accept", "reject"
     prog: list[tuple[int, str | int, str | int, int]] = []
     labels: dict[str, int] = {}
@@ -193,12 +215,29 @@ def _bpf_udp_only() -> bytes:
     op(jeq, socket.AF_INET, "v4", "not4")
     labels["not4"] = len(prog)
     op(jeq, socket.AF_INET6, "v6", accept)
-    for name, hdr_at in (("v4", 48), ("v6", 72)):
+    for name, hdr_at, tuples_end in (("v4", 48, 124), ("v6", 72, 172)):
         labels[name] = len(prog)
         op(ld_w, hdr_at)
-        op(jeq, 0x05000100, 0, accept)
+        op(jeq, _BPF_PROTO_NUM, 0, accept)
         op(ld_b, hdr_at + 4)
-        op(jeq, socket.IPPROTO_UDP, accept, reject)
+        op(jeq, socket.IPPROTO_UDP, 0, reject)
+        op(ld_h, 4)
+        op(jeq, _BPF_DELETE, 0, accept)  # NEW or UPDATE: UDP is enough
+        op(ld_w, tuples_end)
+        op(jeq, _BPF_ID, f"{name}-id", 0)
+        op(jeq, _BPF_ZONE, 0, accept)
+        op(ld_w, tuples_end + 8)
+        op(jeq, _BPF_ID, 0, accept)
+        op(ld_w, tuples_end + 16)  # zone, id, then status
+        op(jeq, _BPF_STATUS, f"{name}-zoned", accept)
+        labels[f"{name}-id"] = len(prog)
+        op(ld_w, tuples_end + 8)  # id, then status
+        op(jeq, _BPF_STATUS, 0, accept)
+        op(ld_w, tuples_end + 12)
+        op(jset, decode.IPS_SEEN_REPLY, reject, accept)
+        labels[f"{name}-zoned"] = len(prog)
+        op(ld_w, tuples_end + 20)
+        op(jset, decode.IPS_SEEN_REPLY, reject, accept)
     labels[accept] = len(prog)
     op(ret, 0xFFFFFFFF)
     labels[reject] = len(prog)
