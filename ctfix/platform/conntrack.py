@@ -4,7 +4,8 @@
 in user space); `EventSocket` subscribes to events (NEW/UPDATE by default; DESTROY
 too for watch's unanswered flows) with an in-kernel BPF filter that lets only UDP
 through, and of DESTROY events only entries that never saw a reply, a large receive
-buffer, and tells the caller about overflows instead of dying on them. Both decode with `ctfix.core.decode`.
+buffer, and tells the caller about overflows instead of dying on them. Both decode
+with `ctfix.core.decode`.
 
 Know before changing: a netlink socket belongs to the network namespace of the
 thread that created it; create sockets after entering the namespace (or inside

@@ -42,7 +42,7 @@ def run_bpf(program: bytes, packet: bytes) -> int:
         elif code == 0x45:  # jset k
             pc += jt if acc & k else jf
         elif code == 0x06:  # ret k
-            return k
+            return int(k)
         else:
             raise AssertionError(f"opcode {code:#x} not interpreted")
 

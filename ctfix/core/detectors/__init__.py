@@ -8,7 +8,8 @@ what the event changed (`Change`). watch, explain and scan compose detectors; th
 renderers show findings by kind.
 
 Today: `wrong_source` (a reply that leaves from another address or port than the
-client sent to). Planned kinds: stale-nat, unanswered, health.
+client sent to) and `unanswered` (requests that ended without any reply, classified
+by why; it takes DESTROY events only). Planned kinds: stale-nat, health.
 
 Know before changing: `feed` runs for every conntrack event (>100k/s): a detector
 must not allocate or add indirections there for events that are not findings, and
@@ -22,7 +23,7 @@ import enum
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Literal, Protocol, TypeVar
 
-from ctfix.core.decode import CtEntry, CtEvent
+from ctfix.core.decode import DESTROY, DUMPED, NEW, UPDATE, CtEntry, CtEvent
 
 FindingKind = Literal["wrong-source", "stale-nat", "unanswered", "health"]
 
@@ -111,12 +112,40 @@ def one_feed(
     return feed_all
 
 
+#: the event kinds a detector gets unless it names its own (a `kinds` attribute)
+ALL_KINDS = frozenset({NEW, UPDATE, DESTROY, DUMPED})
+
+
+def _nothing(event: CtEvent, now: float) -> None:
+    del event, now
+
+
+def feeds_by_kind(
+    detectors: Sequence[Detector[F]], report: Callable[[tuple[F, Change]], None]
+) -> tuple[Callable[[CtEvent, float], tuple[F, Change] | None], ...]:
+    """One `one_feed` per event kind, indexed by the kind (NEW, UPDATE, DESTROY,
+    DUMPED; index 0 is unused): `feeds[event[0]](event, now)`.
+
+    A detector that takes only some kinds says so in a `kinds` attribute (the
+    unanswered detector: DESTROY). So the wrong-source detector alone still gets NEW
+    and UPDATE events through its own bound `feed`: composing costs one tuple index
+    per event, not a call per detector.
+    """
+    table: list[Callable[[CtEvent, float], tuple[F, Change] | None]] = [_nothing]
+    for kind in (NEW, UPDATE, DESTROY, DUMPED):
+        wanted = [d for d in detectors if kind in getattr(d, "kinds", ALL_KINDS)]
+        table.append(one_feed(wanted, report) if wanted else _nothing)
+    return tuple(table)
+
+
 __all__ = [
+    "ALL_KINDS",
     "UDP_TIMEOUT",
     "UDP_TIMEOUT_STREAM",
     "Change",
     "Detector",
     "Finding",
     "FindingKind",
+    "feeds_by_kind",
     "one_feed",
 ]

@@ -52,6 +52,7 @@ from typing import Literal
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
 from ctfix.core.detectors import UDP_TIMEOUT, Change
+from ctfix.core.detectors.flows import is_request
 from ctfix.core.model import Family
 
 #: How long a wrong-source pair is remembered: to confirm it by ICMP, and not to count
@@ -183,6 +184,8 @@ class WrongSourceDetector:
             tuple[str, int, str, int], tuple[tuple[str, str, str], float, int | None]
         ] = {}
         self._icmp_seen: dict[tuple[str, int, str, int], float] = {}
+        # client (addr, port) a wrong-source reply went to -> when; for `replied_wrongly`
+        self._wrong_clients: dict[tuple[str, int], float] = {}
         self._matched = False  # set by _match: the entry answered a pending request
         self._probe = b""  # set by _match: packed orig dst + dport, reused by _remember
 
@@ -193,25 +196,12 @@ class WrongSourceDetector:
             self._epoch = now
         return int(now - self._epoch)
 
-    def _is_request(self, entry: CtEntry) -> bool:
-        """A remote client's flow to this namespace or a DNAT behind it (module doc)."""
-        local = self.local_addresses
-        if not local:
-            return True
-        orig = entry.orig
-        if orig.src in local:
-            return False
-        if orig.dst in local:
-            return True
-        reply = entry.reply
-        return reply.src != orig.dst or reply.sport != orig.dport
-
     def _remember(self, entry: CtEntry, now: float, service: bytes | None = None) -> bytes | None:
         """Store an unreplied entry as a pending request; its key (None: not stored).
 
         service: packed orig dst + dport when the caller has it (`_match` did).
         """
-        if not self._is_request(entry):
+        if not is_request(entry, self.local_addresses):
             return None
         reply = entry.reply
         orig = entry.orig
@@ -298,11 +288,23 @@ class WrongSourceDetector:
             old_icmp.append(pair)
         for pair in old_icmp:
             del self._icmp_seen[pair]
+        old_clients = []
+        for client, seen in self._wrong_clients.items():
+            if now - seen <= PAIR_MEMORY:
+                break
+            old_clients.append(client)
+        for client in old_clients:
+            del self._wrong_clients[client]
         self.stats.pending = len(pending)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def replied_wrongly(self, address: str, port: int) -> bool:
+        """Whether a wrong-source reply went to this client (addr, port as the server
+        addressed it) within PAIR_MEMORY: what the unanswered detector asks."""
+        return (address, port) in self._wrong_clients
 
     @property
     def found(self) -> Collection[WrongSourceFinding]:
@@ -444,6 +446,8 @@ class WrongSourceDetector:
         known = self._pairs.pop(pair, None)
         new_client = known is None or known[0] != key
         self._pairs[pair] = (key, now, entry.id)
+        self._wrong_clients.pop(pair[2:], None)
+        self._wrong_clients[pair[2:]] = now
         if old is None:
             if len(self.findings) >= self.max_findings:
                 return None
