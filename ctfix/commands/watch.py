@@ -1,7 +1,10 @@
-"""`ctfix watch`: report wrong-source UDP replies live, from conntrack events.
+"""`ctfix watch`: report wrong-source UDP replies and unanswered UDP requests live,
+from conntrack events.
 
 The loop: subscribe to conntrack NEW/UPDATE events (UDP only, filtered in the
-kernel), learn the namespace's addresses, open raw ICMP sockets, dump the table once,
+kernel) and DESTROY events (of entries that never saw a reply: the unanswered
+detector's, ctfix/commands/watch_unanswered.py), learn the namespace's addresses,
+open raw ICMP sockets, dump the table once,
 then feed every event to the detectors (`ctfix.core.detectors`) and print what it finds. When
 the kernel drops events (ENOBUFS) the loss is counted (the kernel's per-socket drop
 count), the state is rebuilt from a complete dump 0.2 s later (at most once a
@@ -32,11 +35,18 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ctfix.commands.common import add_netns_argument, enter_netns, positive_seconds, require_root
+from ctfix.commands.common import (
+    add_netns_argument,
+    add_rules_argument,
+    enter_netns,
+    positive_seconds,
+    require_root,
+)
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
     from ctfix.core.detectors import Change
+    from ctfix.core.detectors.unanswered import UnansweredFinding
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
@@ -48,16 +58,23 @@ _NFT_FAMILY: dict[int, str] = {socket.AF_INET: "ip", socket.AF_INET6: "ip6"}
 
 DESCRIPTION = """\
 Report UDP replies that leave from another address (or port) than the one the
-client sent to, live, from the kernel's conntrack events, until Ctrl-C, SIGTERM or
---duration. A finding prints once and then only updates its count:
+client sent to, and UDP requests that ended without any reply, live, from the
+kernel's conntrack events, until Ctrl-C, SIGTERM or --duration. A finding prints
+once and then only updates its count; at exit every finding is listed with its
+final counts:
 
   service       the address:port the client sent to
   actual source where the reply came from; expected: what the client waits for
   local         both addresses belong to this namespace (a multi-homed server)
   confirmed     the client's ICMP port unreachable for that reply was seen
+  unanswered    requests that got no reply, per service and reason: no-socket
+                (nothing bound), no-reply (bound, never answered), wrong-source,
+                stale-nat; one-way services (syslog, StatsD: the knowledge base)
+                are counted apart and are no problem
 
-exit status: 0, or 1 when --duration ended with findings; 2 on errors (no
-CAP_NET_ADMIN, no such namespace, conntrack unavailable)."""
+exit status: 0, or 1 when --duration ended with findings (one-way services' flows
+do not count); 2 on errors (no CAP_NET_ADMIN, no such namespace, conntrack
+unavailable)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="switch conntrack on for the families the namespace does not track yet "
         "(a small nftables table, removed on exit)",
     )
+    add_rules_argument(parser)
 
 
 class _Stop(Exception):
@@ -109,6 +127,10 @@ def _warn(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfix.core import rules
+
+    # Before any work: a broken --rules file is a one-line error, nothing started.
+    args.kb = rules.load(args.rules, builtin=True)
     require_root("watching conntrack events")
     if args.metrics:
         from ctfix.platform.metrics import parse_listen
@@ -173,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
 def _empty_summary() -> dict[str, Any]:
     from ctfix.render.watch import summary_record
 
-    return summary_record(events=0, new_flows=0, lost=0, resyncs=0, findings=0)
+    return summary_record(
+        events=0, new_flows=0, lost=0, resyncs=0, findings=0, unanswered=0, uncounted=0
+    )
 
 
 #: Test-only, not in --help: a start-up step ("track-loaded", "subscribing") at which
@@ -226,12 +250,19 @@ def _remove_track_table(table: str) -> None:
 def _report(
     renderer: WatchRenderer,
     metrics: WatchMetrics | None,
-    found: tuple[WrongSourceFinding, Change] | None,
+    found: tuple[WrongSourceFinding | UnansweredFinding, Change] | None,
 ) -> None:
-    """Show a finding when it is new or newly confirmed; count every reply in metrics."""
+    """Show a finding when it is new or newly confirmed; count every reply in metrics.
+
+    An unanswered finding prints when it first appears, unless it is a one-way
+    service's (no problem: it is listed at exit only)."""
     if found is None:
         return
     finding, change = found
+    if finding.kind == "unanswered":
+        if change == change.NEW and finding.problem:
+            renderer.finding(finding)
+        return
     if change:
         # CONFIRMED: the ICMP came before the reply's event; the finding is older.
         renderer.finding(finding, update=change != change.NEW)
@@ -240,8 +271,9 @@ def _report(
 
 
 def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int:
+    from ctfix.commands.watch_unanswered import UnansweredWatch
     from ctfix.core import decode
-    from ctfix.core.detectors import one_feed
+    from ctfix.core.detectors import feeds_by_kind
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
     from ctfix.platform.addresses import LocalAddresses
@@ -251,7 +283,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     # One detector per problem kind, all fed the same events; wrong-source also gets
     # the namespace's addresses and the clients' ICMP.
     detector = WrongSourceDetector(udp_timeout=_udp_timeout())
-    detectors = (detector,)
+    detectors: tuple[Any, ...] = (detector,)  # and the unanswered detector, once built
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
     closers: list[Any] = []
@@ -260,11 +292,24 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     stopped_by_duration = False
     try:
         _test_signal("subscribing")
-        events = conntrack.EventSocket(rcvbuf=rcvbuf)
+        groups = (
+            conntrack.NFNLGRP_CONNTRACK_NEW,
+            conntrack.NFNLGRP_CONNTRACK_UPDATE,
+            conntrack.NFNLGRP_CONNTRACK_DESTROY,  # of unreplied entries only (kernel filter)
+        )
+        events = conntrack.EventSocket(groups=groups, rcvbuf=rcvbuf)
         closers.append(events)
         addresses = LocalAddresses()
         closers.append(addresses)
         detector.local_addresses = addresses.addresses
+        sel = selectors.DefaultSelector()
+        closers.append(sel)
+        unanswered = UnansweredWatch(
+            detector, args.kb, lambda sock, name: sel.register(sock, selectors.EVENT_READ, name),
+            _warn,
+        )
+        closers.append(unanswered)
+        detectors = (detector, unanswered.detector)
         icmp = IcmpWatch()
         closers.append(icmp)
         if args.metrics:
@@ -274,10 +319,12 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             closers.append(metrics)
             _note(f"Prometheus metrics on http://{args.metrics}/metrics")
 
-        def report(found: tuple[WrongSourceFinding, Change] | None) -> None:
+        def report(found: tuple[Any, Change] | None) -> None:
+            if found is not None and found[0].kind == "unanswered":
+                unanswered.found(found[0])
             _report(renderer, metrics, found)
 
-        feed = one_feed(detectors, report)
+        feed = feeds_by_kind(detectors, report)
 
         def resync(events: EventSocket) -> int:
             """Feed what is queued, then rebuild from a dump; the number of entries."""
@@ -293,8 +340,6 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         resync(events)
         detector.stats.recovered = 0
 
-        sel = selectors.DefaultSelector()
-        closers.append(sel)
         sel.register(events.sock, selectors.EVENT_READ, "ct")
         sel.register(addresses.sock, selectors.EVENT_READ, "addr")
         for sock in icmp.sockets:
@@ -306,7 +351,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         # Subscribed, addresses known, table dumped: from here no reply is missed.
         # (Tests wait for this line instead of sleeping.)
         where = "this namespace" if label == "current" else f"namespace {label}"
-        _note(f"watching {where} for wrong-source UDP replies")
+        _note(f"watching {where} for wrong-source UDP replies and unanswered requests")
         while True:
             mono = time.monotonic()
             if deadline is not None and mono >= deadline and resync_due is None:
@@ -328,8 +373,11 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                         confirmed = detector.icmp_port_unreachable(*rejected, now)
                         if confirmed is not None:
                             renderer.finding(confirmed, update=True)
+                elif key.data == "sent":
+                    unanswered.readable(time.time())
                 elif key.data == "addr" and addresses.refresh():
                     detector.local_addresses = addresses.addresses
+                    unanswered.addresses(addresses.addresses)
             mono = time.monotonic()
             # At --duration's end a due resync still runs: the summary must not miss
             # the findings whose events were dropped.
@@ -368,9 +416,12 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             # Closing must not hide the summary.
             with contextlib.suppress(Exception):
                 closer.close()
-    findings = sorted((f for each in detectors for f in each.found), key=lambda f: f.first_seen)
+    findings: list[Any] = sorted(
+        (f for each in detectors for f in each.found), key=lambda f: f.first_seen
+    )
     renderer.final(findings)
     totals = _totals(detector, lost, resyncs)
+    counted = detectors[1].stats if len(detectors) > 1 else None
     renderer.summary(
         summary_record(
             events=totals["events"],
@@ -378,10 +429,14 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             lost=lost,
             resyncs=resyncs,
             findings=len(findings),
+            unanswered=counted.flows if counted else 0,
+            uncounted=counted.uncounted_flows if counted else 0,
         )
     )
-    # Like grep: a timed watch tells a script whether it found something.
-    return 1 if findings and stopped_by_duration else 0
+    # Like grep: a timed watch tells a script whether it found something (a one-way
+    # service's unanswered flows are not a finding to act on).
+    problems = [f for f in findings if getattr(f, "problem", True)]
+    return 1 if problems and stopped_by_duration else 0
 
 
 def _resync_due(due: float | None, now: float, last_resync: float) -> float:
@@ -422,7 +477,8 @@ def _drain(
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
 
-    `feed`: the detectors' one feed (ctfix.core.detectors.one_feed), bound once."""
+    `feed`: the detectors' feeds by event kind (ctfix.core.detectors.feeds_by_kind),
+    built once."""
     recv_into = events.recv_into
     now = time.time()
     for _ in range(limit):
@@ -431,7 +487,7 @@ def _drain(
             return
         event = decode_event(view)
         if event is not None:
-            found = feed(event, now)
+            found = feed[event[0]](event, now)
             if found is not None:
                 report(found)
 

@@ -3,11 +3,14 @@
 Know before changing: the JSON keys are a stable contract (users' scripts and alert
 pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
-last_seen (added since: clients, client_network); and the summary's kind, events,
-new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
-The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
-uses too: change them there, for both. Colour only on a TTY and never
-when NO_COLOR is set.
+last_seen (added since: clients, client_network); the unanswered records' kind,
+family, proto, netns, service, reason, flows, clients, first_seen, last_seen,
+one_way, existing, target, confirmed, program, rules, client; and the summary's
+kind, events, new_flows, lost, resyncs, findings (added since: unanswered,
+unanswered_uncounted). Add keys if needed; never rename or remove one.
+The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text
+and ctfix.core.detectors.unanswered.unanswered_text, which explain uses too: change
+them there, for both. Colour only on a TTY and never when NO_COLOR is set.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import datetime
 import json
 from typing import Any, TextIO
 
+from ctfix.core.detectors.unanswered import UnansweredFinding, unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
 from ctfix.render.style import Style, use_colour
 
@@ -47,8 +51,37 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
     }
 
 
+def unanswered_record(finding: UnansweredFinding, netns: str) -> dict[str, Any]:
+    return {
+        "kind": "unanswered",
+        "family": finding.family,
+        "proto": finding.proto,
+        "netns": netns,
+        "service": finding.service,
+        "reason": finding.reason,
+        "flows": finding.flows,
+        "clients": finding.clients,
+        "first_seen": timestamp(finding.first_seen),
+        "last_seen": timestamp(finding.last_seen),
+        "one_way": finding.one_way,
+        "existing": finding.existing,
+        "target": finding.target,
+        "confirmed": finding.confirmed,
+        "program": finding.program,
+        "rules": list(finding.rules),
+        "client": finding.client,
+    }
+
+
 def summary_record(
-    *, events: int, new_flows: int, lost: int, resyncs: int, findings: int
+    *,
+    events: int,
+    new_flows: int,
+    lost: int,
+    resyncs: int,
+    findings: int,
+    unanswered: int = 0,
+    uncounted: int = 0,
 ) -> dict[str, Any]:
     return {
         "kind": "summary",
@@ -57,7 +90,12 @@ def summary_record(
         "lost": lost,
         "resyncs": resyncs,
         "findings": findings,
+        "unanswered": unanswered,
+        "unanswered_uncounted": uncounted,
     }
+
+
+Finding = WrongSourceFinding | UnansweredFinding
 
 
 class WatchRenderer:
@@ -73,11 +111,26 @@ class WatchRenderer:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def finding(self, finding: WrongSourceFinding, *, update: bool = False) -> None:
+    def record(self, finding: Finding) -> dict[str, Any]:
+        if finding.kind == "unanswered":
+            return unanswered_record(finding, self.netns)
+        return finding_record(finding, self.netns)
+
+    def finding(self, finding: Finding, *, update: bool = False) -> None:
         if self.json:
-            self._write(json.dumps(finding_record(finding, self.netns)))
+            self._write(json.dumps(self.record(finding)))
+            return
+        if finding.kind == "unanswered":
+            self._write(self.unanswered_line(finding))
             return
         self._write(self.finding_line(finding, update=update))
+
+    def unanswered_line(self, finding: UnansweredFinding) -> str:
+        head = self.style("unanswered".upper(), "bold", "yellow")
+        return (
+            f"{timestamp(finding.last_seen)} {head} {finding.proto}/{finding.family[-1]} "
+            f"{finding.reason}: {unanswered_text(finding)}"
+        )
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
         return wrong_source_text(
@@ -102,13 +155,20 @@ class WatchRenderer:
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
-    def final(self, findings: list[WrongSourceFinding]) -> None:
+    def final(self, findings: list[Finding]) -> None:
         """At exit: every finding with its final counts (JSON), or a short table."""
         if self.json:
             for finding in findings:
-                self._write(json.dumps(finding_record(finding, self.netns)))
+                self._write(json.dumps(self.record(finding)))
             return
         for finding in findings:
+            if finding.kind == "unanswered":
+                self._write(
+                    f"  unanswered, {finding.reason}{', one-way' if finding.one_way else ''}: "
+                    f"{unanswered_text(finding)}; {timestamp(finding.first_seen)} .. "
+                    f"{timestamp(finding.last_seen)}"
+                )
+                continue
             tags: tuple[str, ...] = ("local",) if finding.local else ()
             if finding.confirmed:
                 tags += ("confirmed",)
@@ -127,6 +187,7 @@ class WatchRenderer:
             f"{record['lost']} lost",
             _plural(record["resyncs"], "resync"),
             _plural(record["findings"], "finding"),
+            _plural(record.get("unanswered", 0), "unanswered request"),
         ]
         self._write(f"summary: {', '.join(counts)}")
 
