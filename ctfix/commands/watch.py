@@ -521,13 +521,9 @@ def _rcvbuf(default: int) -> int:
 
 
 def _udp_timeout() -> int:
-    try:
-        with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout") as fh:
-            return int(fh.read().strip())
-    except (OSError, ValueError):
-        from ctfix.core.detectors import UDP_TIMEOUT
+    from ctfix.platform.conntrack import udp_timeout
 
-        return UDP_TIMEOUT
+    return udp_timeout()
 
 
 __all__ = ["add_arguments", "run"]

@@ -96,6 +96,21 @@ class Evidence:
 
 
 @dataclass(frozen=True, slots=True)
+class UnansweredService:
+    """Requests to one service of the port that got no reply, for one reason (the
+    unanswered detector's finding, as explain and scan show it)."""
+
+    service: str  # the addr:port the clients sent to
+    reason: str  # "no-socket" | "no-reply" | "wrong-source" | "stale-nat"
+    flows: int
+    clients: int
+    one_way: bool = False  # a one-way service (knowledge base): expected, not a problem
+    target: str | None = None  # where a DNAT sent them, when not the service itself
+    program: str | None = None  # no-reply: the process holding the socket
+    rules: tuple[str, ...] = ()  # no-reply: rules that could drop requests or replies
+
+
+@dataclass(frozen=True, slots=True)
 class RuleHit:
     """A netfilter rule that touches the port, and why it cannot help (if so)."""
 
@@ -132,3 +147,5 @@ class Diagnosis:
     service_down: bool = False
     #: "addr:port" on this host that a DNAT forwards the port's requests to
     forwarded_to: tuple[str, ...] = ()
+    #: requests to the port that got no reply, per service and reason
+    unanswered: tuple[UnansweredService, ...] = ()

@@ -114,3 +114,7 @@ class Snapshot:
     listened_seconds: float = 0.0
     # The destination asked for each client network (diagnose.probe_destinations).
     probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address
+    # Requests of the port whose entries ended without a reply during `--listen`
+    # (DESTROY events), and the namespace's nf_conntrack_udp_timeout.
+    ended_unreplied: tuple[CtEntry, ...] = ()
+    udp_timeout: int = 30

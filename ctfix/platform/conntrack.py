@@ -342,6 +342,17 @@ class EventSocket:
         self.sock.close()
 
 
+def udp_timeout() -> int:
+    """The namespace's nf_conntrack_udp_timeout (the kernel's default if unreadable)."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        from ctfix.core.detectors import UDP_TIMEOUT
+
+        return UDP_TIMEOUT
+
+
 # -- is a family tracked at all? ---------------------------------------------------------
 
 

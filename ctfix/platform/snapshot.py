@@ -45,13 +45,25 @@ def _ours(service: str, expected_source: str, port: int) -> bool:
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
-def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
-    """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
+def listen(
+    port: int, seconds: float, local: frozenset[str]
+) -> tuple[list[WrongSourceReply], list[CtEntry]]:
+    """Watch conntrack events for `seconds`; the wrong-source replies of the port, and
+    the port's entries that ended without a reply meanwhile (DESTROY events, which the
+    kernel filter passes only for unreplied entries)."""
+    from ctfix.core.decode import DESTROY
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
 
     detector = WrongSourceDetector(local_addresses=local)
-    events = conntrack.EventSocket()
+    events = conntrack.EventSocket(
+        groups=(
+            conntrack.NFNLGRP_CONNTRACK_NEW,
+            conntrack.NFNLGRP_CONNTRACK_UPDATE,
+            conntrack.NFNLGRP_CONNTRACK_DESTROY,
+        )
+    )
+    ended: list[CtEntry] = []
     # Only what happened during the listen is live; the first resync only teaches the
     # detector the requests already waiting, and its findings are the table's.
     seen_live: set[tuple[str, str, str]] = set()
@@ -70,16 +82,22 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
                 continue
             now = time.time()
             for event in batch:
+                entry = event.entry
+                if event.kind == DESTROY and not entry.seen_reply and port in (
+                    entry.orig.dport, entry.reply.sport
+                ):
+                    ended.append(entry)
                 result = detector.feed(event, now)
                 if result is not None:
                     seen_live.add(result[0].key)
     finally:
         events.close()
-    return [
+    live = [
         wrong_source_reply(f)
         for f in detector.findings.values()
         if f.key in seen_live and _ours(f.service, f.expected_source, port)
     ]
+    return live, ended
 
 
 def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
@@ -87,8 +105,9 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
     live: list[WrongSourceReply] = []
+    ended: list[CtEntry] = []
     if listen_seconds > 0:
-        live = listen(port, listen_seconds, local)
+        live, ended = listen(port, listen_seconds, local)
 
     owned = sockdiag.listeners(port)
     listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
@@ -103,11 +122,11 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         conntrack_error = err.one_line()
 
     netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
+    from ctfix.platform import conntrack
+
     if conntrack_error is None:
         # A port forwarded elsewhere on this host: its requests are answered from the
         # target port, so the replies (the evidence) are that port's flows.
-        from ctfix.platform import conntrack
-
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
 
@@ -130,4 +149,6 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
+        ended_unreplied=tuple(ended),
+        udp_timeout=conntrack.udp_timeout(),
     )

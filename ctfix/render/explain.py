@@ -14,7 +14,7 @@ import textwrap
 from typing import Any
 
 from ctfix.core.diagnosis import recommended_first, wrong_text
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener, UnansweredService
 from ctfix.render.style import Style
 
 WHY = (
@@ -107,6 +107,19 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "local_addresses": list(d.local_addresses),
         "service_down": d.service_down,
         "forwarded_to": list(d.forwarded_to),
+        "unanswered": [
+            {
+                "service": u.service,
+                "reason": u.reason,
+                "flows": u.flows,
+                "clients": u.clients,
+                "one_way": u.one_way,
+                "target": u.target,
+                "program": u.program,
+                "rules": list(u.rules),
+            }
+            for u in d.unanswered
+        ],
     }
 
 
@@ -118,6 +131,16 @@ def _answers(healthy: int, unanswered: int) -> str:
     return (
         f"requests answered from the right source: {healthy}; "
         f"requests without any reply: {unanswered}"
+    )
+
+
+def _unanswered_line(u: UnansweredService) -> str:
+    """`unanswered, no-socket: 12 requests from 3 clients to 198.51.100.13:53`."""
+    target = f" (DNAT to {u.target})" if u.target else ""
+    tail = ", one-way service: expected" if u.one_way else ""
+    return (
+        f"unanswered, {u.reason}{tail}: {u.flows} request{'s' if u.flows != 1 else ''} from "
+        f"{u.clients} client{'s' if u.clients != 1 else ''} to {u.service}{target}"
     )
 
 
@@ -236,6 +259,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     else:
         out.append("  no wrong-source replies in the table")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
+    out += [f"  {_unanswered_line(u)}" for u in d.unanswered]
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
@@ -290,6 +314,7 @@ def render_markdown(d: Diagnosis) -> str:
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
+    out += [f"- {_unanswered_line(u)}" for u in d.unanswered]
     if d.rules:
         out += ["", "### Netfilter rules on the port", ""]
         for r in d.rules:

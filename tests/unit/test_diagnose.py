@@ -144,7 +144,10 @@ def test_policy_route_already_in_place_reads_at_risk_for_the_gateway_clients() -
     assert cn.predicted_source == UPLINK and not cn.ok
     assert d.verdict == "at-risk"
     assert cn.onlink == (BRIDGE,) and cn.addressed == (UPLINK,)
-    assert codes(d) == ["wildcard-socket", "client-network-exposed"], d.reasons
+    # The request never got a reply: nc holds the port and did not answer it.
+    assert codes(d) == [
+        "wildcard-socket", "unanswered-no-reply", "client-network-exposed"
+    ], d.reasons
 
 
 def test_network_behind_an_interface_without_an_address_recommends_policy_route() -> None:
@@ -226,7 +229,8 @@ def test_nothing_listening_is_ok_with_a_reason() -> None:
 def test_nothing_listening_but_clients_asking_says_the_service_may_be_down() -> None:
     d = diagnose(snapshot(flows=(request(UPLINK), request(BRIDGE, cport=40001))))
     assert d.evidence.unanswered == 2
-    assert codes(d) == ["nothing-answers"] and d.service_down
+    # One unanswered record per address the clients sent to.
+    assert codes(d) == ["nothing-answers", *["unanswered-no-socket"] * 2] and d.service_down
 
 
 def nat_rule(
@@ -475,7 +479,7 @@ def test_nothing_bound_with_unanswered_clients_is_unmistakably_an_outage() -> No
 
     d = diagnose(snapshot(flows=(request(UPLINK), request(BRIDGE, cport=40001))))
     assert d.verdict == "ok" and d.service_down
-    assert codes(d) == ["nothing-answers"]
+    assert codes(d) == ["nothing-answers", *["unanswered-no-socket"] * 2]
     assert "NOTHING ANSWERS" in render_text(d).splitlines()[0]
     assert to_json_obj(d)["service_down"] is True
     assert exit_status(d) == 1

@@ -20,9 +20,11 @@ from ctfix.core.detectors.unanswered import (
     dropping_rules,
 )
 from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
+from ctfix.core.diagnosis import diagnose
 from ctfix.core.model import Listener
 from ctfix.core.rules import load
-from ctfix.core.snapshot import NetfilterRule
+from ctfix.core.snapshot import LocalAddress, NetfilterRule, Snapshot
+from ctfix.render.explain import to_json_obj
 
 LOCAL = frozenset({"198.51.100.13", "192.0.2.1", "2001:db8:2::13", "2001:db8:1::1"})
 KB = load(builtin=True)
@@ -291,3 +293,59 @@ def test_explains_listeners_are_sockets_too() -> None:
     dns = only(d.feed(ended(flow("192.0.2.3", 40000, "198.51.100.13", 53)), 1.0))
     assert (syslog.reason, syslog.one_way) == ("no-reply", True)
     assert dns.reason == "no-socket"  # bound to the bridge address only
+
+
+# -- explain: the same classification over a snapshot -----------------------------------
+
+
+def _snapshot(port: int, *listeners: Listener, **kw: object) -> Snapshot:
+    addresses = (
+        LocalAddress("br0", "192.0.2.1", 24, "ipv4"),
+        LocalAddress("eth0", "198.51.100.13", 24, "ipv4"),
+    )
+    return Snapshot(port=port, netns="test", listeners=listeners, addresses=addresses,
+                    **kw)  # type: ignore[arg-type]  # the fields each test sets
+
+
+def test_explain_classifies_the_ports_unreplied_entries_and_those_that_ended_live() -> None:
+    silent = Listener("198.51.100.13", 7000, "ipv4", "listening", pid=9, process="silent")
+    in_table = flow("192.0.2.3", 40000, "198.51.100.13", 7000, timeout=10)
+    too_young = flow("192.0.2.3", 40001, "198.51.100.13", 7000, timeout=30)
+    to_bridge = flow("192.0.2.3", 40002, "192.0.2.1", 7000, timeout=10)  # not bound there
+    ended_live = flow("192.0.2.4", 40000, "198.51.100.13", 7000)
+    drop = NetfilterRule("nftables", "inet", "filter", "input", "udp dport 7000 drop",
+                         frozenset({"drop"}), matches_dport=True, hook="input")
+    d = diagnose(
+        _snapshot(7000, silent, flows=(in_table, too_young, to_bridge),
+                  ended_unreplied=(ended_live,), netfilter=(drop,), listened_seconds=3.0),
+        KB,
+    )
+    by_service = {(u.service, u.reason): u for u in d.unanswered}
+    assert set(by_service) == {("198.51.100.13:7000", "no-reply"), ("192.0.2.1:7000", "no-socket")}
+    silent_one = by_service[("198.51.100.13:7000", "no-reply")]
+    assert (silent_one.flows, silent_one.clients, silent_one.program) == (2, 2, "silent")
+    assert silent_one.rules == ("nftables inet filter input: udp dport 7000 drop",)
+    codes = [r.code for r in d.reasons]
+    assert codes.count("unanswered-no-reply") == 1 and codes.count("unanswered-no-socket") == 1
+    [record] = [u for u in to_json_obj(d)["unanswered"] if u["reason"] == "no-reply"]
+    assert record["flows"] == 2 and record["rules"] == list(silent_one.rules)
+    assert d.verdict == "ok"  # about wrong sources only
+
+
+def test_explain_calls_a_one_way_service_informational() -> None:
+    syslog = Listener("0.0.0.0", 514, "ipv4", "listening", pid=9, process="rsyslogd")
+    d = diagnose(_snapshot(514, syslog, flows=(flow("192.0.2.3", 40000, "198.51.100.13", 514),)),
+                 KB)
+    assert [u.one_way for u in d.unanswered] == [True]
+    assert "unanswered-one-way" in [r.code for r in d.reasons]
+    assert not {"unanswered-no-reply", "unanswered-no-socket"} & {r.code for r in d.reasons}
+
+
+def test_explain_leaves_requests_dnatd_to_another_local_port_to_that_port() -> None:
+    natted = flow("192.0.2.3", 40000, "198.51.100.13", 8053, reply_src="192.0.2.1",
+                  reply_sport=53)
+    assert diagnose(_snapshot(8053, flows=(natted,)), KB).unanswered == ()
+    [here] = diagnose(_snapshot(53, flows=(natted,)), KB).unanswered
+    assert (here.service, here.target, here.reason) == (
+        "198.51.100.13:8053", "192.0.2.1:53", "no-socket"
+    )

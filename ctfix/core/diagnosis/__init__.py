@@ -41,11 +41,16 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
   and requests without any reply. The verdict (about wrong sources) stays `ok`;
   the headline, the reasons and the exit status (1) say it.
+* *Unanswered*: the port's requests that got no reply, per service and reason
+  (no-socket, no-reply, wrong-source, stale-nat; one-way services apart), as watch
+  classifies them (`unanswered`). Reasons only: neither the verdict nor the exit
+  status changes for them.
 
 The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
 shows; what is history), `exposure` (per client network), `netfilter` (rules that
-cannot help), `advice` (the fixes); `codes` lists every reason code. `diagnose()`
+cannot help), `advice` (the fixes), `unanswered` (requests without a reply, by why);
+`codes` lists every reason code. `diagnose()`
 composes them and decides the verdict.
 
 Know before changing: this package only reads the Snapshot; anything it needs from
@@ -58,7 +63,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
-from ctfix.core.diagnosis import advice, evidence, exposure, listeners, netfilter, requests
+from ctfix.core.diagnosis import (
+    advice,
+    evidence,
+    exposure,
+    listeners,
+    netfilter,
+    requests,
+    unanswered,
+)
 from ctfix.core.diagnosis.advice import recommended_first
 from ctfix.core.diagnosis.codes import ReasonCode, reason
 from ctfix.core.diagnosis.evidence import wrong_source_reply, wrong_text
@@ -129,6 +142,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             )
         )
     reasons += evidence.evidence_reasons(shown, snapshot)
+    silent = unanswered.findings(snapshot, kb, local)
+    reasons += unanswered.unanswered_reasons(silent, snapshot.listened_seconds)
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening)
     reasons += netfilter.netfilter_reasons(rewritten, rules)
     if snapshot.conntrack_error:
@@ -167,6 +182,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         service=service_rule.name if service_rule else None,
         service_down=service_down,
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
+        unanswered=tuple(unanswered.service_record(f) for f in silent),
     )
 
 

@@ -37,6 +37,12 @@ ReasonCode = Literal[
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
+    # unanswered requests, per service and reason (ctfix.core.diagnosis.unanswered)
+    "unanswered-no-socket",
+    "unanswered-no-reply",
+    "unanswered-wrong-source",
+    "unanswered-stale-nat",
+    "unanswered-one-way",
 ]
 
 
