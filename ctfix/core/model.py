@@ -107,7 +107,7 @@ class UnansweredService:
     one_way: bool = False  # a one-way service (knowledge base): expected, not a problem
     target: str | None = None  # where a DNAT sent them, when not the service itself
     program: str | None = None  # no-reply: the process holding the socket
-    rules: tuple[str, ...] = ()  # no-reply: rules that could drop requests or replies
+    rules: tuple[str, ...] = ()  # no-reply: rules that can drop or untrack the replies
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,8 @@ def process_started(pid: int, proc: str = "/proc") -> float | None:
 
 
 class RulesView:
-    """The `Firewall` hook: rules that could drop a port's requests or replies."""
+    """The `Firewall` hook: rules that can drop or untrack a port's replies before
+    conntrack sees them (ctfix.core.detectors.unanswered.dropping_rules)."""
 
     def __init__(self, max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_age = max_age

@@ -252,6 +252,8 @@ def test_a_stop_during_start_up_ends_normally_and_removes_the_track_table(
         "lost": 0,
         "resyncs": 0,
         "findings": 0,
+        "unanswered": 0,
+        "unanswered_uncounted": 0,
     }
     assert "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables")
 

@@ -263,23 +263,46 @@ def test_feeds_by_kind_keeps_new_events_on_the_wrong_source_feed_alone() -> None
     assert [type(found[0]) for found in reported] == [UnansweredFinding]
 
 
-def test_rules_that_could_drop_a_request_or_its_reply() -> None:
+def test_rules_that_can_leave_an_entry_unreplied_while_a_socket_is_bound() -> None:
     def rule(chain: str, hook: str | None, actions: set[str], *, sport: bool = False,
-             dport: bool = False, table: str = "filter") -> NetfilterRule:
-        return NetfilterRule("nftables", "inet", table, chain, f"{chain} rule", frozenset(actions),
+             dport: bool = False, table: str = "filter", backend: str = "nftables"
+             ) -> NetfilterRule:
+        text = f"{' '.join(sorted(actions))} {'sport' if sport else 'dport'}"
+        return NetfilterRule(backend, "inet", table, chain, text, frozenset(actions),
                              matches_sport=sport, matches_dport=dport, hook=hook)
 
     rules = [
+        rule("out", "output", {"drop"}, sport=True, table="t"),  # priority unknown: can
+        rule("OUTPUT", "output", {"drop"}, sport=True, table="raw", backend="iptables-legacy"),
+        rule("OUTPUT", "output", {"notrack"}, sport=True, table="raw", backend="iptables-legacy"),
+        # Measured not to: a reply dropped in filter output has marked its entry replied,
+        # a request dropped on input leaves no entry at all.
+        rule("OUTPUT", "output", {"drop"}, sport=True, backend="iptables-legacy"),
         rule("input", "input", {"drop"}, dport=True),
-        rule("output", "output", {"reject"}, sport=True),
-        rule("input", "input", {"accept"}, dport=True),
-        rule("pre", "prerouting", {"drop"}, dport=True, table="raw"),  # before conntrack
-        rule("output", "output", {"drop"}, dport=True),  # the host's own requests
+        rule("out", "output", {"accept"}, sport=True, table="t"),
     ]
     assert dropping_rules(rules, 53) == (
-        "nftables inet filter input: input rule",
-        "nftables inet filter output: output rule",
+        "nftables inet t out: drop sport",
+        "iptables-legacy raw OUTPUT: drop sport",
+        "iptables-legacy raw OUTPUT: notrack sport",
     )
+
+
+def test_a_request_the_snat_zone_remedy_answered_is_not_unanswered() -> None:
+    """snat-zone puts the reply in another conntrack zone: the request's own entry ends
+    unreplied although the client got its answer from the right source."""
+    wrong = WrongSourceDetector(local_addresses=LOCAL)
+    d = detector(wildcard(53), wrong=wrong)
+    request = flow("192.0.2.3", 40000, "198.51.100.13", 53)
+    wrong.feed(CtEvent(NEW, request), 1.0)
+    zoned = CtEntry(
+        CtTuple("192.0.2.1", "192.0.2.3", 53, 40000, 17, socket.AF_INET),
+        CtTuple("192.0.2.3", "198.51.100.13", 40000, 53, 17, socket.AF_INET),  # after SNAT
+        zone=7,
+    )
+    assert wrong.feed(CtEvent(NEW, zoned), 1.1) is None  # the right source: no finding
+    assert d.feed(ended(request), 31.0) is None
+    assert not d.found
 
 
 def test_explains_listeners_are_sockets_too() -> None:
@@ -313,8 +336,8 @@ def test_explain_classifies_the_ports_unreplied_entries_and_those_that_ended_liv
     too_young = flow("192.0.2.3", 40001, "198.51.100.13", 7000, timeout=30)
     to_bridge = flow("192.0.2.3", 40002, "192.0.2.1", 7000, timeout=10)  # not bound there
     ended_live = flow("192.0.2.4", 40000, "198.51.100.13", 7000)
-    drop = NetfilterRule("nftables", "inet", "filter", "input", "udp dport 7000 drop",
-                         frozenset({"drop"}), matches_dport=True, hook="input")
+    drop = NetfilterRule("nftables", "inet", "t", "out", "udp sport 7000 drop",
+                         frozenset({"drop"}), matches_sport=True, hook="output")
     d = diagnose(
         _snapshot(7000, silent, flows=(in_table, too_young, to_bridge),
                   ended_unreplied=(ended_live,), netfilter=(drop,), listened_seconds=3.0),
@@ -324,7 +347,7 @@ def test_explain_classifies_the_ports_unreplied_entries_and_those_that_ended_liv
     assert set(by_service) == {("198.51.100.13:7000", "no-reply"), ("192.0.2.1:7000", "no-socket")}
     silent_one = by_service[("198.51.100.13:7000", "no-reply")]
     assert (silent_one.flows, silent_one.clients, silent_one.program) == (2, 2, "silent")
-    assert silent_one.rules == ("nftables inet filter input: udp dport 7000 drop",)
+    assert silent_one.rules == ("nftables inet t out: udp sport 7000 drop",)
     codes = [r.code for r in d.reasons]
     assert codes.count("unanswered-no-reply") == 1 and codes.count("unanswered-no-socket") == 1
     [record] = [u for u in to_json_obj(d)["unanswered"] if u["reason"] == "no-reply"]

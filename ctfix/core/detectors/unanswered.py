@@ -18,13 +18,18 @@ Why, the first that holds:
   occur.
 - `wrong-source`: the wrong-source detector matched a wrong-source reply for this
   client (the `wrong` hook): the server did answer, from an address the client refused.
+  When it matched a reply from the right source instead (the snat-zone remedy puts
+  replies in another conntrack zone, so the request's own entry never sees them), the
+  request was answered and is not counted.
 - `no-socket`: nothing was bound that takes the datagram (that address and port, a
   wildcard of its family, or a socket connect()ed to this very client). The host's
   ICMP port unreachable for the request, when seen (`icmp_sent`), confirms it, and
   decides it even where the socket view would say otherwise.
-- `no-reply`: a socket was bound and never answered: the application, or a firewall
-  after conntrack (the `firewall` hook names rules that could drop it). A request a
-  DNAT sent to another host is `no-reply` too: that host never answered.
+- `no-reply`: a socket was bound and no reply reached conntrack: the application did
+  not answer, or a rule dropped or untracked the replies before conntrack saw them
+  (the `firewall` hook names such rules; a request dropped on its way in leaves no
+  entry at all, so it is never counted). A request a DNAT sent to another host is
+  `no-reply` too: that host never answered.
 
 One-way services (the knowledge base's `one_way`: syslog, StatsD) never answer by
 design: a `no-reply` flow to a socket held by such a program (recognised by the
@@ -118,10 +123,12 @@ class Sockets(Protocol):
     def holder(self, binding: Binding) -> Holder | None: ...
 
 
-class WrongReplies(Protocol):
-    """The wrong-source detector, asked about one client."""
+class Answers(Protocol):
+    """The wrong-source detector, asked about one client: was it answered from another
+    entry (True: from the wrong source; False: from the right one, e.g. the snat-zone
+    remedy's zoned reply, which leaves the request's own entry unreplied; None: no)."""
 
-    def replied_wrongly(self, address: str, port: int) -> bool: ...
+    def answer_to(self, address: str, port: int) -> bool | None: ...
 
 
 class StaleTargets(Protocol):
@@ -133,7 +140,8 @@ class StaleTargets(Protocol):
 
 
 class Firewall(Protocol):
-    """Netfilter rules that could drop a request to `port` or its reply."""
+    """Netfilter rules that can drop or untrack replies from `port` before conntrack
+    sees them (`dropping_rules`)."""
 
     def could_drop(self, port: int) -> tuple[str, ...]: ...
 
@@ -180,18 +188,27 @@ _DROPPING = frozenset({"drop", "reject"})
 
 
 def dropping_rules(rules: Sequence[NetfilterRule], port: int) -> tuple[str, ...]:
-    """Rules that drop or reject requests to `port`, or replies from it, after
-    conntrack has seen the request (so that its entry stays unreplied): filter rules
-    on input, forward or output paths, or in a chain whose hook is not known."""
+    """Rules that can leave a request's entry unreplied while a socket takes it: a
+    drop or reject of the replies from `port` before conntrack sees them (output,
+    or prerouting for a DNAT target's replies: iptables-legacy's raw table, or an
+    nftables chain on those hooks, whose priority is not read), or a NOTRACK of them
+    (the client may even get the reply; conntrack never sees it).
+
+    Measured: a request dropped in input (or anywhere before its entry is confirmed)
+    leaves no entry at all, and a reply dropped in filter output has already marked
+    its entry replied; neither can make an unanswered flow, so neither is named.
+    """
     found: list[str] = []
     for rule in rules:
-        if not rule.actions & _DROPPING:
+        if not rule.matches_sport:
             continue
-        if rule.table == "raw":
-            continue  # before conntrack: such a drop leaves no entry at all
-        request_side = rule.matches_dport and rule.hook in (None, "prerouting", "input", "forward")
-        reply_side = rule.matches_sport and rule.hook in (None, "output", "forward", "postrouting")
-        if request_side or reply_side:
+        before_conntrack = (
+            rule.table == "raw"  # mangle, filter, nat: after conntrack
+            if rule.backend == "iptables-legacy"
+            else rule.hook in (None, "output", "prerouting")
+        )
+        drops = bool(rule.actions & _DROPPING) and before_conntrack
+        if drops or "notrack" in rule.actions:
             table = f"{rule.family} {rule.table}" if rule.backend == "nftables" else rule.table
             text = f"{rule.backend} {table} {rule.chain}: {rule.rule}"
             if text not in found:
@@ -230,7 +247,7 @@ class UnansweredFinding:
     target: str | None = None  # where a DNAT sent them, when not the service itself
     confirmed: bool = False  # no-socket: the host's ICMP port unreachable was seen
     program: str | None = None  # no-reply: the process holding the socket
-    rules: tuple[str, ...] = ()  # no-reply: rules that could drop requests or replies
+    rules: tuple[str, ...] = ()  # no-reply: rules that can drop or untrack the replies
     kind: Literal["unanswered"] = "unanswered"
 
     @property
@@ -277,7 +294,7 @@ class UnansweredDetector:
         self,
         *,
         sockets: Sockets | None = None,
-        wrong: WrongReplies | None = None,
+        wrong: Answers | None = None,
         stale: StaleTargets | None = None,
         firewall: Firewall | None = None,
         kb: KnowledgeBase | None = None,
@@ -393,14 +410,17 @@ class UnansweredDetector:
 
     # -- classification ------------------------------------------------------------------
 
-    def classify(self, entry: CtEntry, since: float) -> _Classified:
-        """Why this request got no reply (module docstring); `since`: when its last
-        datagram came (the caller's clock)."""
+    def classify(self, entry: CtEntry, since: float) -> _Classified | None:
+        """Why this request got no reply (module docstring), None when another entry
+        answered it from the right source; `since`: when its last datagram came (the
+        caller's clock)."""
         orig, reply = entry.orig, entry.reply
         if self.stale is not None and self.stale.was_stale(entry):
             return _Classified("stale-nat", False, False, None)
-        if self.wrong is not None and self.wrong.replied_wrongly(reply.dst, reply.dport):
-            return _Classified("wrong-source", False, False, None)
+        if self.wrong is not None:
+            answer = self.wrong.answer_to(reply.dst, reply.dport)
+            if answer is not None:
+                return _Classified("wrong-source", False, False, None) if answer else None
         icmp = self._icmp
         if (unmap(orig.src), orig.sport, unmap(orig.dst), orig.dport) in icmp or (
             unmap(reply.dst), reply.dport, unmap(reply.src), reply.sport
@@ -441,6 +461,8 @@ class UnansweredDetector:
     ) -> tuple[UnansweredFinding, Change] | None:
         orig, reply = entry.orig, entry.reply
         why = self.classify(entry, since)
+        if why is None:
+            return None
         service = endpoint(orig.dst, orig.dport)
         key = (service, why.reason, why.one_way)
         old = self.findings.get(key)
@@ -473,9 +495,7 @@ class UnansweredDetector:
         natted = reply.src != orig.dst or reply.sport != orig.dport
         rules: tuple[str, ...] = ()
         if why.reason == "no-reply" and not why.one_way and self.firewall is not None:
-            rules = self.firewall.could_drop(orig.dport)
-            if natted and reply.sport != orig.dport:
-                rules += tuple(r for r in self.firewall.could_drop(reply.sport) if r not in rules)
+            rules = self.firewall.could_drop(reply.sport)  # the port replies leave from
         finding = UnansweredFinding(
             family="ipv6" if orig.family == socket.AF_INET6 else "ipv4",
             proto="udp",
@@ -501,8 +521,8 @@ class UnansweredDetector:
 
 _WHY: dict[UnansweredReason, str] = {
     "no-socket": "nothing was bound to {where}",
-    "no-reply": "{holder} receives them on {where} and never answered (the "
-    "application, or a firewall rule after conntrack)",
+    "no-reply": "{holder} receives them on {where} and no reply reached conntrack (the "
+    "application did not answer, or a rule dropped or untracked its replies)",
     "wrong-source": "the server answered from the wrong source address, which the "
     "clients refused (see the wrong-source findings)",
     "stale-nat": "a stale DNAT entry sent them to {where}, which no longer serves it",
@@ -534,5 +554,5 @@ def unanswered_text(finding: UnansweredFinding) -> str:
     if finding.confirmed:
         text += " (the host's ICMP port unreachable was seen)"
     if finding.rules:
-        text += "; rules that could drop them: " + "; ".join(finding.rules)
+        text += "; rules that can drop or untrack the replies: " + "; ".join(finding.rules)
     return text

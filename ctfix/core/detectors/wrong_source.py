@@ -184,8 +184,9 @@ class WrongSourceDetector:
             tuple[str, int, str, int], tuple[tuple[str, str, str], float, int | None]
         ] = {}
         self._icmp_seen: dict[tuple[str, int, str, int], float] = {}
-        # client (addr, port) a wrong-source reply went to -> when; for `replied_wrongly`
-        self._wrong_clients: dict[tuple[str, int], float] = {}
+        # client (addr, port) another entry answered -> (when, from the wrong source);
+        # for `answer_to`, in last-seen order
+        self._answers: dict[tuple[str, int], tuple[float, bool]] = {}
         self._matched = False  # set by _match: the entry answered a pending request
         self._probe = b""  # set by _match: packed orig dst + dport, reused by _remember
 
@@ -289,22 +290,29 @@ class WrongSourceDetector:
         for pair in old_icmp:
             del self._icmp_seen[pair]
         old_clients = []
-        for client, seen in self._wrong_clients.items():
+        for client, (seen, _wrong) in self._answers.items():
             if now - seen <= PAIR_MEMORY:
                 break
             old_clients.append(client)
         for client in old_clients:
-            del self._wrong_clients[client]
+            del self._answers[client]
         self.stats.pending = len(pending)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def replied_wrongly(self, address: str, port: int) -> bool:
-        """Whether a wrong-source reply went to this client (addr, port as the server
-        addressed it) within PAIR_MEMORY: what the unanswered detector asks."""
-        return (address, port) in self._wrong_clients
+    def answer_to(self, address: str, port: int) -> bool | None:
+        """What answered this client (addr, port as the server addressed it) from
+        another entry within PAIR_MEMORY: True a wrong-source reply, False a reply
+        from the right source (the snat-zone remedy's zoned reply), None nothing.
+        What the unanswered detector asks about a request whose entry saw no reply."""
+        answer = self._answers.get((address, port))
+        return None if answer is None else answer[1]
+
+    def _answered(self, client: tuple[str, int], now: float, wrong: bool) -> None:
+        self._answers.pop(client, None)
+        self._answers[client] = (now, wrong)
 
     @property
     def found(self) -> Collection[WrongSourceFinding]:
@@ -413,6 +421,7 @@ class WrongSourceDetector:
         if self.answered is not None:
             self.answered[client] = self.answered.get(client, False) or mismatch is not None
         if mismatch is None:
+            self._answered((orig.dst, orig.dport), now, wrong=False)
             return None
         pair = (actual[0], actual[1], orig.dst, orig.dport)
         known = self._pairs.get(pair)
@@ -446,8 +455,7 @@ class WrongSourceDetector:
         known = self._pairs.pop(pair, None)
         new_client = known is None or known[0] != key
         self._pairs[pair] = (key, now, entry.id)
-        self._wrong_clients.pop(pair[2:], None)
-        self._wrong_clients[pair[2:]] = now
+        self._answered(pair[2:], now, wrong=True)
         if old is None:
             if len(self.findings) >= self.max_findings:
                 return None
