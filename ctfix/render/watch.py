@@ -186,8 +186,8 @@ class WatchRenderer:
             _plural(record["new_flows"], "new UDP flow"),
             f"{record['lost']} lost",
             _plural(record["resyncs"], "resync"),
-            _plural(record["findings"], "finding"),
             _plural(record.get("unanswered", 0), "unanswered request"),
+            _plural(record["findings"], "finding"),
         ]
         self._write(f"summary: {', '.join(counts)}")
 
