@@ -309,3 +309,41 @@ def test_the_kernel_passes_only_destroy_events_of_unreplied_entries(short_lab: T
         ended.extend(event.entry for event in events.read())
     # The kernel deleted both; only the unanswered one's DESTROY reached user space.
     assert [(e.orig.dport, e.orig.sport) for e in ended] == [(7007, unanswered.client[1])]
+
+
+def _explain(topo: Topology, port: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctfix", "explain", str(port), "--netns", topo.host, "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    document: dict[str, Any] = json.loads(proc.stdout)
+    return document
+
+
+def test_explain_gives_the_same_reasons_from_the_table(tmp_path: Path) -> None:
+    with lab_topology(ipv6=False, netfilter="nft") as topo:
+        _silent(topo, 7010)
+        _rsyslog(topo, tmp_path)
+        udp_exchange(topo.container, UPLINK_V4, 7010, timeout=0.2)
+        udp_exchange(topo.container, UPLINK_V4, 7011, timeout=0.2)  # nothing bound
+        _syslog(topo)
+        for port in (7010, 7011, 514):
+            # Unreplied 2 s after their last datagram (default 30 s timeout: <= 27 left).
+            _until(f"port {port}'s entries to age", lambda port=port: bool(_entries(topo, port))
+                   and all(e.timeout is not None and e.timeout <= 27
+                           for e in _entries(topo, port)))
+        silent, down, syslog = (_explain(topo, port) for port in (7010, 7011, 514))
+
+    def codes(document: dict[str, Any]) -> list[str]:
+        return [r["code"] for r in document["reasons"] if r["code"].startswith("unanswered-")]
+
+    assert codes(silent) == ["unanswered-no-reply"]
+    assert [(u["service"], u["flows"]) for u in silent["unanswered"]] == [(f"{UPLINK_V4}:7010", 1)]
+    assert silent["unanswered"][0]["program"] == Path(sys.executable).name[:15]
+    assert codes(down) == ["unanswered-no-socket"]
+    assert down["service_down"] is True
+    assert codes(syslog) == ["unanswered-one-way"]
+    assert [(u["reason"], u["one_way"], u["flows"]) for u in syslog["unanswered"]] == [
+        ("no-reply", True, 3)
+    ]
