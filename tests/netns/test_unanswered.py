@@ -255,6 +255,17 @@ def _entries(topo: Topology, port: int) -> list[CtEntry]:
         return list(conntrack.dump(proto=17, port=port))
 
 
+def _aged(topo: Topology, port: int) -> Callable[[], bool]:
+    """The port's entries are there, each past the 2 s grace after its last datagram
+    (under the default 30 s timeout, at most 27 s are left)."""
+
+    def aged() -> bool:
+        entries = _entries(topo, port)
+        return bool(entries) and all(e.timeout is not None and e.timeout <= 27 for e in entries)
+
+    return aged
+
+
 def test_exit_status_ignores_one_way_flows_and_counts_existing_ones(tmp_path: Path) -> None:
     """Requests already in the table when watch starts (older than its grace) are
     counted from its start-up dump (`existing`). With only a one-way service's, a timed
@@ -263,13 +274,7 @@ def test_exit_status_ignores_one_way_flows_and_counts_existing_ones(tmp_path: Pa
         _rsyslog(topo, tmp_path)
         _syslog(topo)
 
-        def aged(port: int) -> Callable[[], bool]:
-            # The default 30 s timeout: an entry 2 s past its last datagram has <= 28 left.
-            return lambda: bool(_entries(topo, port)) and all(
-                e.timeout is not None and e.timeout <= 27 for e in _entries(topo, port)
-            )
-
-        _until("the syslog entries to age", aged(514))
+        _until("the syslog entries to age", _aged(topo, 514))
         quiet = subprocess.run(
             [*WATCH, "--netns", topo.host, "--duration", "0.5"], capture_output=True, text=True,
             timeout=60,
@@ -279,7 +284,7 @@ def test_exit_status_ignores_one_way_flows_and_counts_existing_ones(tmp_path: Pa
         assert (syslog["one_way"], syslog["existing"], syslog["flows"]) == (True, True, 3)
 
         udp_exchange(topo.container, UPLINK_V4, 7005, timeout=0.2)
-        _until("the unanswered entry to age", aged(7005))
+        _until("the unanswered entry to age", _aged(topo, 7005))
         down = subprocess.run(
             [*WATCH, "--netns", topo.host, "--duration", "0.5"], capture_output=True, text=True,
             timeout=60,
@@ -329,10 +334,7 @@ def test_explain_gives_the_same_reasons_from_the_table(tmp_path: Path) -> None:
         udp_exchange(topo.container, UPLINK_V4, 7011, timeout=0.2)  # nothing bound
         _syslog(topo)
         for port in (7010, 7011, 514):
-            # Unreplied 2 s after their last datagram (default 30 s timeout: <= 27 left).
-            _until(f"port {port}'s entries to age", lambda port=port: bool(_entries(topo, port))
-                   and all(e.timeout is not None and e.timeout <= 27
-                           for e in _entries(topo, port)))
+            _until(f"port {port}'s entries to age", _aged(topo, port))
         silent, down, syslog = (_explain(topo, port) for port in (7010, 7011, 514))
 
     def codes(document: dict[str, Any]) -> list[str]:

@@ -1,0 +1,224 @@
+"""Benchmark what the unanswered detector costs `ctfix watch` (root, namespaces).
+
+    sudo .venv/bin/python bench/unanswered_bench.py [--flows 100000] [--events 400000]
+
+1. hot path: NEW events (recorded-style ctnetlink messages, every one a new client)
+   through watch's loop body (decode, then feed) in this process, composed as before
+   the unanswered detector (`one_feed` of the wrong-source detector) and as now
+   (`feeds_by_kind` of both detectors); best of 5, ns/event and the ratio.
+2. DESTROY wave: `--flows` single-datagram flows to ports nothing is bound to, with a
+   5 s nf_conntrack_udp_timeout: their entries end unreplied within seconds of each
+   other, and every one is a DESTROY event watch must read. `ctfix watch --json` and
+   `conntrack -E -e DESTROY -p udp -b 64MiB` (the reference) listen in the same run:
+   events seen, the wave's rate, and watch's CPU time per DESTROY event (the process's
+   utime+stime during the wave only).
+3. the ICMP tap: the host namespace sends `--events` datagrams to a sink in the
+   container, with and without watch's packet socket for sent port unreachables
+   (ctfix.platform.icmp.SentUnreachable) open; best of 3 of each, ns per datagram.
+
+Know before changing: figures are printed, never asserted (the machine decides);
+only documentation addresses, only namespaces this script creates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.flows import blast
+from ctfix.core import decode
+from ctfix.core.detectors import Detector, feeds_by_kind, one_feed
+from ctfix.core.detectors.unanswered import UnansweredDetector, UnansweredFinding
+from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
+from ctfix.lab.topology import CONTAINER_V4, UPLINK_V4, Topology, lab_topology
+from ctfix.platform import netns
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = frozenset({UPLINK_V4, "192.0.2.1"})
+
+
+def _nla(nla_type: int, payload: bytes) -> bytes:
+    return decode.nla(nla_type, payload)
+
+
+def new_message(client: str, sport: int, server: str, dport: int) -> bytes:
+    """A ctnetlink NEW event as the kernel lays it out (IPv4 UDP, unreplied)."""
+
+    def tuple_attr(which: int, src: str, dst: str, s: int, d: int) -> bytes:
+        ip = _nla(decode.CTA_TUPLE_IP | decode.NLA_F_NESTED,
+                  _nla(decode.CTA_IP_V4_SRC, socket.inet_aton(src))
+                  + _nla(decode.CTA_IP_V4_DST, socket.inet_aton(dst)))
+        proto = _nla(decode.CTA_TUPLE_PROTO | decode.NLA_F_NESTED,
+                     _nla(decode.CTA_PROTO_NUM, bytes([17]))
+                     + _nla(decode.CTA_PROTO_SRC_PORT, struct.pack(">H", s))
+                     + _nla(decode.CTA_PROTO_DST_PORT, struct.pack(">H", d)))
+        return _nla(which | decode.NLA_F_NESTED, ip + proto)
+
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0)
+    body += tuple_attr(decode.CTA_TUPLE_ORIG, client, server, sport, dport)
+    body += tuple_attr(decode.CTA_TUPLE_REPLY, server, client, dport, sport)
+    body += _nla(decode.CTA_ID, struct.pack(">I", sport))
+    body += _nla(decode.CTA_STATUS, struct.pack(">I", 0x188))
+    body += _nla(decode.CTA_TIMEOUT, struct.pack(">I", 30))
+    header = struct.pack("=IHHII", 16 + len(body), decode.MSG_CT_NEW,
+                         decode.NLM_F_CREATE | decode.NLM_F_EXCL, 0, 0)
+    return header + body
+
+
+def hot_path(events: int) -> tuple[float, float]:
+    """ns/event before (one_feed, wrong-source alone) and now (feeds_by_kind)."""
+    messages = [
+        new_message(f"203.0.113.{1 + i % 250}", 1024 + (i // 250) % 60000, UPLINK_V4, 53)
+        for i in range(events)
+    ]
+    decode_event = decode.decode_event
+
+    def before() -> float:
+        wrong = WrongSourceDetector(local_addresses=LOCAL)
+        feed = one_feed([wrong], lambda found: None)
+        start = time.perf_counter()
+        for view in messages:
+            event = decode_event(view)
+            if event is not None:
+                feed(event, 1.0)
+        return time.perf_counter() - start
+
+    def now() -> float:
+        wrong = WrongSourceDetector(local_addresses=LOCAL)
+        unanswered = UnansweredDetector(local_addresses=LOCAL, wrong=wrong)
+        detectors: list[Detector[WrongSourceFinding | UnansweredFinding]] = [wrong, unanswered]
+        feeds = feeds_by_kind(detectors, lambda found: None)
+        start = time.perf_counter()
+        for view in messages:
+            event = decode_event(view)
+            if event is not None:
+                feeds[event[0]](event, 1.0)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    for _ in range(5):  # interleaved, so that load on the machine hits both alike
+        times["before"].append(before())
+        times["now"].append(now())
+    return 1e9 * min(times["before"]) / events, 1e9 * min(times["now"]) / events
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _count(topo: Topology) -> int:
+    return int(topo.run(topo.host, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
+
+
+def destroy_wave(flows: int) -> None:
+    with lab_topology(ipv6=False, netfilter="nft") as topo:
+        topo.run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=5")
+        out_ct = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the process
+        reference = topo.spawn(
+            topo.host,
+            ["conntrack", "-E", "-e", "DESTROY", "-p", "udp", "-b", str(64 << 20),
+             "-o", "timestamp"],
+            stdout=out_ct.fileno(),
+        )
+        err = tempfile.NamedTemporaryFile("w+")  # noqa: SIM115 - closed below
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "ctfix", "watch", "--netns", topo.host, "--json"],
+            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+        )
+        while "watching" not in Path(err.name).read_text():
+            time.sleep(0.05)
+        baseline = _count(topo)
+        sent = blast(topo.container, CONTAINER_V4, UPLINK_V4, flows, (7, 9, 13, 19))
+        cpu_start = _cpu(watch.pid)
+        # The wave: until the kernel has destroyed them all, then a moment to drain.
+        deadline = time.monotonic() + 120
+        while _count(topo) > baseline + 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+        cpu = _cpu(watch.pid) - cpu_start
+        watch.send_signal(signal.SIGTERM)
+        stdout, _ = watch.communicate(timeout=60)
+        topo.stop(reference)
+        out_ct.seek(0)
+        stamps = [
+            float(line[1:line.index("]")]) for line in out_ct if "[DESTROY]" in line
+        ]
+    summary = json.loads(stdout.splitlines()[-1])
+    counted = summary["unanswered"] + summary["unanswered_uncounted"]
+    wave = max(stamps) - min(stamps) if len(stamps) > 1 else 0.0
+    print(f"destroy wave: {flows} unanswered flows sent in {sent:.2f} s; their entries ended "
+          f"over {wave:.2f} s ({len(stamps) / max(wave, 1e-9):,.0f} DESTROY events/s)")
+    print(f"  conntrack -E -e DESTROY -p udp -b 64MiB saw {len(stamps)} "
+          f"({100 * len(stamps) / flows:.1f}%)")
+    print(f"  ctfix watch counted {counted} ({100 * counted / flows:.1f}%; "
+          f"{summary['unanswered_uncounted']} past the service cap); lost {summary['lost']}, "
+          f"resyncs {summary['resyncs']}; ratio watch/conntrack "
+          f"{counted / max(1, len(stamps)):.3f}")
+    print(f"  ctfix watch CPU during the wave {cpu:.2f} s = "
+          f"{1e6 * cpu / max(1, counted):.1f} us per DESTROY event")
+
+
+def tap_cost(datagrams: int) -> None:
+    from ctfix.platform.icmp import SentUnreachable
+
+    with lab_topology(ipv6=False, netfilter="nft") as topo:
+        with netns.entered(topo.container):
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with netns.entered(topo.host):
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind((CONTAINER_V4, 9999))
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # drops: no backlog
+        sender.connect((CONTAINER_V4, 9999))
+
+        def run() -> float:
+            send = sender.send
+            start = time.perf_counter()
+            for _ in range(datagrams):
+                send(b"x")
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {"without": [], "with": []}
+        for _ in range(3):
+            times["without"].append(run())
+            with netns.entered(topo.host):
+                tap = SentUnreachable()
+            try:
+                times["with"].append(run())
+            finally:
+                tap.close()
+        sink.close()
+        sender.close()
+    without, with_tap = (1e9 * min(times[k]) / datagrams for k in ("without", "with"))
+    print(f"icmp tap: {datagrams} datagrams sent by the host namespace, {without:.0f} ns each "
+          f"without the tap, {with_tap:.0f} ns with it ({with_tap / without:.2f}x)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flows", type=int, default=100_000)
+    parser.add_argument("--events", type=int, default=400_000)
+    args = parser.parse_args()
+    before, now = hot_path(args.events)
+    print(f"hot path: {args.events} NEW events, decode + feed: {before:.0f} ns/event with "
+          f"the wrong-source detector alone, {now:.0f} ns/event composed with the "
+          f"unanswered detector ({now / before:.3f}x)")
+    destroy_wave(args.flows)
+    tap_cost(args.events)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
