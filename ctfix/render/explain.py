@@ -26,6 +26,8 @@ WHY = (
     "ICMP port unreachable."
 )
 
+UNANSWERED_RUNBOOK = "Runbook for unanswered requests: docs/runbooks/udp-unanswered.md"
+
 _VERDICT_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN"}
 _VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broken": ("red", "bold")}
 
@@ -260,6 +262,8 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
         out.append("  no wrong-source replies in the table")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
     out += [f"  {_unanswered_line(u)}" for u in d.unanswered]
+    if any(not u.one_way for u in d.unanswered):
+        out.append(f"  {UNANSWERED_RUNBOOK}")
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
@@ -315,6 +319,8 @@ def render_markdown(d: Diagnosis) -> str:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
     out += [f"- {_unanswered_line(u)}" for u in d.unanswered]
+    if any(not u.one_way for u in d.unanswered):
+        out.append(f"- {UNANSWERED_RUNBOOK}")
     if d.rules:
         out += ["", "### Netfilter rules on the port", ""]
         for r in d.rules:
