@@ -12,10 +12,11 @@ from ctfix.errors import CtfixError, PrivilegeError
 def add_netns_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--netns",
-        metavar="NAME|PATH|pid:PID",
+        metavar="NAME|PATH|pid:PID|container:NAME",
         default=None,
         help="work in this network namespace: an `ip netns` name, a path such as "
-        "/proc/PID/ns/net, or pid:PID (default: the current namespace)",
+        "/proc/PID/ns/net, pid:PID, or container:NAME_OR_ID (Docker, Podman, or a CRI "
+        "runtime whose socket answers) (default: the current namespace)",
     )
 
 

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctfix.core import rules
     from ctfix.core.diagnose import diagnose
-    from ctfix.platform import snapshot
+    from ctfix.platform import containers, snapshot
     from ctfix.render import explain as render
 
     if args.json and args.format != "text":
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     require_root("ctfix explain (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)
-    diagnosis = diagnose(snap, kb)
+    diagnosis = containers.annotate(diagnose(snap, kb))
     fmt = "json" if args.json else args.format
     if fmt == "json":
         sys.stdout.write(render.render_json(diagnosis))

@@ -320,7 +320,8 @@ def _serves(listener: Listener) -> tuple[str, ...]:
 def _who(listener: Listener) -> str:
     name = listener.process or "an unknown process"
     pid = f" (pid {listener.pid})" if listener.pid is not None else ""
-    unit = f" in {listener.unit}" if listener.unit else ""
+    ref = listener.container
+    unit = f" in container {ref.name}" if ref else f" in {listener.unit}" if listener.unit else ""
     return f"{name}{pid}{unit}"
 
 

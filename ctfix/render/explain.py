@@ -14,7 +14,8 @@ import textwrap
 from typing import Any
 
 from ctfix.core.diagnose import recommended_first, wrong_text
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
+from ctfix.render.container import container_json, container_text
 from ctfix.render.style import Style
 
 WHY = (
@@ -35,6 +36,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
     return {
         "port": d.port,
         "netns": d.netns,
+        "netns_container": container_json(d.netns_container),
         "verdict": d.verdict,
         "reasons": list(d.reasons),
         "service": d.service,
@@ -51,6 +53,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "peer": lst.peer,
                 "cmdline": list(lst.cmdline),
                 "unit": lst.unit,
+                "container": container_json(lst.container),
             }
             for lst in d.listeners
         ],
@@ -77,6 +80,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     "count": w.count,
                     "clients": w.clients,
                     "client_network": w.client_network,
+                    "container": container_json(w.container),
                 }
                 for w in d.evidence.wrong_source
             ],
@@ -129,10 +133,26 @@ def _listener_line(lst: Listener) -> str:
         extra.append("v6only" if lst.v6only else "dual-stack")
     if lst.peer:
         extra.append(f"connected to {lst.peer}")
-    if lst.unit:
+    if lst.container is not None:
+        extra.append(container_text(lst.container))
+    elif lst.unit:
         extra.append(lst.unit)
     tail = f" ({', '.join(extra)})" if extra else ""
     return f"{who} ({pid}) {lst.state} on {where}{tail}"
+
+
+def _netns_text(d: Diagnosis) -> str:
+    """The namespace as given, and whose it is when a container's (and not said)."""
+    ref = d.netns_container
+    if ref is None or d.netns in (f"container:{ref.name}", f"container:{ref.id}"):
+        return d.netns
+    return f"{d.netns} ({container_text(ref)})"
+
+
+def _wrong_line(w: WrongSourceReply) -> str:
+    """A wrong-source record, with the container of its (latest) client if known."""
+    text = wrong_text(w)
+    return f"{text} ({container_text(w.container)})" if w.container else text
 
 
 def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
@@ -193,7 +213,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     tail = _headline_tail(d)
     if d.service_down:
         tail = s(tail, "red", "bold")
-    out = [f"UDP port {d.port} in namespace {d.netns}: {verdict}{tail}", ""]
+    out = [f"UDP port {d.port} in namespace {_netns_text(d)}: {verdict}{tail}", ""]
 
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
@@ -227,7 +247,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     out += ["", s("Evidence (conntrack, this port)", "bold")]
     if ev.wrong_source:
         for w in ev.wrong_source:
-            out.append(f"  {s('wrong source', 'red')}: {wrong_text(w)}")
+            out.append(f"  {s('wrong source', 'red')}: {_wrong_line(w)}")
     else:
         out.append("  no wrong-source replies in the table")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
@@ -255,7 +275,7 @@ def _md_escape(text: str) -> str:
 
 def render_markdown(d: Diagnosis) -> str:
     out = [
-        f"## UDP port {d.port} (namespace `{d.netns}`): **{_VERDICT_WORDS[d.verdict]}**"
+        f"## UDP port {d.port} (namespace `{_netns_text(d)}`): **{_VERDICT_WORDS[d.verdict]}**"
         + _headline_tail(d),
         "",
     ]
@@ -281,7 +301,7 @@ def render_markdown(d: Diagnosis) -> str:
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
     for w in ev.wrong_source:
-        out.append(f"- wrong source: {wrong_text(w)}")
+        out.append(f"- wrong source: {_wrong_line(w)}")
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
