@@ -482,3 +482,11 @@ def cri_version(path: str) -> str | None:
             fields = dict(pb_fields(answer))
             return f"{_text(fields.get(2, b''))} {_text(fields.get(3, b''))}".strip()
     return None
+
+
+def cri_version_or_none(path: str) -> str | None:
+    """Like `cri_version`, but None also when the socket does not answer (yet)."""
+    try:
+        return cri_version(path)
+    except EngineUnavailable:
+        return None

@@ -34,7 +34,8 @@ BRIDGE_V4 = "203.0.113.1"
 IMAGE = "ctfix-tiny:1"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
-_ROOT_LEFTOVERS = ("/etc/docker/key.json", "/run/docker")
+#: what dockerd and its containerd shims make outside their roots
+_ROOT_LEFTOVERS = ("/etc/docker/key.json", "/run/docker", "/run/containerd")
 
 
 def docker_client(dockerd: str) -> str | None:
@@ -192,6 +193,18 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
+def _remove_if_unused(path: str) -> None:
+    """Remove a file, or a directory tree with no file left in it (an engine started
+    meanwhile by another test run may still use one)."""
+    if not os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return
+    for current, _dirs, _files in sorted(os.walk(path), key=lambda e: -len(e[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(current)
+
+
 def _docker_cgroups() -> set[str]:
     return {str(p) for p in Path("/sys/fs/cgroup").glob("*/docker")} | (
         {"/sys/fs/cgroup/docker"} if Path("/sys/fs/cgroup/docker").is_dir() else set()
@@ -274,8 +287,7 @@ def docker_engine(netns: str, bridge: str = BRIDGE_CIDR) -> Iterator[DockerEngin
         shutil.rmtree(root, ignore_errors=True)
         for path, was_there in existed.items():
             if not was_there:
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                _remove_if_unused(path)
         for cgroup in sorted(_docker_cgroups() - cgroups_before):
             with contextlib.suppress(OSError):
                 os.rmdir(cgroup)  # only when empty: another engine may still use it
