@@ -35,10 +35,20 @@ def add_rules_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def port_number(text: str) -> int:
-    """argparse type for a UDP port: 1-65535."""
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
-    return int(text)
+    """argparse type for a UDP port: 1-65535, or a UDP service name from /etc/services
+    (`domain`, `ntp`), as ss and tcpdump take them."""
+    if text.isascii() and text.isdigit():
+        if not 1 <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
+        return int(text)
+    import socket
+
+    try:
+        return socket.getservbyname(text, "udp")
+    except (OSError, ValueError, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a UDP port (1-65535) nor a UDP service name in /etc/services"
+        ) from None
 
 
 def require_root(what: str, capability: str = "CAP_NET_ADMIN") -> None:

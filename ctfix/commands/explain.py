@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(render.render_markdown(diagnosis))
     else:
         from ctfix.render.style import Style
+        from ctfix.render.width import terminal_width
 
-        sys.stdout.write(render.render_text(diagnosis, Style.for_stream(sys.stdout)))
+        style, width = Style.for_stream(sys.stdout), terminal_width(sys.stdout)
+        sys.stdout.write(render.render_text(diagnosis, style, width))
     return exit_status(diagnosis)
 
 
