@@ -641,7 +641,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         reasons.append(
             f"Nothing is bound to UDP port {port} in this namespace: check the port "
             "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
-            "(a container: --netns pid:PID)."
+            "(a container: --netns container:NAME or pid:PID)."
         )
     for listener in snapshot.listeners:
         info = known[id(listener)]

@@ -237,11 +237,15 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for index, row in enumerate(rows):
-            cells = [row[i].ljust(widths[i]) for i in range(4)]
-            line = "  " + "  ".join(cells) + "  " + row[4]
-            if index and row[4] != "ok":
-                line = "  " + "  ".join(cells) + "  " + s(row[4], "red")
-            out.append(line.rstrip())
+            cells = "  " + "  ".join(row[i].ljust(widths[i]) for i in range(4))
+            status = s(row[4], "red") if index and row[4] != "ok" else row[4]
+            if w is not None and len(cells.rstrip()) + 2 + len(row[4]) > w:
+                # Too wide for the terminal: the status goes under its row.
+                out.append(cells.rstrip())
+                if row[4]:
+                    out.append(_wrap(status, "      ", w))
+            else:
+                out.append(f"{cells}  {status}".rstrip())
 
     ev = d.evidence
     out += ["", s("Evidence (conntrack, this port)", "bold")]
