@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ctfix.core.model import ContainerRef, Diagnosis
 from ctfix.errors import CtfixError
 from ctfix.platform import engines
+from ctfix.platform.procfs import read_text
 
 POD_LABEL = "io.kubernetes.pod.name"
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
@@ -90,14 +91,6 @@ def container_from_cgroup(text: str) -> CgroupContainer | None:
     return None
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return None
-
-
 def _netns_key(path: str) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -161,7 +154,7 @@ class Resolver:
         return cached
 
     def for_pid(self, pid: int) -> ContainerRef | None:
-        return self.for_cgroup(_read(f"{self.proc}/{pid}/cgroup") or "")
+        return self.for_cgroup(read_text(f"{self.proc}/{pid}/cgroup") or "")
 
     # -- by network namespace --------------------------------------------------------
 
@@ -202,7 +195,7 @@ class Resolver:
             addresses: dict[str, tuple[int, int]] = {}
             host = _netns_key(f"{self.proc}/1/ns/net")
             for key, pids in self._namespace_members().items():
-                cgroup = _read(f"{self.proc}/{pids[0]}/cgroup") or ""
+                cgroup = read_text(f"{self.proc}/{pids[0]}/cgroup") or ""
                 if key == host or container_from_cgroup(cgroup) is None:
                     continue
                 path = f"{self.proc}/{pids[0]}/ns/net"

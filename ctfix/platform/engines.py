@@ -129,6 +129,19 @@ def find(engine: Engine, name_or_id: str) -> list[EngineContainer]:
 # -- Docker (and Podman's Docker-compatible API) ---------------------------------------
 
 
+def _unavailable(err: Exception, timeout: float) -> EngineUnavailable:
+    """An engine socket's failure in the words a person needs."""
+    if isinstance(err, FileNotFoundError):
+        return EngineUnavailable("no such socket")
+    if isinstance(err, PermissionError):
+        return EngineUnavailable("permission denied")
+    if isinstance(err, ConnectionRefusedError):
+        return EngineUnavailable("connection refused (is the daemon running?)")
+    if isinstance(err, TimeoutError):
+        return EngineUnavailable(f"no answer within {timeout:g} s")
+    return EngineUnavailable(f"{type(err).__name__}: {err}")
+
+
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -153,16 +166,8 @@ def docker_get(path: str, url: str, timeout: float = TIMEOUT) -> Any:
         conn.request("GET", url, headers={"Accept": "application/json"})
         response = conn.getresponse()
         body = response.read(MAX_ANSWER + 1)
-    except FileNotFoundError:
-        raise EngineUnavailable("no such socket") from None
-    except PermissionError:
-        raise EngineUnavailable("permission denied") from None
-    except ConnectionRefusedError:
-        raise EngineUnavailable("connection refused (is the daemon running?)") from None
-    except TimeoutError:
-        raise EngineUnavailable(f"no answer within {timeout:g} s") from None
     except (OSError, http.client.HTTPException) as err:
-        raise EngineUnavailable(f"{type(err).__name__}: {err}") from None
+        raise _unavailable(err, timeout) from None
     finally:
         conn.close()
     if response.status == 404:
@@ -297,16 +302,8 @@ def grpc_unary(path: str, method: str, message: bytes, timeout: float = TIMEOUT)
                     data += payload[1 if flags & 0x8 else 0 : len(payload) - pad]
                 if flags & _END_STREAM:
                     break
-    except FileNotFoundError:
-        raise EngineUnavailable("no such socket") from None
-    except PermissionError:
-        raise EngineUnavailable("permission denied") from None
-    except ConnectionRefusedError:
-        raise EngineUnavailable("connection refused (is the daemon running?)") from None
-    except TimeoutError:
-        raise EngineUnavailable(f"no answer within {timeout:g} s") from None
     except OSError as err:
-        raise EngineUnavailable(f"{type(err).__name__}: {err}") from None
+        raise _unavailable(err, timeout) from None
     finally:
         sock.close()
     if len(data) < 5:

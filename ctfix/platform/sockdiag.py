@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ctfix.core.model import ContainerRef, Listener
 from ctfix.platform import nlsock
+from ctfix.platform.procfs import read_text
 
 SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_SKV6ONLY = 11
@@ -136,19 +137,11 @@ def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner
     return owners
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return None
-
-
 def _owner(pid: int, proc: str) -> Owner:
-    comm = _read(f"{proc}/{pid}/comm")
-    raw_cmdline = _read(f"{proc}/{pid}/cmdline") or ""
+    comm = read_text(f"{proc}/{pid}/comm")
+    raw_cmdline = read_text(f"{proc}/{pid}/cmdline") or ""
     cmdline = tuple(part for part in raw_cmdline.split("\0") if part)
-    cgroup = _read(f"{proc}/{pid}/cgroup") or ""
+    cgroup = read_text(f"{proc}/{pid}/cgroup") or ""
     from ctfix.platform import containers
 
     return Owner(

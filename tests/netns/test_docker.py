@@ -52,7 +52,9 @@ def ask(engine: DockerEngine, container: str, server: str, port: int) -> dict[st
     return result
 
 
-def explain(engine: DockerEngine, port: int, netns: str, *extra: str) -> tuple[int, str, str]:
+def explain(
+    engine: DockerEngine, port: int | str, netns: str, *extra: str
+) -> tuple[int, str, str]:
     proc = subprocess.run(
         [sys.executable, "-m", "ctfix", "explain", str(port), "--netns", netns, *extra],
         capture_output=True,
@@ -63,7 +65,7 @@ def explain(engine: DockerEngine, port: int, netns: str, *extra: str) -> tuple[i
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def explain_json(engine: DockerEngine, port: int, netns: str) -> dict[str, Any]:
+def explain_json(engine: DockerEngine, port: int | str, netns: str) -> dict[str, Any]:
     status, out, err = explain(engine, port, netns, "--json")
     assert err == "", err
     result: dict[str, Any] = json.loads(out)
@@ -118,6 +120,8 @@ def test_listener_in_a_container_is_named_and_container_netns_works(
         }
     _status, text, _err = explain(engine, HOST_PORT, "container:dns-server")
     assert any("socat" in line and "dns-server" in line for line in text.splitlines()), text
+    # A port by its /etc/services name, as ss and tcpdump take it.
+    assert explain_json(engine, "domain", "container:dns-server")["port"] == 53
 
 
 def test_container_netns_errors_are_one_line(docker_lab: tuple[Topology, DockerEngine]) -> None:
