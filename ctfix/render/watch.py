@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from ctfix.core.detectors.unanswered import UnansweredFinding, unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
 from ctfix.render.style import Style, use_colour
+from ctfix.render.width import fill, terminal_width
 
 
 def timestamp(seconds: float) -> str:
@@ -106,6 +107,8 @@ class WatchRenderer:
         self.json = json_lines
         self.netns = netns
         self.style = Style(use_colour(stream) and not json_lines)
+        #: a terminal's width: finding lines are filled at it (a pipe: one line each)
+        self.width = None if json_lines else terminal_width(stream)
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
@@ -123,7 +126,10 @@ class WatchRenderer:
         if finding.kind == "unanswered":
             self._write(self.unanswered_line(finding))
             return
-        self._write(self.finding_line(finding, update=update))
+        self._write(self._fit(self.finding_line(finding, update=update)))
+
+    def _fit(self, line: str, indent: str = "") -> str:
+        return fill(line, self.width, indent, "    ") if self.width else indent + line
 
     def unanswered_line(self, finding: UnansweredFinding) -> str:
         head = self.style("unanswered".upper(), "bold", "yellow")
@@ -173,8 +179,11 @@ class WatchRenderer:
             if finding.confirmed:
                 tags += ("confirmed",)
             self._write(
-                f"  {self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                f"{timestamp(finding.last_seen)}"
+                self._fit(
+                    f"{self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
+                    f"{timestamp(finding.last_seen)}",
+                    indent="  ",
+                )
             )
 
     def summary(self, record: dict[str, Any]) -> None:
