@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from ctfix.core.detectors.unanswered import Binding, Holder, dropping_rules
 from ctfix.core.model import Family
 from ctfix.errors import CtfixError
-from ctfix.platform import sockdiag
+from ctfix.platform import procfs, sockdiag
 
 
 class SocketView:
@@ -81,12 +81,14 @@ class SocketView:
 
 def process_started(pid: int, proc: str = "/proc") -> float | None:
     """When a process started, in time.time() seconds; None when /proc does not say."""
+    stat = procfs.read_text(f"{proc}/{pid}/stat")
+    system = procfs.read_text(f"{proc}/stat")
+    if stat is None or system is None:
+        return None
     try:
-        with open(f"{proc}/{pid}/stat") as fh:
-            stat = fh.read()
-        with open(f"{proc}/stat") as fh:
-            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError, IndexError):
+        btime = next(line for line in system.splitlines() if line.startswith("btime "))
+        boot = int(btime.split()[1])
+    except (StopIteration, ValueError, IndexError):
         return None
     # Field 22 (starttime), counted after the parenthesised comm, which may hold spaces.
     fields = stat.rpartition(")")[2].split()
