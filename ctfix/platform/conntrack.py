@@ -16,7 +16,6 @@ layout costs speed, never events.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -27,12 +26,12 @@ from dataclasses import dataclass
 from ctfix.core import decode
 from ctfix.core.decode import CtEntry, CtEvent
 from ctfix.errors import MissingFeatureError, PrivilegeError
+from ctfix.platform import bpf
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 SO_RCVBUFFORCE = 33
-SO_ATTACH_FILTER = 26
 
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_UPDATE = 2
@@ -279,10 +278,7 @@ class EventSocket:
                 # Without CAP_NET_ADMIN only rmem_max applies; still better than nothing.
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             if self.udp_only:
-                program = _bpf_udp_only()
-                holder = ctypes.create_string_buffer(program, len(program))
-                fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(holder))
-                self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+                bpf.attach(self.sock, _bpf_udp_only())
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()

@@ -22,10 +22,11 @@ with nothing bound, never on a host where everything answers.
 
 from __future__ import annotations
 
-import ctypes
 import socket
 import struct
 from typing import NamedTuple
+
+from ctfix.platform import bpf
 
 ICMP6_FILTER = 1
 ICMP_DEST_UNREACH = 3
@@ -132,7 +133,6 @@ ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
-SO_ATTACH_FILTER = 26
 _SKF_AD_OFF = -0x1000
 _SKF_AD_PROTOCOL = 0
 _SKF_AD_PKTTYPE = 4
@@ -172,10 +172,7 @@ class SentUnreachable:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         try:
-            program = _bpf_sent_unreachable()
-            holder = ctypes.create_string_buffer(program, len(program))
-            fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(holder))
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            bpf.attach(self.sock, _bpf_sent_unreachable())
             self.sock.setblocking(False)
         except BaseException:
             self.sock.close()
