@@ -25,8 +25,9 @@ from ctfix.core.model import Listener
 from ctfix.core.rules import load
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, Snapshot
 from ctfix.render.explain import to_json_obj
+from tests.unit.test_wrong_source import LOCAL
+from tests.unit.test_wrong_source import flow as wrong_source_flow
 
-LOCAL = frozenset({"198.51.100.13", "192.0.2.1", "2001:db8:2::13", "2001:db8:1::1"})
 KB = load(builtin=True)
 
 
@@ -42,10 +43,12 @@ def flow(
     timeout: int | None = None,
     ct_id: int | None = None,
 ) -> CtEntry:
-    family = socket.AF_INET6 if ":" in src else socket.AF_INET
-    orig = CtTuple(src, dst, sport, dport, 17, family)
-    reply = CtTuple(reply_src or dst, src, reply_sport or dport, sport, 17, family)
-    return CtEntry(orig, reply, status=status, timeout=timeout, id=ct_id)
+    """test_wrong_source's entry, with the time left and the id dumps carry (no timeout:
+    an entry of unknown age, taken as old)."""
+    entry = wrong_source_flow(
+        src, sport, dst, dport, reply_src=reply_src, reply_sport=reply_sport, status=status
+    )
+    return entry._replace(timeout=timeout, id=ct_id)
 
 
 def ended(entry: CtEntry) -> CtEvent:
