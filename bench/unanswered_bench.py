@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import struct
@@ -37,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.flows import blast
+from bench.watch_bench import process_cpu
 from ctfix.core import decode
 from ctfix.core.detectors import Detector, feeds_by_kind, one_feed
 from ctfix.core.detectors.unanswered import UnansweredDetector, UnansweredFinding
@@ -113,12 +113,6 @@ def hot_path(events: int) -> tuple[float, float]:
     return 1e9 * min(times["before"]) / events, 1e9 * min(times["now"]) / events
 
 
-def _cpu(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _count(topo: Topology) -> int:
     return int(topo.run(topo.host, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
 
@@ -142,13 +136,13 @@ def destroy_wave(flows: int) -> None:
             time.sleep(0.05)
         baseline = _count(topo)
         sent = blast(topo.container, CONTAINER_V4, UPLINK_V4, flows, (7, 9, 13, 19))
-        cpu_start = _cpu(watch.pid)
+        cpu_start = process_cpu(watch.pid)
         # The wave: until the kernel has destroyed them all, then a moment to drain.
         deadline = time.monotonic() + 120
         while _count(topo) > baseline + 10 and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2.0)
-        cpu = _cpu(watch.pid) - cpu_start
+        cpu = process_cpu(watch.pid) - cpu_start
         watch.send_signal(signal.SIGTERM)
         stdout, _ = watch.communicate(timeout=60)
         topo.stop(reference)
