@@ -2,10 +2,13 @@
 
     sudo .venv/bin/python bench/unanswered_bench.py [--flows 100000] [--events 400000]
 
-1. hot path: NEW events (recorded-style ctnetlink messages, every one a new client)
-   through watch's loop body (decode, then feed) in this process, composed as before
+1. dispatch: what composing by event kind adds to each event's call (timeit, the
+   same trivial feed behind both); hot path: NEW events (ctnetlink messages laid out
+   as the kernel's, every one a new client)
+   through watch's loop body (decode, then feed), composed as before
    the unanswered detector (`one_feed` of the wrong-source detector) and as now
-   (`feeds_by_kind` of both detectors); best of 7, ns/event and the ratio.
+   (`feeds_by_kind` of both detectors), each run in a fresh interpreter; best of 7,
+   ns/event and the ratio.
 2. DESTROY wave: `--flows` single-datagram flows to ports nothing is bound to, with a
    5 s nf_conntrack_udp_timeout: their entries end unreplied within seconds of each
    other, and every one is a DESTROY event watch must read. `ctfix watch --json` and
@@ -76,41 +79,74 @@ def new_message(client: str, sport: int, server: str, dport: int) -> bytes:
     return header + body
 
 
-def hot_path(events: int) -> tuple[float, float]:
-    """ns/event before (one_feed, wrong-source alone) and now (feeds_by_kind)."""
+def hot_path_once(variant: str, events: int) -> float:
+    """ns/event of watch's loop body over `events` NEW messages, composed as `variant`
+    says: "before" (`one_feed` of the wrong-source detector alone) or "now"
+    (`feeds_by_kind` of it and the unanswered detector)."""
     messages = [
         new_message(f"203.0.113.{1 + i % 250}", 1024 + (i // 250) % 60000, UPLINK_V4, 53)
         for i in range(events)
     ]
     decode_event = decode.decode_event
-
-    def before() -> float:
-        wrong = WrongSourceDetector(local_addresses=LOCAL)
+    wrong = WrongSourceDetector(local_addresses=LOCAL)
+    if variant == "before":
         feed = one_feed([wrong], lambda found: None)
         start = time.perf_counter()
         for view in messages:
             event = decode_event(view)
             if event is not None:
                 feed(event, 1.0)
-        return time.perf_counter() - start
+        return 1e9 * (time.perf_counter() - start) / events
+    unanswered = UnansweredDetector(local_addresses=LOCAL, wrong=wrong)
+    detectors: list[Detector[WrongSourceFinding | UnansweredFinding]] = [wrong, unanswered]
+    feeds = feeds_by_kind(detectors, lambda found: None)
+    start = time.perf_counter()
+    for view in messages:
+        event = decode_event(view)
+        if event is not None:
+            feeds[event[0]](event, 1.0)
+    return 1e9 * (time.perf_counter() - start) / events
 
-    def now() -> float:
-        wrong = WrongSourceDetector(local_addresses=LOCAL)
-        unanswered = UnansweredDetector(local_addresses=LOCAL, wrong=wrong)
-        detectors: list[Detector[WrongSourceFinding | UnansweredFinding]] = [wrong, unanswered]
-        feeds = feeds_by_kind(detectors, lambda found: None)
-        start = time.perf_counter()
-        for view in messages:
-            event = decode_event(view)
-            if event is not None:
-                feeds[event[0]](event, 1.0)
-        return time.perf_counter() - start
 
+def hot_path(events: int, rounds: int = 7) -> tuple[float, float]:
+    """Best of `rounds` of each variant, each run in a fresh interpreter (in one
+    process the second of two runs reuses the first's freed memory and looks ~20%
+    faster, whichever it is), alternating so that the machine's load hits both."""
     times: dict[str, list[float]] = {"before": [], "now": []}
-    for _ in range(7):  # interleaved, so that load on the machine hits both alike
-        times["before"].append(before())
-        times["now"].append(now())
-    return 1e9 * min(times["before"]) / events, 1e9 * min(times["now"]) / events
+    for _ in range(rounds):
+        for variant in times:
+            out = subprocess.run(
+                [sys.executable, __file__, "--hot-path", variant, "--events", str(events)],
+                capture_output=True, text=True, check=True, cwd=ROOT,
+            ).stdout
+            times[variant].append(float(out))
+    return min(times["before"]), min(times["now"])
+
+
+def dispatch_overhead() -> tuple[float, float]:
+    """ns per call of watch's feed as before (`feed(event, now)`) and now
+    (`feeds[event[0]](event, now)`), with the same trivial feed behind both: what the
+    composition adds to every event, free of the detector's own (noisy) work. timeit,
+    best of 25 repeats of 200,000 calls each, alternating."""
+    import timeit
+
+    class Trivial:
+        def feed(self, event: object, now: float) -> None:
+            del event, now
+
+    feed = Trivial().feed
+    feeds = (feed, feed, feed, feed, feed)
+    entry = decode.decode_entry(new_message("203.0.113.1", 1024, UPLINK_V4, 53))
+    assert entry is not None
+    event = decode.CtEvent(decode.NEW, entry)
+    best = {"before": float("inf"), "now": float("inf")}
+    for _ in range(25):
+        best["before"] = min(best["before"], timeit.timeit(
+            "feed(event, 1.0)", globals={"feed": feed, "event": event}, number=200_000))
+        best["now"] = min(best["now"], timeit.timeit(
+            "feeds[event[0]](event, 1.0)", globals={"feeds": feeds, "event": event},
+            number=200_000))
+    return 1e9 * best["before"] / 200_000, 1e9 * best["now"] / 200_000
 
 
 def _count(topo: Topology) -> int:
@@ -205,11 +241,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=100_000)
     parser.add_argument("--events", type=int, default=400_000)
+    parser.add_argument("--hot-path", choices=("before", "now"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hot_path:
+        print(hot_path_once(args.hot_path, args.events))
+        return 0
+    plain, indexed = dispatch_overhead()
+    print(f"dispatch: {plain:.0f} ns per feed call as before, {indexed:.0f} ns through the "
+          f"feeds by kind (+{indexed - plain:.0f} ns per event)")
     before, now = hot_path(args.events)
     print(f"hot path: {args.events} NEW events, decode + feed: {before:.0f} ns/event with "
           f"the wrong-source detector alone, {now:.0f} ns/event composed with the "
-          f"unanswered detector ({now / before:.3f}x)")
+          f"unanswered detector ({now / before:.3f}x; best of 7 runs each, and runs on "
+          "this loaded machine vary by +-30%)")
     destroy_wave(args.flows)
     tap_cost(args.events)
     return 0
