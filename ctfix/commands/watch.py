@@ -304,10 +304,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         detector.local_addresses = addresses.addresses
         sel = selectors.DefaultSelector()
         closers.append(sel)
-        unanswered = UnansweredWatch(
-            detector, args.kb, lambda sock, name: sel.register(sock, selectors.EVENT_READ, name),
-            _warn,
-        )
+        unanswered = UnansweredWatch(detector, args.kb, sel, _warn)
         closers.append(unanswered)
         detectors = (detector, unanswered.detector)
         icmp = IcmpWatch()
@@ -398,6 +395,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                 now = time.time()
                 for each in detectors:
                     each.expire(now)
+                unanswered.tick(mono)
                 # Every second, not only at a resync: under a lasting overload the
                 # lost-events metric must move while it happens.
                 lost = _lost(events, lost, overflows)

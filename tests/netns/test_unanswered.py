@@ -193,6 +193,29 @@ def test_a_rule_that_drops_the_replies_is_named_with_its_no_reply(short_lab: Top
     ]
 
 
+def test_the_hosts_port_unreachable_confirms_no_socket_once_the_tap_is_open(
+    short_lab: Topology,
+) -> None:
+    """The first no-socket flow opens the ICMP tap; the next request's port
+    unreachable, sent by the host, is seen and confirms the finding."""
+    topo = short_lab
+    with _watching(topo) as watch:
+        udp_exchange(topo.container, UPLINK_V4, 7008, timeout=0.2)
+        first = watch.wait_for(
+            "no-socket on 7008", lambda r: r.get("service", "").endswith(":7008")
+        )
+        assert (first["reason"], first["confirmed"]) == ("no-socket", False)
+        udp_exchange(topo.container, UPLINK_V4, 7008, timeout=0.2)
+        _until("its entry to end", lambda: not _entries(topo, 7008))
+        # Events come in order: once the marker's record is out, the second request's
+        # DESTROY was read too.
+        udp_exchange(topo.container, UPLINK_V4, 7009, timeout=0.2)
+        watch.wait_for("the marker", lambda r: r.get("service", "").endswith(":7009"))
+        records = watch.stop()
+    final = _unanswered(records)[(f"{UPLINK_V4}:7008", "no-socket")]
+    assert (final["flows"], final["confirmed"]) == (2, True)
+
+
 def test_unanswered_clients_of_a_wrong_source_server_are_wrong_source(short_lab: Topology) -> None:
     topo = short_lab
     broken = topo.spawn(
