@@ -80,16 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
-    from ctfix.platform import snapshot
+    from ctfix.platform import rules_files, snapshot
     from ctfix.render import explain as render
 
     if args.json and args.format != "text":
         raise CtfixError(
             f"--json and --format {args.format} contradict each other", "give only one of them"
         )
-    kb = rules.load(args.rules, builtin=True)
+    kb = rules_files.load(args.rules, builtin=True)
     require_root("ctfix explain (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)

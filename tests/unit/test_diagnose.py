@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from ctfix.core import rules
 from ctfix.core.decode import IPS_SEEN_REPLY, CtEntry, CtTuple
 from ctfix.core.diagnosis import (
     PROBLEM_DNAT_REPLY,
@@ -20,6 +19,7 @@ from ctfix.core.diagnosis import (
 )
 from ctfix.core.model import Diagnosis, Listener
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, PolicyRule, RouteChoice, Snapshot
+from ctfix.platform import rules_files as rules
 from ctfix.render.explain import render_text, to_json_obj
 
 PORT = 56789

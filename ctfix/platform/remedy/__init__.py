@@ -36,7 +36,7 @@ from ctfix.core.plan import (
 )
 from ctfix.errors import CtfixError, MissingFeatureError
 from ctfix.platform import iptables_legacy
-from ctfix.platform.fixstate import FixState, RecordedFix
+from ctfix.platform.fixstate import FixState, RecordedFix, StepStatus
 
 #: Test hook: seconds to sleep after recording each step as pending, before applying
 #: it, so a test can `kill -9` the process in the middle of an apply.
@@ -217,8 +217,10 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    already: bool  # the same fix was in place: nothing changed
-    checks: tuple[str, ...]  # what was verified, for the user
+    """The plan is in the kernel and verified (its route checks hold, every step is
+    present); `already`: it was, and nothing changed."""
+
+    already: bool
     notes: tuple[str, ...] = ()
 
 
@@ -245,7 +247,7 @@ def apply_plan(
             ]
             problems = missing or verify(plan)
             if not problems:
-                return ApplyResult(True, tuple(checked_lines(plan)), tuple(existing.notes))
+                return ApplyResult(True, tuple(existing.notes))
             raise CtfixError(
                 f"the recorded fix for port {plan.port} is no longer whole in the kernel "
                 f"({problems[0]})",
@@ -292,7 +294,7 @@ def apply_plan(
         raise
     fix.notes = list(_legacy_notes(legacy_before))
     state.finish(fix)
-    return ApplyResult(False, tuple(checked_lines(plan)), tuple(fix.notes))
+    return ApplyResult(False, tuple(fix.notes))
 
 
 def _refuse_what_is_there(plan: Plan) -> None:
@@ -386,19 +388,6 @@ def revert(state: FixState, port: int | None) -> list[Reverted]:
     return done
 
 
-def reverted_lines(done: list[Reverted]) -> list[str]:
-    """What --revert prints: per port a summary, then one removed object per line."""
-    lines: list[str] = []
-    for fix in done:
-        lines.append(
-            f"port {fix.port}: removed {fix.removed_steps} of {fix.recorded} recorded step(s)"
-            + (" (the others were not in the kernel)" if fix.removed_steps < fix.recorded else "")
-        )
-        lines.extend(f"  removed {obj}" for obj in fix.removed)
-        lines.extend(f"  note: {note}" for note in fix.notes)
-    return lines
-
-
 def _legacy_tables() -> dict[str, set[str]]:
     return {f: set(iptables_legacy.loaded_tables(f)) for f in ("ipv4", "ipv6")}
 
@@ -433,23 +422,13 @@ def verify_plan(plan: Plan) -> list[str]:
     return problems
 
 
-def checked_lines(plan: Plan) -> list[str]:
-    lines = [
-        f"route lookup: a reply from UDP port {plan.port} to {c.destination} now leaves "
-        f"from {c.source}"
-        for c in plan.checks
-    ]
-    lines.append(f"all {len(plan.steps)} step(s) present in the kernel")
-    return lines
-
-
 def _reply_source(destination: str, port: int) -> str | None:
     from ctfix.platform import routing
 
     return routing.reply_source(destination, port).source
 
 
-def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, str, bool]]]]:
+def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]]:
     """For each recorded fix: (fix, [(step, recorded status, present in the kernel)])."""
     return [
         (fix, [(r.step, r.status, present(r.step.spec)) for r in fix.steps])
