@@ -33,6 +33,7 @@ from ctfix.errors import CtfixError, ExitStatus
 
 if TYPE_CHECKING:
     from ctfix.core.plan import Backend, Plan
+    from ctfix.core.rules import KnowledgeBase
     from ctfix.platform.remedy import Reverted
 
 EPILOG = """\
@@ -323,7 +324,7 @@ def _bind(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
-def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
+def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
     from ctfix.core.plan.bind import pktinfo_advice
 
     port = diagnosis.port

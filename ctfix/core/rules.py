@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ctfix.core.model import Family
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class ServiceRule:
     #: (OpenVPN's `--multihome`): when one matches, the listener is not affected.
     fixed_if_cmdline: tuple[str, ...] = ()
 
-    def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
+    def affected(self, family: Family | None = None, cmdline: Sequence[str] = ()) -> bool | None:
         """The verdict for a wildcard listener of this service.
 
         `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the

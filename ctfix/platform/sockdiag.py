@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ctfix.core.model import Listener
+from ctfix.core.model import Family, Listener
 from ctfix.platform import nlsock
 
 SOCK_DIAG_BY_FAMILY = 20
@@ -39,7 +39,7 @@ _MSG_SIZE = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size
 class UdpSocket:
     """One UDP socket as sock_diag reports it."""
 
-    family: str  # "ipv4" | "ipv6"
+    family: Family
     address: str
     port: int
     peer: str | None  # connected peer "addr:port", None when unconnected

@@ -21,8 +21,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Never, NoReturn
+from functools import partial
+from typing import NamedTuple, Never, NoReturn
 
+from ctfix.core.model import Method
 from ctfix.core.plan import (
     Backend,
     IpsetSpec,
@@ -59,11 +61,13 @@ class AlreadyThere(CtfixError):
 
 
 class _Operations(NamedTuple):
-    create: Callable[[Any], None]
-    remove: Callable[[Any], bool]
-    present: Callable[[Any], bool]
+    """What can be done with one step's object, bound to its spec."""
+
+    create: Callable[[], None]
+    remove: Callable[[], bool]  # False: it was not there
+    present: Callable[[], bool]
     #: why creating it would clash with what is in the kernel now (None: it would not)
-    clash: Callable[[Any], str | None]
+    clash: Callable[[], str | None]
 
 
 def _operations(spec: Spec) -> _Operations:
@@ -72,40 +76,46 @@ def _operations(spec: Spec) -> _Operations:
     kind this ctfix does not know (a newer state file, a bug) raises instead of
     reaching another kind's backend."""
     match spec:
-        case RouteSpec():
+        case RouteSpec() as route:
             from ctfix.platform.remedy import iproute
 
             return _Operations(
-                iproute.create_route, iproute.remove_route, iproute.route_present,
-                iproute.route_clash,
+                partial(iproute.create_route, route),
+                partial(iproute.remove_route, route),
+                partial(iproute.route_present, route),
+                partial(iproute.route_clash, route),
             )
-        case RuleSpec():
+        case RuleSpec() as rule:
             from ctfix.platform.remedy import iproute
 
-            return _Operations(
-                iproute.create_rule, iproute.remove_rule, iproute.rule_present,
-                _clash_if(iproute.rule_present),
+            return _by_name(
+                partial(iproute.create_rule, rule),
+                partial(iproute.remove_rule, rule),
+                partial(iproute.rule_present, rule),
             )
-        case NftTableSpec():
+        case NftTableSpec() as table:
             from ctfix.platform.remedy import nftables
 
-            return _Operations(
-                nftables.create_table, nftables.remove_table, nftables.table_present,
-                _clash_if(nftables.table_present),
+            return _by_name(
+                partial(nftables.create_table, table),
+                partial(nftables.remove_table, table),
+                partial(nftables.table_present, table),
             )
-        case IpsetSpec():
+        case IpsetSpec() as ipset:
             from ctfix.platform.remedy import legacy
 
-            return _Operations(
-                legacy.create_ipset, legacy.remove_ipset, legacy.ipset_present,
-                _clash_if(legacy.ipset_present),
+            return _by_name(
+                partial(legacy.create_ipset, ipset),
+                partial(legacy.remove_ipset, ipset),
+                partial(legacy.ipset_present, ipset),
             )
-        case IptRuleSpec():
+        case IptRuleSpec() as ipt_rule:
             from ctfix.platform.remedy import legacy
 
-            return _Operations(
-                legacy.create_rule, legacy.remove_rule, legacy.rule_present,
-                _clash_if(legacy.rule_present),
+            return _by_name(
+                partial(legacy.create_rule, ipt_rule),
+                partial(legacy.remove_rule, ipt_rule),
+                partial(legacy.rule_present, ipt_rule),
             )
         case _:
             _unknown_kind(spec)
@@ -121,33 +131,33 @@ def _unknown_kind(spec: Never) -> NoReturn:
     )
 
 
-def _clash_if(
-    present_fn: Callable[[Any], bool]
-) -> Callable[[Any], str | None]:
-    """For objects known by name alone: the name is taken."""
+def _by_name(
+    create: Callable[[], None], remove: Callable[[], bool], present: Callable[[], bool]
+) -> _Operations:
+    """For objects known by name alone: creating clashes when the name is taken."""
 
-    def clash(spec: Any) -> str | None:
-        return "it is already in the kernel" if present_fn(spec) else None
+    def clash() -> str | None:
+        return "it is already in the kernel" if present() else None
 
-    return clash
+    return _Operations(create, remove, present, clash)
 
 
 def create(spec: Spec) -> None:
-    _operations(spec).create(spec)
+    _operations(spec).create()
 
 
 def remove(spec: Spec) -> bool:
     """Remove the object if it exists; False when it was not there."""
-    return _operations(spec).remove(spec)
+    return _operations(spec).remove()
 
 
 def present(spec: Spec) -> bool:
-    return _operations(spec).present(spec)
+    return _operations(spec).present()
 
 
 def clash(spec: Spec) -> str | None:
     """Why the step cannot be made without touching something already there."""
-    return _operations(spec).clash(spec)
+    return _operations(spec).clash()
 
 
 # -- backend choice -----------------------------------------------------------------------
@@ -351,8 +361,8 @@ class Reverted:
     """One fix undone: what was recorded, what was actually removed from the kernel."""
 
     port: int
-    method: str
-    backend: str
+    method: Method
+    backend: Backend
     recorded: int  # steps in the record
     removed_steps: int  # steps found in the kernel and removed (the others were gone)
     removed: tuple[str, ...]  # the objects those steps had created
