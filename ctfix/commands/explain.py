@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     diagnosis = diagnose(snap, kb)
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        sys.stdout.write(render.render_json(diagnosis))
+        from ctfix.render.jsonout import write_document
+
+        write_document(render.explain_document(diagnosis), sys.stdout)
     elif fmt == "markdown":
         sys.stdout.write(render.render_markdown(diagnosis))
     else:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -167,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_json(document: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    from ctfix.render.jsonout import write_document
+
+    write_document(document, sys.stdout)
 
 
 def _write_plan(plan: Plan, label: str, as_json: bool, apply_with: str | None) -> None:

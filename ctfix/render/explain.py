@@ -9,12 +9,12 @@ evidence, and the fixes with their trade-offs, in that order.
 
 from __future__ import annotations
 
-import json
 import textwrap
 from typing import Any
 
 from ctfix.core.diagnosis import recommended_first, wrong_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.render.jsonout import envelope
 from ctfix.render.style import Style
 
 WHY = (
@@ -31,7 +31,8 @@ _VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broke
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
-    """The stable JSON shape of a diagnosis."""
+    """The stable JSON shape of a diagnosis: explain's document after the envelope,
+    and each of scan's `services[]`."""
     return {
         "port": d.port,
         "netns": d.netns,
@@ -108,8 +109,9 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
     }
 
 
-def render_json(d: Diagnosis) -> str:
-    return json.dumps(to_json_obj(d), indent=2) + "\n"
+def explain_document(d: Diagnosis) -> dict[str, Any]:
+    """`ctfix explain --json`: the schema-2 envelope, then the diagnosis."""
+    return {**envelope(d.netns), **to_json_obj(d)}
 
 
 def _answers(healthy: int, unanswered: int) -> str:

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ctfix.core.plan import Plan, Step, plan_to_dict, step_to_dict
+from ctfix.render.jsonout import envelope
 
 if TYPE_CHECKING:
     from ctfix.platform.fixstate import RecordedFix, StepStatus
@@ -56,7 +57,7 @@ def plan_text(plan: Plan, netns: str, apply_with: str | None) -> str:
 
 
 def plan_document(plan: Plan, netns: str) -> dict[str, Any]:
-    return {"netns": netns, "applied": False, "plan": plan_to_dict(plan)}
+    return {**envelope(netns), "applied": False, "plan": plan_to_dict(plan)}
 
 
 # -- --apply --------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def applied_text(plan: Plan, result: ApplyResult, netns: str, undo: str) -> str:
 
 def applied_document(plan: Plan, result: ApplyResult, netns: str) -> dict[str, Any]:
     return {
-        "netns": netns,
+        **envelope(netns),
         "applied": not result.already,
         "already_applied": result.already,
         "checks": checked_lines(plan),
@@ -106,7 +107,7 @@ def already_text(port: int, fix: RecordedFix) -> str:
 
 def already_document(fix: RecordedFix, netns: str) -> dict[str, Any]:
     return {
-        "netns": netns,
+        **envelope(netns),
         "applied": False,
         "already_applied": True,
         "method": fix.method,
@@ -164,7 +165,7 @@ def status_text(report: StatusReport, netns: str, state_path: str, revert: str) 
 def status_document(report: StatusReport, netns: str, state_path: str) -> dict[str, Any]:
     complete = whole(report)
     return {
-        "netns": netns,
+        **envelope(netns),
         "state_file": state_path,
         "fixes": [
             {
@@ -217,7 +218,7 @@ def reverted_document(
     done: Sequence[Reverted], netns: str, nothing: str | None
 ) -> dict[str, Any]:
     return {
-        "netns": netns,
+        **envelope(netns),
         "changed": bool(done),
         "reason": nothing,
         "reverted": [asdict(fix) for fix in done],
