@@ -107,6 +107,7 @@ def build_parser(argv: Sequence[str], *, every_command: bool = False) -> argpars
             _load(name).add_arguments(cmd_parser)
         if name == chosen:
             _load(name).add_arguments(cmd_parser)
+            # argparse has no slot for it; main() reads it back for error messages.
             parser.chosen_parser = cmd_parser  # type: ignore[attr-defined]
     return parser
 

@@ -80,23 +80,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
-    from ctfix.platform import containers, snapshot
+    from ctfix.platform import containers, rules_files, snapshot
     from ctfix.render import explain as render
 
     if args.json and args.format != "text":
         raise CtfixError(
             f"--json and --format {args.format} contradict each other", "give only one of them"
         )
-    kb = rules.load(args.rules, builtin=True)
+    kb = rules_files.load(args.rules, builtin=True)
     require_root("ctfix explain (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)
     diagnosis = containers.annotate(diagnose(snap, kb))
     fmt = "json" if args.json else args.format
     if fmt == "json":
-        sys.stdout.write(render.render_json(diagnosis))
+        from ctfix.render.jsonout import write_document
+
+        write_document(render.explain_document(diagnosis), sys.stdout)
     elif fmt == "markdown":
         sys.stdout.write(render.render_markdown(diagnosis))
     else:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ctfix.commands.common import (
@@ -32,7 +31,9 @@ from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
 if TYPE_CHECKING:
-    from ctfix.core.plan import Backend
+    from ctfix.core.plan import Backend, Plan
+    from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.remedy import Reverted
 
 EPILOG = """\
 examples:
@@ -136,8 +137,10 @@ def run(args: argparse.Namespace) -> int:
         backend, why = remedy.choose_backend(overrides.get(args.backend or ""))
         notes.append(f"backend {backend}: {why}")
     plan = make_plan(diagnosis, args.method, backend, force=args.force, notes=tuple(notes))
+    from ctfix.render import fix as render
+
     if not args.apply:
-        _print_plan(plan, label, args.json, _apply_command(args))
+        _write_plan(plan, label, args.json, _apply_command(args))
         return ExitStatus.OK
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
@@ -148,37 +151,37 @@ def run(args: argparse.Namespace) -> int:
         with FixState.locked(label) as state, _deferred_signals() as stop:
             result = remedy.apply_plan(plan, state, remedy.verify_plan, stop)
     except remedy.Interrupted as stopped:
-        return _interrupted(args, stopped)
+        name = signal.Signals(stopped.signum).name
+        revert = f"ctfix fix --revert {args.port}{_netns_flag(args)}"
+        sys.stderr.write(
+            render.interrupted_text(args.port, name, len(stopped.removed), stopped.failures, revert)
+        )
+        return 128 + int(stopped.signum)
     if args.json:
-        from ctfix.core.plan import plan_to_dict
-
-        out = {
-            "netns": label,
-            "applied": not result.already,
-            "already_applied": result.already,
-            "checks": list(result.checks),
-            "notes": list(result.notes),
-            "plan": plan_to_dict(plan),
-        }
-        print(json.dumps(out, indent=2))
-        return ExitStatus.OK
-    if result.already:
-        print(f"ctfix fix {plan.port}: already applied ({plan.method}); nothing changed")
+        _write_json(render.applied_document(plan, result, label))
     else:
-        print(f"ctfix fix {plan.port}: applied {plan.method} ({len(plan.steps)} step(s)) in "
-              f"netns {label}")
-    for line in result.checks:
-        print(f"  checked: {line}")
-    for warning in plan.warnings:
-        print(f"  warning: {warning}")
-    for note in result.notes:
-        print(f"  note: {note}")
-    print(f"  undo with: ctfix fix --revert {plan.port}{_netns_flag(args)}")
+        undo = f"ctfix fix --revert {plan.port}{_netns_flag(args)}"
+        sys.stdout.write(render.applied_text(plan, result, label, undo))
     return ExitStatus.OK
 
 
+def _write_json(document: dict[str, Any]) -> None:
+    from ctfix.render.jsonout import write_document
+
+    write_document(document, sys.stdout)
+
+
+def _write_plan(plan: Plan, label: str, as_json: bool, apply_with: str | None) -> None:
+    from ctfix.render import fix as render
+
+    if as_json:
+        _write_json(render.plan_document(plan, label))
+    else:
+        sys.stdout.write(render.plan_text(plan, label, apply_with))
+
+
 @contextlib.contextmanager
-def _deferred_signals() -> Iterator[Any]:
+def _deferred_signals() -> Iterator[Callable[[], int | None]]:
     """Ctrl-C, SIGTERM and SIGHUP only record themselves while a fix is applied.
 
     apply_plan asks between steps and rolls back; a handler that raised inside a step
@@ -198,23 +201,6 @@ def _deferred_signals() -> Iterator[Any]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def _interrupted(args: argparse.Namespace, stopped: Any) -> int:
-    name = signal.Signals(stopped.signum).name
-    if stopped.failures:
-        print(
-            f"ctfix fix {args.port}: interrupted ({name}); rollback incomplete: "
-            f"{stopped.failures[0]}; run `ctfix fix --revert {args.port}{_netns_flag(args)}`",
-            file=sys.stderr,
-        )
-    else:
-        print(
-            f"ctfix fix {args.port}: interrupted ({name}); rolled back "
-            f"{len(stopped.removed)} step(s) already made, nothing changed",
-            file=sys.stderr,
-        )
-    return 128 + int(stopped.signum)
 
 
 def _apply_command(args: argparse.Namespace) -> str:
@@ -252,12 +238,12 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
             f"kernel ({missing[0].summary}: missing)",
             f"run `ctfix fix --revert {args.port}` and apply again",
         )
+    from ctfix.render import fix as render
+
     if args.json:
-        print(json.dumps({"netns": label, "applied": False, "already_applied": True,
-                          "method": fix.method, "backend": fix.backend}, indent=2))
+        _write_json(render.already_document(fix, label))
     else:
-        print(f"ctfix fix {args.port}: already applied ({fix.method} via {fix.backend}); "
-              "nothing changed")
+        sys.stdout.write(render.already_text(args.port, fix))
     return True
 
 
@@ -265,103 +251,21 @@ def _netns_flag(args: argparse.Namespace) -> str:
     return f" --netns {args.netns}" if args.netns else ""
 
 
-# -- output ---------------------------------------------------------------------------
-
-
-def _print_plan(plan: Any, label: str, as_json: bool, apply_with: str | None) -> None:
-    from ctfix.core.plan import plan_to_dict
-
-    if as_json:
-        print(json.dumps({"netns": label, "applied": False, "plan": plan_to_dict(plan)},
-                         indent=2))
-        return
-    out = sys.stdout
-    if plan.method == "bind":
-        out.write(f"ctfix fix {plan.port} --method bind: nothing to apply; fix the application\n")
-        for line in plan.advice:
-            out.write(f"  {line}\n")
-        return
-    out.write(
-        f"ctfix fix {plan.port} --method {plan.method} (netns {label}): "
-        f"{len(plan.steps)} step(s), dry run, nothing changed\n"
-    )
-    for warning in plan.warnings:
-        out.write(f"  warning: {warning}\n")
-    for note in plan.notes:
-        out.write(f"  {note}\n")
-    for number, step in enumerate(plan.steps, 1):
-        out.write(f"\n{number}. {step.summary}\n")
-        for obj in step.creates:
-            out.write(f"   creates: {obj}\n")
-        for command in step.commands:
-            lines = command.splitlines()
-            out.write(f"   $ {lines[0]}\n")
-            for line in lines[1:]:
-                out.write(f"     {line}\n")
-        for command in step.undo:
-            out.write(f"   undo: {command}\n")
-    for check in plan.checks:
-        out.write(f"\nafter apply, check: a reply to {check.destination} leaves from "
-                  f"{check.source}\n")
-    if apply_with:
-        out.write(f"\napply with: {apply_with}\n")
-
-
 def _status(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.render import fix as render
 
     state = FixState.load(label)
     report = remedy.status(state)
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
-    whole = {
-        fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
-    }
-    status = ExitStatus.OK if all(whole.values()) else ExitStatus.PROBLEM
+    status = ExitStatus.OK if all(render.whole(report).values()) else ExitStatus.PROBLEM
     if args.json:
-        from ctfix.core.plan import step_to_dict
-
-        print(json.dumps({
-            "netns": label,
-            "state_file": state.path,
-            "fixes": [
-                {
-                    "port": fix.port,
-                    "method": fix.method,
-                    "backend": fix.backend,
-                    "complete": fix.complete,
-                    "whole": whole[fix.port],
-                    "started": fix.started,
-                    "notes": fix.notes,
-                    "steps": [
-                        {"status": st, "present": here, "step": step_to_dict(step)}
-                        for step, st, here in steps
-                    ],
-                }
-                for fix, steps in report
-            ],
-        }, indent=2))
-        return status
-    if not report:
-        print(f"ctfix fix --status: no fix recorded in netns {label}")
-        return ExitStatus.OK
-    print(f"ctfix fix --status (netns {label}, {state.path}):")
-    for fix, steps in report:
-        condition = "applied" if whole[fix.port] else (
-            "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
-        )
-        print(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
-        for step, st, here in steps:
-            mark = "present" if here else "MISSING"
-            first, *rest = step.creates or ("(nothing)",)
-            print(f"    [{st:7}] {mark:7} {first}")
-            for obj in rest:  # one object per line: an nftables table lists its parts
-                print(f"    {'':9} {'':7} {obj}")
-        for note in fix.notes:
-            print(f"    note: {note}")
-    if status != ExitStatus.OK:
-        print(f"  revert with: ctfix fix --revert{_netns_flag(args)}")
+        _write_json(render.status_document(report, label, state.path))
+    else:
+        revert = f"ctfix fix --revert{_netns_flag(args)}"
+        sys.stdout.write(render.status_text(report, label, state.path, revert))
     return status
 
 
@@ -387,27 +291,16 @@ def _revert(args: argparse.Namespace) -> int:
     return _reverted(args, label, [] if nothing is not None else done, nothing)
 
 
-def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: str | None) -> int:
+def _reverted(
+    args: argparse.Namespace, label: str, done: list[Reverted], nothing: str | None
+) -> int:
     """--revert's report: `nothing` says why nothing was recorded (and so changed)."""
-    from dataclasses import asdict
-
-    from ctfix.platform import remedy
+    from ctfix.render import fix as render
 
     if args.json:
-        print(json.dumps({
-            "netns": label,
-            "changed": bool(done),
-            "reason": nothing,
-            "reverted": [asdict(fix) for fix in done],
-        }, indent=2))
-        return ExitStatus.OK
-    if nothing is not None:
-        print(f"ctfix fix --revert: {nothing}; nothing changed")
-        return ExitStatus.OK
-    what = f"port {args.port}" if args.port is not None else "every fix"
-    print(f"ctfix fix --revert: removed {what} in netns {label}")
-    for line in remedy.reverted_lines(done):
-        print(f"  {line}")
+        _write_json(render.reverted_document(done, label, nothing))
+    else:
+        sys.stdout.write(render.reverted_text(done, args.port, label, nothing))
     return ExitStatus.OK
 
 
@@ -418,21 +311,21 @@ def _bind(args: argparse.Namespace) -> int:
     """--method bind: advice only. Needs no privilege beyond what `--netns` needs: it
     reads the port's sockets (sock_diag) and the knowledge base, never conntrack,
     routes or netfilter."""
-    from ctfix.core import rules
     from ctfix.core.plan import make_plan
+    from ctfix.platform import rules_files
 
-    kb = rules.load(args.rules, builtin=True)  # a broken --rules file fails first
+    kb = rules_files.load(args.rules, builtin=True)  # a broken --rules file fails first
     label = enter_netns(args.netns)
     from ctfix.platform import sockdiag
 
     listeners = tuple(listener for listener, _uid in sockdiag.listeners(args.port))
     diagnosis = Diagnosis(args.port, label, "at-risk", (), listeners=listeners)
     plan = make_plan(diagnosis, "bind", advice=_bind_advice(diagnosis, kb))
-    _print_plan(plan, label, args.json, None)
+    _write_plan(plan, label, args.json, None)
     return ExitStatus.OK
 
 
-def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
+def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
     from ctfix.core.plan.bind import pktinfo_advice
 
     port = diagnosis.port
@@ -473,10 +366,10 @@ def _diagnose(port: int, label: str) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
     from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
-    from ctfix.platform import snapshot
+    from ctfix.platform import rules_files, snapshot
 
     try:
-        kb: rules.KnowledgeBase | None = rules.load()
+        kb: rules.KnowledgeBase | None = rules_files.load()
     except CtfixError:
         kb = None  # the fix does not depend on recognising the program
     return diagnose(snapshot.collect(port, label), kb)

@@ -30,17 +30,25 @@ import socket
 import sys
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ctfix.commands.common import add_netns_argument, enter_netns, positive_seconds, require_root
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ctfix.core.decode import CtEvent
     from ctfix.core.detectors import Change
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.render.watch import WatchRenderer
+
+    #: a detector's finding and what the event changed about it
+    Found = tuple[WrongSourceFinding, Change]
+    Feed = Callable[[CtEvent, float], Found | None]
+    Report = Callable[[Found | None], None]
 
 _FAMILIES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 _NFT_FAMILY: dict[int, str] = {socket.AF_INET: "ip", socket.AF_INET6: "ip6"}
@@ -89,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="switch conntrack on for the families the namespace does not track yet "
         "(a small nftables table, removed on exit)",
     )
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class _Stop(Exception):
@@ -254,7 +266,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     detectors = (detector,)
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
-    closers: list[Any] = []
+    closers: list[Closable] = []
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
     stopped_by_duration = False
@@ -324,7 +336,8 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                         resync_due = _resync_due(resync_due, time.monotonic(), last_resync)
                 elif key.data == "icmp":
                     now = time.time()
-                    for rejected in icmp.read(key.fileobj):  # type: ignore[arg-type]
+                    # The key holds what was registered as "icmp": one of icmp.sockets.
+                    for rejected in icmp.read(cast(socket.socket, key.fileobj)):
                         confirmed = detector.icmp_port_unreachable(*rejected, now)
                         if confirmed is not None:
                             renderer.finding(confirmed, update=True)
@@ -415,9 +428,9 @@ def _totals(detector: WrongSourceDetector, lost: int, resyncs: int) -> dict[str,
 
 def _drain(
     events: EventSocket,
-    feed: Any,
-    decode_event: Any,
-    report: Any,
+    feed: Feed,
+    decode_event: Callable[[memoryview], CtEvent | None],
+    report: Report,
     limit: int = 8192,
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
@@ -436,7 +449,12 @@ def _drain(
                 report(found)
 
 
-def _drain_quietly(events: EventSocket, feed: Any, decode_event: Any, report: Any) -> int:
+def _drain_quietly(
+    events: EventSocket,
+    feed: Feed,
+    decode_event: Callable[[memoryview], CtEvent | None],
+    report: Report,
+) -> int:
     """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""
     from ctfix.platform.conntrack import Overflow
 

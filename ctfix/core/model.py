@@ -12,6 +12,11 @@ from typing import Literal
 
 Verdict = Literal["ok", "at-risk", "broken"]
 Family = Literal["ipv4", "ipv6"]
+#: an unconnected socket serves every client; a connect()ed one only its peer
+ListenerState = Literal["listening", "connected"]
+#: what of a reply's source differs from what the client sent to
+Mismatch = Literal["address", "port", "address+port"]
+NetfilterBackend = Literal["nftables", "iptables-legacy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +68,8 @@ class Listener:
 
     address: str  # local address as bound: "0.0.0.0", "::", "192.0.2.1"
     port: int
-    family: str  # "ipv4" | "ipv6"
-    state: str  # "listening" (unconnected) | "connected"
+    family: Family
+    state: ListenerState
     pid: int | None = None
     process: str | None = None  # comm, e.g. "nc"
     cmdline: tuple[str, ...] = ()
@@ -105,7 +110,7 @@ class WrongSourceReply:
     service: str  # the addr:port the client sent to
     expected_source: str
     actual_source: str
-    mismatch: str  # "address" | "port" | "address+port"
+    mismatch: Mismatch
     count: int = 1  # pairs seen for this (service, actual source, client network)
     clients: int = 1  # distinct clients among them; `client` is the latest
     client_network: str | None = None  # the /24 or /64 they were aggregated by
@@ -123,7 +128,7 @@ class Evidence:
 class RuleHit:
     """A netfilter rule that touches the port, and why it cannot help (if so)."""
 
-    backend: str  # "nftables" | "iptables-legacy"
+    backend: NetfilterBackend
     table: str
     chain: str
     rule: str  # the rule as its own tool prints it

@@ -1,4 +1,5 @@
-"""The knowledge base of UDP services: load `rules/*.yaml`, validate it, match a listener.
+"""The knowledge base of UDP services: parse and validate `rules/*.yaml` text, merge
+layers, match a listener. Pure: reading the files is ctfix.platform.rules_files.
 
 Each YAML file holds `version: 1` and a list `services:` of entries; an entry says how
 to recognise a service (process names as /proc/PID/comm shows them, command-line
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ctfix.core.model import Family
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
@@ -82,7 +84,7 @@ class ServiceRule:
     #: The upstream release that fixed the wrong source ("2.5"), for the advice to upgrade.
     fixed_in: str = ""
 
-    def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
+    def affected(self, family: Family | None = None, cmdline: Sequence[str] = ()) -> bool | None:
         """The verdict for a wildcard listener of this service.
 
         `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
@@ -194,43 +196,13 @@ def _names(process: str | None, cmdline: Sequence[str], exe: str | None) -> tupl
     return tuple(name[:COMM_LEN] for name in names)
 
 
-def builtin_dir() -> Path:
-    """The built-in `rules/`: the repository's top level (an editable install or a
-    checkout), else the copy a regular install puts in `<prefix>/share/ctfix/rules`."""
-    import sys
+def merge(layers: Sequence[Sequence[ServiceRule]]) -> KnowledgeBase:
+    """One knowledge base from layers of entries (built-in first, then each `--rules`
+    directory in order).
 
-    import ctfix
-
-    checkout = Path(ctfix.__file__).resolve().parent.parent / "rules"
-    installed = Path(sys.prefix) / "share" / "ctfix" / "rules"
-    return checkout if checkout.is_dir() or not installed.is_dir() else installed
-
-
-def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeBase:
-    """Load the built-in rules and then each user directory (`--rules DIR`).
-
-    A user entry replaces a built-in entry with the same id; a later user directory
-    replaces an earlier one. Two entries with one id inside the same layer are an
-    error naming both places. Raises RuleError for anything malformed.
+    A later layer's entry replaces an earlier one with the same id. Two entries with
+    one id inside the same layer are an error naming both places (RuleError).
     """
-    layers: list[list[ServiceRule]] = []
-    if builtin:
-        root = builtin_dir()
-        if not root.is_dir():
-            raise RuleError(str(root), None, "the built-in rules directory is missing")
-        layers.append(_load_dir(root, display_root=Path("rules")))
-    for directory in dirs or ():
-        if not directory.exists():
-            raise RuleError(str(directory), None, "no such rules directory")
-        if not directory.is_dir():
-            raise RuleError(str(directory), None, "--rules expects a directory of *.yaml files")
-        layer = _load_dir(directory, display_root=directory)
-        if not layer:
-            # Most likely a wrong directory, or files named *.yml.txt: say so rather
-            # than silently explain without the user's entries.
-            raise RuleError(str(directory), None, "no rules (*.yaml or *.yml files) in it")
-        layers.append(layer)
-
     merged: dict[str, ServiceRule] = {}
     order: list[str] = []
     for layer in layers:
@@ -252,16 +224,6 @@ def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeB
     layer_of = {rule.id: index for index, layer in enumerate(layers) for rule in layer}
     ranked = sorted(order, key=lambda rule_id: -layer_of[rule_id])
     return KnowledgeBase(tuple(merged[rule_id] for rule_id in ranked))
-
-
-def load_file(path: Path, display: str | None = None) -> list[ServiceRule]:
-    """Validate one file; `display` is how the file is named in errors."""
-    source = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(source, None, f"cannot read: {exc}") from None
-    return parse(text, source)
 
 
 def parse(text: str, source: str) -> list[ServiceRule]:
@@ -412,13 +374,6 @@ def _regex_list(node: yaml.Node | None, source: str, key: str) -> tuple[str, ...
                 f"{key!r} item is not a valid regular expression: {exc}",
             ) from None
     return patterns
-
-
-def _load_dir(directory: Path, display_root: Path) -> list[ServiceRule]:
-    rules: list[ServiceRule] = []
-    for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
-        rules.extend(load_file(path, display=str(display_root / path.name)))
-    return rules
 
 
 def _line(node: yaml.Node) -> int:

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ctfix.core.decode import CtEntry
-from ctfix.core.model import Listener, WrongSourceReply
+from ctfix.core.model import Family, Listener, NetfilterBackend, WrongSourceReply
+
+#: rtm_scope as `ip addr` names it ("site" only for deprecated IPv6 site-locals)
+AddressScope = Literal["global", "site", "link", "host", "nowhere"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +29,8 @@ class LocalAddress:
     interface: str
     address: str
     prefixlen: int
-    family: str  # "ipv4" | "ipv6"
-    scope: str = "global"  # "global" | "link" | "host"
+    family: Family
+    scope: AddressScope = "global"
 
     @property
     def network(self) -> str:
@@ -41,7 +45,7 @@ class LocalAddress:
 class PolicyRule:
     """One `ip rule`, as `ip rule show` prints it, with what matters for a port."""
 
-    family: str
+    family: Family
     priority: int
     text: str  # "100: from all ipproto udp sport 5353 lookup 100"
     table: int | None = None
@@ -77,7 +81,7 @@ class NetfilterRule:
     on which side the port appears (sport: the server's replies; dport: requests).
     """
 
-    backend: str  # "nftables" | "iptables-legacy"
+    backend: NetfilterBackend
     family: str  # "ip", "ip6", "inet", ... (nft) | "ipv4" | "ipv6" (legacy)
     table: str
     chain: str

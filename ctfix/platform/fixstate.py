@@ -26,9 +26,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from ctfix.core.plan import Plan, Step, step_from_dict, step_to_dict
+from ctfix.core.model import Method
+from ctfix.core.plan import BACKENDS, METHODS, Backend, Plan, Step, step_from_dict, step_to_dict
 from ctfix.errors import CtfixError
 from ctfix.platform.locks import flock_within
 
@@ -59,6 +60,17 @@ def namespace_key() -> str:
         return f"netns-{os.stat('/proc/thread-self/ns/net').st_ino}"
 
 
+Choice = TypeVar("Choice", bound=str)
+
+
+def _one_of(value: object, allowed: tuple[Choice, ...]) -> Choice:
+    """`value` as one of the `allowed` strings (a Literal's members); ValueError else."""
+    for option in allowed:
+        if value == option:
+            return option
+    raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+
+
 @dataclass
 class RecordedStep:
     step: Step
@@ -68,8 +80,8 @@ class RecordedStep:
 @dataclass
 class RecordedFix:
     port: int
-    method: str
-    backend: str
+    method: Method
+    backend: Backend
     started: float
     complete: bool
     steps: list[RecordedStep] = field(default_factory=list)
@@ -152,8 +164,8 @@ class FixState:
             try:
                 state.fixes[int(port_text)] = RecordedFix(
                     port=int(port_text),
-                    method=str(fix["method"]),
-                    backend=str(fix["backend"]),
+                    method=_one_of(fix["method"], METHODS),
+                    backend=_one_of(fix["backend"], BACKENDS),
                     started=float(fix["started"]),
                     complete=bool(fix["complete"]),
                     notes=[str(n) for n in fix.get("notes", [])],

@@ -19,6 +19,7 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from ctfix.core.model import Family
 from ctfix.errors import CtfixError, MissingFeatureError
 from ctfix.platform.locks import flock_within
 
@@ -30,7 +31,7 @@ FAMILY_FILES = {
 }
 
 
-def loaded_tables(family: str = "ipv4") -> list[str]:
+def loaded_tables(family: Family = "ipv4") -> list[str]:
     """Names of the legacy tables that exist in this namespace (nothing is created)."""
     try:
         with open(FAMILY_FILES[family]) as fh:
@@ -55,7 +56,7 @@ def import_iptc(message: str = "python-iptables is not installed") -> Any:
     return iptc
 
 
-def table_class(iptc: Any, family: str, existing: Iterable[str]) -> Any:
+def table_class(iptc: Any, family: Family, existing: Iterable[str]) -> Any:
     """python-iptables' Table class for the family, told which tables exist.
 
     Without this it probes (and so creates) every table it has not seen, the first

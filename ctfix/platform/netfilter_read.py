@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from ctfix.core.model import Family
 from ctfix.core.snapshot import NetfilterRule
 from ctfix.errors import CtfixError
 from ctfix.platform import iptables_legacy
@@ -262,7 +263,7 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
-def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
+def _legacy_rules(port: int, family: Family) -> Iterator[NetfilterRule]:
     loaded = iptables_legacy.loaded_tables(family)
     if not loaded:
         return
@@ -348,7 +349,7 @@ def _import_iptc() -> Any:
     )
 
 
-def _read_family(port: int, family: str) -> list[NetfilterRule]:
+def _read_family(port: int, family: Family) -> list[NetfilterRule]:
     """`_legacy_rules` for one family, in its own child (see `iptables_legacy.in_child`)."""
     try:
         return iptables_legacy.in_child(lambda: list(_legacy_rules(port, family)))
@@ -360,7 +361,8 @@ def _read_family(port: int, family: str) -> list[NetfilterRule]:
 
 def legacy_rules(port: int) -> list[NetfilterRule]:
     """iptables-legacy rules (IPv4 and IPv6, loaded tables only) that name the port."""
-    families = [f for f in ("ipv4", "ipv6") if iptables_legacy.loaded_tables(f)]
+    both: tuple[Family, ...] = ("ipv4", "ipv6")
+    families = [f for f in both if iptables_legacy.loaded_tables(f)]
     if not families:
         return []
     _import_iptc()  # once, before forking: the children share the import

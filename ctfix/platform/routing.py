@@ -14,7 +14,8 @@ import ipaddress
 import socket
 import struct
 
-from ctfix.core.snapshot import LocalAddress, PolicyRule, RouteChoice
+from ctfix.core.model import Family
+from ctfix.core.snapshot import AddressScope, LocalAddress, PolicyRule, RouteChoice
 from ctfix.platform import nlsock
 
 RTM_GETADDR = 22
@@ -66,8 +67,10 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
 
 _FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
-_FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
-_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
+_FAMILY_NAMES: dict[int, Family] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+#: rtm_scope -> its name; a number /etc/iproute2/rt_scopes may name (none of these) is
+#: no address remote clients use: "nowhere" for ctfix.
+_SCOPES: dict[int, AddressScope] = {0: "global", 200: "site", 253: "link", 254: "host"}
 _TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 _PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "ipv6-icmp"}
 
@@ -103,7 +106,7 @@ def local_addresses() -> list[LocalAddress]:
                 address=_ntop(family, raw),
                 prefixlen=prefixlen,
                 family=_FAMILY_NAMES[family],
-                scope=_SCOPES.get(scope, str(scope)),
+                scope=_SCOPES.get(scope, "nowhere"),
             )
         )
     return found
@@ -168,6 +171,8 @@ def policy_rules() -> list[PolicyRule]:
             fam, dst_len, src_len, _tos, table8, _r1, _r2, action, flags = (
                 _FIB_RULE_HDR.unpack_from(body)
             )
+            if fam not in _FAMILY_NAMES:
+                continue
             attrs = nlsock.attributes(body, _FIB_RULE_HDR.size, len(body))
             priority = _u32(attrs.get(FRA_PRIORITY)) or 0
             table = _u32(attrs.get(FRA_TABLE)) or table8
@@ -211,7 +216,7 @@ def policy_rules() -> list[PolicyRule]:
                 )
             rules.append(
                 PolicyRule(
-                    family=_FAMILY_NAMES.get(fam, str(fam)),
+                    family=_FAMILY_NAMES[fam],
                     priority=priority,
                     text=" ".join(words),
                     table=table if action == FR_ACT_TO_TBL else None,

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ctfix.core.model import ContainerRef, Listener
+from ctfix.core.model import ContainerRef, Family, Listener
 from ctfix.platform import nlsock
 from ctfix.platform.procfs import read_text
 
@@ -40,7 +40,7 @@ _MSG_SIZE = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size
 class UdpSocket:
     """One UDP socket as sock_diag reports it."""
 
-    family: str  # "ipv4" | "ipv6"
+    family: Family
     address: str
     port: int
     peer: str | None  # connected peer "addr:port", None when unconnected

@@ -9,12 +9,12 @@ evidence, and the fixes with their trade-offs, in that order.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ctfix.core.diagnosis import recommended_first, wrong_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
 from ctfix.render.container import container_json, container_text
+from ctfix.render.jsonout import envelope
 from ctfix.render.style import Style
 from ctfix.render.width import fill
 
@@ -32,7 +32,8 @@ _VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broke
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
-    """The stable JSON shape of a diagnosis."""
+    """The stable JSON shape of a diagnosis: explain's document after the envelope,
+    and each of scan's `services[]`."""
     return {
         "port": d.port,
         "netns": d.netns,
@@ -114,8 +115,9 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
     }
 
 
-def render_json(d: Diagnosis) -> str:
-    return json.dumps(to_json_obj(d), indent=2) + "\n"
+def explain_document(d: Diagnosis) -> dict[str, Any]:
+    """`ctfix explain --json`: the schema-2 envelope, then the diagnosis."""
+    return {**envelope(d.netns), **to_json_obj(d)}
 
 
 def _answers(healthy: int, unanswered: int) -> str:

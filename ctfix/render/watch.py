@@ -12,19 +12,13 @@ when NO_COLOR is set.
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, TextIO
 
 from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
+from ctfix.render.jsonout import utc_timestamp
 from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
-
-
-def timestamp(seconds: float) -> str:
-    """UTC, ISO 8601 with milliseconds: `2025-05-01T12:00:00.123Z`."""
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
@@ -41,8 +35,8 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
     }
@@ -104,7 +98,7 @@ class WatchRenderer:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
-            f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{utc_timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
@@ -120,8 +114,8 @@ class WatchRenderer:
                 tags += ("confirmed",)
             self._write(
                 self._fit(
-                    f"{self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                    f"{timestamp(finding.last_seen)}",
+                    f"{self._text(finding, tags)}; {utc_timestamp(finding.first_seen)} .. "
+                    f"{utc_timestamp(finding.last_seen)}",
                     indent="  ",
                 )
             )

@@ -74,6 +74,13 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def schema2(document: dict[str, Any], topo: Topology) -> dict[str, Any]:
+    """The document, after checking it starts with the schema-2 envelope."""
+    assert list(document)[:5] == ["schema", "generated", "host", "ctfix", "netns"], document
+    assert document["schema"] == 2 and document["netns"] == topo.host
+    return document
+
+
 def ctfix_fix(topo: Topology, *args: str, env: dict[str, str] | None = None) -> (
     subprocess.CompletedProcess[str]
 ):
@@ -262,7 +269,7 @@ def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None
     assert without_members(kernel_state(topo)) == without_members(fixed)
 
     status = ctfix_fix(topo, "--status", "--json")
-    [fix] = json.loads(status.stdout)["fixes"]
+    [fix] = schema2(json.loads(status.stdout), topo)["fixes"]
     assert fix["method"] == "snat-zone" and fix["complete"]
     assert all(step["present"] for step in fix["steps"])
     text = ctfix_fix(topo, "--status")
@@ -331,7 +338,10 @@ def test_snat_zone_plans_only_for_what_a_wildcard_socket_receives(nft_lab: Topol
     assert replies() == [True, False, False, True]
     dry = ctfix_fix(topo, str(port), "--method", "snat-zone", "--json")
     assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout)["plan"]
+    plan = schema2(json.loads(dry.stdout), topo)["plan"]
+    # The nftables batch is JSON data, the very commands --apply gives libnftables.
+    [table] = [step["spec"] for step in plan["steps"] if step["spec"]["kind"] == "nft-table"]
+    assert table["batch"][0] == {"add": {"table": {"family": "inet", "name": f"ctfix_{port}"}}}
     creates = [obj for step in plan["steps"] for obj in step["creates"]]
     assert [obj for obj in creates if obj.startswith("set ")] == [
         f"set clients6_0: clients that sent to [{UPLINK_V6}]:{port}"
@@ -479,7 +489,7 @@ def test_dry_run_apply_line_keeps_netns_and_backend(legacy_lab: Topology) -> Non
     assert answered(topo, UPLINK_V4)
     reverted = ctfix_fix(topo, "--revert", "--json")  # QA P8: JSON when asked
     assert reverted.returncode == 0, reverted.stderr
-    [fix] = json.loads(reverted.stdout)["reverted"]
+    [fix] = schema2(json.loads(reverted.stdout), topo)["reverted"]
     assert (fix["port"], fix["method"], fix["backend"]) == (PORT, "snat-zone", "iptables-legacy")
     assert fix["removed_steps"] == fix["recorded"] and "ipset ctfix-56789-v4-0" in " ".join(
         fix["removed"]

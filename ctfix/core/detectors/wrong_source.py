@@ -52,14 +52,11 @@ from typing import Literal
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
 from ctfix.core.detectors import UDP_TIMEOUT, Change
-from ctfix.core.model import Family
+from ctfix.core.model import Family, Mismatch
 
 #: How long a wrong-source pair is remembered: to confirm it by ICMP, and not to count
 #: it twice when a resync dump shows it again.
 PAIR_MEMORY = 180.0
-
-
-Mismatch = Literal["address", "port", "address+port"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,7 +520,7 @@ def wrong_source_text(
     service: str,
     expected_source: str,
     actual_source: str,
-    mismatch: str,
+    mismatch: Mismatch,
     count: int,
     clients: int,
     client_network: str | None,

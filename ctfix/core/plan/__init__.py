@@ -45,6 +45,7 @@ from ctfix.errors import CtfixError
 Backend = Literal["iproute2", "nftables", "iptables-legacy", "none"]
 #: every `ctfix fix --method`, in the order help and errors list them
 METHODS: tuple[Method, ...] = typing.get_args(Method)
+BACKENDS: tuple[Backend, ...] = typing.get_args(Backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 __all__ = [
+    "BACKENDS",
     "CLIENT_TIMEOUT",
     "METHODS",
     "RT_PROTO",

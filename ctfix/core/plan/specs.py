@@ -154,13 +154,13 @@ class RouteCheck:
 # -- serialisation (state file, --json) ---------------------------------------------------
 
 
-def _kind_of(cls: type[Any]) -> str:
+def _kind_of(cls: type[Spec]) -> str:
     return str(cls.__dataclass_fields__["kind"].default)
 
 
 #: kind -> spec class, from the `Spec` union itself: a new spec class is readable as
 #: soon as it is in the union.
-_SPECS: dict[str, type[Any]] = {_kind_of(cls): cls for cls in typing.get_args(Spec)}
+_SPECS: dict[str, type[Spec]] = {_kind_of(cls): cls for cls in typing.get_args(Spec)}
 
 
 def step_to_dict(step: Step) -> dict[str, Any]:

@@ -21,8 +21,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Never, NoReturn
+from functools import partial
+from typing import NamedTuple, Never, NoReturn
 
+from ctfix.core.model import Method
 from ctfix.core.plan import (
     Backend,
     IpsetSpec,
@@ -36,7 +38,7 @@ from ctfix.core.plan import (
 )
 from ctfix.errors import CtfixError, MissingFeatureError
 from ctfix.platform import iptables_legacy
-from ctfix.platform.fixstate import FixState, RecordedFix
+from ctfix.platform.fixstate import FixState, RecordedFix, StepStatus
 
 #: Test hook: seconds to sleep after recording each step as pending, before applying
 #: it, so a test can `kill -9` the process in the middle of an apply.
@@ -59,11 +61,13 @@ class AlreadyThere(CtfixError):
 
 
 class _Operations(NamedTuple):
-    create: Callable[[Any], None]
-    remove: Callable[[Any], bool]
-    present: Callable[[Any], bool]
+    """What can be done with one step's object, bound to its spec."""
+
+    create: Callable[[], None]
+    remove: Callable[[], bool]  # False: it was not there
+    present: Callable[[], bool]
     #: why creating it would clash with what is in the kernel now (None: it would not)
-    clash: Callable[[Any], str | None]
+    clash: Callable[[], str | None]
 
 
 def _operations(spec: Spec) -> _Operations:
@@ -72,40 +76,46 @@ def _operations(spec: Spec) -> _Operations:
     kind this ctfix does not know (a newer state file, a bug) raises instead of
     reaching another kind's backend."""
     match spec:
-        case RouteSpec():
+        case RouteSpec() as route:
             from ctfix.platform.remedy import iproute
 
             return _Operations(
-                iproute.create_route, iproute.remove_route, iproute.route_present,
-                iproute.route_clash,
+                partial(iproute.create_route, route),
+                partial(iproute.remove_route, route),
+                partial(iproute.route_present, route),
+                partial(iproute.route_clash, route),
             )
-        case RuleSpec():
+        case RuleSpec() as rule:
             from ctfix.platform.remedy import iproute
 
-            return _Operations(
-                iproute.create_rule, iproute.remove_rule, iproute.rule_present,
-                _clash_if(iproute.rule_present),
+            return _by_name(
+                partial(iproute.create_rule, rule),
+                partial(iproute.remove_rule, rule),
+                partial(iproute.rule_present, rule),
             )
-        case NftTableSpec():
+        case NftTableSpec() as table:
             from ctfix.platform.remedy import nftables
 
-            return _Operations(
-                nftables.create_table, nftables.remove_table, nftables.table_present,
-                _clash_if(nftables.table_present),
+            return _by_name(
+                partial(nftables.create_table, table),
+                partial(nftables.remove_table, table),
+                partial(nftables.table_present, table),
             )
-        case IpsetSpec():
+        case IpsetSpec() as ipset:
             from ctfix.platform.remedy import legacy
 
-            return _Operations(
-                legacy.create_ipset, legacy.remove_ipset, legacy.ipset_present,
-                _clash_if(legacy.ipset_present),
+            return _by_name(
+                partial(legacy.create_ipset, ipset),
+                partial(legacy.remove_ipset, ipset),
+                partial(legacy.ipset_present, ipset),
             )
-        case IptRuleSpec():
+        case IptRuleSpec() as ipt_rule:
             from ctfix.platform.remedy import legacy
 
-            return _Operations(
-                legacy.create_rule, legacy.remove_rule, legacy.rule_present,
-                _clash_if(legacy.rule_present),
+            return _by_name(
+                partial(legacy.create_rule, ipt_rule),
+                partial(legacy.remove_rule, ipt_rule),
+                partial(legacy.rule_present, ipt_rule),
             )
         case _:
             _unknown_kind(spec)
@@ -121,33 +131,33 @@ def _unknown_kind(spec: Never) -> NoReturn:
     )
 
 
-def _clash_if(
-    present_fn: Callable[[Any], bool]
-) -> Callable[[Any], str | None]:
-    """For objects known by name alone: the name is taken."""
+def _by_name(
+    create: Callable[[], None], remove: Callable[[], bool], present: Callable[[], bool]
+) -> _Operations:
+    """For objects known by name alone: creating clashes when the name is taken."""
 
-    def clash(spec: Any) -> str | None:
-        return "it is already in the kernel" if present_fn(spec) else None
+    def clash() -> str | None:
+        return "it is already in the kernel" if present() else None
 
-    return clash
+    return _Operations(create, remove, present, clash)
 
 
 def create(spec: Spec) -> None:
-    _operations(spec).create(spec)
+    _operations(spec).create()
 
 
 def remove(spec: Spec) -> bool:
     """Remove the object if it exists; False when it was not there."""
-    return _operations(spec).remove(spec)
+    return _operations(spec).remove()
 
 
 def present(spec: Spec) -> bool:
-    return _operations(spec).present(spec)
+    return _operations(spec).present()
 
 
 def clash(spec: Spec) -> str | None:
     """Why the step cannot be made without touching something already there."""
-    return _operations(spec).clash(spec)
+    return _operations(spec).clash()
 
 
 # -- backend choice -----------------------------------------------------------------------
@@ -217,8 +227,10 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    already: bool  # the same fix was in place: nothing changed
-    checks: tuple[str, ...]  # what was verified, for the user
+    """The plan is in the kernel and verified (its route checks hold, every step is
+    present); `already`: it was, and nothing changed."""
+
+    already: bool
     notes: tuple[str, ...] = ()
 
 
@@ -245,7 +257,7 @@ def apply_plan(
             ]
             problems = missing or verify(plan)
             if not problems:
-                return ApplyResult(True, tuple(checked_lines(plan)), tuple(existing.notes))
+                return ApplyResult(True, tuple(existing.notes))
             raise CtfixError(
                 f"the recorded fix for port {plan.port} is no longer whole in the kernel "
                 f"({problems[0]})",
@@ -292,7 +304,7 @@ def apply_plan(
         raise
     fix.notes = list(_legacy_notes(legacy_before))
     state.finish(fix)
-    return ApplyResult(False, tuple(checked_lines(plan)), tuple(fix.notes))
+    return ApplyResult(False, tuple(fix.notes))
 
 
 def _refuse_what_is_there(plan: Plan) -> None:
@@ -349,8 +361,8 @@ class Reverted:
     """One fix undone: what was recorded, what was actually removed from the kernel."""
 
     port: int
-    method: str
-    backend: str
+    method: Method
+    backend: Backend
     recorded: int  # steps in the record
     removed_steps: int  # steps found in the kernel and removed (the others were gone)
     removed: tuple[str, ...]  # the objects those steps had created
@@ -384,19 +396,6 @@ def revert(state: FixState, port: int | None) -> list[Reverted]:
             "it stays recorded; fix the cause and run --revert again",
         )
     return done
-
-
-def reverted_lines(done: list[Reverted]) -> list[str]:
-    """What --revert prints: per port a summary, then one removed object per line."""
-    lines: list[str] = []
-    for fix in done:
-        lines.append(
-            f"port {fix.port}: removed {fix.removed_steps} of {fix.recorded} recorded step(s)"
-            + (" (the others were not in the kernel)" if fix.removed_steps < fix.recorded else "")
-        )
-        lines.extend(f"  removed {obj}" for obj in fix.removed)
-        lines.extend(f"  note: {note}" for note in fix.notes)
-    return lines
 
 
 def _legacy_tables() -> dict[str, set[str]]:
@@ -433,23 +432,13 @@ def verify_plan(plan: Plan) -> list[str]:
     return problems
 
 
-def checked_lines(plan: Plan) -> list[str]:
-    lines = [
-        f"route lookup: a reply from UDP port {plan.port} to {c.destination} now leaves "
-        f"from {c.source}"
-        for c in plan.checks
-    ]
-    lines.append(f"all {len(plan.steps)} step(s) present in the kernel")
-    return lines
-
-
 def _reply_source(destination: str, port: int) -> str | None:
     from ctfix.platform import routing
 
     return routing.reply_source(destination, port).source
 
 
-def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, str, bool]]]]:
+def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]]:
     """For each recorded fix: (fix, [(step, recorded status, present in the kernel)])."""
     return [
         (fix, [(r.step, r.status, present(r.step.spec)) for r in fix.steps])

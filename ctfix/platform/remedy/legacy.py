@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from typing import Any
 
+from ctfix.core.model import Family
 from ctfix.core.plan import IpsetSpec, IptRuleSpec
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import iptables_legacy
@@ -81,7 +82,7 @@ def remove_ipset(spec: IpsetSpec) -> bool:
 # -- iptables-legacy (in a child per operation) ------------------------------------------
 
 
-def _iptc(family: str, creating: str | None = None) -> tuple[Any, Any, Any]:
+def _iptc(family: Family, creating: str | None = None) -> tuple[Any, Any, Any]:
     """(module, Table class, Rule class) with the table list declared to python-iptables."""
     iptc = iptables_legacy.import_iptc()
     loaded = set(iptables_legacy.loaded_tables(family))
@@ -243,7 +244,7 @@ def nat_rules_present() -> bool:
     )
 
 
-def _holds_rules(family: str, only: str | None = None) -> bool:
+def _holds_rules(family: Family, only: str | None = None) -> bool:
     _iptc_module, table_class, _rule = _iptc(family)
     for name in iptables_legacy.loaded_tables(family):
         if (only and name != only) or name not in table_class.ALL:
