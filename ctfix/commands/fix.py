@@ -42,6 +42,9 @@ examples:
   ctfix fix 5000 --method policy-route --apply --force
                          policy-route when you know no client in a network uses the
                          host's own address on its link (ctfix refuses otherwise)
+  ctfix fix 5000 --method snat-zone --gateway 192.0.2.1 --apply
+                         two uplinks: replies to clients of the uplink whose router is
+                         192.0.2.1 leave by it (where the host's routes do not say)
   ctfix fix 5000 --method bind --rules ./my-rules    how to fix the application itself
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
@@ -58,7 +61,7 @@ exit status:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
         f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply] [--force] "
-        "[--backend nft|iptables-legacy] [--netns NS] [--json]\n"
+        "[--backend nft|iptables-legacy] [--gateway ADDR]... [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
         "       ctfix fix --status [--netns NS] [--json]"
     )
@@ -87,6 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("nft", "iptables-legacy"),
         help="netfilter backend for snat-zone (default: the one the namespace uses)",
     )
+    parser.add_argument(
+        "--gateway",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="two uplinks: the router of the uplink ADDR is on (ADDR%%IFACE for a "
+        "link-local one), for replies that must leave by it when no route via it tells "
+        "ctfix (repeat for several uplinks)",
+    )
     add_rules_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
@@ -112,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.rules and args.method != "bind":
         raise CtfixError("--rules is for --method bind only", "drop --rules")
+    if args.gateway and args.method == "bind":
+        raise CtfixError("--gateway is for snat-zone and policy-route", "drop --gateway")
     if args.method == "bind":
         if args.apply:
             raise CtfixError(
@@ -135,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
         overrides: dict[str, Backend] = {"nft": "nftables", "iptables-legacy": "iptables-legacy"}
         backend, why = remedy.choose_backend(overrides.get(args.backend or ""))
         notes.append(f"backend {backend}: {why}")
-    plan = make_plan(diagnosis, args.method, backend, force=args.force, notes=tuple(notes))
+    plan = make_plan(
+        diagnosis, args.method, backend, force=args.force, notes=tuple(notes),
+        gateways=tuple(args.gateway),
+    )
     if not args.apply:
         _print_plan(plan, label, args.json, _apply_command(args))
         return ExitStatus.OK
@@ -224,6 +241,8 @@ def _apply_command(args: argparse.Namespace) -> str:
         words += ["--backend", args.backend]
     if args.force:
         words.append("--force")
+    for gateway in args.gateway:
+        words += ["--gateway", gateway]
     if args.netns:
         words += ["--netns", args.netns]
     words.append("--apply")
@@ -301,8 +320,10 @@ def _print_plan(plan: Any, label: str, as_json: bool, apply_with: str | None) ->
         for command in step.undo:
             out.write(f"   undo: {command}\n")
     for check in plan.checks:
-        out.write(f"\nafter apply, check: a reply to {check.destination} leaves from "
-                  f"{check.source}\n")
+        marked = f" marked {check.mark:#x}" if check.mark is not None else ""
+        by = f" by {check.interface}" if check.interface else ""
+        out.write(f"\nafter apply, check: a reply to {check.destination}{marked} leaves from "
+                  f"{check.source}{by}\n")
     if apply_with:
         out.write(f"\napply with: {apply_with}\n")
 

@@ -423,30 +423,34 @@ def verify_plan(plan: Plan) -> list[str]:
     problems = [f"{s.summary}: not in the kernel" for s in plan.steps if not present(s.spec)]
     if problems:
         return problems
+    from ctfix.platform import routing
+
     for check in plan.checks:
-        source = _reply_source(check.destination, plan.port)
-        if source != check.source:
+        choice = routing.reply_source(check.destination, plan.port, mark=check.mark)
+        marked = f" marked {check.mark:#x}" if check.mark is not None else ""
+        if choice.source != check.source:
             problems.append(
-                f"a reply from port {plan.port} to {check.destination} would leave from "
-                f"{source or 'nowhere'}, not {check.source}"
+                f"a reply from port {plan.port} to {check.destination}{marked} would leave "
+                f"from {choice.source or 'nowhere'}, not {check.source}"
+            )
+        elif check.interface is not None and choice.interface != check.interface:
+            problems.append(
+                f"a reply from port {plan.port} to {check.destination}{marked} would leave "
+                f"by {choice.interface or 'nowhere'}, not {check.interface}"
             )
     return problems
 
 
 def checked_lines(plan: Plan) -> list[str]:
     lines = [
-        f"route lookup: a reply from UDP port {plan.port} to {c.destination} now leaves "
-        f"from {c.source}"
+        f"route lookup: a reply from UDP port {plan.port} to {c.destination}"
+        + (f" marked {c.mark:#x}" if c.mark is not None else "")
+        + f" now leaves from {c.source}"
+        + (f" by {c.interface}" if c.interface else "")
         for c in plan.checks
     ]
     lines.append(f"all {len(plan.steps)} step(s) present in the kernel")
     return lines
-
-
-def _reply_source(destination: str, port: int) -> str | None:
-    from ctfix.platform import routing
-
-    return routing.reply_source(destination, port).source
 
 
 def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, str, bool]]]]:
