@@ -106,6 +106,9 @@ class ClientNetwork:
     egress_gateway: str | None = None
     #: addressed addresses whose own uplink is not `egress` (remote clients only)
     uplinks: tuple[Uplink, ...] = ()
+    #: the address the route lookup was asked about (a client seen, else one in the
+    #: network; for the internet, 0.0.0.0/0 or ::/0, one only a default route covers)
+    probe: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,8 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
 
-    probes = probe_destinations(port, addresses, flows)
+    route_table = routing.route_table()
+    probes = probe_destinations(port, addresses, flows, route_table)
     choices: list[RouteChoice] = [
         routing.reply_source(destination, port, uid=uid) for destination in probes.values()
     ]

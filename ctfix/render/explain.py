@@ -63,6 +63,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "probe": cn.probe,
                 "egress": cn.egress,
                 "egress_gateway": cn.egress_gateway,
                 "uplinks": [

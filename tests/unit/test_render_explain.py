@@ -78,6 +78,7 @@ def test_json_has_the_stable_keys_of_the_issue() -> None:
         "interface": "br0",
         "seen": True,
         "onlink": [],
+        "probe": None,
         "egress": None,
         "egress_gateway": None,
         "uplinks": [],

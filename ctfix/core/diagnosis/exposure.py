@@ -105,6 +105,7 @@ def client_networks(
             networks = [
                 (net, iface, assumed, False) for net, iface, fam in connected if fam == family
             ]
+            networks += uplinks.internet(snapshot, family, assumed)  # two uplinks
         for network, iface, addressed, was_seen in networks:
             choice = choice_for(snapshot, network)
             if wildcard:
@@ -136,6 +137,7 @@ def client_networks(
                     egress=choice.interface if choice else None,
                     egress_gateway=choice.gateway if choice else None,
                     uplinks=other,
+                    probe=snapshot.probes.get(network),
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))

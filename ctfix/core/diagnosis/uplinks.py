@@ -10,6 +10,10 @@ provider drops it (BCP 38 source address validation), and a stateful firewall on
 way drops a reply that does not come back the way its request went.
 
 Know before changing (the definitions explain shows):
+* On a host with two uplinks (default routes via two interfaces), when no client of a
+  family was seen, the internet (0.0.0.0/0, ::/0, probed with an address only a
+  default route covers) is an assumed client network too, addressing the addresses
+  that live on the uplinks: what its clients can reach.
 * Only *remote* client networks count (not a directly connected network: a neighbour
   gets its reply straight on its link, whatever uplink is the default).
 * The *egress* is the interface and next hop of the same route lookup that predicts
@@ -32,7 +36,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from ctfix.core.diagnosis.codes import reason
-from ctfix.core.diagnosis.requests import Request, connected_networks, network_of
+from ctfix.core.diagnosis.requests import (
+    Request,
+    connected_networks,
+    network_of,
+    uplink_interfaces,
+)
 from ctfix.core.model import ClientNetwork, Reason, Uplink
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, Route, RouteChoice, Snapshot
 
@@ -60,6 +69,26 @@ def reply_marks(port: int, ruleset: Iterable[NetfilterRule]) -> list[int]:
     return marks
 
 
+_INTERNET = {"ipv4": "0.0.0.0/0", "ipv6": "::/0"}
+
+
+def internet(
+    snapshot: Snapshot, family: str, assumed: Sequence[str]
+) -> list[tuple[str, str | None, list[str], bool]]:
+    """The internet as an assumed client network (two uplinks only: see the module
+    docstring): (network, None, addressed, seen=False), or nothing."""
+    network = _INTERNET[family]
+    if network not in snapshot.probes:
+        return []
+    on_uplinks = set(uplink_interfaces(snapshot.route_table, family))
+    reachable = [
+        a
+        for a in assumed
+        if any(la.address == a and la.interface in on_uplinks for la in snapshot.addresses)
+    ]
+    return [(network, None, reachable, False)] if reachable else []
+
+
 def uplink_lookups(
     probes: dict[str, str],
     requests: Sequence[Request],
@@ -67,16 +96,27 @@ def uplink_lookups(
     marks: Sequence[int],
 ) -> list[tuple[str, int | None, str | None]]:
     """(destination, mark, source) of the extra route lookups the collector makes for
-    remote client networks: from each address their clients sent to, and with each
-    mark the port's replies get. The destination is the network's probe."""
+    remote client networks (seen ones, and the internet on a host with two uplinks):
+    from each address their clients sent (or may send) to, and with each mark the
+    port's replies get. The destination is the network's probe."""
     connected = connected_networks(addresses)
-    wanted: list[tuple[str, int | None, str | None]] = []
+    remote: list[tuple[str, str]] = []  # (probe, addressed)
     for request in requests:
         network, iface = network_of(request.client, connected)
         probe = probes.get(network)
-        if iface is not None or probe is None:
-            continue
-        for lookup in ((probe, None, request.addressed), *((probe, m, None) for m in marks)):
+        if iface is None and probe is not None:
+            remote.append((probe, request.addressed))
+    seen = {request.family for request in requests}
+    for family, network in _INTERNET.items():
+        if network in probes and family not in seen:  # assumed only while none is seen
+            remote += [
+                (probes[network], a.address)
+                for a in addresses
+                if a.family == family and not a.loopback and a.scope == "global"
+            ]
+    wanted: list[tuple[str, int | None, str | None]] = []
+    for probe, addressed in remote:
+        for lookup in ((probe, None, addressed), *((probe, m, None) for m in marks)):
             if lookup not in wanted:
                 wanted.append(lookup)
     return wanted

@@ -16,8 +16,9 @@ from ctfix.core.model import ClientNetwork, Diagnosis
 def probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
     """An address in the client network to ask the route lookup about.
 
-    A client actually seen is best; otherwise the network's last host address, which
-    is rarely a local one (asking about a local address would answer `local`).
+    A client actually seen is best; then the address explain asked about; otherwise
+    the network's last host address, which is rarely a local one (asking about a
+    local address would answer `local`).
     """
     net = ipaddress.ip_network(cn.network, strict=False)
     for reply in diagnosis.evidence.wrong_source:
@@ -27,6 +28,8 @@ def probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
                 return client
         except ValueError:
             continue
+    if cn.probe is not None:
+        return cn.probe
     local = {unmap(a) for a in diagnosis.local_addresses}
     first = net.network_address
     candidate = net.broadcast_address - 1 if net.num_addresses > 2 else first
