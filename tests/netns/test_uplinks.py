@@ -153,6 +153,16 @@ def test_explain_names_the_uplink_mismatch_before_any_fix(nft_uplinks: TwoUplink
     for name in ("wan1", "wan2", ISP1_V4, ISP2_V4, ISP1_V6, ISP2_V6):
         assert name in text.stdout
 
+    # A --gateway on no uplink of these clients is bad input: one line, nothing done.
+    before = namespace_state(topo, topo.host)
+    refused = ctfix(
+        topo, "fix", str(PORT), "--method", "snat-zone", "--gateway", "203.0.113.1", "--apply"
+    )
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert "--gateway 203.0.113.1" in line
+    assert namespace_state(topo, topo.host) == before
+
 
 def test_snat_zone_sends_replies_out_by_their_own_uplink_and_reverts_exactly(
     uplinks: TwoUplinks,

@@ -211,7 +211,8 @@ def route_steps(port: int, reroutes: Sequence[Reroute]) -> list[Step]:
         steps.append(
             Step(
                 spec,
-                f"table {r.table}: replies to clients of {', '.join(r.addresses)} leave by "
+                f"table {r.table} ({r.table:#x}): replies to clients of "
+                f"{', '.join(r.addresses)} leave by "
                 f"{r.interface}, the uplink their requests come in by{found}",
                 (f"route default {via}dev {r.interface} src {r.addresses[0]} in table "
                  f"{r.table}",),
