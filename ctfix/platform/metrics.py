@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctfix.core.detect import Finding
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.errors import CtfixError
 
 
@@ -64,6 +64,11 @@ class WatchMetrics:
             registry=self.registry,
         )
         self._netns = netns
+        from ctfix.platform.health_metrics import ConntrackHealthCollector
+
+        # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
+        self.conntrack = ConntrackHealthCollector(netns)
+        self.registry.register(self.conntrack)
         try:
             self.server, self.thread = prom.start_http_server(
                 port, addr=host, registry=self.registry
@@ -82,8 +87,9 @@ class WatchMetrics:
             self._totals[name] = value
         self.pending.set(pending)
         self.findings.set(findings)
+        self.conntrack.refresh()
 
-    def finding(self, finding: Finding) -> None:
+    def finding(self, finding: WrongSourceFinding) -> None:
         self.wrong.labels(
             netns=self._netns,
             service=finding.service,
