@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import netns
@@ -95,6 +95,9 @@ class Namespaces:
 
     @property
     def namespaces(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def build(self) -> None:
         raise NotImplementedError
 
     # -- commands in a namespace -------------------------------------------------
@@ -192,6 +195,9 @@ class Namespaces:
         for ns in self.namespaces:
             if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)):
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+AnyNamespaces = TypeVar("AnyNamespaces", bound=Namespaces)
 
 
 @dataclass
@@ -324,16 +330,22 @@ def new_run_id() -> str:
 
 
 @contextlib.contextmanager
-def lab_topology(
-    *, ipv6: bool = False, netfilter: Netfilter = "nft", run_id: str | None = None
-) -> Iterator[Topology]:
-    """Build the topology, yield it, and always tear it down."""
-    topo = Topology(run_id or new_run_id(), ipv6=ipv6, netfilter=netfilter)
+def built(topo: AnyNamespaces) -> Iterator[AnyNamespaces]:
+    """Build a topology, yield it, and always tear it down (a half-built one too)."""
     try:
         topo.build()
         yield topo
     finally:
         topo.destroy()
+
+
+@contextlib.contextmanager
+def lab_topology(
+    *, ipv6: bool = False, netfilter: Netfilter = "nft", run_id: str | None = None
+) -> Iterator[Topology]:
+    """Build the topology, yield it, and always tear it down."""
+    with built(Topology(run_id or new_run_id(), ipv6=ipv6, netfilter=netfilter)) as topo:
+        yield topo
 
 
 def leftover_namespaces(run_id: str | None = None) -> list[str]:

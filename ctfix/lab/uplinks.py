@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ctfix.lab.topology import Namespaces, Netfilter, new_run_id, require_tools
+from ctfix.lab.topology import Namespaces, Netfilter, built, new_run_id, require_tools
 
 WAN1_V4, ISP1_V4, WAN1_NET_V4 = "198.51.100.13", "198.51.100.1", "198.51.100.0/24"
 WAN2_V4, ISP2_V4, WAN2_NET_V4 = "192.0.2.13", "192.0.2.1", "192.0.2.0/24"
@@ -170,9 +170,5 @@ def uplinks_topology(
     *, ipv6: bool = True, netfilter: Netfilter = "nft", run_id: str | None = None
 ) -> Iterator[TwoUplinks]:
     """Build the two-uplink topology, yield it, and always tear it down."""
-    topo = TwoUplinks(run_id or new_run_id(), ipv6=ipv6, netfilter=netfilter)
-    try:
-        topo.build()
+    with built(TwoUplinks(run_id or new_run_id(), ipv6=ipv6, netfilter=netfilter)) as topo:
         yield topo
-    finally:
-        topo.destroy()
