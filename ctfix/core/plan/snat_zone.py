@@ -354,7 +354,7 @@ def _ipt_steps(port: int, addresses: list[str], marks: dict[str, int]) -> list[S
             ),
         ]
         if address in marks:  # two uplinks: out by its own (reroute.py)
-            zone_rule = specs[2][1]
+            zone_rule = next(spec for bucket, spec, _ in specs if bucket is zone)
             mark = marks[address]
             specs.append(
                 (marked, reroute.ipt_rule(zone_rule, mark),
