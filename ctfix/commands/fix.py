@@ -43,6 +43,9 @@ examples:
   ctfix fix 5000 --method policy-route --apply --force
                          policy-route when you know no client in a network uses the
                          host's own address on its link (ctfix refuses otherwise)
+  ctfix fix 5000 --method snat-zone --gateway 192.0.2.1 --apply
+                         two uplinks: replies to clients of the uplink whose router is
+                         192.0.2.1 leave by it (where the host's routes do not say)
   ctfix fix 5000 --method bind --rules ./my-rules    how to fix the application itself
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
@@ -59,7 +62,7 @@ exit status:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
         f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply] [--force] "
-        "[--backend nft|iptables-legacy] [--netns NS] [--json]\n"
+        "[--backend nft|iptables-legacy] [--gateway ADDR]... [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
         "       ctfix fix --status [--netns NS] [--json]"
     )
@@ -88,6 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("nft", "iptables-legacy"),
         help="netfilter backend for snat-zone (default: the one the namespace uses)",
     )
+    parser.add_argument(
+        "--gateway",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="two uplinks: the router of the uplink ADDR is on (ADDR%%IFACE for a "
+        "link-local one), for replies that must leave by it when no route via it tells "
+        "ctfix (repeat for several uplinks)",
+    )
     add_rules_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
@@ -113,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.rules and args.method != "bind":
         raise CtfixError("--rules is for --method bind only", "drop --rules")
+    if args.gateway and args.method == "bind":
+        raise CtfixError("--gateway is for snat-zone and policy-route", "drop --gateway")
     if args.method == "bind":
         if args.apply:
             raise CtfixError(
@@ -136,7 +150,10 @@ def run(args: argparse.Namespace) -> int:
         overrides: dict[str, Backend] = {"nft": "nftables", "iptables-legacy": "iptables-legacy"}
         backend, why = remedy.choose_backend(overrides.get(args.backend or ""))
         notes.append(f"backend {backend}: {why}")
-    plan = make_plan(diagnosis, args.method, backend, force=args.force, notes=tuple(notes))
+    plan = make_plan(
+        diagnosis, args.method, backend, force=args.force, notes=tuple(notes),
+        gateways=tuple(args.gateway),
+    )
     from ctfix.render import fix as render
 
     if not args.apply:
@@ -210,6 +227,8 @@ def _apply_command(args: argparse.Namespace) -> str:
         words += ["--backend", args.backend]
     if args.force:
         words.append("--force")
+    for gateway in args.gateway:
+        words += ["--gateway", gateway]
     if args.netns:
         words += ["--netns", args.netns]
     words.append("--apply")

@@ -83,6 +83,20 @@ def _nft_nat_to(expressions: list[JsonObject]) -> str | None:
     return None
 
 
+def _nft_mark_to(expressions: list[JsonObject]) -> int | None:
+    """The value of a `meta mark set VALUE` statement (a constant only)."""
+    for expr in expressions:
+        mangle = expr.get("mangle")
+        if not isinstance(mangle, dict):
+            continue
+        key = mangle.get("key")
+        value = mangle.get("value")
+        marks = isinstance(key, dict) and key.get("meta", {}).get("key") == "mark"
+        if marks and isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def _nft_classify(
     expressions: list[JsonObject], port: int
 ) -> tuple[frozenset[str], bool, bool, bool, bool]:
@@ -179,6 +193,7 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 hook=hooks.get(key),
                 matches_mark=mark,
                 nat_to=_nft_nat_to(rule.get("expr", [])),
+                mark_to=_nft_mark_to(rule.get("expr", [])),
             )
         )
     return result
@@ -263,6 +278,17 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
+def _legacy_mark_to(target_name: str, saved: str) -> int | None:
+    """MARK's value when it sets the whole mark (`--set-xmark V/0xffffffff`)."""
+    if target_name != "MARK":
+        return None
+    match = re.search(r"--set-x?mark\s+(0x[0-9a-fA-F]+|\d+)(?:/(0x[0-9a-fA-F]+|\d+))?", saved)
+    if match is None:
+        return None
+    mask = int(match.group(2), 0) if match.group(2) else 0xFFFFFFFF
+    return int(match.group(1), 0) if mask == 0xFFFFFFFF else None
+
+
 def _legacy_rules(port: int, family: Family) -> Iterator[NetfilterRule]:
     loaded = iptables_legacy.loaded_tables(family)
     if not loaded:
@@ -340,6 +366,7 @@ def _legacy_rule(
         hook=_BUILTIN_HOOKS.get(chain),
         matches_mark=mark,
         nat_to=_legacy_nat_to(target_saved),
+        mark_to=_legacy_mark_to(target_name, target_saved),
     )
 
 

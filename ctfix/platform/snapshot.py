@@ -20,6 +20,9 @@ from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
     probe_destinations,
+    reply_marks,
+    requests_to,
+    uplink_lookups,
     wrong_source_reply,
 )
 from ctfix.core.model import Listener, WrongSourceReply
@@ -111,16 +114,30 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
 
-    probes = probe_destinations(port, addresses, flows)
+    route_table = routing.route_table()
+    probes = probe_destinations(port, addresses, flows, route_table)
     choices: list[RouteChoice] = [
         routing.reply_source(destination, port, uid=uid) for destination in probes.values()
     ]
+    # Remote clients: where a reply from the address they sent to, or one a netfilter
+    # rule marked, would leave (two uplinks).
+    choices += [
+        routing.reply_source(destination, port, uid=uid, mark=mark, source=source)
+        for destination, mark, source in uplink_lookups(
+            probes,
+            requests_to(flows, port, set(local)),
+            addresses,
+            reply_marks(port, netfilter),
+        )
+    ]
+    route_table = routing.route_table()
     return Snapshot(
         port=port,
         netns=netns,
         listeners=listeners,
         addresses=tuple(addresses),
-        routes=tuple(routing.routes()),
+        routes=tuple(route.text for route in route_table),
+        route_table=tuple(route_table),
         policy_rules=tuple(routing.policy_rules()),
         route_choices=tuple(choices),
         flows=tuple(flows),

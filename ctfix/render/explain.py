@@ -69,6 +69,23 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "probe": cn.probe,
+                "egress": cn.egress,
+                "egress_gateway": cn.egress_gateway,
+                "uplinks": [
+                    {
+                        "address": u.address,
+                        "interface": u.interface,
+                        "network": u.network,
+                        "gateway": u.gateway,
+                        "route": u.route,
+                        "routed": u.routed,
+                        "rerouted": u.rerouted,
+                        "source_routed": u.source_routed,
+                        "ok": u.ok,
+                    }
+                    for u in cn.uplinks
+                ],
             }
             for cn in d.clients
         ],
@@ -170,15 +187,23 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
     wrong = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
+    # Replies that leave by another uplink than their requests came in by.
+    other_way = sorted({u.interface for u in cn.uplinks if not u.ok})
+    problems = [f"wrong for {', '.join(wrong)}"] if wrong else []
+    if other_way:
+        problems.append(f"leaves by {cn.egress}, not {' or '.join(other_way)}")
     if cn.ok:
         status = "ok"
-    elif wrong:
-        status = f"wrong for {', '.join(wrong)}"
+    elif problems:
+        status = "; ".join(problems)
     else:
         status = "at risk"
+    leaves = cn.interface or "-"
+    if cn.egress_gateway and cn.egress == cn.interface:
+        leaves += f" via {cn.egress_gateway}"
     return (
         cn.network,
-        cn.interface or "-",
+        leaves,
         addressed,
         cn.predicted_source or "-",
         status,
@@ -240,7 +265,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
             f"sport {d.port}`)"
         )
         out += ["", _wrap(s(heading, "bold"), "", w, "  ")]
-        rows = [("network", "via", "clients send to", "reply from", "")]
+        rows = [("network", "leaves by", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for index, row in enumerate(rows):
@@ -305,7 +330,7 @@ def render_markdown(d: Diagnosis) -> str:
             "",
             f"Reply source as `ip route get CLIENT ipproto udp sport {d.port}` predicts it.",
             "",
-            "| network | via | clients send to | reply from | |",
+            "| network | leaves by | clients send to | reply from | |",
             "|---|---|---|---|---|",
         ]
         for cn in d.clients:

@@ -47,9 +47,12 @@ def plan_text(plan: Plan, netns: str, apply_with: str | None) -> str:
             out += [f"     {line}" for line in rest]
         out += [f"   undo: {command}" for command in step.undo]
     for check in plan.checks:
+        marked = f" marked {check.mark:#x}" if check.mark is not None else ""
+        by = f" by {check.interface}" if check.interface else ""
         out += [
             "",
-            f"after apply, check: a reply to {check.destination} leaves from {check.source}",
+            f"after apply, check: a reply to {check.destination}{marked} leaves from "
+            f"{check.source}{by}",
         ]
     if apply_with:
         out += ["", f"apply with: {apply_with}"]
@@ -66,8 +69,10 @@ def plan_document(plan: Plan, netns: str) -> dict[str, Any]:
 def checked_lines(plan: Plan) -> list[str]:
     """What --apply verified: each route lookup, then that every step is in the kernel."""
     lines = [
-        f"route lookup: a reply from UDP port {plan.port} to {c.destination} now leaves "
-        f"from {c.source}"
+        f"route lookup: a reply from UDP port {plan.port} to {c.destination}"
+        + (f" marked {c.mark:#x}" if c.mark is not None else "")
+        + f" now leaves from {c.source}"
+        + (f" by {c.interface}" if c.interface else "")
         for c in plan.checks
     ]
     lines.append(f"all {len(plan.steps)} step(s) present in the kernel")

@@ -37,6 +37,7 @@ from ctfix.lab.topology import (
 )
 from ctfix.platform import netns
 from ctfix.platform.remedy import PAUSE_ENV
+from tests.netns.kernel import namespace_state
 
 PORT = 56789
 ALL_ADDRESSES = (UPLINK_V4, BRIDGE_V4, UPLINK_V6, BRIDGE_V6)
@@ -95,25 +96,7 @@ def ctfix_fix(topo: Topology, *args: str, env: dict[str, str] | None = None) -> 
 
 def kernel_state(topo: Topology) -> dict[str, str]:
     """Everything fix may touch, as the tools print it (timestamps, counters removed)."""
-
-    def run(*argv: str) -> str:
-        return topo.run(topo.host, *argv)
-
-    def saved(tool: str) -> str:
-        text = run(tool)
-        lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
-        return re.sub(r"\[\d+:\d+\]", "[0:0]", "".join(lines))
-
-    return {
-        "ip -4 rule": run("ip", "-4", "rule"),
-        "ip -6 rule": run("ip", "-6", "rule"),
-        "ip -4 route": run("ip", "-4", "route", "show", "table", "all"),
-        "ip -6 route": run("ip", "-6", "route", "show", "table", "all"),
-        "nft": run("nft", "list", "ruleset"),
-        "iptables-legacy-save": saved("iptables-legacy-save"),
-        "ip6tables-legacy-save": saved("ip6tables-legacy-save"),
-        "ipset": run("ipset", "list"),
-    }
+    return namespace_state(topo, topo.host)
 
 
 def answered(topo: Topology, address: str) -> bool:

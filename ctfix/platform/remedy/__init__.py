@@ -422,20 +422,22 @@ def verify_plan(plan: Plan) -> list[str]:
     problems = [f"{s.summary}: not in the kernel" for s in plan.steps if not present(s.spec)]
     if problems:
         return problems
-    for check in plan.checks:
-        source = _reply_source(check.destination, plan.port)
-        if source != check.source:
-            problems.append(
-                f"a reply from port {plan.port} to {check.destination} would leave from "
-                f"{source or 'nowhere'}, not {check.source}"
-            )
-    return problems
-
-
-def _reply_source(destination: str, port: int) -> str | None:
     from ctfix.platform import routing
 
-    return routing.reply_source(destination, port).source
+    for check in plan.checks:
+        choice = routing.reply_source(check.destination, plan.port, mark=check.mark)
+        marked = f" marked {check.mark:#x}" if check.mark is not None else ""
+        if choice.source != check.source:
+            problems.append(
+                f"a reply from port {plan.port} to {check.destination}{marked} would leave "
+                f"from {choice.source or 'nowhere'}, not {check.source}"
+            )
+        elif check.interface is not None and choice.interface != check.interface:
+            problems.append(
+                f"a reply from port {plan.port} to {check.destination}{marked} would leave "
+                f"by {choice.interface or 'nowhere'}, not {check.interface}"
+            )
+    return problems
 
 
 def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]]:

@@ -2,7 +2,9 @@
 
 Know before changing: everything made here carries protocol 199 (`proto 199`), and
 removal matches on it, so a route or rule somebody else added to the same table or
-priority is never touched. Works in the calling thread's namespace.
+priority is never touched. Routes may be default routes (0.0.0.0/0, ::/0) and have a
+gateway; rules may carry a fwmark (a snat-zone reroute): both are part of what makes
+an object the one a spec describes. Works in the calling thread's namespace.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def _route_args(spec: RouteSpec, oif: int | None) -> dict[str, Any]:
     }
     if oif is not None:
         args["oif"] = oif
+    if spec.gateway is not None:
+        args["gateway"] = spec.gateway
     return args
 
 
@@ -58,7 +62,8 @@ def _ifindex(ipr: Any, name: str) -> int | None:
 
 
 def create_route(spec: RouteSpec) -> None:
-    what = f"adding route {spec.network} src {spec.source} to table {spec.table}"
+    via = f" via {spec.gateway}" if spec.gateway else ""
+    what = f"adding route {spec.network}{via} src {spec.source} to table {spec.table}"
     with _iproute() as ipr:
         oif = _ifindex(ipr, spec.interface)
         if oif is None:
@@ -79,8 +84,8 @@ def _routes_to(spec: RouteSpec) -> list[Any]:
     found = []
     with _iproute() as ipr:
         for route in ipr.route("dump", family=_AF[spec.family], table=spec.table):
-            dst = route.get("dst")
-            network = f"{dst}/{route['dst_len']}" if dst else None
+            dst = route.get("dst") or ("::" if spec.family == "ipv6" else "0.0.0.0")
+            network = f"{dst}/{route['dst_len']}"
             if network == spec.network and route.get_attr("RTA_TABLE") == spec.table:
                 found.append(route)
     return found
@@ -88,7 +93,9 @@ def _routes_to(spec: RouteSpec) -> list[Any]:
 
 def route_present(spec: RouteSpec) -> bool:
     return any(
-        route.get("proto") == spec.protocol and route.get("prefsrc") == spec.source
+        route.get("proto") == spec.protocol
+        and route.get("prefsrc") == spec.source
+        and route.get("gateway") == spec.gateway
         for route in _routes_to(spec)
     )
 
@@ -115,7 +122,7 @@ def remove_route(spec: RouteSpec) -> bool:
 
 
 def _rule_args(spec: RuleSpec) -> dict[str, Any]:
-    return {
+    args: dict[str, Any] = {
         "family": _AF[spec.family],
         "priority": spec.priority,
         "table": spec.table,
@@ -123,6 +130,9 @@ def _rule_args(spec: RuleSpec) -> dict[str, Any]:
         "sport_range": f"{spec.port}:{spec.port}",
         "protocol": spec.protocol,
     }
+    if spec.fwmark is not None:
+        args["fwmark"] = spec.fwmark
+    return args
 
 
 def rule_present(spec: RuleSpec) -> bool:
@@ -134,13 +144,14 @@ def rule_present(spec: RuleSpec) -> bool:
                 and rule.get("protocol") == spec.protocol
                 and rule.get("ip_proto") == socket.IPPROTO_UDP
                 and rule.get("sport_range") == f"{spec.port}:{spec.port}"
+                and rule.get_attr("FRA_FWMARK") == spec.fwmark
             ):
                 return True
     return False
 
 
 def create_rule(spec: RuleSpec) -> None:
-    what = f"adding {spec.family} rule `ipproto udp sport {spec.port} lookup {spec.table}`"
+    what = f"adding {spec.family} rule `{spec.words}`"
     if rule_present(spec):
         raise AlreadyThere(f"{what}: it exists already", "see `ip rule` and `ctfix fix --status`")
     with _iproute() as ipr:
