@@ -314,14 +314,20 @@ def _status(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.platform.remedy import marks
 
     state = FixState.load(label)
     report = remedy.status(state)
+    refused = remedy.foreign_steps(state)
+    stray = marks.unrecorded(state.specs())
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
     whole = {
-        fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
+        fix.port: fix.complete
+        and all(here for _s, _st, here in steps)
+        and not any(p == fix.port for p, _i in refused)
+        for fix, steps in report
     }
-    status = ExitStatus.OK if all(whole.values()) else ExitStatus.PROBLEM
+    status = ExitStatus.OK if all(whole.values()) and not stray else ExitStatus.PROBLEM
     if args.json:
         from ctfix.core.plan import step_to_dict
 
@@ -338,15 +344,21 @@ def _status(args: argparse.Namespace) -> int:
                     "started": fix.started,
                     "notes": fix.notes,
                     "steps": [
-                        {"status": st, "present": here, "step": step_to_dict(step)}
-                        for step, st, here in steps
+                        {"status": st, "present": here, "step": step_to_dict(step),
+                         "foreign": refused.get((fix.port, index))}
+                        for index, (step, st, here) in enumerate(steps)
                     ],
                 }
                 for fix, steps in report
             ],
+            "unrecorded": [
+                {"port": m.port, "kind": m.kind, "object": m.obj,
+                 "remove_with": f"ctfix fix --revert {m.port}{_netns_flag(args)}"}
+                for m in stray
+            ],
         }, indent=2))
         return status
-    if not report:
+    if not report and not stray:
         print(f"ctfix fix --status: no fix recorded in netns {label}")
         return ExitStatus.OK
     print(f"ctfix fix --status (netns {label}, {state.path}):")
@@ -355,15 +367,25 @@ def _status(args: argparse.Namespace) -> int:
             "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
         )
         print(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
-        for step, st, here in steps:
-            mark = "present" if here else "MISSING"
+        for index, (step, st, here) in enumerate(steps):
+            why = refused.get((fix.port, index))
+            mark = "FOREIGN" if why else "present" if here else "MISSING"
             first, *rest = step.creates or ("(nothing)",)
             print(f"    [{st:7}] {mark:7} {first}")
             for obj in rest:  # one object per line: an nftables table lists its parts
                 print(f"    {'':9} {'':7} {obj}")
+            if why:
+                print(f"    {'':9} refused: {why}")
         for note in fix.notes:
             print(f"    note: {note}")
-    if status != ExitStatus.OK:
+    for port in sorted({m.port for m in stray}):
+        found = [m for m in stray if m.port == port]
+        print(f"  port {port}: no record explains {len(found)} object(s) with ctfix's marks "
+              "(state file lost or edited?):")
+        for marked in found:
+            print(f"    {marked.obj}")
+        print(f"  remove them with: ctfix fix --revert {port}{_netns_flag(args)}")
+    if any(not ok for ok in whole.values()):
         print(f"  revert with: ctfix fix --revert{_netns_flag(args)}")
     return status
 
@@ -373,24 +395,37 @@ def _revert(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.platform.remedy import marks
 
     with FixState.locked(label) as state:
+        # Objects with ctfix's marks that no record explains (the state file was lost
+        # or edited) are ctfix's too: removed with the recorded ones, and listed apart.
+        stray = marks.unrecorded(state.specs(), args.port)
+        recorded = bool(state.fixes) if args.port is None else args.port in state.fixes
+        done: list[Any] = remedy.revert(state, args.port) if recorded else []
+        stray_removed, failures = marks.remove_all(stray)
+        if failures:
+            raise CtfixError(
+                f"could not remove everything: {failures[0]}",
+                "fix the cause and run --revert again",
+            )
         # Reverting is safe to repeat: nothing recorded is the state it leads to, not an
         # error.
-        if args.port is None and not state.fixes:
-            nothing: str | None = f"nothing recorded in netns {label}"
-        elif args.port is not None and args.port not in state.fixes:
-            others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
-                state.fixes
-            ) else ""
-            nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
-        else:
-            done = remedy.revert(state, args.port)
-            nothing = None
-    return _reverted(args, label, [] if nothing is not None else done, nothing)
+        nothing: str | None = None
+        if not recorded and not stray_removed:
+            nothing = f"nothing recorded in netns {label}"
+            if args.port is not None:
+                others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
+                    state.fixes
+                ) else ""
+                nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
+    return _reverted(args, label, done, nothing, stray_removed)
 
 
-def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: str | None) -> int:
+def _reverted(
+    args: argparse.Namespace, label: str, done: list[Any], nothing: str | None,
+    stray: list[Any],
+) -> int:
     """--revert's report: `nothing` says why nothing was recorded (and so changed)."""
     from dataclasses import asdict
 
@@ -399,9 +434,12 @@ def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: st
     if args.json:
         print(json.dumps({
             "netns": label,
-            "changed": bool(done),
+            "changed": bool(done or stray),
             "reason": nothing,
             "reverted": [asdict(fix) for fix in done],
+            "unrecorded_removed": [
+                {"port": m.port, "kind": m.kind, "object": m.obj} for m in stray
+            ],
         }, indent=2))
         return ExitStatus.OK
     if nothing is not None:
@@ -411,6 +449,12 @@ def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: st
     print(f"ctfix fix --revert: removed {what} in netns {label}")
     for line in remedy.reverted_lines(done):
         print(f"  {line}")
+    for port in sorted({m.port for m in stray}):
+        found = [m for m in stray if m.port == port]
+        print(f"  port {port}: removed {len(found)} object(s) that no record explained "
+              "(found by ctfix's marks; the state file was lost or edited)")
+        for marked in found:
+            print(f"    removed {marked.obj}")
     return ExitStatus.OK
 
 
