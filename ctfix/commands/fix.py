@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in ("apply", "revert", "status") if getattr(args, m)]
     if len(modes) > 1:
         raise CtfixError(f"--{modes[0]} and --{modes[1]} do not go together")
+    if args.status or args.revert:
+        _refuse_plan_options(args)
     if args.status:
         return _status(args)
     if args.revert:
@@ -110,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
     if args.rules and args.method != "bind":
         raise CtfixError("--rules is for --method bind only", "drop --rules")
     if args.method == "bind":
+        if args.force:
+            raise CtfixError(
+                "--force is for policy-route and snat-zone; --method bind plans nothing",
+                "drop --force",
+            )
         if args.apply:
             raise CtfixError(
                 "--method bind changes nothing on the host, so there is nothing to apply",
@@ -178,6 +185,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     print(f"  undo with: ctfix fix --revert {plan.port}{_netns_flag(args)}")
     return ExitStatus.OK
+
+
+def _refuse_plan_options(args: argparse.Namespace) -> None:
+    """--status and --revert act on what is recorded: options that shape a plan (or,
+    for --status, pick a port) would be ignored, so they are refused instead."""
+    mode = "--status" if args.status else "--revert"
+    given = [
+        option
+        for option, value in (
+            ("--method", args.method),
+            ("--force", args.force),
+            ("--backend", args.backend),
+            ("--rules", args.rules),
+            ("PORT", args.status and args.port is not None),
+        )
+        if value
+    ]
+    if given:
+        what = "shows every recorded port" if args.status else "removes what was recorded"
+        raise CtfixError(
+            f"{mode} {what}; {given[0]} does not go with it",
+            f"drop {given[0]}" + (" (--status lists every port)" if given[0] == "PORT" else ""),
+        )
 
 
 @contextlib.contextmanager

@@ -108,11 +108,11 @@ def _warn(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_root("watching conntrack events")
-    if args.metrics:
+    if args.metrics is not None:  # `--metrics ''` is a mistake, not "off"
         from ctfix.platform.metrics import parse_listen
 
         parse_listen(args.metrics)
+    require_root("watching conntrack events")
     label = enter_netns(args.netns)
 
     from ctfix.platform import conntrack

@@ -13,6 +13,9 @@ reverts completely and says what was already gone.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,7 @@ def test_a_lost_state_file_is_found_by_status_and_cleaned_by_revert(
     status = ctfix_fix(topo, "--status")
     assert status.returncode == 1, status.stdout
     assert f"ctfix fix --revert {PORT} --netns {topo.host}" in status.stdout
+    assert _status_to_a_gone_reader(topo) == 1  # `ctfix fix --status | head -3` (item 9)
     data = json.loads(ctfix_fix(topo, "--status", "--json").stdout)
     assert data["fixes"] == []
     objects = [o["object"] for o in data["unrecorded"]]
@@ -199,6 +203,20 @@ def test_a_fix_partly_removed_by_hand_reverts_and_says_what_was_missing(
     assert without_loaded_raw(kernel_state(topo), before) == before
     status = ctfix_fix(topo, "--status")
     assert status.returncode == 0 and "no fix recorded" in status.stdout
+
+
+def _status_to_a_gone_reader(topo: Topology) -> int:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ctfix", "fix", "--status", "--netns", topo.host],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    return done.returncode
 
 
 def _table_of(saved: str, rule_line: str) -> str:
