@@ -56,3 +56,30 @@ def test_ctfix_own_names_pass_the_record_check() -> None:
     )
     assert marks.foreign(tagged, PORT, {}) is None
     assert marks.foreign(tagged, PORT + 1, {}) is not None
+
+
+def test_a_watch_table_owner_is_dead_only_when_provably_gone() -> None:
+    """Item 4: pid reuse and other pid namespaces (no kernel needed: /proc only)."""
+    from ctfix.platform import watchtables
+
+    me = watchtables.own_name()
+    assert watchtables.owner(me) == "self"
+    pid, start, pidns = (int(part) for part in me.removeprefix("ctfix_watch_").split("_"))
+    assert watchtables.owner(f"ctfix_watch_{pid}_{start + 1}_{pidns}") == "dead"  # reused
+    assert watchtables.owner(f"ctfix_watch_{pid}_{start}_{pidns + 1}") == "unknown"
+    assert watchtables.owner(f"ctfix_watch_{2**22 + 1}_{start}_{pidns}") == "dead"
+    assert watchtables.owner(f"ctfix_watch_{pid}") == "unknown"  # the first release's name
+    assert watchtables.owner("ctfix_watch_other") is None and watchtables.owner("ctfix_1") is None
+
+
+def test_choose_backend_does_not_count_watch_tables_of_either_naming(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ctfix.platform import iptables_legacy, nft, remedy
+
+    monkeypatch.setattr(iptables_legacy, "in_use", lambda: False)
+    monkeypatch.setattr(nft, "ruleset", lambda: [
+        {"table": {"family": "ip", "name": "ctfix_watch_4242_99_4026531836"}},
+        {"table": {"family": "ip6", "name": "ctfix_watch_4242"}},
+    ])
+    assert remedy.choose_backend(None) == ("nftables", "the namespace holds no netfilter rules")

@@ -40,9 +40,9 @@ from ctfix.platform.fixstate import FixState, RecordedFix
 #: it, so a test can `kill -9` the process in the middle of an apply.
 PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
 #: tables ctfix makes and choose_backend must not count as the namespace's own rules:
-#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>`.
+#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>[_<start>_<pidns>]`.
 #: (`ctfix_lab` is the lab's own, a real user of netfilter, so it counts.)
-_OWN_TABLE = re.compile(r"ctfix_(?:watch_)?\d+")
+_OWN_TABLE = re.compile(r"ctfix_\d+|ctfix_watch_\d+(?:_\d+_\d+)?")
 
 
 class AlreadyThere(CtfixError):
