@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctfix.core import rules
-    from ctfix.core.diagnose import diagnose
+    from ctfix.core.diagnosis import diagnose
     from ctfix.platform import snapshot
     from ctfix.render import explain as render
 

@@ -6,7 +6,8 @@ what the state file records; --status shows the record against the kernel.
 
 Know before changing: module level imports only the standard library and light
 ctfix modules (`ctfix --help` must stay fast); the planner is pure
-(ctfix/core/plan.py) and every kernel change goes through ctfix/platform/remedy.
+(ctfix/core/plan/, one module per method) and every kernel change goes through
+ctfix/platform/remedy.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctfix.commands.common import (
     add_netns_argument,
@@ -27,9 +28,11 @@ from ctfix.commands.common import (
     require_root,
 )
 from ctfix.core.model import Diagnosis
+from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
-METHODS = ("policy-route", "snat-zone", "bind")
+if TYPE_CHECKING:
+    from ctfix.core.plan import Backend
 
 EPILOG = """\
 examples:
@@ -54,7 +57,7 @@ exit status:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
-        "ctfix fix PORT --method policy-route|snat-zone|bind [--apply] [--force] "
+        f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply] [--force] "
         "[--backend nft|iptables-legacy] [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
         "       ctfix fix --status [--netns NS] [--json]"
@@ -132,20 +135,14 @@ def run(args: argparse.Namespace) -> int:
         return ExitStatus.OK
     diagnosis = _diagnose(args.port, label)
     notes: list[str] = []
-    backend = "iproute2"
+    backend: Backend | None = None
     if args.method == "snat-zone":
         from ctfix.platform import remedy
 
-        override = {"nft": "nftables"}.get(args.backend or "", args.backend)
-        backend, why = remedy.choose_backend(override)
+        overrides: dict[str, Backend] = {"nft": "nftables", "iptables-legacy": "iptables-legacy"}
+        backend, why = remedy.choose_backend(overrides.get(args.backend or ""))
         notes.append(f"backend {backend}: {why}")
-    plan = make_plan(
-        diagnosis,
-        args.method,
-        backend,  # type: ignore[arg-type]
-        force=args.force,
-        notes=tuple(notes),
-    )
+    plan = make_plan(diagnosis, args.method, backend, force=args.force, notes=tuple(notes))
     if not args.apply:
         _print_plan(plan, label, args.json, _apply_command(args))
         return ExitStatus.OK
@@ -510,7 +507,7 @@ def _bind(args: argparse.Namespace) -> int:
 
 
 def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
-    from ctfix.core.plan import pktinfo_advice
+    from ctfix.core.plan.bind import pktinfo_advice
 
     port = diagnosis.port
     lines: list[str] = []
@@ -539,7 +536,7 @@ def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
 def _diagnose(port: int, label: str) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
     from ctfix.core import rules
-    from ctfix.core.diagnose import diagnose
+    from ctfix.core.diagnosis import diagnose
     from ctfix.platform import snapshot
 
     try:

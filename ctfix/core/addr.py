@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 
+from ctfix.core.model import Family
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -50,6 +52,6 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def family_name(address: str) -> str:
+def family_name(address: str) -> Family:
     """`ipv4` or `ipv6` (as the address was used: mapped addresses count as ipv4)."""
     return "ipv6" if ":" in unmap(address) else "ipv4"

@@ -26,7 +26,13 @@ class Reason:
     def __post_init__(self) -> None:
         if not self.code or self.code != self.code.lower() or " " in self.code:
             raise ValueError(f"reason code must be kebab-case: {self.code!r}")
-FixMethod = Literal["pktinfo", "bind", "policy-route", "snat-zone"]
+
+
+#: what `ctfix fix --method` does: the one list of methods (ctfix.core.plan registers
+#: a planner for each, and `fix --method` offers exactly these)
+Method = Literal["policy-route", "snat-zone", "bind"]
+#: what explain may recommend: the methods, and the application's own fix
+FixMethod = Literal["pktinfo", Method]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +115,7 @@ class Diagnosis:
     port: int
     netns: str
     verdict: Verdict
-    reasons: tuple[str, ...]
+    reasons: tuple[Reason, ...]
     listeners: tuple[Listener, ...] = ()
     clients: tuple[ClientNetwork, ...] = ()
     evidence: Evidence = field(default_factory=Evidence)

@@ -1,12 +1,12 @@
 """What explain collected about one UDP port in one namespace, as plain values.
 
 `ctfix.platform.snapshot.collect()` fills a `Snapshot` from the kernel;
-`ctfix.core.diagnose.diagnose()` reads it without touching the system, so the
+`ctfix.core.diagnosis.diagnose()` reads it without touching the system, so the
 analysis is tested on hand-built snapshots.
 
 Know before changing: a Snapshot holds *observations* only (what the kernel said),
 never conclusions; anything that judges (is this affected, can this rule help)
-belongs in diagnose.py, so that tests can build any situation by hand.
+belongs in ctfix/core/diagnosis/, so that tests can build any situation by hand.
 """
 
 from __future__ import annotations

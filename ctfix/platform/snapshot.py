@@ -16,7 +16,7 @@ import select
 import time
 
 from ctfix.core.decode import CtEntry
-from ctfix.core.diagnose import (
+from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
     probe_destinations,

@@ -13,7 +13,7 @@ import json
 import textwrap
 from typing import Any
 
-from ctfix.core.diagnose import recommended_first, wrong_text
+from ctfix.core.diagnosis import recommended_first, wrong_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.render.style import Style
 
@@ -36,7 +36,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "port": d.port,
         "netns": d.netns,
         "verdict": d.verdict,
-        "reasons": list(d.reasons),
+        "reasons": [{"code": r.code, "text": r.text} for r in d.reasons],
         "service": d.service,
         "listeners": [
             {
@@ -197,7 +197,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
 
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
-        out.append(_wrap(reason, "  ").replace("  ", "- ", 1))
+        out.append(_wrap(reason.text, "  ").replace("  ", "- ", 1))
     if d.verdict != "ok":
         out += ["", s("Why", "bold"), _wrap(WHY, "  ")]
 
@@ -260,7 +260,7 @@ def render_markdown(d: Diagnosis) -> str:
         "",
     ]
     out += ["### What happens", ""]
-    out += [f"- {reason}" for reason in d.reasons]
+    out += [f"- {reason.text}" for reason in d.reasons]
     if d.verdict != "ok":
         out += ["", "### Why", "", WHY]
     out += ["", "### Sockets on the port", ""]

@@ -29,8 +29,9 @@ RULE = IptRuleSpec(
 @pytest.mark.parametrize(
     ("spec", "named"),
     [
-        (NftTableSpec("ip", "nat", "[]", ""), "table ip nat"),
-        (NftTableSpec("inet", "ctfix_6001", "[]", ""), "table inet ctfix_6001"),
+        # A tampered record: the type says inet, the file said ip.
+        (NftTableSpec("ip", "nat", ()), "table ip nat"),  # type: ignore[arg-type]
+        (NftTableSpec("inet", "ctfix_6001", ()), "table inet ctfix_6001"),
         (IpsetSpec("docker-set", "ipv4"), "ipset docker-set"),
         (IpsetSpec("ctfix-6001-v4-0", "ipv4"), "ipset ctfix-6001-v4-0"),
         (RouteSpec("ipv4", "0.0.0.0/0", "eth0", "192.0.2.1", 254, 3), "route 0.0.0.0/0"),

@@ -10,7 +10,8 @@ import pytest
 
 from ctfix.core.model import ClientNetwork, Diagnosis, Evidence, Listener, WrongSourceReply
 from ctfix.core.plan import (
-    CT_ZONE,
+    METHODS,
+    Backend,
     IpsetSpec,
     IptRuleSpec,
     NftTableSpec,
@@ -18,10 +19,12 @@ from ctfix.core.plan import (
     RouteSpec,
     RuleSpec,
     make_plan,
+    method,
     step_from_dict,
     step_to_dict,
     table_id,
 )
+from ctfix.core.plan.snat_zone import CT_ZONE
 from ctfix.errors import CtfixError
 
 PORT = 56789
@@ -184,7 +187,7 @@ def test_snat_zone_nftables_is_one_atomic_table_for_both_families() -> None:
     assert "snat ip to 198.51.100.13:56789" in spec.text
     assert "snat ip6 to [2001:db8:2::13]:56789" in spec.text
     assert "192.0.2.1" not in spec.text
-    batch = json.loads(spec.batch)
+    batch = list(spec.batch)
     assert batch[0] == {"add": {"table": {"family": "inet", "name": "ctfix_56789"}}}
     chains = {c["add"]["chain"]["name"]: c["add"]["chain"] for c in batch if "chain" in c["add"]}
     assert chains["reply_zone"]["prio"] == -300  # before conntrack (-200) sees the reply
@@ -237,13 +240,55 @@ def test_bind_changes_nothing() -> None:
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables-legacy"])
-def test_steps_survive_the_state_file_round_trip(backend: str) -> None:
-    plan = make_plan(diagnosis(MIXED, UPLINK_ONLY_V6), "snat-zone", backend)  # type: ignore[arg-type]
+def test_steps_survive_the_state_file_round_trip(backend: Backend) -> None:
+    plan = make_plan(diagnosis(MIXED, UPLINK_ONLY_V6), "snat-zone", backend)
     for step in plan.steps:
         assert step_from_dict(json.loads(json.dumps(step_to_dict(step)))) == step
     routed = make_plan(diagnosis(UPLINK_ONLY), "policy-route")
     for step in routed.steps:
         assert step_from_dict(json.loads(json.dumps(step_to_dict(step)))) == step
+
+
+def test_an_nft_batch_is_json_data_in_the_record_and_older_string_batches_still_read() -> None:
+    """The batch is recorded as the list of commands (not a JSON string inside JSON);
+    a state file written by the first release (batch as a string, plus the text) reads
+    to the same step, so --revert and --status keep working after an upgrade."""
+    [step] = make_plan(diagnosis(MIXED), "snat-zone", "nftables").steps
+    assert isinstance(step.spec, NftTableSpec)
+    record = step_to_dict(step)
+    assert record["spec"]["batch"][0] == {
+        "add": {"table": {"family": "inet", "name": "ctfix_56789"}}
+    }
+    older = json.loads(json.dumps(record))
+    older["spec"]["batch"] = json.dumps(list(step.spec.batch), sort_keys=True)
+    older["spec"]["text"] = "table inet ctfix_56789 { ... }"
+    assert step_from_dict(older) == step
+    older["spec"]["batch"] = '{"add": "not a list"}'
+    with pytest.raises(CtfixError, match="unreadable step"):
+        step_from_dict(older)
+
+
+def test_every_method_is_registered_and_offered_by_fix() -> None:
+    """One list of methods: each has a planner that says it is that method, and
+    `ctfix fix --method` offers exactly those."""
+    import argparse
+
+    from ctfix.commands import fix
+
+    assert METHODS == ("policy-route", "snat-zone", "bind")
+    for name in METHODS:
+        assert method(name).name == name
+    parser = argparse.ArgumentParser()
+    fix.add_arguments(parser)
+    [choices] = [a.choices for a in parser._actions if a.dest == "method"]
+    assert tuple(choices or ()) == METHODS
+
+
+def test_a_backend_the_method_cannot_use_is_refused() -> None:
+    with pytest.raises(CtfixError, match="snat-zone needs nftables or iptables-legacy"):
+        make_plan(diagnosis(MIXED), "snat-zone", "iproute2")
+    with pytest.raises(CtfixError, match="policy-route needs iproute2"):
+        make_plan(diagnosis(UPLINK_ONLY), "policy-route", "nftables")
 
 
 def test_unreadable_step_record_is_a_one_line_error() -> None:
@@ -278,7 +323,7 @@ def test_snat_zone_nftables_forgets_a_client_that_asks_another_local_address() -
     # so a client moving from .13 to .14 must not find .13's binding in the zone.
     assert f"@clients4_0 ct zone set {CT_ZONE}" in step.spec.text
     assert f"@clients4_1 ct zone set {CT_ZONE + 1}" in step.spec.text
-    batch = json.loads(step.spec.batch)
+    batch = list(step.spec.batch)
     deletes = [
         e["set"] for c in batch if "rule" in c["add"] for e in c["add"]["rule"]["expr"]
         if "set" in e and e["set"]["op"] == "delete"

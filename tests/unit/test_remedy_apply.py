@@ -147,3 +147,19 @@ def test_a_second_apply_waits_for_the_lock_then_fails_in_one_line() -> None:
         assert "nothing changed" in waited.value.one_line()
     with FixState.locked("host", KEY) as again:  # released on exit
         assert again.fixes == {}
+
+
+def test_a_step_of_an_unknown_kind_reaches_no_backend() -> None:
+    """The registry is exhaustive: a spec kind it has no case for (a newer state file,
+    a new method wired up only halfway) is refused, never handed to another kind's
+    backend (the first release sent anything unknown to iptables code)."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class TeleportSpec:
+        kind: str = "teleport"
+
+    unknown: Any = TeleportSpec()
+    for operation in (remedy.create, remedy.remove, remedy.present, remedy.clash):
+        with pytest.raises(CtfixError, match="'teleport' that this ctfix cannot make"):
+            operation(unknown)

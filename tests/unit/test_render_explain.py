@@ -10,6 +10,7 @@ from ctfix.core.model import (
     Evidence,
     Fix,
     Listener,
+    Reason,
     RuleHit,
     WrongSourceReply,
 )
@@ -20,7 +21,11 @@ BROKEN = Diagnosis(
     port=56789,
     netns="lab-host",
     verdict="broken",
-    reasons=("nc (pid 42) listens on 0.0.0.0:56789 (every IPv4 address): ...",),
+    reasons=(
+        Reason(
+            "wildcard-socket", "nc (pid 42) listens on 0.0.0.0:56789 (every IPv4 address): ..."
+        ),
+    ),
     listeners=(Listener("0.0.0.0", 56789, "ipv4", "listening", pid=42, process="nc"),),
     clients=(ClientNetwork("192.0.2.0/24", ("198.51.100.13",), "192.0.2.1", False, "br0", True),),
     evidence=Evidence(
@@ -79,6 +84,9 @@ def test_json_has_the_stable_keys_of_the_issue() -> None:
     assert set(data["rules"][0]) == {"backend", "table", "chain", "rule", "problem"}
     assert {f["method"] for f in data["fixes"]} == {"pktinfo", "snat-zone"}
     assert data["verdict"] == "broken"
+    assert data["reasons"] == [
+        {"code": "wildcard-socket", "text": BROKEN.reasons[0].text}
+    ]
 
 
 def test_text_reads_as_a_write_up() -> None:
@@ -114,7 +122,7 @@ def test_text_colour_only_when_enabled() -> None:
 
 
 def test_ok_text_has_no_fix_section() -> None:
-    ok = Diagnosis(port=53, netns="current", verdict="ok", reasons=("fine",))
+    ok = Diagnosis(53, "current", "ok", (Reason("specific-bind", "fine"),))
     text = render_text(ok)
     assert ": OK" in text and "How to fix it" not in text and "Why" not in text
 
@@ -169,7 +177,7 @@ def test_an_outage_is_in_the_headline_of_every_format() -> None:
         5302,
         "lab-host",
         "ok",
-        ("NOTHING ANSWERS: nothing is bound to UDP port 5302 ...",),
+        (Reason("nothing-answers", "NOTHING ANSWERS: nothing is bound to UDP port 5302 ..."),),
         evidence=Evidence(unanswered=2),
         service_down=True,
     )
@@ -179,5 +187,5 @@ def test_an_outage_is_in_the_headline_of_every_format() -> None:
     )
     assert "NOTHING ANSWERS" in render_markdown(down).splitlines()[0]
     data = json.loads(render_json(down))
-    assert data["service_down"] is True and data["reasons"][0].startswith("NOTHING ANSWERS")
+    assert data["service_down"] is True and data["reasons"][0]["code"] == "nothing-answers"
     assert json.loads(render_json(BROKEN))["service_down"] is False

@@ -12,12 +12,13 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ctfix.core.model import Family
 from ctfix.core.plan import RT_PROTO, RT_TABLE_BASE, RouteSpec, RuleSpec, Spec, table_id
 from ctfix.errors import CtfixError, PrivilegeError
 from ctfix.platform.remedy import AlreadyThere
 from ctfix.platform.remedy.marks import Marked
 
-_AF = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+_AF: dict[Family, int] = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 _ABSENT = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 
 
@@ -257,8 +258,9 @@ def unrecorded(recorded: Sequence[tuple[int, Spec]]) -> list[Marked]:
 
 def remove_marked(marked: Marked) -> bool:
     port = marked.port
+    family: Family = "ipv6" if marked.key[0] == "ipv6" else "ipv4"
     if marked.kind == "rule":
-        family, priority = marked.key
+        _family, priority = marked.key
         return remove_rule(RuleSpec(family, port, table_id(port), int(priority)))
-    family, network, interface, source = marked.key
+    _family, network, interface, source = marked.key
     return remove_route(RouteSpec(family, network, interface, source, table_id(port)))

@@ -10,7 +10,6 @@ touched, and a table is ctfix's only when every rule in it carries `ctfix:<port>
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +42,7 @@ def create_table(spec: NftTableSpec) -> None:
             f"nftables table {spec.family} {spec.name} exists already",
             f"see `nft list table {spec.family} {spec.name}` and `ctfix fix --status`",
         )
-    commands: list[dict[str, Any]] = json.loads(spec.batch)
+    commands = list(spec.batch)
     # `create` fails on an existing table; `add` would merge into it.
     first = commands[0]
     if "add" in first and "table" in first["add"]:

@@ -1,0 +1,191 @@
+"""Snapshot (+ knowledge base) -> Diagnosis: verdict, reasons, evidence, fixes. Pure.
+
+Definitions (the contract of `ctfix explain`; keep this docstring in step with them):
+
+* A *serving* socket is an unconnected UDP socket on the port. It serves IPv4 if it
+  is AF_INET, or AF_INET6 without v6only and bound to `::`; IPv6 if AF_INET6.
+  A *connected* socket on the port (netcat connect()s to its first client) serves
+  only its peer; it is listed, and named in the reasons, but serves no network.
+* A wildcard socket is *exposed* unless the knowledge base says its program answers
+  from the request's destination (`affected` is False, matched by process name or
+  command line, not by port alone) or it is ctfix's own `ctfix serve`; evidence
+  beats that claim: when conntrack shows wrong-source replies for a family it
+  serves, it is exposed (it may not be the real program, or its config differs).
+* *Requests*: remote clients' entries whose original destination port is the port,
+  or whose reply tuple's source port is (a local DNAT forwarded them here). Their
+  *addressed* address is the reply tuple's source: what the server must answer from.
+* *Client networks*, per family served: the networks of the clients seen in the
+  conntrack table for the port (the directly connected network that contains the
+  client, else its /24 or /64); when none is seen for a family, each directly
+  connected network of that family (loopback and link-local left out).
+* *Addressed*: for a seen network, the local addresses its clients sent to. For an
+  assumed network: every global local address of the family when an exposed
+  wildcard socket serves it (a client on a connected network can reach any local
+  address: the host routes between its own addresses), else the specifically bound
+  addresses.
+* *On-link*: the host's own global addresses on the interface a network is reached
+  by (its clients' gateway). Its clients may address them at any time: conntrack
+  forgets a flow after 30 s, so not seeing such a client is no evidence there is
+  none. They count like addressed ones for *ok* (and for the policy-route advice).
+* *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
+  PORT` for a client in the network (a seen client, else a probe address in it).
+* A network is *ok* when each address it addresses or has on-link would be answered
+  from that address: it is the predicted source, or a socket is bound to it
+  specifically, or no serving socket of the family is exposed.
+* Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
+  reply, unless a remedy now in place covers it: a working snat-zone SNAT to the
+  address the server had to answer from, or a policy rule on the port through which
+  the route lookup for the client's network now gives that address. Such a recorded
+  reply predates the change and is reported as such; one seen live (`--listen`) is
+  never discounted. Else `at-risk` when some client network is not ok; else `ok`.
+* *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
+  and requests without any reply. The verdict (about wrong sources) stays `ok`;
+  the headline, the reasons and the exit status (1) say it.
+
+The parts, each one idea: `requests` (which requests and addresses exist),
+`listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
+shows; what is history), `exposure` (per client network), `netfilter` (rules that
+cannot help), `advice` (the fixes); `codes` lists every reason code. `diagnose()`
+composes them and decides the verdict.
+
+Know before changing: this package only reads the Snapshot; anything it needs from
+the system must be collected by ctfix.platform.snapshot first (which asks
+`probe_destinations` what to look up), so the analysis stays testable by hand.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
+from ctfix.core.diagnosis import advice, evidence, exposure, listeners, netfilter, requests
+from ctfix.core.diagnosis.advice import recommended_first
+from ctfix.core.diagnosis.codes import ReasonCode, reason
+from ctfix.core.diagnosis.evidence import wrong_source_reply, wrong_text
+from ctfix.core.diagnosis.netfilter import (
+    PROBLEM_DNAT_REPLY,
+    PROBLEM_DROP_REPLY,
+    PROBLEM_NOTRACK,
+    PROBLEM_SNAT_REPLY,
+    PROBLEM_SNAT_REQUEST,
+    PROBLEM_ZONE_ALONE,
+    rule_problem,
+)
+from ctfix.core.diagnosis.requests import (
+    connected_networks,
+    forwarded_to,
+    newest_last,
+    probe_destinations,
+    usable_addresses,
+)
+from ctfix.core.model import Diagnosis, Family, Reason, Verdict
+from ctfix.core.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import KnowledgeBase
+
+
+def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
+    """Judge the snapshot: see the module docstring for every definition used."""
+    port = snapshot.port
+    local = {a.address for a in snapshot.addresses}
+    asked = requests.requests_to(snapshot.flows, port, local)
+    shown = evidence.gather(snapshot, asked, local)
+    caught: set[Family] = {
+        family_name(unmap(parse_endpoint(w.client)[0])) for w in shown.wrong_source
+    }
+    listening = listeners.judge(snapshot.listeners, kb, port, caught)
+    rewritten = netfilter.rewritten_addresses(snapshot.netfilter)
+    clients = exposure.client_networks(snapshot, asked, listening, rewritten)
+    forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
+    rules = netfilter.rule_hits(snapshot.netfilter)
+    present = evidence.split_history(shown, snapshot, rewritten)
+
+    # Who is on the port, what reaches it, what conntrack shows, who is exposed, what
+    # the rules do: in the order an expert would say it.
+    reasons: list[Reason] = []
+    if not snapshot.listeners:
+        reasons.append(listeners.unbound_reason(port, forwards, shown.unanswered))
+    service_down = not snapshot.listeners and not forwards and shown.unanswered > 0
+    reasons += [listeners.listener_reason(one, port) for one in listening.judged]
+    if snapshot.listeners:
+        reasons += [
+            reason(
+                "dnat-to-other-port",
+                f"A DNAT forwards UDP port {port} to {endpoint(address, target)}: that "
+                "is another port; `ctfix explain "
+                f"{target}` judges the server that answers those requests.",
+            )
+            for address, target in forwards
+        ]
+    dnat_here = requests.forwarded_here(snapshot.flows, port, local)
+    if dnat_here:
+        reasons.append(
+            reason(
+                "forwarded-here-by-dnat",
+                f"Requests to {', '.join(dnat_here)} are forwarded here by DNAT: the server "
+                "must answer them from the address the DNAT sent them to, or conntrack "
+                "cannot translate the reply back.",
+            )
+        )
+    reasons += evidence.evidence_reasons(shown, snapshot)
+    reasons += exposure.exposure_reasons(clients, snapshot, shown, listening)
+    reasons += netfilter.netfilter_reasons(rewritten, rules)
+    if snapshot.conntrack_error:
+        reasons.append(
+            reason("no-conntrack-evidence", f"No conntrack evidence: {snapshot.conntrack_error}.")
+        )
+    reasons += present.history
+
+    verdict: Verdict
+    if present.current:
+        verdict = "broken"
+    elif any(not cn.ok for cn in clients):
+        verdict = "at-risk"
+    else:
+        verdict = "ok"
+
+    service_rule = listening.service_rule
+    # Advice for the program it claims to be ("nothing to do") would be wrong for it.
+    advice_rule = None if listening.contradicted else service_rule
+    # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
+    wanted = verdict != "ok" and not (forwards and not snapshot.listeners)
+    fixes = advice.fixes_for(port, verdict, clients, advice_rule, rules) if wanted else ()
+    return Diagnosis(
+        port=port,
+        netns=snapshot.netns,
+        verdict=verdict,
+        reasons=tuple(reasons),
+        listeners=snapshot.listeners,
+        clients=tuple(clients),
+        evidence=shown,
+        rules=rules,
+        fixes=recommended_first(fixes),
+        local_addresses=tuple(
+            a.address for a in snapshot.addresses if not a.loopback and a.scope != "link"
+        ),
+        service=service_rule.name if service_rule else None,
+        service_down=service_down,
+        forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
+    )
+
+
+__all__ = [
+    "PROBLEM_DNAT_REPLY",
+    "PROBLEM_DROP_REPLY",
+    "PROBLEM_NOTRACK",
+    "PROBLEM_SNAT_REPLY",
+    "PROBLEM_SNAT_REQUEST",
+    "PROBLEM_ZONE_ALONE",
+    "ReasonCode",
+    "connected_networks",
+    "diagnose",
+    "forwarded_to",
+    "newest_last",
+    "probe_destinations",
+    "recommended_first",
+    "rule_problem",
+    "usable_addresses",
+    "wrong_source_reply",
+    "wrong_text",
+]

@@ -1,0 +1,161 @@
+"""The fixes explain offers for a port that is not ok, with their trade-offs, and
+which are recommended for this host. Pure.
+
+Know before changing: every output lists fixes recommended first (`recommended_first`);
+a fix that cannot be right here (policy-route with mixed addressing) is still listed,
+saying why not, so the reader learns why the recommended one was chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from ctfix.core.diagnosis.netfilter import PROBLEM_NOTRACK
+from ctfix.core.model import ClientNetwork, Fix, RuleHit, Verdict
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import ServiceRule
+
+
+def recommended_first(fixes: Iterable[Fix]) -> tuple[Fix, ...]:
+    """The order every output lists fixes in: recommended first, then as diagnosed."""
+    return tuple(sorted(fixes, key=lambda f: not f.recommended))
+
+
+
+def fixes_for(
+    port: int,
+    verdict: Verdict,
+    clients: Sequence[ClientNetwork],
+    service: ServiceRule | None,
+    rules: Sequence[RuleHit],
+) -> tuple[Fix, ...]:
+    affected = [cn for cn in clients if not cn.ok]
+    mixed = [cn for cn in affected if len(cn.addressed) > 1]
+    single = bool(affected) and not mixed
+    unseen = [cn for cn in affected if not cn.seen]
+    # A route gives a network's replies one source: the clients of its on-link address
+    # (their gateway) would break, and conntrack's 30 s memory cannot rule them out.
+    spared = [(cn, [a for a in cn.onlink if a not in cn.addressed]) for cn in affected if cn.seen]
+    at_stake = [(cn, extra) for cn, extra in spared if extra]
+    notrack = any(r.problem == PROBLEM_NOTRACK for r in rules)
+    fixes: list[Fix] = [
+        Fix(
+            method="pktinfo",
+            summary="Make the server answer from the address each request was sent to "
+            "(IP_PKTINFO / IPV6_RECVPKTINFO).",
+            detail="The root-cause fix, in the application: read each request's "
+            "destination address with recvmsg() and IP_PKTINFO (IPV6_RECVPKTINFO for "
+            "IPv6) and pass it back in sendmsg(). `ctfix serve --port "
+            f"{port}` is a reference server that does this; its library is "
+            "ctfix/pktinfo.py and docs/pktinfo.md explains it. Trade-off: a code change "
+            "in the server; nothing to maintain on the host afterwards.",
+            recommended=service is None,
+        )
+    ]
+    if service is not None:
+        snippet = f"\n{service.snippet.rstrip()}" if service.snippet else ""
+        reference = f"\nReference: {service.reference}" if service.reference else ""
+        fixes.append(
+            Fix(
+                method="bind",
+                summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
+                detail=f"{service.why.strip()}\n{service.fix.strip()}{snippet}{reference}",
+                recommended=True,
+            )
+        )
+    else:
+        fixes.append(
+            Fix(
+                method="bind",
+                summary="Bind the service to the address(es) clients use instead of the wildcard.",
+                detail="A socket bound to one address always replies from it: run one "
+                "socket per local address that clients use (or the single address they "
+                f"should use). `ctfix fix {port} --method bind` prints the steps. "
+                "Trade-off: an address added later needs a new socket (a restart), and "
+                "the program must support several binds.",
+            )
+        )
+    if single and not unseen:
+        routes = "; ".join(f"{cn.network} from {cn.addressed[0]}" for cn in affected)
+        how = (
+            "A policy rule `ip rule add ipproto udp sport "
+            f"{port} table T` with routes `ip route add NETWORK dev IF src ADDRESS "
+            "table T` makes the kernel choose the address clients use, with no change "
+            "to the server and no per-flow state."
+        )
+        if at_stake:
+            only_if = "; ".join(
+                f"clients in {cn.network} never address {' or '.join(extra)}"
+                for cn, extra in at_stake
+            )
+            fixes.append(
+                Fix(
+                    method="policy-route",
+                    summary=f"Only if {only_if}: route the port's replies from the address "
+                    f"seen ({routes}).",
+                    detail=f"{how} But it gives all replies to a network that one source: "
+                    "clients that address the host's own address on their link (their "
+                    "gateway) would stop getting answers. None was seen, but conntrack "
+                    "forgets a flow after 30 s, so that is no proof. `ctfix fix "
+                    f"{port} --method policy-route` refuses for this reason; add --force "
+                    "only if you know those clients never use that address (snat-zone "
+                    "serves both).",
+                )
+            )
+        else:
+            fixes.append(
+                Fix(
+                    method="policy-route",
+                    summary="Route the port's replies from the one address each client "
+                    f"network uses ({routes}).",
+                    detail=f"{how} Right only when each client network addresses one "
+                    "local address, as here. `ctfix fix "
+                    f"{port} --method policy-route` shows the plan; add --apply, undo with "
+                    "--revert.",
+                    recommended=True,
+                )
+            )
+    else:
+        if mixed and mixed[0].seen:
+            why_not = f"clients in {mixed[0].network} address {' and '.join(mixed[0].addressed)}"
+        elif mixed:
+            why_not = (
+                f"clients in {mixed[0].network} may address "
+                f"{' or '.join(mixed[0].addressed)}, and none has been seen yet"
+            )
+        else:
+            why_not = "it is not known which single address each client network uses"
+        fixes.append(
+            Fix(
+                method="policy-route",
+                summary=f"Not right here: {why_not}.",
+                detail="Policy routing by source port gives all replies to a network one "
+                "source address: it fixes the clients of that address and breaks the "
+                "clients of every other one. Use it only when each client network "
+                "addresses exactly one local address.",
+            )
+        )
+    fixes.append(
+        Fix(
+            method="snat-zone",
+            summary="Rewrite wrong-source replies in netfilter, for mixed addressing.",
+            detail="Remember each client (address, port) as its request arrives, move "
+            "the server's reply to it into another conntrack zone, then SNAT it to the "
+            "address the client sent to. The zone is what makes it work: an SNAT alone "
+            "collides with the request's entry and is dropped. Works for clients of "
+            "every address at once, with the server unchanged. Trade-off: a set entry "
+            "and a conntrack entry per client, and rules to keep. `ctfix fix "
+            f"{port} --method snat-zone` shows the plan; --apply, --status, --revert."
+            + (
+                " Remove the NOTRACK rule on the port first: NAT needs conntrack."
+                if notrack
+                else ""
+            ),
+            recommended=not single or bool(unseen) or bool(at_stake),
+        )
+    )
+    if verdict == "ok":
+        return ()
+    return tuple(fixes)

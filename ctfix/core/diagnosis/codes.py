@@ -1,0 +1,45 @@
+"""The reason codes a diagnosis can give: the stable part of `reasons[]` that scripts
+and tests branch on (the text is for people and may change).
+
+Know before changing: a code is a contract. Add codes, never rename one or reuse it
+for another meaning; each is explained in docs/json.md (tests/unit/test_reason_codes.py
+fails when one is not).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ctfix.core.model import Reason
+
+ReasonCode = Literal[
+    # who is on the port
+    "nothing-bound",
+    "nothing-answers",
+    "forwarded-by-dnat",
+    "dnat-to-other-port",
+    "forwarded-here-by-dnat",
+    "connected-socket",
+    "wildcard-socket",
+    "specific-bind",
+    "answers-from-destination",
+    "knowledge-base-contradicted",
+    # evidence
+    "wrong-source-seen",
+    "wrong-source-live",
+    "nothing-seen-live",
+    "history-predates-fix",
+    "no-conntrack-evidence",
+    # exposure per client network
+    "client-network-exposed",
+    "policy-rule-wrong",
+    "only-matching-clients-seen",
+    # netfilter rules
+    "snat-zone-in-place",
+    "rules-cannot-help",
+]
+
+
+def reason(code: ReasonCode, text: str) -> Reason:
+    """A diagnosis reason; `code` is checked against ReasonCode by mypy."""
+    return Reason(code, text)

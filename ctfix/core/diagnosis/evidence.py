@@ -1,0 +1,199 @@
+"""What conntrack shows about the port: wrong-source replies (the detector's findings
+in a snapshot), answered and unanswered requests, and which recorded replies predate a
+remedy now in place. Pure.
+
+Know before changing: recorded evidence is *history* only when a change on the host
+now answers those clients from the right source (a working snat-zone rewrite to the
+address the server had to answer from, or a policy rule through which the route
+lookup for the client's network now gives that address); what `--listen` saw
+happened during this run and is never discounted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ctfix.core.addr import parse_endpoint, unmap
+from ctfix.core.diagnosis.codes import reason
+from ctfix.core.diagnosis.requests import Request, newest_last
+from ctfix.core.model import Evidence, Reason, WrongSourceReply
+from ctfix.core.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from ctfix.core.detect import Finding
+
+MAIN_TABLE = 254
+
+
+def wrong_source_reply(finding: Finding) -> WrongSourceReply:
+    """watch's detector finding as explain's evidence record."""
+    return WrongSourceReply(
+        client=finding.client,
+        service=finding.service,
+        expected_source=finding.expected_source,
+        actual_source=finding.actual_source,
+        mismatch=finding.mismatch,
+        count=finding.count,
+        clients=finding.clients,
+        client_network=finding.client_network,
+    )
+
+
+def wrong_text(wrong: WrongSourceReply) -> str:
+    """A wrong-source record in the words watch uses for a finding."""
+    from ctfix.core.detect import wrong_source_text
+
+    return wrong_source_text(
+        service=wrong.service,
+        expected_source=wrong.expected_source,
+        actual_source=wrong.actual_source,
+        mismatch=wrong.mismatch,
+        count=wrong.count,
+        clients=wrong.clients,
+        client_network=wrong.client_network,
+        client=wrong.client,
+    )
+
+
+def gather(snapshot: Snapshot, requests: list[Request], local: set[str]) -> Evidence:
+    """Wrong-source findings, and the port's requests that were answered or not.
+
+    The detector keeps only remote clients' flows to local addresses as requests
+    (ctfix.core.detect), so the server's own outgoing flows, including the snat-zone
+    remedy's zoned replies, are never paired as client and reply. A request is
+    answered when its entry saw a reply, or when another entry answered its client: a
+    wrong-source reply (counted in `wrong_source`, not as unanswered) or a zoned reply
+    that left from the right source (healthy).
+    """
+    from ctfix.core.detect import Detector
+
+    detector = Detector(local_addresses=frozenset(local), track_answers=True)
+    detector.resync(newest_last(snapshot.flows), now=0.0)
+    answered = detector.answered or {}
+    merged: dict[tuple[str, str, str], WrongSourceReply] = {}
+    for finding in detector.findings.values():
+        merged[finding.key] = wrong_source_reply(finding)
+    for live in snapshot.live_findings:
+        key = finding_key(live)
+        # --listen resyncs from the table first: its count includes the table's.
+        if key not in merged or live.count > merged[key].count:
+            merged[key] = live
+    wrong = tuple(sorted(merged.values(), key=lambda w: (w.service, w.actual_source, w.client)))
+    healthy = unanswered = 0
+    for r in requests:
+        wrongly = answered.get((r.client, r.client_port))
+        if r.replied or wrongly is False:
+            healthy += 1
+        elif wrongly is None:
+            unanswered += 1
+    return Evidence(wrong_source=wrong, healthy=healthy, unanswered=unanswered)
+
+
+def finding_key(wrong: WrongSourceReply) -> tuple[str, str, str]:
+    """The detector's aggregation key of a wrong-source record."""
+    from ctfix.core.detect import client_network
+
+    network = wrong.client_network or client_network(unmap(parse_endpoint(wrong.client)[0]))
+    return (wrong.service, wrong.actual_source, network)
+
+
+
+def _remedy_for(
+    wrong: WrongSourceReply, snapshot: Snapshot, rewritten: set[str], expected: str
+) -> str | None:
+    """The remedy now in place that answers this record's clients from the right
+    source, in words; None when there is none (the record is the present).
+
+    Only a change on the host counts, never a claim: a working snat-zone rewrite to
+    the address the server had to answer from, or a policy rule on the port through
+    which the route lookup for the client's network now gives that address. A
+    knowledge-base entry or a network that merely looks ok proves nothing.
+    """
+    if expected in rewritten:
+        return f"the snat-zone rewrite to {expected}"
+    policy = [r.text for r in snapshot.policy_rules if r.matches_reply_from(snapshot.port)]
+    if not policy:
+        return None
+    client = ipaddress.ip_address(unmap(parse_endpoint(wrong.client)[0]))
+    for network, probe in snapshot.probes.items():
+        net = ipaddress.ip_network(network)
+        if net.version != client.version or client not in net:
+            continue
+        choice = next((c for c in snapshot.route_choices if c.destination == probe), None)
+        if (
+            choice is not None
+            and choice.table not in (None, MAIN_TABLE)
+            and choice.source is not None
+            and unmap(choice.source) == expected
+        ):
+            return f"the policy rule `{policy[0]}` (replies to {network} from {expected})"
+    return None
+
+
+
+
+def live_keys(snapshot: Snapshot) -> set[tuple[str, str, str]]:
+    return {finding_key(w) for w in snapshot.live_findings}
+
+
+def evidence_reasons(evidence: Evidence, snapshot: Snapshot) -> list[Reason]:
+    """Each wrong-source record, and what listening did not see."""
+    live = live_keys(snapshot)
+    reasons: list[Reason] = []
+    for wrong in evidence.wrong_source:
+        seen_live = finding_key(wrong) in live
+        when = " (seen live, during --listen)" if seen_live else ""
+        reasons.append(
+            reason(
+                "wrong-source-live" if seen_live else "wrong-source-seen",
+                f"Conntrack shows wrong-source replies{when}: {wrong_text(wrong)}. A "
+                "connect()ed client drops such a reply and answers ICMP port unreachable.",
+            )
+        )
+    if snapshot.listened_seconds and not snapshot.live_findings:
+        reasons.append(
+            reason(
+                "nothing-seen-live",
+                f"No wrong-source reply was seen during {snapshot.listened_seconds:g} s of "
+                "listening.",
+            )
+        )
+    return reasons
+
+
+@dataclass(frozen=True, slots=True)
+class Present:
+    """The wrong-source records that are the present, and why the others are history."""
+
+    current: tuple[WrongSourceReply, ...]
+    history: tuple[Reason, ...]
+
+
+def split_history(evidence: Evidence, snapshot: Snapshot, rewritten: set[str]) -> Present:
+    """Recorded evidence is history only when a remedy now in place covers its clients;
+    what --listen saw happened during this run and is never discounted."""
+    live = live_keys(snapshot)
+    current: list[WrongSourceReply] = []
+    history: dict[str, int] = {}
+    for wrong in evidence.wrong_source:
+        expected = unmap(parse_endpoint(wrong.expected_source)[0])
+        remedy = None
+        if finding_key(wrong) not in live:
+            remedy = _remedy_for(wrong, snapshot, rewritten, expected)
+        if remedy is None:
+            current.append(wrong)
+        else:
+            history[remedy] = history.get(remedy, 0) + wrong.count
+    reasons = tuple(
+        reason(
+            "history-predates-fix",
+            f"The {replies} wrong-source repl{'ies' if replies > 1 else 'y'} in the "
+            f"conntrack table went to clients that {remedy} now answers from the right "
+            "source: they predate the change and expire with their entries (30 s for "
+            "unreplied UDP).",
+        )
+        for remedy, replies in history.items()
+    )
+    return Present(tuple(current), reasons)

@@ -1,0 +1,216 @@
+"""Who listens on the port, and whether the knowledge base recognises it. Pure.
+
+Know before changing: a *serving* socket is an unconnected UDP socket on the port
+(AF_INET serves IPv4; AF_INET6 serves IPv6, and IPv4 too when bound to `::` without
+v6only). A wildcard socket is *exposed* unless its program is known to answer from
+the request's destination (the knowledge base says `affected` is False, matched by
+name or command line, not by port alone; or it is `ctfix serve`); evidence beats that
+claim: a family in which conntrack caught it answering from the wrong source makes it
+exposed again (`contradicted`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ctfix.core.addr import endpoint
+from ctfix.core.diagnosis.codes import reason
+from ctfix.core.model import Family, Listener, Reason
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import KnowledgeBase, ServiceRule
+
+
+def is_ctfix_serve(listener: Listener) -> bool:
+    words = [w.rsplit("/", 1)[-1] for w in listener.cmdline]
+    if "--broken" in words:  # its deliberate recvfrom/sendto twin
+        return False
+    return "serve" in words and any(w in ("ctfix", "ctfix.cli", "-mctfix") for w in words)
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    rule: ServiceRule | None
+    port_only: bool
+    correct: bool  # answers from the request's destination even on a wildcard
+    label: str | None
+
+
+def recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> Known:
+    if is_ctfix_serve(listener):
+        return Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
+    if kb is None:
+        return Known(None, False, False, None)
+    match = kb.match(listener.process, listener.cmdline, port)
+    if match is None:
+        return Known(None, False, False, None)
+    verdict = match.rule.affected(listener.family, listener.cmdline)
+    correct = verdict is False and not match.port_only
+    return Known(match.rule, match.port_only, correct, match.rule.name)
+
+
+def serves(listener: Listener) -> tuple[Family, ...]:
+    if listener.state != "listening":
+        return ()
+    if listener.family == "ipv4":
+        return ("ipv4",)
+    if listener.address == "::" and not listener.v6only:
+        return ("ipv4", "ipv6")
+    if listener.address.startswith("::ffff:"):
+        return ("ipv4",)
+    return ("ipv6",)
+
+
+def wild_for(listener: Listener, family: Family) -> bool:
+    return listener.wildcard or (family == "ipv4" and listener.address == "::ffff:0.0.0.0")
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """One socket on the port, with what ctfix knows about its program."""
+
+    listener: Listener
+    known: Known
+    #: the knowledge base trusts it, but conntrack caught it answering wrongly
+    contradicted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Every socket on the port, judged; which families they serve, and whether a
+    socket that lets routing pick its reply source serves each family."""
+
+    judged: tuple[Judged, ...]
+    serving: dict[Family, list[Listener]]
+    exposed: dict[Family, bool]
+
+    @property
+    def contradicted(self) -> bool:
+        return any(j.contradicted for j in self.judged)
+
+    @property
+    def service_rule(self) -> ServiceRule | None:
+        """The knowledge base's entry for the first recognised program, if any."""
+        return next((j.known.rule for j in self.judged if j.known.rule), None)
+
+
+def judge(
+    listeners: Iterable[Listener], kb: KnowledgeBase | None, port: int, caught: set[Family]
+) -> Listening:
+    """`caught`: the families of the clients conntrack shows wrong-source replies to."""
+    judged: list[Judged] = []
+    for listener in listeners:
+        info = recognise(listener, kb, port)
+        # Evidence beats a claim: a program the knowledge base trusts that was caught
+        # answering from the wrong source is judged like any other wildcard server.
+        if info.correct and any(f in caught and wild_for(listener, f) for f in serves(listener)):
+            doubted = Known(info.rule, info.port_only, False, info.label)
+            judged.append(Judged(listener, doubted, contradicted=True))
+        else:
+            judged.append(Judged(listener, info))
+    serving: dict[Family, list[Listener]] = {}
+    correct: dict[int, bool] = {}
+    for one in judged:
+        correct[id(one.listener)] = one.known.correct
+        for family in serves(one.listener):
+            serving.setdefault(family, []).append(one.listener)
+    exposed = {
+        family: any(wild_for(lst, family) and not correct[id(lst)] for lst in listeners_)
+        for family, listeners_ in serving.items()
+    }
+    return Listening(tuple(judged), serving, exposed)
+
+
+def who(listener: Listener) -> str:
+    name = listener.process or "an unknown process"
+    pid = f" (pid {listener.pid})" if listener.pid is not None else ""
+    unit = f" in {listener.unit}" if listener.unit else ""
+    return f"{name}{pid}{unit}"
+
+
+def bind_text(listener: Listener) -> str:
+    where = endpoint(listener.address, listener.port)
+    if listener.address == "0.0.0.0":
+        return f"{where} (every IPv4 address)"
+    if listener.address == "::":
+        scope = "every IPv6 address" if listener.v6only else "every IPv6 and IPv4 address"
+        return f"[::]:{listener.port} ({scope})"
+    return where
+
+
+def unbound_reason(
+    port: int, forwards: list[tuple[str, int]], unanswered: int
+) -> Reason:
+    """Why nothing on the port may (forwarded elsewhere), must (an outage) or might
+    (a wrong port or namespace) matter. Only for a port without sockets."""
+    if forwards:
+        targets = ", ".join(endpoint(a, p) for a, p in forwards)
+        first = forwards[0][1]
+        return reason(
+            "forwarded-by-dnat",
+            f"Nothing is bound to UDP port {port} here, and none needs to be: it is "
+            f"forwarded by DNAT to {targets}. The server is there: run `ctfix explain "
+            f"{first}` for its sockets, client networks and fixes.",
+        )
+    if unanswered:
+        return reason(
+            "nothing-answers",
+            f"NOTHING ANSWERS: nothing is bound to UDP port {port} in this namespace, yet "
+            f"clients sent {unanswered} request{'s' if unanswered > 1 else ''} "
+            "to it that got no reply: is the service down? (The host answers such "
+            "requests with ICMP port unreachable.) The verdict speaks only of "
+            "wrong-source replies; the exit status is 1 all the same.",
+        )
+    return reason(
+        "nothing-bound",
+        f"Nothing is bound to UDP port {port} in this namespace: check the port "
+        "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
+        "(a container: --netns pid:PID).",
+    )
+
+
+def listener_reason(one: Judged, port: int) -> Reason:
+    """What one socket on the port does with the source of its replies."""
+    listener, info = one.listener, one.known
+    if listener.state == "connected":
+        return reason(
+            "connected-socket",
+            f"{who(listener)} has a socket on {endpoint(listener.address, port)} "
+            f"connect()ed to {listener.peer}: it accepts datagrams from that peer only "
+            "(netcat does this after its first datagram); other clients get ICMP port "
+            "unreachable.",
+        )
+    line = f"{who(listener)} listens on {bind_text(listener)}"
+    if listener.wildcard and info.correct:
+        return reason(
+            "answers-from-destination",
+            line + f"; it is {info.label}, which answers from the address each request "
+            "was sent to.",
+        )
+    if one.contradicted:
+        return reason(
+            "knowledge-base-contradicted",
+            line + f": the knowledge base says {info.label} answers from the address each "
+            "request was sent to, but conntrack caught this one answering from another "
+            "address (below). It behaves unlike that entry: it may not be the real "
+            f"{listener.process or 'program'}, or its configuration differs. The "
+            "evidence wins: it is judged as a server that lets routing pick its reply "
+            "source, and the knowledge base's advice is not offered.",
+        )
+    if listener.wildcard:
+        line += (
+            ": it does not choose the source of its replies, so the kernel picks it by "
+            "routing toward the client, whatever address the client sent to."
+        )
+        if info.rule is not None:
+            hedge = "probably " if info.port_only else ""
+            affected_now = info.rule.affected(listener.family, listener.cmdline)
+            line += f" It is {hedge}{info.label}" + (
+                " (affected in this configuration)."
+                if affected_now
+                else " (affected or not depending on its configuration)."
+            )
+        return reason("wildcard-socket", line)
+    return reason("specific-bind", line + ": replies always leave from the bound address.")

@@ -1,0 +1,209 @@
+"""Which requests reach the port, and which of the namespace's addresses and networks
+exist: the ground every other part of a diagnosis stands on. Pure.
+
+Also what the platform's collector asks before it looks anything up
+(`probe_destinations`: one route lookup per client network) and which other port a
+DNAT forwards this one to (`forwarded_to`).
+
+Know before changing: a *request* is a remote client's entry whose original
+destination port is the port, or whose reply source port is (a local DNAT forwarded
+it here); its *addressed* address is the reply tuple's source, what the server must
+answer from. The host's own clients are not requests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ctfix.core.addr import endpoint, family_name, unmap
+from ctfix.core.decode import CtEntry
+from ctfix.core.model import Family
+from ctfix.core.snapshot import LocalAddress, NetfilterRule
+
+UDP = 17
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    client: str
+    client_port: int
+    addressed: str
+    family: Family
+    replied: bool
+
+
+def usable_addresses(addresses: Iterable[LocalAddress], family: Family) -> list[str]:
+    """Global local addresses of a family: what remote clients can address."""
+    found: list[str] = []
+    for addr in addresses:
+        if addr.family != family or addr.loopback or addr.scope not in ("global", "site"):
+            continue
+        if ipaddress.ip_address(addr.address).is_link_local:
+            continue
+        if addr.address not in found:
+            found.append(addr.address)
+    return found
+
+
+def connected_networks(addresses: Iterable[LocalAddress]) -> list[tuple[str, str, str]]:
+    """(network, interface, family) of each directly connected, non-loopback network."""
+    found: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for addr in addresses:
+        if addr.loopback or addr.scope not in ("global", "site"):
+            continue
+        if ipaddress.ip_address(addr.address).is_link_local:
+            continue
+        if addr.network not in seen:
+            seen.add(addr.network)
+            found.append((addr.network, addr.interface, addr.family))
+    return found
+
+
+
+def requests_to(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[Request]:
+    """Remote clients' requests to the port, or forwarded to it by a local DNAT.
+
+    `addressed` is the address the server must answer from for conntrack to deliver
+    the reply: the request's destination after DNAT (the reply tuple's source), which
+    is the address the client sent to when there is no DNAT.
+    """
+    requests = []
+    seen: set[tuple[str, int, str, int]] = set()
+    for entry in flows:
+        orig = entry.orig
+        if orig.proto != UDP:
+            continue
+        served = unmap(entry.reply.src)
+        forwarded_here = entry.reply.sport == port and served in local
+        if orig.dport != port and not forwarded_here:
+            continue
+        client = unmap(orig.src)
+        if client in local or ipaddress.ip_address(client).is_loopback:
+            continue  # the host's own clients are answered from what they addressed
+        key = (client, orig.sport, orig.dst, orig.dport)
+        if key in seen:
+            continue  # the same entry from two dumps (orig dport and reply sport)
+        seen.add(key)
+        addressed = served if served in local else unmap(orig.dst)
+        requests.append(
+            Request(client, orig.sport, addressed, family_name(client), entry.seen_reply)
+        )
+    return requests
+
+
+def newest_last(flows: Iterable[CtEntry]) -> list[CtEntry]:
+    """The entries oldest first, as far as the table tells: by time left, ascending.
+
+    A dump comes in hash-table order; the detector calls the last client it pairs the
+    latest. Entries of one kind start with the same timeout, so the newest has the
+    most left (entries without a timeout first; ties keep the dump's order).
+    """
+    return sorted(flows, key=lambda e: -1 if e.timeout is None else e.timeout)
+
+
+_DNAT_TO = re.compile(
+    r"(?:\bdnat (?:ip6? )?to|--to-destination)\s+(\[[^\]]+\]|[0-9.]+)(?::(\d+))?(?![:\w])"
+)
+
+
+def forwarded_to(
+    port: int, ruleset: Iterable[NetfilterRule], flows: Iterable[CtEntry], local: set[str]
+) -> list[tuple[str, int]]:
+    """(address, port) on this host that a DNAT sends the port's requests to, when the
+    port differs: from the rules (`dnat to A:P`, `--to-destination A:P`) and from the
+    conntrack entries of requests already forwarded."""
+    found: list[tuple[str, int]] = []
+    for rule in ruleset:
+        if "dnat" not in rule.actions or not rule.matches_dport:
+            continue
+        match = _DNAT_TO.search(rule.rule)
+        if match is None or match.group(2) is None:
+            continue
+        address, target = unmap(match.group(1).strip("[]")), int(match.group(2))
+        if target != port and address in local and (address, target) not in found:
+            found.append((address, target))
+    for entry in flows:
+        served = unmap(entry.reply.src)
+        if entry.orig.proto != UDP or entry.orig.dport != port or served not in local:
+            continue
+        forward = (served, entry.reply.sport)
+        if entry.reply.sport != port and forward not in found:
+            found.append(forward)
+    return found
+
+
+def onlink(
+    addresses: Iterable[LocalAddress], interface: str | None, family: Family
+) -> list[str]:
+    """The host's usable addresses on the interface a client network is reached by.
+
+    Its clients can always address them (one is their gateway), whether or not the
+    conntrack table, which forgets a flow after 30 s, shows one doing so right now.
+    """
+    if interface is None:
+        return []
+    return usable_addresses((a for a in addresses if a.interface == interface), family)
+
+
+def network_of(client: str, connected: Sequence[tuple[str, str, str]]) -> tuple[str, str | None]:
+    ip = ipaddress.ip_address(client)
+    for network, interface, _family in connected:
+        net = ipaddress.ip_network(network)
+        if ip.version == net.version and ip in net:
+            return network, interface
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)), None
+
+
+def probe_in(network: str, local: set[str]) -> str:
+    """An address in the network that is not local (a local one would answer `local`)."""
+    net = ipaddress.ip_network(network)
+    first = int(net.network_address)
+    candidate = int(net.broadcast_address) - 1 if net.num_addresses > 2 else first
+
+    def text(value: int) -> str:
+        return str(
+            ipaddress.IPv4Address(value) if net.version == 4 else ipaddress.IPv6Address(value)
+        )
+
+    while text(candidate) in local and candidate > first:
+        candidate -= 1
+    return text(candidate)
+
+
+def probe_destinations(
+    port: int, addresses: Sequence[LocalAddress], flows: Iterable[CtEntry]
+) -> dict[str, str]:
+    """network -> the destination to ask the route lookup about.
+
+    Every network explain may show: those of the clients seen for the port (a seen
+    client) and every directly connected network (a probe address in it).
+    """
+    local = {a.address for a in addresses}
+    connected = connected_networks(addresses)
+    probes: dict[str, str] = {}
+    for request in requests_to(flows, port, local):
+        network, _iface = network_of(request.client, connected)
+        probes.setdefault(network, request.client)
+    for network, _iface, _family in connected:
+        probes.setdefault(network, probe_in(network, local))
+    return probes
+
+
+
+def forwarded_here(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[str]:
+    """`addr:port` the clients sent to that a DNAT forwarded to this port (sorted)."""
+    return sorted(
+        {
+            endpoint(unmap(e.orig.dst), e.orig.dport)
+            for e in flows
+            if e.orig.proto == UDP
+            and e.orig.dport != port
+            and e.reply.sport == port
+            and unmap(e.reply.src) in local
+        }
+    )

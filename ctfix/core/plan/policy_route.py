@@ -1,0 +1,182 @@
+"""The policy-route method: a route per broken client network with the right source,
+and one `ip rule` per family that sends the port's replies through that table.
+
+Pure. Know before changing: a route gives all replies to a network ONE source, so it
+is right only where each client network addresses one local address; it must refuse
+(or, with --force, warn) when clients of the host's on-link address (their gateway)
+would lose their answers. Routes come before the rule that makes them used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ctfix.core.addr import unmap
+from ctfix.core.model import ClientNetwork, Diagnosis, Family
+from ctfix.core.plan import Backend, Plan, PlanMethod, targets
+from ctfix.core.plan.specs import (
+    RT_PROTO,
+    RULE_PRIORITY,
+    RouteCheck,
+    RouteSpec,
+    RuleSpec,
+    Step,
+    table_id,
+)
+from ctfix.errors import CtfixError
+
+
+def _broken_networks(diagnosis: Diagnosis) -> list[ClientNetwork]:
+    """Client networks that send to an exposed address other than the reply source."""
+    broken = []
+    for cn in diagnosis.clients:
+        predicted = unmap(cn.predicted_source) if cn.predicted_source else None
+        if not cn.ok and any(a != predicted for a in targets.addressed(cn, diagnosis.listeners)):
+            broken.append(cn)
+    return broken
+
+
+def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
+    """An address in the client network to ask the route lookup about.
+
+    A client actually seen is best; otherwise the network's last host address, which
+    is rarely a local one (asking about a local address would answer `local`).
+    """
+    net = ipaddress.ip_network(cn.network, strict=False)
+    for reply in diagnosis.evidence.wrong_source:
+        client = unmap(reply.client.rsplit(":", 1)[0].strip("[]"))
+        try:
+            if ipaddress.ip_address(client) in net:
+                return client
+        except ValueError:
+            continue
+    local = {unmap(a) for a in diagnosis.local_addresses}
+    first = net.network_address
+    candidate = net.broadcast_address - 1 if net.num_addresses > 2 else first
+    while str(candidate) in local and candidate != first:
+        candidate = candidate - 1
+    return str(candidate)
+
+
+def build(
+    diagnosis: Diagnosis,
+    backend: Backend,
+    *,
+    force: bool,
+    notes: tuple[str, ...],
+    advice: tuple[str, ...],
+) -> Plan:
+    """The routes and rules, or a CtfixError saying why a route cannot serve here."""
+    del backend, advice  # always iproute2; no advice of its own
+    port = diagnosis.port
+    broken = _broken_networks(diagnosis)
+    seen = [cn for cn in broken if cn.seen]
+    if broken and not seen:
+        raise CtfixError(
+            f"no client of port {port} has been seen yet, so which local address each "
+            "network sends to is unknown; a route can give a network only one source",
+            "let clients send requests first (conntrack remembers them), or use "
+            "--method snat-zone",
+        )
+    if len(seen) < len(broken):
+        skipped = ", ".join(cn.network for cn in broken if not cn.seen)
+        notes = (*notes, f"no client seen from {skipped}: left alone")
+    broken = seen
+    if not broken:
+        raise CtfixError(
+            f"nothing to route: every known client network of port {port} already gets "
+            "replies from the address it sends to",
+            f"see `ctfix explain {port}`; use --method snat-zone to cover clients not seen "
+            "yet",
+        )
+    table = table_id(port)
+    steps: list[Step] = []
+    checks: list[RouteCheck] = []
+    families: list[Family] = []
+    warnings: list[str] = []
+    #: (who would get no answer, the --force condition): refused after the loop, so
+    #: that the refusal names every network, not just the first one.
+    breaks: list[tuple[str, str]] = []
+    for cn in broken:
+        addressed = targets.addressed(cn, diagnosis.listeners)
+        if len(addressed) != 1:
+            raise CtfixError(
+                f"clients in {cn.network} send to {' and '.join(addressed) or 'no known address'}"
+                ": a route can give their replies only one source",
+                "use --method snat-zone",
+            )
+        if cn.interface is None:
+            raise CtfixError(
+                f"the interface of client network {cn.network} is unknown",
+                "use --method snat-zone",
+            )
+        source = addressed[0]
+        stranded = [
+            a
+            for a in (unmap(o) for o in cn.onlink)
+            if a != source and targets.unexposed_reason(a, diagnosis.listeners) is None
+        ]
+        if stranded:
+            who = (
+                f"clients in {cn.network} that address {' or '.join(stranded)} (the host's "
+                f"own address on {cn.interface}, their gateway)"
+            )
+            breaks.append((who, f"in {cn.network} ever addresses {' or '.join(stranded)}"))
+            warnings.append(
+                f"--force: replies to {cn.network} will leave from {source}; {who} will "
+                "get no answer until --revert"
+            )
+        family = targets.family_of(source)
+        if targets.family_of(cn.network.split("/")[0]) != family:
+            raise CtfixError(f"clients in {cn.network} address {source} of another family")
+        if family not in families:
+            families.append(family)
+        ip = "ip -6" if family == "ipv6" else "ip"
+        where = f"{cn.network} dev {cn.interface} src {source} table {table} proto {RT_PROTO}"
+        steps.append(
+            Step(
+                RouteSpec(family, cn.network, cn.interface, source, table),
+                f"replies to {cn.network} leave from {source}",
+                (f"route {cn.network} dev {cn.interface} src {source} in table {table}",),
+                (f"{ip} route add {where}",),
+                (f"{ip} route del {where}",),
+            )
+        )
+        checks.append(RouteCheck(_probe_address(cn, diagnosis), source))
+    if breaks and not force:
+        raise CtfixError(
+            f"policy-route would break {' and '.join(who for who, _ in breaks)}: none was "
+            "seen, but conntrack forgets a flow after 30 s, so that is no proof there are "
+            "none",
+            "use --method snat-zone (it serves both), or add --force if no client "
+            + ", and none ".join(unless for _, unless in breaks),
+        )
+    for family in families:
+        ip = "ip -6" if family == "ipv6" else "ip"
+        rule = (
+            f"priority {RULE_PRIORITY} ipproto udp sport {port} lookup {table} "
+            f"protocol {RT_PROTO}"
+        )
+        steps.append(
+            Step(
+                RuleSpec(family, port, table),
+                f"{family} UDP replies from port {port} consult table {table}",
+                (f"{family} rule {RULE_PRIORITY}: ipproto udp sport {port} lookup {table}",),
+                (f"{ip} rule add {rule}",),
+                (f"{ip} rule del {rule}",),
+            )
+        )
+    if any(
+        len(targets.addressed(cn, diagnosis.listeners)) > 1 for cn in diagnosis.clients if cn.ok
+    ):
+        notes = (
+            *notes,
+            "some client networks address several local addresses; they are left alone",
+        )
+    return Plan(
+        port, "policy-route", "iproute2", tuple(steps), notes, tuple(checks),
+        warnings=tuple(warnings),
+    )
+
+
+METHOD = PlanMethod("policy-route", ("iproute2",), changes_host=True, build=build)
