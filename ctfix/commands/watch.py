@@ -134,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
 
         parse_listen(args.metrics)
     require_root("watching conntrack events")
+    if args.metrics is not None:
+        # Bound before --netns is entered: the metrics listen where ctfix was started.
+        from ctfix.platform.metrics import MetricsListener
+
+        args.metrics_listener = MetricsListener(args.metrics)
+        if not args.metrics_listener.loopback:
+            _warn(
+                f"--metrics {args.metrics} is reachable from other hosts (no "
+                "authentication); prefer a loopback address such as localhost"
+            )
     label = enter_netns(args.netns)
 
     from ctfix.platform import conntrack
@@ -323,9 +333,10 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         if args.metrics:
             from ctfix.platform.metrics import WatchMetrics
 
-            metrics = WatchMetrics(args.metrics, label)
+            metrics = WatchMetrics(args.metrics_listener, label)
             closers.append(metrics)
-            _note(f"Prometheus metrics on http://{args.metrics}/metrics")
+            where = "" if label == "current" else " (where ctfix started, not in --netns)"
+            _note(f"Prometheus metrics on http://{args.metrics}/metrics{where}")
 
         def report(found: tuple[Finding, Change] | None) -> None:
             _report(renderer, metrics, found)
