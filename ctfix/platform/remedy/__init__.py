@@ -159,7 +159,16 @@ def choose_backend(override: Backend | None) -> tuple[Backend, str]:
         return override, f"--backend {override}"
     nft_tables, nft_nat = _nft_usage()
     legacy_rules = legacy_nat = False
-    if iptables_legacy.in_use():
+    try:
+        legacy_in_use = iptables_legacy.in_use()
+    except iptables_legacy.Unreadable:
+        # Not root: the dry run goes on without them, and says so.
+        return (
+            "nftables",
+            "iptables-legacy tables could not be read (root only); "
+            + ("the namespace's rules are in nftables" if nft_tables else "assuming none"),
+        )
+    if legacy_in_use:
         from ctfix.platform.remedy import legacy
 
         legacy_rules = legacy.rules_present()
