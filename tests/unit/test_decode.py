@@ -153,7 +153,7 @@ def _first_message(raw: bytes) -> bytes:
     return raw[: struct.unpack_from("=I", raw, 0)[0]]
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(
     st.sampled_from(RAW),
     st.sampled_from(RAW),
