@@ -41,7 +41,7 @@ from ctfix.platform import netns
 MEMORY_PROBE = r"""
 import os, socket, sys, time
 from ctfix.core.decode import CtEntry, CtEvent, CtTuple, NEW
-from ctfix.core.detect import Detector
+from ctfix.core.detectors.wrong_source import WrongSourceDetector as Detector
 
 def rss():
     with open("/proc/self/status") as fh:

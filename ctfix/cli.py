@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "fix": "apply (or print, or revert) a reversible remediation for a UDP port",
     "serve": "run the reference UDP echo server that always answers from the right address",
     "lab": "reproduce the bug and its fix in throwaway network namespaces",
+    "health": "say whether conntrack itself drops packets: table fill, insert_failed, drops",
 }
 
 DESCRIPTION = """\

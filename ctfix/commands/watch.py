@@ -2,7 +2,7 @@
 
 The loop: subscribe to conntrack NEW/UPDATE events (UDP only, filtered in the
 kernel), learn the namespace's addresses, open raw ICMP sockets, dump the table once,
-then feed every event to `ctfix.core.detect.Detector` and print what it finds. When
+then feed every event to the detectors (`ctfix.core.detectors`) and print what it finds. When
 the kernel drops events (ENOBUFS) the loss is counted (the kernel's per-socket drop
 count), the state is rebuilt from a complete dump 0.2 s later (at most once a
 second), a warning line says so, and watching goes on; the summary and the metrics
@@ -37,7 +37,8 @@ from ctfix.commands.common import add_netns_argument, enter_netns, positive_seco
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
-    from ctfix.core.detect import Change, Detector, Finding
+    from ctfix.core.detectors import Change
+    from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.render.watch import WatchRenderer
@@ -293,7 +294,9 @@ def _remove_track_table(table: str) -> None:
 
 
 def _report(
-    renderer: WatchRenderer, metrics: WatchMetrics | None, found: tuple[Finding, Change] | None
+    renderer: WatchRenderer,
+    metrics: WatchMetrics | None,
+    found: tuple[WrongSourceFinding, Change] | None,
 ) -> None:
     """Show a finding when it is new or newly confirmed; count every reply in metrics."""
     if found is None:
@@ -308,13 +311,17 @@ def _report(
 
 def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int:
     from ctfix.core import decode
-    from ctfix.core.detect import Detector
+    from ctfix.core.detectors import one_feed
+    from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
     from ctfix.platform.addresses import LocalAddresses
     from ctfix.platform.icmp import IcmpWatch
     from ctfix.render.watch import summary_record
 
-    detector = Detector(udp_timeout=_udp_timeout())
+    # One detector per problem kind, all fed the same events; wrong-source also gets
+    # the namespace's addresses and the clients' ICMP.
+    detector = WrongSourceDetector(udp_timeout=_udp_timeout())
+    detectors = (detector,)
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
     closers: list[Any] = []
@@ -338,16 +345,20 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             where = "" if label == "current" else " (where ctfix started, not in --netns)"
             _note(f"Prometheus metrics on http://{args.metrics}/metrics{where}")
 
-        def report(found: tuple[Finding, Change] | None) -> None:
+        def report(found: tuple[WrongSourceFinding, Change] | None) -> None:
             _report(renderer, metrics, found)
+
+        feed = one_feed(detectors, report)
 
         def resync(events: EventSocket) -> int:
             """Feed what is queued, then rebuild from a dump; the number of entries."""
             nonlocal overflows
-            overflows += _drain_quietly(events, detector, decode.decode_event, report)
+            overflows += _drain_quietly(events, feed, decode.decode_event, report)
             entries = list(conntrack.dump(proto=17))
-            for found in detector.resync(entries, time.time(), complete=True):
-                report(found)
+            now = time.time()
+            for each in detectors:
+                for found in each.examine(entries, now, complete=True):
+                    report(found)
             return len(entries)
 
         resync(events)
@@ -378,7 +389,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             for key, _mask in sel.select(max(0.0, wait)):
                 if key.data == "ct":
                     try:
-                        _drain(events, detector, decode.decode_event, report)
+                        _drain(events, feed, decode.decode_event, report)
                     except conntrack.Overflow:
                         overflows += 1
                         resync_due = _resync_due(resync_due, time.monotonic(), last_resync)
@@ -407,7 +418,9 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                     )
             if mono >= next_tick:
                 next_tick = mono + 1.0
-                detector.expire(time.time())
+                now = time.time()
+                for each in detectors:
+                    each.expire(now)
                 # Every second, not only at a resync: under a lasting overload the
                 # lost-events metric must move while it happens.
                 lost = _lost(events, lost, overflows)
@@ -425,7 +438,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             # Closing must not hide the summary.
             with contextlib.suppress(Exception):
                 closer.close()
-    findings = sorted(detector.findings.values(), key=lambda f: f.first_seen)
+    findings = sorted((f for each in detectors for f in each.found), key=lambda f: f.first_seen)
     renderer.final(findings)
     totals = _totals(detector, lost, resyncs)
     renderer.summary(
@@ -461,7 +474,7 @@ def _lost(events: EventSocket, lost: int, overflows: int) -> int:
     return max(lost, overflows if drops is None else drops)
 
 
-def _totals(detector: Detector, lost: int, resyncs: int) -> dict[str, int]:
+def _totals(detector: WrongSourceDetector, lost: int, resyncs: int) -> dict[str, int]:
     return {
         "events": detector.stats.events,
         "new_flows": detector.stats.new_flows,
@@ -472,14 +485,15 @@ def _totals(detector: Detector, lost: int, resyncs: int) -> dict[str, int]:
 
 def _drain(
     events: EventSocket,
-    detector: Detector,
+    feed: Any,
     decode_event: Any,
     report: Any,
     limit: int = 8192,
 ) -> None:
-    """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS)."""
+    """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
+
+    `feed`: the detectors' one feed (ctfix.core.detectors.one_feed), bound once."""
     recv_into = events.recv_into
-    feed = detector.feed
     now = time.time()
     for _ in range(limit):
         view = recv_into()
@@ -492,14 +506,14 @@ def _drain(
                 report(found)
 
 
-def _drain_quietly(events: EventSocket, detector: Detector, decode_event: Any, report: Any) -> int:
+def _drain_quietly(events: EventSocket, feed: Any, decode_event: Any, report: Any) -> int:
     """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""
     from ctfix.platform.conntrack import Overflow
 
     overflows = 0
     for _ in range(64):
         try:
-            _drain(events, detector, decode_event, report)
+            _drain(events, feed, decode_event, report)
             return overflows
         except Overflow:
             overflows += 1
@@ -525,7 +539,7 @@ def _udp_timeout() -> int:
         with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout") as fh:
             return int(fh.read().strip())
     except (OSError, ValueError):
-        from ctfix.core.detect import UDP_TIMEOUT
+        from ctfix.core.detectors import UDP_TIMEOUT
 
         return UDP_TIMEOUT
 

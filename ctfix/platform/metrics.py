@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Any
 
-from ctfix.core.detect import Finding
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.errors import CtfixError
 
 #: seconds a connection may stay silent before the server closes it
@@ -167,6 +167,11 @@ class WatchMetrics:
             registry=self.registry,
         )
         self._netns = netns
+        from ctfix.platform.health_metrics import ConntrackHealthCollector
+
+        # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
+        self.conntrack = ConntrackHealthCollector(netns)
+        self.registry.register(self.conntrack)
         self.listener.serve(prom.make_wsgi_app(self.registry))
 
     def update(self, totals: dict[str, int], pending: int, findings: int) -> None:
@@ -180,8 +185,9 @@ class WatchMetrics:
             self._totals[name] = value
         self.pending.set(pending)
         self.findings.set(findings)
+        self.conntrack.refresh()
 
-    def finding(self, finding: Finding) -> None:
+    def finding(self, finding: WrongSourceFinding) -> None:
         self.wrong.labels(
             netns=self._netns,
             service=finding.service,

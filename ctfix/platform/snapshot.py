@@ -47,10 +47,10 @@ def _ours(service: str, expected_source: str, port: int) -> bool:
 
 def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
     """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
-    from ctfix.core.detect import Detector
+    from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
 
-    detector = Detector(local_addresses=local)
+    detector = WrongSourceDetector(local_addresses=local)
     events = conntrack.EventSocket()
     # Only what happened during the listen is live; the first resync only teaches the
     # detector the requests already waiting, and its findings are the table's.

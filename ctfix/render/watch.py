@@ -5,7 +5,7 @@ pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
 last_seen (added since: clients, client_network); and the summary's kind, events,
 new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
-The words of a finding come from ctfix.core.detect.wrong_source_text, which explain
+The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
 uses too: change them there, for both. Colour only on a TTY and never
 when NO_COLOR is set.
 """
@@ -16,7 +16,7 @@ import datetime
 import json
 from typing import Any, TextIO
 
-from ctfix.core.detect import Finding, wrong_source_text
+from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
 from ctfix.render.style import Style, use_colour
 
 
@@ -26,7 +26,7 @@ def timestamp(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def finding_record(finding: Finding, netns: str) -> dict[str, Any]:
+def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
     return {
         "kind": "wrong-source-reply",
         "family": finding.family,
@@ -73,13 +73,13 @@ class WatchRenderer:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def finding(self, finding: Finding, *, update: bool = False) -> None:
+    def finding(self, finding: WrongSourceFinding, *, update: bool = False) -> None:
         if self.json:
             self._write(json.dumps(finding_record(finding, self.netns)))
             return
         self._write(self.finding_line(finding, update=update))
 
-    def _text(self, finding: Finding, tags: tuple[str, ...]) -> str:
+    def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
         return wrong_source_text(
             service=finding.service,
             expected_source=finding.expected_source,
@@ -92,7 +92,7 @@ class WatchRenderer:
             tags=tags,
         )
 
-    def finding_line(self, finding: Finding, *, update: bool = False) -> str:
+    def finding_line(self, finding: WrongSourceFinding, *, update: bool = False) -> str:
         tags: tuple[str, ...] = ("local",) if finding.local else ()
         if finding.confirmed:
             tags += (self.style("confirmed", "bold"),)
@@ -102,7 +102,7 @@ class WatchRenderer:
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
-    def final(self, findings: list[Finding]) -> None:
+    def final(self, findings: list[WrongSourceFinding]) -> None:
         """At exit: every finding with its final counts (JSON), or a short table."""
         if self.json:
             for finding in findings:

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ctfix.core.addr import parse_endpoint, unmap
+from ctfix.core.detectors.wrong_source import (
+    WrongSourceDetector,
+    WrongSourceFinding,
+    client_network,
+    wrong_source_text,
+)
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.requests import Request, newest_last
 from ctfix.core.model import Evidence, Reason, WrongSourceReply
 from ctfix.core.snapshot import Snapshot
 
-if TYPE_CHECKING:
-    from ctfix.core.detect import Finding
-
 MAIN_TABLE = 254
 
 
-def wrong_source_reply(finding: Finding) -> WrongSourceReply:
+def wrong_source_reply(finding: WrongSourceFinding) -> WrongSourceReply:
     """watch's detector finding as explain's evidence record."""
     return WrongSourceReply(
         client=finding.client,
@@ -43,8 +45,6 @@ def wrong_source_reply(finding: Finding) -> WrongSourceReply:
 
 def wrong_text(wrong: WrongSourceReply) -> str:
     """A wrong-source record in the words watch uses for a finding."""
-    from ctfix.core.detect import wrong_source_text
-
     return wrong_source_text(
         service=wrong.service,
         expected_source=wrong.expected_source,
@@ -61,16 +61,14 @@ def gather(snapshot: Snapshot, requests: list[Request], local: set[str]) -> Evid
     """Wrong-source findings, and the port's requests that were answered or not.
 
     The detector keeps only remote clients' flows to local addresses as requests
-    (ctfix.core.detect), so the server's own outgoing flows, including the snat-zone
+    (ctfix.core.detectors.wrong_source), so the server's own outgoing flows, including the snat-zone
     remedy's zoned replies, are never paired as client and reply. A request is
     answered when its entry saw a reply, or when another entry answered its client: a
     wrong-source reply (counted in `wrong_source`, not as unanswered) or a zoned reply
     that left from the right source (healthy).
     """
-    from ctfix.core.detect import Detector
-
-    detector = Detector(local_addresses=frozenset(local), track_answers=True)
-    detector.resync(newest_last(snapshot.flows), now=0.0)
+    detector = WrongSourceDetector(local_addresses=frozenset(local), track_answers=True)
+    detector.examine(newest_last(snapshot.flows), now=0.0)
     answered = detector.answered or {}
     merged: dict[tuple[str, str, str], WrongSourceReply] = {}
     for finding in detector.findings.values():
@@ -93,8 +91,6 @@ def gather(snapshot: Snapshot, requests: list[Request], local: set[str]) -> Evid
 
 def finding_key(wrong: WrongSourceReply) -> tuple[str, str, str]:
     """The detector's aggregation key of a wrong-source record."""
-    from ctfix.core.detect import client_network
-
     network = wrong.client_network or client_network(unmap(parse_endpoint(wrong.client)[0]))
     return (wrong.service, wrong.actual_source, network)
 
