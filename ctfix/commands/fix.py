@@ -46,9 +46,14 @@ examples:
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
 
+--revert removes only objects that carry ctfix's marks for the port; a record that
+names anything else is refused. Marked objects that no record explains (a lost
+state file) are shown by --status and removed by --revert too, listed apart.
+
 exit status:
   0    done (or a dry run; or nothing to revert)
-  1    --status: a recorded fix is DAMAGED or INTERRUPTED (revert it)
+  1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
+       no record explains are in the kernel (revert it)
   2    refused or failed, nothing changed; bad input; missing privilege or feature
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
        what was applied so far is rolled back
@@ -73,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unmodified server); bind: change nothing, say how to fix the application",
     )
     parser.add_argument("--apply", action="store_true", help="apply the plan (default: print it)")
-    parser.add_argument("--revert", action="store_true", help="remove what ctfix fix made")
+    parser.add_argument("--revert", action="store_true", help="remove what ctfix fix made (recorded, or found by its marks)")
     parser.add_argument("--status", action="store_true", help="show what ctfix fix made")
     parser.add_argument(
         "--force",
