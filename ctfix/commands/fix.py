@@ -78,7 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unmodified server); bind: change nothing, say how to fix the application",
     )
     parser.add_argument("--apply", action="store_true", help="apply the plan (default: print it)")
-    parser.add_argument("--revert", action="store_true", help="remove what ctfix fix made (recorded, or found by its marks)")
+    parser.add_argument(
+        "--revert",
+        action="store_true",
+        help="remove what ctfix fix made (recorded, or found by its marks)",
+    )
     parser.add_argument("--status", action="store_true", help="show what ctfix fix made")
     parser.add_argument(
         "--force",
@@ -410,8 +414,7 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"    {'':9} refused: {why}")
         for note in fix.notes:
             print(f"    note: {note}")
-    for port in sorted({m.port for m in stray}):
-        found = [m for m in stray if m.port == port]
+    for port, found in _by_port(stray):
         print(f"  port {port}: no record explains {len(found)} object(s) with ctfix's marks "
               "(state file lost or edited?):")
         for marked in found:
@@ -420,6 +423,12 @@ def _status(args: argparse.Namespace) -> int:
     if any(not ok for ok in whole.values()):
         print(f"  revert with: ctfix fix --revert{_netns_flag(args)}")
     return status
+
+
+def _by_port(marked: list[Any]) -> list[tuple[int, list[Any]]]:
+    """ctfix-marked objects (`remedy.marks.Marked`) grouped by port, in port order."""
+    ports = sorted({m.port for m in marked})
+    return [(port, [m for m in marked if m.port == port]) for port in ports]
 
 
 def _revert(args: argparse.Namespace) -> int:
@@ -481,8 +490,7 @@ def _reverted(
     print(f"ctfix fix --revert: removed {what} in netns {label}")
     for line in remedy.reverted_lines(done):
         print(f"  {line}")
-    for port in sorted({m.port for m in stray}):
-        found = [m for m in stray if m.port == port]
+    for port, found in _by_port(stray):
         print(f"  port {port}: removed {len(found)} object(s) that no record explained "
               "(found by ctfix's marks; the state file was lost or edited)")
         for marked in found:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ctfix.lab.topology import UPLINK_V4, Topology
-from tests.netns.test_fix import PORT, _lab, answered
+from tests.netns import test_fix as fix_tests
+from tests.netns.test_fix import PORT, answered
 
 NOBODY = "65534"
 CAPS = ["--inh-caps=+net_admin,+net_raw", "--ambient-caps=+net_admin,+net_raw"]
 CHECKOUT = Path(__file__).parents[2]
 
 
-@pytest.fixture
-def legacy_lab() -> Iterator[Topology]:
-    yield from _lab("iptables-legacy")
+legacy_lab = fix_tests.legacy_lab  # the fixture, by name
 
 
 def as_nobody(topo: Topology, caps: list[str], *argv: str) -> subprocess.CompletedProcess[str]:

@@ -16,16 +16,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ctfix.lab.topology import UPLINK_V4, Topology
+from tests.netns import test_fix as fix_tests
 from tests.netns.test_fix import (
     PORT,
-    _lab,
     answered,
     ctfix_fix,
     kernel_state,
@@ -33,26 +30,11 @@ from tests.netns.test_fix import (
     without_members,
 )
 
-
-@pytest.fixture(params=["nft", "iptables-legacy"])
-def broken_lab(request: pytest.FixtureRequest) -> Iterator[Topology]:
-    yield from _lab(request.param)
-
-
-@pytest.fixture
-def nft_lab() -> Iterator[Topology]:
-    yield from _lab("nft")
-
-
-@pytest.fixture
-def legacy_lab() -> Iterator[Topology]:
-    yield from _lab("iptables-legacy")
-
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
-    return tmp_path
+# The same labs and private state directory as test_fix.py (fixtures, by name).
+broken_lab = fix_tests.broken_lab
+nft_lab = fix_tests.nft_lab
+legacy_lab = fix_tests.legacy_lab
+state_dir = fix_tests.state_dir
 
 
 def _state_file(state_dir: Path) -> Path:

@@ -12,7 +12,6 @@ import socket
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import IO
 
@@ -20,6 +19,7 @@ import pytest
 
 from ctfix.lab.topology import BRIDGE_V4, Topology, lab_topology, wait_udp_bound
 from ctfix.platform import netns
+from tests.netns.logs import wait_for_text
 
 PORT = 7000
 
@@ -58,17 +58,6 @@ def _spoof(topo: Topology, source_port: int) -> None:
         raw.close()
 
 
-def _wait_for_line(log: IO[str], text: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(log.name) as fh:
-            seen = fh.read()
-        if text in seen:
-            return seen
-        assert time.monotonic() < deadline, f"no {text!r} in the server's log: {seen!r}"
-        time.sleep(0.05)
-
-
 def _replies_to_container(topo: Topology) -> int:
     listed = topo.run(topo.container, "nft", "list", "table", "inet", "count")
     return int(listed.split("counter packets ")[1].split()[0])
@@ -83,5 +72,5 @@ def test_a_datagram_that_could_loop_or_reflect_is_not_answered(
 ) -> None:
     topo, log = two_servers
     _spoof(topo, source_port)
-    _wait_for_line(log, why)
+    wait_for_text(log, why)
     assert _replies_to_container(topo) == 0

@@ -9,10 +9,10 @@ limit get 503 at once, a non-loopback address is warned about.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import IO
 
@@ -20,33 +20,30 @@ import pytest
 
 from ctfix.lab.topology import Topology, lab_topology
 from ctfix.platform import metrics, netns
+from tests.netns.logs import wait_for_text
 
 PORT = 9464
 
 
-def _wait_for(log: IO[str], text: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(log.name) as fh:
-            seen = fh.read()
-        if text in seen:
-            return seen
-        assert time.monotonic() < deadline, f"no {text!r} in: {seen!r}"
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def watching() -> Iterator[tuple[Topology, IO[str]]]:
-    """watch --netns HOST --metrics 127.0.0.1:9464, started in the container ns."""
+@contextlib.contextmanager
+def _watch(address: str) -> Iterator[tuple[Topology, IO[str]]]:
+    """watch --netns HOST --metrics ADDRESS:9464, started in the container ns and
+    ready; yields the topology and watch's stderr."""
     with lab_topology() as topo, tempfile.NamedTemporaryFile("w+") as log:
         topo.spawn(
             topo.container,
             [sys.executable, "-m", "ctfix", "watch", "--netns", topo.host,
-             "--metrics", f"127.0.0.1:{PORT}"],
+             "--metrics", f"{address}:{PORT}"],
             stderr=log.fileno(),
         )
-        _wait_for(log, "ctfix watch: watching ")
+        wait_for_text(log, "ctfix watch: watching ")
         yield topo, log
+
+
+@pytest.fixture
+def watching() -> Iterator[tuple[Topology, IO[str]]]:
+    with _watch("127.0.0.1") as started:
+        yield started
 
 
 def _connect(ns: str) -> socket.socket:
@@ -78,7 +75,7 @@ def test_metrics_listen_where_ctfix_was_started(watching: tuple[Topology, IO[str
     assert b"ctfix_watch_events" in _get(topo.container)
     with pytest.raises(ConnectionRefusedError):
         _connect(topo.host)
-    assert "warning: --metrics" not in _wait_for(log, "Prometheus metrics on")
+    assert "warning: --metrics" not in wait_for_text(log, "Prometheus metrics on")
 
 
 def test_idle_connections_are_closed_and_their_number_is_bounded(
@@ -102,12 +99,5 @@ def test_idle_connections_are_closed_and_their_number_is_bounded(
 
 
 def test_a_metrics_address_other_than_loopback_is_warned_about() -> None:
-    with lab_topology() as topo, tempfile.NamedTemporaryFile("w+") as log:
-        topo.spawn(
-            topo.container,
-            [sys.executable, "-m", "ctfix", "watch", "--netns", topo.host,
-             "--metrics", f"0.0.0.0:{PORT}"],
-            stderr=log.fileno(),
-        )
-        seen = _wait_for(log, "ctfix watch: watching ")
-    assert "warning: --metrics 0.0.0.0" in seen
+    with _watch("0.0.0.0") as (_topo, log):
+        assert "warning: --metrics 0.0.0.0" in wait_for_text(log, "Prometheus metrics on")
