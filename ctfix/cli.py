@@ -12,8 +12,9 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from ctfix import __version__
 from ctfix.errors import CtfixError, ExitStatus
@@ -125,22 +126,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return ExitStatus.ERROR
+    output = _ReaderGone(sys.stdout, stop=args.command in _STREAMING)
+    sys.stdout = cast(TextIO, output)
     try:
-        return int(_load(args.command).run(args))
+        status = int(_load(args.command).run(args))
+        output.flush()  # here, so that a reader gone shows now, not at exit
+        return status
     except CtfixError as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(f"ctfix {args.command}: error: {err.one_line()}", file=sys.stderr)
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
     except BrokenPipeError:
         # `ctfix watch | head`: the reader left; that is not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitStatus.OK
     except PermissionError as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(
             f"ctfix {args.command}: error: permission denied ({err.strerror or err}); "
             "run as root or with CAP_NET_ADMIN",
@@ -148,11 +150,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return ExitStatus.ERROR
     except Exception as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(
             f"ctfix {args.command}: internal error: {type(err).__name__}: {err}; "
             "rerun with --debug for the traceback and report it",
             file=sys.stderr,
         )
         return ExitStatus.ERROR
+    finally:
+        sys.stdout = output.stream
+
+
+def _traceback(debug: bool) -> None:
+    """--debug shows where an error came from; it never changes the exit status."""
+    if debug:
+        traceback.print_exc()
+
+
+#: commands whose output is a stream: when its reader leaves they stop (exit 0); the
+#: others finish and keep their own status (`ctfix fix --status | head -3` is 1 for a
+#: damaged fix, as without the pipe).
+_STREAMING = frozenset({"watch", "serve"})
+
+
+class _ReaderGone:
+    """sys.stdout while a command runs: once the reader has gone (EPIPE), the rest of
+    the output goes to /dev/null instead of raising (or stops a streaming command)."""
+
+    def __init__(self, stream: TextIO, stop: bool) -> None:
+        self.stream = stream
+        self.stop = stop
+        self.gone = False
+
+    def _reader_left(self) -> None:
+        self.gone = True
+        # Also for the interpreter's last flush at exit, which would fail the same way.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        finally:
+            os.close(devnull)
+        if self.stop:
+            raise BrokenPipeError
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         choices=("text", "markdown", "json"),
-        default="text",
+        default=None,
         help="text (default), markdown for an incident document, or json",
     )
     parser.add_argument("--json", action="store_true", help="same as --format json")
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ctfix.platform import containers, rules_files, snapshot
     from ctfix.render import explain as render
 
-    if args.json and args.format != "text":
+    if args.json and args.format not in (None, "json"):
         raise CtfixError(
             f"--json and --format {args.format} contradict each other", "give only one of them"
         )
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)
     diagnosis = containers.annotate(diagnose(snap, kb))
-    fmt = "json" if args.json else args.format
+    fmt = "json" if args.json else args.format or "text"
     if fmt == "json":
         from ctfix.render.jsonout import write_document
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ctfix.core.plan import Backend, Plan
     from ctfix.core.rules import KnowledgeBase
     from ctfix.platform.remedy import Reverted
+    from ctfix.platform.remedy.marks import Marked
 
 EPILOG = """\
 examples:
@@ -50,9 +51,14 @@ examples:
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
 
+--revert removes only objects that carry ctfix's marks for the port; a record that
+names anything else is refused. Marked objects that no record explains (a lost
+state file) are shown by --status and removed by --revert too, listed apart.
+
 exit status:
   0    done (or a dry run; or nothing to revert)
-  1    --status: a recorded fix is DAMAGED or INTERRUPTED (revert it)
+  1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
+       no record explains are in the kernel (revert it)
   2    refused or failed, nothing changed; bad input; missing privilege or feature
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
        what was applied so far is rolled back
@@ -77,7 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unmodified server); bind: change nothing, say how to fix the application",
     )
     parser.add_argument("--apply", action="store_true", help="apply the plan (default: print it)")
-    parser.add_argument("--revert", action="store_true", help="remove what ctfix fix made")
+    parser.add_argument(
+        "--revert",
+        action="store_true",
+        help="remove what ctfix fix made (recorded, or found by its marks)",
+    )
     parser.add_argument("--status", action="store_true", help="show what ctfix fix made")
     parser.add_argument(
         "--force",
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in ("apply", "revert", "status") if getattr(args, m)]
     if len(modes) > 1:
         raise CtfixError(f"--{modes[0]} and --{modes[1]} do not go together")
+    if args.status or args.revert:
+        _refuse_plan_options(args)
     if args.status:
         return _status(args)
     if args.revert:
@@ -128,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
     if args.gateway and args.method == "bind":
         raise CtfixError("--gateway is for snat-zone and policy-route", "drop --gateway")
     if args.method == "bind":
+        if args.force:
+            raise CtfixError(
+                "--force is for policy-route and snat-zone; --method bind plans nothing",
+                "drop --force",
+            )
         if args.apply:
             raise CtfixError(
                 "--method bind changes nothing on the host, so there is nothing to apply",
@@ -195,6 +212,30 @@ def _write_plan(plan: Plan, label: str, as_json: bool, apply_with: str | None) -
         _write_json(render.plan_document(plan, label))
     else:
         sys.stdout.write(render.plan_text(plan, label, apply_with))
+
+
+def _refuse_plan_options(args: argparse.Namespace) -> None:
+    """--status and --revert act on what is recorded: options that shape a plan (or,
+    for --status, pick a port) would be ignored, so they are refused instead."""
+    mode = "--status" if args.status else "--revert"
+    given = [
+        option
+        for option, value in (
+            ("--method", args.method),
+            ("--force", args.force),
+            ("--backend", args.backend),
+            ("--rules", args.rules),
+            ("PORT", args.status and args.port is not None),
+        )
+        if value
+    ]
+    if given:
+        what = "shows every recorded port" if args.status else "removes what was recorded"
+        raise CtfixError(
+            f"{mode} {what}; {given[0]} does not go with it",
+            f"drop {given[0]}" + (" (--status lists every port)" if given[0] == "PORT" else ""),
+        )
+
 
 
 @contextlib.contextmanager
@@ -274,17 +315,21 @@ def _status(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.platform.remedy import marks
     from ctfix.render import fix as render
 
     state = FixState.load(label)
     report = remedy.status(state)
+    refused = remedy.foreign_steps(state)
+    stray = marks.unrecorded(state.specs())
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
-    status = ExitStatus.OK if all(render.whole(report).values()) else ExitStatus.PROBLEM
+    revert = f"ctfix fix --revert{_netns_flag(args)}"
+    complete = render.whole(report, refused)
+    status = ExitStatus.OK if all(complete.values()) and not stray else ExitStatus.PROBLEM
     if args.json:
-        _write_json(render.status_document(report, label, state.path))
+        _write_json(render.status_document(report, label, state.path, revert, refused, stray))
     else:
-        revert = f"ctfix fix --revert{_netns_flag(args)}"
-        sys.stdout.write(render.status_text(report, label, state.path, revert))
+        sys.stdout.write(render.status_text(report, label, state.path, revert, refused, stray))
     return status
 
 
@@ -293,33 +338,47 @@ def _revert(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.platform.remedy import marks
 
     with FixState.locked(label) as state:
+        # Objects with ctfix's marks that no record explains (the state file was lost
+        # or edited) are ctfix's too: removed with the recorded ones, and listed apart.
+        stray = marks.unrecorded(state.specs(), args.port)
+        recorded = bool(state.fixes) if args.port is None else args.port in state.fixes
+        done: list[Reverted] = remedy.revert(state, args.port) if recorded else []
+        stray_removed, failures = marks.remove_all(stray)
+        if failures:
+            raise CtfixError(
+                f"could not remove everything: {failures[0]}",
+                "fix the cause and run --revert again",
+            )
         # Reverting is safe to repeat: nothing recorded is the state it leads to, not an
         # error.
-        if args.port is None and not state.fixes:
-            nothing: str | None = f"nothing recorded in netns {label}"
-        elif args.port is not None and args.port not in state.fixes:
-            others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
-                state.fixes
-            ) else ""
-            nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
-        else:
-            done = remedy.revert(state, args.port)
-            nothing = None
-    return _reverted(args, label, [] if nothing is not None else done, nothing)
+        nothing: str | None = None
+        if not recorded and not stray_removed:
+            nothing = f"nothing recorded in netns {label}"
+            if args.port is not None:
+                others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
+                    state.fixes
+                ) else ""
+                nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
+    return _reverted(args, label, done, nothing, stray_removed)
 
 
 def _reverted(
-    args: argparse.Namespace, label: str, done: list[Reverted], nothing: str | None
+    args: argparse.Namespace,
+    label: str,
+    done: list[Reverted],
+    nothing: str | None,
+    stray: list[Marked],
 ) -> int:
     """--revert's report: `nothing` says why nothing was recorded (and so changed)."""
     from ctfix.render import fix as render
 
     if args.json:
-        _write_json(render.reverted_document(done, label, nothing))
+        _write_json(render.reverted_document(done, label, nothing, stray))
     else:
-        sys.stdout.write(render.reverted_text(done, args.port, label, nothing))
+        sys.stdout.write(render.reverted_text(done, args.port, label, nothing, stray))
     return ExitStatus.OK
 
 

@@ -10,8 +10,9 @@ Know before changing:
   precompiled `struct.Struct` over the two tuples, with every attribute header
   checked against the expected values before the result is trusted. Anything else
   (other protocols, a different kernel's layout, damaged bytes) takes the general
-  attribute walk, which gives the same values, only slower. The tests check that
-  both paths agree on recorded real messages.
+  attribute walk, which gives the same values, only slower (the first ORIG and
+  REPLY tuples count on both). The tests check that both paths agree on recorded
+  real messages and on mutated ones (lengths that cover several messages).
 - Netlink headers are in host byte order; attribute *values* (addresses, ports,
   status, timeout, mark, zone) are big-endian.
 - The values are NamedTuples, not dataclasses: they are just as immutable and
@@ -313,12 +314,18 @@ def _walk_tuple(buf: Buf, pos: int, end: int, family: int) -> CtTuple | None:
 
 
 def _slow(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
+    """The general walk. The first CTA_TUPLE_ORIG and CTA_TUPLE_REPLY count, as on the
+    fast path (which reads them where the kernel puts them): a later one can only be
+    damage, or the next message under a nlmsg_len that covers several."""
     end = offset + msg_len
     orig = reply = None
+    seen_orig = seen_reply = False
     for t, vs, ve in _attrs(buf, offset + 20, end):
-        if t == CTA_TUPLE_ORIG:
+        if t == CTA_TUPLE_ORIG and not seen_orig:
+            seen_orig = True
             orig = _walk_tuple(buf, vs, ve, family)
-        elif t == CTA_TUPLE_REPLY:
+        elif t == CTA_TUPLE_REPLY and not seen_reply:
+            seen_reply = True
             reply = _walk_tuple(buf, vs, ve, family)
     if orig is None or reply is None:
         return None

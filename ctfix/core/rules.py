@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ctfix.core.model import Family
+from ctfix.core.pattern import InvalidPattern, PatternError, compile_pattern, search
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ if TYPE_CHECKING:
 #: /proc/PID/comm holds at most TASK_COMM_LEN - 1 = 15 characters.
 COMM_LEN = 15
 SCHEMA_VERSION = 1
+#: A rules file is a few kilobytes; one of a megabyte is a mistake (a log, a dump),
+#: and parsing a huge one took minutes and gigabytes before its error.
+MAX_FILE_BYTES = 1 << 20
+#: The schema nests four levels; a hundred thousand brackets blew Python's stack.
+MAX_DEPTH = 16
 
 Confidence = Literal["high", "medium", "low"]
 MatchedBy = Literal["process", "cmdline", "port"]
@@ -93,7 +99,7 @@ class ServiceRule:
         """
         if cmdline and self.fixed_if_cmdline:
             joined = " ".join(cmdline)
-            if any(re.search(pattern, joined) for pattern in self.fixed_if_cmdline):
+            if any(search(pattern, joined) for pattern in self.fixed_if_cmdline):
                 return False
         for name, verdict in self.affected_by_family:
             if name == family:
@@ -117,7 +123,7 @@ class ServiceRule:
         if not self.cmdline_patterns or not cmdline:
             return False
         joined = " ".join(cmdline)
-        return any(re.search(pattern, joined) for pattern in self.cmdline_patterns)
+        return any(search(pattern, joined) for pattern in self.cmdline_patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +236,10 @@ def parse(text: str, source: str) -> list[ServiceRule]:
     """Validate the text of one rules file (named `source` in errors)."""
     import yaml
 
+    if len(text) > MAX_FILE_BYTES:
+        raise RuleError(source, None, f"a rules file holds at most {MAX_FILE_BYTES // 1024} KiB")
     try:
+        _check_depth(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -250,6 +259,24 @@ def parse(text: str, source: str) -> list[ServiceRule]:
     if not isinstance(services, yaml.SequenceNode) or not services.value:
         raise RuleError(source, _line(services), "'services' must be a non-empty list of entries")
     return [_entry(node, source) for node in services.value]
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing (which recurses): YAML's
+    event stream is read without recursion."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RuleError(
+                    source, event.start_mark.line + 1 if event.start_mark else None,
+                    f"nested deeper than {MAX_DEPTH} levels (a rules file needs four)",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 # -- validation ------------------------------------------------------------------------
@@ -367,11 +394,12 @@ def _regex_list(node: yaml.Node | None, source: str, key: str) -> tuple[str, ...
     patterns = _text_list(node, source, key)
     for index, pattern in enumerate(patterns):
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            compile_pattern(pattern)  # a bounded matcher: see ctfix/core/pattern.py
+        except PatternError as exc:
+            what = "a valid" if isinstance(exc, InvalidPattern) else "a bounded-time"
             raise RuleError(
                 source, _item_line(node, index),
-                f"{key!r} item is not a valid regular expression: {exc}",
+                f"{key!r} item is not {what} regular expression: {exc}",
             ) from None
     return patterns
 

@@ -31,6 +31,11 @@ FAMILY_FILES = {
 }
 
 
+class Unreadable(CtfixError):
+    """The list of legacy tables is root's (mode 0440): CAP_NET_ADMIN does not open it,
+    and asking the kernel table by table would create each table asked about."""
+
+
 def loaded_tables(family: Family = "ipv4") -> list[str]:
     """Names of the legacy tables that exist in this namespace (nothing is created)."""
     try:
@@ -38,6 +43,12 @@ def loaded_tables(family: Family = "ipv4") -> list[str]:
             return [line.strip() for line in fh if line.strip()]
     except FileNotFoundError:
         return []
+    except PermissionError:
+        raise Unreadable(
+            f"{FAMILY_FILES[family]} is readable by root only, so iptables-legacy "
+            "tables were not read (CAP_NET_ADMIN is not enough)",
+            "run as root to include them",
+        ) from None
 
 
 def in_use() -> bool:

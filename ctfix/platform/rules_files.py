@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ctfix.core.rules import KnowledgeBase, RuleError, ServiceRule, merge, parse
+from ctfix.core.rules import MAX_FILE_BYTES, KnowledgeBase, RuleError, ServiceRule, merge, parse
 
 
 def builtin_dir() -> Path:
@@ -59,6 +59,13 @@ def load_file(path: Path, display: str | None = None) -> list[ServiceRule]:
     """Validate one file; `display` is how the file is named in errors."""
     source = display or str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise RuleError(
+                source, None,
+                f"{size} bytes: a rules file holds at most {MAX_FILE_BYTES // 1024} KiB "
+                "(is it really a rules file?); split it",
+            )
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuleError(source, None, f"cannot read: {exc}") from None

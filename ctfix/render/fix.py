@@ -9,7 +9,7 @@ ctfix.core.plan and ctfix.platform.remedy; nothing here looks at the system.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from ctfix.render.jsonout import envelope
 if TYPE_CHECKING:
     from ctfix.platform.fixstate import RecordedFix, StepStatus
     from ctfix.platform.remedy import ApplyResult, Reverted
+    from ctfix.platform.remedy.marks import Marked
 
 #: (fix, [(step, recorded status, present in the kernel)]), as remedy.status gives it
 StatusReport = Sequence[tuple["RecordedFix", Sequence[tuple[Step, "StepStatus", bool]]]]
@@ -137,38 +138,85 @@ def interrupted_text(
 
 # -- --status ---------------------------------------------------------------------------
 
+#: {(port, step index): why the recorded step's kernel object is not ctfix's}
+Foreign = Mapping[tuple[int, int], str]
 
-def whole(report: StatusReport) -> dict[int, bool]:
-    """Per port: the fix is complete and every step is in the kernel."""
+
+def whole(report: StatusReport, foreign: Foreign | None = None) -> dict[int, bool]:
+    """Per port: the fix is complete, every step is in the kernel, and every recorded
+    object is ctfix's own (a record pointing elsewhere is never acted on)."""
+    refused = foreign or {}
     return {
-        fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
+        fix.port: fix.complete
+        and all(here for _s, _st, here in steps)
+        and not any(port == fix.port for port, _index in refused)
+        for fix, steps in report
     }
 
 
-def status_text(report: StatusReport, netns: str, state_path: str, revert: str) -> str:
-    if not report:
+def by_port(marked: Sequence[Marked]) -> list[tuple[int, list[Marked]]]:
+    """ctfix-marked objects grouped by port, in port order."""
+    ports = sorted({m.port for m in marked})
+    return [(port, [m for m in marked if m.port == port]) for port in ports]
+
+
+def status_text(
+    report: StatusReport,
+    netns: str,
+    state_path: str,
+    revert: str,
+    foreign: Foreign | None = None,
+    stray: Sequence[Marked] = (),
+) -> str:
+    """`revert`: the revert command for this namespace (a port is appended for orphans)."""
+    if not report and not stray:
         return f"ctfix fix --status: no fix recorded in netns {netns}\n"
-    complete = whole(report)
+    refused = foreign or {}
+    complete = whole(report, refused)
     out = [f"ctfix fix --status (netns {netns}, {state_path}):"]
     for fix, steps in report:
         condition = "applied" if complete[fix.port] else (
             "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
         )
         out.append(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
-        for step, status, here in steps:
-            mark = "present" if here else "MISSING"
+        for index, (step, status, here) in enumerate(steps):
+            why = refused.get((fix.port, index))
+            mark = "FOREIGN" if why else "present" if here else "MISSING"
             first, *rest = step.creates or ("(nothing)",)
             out.append(f"    [{status:7}] {mark:7} {first}")
             # One object per line: an nftables table lists its parts.
             out += [f"    {'':9} {'':7} {obj}" for obj in rest]
+            if why:
+                out.append(f"    {'':9} refused: {why}")
         out += [f"    note: {note}" for note in fix.notes]
+    for port, found in by_port(stray):
+        out.append(
+            f"  port {port}: no record explains {len(found)} object(s) with ctfix's marks "
+            "(state file lost or edited?):"
+        )
+        out += [f"    {marked.obj}" for marked in found]
+        out.append(f"  remove them with: {_with_port(revert, port)}")
     if not all(complete.values()):
         out.append(f"  revert with: {revert}")
     return "\n".join(out) + "\n"
 
 
-def status_document(report: StatusReport, netns: str, state_path: str) -> dict[str, Any]:
-    complete = whole(report)
+def _with_port(revert: str, port: int) -> str:
+    """`ctfix fix --revert --netns X` -> `ctfix fix --revert PORT --netns X`."""
+    head, sep, tail = revert.partition("--revert")
+    return f"{head}{sep} {port}{tail}"
+
+
+def status_document(
+    report: StatusReport,
+    netns: str,
+    state_path: str,
+    revert: str,
+    foreign: Foreign | None = None,
+    stray: Sequence[Marked] = (),
+) -> dict[str, Any]:
+    refused = foreign or {}
+    complete = whole(report, refused)
     return {
         **envelope(netns),
         "state_file": state_path,
@@ -182,11 +230,25 @@ def status_document(report: StatusReport, netns: str, state_path: str) -> dict[s
                 "started": fix.started,
                 "notes": fix.notes,
                 "steps": [
-                    {"status": status, "present": here, "step": step_to_dict(step)}
-                    for step, status, here in steps
+                    {
+                        "status": status,
+                        "present": here,
+                        "step": step_to_dict(step),
+                        "foreign": refused.get((fix.port, index)),
+                    }
+                    for index, (step, status, here) in enumerate(steps)
                 ],
             }
             for fix, steps in report
+        ],
+        "unrecorded": [
+            {
+                "port": m.port,
+                "kind": m.kind,
+                "object": m.obj,
+                "remove_with": _with_port(revert, m.port),
+            }
+            for m in stray
         ],
     }
 
@@ -203,28 +265,41 @@ def reverted_lines(done: Sequence[Reverted]) -> list[str]:
             + (" (the others were not in the kernel)" if fix.removed_steps < fix.recorded else "")
         )
         lines.extend(f"  removed {obj}" for obj in fix.removed)
+        lines.extend(f"  missing {obj} (already gone from the kernel)" for obj in fix.missing)
         lines.extend(f"  note: {note}" for note in fix.notes)
     return lines
 
 
 def reverted_text(
-    done: Sequence[Reverted], port: int | None, netns: str, nothing: str | None
+    done: Sequence[Reverted],
+    port: int | None,
+    netns: str,
+    nothing: str | None,
+    stray: Sequence[Marked] = (),
 ) -> str:
-    """`nothing`: why nothing was recorded (and so nothing changed)."""
-    if nothing is not None:
+    """`nothing`: why nothing was recorded (and so nothing changed); `stray`: objects with
+    ctfix's marks that no record explained, removed too."""
+    if nothing is not None and not stray:
         return f"ctfix fix --revert: {nothing}; nothing changed\n"
     what = f"port {port}" if port is not None else "every fix"
     out = [f"ctfix fix --revert: removed {what} in netns {netns}"]
     out += [f"  {line}" for line in reverted_lines(done)]
+    for stray_port, found in by_port(stray):
+        out.append(
+            f"  port {stray_port}: removed {len(found)} object(s) that no record explained "
+            "(found by ctfix's marks; the state file was lost or edited)"
+        )
+        out += [f"    removed {marked.obj}" for marked in found]
     return "\n".join(out) + "\n"
 
 
 def reverted_document(
-    done: Sequence[Reverted], netns: str, nothing: str | None
+    done: Sequence[Reverted], netns: str, nothing: str | None, stray: Sequence[Marked] = ()
 ) -> dict[str, Any]:
     return {
         **envelope(netns),
-        "changed": bool(done),
+        "changed": bool(done or stray),
         "reason": nothing,
         "reverted": [asdict(fix) for fix in done],
+        "unrecorded_removed": [{"port": m.port, "kind": m.kind, "object": m.obj} for m in stray],
     }

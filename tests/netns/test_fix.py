@@ -137,13 +137,19 @@ def start_apply(
 def wait_for_steps(
     topo: Topology, ready: Callable[[list[dict[str, Any]]], bool], interval: float = 0.1
 ) -> list[dict[str, Any]]:
-    """Poll `fix --status --json` until the first recorded fix's steps satisfy ready
-    (or 20 s pass); return those steps."""
+    """Poll the state file until the first recorded fix's steps satisfy ready (or 20 s
+    pass); return those steps. The file itself, not `fix --status`: a status asks the
+    kernel about every step (seconds on a loaded machine), and an apply that pauses
+    0.4 s per step would be over before it answered."""
+    del topo  # the state directory (CTFIX_STATE_DIR) holds this test's namespace only
     deadline = time.monotonic() + 20
     steps: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        status = ctfix_fix(topo, "--status", "--json")
-        fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
+        fixes = [
+            fix
+            for path in sorted(Path(os.environ["CTFIX_STATE_DIR"]).glob("netns-*.json"))
+            for _port, fix in sorted(json.loads(path.read_text())["fixes"].items())
+        ]
         steps = fixes[0]["steps"] if fixes else []
         if ready(steps):
             break

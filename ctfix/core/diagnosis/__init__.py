@@ -146,6 +146,10 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         reasons.append(
             reason("no-conntrack-evidence", f"No conntrack evidence: {snapshot.conntrack_error}.")
         )
+    reasons += [
+        reason("netfilter-not-read", f"Rules not read: {error}.")
+        for error in snapshot.netfilter_errors
+    ]
     reasons += present.history
 
     verdict: Verdict

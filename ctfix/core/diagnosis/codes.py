@@ -40,6 +40,7 @@ ReasonCode = Literal[
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
+    "netfilter-not-read",
 ]
 
 

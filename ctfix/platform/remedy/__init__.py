@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Never, NoReturn
+from typing import Any, NamedTuple, Never, NoReturn
 
 from ctfix.core.model import Method
 from ctfix.core.plan import (
@@ -44,9 +44,9 @@ from ctfix.platform.fixstate import FixState, RecordedFix, StepStatus
 #: it, so a test can `kill -9` the process in the middle of an apply.
 PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
 #: tables ctfix makes and choose_backend must not count as the namespace's own rules:
-#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>`.
+#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>[_<start>_<pidns>]`.
 #: (`ctfix_lab` is the lab's own, a real user of netfilter, so it counts.)
-_OWN_TABLE = re.compile(r"ctfix_(?:watch_)?\d+")
+_OWN_TABLE = re.compile(r"ctfix_\d+|ctfix_watch_\d+(?:_\d+_\d+)?")
 
 
 class AlreadyThere(CtfixError):
@@ -169,7 +169,16 @@ def choose_backend(override: Backend | None) -> tuple[Backend, str]:
         return override, f"--backend {override}"
     nft_tables, nft_nat = _nft_usage()
     legacy_rules = legacy_nat = False
-    if iptables_legacy.in_use():
+    try:
+        legacy_in_use = iptables_legacy.in_use()
+    except iptables_legacy.Unreadable:
+        # Not root: the dry run goes on without them, and says so.
+        return (
+            "nftables",
+            "iptables-legacy tables could not be read (root only); "
+            + ("the namespace's rules are in nftables" if nft_tables else "assuming none"),
+        )
+    if legacy_in_use:
         from ctfix.platform.remedy import legacy
 
         legacy_rules = legacy.rules_present()
@@ -284,14 +293,14 @@ def apply_plan(
                 # Somebody else's object appeared since the check: not ours to undo.
                 state.drop_step(fix, recorded)
                 raise
-            state.mark_done(recorded)
+            state.mark_done(recorded, _made(step.spec))
         _stop_if_asked(stop)
         problems = verify(plan)
         if problems:
             raise CtfixError(f"the fix did not take: {problems[0]}", "nothing was left applied")
         _stop_if_asked(stop)
     except BaseException as err:
-        removed, failures = _undo(state, fix)
+        removed, failures, _missing = _undo(state, fix)
         if isinstance(err, Interrupted):
             err.removed, err.failures = removed, failures
         if isinstance(err, CtfixError):
@@ -321,8 +330,9 @@ def _refuse_what_is_there(plan: Plan) -> None:
             raise CtfixError(
                 f"{made}: {why}, and ctfix fix has no record of making it in this "
                 "namespace; nothing changed",
-                "somebody else's? inspect it and remove it yourself if it is stale "
-                "(`ctfix fix --status` lists what ctfix recorded)",
+                "somebody else's? inspect it and remove it yourself if it is stale; if "
+                "`ctfix fix --status` lists it as ctfix's with no record, `ctfix fix "
+                f"--revert {plan.port}` removes it",
             )
 
 
@@ -332,18 +342,30 @@ def _stop_if_asked(stop: Callable[[], int | None]) -> None:
         raise Interrupted(signum)
 
 
-def _undo(state: FixState, fix: RecordedFix) -> tuple[list[tuple[str, ...]], list[str]]:
-    """Remove the fix's recorded objects, last first; (removed, failures).
+def _made(spec: Spec) -> dict[str, Any]:
+    from ctfix.platform.remedy import marks
+
+    return marks.made(spec)
+
+
+def _undo(
+    state: FixState, fix: RecordedFix
+) -> tuple[list[tuple[str, ...]], list[str], list[tuple[str, ...]]]:
+    """Remove the fix's recorded objects, last first; (removed, failures, missing).
 
     A step whose removal fails stays recorded (and so does the fix), so that a later
-    `--revert` can retry it; the others are still removed.
+    `--revert` can retry it; the others are still removed. A step whose object is
+    not in the kernel (removed by hand) is done: it is `missing`, and leaves the record.
     """
     removed: list[tuple[str, ...]] = []
     failures: list[str] = []
+    missing: list[tuple[str, ...]] = []
     for recorded in reversed(list(fix.steps)):
         try:
             if remove(recorded.step.spec):
                 removed.append(recorded.step.creates)
+            else:
+                missing.append(recorded.step.creates)
         except CtfixError as err:
             failures.append(f"{recorded.step.summary}: {err.one_line()}")
             continue
@@ -353,7 +375,7 @@ def _undo(state: FixState, fix: RecordedFix) -> tuple[list[tuple[str, ...]], lis
     else:
         fix.complete = False
         state.save()
-    return removed, failures
+    return removed, failures, missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,26 +389,54 @@ class Reverted:
     removed_steps: int  # steps found in the kernel and removed (the others were gone)
     removed: tuple[str, ...]  # the objects those steps had created
     notes: tuple[str, ...]
+    missing: tuple[str, ...] = ()  # the objects of the steps already gone (by hand?)
+
+
+def foreign_steps(state: FixState, port: int | None = None) -> dict[tuple[int, int], str]:
+    """{(port, step index): why its recorded object is not ctfix's}: a record that
+    points at anything but ctfix's own objects (edited, corrupt) is never acted on."""
+    from ctfix.platform.remedy import marks
+
+    return {
+        (p, index): why
+        for p, fix in sorted(state.fixes.items())
+        if port is None or p == port
+        for index, recorded in enumerate(fix.steps)
+        if (why := marks.foreign(recorded.step.spec, p, recorded.made)) is not None
+    }
 
 
 def revert(state: FixState, port: int | None) -> list[Reverted]:
-    """Undo the recorded fix for port (or every fix)."""
+    """Undo the recorded fix for port (or every fix).
+
+    Refuses, removing nothing, when any recorded step points at an object that is not
+    ctfix's (the kernel is the truth, the state file a hint).
+    """
     ports = [port] if port is not None else sorted(state.fixes)
     if port is not None and port not in state.fixes:
         raise CtfixError(
             f"no ctfix fix is recorded for port {port} in this namespace",
             "`ctfix fix --status` lists what is recorded",
         )
+    refused = foreign_steps(state, port)
+    if refused:
+        (p, _index), why = next(iter(refused.items()))
+        raise CtfixError(
+            f"refusing to revert port {p}: {why}; nothing was removed",
+            f"the state file {state.path} was edited or is corrupt: inspect it (ctfix's "
+            "own objects are found by their marks without it: `ctfix fix --status`)",
+        )
     done: list[Reverted] = []
     failures: list[str] = []
     for p in ports:
         fix = state.fixes[p]
         recorded = len(fix.steps)
-        removed, failed = _undo(state, fix)
+        removed, failed, missing = _undo(state, fix)
         done.append(
             Reverted(
                 p, fix.method, fix.backend, recorded, len(removed),
                 tuple(obj for creates in removed for obj in creates), tuple(fix.notes),
+                tuple(obj for creates in missing for obj in creates),
             )
         )
         failures.extend(failed)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctfix.core.plan import RouteSpec, RuleSpec
+from ctfix.core.model import Family
+from ctfix.core.plan import RT_PROTO, RT_TABLE_BASE, RouteSpec, RuleSpec, Spec, table_id
 from ctfix.errors import CtfixError, PrivilegeError
 from ctfix.platform.remedy import AlreadyThere
+from ctfix.platform.remedy.marks import Marked
 
-_AF = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+_AF: dict[Family, int] = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 _ABSENT = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 
 
@@ -172,3 +175,103 @@ def remove_rule(spec: RuleSpec) -> bool:
                 return False
             _raise(err, f"removing the {spec.family} rule for port {spec.port}")
     return True
+
+
+# -- ctfix's marks (see ctfix/platform/remedy/marks.py) ----------------------------------
+# Ours: protocol 199 in the port's table (RT_TABLE_BASE + port). Nothing else: a
+# recorded step pointing elsewhere is refused, and removal matches the protocol.
+
+
+def _port_of(table: Any) -> int | None:
+    if isinstance(table, int) and RT_TABLE_BASE < table <= RT_TABLE_BASE + 65535:
+        return table - RT_TABLE_BASE
+    return None
+
+
+def _marks_wrong(what: str, table: int, protocol: int, port: int) -> str | None:
+    if table != table_id(port) or protocol != RT_PROTO:
+        return (
+            f"{what} (table {table}, protocol {protocol}) is not ctfix's for port {port} "
+            f"(table {table_id(port)}, protocol {RT_PROTO})"
+        )
+    return None
+
+
+def route_foreign(spec: RouteSpec, port: int, made: Mapping[str, Any]) -> str | None:
+    del made
+    return _marks_wrong(f"route {spec.network}", spec.table, spec.protocol, port)
+
+
+def rule_foreign(spec: RuleSpec, port: int, made: Mapping[str, Any]) -> str | None:
+    del made
+    if spec.port != port:
+        return f"the rule for UDP port {spec.port} is not ctfix's rule for port {port}"
+    return _marks_wrong(f"{spec.family} rule {spec.priority}", spec.table, spec.protocol, port)
+
+
+def _marked_rules() -> list[tuple[int, RuleSpec]]:
+    found = []
+    with _iproute() as ipr:
+        for family, af in _AF.items():
+            for rule in ipr.get_rules(family=af):
+                port = _port_of(rule.get_attr("FRA_TABLE"))
+                if (
+                    port is None
+                    or rule.get("protocol") != RT_PROTO
+                    or rule.get("ip_proto") != socket.IPPROTO_UDP
+                    or rule.get("sport_range") != f"{port}:{port}"
+                ):
+                    continue
+                found.append((port, RuleSpec(family, port, table_id(port), rule.get("priority"))))
+    return found
+
+
+def _marked_routes() -> list[tuple[int, RouteSpec]]:
+    found = []
+    with _iproute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for family, af in _AF.items():
+            for route in ipr.route("dump", family=af):
+                port = _port_of(route.get_attr("RTA_TABLE"))
+                dst = route.get("dst")
+                if port is None or route.get("proto") != RT_PROTO or not dst:
+                    continue
+                if not route.get("prefsrc"):  # not the shape ctfix makes
+                    continue
+                network = f"{dst}/{route['dst_len']}"
+                iface = str(names.get(route.get("oif"), ""))
+                source = str(route.get("prefsrc") or "")
+                found.append((port, RouteSpec(family, network, iface, source, table_id(port))))
+    return found
+
+
+def unrecorded(recorded: Sequence[tuple[int, Spec]]) -> list[Marked]:
+    rules = {(p, s) for p, s in recorded if isinstance(s, RuleSpec)}
+    routes = {(p, s.family, s.network, s.source) for p, s in recorded if isinstance(s, RouteSpec)}
+    found = []
+    for port, rule in _marked_rules():
+        if (port, rule) not in rules:
+            found.append(Marked(
+                port, "rule",
+                f"{rule.family} rule {rule.priority}: ipproto udp sport {port} lookup {rule.table}",
+                (rule.family, str(rule.priority)),
+            ))
+    for port, route in _marked_routes():
+        if (port, route.family, route.network, route.source) not in routes:
+            found.append(Marked(
+                port, "route",
+                f"route {route.network} dev {route.interface} src {route.source} in table "
+                f"{route.table}",
+                (route.family, route.network, route.interface, route.source),
+            ))
+    return found
+
+
+def remove_marked(marked: Marked) -> bool:
+    port = marked.port
+    family: Family = "ipv6" if marked.key[0] == "ipv6" else "ipv4"
+    if marked.kind == "rule":
+        _family, priority = marked.key
+        return remove_rule(RuleSpec(family, port, table_id(port), int(priority)))
+    _family, network, interface, source = marked.key
+    return remove_route(RouteSpec(family, network, interface, source, table_id(port)))
