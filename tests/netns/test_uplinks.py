@@ -193,8 +193,13 @@ def test_snat_zone_sends_replies_out_by_their_own_uplink_and_reverts_exactly(
     assert all(cn["ok"] for cn in report["clients"])
 
     status = ctfix(topo, "fix", "--status", "--json")
-    [fix] = json.loads(status.stdout)["fixes"]
+    assert status.returncode == 0, status.stdout
+    document = json.loads(status.stdout)
+    [fix] = document["fixes"]
     assert fix["complete"] and all(step["present"] for step in fix["steps"])
+    # The reroute's fwmark rules, tables and default routes are explained by the record,
+    # not mistaken for orphans.
+    assert document["unrecorded"] == []
 
     reverted = ctfix(topo, "fix", "--revert")
     assert reverted.returncode == 0, reverted.stderr
@@ -254,3 +259,27 @@ def test_routes_are_read_with_their_gateways_metrics_and_every_next_hop(
     multipath = {(r.interface, r.gateway) for r in table if r.table == 77}
     assert multipath == {("wan1", ISP1_V4), ("wan2", ISP2_V4)}
     assert os.geteuid() == 0
+
+
+def test_a_lost_state_file_still_finds_and_removes_the_reroute(
+    nft_uplinks: TwoUplinks, state_dir: Path
+) -> None:
+    """The reroute's objects (fwmark rules, default routes via the uplink's gateway in
+    ctfix's reroute tables) carry ctfix's marks: with the record gone, --status names
+    them and --revert PORT removes them, back to the namespace as it was."""
+    topo = nft_uplinks
+    before = namespace_state(topo, topo.host)
+    applied = ctfix(topo, "fix", str(PORT), "--method", "snat-zone", "--apply")
+    assert applied.returncode == 0, applied.stderr
+    for path in state_dir.iterdir():
+        path.unlink()
+
+    status = ctfix(topo, "fix", "--status", "--json")
+    assert status.returncode == 1
+    kinds = {(m["kind"], m["port"]) for m in json.loads(status.stdout)["unrecorded"]}
+    assert {("rule", PORT), ("route", PORT), ("nft-table", PORT)} <= kinds
+
+    reverted = ctfix(topo, "fix", "--revert", str(PORT))
+    assert reverted.returncode == 0, reverted.stderr
+    assert namespace_state(topo, topo.host) == before
+    assert ctfix(topo, "fix", "--status").returncode == 0

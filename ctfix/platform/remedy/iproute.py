@@ -16,6 +16,7 @@ from typing import Any
 
 from ctfix.core.model import Family
 from ctfix.core.plan import RT_PROTO, RT_TABLE_BASE, RouteSpec, RuleSpec, Spec, table_id
+from ctfix.core.plan.specs import REROUTE_STEP, REROUTE_UPLINKS
 from ctfix.errors import CtfixError, PrivilegeError
 from ctfix.platform.remedy import AlreadyThere
 from ctfix.platform.remedy.marks import Marked
@@ -178,21 +179,28 @@ def remove_rule(spec: RuleSpec) -> bool:
 
 
 # -- ctfix's marks (see ctfix/platform/remedy/marks.py) ----------------------------------
-# Ours: protocol 199 in the port's table (RT_TABLE_BASE + port). Nothing else: a
-# recorded step pointing elsewhere is refused, and removal matches the protocol.
+# Ours: protocol 199 in one of the port's tables: RT_TABLE_BASE + port, or a reroute
+# table RT_TABLE_BASE + n * REROUTE_STEP + port (n < REROUTE_UPLINKS), the port in the
+# low 16 bits (core/plan/specs.py). Nothing else: a recorded step pointing elsewhere is
+# refused, and removal matches the protocol.
 
 
 def _port_of(table: Any) -> int | None:
-    if isinstance(table, int) and RT_TABLE_BASE < table <= RT_TABLE_BASE + 65535:
-        return table - RT_TABLE_BASE
-    return None
+    """The port whose fix owns this table id, or None when ctfix never makes it."""
+    if not isinstance(table, int):
+        return None
+    offset = table - RT_TABLE_BASE
+    if not 0 <= offset < REROUTE_UPLINKS * REROUTE_STEP:
+        return None
+    port = offset % REROUTE_STEP
+    return port or None
 
 
 def _marks_wrong(what: str, table: int, protocol: int, port: int) -> str | None:
-    if table != table_id(port) or protocol != RT_PROTO:
+    if _port_of(table) != port or protocol != RT_PROTO:
         return (
             f"{what} (table {table}, protocol {protocol}) is not ctfix's for port {port} "
-            f"(table {table_id(port)}, protocol {RT_PROTO})"
+            f"(a table {table_id(port)} + n * {REROUTE_STEP:#x}, protocol {RT_PROTO})"
         )
     return None
 
@@ -206,6 +214,8 @@ def rule_foreign(spec: RuleSpec, port: int, made: Mapping[str, Any]) -> str | No
     del made
     if spec.port != port:
         return f"the rule for UDP port {spec.port} is not ctfix's rule for port {port}"
+    if spec.fwmark is not None and _port_of(spec.fwmark) != port:
+        return f"the rule's fwmark {spec.fwmark:#x} is not one of ctfix's for port {port}"
     return _marks_wrong(f"{spec.family} rule {spec.priority}", spec.table, spec.protocol, port)
 
 
@@ -214,7 +224,8 @@ def _marked_rules() -> list[tuple[int, RuleSpec]]:
     with _iproute() as ipr:
         for family, af in _AF.items():
             for rule in ipr.get_rules(family=af):
-                port = _port_of(rule.get_attr("FRA_TABLE"))
+                table = rule.get_attr("FRA_TABLE")
+                port = _port_of(table)
                 if (
                     port is None
                     or rule.get("protocol") != RT_PROTO
@@ -222,7 +233,11 @@ def _marked_rules() -> list[tuple[int, RuleSpec]]:
                     or rule.get("sport_range") != f"{port}:{port}"
                 ):
                     continue
-                found.append((port, RuleSpec(family, port, table_id(port), rule.get("priority"))))
+                fwmark = rule.get_attr("FRA_FWMARK")
+                found.append((port, RuleSpec(
+                    family, port, table, rule.get("priority"),
+                    fwmark=int(fwmark) if fwmark is not None else None,
+                )))
     return found
 
 
@@ -232,37 +247,56 @@ def _marked_routes() -> list[tuple[int, RouteSpec]]:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for family, af in _AF.items():
             for route in ipr.route("dump", family=af):
-                port = _port_of(route.get_attr("RTA_TABLE"))
-                dst = route.get("dst")
-                if port is None or route.get("proto") != RT_PROTO or not dst:
+                table = route.get_attr("RTA_TABLE")
+                port = _port_of(table)
+                if port is None or route.get("proto") != RT_PROTO:
                     continue
                 if not route.get("prefsrc"):  # not the shape ctfix makes
                     continue
+                dst = route.get("dst") or ("::" if family == "ipv6" else "0.0.0.0")
                 network = f"{dst}/{route['dst_len']}"
                 iface = str(names.get(route.get("oif"), ""))
                 source = str(route.get("prefsrc") or "")
-                found.append((port, RouteSpec(family, network, iface, source, table_id(port))))
+                gateway = route.get("gateway")
+                found.append((port, RouteSpec(
+                    family, network, iface, source, table,
+                    gateway=str(gateway) if gateway else None,
+                )))
     return found
 
 
+def _rule_key(rule: RuleSpec) -> tuple[str, ...]:
+    return (rule.family, str(rule.priority), str(rule.table), str(rule.fwmark or ""))
+
+
+def _route_key(route: RouteSpec) -> tuple[str, ...]:
+    return (
+        route.family, route.network, route.interface, route.source, str(route.table),
+        route.gateway or "",
+    )
+
+
 def unrecorded(recorded: Sequence[tuple[int, Spec]]) -> list[Marked]:
-    rules = {(p, s) for p, s in recorded if isinstance(s, RuleSpec)}
-    routes = {(p, s.family, s.network, s.source) for p, s in recorded if isinstance(s, RouteSpec)}
+    rules = {(p, _rule_key(s)) for p, s in recorded if isinstance(s, RuleSpec)}
+    routes = {(p, _route_key(s)) for p, s in recorded if isinstance(s, RouteSpec)}
     found = []
     for port, rule in _marked_rules():
-        if (port, rule) not in rules:
+        if (port, _rule_key(rule)) not in rules:
+            mark = f"fwmark {rule.fwmark:#x} " if rule.fwmark is not None else ""
             found.append(Marked(
                 port, "rule",
-                f"{rule.family} rule {rule.priority}: ipproto udp sport {port} lookup {rule.table}",
-                (rule.family, str(rule.priority)),
+                f"{rule.family} rule {rule.priority}: {mark}ipproto udp sport {port} lookup "
+                f"{rule.table}",
+                _rule_key(rule),
             ))
     for port, route in _marked_routes():
-        if (port, route.family, route.network, route.source) not in routes:
+        if (port, _route_key(route)) not in routes:
+            via = f" via {route.gateway}" if route.gateway else ""
             found.append(Marked(
                 port, "route",
-                f"route {route.network} dev {route.interface} src {route.source} in table "
-                f"{route.table}",
-                (route.family, route.network, route.interface, route.source),
+                f"route {route.network}{via} dev {route.interface} src {route.source} in "
+                f"table {route.table}",
+                _route_key(route),
             ))
     return found
 
@@ -271,7 +305,11 @@ def remove_marked(marked: Marked) -> bool:
     port = marked.port
     family: Family = "ipv6" if marked.key[0] == "ipv6" else "ipv4"
     if marked.kind == "rule":
-        _family, priority = marked.key
-        return remove_rule(RuleSpec(family, port, table_id(port), int(priority)))
-    _family, network, interface, source = marked.key
-    return remove_route(RouteSpec(family, network, interface, source, table_id(port)))
+        _family, priority, table, fwmark = marked.key
+        return remove_rule(RuleSpec(
+            family, port, int(table), int(priority), fwmark=int(fwmark) if fwmark else None
+        ))
+    _family, network, interface, source, table, gateway = marked.key
+    return remove_route(RouteSpec(
+        family, network, interface, source, int(table), gateway=gateway or None
+    ))
