@@ -22,10 +22,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 
-from bench.explain_bench import timed
-from ctfix.lab.topology import BRIDGE_V4, UPLINK_V4, lab_topology, wait_udp_bound
+from bench.explain_bench import entries_file, timed
+from ctfix.lab.topology import lab_topology, wait_udp_bound
 
 FIRST_PORT = 20000
 CTFIX = [sys.executable, "-m", "ctfix"]
@@ -44,32 +43,6 @@ while True:
 """
 
 
-def entries_file(total: int, ports: list[int], per_port: int) -> str:
-    """`conntrack -R` input: for each port, requests to it and their wrong-source
-    replies; then requests to other ports up to `total`."""
-    lines = []
-    for port in ports:
-        for i in range(per_port // 2):
-            client = f"192.0.2.{10 + i % 200}"
-            cport = 30000 + i
-            lines.append(
-                f"-I -s {client} -d {UPLINK_V4} -p udp --sport {cport} --dport {port} -t 600"
-            )
-            lines.append(
-                f"-I -s {BRIDGE_V4} -d {client} -p udp --sport {port} --dport {cport} -t 600"
-            )
-    i = 0
-    while len(lines) < total:
-        client = f"203.0.113.{1 + i % 250}"
-        sport = 1024 + (i // 250) % 60000
-        dport = 10000 + i // (250 * 60000) + (i % 7)
-        lines.append(f"-I -s {client} -d {UPLINK_V4} -p udp --sport {sport} --dport {dport} -t 600")
-        i += 1
-    with tempfile.NamedTemporaryFile("w", suffix=".ct", delete=False) as handle:
-        handle.write("\n".join(lines) + "\n")
-    return handle.name
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=200_000)
@@ -81,7 +54,7 @@ def main() -> int:
         raise SystemExit("run as root: the benchmark builds network namespaces")
 
     ports = list(range(FIRST_PORT, FIRST_PORT + args.services))
-    path = entries_file(args.entries, ports, args.per_port)
+    path = entries_file(args.entries, args.per_port, tuple(ports))
     try:
         with lab_topology(ipv6=False, netfilter="nft") as topo:
             server = topo.spawn(

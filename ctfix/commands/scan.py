@@ -14,12 +14,14 @@ import argparse
 import sys
 
 from ctfix.commands.common import (
+    add_format_arguments,
     add_netns_argument,
     add_rules_argument,
     enter_netns,
+    output_format,
     require_root,
 )
-from ctfix.errors import CtfixError, ExitStatus
+from ctfix.errors import ExitStatus
 
 DESCRIPTION = """\
 List every UDP service in a network namespace, each diagnosed as `ctfix explain PORT`
@@ -47,13 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = EPILOG
     add_netns_argument(parser)
-    parser.add_argument(
-        "--format",
-        choices=("text", "markdown", "json"),
-        default="text",
-        help="text (default), markdown for an incident document, or json",
-    )
-    parser.add_argument("--json", action="store_true", help="same as --format json")
+    add_format_arguments(parser)
     add_rules_argument(parser)
 
 
@@ -63,15 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from ctfix.platform import rules_files, snapshot
     from ctfix.render import scan as render
 
-    if args.json and args.format != "text":
-        raise CtfixError(
-            f"--json and --format {args.format} contradict each other", "give only one of them"
-        )
+    fmt = output_format(args)
     kb = rules_files.load(args.rules, builtin=True)
     require_root("ctfix scan (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     diagnoses = worst_first([diagnose(snap, kb) for snap in snapshot.collect_services(label)])
-    fmt = "json" if args.json else args.format
     if fmt == "json":
         from ctfix.render.jsonout import write_document
 

@@ -4,6 +4,10 @@ This is the hot path of `ctfix watch` (one call per conntrack event, >100k/s) an
 `dump()`. It never raises on bad input: a message it cannot understand is skipped
 and counted (`Batch.malformed`).
 
+One module on purpose (over 500 lines): the fixed layouts serve three readers (the
+fast path, the ports probe that lets `ctfix scan` skip entries unread, the general
+walk) and must change together.
+
 Know before changing:
 - The attribute order of a ctnetlink message is fixed for a kernel and family, so the
   common layouts (IPv4 and IPv6 tuples, UDP/TCP-style ports) are decoded by one

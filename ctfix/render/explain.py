@@ -12,7 +12,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ctfix.core.diagnosis import recommended_first, wrong_text
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.render.jsonout import envelope
 from ctfix.render.style import Style
@@ -229,7 +230,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     out += ["", s("Evidence (conntrack, this port)", "bold")]
     if ev.wrong_source:
         for w in ev.wrong_source:
-            out.append(f"  {s('wrong source', 'red')}: {wrong_text(w)}")
+            out.append(f"  {s('wrong source', 'red')}: {wrong_source_text(w)}")
     else:
         out.append("  no wrong-source replies in the table")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
@@ -283,7 +284,7 @@ def render_markdown(d: Diagnosis) -> str:
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
     for w in ev.wrong_source:
-        out.append(f"- wrong source: {wrong_text(w)}")
+        out.append(f"- wrong source: {wrong_source_text(w)}")
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")

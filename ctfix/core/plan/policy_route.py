@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from ctfix.core.addr import unmap
+from ctfix.core.diagnosis.requests import probe_in
 from ctfix.core.model import ClientNetwork, Diagnosis, Family
 from ctfix.core.plan import Backend, Plan, PlanMethod, targets
 from ctfix.core.plan.specs import (
@@ -50,12 +51,7 @@ def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
                 return client
         except ValueError:
             continue
-    local = {unmap(a) for a in diagnosis.local_addresses}
-    first = net.network_address
-    candidate = net.broadcast_address - 1 if net.num_addresses > 2 else first
-    while str(candidate) in local and candidate != first:
-        candidate = candidate - 1
-    return str(candidate)
+    return probe_in(str(net), {unmap(a) for a in diagnosis.local_addresses})
 
 
 def build(
