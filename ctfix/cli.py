@@ -25,6 +25,7 @@ PROG = "ctfix"
 COMMANDS: dict[str, str] = {
     "watch": "detect wrong-source UDP replies live, from conntrack events",
     "explain": "say which process on a UDP port is affected, why, the evidence and the fix",
+    "scan": "every UDP service in the namespace, diagnosed like explain, worst first",
     "fix": "apply (or print, or revert) a reversible remediation for a UDP port",
     "serve": "run the reference UDP echo server that always answers from the right address",
     "lab": "reproduce the bug and its fix in throwaway network namespaces",
@@ -42,6 +43,7 @@ EPILOG = """\
 examples:
   ctfix lab                          see the bug and its fix in throwaway namespaces
   ctfix watch --json --duration 60   report wrong-source replies for a minute
+  ctfix scan                         every UDP service on this host, worst first
   ctfix explain 5353                 who is on UDP 5353, is it affected, how to fix it
   ctfix fix 5353 --method snat-zone  print the plan; add --apply to apply it
 

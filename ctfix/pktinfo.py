@@ -10,6 +10,9 @@ each request arrived on and hands that address back to ``sendmsg()`` as the repl
 source. Synchronous (``receive``/``reply``/``serve_forever``) and asyncio
 (``serve_async``) entry points share the same rules.
 
+One module on purpose (about 500 lines): it is meant to be copied whole into another
+service.
+
 Know before changing: every reply goes through ``reply()``, and ``reply()`` never falls
 back to a plain ``sendto()``. A reply that cannot leave from the right address is
 dropped and logged: a reply from the wrong address is worse than none, because the

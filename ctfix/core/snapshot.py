@@ -11,6 +11,7 @@ belongs in ctfix/core/diagnosis/, so that tests can build any situation by hand.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,11 +35,28 @@ class LocalAddress:
 
     @property
     def network(self) -> str:
-        return str(ipaddress.ip_interface(f"{self.address}/{self.prefixlen}").network)
+        return _network(self.address, self.prefixlen)
 
     @property
     def loopback(self) -> bool:
-        return self.scope == "host" or ipaddress.ip_address(self.address).is_loopback
+        return self.scope == "host" or _kind(self.address)[0]
+
+    @property
+    def link_local(self) -> bool:
+        return _kind(self.address)[1]
+
+
+# Pure, and asked again for every port scan diagnoses: cached, bounded.
+@functools.lru_cache(maxsize=1024)
+def _network(address: str, prefixlen: int) -> str:
+    return str(ipaddress.ip_interface(f"{address}/{prefixlen}").network)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind(address: str) -> tuple[bool, bool]:
+    """(loopback, link-local)"""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback, ip.is_link_local
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,14 @@ def _interfaces() -> dict[int, str]:
     return {index: name for index, name in socket.if_nameindex()}
 
 
+def _interface_name(index: int) -> str | None:
+    # One ioctl (scan asks once per port and network), not a listing of them all.
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return None
+
+
 def local_addresses() -> list[LocalAddress]:
     """Every address on every interface (`ip addr`), IPv4 and IPv6."""
     names = _interfaces()
@@ -357,7 +365,7 @@ def reply_source(
         return RouteChoice(
             destination,
             _ntop(family, src) if src else None,
-            interface=_interfaces().get(oif) if oif is not None else None,
+            interface=_interface_name(oif) if oif is not None else None,
             table=_u32(attrs.get(RTA_TABLE)) or table8,
             gateway=_ntop(family, gateway) if gateway else None,
             mark=mark,

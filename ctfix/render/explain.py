@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctfix.core.diagnosis import recommended_first, wrong_text
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
 from ctfix.render.container import container_json, container_text
 from ctfix.render.jsonout import envelope
@@ -175,7 +176,7 @@ def _netns_text(d: Diagnosis) -> str:
 
 def _wrong_line(w: WrongSourceReply) -> str:
     """A wrong-source record, with the container of its (latest) client if known."""
-    text = wrong_text(w)
+    text = wrong_source_text(w)
     return f"{text} ({container_text(w.container)})" if w.container else text
 
 

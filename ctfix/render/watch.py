@@ -5,9 +5,9 @@ pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
 last_seen (added since: clients, client_network); and the summary's kind, events,
 new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
-The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
-uses too: change them there, for both. Colour only on a TTY and never
-when NO_COLOR is set.
+The words of a finding come from ctfix.core.detectors.wrong_source_words, which
+explain uses too: change them there, for both. Colour only on a TTY and never when
+NO_COLOR is set.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any, TextIO
 
-from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.render.jsonout import utc_timestamp
 from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
@@ -80,17 +81,8 @@ class WatchRenderer:
         return fill(line, self.width, indent, "    ") if self.width else indent + line
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
-        return wrong_source_text(
-            service=finding.service,
-            expected_source=finding.expected_source,
-            actual_source=self.style(finding.actual_source, "bold", "red"),
-            mismatch=finding.mismatch,
-            count=finding.count,
-            clients=finding.clients,
-            client_network=finding.client_network,
-            client=finding.client,
-            tags=tags,
-        )
+        shown = self.style(finding.actual_source, "bold", "red")
+        return wrong_source_text(finding, tags=tags, actual_source=shown)
 
     def finding_line(self, finding: WrongSourceFinding, *, update: bool = False) -> str:
         tags: tuple[str, ...] = ("local",) if finding.local else ()

@@ -70,7 +70,7 @@ from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
 from ctfix.core.diagnosis import advice, evidence, exposure, listeners, netfilter, requests
 from ctfix.core.diagnosis.advice import recommended_first
 from ctfix.core.diagnosis.codes import ReasonCode, reason
-from ctfix.core.diagnosis.evidence import wrong_source_reply, wrong_text
+from ctfix.core.diagnosis.evidence import wrong_source_reply
 from ctfix.core.diagnosis.netfilter import (
     PROBLEM_DNAT_REPLY,
     PROBLEM_DROP_REPLY,
@@ -205,5 +205,4 @@ __all__ = [
     "uplink_lookups",
     "usable_addresses",
     "wrong_source_reply",
-    "wrong_text",
 ]

@@ -41,7 +41,7 @@ def usable_addresses(addresses: Iterable[LocalAddress], family: Family) -> list[
     for addr in addresses:
         if addr.family != family or addr.loopback or addr.scope not in ("global", "site"):
             continue
-        if ipaddress.ip_address(addr.address).is_link_local:
+        if addr.link_local:
             continue
         if addr.address not in found:
             found.append(addr.address)
@@ -55,7 +55,7 @@ def connected_networks(addresses: Iterable[LocalAddress]) -> list[tuple[str, str
     for addr in addresses:
         if addr.loopback or addr.scope not in ("global", "site"):
             continue
-        if ipaddress.ip_address(addr.address).is_link_local:
+        if addr.link_local:
             continue
         if addr.network not in seen:
             seen.add(addr.network)
