@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ctfix.core.model import ContainerRef, Listener
+from ctfix.core.model import ContainerRef, Family, Listener
 from ctfix.platform import nlsock
 from ctfix.platform.procfs import read_text
 
@@ -40,7 +40,7 @@ _MSG_SIZE = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size
 class UdpSocket:
     """One UDP socket as sock_diag reports it."""
 
-    family: str  # "ipv4" | "ipv6"
+    family: Family
     address: str
     port: int
     peer: str | None  # connected peer "addr:port", None when unconnected
@@ -54,7 +54,7 @@ def _address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(family, raw[:size])
 
 
-def udp_sockets(port: int | None) -> list[UdpSocket]:
+def udp_sockets(port: int | None = None) -> list[UdpSocket]:
     """Every UDP socket (IPv4 and IPv6, any state) whose local port is `port` (None:
     every UDP socket of the namespace)."""
     from ctfix.core.addr import endpoint
@@ -180,8 +180,9 @@ def unit_from_cgroup(text: str) -> str | None:
     return None
 
 
-def listeners(port: int) -> list[tuple[Listener, int]]:
-    """The port's sockets with their owners, each with the socket's uid (for routing)."""
+def listeners(port: int | None = None) -> list[tuple[Listener, int]]:
+    """The port's sockets (None: every UDP socket) with their owners, each with the
+    socket's uid (for routing)."""
     sockets = udp_sockets(port)
     holders = socket_holders(sock.inode for sock in sockets)
     result: list[tuple[Listener, int]] = []

@@ -8,27 +8,23 @@ family, proto, netns, service, reason, flows, clients, first_seen, last_seen,
 one_way, existing, target, confirmed, program, rules, client; and the summary's
 kind, events, new_flows, lost, resyncs, findings (added since: unanswered,
 unanswered_uncounted). Add keys if needed; never rename or remove one.
-The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text
-and ctfix.core.detectors.unanswered.unanswered_text, which explain uses too: change
-them there, for both. Colour only on a TTY and never when NO_COLOR is set.
+The words of a finding come from ctfix.core.detectors.wrong_source_words and
+ctfix.core.detectors.unanswered_words, which explain uses too: change them there,
+for both. Colour only on a TTY and never when NO_COLOR is set.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, TextIO
 
-from ctfix.core.detectors.unanswered import UnansweredFinding, unanswered_text
-from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
+from ctfix.core.detectors.unanswered import UnansweredFinding
+from ctfix.core.detectors.unanswered_words import unanswered_text
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.render.jsonout import utc_timestamp
 from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
-
-
-def timestamp(seconds: float) -> str:
-    """UTC, ISO 8601 with milliseconds: `2025-05-01T12:00:00.123Z`."""
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
@@ -45,8 +41,8 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
     }
@@ -62,8 +58,8 @@ def unanswered_record(finding: UnansweredFinding, netns: str) -> dict[str, Any]:
         "reason": finding.reason,
         "flows": finding.flows,
         "clients": finding.clients,
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
         "one_way": finding.one_way,
         "existing": finding.existing,
         "target": finding.target,
@@ -134,22 +130,13 @@ class WatchRenderer:
     def unanswered_line(self, finding: UnansweredFinding) -> str:
         head = self.style("unanswered".upper(), "bold", "yellow")
         return (
-            f"{timestamp(finding.last_seen)} {head} {finding.proto}/{finding.family[-1]} "
+            f"{utc_timestamp(finding.last_seen)} {head} {finding.proto}/{finding.family[-1]} "
             f"{finding.reason}: {unanswered_text(finding)}"
         )
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
-        return wrong_source_text(
-            service=finding.service,
-            expected_source=finding.expected_source,
-            actual_source=self.style(finding.actual_source, "bold", "red"),
-            mismatch=finding.mismatch,
-            count=finding.count,
-            clients=finding.clients,
-            client_network=finding.client_network,
-            client=finding.client,
-            tags=tags,
-        )
+        shown = self.style(finding.actual_source, "bold", "red")
+        return wrong_source_text(finding, tags=tags, actual_source=shown)
 
     def finding_line(self, finding: WrongSourceFinding, *, update: bool = False) -> str:
         tags: tuple[str, ...] = ("local",) if finding.local else ()
@@ -157,7 +144,7 @@ class WatchRenderer:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
-            f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{utc_timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
@@ -171,8 +158,8 @@ class WatchRenderer:
             if finding.kind == "unanswered":
                 self._write(
                     f"  unanswered, {finding.reason}{', one-way' if finding.one_way else ''}: "
-                    f"{unanswered_text(finding)}; {timestamp(finding.first_seen)} .. "
-                    f"{timestamp(finding.last_seen)}"
+                    f"{unanswered_text(finding)}; {utc_timestamp(finding.first_seen)} .. "
+                    f"{utc_timestamp(finding.last_seen)}"
                 )
                 continue
             tags: tuple[str, ...] = ("local",) if finding.local else ()
@@ -180,8 +167,8 @@ class WatchRenderer:
                 tags += ("confirmed",)
             self._write(
                 self._fit(
-                    f"{self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                    f"{timestamp(finding.last_seen)}",
+                    f"{self._text(finding, tags)}; {utc_timestamp(finding.first_seen)} .. "
+                    f"{utc_timestamp(finding.last_seen)}",
                     indent="  ",
                 )
             )

@@ -21,9 +21,9 @@ from ctfix.core.detectors.unanswered import (
 )
 from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
 from ctfix.core.diagnosis import diagnose
-from ctfix.core.model import Listener
-from ctfix.core.rules import load
+from ctfix.core.model import Listener, NetfilterBackend
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, Snapshot
+from ctfix.platform.rules_files import load
 from ctfix.render.explain import to_json_obj
 from tests.unit.test_wrong_source import LOCAL
 from tests.unit.test_wrong_source import flow as wrong_source_flow
@@ -268,8 +268,8 @@ def test_feeds_by_kind_keeps_new_events_on_the_wrong_source_feed_alone() -> None
 
 def test_rules_that_can_leave_an_entry_unreplied_while_a_socket_is_bound() -> None:
     def rule(chain: str, hook: str | None, actions: set[str], *, sport: bool = False,
-             dport: bool = False, table: str = "filter", backend: str = "nftables"
-             ) -> NetfilterRule:
+             dport: bool = False, table: str = "filter",
+             backend: NetfilterBackend = "nftables") -> NetfilterRule:
         text = f"{' '.join(sorted(actions))} {'sport' if sport else 'dport'}"
         return NetfilterRule(backend, "inet", table, chain, text, frozenset(actions),
                              matches_sport=sport, matches_dport=dport, hook=hook)

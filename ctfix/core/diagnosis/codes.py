@@ -34,9 +34,13 @@ ReasonCode = Literal[
     "client-network-exposed",
     "policy-rule-wrong",
     "only-matching-clients-seen",
+    # the uplink a reply to remote clients leaves by
+    "reply-leaves-other-uplink",
+    "reroute-in-place",
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
+    "netfilter-not-read",
     # unanswered requests, per service and reason (ctfix.core.diagnosis.unanswered)
     "unanswered-no-socket",
     "unanswered-no-reply",

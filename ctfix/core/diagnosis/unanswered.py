@@ -22,8 +22,8 @@ from ctfix.core.detectors.unanswered import (
     RulesFirewall,
     UnansweredDetector,
     UnansweredFinding,
-    unanswered_text,
 )
+from ctfix.core.detectors.unanswered_words import unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceDetector
 from ctfix.core.diagnosis.codes import ReasonCode, reason
 from ctfix.core.diagnosis.requests import UDP, newest_last
