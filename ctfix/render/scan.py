@@ -23,6 +23,10 @@ _HEADLINE = {
     "broken": ("wrong-source-live", "wrong-source-seen"),
     "at-risk": ("client-network-exposed", "policy-rule-wrong", "nothing-answers"),
     "ok": (
+        # ok about wrong sources, yet requests went unanswered: that is the news
+        "unanswered-no-socket",
+        "unanswered-no-reply",
+        "unanswered-stale-nat",
         "answers-from-destination",
         "specific-bind",
         "snat-zone-in-place",

@@ -43,7 +43,7 @@ SHORT_TIMEOUT = 3  # seconds an unreplied UDP entry lives in the host namespace
 SILENT = """
 import socket, sys
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.bind(("0.0.0.0", int(sys.argv[1])))
+sock.bind((sys.argv[2], int(sys.argv[1])))
 while True:
     sock.recv(2048)
 """
@@ -125,8 +125,8 @@ def _unanswered(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str
     return {(r["service"], r["reason"]): r for r in records if r["kind"] == "unanswered"}
 
 
-def _silent(topo: Topology, port: int) -> subprocess.Popen[bytes]:
-    proc = topo.spawn(topo.host, [sys.executable, "-c", SILENT, str(port)])
+def _silent(topo: Topology, port: int, address: str = "0.0.0.0") -> subprocess.Popen[bytes]:
+    proc = topo.spawn(topo.host, [sys.executable, "-c", SILENT, str(port), address])
     wait_udp_bound(proc.pid, port)
     return proc
 
@@ -372,3 +372,27 @@ def test_explain_gives_the_same_reasons_from_the_table(tmp_path: Path) -> None:
     assert [(u["reason"], u["one_way"], u["flows"]) for u in syslog["unanswered"]] == [
         ("no-reply", True, 3)
     ]
+
+
+def test_scan_shows_each_service_ports_unanswered_requests_as_explain_does() -> None:
+    with lab_topology(ipv6=False, netfilter="nft") as topo:
+        _silent(topo, 7012, UPLINK_V4)  # one address: never at risk, ok about sources
+        udp_exchange(topo.container, UPLINK_V4, 7012, timeout=0.2)
+        _until("the entry to age", _aged(topo, 7012))
+        proc = subprocess.run(
+            [sys.executable, "-m", "ctfix", "scan", "--netns", topo.host, "--json"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode in (0, 1), proc.stderr
+        text = subprocess.run(
+            [sys.executable, "-m", "ctfix", "scan", "--netns", topo.host],
+            capture_output=True, text=True, timeout=120,
+        ).stdout
+        explained = _explain(topo, 7012)
+    [service] = [s for s in json.loads(proc.stdout)["services"] if s["port"] == 7012]
+    assert service["unanswered"] == explained["unanswered"]
+    assert [u["reason"] for u in service["unanswered"]] == ["no-reply"]
+    # The port's line says it, although the verdict (about wrong sources) is ok.
+    assert service["verdict"] == "ok"
+    line = next(line for line in text.splitlines() if " 7012 " in line)
+    assert "unanswered-no-reply" in line
