@@ -38,7 +38,7 @@ class UnansweredWatch:
         selector: selectors.BaseSelector,
         warn: Callable[[str], None],
     ) -> None:
-        from ctfix.core.detectors.unanswered import UnansweredDetector
+        from ctfix.core.detectors.unanswered import GRACE, UnansweredDetector
         from ctfix.platform.udp_view import RulesView, SocketView
 
         self.sockets = SocketView()
@@ -50,6 +50,7 @@ class UnansweredWatch:
             local_addresses=wrong.local_addresses,
             udp_timeout=wrong.udp_timeout,
             remember=True,
+            grace=GRACE,
         )
         self.selector = selector
         self.warn = warn

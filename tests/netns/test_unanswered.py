@@ -302,7 +302,7 @@ def test_exit_status_ignores_one_way_flows_and_counts_existing_ones(tmp_path: Pa
             [*WATCH, "--netns", topo.host, "--duration", "0.5"], capture_output=True, text=True,
             timeout=60,
         )
-        assert quiet.returncode == 0, quiet.stderr
+        assert quiet.returncode == 0, quiet.stdout + quiet.stderr
         [syslog] = _unanswered([json.loads(line) for line in quiet.stdout.splitlines()]).values()
         assert (syslog["one_way"], syslog["existing"], syslog["flows"]) == (True, True, 3)
 

@@ -178,6 +178,10 @@ def test_a_socket_whose_process_started_after_the_request_did_not_take_it() -> N
     assert found.reason == "no-socket"
     again = only(d.feed(ended(flow("192.0.2.3", 40001, "198.51.100.13", 7000)), 60.0))
     assert again.reason == "no-reply"  # request at 30, process up since 20
+    # Started a second after the request: within whole-second clocks, not "after".
+    close = detector(wildcard(7000, started=31.0))
+    near = only(close.feed(ended(flow("192.0.2.3", 40002, "198.51.100.13", 7000)), 60.0))
+    assert near.reason == "no-reply"
 
 
 V4_SERVICE = ("192.0.2.3", "198.51.100.13")
@@ -224,7 +228,7 @@ def test_one_way_is_known_by_the_program_never_by_the_port() -> None:
 
 
 def test_a_dump_counts_unreplied_requests_after_the_grace_once() -> None:
-    d = detector(remember=True)
+    d = detector(remember=True, grace=GRACE)
     old = flow("192.0.2.3", 40000, "198.51.100.13", 53, timeout=30 - GRACE, ct_id=7)
     young = flow("192.0.2.3", 40001, "198.51.100.13", 53, timeout=30, ct_id=8)
     [(finding, change)] = d.examine([old, young, old], 100.0, complete=True)
@@ -336,25 +340,25 @@ def _snapshot(port: int, *listeners: Listener, **kw: object) -> Snapshot:
 def test_explain_classifies_the_ports_unreplied_entries_and_those_that_ended_live() -> None:
     silent = Listener("198.51.100.13", 7000, "ipv4", "listening", pid=9, process="silent")
     in_table = flow("192.0.2.3", 40000, "198.51.100.13", 7000, timeout=10)
-    too_young = flow("192.0.2.3", 40001, "198.51.100.13", 7000, timeout=30)
+    just_sent = flow("192.0.2.3", 40001, "198.51.100.13", 7000, timeout=30)  # counted too
     to_bridge = flow("192.0.2.3", 40002, "192.0.2.1", 7000, timeout=10)  # not bound there
     ended_live = flow("192.0.2.4", 40000, "198.51.100.13", 7000)
     drop = NetfilterRule("nftables", "inet", "t", "out", "udp sport 7000 drop",
                          frozenset({"drop"}), matches_sport=True, hook="output")
     d = diagnose(
-        _snapshot(7000, silent, flows=(in_table, too_young, to_bridge),
+        _snapshot(7000, silent, flows=(in_table, just_sent, to_bridge),
                   ended_unreplied=(ended_live,), netfilter=(drop,), listened_seconds=3.0),
         KB,
     )
     by_service = {(u.service, u.reason): u for u in d.unanswered}
     assert set(by_service) == {("198.51.100.13:7000", "no-reply"), ("192.0.2.1:7000", "no-socket")}
     silent_one = by_service[("198.51.100.13:7000", "no-reply")]
-    assert (silent_one.flows, silent_one.clients, silent_one.program) == (2, 2, "silent")
+    assert (silent_one.flows, silent_one.clients, silent_one.program) == (3, 2, "silent")
     assert silent_one.rules == ("nftables inet t out: udp sport 7000 drop",)
     codes = [r.code for r in d.reasons]
     assert codes.count("unanswered-no-reply") == 1 and codes.count("unanswered-no-socket") == 1
     [record] = [u for u in to_json_obj(d)["unanswered"] if u["reason"] == "no-reply"]
-    assert record["flows"] == 2 and record["rules"] == list(silent_one.rules)
+    assert record["flows"] == 3 and record["rules"] == list(silent_one.rules)
     assert d.verdict == "ok"  # about wrong sources only
 
 

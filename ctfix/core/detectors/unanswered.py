@@ -7,10 +7,12 @@ hooks the composer fills). It follows the ctfix.core.detectors protocol (kind
 What is counted. A *request* is a remote client's flow to this namespace or to a
 service DNAT'd behind it (`is_request`: the rule the wrong-source detector uses). It
 is *unanswered* when its conntrack entry ends without IPS_SEEN_REPLY (a DESTROY event:
-watch subscribes to those, filtered in the kernel), or, in a dump, when it has not
-seen a reply GRACE seconds after its last datagram (`examine`: explain, scan, watch's
-start-up). Multicast and broadcast requests are not counted (their answers come from
-unicast addresses, which conntrack never pairs with them).
+watch subscribes to those, filtered in the kernel), or when a dump shows it unreplied
+(`examine`: explain and scan, which count every unreplied request as the evidence's
+"requests without any reply" does, so that two commands on one table agree; watch's
+start-up, which waits `grace` seconds after the last datagram, since a younger entry
+gets its DESTROY later anyway). Multicast and broadcast requests are not counted
+(their answers come from unicast addresses, which conntrack never pairs with them).
 
 Why, the first that holds:
 - `stale-nat`: its DNAT target was stale (the `stale` hook: the stale-nat detector,
@@ -75,9 +77,15 @@ UnansweredReason = Literal["no-socket", "no-reply", "wrong-source", "stale-nat"]
 #: every reason, in the order they are decided
 REASONS: tuple[UnansweredReason, ...] = ("stale-nat", "wrong-source", "no-socket", "no-reply")
 
-#: Seconds without a reply after its last datagram before a dumped unreplied entry is
-#: counted as unanswered (UDP services answer in milliseconds; clients retry after 1-5 s).
+#: watch's grace: seconds without a reply after its last datagram before an unreplied
+#: entry in its start-up dump is counted (UDP services answer in milliseconds; one
+#: younger than that is left to its DESTROY event, so nothing is lost by waiting).
 GRACE = 2
+
+#: How much later than the request a socket holder's process must have started to be
+#: taken for one that was not there yet: /proc's boot time and conntrack's timeouts
+#: are whole seconds.
+STARTED_SLACK = 2.0
 
 #: How long the host's ICMP port unreachable for a request is kept to confirm it.
 ICMP_MEMORY = 600.0
@@ -283,7 +291,8 @@ class UnansweredDetector:
     no-socket only when the ICMP confirms it), `wrong`, `stale`, `firewall`, `kb` (for
     one-way services). `remember`: keep the conntrack ids counted from dumps so that
     their DESTROY events are not counted again (watch); explain and scan, which see
-    one dump, leave it False.
+    one dump, leave it False. `grace`: watch's GRACE (module docstring); 0 for
+    explain and scan.
     """
 
     kind: Literal["unanswered"] = "unanswered"
@@ -301,6 +310,7 @@ class UnansweredDetector:
         local_addresses: frozenset[str] = frozenset(),
         udp_timeout: int = UDP_TIMEOUT,
         remember: bool = False,
+        grace: float = 0.0,
         max_findings: int = 4096,
         max_clients: int = 65536,
         max_remembered: int = 65536,
@@ -313,6 +323,7 @@ class UnansweredDetector:
         self.local_addresses = local_addresses
         self.udp_timeout = udp_timeout
         self.remember = remember
+        self.grace = grace
         self.max_findings = max_findings
         self.max_clients = max_clients
         self.max_remembered = max_remembered
@@ -350,7 +361,7 @@ class UnansweredDetector:
     def examine(
         self, entries: Sequence[CtEntry], now: float, *, complete: bool = False
     ) -> list[tuple[UnansweredFinding, Change]]:
-        """Unreplied requests in a dump, GRACE seconds after their last datagram.
+        """Unreplied requests in a dump (`grace` seconds after their last datagram).
 
         `complete` changes nothing: a dump cannot bring back flows that ended while
         events were lost (their entries are gone).
@@ -370,7 +381,7 @@ class UnansweredDetector:
             seen.add(ident)
             left = entry.timeout
             idle = self.udp_timeout - left if left is not None else self.udp_timeout
-            if idle < GRACE or not is_request(entry, local) or _multicast(orig.dst):
+            if idle < self.grace or not is_request(entry, local) or _multicast(orig.dst):
                 continue
             if self.remember:
                 if entry.id is None or len(self._counted) >= self.max_remembered:
@@ -439,7 +450,10 @@ class UnansweredDetector:
         if not bound:
             return _Classified("no-socket", False, False, None)
         holders = [self.sockets.holder(b) for b in bound]
-        if all(h is not None and h.started is not None and h.started > since for h in holders):
+        if all(
+            h is not None and h.started is not None and h.started > since + STARTED_SLACK
+            for h in holders
+        ):
             return _Classified("no-socket", False, False, None)  # it started after the request
         holder = next((h for h in holders if h is not None), None)
         one_way = holder is not None and self._is_one_way(holder, reply.sport)

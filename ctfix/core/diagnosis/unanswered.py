@@ -3,7 +3,8 @@ detector run over what explain observed. Pure.
 
 Know before changing: the same detector as watch's (ctfix.core.detectors.unanswered),
 so explain, scan and watch classify alike: over the port's unreplied entries in the
-table (GRACE seconds after their last datagram) and the entries that ended without a
+table (all of them, as the evidence's "requests without any reply" counts them: two
+commands on one table agree, whenever they run) and the entries that ended without a
 reply while `--listen` watched. Its sockets are the port's listeners; the
 wrong-source detector it asks has paired the same table's requests and replies. No
 ICMP is read here, and no stale-nat judgement is composed yet (the reason cannot
