@@ -3,8 +3,15 @@
 Know before changing: the JSON keys are a stable contract (users' scripts and alert
 pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
-last_seen (added since: clients, client_network); and the summary's kind, events,
-new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
+last_seen (added since: clients, client_network, existing, seen_before,
+replies_from_other_port); and the summary's kind, events, new_flows, lost, resyncs,
+findings (added since: existing, started, tracking). Add keys if needed; never rename
+or remove one. docs/json.md describes each.
+
+History and news: an existing finding (in the table when watch started) prints once,
+under its own heading, with the kernel's times or `before <start>`; it never counts
+in `findings` nor in the exit status. first_seen/last_seen are null for an existing
+finding whose age the kernel cannot tell: never a made-up time.
 The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
 uses too: change them there, for both. Colour only on a TTY and never
 when NO_COLOR is set.
@@ -26,7 +33,15 @@ def timestamp(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
+def _time(seconds: float | None) -> str | None:
+    return None if seconds is None else timestamp(seconds)
+
+
+def finding_record(
+    finding: WrongSourceFinding, netns: str, started: float | None = None
+) -> dict[str, Any]:
+    """One finding line; `started`: when the watch began (an existing finding's
+    `seen_before`)."""
     return {
         "kind": "wrong-source-reply",
         "family": finding.family,
@@ -40,16 +55,29 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": _time(finding.first_seen),
+        "last_seen": _time(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
+        "existing": finding.existing,
+        "seen_before": _time(started) if finding.existing else None,
+        "replies_from_other_port": finding.replies_from_other_port,
     }
 
 
 def summary_record(
-    *, events: int, new_flows: int, lost: int, resyncs: int, findings: int
+    *,
+    events: int,
+    new_flows: int,
+    lost: int,
+    resyncs: int,
+    findings: int,
+    existing: int = 0,
+    started: float | None = None,
+    tracking: dict[str, bool | None] | None = None,
 ) -> dict[str, Any]:
+    """`findings` counts live findings only; `existing` those found in the table at
+    start-up; `tracking`: per family, whether conntrack tracked it (null: unknown)."""
     return {
         "kind": "summary",
         "events": events,
@@ -57,6 +85,9 @@ def summary_record(
         "lost": lost,
         "resyncs": resyncs,
         "findings": findings,
+        "existing": existing,
+        "started": _time(started),
+        "tracking": tracking if tracking is not None else {"ipv4": None, "ipv6": None},
     }
 
 
@@ -68,18 +99,63 @@ class WatchRenderer:
         self.json = json_lines
         self.netns = netns
         self.style = Style(use_colour(stream) and not json_lines)
+        #: when the watch began (time.time()); set by the command once subscribed
+        self.started: float | None = None
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
 
+    def _record(self, finding: WrongSourceFinding) -> str:
+        return json.dumps(finding_record(finding, self.netns, self.started))
+
     def finding(self, finding: WrongSourceFinding, *, update: bool = False) -> None:
         if self.json:
-            self._write(json.dumps(finding_record(finding, self.netns)))
+            self._write(self._record(finding))
+            return
+        if finding.existing:
+            self._write(self.existing_line(finding))
             return
         self._write(self.finding_line(finding, update=update))
 
+    def existing(self, findings: list[WrongSourceFinding]) -> None:
+        """The findings already in the table at start-up: once, under their own
+        heading (text), or as records with "existing": true (JSON)."""
+        if not findings:
+            return
+        if not self.json:
+            before = timestamp(self.started) if self.started is not None else "start-up"
+            self._write(
+                self.style(
+                    f"Already in the conntrack table before {before} (history, not news; "
+                    "not counted as findings):",
+                    "bold",
+                )
+            )
+        for finding in findings:
+            self.finding(finding)
+
+    def existing_line(self, finding: WrongSourceFinding) -> str:
+        """An existing finding, with its real age where the kernel says it."""
+        tags: tuple[str, ...] = ("local",) if finding.local else ()
+        if finding.confirmed:
+            tags += ("confirmed",)
+        return f"  {self._text(finding, tags)}; {self._age(finding)}"
+
+    def _age(self, finding: WrongSourceFinding) -> str:
+        """When: seen live, or (existing) the kernel's entry times, or only "before"."""
+        origin = " (conntrack timestamps)" if finding.existing else ""
+        if finding.first_seen is not None and finding.last_seen is not None:
+            return f"{timestamp(finding.first_seen)} .. {timestamp(finding.last_seen)}{origin}"
+        if finding.last_seen is not None:
+            return f"latest {timestamp(finding.last_seen)}{origin}"
+        if self.started is not None:
+            return f"before {timestamp(self.started)}"
+        return "before the watch began"
+
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
+        if finding.replies_from_other_port:
+            tags = ("its port changes by design", *tags)
         return wrong_source_text(
             service=finding.service,
             expected_source=finding.expected_source,
@@ -97,25 +173,26 @@ class WatchRenderer:
         if finding.confirmed:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
+        seen = finding.last_seen
+        when = timestamp(seen) if seen is not None else "-"
         return (
-            f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{when} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
     def final(self, findings: list[WrongSourceFinding]) -> None:
-        """At exit: every finding with its final counts (JSON), or a short table."""
+        """At exit: every live finding with its final counts (JSON), or a short table.
+        Existing findings were printed once at start-up (or when confirmed)."""
+        live = [finding for finding in findings if not finding.existing]
         if self.json:
-            for finding in findings:
-                self._write(json.dumps(finding_record(finding, self.netns)))
+            for finding in live:
+                self._write(self._record(finding))
             return
-        for finding in findings:
+        for finding in live:
             tags: tuple[str, ...] = ("local",) if finding.local else ()
             if finding.confirmed:
                 tags += ("confirmed",)
-            self._write(
-                f"  {self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                f"{timestamp(finding.last_seen)}"
-            )
+            self._write(f"  {self._text(finding, tags)}; {self._age(finding)}")
 
     def summary(self, record: dict[str, Any]) -> None:
         if self.json:
@@ -128,7 +205,16 @@ class WatchRenderer:
             _plural(record["resyncs"], "resync"),
             _plural(record["findings"], "finding"),
         ]
+        if record.get("existing"):
+            counts.append(f"{record['existing']} existing (before the watch, not counted)")
+        tracking = record.get("tracking") or {}
+        blind = [_FAMILY_WORDS[f] for f, on in tracking.items() if on is False]
+        if blind:
+            counts.append(f"blind to {' and '.join(blind)} (not tracked)")
         self._write(f"summary: {', '.join(counts)}")
+
+
+_FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def _plural(count: int, word: str) -> str:
