@@ -15,8 +15,9 @@ rename them. yaml is imported inside functions only (start-up cost, see HACKING.
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -76,18 +77,48 @@ class ServiceRule:
     #: Regexes on the command line that show the service's own fix is on
     #: (OpenVPN's `--multihome`): when one matches, the listener is not affected.
     fixed_if_cmdline: tuple[str, ...] = ()
+    #: (file glob, regex) pairs: a configuration file of the program (its path as the
+    #: program sees it) in which a line matching the regex shows its fix is on.
+    fixed_if_config: tuple[tuple[str, str], ...] = ()
 
-    def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
-        """The verdict for a wildcard listener of this service.
+    def fix_in_effect(
+        self, cmdline: Sequence[str] = (), configs: Mapping[str, str] | None = None
+    ) -> str | None:
+        """What shows that the service's own fix is already on, in words (None: nothing
+        does): a `fixed_if_cmdline` match, or a `fixed_if_config` line in a file read.
 
-        `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
-        process's argv. True = affected, False = answers correctly, None = depends on
-        configuration that ctfix cannot see (see `why`).
+        `configs`: path -> text of the program's configuration files that were read.
         """
         if cmdline and self.fixed_if_cmdline:
             joined = " ".join(cmdline)
-            if any(re.search(pattern, joined) for pattern in self.fixed_if_cmdline):
-                return False
+            for pattern in self.fixed_if_cmdline:
+                found = re.search(pattern, joined)
+                if found:
+                    return f"`{found.group(0).strip()}` on its command line"
+        for glob, pattern in self.fixed_if_config:
+            for path, text in sorted((configs or {}).items()):
+                if not fnmatch.fnmatchcase(path, glob):
+                    continue
+                found = re.search(pattern, text, re.MULTILINE)
+                if found:
+                    return f"`{found.group(0).strip()}` in {path}"
+        return None
+
+    def affected(
+        self,
+        family: str | None = None,
+        cmdline: Sequence[str] = (),
+        configs: Mapping[str, str] | None = None,
+    ) -> bool | None:
+        """The verdict for a wildcard listener of this service.
+
+        `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
+        process's argv; `configs` its configuration files read (path -> text).
+        True = affected, False = answers correctly, None = depends on configuration
+        that ctfix cannot see (see `why`).
+        """
+        if self.fix_in_effect(cmdline, configs) is not None:
+            return False
         for name, verdict in self.affected_by_family:
             if name == family:
                 return verdict
@@ -265,7 +296,7 @@ def parse(text: str, source: str) -> list[ServiceRule]:
 _REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "reference",
              "confidence"}
 _OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
-             "see_also", "affected_by_family", "fixed_if_cmdline"}
+             "see_also", "affected_by_family", "fixed_if_cmdline", "fixed_if_config"}
 _FAMILIES = ("ipv4", "ipv6")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -306,6 +337,7 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         for name, node_value in family_fields.items():
             by_family.append((name, _verdict(node_value, source, f"affected_by_family.{name}")))
     fixed_if = _regex_list(fields.get("fixed_if_cmdline"), source, "fixed_if_cmdline")
+    fixed_if_config = _config_checks(fields.get("fixed_if_config"), source)
 
     confidence = _text(fields["confidence"], source, "confidence")
     if confidence not in ("high", "medium", "low"):
@@ -342,7 +374,41 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         line=line,
         affected_by_family=tuple(by_family),
         fixed_if_cmdline=fixed_if,
+        fixed_if_config=fixed_if_config,
     )
+
+
+def _config_checks(node: yaml.Node | None, source: str) -> tuple[tuple[str, str], ...]:
+    """`fixed_if_config`: a list of {file: absolute glob, pattern: regex}."""
+    import yaml
+
+    if node is None:
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        raise RuleError(
+            source, _line(node), "'fixed_if_config' must be a list of {file: GLOB, pattern: REGEX}"
+        )
+    checks = []
+    for item in node.value:
+        fields = _mapping(
+            item, source, "a 'fixed_if_config' item", {"file", "pattern"}, {"file", "pattern"}
+        )
+        glob = _text(fields["file"], source, "file")
+        if not glob.startswith("/"):
+            raise RuleError(
+                source, _line(fields["file"]), f"'file' must be an absolute path or glob: {glob!r}"
+            )
+        pattern = _text(fields["pattern"], source, "pattern")
+        try:
+            re.compile(pattern, re.MULTILINE)
+        except re.error as exc:
+            raise RuleError(
+                source,
+                _line(fields["pattern"]),
+                f"'pattern' is not a valid regular expression: {exc}",
+            ) from None
+        checks.append((glob, pattern))
+    return tuple(checks)
 
 
 def _verdict(node: yaml.Node, source: str, key: str) -> bool | None:
