@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Verdict = Literal["ok", "at-risk", "broken"]
+#: `unknown`: ctfix cannot see (a family the port serves with a wildcard socket is not
+#: tracked by conntrack, or the table cannot be read): never `ok` for lack of evidence
+Verdict = Literal["ok", "at-risk", "broken", "unknown"]
 Family = Literal["ipv4", "ipv6"]
 
 
@@ -68,6 +70,12 @@ class ClientNetwork:
     #: the host's own addresses on `interface` (the clients' gateway, on their link):
     #: clients may address them even when conntrack (30 s of memory) shows none doing so.
     onlink: tuple[str, ...] = ()
+    #: addressed addresses whose requests from this network conntrack shows answered
+    #: from the right source (observed, whatever routing predicts)
+    answered: tuple[str, ...] = ()
+    #: addresses (addressed or on-link) whose clients here would get replies from
+    #: another address: what makes the network not ok (empty when ok)
+    wrong_for: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +89,9 @@ class WrongSourceReply:
     mismatch: str  # "address" | "port" | "address+port"
     count: int = 1  # pairs seen for this (service, actual source, client network)
     clients: int = 1  # distinct clients among them; `client` is the latest
-    client_network: str | None = None  # the /24 or /64 they were aggregated by
+    client_network: str | None = None  # the client network they were aggregated by
+    #: the program answers from other ports by design: `actual_source` is an address
+    replies_from_other_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,9 @@ class Evidence:
     wrong_source: tuple[WrongSourceReply, ...] = ()
     healthy: int = 0  # replied flows on the port whose reply came from the right source
     unanswered: int = 0  # requests without any reply in the table (and no wrong-source pair)
+    #: (client address, addressed address) of each request answered from the right
+    #: source (not in the JSON: the client table's `answered` shows it per network)
+    right_answers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +141,8 @@ class Diagnosis:
     service_down: bool = False
     #: "addr:port" on this host that a DNAT forwards the port's requests to
     forwarded_to: tuple[str, ...] = ()
+    #: per family, whether conntrack tracked it while the evidence was gathered (None:
+    #: could not tell); where it did not, no evidence can exist
+    tracking: dict[str, bool | None] = field(default_factory=dict)
+    #: families that `--listen` switched tracking on for, for its duration
+    tracking_switched_on: tuple[str, ...] = ()

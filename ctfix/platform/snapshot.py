@@ -7,25 +7,45 @@ Know before changing: everything reads the calling thread's network namespace, s
 the command enters the namespace (`ctfix.commands.common.enter_netns`) before this
 runs; and conntrack is asked with kernel-side filters (orig dport = port, orig
 sport = port, reply sport = port for requests a DNAT forwarded to the port), so a
-table of 250k entries costs a few filtered walks, not a copy.
+table of 250k entries costs a few filtered walks, not a copy. Only when requests are
+left without a reply among those entries is the UDP table walked once more, for the
+entries sent to those clients (a reply from another port, e.g. TFTP's).
+
+Two small exceptions to read-only, both in the namespace explained: whether a family
+is tracked is probed with one datagram to the discard port on loopback (as watch
+does), and `--listen` may have the command switch tracking on (`track`).
 """
 
 from __future__ import annotations
 
+import glob
 import select
+import socket
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ctfix.core.decode import CtEntry
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
     probe_destinations,
+    waiting_clients,
     wrong_source_reply,
 )
+from ctfix.core.diagnosis.listeners import config_globs
+from ctfix.core.diagnosis.requests import client_networks_of
 from ctfix.core.model import Listener, WrongSourceReply
-from ctfix.core.snapshot import RouteChoice, Snapshot
+from ctfix.core.snapshot import ConfigFile, LocalAddress, RouteChoice, Snapshot
 from ctfix.errors import CtfixError
 from ctfix.platform import netfilter_read, routing, sockdiag
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import KnowledgeBase
+
+#: Bounds on what is read for the knowledge base's `fixed_if_config`.
+CONFIG_MAX_FILES = 32
+CONFIG_MAX_BYTES = 256 << 10
 
 
 def conntrack_flows(port: int) -> list[CtEntry]:
@@ -40,23 +60,84 @@ def conntrack_flows(port: int) -> list[CtEntry]:
     return flows
 
 
+def replies_to(clients: set[tuple[str, int]]) -> list[CtEntry]:
+    """Entries sent to these clients (orig dst:dport), from anywhere: a reply from
+    another port than the service's. One walk of the UDP table, filtered here (the
+    kernel's dump filter takes one port, and clients use many)."""
+    from ctfix.platform import conntrack
+
+    if not clients:
+        return []
+    return [e for e in conntrack.dump(proto=17) if (e.orig.dst, e.orig.dport) in clients]
+
+
+def tracking() -> dict[str, bool | None]:
+    """Per family, whether conntrack tracks it in this namespace (None: cannot tell)."""
+    from ctfix.platform import conntrack
+
+    found: dict[str, bool | None] = {}
+    for family, name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        try:
+            found[name] = conntrack.probe_tracking(family)
+        except CtfixError:
+            found[name] = None
+    return found
+
+
+def config_files(wanted: Sequence[tuple[int, str]]) -> tuple[ConfigFile, ...]:
+    """Read the files a process sees at these globs (through /proc/PID/root, so a
+    container's own files), bounded in number and size; unreadable ones are skipped."""
+    found: list[ConfigFile] = []
+    for pid, pattern in wanted:
+        root = f"/proc/{pid}/root"
+        for path in sorted(glob.glob(root + pattern)):
+            if len(found) >= CONFIG_MAX_FILES:
+                return tuple(found)
+            try:
+                with open(path, "rb") as fh:
+                    text = fh.read(CONFIG_MAX_BYTES).decode("utf-8", "replace")
+            except OSError:
+                continue
+            found.append(ConfigFile(pid, path[len(root) :], text))
+    return tuple(found)
+
+
 def _ours(service: str, expected_source: str, port: int) -> bool:
     # A DNAT'd request names the port it was sent to; the server's port is expected.
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
-def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
-    """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
+def listen(
+    port: int,
+    seconds: float,
+    addresses: Sequence[LocalAddress],
+    kb: KnowledgeBase | None = None,
+    track: Callable[[], tuple[str, ...]] | None = None,
+) -> tuple[list[WrongSourceReply], tuple[str, ...]]:
+    """Watch conntrack events for `seconds`; the wrong-source replies of the port
+    that happened meanwhile, and the families `track` switched tracking on for.
+
+    `track` is called once subscribed (so that nothing it makes visible is missed): it
+    switches tracking on where it is off and says for which families.
+    """
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
+    from ctfix.platform.programs import OtherPortPrograms
 
-    detector = WrongSourceDetector(local_addresses=local)
+    detector = WrongSourceDetector(
+        local_addresses=frozenset(a.address for a in addresses),
+        networks=client_networks_of(addresses),
+        other_port=OtherPortPrograms(kb),
+    )
     events = conntrack.EventSocket()
-    # Only what happened during the listen is live; the first resync only teaches the
-    # detector the requests already waiting, and its findings are the table's.
-    seen_live: set[tuple[str, str, str]] = set()
+    switched: tuple[str, ...] = ()
     try:
+        switched = track() if track is not None else ()
+        # Only what happens from here is live: the first dump's findings are the
+        # table's (history); it teaches the detector the requests already waiting.
+        detector.since = time.time()
         detector.resync(newest_last(conntrack_flows(port)), now=time.time())
+        detector.dumps_are_history = False
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([events], [], [], min(left, 0.5))
@@ -65,30 +146,38 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
             try:
                 batch = events.read()
             except conntrack.Overflow:
-                found = detector.resync(newest_last(conntrack_flows(port)), now=time.time())
-                seen_live.update(f.key for f, is_new in found if is_new)
+                detector.resync(newest_last(conntrack_flows(port)), now=time.time())
                 continue
             now = time.time()
             for event in batch:
-                result = detector.feed(event, now)
-                if result is not None:
-                    seen_live.add(result[0].key)
+                detector.feed(event, now)
     finally:
         events.close()
-    return [
+    live = [
         wrong_source_reply(f)
         for f in detector.findings.values()
-        if f.key in seen_live and _ours(f.service, f.expected_source, port)
+        if _ours(f.service, f.expected_source, port)
     ]
+    return live, switched
 
 
-def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
-    """Everything explain needs about the port, from the current namespace."""
+def collect(
+    port: int,
+    netns: str,
+    listen_seconds: float = 0.0,
+    kb: KnowledgeBase | None = None,
+    track: Callable[[], tuple[str, ...]] | None = None,
+) -> Snapshot:
+    """Everything explain needs about the port, from the current namespace.
+
+    `kb`: the knowledge base (which programs change ports, which config files to
+    read); `track`: how `--listen` switches tracking on (see `listen`)."""
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
     live: list[WrongSourceReply] = []
+    switched: tuple[str, ...] = ()
     if listen_seconds > 0:
-        live = listen(port, listen_seconds, local)
+        live, switched = listen(port, listen_seconds, addresses, kb, track)
 
     owned = sockdiag.listeners(port)
     listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
@@ -110,6 +199,9 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
+        # Requests still without a reply: their replies may have left from another
+        # port (TFTP): look them up by the client's tuple.
+        flows.extend(replies_to(waiting_clients(flows, port, set(local))))
 
     probes = probe_destinations(port, addresses, flows)
     choices: list[RouteChoice] = [
@@ -130,4 +222,7 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
+        tracking=tracking() if conntrack_error is None else {},
+        tracking_switched_on=switched,
+        config_files=config_files(config_globs(listeners, kb, port)),
     )

@@ -26,8 +26,19 @@ WHY = (
     "ICMP port unreachable."
 )
 
-_VERDICT_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN"}
-_VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broken": ("red", "bold")}
+_VERDICT_WORDS = {
+    "ok": "OK",
+    "at-risk": "AT RISK",
+    "broken": "BROKEN",
+    "unknown": "UNKNOWN (ctfix cannot see)",
+}
+_VERDICT_STYLE = {
+    "ok": ("green", "bold"),
+    "at-risk": ("yellow", "bold"),
+    "broken": ("red", "bold"),
+    "unknown": ("yellow", "bold"),
+}
+_FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
@@ -63,6 +74,8 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "answered": list(cn.answered),
+                "wrong_for": list(cn.wrong_for),
             }
             for cn in d.clients
         ],
@@ -77,6 +90,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     "count": w.count,
                     "clients": w.clients,
                     "client_network": w.client_network,
+                    "replies_from_other_port": w.replies_from_other_port,
                 }
                 for w in d.evidence.wrong_source
             ],
@@ -105,6 +119,8 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "local_addresses": list(d.local_addresses),
         "service_down": d.service_down,
         "forwarded_to": list(d.forwarded_to),
+        "tracking": {family: d.tracking.get(family) for family in ("ipv4", "ipv6")},
+        "tracking_switched_on": list(d.tracking_switched_on),
     }
 
 
@@ -142,11 +158,10 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     if extra:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
-    wrong = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
     if cn.ok:
-        status = "ok"
-    elif wrong:
-        status = f"wrong for {', '.join(wrong)}"
+        status = "ok (answered, seen)" if cn.answered else "ok"
+    elif cn.wrong_for:
+        status = f"wrong for {', '.join(cn.wrong_for)}"
     else:
         status = "at risk"
     return (
@@ -187,6 +202,32 @@ def _headline_tail(d: Diagnosis) -> str:
     return ""
 
 
+def _blind(d: Diagnosis) -> list[str]:
+    return [_FAMILY_WORDS[f] for f in ("ipv4", "ipv6") if d.tracking.get(f) is False]
+
+
+def _blind_line(d: Diagnosis) -> str | None:
+    """The evidence section's first line where conntrack cannot see."""
+    blind = _blind(d)
+    if not blind:
+        return None
+    return (
+        f"conntrack does not track {' and '.join(blind)} here: no evidence can exist for "
+        f"{'them' if len(blind) > 1 else 'it'} (use --listen S, or ctfix watch --track)"
+    )
+
+
+def _no_wrong_source(d: Diagnosis) -> str:
+    """"No wrong-source replies", said only as far as the table can show them."""
+    blind = _blind(d)
+    if not blind:
+        return "no wrong-source replies in the table"
+    seen = [_FAMILY_WORDS[f] for f in ("ipv4", "ipv6") if d.tracking.get(f) is not False]
+    if not seen:
+        return "no wrong-source reply can show in the table (nothing is tracked)"
+    return f"no {' or '.join(seen)} wrong-source replies in the table"
+
+
 def render_text(d: Diagnosis, style: Style | None = None) -> str:
     s = style or Style(False)
     verdict = s(_VERDICT_WORDS[d.verdict], *_VERDICT_STYLE[d.verdict])
@@ -198,7 +239,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
         out.append(_wrap(reason.text, "  ").replace("  ", "- ", 1))
-    if d.verdict != "ok":
+    if d.verdict in ("at-risk", "broken"):
         out += ["", s("Why", "bold"), _wrap(WHY, "  ")]
 
     out += ["", s("Sockets on the port", "bold")]
@@ -225,11 +266,14 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
 
     ev = d.evidence
     out += ["", s("Evidence (conntrack, this port)", "bold")]
+    blind = _blind_line(d)
+    if blind:
+        out.append(_wrap(s(blind, "yellow"), "  "))
     if ev.wrong_source:
         for w in ev.wrong_source:
             out.append(f"  {s('wrong source', 'red')}: {wrong_text(w)}")
     else:
-        out.append("  no wrong-source replies in the table")
+        out.append(f"  {_no_wrong_source(d)}")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
 
     if d.rules:
@@ -261,7 +305,7 @@ def render_markdown(d: Diagnosis) -> str:
     ]
     out += ["### What happens", ""]
     out += [f"- {reason.text}" for reason in d.reasons]
-    if d.verdict != "ok":
+    if d.verdict in ("at-risk", "broken"):
         out += ["", "### Why", "", WHY]
     out += ["", "### Sockets on the port", ""]
     out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
@@ -280,10 +324,13 @@ def render_markdown(d: Diagnosis) -> str:
             out.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
+    blind = _blind_line(d)
+    if blind:
+        out.append(f"- **{blind}**")
     for w in ev.wrong_source:
         out.append(f"- wrong source: {wrong_text(w)}")
     if not ev.wrong_source:
-        out.append("- no wrong-source replies in the table")
+        out.append(f"- {_no_wrong_source(d)}")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
     if d.rules:
         out += ["", "### Netfilter rules on the port", ""]
