@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import selectors
@@ -29,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -128,8 +130,14 @@ def _warn(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctfix.core import rules
 
-    # First, so that a broken --rules file fails before anything is changed.
-    kb = rules.load(args.rules, builtin=True)
+    # --rules first, so that a broken file fails before anything is changed; the
+    # built-in knowledge base alone is loaded when first needed (a reply from another
+    # port), which most watches never see.
+    kb: KnowledgeBase | Callable[[], KnowledgeBase]
+    if args.rules:
+        kb = rules.load(args.rules, builtin=True)
+    else:
+        kb = functools.partial(rules.load, None, builtin=True)
     require_root("watching conntrack events")
     if args.metrics:
         from ctfix.platform.metrics import parse_listen
@@ -278,7 +286,7 @@ def _watch(
     args: argparse.Namespace,
     label: str,
     renderer: WatchRenderer,
-    kb: KnowledgeBase,
+    kb: KnowledgeBase | Callable[[], KnowledgeBase],
     tracking: dict[str, bool | None],
 ) -> int:
     from ctfix.core import decode
@@ -301,7 +309,7 @@ def _watch(
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
     stopped_by_duration = False
-    started = time.time()
+    started: float | None = None  # when watch subscribed: None if it never did
     try:
         _test_signal("subscribing")
         events = conntrack.EventSocket(rcvbuf=rcvbuf)
@@ -427,7 +435,7 @@ def _watch(
             with contextlib.suppress(Exception):
                 closer.close()
     found = [f for each in detectors for f in each.found]
-    live = sorted((f for f in found if not f.existing), key=lambda f: f.first_seen or started)
+    live = sorted((f for f in found if not f.existing), key=lambda f: f.first_seen or 0.0)
     renderer.final(live)
     totals = _totals(detector, lost, resyncs)
     renderer.summary(

@@ -146,3 +146,6 @@ class Diagnosis:
     tracking: dict[str, bool | None] = field(default_factory=dict)
     #: families that `--listen` switched tracking on for, for its duration
     tracking_switched_on: tuple[str, ...] = ()
+    #: the families that matter here (served, with a global address) and that are not
+    #: tracked: no evidence can exist for them
+    blind: tuple[str, ...] = ()

@@ -15,6 +15,7 @@ Know before changing: called from inside the detector, on the finding path only
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,12 +26,25 @@ _MAX_PORTS = 4096
 
 
 class OtherPortPrograms:
-    """A cached `port -> bool` for WrongSourceDetector(other_port=...)."""
+    """A cached `port -> bool` for WrongSourceDetector(other_port=...).
 
-    def __init__(self, kb: KnowledgeBase | None, ttl: float = 30.0) -> None:
-        self.kb = kb
+    `kb`: the knowledge base, or a function that loads it, called the first time it is
+    needed (watch's start-up stays as fast as it was: most watches never see a reply
+    from another port).
+    """
+
+    def __init__(
+        self, kb: KnowledgeBase | Callable[[], KnowledgeBase] | None, ttl: float = 30.0
+    ) -> None:
+        self._kb = kb
         self.ttl = ttl
         self._cache: dict[int, tuple[bool, float]] = {}
+
+    @property
+    def kb(self) -> KnowledgeBase | None:
+        if callable(self._kb):
+            self._kb = self._kb()
+        return self._kb
 
     def __call__(self, port: int) -> bool:
         now = time.monotonic()
@@ -47,10 +61,11 @@ class OtherPortPrograms:
         from ctfix.core.diagnosis.listeners import replies_from_other_port
         from ctfix.platform import sockdiag
 
-        if self.kb is None:
+        kb = self.kb
+        if kb is None:
             return False
         try:
             listeners = [listener for listener, _uid in sockdiag.listeners(port)]
         except OSError:
             listeners = []  # sock_diag refused: the port's own claims still count
-        return replies_from_other_port(listeners, self.kb, port)
+        return replies_from_other_port(listeners, kb, port)

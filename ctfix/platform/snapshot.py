@@ -12,8 +12,8 @@ left without a reply among those entries is the UDP table walked once more, for 
 entries sent to those clients (a reply from another port, e.g. TFTP's).
 
 Two small exceptions to read-only, both in the namespace explained: whether a family
-is tracked is probed with one datagram to the discard port on loopback (as watch
-does), and `--listen` may have the command switch tracking on (`track`).
+is tracked is probed with one datagram over loopback, to the probe's own socket (as
+watch does), and `--listen` may have the command switch tracking on (`track`).
 """
 
 from __future__ import annotations

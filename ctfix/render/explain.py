@@ -121,6 +121,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "forwarded_to": list(d.forwarded_to),
         "tracking": {family: d.tracking.get(family) for family in ("ipv4", "ipv6")},
         "tracking_switched_on": list(d.tracking_switched_on),
+        "blind": list(d.blind),
     }
 
 
@@ -203,7 +204,7 @@ def _headline_tail(d: Diagnosis) -> str:
 
 
 def _blind(d: Diagnosis) -> list[str]:
-    return [_FAMILY_WORDS[f] for f in ("ipv4", "ipv6") if d.tracking.get(f) is False]
+    return [_FAMILY_WORDS[f] for f in d.blind]
 
 
 def _blind_line(d: Diagnosis) -> str | None:
@@ -225,7 +226,7 @@ def _no_wrong_source(d: Diagnosis) -> str:
     seen = [_FAMILY_WORDS[f] for f in ("ipv4", "ipv6") if d.tracking.get(f) is not False]
     if not seen:
         return "no wrong-source reply can show in the table (nothing is tracked)"
-    return f"no {' or '.join(seen)} wrong-source replies in the table"
+    return f"no {' or '.join(seen)} wrong-source replies in the table (the only ones it can show)"
 
 
 def render_text(d: Diagnosis, style: Style | None = None) -> str:

@@ -210,6 +210,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
         tracking=blindness.tracking_of(snapshot),
         tracking_switched_on=snapshot.tracking_switched_on,
+        blind=tuple(blind),
     )
 
 

@@ -7,7 +7,8 @@ table, and a clean table proves nothing. The collector probes each family
 (`Snapshot.tracking_switched_on`).
 
 Know before changing: blindness is a finding, never a verdict of `ok`. A family the
-port serves through a wildcard socket, blind, makes the verdict `unknown` unless the
+port serves through a wildcard socket, blind (and reachable: the namespace has a
+global address of it), makes the verdict `unknown` unless the
 prediction already says `at-risk` (or the evidence of the other family says
 `broken`): only a socket bound to one address is right without evidence.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.listeners import Listening, wild_for
+from ctfix.core.diagnosis.requests import usable_addresses
 from ctfix.core.model import Family, Reason
 from ctfix.core.snapshot import Snapshot
 
@@ -29,10 +31,16 @@ def tracking_of(snapshot: Snapshot) -> dict[str, bool | None]:
 
 
 def blind_families(snapshot: Snapshot, listening: Listening) -> list[Family]:
-    """The families that matter here (those the port serves; both when nothing is
-    bound, since clients could use either) that conntrack does not track."""
+    """The families that matter here that conntrack does not track: those the port
+    serves (both when nothing is bound, since clients could use either) and that
+    remote clients can reach at all (the namespace has a global address of the family:
+    without one, no evidence is missing)."""
     wanted = [f for f in _FAMILIES if f in listening.serving] or list(_FAMILIES)
-    return [f for f in wanted if snapshot.tracking.get(f) is False]
+    return [
+        f
+        for f in wanted
+        if snapshot.tracking.get(f) is False and usable_addresses(snapshot.addresses, f)
+    ]
 
 
 def judged_blind(snapshot: Snapshot, listening: Listening, blind: list[Family]) -> bool:
