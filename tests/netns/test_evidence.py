@@ -29,6 +29,7 @@ from ctfix.lab.topology import (
     wait_udp_bound,
 )
 from ctfix.platform import netns
+from tests.netns.test_explain import explain_port
 from tests.netns.test_watch import _watching
 from tests.netns.udp_servers import CONTENT, tftp_get
 
@@ -73,15 +74,7 @@ def watch_for(topo: Topology, seconds: float, *extra: str) -> subprocess.Complet
 
 
 def explain(topo: Topology, port: int, *extra: str) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run(
-        [*CTFIX, "explain", str(port), "--netns", topo.host, "--json", *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.stderr == "", proc.stderr
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return proc.returncode, result
+    return explain_port(topo, port, *extra)
 
 
 def codes(result: dict[str, Any]) -> set[str]:
