@@ -38,6 +38,28 @@ FixMethod = Literal["pktinfo", Method]
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerRef:
+    """The container a process (or a namespace, or a client address) belongs to.
+
+    `id` is the engine's full id as the cgroup path shows it; `name` is the engine's
+    name for it, or the short id when no engine answered; `engine` is "docker",
+    "podman", "containerd" or "cri-o" (None when neither the cgroup path nor an
+    engine said which); `pod` and `namespace` come from the Kubernetes labels
+    `io.kubernetes.pod.name` / `io.kubernetes.pod.namespace` when the engine has them.
+    """
+
+    id: str
+    name: str
+    engine: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     """A UDP socket on the port, and the process that owns it (if found)."""
 
@@ -51,6 +73,11 @@ class Listener:
     unit: str | None = None  # systemd unit or container id from the cgroup
     v6only: bool | None = None  # AF_INET6 sockets only
     peer: str | None = None  # "addr:port" of a connected socket
+    exe: str | None = None  # the owner's executable (/proc/PID/exe), when readable
+    #: every process holding the socket, (pid, comm), lowest pid first: a pre-forking
+    #: daemon shares one socket among its workers, and any of them may answer.
+    processes: tuple[tuple[int, str | None], ...] = ()
+    container: ContainerRef | None = None  # the owner's container, from its cgroup
 
     @property
     def wildcard(self) -> bool:
@@ -92,6 +119,7 @@ class WrongSourceReply:
     client_network: str | None = None  # the client network they were aggregated by
     #: the program answers from other ports by design: `actual_source` is an address
     replies_from_other_port: bool = False
+    container: ContainerRef | None = None  # the container `client` (the latest) is in
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +177,5 @@ class Diagnosis:
     #: the families that matter here (served, with a global address) and that are not
     #: tracked: no evidence can exist for them
     blind: tuple[str, ...] = ()
+    #: the container whose network namespace this is (None: the host's, or unknown)
+    netns_container: ContainerRef | None = None

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
 from ctfix.render.style import Style, use_colour
+from ctfix.render.width import fill, terminal_width
 
 
 def timestamp(seconds: float) -> str:
@@ -101,6 +102,8 @@ class WatchRenderer:
         self.style = Style(use_colour(stream) and not json_lines)
         #: when the watch began (time.time()); set by the command once subscribed
         self.started: float | None = None
+        #: a terminal's width: finding lines are filled at it (a pipe: one line each)
+        self.width = None if json_lines else terminal_width(stream)
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
@@ -114,9 +117,12 @@ class WatchRenderer:
             self._write(self._record(finding))
             return
         if finding.existing:
-            self._write(self.existing_line(finding))
+            self._write(self.aged_line(finding))
             return
-        self._write(self.finding_line(finding, update=update))
+        self._write(self._fit(self.finding_line(finding, update=update)))
+
+    def _fit(self, line: str, indent: str = "") -> str:
+        return fill(line, self.width, indent, "    ") if self.width else indent + line
 
     def existing(self, findings: list[WrongSourceFinding]) -> None:
         """The findings already in the table at start-up: once, under their own
@@ -135,12 +141,13 @@ class WatchRenderer:
         for finding in findings:
             self.finding(finding)
 
-    def existing_line(self, finding: WrongSourceFinding) -> str:
-        """An existing finding, with its real age where the kernel says it."""
+    def aged_line(self, finding: WrongSourceFinding) -> str:
+        """A finding's indented line with its age: an existing one (its real age where
+        the kernel says it), or a live one in the table at exit."""
         tags: tuple[str, ...] = ("local",) if finding.local else ()
         if finding.confirmed:
             tags += ("confirmed",)
-        return f"  {self._text(finding, tags)}; {self._age(finding)}"
+        return self._fit(f"{self._text(finding, tags)}; {self._age(finding)}", indent="  ")
 
     def _age(self, finding: WrongSourceFinding) -> str:
         """When: seen live, or (existing) the kernel's entry times, or only "before"."""
@@ -189,10 +196,7 @@ class WatchRenderer:
                 self._write(self._record(finding))
             return
         for finding in live:
-            tags: tuple[str, ...] = ("local",) if finding.local else ()
-            if finding.confirmed:
-                tags += ("confirmed",)
-            self._write(f"  {self._text(finding, tags)}; {self._age(finding)}")
+            self._write(self.aged_line(finding))
 
     def summary(self, record: dict[str, Any]) -> None:
         if self.json:

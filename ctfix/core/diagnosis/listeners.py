@@ -54,7 +54,7 @@ def recognise(
         return Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
     if kb is None:
         return Known(None, False, False, None)
-    match = kb.match(listener.process, listener.cmdline, port)
+    match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
     if match is None:
         return Known(None, False, False, None)
     verdict = match.rule.affected(listener.family, listener.cmdline, configs)
@@ -72,7 +72,7 @@ def config_globs(
     if kb is None:
         return wanted
     for listener in listeners:
-        match = kb.match(listener.process, listener.cmdline, port)
+        match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
         if listener.pid is None or match is None or match.port_only:
             continue
         for glob, _pattern in match.rule.fixed_if_config:
@@ -95,7 +95,7 @@ def replies_from_other_port(
     if claims and all(rule.replies_from_other_port for rule in claims):
         return True
     for listener in listeners:
-        match = kb.match(listener.process, listener.cmdline)
+        match = kb.match(listener.process, listener.cmdline, exe=listener.exe)
         if match is not None and match.rule.replies_from_other_port:
             return True
     return False
@@ -145,8 +145,13 @@ class Listening:
 
     @property
     def service_rule(self) -> ServiceRule | None:
-        """The knowledge base's entry for the first recognised program, if any."""
-        return next((j.known.rule for j in self.judged if j.known.rule), None)
+        """The knowledge base's entry for the first recognised program, if any.
+
+        A match by the port alone is a guess: it names no service and gives no advice
+        (atftpd on port 69 is not tftpd-hpa, whatever that entry says)."""
+        return next(
+            (j.known.rule for j in self.judged if j.known.rule and not j.known.port_only), None
+        )
 
 
 def judge(
@@ -193,7 +198,8 @@ def judge(
 def who(listener: Listener) -> str:
     name = listener.process or "an unknown process"
     pid = f" (pid {listener.pid})" if listener.pid is not None else ""
-    unit = f" in {listener.unit}" if listener.unit else ""
+    ref = listener.container
+    unit = f" in container {ref.name}" if ref else f" in {listener.unit}" if listener.unit else ""
     return f"{name}{pid}{unit}"
 
 
@@ -234,7 +240,7 @@ def unbound_reason(
         "nothing-bound",
         f"Nothing is bound to UDP port {port} in this namespace: check the port "
         "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
-        "(a container: --netns pid:PID).",
+        "(a container: --netns container:NAME or pid:PID).",
     )
 
 
@@ -285,10 +291,16 @@ def listener_reason(one: Judged, port: int) -> Reason:
             ": it does not choose the source of its replies, so the kernel picks it by "
             "routing toward the client, whatever address the client sent to."
         )
-        if info.rule is not None:
-            hedge = "probably " if info.port_only else ""
-            affected_now = info.rule.affected(listener.family, listener.cmdline, None)
-            line += f" It is {hedge}{info.label}" + (
+        if info.rule is not None and info.port_only:
+            line += (
+                f" Port {listener.port} is the default port of {info.label}, but "
+                f"{listener.process or 'the process'} was not recognised as it by name "
+                "or command line: that is a guess from the port, so the knowledge "
+                "base's advice for it is not offered."
+            )
+        elif info.rule is not None:
+            affected_now = info.rule.affected(listener.family, listener.cmdline)
+            line += f" It is {info.label}" + (
                 " (affected in this configuration)."
                 if affected_now
                 else " (affected or not depending on its configuration)."
