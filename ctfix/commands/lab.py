@@ -85,7 +85,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         story = run_story(topo, args.port, printer.report, timeout=args.timeout)
         printer.verdict(story)
         if args.keep:
-            printer.keep(topo, args.port)
+            from ctfix.commands.common import ctfix_command
+
+            printer.keep(topo, args.port, ctfix_command())
         return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
     except (_Stop, KeyboardInterrupt) as stop:
         what = str(stop) or "SIGINT"

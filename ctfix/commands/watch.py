@@ -11,7 +11,8 @@ the event buffer so that tests/netns/test_watch_overflow.py can force a real los
 
 Know before changing: the drain loop in `_drain` is the hot path (>100k events/s);
 keep attribute lookups out of it. Everything that changes the namespace (the
---track table) is undone in a `finally`, and SIGTERM is turned into an exception
+--track table) is undone in a `finally`, and every catchable stop signal (SIGTERM,
+SIGHUP, SIGQUIT, ...) is turned into an exception
 so that the `finally` runs: a name is recorded for removal *before* the change is
 made, and a stop at any point (even during start-up) ends normally, with a summary.
 CTFIX_WATCH_TEST_SIGNAL_AT (test-only) sends watch a SIGTERM at a named start-up
@@ -32,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ctfix.commands.common import (
     add_netns_argument,
@@ -44,12 +45,18 @@ from ctfix.commands.common import (
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
+    from ctfix.core.decode import CtEvent
     from ctfix.core.detectors import Change
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
     from ctfix.core.rules import KnowledgeBase
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.render.watch import WatchRenderer
+
+    #: a detector's finding and what the event changed about it
+    Found = tuple[WrongSourceFinding, Change]
+    Feed = Callable[[CtEvent, float], Found | None]
+    Report = Callable[[Found | None], None]
 
 _FAMILIES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 _FAMILY_KEYS: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
@@ -110,13 +117,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_rules_argument(parser)
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class _Stop(Exception):
-    """SIGTERM (or SIGINT) arrived: leave the loop, clean up, print the summary."""
+    """A signal arrived: leave the loop, clean up, print the summary."""
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     del signum, frame
     raise _Stop()
+
+
+#: Every signal whose default action ends the process and that can be caught: each
+#: one must run the clean-up (a SIGHUP from a closed terminal left the --track table).
+_STOP_SIGNALS = tuple(
+    sig
+    for sig in (
+        *(getattr(signal, name, None) for name in (
+            "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
+            "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGXFSZ", "SIGIO", "SIGPWR", "SIGSTKFLT",
+        )),
+        *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+    )
+    if sig is not None
+)
+
+
+def _set_stop_signals(handler: Any) -> dict[int, Any]:
+    """Install handler for every stop signal; the previous handlers."""
+    return {int(sig): signal.signal(sig, handler) for sig in _STOP_SIGNALS}
 
 
 def _note(text: str) -> None:
@@ -128,21 +159,31 @@ def _warn(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfix.core import rules
+    from ctfix.platform import rules_files
 
     # --rules first, so that a broken file fails before anything is changed; the
     # built-in knowledge base alone is loaded when first needed (a reply from another
     # port), which most watches never see.
     kb: KnowledgeBase | Callable[[], KnowledgeBase]
     if args.rules:
-        kb = rules.load(args.rules, builtin=True)
+        kb = rules_files.load(args.rules, builtin=True)
     else:
-        kb = functools.partial(rules.load, None, builtin=True)
-    require_root("watching conntrack events")
-    if args.metrics:
+        kb = functools.partial(rules_files.load, None, builtin=True)
+    if args.metrics is not None:  # `--metrics ''` is a mistake, not "off"
         from ctfix.platform.metrics import parse_listen
 
         parse_listen(args.metrics)
+    require_root("watching conntrack events")
+    if args.metrics is not None:
+        # Bound before --netns is entered: the metrics listen where ctfix was started.
+        from ctfix.platform.metrics import MetricsListener
+
+        args.metrics_listener = MetricsListener(args.metrics)
+        if not args.metrics_listener.loopback:
+            _warn(
+                f"--metrics {args.metrics} is reachable from other hosts (no "
+                "authentication); prefer a loopback address such as localhost"
+            )
     label = enter_netns(args.netns)
 
     from ctfix.platform import conntrack
@@ -152,14 +193,23 @@ def run(args: argparse.Namespace) -> int:
     conntrack.available()
     table: str | None = None
     tracking: dict[str, bool | None] = {}
-    old_term = signal.getsignal(signal.SIGTERM)
-    old_int = signal.getsignal(signal.SIGINT)
+    previous = {int(sig): signal.getsignal(sig) or signal.SIG_DFL for sig in _STOP_SIGNALS}
     try:
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        _set_stop_signals(_on_signal)
+        borrowed = _leftover_tables()
         probed = {fam: conntrack.probe_tracking(fam) for fam in _FAMILIES}
         tracking = {_FAMILY_KEYS[fam]: on for fam, on in probed.items()}
         untracked = [fam for fam, on in probed.items() if on is not True]
+        if args.track:
+            # Tracked maybe only thanks to another watch's table: load ours too.
+            untracked += [fam for fam in borrowed if fam not in untracked]
+        else:
+            for fam, pid in borrowed.items():
+                if fam not in untracked:
+                    _warn(
+                        f"{_FAMILIES[fam]} may be tracked here only thanks to the --track "
+                        f"table of ctfix watch pid {pid}, removed when it exits; add --track"
+                    )
         if untracked and args.track:
             # Named before it is loaded: a signal just after libnftables commits must
             # still find it in the `finally`.
@@ -189,19 +239,46 @@ def run(args: argparse.Namespace) -> int:
     except _Stop:
         # Stopped before the watch loop began: a normal end, with an empty summary
         # (scripts always get one).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_stop_signals(signal.SIG_IGN)
         renderer.summary(_empty_summary(tracking))
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_stop_signals(signal.SIG_IGN)
         try:
             if table is not None:
                 _remove_track_table(table)
         finally:
-            signal.signal(signal.SIGTERM, old_term)
-            signal.signal(signal.SIGINT, old_int)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _leftover_tables() -> dict[int, int]:
+    """Remove the --track tables of watches that no longer run (a `kill -9`), with a
+    note, before anything looks at tracking: such a table still switches conntrack on,
+    and this watch would go blind once it is gone. Returns {family: pid} of tables of
+    other watches that may still run, which are left alone."""
+    from ctfix.platform import watchtables
+
+    nft_families = {name: fam for fam, name in _NFT_FAMILY.items()}
+    others: dict[int, int] = {}
+    try:
+        found = watchtables.tables()
+    except CtfixError:
+        return others  # no nftables here: nothing can have been left
+    for table in found:
+        if table.owner == "dead":
+            try:
+                watchtables.remove(table.family, table.name)
+            except CtfixError as err:
+                _warn(f"could not remove {table.family} {table.name}: {err.one_line()}")
+                continue
+            _note(
+                f"removed nftables table {table.family} {table.name}, left by ctfix watch "
+                f"pid {table.pid}, which no longer runs"
+            )
+        elif table.owner in ("alive", "unknown") and table.family in nft_families:
+            others[nft_families[table.family]] = table.pid
+    return others
 
 
 def _empty_summary(tracking: dict[str, bool | None]) -> dict[str, Any]:
@@ -228,8 +305,11 @@ def _test_signal(step: str) -> None:
 
 
 def _track_table(families: list[int]) -> str:
-    """`ctfix_watch_<pid>:<nft families>`: what `_load_track_table` loads."""
-    return f"ctfix_watch_{os.getpid()}:" + ",".join(_NFT_FAMILY[f] for f in families)
+    """`ctfix_watch_<pid>_<start>_<pidns>:<nft families>`: what `_load_track_table`
+    loads (ctfix/platform/watchtables.py says why the name holds all that)."""
+    from ctfix.platform import watchtables
+
+    return f"{watchtables.own_name()}:" + ",".join(_NFT_FAMILY[f] for f in families)
 
 
 def _load_track_table(table: str) -> None:
@@ -305,7 +385,7 @@ def _watch(
     detectors = (detector,)
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
-    closers: list[Any] = []
+    closers: list[Closable] = []
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
     stopped_by_duration = False
@@ -325,9 +405,10 @@ def _watch(
         if args.metrics:
             from ctfix.platform.metrics import WatchMetrics
 
-            metrics = WatchMetrics(args.metrics, label)
+            metrics = WatchMetrics(args.metrics_listener, label)
             closers.append(metrics)
-            _note(f"Prometheus metrics on http://{args.metrics}/metrics")
+            where = "" if label == "current" else " (where ctfix started, not in --netns)"
+            _note(f"Prometheus metrics on http://{args.metrics}/metrics{where}")
 
         def report(found: tuple[WrongSourceFinding, Change] | None) -> None:
             _report(renderer, metrics, found)
@@ -389,7 +470,8 @@ def _watch(
                         resync_due = _resync_due(resync_due, time.monotonic(), last_resync)
                 elif key.data == "icmp":
                     now = time.time()
-                    for rejected in icmp.read(key.fileobj):  # type: ignore[arg-type]
+                    # The key holds what was registered as "icmp": one of icmp.sockets.
+                    for rejected in icmp.read(cast(socket.socket, key.fileobj)):
                         confirmed = detector.icmp_port_unreachable(*rejected, now)
                         if confirmed is not None:
                             renderer.finding(confirmed, update=True)
@@ -426,8 +508,7 @@ def _watch(
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_stop_signals(signal.SIG_IGN)
         if events is not None:
             lost = _lost(events, lost, overflows)
         for closer in reversed(closers):
@@ -485,9 +566,9 @@ def _totals(detector: WrongSourceDetector, lost: int, resyncs: int) -> dict[str,
 
 def _drain(
     events: EventSocket,
-    feed: Any,
-    decode_event: Any,
-    report: Any,
+    feed: Feed,
+    decode_event: Callable[[memoryview], CtEvent | None],
+    report: Report,
     limit: int = 8192,
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
@@ -506,7 +587,12 @@ def _drain(
                 report(found)
 
 
-def _drain_quietly(events: EventSocket, feed: Any, decode_event: Any, report: Any) -> int:
+def _drain_quietly(
+    events: EventSocket,
+    feed: Feed,
+    decode_event: Callable[[memoryview], CtEvent | None],
+    report: Report,
+) -> int:
     """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""
     from ctfix.platform.conntrack import Overflow
 

@@ -18,11 +18,13 @@ watch does), and `--listen` may have the command switch tracking on (`track`).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import select
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ctfix.core.decode import CtEntry
@@ -30,13 +32,25 @@ from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
     probe_destinations,
+    reply_marks,
+    requests_to,
+    uplink_lookups,
     waiting_clients,
     wrong_source_reply,
 )
 from ctfix.core.diagnosis.listeners import config_globs
 from ctfix.core.diagnosis.requests import client_networks_of
 from ctfix.core.model import Listener, WrongSourceReply
-from ctfix.core.snapshot import ConfigFile, LocalAddress, RouteChoice, Snapshot
+from ctfix.core.scan import FlowIndex
+from ctfix.core.snapshot import (
+    ConfigFile,
+    LocalAddress,
+    NetfilterRule,
+    PolicyRule,
+    Route,
+    RouteChoice,
+    Snapshot,
+)
 from ctfix.errors import CtfixError
 from ctfix.platform import netfilter_read, routing, sockdiag
 
@@ -180,10 +194,6 @@ def collect(
         live, switched = listen(port, listen_seconds, addresses, kb, track)
 
     owned = sockdiag.listeners(port)
-    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
-    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
-    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
-
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
     try:
@@ -202,27 +212,176 @@ def collect(
         # Requests still without a reply: their replies may have left from another
         # port (TFTP): look them up by the client's tuple.
         flows.extend(replies_to(waiting_clients(flows, port, set(local))))
+    snap = _snapshot(
+        port,
+        netns,
+        owned,
+        _Namespace.read(addresses, conntrack_error),
+        flows,
+        conntrack_error,
+        (netfilter, netfilter_errors),
+        live,
+        listen_seconds,
+    )
+    listeners = [listener for listener, _uid in owned]
+    return dataclasses.replace(
+        snap,
+        tracking_switched_on=switched,
+        config_files=config_files(config_globs(listeners, kb, port)),
+    )
 
-    probes = probe_destinations(port, addresses, flows)
+@dataclass(frozen=True, slots=True)
+class _Namespace:
+    """What is the same for every port of the namespace."""
+
+    addresses: list[LocalAddress]
+    route_table: list[Route]
+    policy_rules: list[PolicyRule]
+    #: per family, whether conntrack tracks it (empty: the table could not be read)
+    tracking: dict[str, bool | None]
+
+    @classmethod
+    def read(cls, addresses: list[LocalAddress], conntrack_error: str | None) -> _Namespace:
+        probed = tracking() if conntrack_error is None else {}
+        return cls(addresses, routing.route_table(), routing.policy_rules(), probed)
+
+
+def _snapshot(
+    port: int,
+    netns: str,
+    owned: list[tuple[Listener, int]],
+    namespace: _Namespace,
+    flows: list[CtEntry],
+    conntrack_error: str | None,
+    netfilter: tuple[list[NetfilterRule], list[str]],
+    live: list[WrongSourceReply],
+    listen_seconds: float,
+) -> Snapshot:
+    """One port's snapshot: its route lookups made, everything else as gathered."""
+    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
+    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
+    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
+    addresses = namespace.addresses
+    local = {a.address for a in addresses}
+    probes = probe_destinations(port, addresses, flows, namespace.route_table)
     choices: list[RouteChoice] = [
         routing.reply_source(destination, port, uid=uid) for destination in probes.values()
+    ]
+    # Remote clients: where a reply from the address they sent to, or one a netfilter
+    # rule marked, would leave (two uplinks).
+    choices += [
+        routing.reply_source(destination, port, uid=uid, mark=mark, source=source)
+        for destination, mark, source in uplink_lookups(
+            probes,
+            requests_to(flows, port, local),
+            addresses,
+            reply_marks(port, netfilter[0]),
+        )
     ]
     return Snapshot(
         port=port,
         netns=netns,
         listeners=listeners,
         addresses=tuple(addresses),
-        routes=tuple(routing.routes()),
-        policy_rules=tuple(routing.policy_rules()),
+        routes=tuple(route.text for route in namespace.route_table),
+        route_table=tuple(namespace.route_table),
+        policy_rules=tuple(namespace.policy_rules),
         route_choices=tuple(choices),
         flows=tuple(flows),
         conntrack_error=conntrack_error,
-        netfilter=tuple(netfilter),
-        netfilter_errors=tuple(netfilter_errors),
+        netfilter=tuple(netfilter[0]),
+        netfilter_errors=tuple(netfilter[1]),
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
-        tracking=tracking() if conntrack_error is None else {},
-        tracking_switched_on=switched,
-        config_files=config_files(config_globs(listeners, kb, port)),
+        tracking=namespace.tracking,
     )
+
+
+def collect_services(netns: str) -> list[Snapshot]:
+    """A snapshot of every UDP service port of the current namespace (scan), gathered
+    at the cost of about one: sockets, addresses, routes, policy rules, netfilter and
+    ONE conntrack dump are read once, and each port's view is cut from them; only the
+    route lookups are per port (policy rules may select by source port)."""
+    from ctfix.core import scan
+
+    owned = sockdiag.listeners(None)
+    ports = scan.service_ports((listener for listener, _uid in owned), ephemeral_ports())
+    if not ports:
+        return []
+    addresses = routing.local_addresses()
+    local = {a.address for a in addresses}
+    rules, rule_errors = netfilter_read.rules_for_ports(ports)
+    index = scan.FlowIndex()
+    conntrack_error: str | None = None
+    try:
+        index = _flow_index(ports, rules, local)
+    except CtfixError as err:
+        conntrack_error = err.one_line()
+    namespace = _Namespace.read(addresses, conntrack_error)
+    per_port: dict[int, list[CtEntry]] = {}
+    for port in ports:
+        flows = per_port[port] = scan.flows_for_port(index, port)
+        if conntrack_error is None:
+            for _address, target in forwarded_to(port, rules[port], flows, local):
+                flows.extend(scan.flows_from_port(index, target))
+    if conntrack_error is None:
+        _add_replies_from_other_ports(per_port, local)
+    snapshots = []
+    for port, flows in per_port.items():
+        snapshots.append(
+            _snapshot(
+                port,
+                netns,
+                [(listener, uid) for listener, uid in owned if listener.port == port],
+                namespace,
+                flows,
+                conntrack_error,
+                (rules[port], rule_errors),
+                [],
+                0.0,
+            )
+        )
+    return snapshots
+
+
+def _add_replies_from_other_ports(per_port: dict[int, list[CtEntry]], local: set[str]) -> None:
+    """Each port's requests left without a reply may have been answered from another
+    port (TFTP): one more walk of the table, for all ports at once, by client tuple."""
+    waiting = {port: waiting_clients(flows, port, local) for port, flows in per_port.items()}
+    found = replies_to(set().union(*waiting.values()))
+    for port, clients in waiting.items():
+        per_port[port].extend(e for e in found if (e.orig.dst, e.orig.dport) in clients)
+
+
+def _flow_index(
+    ports: list[int], rules: dict[int, list[NetfilterRule]], local: set[str]
+) -> FlowIndex:
+    """ONE dump of the UDP table, decoding only the entries that touch a service port
+    or a port a DNAT forwards one to (named by a rule); a target only the flows name
+    gets a filtered dump of its own (rare: something usually listens there)."""
+    from ctfix.core import scan
+    from ctfix.platform import conntrack
+
+    targets = {t for port in ports for _a, t in forwarded_to(port, rules[port], (), local)}
+    touching = frozenset(ports) | targets
+    index = scan.index_flows(conntrack.dump(proto=17, touching=touching), ports)
+    fetched = set(touching)
+    for port in ports:
+        flows = scan.flows_for_port(index, port)
+        for _address, target in forwarded_to(port, (), flows, local):
+            if target not in fetched:
+                fetched.add(target)
+                index.by_sport[target] = list(conntrack.dump(proto=17, sport=target))
+    return index
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range of the current namespace (the kernel's default
+    when it cannot be read): the ports clients' sockets get."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(word) for word in fh.read().split())
+    except (OSError, ValueError):
+        return (32768, 60999)
+    return low, high

@@ -9,12 +9,13 @@ evidence, and the fixes with their trade-offs, in that order.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ctfix.core.diagnosis import recommended_first, wrong_text
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
 from ctfix.render.container import container_json, container_text
+from ctfix.render.jsonout import envelope
 from ctfix.render.style import Style
 from ctfix.render.width import fill
 
@@ -43,7 +44,8 @@ _FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
-    """The stable JSON shape of a diagnosis."""
+    """The stable JSON shape of a diagnosis: explain's document after the envelope,
+    and each of scan's `services[]`."""
     return {
         "port": d.port,
         "netns": d.netns,
@@ -81,6 +83,23 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "onlink": list(cn.onlink),
                 "answered": list(cn.answered),
                 "wrong_for": list(cn.wrong_for),
+                "probe": cn.probe,
+                "egress": cn.egress,
+                "egress_gateway": cn.egress_gateway,
+                "uplinks": [
+                    {
+                        "address": u.address,
+                        "interface": u.interface,
+                        "network": u.network,
+                        "gateway": u.gateway,
+                        "route": u.route,
+                        "routed": u.routed,
+                        "rerouted": u.rerouted,
+                        "source_routed": u.source_routed,
+                        "ok": u.ok,
+                    }
+                    for u in cn.uplinks
+                ],
             }
             for cn in d.clients
         ],
@@ -131,8 +150,9 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
     }
 
 
-def render_json(d: Diagnosis) -> str:
-    return json.dumps(to_json_obj(d), indent=2) + "\n"
+def explain_document(d: Diagnosis) -> dict[str, Any]:
+    """`ctfix explain --json`: the schema-2 envelope, then the diagnosis."""
+    return {**envelope(d.netns), **to_json_obj(d)}
 
 
 def _answers(healthy: int, unanswered: int) -> str:
@@ -173,7 +193,7 @@ def _netns_text(d: Diagnosis) -> str:
 
 def _wrong_line(w: WrongSourceReply) -> str:
     """A wrong-source record, with the container of its (latest) client if known."""
-    text = wrong_text(w)
+    text = wrong_source_text(w)
     return f"{text} ({container_text(w.container)})" if w.container else text
 
 
@@ -184,15 +204,23 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     if extra:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
+    # Replies that leave by another uplink than their requests came in by.
+    other_way = sorted({u.interface for u in cn.uplinks if not u.ok})
+    problems = [f"wrong for {', '.join(cn.wrong_for)}"] if cn.wrong_for else []
+    if other_way:
+        problems.append(f"leaves by {cn.egress}, not {' or '.join(other_way)}")
     if cn.ok:
         status = "ok (answered, seen)" if cn.answered else "ok"
-    elif cn.wrong_for:
-        status = f"wrong for {', '.join(cn.wrong_for)}"
+    elif problems:
+        status = "; ".join(problems)
     else:
         status = "at risk"
+    leaves = cn.interface or "-"
+    if cn.egress_gateway and cn.egress == cn.interface:
+        leaves += f" via {cn.egress_gateway}"
     return (
         cn.network,
-        cn.interface or "-",
+        leaves,
         addressed,
         cn.predicted_source or "-",
         status,
@@ -280,7 +308,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
             f"sport {d.port}`)"
         )
         out += ["", _wrap(s(heading, "bold"), "", w, "  ")]
-        rows = [("network", "via", "clients send to", "reply from", "")]
+        rows = [("network", "leaves by", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for index, row in enumerate(rows):
@@ -348,7 +376,7 @@ def render_markdown(d: Diagnosis) -> str:
             "",
             f"Reply source as `ip route get CLIENT ipproto udp sport {d.port}` predicts it.",
             "",
-            "| network | via | clients send to | reply from | |",
+            "| network | leaves by | clients send to | reply from | |",
             "|---|---|---|---|---|",
         ]
         for cn in d.clients:

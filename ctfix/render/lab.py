@@ -9,11 +9,70 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TextIO
 
+from ctfix.core.addr import endpoint
+from ctfix.lab.checks import Check, ConntrackCheck, ExchangeCheck, IcmpCheck, Section
+from ctfix.render.conntrack import conntrack_line
 from ctfix.render.style import Style
 
 if TYPE_CHECKING:
-    from ctfix.lab.scenario import Check, Section, Story
+    from ctfix.lab.checks import Story
     from ctfix.lab.topology import Topology
+
+
+def _section_title(section: Section) -> str:
+    title = (
+        "a wildcard server that answers with recvfrom()/sendto() (ctfix serve --broken)"
+        if section.broken
+        else "the reference server: wildcard + IP_PKTINFO (ctfix serve)"
+    )
+    return f"{title}, pid {section.pid}"
+
+
+def check_words(check: Check) -> tuple[str, str, str, list[str]]:
+    """(title, expected, seen, detail lines) of one check."""
+    match check:
+        case ExchangeCheck():
+            address = endpoint(check.address, check.port)
+            expected = (
+                f"reply from {address}"
+                if check.want_reply
+                else "no reply: the bug (the reply leaves from another address)"
+            )
+            came = check.reply_from
+            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+            return f"connected client {endpoint(*check.client)} -> {address}", expected, seen, []
+        case ConntrackCheck():
+            reply = check.reply
+            seen = (
+                f"a new flow from {endpoint(reply.orig.src, reply.orig.sport)}, not "
+                f"{endpoint(check.server, check.port)}"
+                if reply is not None
+                else "no second flow"
+            )
+            detail = [
+                f"{label} {conntrack_line(entry) if entry else '(not found)'}"
+                for label, entry in (("request", check.request), ("reply  ", reply))
+            ]
+            return (
+                "conntrack in the host namespace",
+                "the request, then the reply filed as a NEW flow from another address",
+                seen,
+                detail,
+            )
+        case IcmpCheck():
+            r = check.rejected
+            seen = (
+                f"ICMP port unreachable from {check.sender} for the reply "
+                f"{endpoint(r.src, r.sport)} -> {endpoint(r.dst, r.dport)}"
+                if r is not None
+                else "no ICMP port unreachable seen"
+            )
+            return (
+                "the client rejects the reply it did not expect",
+                "ICMP port unreachable from the client, about a reply from another address",
+                seen,
+                [],
+            )
 
 
 class LabPrinter:
@@ -50,22 +109,20 @@ class LabPrinter:
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
 
-    def report(self, kind: str, item: object) -> None:
-        if kind == "section":
-            self._section(item)  # type: ignore[arg-type]
+    def report(self, item: Section | Check) -> None:
+        """The story's callback: a section as it starts, each check as it is made."""
+        if isinstance(item, Section):
+            self._p()
+            self._p(self.style(_section_title(item), "bold"))
         else:
-            self._check(item)  # type: ignore[arg-type]
+            self._check(*check_words(item), item.ok)
 
-    def _section(self, section: Section) -> None:
-        self._p()
-        self._p(self.style(section.title, "bold"))
-
-    def _check(self, check: Check) -> None:
+    def _check(self, title: str, expected: str, seen: str, detail: list[str], ok: bool) -> None:
         s = self.style
-        self._p(f"  {s.mark(check.ok)} {check.title}")
-        self._p(f"      expected: {check.expected}")
-        self._p(f"      seen:     {check.seen}")
-        for line in check.detail:
+        self._p(f"  {s.mark(ok)} {title}")
+        self._p(f"      expected: {expected}")
+        self._p(f"      seen:     {seen}")
+        for line in detail:
             self._p(f"      {s(line, 'dim')}")
 
     def verdict(self, story: Story) -> None:
@@ -85,10 +142,8 @@ class LabPrinter:
                 "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
             )
 
-    def keep(self, topo: Topology, port: int) -> None:
-        from ctfix.commands.common import ctfix_command
-
-        ctfix = ctfix_command()
+    def keep(self, topo: Topology, port: int, ctfix: str) -> None:
+        """`ctfix`: how to run this ctfix from a shell (the command knows)."""
         self._p()
         self._p("The lab is still up (--keep). Enter it with:")
         for role, ns in (("host", topo.host), ("container", topo.container)):

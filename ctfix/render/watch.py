@@ -12,30 +12,26 @@ History and news: an existing finding (in the table when watch started) prints o
 under its own heading, with the kernel's times or `before <start>`; it never counts
 in `findings` nor in the exit status. first_seen/last_seen are null for an existing
 finding whose age the kernel cannot tell: never a made-up time.
-The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
-uses too: change them there, for both. Colour only on a TTY and never
-when NO_COLOR is set.
+The words of a finding come from ctfix.core.detectors.wrong_source_words, which
+explain uses too: change them there, for both. Colour only on a TTY and never when
+NO_COLOR is set.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, TextIO
 
-from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.render.jsonout import utc_timestamp
 from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
 
 
-def timestamp(seconds: float) -> str:
-    """UTC, ISO 8601 with milliseconds: `2025-05-01T12:00:00.123Z`."""
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def _time(seconds: float | None) -> str | None:
-    return None if seconds is None else timestamp(seconds)
+    """utc_timestamp, or None: never "now" for a time nobody knows."""
+    return None if seconds is None else utc_timestamp(seconds)
 
 
 def finding_record(
@@ -130,7 +126,7 @@ class WatchRenderer:
         if not findings:
             return
         if not self.json:
-            before = timestamp(self.started) if self.started is not None else "start-up"
+            before = utc_timestamp(self.started) if self.started is not None else "start-up"
             self._write(
                 self.style(
                     f"Already in the conntrack table before {before} (history, not news; "
@@ -152,38 +148,26 @@ class WatchRenderer:
     def _age(self, finding: WrongSourceFinding) -> str:
         """When: seen live, or (existing) the kernel's entry times, or only "before"."""
         origin = " (conntrack timestamps)" if finding.existing else ""
-        if finding.first_seen is not None and finding.last_seen is not None:
-            return f"{timestamp(finding.first_seen)} .. {timestamp(finding.last_seen)}{origin}"
-        if finding.last_seen is not None:
-            return f"latest {timestamp(finding.last_seen)}{origin}"
+        first, last = _time(finding.first_seen), _time(finding.last_seen)
+        if first is not None and last is not None:
+            return f"{first} .. {last}{origin}"
+        if last is not None:
+            return f"latest {last}{origin}"
         if self.started is not None:
-            return f"before {timestamp(self.started)}"
+            return f"before {utc_timestamp(self.started)}"
         return "before the watch began"
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
-        if finding.replies_from_other_port:
-            tags = ("its port changes by design", *tags)
-        return wrong_source_text(
-            service=finding.service,
-            expected_source=finding.expected_source,
-            actual_source=self.style(finding.actual_source, "bold", "red"),
-            mismatch=finding.mismatch,
-            count=finding.count,
-            clients=finding.clients,
-            client_network=finding.client_network,
-            client=finding.client,
-            tags=tags,
-        )
+        shown = self.style(finding.actual_source, "bold", "red")
+        return wrong_source_text(finding, tags=tags, actual_source=shown)
 
     def finding_line(self, finding: WrongSourceFinding, *, update: bool = False) -> str:
         tags: tuple[str, ...] = ("local",) if finding.local else ()
         if finding.confirmed:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
-        seen = finding.last_seen
-        when = timestamp(seen) if seen is not None else "-"
         return (
-            f"{when} {self.style(head.upper(), 'bold', 'red')} "
+            f"{_time(finding.last_seen) or '-'} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 

@@ -21,6 +21,7 @@ from ctfix.core.detectors.wrong_source import WrongSourceDetector
 from ctfix.core.diagnosis import diagnose, waiting_clients
 from ctfix.core.model import Listener
 from ctfix.core.snapshot import ConfigFile, LocalAddress, NetfilterRule
+from ctfix.platform import rules_files
 from ctfix.render.explain import render_text, to_json_obj
 from ctfix.render.watch import WatchRenderer
 from tests.unit.test_diagnose import BRIDGE, CLIENT, NC, PORT, UPLINK, snapshot
@@ -310,7 +311,7 @@ services:
 
 def test_a_fix_in_the_config_file_is_in_effect_and_not_recommended(tmp_path: Path) -> None:
     (tmp_path / "myecho.yaml").write_text(ENTRY)
-    kb = rules.load([tmp_path], builtin=True)
+    kb = rules_files.load([tmp_path], builtin=True)
     off = ConfigFile(9, "/etc/myecho.conf", "# reply-from-destination = yes\n")
     d = diagnose(snapshot(CONFIGURED, config_files=(off,)), kb)
     assert d.verdict == "at-risk" and any(
@@ -351,7 +352,7 @@ BLIND = {"ipv4": False, "ipv6": False}
 
 
 def test_blind_is_never_ok_for_a_wildcard_socket() -> None:
-    kb = rules.load(None, builtin=True)
+    kb = rules_files.load(None, builtin=True)
     dnsmasq = replace(NC, process="dnsmasq", cmdline=("dnsmasq",))
     assert diagnose(snapshot(dnsmasq), kb).verdict == "ok"  # trusted, and it could be caught
     d = diagnose(snapshot(dnsmasq, tracking=BLIND), kb)

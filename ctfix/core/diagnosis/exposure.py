@@ -22,7 +22,8 @@ Know before changing (the definitions explain shows):
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it, or no
   serving socket of the family is exposed, or a working snat-zone rewrites to it, or
-  it was answered; `wrong_for` lists the others.
+  it was answered (`wrong_for` lists the others); and, for remote clients, by that
+  address's own uplink (see `uplinks`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 
 from ctfix.core.addr import family_name, unmap
+from ctfix.core.diagnosis import uplinks
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.evidence import MAIN_TABLE
 from ctfix.core.diagnosis.listeners import Listening, wild_for
@@ -48,9 +50,10 @@ _FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 
 
 def choice_for(snapshot: Snapshot, network: str) -> RouteChoice | None:
+    """The plain lookup for the network's probe (no mark, no source given)."""
     probe = snapshot.probes.get(network)
     for choice in snapshot.route_choices:
-        if choice.destination == probe:
+        if choice.destination == probe and choice.mark is None and choice.from_address is None:
             return choice
     return None
 
@@ -78,6 +81,20 @@ def observed_choice(
             f"would answer from {unmap(choice.source)}"
         )
     return found
+
+
+def answering_from(
+    listening: Listening, family: Family, addresses: tuple[str, ...] | list[str]
+) -> set[str]:
+    """Those of `addresses` whose replies already leave from them: bound to by a
+    socket, or served by no exposed socket of the family."""
+    if not listening.exposed.get(family):
+        return set(addresses)
+    return {
+        unmap(listener.address)
+        for listener in listening.serving.get(family, ())
+        if not wild_for(listener, family)
+    } & set(addresses)
 
 
 def client_networks(
@@ -126,6 +143,7 @@ def client_networks(
             networks = [
                 (net, iface, assumed, False) for net, iface, fam in connected if fam == family
             ]
+            networks += uplinks.internet(snapshot, family, assumed)  # two uplinks
         for network, iface, addressed, was_seen in networks:
             choice = choice_for(snapshot, network)
             if wildcard:
@@ -139,30 +157,53 @@ def client_networks(
             right = answered.get(network, set())
             # `rewritten`: a working snat-zone setup gives those clients the right source;
             # `right`: conntrack shows them answered from it (evidence beats prediction).
-            wrong = tuple(
-                a
-                for a in dict.fromkeys((*addressed, *near))
-                if exposed.get(family)
-                and a != predicted
-                and a not in specific
-                and a not in rewritten
-                and a not in right
+            wrong = _wrong_for(
+                (*addressed, *near), predicted, bool(exposed.get(family)), specific | right,
+                rewritten,
             )
+            ok = not wrong
+            # Remote clients: does each address's reply leave by its own uplink?
+            other = uplinks.uplinks_for(
+                snapshot, network, addressed, choice, iface,
+                answering_from(listening, family, addressed),
+            )
+            ok = ok and all(u.ok for u in other)
             result.append(
                 ClientNetwork(
                     network=network,
                     addressed=tuple(addressed),
                     predicted_source=predicted,
-                    ok=not wrong,
+                    ok=ok,
                     interface=interface,
                     seen=was_seen,
                     onlink=near,
+                    egress=choice.interface if choice else None,
+                    egress_gateway=choice.gateway if choice else None,
+                    uplinks=other,
+                    probe=snapshot.probes.get(network),
                     answered=tuple(a for a in addressed if a in right),
                     wrong_for=wrong,
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
     return result
+
+
+def _wrong_for(
+    addresses: tuple[str, ...],
+    predicted: str | None,
+    exposed: bool,
+    right: set[str],
+    rewritten: set[str],
+) -> tuple[str, ...]:
+    """Those of the addresses that would not be answered from themselves: not the
+    predicted source, not bound to or seen answered (`right`), not rewritten by a
+    working snat-zone setup; none when no exposed socket serves the family."""
+    return tuple(
+        a
+        for a in dict.fromkeys(addresses)
+        if exposed and a != predicted and a not in right and a not in rewritten
+    )
 
 
 def _connected_peers(
@@ -187,9 +228,7 @@ def _connected_peers(
         source = unmap(listener.address)
         addressed = sorted({r.addressed for r in requests if r.client == peer}) or [source]
         near = tuple(onlink(snapshot.addresses, iface, family_name(peer)))
-        wrong = tuple(
-            a for a in dict.fromkeys((*addressed, *near)) if a != source and a not in rewritten
-        )
+        wrong = _wrong_for((*addressed, *near), source, True, set(), rewritten)
         found.append(
             ClientNetwork(
                 network=network,
@@ -210,14 +249,20 @@ def exposure_reasons(
     snapshot: Snapshot,
     evidence: Evidence,
     listening: Listening,
-    rewritten: set[str] | None = None,
+    rewritten: set[str],
 ) -> list[Reason]:
-    """Each exposed client network (and a policy rule that makes it so), or that the
-    clients seen so far happen to be served right."""
+    """Each exposed client network (and a policy rule that makes it so), each address
+    whose replies leave by another uplink, or that the clients seen so far happen to
+    be served right."""
     reasons: list[Reason] = []
+    other_uplink: list[Reason] = []  # said after who is exposed
     for cn in clients:
-        if cn.ok:
-            continue
+        family = family_name(cn.network.split("/")[0])
+        other_uplink += uplinks.uplink_reasons(
+            cn, answering_from(listening, family, cn.addressed)
+        )
+        if cn.ok or not cn.wrong_for:
+            continue  # answered from the right source (a wrong uplink is said above)
         extra = [a for a in cn.onlink if a not in cn.addressed]
         others = list(cn.wrong_for)
         how = "send to" if cn.seen else "may send to"
@@ -254,7 +299,8 @@ def exposure_reasons(
                         f"of {', '.join(others)}.",
                     )
                 )
-    untried = _untried(clients, snapshot, listening, rewritten or set())
+    reasons += other_uplink
+    untried = _untried(clients, snapshot, listening, rewritten)
     if not evidence.wrong_source and clients and all(cn.ok for cn in clients) and untried:
         reasons.append(
             reason(
