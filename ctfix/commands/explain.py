@@ -20,7 +20,7 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -126,7 +126,9 @@ _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 
 
 @contextlib.contextmanager
-def _switching_tracking(*, enabled: bool) -> Iterator[Callable[[], tuple[str, ...]]]:
+def _switching_tracking(
+    *, enabled: bool
+) -> Iterator[Callable[[Sequence[str]], tuple[str, ...]]]:
     """A `track()` for --listen: switch conntrack on for the families not tracked here
     (watch --track's table), say which; the table goes when the block ends, whatever
     ends it. A namespace where it cannot be loaded is refused (one line, exit 2)."""
@@ -134,11 +136,14 @@ def _switching_tracking(*, enabled: bool) -> Iterator[Callable[[], tuple[str, ..
 
     loaded: list[str] = []
 
-    def track() -> tuple[str, ...]:
+    def track(families: Sequence[str]) -> tuple[str, ...]:
+        """Switch tracking on for those of `families` ("ipv4", "ipv6") not tracked."""
         from ctfix.platform import conntrack
 
         untracked: list[int] = [
-            fam for fam in _FAMILY_KEYS if conntrack.probe_tracking(fam) is False
+            fam
+            for fam, name in _FAMILY_KEYS.items()
+            if name in families and conntrack.probe_tracking(fam) is False
         ]
         if not untracked:
             return ()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ctfix.core.decode import CtEntry
+from ctfix.core.decode import NEW, CtEntry, CtEvent
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
@@ -39,7 +39,7 @@ from ctfix.core.diagnosis import (
     wrong_source_reply,
 )
 from ctfix.core.diagnosis.listeners import config_globs
-from ctfix.core.diagnosis.requests import client_networks_of
+from ctfix.core.diagnosis.requests import client_networks_of, usable_addresses
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.scan import FlowIndex
 from ctfix.core.snapshot import (
@@ -56,6 +56,7 @@ from ctfix.platform import netfilter_read, routing, sockdiag
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.conntrack import EventSocket
 
 #: Bounds on what is read for the knowledge base's `fixed_if_config`.
 CONFIG_MAX_FILES = 32
@@ -126,13 +127,16 @@ def listen(
     seconds: float,
     addresses: Sequence[LocalAddress],
     kb: KnowledgeBase | None = None,
-    track: Callable[[], tuple[str, ...]] | None = None,
+    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
 ) -> tuple[list[WrongSourceReply], tuple[str, ...]]:
     """Watch conntrack events for `seconds`; the wrong-source replies of the port
     that happened meanwhile, and the families `track` switched tracking on for.
 
-    `track` is called once subscribed (so that nothing it makes visible is missed): it
-    switches tracking on where it is off and says for which families.
+    `track` is called once subscribed (so that nothing it makes visible is missed),
+    with the families clients can reach (a global address of theirs is here): it
+    switches tracking on where it is off and says for which families. What happened
+    from the subscription on is news, even when the first dump shows it before its
+    event is read (`fresh_ids`).
     """
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
@@ -144,14 +148,22 @@ def listen(
         other_port=OtherPortPrograms(kb),
     )
     events = conntrack.EventSocket()
+    detector.since = time.time()  # subscribed: only what happens from here is news
     switched: tuple[str, ...] = ()
     try:
-        switched = track() if track is not None else ()
-        # Only what happens from here is live: the first dump's findings are the
-        # table's (history); it teaches the detector the requests already waiting.
-        detector.since = time.time()
+        if track is not None:
+            reachable = [f for f in ("ipv4", "ipv6") if usable_addresses(addresses, f)]
+            switched = track(reachable)
+        # The first dump teaches the detector the requests already waiting; its other
+        # findings are the table's (history), but for entries whose NEW event is
+        # already queued (made since the subscription): those are fed after it.
+        queued = _queued(events)
+        detector.fresh_ids = {e.entry.id for e in queued if e.kind == NEW and e.entry.id}
         detector.resync(newest_last(conntrack_flows(port)), now=time.time())
         detector.dumps_are_history = False
+        now = time.time()
+        for event in queued:
+            detector.feed(event, now)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([events], [], [], min(left, 0.5))
@@ -175,12 +187,27 @@ def listen(
     return live, switched
 
 
+def _queued(events: EventSocket) -> list[CtEvent]:
+    """The events waiting on the socket (a loss is covered by the dump that follows)."""
+    from ctfix.platform import conntrack
+
+    queued: list[CtEvent] = []
+    while True:
+        try:
+            batch = events.read()
+        except conntrack.Overflow:
+            return queued
+        if not batch:
+            return queued
+        queued.extend(batch)
+
+
 def collect(
     port: int,
     netns: str,
     listen_seconds: float = 0.0,
     kb: KnowledgeBase | None = None,
-    track: Callable[[], tuple[str, ...]] | None = None,
+    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
 ) -> Snapshot:
     """Everything explain needs about the port, from the current namespace.
 

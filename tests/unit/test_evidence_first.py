@@ -394,3 +394,14 @@ def test_the_kernels_entry_start_time_is_decoded_on_both_paths() -> None:
         [event] = decode.decode(bytes(message), fast=fast).events
         assert event.entry.start == start
     assert decode.decode(bytes(first)).events[0].entry.start is None
+
+
+def test_a_reply_made_after_the_subscription_is_news_even_when_a_dump_shows_it_first() -> None:
+    """explain --listen: the first dump may show a reply whose NEW event is still queued."""
+    d = WrongSourceDetector(local_addresses=LOCAL)
+    d.since = STARTED
+    d.fresh_ids = {7}
+    late = reply(BRIDGE, cport=3)._replace(id=7)
+    [(finding, _change)] = d.examine([request(UPLINK, cport=3), late], STARTED + 1)
+    assert not finding.existing
+    assert d.feed(CtEvent(NEW, late), STARTED + 1) is None  # the same entry: counted once

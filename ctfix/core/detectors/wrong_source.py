@@ -188,6 +188,9 @@ class WrongSourceDetector:
         #: dump finding without a kernel timestamp is history.
         self.since: float | None = None
         self.dumps_are_history = True
+        #: conntrack ids of entries whose NEW event came after `since` but was read
+        #: after a dump that shows them (explain --listen's start-up): news all the same
+        self.fresh_ids: set[int] = set()
         # track_answers (explain, one bounded snapshot; not watch, unbounded): request
         # client (addr, port) -> True when a new entry answered it from the wrong
         # source, False when from the right one (the snat-zone remedy's zoned reply).
@@ -463,7 +466,7 @@ class WrongSourceDetector:
 
     def _is_history(self, entry: CtEntry, from_dump: bool) -> bool:
         """Whether a reply was in the table before the watch began (module doc)."""
-        if not from_dump:
+        if not from_dump or (entry.id is not None and entry.id in self.fresh_ids):
             return False
         if entry.start is not None and self.since is not None:
             return entry.start < self.since * 1e9
