@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 
 from ctfix.core.addr import unmap
+from ctfix.core.diagnosis.requests import probe_in
 from ctfix.core.model import ClientNetwork, Diagnosis
 
 
@@ -30,9 +31,4 @@ def probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
             continue
     if cn.probe is not None:
         return cn.probe
-    local = {unmap(a) for a in diagnosis.local_addresses}
-    first = net.network_address
-    candidate = net.broadcast_address - 1 if net.num_addresses > 2 else first
-    while str(candidate) in local and candidate != first:
-        candidate = candidate - 1
-    return str(candidate)
+    return probe_in(str(net), {unmap(a) for a in diagnosis.local_addresses})
