@@ -81,9 +81,11 @@ def flows_from_port(index: FlowIndex, port: int) -> list[CtEntry]:
     return list(index.by_sport.get(port, ()))
 
 
+def severity(d: Diagnosis) -> int:
+    """0 broken, 1 at-risk (or an outage), 2 ok: lower is worse."""
+    return min(_RANK[d.verdict], 1 if d.service_down else 2)
+
+
 def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:
     """broken, then at-risk, then ok (an outage counts as at-risk); by port within."""
-    return sorted(
-        diagnoses,
-        key=lambda d: (min(_RANK[d.verdict], 1 if d.service_down else 2), d.port),
-    )
+    return sorted(diagnoses, key=lambda d: (severity(d), d.port))
