@@ -151,32 +151,43 @@ def scan_namespaces(kb: KnowledgeBase, *, health: bool = False) -> list[Namespac
 
 
 def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
-    """One namespace: its services judged, worst first; gone or unreadable, a note."""
+    """One namespace, entered on this thread: its services judged, worst first; gone
+    or unreadable, a note."""
     import dataclasses
 
-    from ctfix.core.diagnosis import diagnose
-    from ctfix.core.health import Health, assess
     from ctfix.core.netns_scan import NamespaceScan
-    from ctfix.core.scan import worst_first
-    from ctfix.platform import ctstats, namespaces, snapshot
+    from ctfix.platform import namespaces
 
     found = NamespaceScan(ref.label, ref.spec, ref.kind, ref.id, ref.container)
-    reading: Health | None = None
-    health_error: str | None = None
     try:
         with namespaces.entered(ref):
-            snapshots = snapshot.collect_services(ref.label)
-            if health:
-                try:
-                    reading = assess(ctstats.sample())
-                except CtfixError as err:
-                    health_error = err.one_line()
+            return scan_here(found, kb, health=health)
     except namespaces.NamespaceGone:
         return dataclasses.replace(found, skipped="gone during the scan", gone=True)
     except CtfixError as err:
         return dataclasses.replace(found, skipped=err.one_line())
+
+
+def scan_here(found: NamespaceScan, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
+    """`found` with the current namespace's services judged (and its conntrack health
+    read: a failure there is a note, the services still count)."""
+    import dataclasses
+
+    from ctfix.core.diagnosis import diagnose
+    from ctfix.core.health import Health, assess
+    from ctfix.core.scan import worst_first
+    from ctfix.platform import ctstats, snapshot
+
+    snapshots = snapshot.collect_services(found.netns)
+    reading: Health | None = None
+    health_error: str | None = None
+    if health:
+        try:
+            reading = assess(ctstats.sample())
+        except CtfixError as err:
+            health_error = err.one_line()
     diagnoses = [
-        dataclasses.replace(diagnose(snap, kb), netns_container=ref.container)
+        dataclasses.replace(diagnose(snap, kb), netns_container=found.container)
         for snap in snapshots
     ]
     return dataclasses.replace(

@@ -19,8 +19,9 @@ from ctfix.core.scan import severity
 
 #: how a namespace was found, and so what its label is: pid 1's (`host`), a
 #: container's (its name, or namespace/pod), an `ip netns` name, another bind mount
-#: (its path), or only a process (`pid:PID`)
-NamespaceKind = Literal["host", "container", "ip-netns", "mount", "process"]
+#: (its path), or only a process (`pid:PID`); `chosen`: the one namespace a command
+#: was given (--netns, or its own), not looked for
+NamespaceKind = Literal["host", "container", "ip-netns", "mount", "process", "chosen"]
 
 #: severity of a namespace with nothing wrong or nothing to say
 QUIET = 3

@@ -348,6 +348,7 @@ _ORDER: dict[NamespaceKind, int] = {
     "ip-netns": 2,
     "mount": 3,
     "process": 4,
+    "chosen": 5,
 }
 
 
@@ -408,5 +409,15 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
     try:
         with netns.entered_fd(fd, ref.label):
             yield
+    finally:
+        os.close(fd)
+
+
+def current_id() -> NamespaceId:
+    """The id of the calling thread's namespace (after `--netns` was entered)."""
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        return namespace_id(fd, (st.st_dev, st.st_ino))
     finally:
         os.close(fd)

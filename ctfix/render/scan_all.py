@@ -58,6 +58,7 @@ def namespace_heading(scan: NamespaceScan) -> str:
         "ip-netns": "ip netns",
         "mount": "bind mount",
         "process": "a process's",
+        "chosen": "the one asked for",
     }[scan.kind]
     if scan.container is not None and scan.container.engine:
         what += f" ({scan.container.engine})"
