@@ -153,9 +153,9 @@ def namespace_id(fd: int, key: tuple[int, int]) -> NamespaceId:
             _ioctl_works = True
             return value
         except OSError as err:
-            if err.errno not in (errno.ENOTTY, errno.EINVAL):
-                return key[1]
-            _ioctl_works = False
+            if err.errno not in (errno.ENOTTY, errno.EINVAL) or not _is_netns_fd(fd):
+                return key[1]  # not a namespace file after all: nothing learnt
+            _ioctl_works = False  # a network namespace without NS_GET_ID: an older kernel
     cached = _cookies.get(key)
     if cached is None:
         cached = _cookie_inside(fd) or key[1]
@@ -194,14 +194,19 @@ def _walk_processes(proc: str, found: dict[tuple[int, int], _Found]) -> None:
                 found.setdefault(key, _Found([], [])).pids.append(int(name))
 
 
+def _is_netns_fd(fd: int) -> bool:
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
+
+
 def _is_netns(path: str) -> bool:
     fd = _open(path)
     if fd is None:
         return False
     try:
-        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
-    except OSError:
-        return False
+        return _is_netns_fd(fd)
     finally:
         os.close(fd)
 
