@@ -64,9 +64,9 @@ def _fits(text: str, limit: int) -> bool:
 
 def _shorten(label: str, room: int) -> str:
     """`kube-system/coredns-5d78c9869d-abcde` -> `kube-sy...-abcde` within room chars."""
+    room = max(room, MIN_LABEL)
     if len(label) <= room:
         return label
-    room = max(room, MIN_LABEL)
     head = (room - 3 + 1) // 2
     tail = room - 3 - head
     return f"{label[:head]}...{label[len(label) - tail :]}" if tail else label[:head] + "..."
