@@ -16,6 +16,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +24,7 @@ import pytest
 from ctfix.lab.fleet import BROKEN_PORT, OK_PORT, SERVER_V4, SERVICE_V4, Fleet, fleet_topology
 from ctfix.lab.topology import Namespaces, built, new_run_id
 from ctfix.platform import namespaces
+from ctfix.platform.procfs import read_text
 
 CTFIX = [sys.executable, "-m", "ctfix"]
 #: what node-problem-detector keeps of the plugin's output (max_output_length)
@@ -58,12 +60,20 @@ def by_label(refs: dict[int, namespaces.NamespaceRef]) -> dict[str, namespaces.N
 # -- discovery -------------------------------------------------------------------------
 
 
+def wait_for_exec(pid: int, comm: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while read_text(f"/proc/{pid}/comm") != f"{comm}\n":
+        assert time.monotonic() < deadline, f"pid {pid} never became {comm}"
+        time.sleep(0.01)
+
+
 def test_ip_netns_and_process_only_namespaces_are_found_named_and_followed() -> None:
     with built(Pair(new_run_id())) as pair:
         a, b = pair.namespaces
         # A namespace that only a process holds (no bind mount): `unshare -n`.
         lone = subprocess.Popen(["unshare", "-n", "sleep", "600"])
         try:
+            wait_for_exec(lone.pid, "sleep")  # unshare has made the namespace by then
             before = namespaces.snapshot()
             labels = by_label(before)
             assert {a, b} <= set(labels)
