@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ctfix.core.model import ContainerRef
 from ctfix.core.netns_scan import NamespaceKind
 from ctfix.errors import CtfixError
-from ctfix.platform.procfs import read_text
+from ctfix.platform.procfs import read_text, stat_key
 
 NamespaceId = int
 
@@ -166,14 +166,6 @@ def namespace_id(fd: int, key: tuple[int, int]) -> NamespaceId:
 # -- discovery ---------------------------------------------------------------------
 
 
-def _key(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 @dataclass
 class _Found:
     """What was seen of one namespace while walking."""
@@ -189,7 +181,7 @@ def _walk_processes(proc: str, found: dict[tuple[int, int], _Found]) -> None:
         return
     for name in names:
         if name.isdigit():
-            key = _key(f"{proc}/{name}/ns/net")
+            key = stat_key(f"{proc}/{name}/ns/net")
             if key is not None:
                 found.setdefault(key, _Found([], [])).pids.append(int(name))
 
@@ -221,7 +213,7 @@ def _walk_mounts(proc: str, nsfs_dev: int | None, found: dict[tuple[int, int], _
             with contextlib.suppress(OSError):
                 candidates += [os.path.join(directory, n) for n in sorted(os.listdir(directory))]
     for path in candidates:
-        key = _key(path)
+        key = stat_key(path)
         # A leftover file whose mount is gone is a plain file of the directory's fs.
         if key is None or (nsfs_dev is not None and key[0] != nsfs_dev):
             continue
@@ -281,9 +273,9 @@ def _label(
 def host_key(proc: str = "/proc") -> tuple[int, int] | None:
     """(dev, inode) of the host's namespace: pid 1's, or kthreadd's (pid 2, always in
     the initial namespace) where pid 1 cannot be looked at (a sandbox's own init)."""
-    key = _key(f"{proc}/1/ns/net")
+    key = stat_key(f"{proc}/1/ns/net")
     if key is None and (read_text(f"{proc}/2/comm") or "").strip() == "kthreadd":
-        key = _key(f"{proc}/2/ns/net")
+        key = stat_key(f"{proc}/2/ns/net")
     return key
 
 
@@ -294,7 +286,7 @@ def snapshot(
     one stat per process, one read of mountinfo, one open per namespace."""
     found: dict[tuple[int, int], _Found] = {}
     _walk_processes(proc, found)
-    own = _key(f"{proc}/self/ns/net")
+    own = stat_key(f"{proc}/self/ns/net")
     _walk_mounts(proc, own[0] if own else None, found)
     host = host_key(proc)
     refs: dict[NamespaceId, NamespaceRef] = {}
