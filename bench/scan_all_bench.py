@@ -12,7 +12,10 @@ times, alternately, `--runs` times each:
 - the reference: `ss -uanp` and `conntrack -L -p udp` in each of the fleet's
   namespaces (`ip netns exec`), the raw data an engineer would gather by hand.
 
-and prints medians, ratios and each process's peak RSS (getrusage of the child).
+and prints medians, ratios and each process's peak RSS (getrusage of the child);
+then `ctfix check --all-netns` (what node-problem-detector runs) and the discovery
+alone (`ctfix.platform.namespaces.snapshot()`, what a watcher following namespaces
+repeats every few seconds).
 Run as root:
 
     .venv/bin/python -m bench.scan_all_bench [--namespaces 50] [--runs 5]
@@ -29,6 +32,7 @@ import sys
 import time
 
 from ctfix.lab.fleet import fleet_topology
+from ctfix.platform.namespaces import snapshot
 
 CTFIX = [sys.executable, "-m", "ctfix"]
 
@@ -85,6 +89,12 @@ def main() -> int:
         broken = sorted(
             s["netns"] for s in services if s["verdict"] == "broken" and s["netns"] in names
         )
+        check_times = [run([*CTFIX, "check", "--all-netns"])[0] for _ in range(args.runs)]
+        snapshot_times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            namespaces_now = snapshot()
+            snapshot_times.append(time.perf_counter() - start)
         all_median = statistics.median(all_times)
         loop_median = statistics.median(loop_times)
         raw_median = statistics.median(raw_times)
@@ -103,6 +113,12 @@ def main() -> int:
             f"peak RSS {max(loop_rss) / 1024:.0f} MiB each"
         )
         print(f"ss -uanp + conntrack -L per ns:     median {raw_median:.2f} s (reference)")
+        print(f"ctfix check --all-netns:            median {statistics.median(check_times):.2f} s")
+        print(
+            f"namespaces.snapshot() (discovery alone, {len(namespaces_now)} namespaces, "
+            f"{len(os.listdir('/proc'))} /proc entries): median "
+            f"{statistics.median(snapshot_times) * 1000:.1f} ms"
+        )
         print(
             f"ratios: --all-netns / per-namespace loop {all_median / loop_median:.2f}, "
             f"--all-netns / reference {all_median / raw_median:.2f}"

@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print a JSON document (status, the line, every problem) instead of the line",
     )
+    parser.add_argument(
+        "--ignore-at-risk",
+        action="store_true",
+        help="a service at risk (a prediction from its socket and routes: no failure "
+        "seen yet) is not a problem; only what was observed is (deploy/"
+        "node-problem-detector uses it, so the Node condition means a failure)",
+    )
     add_rules_argument(parser)
 
 
@@ -107,10 +114,10 @@ def _judge(args: argparse.Namespace) -> tuple[CheckResult, str | None]:
     require_root("ctfix check (it reads conntrack and netfilter)")
     if every:
         require_root("ctfix check --all-netns (it enters every namespace)", "CAP_SYS_ADMIN")
-        return judge(scan_namespaces(kb, health=True)), None
+        return judge(scan_namespaces(kb, health=True), at_risk=not args.ignore_at_risk), None
     label = enter_netns(args.netns)
     chosen = NamespaceScan(label, args.netns or label, "chosen", namespaces.current_id())
-    return judge([scan_here(chosen, kb, health=True)]), label
+    return judge([scan_here(chosen, kb, health=True)], at_risk=not args.ignore_at_risk), label
 
 
 def _unknown(args: argparse.Namespace, message: str) -> int:

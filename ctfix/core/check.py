@@ -79,8 +79,9 @@ def table_problem(health: Health) -> ProblemKind | None:
     return None
 
 
-def judge(scans: Sequence[NamespaceScan]) -> CheckResult:
-    """The node's verdict from every namespace's scan (and conntrack health)."""
+def judge(scans: Sequence[NamespaceScan], *, at_risk: bool = True) -> CheckResult:
+    """The node's verdict from every namespace's scan (and conntrack health).
+    `at_risk=False`: a service at risk (a prediction: no failure seen) is no problem."""
     problems: list[Problem] = []
     unchecked: list[Unchecked] = []
     fills: list[float] = []
@@ -97,7 +98,7 @@ def judge(scans: Sequence[NamespaceScan]) -> CheckResult:
                 problems.append(Problem(table, scan.netns, health=scan.health))
         for d in scan.diagnoses:
             kind = service_problem(d)
-            if kind is not None:
+            if kind is not None and (at_risk or kind != "at-risk"):
                 problems.append(Problem(kind, scan.netns, diagnosis=d))
     # Stable: within a kind, the namespaces' and services' own worst-first order.
     problems.sort(key=lambda p: PROBLEM_KINDS.index(p.kind))

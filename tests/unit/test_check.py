@@ -90,6 +90,9 @@ def test_the_worst_comes_first_a_full_table_before_a_wrong_source() -> None:
     assert wrong.startswith("UDP 5353 in b:") and "198.51.100.13 -> 192.0.2.1" in wrong
     risk = line(judge(scans[:1]))
     assert risk.startswith("UDP 53 in a:") and "192.0.2.0/24" in risk
+    # Only what was observed, when asked: the prediction is no problem then.
+    assert judge(scans[:1], at_risk=False).status == "ok"
+    assert [p.kind for p in judge(scans[:2], at_risk=False).problems] == ["wrong-source"]
 
 
 def test_unknown_only_when_something_could_not_be_read_and_nothing_is_wrong() -> None:
@@ -134,7 +137,13 @@ def test_fit_drops_the_count_of_others_first() -> None:
 
 
 def args(**kw: object) -> argparse.Namespace:
-    defaults: dict[str, object] = {"netns": None, "all_netns": False, "json": False, "rules": []}
+    defaults: dict[str, object] = {
+        "netns": None,
+        "all_netns": False,
+        "json": False,
+        "rules": [],
+        "ignore_at_risk": False,
+    }
     return argparse.Namespace(**{**defaults, **kw})
 
 
@@ -179,3 +188,11 @@ def test_the_status_is_the_plugin_contracts(
     monkeypatch.setattr(command, "_judge", lambda _args: (result, None))
     assert command.run(args()) == status
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_contradicting_options_are_unknown_before_anything_is_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert command.run(args(all_netns=True, netns="blue")) == 2
+    [only] = capsys.readouterr().out.splitlines()
+    assert only.startswith("unknown: --all-netns")

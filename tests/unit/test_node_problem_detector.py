@@ -11,6 +11,7 @@ import re
 
 import yaml
 
+from ctfix.cli import build_parser
 from ctfix.render.check import MAX_LINE
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -40,7 +41,10 @@ def test_the_plugin_config_passes_node_problem_detectors_validation() -> None:
 
 def test_the_rule_runs_check_on_every_namespace_from_where_the_image_installs_ctfix() -> None:
     [rule] = json.loads(CONFIG.read_text())["rules"]
-    assert rule["args"] == ["check", "--all-netns"]
+    assert rule["args"][:2] == ["check", "--all-netns"]
+    # Every argument is one ctfix's parser takes (argparse exits on any other).
+    parsed = build_parser(rule["args"]).parse_args(rule["args"])
+    assert parsed.command == "check" and parsed.all_netns
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     venv = re.search(r"python3 -m venv (\S+);", dockerfile)
     assert venv and rule["path"] == f"{venv.group(1)}/bin/ctfix"
