@@ -252,13 +252,15 @@ def _label(
             else container.pod or container.name
         )
         named = container.name != container.id[:12]
+        # An `ip netns` name (a pod's cni-*) always resolves; `container:NAME` needs
+        # the engine (and a CRI lists no pod sandboxes); a mount outlives a pid.
         spec = (
             os.path.basename(ip_netns[0])
             if ip_netns
-            else seen.mounts[0]
-            if seen.mounts
             else f"container:{container.name}"
             if named
+            else seen.mounts[0]
+            if seen.mounts
             else f"pid:{pid}"
         )
         return label, spec, "container", container, process
