@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
         write_document(render.explain_document(diagnosis), sys.stdout)
     elif fmt == "markdown":
-        sys.stdout.write(render.render_markdown(diagnosis))
+        from ctfix.render.stamp import markdown_document
+
+        sys.stdout.write(markdown_document(render.render_markdown(diagnosis)))
     else:
         from ctfix.render.style import Style
         from ctfix.render.width import terminal_width

@@ -81,10 +81,14 @@ def flows_from_port(index: FlowIndex, port: int) -> list[CtEntry]:
     return list(index.by_sport.get(port, ()))
 
 
+def severity(d: Diagnosis) -> int:
+    """0 broken, 1 at-risk (or an outage), 2 unknown (ctfix cannot see), 3 ok: lower
+    is worse."""
+    rank = _RANK[d.verdict]
+    return min(rank, 1) if d.service_down else rank
+
+
 def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:
     """broken, then at-risk, then unknown (ctfix cannot see), then ok (an outage
     counts as at-risk); by port within."""
-    return sorted(
-        diagnoses,
-        key=lambda d: (min(_RANK[d.verdict], 1 if d.service_down else 2), d.port),
-    )
+    return sorted(diagnoses, key=lambda d: (severity(d), d.port))
