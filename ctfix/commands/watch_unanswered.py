@@ -34,7 +34,7 @@ class UnansweredWatch:
     def __init__(
         self,
         wrong: WrongSourceDetector,
-        kb: KnowledgeBase | None,
+        kb: KnowledgeBase | Callable[[], KnowledgeBase] | None,
         selector: selectors.BaseSelector,
         warn: Callable[[str], None],
     ) -> None:

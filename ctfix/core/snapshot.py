@@ -146,6 +146,16 @@ class NetfilterRule:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """A configuration file of a process on the port, as that process sees its path
+    (read through /proc/PID/root), for the knowledge base's `fixed_if_config`."""
+
+    pid: int
+    path: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything explain observed, for one port, in one namespace."""
 
@@ -173,6 +183,14 @@ class Snapshot:
     listened_seconds: float = 0.0
     # The destination asked for each client network (diagnose.probe_destinations).
     probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address
+    # Per family ("ipv4", "ipv6"): whether conntrack tracked it while the evidence was
+    # gathered (a probe datagram over loopback); None = could not tell. Empty: not
+    # probed (hand-built snapshots), taken as tracked.
+    tracking: dict[str, bool | None] = field(default_factory=dict)
+    # Families --listen switched tracking on for (a temporary nftables table).
+    tracking_switched_on: tuple[str, ...] = ()
+    # Configuration files of the port's processes that the knowledge base names.
+    config_files: tuple[ConfigFile, ...] = ()
     # Requests of the port whose entries ended without a reply during `--listen`
     # (DESTROY events), and the namespace's nf_conntrack_udp_timeout.
     ended_unreplied: tuple[CtEntry, ...] = ()

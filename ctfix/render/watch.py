@@ -3,14 +3,21 @@
 Know before changing: the JSON keys are a stable contract (users' scripts and alert
 pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
-last_seen (added since: clients, client_network); the unanswered records' kind,
-family, proto, netns, service, reason, flows, clients, first_seen, last_seen,
-one_way, existing, target, confirmed, program, rules, client; and the summary's
-kind, events, new_flows, lost, resyncs, findings (added since: unanswered,
-unanswered_uncounted). Add keys if needed; never rename or remove one.
+last_seen (added since: clients, client_network, existing, seen_before,
+replies_from_other_port); and the summary's kind, events, new_flows, lost, resyncs,
+findings (added since: existing, started, tracking, unanswered,
+unanswered_uncounted); the unanswered records' kind, family, proto, netns, service,
+reason, flows, clients, first_seen, last_seen, one_way, existing, target, confirmed,
+program, rules, client. Add keys if needed; never rename or remove one. docs/json.md
+describes each.
+
+History and news: an existing finding (in the table when watch started) prints once,
+under its own heading, with the kernel's times or `before <start>`; it never counts
+in `findings` nor in the exit status. first_seen/last_seen are null for an existing
+finding whose age the kernel cannot tell: never a made-up time.
 The words of a finding come from ctfix.core.detectors.wrong_source_words and
-ctfix.core.detectors.unanswered_words, which explain uses too: change them there,
-for both. Colour only on a TTY and never when NO_COLOR is set.
+unanswered_words, which explain uses too: change them there, for both. Colour only
+on a TTY and never when NO_COLOR is set.
 """
 
 from __future__ import annotations
@@ -27,7 +34,16 @@ from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
 
 
-def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
+def _time(seconds: float | None) -> str | None:
+    """utc_timestamp, or None: never "now" for a time nobody knows."""
+    return None if seconds is None else utc_timestamp(seconds)
+
+
+def finding_record(
+    finding: WrongSourceFinding, netns: str, started: float | None = None
+) -> dict[str, Any]:
+    """One finding line; `started`: when the watch began (an existing finding's
+    `seen_before`)."""
     return {
         "kind": "wrong-source-reply",
         "family": finding.family,
@@ -41,10 +57,13 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": utc_timestamp(finding.first_seen),
-        "last_seen": utc_timestamp(finding.last_seen),
+        "first_seen": _time(finding.first_seen),
+        "last_seen": _time(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
+        "existing": finding.existing,
+        "seen_before": _time(started) if finding.existing else None,
+        "replies_from_other_port": finding.replies_from_other_port,
     }
 
 
@@ -58,8 +77,8 @@ def unanswered_record(finding: UnansweredFinding, netns: str) -> dict[str, Any]:
         "reason": finding.reason,
         "flows": finding.flows,
         "clients": finding.clients,
-        "first_seen": utc_timestamp(finding.first_seen),
-        "last_seen": utc_timestamp(finding.last_seen),
+        "first_seen": _time(finding.first_seen),
+        "last_seen": _time(finding.last_seen),
         "one_way": finding.one_way,
         "existing": finding.existing,
         "target": finding.target,
@@ -70,6 +89,9 @@ def unanswered_record(finding: UnansweredFinding, netns: str) -> dict[str, Any]:
     }
 
 
+Finding = WrongSourceFinding | UnansweredFinding
+
+
 def summary_record(
     *,
     events: int,
@@ -77,9 +99,15 @@ def summary_record(
     lost: int,
     resyncs: int,
     findings: int,
+    existing: int = 0,
+    started: float | None = None,
+    tracking: dict[str, bool | None] | None = None,
     unanswered: int = 0,
     uncounted: int = 0,
 ) -> dict[str, Any]:
+    """`findings` counts live findings only; `existing` those found in the table at
+    start-up; `tracking`: per family, whether conntrack tracked it (null: unknown);
+    `unanswered`: requests counted unanswered, `uncounted` those a cap kept out."""
     return {
         "kind": "summary",
         "events": events,
@@ -87,12 +115,12 @@ def summary_record(
         "lost": lost,
         "resyncs": resyncs,
         "findings": findings,
+        "existing": existing,
+        "started": _time(started),
+        "tracking": tracking if tracking is not None else {"ipv4": None, "ipv6": None},
         "unanswered": unanswered,
         "unanswered_uncounted": uncounted,
     }
-
-
-Finding = WrongSourceFinding | UnansweredFinding
 
 
 class WatchRenderer:
@@ -103,6 +131,8 @@ class WatchRenderer:
         self.json = json_lines
         self.netns = netns
         self.style = Style(use_colour(stream) and not json_lines)
+        #: when the watch began (time.time()); set by the command once subscribed
+        self.started: float | None = None
         #: a terminal's width: finding lines are filled at it (a pipe: one line each)
         self.width = None if json_lines else terminal_width(stream)
 
@@ -110,17 +140,23 @@ class WatchRenderer:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def record(self, finding: Finding) -> dict[str, Any]:
+    def _record(self, finding: Finding) -> str:
         if finding.kind == "unanswered":
-            return unanswered_record(finding, self.netns)
-        return finding_record(finding, self.netns)
+            return json.dumps(unanswered_record(finding, self.netns))
+        return json.dumps(finding_record(finding, self.netns, self.started))
 
     def finding(self, finding: Finding, *, update: bool = False) -> None:
         if self.json:
-            self._write(json.dumps(self.record(finding)))
+            self._write(self._record(finding))
             return
         if finding.kind == "unanswered":
-            self._write(self.unanswered_line(finding))
+            if finding.existing:
+                self._write(self.unanswered_aged(finding))
+            else:
+                self._write(self._fit(self.unanswered_line(finding)))
+            return
+        if finding.existing:
+            self._write(self.aged_line(finding))
             return
         self._write(self._fit(self.finding_line(finding, update=update)))
 
@@ -130,9 +166,59 @@ class WatchRenderer:
     def unanswered_line(self, finding: UnansweredFinding) -> str:
         head = self.style("unanswered".upper(), "bold", "yellow")
         return (
-            f"{utc_timestamp(finding.last_seen)} {head} {finding.proto}/{finding.family[-1]} "
+            f"{_time(finding.last_seen)} {head} {finding.proto}/{finding.family[-1]} "
             f"{finding.reason}: {unanswered_text(finding)}"
         )
+
+    def unanswered_aged(self, finding: UnansweredFinding) -> str:
+        """An unanswered finding's indented line: at exit, or (existing) at start-up."""
+        one_way = ", one-way" if finding.one_way else ""
+        if finding.existing:
+            before = utc_timestamp(self.started) if self.started is not None else "start-up"
+            when = f"in the table before {before}"
+        else:
+            when = f"{_time(finding.first_seen)} .. {_time(finding.last_seen)}"
+        return self._fit(
+            f"unanswered, {finding.reason}{one_way}: {unanswered_text(finding)}; {when}",
+            indent="  ",
+        )
+
+    def existing(self, findings: list[Finding]) -> None:
+        """The findings already in the table at start-up: once, under their own
+        heading (text), or as records with "existing": true (JSON)."""
+        if not findings:
+            return
+        if not self.json:
+            before = utc_timestamp(self.started) if self.started is not None else "start-up"
+            self._write(
+                self.style(
+                    f"Already in the conntrack table before {before} (history, not news; "
+                    "not counted as findings):",
+                    "bold",
+                )
+            )
+        for finding in findings:
+            self.finding(finding)
+
+    def aged_line(self, finding: WrongSourceFinding) -> str:
+        """A finding's indented line with its age: an existing one (its real age where
+        the kernel says it), or a live one in the table at exit."""
+        tags: tuple[str, ...] = ("local",) if finding.local else ()
+        if finding.confirmed:
+            tags += ("confirmed",)
+        return self._fit(f"{self._text(finding, tags)}; {self._age(finding)}", indent="  ")
+
+    def _age(self, finding: WrongSourceFinding) -> str:
+        """When: seen live, or (existing) the kernel's entry times, or only "before"."""
+        origin = " (conntrack timestamps)" if finding.existing else ""
+        first, last = _time(finding.first_seen), _time(finding.last_seen)
+        if first is not None and last is not None:
+            return f"{first} .. {last}{origin}"
+        if last is not None:
+            return f"latest {last}{origin}"
+        if self.started is not None:
+            return f"before {utc_timestamp(self.started)}"
+        return "before the watch began"
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
         shown = self.style(finding.actual_source, "bold", "red")
@@ -144,34 +230,23 @@ class WatchRenderer:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
-            f"{utc_timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{_time(finding.last_seen) or '-'} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
     def final(self, findings: list[Finding]) -> None:
-        """At exit: every finding with its final counts (JSON), or a short table."""
+        """At exit: every live finding with its final counts (JSON), or a short table.
+        Existing findings were printed once at start-up (or when confirmed)."""
+        live = [finding for finding in findings if not finding.existing]
         if self.json:
-            for finding in findings:
-                self._write(json.dumps(self.record(finding)))
+            for finding in live:
+                self._write(self._record(finding))
             return
-        for finding in findings:
+        for finding in live:
             if finding.kind == "unanswered":
-                self._write(
-                    f"  unanswered, {finding.reason}{', one-way' if finding.one_way else ''}: "
-                    f"{unanswered_text(finding)}; {utc_timestamp(finding.first_seen)} .. "
-                    f"{utc_timestamp(finding.last_seen)}"
-                )
-                continue
-            tags: tuple[str, ...] = ("local",) if finding.local else ()
-            if finding.confirmed:
-                tags += ("confirmed",)
-            self._write(
-                self._fit(
-                    f"{self._text(finding, tags)}; {utc_timestamp(finding.first_seen)} .. "
-                    f"{utc_timestamp(finding.last_seen)}",
-                    indent="  ",
-                )
-            )
+                self._write(self.unanswered_aged(finding))
+            else:
+                self._write(self.aged_line(finding))
 
     def summary(self, record: dict[str, Any]) -> None:
         if self.json:
@@ -185,7 +260,16 @@ class WatchRenderer:
             _plural(record.get("unanswered", 0), "unanswered request"),
             _plural(record["findings"], "finding"),
         ]
+        if record.get("existing"):
+            counts.append(f"{record['existing']} existing (before the watch, not counted)")
+        tracking = record.get("tracking") or {}
+        blind = [_FAMILY_WORDS[f] for f, on in tracking.items() if on is False]
+        if blind:
+            counts.append(f"blind to {' and '.join(blind)} (not tracked)")
         self._write(f"summary: {', '.join(counts)}")
+
+
+_FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def _plural(count: int, word: str) -> str:

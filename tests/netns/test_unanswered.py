@@ -289,32 +289,30 @@ def _aged(topo: Topology, port: int) -> Callable[[], bool]:
     return aged
 
 
-def test_exit_status_ignores_one_way_flows_and_counts_existing_ones(tmp_path: Path) -> None:
+def test_requests_already_in_the_table_are_history(tmp_path: Path) -> None:
     """Requests already in the table when watch starts (older than its grace) are
-    counted from its start-up dump (`existing`). With only a one-way service's, a timed
-    watch exits 0; with a request to a port nothing is bound to as well, 1."""
+    counted from its start-up dump as `existing` records: printed once, never findings,
+    never in the exit status (as for wrong-source replies); the one-way service's
+    stay one-way."""
     with lab_topology(ipv6=False, netfilter="nft") as topo:
         _rsyslog(topo, tmp_path)
         _syslog(topo)
-
-        _until("the syslog entries to age", _aged(topo, 514))
-        quiet = subprocess.run(
+        udp_exchange(topo.container, UPLINK_V4, 7005, timeout=0.2)  # nothing bound
+        for port in (514, 7005):
+            _until(f"port {port}'s entries to age", _aged(topo, port))
+        proc = subprocess.run(
             [*WATCH, "--netns", topo.host, "--duration", "0.5"], capture_output=True, text=True,
             timeout=60,
         )
-        assert quiet.returncode == 0, quiet.stdout + quiet.stderr
-        [syslog] = _unanswered([json.loads(line) for line in quiet.stdout.splitlines()]).values()
-        assert (syslog["one_way"], syslog["existing"], syslog["flows"]) == (True, True, 3)
-
-        udp_exchange(topo.container, UPLINK_V4, 7005, timeout=0.2)
-        _until("the unanswered entry to age", _aged(topo, 7005))
-        down = subprocess.run(
-            [*WATCH, "--netns", topo.host, "--duration", "0.5"], capture_output=True, text=True,
-            timeout=60,
-        )
-        assert down.returncode == 1, down.stderr
-        final = _unanswered([json.loads(line) for line in down.stdout.splitlines()])
-        assert final[(f"{UPLINK_V4}:7005", "no-socket")]["existing"] is True
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    final = _unanswered(records)
+    syslog = final[(f"{UPLINK_V4}:514", "no-reply")]
+    assert (syslog["one_way"], syslog["existing"], syslog["flows"]) == (True, True, 3)
+    down = final[(f"{UPLINK_V4}:7005", "no-socket")]
+    assert (down["one_way"], down["existing"], down["flows"]) == (False, True, 1)
+    summary = records[-1]
+    assert (summary["findings"], summary["existing"], summary["unanswered"]) == (0, 2, 4)
 
 
 def test_the_kernel_passes_only_destroy_events_of_unreplied_entries(short_lab: Topology) -> None:

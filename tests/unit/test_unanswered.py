@@ -235,10 +235,12 @@ def test_a_dump_counts_unreplied_requests_after_the_grace_once() -> None:
     assert (finding.flows, finding.existing, change) == (1, True, Change.NEW)
     # A resync's dump repeating the entry adds nothing.
     assert d.examine([old], 101.0) == []
-    # Their DESTROY events: the counted one is not counted again, the young one is.
+    # Their DESTROY events: the counted one is not counted again; the young one ends
+    # while watching: news, in a finding of its own (the start-up's stays history).
     assert d.feed(ended(old), 128.0) is None
     again = only(d.feed(ended(young), 130.0))
-    assert (again.flows, again.existing) == (2, True)
+    assert (again.flows, again.existing, again.service) == (1, False, finding.service)
+    assert sorted(f.existing for f in d.found) == [False, True]
 
 
 def test_watch_leaves_dumped_entries_it_cannot_remember_to_their_destroy() -> None:
@@ -379,3 +381,14 @@ def test_explain_leaves_requests_dnatd_to_another_local_port_to_that_port() -> N
     assert (here.service, here.target, here.reason) == (
         "198.51.100.13:8053", "192.0.2.1:53", "no-socket"
     )
+
+
+def test_a_timed_watch_exits_1_for_problems_and_not_for_one_way_flows() -> None:
+    from ctfix.commands.watch import exit_status
+
+    d = detector(wildcard(514, "rsyslogd"))
+    syslog = only(d.feed(ended(flow("192.0.2.3", 40000, "198.51.100.13", 514)), 1.0))
+    down = only(d.feed(ended(flow("192.0.2.3", 40000, "198.51.100.13", 7001)), 1.0))
+    assert exit_status([syslog], stopped_by_duration=True) == 0
+    assert exit_status([syslog, down], stopped_by_duration=True) == 1
+    assert exit_status([syslog, down], stopped_by_duration=False) == 0  # Ctrl-C, SIGTERM

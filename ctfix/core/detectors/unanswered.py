@@ -59,7 +59,7 @@ Know before changing:
 from __future__ import annotations
 
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -251,7 +251,9 @@ class UnansweredFinding:
     last_seen: float
     client: str  # "addr:port" of the latest client
     one_way: bool = False  # a one-way service (knowledge base): expected, not a problem
-    existing: bool = False  # first seen in a dump (start-up, resync), not as a flow ending
+    #: requests in the table when watch started (its start-up dump): history, kept in a
+    #: finding of their own, apart from the same service's flows that end while watching
+    existing: bool = False
     target: str | None = None  # where a DNAT sent them, when not the service itself
     confirmed: bool = False  # no-socket: the host's ICMP port unreachable was seen
     program: str | None = None  # no-reply: the process holding the socket
@@ -259,8 +261,8 @@ class UnansweredFinding:
     kind: Literal["unanswered"] = "unanswered"
 
     @property
-    def key(self) -> tuple[str, UnansweredReason, bool]:
-        return (self.service, self.reason, self.one_way)
+    def key(self) -> tuple[str, UnansweredReason, bool, bool]:
+        return (self.service, self.reason, self.one_way, self.existing)
 
     @property
     def problem(self) -> bool:
@@ -306,7 +308,7 @@ class UnansweredDetector:
         wrong: Answers | None = None,
         stale: StaleTargets | None = None,
         firewall: Firewall | None = None,
-        kb: KnowledgeBase | None = None,
+        kb: KnowledgeBase | Callable[[], KnowledgeBase] | None = None,
         local_addresses: frozenset[str] = frozenset(),
         udp_timeout: int = UDP_TIMEOUT,
         remember: bool = False,
@@ -324,12 +326,15 @@ class UnansweredDetector:
         self.udp_timeout = udp_timeout
         self.remember = remember
         self.grace = grace
+        #: dumps find history (`existing` findings) until the composer says otherwise:
+        #: watch, after its start-up dump (a resync's finds are news, as for wrong-source)
+        self.dumps_are_history = True
         self.max_findings = max_findings
         self.max_clients = max_clients
         self.max_remembered = max_remembered
         self.stats = Stats()
-        self.findings: dict[tuple[str, UnansweredReason, bool], UnansweredFinding] = {}
-        self._clients: dict[tuple[str, UnansweredReason, bool], set[str]] = {}
+        self.findings: dict[tuple[str, UnansweredReason, bool, bool], UnansweredFinding] = {}
+        self._clients: dict[tuple[str, UnansweredReason, bool, bool], set[str]] = {}
         self._client_count = 0
         # conntrack id -> deadline (the caller's clock) of entries counted from a dump
         self._counted: dict[int, float] = {}
@@ -389,7 +394,7 @@ class UnansweredDetector:
                 # Its DESTROY comes `left` seconds from now, later if the client sends
                 # again; long after that the id is forgotten (a count twice at worst).
                 self._counted[entry.id] = now + (left or 0) + 4 * self.udp_timeout + 60
-            found = self._count(entry, now, since=now - idle, existing=True)
+            found = self._count(entry, now, since=now - idle, existing=self.dumps_are_history)
             if found is not None:
                 self.stats.from_dump += 1
                 results.append(found)
@@ -460,6 +465,8 @@ class UnansweredDetector:
         return _Classified("no-reply", one_way, False, holder.process if holder else None)
 
     def _is_one_way(self, holder: Holder, port: int) -> bool:
+        if callable(self.kb):
+            self.kb = self.kb()  # loaded when first needed (watch's start stays fast)
         if self.kb is None:
             return False
         key = (holder.process, holder.exe, holder.cmdline, port)
@@ -478,7 +485,7 @@ class UnansweredDetector:
         if why is None:
             return None
         service = endpoint(orig.dst, orig.dport)
-        key = (service, why.reason, why.one_way)
+        key = (service, why.reason, why.one_way, existing)
         old = self.findings.get(key)
         if old is None and len(self.findings) >= self.max_findings:
             self.stats.uncounted_flows += 1

@@ -73,6 +73,9 @@ def findings(
         local_addresses=addresses,
         udp_timeout=snapshot.udp_timeout,
     )
+    # One account per (service, reason): the table's requests and those that ended
+    # during --listen alike (watch's history/news split means nothing here).
+    detector.dumps_are_history = False
     for entry in ended:
         detector.feed(CtEvent(DESTROY, entry), 0.0)
     detector.examine(flows, 0.0)
