@@ -67,10 +67,14 @@ def _until(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> N
 
 class Watch:
     """`ctfix watch --json` with stdout in a file, so the test reads records as they
-    come; stopped with SIGTERM (a normal end, with the final records and a summary)."""
+    come; stopped with SIGTERM (a normal end, with the final records and a summary).
 
-    def __init__(self, proc: subprocess.Popen[str], out: Any, err: Any) -> None:
-        self.proc, self.out, self.err = proc, out, err
+    While it waits for a record, it dumps the host namespace's UDP table now and then:
+    a dump makes the kernel remove the expired entries it meets at once (their DESTROY
+    events follow), where its garbage collector may take up to a minute."""
+
+    def __init__(self, proc: subprocess.Popen[str], out: Any, err: Any, topo: Topology) -> None:
+        self.proc, self.out, self.err, self.topo = proc, out, err, topo
 
     def records(self) -> list[dict[str, Any]]:
         self.out.flush()
@@ -86,6 +90,9 @@ class Watch:
         def seen() -> bool:
             assert self.proc.poll() is None, self.stderr()
             found[:] = [r for r in self.records() if test(r)]
+            if not found:
+                with netns.entered(self.topo.host):
+                    list(conntrack.dump(proto=17))  # reap what has expired
             return bool(found)
 
         _until(what, seen)
@@ -107,7 +114,7 @@ def _watching(topo: Topology, *extra: str) -> Iterator[Watch]:
             [*WATCH, "--netns", topo.host, *extra], stdout=out, stderr=err, text=True
         )
         try:
-            watch = Watch(proc, out, err)
+            watch = Watch(proc, out, err, topo)
             _until(
                 "watch to get ready",
                 lambda: "watching " in watch.stderr() or proc.poll() is not None,
