@@ -53,7 +53,9 @@ CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_ID = 12
 CTA_ZONE = 18
+CTA_TIMESTAMP = 20
 CTA_FILTER = 25
+CTA_TIMESTAMP_START = 1
 
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -98,8 +100,10 @@ class CtTuple(NamedTuple):
 class CtEntry(NamedTuple):
     """A conntrack entry: both tuples and the attributes detection uses.
 
-    `zone` is 0 for the default zone; `mark`, `timeout` (seconds left) and `id` are
-    None when the message did not carry them.
+    `zone` is 0 for the default zone; `mark`, `timeout` (seconds left), `id` and
+    `start` (when the entry was made, nanoseconds since the epoch: only with
+    net.netfilter.nf_conntrack_timestamp=1) are None when the message did not carry
+    them.
     """
 
     orig: CtTuple
@@ -109,6 +113,7 @@ class CtEntry(NamedTuple):
     mark: int | None = None
     timeout: int | None = None
     id: int | None = None
+    start: int | None = None
 
     @property
     def family(self) -> int:
@@ -246,14 +251,19 @@ def _fast(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
     rdst = cache.get(v[19]) or _addr(v[19])
     orig = _new_tuple(CtTuple, (osrc, odst, v[11], v[13], v[9], fam))
     reply = _new_tuple(CtTuple, (rsrc, rdst, v[24], v[26], v[22], fam))
-    status, zone, mark, timeout, ct_id = _scalars(buf, offset + layout.size, offset + msg_len)
-    return _new_tuple(CtEntry, (orig, reply, status, zone, mark, timeout, ct_id))
+    scalars = _scalars(buf, offset + layout.size, offset + msg_len)
+    return _new_tuple(CtEntry, (orig, reply, *scalars))
 
 
-def _scalars(buf: Buf, pos: int, end: int) -> tuple[int, int, int | None, int | None, int | None]:
-    """Walk the top-level attributes after the tuples for the few scalars we keep."""
+_Scalars = tuple[int, int, int | None, int | None, int | None, int | None]
+_BE64 = struct.Struct(">Q")
+
+
+def _scalars(buf: Buf, pos: int, end: int) -> _Scalars:
+    """Walk the top-level attributes after the tuples for the few scalars we keep:
+    (status, zone, mark, timeout, id, start)."""
     status = zone = 0
-    mark = timeout = ct_id = None
+    mark = timeout = ct_id = start = None
     while pos + 4 <= end:
         nla_len, nla_type = _NLA.unpack_from(buf, pos)
         if nla_len < 4 or pos + nla_len > end:
@@ -270,8 +280,22 @@ def _scalars(buf: Buf, pos: int, end: int) -> tuple[int, int, int | None, int | 
                 ct_id = _BE32.unpack_from(buf, pos + 4)[0]
         if t == CTA_ZONE and nla_len >= 6:
             zone = _BE16.unpack_from(buf, pos + 4)[0]
+        elif t == CTA_TIMESTAMP:
+            start = _timestamp_start(buf, pos + 4, pos + nla_len)
         pos += (nla_len + 3) & ~3
-    return status, zone, mark, timeout, ct_id
+    return status, zone, mark, timeout, ct_id, start
+
+
+def _timestamp_start(buf: Buf, pos: int, end: int) -> int | None:
+    """CTA_TIMESTAMP_START inside a CTA_TIMESTAMP nest (u64, big-endian, ns)."""
+    while pos + 4 <= end:
+        nla_len, nla_type = _NLA.unpack_from(buf, pos)
+        if nla_len < 4 or pos + nla_len > end:
+            return None
+        if nla_type & NLA_TYPE_MASK == CTA_TIMESTAMP_START and nla_len >= 12:
+            return int(_BE64.unpack_from(buf, pos + 4)[0])
+        pos += (nla_len + 3) & ~3
+    return None
 
 
 # -- the general walk -----------------------------------------------------------------
@@ -322,8 +346,7 @@ def _slow(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
             reply = _walk_tuple(buf, vs, ve, family)
     if orig is None or reply is None:
         return None
-    status, zone, mark, timeout, ct_id = _scalars(buf, offset + 20, end)
-    return CtEntry(orig, reply, status, zone, mark, timeout, ct_id)
+    return CtEntry(orig, reply, *_scalars(buf, offset + 20, end))
 
 
 def decode_entry(buf: Buf, offset: int = 0, *, fast: bool = True) -> CtEntry | None:

@@ -44,6 +44,7 @@ import ipaddress
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ctfix.core.addr import endpoint
@@ -330,7 +331,12 @@ class Detector:
         return None
 
     def resync(
-        self, entries: list[CtEntry], now: float, *, complete: bool = False
+        self,
+        entries: list[CtEntry],
+        now: float,
+        *,
+        complete: bool = False,
+        time_of: Callable[[CtEntry], float] | None = None,
     ) -> list[tuple[Finding, Change]]:
         """Rebuild from a dump after lost events: learn unreplied flows, then match.
 
@@ -338,6 +344,9 @@ class Detector:
         event that came before it was fed. A pending request it does not list as
         unreplied was answered or destroyed while events were lost: it is forgotten.
         Leave it False for a partial dump (one port), which can only add.
+        time_of: when a wrong-source reply entry's last packet left, as far as the
+        table tells (explain dates its evidence so); findings then say when they
+        happened instead of `now`.
         """
         udp = socket.IPPROTO_UDP
         unreplied = [e for e in entries if e.orig.proto == udp and not e.status & IPS_SEEN_REPLY]
@@ -353,7 +362,7 @@ class Detector:
                 before[key] = previous
         results = []
         for entry in unreplied:
-            found = self._match(entry, now, from_dump=True)
+            found = self._match(entry, time_of(entry) if time_of else now, from_dump=True)
             if found is not None:
                 results.append(found)
             if not self._matched:
@@ -467,7 +476,9 @@ class Detector:
             client=endpoint(*client),
             count=old.count + 1,
             clients=old.clients + new_client,
-            last_seen=now,
+            # A dump dated by time_of comes in no particular order of time.
+            first_seen=min(old.first_seen, now),
+            last_seen=max(old.last_seen, now),
             local=local or old.local,
             confirmed=confirmed or old.confirmed,
         )

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ctfix.core.plan import Plan, Step, step_from_dict, step_to_dict
+from ctfix.core.plan import Plan, Step, cover_to_dict, step_from_dict, step_to_dict
 from ctfix.errors import CtfixError
 from ctfix.platform.locks import flock_within
 
@@ -74,6 +74,10 @@ class RecordedFix:
     complete: bool
     steps: list[RecordedStep] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. legacy tables it loaded
+    #: when the apply finished (None: unfinished, or an older record: `started` then)
+    applied: float | None = None
+    #: snat-zone: the clients it remembers ({"service", "target", "label", "hooks"})
+    covers: list[dict[str, Any]] = field(default_factory=list)
 
     def same_plan(self, plan: Plan) -> bool:
         return (
@@ -157,6 +161,8 @@ class FixState:
                     started=float(fix["started"]),
                     complete=bool(fix["complete"]),
                     notes=[str(n) for n in fix.get("notes", [])],
+                    applied=float(fix["applied"]) if fix.get("applied") else None,
+                    covers=[dict(c) for c in fix.get("covers", [])],
                     steps=[
                         RecordedStep(step_from_dict(s["step"]), s["status"]) for s in fix["steps"]
                     ],
@@ -176,6 +182,8 @@ class FixState:
                     "started": fix.started,
                     "complete": fix.complete,
                     "notes": fix.notes,
+                    "applied": fix.applied,
+                    "covers": fix.covers,
                     "steps": [
                         {"status": r.status, "step": step_to_dict(r.step)} for r in fix.steps
                     ],
@@ -213,7 +221,10 @@ class FixState:
     # -- recording -----------------------------------------------------------------
 
     def begin(self, plan: Plan) -> RecordedFix:
-        fix = RecordedFix(plan.port, plan.method, plan.backend, time.time(), complete=False)
+        fix = RecordedFix(
+            plan.port, plan.method, plan.backend, time.time(), complete=False,
+            covers=[cover_to_dict(t) for t in plan.covers],
+        )
         self.fixes[plan.port] = fix
         self.save()
         return fix
@@ -235,6 +246,7 @@ class FixState:
 
     def finish(self, fix: RecordedFix) -> None:
         fix.complete = True
+        fix.applied = time.time()
         self.save()
 
     def forget(self, port: int) -> None:

@@ -72,14 +72,15 @@ def _port_field(left: Any) -> str | None:
     return None
 
 
-def _nft_nat_to(expressions: list[JsonObject]) -> str | None:
+def _nft_nat_to(expressions: list[JsonObject]) -> tuple[str | None, int | None]:
+    """(address, port) a snat/dnat statement rewrites to (None: not named)."""
     for expr in expressions:
         for key in ("snat", "dnat"):
             value = expr.get(key)
             if isinstance(value, dict) and isinstance(value.get("addr"), str):
-                address: str = value["addr"]
-                return address
-    return None
+                port = value.get("port")
+                return str(value["addr"]), port if isinstance(port, int) else None
+    return None, None
 
 
 def _nft_classify(
@@ -124,7 +125,7 @@ _CHAIN_LINE = re.compile(r"^\s*chain (\S+) \{ # handle \d+$")
 _RULE_LINE = re.compile(r"^\s*(.*\S) # handle (\d+)$")
 
 
-def _nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
+def nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
     """(family, table, chain, handle) -> the rule as `nft list ruleset` prints it."""
     texts: dict[tuple[str, str, str, int], str] = {}
     family = table = chain = None
@@ -160,10 +161,11 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 candidates.append((rule, found))
     if not candidates:
         return []
-    texts = _nft_rule_texts(nft.ruleset_text_with_handles())
+    texts = nft_rule_texts(nft.ruleset_text_with_handles())
     result: list[NetfilterRule] = []
     for rule, (actions, sport, dport, to_port, mark) in candidates:
         key = (rule["family"], rule["table"], rule["chain"])
+        nat_to, nat_port = _nft_nat_to(rule.get("expr", []))
         result.append(
             NetfilterRule(
                 backend="nftables",
@@ -177,7 +179,8 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 to_port=to_port and not (sport or dport),
                 hook=hooks.get(key),
                 matches_mark=mark,
-                nat_to=_nft_nat_to(rule.get("expr", [])),
+                nat_to=nat_to,
+                nat_port=nat_port,
             )
         )
     return result
@@ -262,11 +265,39 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
+def parse_nat_target(token: str) -> tuple[str, int | None] | None:
+    """`198.51.100.13:53`, `[2001:db8::1]:53`, `2001:db8::1`, `198.51.100.13` ->
+    (address, port); None for anything else (a map, a range)."""
+    if token.startswith("["):
+        address, _, rest = token[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif token.count(":") == 1:
+        address, _, port = token.partition(":")
+    else:
+        address, port = token, ""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if port and not port.isdigit():
+        return None
+    return address, int(port) if port else None
+
+
+def _legacy_nat_port(saved: str) -> int | None:
+    """`--to-source 198.51.100.13:53` / `[2001:db8::1]:53` -> 53 (None: no port)."""
+    match = re.search(r"--to-(?:source|destination)\s+(\S+)", saved)
+    if match is None:
+        return None
+    target = parse_nat_target(match.group(1))
+    return target[1] if target else None
+
+
 def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
     loaded = iptables_legacy.loaded_tables(family)
     if not loaded:
         return
-    table_class = iptables_legacy.table_class(_import_iptc(), family, loaded)
+    table_class = iptables_legacy.table_class(import_iptc(), family, loaded)
     for name in loaded:
         if name not in table_class.ALL:
             continue
@@ -288,20 +319,9 @@ def _legacy_rule(
     if rule.protocol not in ("udp", "17", None, ""):
         return None
     ip = rule.get_ip()
-    options = ""
-    options += _address_option("-s", rule.src)
-    options += _address_option("-d", rule.dst)
-    for flag, iface in (("-i", rule.in_interface), ("-o", rule.out_interface)):
-        if iface:
-            neg = iface.startswith("!")
-            options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
-    if rule.protocol:
-        options += f" -p {rule.protocol}"
     sport = dport = mark = False
     for match in rule.matches:
-        saved = iptables_legacy.saved_options(match, ip)
-        options += f" -m {match.name}{saved}"
-        s, d = _match_ports(saved, port)
+        s, d = _match_ports(iptables_legacy.saved_options(match, ip), port)
         sport, dport = sport or s, dport or d
         mark = mark or match.name in ("mark", "connmark")
     target = rule.target
@@ -313,8 +333,6 @@ def _legacy_rule(
     )
     if not (sport or dport or to_port):
         return None
-    if target_name:
-        options += f" -j {target_name}{target_saved}"
     actions: set[str] = set()
     if target_name == "CT":
         if "--notrack" in target_saved:
@@ -331,7 +349,7 @@ def _legacy_rule(
         family=family,
         table=table,
         chain=chain,
-        rule=f"-A {chain}{options}",
+        rule=legacy_rule_text(rule, chain),
         actions=frozenset(actions),
         matches_sport=sport,
         matches_dport=dport,
@@ -339,10 +357,31 @@ def _legacy_rule(
         hook=_BUILTIN_HOOKS.get(chain),
         matches_mark=mark,
         nat_to=_legacy_nat_to(target_saved),
+        nat_port=_legacy_nat_port(target_saved),
     )
 
 
-def _import_iptc() -> Any:
+def legacy_rule_text(rule: Any, chain: str) -> str:
+    """The rule as iptables-save prints it: `-A CHAIN -s ... -p udp -m ... -j ...`."""
+    ip = rule.get_ip()
+    options = ""
+    options += _address_option("-s", rule.src)
+    options += _address_option("-d", rule.dst)
+    for flag, iface in (("-i", rule.in_interface), ("-o", rule.out_interface)):
+        if iface:
+            neg = iface.startswith("!")
+            options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
+    if rule.protocol and rule.protocol not in ("ip", "all", "0"):  # iptables-save omits them
+        options += f" -p {rule.protocol}"
+    for match in rule.matches:
+        options += f" -m {match.name}{iptables_legacy.saved_options(match, ip)}"
+    target = rule.target
+    if target is not None and target.name:
+        options += f" -j {target.name}{iptables_legacy.saved_options(target, ip)}"
+    return f"-A {chain}{options}"
+
+
+def import_iptc() -> Any:
     return iptables_legacy.import_iptc(
         "python-iptables is not installed but iptables-legacy rules exist"
     )
@@ -363,7 +402,7 @@ def legacy_rules(port: int) -> list[NetfilterRule]:
     families = [f for f in ("ipv4", "ipv6") if iptables_legacy.loaded_tables(f)]
     if not families:
         return []
-    _import_iptc()  # once, before forking: the children share the import
+    import_iptc()  # once, before forking: the children share the import
     return [rule for family in families for rule in _read_family(port, family)]
 
 

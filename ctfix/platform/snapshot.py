@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import select
 import time
+from dataclasses import dataclass
 
 from ctfix.core.decode import CtEntry
 from ctfix.core.diagnosis import (
@@ -23,9 +24,9 @@ from ctfix.core.diagnosis import (
     wrong_source_reply,
 )
 from ctfix.core.model import Listener, WrongSourceReply
-from ctfix.core.snapshot import RouteChoice, Snapshot
+from ctfix.core.snapshot import FixRecord, RouteChoice, Snapshot
 from ctfix.errors import CtfixError
-from ctfix.platform import netfilter_read, routing, sockdiag
+from ctfix.platform import dnat_read, netfilter_read, routing, sockdiag
 
 
 def conntrack_flows(port: int) -> list[CtEntry]:
@@ -45,13 +46,34 @@ def _ours(service: str, expected_source: str, port: int) -> bool:
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
-def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
+@dataclass(frozen=True, slots=True)
+class Listened:
+    """What `listen` saw: the port's wrong-source replies, and how many new requests
+    to the port (a quiet port proves nothing either way)."""
+
+    since: float  # when listening began (seconds since the epoch)
+    seconds: float
+    findings: tuple[WrongSourceReply, ...]
+    requests: int
+
+
+def _request_to(entry: CtEntry, port: int, local: frozenset[str]) -> bool:
+    orig = entry.orig
+    return orig.proto == 17 and orig.src not in local and (
+        orig.dport == port or (entry.reply.sport == port and entry.reply.src in local)
+    )
+
+
+def listen(port: int, seconds: float, local: frozenset[str]) -> Listened:
     """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
+    from ctfix.core.decode import NEW
     from ctfix.core.detect import Detector
     from ctfix.platform import conntrack
 
     detector = Detector(local_addresses=local)
     events = conntrack.EventSocket()
+    since = time.time()
+    requests = 0
     # Only what happened during the listen is live; the first resync only teaches the
     # detector the requests already waiting, and its findings are the table's.
     seen_live: set[tuple[str, str, str]] = set()
@@ -70,25 +92,43 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
                 continue
             now = time.time()
             for event in batch:
+                requests += event.kind == NEW and _request_to(event.entry, port, local)
                 result = detector.feed(event, now)
                 if result is not None:
                     seen_live.add(result[0].key)
     finally:
         events.close()
-    return [
+    findings = tuple(
         wrong_source_reply(f)
         for f in detector.findings.values()
         if f.key in seen_live and _ours(f.service, f.expected_source, port)
-    ]
+    )
+    return Listened(since, seconds, findings, requests)
+
+
+def fix_record(port: int, netns: str) -> FixRecord | None:
+    """What `ctfix fix` recorded for the port in this namespace (None: nothing, or a
+    record this user cannot read: explain then judges the rules alone)."""
+    from ctfix.platform.fixstate import FixState
+
+    try:
+        fix = FixState.load(netns).fixes.get(port)
+    except CtfixError:
+        return None
+    if fix is None or not fix.complete:
+        return None
+    return FixRecord(
+        fix.method,
+        fix.applied if fix.applied is not None else fix.started,
+        tuple((c["service"], c["target"]) for c in fix.covers),
+    )
 
 
 def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
     """Everything explain needs about the port, from the current namespace."""
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
-    live: list[WrongSourceReply] = []
-    if listen_seconds > 0:
-        live = listen(port, listen_seconds, local)
+    listened = listen(port, listen_seconds, local) if listen_seconds > 0 else None
 
     owned = sockdiag.listeners(port)
     listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
@@ -97,12 +137,16 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
+    # Before the dump: entries are dated from their time left as of this moment, and
+    # an earlier moment dates them earlier, never after the fact.
+    taken_at = time.time()
     try:
         flows = conntrack_flows(port)
     except CtfixError as err:
         conntrack_error = err.one_line()
 
     netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
+    dnat, dnat_errors = dnat_read.dnat_rules(port)
     if conntrack_error is None:
         # A port forwarded elsewhere on this host: its requests are answered from the
         # target port, so the replies (the evidence) are that port's flows.
@@ -126,8 +170,19 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         flows=tuple(flows),
         conntrack_error=conntrack_error,
         netfilter=tuple(netfilter),
-        netfilter_errors=tuple(netfilter_errors),
-        live_findings=tuple(live),
+        netfilter_errors=(*netfilter_errors, *dnat_errors),
+        live_findings=listened.findings if listened else (),
         listened_seconds=listen_seconds,
         probes=probes,
+        dnat_rules=tuple(dnat),
+        taken_at=taken_at,
+        listened_since=listened.since if listened else None,
+        udp_timeout=_udp_timeout(),
+        fix=fix_record(port, netns),
     )
+
+
+def _udp_timeout() -> int | None:
+    from ctfix.platform import conntrack
+
+    return conntrack.udp_timeout()

@@ -14,7 +14,14 @@ import textwrap
 from typing import Any
 
 from ctfix.core.diagnosis import recommended_first, wrong_text
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.core.model import (
+    ClientNetwork,
+    Diagnosis,
+    FixEffect,
+    ForwardedService,
+    Listener,
+    WrongSourceReply,
+)
 from ctfix.render.style import Style
 
 WHY = (
@@ -63,23 +70,12 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "services": list(cn.services),
             }
             for cn in d.clients
         ],
         "evidence": {
-            "wrong_source": [
-                {
-                    "client": w.client,
-                    "service": w.service,
-                    "expected_source": w.expected_source,
-                    "actual_source": w.actual_source,
-                    "mismatch": w.mismatch,
-                    "count": w.count,
-                    "clients": w.clients,
-                    "client_network": w.client_network,
-                }
-                for w in d.evidence.wrong_source
-            ],
+            "wrong_source": [wrong_json(w) for w in d.evidence.wrong_source],
             "healthy": d.evidence.healthy,
             "unanswered": d.evidence.unanswered,
         },
@@ -105,6 +101,51 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "local_addresses": list(d.local_addresses),
         "service_down": d.service_down,
         "forwarded_to": list(d.forwarded_to),
+        "forwarded_from": [forwarded_json(f) for f in d.forwarded_from],
+        "fix_effect": effect_json(d.fix_effect),
+    }
+
+
+def wrong_json(w: WrongSourceReply) -> dict[str, Any]:
+    return {
+        "client": w.client,
+        "service": w.service,
+        "expected_source": w.expected_source,
+        "actual_source": w.actual_source,
+        "mismatch": w.mismatch,
+        "count": w.count,
+        "clients": w.clients,
+        "client_network": w.client_network,
+        "first_seen": w.first_seen,
+        "last_seen": w.last_seen,
+    }
+
+
+def forwarded_json(f: ForwardedService) -> dict[str, Any]:
+    return {
+        "service": f.service,
+        "address": f.address,
+        "port": f.port,
+        "target": f.target,
+        "hooks": list(f.hooks),
+        "rules": list(f.rules),
+        "seen": f.seen,
+        "exact": f.exact,
+    }
+
+
+def effect_json(e: FixEffect | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {
+        "method": e.method,
+        "applied_at": e.applied_at,
+        "covers": list(e.covers),
+        "verdict": e.verdict,
+        "since_fix": [wrong_json(w) for w in e.since_fix],
+        "ineffective_for": list(e.ineffective_for),
+        "uncovered": [forwarded_json(f) for f in e.uncovered],
+        "evidence": list(e.evidence),
     }
 
 
@@ -158,6 +199,12 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     )
 
 
+def _forwarded_line(f: ForwardedService) -> str:
+    where = f" in {'/'.join(f.hooks)}" if f.hooks else ""
+    seen = f", {f.seen} request{'s' if f.seen != 1 else ''} in conntrack" if f.seen else ""
+    return f"{f.service} -> {f.target} (DNAT{where}{seen})"
+
+
 def _wrap(text: str, indent: str, width: int = 88) -> str:
     return "\n".join(
         textwrap.fill(
@@ -203,6 +250,9 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
 
     out += ["", s("Sockets on the port", "bold")]
     out += [f"  {_listener_line(lst)}" for lst in d.listeners] or ["  none"]
+    if d.forwarded_from:
+        out += ["", s("Services DNAT'd to the port", "bold")]
+        out += [f"  {_forwarded_line(f)}" for f in d.forwarded_from]
 
     if d.clients:
         out += [
@@ -265,6 +315,9 @@ def render_markdown(d: Diagnosis) -> str:
         out += ["", "### Why", "", WHY]
     out += ["", "### Sockets on the port", ""]
     out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
+    if d.forwarded_from:
+        out += ["", "### Services DNAT'd to the port", ""]
+        out += [f"- `{_forwarded_line(f)}`" for f in d.forwarded_from]
     if d.clients:
         out += [
             "",

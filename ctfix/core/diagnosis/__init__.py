@@ -58,7 +58,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
-from ctfix.core.diagnosis import advice, evidence, exposure, listeners, netfilter, requests
+from ctfix.core.diagnosis import (
+    advice,
+    effect,
+    evidence,
+    exposure,
+    forwarding,
+    listeners,
+    netfilter,
+    requests,
+)
 from ctfix.core.diagnosis.advice import recommended_first
 from ctfix.core.diagnosis.codes import ReasonCode, reason
 from ctfix.core.diagnosis.evidence import wrong_source_reply, wrong_text
@@ -95,11 +104,13 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         family_name(unmap(parse_endpoint(w.client)[0])) for w in shown.wrong_source
     }
     listening = listeners.judge(snapshot.listeners, kb, port, caught)
-    rewritten = netfilter.rewritten_addresses(snapshot.netfilter)
+    rewritten = netfilter.rewrites(port, snapshot.netfilter)
     clients = exposure.client_networks(snapshot, asked, listening, rewritten)
     forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
+    behind = forwarding.forwarded_services(port, snapshot.dnat_rules, snapshot.flows, local)
     rules = netfilter.rule_hits(snapshot.netfilter)
     present = evidence.split_history(shown, snapshot, rewritten)
+    fixed = effect.fix_effect(snapshot, shown, behind, listening.exposed)
 
     # Who is on the port, what reaches it, what conntrack shows, who is exposed, what
     # the rules do: in the order an expert would say it.
@@ -118,16 +129,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             )
             for address, target in forwards
         ]
-    dnat_here = requests.forwarded_here(snapshot.flows, port, local)
-    if dnat_here:
-        reasons.append(
-            reason(
-                "forwarded-here-by-dnat",
-                f"Requests to {', '.join(dnat_here)} are forwarded here by DNAT: the server "
-                "must answer them from the address the DNAT sent them to, or conntrack "
-                "cannot translate the reply back.",
-            )
-        )
+    reasons += forwarding.forwarding_reasons(behind)
     reasons += evidence.evidence_reasons(shown, snapshot)
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening)
     reasons += netfilter.netfilter_reasons(rewritten, rules)
@@ -136,11 +138,12 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             reason("no-conntrack-evidence", f"No conntrack evidence: {snapshot.conntrack_error}.")
         )
     reasons += present.history
+    reasons += effect.effect_reasons(fixed, snapshot)
 
     verdict: Verdict
     if present.current:
         verdict = "broken"
-    elif any(not cn.ok for cn in clients):
+    elif any(not cn.ok for cn in clients) or (fixed and fixed.uncovered):
         verdict = "at-risk"
     else:
         verdict = "ok"
@@ -167,6 +170,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         service=service_rule.name if service_rule else None,
         service_down=service_down,
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
+        forwarded_from=tuple(behind),
+        fix_effect=fixed,
     )
 
 

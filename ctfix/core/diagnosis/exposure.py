@@ -16,16 +16,20 @@ Know before changing (the definitions explain shows):
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it, or no
   serving socket of the family is exposed, or a working snat-zone rewrites to it.
+  A service a DNAT forwards here (`services`) counts by its target address, except
+  that only a rewrite to the service itself (address and port, before DNAT) rescues
+  its clients: a rewrite to the target is for the target's own clients.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from ctfix.core.addr import family_name, unmap
+from ctfix.core.addr import endpoint, family_name, unmap
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.evidence import MAIN_TABLE
 from ctfix.core.diagnosis.listeners import Listening, wild_for
+from ctfix.core.diagnosis.netfilter import Rewrites
 from ctfix.core.diagnosis.requests import (
     Request,
     connected_networks,
@@ -51,7 +55,7 @@ def client_networks(
     snapshot: Snapshot,
     requests: list[Request],
     listening: Listening,
-    rewritten: set[str],
+    rewritten: Rewrites,
 ) -> list[ClientNetwork]:
     """Every client network of the port, with what it addresses and would get back."""
     serving, exposed = listening.serving, listening.exposed
@@ -67,6 +71,9 @@ def client_networks(
         }
         seen: dict[str, list[str]] = {}
         interfaces: dict[str, str | None] = {}
+        # network -> (service, the address it is forwarded to) of DNAT'd requests
+        forwarded: dict[str, list[tuple[tuple[str, int], str]]] = {}
+        reached: dict[str, set[str]] = {}  # network -> addresses its clients sent to
         for request in requests:
             if request.family != family:
                 continue
@@ -75,6 +82,11 @@ def client_networks(
             interfaces[network] = iface
             if request.addressed not in addressed:
                 addressed.append(request.addressed)
+            pair = (request.service, request.addressed)
+            if not request.forwarded:
+                reached.setdefault(network, set()).add(request.addressed)
+            elif pair not in forwarded.setdefault(network, []):
+                forwarded[network].append(pair)
         if seen:
             networks = [(net, interfaces[net], sorted(addr), True) for net, addr in seen.items()]
         else:
@@ -98,10 +110,15 @@ def client_networks(
                 predicted = None
             interface = iface or (choice.interface if choice else None)
             near = tuple(onlink(snapshot.addresses, interface, family))
-            # `rewritten`: a working snat-zone setup gives those clients the right source.
-            ok = all(
-                not exposed.get(family) or a == predicted or a in specific or a in rewritten
-                for a in (*addressed, *near)
+            dnat = forwarded.get(network, [])
+            # An address reached only through a DNAT: a rewrite to it is no help to
+            # those clients (only one to their service is).
+            through_dnat = {a for _service, a in dnat} - reached.get(network, set())
+            direct = [(a, None) for a in (*addressed, *near) if a not in through_dnat]
+            right = {predicted, *specific}
+            ok = not exposed.get(family) or all(
+                a in right or _rewritten(rewritten, a, service)
+                for a, service in (*direct, *((a, service) for service, a in dnat))
             )
             result.append(
                 ClientNetwork(
@@ -112,14 +129,21 @@ def client_networks(
                     interface=interface,
                     seen=was_seen,
                     onlink=near,
+                    services=tuple(endpoint(*service) for service, _a in dnat),
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
     return result
 
 
+def _rewritten(rewritten: Rewrites, address: str, service: tuple[str, int] | None) -> bool:
+    """A working snat-zone setup gives these clients the right source: a rewrite to
+    the address they sent to (for clients of a DNAT'd service: to the service)."""
+    return rewritten.to(*service) if service else rewritten.to(address)
+
+
 def _connected_peers(
-    snapshot: Snapshot, requests: list[Request], known: list[ClientNetwork], rewritten: set[str]
+    snapshot: Snapshot, requests: list[Request], known: list[ClientNetwork], rewritten: Rewrites
 ) -> list[ClientNetwork]:
     """Networks served only by a connect()ed socket (netcat after its first datagram).
 
@@ -145,7 +169,7 @@ def _connected_peers(
                 network=network,
                 addressed=tuple(addressed),
                 predicted_source=source,
-                ok=all(a == source or a in rewritten for a in (*addressed, *near)),
+                ok=all(a == source or rewritten.to(a) for a in (*addressed, *near)),
                 interface=iface,
                 seen=True,
                 onlink=near,
@@ -174,12 +198,13 @@ def exposure_reasons(
             if extra
             else ""
         )
+        dnat = f" (also as {', '.join(cn.services)}, through DNAT)" if cn.services else ""
         reasons.append(
             reason(
                 "client-network-exposed",
-                f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{also}; replies to "
-                f"them leave from {source}, so those that address {', '.join(others)} get no "
-                "answer.",
+                f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{dnat}{also}; replies "
+                f"to them leave from {source}, so those that address {', '.join(others)} get "
+                "no answer.",
             )
         )
         choice = choice_for(snapshot, cn.network)
