@@ -17,6 +17,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +27,9 @@ from ctfix.commands.common import (
     enter_netns,
     port_number,
     require_root,
+    seconds_or_zero,
 )
-from ctfix.core.model import Diagnosis
+from ctfix.core.model import Diagnosis, FixEffect
 from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
@@ -46,9 +48,19 @@ examples:
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
 
+after --apply, fix listens to conntrack for --listen S seconds (default 3) for
+wrong-source replies on the port: rules in the kernel prove that they exist, not that
+they work. --status judges each fix by the evidence since it was applied (conntrack
+dates each wrong-source reply; --listen S watches live events too) and names the
+services a DNAT forwards to the port that a snat-zone fix does not cover.
+
 exit status:
   0    done (or a dry run; or nothing to revert)
-  1    --status: a recorded fix is DAMAGED or INTERRUPTED (revert it)
+  1    --apply: applied, but wrong-source replies went on while it listened
+       (INEFFECTIVE; it stays applied: revert it or look at `ctfix explain PORT`)
+  1    --status: a recorded fix is DAMAGED or INTERRUPTED (revert it), INEFFECTIVE
+       (wrong-source replies since it was applied), or does NOT COVER a service
+       DNAT'd to the port since
   2    refused or failed, nothing changed; bad input; missing privilege or feature
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
        what was applied so far is rolled back
@@ -57,10 +69,10 @@ exit status:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
-        f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply] [--force] "
+        f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply [--listen S]] [--force] "
         "[--backend nft|iptables-legacy] [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
-        "       ctfix fix --status [--netns NS] [--json]"
+        "       ctfix fix --status [--listen S] [--netns NS] [--json]"
     )
     parser.epilog = EPILOG
     parser.add_argument("port", nargs="?", type=port_number, metavar="PORT", help="UDP port")
@@ -88,6 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="netfilter backend for snat-zone (default: the one the namespace uses)",
     )
     add_rules_argument(parser)
+    parser.add_argument(
+        "--listen",
+        metavar="S",
+        type=seconds_or_zero,
+        help="--apply: listen S seconds afterwards for wrong-source replies (default 3; 0: "
+        "do not); --status: also watch live conntrack events for S seconds",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
 
@@ -96,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in ("apply", "revert", "status") if getattr(args, m)]
     if len(modes) > 1:
         raise CtfixError(f"--{modes[0]} and --{modes[1]} do not go together")
+    if args.listen is not None and not (args.apply or args.status):
+        raise CtfixError("--listen goes with --apply or --status", "drop --listen")
     if args.status:
         return _status(args)
     if args.revert:
@@ -149,32 +170,62 @@ def run(args: argparse.Namespace) -> int:
             result = remedy.apply_plan(plan, state, remedy.verify_plan, stop)
     except remedy.Interrupted as stopped:
         return _interrupted(args, stopped)
+    seconds = 3.0 if args.listen is None else args.listen
+    listened = _listen_after(plan.port, seconds) if seconds and not result.already else None
+    status = ExitStatus.PROBLEM if listened and listened.findings else ExitStatus.OK
     if args.json:
         from ctfix.core.plan import plan_to_dict
+        from ctfix.render.explain import wrong_json
 
         out = {
             "netns": label,
             "applied": not result.already,
             "already_applied": result.already,
+            "present": len(plan.steps),
             "checks": list(result.checks),
             "notes": list(result.notes),
+            "effect": None if listened is None else {
+                "listened": listened.seconds,
+                "requests": listened.requests,
+                "wrong_source": [wrong_json(w) for w in listened.findings],
+                "ineffective": bool(listened.findings),
+            },
             "plan": plan_to_dict(plan),
         }
         print(json.dumps(out, indent=2))
-        return ExitStatus.OK
+        return status
+    from ctfix.render import effect
+
     if result.already:
         print(f"ctfix fix {plan.port}: already applied ({plan.method}); nothing changed")
     else:
         print(f"ctfix fix {plan.port}: applied {plan.method} ({len(plan.steps)} step(s)) in "
               f"netns {label}")
+    for line in effect.covers_lines([f"clients of {t.label}" for t in plan.covers]):
+        print(f"  {line}")
+    print(f"  {effect.present_line(len(plan.steps))}")
     for line in result.checks:
         print(f"  checked: {line}")
+    if listened is not None:
+        for line in effect.listened_lines(
+            plan.port, listened.seconds, listened.requests, listened.findings
+        ):
+            print(f"  {line}")
     for warning in plan.warnings:
         print(f"  warning: {warning}")
     for note in result.notes:
         print(f"  note: {note}")
     print(f"  undo with: ctfix fix --revert {plan.port}{_netns_flag(args)}")
-    return ExitStatus.OK
+    return status
+
+
+def _listen_after(port: int, seconds: float) -> Any:
+    """Wrong-source replies on the port in the `seconds` after an apply (in the
+    namespace the command entered)."""
+    from ctfix.platform import routing, snapshot
+
+    local = frozenset(a.address for a in routing.local_addresses())
+    return snapshot.listen(port, seconds, local)
 
 
 @contextlib.contextmanager
@@ -289,6 +340,8 @@ def _print_plan(plan: Any, label: str, as_json: bool, apply_with: str | None) ->
         out.write(f"  warning: {warning}\n")
     for note in plan.notes:
         out.write(f"  {note}\n")
+    for target in plan.covers:
+        out.write(f"  covers: clients of {target.label}\n")
     for number, step in enumerate(plan.steps, 1):
         out.write(f"\n{number}. {step.summary}\n")
         for obj in step.creates:
@@ -318,9 +371,15 @@ def _status(args: argparse.Namespace) -> int:
     whole = {
         fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
     }
-    status = ExitStatus.OK if all(whole.values()) else ExitStatus.PROBLEM
+    # Effect, not presence: what the evidence since each whole fix says.
+    effects = {port: _effect(port, label, args.listen or 0.0) for port, ok in whole.items() if ok}
+    working = {
+        port: whole[port] and not _failing(effects.get(port)) for port in whole
+    }
+    status = ExitStatus.OK if all(working.values()) else ExitStatus.PROBLEM
     if args.json:
         from ctfix.core.plan import step_to_dict
+        from ctfix.render.explain import effect_json
 
         print(json.dumps({
             "netns": label,
@@ -332,7 +391,12 @@ def _status(args: argparse.Namespace) -> int:
                     "backend": fix.backend,
                     "complete": fix.complete,
                     "whole": whole[fix.port],
+                    "ok": working[fix.port],
                     "started": fix.started,
+                    "applied": fix.applied,
+                    "covers": fix.covers,
+                    "effect": effect_json(_effect_of(effects.get(fix.port))),
+                    "effect_error": _error_of(effects.get(fix.port)),
                     "notes": fix.notes,
                     "steps": [
                         {"status": st, "present": here, "step": step_to_dict(step)}
@@ -346,6 +410,8 @@ def _status(args: argparse.Namespace) -> int:
     if not report:
         print(f"ctfix fix --status: no fix recorded in netns {label}")
         return ExitStatus.OK
+    from ctfix.render import effect
+
     print(f"ctfix fix --status (netns {label}, {state.path}):")
     for fix, steps in report:
         condition = "applied" if whole[fix.port] else (
@@ -358,11 +424,42 @@ def _status(args: argparse.Namespace) -> int:
             print(f"    [{st:7}] {mark:7} {first}")
             for obj in rest:  # one object per line: an nftables table lists its parts
                 print(f"    {'':9} {'':7} {obj}")
+        for line in effect.covers_lines([f"clients of {c.get('label')}" for c in fix.covers]):
+            print(f"    {line}")
+        found = effects.get(fix.port)
+        if isinstance(found, str):
+            print(f"    effect: unknown: {found}")
+        elif found is not None:
+            for line in effect.effect_lines(found, time.time()):
+                print(f"    {line}")
         for note in fix.notes:
             print(f"    note: {note}")
-    if status != ExitStatus.OK:
+    if not all(whole.values()):
         print(f"  revert with: ctfix fix --revert{_netns_flag(args)}")
     return status
+
+
+def _effect(port: int, label: str, listen: float) -> FixEffect | str | None:
+    """The recorded fix's effect from a fresh diagnosis of the port; a string says
+    why there is none (no privilege to read conntrack, ...)."""
+    try:
+        return _diagnose(port, label, listen).fix_effect
+    except CtfixError as err:
+        return err.one_line()
+
+
+def _failing(found: FixEffect | str | None) -> bool:
+    return isinstance(found, FixEffect) and (
+        found.verdict == "ineffective" or bool(found.uncovered)
+    )
+
+
+def _effect_of(found: FixEffect | str | None) -> FixEffect | None:
+    return found if isinstance(found, FixEffect) else None
+
+
+def _error_of(found: FixEffect | str | None) -> str | None:
+    return found if isinstance(found, str) else None
 
 
 def _revert(args: argparse.Namespace) -> int:
@@ -459,7 +556,7 @@ def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
     return (*lines, *pktinfo_advice(port))
 
 
-def _diagnose(port: int, label: str) -> Diagnosis:
+def _diagnose(port: int, label: str, listen: float = 0.0) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
     from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
@@ -469,4 +566,4 @@ def _diagnose(port: int, label: str) -> Diagnosis:
         kb: rules.KnowledgeBase | None = rules.load()
     except CtfixError:
         kb = None  # the fix does not depend on recognising the program
-    return diagnose(snapshot.collect(port, label), kb)
+    return diagnose(snapshot.collect(port, label, listen_seconds=listen), kb)

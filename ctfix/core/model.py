@@ -72,6 +72,9 @@ class ClientNetwork:
     #: in `addressed`: a reply must go back from that address, or be rewritten to the
     #: service itself (seen networks only)
     services: tuple[str, ...] = ()
+    #: what these clients send to (addresses, and services behind DNAT) that would get
+    #: a reply from another source: the reason `ok` is False
+    unanswered: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +193,12 @@ class FixEffect:
     since_fix: tuple[WrongSourceReply, ...] = ()  # the evidence of `ineffective`
     ineffective_for: tuple[str, ...] = ()  # services ("addr:port") those replies answered
     uncovered: tuple[ForwardedService, ...] = ()
-    #: what the verdict rests on: "conntrack timestamps", "conntrack time left",
-    #: "live events (N s)"
+    #: what the verdict rests on: conntrack timestamps, conntrack time left, live events
     evidence: tuple[str, ...] = ()
+    #: how far back, in seconds before the diagnosis, a wrong-source reply since the fix
+    #: would still show (the table forgets an unreplied entry after
+    #: nf_conntrack_udp_timeout; 0: nothing could show one)
+    window: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
                 "services": list(cn.services),
+                "unanswered": list(cn.unanswered),
             }
             for cn in d.clients
         ],
@@ -183,7 +184,7 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     if extra:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
-    wrong = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
+    wrong = list(cn.unanswered) or [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
     if cn.ok:
         status = "ok"
     elif wrong:

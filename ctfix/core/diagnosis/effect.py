@@ -42,21 +42,25 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _dated_by(snapshot: Snapshot) -> list[str]:
-    """What could have shown a wrong-source reply since the fix."""
+def _dated_by(snapshot: Snapshot) -> tuple[list[str], float]:
+    """What could have shown a wrong-source reply since the fix, and how far back."""
     found: list[str] = []
+    window = 0.0
+    fix = snapshot.fix
+    since = snapshot.taken_at - fix.applied_at if fix and snapshot.taken_at else 0.0
     if snapshot.conntrack_error is None:
         if any(e.start is not None for e in snapshot.flows):
             found.append("conntrack timestamps")
         if snapshot.udp_timeout:
             found.append(
-                f"conntrack time left (the table keeps a wrong-source reply "
-                f"{snapshot.udp_timeout} s after its last packet)"
+                "conntrack time left: a wrong-source reply stays in the table "
+                f"{snapshot.udp_timeout} s after its last packet"
             )
-    fix = snapshot.fix
+            window = max(0.0, min(float(snapshot.udp_timeout), since))
     if snapshot.listened_seconds and fix and (snapshot.listened_since or 0) >= fix.applied_at:
-        found.append(f"live conntrack events ({snapshot.listened_seconds:g} s)")
-    return found
+        found.append(f"live conntrack events for {snapshot.listened_seconds:g} s")
+        window = max(window, snapshot.listened_seconds)
+    return found, window
 
 
 def fix_effect(
@@ -79,7 +83,7 @@ def fix_effect(
         and s.service not in covered
         and exposed.get(family_name(s.target_address))
     )
-    dated = _dated_by(snapshot)
+    dated, window = _dated_by(snapshot)
     verdict: FixVerdict = "ineffective" if since else "no-failure-seen" if dated else "unknown"
     return FixEffect(
         method=fix.method,
@@ -93,6 +97,7 @@ def fix_effect(
         ineffective_for=tuple(sorted({w.service for w in since})),
         uncovered=uncovered,
         evidence=tuple(dated),
+        window=window,
     )
 
 
@@ -114,7 +119,7 @@ def effect_reasons(effect: FixEffect | None, snapshot: Snapshot) -> list[Reason]
                 "fix-ineffective",
                 f"INEFFECTIVE: {applied}, is in place, yet "
                 f"{count} wrong-source repl{'ies' if count > 1 else 'y'} left since{when} "
-                f"(by {', '.join(effect.evidence) or 'the evidence'}), for clients of "
+                f"({'; '.join(effect.evidence) or 'the evidence'}), for clients of "
                 f"{', '.join(effect.ineffective_for)}: "
                 + "; ".join(wrong_text(w) for w in effect.since_fix)
                 + ".",

@@ -116,10 +116,12 @@ def client_networks(
             through_dnat = {a for _service, a in dnat} - reached.get(network, set())
             direct = [(a, None) for a in (*addressed, *near) if a not in through_dnat]
             right = {predicted, *specific}
-            ok = not exposed.get(family) or all(
-                a in right or _rewritten(rewritten, a, service)
+            unanswered = [
+                endpoint(*service) if service else a
                 for a, service in (*direct, *((a, service) for service, a in dnat))
-            )
+                if exposed.get(family) and a not in right and not _rewritten(rewritten, a, service)
+            ]
+            ok = not unanswered
             result.append(
                 ClientNetwork(
                     network=network,
@@ -130,6 +132,7 @@ def client_networks(
                     seen=was_seen,
                     onlink=near,
                     services=tuple(endpoint(*service) for service, _a in dnat),
+                    unanswered=tuple(dict.fromkeys(unanswered)),
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
@@ -188,7 +191,9 @@ def exposure_reasons(
         if cn.ok:
             continue
         extra = [a for a in cn.onlink if a not in cn.addressed]
-        others = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
+        others = list(cn.unanswered) or [
+            a for a in (*cn.addressed, *extra) if a != cn.predicted_source
+        ]
         how = "send to" if cn.seen else "may send to"
         source = cn.predicted_source or "an address routing picks"
         # The same addresses as the client table's "clients send to" column.
