@@ -513,8 +513,8 @@ def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: st
 
 def _bind(args: argparse.Namespace) -> int:
     """--method bind: advice only. Needs no privilege beyond what `--netns` needs: it
-    reads the port's sockets (sock_diag) and the knowledge base, never conntrack,
-    routes or netfilter."""
+    reads the port's sockets (sock_diag), the knowledge base and, when it may, the DNAT
+    rules (clients behind a DNAT need a socket on its target); never conntrack."""
     from ctfix.core import rules
     from ctfix.core.plan import make_plan
 
@@ -523,14 +523,33 @@ def _bind(args: argparse.Namespace) -> int:
     from ctfix.platform import sockdiag
 
     listeners = tuple(listener for listener, _uid in sockdiag.listeners(args.port))
-    diagnosis = Diagnosis(args.port, label, "at-risk", (), listeners=listeners)
-    plan = make_plan(diagnosis, "bind", advice=_bind_advice(diagnosis, kb))
+    forwarded, unread = _forwarded_here(args.port)
+    diagnosis = Diagnosis(
+        args.port, label, "at-risk", (), listeners=listeners, forwarded_from=forwarded
+    )
+    plan = make_plan(diagnosis, "bind", advice=(*_bind_advice(diagnosis, kb), *unread))
     _print_plan(plan, label, args.json, None)
     return ExitStatus.OK
 
 
+def _forwarded_here(port: int) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    """Services a DNAT forwards to the port, from the rules (no conntrack: bind advice
+    needs no privilege; without CAP_NET_ADMIN the rules cannot be read, and it says so)."""
+    from ctfix.core.diagnosis.forwarding import forwarded_services
+    from ctfix.platform import dnat_read, routing
+
+    rules, errors = dnat_read.dnat_rules(port)
+    local = {a.address for a in routing.local_addresses()}
+    unread = tuple(
+        f"(the DNAT rules could not be read: {error}; clients of a service DNAT'd to port "
+        f"{port} need a socket on the DNAT's target address)"
+        for error in errors[:1]
+    )
+    return tuple(forwarded_services(port, rules, (), local)), unread
+
+
 def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
-    from ctfix.core.plan.bind import pktinfo_advice
+    from ctfix.core.plan.bind import dnat_advice, pktinfo_advice
 
     port = diagnosis.port
     lines: list[str] = []
@@ -553,7 +572,7 @@ def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
         )
     elif not diagnosis.listeners:
         lines.append(f"(no UDP socket on port {port} now: the advice below is generic)")
-    return (*lines, *pktinfo_advice(port))
+    return (*lines, *dnat_advice(diagnosis.forwarded_from), *pktinfo_advice(port))
 
 
 def _diagnose(port: int, label: str, listen: float = 0.0) -> Diagnosis:

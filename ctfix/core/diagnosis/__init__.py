@@ -153,7 +153,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     advice_rule = None if listening.contradicted else service_rule
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
     wanted = verdict != "ok" and not (forwards and not snapshot.listeners)
-    fixes = advice.fixes_for(port, verdict, clients, advice_rule, rules) if wanted else ()
+    fixes = (
+        advice.fixes_for(port, verdict, clients, advice_rule, rules, behind) if wanted else ()
+    )
     return Diagnosis(
         port=port,
         netns=snapshot.netns,
