@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 from ctfix.render.style import Style
 
 if TYPE_CHECKING:
-    from ctfix.lab.scenario import Check, Section, Story
+    from ctfix.lab.scenario import Check, Scenario, Section, Story
     from ctfix.lab.topology import Topology
 
 
@@ -24,11 +24,11 @@ class LabPrinter:
     def _p(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
-    def topology(self, topo: Topology, port: int) -> None:
+    def topology(self, topo: Topology, port: int, scenario: Scenario) -> None:
         from ctfix.lab import topology as t
 
         s = self.style
-        self._p(s("ctfix lab: a UDP service that answers from the wrong address", "bold"))
+        self._p(s(f"ctfix lab: {scenario.title}", "bold"))
 
         def both(v4: str, v6: str, sep: str = ", ") -> str:
             """The IPv4 item, and the IPv6 one too when the lab runs IPv6."""
@@ -49,6 +49,8 @@ class LabPrinter:
             f" leaving by anything but br0 ({topo.netfilter}), as Docker does\n"
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
+        for line in scenario.setup(topo, port):
+            self._p(f"  {line}")
 
     def report(self, kind: str, item: object) -> None:
         if kind == "section":
@@ -68,24 +70,17 @@ class LabPrinter:
         for line in check.detail:
             self._p(f"      {s(line, 'dim')}")
 
-    def verdict(self, story: Story) -> None:
+    def verdict(self, story: Story, scenario: Scenario) -> None:
         s = self.style
         self._p()
         bug = "reproduced" if story.reproduced else "NOT reproduced"
         fix = "confirmed" if story.fixed else "NOT confirmed"
         good = story.reproduced and story.fixed
         self._p(s(f"Result: bug {bug}, fix {fix}.", "bold", "green" if good else "red"))
-        if good:
-            self._p(
-                "Why: the broken server's reply to a client that addressed the uplink left by\n"
-                "br0, so the kernel gave it br0's address as the source; the client's\n"
-                "connected socket does not match it and answers ICMP port unreachable, and\n"
-                "conntrack files the reply as a new flow. The reference server reads the\n"
-                "address each request was sent to (IP_PKTINFO / IPV6_PKTINFO) and replies\n"
-                "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
-            )
+        if good and scenario.why:
+            self._p(f"Why: {scenario.why}")
 
-    def keep(self, topo: Topology, port: int) -> None:
+    def keep(self, topo: Topology, port: int, scenario: Scenario) -> None:
         from ctfix.commands.common import ctfix_command
 
         ctfix = ctfix_command()
@@ -94,9 +89,7 @@ class LabPrinter:
         for role, ns in (("host", topo.host), ("container", topo.container)):
             self._p(f"  ip netns exec {ns} bash    # {role}")
         self._p("Try it:")
-        self._p(f"  ip netns exec {topo.host} {ctfix} serve --broken --port {port} &")
-        self._p(f"  ip netns exec {topo.container} nc -u 198.51.100.13 {port}")
-        self._p(f"  {ctfix} watch --netns {topo.host}")
-        self._p(f"  {ctfix} explain {port} --netns {topo.host}")
+        for line in scenario.try_it(topo, port, ctfix):
+            self._p(f"  {line}")
         self._p("Remove it with:")
         self._p("  " + " && ".join(f"ip netns del {ns}" for ns in topo.namespaces))
