@@ -68,6 +68,20 @@ def build(
     return Plan(port, "snat-zone", backend, tuple(steps), notes, covers=tuple(chosen))
 
 
+def _hooks(chosen: list[Target]) -> tuple[str, ...]:
+    """Where requests are remembered: prerouting (other hosts' clients), and output too
+    when a DNAT in output forwards this host's own clients to the port.
+
+    With both, every target is remembered in both, and prerouting only remembers
+    requests from other hosts: this host's request to a ClusterIP comes back through
+    prerouting on `lo` already DNAT'd to a local address, and would be remembered as a
+    client of that address (its reply then rewritten to the wrong service).
+    """
+    return ("prerouting", "output") if any("output" in t.hooks for t in chosen) else (
+        "prerouting",
+    )
+
+
 def _others(target: Target, chosen: list[Target]) -> list[Target]:
     """The services behind a DNAT, other than `target`, whose requests must make a
     client of `target` forgotten (requests to local addresses are matched as such)."""
@@ -172,6 +186,13 @@ def _nft_remember(
     return rules
 
 
+def _nft_from_elsewhere(hook: str, hooks: tuple[str, ...]) -> list[NftCommand]:
+    """In prerouting, when output remembers this host's own clients: other hosts only."""
+    if hook != "prerouting" or "output" not in hooks:
+        return []
+    return [_match({"fib": {"result": "type", "flags": ["saddr"]}}, "local", "!=")]
+
+
 def _nft_reply(
     target: Target, name: str, port: int, zone: int
 ) -> list[tuple[str, list[NftCommand]]]:
@@ -195,7 +216,8 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
     base = {"family": "inet", "table": table}
     batch: list[NftCommand] = [{"add": {"table": {"family": "inet", "name": table}}}]
     chains = list(_NFT_CHAINS)
-    if any("output" in t.hooks for t in chosen):
+    hooks = _hooks(chosen)
+    if "output" in hooks:
         chains.append(_NFT_OWN_CLIENTS)
     rules: list[tuple[str, list[NftCommand]]] = []
     creates = [f"table inet {table}"]
@@ -207,7 +229,11 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
         creates.append(f"set {name}: clients that sent to {target.label}")
         batch.append(_nft_set(base, name, target.family))
         remember = _nft_remember(target, name, port, _others(target, chosen))
-        rules += [(_REMEMBER_CHAIN[hook], expr) for hook in target.hooks for expr in remember]
+        rules += [
+            (_REMEMBER_CHAIN[hook], [*_nft_from_elsewhere(hook, hooks), *expr])
+            for hook in hooks
+            for expr in remember
+        ]
         rules += _nft_reply(target, name, port, CT_ZONE + number)
     for name, kind, hook, prio, prio_name in chains:
         batch.append(
@@ -253,7 +279,10 @@ def _ipt_argv(spec: IptRuleSpec, action: str) -> str:
     for ext in spec.matches:
         words += ["-m", ext.name]
         for option, value in ext.options:
-            words += [f"--{option}", *_quoted(value)]
+            if value.startswith("! "):  # negated: iptables wants `! --option value`
+                words += ["!", f"--{option}", *_quoted(value[2:])]
+            else:
+                words += [f"--{option}", *_quoted(value)]
     words += ["-j", spec.target.name]
     for option, value in spec.target.options:
         words += [f"--{option}", *_quoted(value)]
@@ -268,18 +297,27 @@ _IPT_REMEMBER_CHAIN = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 
 
 def _ipt_remember(
-    target: Target, name: str, port: int, others: list[Target], chain: str
+    target: Target, name: str, port: int, others: list[Target], hook: str, hooks: tuple[str, ...]
 ) -> list[Step]:
     """As `_nft_remember`: remember by what the client sent to (raw comes before
     DNAT), forget on a request to another local address or service on the port."""
     tag = XtExtension("comment", (("comment", comment(port)),))
     forget = XtExtension("SET", (("del-set", f"{name} src,src"),))
     same_port = target.port == port
+    chain = _IPT_REMEMBER_CHAIN[hook]
+    # As `_nft_from_elsewhere`: in prerouting, other hosts only, when output remembers.
+    elsewhere = (
+        (XtExtension("addrtype", (("src-type", "! LOCAL"),)),)
+        if hook == "prerouting" and "output" in hooks
+        else ()
+    )
 
     def rule(destination: str | None, matches: tuple[XtExtension, ...], action: XtExtension) -> (
         IptRuleSpec
     ):
-        return IptRuleSpec(target.family, "raw", chain, "udp", None, destination, matches, action)
+        return IptRuleSpec(
+            target.family, "raw", chain, "udp", None, destination, (*elsewhere, *matches), action
+        )
 
     def dport(value: int) -> XtExtension:
         return XtExtension("udp", (("dport", str(value)),))
@@ -360,6 +398,7 @@ def _ipt_step(spec: IptRuleSpec, summary: str, port: int, detail: str = "") -> S
 
 
 def _ipt_steps(port: int, chosen: list[Target]) -> list[Step]:
+    hooks = _hooks(chosen)
     ipsets: list[Step] = []
     remember: list[Step] = []
     zone: list[Step] = []
@@ -382,9 +421,8 @@ def _ipt_steps(port: int, chosen: list[Target]) -> list[Step]:
             )
         )
         others = _others(target, chosen)
-        for hook in target.hooks:
-            chain = _IPT_REMEMBER_CHAIN[hook]
-            remember += _ipt_remember(target, name, port, others, chain)
+        for hook in hooks:
+            remember += _ipt_remember(target, name, port, others, hook, hooks)
         (zoned, zone_summary), (snatted, snat_summary) = _ipt_reply(
             target, name, port, CT_ZONE + number
         )
