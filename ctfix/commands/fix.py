@@ -296,7 +296,8 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
     fix = FixState.load(label).fixes.get(args.port)
     if fix is None or not fix.complete or fix.method != args.method:
         return False
-    missing = [r.step for r in fix.steps if not remedy.present(r.step.spec)]
+    here = remedy.present_all([r.step.spec for r in fix.steps])
+    missing = [r.step for r, found in zip(fix.steps, here, strict=True) if not found]
     if missing:
         raise CtfixError(
             f"the recorded {fix.method} fix for port {args.port} is no longer whole in the "
@@ -366,13 +367,19 @@ def _status(args: argparse.Namespace) -> int:
     from ctfix.platform.fixstate import FixState
 
     state = FixState.load(label)
+    # Effect, not presence: what the evidence since each fix says. First: conntrack
+    # forgets a wrong-source reply nf_conntrack_udp_timeout after its last packet.
+    effects = {
+        port: _effect(port, label, args.listen or 0.0)
+        for port, fix in state.fixes.items()
+        if fix.complete
+    }
     report = remedy.status(state)
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
     whole = {
         fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
     }
-    # Effect, not presence: what the evidence since each whole fix says.
-    effects = {port: _effect(port, label, args.listen or 0.0) for port, ok in whole.items() if ok}
+    effects = {port: found for port, found in effects.items() if whole[port]}
     working = {
         port: whole[port] and not _failing(effects.get(port)) for port in whole
     }

@@ -68,18 +68,25 @@ def build(
     return Plan(port, "snat-zone", backend, tuple(steps), notes, covers=tuple(chosen))
 
 
-def _hooks(chosen: list[Target]) -> tuple[str, ...]:
-    """Where requests are remembered: prerouting (other hosts' clients), and output too
-    when a DNAT in output forwards this host's own clients to the port.
+def _hooks(target: Target, chosen: list[Target]) -> tuple[str, ...]:
+    """Where a target's clients are remembered: prerouting (other hosts' clients), and
+    output too for a service DNAT'd in output (this host's own clients; explain judges
+    the host's own direct clients answered right, so a local address needs no output
+    rules)."""
+    if target.forwarded and "output" in target.hooks:
+        return ("prerouting", "output")
+    return ("prerouting",)
 
-    With both, every target is remembered in both, and prerouting only remembers
-    requests from other hosts: this host's request to a ClusterIP comes back through
-    prerouting on `lo` already DNAT'd to a local address, and would be remembered as a
-    client of that address (its reply then rewritten to the wrong service).
+
+def _own_clients(chosen: list[Target]) -> bool:
+    """Does some target remember this host's own clients (in output)?
+
+    Then prerouting only remembers requests from other hosts: this host's request to a
+    ClusterIP comes back through prerouting on `lo` already DNAT'd to a local address,
+    and would be remembered as a client of that address there, or forgotten as one
+    that asked another local address (its reply then rewritten wrongly, or not).
     """
-    return ("prerouting", "output") if any("output" in t.hooks for t in chosen) else (
-        "prerouting",
-    )
+    return any("output" in _hooks(t, chosen) for t in chosen)
 
 
 def _others(target: Target, chosen: list[Target]) -> list[Target]:
@@ -186,9 +193,9 @@ def _nft_remember(
     return rules
 
 
-def _nft_from_elsewhere(hook: str, hooks: tuple[str, ...]) -> list[NftCommand]:
+def _nft_from_elsewhere(hook: str, own: bool) -> list[NftCommand]:
     """In prerouting, when output remembers this host's own clients: other hosts only."""
-    if hook != "prerouting" or "output" not in hooks:
+    if hook != "prerouting" or not own:
         return []
     return [_match({"fib": {"result": "type", "flags": ["saddr"]}}, "local", "!=")]
 
@@ -216,8 +223,8 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
     base = {"family": "inet", "table": table}
     batch: list[NftCommand] = [{"add": {"table": {"family": "inet", "name": table}}}]
     chains = list(_NFT_CHAINS)
-    hooks = _hooks(chosen)
-    if "output" in hooks:
+    own = _own_clients(chosen)
+    if own:
         chains.append(_NFT_OWN_CLIENTS)
     rules: list[tuple[str, list[NftCommand]]] = []
     creates = [f"table inet {table}"]
@@ -230,8 +237,8 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
         batch.append(_nft_set(base, name, target.family))
         remember = _nft_remember(target, name, port, _others(target, chosen))
         rules += [
-            (_REMEMBER_CHAIN[hook], [*_nft_from_elsewhere(hook, hooks), *expr])
-            for hook in hooks
+            (_REMEMBER_CHAIN[hook], [*_nft_from_elsewhere(hook, own), *expr])
+            for hook in _hooks(target, chosen)
             for expr in remember
         ]
         rules += _nft_reply(target, name, port, CT_ZONE + number)
@@ -297,7 +304,7 @@ _IPT_REMEMBER_CHAIN = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 
 
 def _ipt_remember(
-    target: Target, name: str, port: int, others: list[Target], hook: str, hooks: tuple[str, ...]
+    target: Target, name: str, port: int, others: list[Target], hook: str, own: bool
 ) -> list[Step]:
     """As `_nft_remember`: remember by what the client sent to (raw comes before
     DNAT), forget on a request to another local address or service on the port."""
@@ -308,7 +315,7 @@ def _ipt_remember(
     # As `_nft_from_elsewhere`: in prerouting, other hosts only, when output remembers.
     elsewhere = (
         (XtExtension("addrtype", (("src-type", "! LOCAL"),)),)
-        if hook == "prerouting" and "output" in hooks
+        if hook == "prerouting" and own
         else ()
     )
 
@@ -398,7 +405,7 @@ def _ipt_step(spec: IptRuleSpec, summary: str, port: int, detail: str = "") -> S
 
 
 def _ipt_steps(port: int, chosen: list[Target]) -> list[Step]:
-    hooks = _hooks(chosen)
+    own = _own_clients(chosen)
     ipsets: list[Step] = []
     remember: list[Step] = []
     zone: list[Step] = []
@@ -421,8 +428,8 @@ def _ipt_steps(port: int, chosen: list[Target]) -> list[Step]:
             )
         )
         others = _others(target, chosen)
-        for hook in hooks:
-            remember += _ipt_remember(target, name, port, others, hook, hooks)
+        for hook in _hooks(target, chosen):
+            remember += _ipt_remember(target, name, port, others, hook, own)
         (zoned, zone_summary), (snatted, snat_summary) = _ipt_reply(
             target, name, port, CT_ZONE + number
         )
