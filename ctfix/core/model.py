@@ -199,6 +199,8 @@ class FixEffect:
     #: would still show (the table forgets an unreplied entry after
     #: nf_conntrack_udp_timeout; 0: nothing could show one)
     window: float = 0.0
+    #: the window reaches back to the apply: nothing since the fix could have gone unseen
+    whole_time: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,10 +69,12 @@ def effect_lines(effect: FixEffect, now: float) -> list[str]:
             f"{applied} ({basis})"
         )
         lines += [f"  evidence: {wrong_text(w)}" for w in effect.since_fix]
+    elif effect.verdict == "no-failure-seen" and effect.whole_time:
+        lines.append(f"effect: no wrong-source reply since the fix was {applied} ({basis})")
     elif effect.verdict == "no-failure-seen":
         lines.append(
-            f"effect: no wrong-source reply in the last {_ago(effect.window)} (the fix was "
-            f"{applied}; {basis})"
+            f"effect: no wrong-source reply in the {_ago(effect.window)} that conntrack "
+            f"remembers (the fix was {applied}; {basis})"
         )
     else:
         lines.append(

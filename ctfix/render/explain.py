@@ -147,6 +147,8 @@ def effect_json(e: FixEffect | None) -> dict[str, Any] | None:
         "ineffective_for": list(e.ineffective_for),
         "uncovered": [forwarded_json(f) for f in e.uncovered],
         "evidence": list(e.evidence),
+        "window": e.window,
+        "whole_time": e.whole_time,
     }
 
 

@@ -42,8 +42,9 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _dated_by(snapshot: Snapshot) -> tuple[list[str], float]:
-    """What could have shown a wrong-source reply since the fix, and how far back."""
+def _dated_by(snapshot: Snapshot) -> tuple[list[str], float, bool]:
+    """What could have shown a wrong-source reply since the fix, how far back, and
+    whether that reaches back to the apply."""
     found: list[str] = []
     window = 0.0
     fix = snapshot.fix
@@ -60,7 +61,7 @@ def _dated_by(snapshot: Snapshot) -> tuple[list[str], float]:
     if snapshot.listened_seconds and fix and (snapshot.listened_since or 0) >= fix.applied_at:
         found.append(f"live conntrack events for {snapshot.listened_seconds:g} s")
         window = max(window, snapshot.listened_seconds)
-    return found, window
+    return found, window, bool(found) and window >= since
 
 
 def fix_effect(
@@ -83,7 +84,7 @@ def fix_effect(
         and s.service not in covered
         and exposed.get(family_name(s.target_address))
     )
-    dated, window = _dated_by(snapshot)
+    dated, window, whole_time = _dated_by(snapshot)
     verdict: FixVerdict = "ineffective" if since else "no-failure-seen" if dated else "unknown"
     return FixEffect(
         method=fix.method,
@@ -98,6 +99,7 @@ def fix_effect(
         uncovered=uncovered,
         evidence=tuple(dated),
         window=window,
+        whole_time=whole_time,
     )
 
 
