@@ -41,7 +41,7 @@ from ctfix.platform import netns
 MEMORY_PROBE = r"""
 import os, socket, sys, time
 from ctfix.core.decode import CtEntry, CtEvent, CtTuple, NEW
-from ctfix.core.detect import Detector
+from ctfix.core.detectors.wrong_source import WrongSourceDetector as Detector
 
 def rss():
     with open("/proc/self/status") as fh:
@@ -71,6 +71,7 @@ def _host_sysctl(topo: Topology, name: str, value: str) -> None:
 
 
 def _reader(stream: object, lines: list[tuple[float, str]]) -> None:
+    # A Popen's text stdout; typed object so the thread target's signature stays simple.
     for line in stream:  # type: ignore[attr-defined]
         lines.append((time.time(), line))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import Literal, get_args
 
 from ctfix.errors import CtfixError, PrivilegeError
 
@@ -12,10 +13,11 @@ from ctfix.errors import CtfixError, PrivilegeError
 def add_netns_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--netns",
-        metavar="NAME|PATH|pid:PID",
+        metavar="NAME|PATH|pid:PID|container:NAME",
         default=None,
         help="work in this network namespace: an `ip netns` name, a path such as "
-        "/proc/PID/ns/net, or pid:PID (default: the current namespace)",
+        "/proc/PID/ns/net, pid:PID, or container:NAME_OR_ID (Docker, Podman, or a CRI "
+        "runtime whose socket answers) (default: the current namespace)",
     )
 
 
@@ -33,11 +35,45 @@ def add_rules_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+OutputFormat = Literal["text", "markdown", "json"]
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """--format text|markdown|json and its shorthand --json (explain, scan)."""
+    parser.add_argument(
+        "--format",
+        choices=get_args(OutputFormat),
+        # None, not "text": an explicit `--format text --json` contradicts itself.
+        default=None,
+        help="text (default), markdown for an incident document, or json",
+    )
+    parser.add_argument("--json", action="store_true", help="same as --format json")
+
+
+def output_format(args: argparse.Namespace) -> OutputFormat:
+    if args.json and args.format not in (None, "json"):
+        raise CtfixError(
+            f"--json and --format {args.format} contradict each other", "give only one of them"
+        )
+    chosen: OutputFormat = "json" if args.json else args.format or "text"
+    return chosen
+
+
 def port_number(text: str) -> int:
-    """argparse type for a UDP port: 1-65535."""
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
-    return int(text)
+    """argparse type for a UDP port: 1-65535, or a UDP service name from /etc/services
+    (`domain`, `ntp`), as ss and tcpdump take them."""
+    if text.isascii() and text.isdigit():
+        if not 1 <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
+        return int(text)
+    import socket
+
+    try:
+        return socket.getservbyname(text, "udp")
+    except (OSError, ValueError, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a UDP port (1-65535) nor a UDP service name in /etc/services"
+        ) from None
 
 
 def require_root(what: str, capability: str = "CAP_NET_ADMIN") -> None:

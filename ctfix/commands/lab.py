@@ -92,16 +92,17 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
-    scenario = registry.load(args.scenario)
     printer = LabPrinter(out)
     topo = t.Topology(t.new_run_id(), ipv6=args.ipv6, netfilter=args.netfilter)
     try:
-        printer.topology(topo, args.port, scenario)
+        printer.topology(topo, args.port, args.scenario)
         topo.build()
-        story = scenario.run(topo, args.port, printer.report, args.timeout)
-        printer.verdict(story, scenario)
+        story = registry.run(args.scenario, topo, args.port, printer.report, args.timeout)
+        printer.verdict(story, args.scenario)
         if args.keep:
-            printer.keep(topo, args.port, scenario)
+            from ctfix.commands.common import ctfix_command
+
+            printer.keep(topo, args.port, ctfix_command(), args.scenario)
         return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
     except (_Stop, KeyboardInterrupt) as stop:
         what = str(stop) or "SIGINT"

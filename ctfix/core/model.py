@@ -12,6 +12,11 @@ from typing import Literal
 
 Verdict = Literal["ok", "at-risk", "broken"]
 Family = Literal["ipv4", "ipv6"]
+#: an unconnected socket serves every client; a connect()ed one only its peer
+ListenerState = Literal["listening", "connected"]
+#: what of a reply's source differs from what the client sent to
+Mismatch = Literal["address", "port", "address+port"]
+NetfilterBackend = Literal["nftables", "iptables-legacy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,23 +41,82 @@ FixMethod = Literal["pktinfo", Method]
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerRef:
+    """The container a process (or a namespace, or a client address) belongs to.
+
+    `id` is the engine's full id as the cgroup path shows it; `name` is the engine's
+    name for it, or the short id when no engine answered; `engine` is "docker",
+    "podman", "containerd" or "cri-o" (None when neither the cgroup path nor an
+    engine said which); `pod` and `namespace` come from the Kubernetes labels
+    `io.kubernetes.pod.name` / `io.kubernetes.pod.namespace` when the engine has them.
+    """
+
+    id: str
+    name: str
+    engine: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     """A UDP socket on the port, and the process that owns it (if found)."""
 
     address: str  # local address as bound: "0.0.0.0", "::", "192.0.2.1"
     port: int
-    family: str  # "ipv4" | "ipv6"
-    state: str  # "listening" (unconnected) | "connected"
+    family: Family
+    state: ListenerState
     pid: int | None = None
     process: str | None = None  # comm, e.g. "nc"
     cmdline: tuple[str, ...] = ()
     unit: str | None = None  # systemd unit or container id from the cgroup
     v6only: bool | None = None  # AF_INET6 sockets only
     peer: str | None = None  # "addr:port" of a connected socket
+    exe: str | None = None  # the owner's executable (/proc/PID/exe), when readable
+    #: every process holding the socket, (pid, comm), lowest pid first: a pre-forking
+    #: daemon shares one socket among its workers, and any of them may answer.
+    processes: tuple[tuple[int, str | None], ...] = ()
+    container: ContainerRef | None = None  # the owner's container, from its cgroup
 
     @property
     def wildcard(self) -> bool:
         return self.address in ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """A local address that remote clients sent to, living on another interface than
+    the one their replies leave by: its own uplink, and whether replies get there.
+
+    Remote: the clients are beyond a router, not on a link of the host.
+    """
+
+    address: str  # the local address the clients sent to
+    interface: str  # the interface it lives on (where requests to it come in)
+    network: str = ""  # the address's own network on `interface` (CIDR)
+    #: the next hop on `interface` toward the clients, from `route` (None: no route
+    #: covers them, or a device route such as `default dev ppp0` that needs none)
+    gateway: str | None = None
+    #: the host's route via `interface` that covers the clients (any table), as `ip
+    #: route` prints it; None when there is none
+    route: str | None = None
+    #: `interface` leads to a router (a route via it covers the clients, or goes through
+    #: a gateway): replies that leave by another interface take another path
+    routed: bool = False
+    #: a netfilter mark and an `ip rule fwmark` already send the port's replies out by
+    #: `interface` (a snat-zone fix with its reroute)
+    rerouted: bool = False
+    #: a reply that already leaves from `address` (a server that answers from the
+    #: destination address, or is bound to it) goes out by `interface`: the host routes
+    #: by source (`ip rule from ADDRESS lookup T`). None: not asked
+    source_routed: bool | None = None
+    #: replies to these clients leave by `interface` (or it is not an uplink: not
+    #: `routed`); False is the `reply-leaves-other-uplink` problem
+    ok: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +126,7 @@ class ClientNetwork:
     network: str  # CIDR, e.g. "192.0.2.0/24"
     addressed: tuple[str, ...]  # local addresses these clients sent to (seen or assumed)
     predicted_source: str | None  # source the kernel picks for a reply from the port
-    ok: bool  # every addressed address equals predicted_source
+    ok: bool  # every addressed address equals predicted_source (and leaves by its uplink)
     interface: str | None = None  # where the network is connected
     seen: bool = False  # from conntrack evidence (True) or from a connected route
     #: the host's own addresses on `interface` (the clients' gateway, on their link):
@@ -75,6 +139,15 @@ class ClientNetwork:
     #: what these clients send to (addresses, and services behind DNAT) that would get
     #: a reply from another source: the reason `ok` is False
     unanswered: tuple[str, ...] = ()
+    #: the interface the port's replies to them leave by, and its next hop (None: the
+    #: clients are on-link), from the same route lookup as predicted_source
+    egress: str | None = None
+    egress_gateway: str | None = None
+    #: addressed addresses whose own uplink is not `egress` (remote clients only)
+    uplinks: tuple[Uplink, ...] = ()
+    #: the address the route lookup was asked about (a client seen, else one in the
+    #: network; for the internet, 0.0.0.0/0 or ::/0, one only a default route covers)
+    probe: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +158,11 @@ class WrongSourceReply:
     service: str  # the addr:port the client sent to
     expected_source: str
     actual_source: str
-    mismatch: str  # "address" | "port" | "address+port"
+    mismatch: Mismatch
     count: int = 1  # pairs seen for this (service, actual source, client network)
     clients: int = 1  # distinct clients among them; `client` is the latest
     client_network: str | None = None  # the /24 or /64 they were aggregated by
+    container: ContainerRef | None = None  # the container `client` (the latest) is in
     #: when the first and the latest of these replies left (seconds since the epoch),
     #: as far as conntrack tells (timestamps, or the entry's time left); None: unknown
     first_seen: float | None = None
@@ -156,7 +230,7 @@ class Evidence:
 class RuleHit:
     """A netfilter rule that touches the port, and why it cannot help (if so)."""
 
-    backend: str  # "nftables" | "iptables-legacy"
+    backend: NetfilterBackend
     table: str
     chain: str
     rule: str  # the rule as its own tool prints it
@@ -225,3 +299,5 @@ class Diagnosis:
     forwarded_from: tuple[ForwardedService, ...] = ()
     #: the fix ctfix recorded for the port, and whether it works (None: no record)
     fix_effect: FixEffect | None = None
+    #: the container whose network namespace this is (None: the host's, or unknown)
+    netns_container: ContainerRef | None = None

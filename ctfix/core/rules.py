@@ -1,4 +1,5 @@
-"""The knowledge base of UDP services: load `rules/*.yaml`, validate it, match a listener.
+"""The knowledge base of UDP services: parse and validate `rules/*.yaml` text, merge
+layers, match a listener. Pure: reading the files is ctfix.platform.rules_files.
 
 Each YAML file holds `version: 1` and a list `services:` of entries; an entry says how
 to recognise a service (process names as /proc/PID/comm shows them, command-line
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ctfix.core.model import Family
+from ctfix.core.pattern import InvalidPattern, PatternError, compile_pattern, search
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
@@ -29,6 +32,11 @@ if TYPE_CHECKING:
 #: /proc/PID/comm holds at most TASK_COMM_LEN - 1 = 15 characters.
 COMM_LEN = 15
 SCHEMA_VERSION = 1
+#: A rules file is a few kilobytes; one of a megabyte is a mistake (a log, a dump),
+#: and parsing a huge one took minutes and gigabytes before its error.
+MAX_FILE_BYTES = 1 << 20
+#: The schema nests four levels; a hundred thousand brackets blew Python's stack.
+MAX_DEPTH = 16
 
 Confidence = Literal["high", "medium", "low"]
 MatchedBy = Literal["process", "cmdline", "port"]
@@ -76,8 +84,13 @@ class ServiceRule:
     #: Regexes on the command line that show the service's own fix is on
     #: (OpenVPN's `--multihome`): when one matches, the listener is not affected.
     fixed_if_cmdline: tuple[str, ...] = ()
+    #: The service never answers a datagram (syslog, StatsD): its unanswered flows are
+    #: normal, and no reply source can be wrong.
+    one_way: bool = False
+    #: The upstream release that fixed the wrong source ("2.5"), for the advice to upgrade.
+    fixed_in: str = ""
 
-    def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
+    def affected(self, family: Family | None = None, cmdline: Sequence[str] = ()) -> bool | None:
         """The verdict for a wildcard listener of this service.
 
         `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
@@ -86,12 +99,21 @@ class ServiceRule:
         """
         if cmdline and self.fixed_if_cmdline:
             joined = " ".join(cmdline)
-            if any(re.search(pattern, joined) for pattern in self.fixed_if_cmdline):
+            if any(search(pattern, joined) for pattern in self.fixed_if_cmdline):
                 return False
         for name, verdict in self.affected_by_family:
             if name == family:
                 return verdict
         return self.affected_when_wildcard
+
+    def upgrade_advice(self) -> str:
+        """" The lasting fix: ..." when the entry names the release that fixed it."""
+        if not self.fixed_in:
+            return ""
+        return (
+            f" The lasting fix: upgrade {self.name} to {self.fixed_in} or later, which "
+            "answers from the address each request was sent to."
+        )
 
     def matches_process(self, process: str) -> bool:
         """True if `process` (a comm, truncated to 15 characters) is one of ours."""
@@ -101,7 +123,7 @@ class ServiceRule:
         if not self.cmdline_patterns or not cmdline:
             return False
         joined = " ".join(cmdline)
-        return any(re.search(pattern, joined) for pattern in self.cmdline_patterns)
+        return any(search(pattern, joined) for pattern in self.cmdline_patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,27 +158,33 @@ class KnowledgeBase:
         return tuple(rule for rule in self.entries if port in rule.ports)
 
     def match(
-        self, process: str | None, cmdline: Sequence[str] = (), port: int | None = None
+        self,
+        process: str | None,
+        cmdline: Sequence[str] = (),
+        port: int | None = None,
+        exe: str | None = None,
     ) -> RuleMatch | None:
-        """Recognise a listener: by process name, else command line, else default port.
+        """Recognise a listener by its process first, the default port last.
 
-        The port alone is used only when exactly one entry claims it: port 53 belongs
-        to five DNS servers here, and guessing one of them would mislead.
+        The process is known by its comm (`process`), the basename of its executable
+        (`exe`, /proc/PID/exe: `nc` is nc.openbsd or nc.traditional, `nsd: main` is
+        nsd) and argv[0]'s basename. An entry whose process name *and* command-line
+        pattern both match beats one that only has the name (openntpd's "ntpd: ntp
+        engine" against the other ntpd); a name beats a pattern alone. The port alone
+        is used only when exactly one entry claims it, and the result says so
+        (`port_only`): port 53 belongs to many DNS servers, and guessing one of them
+        would mislead.
         """
-        names = []
-        if process:
-            names.append(process[:COMM_LEN])
-        if cmdline:
-            # A script run by an interpreter has comm "node"/"python3"; argv[0]'s
-            # basename still helps when comm was not read.
-            names.append(Path(cmdline[0]).name[:COMM_LEN])
-        for name in names:
-            for rule in self.entries:
-                if rule.matches_process(name):
-                    return RuleMatch(rule, "process")
+        names = [name for name in _names(process, cmdline, exe) if name]
+        best: tuple[int, ServiceRule] | None = None
         for rule in self.entries:
-            if rule.matches_cmdline(cmdline):
-                return RuleMatch(rule, "cmdline")
+            by_name = any(rule.matches_process(name) for name in names)
+            by_cmdline = rule.matches_cmdline(cmdline)
+            rank = 2 * by_name + by_cmdline
+            if rank and (best is None or rank > best[0]):
+                best = (rank, rule)
+        if best is not None:
+            return RuleMatch(best[1], "process" if best[0] >= 2 else "cmdline")
         if port is not None:
             candidates = self.by_port(port)
             if len(candidates) == 1:
@@ -164,43 +192,23 @@ class KnowledgeBase:
         return None
 
 
-def builtin_dir() -> Path:
-    """The built-in `rules/`: the repository's top level (an editable install or a
-    checkout), else the copy a regular install puts in `<prefix>/share/ctfix/rules`."""
-    import sys
+def _names(process: str | None, cmdline: Sequence[str], exe: str | None) -> tuple[str, ...]:
+    """The names a process goes by: comm, the executable's basename, argv[0]'s basename.
 
-    import ctfix
-
-    checkout = Path(ctfix.__file__).resolve().parent.parent / "rules"
-    installed = Path(sys.prefix) / "share" / "ctfix" / "rules"
-    return checkout if checkout.is_dir() or not installed.is_dir() else installed
-
-
-def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeBase:
-    """Load the built-in rules and then each user directory (`--rules DIR`).
-
-    A user entry replaces a built-in entry with the same id; a later user directory
-    replaces an earlier one. Two entries with one id inside the same layer are an
-    error naming both places. Raises RuleError for anything malformed.
+    A script run by an interpreter has comm "node"/"python3"; argv[0] still helps
+    when comm was not read, and the executable settles what comm cannot (`nc`).
     """
-    layers: list[list[ServiceRule]] = []
-    if builtin:
-        root = builtin_dir()
-        if not root.is_dir():
-            raise RuleError(str(root), None, "the built-in rules directory is missing")
-        layers.append(_load_dir(root, display_root=Path("rules")))
-    for directory in dirs or ():
-        if not directory.exists():
-            raise RuleError(str(directory), None, "no such rules directory")
-        if not directory.is_dir():
-            raise RuleError(str(directory), None, "--rules expects a directory of *.yaml files")
-        layer = _load_dir(directory, display_root=directory)
-        if not layer:
-            # Most likely a wrong directory, or files named *.yml.txt: say so rather
-            # than silently explain without the user's entries.
-            raise RuleError(str(directory), None, "no rules (*.yaml or *.yml files) in it")
-        layers.append(layer)
+    names = (process or "", Path(exe).name if exe else "", Path(cmdline[0]).name if cmdline else "")
+    return tuple(name[:COMM_LEN] for name in names)
 
+
+def merge(layers: Sequence[Sequence[ServiceRule]]) -> KnowledgeBase:
+    """One knowledge base from layers of entries (built-in first, then each `--rules`
+    directory in order).
+
+    A later layer's entry replaces an earlier one with the same id. Two entries with
+    one id inside the same layer are an error naming both places (RuleError).
+    """
     merged: dict[str, ServiceRule] = {}
     order: list[str] = []
     for layer in layers:
@@ -224,21 +232,14 @@ def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeB
     return KnowledgeBase(tuple(merged[rule_id] for rule_id in ranked))
 
 
-def load_file(path: Path, display: str | None = None) -> list[ServiceRule]:
-    """Validate one file; `display` is how the file is named in errors."""
-    source = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(source, None, f"cannot read: {exc}") from None
-    return parse(text, source)
-
-
 def parse(text: str, source: str) -> list[ServiceRule]:
     """Validate the text of one rules file (named `source` in errors)."""
     import yaml
 
+    if len(text) > MAX_FILE_BYTES:
+        raise RuleError(source, None, f"a rules file holds at most {MAX_FILE_BYTES // 1024} KiB")
     try:
+        _check_depth(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -260,12 +261,30 @@ def parse(text: str, source: str) -> list[ServiceRule]:
     return [_entry(node, source) for node in services.value]
 
 
+def _check_depth(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing (which recurses): YAML's
+    event stream is read without recursion."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RuleError(
+                    source, event.start_mark.line + 1 if event.start_mark else None,
+                    f"nested deeper than {MAX_DEPTH} levels (a rules file needs four)",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 # -- validation ------------------------------------------------------------------------
 
 _REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "reference",
              "confidence"}
 _OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
-             "see_also", "affected_by_family", "fixed_if_cmdline"}
+             "see_also", "affected_by_family", "fixed_if_cmdline", "one_way", "fixed_in"}
 _FAMILIES = ("ipv4", "ipv6")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -318,10 +337,20 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
     for index, url in enumerate(see_also):
         _check_url(url, source, _item_line(fields["see_also"], index), "see_also")
 
-    other_port_node = fields.get("replies_from_other_port")
-    other_port = False
-    if other_port_node is not None:
-        other_port = _scalar(other_port_node, source, "replies_from_other_port", bool)
+    other_port = _flag(fields, source, "replies_from_other_port")
+    one_way = _flag(fields, source, "one_way")
+    fixed_in_node = fields.get("fixed_in")
+    if fixed_in_node is not None and not isinstance(_construct(fixed_in_node), str):
+        # `fixed_in: 2.10` is the float 2.1: a version must be quoted.
+        raise RuleError(
+            source, _line(fixed_in_node), "'fixed_in' must be a quoted version, e.g. \"2.5\""
+        )
+    fixed_in = _optional_text(fixed_in_node, source, "fixed_in").strip()
+    if one_way and affected is not False:
+        raise RuleError(
+            source, _line(fields["one_way"]),
+            "a one_way service never replies: 'affected_when_wildcard' must be false",
+        )
 
     return ServiceRule(
         id=rule_id,
@@ -342,7 +371,14 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         line=line,
         affected_by_family=tuple(by_family),
         fixed_if_cmdline=fixed_if,
+        one_way=one_way,
+        fixed_in=fixed_in,
     )
+
+
+def _flag(fields: dict[str, yaml.Node], source: str, key: str) -> bool:
+    node = fields.get(key)
+    return False if node is None else bool(_scalar(node, source, key, bool))
 
 
 def _verdict(node: yaml.Node, source: str, key: str) -> bool | None:
@@ -358,20 +394,14 @@ def _regex_list(node: yaml.Node | None, source: str, key: str) -> tuple[str, ...
     patterns = _text_list(node, source, key)
     for index, pattern in enumerate(patterns):
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            compile_pattern(pattern)  # a bounded matcher: see ctfix/core/pattern.py
+        except PatternError as exc:
+            what = "a valid" if isinstance(exc, InvalidPattern) else "a bounded-time"
             raise RuleError(
                 source, _item_line(node, index),
-                f"{key!r} item is not a valid regular expression: {exc}",
+                f"{key!r} item is not {what} regular expression: {exc}",
             ) from None
     return patterns
-
-
-def _load_dir(directory: Path, display_root: Path) -> list[ServiceRule]:
-    rules: list[ServiceRule] = []
-    for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
-        rules.extend(load_file(path, display=str(display_root / path.name)))
-    return rules
 
 
 def _line(node: yaml.Node) -> int:

@@ -30,7 +30,18 @@ from typing import Any
 
 from ctfix.core.addr import endpoint
 from ctfix.lab import topology as t
-from ctfix.lab.scenario import Check, Report, Scenario, Section, Story, reply_text, server
+from ctfix.lab.checks import (
+    ApplyCheck,
+    Check,
+    ConntrackCheck,
+    ExplainCheck,
+    RevertCheck,
+    Section,
+    ServiceCheck,
+    StatusCheck,
+    Story,
+)
+from ctfix.lab.scenario import Report, server
 
 CLUSTER_IP_V4 = "203.0.113.10"
 CLUSTER_IP_V6 = "2001:db8:3::10"
@@ -130,37 +141,26 @@ def _ctfix(topo: t.Topology, state: str, *args: str) -> subprocess.CompletedProc
     )
 
 
+def _json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    try:
+        found = json.loads(done.stdout)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _ask(
-    topo: t.Topology,
-    address: str,
-    port: int,
-    *,
-    want: bool,
-    timeout: float,
-    role: str,
-    when: str = "",
-) -> Check:
+    topo: t.Topology, address: str, port: int, *, want: bool, timeout: float, **kind: bool
+) -> ServiceCheck:
     """A connected pod asks address:port; want: a reply from exactly that."""
     ex = t.udp_exchange(topo.container, address, port, timeout=timeout)
-    right = ex.reply_from is not None and ex.reply_from == (address, port)
-    expected = (
-        f"reply from {endpoint(address, port)}"
-        if want
-        else "no reply: the reply leaves from another address and matches no entry"
-    )
-    return Check(
-        f"{role} {endpoint(*ex.client)} -> {endpoint(address, port)}{when}",
-        expected,
-        reply_text(ex),
-        right if want else ex.reply_from is None,
-    )
+    return ServiceCheck(ex.client, address, port, want, ex.reply_from, **kind)
 
 
-def _conntrack_check(topo: t.Topology, cluster_ip: str, node: str, port: int) -> Check:
+def _conntrack(topo: t.Topology, cluster_ip: str, node: str, port: int) -> ConntrackCheck:
     """The DNAT'd request and the reply conntrack filed as a NEW flow."""
     from ctfix.platform import netns
     from ctfix.platform.conntrack import dump
-    from ctfix.render.conntrack import conntrack_line
 
     other = other_port(port)
     ex = t.udp_exchange(topo.container, cluster_ip, other, timeout=0.5)
@@ -169,7 +169,7 @@ def _conntrack_check(topo: t.Topology, cluster_ip: str, node: str, port: int) ->
         entries = list(dump(proto=17))
     request = next(
         (e for e in entries if (e.orig.src, e.orig.sport, e.orig.dst, e.orig.dport)
-         == (client, client_port, cluster_ip, other)),
+         == (client, client_port, cluster_ip, other) and e.reply.src == node),
         None,
     )
     reply = next(
@@ -177,191 +177,95 @@ def _conntrack_check(topo: t.Topology, cluster_ip: str, node: str, port: int) ->
          == (client, client_port, port) and e.orig.src != node),
         None,
     )
-    ok = request is not None and reply is not None and request.reply.src == node
-    return Check(
-        "conntrack on the node",
-        f"the request DNAT'd to {endpoint(node, port)}, then the reply filed as a NEW "
-        "flow from another address",
-        f"a new flow from {endpoint(reply.orig.src, port)}, not {endpoint(node, port)}"
-        if reply is not None
-        else "no second flow",
-        ok,
+    return ConntrackCheck(port, node, request, reply)
+
+
+def _finding(topo: t.Topology, state: str, port: int, services: list[str]) -> ExplainCheck:
+    found = _json(_ctfix(topo, state, "explain", str(port), "--json"))
+    verdict = found.get("verdict")
+    return ExplainCheck(
+        port,
+        verdict if isinstance(verdict, str) else None,
+        tuple(sorted(f["service"] for f in found.get("forwarded_from", []))),
+        tuple(services),
+        tuple(f["method"] for f in found.get("fixes", []) if f.get("recommended")),
         tuple(
-            f"{label} {conntrack_line(entry) if entry else '(not found)'}"
-            for label, entry in (("request", request), ("reply  ", reply))
+            r["text"]
+            for r in found.get("reasons", [])
+            if r.get("code") in ("forwarded-here-by-dnat", "client-network-exposed")
         ),
     )
 
 
-def _finding(topo: t.Topology, state: str, port: int, services: list[str]) -> Check:
-    done = _ctfix(topo, state, "explain", str(port), "--json")
-    try:
-        found: dict[str, Any] = json.loads(done.stdout)
-    except ValueError:
-        found = {}
-    named = {f["service"] for f in found.get("forwarded_from", [])}
-    recommended = [f["method"] for f in found.get("fixes", []) if f.get("recommended")]
-    ok = (
-        found.get("verdict") == "broken"
-        and set(services) <= named
-        and "snat-zone" in recommended
-    )
-    seen = (
-        f"{str(found.get('verdict', 'no answer')).upper()}; DNAT'd here: "
-        f"{', '.join(sorted(named)) or 'none'}; recommended: {', '.join(recommended) or '-'}"
-    )
-    return Check(
-        f"ctfix explain {port}",
-        f"BROKEN, naming {', '.join(services)} as DNAT'd to the port, and snat-zone "
-        "recommended",
-        seen,
-        ok,
-        tuple(r["text"] for r in found.get("reasons", []) if r.get("code") in (
-            "forwarded-here-by-dnat", "client-network-exposed"
-        )),
-    )
-
-
-def _apply(topo: t.Topology, state: str, port: int, services: list[str]) -> Check:
+def _apply(topo: t.Topology, state: str, port: int, services: list[str]) -> ApplyCheck:
     done = _ctfix(
         topo, state, "fix", str(port), "--method", "snat-zone", "--apply", "--listen", "0",
         "--json",
     )
-    try:
-        covers = [c["service"] for c in json.loads(done.stdout)["plan"]["covers"]]
-    except (ValueError, KeyError):
-        covers = []
-    return Check(
-        f"ctfix fix {port} --method snat-zone --apply",
-        f"applied, covering the clients of {', '.join(services)}",
-        f"exit {done.returncode}; covers the clients of {', '.join(covers) or 'nothing'}"
-        + (f"; {done.stderr.strip()}" if done.returncode else ""),
-        done.returncode == 0 and set(services) <= set(covers),
-    )
+    covers = [c["service"] for c in _json(done).get("plan", {}).get("covers", [])]
+    error = done.stderr.strip() if done.returncode else ""
+    return ApplyCheck(port, done.returncode, tuple(covers), tuple(services), error)
 
 
-def _status(topo: t.Topology, state: str) -> Check:
+def _status(topo: t.Topology, state: str) -> StatusCheck:
     done = _ctfix(topo, state, "fix", "--status", "--json")
-    try:
-        [fix] = json.loads(done.stdout)["fixes"]
-        verdict = (fix.get("effect") or {}).get("verdict", "unknown")
-    except (ValueError, KeyError):
-        fix, verdict = {}, "unreadable"
-    return Check(
-        "ctfix fix --status",
-        "whole, and no wrong-source reply since it was applied",
-        f"exit {done.returncode}; effect: {verdict}",
-        done.returncode == 0 and bool(fix.get("ok")),
+    fixes = _json(done).get("fixes") or [{}]
+    effect = fixes[0].get("effect") or {}
+    return StatusCheck(
+        done.returncode, bool(fixes[0].get("ok")), str(effect.get("verdict", "unreadable"))
     )
 
 
-def _revert(
-    topo: t.Topology, state: str, port: int, before: str, *, timeout: float
-) -> list[Check]:
+def _revert(topo: t.Topology, state: str, port: int, before: str) -> RevertCheck:
     done = _ctfix(topo, state, "fix", "--revert", str(port))
-    after = ruleset(topo)
-    same = _same_ruleset(before, after)
-    checks = [
-        Check(
-            f"ctfix fix --revert {port}",
-            "the ruleset exactly as before the fix",
-            f"exit {done.returncode}; ruleset {'as before' if same else 'DIFFERENT'}",
-            done.returncode == 0 and same,
-        )
-    ]
-    _family, cluster_ip, _node = _families(topo)[0]
-    checks.append(
-        _ask(topo, cluster_ip, port, want=False, timeout=timeout, role="pod", when=", again")
-    )
-    return checks
+    return RevertCheck(port, done.returncode, _same_ruleset(before, ruleset(topo)))
 
 
-def run_story(topo: t.Topology, port: int, report: Report, timeout: float = 1.0) -> Story:
+def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1.0) -> Story:
+    """The failure, explain's finding, the snat-zone repair and the revert."""
     story = Story(port)
     other = other_port(port)
 
     def add(section: Section, *checks: Check) -> None:
         for check in checks:
             section.checks.append(check)
-            report("check", check)
+            report(check)
+
+    def section(kind: str, pid: int) -> Section:
+        part = Section(kind == "clusterip-failure", pid, kind=kind)
+        report(part)
+        return part
 
     load_service_rules(topo, port)
     services = [endpoint(ip, p) for _f, ip, _n in _families(topo) for p in (port, other)]
     with tempfile.TemporaryDirectory(prefix="ctfix-lab-") as state, server(
         topo, port, broken=True
     ) as proc:
-        failure = Section(
-            f"pods ask the ClusterIP; a wildcard server on the node answers with "
-            f"recvfrom()/sendto() (ctfix serve --broken, pid {proc.pid})"
-        )
-        report("section", failure)
+        failure = section("clusterip-failure", proc.pid)
         for _family, cluster_ip, node in _families(topo):
             for service_port in (port, other):
-                add(failure, _ask(topo, cluster_ip, service_port, want=False,
-                                  timeout=timeout, role="pod"))
-            add(failure, _conntrack_check(topo, cluster_ip, node, port))
-        story.bug.append(failure)
-
-        finding = Section("what ctfix finds")
-        report("section", finding)
+                add(failure, _ask(topo, cluster_ip, service_port, want=False, timeout=timeout))
+            add(failure, _conntrack(topo, cluster_ip, node, port))
+        finding = section("clusterip-finding", proc.pid)
         add(finding, _finding(topo, state, port, services))
-        story.bug.append(finding)
+        story.bug += [failure, finding]
 
         before = ruleset(topo)
-        repair = Section("the snat-zone repair (the server unchanged)")
-        report("section", repair)
+        repair = section("clusterip-repair", proc.pid)
         add(repair, _apply(topo, state, port, services))
         for _family, cluster_ip, _node in _families(topo):
             for service_port in (port, other):
-                add(repair, _ask(topo, cluster_ip, service_port, want=True,
-                                 timeout=timeout, role="pod"))
+                add(repair, _ask(topo, cluster_ip, service_port, want=True, timeout=timeout))
         for family, _cluster_ip, _node in _families(topo):
             for address in topo.local_addresses(family):
-                add(repair, _ask(topo, address, port, want=True, timeout=timeout,
-                                 role="direct client"))
+                add(repair, _ask(topo, address, port, want=True, timeout=timeout, direct=True))
         add(repair, _status(topo, state))
-        story.fix.append(repair)
-
-        undo = Section("the revert")
-        report("section", undo)
-        add(undo, *_revert(topo, state, port, before, timeout=timeout))
-        story.fix.append(undo)
+        undo = section("clusterip-revert", proc.pid)
+        _family, cluster_ip, _node = _families(topo)[0]
+        add(
+            undo,
+            _revert(topo, state, port, before),
+            _ask(topo, cluster_ip, port, want=False, timeout=timeout, again=True),
+        )
+        story.fix += [repair, undo]
     return story
-
-
-def _setup(topo: t.Topology, port: int) -> tuple[str, ...]:
-    clusters = " and ".join(ip for _f, ip, _n in _families(topo))
-    nodes = " and ".join(endpoint(node, port) for _f, _ip, node in _families(topo))
-    return (
-        f"Kubernetes    the host ns is the node, br0 is cni0, the container ns is a pod; "
-        f"ClusterIP {clusters} on UDP ports {port} and {other_port(port)}, DNAT'd to "
-        f"{nodes} (kube-proxy's chains, {topo.netfilter}, prerouting and output)",
-    )
-
-
-def _try_it(topo: t.Topology, port: int, ctfix: str) -> tuple[str, ...]:
-    return (
-        f"ip netns exec {topo.host} {ctfix} serve --broken --port {port} &",
-        f"ip netns exec {topo.container} nc -u {CLUSTER_IP_V4} {other_port(port)}",
-        f"{ctfix} explain {port} --netns {topo.host}",
-        f"{ctfix} fix {port} --method snat-zone --netns {topo.host}",
-    )
-
-
-SCENARIO = Scenario(
-    name="clusterip",
-    title="a hostNetwork UDP server behind a Kubernetes ClusterIP",
-    run=run_story,
-    setup=_setup,
-    why=(
-        "kube-proxy DNATs the ClusterIP to the node's address, but the wildcard\n"
-        "server's reply to a pod leaves by the bridge with the bridge's address: it does\n"
-        "not match the DNAT'd conntrack entry, so it is not translated back, becomes a\n"
-        "NEW flow, and the pod's connected socket rejects it (kubernetes 95565).\n"
-        "snat-zone remembers each pod by what it sent to before DNAT (ClusterIP and\n"
-        "port), moves the wrong-source reply into a conntrack zone of its own and SNATs\n"
-        "it to exactly that. The lasting fix is in the server (IP_PKTINFO, or a bind to\n"
-        "the node's address): see docs/runbooks/udp-wrong-source.md."
-    ),
-    try_it=_try_it,
-)

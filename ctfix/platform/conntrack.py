@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from ctfix.core import decode
@@ -77,8 +77,12 @@ def dump_buffers(
     dport: int | None = None,
     *,
     reply_sport: int | None = None,
-) -> Iterator[bytes]:
-    """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures)."""
+    until_done: bool = True,
+) -> Generator[bytes, None, None]:
+    """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures).
+
+    until_done=False: the caller decodes each buffer and stops reading at the end
+    itself (`_dump_family`), so the buffers are not walked twice."""
     sock = _open("reading the conntrack table")
     try:
         sock.bind((0, 0))
@@ -94,7 +98,7 @@ def dump_buffers(
             n = sock.recv_into(buf)
             chunk = bytes(buf[:n])
             yield chunk
-            if decode.ends_dump(chunk):
+            if until_done and decode.ends_dump(chunk):
                 return
     finally:
         sock.close()
@@ -106,15 +110,17 @@ def _dump_family(
     sport: int | None,
     dport: int | None,
     reply_sport: int | None = None,
+    touching: frozenset[int] | None = None,
 ) -> Iterator[CtEntry]:
     first = True
-    for chunk in dump_buffers(family, proto, sport, dport, reply_sport=reply_sport):
-        batch = decode.decode(chunk)
+    chunks = dump_buffers(family, proto, sport, dport, reply_sport=reply_sport, until_done=False)
+    for chunk in chunks:
+        batch = decode.decode(chunk, ports=touching)
         if batch.error:
             if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
                 # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask for
                 # everything and let the caller's user-space filter work.
-                yield from _dump_family(family, None, None, None)
+                yield from _dump_family(family, None, None, None, touching=touching)
                 return
             if first and batch.error == errno.EINVAL and proto is None:
                 # nfnetlink answers EINVAL for a subsystem nobody registered: no
@@ -124,6 +130,10 @@ def _dump_family(
         first = False
         for event in batch.events:
             yield event.entry
+        # The end (or what ends_dump would call one: not netlink, or empty).
+        if batch.done or batch.malformed or not chunk:
+            chunks.close()
+            return
 
 
 def dump(
@@ -134,6 +144,7 @@ def dump(
     zone: int | None = None,
     sport: int | None = None,
     reply_sport: int | None = None,
+    touching: frozenset[int] | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -143,15 +154,24 @@ def dump(
     original tuple's source port (entries a service on P started, e.g. its
     wrong-source replies); reply_sport: the reply tuple's source port (requests a
     DNAT forwarded to a service on P, whatever port they were sent to); zone: only
-    this conntrack zone (0 = default).
+    this conntrack zone (0 = default); touching: only entries whose orig sport, orig
+    dport or reply sport is one of these (checked on the bytes, before decoding: a
+    dump of a whole big table read for a few ports, as `ctfix scan` reads it).
     The kernel filters family, protocol and ports (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port, reply_sport):
+        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching):
             orig = entry.orig
+            if (
+                touching is not None
+                and orig.sport not in touching
+                and orig.dport not in touching
+                and entry.reply.sport not in touching
+            ):
+                continue
             if (
                 orig.family != fam
                 or orig.proto != proto

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ctfix.core.model import Family
 from ctfix.core.snapshot import DnatRule
 from ctfix.errors import CtfixError
 from ctfix.platform import iptables_legacy, netfilter_read
@@ -326,7 +327,7 @@ def _legacy_terms(rule: Any, ip: Any) -> _Terms:
     return _Terms(destinations, dports, udp)
 
 
-def _legacy_family(port: int, family: str) -> list[DnatRule]:
+def _legacy_family(port: int, family: Family) -> list[DnatRule]:
     if "nat" not in iptables_legacy.loaded_tables(family):
         return []
     iptc = netfilter_read.import_iptc()
@@ -387,7 +388,8 @@ def _legacy_family(port: int, family: str) -> list[DnatRule]:
 
 
 def _legacy_rules(port: int) -> list[DnatRule]:
-    families = [f for f in ("ipv4", "ipv6") if "nat" in iptables_legacy.loaded_tables(f)]
+    both: tuple[Family, ...] = ("ipv4", "ipv6")
+    families = [f for f in both if "nat" in iptables_legacy.loaded_tables(f)]
     if not families:
         return []
     netfilter_read.import_iptc()  # once, before forking: the children share the import

@@ -14,17 +14,29 @@ from __future__ import annotations
 
 import select
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ctfix.core.decode import CtEntry
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
     probe_destinations,
+    reply_marks,
+    requests_to,
+    uplink_lookups,
     wrong_source_reply,
 )
 from ctfix.core.model import Listener, WrongSourceReply
-from ctfix.core.snapshot import FixRecord, RouteChoice, Snapshot
+from ctfix.core.scan import FlowIndex
+from ctfix.core.snapshot import (
+    FixRecord,
+    LocalAddress,
+    NetfilterRule,
+    PolicyRule,
+    Route,
+    RouteChoice,
+    Snapshot,
+)
 from ctfix.errors import CtfixError
 from ctfix.platform import dnat_read, netfilter_read, routing, sockdiag
 
@@ -67,10 +79,10 @@ def _request_to(entry: CtEntry, port: int, local: frozenset[str]) -> bool:
 def listen(port: int, seconds: float, local: frozenset[str]) -> Listened:
     """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
     from ctfix.core.decode import NEW
-    from ctfix.core.detect import Detector
+    from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
 
-    detector = Detector(local_addresses=local)
+    detector = WrongSourceDetector(local_addresses=local)
     events = conntrack.EventSocket()
     since = time.time()
     requests = 0
@@ -120,7 +132,7 @@ def fix_record(port: int, netns: str) -> FixRecord | None:
     return FixRecord(
         fix.method,
         fix.applied if fix.applied is not None else fix.started,
-        tuple((c["service"], c["target"]) for c in fix.covers),
+        tuple((str(c["service"]), str(c["target"])) for c in fix.covers),
     )
 
 
@@ -131,10 +143,6 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
     listened = listen(port, listen_seconds, local) if listen_seconds > 0 else None
 
     owned = sockdiag.listeners(port)
-    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
-    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
-    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
-
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
     # Before the dump: entries are dated from their time left as of this moment, and
@@ -146,7 +154,6 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         conntrack_error = err.one_line()
 
     netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
-    dnat, dnat_errors = dnat_read.dnat_rules(port)
     if conntrack_error is None:
         # A port forwarded elsewhere on this host: its requests are answered from the
         # target port, so the replies (the evidence) are that port's flows.
@@ -154,26 +161,21 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
-
-    probes = probe_destinations(port, addresses, flows)
-    choices: list[RouteChoice] = [
-        routing.reply_source(destination, port, uid=uid) for destination in probes.values()
-    ]
-    return Snapshot(
-        port=port,
-        netns=netns,
-        listeners=listeners,
-        addresses=tuple(addresses),
-        routes=tuple(routing.routes()),
-        policy_rules=tuple(routing.policy_rules()),
-        route_choices=tuple(choices),
-        flows=tuple(flows),
-        conntrack_error=conntrack_error,
-        netfilter=tuple(netfilter),
-        netfilter_errors=(*netfilter_errors, *dnat_errors),
-        live_findings=listened.findings if listened else (),
-        listened_seconds=listen_seconds,
-        probes=probes,
+    dnat, dnat_errors = dnat_read.dnat_rules(port)
+    snapshot = _snapshot(
+        port,
+        netns,
+        owned,
+        _Namespace.read(addresses),
+        flows,
+        conntrack_error,
+        (netfilter, [*netfilter_errors, *dnat_errors]),
+        list(listened.findings) if listened else [],
+        listen_seconds,
+    )
+    # What dates the evidence, and the fix it is judged against (explain and fix).
+    return replace(
+        snapshot,
         dnat_rules=tuple(dnat),
         taken_at=taken_at,
         listened_since=listened.since if listened else None,
@@ -186,3 +188,142 @@ def _udp_timeout() -> int | None:
     from ctfix.platform import conntrack
 
     return conntrack.udp_timeout()
+
+@dataclass(frozen=True, slots=True)
+class _Namespace:
+    """What is the same for every port of the namespace."""
+
+    addresses: list[LocalAddress]
+    route_table: list[Route]
+    policy_rules: list[PolicyRule]
+
+    @classmethod
+    def read(cls, addresses: list[LocalAddress]) -> _Namespace:
+        return cls(addresses, routing.route_table(), routing.policy_rules())
+
+
+def _snapshot(
+    port: int,
+    netns: str,
+    owned: list[tuple[Listener, int]],
+    namespace: _Namespace,
+    flows: list[CtEntry],
+    conntrack_error: str | None,
+    netfilter: tuple[list[NetfilterRule], list[str]],
+    live: list[WrongSourceReply],
+    listen_seconds: float,
+) -> Snapshot:
+    """One port's snapshot: its route lookups made, everything else as gathered."""
+    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
+    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
+    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
+    addresses = namespace.addresses
+    local = {a.address for a in addresses}
+    probes = probe_destinations(port, addresses, flows, namespace.route_table)
+    choices: list[RouteChoice] = [
+        routing.reply_source(destination, port, uid=uid) for destination in probes.values()
+    ]
+    # Remote clients: where a reply from the address they sent to, or one a netfilter
+    # rule marked, would leave (two uplinks).
+    choices += [
+        routing.reply_source(destination, port, uid=uid, mark=mark, source=source)
+        for destination, mark, source in uplink_lookups(
+            probes,
+            requests_to(flows, port, local),
+            addresses,
+            reply_marks(port, netfilter[0]),
+        )
+    ]
+    return Snapshot(
+        port=port,
+        netns=netns,
+        listeners=listeners,
+        addresses=tuple(addresses),
+        routes=tuple(route.text for route in namespace.route_table),
+        route_table=tuple(namespace.route_table),
+        policy_rules=tuple(namespace.policy_rules),
+        route_choices=tuple(choices),
+        flows=tuple(flows),
+        conntrack_error=conntrack_error,
+        netfilter=tuple(netfilter[0]),
+        netfilter_errors=tuple(netfilter[1]),
+        live_findings=tuple(live),
+        listened_seconds=listen_seconds,
+        probes=probes,
+    )
+
+
+def collect_services(netns: str) -> list[Snapshot]:
+    """A snapshot of every UDP service port of the current namespace (scan), gathered
+    at the cost of about one: sockets, addresses, routes, policy rules, netfilter and
+    ONE conntrack dump are read once, and each port's view is cut from them; only the
+    route lookups are per port (policy rules may select by source port)."""
+    from ctfix.core import scan
+
+    owned = sockdiag.listeners(None)
+    ports = scan.service_ports((listener for listener, _uid in owned), ephemeral_ports())
+    if not ports:
+        return []
+    addresses = routing.local_addresses()
+    local = {a.address for a in addresses}
+    namespace = _Namespace.read(addresses)
+    rules, rule_errors = netfilter_read.rules_for_ports(ports)
+    index = scan.FlowIndex()
+    conntrack_error: str | None = None
+    try:
+        index = _flow_index(ports, rules, local)
+    except CtfixError as err:
+        conntrack_error = err.one_line()
+    snapshots = []
+    for port in ports:
+        flows = scan.flows_for_port(index, port)
+        if conntrack_error is None:
+            for _address, target in forwarded_to(port, rules[port], flows, local):
+                flows.extend(scan.flows_from_port(index, target))
+        snapshots.append(
+            _snapshot(
+                port,
+                netns,
+                [(listener, uid) for listener, uid in owned if listener.port == port],
+                namespace,
+                flows,
+                conntrack_error,
+                (rules[port], rule_errors),
+                [],
+                0.0,
+            )
+        )
+    return snapshots
+
+
+def _flow_index(
+    ports: list[int], rules: dict[int, list[NetfilterRule]], local: set[str]
+) -> FlowIndex:
+    """ONE dump of the UDP table, decoding only the entries that touch a service port
+    or a port a DNAT forwards one to (named by a rule); a target only the flows name
+    gets a filtered dump of its own (rare: something usually listens there)."""
+    from ctfix.core import scan
+    from ctfix.platform import conntrack
+
+    targets = {t for port in ports for _a, t in forwarded_to(port, rules[port], (), local)}
+    touching = frozenset(ports) | targets
+    index = scan.index_flows(conntrack.dump(proto=17, touching=touching), ports)
+    fetched = set(touching)
+    for port in ports:
+        flows = scan.flows_for_port(index, port)
+        for _address, target in forwarded_to(port, (), flows, local):
+            if target not in fetched:
+                fetched.add(target)
+                index.by_sport[target] = list(conntrack.dump(proto=17, sport=target))
+    return index
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range of the current namespace (the kernel's default
+    when it cannot be read): the ports clients' sockets get."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(word) for word in fh.read().split())
+    except (OSError, ValueError):
+        return (32768, 60999)
+    return low, high

@@ -16,8 +16,9 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ctfix.core.model import Listener
+from ctfix.core.model import ContainerRef, Family, Listener
 from ctfix.platform import nlsock
+from ctfix.platform.procfs import read_text
 
 SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_SKV6ONLY = 11
@@ -39,7 +40,7 @@ _MSG_SIZE = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size
 class UdpSocket:
     """One UDP socket as sock_diag reports it."""
 
-    family: str  # "ipv4" | "ipv6"
+    family: Family
     address: str
     port: int
     peer: str | None  # connected peer "addr:port", None when unconnected
@@ -53,8 +54,9 @@ def _address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(family, raw[:size])
 
 
-def udp_sockets(port: int) -> list[UdpSocket]:
-    """Every UDP socket (IPv4 and IPv6, any state) whose local port is `port`."""
+def udp_sockets(port: int | None = None) -> list[UdpSocket]:
+    """Every UDP socket (IPv4 and IPv6, any state) whose local port is `port` (None:
+    every UDP socket of the namespace)."""
     from ctfix.core.addr import endpoint
 
     found: list[UdpSocket] = []
@@ -73,7 +75,7 @@ def udp_sockets(port: int) -> list[UdpSocket]:
                 continue
             fam, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
             sport, dport, src, dst = _SOCKID.unpack_from(body, _MSG_HEAD.size)
-            if sport != port:
+            if port is not None and sport != port:
                 continue
             _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_HEAD.size + _SOCKID_SIZE)
             attrs = nlsock.attributes(body, _MSG_SIZE, len(body))
@@ -101,17 +103,24 @@ class Owner:
     process: str | None
     cmdline: tuple[str, ...]
     unit: str | None
+    exe: str | None = None  # /proc/PID/exe's target; None when it cannot be read
+    container: ContainerRef | None = None
 
 
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 
 
-def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner]:
-    """inode -> the first process (lowest pid) holding that socket open."""
+def socket_holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Owner]]:
+    """inode -> every process holding that socket open, lowest pid first.
+
+    A pre-forking daemon (nsd, kamailio, a master with workers) shares one socket
+    among several processes; any of them may answer, so all are listed. Every
+    process's descriptors are read: the scan cannot stop at the first holder.
+    """
     wanted = set(inodes)
-    owners: dict[int, Owner] = {}
+    holders: dict[int, list[Owner]] = {}
     if not wanted:
-        return owners
+        return holders
     pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
     for pid in pids:
         fd_dir = f"{proc}/{pid}/fd"
@@ -119,74 +128,67 @@ def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner
             fds = os.listdir(fd_dir)
         except OSError:
             continue  # gone, or not ours to read
+        held: set[int] = set()
         for fd in fds:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
             except OSError:
                 continue
             match = _SOCKET_LINK.fullmatch(target)
-            if match is None:
-                continue
-            inode = int(match.group(1))
-            if inode in wanted and inode not in owners:
-                owners[inode] = _owner(pid, proc)
-        if len(owners) == len(wanted):
-            break
-    return owners
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return None
+            if match is not None and int(match.group(1)) in wanted:
+                held.add(int(match.group(1)))
+        if held:
+            owner = _owner(pid, proc)
+            for inode in held:
+                holders.setdefault(inode, []).append(owner)
+    return holders
 
 
 def _owner(pid: int, proc: str) -> Owner:
-    comm = _read(f"{proc}/{pid}/comm")
-    raw_cmdline = _read(f"{proc}/{pid}/cmdline") or ""
+    comm = read_text(f"{proc}/{pid}/comm")
+    raw_cmdline = read_text(f"{proc}/{pid}/cmdline") or ""
     cmdline = tuple(part for part in raw_cmdline.split("\0") if part)
+    try:
+        exe: str | None = os.readlink(f"{proc}/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        exe = None  # a kernel thread, or another user's process without privileges
+    cgroup = read_text(f"{proc}/{pid}/cgroup") or ""
+    from ctfix.platform import containers
+
     return Owner(
         pid=pid,
         process=comm.strip() if comm else None,
         cmdline=cmdline,
-        unit=unit_from_cgroup(_read(f"{proc}/{pid}/cgroup") or ""),
+        unit=unit_from_cgroup(cgroup),
+        exe=exe,
+        container=containers.resolver().for_cgroup(cgroup),
     )
 
 
-_CONTAINER = re.compile(
-    r"(?:docker|libpod|crio|cri-containerd|containerd)[-/:]([0-9a-f]{12,64})(?:\.scope)?$"
-)
-
-
 def unit_from_cgroup(text: str) -> str | None:
-    """A container id (`docker:abcdef123456`) or a systemd unit from /proc/PID/cgroup."""
+    """A container (`docker:abcdef123456`) or a systemd unit from /proc/PID/cgroup."""
+    from ctfix.platform.containers import container_from_cgroup
+
+    found = container_from_cgroup(text)
+    if found is not None:
+        return f"{found.engine or 'container'}:{found.id[:12]}"
     for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        parts = [part for part in path.split("/") if part]
-        for part in reversed(parts):
-            match = _CONTAINER.search(part)
-            if match is not None:
-                runtime = part.split("-", 1)[0].split(":", 1)[0]
-                runtime = "docker" if runtime == match.group(1) else runtime
-                return f"{runtime}:{match.group(1)[:12]}"
-        # A docker cgroup v1 path is /docker/<id>: the runtime is the parent part.
-        if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{64}", parts[-1]):
-            return f"{parts[-2]}:{parts[-1][:12]}"
+        parts = [part for part in line.split(":", 2)[-1].split("/") if part]
         for part in reversed(parts):
             if part.endswith((".service", ".scope")) and not part.startswith("session-"):
                 return part
     return None
 
 
-def listeners(port: int) -> list[tuple[Listener, int]]:
-    """The port's sockets with their owners, each with the socket's uid (for routing)."""
+def listeners(port: int | None = None) -> list[tuple[Listener, int]]:
+    """The port's sockets (None: every UDP socket) with their owners, each with the
+    socket's uid (for routing)."""
     sockets = udp_sockets(port)
-    owners = socket_owners(sock.inode for sock in sockets)
+    holders = socket_holders(sock.inode for sock in sockets)
     result: list[tuple[Listener, int]] = []
     for sock in sockets:
-        owner = owners.get(sock.inode)
+        held_by = holders.get(sock.inode, [])
+        owner = held_by[0] if held_by else None
         listener = Listener(
             address=sock.address,
             port=sock.port,
@@ -196,8 +198,11 @@ def listeners(port: int) -> list[tuple[Listener, int]]:
             process=owner.process if owner else None,
             cmdline=owner.cmdline if owner else (),
             unit=owner.unit if owner else None,
+            container=owner.container if owner else None,
             v6only=sock.v6only if sock.family == "ipv6" else None,
             peer=sock.peer,
+            exe=owner.exe if owner else None,
+            processes=tuple((held.pid, held.process) for held in held_by),
         )
         result.append((listener, sock.uid))
     return result

@@ -9,11 +9,10 @@ evidence, and the fixes with their trade-offs, in that order.
 
 from __future__ import annotations
 
-import json
-import textwrap
 from typing import Any
 
-from ctfix.core.diagnosis import recommended_first, wrong_text
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import (
     ClientNetwork,
     Diagnosis,
@@ -22,7 +21,10 @@ from ctfix.core.model import (
     Listener,
     WrongSourceReply,
 )
+from ctfix.render.container import container_json, container_text
+from ctfix.render.jsonout import envelope
 from ctfix.render.style import Style
+from ctfix.render.width import fill
 
 WHY = (
     "A UDP server that answers with sendto() on a socket bound to the wildcard (0.0.0.0 "
@@ -38,10 +40,12 @@ _VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broke
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
-    """The stable JSON shape of a diagnosis."""
+    """The stable JSON shape of a diagnosis: explain's document after the envelope,
+    and each of scan's `services[]`."""
     return {
         "port": d.port,
         "netns": d.netns,
+        "netns_container": container_json(d.netns_container),
         "verdict": d.verdict,
         "reasons": [{"code": r.code, "text": r.text} for r in d.reasons],
         "service": d.service,
@@ -58,6 +62,9 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "peer": lst.peer,
                 "cmdline": list(lst.cmdline),
                 "unit": lst.unit,
+                "exe": lst.exe,
+                "processes": [{"pid": pid, "process": comm} for pid, comm in lst.processes],
+                "container": container_json(lst.container),
             }
             for lst in d.listeners
         ],
@@ -70,6 +77,23 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "probe": cn.probe,
+                "egress": cn.egress,
+                "egress_gateway": cn.egress_gateway,
+                "uplinks": [
+                    {
+                        "address": u.address,
+                        "interface": u.interface,
+                        "network": u.network,
+                        "gateway": u.gateway,
+                        "route": u.route,
+                        "routed": u.routed,
+                        "rerouted": u.rerouted,
+                        "source_routed": u.source_routed,
+                        "ok": u.ok,
+                    }
+                    for u in cn.uplinks
+                ],
                 "services": list(cn.services),
                 "unanswered": list(cn.unanswered),
             }
@@ -117,6 +141,7 @@ def wrong_json(w: WrongSourceReply) -> dict[str, Any]:
         "count": w.count,
         "clients": w.clients,
         "client_network": w.client_network,
+        "container": container_json(w.container),
         "first_seen": w.first_seen,
         "last_seen": w.last_seen,
     }
@@ -152,8 +177,9 @@ def effect_json(e: FixEffect | None) -> dict[str, Any] | None:
     }
 
 
-def render_json(d: Diagnosis) -> str:
-    return json.dumps(to_json_obj(d), indent=2) + "\n"
+def explain_document(d: Diagnosis) -> dict[str, Any]:
+    """`ctfix explain --json`: the schema-2 envelope, then the diagnosis."""
+    return {**envelope(d.netns), **to_json_obj(d)}
 
 
 def _answers(healthy: int, unanswered: int) -> str:
@@ -173,10 +199,29 @@ def _listener_line(lst: Listener) -> str:
         extra.append("v6only" if lst.v6only else "dual-stack")
     if lst.peer:
         extra.append(f"connected to {lst.peer}")
-    if lst.unit:
+    if lst.container is not None:
+        extra.append(container_text(lst.container))
+    elif lst.unit:
         extra.append(lst.unit)
+    others = [f"{comm or '?'} pid {pid}" for pid, comm in lst.processes if pid != lst.pid]
+    if others:
+        extra.append(f"shared with {', '.join(others)}")
     tail = f" ({', '.join(extra)})" if extra else ""
     return f"{who} ({pid}) {lst.state} on {where}{tail}"
+
+
+def _netns_text(d: Diagnosis) -> str:
+    """The namespace as given, and whose it is when a container's (and not said)."""
+    ref = d.netns_container
+    if ref is None or d.netns in (f"container:{ref.name}", f"container:{ref.id}"):
+        return d.netns
+    return f"{d.netns} ({container_text(ref)})"
+
+
+def _wrong_line(w: WrongSourceReply) -> str:
+    """A wrong-source record, with the container of its (latest) client if known."""
+    text = wrong_source_text(w)
+    return f"{text} ({container_text(w.container)})" if w.container else text
 
 
 def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
@@ -187,19 +232,31 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
     wrong = list(cn.unanswered) or [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
+    # Replies that leave by another uplink than their requests came in by.
+    other_way = sorted({u.interface for u in cn.uplinks if not u.ok})
+    problems = [f"wrong for {', '.join(wrong)}"] if wrong else []
+    if other_way:
+        problems.append(f"leaves by {cn.egress}, not {' or '.join(other_way)}")
     if cn.ok:
         status = "ok"
-    elif wrong:
-        status = f"wrong for {', '.join(wrong)}"
+    elif problems:
+        status = "; ".join(problems)
     else:
         status = "at risk"
+    leaves = cn.interface or "-"
+    if cn.egress_gateway and cn.egress == cn.interface:
+        leaves += f" via {cn.egress_gateway}"
     return (
         cn.network,
-        cn.interface or "-",
+        leaves,
         addressed,
         cn.predicted_source or "-",
         status,
     )
+
+
+#: where prose is filled when the output is not a terminal
+PIPE_WIDTH = 88
 
 
 def _forwarded_line(f: ForwardedService) -> str:
@@ -208,20 +265,15 @@ def _forwarded_line(f: ForwardedService) -> str:
     return f"{f.service} -> {f.target} (DNAT{where}{seen})"
 
 
-def _wrap(text: str, indent: str, width: int = 88) -> str:
-    return "\n".join(
-        textwrap.fill(
-            paragraph,
-            width=width,
-            initial_indent=indent,
-            subsequent_indent=indent,
-            break_long_words=False,
-            break_on_hyphens=False,
-        )
-        if paragraph.strip()
-        else ""
-        for paragraph in text.splitlines()
-    )
+def _wrap(text: str, indent: str, width: int | None, hang: str | None = None) -> str:
+    """Fill text at width, never mid-word (ctfix.render.width.fill). Without a width
+    (not a terminal), prose is filled at PIPE_WIDTH and a one-line record (hang
+    given) stays one line, for grep and `head -1`."""
+    if width is None:
+        if hang is not None:
+            return indent + text
+        width = PIPE_WIDTH
+    return fill(text, width, indent, hang)
 
 
 def _headline_tail(d: Diagnosis) -> str:
@@ -237,68 +289,75 @@ def _headline_tail(d: Diagnosis) -> str:
     return ""
 
 
-def render_text(d: Diagnosis, style: Style | None = None) -> str:
+def render_text(d: Diagnosis, style: Style | None = None, width: int | None = None) -> str:
+    """The write-up for people, every line wrapped at `width` (a terminal's: see
+    ctfix.render.width.terminal_width); without one, as for a pipe (see `_wrap`)."""
     s = style or Style(False)
+    w = width
     verdict = s(_VERDICT_WORDS[d.verdict], *_VERDICT_STYLE[d.verdict])
     tail = _headline_tail(d)
     if d.service_down:
         tail = s(tail, "red", "bold")
-    out = [f"UDP port {d.port} in namespace {d.netns}: {verdict}{tail}", ""]
+    headline = f"UDP port {d.port} in namespace {_netns_text(d)}: {verdict}{tail}"
+    out = [_wrap(headline, "", w, "  "), ""]
 
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
-        out.append(_wrap(reason.text, "  ").replace("  ", "- ", 1))
+        out.append(_wrap(reason.text, "  ", w).replace("  ", "- ", 1))
     if d.verdict != "ok":
-        out += ["", s("Why", "bold"), _wrap(WHY, "  ")]
+        out += ["", s("Why", "bold"), _wrap(WHY, "  ", w)]
 
     out += ["", s("Sockets on the port", "bold")]
-    out += [f"  {_listener_line(lst)}" for lst in d.listeners] or ["  none"]
+    out += [_wrap(_listener_line(lst), "  ", w, "      ") for lst in d.listeners] or ["  none"]
     if d.forwarded_from:
         out += ["", s("Services DNAT'd to the port", "bold")]
-        out += [f"  {_forwarded_line(f)}" for f in d.forwarded_from]
+        out += [_wrap(_forwarded_line(f), "  ", w, "      ") for f in d.forwarded_from]
 
     if d.clients:
-        out += [
-            "",
-            s(
-                "Client networks (reply source from `ip route get CLIENT ipproto udp "
-                f"sport {d.port}`)",
-                "bold",
-            ),
-        ]
-        rows = [("network", "via", "clients send to", "reply from", "")]
+        heading = (
+            "Client networks (reply source from `ip route get CLIENT ipproto udp "
+            f"sport {d.port}`)"
+        )
+        out += ["", _wrap(s(heading, "bold"), "", w, "  ")]
+        rows = [("network", "leaves by", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for index, row in enumerate(rows):
-            cells = [row[i].ljust(widths[i]) for i in range(4)]
-            line = "  " + "  ".join(cells) + "  " + row[4]
-            if index and row[4] != "ok":
-                line = "  " + "  ".join(cells) + "  " + s(row[4], "red")
-            out.append(line.rstrip())
+            cells = "  " + "  ".join(row[i].ljust(widths[i]) for i in range(4))
+            status = s(row[4], "red") if index and row[4] != "ok" else row[4]
+            if w is not None and len(cells.rstrip()) + 2 + len(row[4]) > w:
+                # Too wide for the terminal: the status goes under its row.
+                out.append(cells.rstrip())
+                if row[4]:
+                    out.append(_wrap(status, "      ", w))
+            else:
+                out.append(f"{cells}  {status}".rstrip())
 
     ev = d.evidence
     out += ["", s("Evidence (conntrack, this port)", "bold")]
     if ev.wrong_source:
-        for w in ev.wrong_source:
-            out.append(f"  {s('wrong source', 'red')}: {wrong_text(w)}")
+        for wrong in ev.wrong_source:
+            line = f"{s('wrong source', 'red')}: {_wrong_line(wrong)}"
+            out.append(_wrap(line, "  ", w, "      "))
     else:
         out.append("  no wrong-source replies in the table")
-    out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
+    out.append(_wrap(_answers(ev.healthy, ev.unanswered), "  ", w, "      "))
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
         for r in d.rules:
-            out.append(f"  {r.backend} {r.table} {r.chain}: {r.rule}")
+            out.append(_wrap(f"{r.backend} {r.table} {r.chain}: {r.rule}", "  ", w, "      "))
             if r.problem:
-                out.append(_wrap(f"cannot help: {r.problem}", "      "))
+                out.append(_wrap(f"cannot help: {r.problem}", "      ", w))
 
     if d.fixes:
         out += ["", s("How to fix it", "bold")]
         for fix in recommended_first(d.fixes):
             mark = s("recommended", "green") + " " if fix.recommended else ""
-            out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  "))
-            out.append(_wrap(fix.detail, "      "))
-        out += ["", "  Runbook: docs/runbooks/udp-wrong-source.md; live view: ctfix watch"]
+            out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  ", w, "      "))
+            out.append(_wrap(fix.detail, "      ", w))
+        runbook = "Runbook: docs/runbooks/udp-wrong-source.md; live view: ctfix watch"
+        out += ["", _wrap(runbook, "  ", w, "  ")]
     return "\n".join(out) + "\n"
 
 
@@ -308,7 +367,7 @@ def _md_escape(text: str) -> str:
 
 def render_markdown(d: Diagnosis) -> str:
     out = [
-        f"## UDP port {d.port} (namespace `{d.netns}`): **{_VERDICT_WORDS[d.verdict]}**"
+        f"## UDP port {d.port} (namespace `{_netns_text(d)}`): **{_VERDICT_WORDS[d.verdict]}**"
         + _headline_tail(d),
         "",
     ]
@@ -328,7 +387,7 @@ def render_markdown(d: Diagnosis) -> str:
             "",
             f"Reply source as `ip route get CLIENT ipproto udp sport {d.port}` predicts it.",
             "",
-            "| network | via | clients send to | reply from | |",
+            "| network | leaves by | clients send to | reply from | |",
             "|---|---|---|---|---|",
         ]
         for cn in d.clients:
@@ -337,7 +396,7 @@ def render_markdown(d: Diagnosis) -> str:
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
     for w in ev.wrong_source:
-        out.append(f"- wrong source: {wrong_text(w)}")
+        out.append(f"- wrong source: {_wrong_line(w)}")
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")

@@ -9,11 +9,213 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TextIO
 
+from ctfix.core.addr import endpoint
+from ctfix.lab.checks import (
+    ApplyCheck,
+    Check,
+    ConntrackCheck,
+    ExchangeCheck,
+    ExplainCheck,
+    IcmpCheck,
+    RevertCheck,
+    Section,
+    ServiceCheck,
+    StatusCheck,
+)
+from ctfix.render.conntrack import conntrack_line
 from ctfix.render.style import Style
 
 if TYPE_CHECKING:
-    from ctfix.lab.scenario import Check, Scenario, Section, Story
+    from ctfix.lab.checks import Story
     from ctfix.lab.topology import Topology
+
+
+#: each scenario's headline (ctfix.lab.registry names the scenarios)
+TITLES = {
+    "wrong-source": "a UDP service that answers from the wrong address",
+    "clusterip": "a hostNetwork UDP server behind a Kubernetes ClusterIP",
+}
+#: sections of scenarios other than wrong-source, by kind
+_SECTIONS = {
+    "clusterip-failure": "pods ask the ClusterIP; a wildcard server on the node answers "
+    "with recvfrom()/sendto() (ctfix serve --broken)",
+    "clusterip-finding": "what ctfix finds",
+    "clusterip-repair": "the snat-zone repair (the server unchanged)",
+    "clusterip-revert": "the revert",
+}
+#: why a good result is good, per scenario
+WHY = {
+    "wrong-source": (
+        "the broken server's reply to a client that addressed the uplink left by\n"
+        "br0, so the kernel gave it br0's address as the source; the client's\n"
+        "connected socket does not match it and answers ICMP port unreachable, and\n"
+        "conntrack files the reply as a new flow. The reference server reads the\n"
+        "address each request was sent to (IP_PKTINFO / IPV6_PKTINFO) and replies\n"
+        "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
+    ),
+    "clusterip": (
+        "kube-proxy DNATs the ClusterIP to the node's address, but the wildcard\n"
+        "server's reply to a pod leaves by the bridge with the bridge's address: it does\n"
+        "not match the DNAT'd conntrack entry, so it is not translated back, becomes a\n"
+        "NEW flow, and the pod's connected socket rejects it (kubernetes 95565).\n"
+        "snat-zone remembers each pod by what it sent to before DNAT (ClusterIP and\n"
+        "port), moves the wrong-source reply into a conntrack zone of its own and SNATs\n"
+        "it to exactly that. The lasting fix is in the server (IP_PKTINFO, or a bind to\n"
+        "the node's address): see docs/runbooks/udp-wrong-source.md."
+    ),
+}
+
+
+def _setup_lines(scenario: str, topo: Topology, port: int) -> list[str]:
+    """What a scenario adds to the lab's topology, one line per item."""
+    if scenario != "clusterip":
+        return []
+    from ctfix.lab import clusterip
+
+    families = [(clusterip.CLUSTER_IP_V4, "198.51.100.13")]
+    if topo.ipv6:
+        families.append((clusterip.CLUSTER_IP_V6, "2001:db8:2::13"))
+    clusters = " and ".join(ip for ip, _node in families)
+    nodes = " and ".join(endpoint(node, port) for _ip, node in families)
+    return [
+        "Kubernetes    the host ns is the node, br0 is cni0, the container ns is a pod; "
+        f"ClusterIP {clusters} on UDP ports {port} and {clusterip.other_port(port)}, "
+        f"DNAT'd to {nodes} (kube-proxy's chains, {topo.netfilter}, prerouting and output)"
+    ]
+
+
+def _try_lines(scenario: str, topo: Topology, port: int, ctfix: str) -> list[str]:
+    if scenario == "clusterip":
+        from ctfix.lab import clusterip
+
+        return [
+            f"ip netns exec {topo.host} {ctfix} serve --broken --port {port} &",
+            f"ip netns exec {topo.container} nc -u {clusterip.CLUSTER_IP_V4} "
+            f"{clusterip.other_port(port)}",
+            f"{ctfix} explain {port} --netns {topo.host}",
+            f"{ctfix} fix {port} --method snat-zone --netns {topo.host}",
+        ]
+    return [
+        f"ip netns exec {topo.host} {ctfix} serve --broken --port {port} &",
+        f"ip netns exec {topo.container} nc -u 198.51.100.13 {port}",
+        f"{ctfix} watch --netns {topo.host}",
+        f"{ctfix} explain {port} --netns {topo.host}",
+    ]
+
+
+def _section_title(section: Section) -> str:
+    if section.kind:
+        return f"{_SECTIONS.get(section.kind, section.kind)}, pid {section.pid}"
+    title = (
+        "a wildcard server that answers with recvfrom()/sendto() (ctfix serve --broken)"
+        if section.broken
+        else "the reference server: wildcard + IP_PKTINFO (ctfix serve)"
+    )
+    return f"{title}, pid {section.pid}"
+
+
+def check_words(check: Check) -> tuple[str, str, str, list[str]]:
+    """(title, expected, seen, detail lines) of one check."""
+    match check:
+        case ExchangeCheck():
+            address = endpoint(check.address, check.port)
+            expected = (
+                f"reply from {address}"
+                if check.want_reply
+                else "no reply: the bug (the reply leaves from another address)"
+            )
+            came = check.reply_from
+            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+            return f"connected client {endpoint(*check.client)} -> {address}", expected, seen, []
+        case ConntrackCheck():
+            reply = check.reply
+            seen = (
+                f"a new flow from {endpoint(reply.orig.src, reply.orig.sport)}, not "
+                f"{endpoint(check.server, check.port)}"
+                if reply is not None
+                else "no second flow"
+            )
+            detail = [
+                f"{label} {conntrack_line(entry) if entry else '(not found)'}"
+                for label, entry in (("request", check.request), ("reply  ", reply))
+            ]
+            return (
+                "conntrack in the host namespace",
+                "the request"
+                + (
+                    f" DNAT'd to {endpoint(check.server, check.port)}"
+                    if check.request is not None and check.request.orig.dst != check.server
+                    else ""
+                )
+                + ", then the reply filed as a NEW flow from another address",
+                seen,
+                detail,
+            )
+        case ServiceCheck():
+            address = endpoint(check.address, check.port)
+            expected = (
+                f"reply from {address}"
+                if check.want_reply
+                else "no reply: the reply leaves from another address and matches no entry"
+            )
+            came = check.reply_from
+            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+            who = "direct client" if check.direct else "pod"
+            again = ", again" if check.again else ""
+            return f"{who} {endpoint(*check.client)} -> {address}{again}", expected, seen, []
+        case ExplainCheck():
+            seen = (
+                f"{(check.verdict or 'no answer').upper()}; DNAT'd here: "
+                f"{', '.join(check.named) or 'none'}; recommended: "
+                f"{', '.join(check.recommended) or '-'}"
+            )
+            return (
+                f"ctfix explain {check.port}",
+                f"BROKEN, naming {', '.join(check.wanted)} as DNAT'd to the port, and "
+                "snat-zone recommended",
+                seen,
+                list(check.reasons),
+            )
+        case ApplyCheck():
+            seen = (
+                f"exit {check.returncode}; covers the clients of "
+                f"{', '.join(check.covers) or 'nothing'}"
+                + (f"; {check.error}" if check.error else "")
+            )
+            return (
+                f"ctfix fix {check.port} --method snat-zone --apply",
+                f"applied, covering the clients of {', '.join(check.wanted)}",
+                seen,
+                [],
+            )
+        case StatusCheck():
+            return (
+                "ctfix fix --status",
+                "whole, and no wrong-source reply since it was applied",
+                f"exit {check.returncode}; effect: {check.verdict}",
+                [],
+            )
+        case RevertCheck():
+            return (
+                f"ctfix fix --revert {check.port}",
+                "the ruleset exactly as before the fix",
+                f"exit {check.returncode}; ruleset {'as before' if check.same else 'DIFFERENT'}",
+                [],
+            )
+        case IcmpCheck():
+            r = check.rejected
+            seen = (
+                f"ICMP port unreachable from {check.sender} for the reply "
+                f"{endpoint(r.src, r.sport)} -> {endpoint(r.dst, r.dport)}"
+                if r is not None
+                else "no ICMP port unreachable seen"
+            )
+            return (
+                "the client rejects the reply it did not expect",
+                "ICMP port unreachable from the client, about a reply from another address",
+                seen,
+                [],
+            )
 
 
 class LabPrinter:
@@ -24,11 +226,11 @@ class LabPrinter:
     def _p(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
-    def topology(self, topo: Topology, port: int, scenario: Scenario) -> None:
+    def topology(self, topo: Topology, port: int, scenario: str = "wrong-source") -> None:
         from ctfix.lab import topology as t
 
         s = self.style
-        self._p(s(f"ctfix lab: {scenario.title}", "bold"))
+        self._p(s(f"ctfix lab: {TITLES[scenario]}", "bold"))
 
         def both(v4: str, v6: str, sep: str = ", ") -> str:
             """The IPv4 item, and the IPv6 one too when the lab runs IPv6."""
@@ -49,47 +251,45 @@ class LabPrinter:
             f" leaving by anything but br0 ({topo.netfilter}), as Docker does\n"
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
-        for line in scenario.setup(topo, port):
+        for line in _setup_lines(scenario, topo, port):
             self._p(f"  {line}")
 
-    def report(self, kind: str, item: object) -> None:
-        if kind == "section":
-            self._section(item)  # type: ignore[arg-type]
+    def report(self, item: Section | Check) -> None:
+        """The story's callback: a section as it starts, each check as it is made."""
+        if isinstance(item, Section):
+            self._p()
+            self._p(self.style(_section_title(item), "bold"))
         else:
-            self._check(item)  # type: ignore[arg-type]
+            self._check(*check_words(item), item.ok)
 
-    def _section(self, section: Section) -> None:
-        self._p()
-        self._p(self.style(section.title, "bold"))
-
-    def _check(self, check: Check) -> None:
+    def _check(self, title: str, expected: str, seen: str, detail: list[str], ok: bool) -> None:
         s = self.style
-        self._p(f"  {s.mark(check.ok)} {check.title}")
-        self._p(f"      expected: {check.expected}")
-        self._p(f"      seen:     {check.seen}")
-        for line in check.detail:
+        self._p(f"  {s.mark(ok)} {title}")
+        self._p(f"      expected: {expected}")
+        self._p(f"      seen:     {seen}")
+        for line in detail:
             self._p(f"      {s(line, 'dim')}")
 
-    def verdict(self, story: Story, scenario: Scenario) -> None:
+    def verdict(self, story: Story, scenario: str = "wrong-source") -> None:
         s = self.style
         self._p()
         bug = "reproduced" if story.reproduced else "NOT reproduced"
         fix = "confirmed" if story.fixed else "NOT confirmed"
         good = story.reproduced and story.fixed
         self._p(s(f"Result: bug {bug}, fix {fix}.", "bold", "green" if good else "red"))
-        if good and scenario.why:
-            self._p(f"Why: {scenario.why}")
+        if good:
+            self._p(f"Why: {WHY[scenario]}")
 
-    def keep(self, topo: Topology, port: int, scenario: Scenario) -> None:
-        from ctfix.commands.common import ctfix_command
-
-        ctfix = ctfix_command()
+    def keep(
+        self, topo: Topology, port: int, ctfix: str, scenario: str = "wrong-source"
+    ) -> None:
+        """`ctfix`: how to run this ctfix from a shell (the command knows)."""
         self._p()
         self._p("The lab is still up (--keep). Enter it with:")
         for role, ns in (("host", topo.host), ("container", topo.container)):
             self._p(f"  ip netns exec {ns} bash    # {role}")
         self._p("Try it:")
-        for line in scenario.try_it(topo, port, ctfix):
+        for line in _try_lines(scenario, topo, port, ctfix):
             self._p(f"  {line}")
         self._p("Remove it with:")
         self._p("  " + " && ".join(f"ip netns del {ns}" for ns in topo.namespaces))

@@ -5,28 +5,24 @@ pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
 last_seen (added since: clients, client_network); and the summary's kind, events,
 new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
-The words of a finding come from ctfix.core.detect.wrong_source_text, which explain
-uses too: change them there, for both. Colour only on a TTY and never
-when NO_COLOR is set.
+The words of a finding come from ctfix.core.detectors.wrong_source_words, which
+explain uses too: change them there, for both. Colour only on a TTY and never when
+NO_COLOR is set.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, TextIO
 
-from ctfix.core.detect import Finding, wrong_source_text
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.render.jsonout import utc_timestamp
 from ctfix.render.style import Style, use_colour
+from ctfix.render.width import fill, terminal_width
 
 
-def timestamp(seconds: float) -> str:
-    """UTC, ISO 8601 with milliseconds: `2025-05-01T12:00:00.123Z`."""
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def finding_record(finding: Finding, netns: str) -> dict[str, Any]:
+def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
     return {
         "kind": "wrong-source-reply",
         "family": finding.family,
@@ -40,8 +36,8 @@ def finding_record(finding: Finding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
     }
@@ -68,41 +64,37 @@ class WatchRenderer:
         self.json = json_lines
         self.netns = netns
         self.style = Style(use_colour(stream) and not json_lines)
+        #: a terminal's width: finding lines are filled at it (a pipe: one line each)
+        self.width = None if json_lines else terminal_width(stream)
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def finding(self, finding: Finding, *, update: bool = False) -> None:
+    def finding(self, finding: WrongSourceFinding, *, update: bool = False) -> None:
         if self.json:
             self._write(json.dumps(finding_record(finding, self.netns)))
             return
-        self._write(self.finding_line(finding, update=update))
+        self._write(self._fit(self.finding_line(finding, update=update)))
 
-    def _text(self, finding: Finding, tags: tuple[str, ...]) -> str:
-        return wrong_source_text(
-            service=finding.service,
-            expected_source=finding.expected_source,
-            actual_source=self.style(finding.actual_source, "bold", "red"),
-            mismatch=finding.mismatch,
-            count=finding.count,
-            clients=finding.clients,
-            client_network=finding.client_network,
-            client=finding.client,
-            tags=tags,
-        )
+    def _fit(self, line: str, indent: str = "") -> str:
+        return fill(line, self.width, indent, "    ") if self.width else indent + line
 
-    def finding_line(self, finding: Finding, *, update: bool = False) -> str:
+    def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
+        shown = self.style(finding.actual_source, "bold", "red")
+        return wrong_source_text(finding, tags=tags, actual_source=shown)
+
+    def finding_line(self, finding: WrongSourceFinding, *, update: bool = False) -> str:
         tags: tuple[str, ...] = ("local",) if finding.local else ()
         if finding.confirmed:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
-            f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{utc_timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
-    def final(self, findings: list[Finding]) -> None:
+    def final(self, findings: list[WrongSourceFinding]) -> None:
         """At exit: every finding with its final counts (JSON), or a short table."""
         if self.json:
             for finding in findings:
@@ -113,8 +105,11 @@ class WatchRenderer:
             if finding.confirmed:
                 tags += ("confirmed",)
             self._write(
-                f"  {self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                f"{timestamp(finding.last_seen)}"
+                self._fit(
+                    f"{self._text(finding, tags)}; {utc_timestamp(finding.first_seen)} .. "
+                    f"{utc_timestamp(finding.last_seen)}",
+                    indent="  ",
+                )
             )
 
     def summary(self, record: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctfix.core import rules
+from ctfix.core import rules as kb_rules
 from ctfix.core.decode import IPS_SEEN_REPLY, CtEntry, CtTuple
 from ctfix.core.diagnosis import (
     PROBLEM_DNAT_REPLY,
@@ -18,8 +18,9 @@ from ctfix.core.diagnosis import (
     diagnose,
     probe_destinations,
 )
-from ctfix.core.model import Diagnosis, Listener
+from ctfix.core.model import Diagnosis, Listener, NetfilterBackend
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, PolicyRule, RouteChoice, Snapshot
+from ctfix.platform import rules_files as rules
 from ctfix.render.explain import render_text, to_json_obj
 
 PORT = 56789
@@ -74,6 +75,7 @@ def snapshot(*listeners: Listener, flows: tuple[CtEntry, ...] = (), **kw: object
         flows=flows,
         probes=probes,
     )
+    # Tests pass any Snapshot field by name; replace() checks the names at run time.
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -89,6 +91,7 @@ def said(d: Diagnosis, code: str) -> str:
 
 
 def network(diagnosis_clients: object, cidr: str) -> object:
+    # Any iterable of ClientNetwork (a tuple, a list) serves; typed loosely for tests.
     return next(cn for cn in diagnosis_clients if cn.network == cidr)  # type: ignore[attr-defined]
 
 
@@ -230,7 +233,11 @@ def test_nothing_listening_but_clients_asking_says_the_service_may_be_down() -> 
 
 
 def nat_rule(
-    actions: set[str], *, sport: bool = True, dport: bool = False, backend: str = "nftables"
+    actions: set[str],
+    *,
+    sport: bool = True,
+    dport: bool = False,
+    backend: NetfilterBackend = "nftables",
 ) -> NetfilterRule:
     return NetfilterRule(backend, "ip", "t", "c", "rule", frozenset(actions), sport, dport)
 
@@ -516,3 +523,49 @@ def test_the_reason_names_the_same_addresses_as_the_client_table() -> None:
     assert cn.predicted_source == BRIDGE
     assert f"{UPLINK} (seen), {BRIDGE} (on-link)" in render_text(d)
     assert f"send to {UPLINK} and may address {BRIDGE}" in said(d, "client-network-exposed")
+
+
+def _kb_with(text: str) -> kb_rules.KnowledgeBase:
+    return kb_rules.KnowledgeBase(tuple(kb_rules.parse(text, "test.yaml")))
+
+
+GUESSED = f"""version: 1
+services:
+  - id: quietd
+    name: quietd
+    processes: [quietd]
+    ports: [{PORT}]
+    affected_when_wildcard: false
+    fixed_in: "3.1"
+    why: It answers with IP_PKTINFO.
+    fix: Nothing to do.
+    reference: https://example.org/quietd
+    confidence: high
+"""
+
+
+def test_a_program_matched_by_port_only_is_a_guess_with_no_nothing_to_do() -> None:
+    # Issue 8, item 5: atftpd was presented as tftpd-hpa with that entry's "nothing to
+    # do". A process the entry does not name is not that program.
+    kb = _kb_with(GUESSED)
+    other = replace(NC, process="atftpd", cmdline=("atftpd", "--daemon"), exe="/usr/sbin/atftpd")
+    d = diagnose(snapshot(other), kb)
+    assert d.verdict == "at-risk"
+    assert d.service is None
+    assert not any("Nothing to do" in f.detail or "quietd" in f.summary for f in d.fixes)
+
+
+def test_a_recognised_program_with_a_fixed_release_gets_the_upgrade_advice() -> None:
+    kb = _kb_with(GUESSED.replace("affected_when_wildcard: false", "affected_when_wildcard: true"))
+    rule = kb.get("quietd")
+    assert rule is not None
+    quietd = replace(NC, process="quietd", cmdline=("/usr/sbin/quietd",))
+    d = diagnose(snapshot(quietd), kb)
+    assert d.service == "quietd"
+    assert any(rule.upgrade_advice() in f.detail for f in d.fixes if f.method == "bind")
+
+
+def test_every_holder_of_a_shared_socket_is_listed_in_json() -> None:
+    shared = replace(NC, processes=((42, "nc"), (43, "nc")))
+    listed = to_json_obj(diagnose(snapshot(shared)))["listeners"][0]["processes"]
+    assert listed == [{"pid": 42, "process": "nc"}, {"pid": 43, "process": "nc"}]

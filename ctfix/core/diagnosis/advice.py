@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ctfix.core.diagnosis.netfilter import PROBLEM_NOTRACK
+from ctfix.core.diagnosis.uplinks import fix_note
 from ctfix.core.model import ClientNetwork, Fix, FixMethod, ForwardedService, RuleHit, Verdict
 
 if TYPE_CHECKING:
@@ -116,7 +117,8 @@ def _fixes(
             "IPv6) and pass it back in sendmsg(). `ctfix serve --port "
             f"{port}` is a reference server that does this; its library is "
             "ctfix/pktinfo.py and docs/pktinfo.md explains it. Trade-off: a code change "
-            "in the server; nothing to maintain on the host afterwards.",
+            "in the server; nothing to maintain on the host afterwards."
+            + fix_note(clients, "pktinfo"),
             recommended=service is None,
         )
     ]
@@ -127,7 +129,8 @@ def _fixes(
             Fix(
                 method="bind",
                 summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
-                detail=f"{service.why.strip()}\n{service.fix.strip()}{snippet}{reference}",
+                detail=f"{service.why.strip()}\n{service.fix.strip()}{service.upgrade_advice()}"
+                f"{snippet}{reference}",
                 recommended=True,
             )
         )
@@ -140,7 +143,7 @@ def _fixes(
                 "socket per local address that clients use (or the single address they "
                 f"should use). `ctfix fix {port} --method bind` prints the steps. "
                 "Trade-off: an address added later needs a new socket (a restart), and "
-                "the program must support several binds.",
+                "the program must support several binds." + fix_note(clients, "bind"),
             )
         )
     if single and not unseen:
@@ -214,6 +217,7 @@ def _fixes(
             "every address at once, with the server unchanged. Trade-off: a set entry "
             "and a conntrack entry per client, and rules to keep. `ctfix fix "
             f"{port} --method snat-zone` shows the plan; --apply, --status, --revert."
+            + fix_note(clients, "snat-zone")
             + (
                 " Remove the NOTRACK rule on the port first: NAT needs conntrack."
                 if notrack

@@ -35,12 +35,16 @@ ReasonCode = Literal[
     "client-network-exposed",
     "policy-rule-wrong",
     "only-matching-clients-seen",
+    # the uplink a reply to remote clients leaves by
+    "reply-leaves-other-uplink",
+    "reroute-in-place",
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
     # the fix ctfix recorded for the port
     "fix-ineffective",
     "fix-not-covering",
+    "netfilter-not-read",
 ]
 
 

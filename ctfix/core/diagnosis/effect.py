@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ctfix.core.addr import family_name
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
-from ctfix.core.diagnosis.evidence import after_fix, wrong_text
+from ctfix.core.diagnosis.evidence import after_fix
 from ctfix.core.model import (
     Evidence,
     Family,
@@ -123,7 +124,7 @@ def effect_reasons(effect: FixEffect | None, snapshot: Snapshot) -> list[Reason]
                 f"{count} wrong-source repl{'ies' if count > 1 else 'y'} left since{when} "
                 f"({'; '.join(effect.evidence) or 'the evidence'}), for clients of "
                 f"{', '.join(effect.ineffective_for)}: "
-                + "; ".join(wrong_text(w) for w in effect.since_fix)
+                + "; ".join(wrong_source_text(w) for w in effect.since_fix)
                 + ".",
             )
         )

@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from ctfix.core.addr import parse_endpoint, unmap
 from ctfix.core.decode import CtEntry
+from ctfix.core.detectors.wrong_source import (
+    WrongSourceDetector,
+    WrongSourceFinding,
+    client_network,
+)
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.netfilter import Rewrites
 from ctfix.core.diagnosis.requests import Request, newest_last
 from ctfix.core.model import Evidence, Reason, WrongSourceReply
 from ctfix.core.snapshot import Snapshot
 
-if TYPE_CHECKING:
-    from ctfix.core.detect import Finding
-
 MAIN_TABLE = 254
 
 
-def wrong_source_reply(finding: Finding) -> WrongSourceReply:
+def wrong_source_reply(finding: WrongSourceFinding) -> WrongSourceReply:
     """watch's detector finding as explain's evidence record (0.0: an undated time)."""
     return WrongSourceReply(
         client=finding.client,
@@ -67,35 +69,17 @@ def last_packet(entry: CtEntry, snapshot: Snapshot) -> float:
     return max(times, default=0.0)
 
 
-def wrong_text(wrong: WrongSourceReply) -> str:
-    """A wrong-source record in the words watch uses for a finding."""
-    from ctfix.core.detect import wrong_source_text
-
-    return wrong_source_text(
-        service=wrong.service,
-        expected_source=wrong.expected_source,
-        actual_source=wrong.actual_source,
-        mismatch=wrong.mismatch,
-        count=wrong.count,
-        clients=wrong.clients,
-        client_network=wrong.client_network,
-        client=wrong.client,
-    )
-
-
 def gather(snapshot: Snapshot, requests: list[Request], local: set[str]) -> Evidence:
     """Wrong-source findings, and the port's requests that were answered or not.
 
     The detector keeps only remote clients' flows to local addresses as requests
-    (ctfix.core.detect), so the server's own outgoing flows, including the snat-zone
+    (ctfix.core.detectors.wrong_source), so the server's own outgoing flows, including the snat-zone
     remedy's zoned replies, are never paired as client and reply. A request is
     answered when its entry saw a reply, or when another entry answered its client: a
     wrong-source reply (counted in `wrong_source`, not as unanswered) or a zoned reply
     that left from the right source (healthy).
     """
-    from ctfix.core.detect import Detector
-
-    detector = Detector(local_addresses=frozenset(local), track_answers=True)
+    detector = WrongSourceDetector(local_addresses=frozenset(local), track_answers=True)
     detector.resync(
         newest_last(snapshot.flows), now=0.0, time_of=lambda e: last_packet(e, snapshot)
     )
@@ -123,8 +107,6 @@ def gather(snapshot: Snapshot, requests: list[Request], local: set[str]) -> Evid
 
 def finding_key(wrong: WrongSourceReply) -> tuple[str, str, str]:
     """The detector's aggregation key of a wrong-source record."""
-    from ctfix.core.detect import client_network
-
     network = wrong.client_network or client_network(unmap(parse_endpoint(wrong.client)[0]))
     return (wrong.service, wrong.actual_source, network)
 
@@ -183,7 +165,7 @@ def evidence_reasons(evidence: Evidence, snapshot: Snapshot) -> list[Reason]:
         reasons.append(
             reason(
                 "wrong-source-live" if seen_live else "wrong-source-seen",
-                f"Conntrack shows wrong-source replies{when}: {wrong_text(wrong)}. A "
+                f"Conntrack shows wrong-source replies{when}: {wrong_source_text(wrong)}. A "
                 "connect()ed client drops such a reply and answers ICMP port unreachable.",
             )
         )

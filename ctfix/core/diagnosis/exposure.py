@@ -15,7 +15,8 @@ Know before changing (the definitions explain shows):
   PORT` for a client in the network (a seen client, else a probe address in it).
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it, or no
-  serving socket of the family is exposed, or a working snat-zone rewrites to it.
+  serving socket of the family is exposed, or a working snat-zone rewrites to it;
+  and, for remote clients, by that address's own uplink (see `uplinks`).
   A service a DNAT forwards here (`services`) counts by its target address, except
   that only a rewrite to the service itself (address and port, before DNAT) rescues
   its clients: a rewrite to the target is for the target's own clients.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 
 from ctfix.core.addr import endpoint, family_name, unmap
+from ctfix.core.diagnosis import uplinks
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.evidence import MAIN_TABLE
 from ctfix.core.diagnosis.listeners import Listening, wild_for
@@ -44,11 +46,26 @@ _FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 
 
 def choice_for(snapshot: Snapshot, network: str) -> RouteChoice | None:
+    """The plain lookup for the network's probe (no mark, no source given)."""
     probe = snapshot.probes.get(network)
     for choice in snapshot.route_choices:
-        if choice.destination == probe:
+        if choice.destination == probe and choice.mark is None and choice.from_address is None:
             return choice
     return None
+
+
+def answering_from(
+    listening: Listening, family: Family, addresses: tuple[str, ...] | list[str]
+) -> set[str]:
+    """Those of `addresses` whose replies already leave from them: bound to by a
+    socket, or served by no exposed socket of the family."""
+    if not listening.exposed.get(family):
+        return set(addresses)
+    return {
+        unmap(listener.address)
+        for listener in listening.serving.get(family, ())
+        if not wild_for(listener, family)
+    } & set(addresses)
 
 
 def client_networks(
@@ -100,6 +117,7 @@ def client_networks(
             networks = [
                 (net, iface, assumed, False) for net, iface, fam in connected if fam == family
             ]
+            networks += uplinks.internet(snapshot, family, assumed)  # two uplinks
         for network, iface, addressed, was_seen in networks:
             choice = choice_for(snapshot, network)
             if wildcard:
@@ -115,13 +133,20 @@ def client_networks(
             # those clients (only one to their service is).
             through_dnat = {a for _service, a in dnat} - reached.get(network, set())
             direct = [(a, None) for a in (*addressed, *near) if a not in through_dnat]
-            right = {predicted, *specific}
-            unanswered = [
-                endpoint(*service) if service else a
-                for a, service in (*direct, *((a, service) for service, a in dnat))
-                if exposed.get(family) and a not in right and not _rewritten(rewritten, a, service)
-            ]
+            unanswered = _unanswered(
+                (*direct, *((a, service) for service, a in dnat)),
+                predicted,
+                bool(exposed.get(family)),
+                specific,
+                rewritten,
+            )
             ok = not unanswered
+            # Remote clients: does each address's reply leave by its own uplink?
+            other = uplinks.uplinks_for(
+                snapshot, network, addressed, choice, iface,
+                answering_from(listening, family, addressed),
+            )
+            ok = ok and all(u.ok for u in other)
             result.append(
                 ClientNetwork(
                     network=network,
@@ -131,18 +156,53 @@ def client_networks(
                     interface=interface,
                     seen=was_seen,
                     onlink=near,
+                    egress=choice.interface if choice else None,
+                    egress_gateway=choice.gateway if choice else None,
+                    uplinks=other,
+                    probe=snapshot.probes.get(network),
                     services=tuple(endpoint(*service) for service, _a in dnat),
-                    unanswered=tuple(dict.fromkeys(unanswered)),
+                    unanswered=unanswered,
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
     return result
 
 
-def _rewritten(rewritten: Rewrites, address: str, service: tuple[str, int] | None) -> bool:
-    """A working snat-zone setup gives these clients the right source: a rewrite to
-    the address they sent to (for clients of a DNAT'd service: to the service)."""
-    return rewritten.to(*service) if service else rewritten.to(address)
+def _unanswered(
+    needs: tuple[tuple[str, tuple[str, int] | None], ...],
+    predicted: str | None,
+    exposed: bool,
+    specific: set[str],
+    rewritten: Rewrites,
+) -> tuple[str, ...]:
+    """What of `needs` (an address, and the service a DNAT forwarded to it, if so)
+    would get a reply from another source: not the predicted source, not bound to,
+    served by an exposed socket, and not rewritten by a working snat-zone setup to
+    what those clients sent to (the address, or the service for DNAT'd clients)."""
+    if not exposed:
+        return ()
+    return tuple(
+        dict.fromkeys(
+            endpoint(*service) if service else address
+            for address, service in needs
+            if address != predicted
+            and address not in specific
+            and not (rewritten.to(*service) if service else rewritten.to(address))
+        )
+    )
+
+
+def _right_source(
+    addresses: tuple[str, ...],
+    predicted: str | None,
+    exposed: bool,
+    specific: set[str],
+    rewritten: Rewrites,
+) -> bool:
+    """Each address is answered from itself (see `_unanswered`)."""
+    return not _unanswered(
+        tuple((a, None) for a in addresses), predicted, exposed, specific, rewritten
+    )
 
 
 def _connected_peers(
@@ -182,14 +242,36 @@ def _connected_peers(
 
 
 def exposure_reasons(
-    clients: list[ClientNetwork], snapshot: Snapshot, evidence: Evidence, listening: Listening
+    clients: list[ClientNetwork],
+    snapshot: Snapshot,
+    evidence: Evidence,
+    listening: Listening,
+    rewritten: Rewrites,
 ) -> list[Reason]:
-    """Each exposed client network (and a policy rule that makes it so), or that the
-    clients seen so far happen to be served right."""
+    """Each exposed client network (and a policy rule that makes it so), each address
+    whose replies leave by another uplink, or that the clients seen so far happen to
+    be served right."""
     reasons: list[Reason] = []
+    other_uplink: list[Reason] = []  # said after who is exposed
     for cn in clients:
-        if cn.ok:
-            continue
+        family = family_name(cn.network.split("/")[0])
+        other_uplink += uplinks.uplink_reasons(
+            cn, answering_from(listening, family, cn.addressed)
+        )
+        everyone = (*cn.addressed, *cn.onlink)
+        if cn.ok or (
+            not cn.services
+            and _right_source(
+                everyone,
+                cn.predicted_source,
+                bool(listening.exposed.get(family)),
+                answering_from(listening, family, everyone),
+                rewritten,
+            )
+        ):
+            continue  # answered from the right source (a wrong uplink is said above)
+        if cn.services and not cn.unanswered:
+            continue  # its DNAT'd clients are rewritten right (a wrong uplink: above)
         extra = [a for a in cn.onlink if a not in cn.addressed]
         others = list(cn.unanswered) or [
             a for a in (*cn.addressed, *extra) if a != cn.predicted_source
@@ -224,6 +306,7 @@ def exposure_reasons(
                         f"of {', '.join(others)}.",
                     )
                 )
+    reasons += other_uplink
     if (
         not evidence.wrong_source
         and any(listening.exposed.values())

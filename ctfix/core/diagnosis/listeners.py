@@ -43,7 +43,7 @@ def recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> Known:
         return Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
     if kb is None:
         return Known(None, False, False, None)
-    match = kb.match(listener.process, listener.cmdline, port)
+    match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
     if match is None:
         return Known(None, False, False, None)
     verdict = match.rule.affected(listener.family, listener.cmdline)
@@ -92,8 +92,13 @@ class Listening:
 
     @property
     def service_rule(self) -> ServiceRule | None:
-        """The knowledge base's entry for the first recognised program, if any."""
-        return next((j.known.rule for j in self.judged if j.known.rule), None)
+        """The knowledge base's entry for the first recognised program, if any.
+
+        A match by the port alone is a guess: it names no service and gives no advice
+        (atftpd on port 69 is not tftpd-hpa, whatever that entry says)."""
+        return next(
+            (j.known.rule for j in self.judged if j.known.rule and not j.known.port_only), None
+        )
 
 
 def judge(
@@ -126,7 +131,8 @@ def judge(
 def who(listener: Listener) -> str:
     name = listener.process or "an unknown process"
     pid = f" (pid {listener.pid})" if listener.pid is not None else ""
-    unit = f" in {listener.unit}" if listener.unit else ""
+    ref = listener.container
+    unit = f" in container {ref.name}" if ref else f" in {listener.unit}" if listener.unit else ""
     return f"{name}{pid}{unit}"
 
 
@@ -167,7 +173,7 @@ def unbound_reason(
         "nothing-bound",
         f"Nothing is bound to UDP port {port} in this namespace: check the port "
         "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
-        "(a container: --netns pid:PID).",
+        "(a container: --netns container:NAME or pid:PID).",
     )
 
 
@@ -204,10 +210,16 @@ def listener_reason(one: Judged, port: int) -> Reason:
             ": it does not choose the source of its replies, so the kernel picks it by "
             "routing toward the client, whatever address the client sent to."
         )
-        if info.rule is not None:
-            hedge = "probably " if info.port_only else ""
+        if info.rule is not None and info.port_only:
+            line += (
+                f" Port {listener.port} is the default port of {info.label}, but "
+                f"{listener.process or 'the process'} was not recognised as it by name "
+                "or command line: that is a guess from the port, so the knowledge "
+                "base's advice for it is not offered."
+            )
+        elif info.rule is not None:
             affected_now = info.rule.affected(listener.family, listener.cmdline)
-            line += f" It is {hedge}{info.label}" + (
+            line += f" It is {info.label}" + (
                 " (affected in this configuration)."
                 if affected_now
                 else " (affected or not depending on its configuration)."

@@ -11,7 +11,7 @@ nftables table is one atomic batch; its `nft -f` text is rendered from that batc
 from __future__ import annotations
 
 from ctfix.core.model import Diagnosis, Family
-from ctfix.core.plan import Backend, Plan, PlanMethod, targets
+from ctfix.core.plan import Backend, Plan, PlanMethod, reroute, targets
 from ctfix.core.plan.nft_syntax import NftCommand
 from ctfix.core.plan.specs import (
     CLIENT_TIMEOUT,
@@ -42,6 +42,7 @@ def build(
     force: bool,
     notes: tuple[str, ...],
     advice: tuple[str, ...],
+    gateways: tuple[str, ...],
 ) -> Plan:
     """The steps for `backend`, or a CtfixError saying why there is nothing to fix."""
     del advice  # no advice of its own
@@ -58,14 +59,22 @@ def build(
             "other than the one its replies come from",
             f"see `ctfix explain {port}`, or pass --force to cover every local address",
         )
+    # Two uplinks: replies to clients of a local address that must leave by another
+    # uplink get a mark and a table (reroute.py). Clients behind a DNAT are rewritten
+    # to the service they sent to, which no uplink owns: not rerouted.
+    direct = [t.address for t in chosen if not t.forwarded]
+    reroutes = reroute.reroutes(diagnosis, direct, gateways)
+    marks = reroute.marks(reroutes)
     if backend == "nftables":
-        steps = _nft_steps(port, chosen)
+        steps = _nft_steps(port, chosen, marks)
     elif backend == "iptables-legacy":
-        steps = _ipt_steps(port, chosen)
+        steps = _ipt_steps(port, chosen, marks)
     else:  # make_plan checked it against METHOD.backends; never reached
         raise CtfixError(f"snat-zone needs nftables or iptables-legacy, not {backend}")
-    notes = (*notes, *(f"left alone: {why}" for why in skipped))
-    return Plan(port, "snat-zone", backend, tuple(steps), notes, covers=tuple(chosen))
+    steps = reroute.route_steps(port, reroutes) + steps
+    notes = (*notes, *reroute.notes(reroutes), *(f"left alone: {why}" for why in skipped))
+    checks = tuple(reroute.checks(reroutes))
+    return Plan(port, "snat-zone", backend, tuple(steps), notes, checks, covers=tuple(chosen))
 
 
 def _hooks(target: Target, chosen: list[Target]) -> tuple[str, ...]:
@@ -99,7 +108,7 @@ def _zones(count: int) -> str:
     return f"zone {CT_ZONE}" if count == 1 else f"zones {CT_ZONE}-{CT_ZONE + count - 1}"
 
 
-def _summary(port: int, chosen: list[Target]) -> str:
+def _summary(port: int, chosen: list[Target], marks: dict[str, int]) -> str:
     dnat = any(t.forwarded for t in chosen)
     who = "; ".join(t.label if t.forwarded else t.address for t in chosen)
     forget = "another local address or service" if dnat else "another local address"
@@ -107,6 +116,12 @@ def _summary(port: int, chosen: list[Target]) -> str:
         f"remember the clients of {who} (and forget them when they ask {forget}); move "
         f"port {port}'s replies to them from another source into a conntrack zone of "
         f"their own ({_zones(len(chosen))}) and SNAT them there"
+        + (
+            f"; mark those to clients of {', '.join(marks)} so that they leave by their "
+            "own uplink"
+            if marks
+            else ""
+        )
     )
 
 
@@ -200,24 +215,30 @@ def _nft_from_elsewhere(hook: str, own: bool) -> list[NftCommand]:
     return [_match({"fib": {"result": "type", "flags": ["saddr"]}}, "local", "!=")]
 
 
-def _nft_reply(
-    target: Target, name: str, port: int, zone: int
-) -> list[tuple[str, list[NftCommand]]]:
+def _nft_wrong_source(target: Target, name: str, port: int) -> list[NftCommand]:
     """The server's replies to the target's clients from another source than the one
-    conntrack expects: into the target's zone, then SNAT to what the client sent to."""
+    conntrack expects."""
     nf = _NFT_FAMILY[target.family]
     reply_key = {"concat": [_payload(nf, "daddr"), _payload("udp", "dport")]}
-    wrong_source = [
+    return [
         _match(_payload(nf, "saddr"), target.source, "!="),
         _match(_payload("udp", "sport"), port),
         _match(reply_key, f"@{name}"),
     ]
+
+
+def _nft_reply(
+    target: Target, name: str, port: int, zone: int
+) -> list[tuple[str, list[NftCommand]]]:
+    """Those replies into the target's zone, then SNAT to what the client sent to."""
+    nf = _NFT_FAMILY[target.family]
+    wrong_source = _nft_wrong_source(target, name, port)
     zoned = {"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}}
     snat = {"snat": {"family": nf, "addr": target.address, "port": target.port}}
     return [("reply_zone", [*wrong_source, zoned]), ("reply_snat", [*wrong_source, snat])]
 
 
-def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
+def _nft_steps(port: int, chosen: list[Target], marks: dict[str, int]) -> list[Step]:
     table = nft_table_name(port)
     tag = comment(port)
     base = {"family": "inet", "table": table}
@@ -226,7 +247,7 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
     own = _own_clients(chosen)
     if own:
         chains.append(_NFT_OWN_CLIENTS)
-    rules: list[tuple[str, list[NftCommand]]] = []
+    rules: list[NftCommand] = []
     creates = [f"table inet {table}"]
     indexes: dict[Family, int] = {"ipv4": 0, "ipv6": 0}
     for number, target in enumerate(chosen):
@@ -236,12 +257,19 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
         creates.append(f"set {name}: clients that sent to {target.label}")
         batch.append(_nft_set(base, name, target.family))
         remember = _nft_remember(target, name, port, _others(target, chosen))
-        rules += [
+        by_chain = [
             (_REMEMBER_CHAIN[hook], [*_nft_from_elsewhere(hook, own), *expr])
             for hook in _hooks(target, chosen)
             for expr in remember
         ]
-        rules += _nft_reply(target, name, port, CT_ZONE + number)
+        by_chain += _nft_reply(target, name, port, CT_ZONE + number)
+        for chain, expr in by_chain:
+            rules.append({"add": {"rule": {**base, "chain": chain, "expr": expr, "comment": tag}}})
+        if not target.forwarded and target.address in marks:  # two uplinks (reroute.py)
+            wrong_source = _nft_wrong_source(target, name, port)
+            rules.append(reroute.nft_rule(base, tag, wrong_source, marks[target.address]))
+    if marks:
+        chains.append(reroute.NFT_CHAIN)
     for name, kind, hook, prio, prio_name in chains:
         batch.append(
             {
@@ -258,15 +286,12 @@ def _nft_steps(port: int, chosen: list[Target]) -> list[Step]:
             }
         )
         creates.append(f"chain {name} ({kind} hook {hook} priority {prio_name})")
-    batch += [
-        {"add": {"rule": {**base, "chain": chain, "expr": expr, "comment": tag}}}
-        for chain, expr in rules
-    ]
+    batch.extend(rules)
     spec = NftTableSpec("inet", table, tuple(batch))
     return [
         Step(
             spec,
-            _summary(port, chosen),
+            _summary(port, chosen, marks),
             tuple(creates),
             (f"nft -f - <<'EOF'\n{spec.text}EOF",),
             (f"nft delete table inet {table}",),
@@ -404,12 +429,13 @@ def _ipt_step(spec: IptRuleSpec, summary: str, port: int, detail: str = "") -> S
     )
 
 
-def _ipt_steps(port: int, chosen: list[Target]) -> list[Step]:
+def _ipt_steps(port: int, chosen: list[Target], marks: dict[str, int]) -> list[Step]:
     own = _own_clients(chosen)
     ipsets: list[Step] = []
     remember: list[Step] = []
     zone: list[Step] = []
     snat: list[Step] = []
+    marked: list[Step] = []
     indexes: dict[Family, int] = {"ipv4": 0, "ipv6": 0}
     for number, target in enumerate(chosen):
         family = target.family
@@ -435,7 +461,14 @@ def _ipt_steps(port: int, chosen: list[Target]) -> list[Step]:
         )
         zone.append(_ipt_step(zoned, zone_summary, port))
         snat.append(_ipt_step(snatted, snat_summary, port))
-    return ipsets + remember + zone + snat
+        if not target.forwarded and target.address in marks:  # two uplinks (reroute.py)
+            mark = marks[target.address]
+            marked.append(_ipt_step(
+                reroute.ipt_rule(zoned, mark),
+                f"and are marked {mark:#x}, so that they leave by {target.address}'s uplink",
+                port,
+            ))
+    return ipsets + remember + zone + snat + marked
 
 
 METHOD = PlanMethod(

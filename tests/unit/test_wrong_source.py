@@ -9,7 +9,8 @@ import socket
 
 from ctfix.core import decode
 from ctfix.core.decode import DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent, CtTuple
-from ctfix.core.detect import Change, Detector, Finding
+from ctfix.core.detectors import Change
+from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 LOCAL = frozenset({"198.51.100.13", "192.0.2.1", "2001:db8:2::13", "2001:db8:1::1"})
@@ -37,11 +38,11 @@ def new(entry: CtEntry) -> CtEvent:
     return CtEvent(NEW, entry)
 
 
-def detector() -> Detector:
-    return Detector(local_addresses=LOCAL)
+def detector() -> WrongSourceDetector:
+    return WrongSourceDetector(local_addresses=LOCAL)
 
 
-def only(found: tuple[Finding, Change] | None) -> Finding:
+def only(found: tuple[WrongSourceFinding, Change] | None) -> WrongSourceFinding:
     assert found is not None
     return found[0]
 
@@ -198,7 +199,7 @@ def test_an_icmp_read_before_the_reply_of_a_known_finding_prints_a_confirmed_lin
 
 
 def test_multicast_is_never_a_request_even_without_local_addresses() -> None:
-    d = Detector()  # no local addresses: only the multicast rule keeps these out
+    d = WrongSourceDetector()  # no local addresses: only the multicast rule keeps these out
     d.feed(new(flow("2001:db8:1::3", 5353, "ff02::fb", 5353)), 1.0)
     assert d.feed(new(flow("2001:db8:1::1", 5353, "2001:db8:1::3", 5353)), 1.1) is None
     d.feed(new(flow("192.0.2.3", 5353, "224.0.0.251", 5353)), 1.0)
@@ -225,7 +226,7 @@ def test_a_resync_dump_finds_pairs_once() -> None:
 
 
 def test_memory_is_bounded_under_a_flood_of_unrelated_flows() -> None:
-    d = Detector(max_flows=1000)
+    d = WrongSourceDetector(max_flows=1000)
     for i in range(5000):
         d.feed(new(flow(f"203.0.113.{i % 250}", 1024 + i, "198.51.100.13", 53)), 1.0)
     assert d.pending == 1000
@@ -250,7 +251,7 @@ def test_a_working_snat_zone_fix_reads_clean_whatever_the_dump_order() -> None:
     for shift in range(len(SNAT_ZONE_TABLE)):
         table = SNAT_ZONE_TABLE[shift:] + SNAT_ZONE_TABLE[:shift]
         for entries in (table, table[::-1]):
-            d = Detector(local_addresses=LOCAL, track_answers=True)
+            d = WrongSourceDetector(local_addresses=LOCAL, track_answers=True)
             assert d.resync(entries, 1.0, complete=True) == []
             assert not d.findings
             # Both clients of the uplink address got their (zoned, rewritten) reply.
@@ -309,7 +310,7 @@ def test_the_namespaces_own_clients_and_unnatted_forwarding_are_not_requests() -
     d.feed(new(flow("192.0.2.3", 6001, "203.0.113.53", 53)), 1.0)  # routed through
     assert d.pending == 0
     # Without the addresses, every unreplied entry is a candidate (the pure rule).
-    bare = Detector()
+    bare = WrongSourceDetector()
     bare.feed(new(flow("192.0.2.3", 6001, "203.0.113.53", 53)), 1.0)
     assert bare.pending == 1
 

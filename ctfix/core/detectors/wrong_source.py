@@ -1,4 +1,6 @@
-"""Conntrack events -> wrong-source UDP reply findings. Pure: no sockets, no clock.
+"""The wrong-source detector: conntrack events (and dumps) -> findings of UDP replies
+that leave from another address or port than the client sent to. Pure: no sockets,
+no clock. It follows the ctfix.core.detectors protocol (kind "wrong-source").
 
 The rule. A request creates an unreplied entry C:q -> B:p whose reply tuple says the
 answer is expected from B':p' and addressed to C':q' (reply.src:sport, reply.dst:dport,
@@ -38,37 +40,36 @@ Know before changing:
 
 from __future__ import annotations
 
-import enum
 import functools
 import ipaddress
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
+from ctfix.core.detectors import UDP_TIMEOUT, Change
+from ctfix.core.model import Family, Mismatch
 
-#: The kernel's defaults (nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream).
-UDP_TIMEOUT = 30
-UDP_TIMEOUT_STREAM = 120
 #: How long a wrong-source pair is remembered: to confirm it by ICMP, and not to count
 #: it twice when a resync dump shows it again.
 PAIR_MEMORY = 180.0
 
 
 @dataclass(frozen=True, slots=True)
-class Finding:
+class WrongSourceFinding:
     """One aggregated wrong-source finding: (service, actual source, client network)."""
 
-    family: str  # "ipv4" | "ipv6"
-    proto: str  # "udp"
+    family: Family
+    proto: Literal["udp"]
     client: str  # "addr:port" of the latest client seen
     service: str  # the addr:port the client sent to
     expected_source: str
     actual_source: str
-    mismatch: str  # "address" | "port" | "address+port"
+    mismatch: Mismatch
     local: bool
     confirmed: bool
     count: int
@@ -78,24 +79,11 @@ class Finding:
     # Distinct clients (addr:port as the server saw it) among the `count` replies; one
     # that comes back after PAIR_MEMORY without a wrong reply in between counts again.
     clients: int = 1
+    kind: Literal["wrong-source"] = "wrong-source"
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.service, self.actual_source, self.client_network)
-
-
-class Change(enum.IntEnum):
-    """What one wrong-source reply changed about its finding (the second element of
-    what `feed`/`resync` return).
-
-    Falsy only for COUNTED, so a caller that asks "is it worth a line?" can test it
-    as a bool; NEW == 1 keeps callers that wrote `if is_new` right as long as nothing
-    confirms by ICMP (only watch calls `icmp_port_unreachable`).
-    """
-
-    COUNTED = 0  # an existing finding's count moved: update counts, not the screen
-    NEW = 1  # a new finding: print it
-    CONFIRMED = 2  # an existing finding is now confirmed (its ICMP came first): print
 
 
 # Pure and called for every wrong-source reply with the same few client addresses:
@@ -108,7 +96,7 @@ def client_network(address: str) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-def mismatch_of(expected: tuple[str, int], actual: tuple[str, int]) -> str | None:
+def mismatch_of(expected: tuple[str, int], actual: tuple[str, int]) -> Mismatch | None:
     """ "address", "port", "address+port", or None when they are the same."""
     address = expected[0] != actual[0]
     port = expected[1] != actual[1]
@@ -152,13 +140,16 @@ class Stats:
     stale: int = 0  # pending requests a complete resync found answered or gone
 
 
-class Detector:
+class WrongSourceDetector:
     """Keeps the unreplied UDP flows and turns wrong-source replies into findings.
 
     `feed()` one event at a time; it returns (finding, Change) when the event was a
-    wrong-source reply. `expire(now)` drops flows the kernel has forgotten; call it
-    about once a second. `max_flows` bounds memory whatever the traffic.
+    wrong-source reply. `examine()` (alias `resync()`) learns from a dump.
+    `expire(now)` drops flows the kernel has forgotten; call it about once a second.
+    `max_flows` bounds memory whatever the traffic.
     """
+
+    kind: Literal["wrong-source"] = "wrong-source"
 
     def __init__(
         self,
@@ -182,7 +173,7 @@ class Detector:
         # client (packed addr + port) -> expected(18|6) + service + client + deadline
         self._pending: dict[bytes, bytes] = {}
         self._order: deque[bytes] = deque()
-        self.findings: dict[tuple[str, str, str], Finding] = {}
+        self.findings: dict[tuple[str, str, str], WrongSourceFinding] = {}
         # (actual source, client) -> (finding key, last seen, conntrack id of the reply
         # entry); for ICMP confirmation and not to count one entry twice
         self._pairs: dict[
@@ -310,9 +301,13 @@ class Detector:
     def pending(self) -> int:
         return len(self._pending)
 
+    @property
+    def found(self) -> Collection[WrongSourceFinding]:
+        return self.findings.values()
+
     # -- events --------------------------------------------------------------------
 
-    def feed(self, event: CtEvent, now: float) -> tuple[Finding, Change] | None:
+    def feed(self, event: CtEvent, now: float) -> tuple[WrongSourceFinding, Change] | None:
         """Process one event; return (finding, change) for a wrong-source reply."""
         entry = event.entry
         if entry.orig.proto != socket.IPPROTO_UDP:
@@ -332,12 +327,12 @@ class Detector:
 
     def resync(
         self,
-        entries: list[CtEntry],
+        entries: Sequence[CtEntry],
         now: float,
         *,
         complete: bool = False,
         time_of: Callable[[CtEntry], float] | None = None,
-    ) -> list[tuple[Finding, Change]]:
+    ) -> list[tuple[WrongSourceFinding, Change]]:
         """Rebuild from a dump after lost events: learn unreplied flows, then match.
 
         complete: `entries` is the whole UDP table of the namespace, taken after every
@@ -386,9 +381,12 @@ class Detector:
         )
         return results
 
+    #: the snapshot entry of the ctfix.core.detectors protocol
+    examine = resync
+
     def _new_flow(
         self, entry: CtEntry, now: float, *, from_dump: bool
-    ) -> tuple[Finding, Change] | None:
+    ) -> tuple[WrongSourceFinding, Change] | None:
         found = self._match(entry, now, from_dump=from_dump)
         # A flow that answered a pending request is a reply, not a request: keeping it
         # would make the client's next request look like a reply to it.
@@ -398,7 +396,7 @@ class Detector:
 
     def _match(
         self, entry: CtEntry, now: float, *, from_dump: bool
-    ) -> tuple[Finding, Change] | None:
+    ) -> tuple[WrongSourceFinding, Change] | None:
         self._matched = False
         orig = entry.orig
         self._probe = key = _pack(orig.dst) + _PORT.pack(orig.dport)
@@ -438,11 +436,11 @@ class Detector:
         service: tuple[str, int],
         client: tuple[str, int],
         actual: tuple[str, int],
-        mismatch: str,
+        mismatch: Mismatch,
         pair: tuple[str, int, str, int],
         now: float,
-    ) -> tuple[Finding, Change] | None:
-        family = "ipv6" if entry.orig.family == socket.AF_INET6 else "ipv4"
+    ) -> tuple[WrongSourceFinding, Change] | None:
+        family: Family = "ipv6" if entry.orig.family == socket.AF_INET6 else "ipv4"
         service_s = endpoint(*service)
         actual_s = endpoint(*actual)
         network = client_network(client[0])
@@ -456,7 +454,7 @@ class Detector:
         if old is None:
             if len(self.findings) >= self.max_findings:
                 return None
-            finding = Finding(
+            finding = WrongSourceFinding(
                 family=family,
                 proto="udp",
                 client=endpoint(*client),
@@ -493,7 +491,7 @@ class Detector:
 
     def icmp_port_unreachable(
         self, inner_src: str, inner_sport: int, inner_dst: str, inner_dport: int, now: float
-    ) -> Finding | None:
+    ) -> WrongSourceFinding | None:
         """The client rejected a datagram src:sport -> dst:dport; confirm a finding.
 
         Returns the finding when this newly confirms it (so the caller can show it).
@@ -511,45 +509,3 @@ class Detector:
         finding = replace(finding, confirmed=True)
         self.findings[known[0]] = finding
         return finding
-
-
-# -- wording shared by watch and explain ----------------------------------------------
-
-
-def _plural(count: int, word: str, words: str) -> str:
-    return f"{count} {word if count == 1 else words}"
-
-
-def replies_text(count: int, clients: int, network: str | None, latest: str) -> str:
-    """ "1 reply to C", "3 replies to C", "2 replies to 2 clients in NET, latest C"."""
-    replies = _plural(count, "reply", "replies")
-    if clients <= 1 or count <= 1:
-        return f"{replies} to {latest}"
-    where = f" in {network}" if network else ""
-    return f"{replies} to {clients} clients{where}, latest {latest}"
-
-
-def wrong_source_text(
-    *,
-    service: str,
-    expected_source: str,
-    actual_source: str,
-    mismatch: str,
-    count: int,
-    clients: int,
-    client_network: str | None,
-    client: str,
-    tags: tuple[str, ...] = (),
-) -> str:
-    """One wrong-source finding in words, the same in watch and explain.
-
-    `198.51.100.13:53 answered from 192.0.2.1:53 (address mismatch, local): 2 replies
-    to 2 clients in 192.0.2.0/24, latest 192.0.2.3:40000`; "instead of E" is added when
-    the expected source is not the service (DNAT).
-    """
-    instead = f" instead of {expected_source}" if expected_source != service else ""
-    what = " and ".join(mismatch.split("+")) + " mismatch"
-    return (
-        f"{service} answered from {actual_source}{instead} ({', '.join((what, *tags))}): "
-        f"{replies_text(count, clients, client_network, client)}"
-    )

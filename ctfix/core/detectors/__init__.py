@@ -1,0 +1,122 @@
+"""Detectors: one per problem kind, each turning conntrack into typed findings. Pure.
+
+A detector is fed by one stream of decoded events (`feed(event, now)`, the hot path
+of `ctfix watch`) and by snapshots of the table (`examine(entries, now)`: explain's
+and scan's dump, or watch's resync after lost events). Each returns findings of its
+own type, every one with a `kind` (FindingKind) and an aggregation `key`, paired with
+what the event changed (`Change`). watch, explain and scan compose detectors; the
+renderers show findings by kind.
+
+Today: `wrong_source` (a reply that leaves from another address or port than the
+client sent to). Planned kinds: stale-nat, unanswered, health.
+
+Know before changing: `feed` runs for every conntrack event (>100k/s): a detector
+must not allocate or add indirections there for events that are not findings, and
+composers bind `detector.feed` once, outside their loops. Memory must stay bounded
+whatever the traffic (each detector takes its own limits).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Collection, Hashable, Sequence
+from typing import Literal, Protocol, TypeVar
+
+from ctfix.core.decode import CtEntry, CtEvent
+
+FindingKind = Literal["wrong-source", "stale-nat", "unanswered", "health"]
+
+#: The kernel's defaults (nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream).
+UDP_TIMEOUT = 30
+UDP_TIMEOUT_STREAM = 120
+
+
+class Change(enum.IntEnum):
+    """What one event changed about its finding (the second element of what `feed` /
+    `examine` return).
+
+    Falsy only for COUNTED, so a caller that asks "is it worth a line?" can test it
+    as a bool; NEW == 1 keeps callers that wrote `if is_new` right as long as nothing
+    confirms (only watch confirms, by ICMP).
+    """
+
+    COUNTED = 0  # an existing finding's count moved: update counts, not the screen
+    NEW = 1  # a new finding: print it
+    CONFIRMED = 2  # an existing finding is now confirmed (e.g. its ICMP came first): print
+
+
+class Finding(Protocol):
+    """What every detector's findings have in common."""
+
+    @property
+    def kind(self) -> FindingKind: ...
+
+    @property
+    def key(self) -> Hashable: ...
+
+
+FindingT = TypeVar("FindingT", bound=Finding, covariant=True)
+
+
+class Detector(Protocol[FindingT]):
+    """One problem kind's detector (see the module docstring)."""
+
+    @property
+    def kind(self) -> FindingKind: ...
+
+    def feed(self, event: CtEvent, now: float) -> tuple[FindingT, Change] | None:
+        """One decoded event; the finding it made or changed, if any."""
+        ...
+
+    def examine(
+        self, entries: Sequence[CtEntry], now: float, *, complete: bool = False
+    ) -> Sequence[tuple[FindingT, Change]]:
+        """A snapshot of the table (`complete`: the whole table, after every event that
+        came before it was fed); the findings it made or changed."""
+        ...
+
+    def expire(self, now: float) -> None:
+        """Forget what the kernel has forgotten; call about once a second."""
+        ...
+
+    @property
+    def found(self) -> Collection[FindingT]:
+        """Every finding so far (one per key)."""
+        ...
+
+
+F = TypeVar("F", bound=Finding)
+
+
+def one_feed(
+    detectors: Sequence[Detector[F]], report: Callable[[tuple[F, Change]], None]
+) -> Callable[[CtEvent, float], tuple[F, Change] | None]:
+    """The single `feed` a composer's hot loop calls for each event.
+
+    With one detector it is that detector's bound `feed`, so composing costs nothing
+    per event; with several, one function feeds each and reports what they find
+    itself (it returns None, so the loop's own report never fires twice).
+    """
+    if len(detectors) == 1:
+        return detectors[0].feed
+    feeds = tuple(d.feed for d in detectors)
+
+    def feed_all(event: CtEvent, now: float) -> tuple[F, Change] | None:
+        for feed in feeds:
+            found = feed(event, now)
+            if found is not None:
+                report(found)
+        return None
+
+    return feed_all
+
+
+__all__ = [
+    "UDP_TIMEOUT",
+    "UDP_TIMEOUT_STREAM",
+    "Change",
+    "Detector",
+    "Finding",
+    "FindingKind",
+    "one_feed",
+]
