@@ -349,28 +349,3 @@ def probe_tracking(family: int) -> bool | None:
         sock.close()
     return any(True for _ in dump(family=family, proto=socket.IPPROTO_UDP, sport=port))
 
-
-# -- settings that date the table's entries ------------------------------------------------
-
-_SYSCTL = "/proc/sys/net/netfilter/"
-
-
-def _sysctl_int(name: str) -> int | None:
-    """A per-namespace net.netfilter sysctl of the calling thread's namespace."""
-    try:
-        with open(_SYSCTL + name) as fh:
-            return int(fh.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def udp_timeout() -> int | None:
-    """net.netfilter.nf_conntrack_udp_timeout: an unreplied UDP entry's life after its
-    last packet (None: not readable, conntrack not loaded)."""
-    return _sysctl_int("nf_conntrack_udp_timeout")
-
-
-def timestamps_on() -> bool:
-    """net.netfilter.nf_conntrack_timestamp: entries made from now on carry their
-    start time."""
-    return _sysctl_int("nf_conntrack_timestamp") == 1

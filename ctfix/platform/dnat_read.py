@@ -88,6 +88,21 @@ def _ports(first: int, last: int) -> tuple[int, ...] | None:
     return tuple(range(first, last + 1))
 
 
+def _dnat(
+    backend: str,
+    family: str,
+    hook: str,
+    terms: _Terms,
+    target: tuple[str, int | None],
+    rule: str,
+    via: tuple[str, ...],
+) -> DnatRule:
+    return DnatRule(
+        backend, family, hook, terms.destinations or (), terms.dports or (), target[0],
+        target[1], rule, via,
+    )
+
+
 def relevant(rule: DnatRule, port: int) -> bool:
     """Does this DNAT send requests to `port`? (to that port, or keeping it)"""
     if rule.to_port is not None:
@@ -253,17 +268,8 @@ def nft_dnat_rules(
             )
             if terms is None:
                 continue
-            dnat = DnatRule(
-                backend="nftables",
-                family=key[0],
-                hook=hook,
-                destinations=terms.destinations or (),
-                dports=terms.dports or (),
-                to_address=nat_target[0],
-                to_port=nat_target[1],
-                rule=own,
-                via=tuple(text(k, r) for k, r in path),
-            )
+            dnat = _dnat("nftables", key[0], hook, terms, nat_target, own,
+                         tuple(text(k, r) for k, r in path))
             if relevant(dnat, port):
                 found.append(dnat)
     return found
@@ -371,17 +377,8 @@ def _legacy_family(port: int, family: Family) -> list[DnatRule]:
             combined = _combine([t for t, _text in path] + [terms])
             if combined is None:
                 continue
-            dnat = DnatRule(
-                backend="iptables-legacy",
-                family=family,
-                hook=hook,
-                destinations=combined.destinations or (),
-                dports=combined.dports or (),
-                to_address=target[0],
-                to_port=target[1],
-                rule=text,
-                via=tuple(t for _terms, t in path),
-            )
+            dnat = _dnat("iptables-legacy", family, hook, combined, target, text,
+                         tuple(t for _terms, t in path))
             if relevant(dnat, port):
                 result.append(dnat)
     return result

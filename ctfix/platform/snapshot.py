@@ -185,9 +185,9 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
 
 def _udp_timeout() -> int | None:
-    from ctfix.platform import conntrack
+    from ctfix.platform import ctstats
 
-    return conntrack.udp_timeout()
+    return ctstats.udp_timeout()
 
 @dataclass(frozen=True, slots=True)
 class _Namespace:

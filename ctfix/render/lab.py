@@ -105,7 +105,8 @@ def _try_lines(scenario: str, topo: Topology, port: int, ctfix: str) -> list[str
 
 def _section_title(section: Section) -> str:
     if section.kind:
-        return f"{_SECTIONS.get(section.kind, section.kind)}, pid {section.pid}"
+        title = _SECTIONS.get(section.kind, section.kind)
+        return f"{title}, pid {section.pid}" if section.broken else title
     title = (
         "a wildcard server that answers with recvfrom()/sendto() (ctfix serve --broken)"
         if section.broken
@@ -114,19 +115,23 @@ def _section_title(section: Section) -> str:
     return f"{title}, pid {section.pid}"
 
 
+def _exchange_words(
+    check: ExchangeCheck | ServiceCheck, who: str, when: str, failure: str
+) -> tuple[str, str, str, list[str]]:
+    """A client asked address:port: (title, expected, seen, detail)."""
+    address = endpoint(check.address, check.port)
+    expected = f"reply from {address}" if check.want_reply else failure
+    came = check.reply_from
+    seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+    return f"{who} {endpoint(*check.client)} -> {address}{when}", expected, seen, []
+
+
 def check_words(check: Check) -> tuple[str, str, str, list[str]]:
     """(title, expected, seen, detail lines) of one check."""
     match check:
         case ExchangeCheck():
-            address = endpoint(check.address, check.port)
-            expected = (
-                f"reply from {address}"
-                if check.want_reply
-                else "no reply: the bug (the reply leaves from another address)"
-            )
-            came = check.reply_from
-            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
-            return f"connected client {endpoint(*check.client)} -> {address}", expected, seen, []
+            failure = "no reply: the bug (the reply leaves from another address)"
+            return _exchange_words(check, "connected client", "", failure)
         case ConntrackCheck():
             reply = check.reply
             seen = (
@@ -152,17 +157,9 @@ def check_words(check: Check) -> tuple[str, str, str, list[str]]:
                 detail,
             )
         case ServiceCheck():
-            address = endpoint(check.address, check.port)
-            expected = (
-                f"reply from {address}"
-                if check.want_reply
-                else "no reply: the reply leaves from another address and matches no entry"
-            )
-            came = check.reply_from
-            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+            failure = "no reply: the reply leaves from another address and matches no entry"
             who = "direct client" if check.direct else "pod"
-            again = ", again" if check.again else ""
-            return f"{who} {endpoint(*check.client)} -> {address}{again}", expected, seen, []
+            return _exchange_words(check, who, ", again" if check.again else "", failure)
         case ExplainCheck():
             seen = (
                 f"{(check.verdict or 'no answer').upper()}; DNAT'd here: "

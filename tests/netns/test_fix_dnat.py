@@ -32,10 +32,9 @@ from ctfix.lab.topology import (
     UPLINK_V6,
     Netfilter,
     Topology,
-    lab_topology,
     udp_exchange,
-    wait_udp_bound,
 )
+from tests.netns.test_fix import _lab as broken_lab_of
 from tests.netns.test_fix import ctfix_fix, kernel_state, without_loaded_raw
 
 PORT = 56789
@@ -47,12 +46,8 @@ SERVICES = [(ip, p) for ip in (CLUSTER_IP_V4, CLUSTER_IP_V6) for p in (PORT, OTH
 @contextlib.contextmanager
 def _cluster(netfilter: Netfilter) -> Iterator[Topology]:
     """The lab with the ClusterIP's rules and a broken server; always torn down."""
-    with lab_topology(ipv6=True, netfilter=netfilter) as topo:
+    with contextlib.contextmanager(broken_lab_of)(netfilter) as topo:
         clusterip.load_service_rules(topo, PORT)
-        server = topo.spawn(
-            topo.host, [sys.executable, "-m", "ctfix", "serve", "--broken", "--port", str(PORT)]
-        )
-        wait_udp_bound(server.pid, PORT)
         yield topo
 
 
@@ -184,12 +179,24 @@ def test_a_service_forwarded_after_the_fix_is_not_covered_and_the_fix_ineffectiv
         assert ctfix_fix(topo, "--revert").returncode == 0
 
 
-def _apply_in_background(topo: Topology, listen: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+@contextlib.contextmanager
+def _apply_in_background(
+    topo: Topology, listen: str, state: Path
+) -> Iterator[subprocess.Popen[str]]:
+    """`fix --apply --listen S --json` running; yielded once its fix is recorded whole
+    (then it listens); never left running."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "ctfix", "fix", str(PORT), "--method", "snat-zone", "--apply",
          "--listen", listen, "--json", "--netns", topo.host],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )
+    try:
+        _wait_recorded(proc, state)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_recorded(proc: subprocess.Popen[str], state: Path) -> None:
@@ -222,15 +229,9 @@ def test_apply_listens_and_says_when_the_fix_does_not_stop_wrong_source_replies(
     """A Service port DNAT'd while the apply listens: its pods get wrong-source
     replies after the fix, and the apply says so (exit 1), naming the service."""
     with _cluster("nft") as topo:
-        proc = _apply_in_background(topo, "6")
-        try:
-            _wait_recorded(proc, state_dir)
+        with _apply_in_background(topo, "6", state_dir) as proc:
             forward_later(topo)
             result = _ask_until_done(topo, proc, CLUSTER_IP_V4, LATER)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert result["returncode"] == 1
         assert result["effect"]["ineffective"]
         assert {w["service"] for w in result["effect"]["wrong_source"]} == {
@@ -242,14 +243,8 @@ def test_apply_listens_and_says_when_the_fix_does_not_stop_wrong_source_replies(
 def test_apply_listens_and_counts_the_requests_it_saw_answered(state_dir: Path) -> None:
     with _cluster("nft") as topo:
         assert reply_from(topo, CLUSTER_IP_V4, OTHER) is None
-        proc = _apply_in_background(topo, "3")
-        try:
-            _wait_recorded(proc, state_dir)
+        with _apply_in_background(topo, "3", state_dir) as proc:
             result = _ask_until_done(topo, proc, CLUSTER_IP_V4, OTHER)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert result["returncode"] == 0
         effect = result["effect"]
         assert not effect["ineffective"] and effect["wrong_source"] == []
