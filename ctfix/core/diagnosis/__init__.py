@@ -39,12 +39,19 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   another uplink than their requests came in by, unless a mark rerouted them there
   (or, for replies that already leave from the address, a source rule does); then
   the network is not *ok* either (`reply-leaves-other-uplink`).
+* *Forwarded services*: what clients send to before a DNAT that forwards it to the
+  port on a local address (from the DNAT rules with the chains that jump to them,
+  and from conntrack); their clients are answered right only from the DNAT's target,
+  or by a rewrite to the service itself (address and port).
 * Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
   reply, unless a remedy now in place covers it: a working snat-zone SNAT to the
-  address the server had to answer from, or a policy rule on the port through which
-  the route lookup for the client's network now gives that address. Such a recorded
-  reply predates the change and is reported as such; one seen live (`--listen`) is
-  never discounted. Else `at-risk` when some client network is not ok; else `ok`.
+  address the server had to answer from (for clients of a forwarded service: to the
+  service), or a policy rule on the port through which the route lookup for the
+  client's network now gives that address. Such a recorded reply predates the change
+  and is reported as such, unless conntrack dates it after the fix ctfix recorded
+  (then the fix is *ineffective* for it); one seen live (`--listen`) is never
+  discounted. Else `at-risk` when some client network is not ok, or the recorded fix
+  misses a forwarded service; else `ok`.
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
   and requests without any reply. The verdict (about wrong sources) stays `ok`;
   the headline, the reasons and the exit status (1) say it.
@@ -52,7 +59,8 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
 shows; what is history), `exposure` (per client network), `uplinks` (which uplink a
-reply to remote clients leaves by), `netfilter` (rules that cannot help), `advice`
+reply to remote clients leaves by), `forwarding` (services a DNAT forwards here),
+`netfilter` (rules that cannot help), `effect` (does the recorded fix work), `advice`
 (the fixes); `codes` lists every reason code. `diagnose()`
 composes them and decides the verdict.
 
