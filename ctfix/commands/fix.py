@@ -230,8 +230,7 @@ def _listen_after(port: int, seconds: float) -> Any:
     from ctfix.platform import routing, snapshot
     from ctfix.render.fix import Listened
 
-    local = frozenset(a.address for a in routing.local_addresses())
-    heard = snapshot.listen(port, seconds, local)
+    heard = snapshot.listen(port, seconds, routing.local_addresses())
     return Listened(heard.seconds, heard.requests, heard.findings)
 
 

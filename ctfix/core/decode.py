@@ -60,7 +60,7 @@ CTA_ID = 12
 CTA_ZONE = 18
 CTA_TIMESTAMP = 20
 CTA_FILTER = 25
-CTA_TIMESTAMP_START = 1
+CTA_TIMESTAMP_START = 1  # inside CTA_TIMESTAMP: u64 nanoseconds, wall clock
 
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -105,10 +105,11 @@ class CtTuple(NamedTuple):
 class CtEntry(NamedTuple):
     """A conntrack entry: both tuples and the attributes detection uses.
 
-    `zone` is 0 for the default zone; `mark`, `timeout` (seconds left), `id` and
-    `start` (when the entry was made, nanoseconds since the epoch: only with
-    net.netfilter.nf_conntrack_timestamp=1) are None when the message did not carry
-    them.
+    `zone` is 0 for the default zone; `mark`, `timeout` (seconds left) and `id` are
+    None when the message did not carry them. `start` is when the entry was created,
+    in nanoseconds since the epoch (CTA_TIMESTAMP), only where the namespace has
+    net.netfilter.nf_conntrack_timestamp on, and only in dumps and DESTROY events (the
+    kernel puts no timestamp in NEW and UPDATE events).
     """
 
     orig: CtTuple
@@ -181,6 +182,7 @@ _new_tuple = tuple.__new__
 _NLA = struct.Struct("=HH")
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
 
 
 def _tuple_format(addr_len: int, *, addresses: bool = True) -> str:
@@ -299,17 +301,16 @@ def _fast(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
     rdst = cache.get(v[19]) or _addr(v[19])
     orig = _new_tuple(CtTuple, (osrc, odst, v[11], v[13], v[9], fam))
     reply = _new_tuple(CtTuple, (rsrc, rdst, v[24], v[26], v[22], fam))
-    scalars = _scalars(buf, offset + layout.size, offset + msg_len)
-    return _new_tuple(CtEntry, (orig, reply, *scalars))
+    return _new_tuple(
+        CtEntry, (orig, reply, *_scalars(buf, offset + layout.size, offset + msg_len))
+    )
 
 
-_Scalars = tuple[int, int, int | None, int | None, int | None, int | None]
-_BE64 = struct.Struct(">Q")
-
-
-def _scalars(buf: Buf, pos: int, end: int) -> _Scalars:
+def _scalars(
+    buf: Buf, pos: int, end: int
+) -> tuple[int, int, int | None, int | None, int | None, int | None]:
     """Walk the top-level attributes after the tuples for the few scalars we keep:
-    (status, zone, mark, timeout, id, start)."""
+    status, zone, mark, timeout, id, start."""
     status = zone = 0
     mark = timeout = ct_id = start = None
     while pos + 4 <= end:
@@ -326,23 +327,19 @@ def _scalars(buf: Buf, pos: int, end: int) -> _Scalars:
                 mark = _BE32.unpack_from(buf, pos + 4)[0]
             elif t == CTA_ID:
                 ct_id = _BE32.unpack_from(buf, pos + 4)[0]
+            elif t == CTA_TIMESTAMP:
+                start = _timestamp_start(buf, pos + 4, pos + nla_len)
         if t == CTA_ZONE and nla_len >= 6:
             zone = _BE16.unpack_from(buf, pos + 4)[0]
-        elif t == CTA_TIMESTAMP:
-            start = _timestamp_start(buf, pos + 4, pos + nla_len)
         pos += (nla_len + 3) & ~3
     return status, zone, mark, timeout, ct_id, start
 
 
 def _timestamp_start(buf: Buf, pos: int, end: int) -> int | None:
-    """CTA_TIMESTAMP_START inside a CTA_TIMESTAMP nest (u64, big-endian, ns)."""
-    while pos + 4 <= end:
-        nla_len, nla_type = _NLA.unpack_from(buf, pos)
-        if nla_len < 4 or pos + nla_len > end:
-            return None
-        if nla_type & NLA_TYPE_MASK == CTA_TIMESTAMP_START and nla_len >= 12:
-            return int(_BE64.unpack_from(buf, pos + 4)[0])
-        pos += (nla_len + 3) & ~3
+    """CTA_TIMESTAMP_START inside a CTA_TIMESTAMP (dumps and DESTROY events only)."""
+    for t, vs, ve in _attrs(buf, pos, end):
+        if t == CTA_TIMESTAMP_START and ve - vs >= 8:
+            return int(_BE64.unpack_from(buf, vs)[0]) or None
     return None
 
 

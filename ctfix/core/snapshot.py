@@ -180,6 +180,16 @@ class FixRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """A configuration file of a process on the port, as that process sees its path
+    (read through /proc/PID/root), for the knowledge base's `fixed_if_config`."""
+
+    pid: int
+    path: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything explain observed, for one port, in one namespace."""
 
@@ -215,3 +225,11 @@ class Snapshot:
     # its last packet (dates a wrong-source reply from its time left); None: unknown.
     udp_timeout: int | None = None
     fix: FixRecord | None = None
+    # Per family ("ipv4", "ipv6"): whether conntrack tracked it while the evidence was
+    # gathered (a probe datagram over loopback); None = could not tell. Empty: not
+    # probed (hand-built snapshots), taken as tracked.
+    tracking: dict[str, bool | None] = field(default_factory=dict)
+    # Families --listen switched tracking on for (a temporary nftables table).
+    tracking_switched_on: tuple[str, ...] = ()
+    # Configuration files of the port's processes that the knowledge base names.
+    config_files: tuple[ConfigFile, ...] = ()

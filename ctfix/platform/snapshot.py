@@ -7,16 +7,27 @@ Know before changing: everything reads the calling thread's network namespace, s
 the command enters the namespace (`ctfix.commands.common.enter_netns`) before this
 runs; and conntrack is asked with kernel-side filters (orig dport = port, orig
 sport = port, reply sport = port for requests a DNAT forwarded to the port), so a
-table of 250k entries costs a few filtered walks, not a copy.
+table of 250k entries costs a few filtered walks, not a copy. Only when requests are
+left without a reply among those entries is the UDP table walked once more, for the
+entries sent to those clients (a reply from another port, e.g. TFTP's).
+
+Two small exceptions to read-only, both in the namespace explained: whether a family
+is tracked is probed with one datagram over loopback, to the probe's own socket (as
+watch does), and `--listen` may have the command switch tracking on (`track`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import select
+import socket
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ctfix.core.decode import CtEntry
+from ctfix.core.decode import NEW, CtEntry, CtEvent
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
@@ -24,11 +35,15 @@ from ctfix.core.diagnosis import (
     reply_marks,
     requests_to,
     uplink_lookups,
+    waiting_clients,
     wrong_source_reply,
 )
+from ctfix.core.diagnosis.listeners import config_globs
+from ctfix.core.diagnosis.requests import client_networks_of, usable_addresses
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.scan import FlowIndex
 from ctfix.core.snapshot import (
+    ConfigFile,
     FixRecord,
     LocalAddress,
     NetfilterRule,
@@ -39,6 +54,14 @@ from ctfix.core.snapshot import (
 )
 from ctfix.errors import CtfixError
 from ctfix.platform import dnat_read, netfilter_read, routing, sockdiag
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.conntrack import EventSocket
+
+#: Bounds on what is read for the knowledge base's `fixed_if_config`.
+CONFIG_MAX_FILES = 32
+CONFIG_MAX_BYTES = 256 << 10
 
 
 def conntrack_flows(port: int) -> list[CtEntry]:
@@ -53,6 +76,48 @@ def conntrack_flows(port: int) -> list[CtEntry]:
     return flows
 
 
+def replies_to(clients: set[tuple[str, int]]) -> list[CtEntry]:
+    """Entries sent to these clients (orig dst:dport), from anywhere: a reply from
+    another port than the service's. One walk of the UDP table, filtered here (the
+    kernel's dump filter takes one port, and clients use many)."""
+    from ctfix.platform import conntrack
+
+    if not clients:
+        return []
+    return [e for e in conntrack.dump(proto=17) if (e.orig.dst, e.orig.dport) in clients]
+
+
+def tracking() -> dict[str, bool | None]:
+    """Per family, whether conntrack tracks it in this namespace (None: cannot tell)."""
+    from ctfix.platform import conntrack
+
+    found: dict[str, bool | None] = {}
+    for family, name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        try:
+            found[name] = conntrack.probe_tracking(family)
+        except CtfixError:
+            found[name] = None
+    return found
+
+
+def config_files(wanted: Sequence[tuple[int, str]]) -> tuple[ConfigFile, ...]:
+    """Read the files a process sees at these globs (through /proc/PID/root, so a
+    container's own files), bounded in number and size; unreadable ones are skipped."""
+    found: list[ConfigFile] = []
+    for pid, pattern in wanted:
+        root = f"/proc/{pid}/root"
+        for path in sorted(glob.glob(root + pattern)):
+            if len(found) >= CONFIG_MAX_FILES:
+                return tuple(found)
+            try:
+                with open(path, "rb") as fh:
+                    text = fh.read(CONFIG_MAX_BYTES).decode("utf-8", "replace")
+            except OSError:
+                continue
+            found.append(ConfigFile(pid, path[len(root) :], text))
+    return tuple(found)
+
+
 def _ours(service: str, expected_source: str, port: int) -> bool:
     # A DNAT'd request names the port it was sent to; the server's port is expected.
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
@@ -60,37 +125,70 @@ def _ours(service: str, expected_source: str, port: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Listened:
-    """What `listen` saw: the port's wrong-source replies, and how many new requests
-    to the port (a quiet port proves nothing either way)."""
+    """What `listen` saw: the port's wrong-source replies that happened meanwhile, how
+    many new requests reached the port (a quiet port proves nothing either way), and
+    the families `track` switched tracking on for."""
 
     since: float  # when listening began (seconds since the epoch)
     seconds: float
     findings: tuple[WrongSourceReply, ...]
     requests: int
+    switched: tuple[str, ...] = ()
 
 
 def _request_to(entry: CtEntry, port: int, local: frozenset[str]) -> bool:
+    """A remote client's new flow to the port, or DNAT'd to it on a local address."""
     orig = entry.orig
     return orig.proto == 17 and orig.src not in local and (
         orig.dport == port or (entry.reply.sport == port and entry.reply.src in local)
     )
 
 
-def listen(port: int, seconds: float, local: frozenset[str]) -> Listened:
-    """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
-    from ctfix.core.decode import NEW
+def listen(
+    port: int,
+    seconds: float,
+    addresses: Sequence[LocalAddress],
+    kb: KnowledgeBase | None = None,
+    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
+) -> Listened:
+    """Watch conntrack events for `seconds`; the wrong-source replies of the port
+    that happened meanwhile, and the families `track` switched tracking on for.
+
+    `track` is called once subscribed (so that nothing it makes visible is missed),
+    with the families clients can reach (a global address of theirs is here): it
+    switches tracking on where it is off and says for which families. What happened
+    from the subscription on is news, even when the first dump shows it before its
+    event is read (`fresh_ids`).
+    """
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
+    from ctfix.platform.programs import OtherPortPrograms
 
-    detector = WrongSourceDetector(local_addresses=local)
+    detector = WrongSourceDetector(
+        local_addresses=frozenset(a.address for a in addresses),
+        networks=client_networks_of(addresses),
+        other_port=OtherPortPrograms(kb),
+    )
     events = conntrack.EventSocket()
-    since = time.time()
+    local = frozenset(a.address for a in addresses)
+    detector.since = since = time.time()  # subscribed: only what happens from here is news
+    switched: tuple[str, ...] = ()
     requests = 0
-    # Only what happened during the listen is live; the first resync only teaches the
-    # detector the requests already waiting, and its findings are the table's.
-    seen_live: set[tuple[str, str, str]] = set()
     try:
+        if track is not None:
+            reachable = [f for f in ("ipv4", "ipv6") if usable_addresses(addresses, f)]
+            switched = track(reachable)
+        # The first dump teaches the detector the requests already waiting; its other
+        # findings are the table's (history), but for entries whose NEW event is
+        # already queued (made since the subscription): those are fed after it.
+        queued = _queued(events)
+        detector.fresh_ids = {e.entry.id for e in queued if e.kind == NEW and e.entry.id}
         detector.resync(newest_last(conntrack_flows(port)), now=time.time())
+        detector.dumps_are_history = False
+        now = time.time()
+        for event in queued:
+            requests += event.kind == NEW and _request_to(event.entry, port, local)
+            detector.feed(event, now)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([events], [], [], min(left, 0.5))
@@ -99,23 +197,20 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> Listened:
             try:
                 batch = events.read()
             except conntrack.Overflow:
-                found = detector.resync(newest_last(conntrack_flows(port)), now=time.time())
-                seen_live.update(f.key for f, is_new in found if is_new)
+                detector.resync(newest_last(conntrack_flows(port)), now=time.time())
                 continue
             now = time.time()
             for event in batch:
                 requests += event.kind == NEW and _request_to(event.entry, port, local)
-                result = detector.feed(event, now)
-                if result is not None:
-                    seen_live.add(result[0].key)
+                detector.feed(event, now)
     finally:
         events.close()
-    findings = tuple(
+    live = tuple(
         wrong_source_reply(f)
         for f in detector.findings.values()
-        if f.key in seen_live and _ours(f.service, f.expected_source, port)
+        if _ours(f.service, f.expected_source, port)
     )
-    return Listened(since, seconds, findings, requests)
+    return Listened(since, seconds, live, requests, switched)
 
 
 def fix_record(port: int, netns: str) -> FixRecord | None:
@@ -136,11 +231,35 @@ def fix_record(port: int, netns: str) -> FixRecord | None:
     )
 
 
-def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
-    """Everything explain needs about the port, from the current namespace."""
+def _queued(events: EventSocket) -> list[CtEvent]:
+    """The events waiting on the socket (a loss is covered by the dump that follows)."""
+    from ctfix.platform import conntrack
+
+    queued: list[CtEvent] = []
+    while True:
+        try:
+            batch = events.read()
+        except conntrack.Overflow:
+            return queued
+        if not batch:
+            return queued
+        queued.extend(batch)
+
+
+def collect(
+    port: int,
+    netns: str,
+    listen_seconds: float = 0.0,
+    kb: KnowledgeBase | None = None,
+    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
+) -> Snapshot:
+    """Everything explain needs about the port, from the current namespace.
+
+    `kb`: the knowledge base (which programs change ports, which config files to
+    read); `track`: how `--listen` switches tracking on (see `listen`)."""
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
-    listened = listen(port, listen_seconds, local) if listen_seconds > 0 else None
+    listened = listen(port, listen_seconds, addresses, kb, track) if listen_seconds > 0 else None
 
     owned = sockdiag.listeners(port)
     flows: list[CtEntry] = []
@@ -161,21 +280,27 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
+        # Requests still without a reply: their replies may have left from another
+        # port (TFTP): look them up by the client's tuple.
+        flows.extend(replies_to(waiting_clients(flows, port, set(local))))
     dnat, dnat_errors = dnat_read.dnat_rules(port)
-    snapshot = _snapshot(
+    snap = _snapshot(
         port,
         netns,
         owned,
-        _Namespace.read(addresses),
+        _Namespace.read(addresses, conntrack_error),
         flows,
         conntrack_error,
         (netfilter, [*netfilter_errors, *dnat_errors]),
         list(listened.findings) if listened else [],
         listen_seconds,
     )
-    # What dates the evidence, and the fix it is judged against (explain and fix).
-    return replace(
-        snapshot,
+    listeners = [listener for listener, _uid in owned]
+    return dataclasses.replace(
+        snap,
+        tracking_switched_on=listened.switched if listened else (),
+        config_files=config_files(config_globs(listeners, kb, port)),
+        # What dates the evidence, and the fix it is judged against (explain and fix).
         dnat_rules=tuple(dnat),
         taken_at=taken_at,
         listened_since=listened.since if listened else None,
@@ -196,10 +321,13 @@ class _Namespace:
     addresses: list[LocalAddress]
     route_table: list[Route]
     policy_rules: list[PolicyRule]
+    #: per family, whether conntrack tracks it (empty: the table could not be read)
+    tracking: dict[str, bool | None]
 
     @classmethod
-    def read(cls, addresses: list[LocalAddress]) -> _Namespace:
-        return cls(addresses, routing.route_table(), routing.policy_rules())
+    def read(cls, addresses: list[LocalAddress], conntrack_error: str | None) -> _Namespace:
+        probed = tracking() if conntrack_error is None else {}
+        return cls(addresses, routing.route_table(), routing.policy_rules(), probed)
 
 
 def _snapshot(
@@ -250,6 +378,7 @@ def _snapshot(
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
+        tracking=namespace.tracking,
     )
 
 
@@ -266,7 +395,6 @@ def collect_services(netns: str) -> list[Snapshot]:
         return []
     addresses = routing.local_addresses()
     local = {a.address for a in addresses}
-    namespace = _Namespace.read(addresses)
     rules, rule_errors = netfilter_read.rules_for_ports(ports)
     index = scan.FlowIndex()
     conntrack_error: str | None = None
@@ -274,12 +402,17 @@ def collect_services(netns: str) -> list[Snapshot]:
         index = _flow_index(ports, rules, local)
     except CtfixError as err:
         conntrack_error = err.one_line()
-    snapshots = []
+    namespace = _Namespace.read(addresses, conntrack_error)
+    per_port: dict[int, list[CtEntry]] = {}
     for port in ports:
-        flows = scan.flows_for_port(index, port)
+        flows = per_port[port] = scan.flows_for_port(index, port)
         if conntrack_error is None:
             for _address, target in forwarded_to(port, rules[port], flows, local):
                 flows.extend(scan.flows_from_port(index, target))
+    if conntrack_error is None:
+        _add_replies_from_other_ports(per_port, local)
+    snapshots = []
+    for port, flows in per_port.items():
         snapshots.append(
             _snapshot(
                 port,
@@ -294,6 +427,15 @@ def collect_services(netns: str) -> list[Snapshot]:
             )
         )
     return snapshots
+
+
+def _add_replies_from_other_ports(per_port: dict[int, list[CtEntry]], local: set[str]) -> None:
+    """Each port's requests left without a reply may have been answered from another
+    port (TFTP): one more walk of the table, for all ports at once, by client tuple."""
+    waiting = {port: waiting_clients(flows, port, local) for port, flows in per_port.items()}
+    found = replies_to(set().union(*waiting.values()))
+    for port, clients in waiting.items():
+        per_port[port].extend(e for e in found if (e.orig.dst, e.orig.dport) in clients)
 
 
 def _flow_index(

@@ -203,7 +203,7 @@ def test_a_rewrite_to_the_dnat_target_does_not_rescue_the_clusterip_clients() ->
     assert d.verdict == "broken", d.reasons
     assert "history-predates-fix" not in codes(d)
     [pods] = [cn for cn in d.clients if cn.network == "192.0.2.0/24"]
-    assert not pods.ok and pods.unanswered == (f"{CLUSTER_IP}:{OTHER}",)
+    assert not pods.ok and pods.wrong_for == (f"{CLUSTER_IP}:{OTHER}",)
     assert pods.services == (f"{CLUSTER_IP}:{OTHER}",)
     assert [f.service for f in d.forwarded_from] == [f"{CLUSTER_IP}:{PORT}",
                                                       f"{CLUSTER_IP}:{OTHER}"]

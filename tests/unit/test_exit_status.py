@@ -40,6 +40,7 @@ def ctfix(*argv: str) -> subprocess.CompletedProcess[str]:
         ("fix", "--revert", "--listen", "3"),
         ("fix", "5000", "--method", "snat-zone", "--listen", "3"),  # a dry run listens not
         ("fix", "5000", "--method", "snat-zone", "--apply", "--listen", "-1"),
+        ("scan", "--all-netns", "--netns", "blue"),
         ("watch", "--metrics", ""),
         ("watch", "--metrics", "   "),
     ],

@@ -25,12 +25,16 @@ ReasonCode = Literal[
     "specific-bind",
     "answers-from-destination",
     "knowledge-base-contradicted",
+    "observed-right-source",
+    "fix-already-in-effect",
     # evidence
     "wrong-source-seen",
     "wrong-source-live",
     "nothing-seen-live",
     "history-predates-fix",
     "no-conntrack-evidence",
+    "not-tracked",
+    "tracking-switched-on",
     # exposure per client network
     "client-network-exposed",
     "policy-rule-wrong",
