@@ -15,6 +15,7 @@ from typing import TextIO
 
 from ctfix.commands.common import port_number, positive_seconds, require_root
 from ctfix.errors import ExitStatus
+from ctfix.lab.registry import DEFAULT, SCENARIOS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +29,26 @@ that addresses the uplink without an answer: the lab shows the two conntrack
 entries and the client's ICMP port unreachable that prove why. Then the IP_PKTINFO
 reference server answers on every address. Everything is removed at the end.
 
+Other scenarios (--scenario) tell other stories on the same topology.
+
 exit status: 0 bug reproduced and fix confirmed, 1 otherwise, 2 errors."""
     parser.epilog = """\
 examples:
   ctfix lab                 IPv4 story, about 3 seconds
   ctfix lab --ipv6          IPv4 and IPv6
-  ctfix lab --keep          leave the namespaces up to experiment in them"""
+  ctfix lab --keep          leave the namespaces up to experiment in them
+  ctfix lab --scenario clusterip --ipv6
+                            a Kubernetes ClusterIP DNAT'd to a hostNetwork server:
+                            the failure, explain's finding, the snat-zone repair, revert
+
+scenarios:
+""" + "\n".join(f"  {name:13} {summary}" for name, (_m, summary) in SCENARIOS.items())
+    parser.add_argument(
+        "--scenario",
+        choices=tuple(SCENARIOS),
+        default=DEFAULT,
+        help=f"which story to tell (default: {DEFAULT})",
+    )
     parser.add_argument("--ipv6", action="store_true", help="also run the story over IPv6")
     parser.add_argument(
         "--keep",
@@ -71,8 +86,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     require_root("ctfix lab (it creates network namespaces)", "CAP_SYS_ADMIN")
+    from ctfix.lab import registry
     from ctfix.lab import topology as t
-    from ctfix.lab.scenario import run_story
     from ctfix.render.lab import LabPrinter
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -80,14 +95,14 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     printer = LabPrinter(out)
     topo = t.Topology(t.new_run_id(), ipv6=args.ipv6, netfilter=args.netfilter)
     try:
-        printer.topology(topo, args.port)
+        printer.topology(topo, args.port, args.scenario)
         topo.build()
-        story = run_story(topo, args.port, printer.report, timeout=args.timeout)
-        printer.verdict(story)
+        story = registry.run(args.scenario, topo, args.port, printer.report, args.timeout)
+        printer.verdict(story, args.scenario)
         if args.keep:
             from ctfix.commands.common import ctfix_command
 
-            printer.keep(topo, args.port, ctfix_command())
+            printer.keep(topo, args.port, ctfix_command(), args.scenario)
         return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
     except (_Stop, KeyboardInterrupt) as stop:
         what = str(stop) or "SIGINT"

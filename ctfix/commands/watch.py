@@ -679,13 +679,10 @@ def _rcvbuf(default: int) -> int:
 
 
 def _udp_timeout() -> int:
-    try:
-        with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout") as fh:
-            return int(fh.read().strip())
-    except (OSError, ValueError):
-        from ctfix.core.detectors import UDP_TIMEOUT
+    from ctfix.core.detectors import UDP_TIMEOUT
+    from ctfix.platform import ctstats
 
-        return UDP_TIMEOUT
+    return ctstats.udp_timeout() or UDP_TIMEOUT
 
 
 __all__ = ["add_arguments", "run"]

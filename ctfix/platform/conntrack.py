@@ -358,17 +358,6 @@ class EventSocket:
         self.sock.close()
 
 
-def udp_timeout() -> int:
-    """The namespace's nf_conntrack_udp_timeout (the kernel's default if unreadable)."""
-    try:
-        with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout") as fh:
-            return int(fh.read().strip())
-    except (OSError, ValueError):
-        from ctfix.core.detectors import UDP_TIMEOUT
-
-        return UDP_TIMEOUT
-
-
 # -- is a family tracked at all? ---------------------------------------------------------
 
 
@@ -396,3 +385,4 @@ def probe_tracking(family: int) -> bool | None:
     finally:
         sock.close()
     return any(True for _ in dump(family=family, proto=socket.IPPROTO_UDP, sport=port))
+

@@ -71,6 +71,12 @@ def _sysctl(name: str) -> int | None:
         return None
 
 
+def udp_timeout() -> int | None:
+    """net.netfilter.nf_conntrack_udp_timeout of the calling thread's namespace: how
+    long an unreplied UDP entry lives after its last packet (None: not readable)."""
+    return _sysctl("nf_conntrack_udp_timeout")
+
+
 def sample() -> Sample:
     """One reading of the current namespace's conntrack statistics.
 

@@ -84,6 +84,17 @@ def _nft_nat_to(expressions: list[JsonObject]) -> str | None:
     return None
 
 
+def _nft_nat_port(expressions: list[JsonObject]) -> int | None:
+    """The port a snat/dnat statement rewrites to (None: none named)."""
+    for expr in expressions:
+        for key in ("snat", "dnat"):
+            value = expr.get(key)
+            if isinstance(value, dict) and isinstance(value.get("addr"), str):
+                port = value.get("port")
+                return port if isinstance(port, int) and not isinstance(port, bool) else None
+    return None
+
+
 def _nft_mark_to(expressions: list[JsonObject]) -> int | None:
     """The value of a `meta mark set VALUE` statement (a constant only)."""
     for expr in expressions:
@@ -138,6 +149,11 @@ def _nft_classify(
 _TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{ # handle \d+$")
 _CHAIN_LINE = re.compile(r"^\s*chain (\S+) \{ # handle \d+$")
 _RULE_LINE = re.compile(r"^\s*(.*\S) # handle (\d+)$")
+
+
+def nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
+    """(family, table, chain, handle) -> the rule as `nft list ruleset` prints it."""
+    return _nft_rule_texts(text)
 
 
 def _nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
@@ -202,6 +218,7 @@ def nft_rules_by_port(ports: Sequence[int]) -> dict[int, list[NetfilterRule]]:
                 hook=hooks.get(key),
                 matches_mark=mark,
                 nat_to=_nft_nat_to(rule.get("expr", [])),
+                nat_port=_nft_nat_port(rule.get("expr", [])),
                 mark_to=_nft_mark_to(rule.get("expr", [])),
             )
         )
@@ -287,6 +304,34 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
+def parse_nat_target(token: str) -> tuple[str, int | None] | None:
+    """`198.51.100.13:53`, `[2001:db8::1]:53`, `2001:db8::1`, `198.51.100.13` ->
+    (address, port); None for anything else (a map, a range)."""
+    if token.startswith("["):
+        address, _, rest = token[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif token.count(":") == 1:
+        address, _, port = token.partition(":")
+    else:
+        address, port = token, ""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if port and not port.isdigit():
+        return None
+    return address, int(port) if port else None
+
+
+def _legacy_nat_port(saved: str) -> int | None:
+    """`--to-source 198.51.100.13:53` / `[2001:db8::1]:53` -> 53 (None: no port)."""
+    match = re.search(r"--to-(?:source|destination)\s+(\S+)", saved)
+    if match is None:
+        return None
+    target = parse_nat_target(match.group(1))
+    return target[1] if target else None
+
+
 def _legacy_mark_to(target_name: str, saved: str) -> int | None:
     """MARK's value when it sets the whole mark (`--set-xmark V/0xffffffff`)."""
     if target_name != "MARK":
@@ -335,6 +380,18 @@ def _legacy_saved(rule: Any) -> _Saved | None:
     """The rule's parts in iptables-save's words; None when it cannot match UDP."""
     if rule.protocol not in ("udp", "17", None, ""):
         return None
+    return _legacy_parts(rule)
+
+
+def legacy_rule_text(rule: Any, chain: str) -> str:
+    """Any rule as iptables-save prints it: `-A CHAIN -d ... -p udp -m ... -j ...`."""
+    parts = _legacy_parts(rule)
+    matches = "".join(f" -m {name}{saved}" for name, saved in parts.matches)
+    target = f" -j {parts.target_name}{parts.target_saved}" if parts.target_name else ""
+    return f"-A {chain}{parts.options}{matches}{target}"
+
+
+def _legacy_parts(rule: Any) -> _Saved:
     ip = rule.get_ip()
     options = ""
     options += _address_option("-s", rule.src)
@@ -343,7 +400,7 @@ def _legacy_saved(rule: Any) -> _Saved | None:
         if iface:
             neg = iface.startswith("!")
             options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
-    if rule.protocol:
+    if rule.protocol and rule.protocol not in ("ip", "all", "0"):  # iptables-save omits them
         options += f" -p {rule.protocol}"
     matches = tuple((m.name, iptables_legacy.saved_options(m, ip)) for m in rule.matches)
     target = rule.target
@@ -401,8 +458,14 @@ def _legacy_rule(
         hook=_BUILTIN_HOOKS.get(chain),
         matches_mark=mark,
         nat_to=_legacy_nat_to(target_saved),
+        nat_port=_legacy_nat_port(target_saved),
         mark_to=_legacy_mark_to(target_name, target_saved),
     )
+
+
+def import_iptc() -> Any:
+    """python-iptables (imported once; the children that read tables share it)."""
+    return _import_iptc()
 
 
 def _import_iptc() -> Any:

@@ -44,6 +44,7 @@ from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.scan import FlowIndex
 from ctfix.core.snapshot import (
     ConfigFile,
+    FixRecord,
     LocalAddress,
     NetfilterRule,
     PolicyRule,
@@ -52,7 +53,7 @@ from ctfix.core.snapshot import (
     Snapshot,
 )
 from ctfix.errors import CtfixError
-from ctfix.platform import netfilter_read, routing, sockdiag
+from ctfix.platform import dnat_read, netfilter_read, routing, sockdiag
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
@@ -122,17 +123,39 @@ def _ours(service: str, expected_source: str, port: int) -> bool:
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
+@dataclass(frozen=True, slots=True)
+class Listened:
+    """What `listen` saw: the port's wrong-source replies that happened meanwhile, how
+    many new requests reached the port (a quiet port proves nothing either way), and
+    the families `track` switched tracking on for."""
+
+    since: float  # when listening began (seconds since the epoch)
+    seconds: float
+    findings: tuple[WrongSourceReply, ...]
+    requests: int
+    switched: tuple[str, ...] = ()
+    #: the port's entries that ended without a reply meanwhile (DESTROY events, which
+    #: the kernel filter passes only for unreplied entries)
+    ended: tuple[CtEntry, ...] = ()
+
+
+def _request_to(entry: CtEntry, port: int, local: frozenset[str]) -> bool:
+    """A remote client's new flow to the port, or DNAT'd to it on a local address."""
+    orig = entry.orig
+    return orig.proto == 17 and orig.src not in local and (
+        orig.dport == port or (entry.reply.sport == port and entry.reply.src in local)
+    )
+
+
 def listen(
     port: int,
     seconds: float,
     addresses: Sequence[LocalAddress],
     kb: KnowledgeBase | None = None,
     track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
-) -> tuple[list[WrongSourceReply], tuple[str, ...], list[CtEntry]]:
+) -> Listened:
     """Watch conntrack events for `seconds`; the wrong-source replies of the port
-    that happened meanwhile, the families `track` switched tracking on for, and the
-    port's entries that ended without a reply meanwhile (DESTROY events, which the
-    kernel filter passes only for unreplied entries).
+    that happened meanwhile, and the families `track` switched tracking on for.
 
     `track` is called once subscribed (so that nothing it makes visible is missed),
     with the families clients can reach (a global address of theirs is here): it
@@ -156,16 +179,20 @@ def listen(
             conntrack.NFNLGRP_CONNTRACK_DESTROY,
         )
     )
-    detector.since = time.time()  # subscribed: only what happens from here is news
+    local = frozenset(a.address for a in addresses)
+    detector.since = since = time.time()  # subscribed: only what happens from here is news
     switched: tuple[str, ...] = ()
+    requests = 0
     ended: list[CtEntry] = []
 
-    def feed(event: CtEvent, now: float) -> None:
+    def feed(event: CtEvent, now: float) -> int:
+        """Feed one event; 1 when it is a new request to the port."""
         entry = event.entry
         ended_here = port in (entry.orig.dport, entry.reply.sport)
         if event.kind == DESTROY and not entry.seen_reply and ended_here:
             ended.append(entry)
         detector.feed(event, now)
+        return int(event.kind == NEW and _request_to(entry, port, local))
 
     try:
         if track is not None:
@@ -180,7 +207,7 @@ def listen(
         detector.dumps_are_history = False
         now = time.time()
         for event in queued:
-            feed(event, now)
+            requests += feed(event, now)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([events], [], [], min(left, 0.5))
@@ -193,15 +220,33 @@ def listen(
                 continue
             now = time.time()
             for event in batch:
-                feed(event, now)
+                requests += feed(event, now)
     finally:
         events.close()
-    live = [
+    live = tuple(
         wrong_source_reply(f)
         for f in detector.findings.values()
         if _ours(f.service, f.expected_source, port)
-    ]
-    return live, switched, ended
+    )
+    return Listened(since, seconds, live, requests, switched, tuple(ended))
+
+
+def fix_record(port: int, netns: str) -> FixRecord | None:
+    """What `ctfix fix` recorded for the port in this namespace (None: nothing, or a
+    record this user cannot read: explain then judges the rules alone)."""
+    from ctfix.platform.fixstate import FixState
+
+    try:
+        fix = FixState.load(netns).fixes.get(port)
+    except CtfixError:
+        return None
+    if fix is None or not fix.complete:
+        return None
+    return FixRecord(
+        fix.method,
+        fix.applied if fix.applied is not None else fix.started,
+        tuple((str(c["service"]), str(c["target"])) for c in fix.covers),
+    )
 
 
 def _queued(events: EventSocket) -> list[CtEvent]:
@@ -232,15 +277,14 @@ def collect(
     read); `track`: how `--listen` switches tracking on (see `listen`)."""
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
-    live: list[WrongSourceReply] = []
-    switched: tuple[str, ...] = ()
-    ended: list[CtEntry] = []
-    if listen_seconds > 0:
-        live, switched, ended = listen(port, listen_seconds, addresses, kb, track)
+    listened = listen(port, listen_seconds, addresses, kb, track) if listen_seconds > 0 else None
 
     owned = sockdiag.listeners(port)
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
+    # Before the dump: entries are dated from their time left as of this moment, and
+    # an earlier moment dates them earlier, never after the fact.
+    taken_at = time.time()
     try:
         flows = conntrack_flows(port)
     except CtfixError as err:
@@ -257,6 +301,7 @@ def collect(
         # Requests still without a reply: their replies may have left from another
         # port (TFTP): look them up by the client's tuple.
         flows.extend(replies_to(waiting_clients(flows, port, set(local))))
+    dnat, dnat_errors = dnat_read.dnat_rules(port)
     snap = _snapshot(
         port,
         netns,
@@ -264,17 +309,29 @@ def collect(
         _Namespace.read(addresses, conntrack_error),
         flows,
         conntrack_error,
-        (netfilter, netfilter_errors),
-        live,
+        (netfilter, [*netfilter_errors, *dnat_errors]),
+        list(listened.findings) if listened else [],
         listen_seconds,
     )
     listeners = [listener for listener, _uid in owned]
     return dataclasses.replace(
         snap,
-        tracking_switched_on=switched,
+        tracking_switched_on=listened.switched if listened else (),
         config_files=config_files(config_globs(listeners, kb, port)),
-        ended_unreplied=tuple(ended),
+        # What dates the evidence, and the fix it is judged against (explain and fix).
+        dnat_rules=tuple(dnat),
+        taken_at=taken_at,
+        listened_since=listened.since if listened else None,
+        udp_timeout=_udp_timeout(),
+        fix=fix_record(port, netns),
+        ended_unreplied=listened.ended if listened else (),
     )
+
+
+def _udp_timeout() -> int | None:
+    from ctfix.platform import ctstats
+
+    return ctstats.udp_timeout()
 
 @dataclass(frozen=True, slots=True)
 class _Namespace:
@@ -285,16 +342,11 @@ class _Namespace:
     policy_rules: list[PolicyRule]
     #: per family, whether conntrack tracks it (empty: the table could not be read)
     tracking: dict[str, bool | None]
-    udp_timeout: int  # nf_conntrack_udp_timeout
 
     @classmethod
     def read(cls, addresses: list[LocalAddress], conntrack_error: str | None) -> _Namespace:
-        from ctfix.platform.conntrack import udp_timeout
-
         probed = tracking() if conntrack_error is None else {}
-        return cls(
-            addresses, routing.route_table(), routing.policy_rules(), probed, udp_timeout()
-        )
+        return cls(addresses, routing.route_table(), routing.policy_rules(), probed)
 
 
 def _snapshot(
@@ -346,7 +398,6 @@ def _snapshot(
         listened_seconds=listen_seconds,
         probes=probes,
         tracking=namespace.tracking,
-        udp_timeout=namespace.udp_timeout,
     )
 
 

@@ -16,6 +16,8 @@ from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import (
     ClientNetwork,
     Diagnosis,
+    FixEffect,
+    ForwardedService,
     Listener,
     UnansweredService,
     WrongSourceReply,
@@ -108,25 +110,12 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     }
                     for u in cn.uplinks
                 ],
+                "services": list(cn.services),
             }
             for cn in d.clients
         ],
         "evidence": {
-            "wrong_source": [
-                {
-                    "client": w.client,
-                    "service": w.service,
-                    "expected_source": w.expected_source,
-                    "actual_source": w.actual_source,
-                    "mismatch": w.mismatch,
-                    "count": w.count,
-                    "clients": w.clients,
-                    "client_network": w.client_network,
-                    "replies_from_other_port": w.replies_from_other_port,
-                    "container": container_json(w.container),
-                }
-                for w in d.evidence.wrong_source
-            ],
+            "wrong_source": [wrong_json(w) for w in d.evidence.wrong_source],
             "healthy": d.evidence.healthy,
             "unanswered": d.evidence.unanswered,
         },
@@ -155,6 +144,8 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "tracking": {family: d.tracking.get(family) for family in ("ipv4", "ipv6")},
         "tracking_switched_on": list(d.tracking_switched_on),
         "blind": list(d.blind),
+        "forwarded_from": [forwarded_json(f) for f in d.forwarded_from],
+        "fix_effect": effect_json(d.fix_effect),
         "unanswered": [
             {
                 "service": u.service,
@@ -168,6 +159,53 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
             }
             for u in d.unanswered
         ],
+    }
+
+
+def wrong_json(w: WrongSourceReply) -> dict[str, Any]:
+    return {
+        "client": w.client,
+        "service": w.service,
+        "expected_source": w.expected_source,
+        "actual_source": w.actual_source,
+        "mismatch": w.mismatch,
+        "count": w.count,
+        "clients": w.clients,
+        "client_network": w.client_network,
+        "replies_from_other_port": w.replies_from_other_port,
+        "container": container_json(w.container),
+        "first_seen": w.first_seen,
+        "last_seen": w.last_seen,
+    }
+
+
+def forwarded_json(f: ForwardedService) -> dict[str, Any]:
+    return {
+        "service": f.service,
+        "address": f.address,
+        "port": f.port,
+        "target": f.target,
+        "hooks": list(f.hooks),
+        "rules": list(f.rules),
+        "seen": f.seen,
+        "exact": f.exact,
+    }
+
+
+def effect_json(e: FixEffect | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {
+        "method": e.method,
+        "applied_at": e.applied_at,
+        "covers": list(e.covers),
+        "verdict": e.verdict,
+        "since_fix": [wrong_json(w) for w in e.since_fix],
+        "ineffective_for": list(e.ineffective_for),
+        "uncovered": [forwarded_json(f) for f in e.uncovered],
+        "evidence": list(e.evidence),
+        "window": e.window,
+        "whole_time": e.whole_time,
     }
 
 
@@ -262,6 +300,12 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
 PIPE_WIDTH = 88
 
 
+def _forwarded_line(f: ForwardedService) -> str:
+    where = f" in {'/'.join(f.hooks)}" if f.hooks else ""
+    seen = f", {f.seen} request{'s' if f.seen != 1 else ''} in conntrack" if f.seen else ""
+    return f"{f.service} -> {f.target} (DNAT{where}{seen})"
+
+
 def _wrap(text: str, indent: str, width: int | None, hang: str | None = None) -> str:
     """Fill text at width, never mid-word (ctfix.render.width.fill). Without a width
     (not a terminal), prose is filled at PIPE_WIDTH and a one-line record (hang
@@ -332,6 +376,9 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
 
     out += ["", s("Sockets on the port", "bold")]
     out += [_wrap(_listener_line(lst), "  ", w, "      ") for lst in d.listeners] or ["  none"]
+    if d.forwarded_from:
+        out += ["", s("Services DNAT'd to the port", "bold")]
+        out += [_wrap(_forwarded_line(f), "  ", w, "      ") for f in d.forwarded_from]
 
     if d.clients:
         heading = (
@@ -403,6 +450,9 @@ def render_markdown(d: Diagnosis) -> str:
         out += ["", "### Why", "", WHY]
     out += ["", "### Sockets on the port", ""]
     out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
+    if d.forwarded_from:
+        out += ["", "### Services DNAT'd to the port", ""]
+        out += [f"- `{_forwarded_line(f)}`" for f in d.forwarded_from]
     if d.clients:
         out += [
             "",

@@ -19,6 +19,7 @@ ReasonCode = Literal[
     "forwarded-by-dnat",
     "dnat-to-other-port",
     "forwarded-here-by-dnat",
+    "dnat-destination-unknown",
     "connected-socket",
     "wildcard-socket",
     "specific-bind",
@@ -44,6 +45,9 @@ ReasonCode = Literal[
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
+    # the fix ctfix recorded for the port
+    "fix-ineffective",
+    "fix-not-covering",
     "netfilter-not-read",
     # unanswered requests, per service and reason (ctfix.core.diagnosis.unanswered)
     "unanswered-no-socket",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ctfix.core.addr import unmap
 from ctfix.core.decode import DESTROY, CtEvent
+from ctfix.core.detectors import UDP_TIMEOUT
 from ctfix.core.detectors.unanswered import (
     ListenerSockets,
     RulesFirewall,
@@ -71,7 +72,7 @@ def findings(
         firewall=RulesFirewall(snapshot.netfilter),
         kb=kb,
         local_addresses=addresses,
-        udp_timeout=snapshot.udp_timeout,
+        udp_timeout=snapshot.udp_timeout or UDP_TIMEOUT,
     )
     # One account per (service, reason): the table's requests and those that ended
     # during --listen alike (watch's history/news split means nothing here).
