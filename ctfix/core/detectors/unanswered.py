@@ -38,7 +38,9 @@ design: a `no-reply` flow to a socket held by such a program (recognised by the
 program, never by the port alone) is counted in a finding of its own, `one_way` True,
 and is never a problem (`problem` is False).
 
-Know before changing:
+Know before changing (over 500 lines on purpose: the hooks' protocols and explain's
+implementations of them, `ListenerSockets`, `RulesFirewall`, `dropping_rules`, stay
+beside the classification that asks them, so one file says what a reason rests on):
 - watch's hot loop feeds this detector only DESTROY events (`kinds`); `feed` tests the
   event kind first all the same.
 - When the sockets are looked at: a DESTROY arrives udp_timeout after the flow's last
