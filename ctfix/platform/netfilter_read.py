@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from ctfix.core.snapshot import NetfilterRule
 from ctfix.errors import CtfixError
@@ -124,7 +124,7 @@ _CHAIN_LINE = re.compile(r"^\s*chain (\S+) \{ # handle \d+$")
 _RULE_LINE = re.compile(r"^\s*(.*\S) # handle (\d+)$")
 
 
-def _nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
+def nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
     """(family, table, chain, handle) -> the rule as `nft list ruleset` prints it."""
     texts: dict[tuple[str, str, str, int], str] = {}
     family = table = chain = None
@@ -160,7 +160,7 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 candidates.append((rule, found))
     if not candidates:
         return []
-    texts = _nft_rule_texts(nft.ruleset_text_with_handles())
+    texts = nft_rule_texts(nft.ruleset_text_with_handles())
     result: list[NetfilterRule] = []
     for rule, (actions, sport, dport, to_port, mark) in candidates:
         key = (rule["family"], rule["table"], rule["chain"])
@@ -281,12 +281,16 @@ def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
                     yield found
 
 
-def _legacy_rule(
-    rule: Any, port: int, family: str, table: str, chain: str, chain_names: frozenset[str]
-) -> NetfilterRule | None:
-    """The rule as iptables-save prints it, classified; None when it does not name port."""
-    if rule.protocol not in ("udp", "17", None, ""):
-        return None
+class LegacyParts(NamedTuple):
+    """One python-iptables rule as iptables-save prints it, in parts."""
+
+    text: str  # `-A CHAIN -d 198.51.100.13/32 -p udp -m udp --dport 53 -j DNAT ...`
+    matches: tuple[tuple[str, str], ...]  # (name, options), options with a leading space
+    target: str  # "" when the rule has none
+    target_options: str
+
+
+def legacy_parts(rule: Any, chain: str) -> LegacyParts:
     ip = rule.get_ip()
     options = ""
     options += _address_option("-s", rule.src)
@@ -297,24 +301,38 @@ def _legacy_rule(
             options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
     if rule.protocol:
         options += f" -p {rule.protocol}"
-    sport = dport = mark = False
+    matches = []
     for match in rule.matches:
         saved = iptables_legacy.saved_options(match, ip)
         options += f" -m {match.name}{saved}"
-        s, d = _match_ports(saved, port)
-        sport, dport = sport or s, dport or d
-        mark = mark or match.name in ("mark", "connmark")
+        matches.append((str(match.name), saved))
     target = rule.target
     target_name = target.name if target is not None else ""
     target_saved = iptables_legacy.saved_options(target, ip) if target_name else ""
+    if target_name:
+        options += f" -j {target_name}{target_saved}"
+    return LegacyParts(f"-A {chain}{options}", tuple(matches), str(target_name), target_saved)
+
+
+def _legacy_rule(
+    rule: Any, port: int, family: str, table: str, chain: str, chain_names: frozenset[str]
+) -> NetfilterRule | None:
+    """The rule as iptables-save prints it, classified; None when it does not name port."""
+    if rule.protocol not in ("udp", "17", None, ""):
+        return None
+    parts = legacy_parts(rule, chain)
+    sport = dport = mark = False
+    for name, saved in parts.matches:
+        s, d = _match_ports(saved, port)
+        sport, dport = sport or s, dport or d
+        mark = mark or name in ("mark", "connmark")
+    target_name, target_saved = parts.target, parts.target_options
     to_port = bool(
         re.search(rf"--to(?:-source|-destination)?\s+\S*:{port}\b", target_saved)
         or re.search(rf"--to-ports\s+{port}\b", target_saved)
     )
     if not (sport or dport or to_port):
         return None
-    if target_name:
-        options += f" -j {target_name}{target_saved}"
     actions: set[str] = set()
     if target_name == "CT":
         if "--notrack" in target_saved:
@@ -331,7 +349,7 @@ def _legacy_rule(
         family=family,
         table=table,
         chain=chain,
-        rule=f"-A {chain}{options}",
+        rule=parts.text,
         actions=frozenset(actions),
         matches_sport=sport,
         matches_dport=dport,
