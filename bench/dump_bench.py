@@ -61,10 +61,10 @@ def main() -> int:
 
             return run
 
-        def ours(**kwargs: int) -> Callable[[], int]:
+        def ours(port: int | None = None) -> Callable[[], int]:
             def run() -> int:
                 with netns.entered(topo.host):
-                    return sum(1 for _ in conntrack.dump(**kwargs))
+                    return sum(1 for _ in conntrack.dump(port=port))
 
             return run
 

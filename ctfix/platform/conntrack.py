@@ -19,11 +19,12 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ctfix.core import decode
-from ctfix.core.decode import CtEntry, CtEvent
+from ctfix.core.decode import CtEntry, CtEvent, CtUsage
 from ctfix.errors import MissingFeatureError, PrivilegeError
 
 NETLINK_NETFILTER = 12
@@ -41,7 +42,8 @@ _RECV_SIZE = 1 << 16  # dumps fill skbs up to ~32 KiB; events are one message ea
 
 _UNAVAILABLE = {errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT}
 
-__all__ = ["CtEntry", "CtEvent", "EventSocket", "Overflow", "available", "dump"]
+__all__ = ["CtEntry", "CtEvent", "CtUsage", "EventSocket", "Overflow", "available", "delete",
+           "dump", "udp_timeouts"]
 
 
 def _unavailable() -> MissingFeatureError:
@@ -106,15 +108,16 @@ def _dump_family(
     sport: int | None,
     dport: int | None,
     reply_sport: int | None = None,
+    usage: dict[int, CtUsage] | None = None,
 ) -> Iterator[CtEntry]:
     first = True
     for chunk in dump_buffers(family, proto, sport, dport, reply_sport=reply_sport):
-        batch = decode.decode(chunk)
+        batch = decode.decode(chunk, usage=usage is not None)
         if batch.error:
             if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
                 # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask for
                 # everything and let the caller's user-space filter work.
-                yield from _dump_family(family, None, None, None)
+                yield from _dump_family(family, None, None, None, usage=usage)
                 return
             if first and batch.error == errno.EINVAL and proto is None:
                 # nfnetlink answers EINVAL for a subsystem nobody registered: no
@@ -122,6 +125,10 @@ def _dump_family(
                 raise _unavailable()
             _raise_for(batch.error, "reading the conntrack table")
         first = False
+        if usage is not None and batch.usage is not None:
+            for event, used in zip(batch.events, batch.usage, strict=True):
+                if event.entry.id is not None:
+                    usage[event.entry.id] = used
         for event in batch.events:
             yield event.entry
 
@@ -134,6 +141,7 @@ def dump(
     zone: int | None = None,
     sport: int | None = None,
     reply_sport: int | None = None,
+    usage: dict[int, CtUsage] | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -143,14 +151,15 @@ def dump(
     original tuple's source port (entries a service on P started, e.g. its
     wrong-source replies); reply_sport: the reply tuple's source port (requests a
     DNAT forwarded to a service on P, whatever port they were sent to); zone: only
-    this conntrack zone (0 = default).
+    this conntrack zone (0 = default); usage: a dict to fill with each entry's age and
+    counters (CtUsage) by conntrack id, for the callers that show them.
     The kernel filters family, protocol and ports (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port, reply_sport):
+        for entry in _dump_family(fam, proto, sport, port, reply_sport, usage):
             orig = entry.orig
             if (
                 orig.family != fam
@@ -169,6 +178,44 @@ def available() -> None:
     # A dump for a port no entry has is cheap and exercises privilege and module.
     for _entry in dump(family=socket.AF_INET, proto=17, port=1, zone=None):
         break
+
+
+class Deleted(NamedTuple):
+    """What `delete` did: entries removed, entries already gone (expired, or their
+    tuple now belongs to a newer entry with another id, which is kept)."""
+
+    deleted: tuple[CtEntry, ...]
+    gone: tuple[CtEntry, ...]
+
+
+def delete(entries: Iterable[CtEntry]) -> Deleted:
+    """Delete exactly these entries, one IPCTNL_MSG_CT_DELETE each, by original tuple,
+    zone and id (`ctfix.core.decode.delete_request`): never a wide flush."""
+    sock = _open("deleting conntrack entries")
+    deleted: list[CtEntry] = []
+    gone: list[CtEntry] = []
+    try:
+        sock.bind((0, 0))
+        buf = bytearray(_RECV_SIZE)
+        for seq, entry in enumerate(entries, 1):
+            try:
+                sock.send(decode.delete_request(entry, seq=seq))
+            except PermissionError:
+                raise PrivilegeError("deleting conntrack entries") from None
+            while True:
+                n = sock.recv_into(buf)
+                batch = decode.decode(memoryview(buf)[:n])
+                if batch.done:
+                    break
+            if batch.error == 0:
+                deleted.append(entry)
+            elif batch.error == errno.ENOENT:
+                gone.append(entry)
+            else:
+                _raise_for(batch.error, "deleting a conntrack entry")
+    finally:
+        sock.close()
+    return Deleted(tuple(deleted), tuple(gone))
 
 
 # -- events --------------------------------------------------------------------------
@@ -300,6 +347,22 @@ class EventSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- the namespace's UDP timeouts ----------------------------------------------------------
+
+
+def udp_timeouts() -> tuple[int, int]:
+    """(nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream) of the current
+    namespace, the kernel's defaults where they cannot be read."""
+    found = []
+    for name, default in (("", 30), ("_stream", 120)):
+        try:
+            with open(f"/proc/sys/net/netfilter/nf_conntrack_udp_timeout{name}") as fh:
+                found.append(int(fh.read().strip()))
+        except (OSError, ValueError):
+            found.append(default)
+    return found[0], found[1]
 
 
 # -- is a family tracked at all? ---------------------------------------------------------
