@@ -8,7 +8,10 @@ renaming one breaks users' scripts. Add fields, do not rename them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ctfix.core.detectors.stale_nat import StaleEntry, StaleNatFinding
 
 Verdict = Literal["ok", "at-risk", "broken"]
 Family = Literal["ipv4", "ipv6"]
@@ -30,7 +33,7 @@ class Reason:
 
 #: what `ctfix fix --method` does: the one list of methods (ctfix.core.plan registers
 #: a planner for each, and `fix --method` offers exactly these)
-Method = Literal["policy-route", "snat-zone", "bind"]
+Method = Literal["policy-route", "snat-zone", "bind", "flush-stale"]
 #: what explain may recommend: the methods, and the application's own fix
 FixMethod = Literal["pktinfo", Method]
 
@@ -128,3 +131,7 @@ class Diagnosis:
     service_down: bool = False
     #: "addr:port" on this host that a DNAT forwards the port's requests to
     forwarded_to: tuple[str, ...] = ()
+    #: clients still sent to a target the DNAT rules no longer name (one per service
+    #: and stale target), and the exact entries (what `fix --method flush-stale` deletes)
+    stale_nat: tuple[StaleNatFinding, ...] = ()
+    stale_entries: tuple[StaleEntry, ...] = ()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ctfix.core.decode import CtEntry
+from ctfix.core.decode import CtEntry, CtUsage
 from ctfix.core.model import Listener, WrongSourceReply
+from ctfix.core.nat import NatRuleset
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +115,10 @@ class Snapshot:
     listened_seconds: float = 0.0
     # The destination asked for each client network (diagnose.probe_destinations).
     probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address
+    # The namespace's NAT rules, as the stale-nat check reads them (None: not read),
+    # the age and counters of the port's entries by conntrack id, the UDP timeouts
+    # (nf_conntrack_udp_timeout, _stream) and when the snapshot was taken (epoch s).
+    nat_rules: NatRuleset | None = None
+    nat_usage: dict[int, CtUsage] = field(default_factory=dict)
+    udp_timeouts: tuple[int, int] = (30, 120)
+    taken: float = 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import select
 import time
 
-from ctfix.core.decode import CtEntry
+from ctfix.core.decode import CtEntry, CtUsage
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
@@ -25,15 +25,16 @@ from ctfix.core.diagnosis import (
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.snapshot import RouteChoice, Snapshot
 from ctfix.errors import CtfixError
-from ctfix.platform import netfilter_read, routing, sockdiag
+from ctfix.platform import nat_rules, netfilter_read, routing, sockdiag
 
 
-def conntrack_flows(port: int) -> list[CtEntry]:
+def conntrack_flows(port: int, usage: dict[int, CtUsage] | None = None) -> list[CtEntry]:
     """Requests to the port, requests a DNAT forwarded to it, and flows the port
-    started (its replies), both families, each entry once."""
+    started (its replies), both families, each entry once. usage: filled with the
+    age and counters of the requests to the port (the stale-nat check shows them)."""
     from ctfix.platform import conntrack
 
-    flows = list(conntrack.dump(proto=17, port=port))
+    flows = list(conntrack.dump(proto=17, port=port, usage=usage))
     # A request DNAT'd from another port: orig dport is that port, reply sport is ours.
     flows.extend(e for e in conntrack.dump(proto=17, reply_sport=port) if e.orig.dport != port)
     flows.extend(e for e in conntrack.dump(proto=17, sport=port) if e.reply.sport != port)
@@ -97,8 +98,10 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
+    usage: dict[int, CtUsage] = {}
+    taken = time.time()
     try:
-        flows = conntrack_flows(port)
+        flows = conntrack_flows(port, usage)
     except CtfixError as err:
         conntrack_error = err.one_line()
 
@@ -130,4 +133,14 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
+        nat_rules=nat_rules.read(),
+        nat_usage=usage,
+        udp_timeouts=_udp_timeouts(),
+        taken=taken,
     )
+
+
+def _udp_timeouts() -> tuple[int, int]:
+    from ctfix.platform import conntrack
+
+    return conntrack.udp_timeouts()

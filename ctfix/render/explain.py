@@ -14,7 +14,9 @@ import textwrap
 from typing import Any
 
 from ctfix.core.diagnosis import recommended_first, wrong_text
+from ctfix.core.diagnosis.stale import finding_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.render.stale_nat import WHY_STALE, stale_nat_record
 from ctfix.render.style import Style
 
 WHY = (
@@ -105,6 +107,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "local_addresses": list(d.local_addresses),
         "service_down": d.service_down,
         "forwarded_to": list(d.forwarded_to),
+        "stale_nat": [stale_nat_record(f) for f in d.stale_nat],
     }
 
 
@@ -187,6 +190,19 @@ def _headline_tail(d: Diagnosis) -> str:
     return ""
 
 
+def _why(d: Diagnosis) -> list[str]:
+    """The background the verdict rests on: wrong sources, stale NAT, or both."""
+    exposed = any(not cn.ok for cn in d.clients)
+    why = [WHY] if d.evidence.wrong_source or exposed or not d.stale_nat else []
+    return [*why, *([WHY_STALE] if d.stale_nat else [])]
+
+
+def _runbooks(d: Diagnosis) -> str:
+    books = ["docs/runbooks/udp-wrong-source.md"] if _why(d)[0] == WHY else []
+    books += ["docs/runbooks/udp-stale-nat.md"] if d.stale_nat else []
+    return ", ".join(books)
+
+
 def render_text(d: Diagnosis, style: Style | None = None) -> str:
     s = style or Style(False)
     verdict = s(_VERDICT_WORDS[d.verdict], *_VERDICT_STYLE[d.verdict])
@@ -199,7 +215,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     for reason in d.reasons:
         out.append(_wrap(reason.text, "  ").replace("  ", "- ", 1))
     if d.verdict != "ok":
-        out += ["", s("Why", "bold"), _wrap(WHY, "  ")]
+        out += ["", s("Why", "bold"), *(_wrap(text, "  ") for text in _why(d))]
 
     out += ["", s("Sockets on the port", "bold")]
     out += [f"  {_listener_line(lst)}" for lst in d.listeners] or ["  none"]
@@ -231,6 +247,8 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
     else:
         out.append("  no wrong-source replies in the table")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
+    for stale in d.stale_nat:
+        out.append(_wrap(f"{s('stale NAT', 'red')}: {finding_text(stale)}", "  "))
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
@@ -245,7 +263,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
             mark = s("recommended", "green") + " " if fix.recommended else ""
             out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  "))
             out.append(_wrap(fix.detail, "      "))
-        out += ["", "  Runbook: docs/runbooks/udp-wrong-source.md; live view: ctfix watch"]
+        out += ["", f"  Runbook: {_runbooks(d)}; live view: ctfix watch"]
     return "\n".join(out) + "\n"
 
 
@@ -262,7 +280,8 @@ def render_markdown(d: Diagnosis) -> str:
     out += ["### What happens", ""]
     out += [f"- {reason.text}" for reason in d.reasons]
     if d.verdict != "ok":
-        out += ["", "### Why", "", WHY]
+        out += ["", "### Why", ""]
+        out += [line for text in _why(d) for line in (text, "")][:-1]
     out += ["", "### Sockets on the port", ""]
     out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
     if d.clients:
@@ -285,6 +304,7 @@ def render_markdown(d: Diagnosis) -> str:
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
+    out += [f"- stale NAT: {finding_text(stale)}" for stale in d.stale_nat]
     if d.rules:
         out += ["", "### Netfilter rules on the port", ""]
         for r in d.rules:
@@ -298,5 +318,6 @@ def render_markdown(d: Diagnosis) -> str:
             out.append(f"- **{fix.method}**{rec}: {fix.summary}")
             detail = fix.detail.strip().splitlines()
             out += [f"  {line}" if line.strip() else "" for line in detail]
-        out += ["", "Runbook: `docs/runbooks/udp-wrong-source.md`; live view: `ctfix watch`."]
+        books = ", ".join(f"`{book}`" for book in _runbooks(d).split(", "))
+        out += ["", f"Runbook: {books}; live view: `ctfix watch`."]
     return "\n".join(out) + "\n"

@@ -38,6 +38,8 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   the route lookup for the client's network now gives that address. Such a recorded
   reply predates the change and is reported as such; one seen live (`--listen`) is
   never discounted. Else `at-risk` when some client network is not ok; else `ok`.
+  Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
+  to a target the DNAT rules no longer name; `stale`), whatever the rest says.
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
   and requests without any reply. The verdict (about wrong sources) stays `ok`;
   the headline, the reasons and the exit status (1) say it.
@@ -58,7 +60,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
-from ctfix.core.diagnosis import advice, evidence, exposure, listeners, netfilter, requests
+from ctfix.core.diagnosis import (
+    advice,
+    evidence,
+    exposure,
+    listeners,
+    netfilter,
+    requests,
+    stale,
+)
 from ctfix.core.diagnosis.advice import recommended_first
 from ctfix.core.diagnosis.codes import ReasonCode, reason
 from ctfix.core.diagnosis.evidence import wrong_source_reply, wrong_text
@@ -129,6 +139,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             )
         )
     reasons += evidence.evidence_reasons(shown, snapshot)
+    pinned = stale.stale_nat(snapshot)
+    reasons += pinned.reasons
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening)
     reasons += netfilter.netfilter_reasons(rewritten, rules)
     if snapshot.conntrack_error:
@@ -151,6 +163,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
     wanted = verdict != "ok" and not (forwards and not snapshot.listeners)
     fixes = advice.fixes_for(port, verdict, clients, advice_rule, rules) if wanted else ()
+    if pinned.entries:
+        verdict = "broken"  # stale NAT entries: a black hole now (their fix is their own)
     return Diagnosis(
         port=port,
         netns=snapshot.netns,
@@ -160,13 +174,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         clients=tuple(clients),
         evidence=shown,
         rules=rules,
-        fixes=recommended_first(fixes),
+        fixes=recommended_first((*pinned.fixes, *fixes)),
         local_addresses=tuple(
             a.address for a in snapshot.addresses if not a.loopback and a.scope != "link"
         ),
         service=service_rule.name if service_rule else None,
         service_down=service_down,
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
+        stale_nat=pinned.findings,
+        stale_entries=pinned.entries,
     )
 
 

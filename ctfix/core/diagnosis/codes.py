@@ -30,6 +30,9 @@ ReasonCode = Literal[
     "nothing-seen-live",
     "history-predates-fix",
     "no-conntrack-evidence",
+    # stale NAT: entries the DNAT rules no longer send where they go
+    "stale-nat",
+    "stale-nat-not-judged",
     # exposure per client network
     "client-network-exposed",
     "policy-rule-wrong",

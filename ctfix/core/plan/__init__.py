@@ -23,6 +23,7 @@ from ctfix.core.plan.specs import (
     RT_PROTO,
     RT_TABLE_BASE,
     RULE_PRIORITY,
+    ConntrackEntrySpec,
     IpsetSpec,
     IptRuleSpec,
     NftTableSpec,
@@ -42,7 +43,7 @@ from ctfix.core.plan.specs import (
 )
 from ctfix.errors import CtfixError
 
-Backend = Literal["iproute2", "nftables", "iptables-legacy", "none"]
+Backend = Literal["iproute2", "nftables", "iptables-legacy", "ctnetlink", "none"]
 #: every `ctfix fix --method`, in the order help and errors list them
 METHODS: tuple[Method, ...] = typing.get_args(Method)
 
@@ -58,6 +59,9 @@ class Plan:
     advice: tuple[str, ...] = ()  # method "bind": what to change in the application
     #: what the plan knowingly breaks (only with --force): printed before applying.
     warnings: tuple[str, ...] = ()
+    #: False: its steps cannot be undone and need no undo (flush-stale deletes
+    #: conntrack entries); it is applied without a state-file record.
+    reversible: bool = True
 
 
 class Build(Protocol):
@@ -99,6 +103,10 @@ def method(name: Method) -> PlanMethod:
             from ctfix.core.plan import bind
 
             return bind.METHOD
+        case "flush-stale":
+            from ctfix.core.plan import flush_stale
+
+            return flush_stale.METHOD
         case _:
             typing.assert_never(name)
 
@@ -146,6 +154,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "advice": list(plan.advice),
         "checks": [asdict(c) for c in plan.checks],
         "steps": [step_to_dict(s) for s in plan.steps],
+        "reversible": plan.reversible,
     }
 
 
@@ -156,6 +165,7 @@ __all__ = [
     "RT_TABLE_BASE",
     "RULE_PRIORITY",
     "Backend",
+    "ConntrackEntrySpec",
     "IpsetSpec",
     "IptRuleSpec",
     "NftTableSpec",

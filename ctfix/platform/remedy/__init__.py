@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Never, NoReturn
 
 from ctfix.core.plan import (
     Backend,
+    ConntrackEntrySpec,
     IpsetSpec,
     IptRuleSpec,
     NftTableSpec,
@@ -106,6 +107,13 @@ def _operations(spec: Spec) -> _Operations:
             return _Operations(
                 legacy.create_rule, legacy.remove_rule, legacy.rule_present,
                 _clash_if(legacy.rule_present),
+            )
+        case ConntrackEntrySpec():
+            from ctfix.platform.remedy import conntrack
+
+            return _Operations(
+                conntrack.delete_entry, conntrack.cannot_undo, conntrack.entry_gone,
+                conntrack.no_clash,
             )
         case _:
             _unknown_kind(spec)
