@@ -37,6 +37,7 @@ from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
     from ctfix.core.detectors import Change
+    from ctfix.core.detectors.stale_nat import StaleNatFinding
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
@@ -226,7 +227,7 @@ def _remove_track_table(table: str) -> None:
 def _report(
     renderer: WatchRenderer,
     metrics: WatchMetrics | None,
-    found: tuple[WrongSourceFinding, Change] | None,
+    found: tuple[WrongSourceFinding | StaleNatFinding, Change] | None,
 ) -> None:
     """Show a finding when it is new or newly confirmed; count every reply in metrics."""
     if found is None:
@@ -235,13 +236,15 @@ def _report(
     if change:
         # CONFIRMED: the ICMP came before the reply's event; the finding is older.
         renderer.finding(finding, update=change != change.NEW)
-    if metrics is not None:
+    if metrics is not None and finding.kind == "wrong-source":
         metrics.finding(finding)
 
 
 def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int:
+    from ctfix.commands.watch_nat import StaleNatWatch
     from ctfix.core import decode
     from ctfix.core.detectors import one_feed
+    from ctfix.core.detectors.stale_nat import StaleNatDetector
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
     from ctfix.platform.addresses import LocalAddresses
@@ -251,7 +254,10 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     # One detector per problem kind, all fed the same events; wrong-source also gets
     # the namespace's addresses and the clients' ICMP.
     detector = WrongSourceDetector(udp_timeout=_udp_timeout())
-    detectors = (detector,)
+    # stale-nat learns from dumps only (one_feed leaves it out of the event loop); the
+    # StaleNatWatch below re-checks it when the NAT rules change.
+    stale = StaleNatDetector(udp_timeout=detector.udp_timeout, stream_timeout=_udp_stream_timeout())
+    detectors = (detector, stale)
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
     closers: list[Any] = []
@@ -274,10 +280,12 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             closers.append(metrics)
             _note(f"Prometheus metrics on http://{args.metrics}/metrics")
 
-        def report(found: tuple[WrongSourceFinding, Change] | None) -> None:
+        def report(found: tuple[Any, Change] | None) -> None:
             _report(renderer, metrics, found)
 
         feed = one_feed(detectors, report)
+        nat = StaleNatWatch(stale, report, addresses.addresses)
+        closers.append(nat)
 
         def resync(events: EventSocket) -> int:
             """Feed what is queued, then rebuild from a dump; the number of entries."""
@@ -297,6 +305,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         closers.append(sel)
         sel.register(events.sock, selectors.EVENT_READ, "ct")
         sel.register(addresses.sock, selectors.EVENT_READ, "addr")
+        sel.register(nat.sock, selectors.EVENT_READ, "nat")
         for sock in icmp.sockets:
             sel.register(sock, selectors.EVENT_READ, "icmp")
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -315,6 +324,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             wait = min(next_tick, deadline or next_tick) - mono
             if resync_due is not None:
                 wait = min(wait, max(0.0, resync_due - mono))
+            wait = min(wait, nat.wait(mono))
             for key, _mask in sel.select(max(0.0, wait)):
                 if key.data == "ct":
                     try:
@@ -330,7 +340,11 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                             renderer.finding(confirmed, update=True)
                 elif key.data == "addr" and addresses.refresh():
                     detector.local_addresses = addresses.addresses
+                    nat.addresses(addresses.addresses, time.monotonic())
+                elif key.data == "nat":
+                    nat.readable(time.monotonic())
             mono = time.monotonic()
+            nat.tick(mono)
             # At --duration's end a due resync still runs: the summary must not miss
             # the findings whose events were dropped.
             if resync_due is not None and (mono >= resync_due or (deadline or math.inf) <= mono):
@@ -462,6 +476,12 @@ def _rcvbuf(default: int) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise CtfixError(f"bad {RCVBUF_ENV}={text!r}", "a number of bytes, or unset it")
     return int(text)
+
+
+def _udp_stream_timeout() -> int:
+    from ctfix.platform.conntrack import udp_timeouts
+
+    return udp_timeouts()[1]
 
 
 def _udp_timeout() -> int:

@@ -7,17 +7,23 @@ last_seen (added since: clients, client_network); and the summary's kind, events
 new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
 The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
 uses too: change them there, for both. Colour only on a TTY and never
-when NO_COLOR is set.
+when NO_COLOR is set. Stale-nat findings (kind "stale-nat") have their own keys
+(ctfix.render.stale_nat, docs/json.md) and words (stale_nat_text).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Sequence
 from typing import Any, TextIO
 
+from ctfix.core.detectors.stale_nat import StaleNatFinding, stale_nat_text
 from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
+from ctfix.render.stale_nat import stale_nat_record
 from ctfix.render.style import Style, use_colour
+
+AnyFinding = WrongSourceFinding | StaleNatFinding
 
 
 def timestamp(seconds: float) -> str:
@@ -47,6 +53,25 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
     }
 
 
+def stale_nat_watch_record(finding: StaleNatFinding, netns: str) -> dict[str, Any]:
+    """watch's line for a stale-nat finding: the issue's keys first, then the rest."""
+    record = stale_nat_record(finding)
+    head = {key: record.pop(key) for key in ("kind", "family", "proto")}
+    return {
+        **head,
+        "netns": netns,
+        "service": record.pop("service"),
+        "stale_target": record.pop("stale_target"),
+        "current_targets": record.pop("current_targets"),
+        "clients": record.pop("clients"),
+        "entries": record.pop("entries"),
+        "first_seen": timestamp(finding.first_seen),
+        "last_seen": timestamp(finding.last_seen),
+        "existing": finding.existing,
+        **record,
+    }
+
+
 def summary_record(
     *, events: int, new_flows: int, lost: int, resyncs: int, findings: int
 ) -> dict[str, Any]:
@@ -73,11 +98,35 @@ class WatchRenderer:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def finding(self, finding: WrongSourceFinding, *, update: bool = False) -> None:
+    def finding(self, finding: AnyFinding, *, update: bool = False) -> None:
+        if isinstance(finding, StaleNatFinding):
+            self._stale(finding)
+            return
         if self.json:
             self._write(json.dumps(finding_record(finding, self.netns)))
             return
         self._write(self.finding_line(finding, update=update))
+
+    def _stale_text(self, finding: StaleNatFinding) -> str:
+        return stale_nat_text(
+            service=finding.service,
+            stale_target=self.style(finding.stale_target, "bold", "red"),
+            current_targets=finding.current_targets,
+            why=finding.why,
+            clients=finding.clients,
+            entries=finding.entries,
+            pinned=finding.pinned,
+        )
+
+    def _stale(self, finding: StaleNatFinding) -> None:
+        if self.json:
+            self._write(json.dumps(stale_nat_watch_record(finding, self.netns)))
+            return
+        tags = " (already there at start)" if finding.existing else ""
+        self._write(
+            f"{timestamp(finding.last_seen)} {self.style('STALE NAT', 'bold', 'red')} "
+            f"{finding.proto}/{finding.family[-1]} {self._stale_text(finding)}{tags}"
+        )
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
         return wrong_source_text(
@@ -102,13 +151,22 @@ class WatchRenderer:
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
-    def final(self, findings: list[WrongSourceFinding]) -> None:
+    def final(self, findings: Sequence[AnyFinding]) -> None:
         """At exit: every finding with its final counts (JSON), or a short table."""
         if self.json:
             for finding in findings:
-                self._write(json.dumps(finding_record(finding, self.netns)))
+                if isinstance(finding, StaleNatFinding):
+                    self._write(json.dumps(stale_nat_watch_record(finding, self.netns)))
+                else:
+                    self._write(json.dumps(finding_record(finding, self.netns)))
             return
         for finding in findings:
+            if isinstance(finding, StaleNatFinding):
+                self._write(
+                    f"  stale NAT: {self._stale_text(finding)}; "
+                    f"{timestamp(finding.first_seen)} .. {timestamp(finding.last_seen)}"
+                )
+                continue
             tags: tuple[str, ...] = ("local",) if finding.local else ()
             if finding.confirmed:
                 tags += ("confirmed",)
