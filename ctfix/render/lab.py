@@ -68,14 +68,34 @@ class LabPrinter:
         for line in check.detail:
             self._p(f"      {s(line, 'dim')}")
 
-    def verdict(self, story: Story) -> None:
+    def stale_nat_topology(self, topo: Topology, port: int) -> None:
+        from ctfix.lab import stale_nat as sn
+        from ctfix.lab import topology as t
+
+        s = self.style
+        self._p(s("ctfix lab: UDP clients pinned by conntrack to a backend that moved", "bold"))
+        self._p(
+            f"  host ns       {topo.host}\n"
+            f"                  eth0 {t.UPLINK_V4}/24 (uplink): UDP port {port} forwarded "
+            f"by DNAT ({topo.netfilter})\n"
+            f"  container ns  {topo.container}\n"
+            f"                  a one-way sender from {t.CONTAINER_V4}:{sn.SENDER_PORT} "
+            f"(syslog-like), 10 datagrams/s\n"
+            f"  upstream ns   {topo.upstream}\n"
+            f"                  backend A {sn.BACKEND_A}:{port}, backend B "
+            f"{sn.BACKEND_B}:{port}"
+        )
+
+    def verdict(self, story: Story, why: str | None = None) -> None:
         s = self.style
         self._p()
         bug = "reproduced" if story.reproduced else "NOT reproduced"
         fix = "confirmed" if story.fixed else "NOT confirmed"
         good = story.reproduced and story.fixed
         self._p(s(f"Result: bug {bug}, fix {fix}.", "bold", "green" if good else "red"))
-        if good:
+        if good and why is not None:
+            self._p(why)
+        elif good:
             self._p(
                 "Why: the broken server's reply to a client that addressed the uplink left by\n"
                 "br0, so the kernel gave it br0's address as the source; the client's\n"
@@ -85,7 +105,7 @@ class LabPrinter:
                 "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
             )
 
-    def keep(self, topo: Topology, port: int) -> None:
+    def keep(self, topo: Topology, port: int, scenario: str = "wrong-source") -> None:
         from ctfix.commands.common import ctfix_command
 
         ctfix = ctfix_command()
@@ -94,9 +114,28 @@ class LabPrinter:
         for role, ns in (("host", topo.host), ("container", topo.container)):
             self._p(f"  ip netns exec {ns} bash    # {role}")
         self._p("Try it:")
-        self._p(f"  ip netns exec {topo.host} {ctfix} serve --broken --port {port} &")
-        self._p(f"  ip netns exec {topo.container} nc -u 198.51.100.13 {port}")
-        self._p(f"  {ctfix} watch --netns {topo.host}")
-        self._p(f"  {ctfix} explain {port} --netns {topo.host}")
+        if scenario == "stale-nat":
+            self._p(f"  ip netns exec {topo.container} nc -u -p 40515 198.51.100.13 {port}")
+            self._p(f"  {ctfix} watch --netns {topo.host}     (then move the DNAT rule)")
+            self._p(f"  {ctfix} explain {port} --netns {topo.host}")
+            self._p(f"  {ctfix} fix {port} --method flush-stale --netns {topo.host}")
+        else:
+            self._p(f"  ip netns exec {topo.host} {ctfix} serve --broken --port {port} &")
+            self._p(f"  ip netns exec {topo.container} nc -u 198.51.100.13 {port}")
+            self._p(f"  {ctfix} watch --netns {topo.host}")
+            self._p(f"  {ctfix} explain {port} --netns {topo.host}")
         self._p("Remove it with:")
         self._p("  " + " && ".join(f"ip netns del {ns}" for ns in topo.namespaces))
+
+
+def stale_nat_why() -> str:
+    """The stale-nat story's closing explanation."""
+    return (
+        "Why: conntrack chose the sender's backend when its first datagram arrived and\n"
+        "restarts the entry's timeout with every datagram, so a sender that never pauses\n"
+        "keeps its old target for ever, whatever the rules say now. ctfix compares each\n"
+        "entry with where the current rules would send a new flow, and deletes exactly\n"
+        "the stale ones (by tuple and id); the next datagram follows the rules.\n"
+        "Find them: `ctfix watch`; diagnose a port: `ctfix explain PORT`; runbook:\n"
+        "docs/runbooks/udp-stale-nat.md."
+    )
