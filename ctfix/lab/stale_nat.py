@@ -40,49 +40,66 @@ SENDER_PORT = 40514
 DEFAULT_PORT = 5140
 _TABLE = "ctfix_lab_svc"
 
-_SENDER = """\
+#: a one-way sender: `python -c SENDER ADDRESS SOURCE_PORT PORT`, 10 datagrams/s, each
+#: "from SOURCE_PORT #N" so that a receiver can tell senders apart
+SENDER = """\
 import socket, sys, time
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("0.0.0.0", int(sys.argv[2])))
 number = 0
 while True:
     number += 1
-    sock.sendto(b"lab datagram %d" % number, (sys.argv[1], int(sys.argv[3])))
+    sock.sendto(b"from %s #%d" % (sys.argv[2].encode(), number), (sys.argv[1], int(sys.argv[3])))
     time.sleep(0.1)
 """
 
 
+def start_sender(topo: t.Topology, source_port: int, port: int) -> subprocess.Popen[bytes]:
+    """A one-way sender in the container: CONTAINER_V4:source_port -> uplink:port."""
+    return topo.spawn(
+        topo.container, [sys.executable, "-c", SENDER, t.UPLINK_V4, str(source_port), str(port)]
+    )
+
+
+def _legacy_rule(port: int, backend: str) -> list[str]:
+    return [
+        "-d", f"{t.UPLINK_V4}/32", "-p", "udp", "-m", "udp", "--dport", str(port),
+        "-j", "DNAT", "--to-destination", backend,
+    ]
+
+
+def _nft_rule(port: int, backend: str) -> str:
+    return f"ip daddr {t.UPLINK_V4} udp dport {port} dnat to {backend}"
+
+
 def load_dnat(topo: t.Topology, port: int, backend: str) -> None:
-    """DNAT the uplink address's UDP port to backend (nft table or legacy rule)."""
+    """DNAT the uplink address's UDP port to backend: a rule of its own per port (an
+    nftables table `ctfix_lab_svc_<port>`, or a legacy PREROUTING rule)."""
     if topo.netfilter == "iptables-legacy":
-        topo.run(
-            topo.host, "iptables-legacy", "-w", "-t", "nat", "-A", "PREROUTING",
-            "-d", f"{t.UPLINK_V4}/32", "-p", "udp", "-m", "udp", "--dport", str(port),
-            "-j", "DNAT", "--to-destination", backend,
-        )
+        topo.run(topo.host, "iptables-legacy", "-w", "-t", "nat", "-A", "PREROUTING",
+                 *_legacy_rule(port, backend))
         return
     topo.run(
         topo.host, "nft", "-f", "-",
-        stdin=f"table ip {_TABLE} {{\n chain prerouting {{\n"
+        stdin=f"table ip {_TABLE}_{port} {{\n chain prerouting {{\n"
         "  type nat hook prerouting priority dstnat; policy accept;\n"
-        f"  ip daddr {t.UPLINK_V4} udp dport {port} dnat to {backend}\n }}\n}}\n",
+        f"  {_nft_rule(port, backend)}\n }}\n}}\n",
     )
 
 
 def move_dnat(topo: t.Topology, port: int, backend: str) -> None:
-    """Point the rule at another backend, in place (one atomic change)."""
+    """Point the port's rule at another backend, in place, in one change."""
     if topo.netfilter == "iptables-legacy":
-        topo.run(
-            topo.host, "iptables-legacy", "-w", "-t", "nat", "-R", "PREROUTING", "1",
-            "-d", f"{t.UPLINK_V4}/32", "-p", "udp", "-m", "udp", "--dport", str(port),
-            "-j", "DNAT", "--to-destination", backend,
-        )
+        listing = topo.run(topo.host, "iptables-legacy", "-w", "-t", "nat", "-S", "PREROUTING")
+        rules = [line for line in listing.splitlines() if line.startswith("-A PREROUTING")]
+        index = next(n for n, line in enumerate(rules, 1) if f"--dport {port} " in line)
+        topo.run(topo.host, "iptables-legacy", "-w", "-t", "nat", "-R", "PREROUTING",
+                 str(index), *_legacy_rule(port, backend))
         return
     topo.run(
         topo.host, "nft", "-f", "-",
-        stdin=f"flush chain ip {_TABLE} prerouting\n"
-        f"add rule ip {_TABLE} prerouting ip daddr {t.UPLINK_V4} udp dport {port} "
-        f"dnat to {backend}\n",
+        stdin=f"flush chain ip {_TABLE}_{port} prerouting\n"
+        f"add rule ip {_TABLE}_{port} prerouting {_nft_rule(port, backend)}\n",
     )
 
 
@@ -96,21 +113,22 @@ class Backend:
         self.sock.setblocking(False)
         self.address = address
 
-    def drain(self) -> int:
-        """Datagrams waiting now (read and counted)."""
+    def drain(self, source_port: int | None = None) -> int:
+        """Datagrams waiting now (read), counted: all, or those of one sender."""
         count = 0
         while True:
             try:
-                self.sock.recv(2048)
+                data = self.sock.recv(2048)
             except BlockingIOError:
                 return count
-            count += 1
+            if source_port is None or data.startswith(b"from %d #" % source_port):
+                count += 1
 
-    def receives(self, within: float) -> int:
+    def receives(self, within: float, source_port: int | None = None) -> int:
         """Datagrams that arrive within `within` seconds (returns at the first ones)."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            got = self.drain()
+            got = self.drain(source_port)
             if got:
                 return got
             time.sleep(0.05)
@@ -190,10 +208,7 @@ def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1
             neighbour = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             neighbour.sendto(b"neighbour", (t.UPLINK_V4, port + 1))
-            sender = topo.spawn(
-                topo.container,
-                [sys.executable, "-c", _SENDER, t.UPLINK_V4, str(SENDER_PORT), str(port)],
-            )
+            sender = start_sender(topo, SENDER_PORT, port)
             try:
                 _bug(topo, story, report, port, service, a, b, a_at, b_at, timeout)
                 _fix(topo, story, report, port, service, b, b_at)
