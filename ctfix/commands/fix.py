@@ -448,12 +448,22 @@ def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
     port = diagnosis.port
     lines: list[str] = []
     for listener in diagnosis.listeners:
-        found = kb.match(listener.process, listener.cmdline, port)
+        found = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
         if found is None:
             continue
         rule = found.rule
-        likely = "probably " if found.port_only else ""
-        lines.append(f"{listener.process or 'the service'} is {likely}{rule.name}: {rule.fix}")
+        if found.port_only:
+            if listener.pid is None:
+                continue  # owner not visible: the note below says why nothing matched
+            lines.append(
+                f"(port {port} is the default port of {rule.name}, but "
+                f"{listener.process or 'the process'} was not recognised as it: a guess from "
+                "the port, so that entry's advice is not given)"
+            )
+            break
+        lines.append(
+            f"{listener.process or 'the service'} is {rule.name}: {rule.fix}{rule.upgrade_advice()}"
+        )
         if rule.snippet:
             lines.extend(f"    {line}" for line in rule.snippet.rstrip().splitlines())
         if rule.reference:

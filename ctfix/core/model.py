@@ -52,6 +52,10 @@ class Listener:
     unit: str | None = None  # systemd unit or container id from the cgroup
     v6only: bool | None = None  # AF_INET6 sockets only
     peer: str | None = None  # "addr:port" of a connected socket
+    exe: str | None = None  # the owner's executable (/proc/PID/exe), when readable
+    #: every process holding the socket, (pid, comm), lowest pid first: a pre-forking
+    #: daemon shares one socket among its workers, and any of them may answer.
+    processes: tuple[tuple[int, str | None], ...] = ()
 
     @property
     def wildcard(self) -> bool:

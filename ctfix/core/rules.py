@@ -76,6 +76,11 @@ class ServiceRule:
     #: Regexes on the command line that show the service's own fix is on
     #: (OpenVPN's `--multihome`): when one matches, the listener is not affected.
     fixed_if_cmdline: tuple[str, ...] = ()
+    #: The service never answers a datagram (syslog, StatsD): its unanswered flows are
+    #: normal, and no reply source can be wrong.
+    one_way: bool = False
+    #: The upstream release that fixed the wrong source ("2.5"), for the advice to upgrade.
+    fixed_in: str = ""
 
     def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
         """The verdict for a wildcard listener of this service.
@@ -92,6 +97,15 @@ class ServiceRule:
             if name == family:
                 return verdict
         return self.affected_when_wildcard
+
+    def upgrade_advice(self) -> str:
+        """" The lasting fix: ..." when the entry names the release that fixed it."""
+        if not self.fixed_in:
+            return ""
+        return (
+            f" The lasting fix: upgrade {self.name} to {self.fixed_in} or later, which "
+            "answers from the address each request was sent to."
+        )
 
     def matches_process(self, process: str) -> bool:
         """True if `process` (a comm, truncated to 15 characters) is one of ours."""
@@ -136,32 +150,48 @@ class KnowledgeBase:
         return tuple(rule for rule in self.entries if port in rule.ports)
 
     def match(
-        self, process: str | None, cmdline: Sequence[str] = (), port: int | None = None
+        self,
+        process: str | None,
+        cmdline: Sequence[str] = (),
+        port: int | None = None,
+        exe: str | None = None,
     ) -> RuleMatch | None:
-        """Recognise a listener: by process name, else command line, else default port.
+        """Recognise a listener by its process first, the default port last.
 
-        The port alone is used only when exactly one entry claims it: port 53 belongs
-        to five DNS servers here, and guessing one of them would mislead.
+        The process is known by its comm (`process`), the basename of its executable
+        (`exe`, /proc/PID/exe: `nc` is nc.openbsd or nc.traditional, `nsd: main` is
+        nsd) and argv[0]'s basename. An entry whose process name *and* command-line
+        pattern both match beats one that only has the name (openntpd's "ntpd: ntp
+        engine" against the other ntpd); a name beats a pattern alone. The port alone
+        is used only when exactly one entry claims it, and the result says so
+        (`port_only`): port 53 belongs to many DNS servers, and guessing one of them
+        would mislead.
         """
-        names = []
-        if process:
-            names.append(process[:COMM_LEN])
-        if cmdline:
-            # A script run by an interpreter has comm "node"/"python3"; argv[0]'s
-            # basename still helps when comm was not read.
-            names.append(Path(cmdline[0]).name[:COMM_LEN])
-        for name in names:
-            for rule in self.entries:
-                if rule.matches_process(name):
-                    return RuleMatch(rule, "process")
+        names = [name for name in _names(process, cmdline, exe) if name]
+        best: tuple[int, ServiceRule] | None = None
         for rule in self.entries:
-            if rule.matches_cmdline(cmdline):
-                return RuleMatch(rule, "cmdline")
+            by_name = any(rule.matches_process(name) for name in names)
+            by_cmdline = rule.matches_cmdline(cmdline)
+            rank = 2 * by_name + by_cmdline
+            if rank and (best is None or rank > best[0]):
+                best = (rank, rule)
+        if best is not None:
+            return RuleMatch(best[1], "process" if best[0] >= 2 else "cmdline")
         if port is not None:
             candidates = self.by_port(port)
             if len(candidates) == 1:
                 return RuleMatch(candidates[0], "port")
         return None
+
+
+def _names(process: str | None, cmdline: Sequence[str], exe: str | None) -> tuple[str, ...]:
+    """The names a process goes by: comm, the executable's basename, argv[0]'s basename.
+
+    A script run by an interpreter has comm "node"/"python3"; argv[0] still helps
+    when comm was not read, and the executable settles what comm cannot (`nc`).
+    """
+    names = (process or "", Path(exe).name if exe else "", Path(cmdline[0]).name if cmdline else "")
+    return tuple(name[:COMM_LEN] for name in names)
 
 
 def builtin_dir() -> Path:
@@ -265,7 +295,7 @@ def parse(text: str, source: str) -> list[ServiceRule]:
 _REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "reference",
              "confidence"}
 _OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
-             "see_also", "affected_by_family", "fixed_if_cmdline"}
+             "see_also", "affected_by_family", "fixed_if_cmdline", "one_way", "fixed_in"}
 _FAMILIES = ("ipv4", "ipv6")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -318,10 +348,20 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
     for index, url in enumerate(see_also):
         _check_url(url, source, _item_line(fields["see_also"], index), "see_also")
 
-    other_port_node = fields.get("replies_from_other_port")
-    other_port = False
-    if other_port_node is not None:
-        other_port = _scalar(other_port_node, source, "replies_from_other_port", bool)
+    other_port = _flag(fields, source, "replies_from_other_port")
+    one_way = _flag(fields, source, "one_way")
+    fixed_in_node = fields.get("fixed_in")
+    if fixed_in_node is not None and not isinstance(_construct(fixed_in_node), str):
+        # `fixed_in: 2.10` is the float 2.1: a version must be quoted.
+        raise RuleError(
+            source, _line(fixed_in_node), "'fixed_in' must be a quoted version, e.g. \"2.5\""
+        )
+    fixed_in = _optional_text(fixed_in_node, source, "fixed_in").strip()
+    if one_way and affected is not False:
+        raise RuleError(
+            source, _line(fields["one_way"]),
+            "a one_way service never replies: 'affected_when_wildcard' must be false",
+        )
 
     return ServiceRule(
         id=rule_id,
@@ -342,7 +382,14 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         line=line,
         affected_by_family=tuple(by_family),
         fixed_if_cmdline=fixed_if,
+        one_way=one_way,
+        fixed_in=fixed_in,
     )
+
+
+def _flag(fields: dict[str, yaml.Node], source: str, key: str) -> bool:
+    node = fields.get(key)
+    return False if node is None else bool(_scalar(node, source, key, bool))
 
 
 def _verdict(node: yaml.Node, source: str, key: str) -> bool | None:

@@ -101,17 +101,23 @@ class Owner:
     process: str | None
     cmdline: tuple[str, ...]
     unit: str | None
+    exe: str | None = None  # /proc/PID/exe's target; None when it cannot be read
 
 
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 
 
-def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner]:
-    """inode -> the first process (lowest pid) holding that socket open."""
+def socket_holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list[Owner]]:
+    """inode -> every process holding that socket open, lowest pid first.
+
+    A pre-forking daemon (nsd, kamailio, a master with workers) shares one socket
+    among several processes; any of them may answer, so all are listed. Every
+    process's descriptors are read: the scan cannot stop at the first holder.
+    """
     wanted = set(inodes)
-    owners: dict[int, Owner] = {}
+    holders: dict[int, list[Owner]] = {}
     if not wanted:
-        return owners
+        return holders
     pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
     for pid in pids:
         fd_dir = f"{proc}/{pid}/fd"
@@ -119,20 +125,20 @@ def socket_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner
             fds = os.listdir(fd_dir)
         except OSError:
             continue  # gone, or not ours to read
+        held: set[int] = set()
         for fd in fds:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
             except OSError:
                 continue
             match = _SOCKET_LINK.fullmatch(target)
-            if match is None:
-                continue
-            inode = int(match.group(1))
-            if inode in wanted and inode not in owners:
-                owners[inode] = _owner(pid, proc)
-        if len(owners) == len(wanted):
-            break
-    return owners
+            if match is not None and int(match.group(1)) in wanted:
+                held.add(int(match.group(1)))
+        if held:
+            owner = _owner(pid, proc)
+            for inode in held:
+                holders.setdefault(inode, []).append(owner)
+    return holders
 
 
 def _read(path: str) -> str | None:
@@ -147,11 +153,16 @@ def _owner(pid: int, proc: str) -> Owner:
     comm = _read(f"{proc}/{pid}/comm")
     raw_cmdline = _read(f"{proc}/{pid}/cmdline") or ""
     cmdline = tuple(part for part in raw_cmdline.split("\0") if part)
+    try:
+        exe: str | None = os.readlink(f"{proc}/{pid}/exe").removesuffix(" (deleted)")
+    except OSError:
+        exe = None  # a kernel thread, or another user's process without privileges
     return Owner(
         pid=pid,
         process=comm.strip() if comm else None,
         cmdline=cmdline,
         unit=unit_from_cgroup(_read(f"{proc}/{pid}/cgroup") or ""),
+        exe=exe,
     )
 
 
@@ -183,10 +194,11 @@ def unit_from_cgroup(text: str) -> str | None:
 def listeners(port: int) -> list[tuple[Listener, int]]:
     """The port's sockets with their owners, each with the socket's uid (for routing)."""
     sockets = udp_sockets(port)
-    owners = socket_owners(sock.inode for sock in sockets)
+    holders = socket_holders(sock.inode for sock in sockets)
     result: list[tuple[Listener, int]] = []
     for sock in sockets:
-        owner = owners.get(sock.inode)
+        held_by = holders.get(sock.inode, [])
+        owner = held_by[0] if held_by else None
         listener = Listener(
             address=sock.address,
             port=sock.port,
@@ -198,6 +210,8 @@ def listeners(port: int) -> list[tuple[Listener, int]]:
             unit=owner.unit if owner else None,
             v6only=sock.v6only if sock.family == "ipv6" else None,
             peer=sock.peer,
+            exe=owner.exe if owner else None,
+            processes=tuple((held.pid, held.process) for held in held_by),
         )
         result.append((listener, sock.uid))
     return result

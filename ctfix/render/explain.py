@@ -53,6 +53,8 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "peer": lst.peer,
                 "cmdline": list(lst.cmdline),
                 "unit": lst.unit,
+                "exe": lst.exe,
+                "processes": [{"pid": pid, "process": comm} for pid, comm in lst.processes],
             }
             for lst in d.listeners
         ],
@@ -134,6 +136,9 @@ def _listener_line(lst: Listener) -> str:
         extra.append(f"connected to {lst.peer}")
     if lst.unit:
         extra.append(lst.unit)
+    others = [f"{comm or '?'} pid {pid}" for pid, comm in lst.processes if pid != lst.pid]
+    if others:
+        extra.append(f"shared with {', '.join(others)}")
     tail = f" ({', '.join(extra)})" if extra else ""
     return f"{who} ({pid}) {lst.state} on {where}{tail}"
 

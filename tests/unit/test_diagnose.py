@@ -516,3 +516,49 @@ def test_the_reason_names_the_same_addresses_as_the_client_table() -> None:
     assert cn.predicted_source == BRIDGE
     assert f"{UPLINK} (seen), {BRIDGE} (on-link)" in render_text(d)
     assert f"send to {UPLINK} and may address {BRIDGE}" in said(d, "client-network-exposed")
+
+
+def _kb_with(text: str) -> rules.KnowledgeBase:
+    return rules.KnowledgeBase(tuple(rules.parse(text, "test.yaml")))
+
+
+GUESSED = f"""version: 1
+services:
+  - id: quietd
+    name: quietd
+    processes: [quietd]
+    ports: [{PORT}]
+    affected_when_wildcard: false
+    fixed_in: "3.1"
+    why: It answers with IP_PKTINFO.
+    fix: Nothing to do.
+    reference: https://example.org/quietd
+    confidence: high
+"""
+
+
+def test_a_program_matched_by_port_only_is_a_guess_with_no_nothing_to_do() -> None:
+    # Issue 8, item 5: atftpd was presented as tftpd-hpa with that entry's "nothing to
+    # do". A process the entry does not name is not that program.
+    kb = _kb_with(GUESSED)
+    other = replace(NC, process="atftpd", cmdline=("atftpd", "--daemon"), exe="/usr/sbin/atftpd")
+    d = diagnose(snapshot(other), kb)
+    assert d.verdict == "at-risk"
+    assert d.service is None
+    assert not any("Nothing to do" in f.detail or "quietd" in f.summary for f in d.fixes)
+
+
+def test_a_recognised_program_with_a_fixed_release_gets_the_upgrade_advice() -> None:
+    kb = _kb_with(GUESSED.replace("affected_when_wildcard: false", "affected_when_wildcard: true"))
+    rule = kb.get("quietd")
+    assert rule is not None
+    quietd = replace(NC, process="quietd", cmdline=("/usr/sbin/quietd",))
+    d = diagnose(snapshot(quietd), kb)
+    assert d.service == "quietd"
+    assert any(rule.upgrade_advice() in f.detail for f in d.fixes if f.method == "bind")
+
+
+def test_every_holder_of_a_shared_socket_is_listed_in_json() -> None:
+    shared = replace(NC, processes=((42, "nc"), (43, "nc")))
+    listed = to_json_obj(diagnose(snapshot(shared)))["listeners"][0]["processes"]
+    assert listed == [{"pid": 42, "process": "nc"}, {"pid": 43, "process": "nc"}]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ctfix.core import rules
-from ctfix.core.rules import RuleError, load
+from ctfix.core.rules import RuleError, load, parse
 
 GOOD_ENTRY = """\
 version: 1
@@ -90,10 +90,25 @@ REQUIRED_SERVICES = {
     "snmpd": None,
     "openvpn": None,
     "freeradius": False,
-    "coturn": None,
+    "coturn": True,
     "kamailio": True,
     "asterisk": True,
     "tftpd-hpa": False,
+    "atftpd": False,
+    "socat": True,
+    "netcat-openbsd": True,
+    "netcat-traditional": True,
+    "knot": False,
+    "knot-resolver": True,
+    "nsd": True,
+    "pdns-server": False,
+    "dnsdist": False,
+    "avahi-daemon": True,
+    "openntpd": False,
+    "memcached": True,
+    "isc-dhcp-server": True,
+    "kea-dhcp4": False,
+    "strongswan": False,
     "rsyslog": False,
     "syslog-ng": False,
     "statsd": False,
@@ -148,13 +163,53 @@ def test_kernel_wireguard_socket_is_recognised_by_port_only() -> None:
     assert match is not None and match.rule.id == "wireguard" and match.port_only
 
 
-def test_tftp_is_marked_as_replying_from_another_port() -> None:
+def test_tftp_servers_are_marked_as_replying_from_another_port() -> None:
     kb = load()
-    tftp = kb.get("tftpd-hpa")
-    assert tftp is not None and tftp.replies_from_other_port
-    assert not any(
-        rule.replies_from_other_port for rule in kb.entries if rule.id != "tftpd-hpa"
-    )
+    marked = {rule.id for rule in kb.entries if rule.replies_from_other_port}
+    assert marked == {"tftpd-hpa", "atftpd"}
+
+
+def test_one_way_services_are_marked_and_never_affected() -> None:
+    kb = load()
+    one_way = {rule.id for rule in kb.entries if rule.one_way}
+    assert one_way == {"rsyslog", "syslog-ng", "statsd"}
+    for rule in kb.entries:
+        assert not rule.one_way or rule.affected() is False, rule.id
+
+
+def test_at_least_thirty_services() -> None:
+    assert len(load().entries) >= 30
+
+
+@pytest.mark.parametrize(
+    ("comm", "exe", "cmdline", "expected"),
+    [
+        # Debian's `nc` is an alternatives link: comm says nc, the executable says which.
+        ("nc", "/usr/bin/nc.openbsd", ("nc", "-u", "-l", "5353"), "netcat-openbsd"),
+        ("nc", "/usr/bin/nc.traditional", ("nc", "-u", "-l", "-p", "5353"), "netcat-traditional"),
+        # NSD renames its processes; its executable and argv[0] still say nsd.
+        ("nsd: main", "/usr/sbin/nsd", ("nsd: main",), "nsd"),
+        # openntpd and NTPsec are both comm "ntpd": the command line tells them apart.
+        ("ntpd", "/usr/sbin/ntpd", ("ntpd: ntp engine",), "openntpd"),
+        ("ntpd", "/usr/sbin/ntpd", ("/usr/sbin/ntpd", "-p", "/run/ntpd.pid", "-g"), "ntpd"),
+        ("atftpd", "/usr/sbin/atftpd", ("/usr/sbin/atftpd", "--daemon"), "atftpd"),
+    ],
+)
+def test_process_identity_beats_the_port(
+    comm: str, exe: str, cmdline: tuple[str, ...], expected: str
+) -> None:
+    match = load().match(comm, cmdline, 123, exe=exe)
+    assert match is not None and match.rule.id == expected and match.matched_by == "process"
+
+
+def test_comm_nc_alone_is_not_a_netcat_match() -> None:
+    # Without the executable (another user's process) "nc" could be either netcat.
+    assert load().match("nc", ("nc", "-ul", "40000"), 40000) is None
+
+
+def test_port_69_alone_names_no_tftp_server() -> None:
+    # atftpd and tftpd-hpa share the port: an unknown program there is neither.
+    assert load().match("mytftpd", ("mytftpd",), 69) is None
 
 
 def test_openvpn_multihome_on_the_command_line_settles_the_verdict() -> None:
@@ -380,3 +435,18 @@ def test_a_rules_directory_without_rules_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(rules.RuleError) as err:
         rules.load([tmp_path])
     assert "no rules (*.yaml or *.yml files)" in str(err.value)
+
+
+def test_new_optional_fields_are_validated() -> None:
+    base = (
+        "version: 1\nservices:\n  - id: x\n    name: X\n    ports: [40000]\n"
+        "    why: w\n    fix: f\n    reference: https://example.org/x\n    confidence: low\n"
+    )
+    rule = parse(base + '    affected_when_wildcard: false\n    one_way: true\n'
+                 '    fixed_in: "2.10"\n', "x.yaml")[0]
+    assert rule.one_way and rule.fixed_in == "2.10"
+    assert "2.10 or later" in rule.upgrade_advice()
+    with pytest.raises(RuleError, match=r"x\.yaml:11: 'fixed_in' must be a quoted version"):
+        parse(base + "    affected_when_wildcard: true\n    fixed_in: 2.10\n", "x.yaml")
+    with pytest.raises(RuleError, match="one_way service never replies"):
+        parse(base + "    affected_when_wildcard: true\n    one_way: true\n", "x.yaml")

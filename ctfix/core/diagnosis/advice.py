@@ -61,7 +61,8 @@ def fixes_for(
             Fix(
                 method="bind",
                 summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
-                detail=f"{service.why.strip()}\n{service.fix.strip()}{snippet}{reference}",
+                detail=f"{service.why.strip()}\n{service.fix.strip()}{service.upgrade_advice()}"
+                f"{snippet}{reference}",
                 recommended=True,
             )
         )

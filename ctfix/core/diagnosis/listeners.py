@@ -43,7 +43,7 @@ def recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> Known:
         return Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
     if kb is None:
         return Known(None, False, False, None)
-    match = kb.match(listener.process, listener.cmdline, port)
+    match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
     if match is None:
         return Known(None, False, False, None)
     verdict = match.rule.affected(listener.family, listener.cmdline)
@@ -92,8 +92,13 @@ class Listening:
 
     @property
     def service_rule(self) -> ServiceRule | None:
-        """The knowledge base's entry for the first recognised program, if any."""
-        return next((j.known.rule for j in self.judged if j.known.rule), None)
+        """The knowledge base's entry for the first recognised program, if any.
+
+        A match by the port alone is a guess: it names no service and gives no advice
+        (atftpd on port 69 is not tftpd-hpa, whatever that entry says)."""
+        return next(
+            (j.known.rule for j in self.judged if j.known.rule and not j.known.port_only), None
+        )
 
 
 def judge(
@@ -204,10 +209,16 @@ def listener_reason(one: Judged, port: int) -> Reason:
             ": it does not choose the source of its replies, so the kernel picks it by "
             "routing toward the client, whatever address the client sent to."
         )
-        if info.rule is not None:
-            hedge = "probably " if info.port_only else ""
+        if info.rule is not None and info.port_only:
+            line += (
+                f" Port {listener.port} is the default port of {info.label}, but "
+                f"{listener.process or 'the process'} was not recognised as it by name "
+                "or command line: that is a guess from the port, so the knowledge "
+                "base's advice for it is not offered."
+            )
+        elif info.rule is not None:
             affected_now = info.rule.affected(listener.family, listener.cmdline)
-            line += f" It is {hedge}{info.label}" + (
+            line += f" It is {info.label}" + (
                 " (affected in this configuration)."
                 if affected_now
                 else " (affected or not depending on its configuration)."
