@@ -271,3 +271,12 @@ def test_a_fixed_port_sender_is_not_a_wrong_source_reply_to_itself() -> None:
     assert detector.examine([pinned], now=0.0) == []
     assert detector.feed(decode.CtEvent(decode.NEW, again), 1.0) is None
     assert detector.findings == {}
+
+
+def test_a_port_forwarded_to_a_backend_elsewhere_is_not_an_outage() -> None:
+    """No socket on 5140 is right when the rules send its clients elsewhere: not
+    `nothing-answers`, even while the pinned sender's requests go unanswered."""
+    diagnosis = diagnose(_snapshot([_entry("192.0.2.3", 40514, 5140, A)], _rules({5140: B})))
+    codes = [r.code for r in diagnosis.reasons]
+    assert "forwarded-to-backend" in codes and "nothing-answers" not in codes
+    assert diagnosis.service_down is False

@@ -78,6 +78,8 @@ class Judgement:
     stale: tuple[StaleEntry, ...] = ()
     undecided: tuple[Undecided, ...] = ()
     judged: int = 0  # entries the rules were asked about
+    #: every target the rules send the judged entries' flows to now ("addr:port")
+    targets: tuple[str, ...] = ()
 
 
 class Pinned(NamedTuple):
@@ -144,6 +146,7 @@ def judge(
     forwarded = evaluator.forwarded_ports()
     stale: list[StaleEntry] = []
     undecided: list[Undecided] = []
+    targets: dict[str, None] = {}
     judged = 0
     for entry in entries:
         orig = entry.orig
@@ -159,6 +162,7 @@ def judge(
         flow = Flow(orig.family, orig.proto, orig.src, orig.sport, orig.dst, orig.dport,
                     local=orig.src in local)
         outcome = evaluator.outcome(flow)
+        targets.update(dict.fromkeys(outcome.describe(flow)))
         service = endpoint(orig.dst, orig.dport)
         target = endpoint(reply.src, reply.sport)
         why: StaleWhy
@@ -190,7 +194,7 @@ def judge(
                 rules=outcome.rules,
             )
         )
-    return Judgement(tuple(stale), tuple(undecided), judged)
+    return Judgement(tuple(stale), tuple(undecided), judged, tuple(targets))
 
 
 def aggregate(

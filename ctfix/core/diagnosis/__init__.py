@@ -40,8 +40,9 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   never discounted. Else `at-risk` when some client network is not ok; else `ok`.
   Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
   to a target the DNAT rules no longer name; `stale`), whatever the rest says.
-* *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
-  and requests without any reply. The verdict (about wrong sources) stays `ok`;
+* *Service down*: nothing bound, no DNAT forwarding the port elsewhere (on the host,
+  or to the backends the NAT rules name for its clients), and requests without any
+  reply. The verdict (about wrong sources) stays `ok`;
   the headline, the reasons and the exit status (1) say it.
 
 The parts, each one idea: `requests` (which requests and addresses exist),
@@ -114,9 +115,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # Who is on the port, what reaches it, what conntrack shows, who is exposed, what
     # the rules do: in the order an expert would say it.
     reasons: list[Reason] = []
+    pinned = stale.stale_nat(snapshot)
+    away = pinned.backends and not forwards  # DNAT'd to backends elsewhere
     if not snapshot.listeners:
-        reasons.append(listeners.unbound_reason(port, forwards, shown.unanswered))
-    service_down = not snapshot.listeners and not forwards and shown.unanswered > 0
+        reasons.append(
+            stale.forwarded_reason(port, pinned.backends)
+            if away
+            else listeners.unbound_reason(port, forwards, shown.unanswered)
+        )
+    service_down = not snapshot.listeners and not forwards and not away and shown.unanswered > 0
     reasons += [listeners.listener_reason(one, port) for one in listening.judged]
     if snapshot.listeners:
         reasons += [
@@ -139,7 +146,6 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             )
         )
     reasons += evidence.evidence_reasons(shown, snapshot)
-    pinned = stale.stale_nat(snapshot)
     reasons += pinned.reasons
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening)
     reasons += netfilter.netfilter_reasons(rewritten, rules)

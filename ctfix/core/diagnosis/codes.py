@@ -19,6 +19,7 @@ ReasonCode = Literal[
     "forwarded-by-dnat",
     "dnat-to-other-port",
     "forwarded-here-by-dnat",
+    "forwarded-to-backend",
     "connected-socket",
     "wildcard-socket",
     "specific-bind",

@@ -32,6 +32,17 @@ class StaleNat:
     findings: tuple[StaleNatFinding, ...] = ()
     reasons: tuple[Reason, ...] = ()
     fixes: tuple[Fix, ...] = ()
+    #: where the rules send the port's clients now: nothing need be bound here
+    backends: tuple[str, ...] = ()
+
+
+def forwarded_reason(port: int, backends: tuple[str, ...]) -> Reason:
+    """For a port without sockets that the rules forward to backends elsewhere."""
+    return reason(
+        "forwarded-to-backend",
+        f"Nothing is bound to UDP port {port} here, and none needs to be: the DNAT rules "
+        f"forward its clients to {', '.join(backends)}.",
+    )
 
 
 def finding_text(finding: StaleNatFinding) -> str:
@@ -99,4 +110,4 @@ def stale_nat(snapshot: Snapshot) -> StaleNat:
                 recommended=True,
             ),
         )
-    return StaleNat(judgement.stale, findings, tuple(reasons), fixes)
+    return StaleNat(judgement.stale, findings, tuple(reasons), fixes, judgement.targets)
