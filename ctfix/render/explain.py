@@ -13,8 +13,8 @@ import json
 import textwrap
 from typing import Any
 
+from ctfix.core.detectors.stale_nat import stale_nat_text
 from ctfix.core.diagnosis import recommended_first, wrong_text
-from ctfix.core.diagnosis.stale import finding_text
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener
 from ctfix.render.stale_nat import WHY_STALE, stale_nat_record
 from ctfix.render.style import Style
@@ -253,7 +253,7 @@ def render_text(d: Diagnosis, style: Style | None = None) -> str:
         out.append("  no wrong-source replies in the table")
     out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
     for stale in d.stale_nat:
-        out.append(_wrap(f"{s('stale NAT', 'red')}: {finding_text(stale)}", "  "))
+        out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  "))
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
@@ -309,7 +309,7 @@ def render_markdown(d: Diagnosis) -> str:
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
-    out += [f"- stale NAT: {finding_text(stale)}" for stale in d.stale_nat]
+    out += [f"- stale NAT: {stale_nat_text(stale)}" for stale in d.stale_nat]
     if d.rules:
         out += ["", "### Netfilter rules on the port", ""]
         for r in d.rules:

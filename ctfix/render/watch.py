@@ -108,15 +108,7 @@ class WatchRenderer:
         self._write(self.finding_line(finding, update=update))
 
     def _stale_text(self, finding: StaleNatFinding) -> str:
-        return stale_nat_text(
-            service=finding.service,
-            stale_target=self.style(finding.stale_target, "bold", "red"),
-            current_targets=finding.current_targets,
-            why=finding.why,
-            clients=finding.clients,
-            entries=finding.entries,
-            pinned=finding.pinned,
-        )
+        return stale_nat_text(finding, lambda text: self.style(text, "bold", "red"))
 
     def _stale(self, finding: StaleNatFinding) -> None:
         if self.json:

@@ -31,7 +31,7 @@ Know before changing:
 from __future__ import annotations
 
 import socket
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
@@ -362,47 +362,49 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def stale_nat_text(
-    *,
-    service: str,
-    stale_target: str,
-    current_targets: Sequence[str],
-    why: str,
-    clients: int,
-    entries: int,
-    pinned: Sequence[Pinned] = (),
-) -> str:
-    """One stale-nat finding in words, the same in watch and explain.
+def usage_words(age: float | None, idle: float | None, packets: int | None) -> list[str]:
+    """ "5 min old", "last used 0 s ago", "1500 datagrams": what is known of an entry."""
+    words = []
+    if age is not None:
+        words.append(f"{duration(age)} old")
+    if idle is not None:
+        words.append(f"last used {duration(idle)} ago")
+    if packets is not None:
+        words.append(_plural(packets, "datagram", "datagrams"))
+    return words
+
+
+def stale_nat_text(finding: StaleNatFinding, mark: Callable[[str], str] = str) -> str:
+    """One stale-nat finding in words, the same in watch and explain (`mark` styles the
+    stale target).
 
     `198.51.100.13:5140 still sends 1 client (1 entry) to 198.51.100.21:5140; the
-    rules now send new flows to 198.51.100.22:5140 (latest 192.0.2.3:5140: entry 5 min
+    rules now send new flows to 198.51.100.22:5140 (e.g. 192.0.2.3:5140: entry 5 min
     old, last used 0 s ago, 1500 datagrams)`.
     """
-    who = f"{_plural(clients, 'client', 'clients')} ({_plural(entries, 'entry', 'entries')})"
-    now = ", ".join(current_targets)
-    if why == "never-natted":
+    service, stale_target = finding.service, mark(finding.stale_target)
+    who = (
+        f"{_plural(finding.clients, 'client', 'clients')} "
+        f"({_plural(finding.entries, 'entry', 'entries')})"
+    )
+    now = ", ".join(finding.current_targets)
+    if finding.why == "never-natted":
         head = (
             f"{service}: {who} predate the DNAT and are still delivered to {service} "
             f"itself; the rules now send new flows to {now}"
         )
-    elif why == "no-longer-forwarded" or not current_targets:
-        head = (
-            f"{service} still sends {who} to {stale_target}; the rules no longer forward it"
-        )
+    elif finding.why == "no-longer-forwarded" or not finding.current_targets:
+        head = f"{service} still sends {who} to {stale_target}; the rules no longer forward it"
     else:
         head = (
             f"{service} still sends {who} to {stale_target}; the rules now send new flows "
             f"to {now}"
         )
-    if pinned:
-        first = pinned[0]
-        parts = []
+    if finding.pinned:
+        first = finding.pinned[0]
+        words = usage_words(first.age, first.idle, first.packets)
         if first.age is not None:
-            parts.append(f"entry {duration(first.age)} old")
-        if first.idle is not None:
-            parts.append(f"last used {duration(first.idle)} ago")
-        if first.packets is not None:
-            parts.append(_plural(first.packets, "datagram", "datagrams"))
-        detail = f": {', '.join(parts)}" if parts else ""
+            words[0] = f"entry {words[0]}"
+        detail = f": {', '.join(words)}" if words else ""
         head += f" (e.g. {first.client}{detail})"
     return head

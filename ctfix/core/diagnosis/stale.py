@@ -45,18 +45,6 @@ def forwarded_reason(port: int, backends: tuple[str, ...]) -> Reason:
     )
 
 
-def finding_text(finding: StaleNatFinding) -> str:
-    return stale_nat_text(
-        service=finding.service,
-        stale_target=finding.stale_target,
-        current_targets=finding.current_targets,
-        why=finding.why,
-        clients=finding.clients,
-        entries=finding.entries,
-        pinned=finding.pinned,
-    )
-
-
 def stale_nat(snapshot: Snapshot) -> StaleNat:
     """The port's stale entries, their reasons and the flush-stale fix (if any)."""
     if snapshot.nat_rules is None or snapshot.conntrack_error:
@@ -78,7 +66,7 @@ def stale_nat(snapshot: Snapshot) -> StaleNat:
     reasons = [
         reason(
             "stale-nat",
-            f"STALE NAT: {finding_text(f)}. Conntrack keeps such an entry for as long as "
+            f"STALE NAT: {stale_nat_text(f)}. Conntrack keeps such an entry for as long as "
             "the client sends, so its datagrams never reach the current target; deleting "
             "exactly these entries lets the next datagram follow the rules.",
         )

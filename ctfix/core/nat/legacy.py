@@ -179,25 +179,15 @@ def _extension(name: str, options: str, proto: int | None) -> list[Match]:
     parsed = _options(options)
     if name == "comment":
         return []
-    if name in ("udp", "tcp", "sctp", "udplite", "dccp"):
-        implied = _PROTOCOLS[name]
+    if name in ("udp", "tcp", "sctp", "udplite", "dccp", "multiport"):
+        # -m udp implies UDP; -m multiport relies on the rule's -p.
+        implied = _PROTOCOLS.get(name, proto)
         out: list[Match] = []
         for negated, option, value in parsed:
             field = _PORT_OPTIONS.get(option)
             keys = _ports(value) if field else None
             out.append(
                 Match((field,), keys, negated=negated, proto=implied)
-                if field and keys
-                else Match(("opaque",), None)
-            )
-        return out
-    if name == "multiport":
-        out = []
-        for negated, option, value in parsed:
-            field = _PORT_OPTIONS.get(option)
-            keys = _ports(value) if field else None
-            out.append(
-                Match((field,), keys, negated=negated, proto=proto)
                 if field and keys
                 else Match(("opaque",), None)
             )

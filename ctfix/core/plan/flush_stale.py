@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shlex
 
-from ctfix.core.detectors.stale_nat import StaleEntry, duration
+from ctfix.core.detectors.stale_nat import StaleEntry, usage_words
 from ctfix.core.model import Diagnosis
 from ctfix.core.plan import Backend, Plan, PlanMethod
 from ctfix.core.plan.specs import ConntrackEntrySpec, Step
@@ -38,13 +38,7 @@ def _why(one: StaleEntry) -> str:
 
 
 def _summary(one: StaleEntry) -> str:
-    used = []
-    if one.age is not None:
-        used.append(f"{duration(one.age)} old")
-    if one.idle is not None:
-        used.append(f"last used {duration(one.idle)} ago")
-    if one.packets is not None:
-        used.append(f"{one.packets} datagram{'s' if one.packets != 1 else ''}")
+    used = usage_words(one.age, one.idle, one.packets)
     ident = f"id {one.entry.id}" if one.entry.id is not None else "no id"
     return (
         f"delete the conntrack entry {one.client} -> {one.service} (to {one.target}; "
