@@ -57,6 +57,10 @@ client sent to, live, from the kernel's conntrack events, until Ctrl-C, SIGTERM 
   local         both addresses belong to this namespace (a multi-homed server)
   confirmed     the client's ICMP port unreachable for that reply was seen
 
+It also reports stale NAT entries ("STALE NAT", JSON kind "stale-nat"): clients that
+conntrack still sends to a DNAT target the rules no longer name, checked at start and
+within seconds of every change of the NAT rules (docs/runbooks/udp-stale-nat.md).
+
 exit status: 0, or 1 when --duration ended with findings; 2 on errors (no
 CAP_NET_ADMIN, no such namespace, conntrack unavailable)."""
 
@@ -284,7 +288,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             _report(renderer, metrics, found)
 
         feed = one_feed(detectors, report)
-        nat = StaleNatWatch(stale, report, addresses.addresses)
+        nat = StaleNatWatch(stale, report, addresses.addresses, _warn)
         closers.append(nat)
 
         def resync(events: EventSocket) -> int:

@@ -37,13 +37,21 @@ class StaleNatWatch:
         detector: StaleNatDetector,
         report: Callable[[tuple[StaleNatFinding, Change]], None],
         local_addresses: frozenset[str],
+        warn: Callable[[str], None],
     ) -> None:
         from ctfix.platform import nat_rules
 
         self.detector = detector
         self.report = report
         self.local = local_addresses
+        self.warn = warn
+        self._warned: tuple[str, ...] = ()
         self.changes = nat_rules.RulesetChanges()
+        if self.changes.unsubscribed:
+            warn(
+                f"nftables changes cannot be followed ({self.changes.unsubscribed}): stale "
+                "NAT entries are checked at start-up and after iptables-legacy changes only"
+            )
         self.sock = self.changes.sock
         self.due: float | None = None
         self.next_poll = time.monotonic() + LEGACY_POLL
@@ -54,7 +62,14 @@ class StaleNatWatch:
     def _load(self) -> None:
         from ctfix.platform import nat_rules
 
-        self.detector.set_rules(nat_rules.read(), self.local)
+        ruleset = nat_rules.read()
+        if ruleset.errors and ruleset.errors != self._warned:
+            self.warn(
+                f"the NAT rules cannot all be read ({'; '.join(ruleset.errors)}): no entry "
+                "is called stale until they can"
+            )
+        self._warned = ruleset.errors
+        self.detector.set_rules(ruleset, self.local)
         assert self.detector.evaluator is not None
         self.ports = self.detector.evaluator.forwarded_ports()
 

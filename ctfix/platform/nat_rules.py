@@ -203,13 +203,18 @@ class RulesetChanges:
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        #: why nftables changes cannot be followed (None: they are)
+        self.unsubscribed: str | None = None
         try:
             self.sock.bind((0, 0))
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             self.sock.setblocking(False)
         except OSError:
             self.sock.close()
             raise
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        except OSError as err:  # no nf_tables in this kernel, say
+            self.unsubscribed = err.strerror or str(err)
         self._legacy = legacy_fingerprint()
 
     def fileno(self) -> int:
