@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import CtEntry
@@ -72,11 +72,23 @@ def _nft_rule(port: int, backend: str) -> str:
     return f"ip daddr {t.UPLINK_V4} udp dport {port} dnat to {backend}"
 
 
-def load_dnat(topo: t.Topology, port: int, backend: str) -> None:
+#: how the lab writes its DNAT rules: nft itself, or iptables in either flavour
+#: (iptables-nft is what Docker and kube-proxy use on current distributions)
+RuleTool = Literal["nft", "iptables-legacy", "iptables-nft"]
+
+
+def _tool(topo: t.Topology, tool: RuleTool | None) -> RuleTool:
+    if tool is not None:
+        return tool
+    return "iptables-legacy" if topo.netfilter == "iptables-legacy" else "nft"
+
+
+def load_dnat(topo: t.Topology, port: int, backend: str, tool: RuleTool | None = None) -> None:
     """DNAT the uplink address's UDP port to backend: a rule of its own per port (an
-    nftables table `ctfix_lab_svc_<port>`, or a legacy PREROUTING rule)."""
-    if topo.netfilter == "iptables-legacy":
-        topo.run(topo.host, "iptables-legacy", "-w", "-t", "nat", "-A", "PREROUTING",
+    nftables table `ctfix_lab_svc_<port>`, or a PREROUTING rule of iptables)."""
+    chosen = _tool(topo, tool)
+    if chosen != "nft":
+        topo.run(topo.host, chosen, "-w", "-t", "nat", "-A", "PREROUTING",
                  *_legacy_rule(port, backend))
         return
     topo.run(
@@ -87,14 +99,15 @@ def load_dnat(topo: t.Topology, port: int, backend: str) -> None:
     )
 
 
-def move_dnat(topo: t.Topology, port: int, backend: str) -> None:
+def move_dnat(topo: t.Topology, port: int, backend: str, tool: RuleTool | None = None) -> None:
     """Point the port's rule at another backend, in place, in one change."""
-    if topo.netfilter == "iptables-legacy":
-        listing = topo.run(topo.host, "iptables-legacy", "-w", "-t", "nat", "-S", "PREROUTING")
+    chosen = _tool(topo, tool)
+    if chosen != "nft":
+        listing = topo.run(topo.host, chosen, "-w", "-t", "nat", "-S", "PREROUTING")
         rules = [line for line in listing.splitlines() if line.startswith("-A PREROUTING")]
         index = next(n for n, line in enumerate(rules, 1) if f"--dport {port} " in line)
-        topo.run(topo.host, "iptables-legacy", "-w", "-t", "nat", "-R", "PREROUTING",
-                 str(index), *_legacy_rule(port, backend))
+        topo.run(topo.host, chosen, "-w", "-t", "nat", "-R", "PREROUTING", str(index),
+                 *_legacy_rule(port, backend))
         return
     topo.run(
         topo.host, "nft", "-f", "-",

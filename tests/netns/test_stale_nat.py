@@ -141,22 +141,28 @@ def _identity(entry: CtEntry) -> tuple[Any, ...]:
     return (entry.orig, entry.reply, entry.zone, entry.id)
 
 
-@pytest.mark.parametrize("backend", ["nft", "iptables-legacy"])
+@pytest.mark.parametrize(
+    ("netfilter", "tool"),
+    [("nft", "nft"), ("iptables-legacy", "iptables-legacy"), ("nft", "iptables-nft")],
+    ids=["nftables", "iptables-legacy", "iptables-nft"],
+)
 def test_a_sender_pinned_to_a_moved_backend_is_found_and_flushed_exactly(
-    backend: Netfilter,
+    netfilter: Netfilter, tool: lab.RuleTool
 ) -> None:
-    with lab_topology(netfilter=backend) as topo, _backends(topo) as at:
+    """iptables-nft is Docker's and kube-proxy's way: rules in nftables whose DNAT and
+    addrtype are `xt` expressions."""
+    with lab_topology(netfilter=netfilter) as topo, _backends(topo) as at:
         topo.run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1",
                  "net.netfilter.nf_conntrack_acct=1")
-        lab.load_dnat(topo, PORT, lab.BACKEND_A)
-        lab.load_dnat(topo, STEADY_PORT, C)
+        lab.load_dnat(topo, PORT, lab.BACKEND_A, tool)
+        lab.load_dnat(topo, STEADY_PORT, C, tool)
         for source, port in ((PINNED, PORT), (STEADY, STEADY_PORT), (LOOSE, LOOSE_PORT)):
             lab.start_sender(topo, source, port)
         _wait_for("A receives the pinned sender", lambda: at["A"].drain(PINNED), 10.0)
         _wait_for("C receives the steady sender", lambda: at["C"].drain(STEADY), 10.0)
 
         with _watching(topo) as watch:
-            lab.move_dnat(topo, PORT, lab.BACKEND_B)
+            lab.move_dnat(topo, PORT, lab.BACKEND_B, tool)
             topo.ip(topo.upstream, f"addr del {lab.BACKEND_A}/24 dev eth0\n")
             # Within 10 s of the change: a deadline for polling, not a measured latency.
             [record] = _wait_for("watch reports the pinned sender", watch.stale, 10.0)

@@ -264,3 +264,36 @@ def test_legacy_ipv6_dnat_target() -> None:
     assert _targets(ev, flow) == (("[2001:db8::53]:5353",), False)
     # An IPv4 flow never meets an ip6 table.
     assert _targets(ev, _flow(53, daddr="198.51.100.13")) == ((), True)
+
+
+def test_iptables_nft_xt_expressions_are_read_from_the_rule_text() -> None:
+    """What Docker's rules look like through Debian's iptables (nf_tables): the JSON
+    says `xt target DNAT` / `xt match addrtype` without options, nft's text says the
+    rest (captured from `iptables -t nat -A ...` then `nft -j list ruleset`)."""
+    objects = [
+        {"chain": {"family": "ip", "table": "nat", "name": "DOCKER", "handle": 1}},
+        {"chain": {"family": "ip", "table": "nat", "name": "PREROUTING", "handle": 2,
+                   "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "DOCKER", "handle": 4, "expr": [
+            _match({"meta": {"key": "iifname"}}, "docker0", "!="),
+            _match(_payload("udp", "dport"), 5140),
+            {"counter": {"packets": 0, "bytes": 0}},
+            {"xt": {"type": "target", "name": "DNAT"}}]}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "PREROUTING", "handle": 3, "expr": [
+            {"xt": {"type": "match", "name": "addrtype"}},
+            {"counter": {"packets": 0, "bytes": 0}},
+            {"jump": {"target": "DOCKER"}}]}},
+    ]
+    texts = {
+        ("ip", "nat", "DOCKER", 4): 'iifname != "docker0" udp dport 5140 counter dnat to '
+                                    "172.17.0.2:5140",
+        ("ip", "nat", "PREROUTING", 3): "fib daddr type local counter jump DOCKER",
+    }
+    ev = Evaluator(NatRuleset(tuple(nat_chains(objects, texts))), LOCAL)
+    flow = _flow(5140)
+    outcome = ev.outcome(flow)
+    assert not outcome.undetermined
+    assert outcome.describe(flow) == ("172.17.0.2:5140",)
+    assert _targets(ev, _flow(5140, daddr="203.0.113.1")) == ((), True)  # not local
+    # Without the text (an nft that cannot translate): undetermined, never a guess.
+    assert Evaluator(NatRuleset(tuple(nat_chains(objects))), LOCAL).outcome(flow).undetermined

@@ -237,11 +237,11 @@ def _target(rule: LegacyRule, chains: frozenset[str]) -> Action:
         return Verdict("continue")
     if name == "DNAT":
         found = _TO.search(rule.target_options)
-        target = _dnat_target(found.group(1)) if found else None
+        target = dnat_target(found.group(1)) if found else None
         return Nat(target) if target else Opaque(f"a DNAT ctfix cannot read ({rule.text})")
     if name == "REDIRECT":
         found = _TO_PORTS.search(rule.target_options)
-        ports = _port_range(found.group(1)) if found else None
+        ports = port_range(found.group(1)) if found else None
         if found and ports is None:
             return Opaque(f"a REDIRECT ctfix cannot read ({rule.text})")
         text = f"redirect :{found.group(1)}" if found else "redirect (local address)"
@@ -257,14 +257,14 @@ def _target(rule: LegacyRule, chains: frozenset[str]) -> Action:
     return Opaque(f"the target {name}")
 
 
-def _port_range(text: str) -> tuple[int, int] | None:
+def port_range(text: str) -> tuple[int, int] | None:
     low, _, high = text.partition("-")
     if not low.isdigit() or (high and not high.isdigit()):
         return None
     return (int(low), int(high or low))
 
 
-def _dnat_target(text: str) -> Target | None:
+def dnat_target(text: str) -> Target | None:
     """`198.51.100.21`, `198.51.100.21:5140`, `a-b:p1-p2`, `[2001:db8::1]:53`, `:5140`."""
     if text.startswith("["):
         address, _, port = text[1:].partition("]")
@@ -273,7 +273,7 @@ def _dnat_target(text: str) -> Target | None:
         address, port = text, ""  # a bare IPv6 address
     else:
         address, _, port = text.partition(":")
-    ports = _port_range(port) if port else None
+    ports = port_range(port) if port else None
     if port and ports is None:
         return None
     if not address:

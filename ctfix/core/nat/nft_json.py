@@ -7,12 +7,16 @@ opaque statement (the answer is then undetermined), never a guess.
 
 Know before changing: nft's JSON differs between versions in details (priorities as
 numbers or names, set elements wrapped in `{"elem": {"val": ...}}` when they carry
-timeouts or counters); read both forms.
+timeouts or counters); read both forms. iptables-nft (Debian's `iptables`, which
+Docker and kube-proxy use) stores `-j DNAT`, `-j REDIRECT` and `-m addrtype` as `xt`
+expressions whose JSON carries no options; nft's *text* translates them (`dnat to
+172.17.0.2:5140`, `fib daddr type local`), so those are read from the rule's text.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -145,11 +149,11 @@ class _RuleParser:
             if name == "xt":
                 xt = expr["xt"] or {}
                 if xt.get("type") == "match":
-                    matches.append(Match(("opaque",), None))
+                    matches.append(_xt_match(str(xt.get("name", "")), text, rule))
                     continue
                 if xt.get("type") == "watcher":
                     continue
-                action = Opaque(f"an xt target {xt.get('name', '?')}")
+                action = _xt_target(str(xt.get("name", "?")), text)
                 continue
             if name in _PASSIVE:
                 continue
@@ -286,6 +290,41 @@ class _RuleParser:
             return VerdictMap(fields, entries)
         except _Unreadable:
             return Opaque("a verdict map ctfix cannot read")
+
+
+# -- iptables-nft's xt expressions, from nft's translation in the rule text ----------------
+
+_XT_DNAT = re.compile(r"\bdnat (?:ip6? )?to (\S+)")
+_XT_REDIRECT = re.compile(r"\bredirect(?: to :(\d+(?:-\d+)?))?")
+_XT_FIB_TYPE = re.compile(r"\bfib daddr type (!= )?(\w+)\b")
+
+
+def _xt_target(name: str, text: str | None) -> Action:
+    from ctfix.core.nat.legacy import dnat_target, port_range
+
+    if name == "DNAT" and text and (found := _XT_DNAT.search(text)):
+        target = dnat_target(found.group(1))
+        if target is not None:
+            return Nat(target)
+    if name == "REDIRECT" and text and (found := _XT_REDIRECT.search(text)):
+        ports = port_range(found.group(1)) if found.group(1) else None
+        return Nat(Target(None, ports, found.group(0)))
+    if name in ("MARK", "CONNMARK", "LOG", "NFLOG", "TRACE"):
+        return Verdict("continue")
+    return Opaque(f"an xt target {name}")
+
+
+def _xt_match(name: str, text: str | None, rule: JsonObject) -> Match:
+    """`-m addrtype --dst-type T` (the rule's only xt addrtype match); else opaque."""
+    xts = [e for e in rule.get("expr", []) if "xt" in e]
+    if name == "addrtype" and text and len(xts) <= 2:
+        found = _XT_FIB_TYPE.findall(text)
+        if len(found) == 1:
+            negated, kind = found[0]
+            return Match(("fib-daddr-type",), ((kind,),), negated=bool(negated))
+    if name == "comment":
+        return Match((), ((),))  # always true
+    return Match(("opaque",), None)
 
 
 # -- values ---------------------------------------------------------------------------------
