@@ -78,15 +78,16 @@ def _chosen_command(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    """Build the parser; only the command named in argv gets its full arguments."""
+def build_parser(argv: Sequence[str], *, every_command: bool = False) -> argparse.ArgumentParser:
+    """Build the parser; only the command named in argv gets its full arguments
+    (every command with `every_command`, for the man page and shell completions)."""
     parser = _Parser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks and debugging output on errors"
     )
@@ -102,6 +103,8 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         cmd_parser.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
+        if every_command and name != chosen:
+            _load(name).add_arguments(cmd_parser)
         if name == chosen:
             _load(name).add_arguments(cmd_parser)
             parser.chosen_parser = cmd_parser  # type: ignore[attr-defined]

@@ -12,10 +12,11 @@ from ctfix.errors import CtfixError, PrivilegeError
 def add_netns_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--netns",
-        metavar="NAME|PATH|pid:PID",
+        metavar="NAME|PATH|pid:PID|container:NAME",
         default=None,
         help="work in this network namespace: an `ip netns` name, a path such as "
-        "/proc/PID/ns/net, or pid:PID (default: the current namespace)",
+        "/proc/PID/ns/net, pid:PID, or container:NAME_OR_ID (Docker, Podman, or a CRI "
+        "runtime whose socket answers) (default: the current namespace)",
     )
 
 
@@ -34,10 +35,20 @@ def add_rules_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def port_number(text: str) -> int:
-    """argparse type for a UDP port: 1-65535."""
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
-    return int(text)
+    """argparse type for a UDP port: 1-65535, or a UDP service name from /etc/services
+    (`domain`, `ntp`), as ss and tcpdump take them."""
+    if text.isascii() and text.isdigit():
+        if not 1 <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a UDP port (1-65535)")
+        return int(text)
+    import socket
+
+    try:
+        return socket.getservbyname(text, "udp")
+    except (OSError, ValueError, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a UDP port (1-65535) nor a UDP service name in /etc/services"
+        ) from None
 
 
 def require_root(what: str, capability: str = "CAP_NET_ADMIN") -> None:

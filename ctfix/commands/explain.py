@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
-    from ctfix.platform import snapshot
+    from ctfix.platform import containers, snapshot
     from ctfix.render import explain as render
 
     if args.json and args.format != "text":
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     require_root("ctfix explain (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)
-    diagnosis = diagnose(snap, kb)
+    diagnosis = containers.annotate(diagnose(snap, kb))
     fmt = "json" if args.json else args.format
     if fmt == "json":
         sys.stdout.write(render.render_json(diagnosis))
@@ -101,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(render.render_markdown(diagnosis))
     else:
         from ctfix.render.style import Style
+        from ctfix.render.width import terminal_width
 
-        sys.stdout.write(render.render_text(diagnosis, Style.for_stream(sys.stdout)))
+        style, width = Style.for_stream(sys.stdout), terminal_width(sys.stdout)
+        sys.stdout.write(render.render_text(diagnosis, style, width))
     return exit_status(diagnosis)
 
 

@@ -39,6 +39,28 @@ FixMethod = Literal["pktinfo", Method]
 
 
 @dataclass(frozen=True, slots=True)
+class ContainerRef:
+    """The container a process (or a namespace, or a client address) belongs to.
+
+    `id` is the engine's full id as the cgroup path shows it; `name` is the engine's
+    name for it, or the short id when no engine answered; `engine` is "docker",
+    "podman", "containerd" or "cri-o" (None when neither the cgroup path nor an
+    engine said which); `pod` and `namespace` come from the Kubernetes labels
+    `io.kubernetes.pod.name` / `io.kubernetes.pod.namespace` when the engine has them.
+    """
+
+    id: str
+    name: str
+    engine: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     """A UDP socket on the port, and the process that owns it (if found)."""
 
@@ -56,6 +78,7 @@ class Listener:
     #: every process holding the socket, (pid, comm), lowest pid first: a pre-forking
     #: daemon shares one socket among its workers, and any of them may answer.
     processes: tuple[tuple[int, str | None], ...] = ()
+    container: ContainerRef | None = None  # the owner's container, from its cgroup
 
     @property
     def wildcard(self) -> bool:
@@ -89,6 +112,7 @@ class WrongSourceReply:
     count: int = 1  # pairs seen for this (service, actual source, client network)
     clients: int = 1  # distinct clients among them; `client` is the latest
     client_network: str | None = None  # the /24 or /64 they were aggregated by
+    container: ContainerRef | None = None  # the container `client` (the latest) is in
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +163,5 @@ class Diagnosis:
     #: and stale target), and the exact entries (what `fix --method flush-stale` deletes)
     stale_nat: tuple[StaleNatFinding, ...] = ()
     stale_entries: tuple[StaleEntry, ...] = ()
+    #: the container whose network namespace this is (None: the host's, or unknown)
+    netns_container: ContainerRef | None = None

@@ -1,4 +1,4 @@
-"""Network namespaces: resolve `--netns NAME|PATH|pid:PID` and enter them.
+"""Network namespaces: resolve `--netns NAME|PATH|pid:PID|container:NAME` and enter them.
 
 Know before changing: setns(2) switches only the calling *thread*. `enter()` is for a
 command that works in one namespace for its whole life (call it before any thread or
@@ -65,6 +65,16 @@ def resolve(spec: str | None) -> Netns:
             "give an `ip netns` name, a path or pid:PID, or leave --netns out for the "
             "current namespace",
         )
+    if spec.startswith("container:"):
+        name = spec[len("container:") :]
+        if not name:
+            raise CtfixError(
+                f"bad --netns {spec!r}", "use container:NAME or container:ID (as `docker ps`)"
+            )
+        from ctfix.platform import containers
+
+        _ref, path = containers.resolver().netns_of(name)
+        return Netns(spec, path)
     if spec.startswith("pid:"):
         pid = spec[4:]
         if not (pid.isascii() and pid.isdigit()):

@@ -16,8 +16,9 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ctfix.core.model import Listener
+from ctfix.core.model import ContainerRef, Listener
 from ctfix.platform import nlsock
+from ctfix.platform.procfs import read_text
 
 SOCK_DIAG_BY_FAMILY = 20
 INET_DIAG_SKV6ONLY = 11
@@ -102,6 +103,7 @@ class Owner:
     cmdline: tuple[str, ...]
     unit: str | None
     exe: str | None = None  # /proc/PID/exe's target; None when it cannot be read
+    container: ContainerRef | None = None
 
 
 _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
@@ -141,50 +143,36 @@ def socket_holders(inodes: Iterable[int], proc: str = "/proc") -> dict[int, list
     return holders
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return None
-
-
 def _owner(pid: int, proc: str) -> Owner:
-    comm = _read(f"{proc}/{pid}/comm")
-    raw_cmdline = _read(f"{proc}/{pid}/cmdline") or ""
+    comm = read_text(f"{proc}/{pid}/comm")
+    raw_cmdline = read_text(f"{proc}/{pid}/cmdline") or ""
     cmdline = tuple(part for part in raw_cmdline.split("\0") if part)
     try:
         exe: str | None = os.readlink(f"{proc}/{pid}/exe").removesuffix(" (deleted)")
     except OSError:
         exe = None  # a kernel thread, or another user's process without privileges
+    cgroup = read_text(f"{proc}/{pid}/cgroup") or ""
+    from ctfix.platform import containers
+
     return Owner(
         pid=pid,
         process=comm.strip() if comm else None,
         cmdline=cmdline,
-        unit=unit_from_cgroup(_read(f"{proc}/{pid}/cgroup") or ""),
+        unit=unit_from_cgroup(cgroup),
         exe=exe,
+        container=containers.resolver().for_cgroup(cgroup),
     )
 
 
-_CONTAINER = re.compile(
-    r"(?:docker|libpod|crio|cri-containerd|containerd)[-/:]([0-9a-f]{12,64})(?:\.scope)?$"
-)
-
-
 def unit_from_cgroup(text: str) -> str | None:
-    """A container id (`docker:abcdef123456`) or a systemd unit from /proc/PID/cgroup."""
+    """A container (`docker:abcdef123456`) or a systemd unit from /proc/PID/cgroup."""
+    from ctfix.platform.containers import container_from_cgroup
+
+    found = container_from_cgroup(text)
+    if found is not None:
+        return f"{found.engine or 'container'}:{found.id[:12]}"
     for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        parts = [part for part in path.split("/") if part]
-        for part in reversed(parts):
-            match = _CONTAINER.search(part)
-            if match is not None:
-                runtime = part.split("-", 1)[0].split(":", 1)[0]
-                runtime = "docker" if runtime == match.group(1) else runtime
-                return f"{runtime}:{match.group(1)[:12]}"
-        # A docker cgroup v1 path is /docker/<id>: the runtime is the parent part.
-        if len(parts) >= 2 and re.fullmatch(r"[0-9a-f]{64}", parts[-1]):
-            return f"{parts[-2]}:{parts[-1][:12]}"
+        parts = [part for part in line.split(":", 2)[-1].split("/") if part]
         for part in reversed(parts):
             if part.endswith((".service", ".scope")) and not part.startswith("session-"):
                 return part
@@ -208,6 +196,7 @@ def listeners(port: int) -> list[tuple[Listener, int]]:
             process=owner.process if owner else None,
             cmdline=owner.cmdline if owner else (),
             unit=owner.unit if owner else None,
+            container=owner.container if owner else None,
             v6only=sock.v6only if sock.family == "ipv6" else None,
             peer=sock.peer,
             exe=owner.exe if owner else None,

@@ -10,14 +10,15 @@ evidence, and the fixes with their trade-offs, in that order.
 from __future__ import annotations
 
 import json
-import textwrap
 from typing import Any
 
 from ctfix.core.detectors.stale_nat import stale_nat_text
 from ctfix.core.diagnosis import recommended_first, wrong_text
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
+from ctfix.render.container import container_json, container_text
 from ctfix.render.stale_nat import WHY_STALE, stale_nat_record
 from ctfix.render.style import Style
+from ctfix.render.width import fill
 
 WHY = (
     "A UDP server that answers with sendto() on a socket bound to the wildcard (0.0.0.0 "
@@ -37,6 +38,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
     return {
         "port": d.port,
         "netns": d.netns,
+        "netns_container": container_json(d.netns_container),
         "verdict": d.verdict,
         "reasons": [{"code": r.code, "text": r.text} for r in d.reasons],
         "service": d.service,
@@ -55,6 +57,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "unit": lst.unit,
                 "exe": lst.exe,
                 "processes": [{"pid": pid, "process": comm} for pid, comm in lst.processes],
+                "container": container_json(lst.container),
             }
             for lst in d.listeners
         ],
@@ -81,6 +84,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     "count": w.count,
                     "clients": w.clients,
                     "client_network": w.client_network,
+                    "container": container_json(w.container),
                 }
                 for w in d.evidence.wrong_source
             ],
@@ -134,13 +138,29 @@ def _listener_line(lst: Listener) -> str:
         extra.append("v6only" if lst.v6only else "dual-stack")
     if lst.peer:
         extra.append(f"connected to {lst.peer}")
-    if lst.unit:
+    if lst.container is not None:
+        extra.append(container_text(lst.container))
+    elif lst.unit:
         extra.append(lst.unit)
     others = [f"{comm or '?'} pid {pid}" for pid, comm in lst.processes if pid != lst.pid]
     if others:
         extra.append(f"shared with {', '.join(others)}")
     tail = f" ({', '.join(extra)})" if extra else ""
     return f"{who} ({pid}) {lst.state} on {where}{tail}"
+
+
+def _netns_text(d: Diagnosis) -> str:
+    """The namespace as given, and whose it is when a container's (and not said)."""
+    ref = d.netns_container
+    if ref is None or d.netns in (f"container:{ref.name}", f"container:{ref.id}"):
+        return d.netns
+    return f"{d.netns} ({container_text(ref)})"
+
+
+def _wrong_line(w: WrongSourceReply) -> str:
+    """A wrong-source record, with the container of its (latest) client if known."""
+    text = wrong_text(w)
+    return f"{text} ({container_text(w.container)})" if w.container else text
 
 
 def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
@@ -166,20 +186,19 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     )
 
 
-def _wrap(text: str, indent: str, width: int = 88) -> str:
-    return "\n".join(
-        textwrap.fill(
-            paragraph,
-            width=width,
-            initial_indent=indent,
-            subsequent_indent=indent,
-            break_long_words=False,
-            break_on_hyphens=False,
-        )
-        if paragraph.strip()
-        else ""
-        for paragraph in text.splitlines()
-    )
+#: where prose is filled when the output is not a terminal
+PIPE_WIDTH = 88
+
+
+def _wrap(text: str, indent: str, width: int | None, hang: str | None = None) -> str:
+    """Fill text at width, never mid-word (ctfix.render.width.fill). Without a width
+    (not a terminal), prose is filled at PIPE_WIDTH and a one-line record (hang
+    given) stays one line, for grep and `head -1`."""
+    if width is None:
+        if hang is not None:
+            return indent + text
+        width = PIPE_WIDTH
+    return fill(text, width, indent, hang)
 
 
 def _headline_tail(d: Diagnosis) -> str:
@@ -208,67 +227,74 @@ def _runbooks(d: Diagnosis) -> str:
     return ", ".join(books)
 
 
-def render_text(d: Diagnosis, style: Style | None = None) -> str:
+def render_text(d: Diagnosis, style: Style | None = None, width: int | None = None) -> str:
+    """The write-up for people, every line wrapped at `width` (a terminal's: see
+    ctfix.render.width.terminal_width); without one, as for a pipe (see `_wrap`)."""
     s = style or Style(False)
+    w = width
     verdict = s(_VERDICT_WORDS[d.verdict], *_VERDICT_STYLE[d.verdict])
     tail = _headline_tail(d)
     if d.service_down:
         tail = s(tail, "red", "bold")
-    out = [f"UDP port {d.port} in namespace {d.netns}: {verdict}{tail}", ""]
+    headline = f"UDP port {d.port} in namespace {_netns_text(d)}: {verdict}{tail}"
+    out = [_wrap(headline, "", w, "  "), ""]
 
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
-        out.append(_wrap(reason.text, "  ").replace("  ", "- ", 1))
+        out.append(_wrap(reason.text, "  ", w).replace("  ", "- ", 1))
     if d.verdict != "ok":
-        out += ["", s("Why", "bold"), *(_wrap(text, "  ") for text in _why(d))]
+        out += ["", s("Why", "bold"), *(_wrap(text, "  ", w) for text in _why(d))]
 
     out += ["", s("Sockets on the port", "bold")]
-    out += [f"  {_listener_line(lst)}" for lst in d.listeners] or ["  none"]
+    out += [_wrap(_listener_line(lst), "  ", w, "      ") for lst in d.listeners] or ["  none"]
 
     if d.clients:
-        out += [
-            "",
-            s(
-                "Client networks (reply source from `ip route get CLIENT ipproto udp "
-                f"sport {d.port}`)",
-                "bold",
-            ),
-        ]
+        heading = (
+            "Client networks (reply source from `ip route get CLIENT ipproto udp "
+            f"sport {d.port}`)"
+        )
+        out += ["", _wrap(s(heading, "bold"), "", w, "  ")]
         rows = [("network", "via", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for index, row in enumerate(rows):
-            cells = [row[i].ljust(widths[i]) for i in range(4)]
-            line = "  " + "  ".join(cells) + "  " + row[4]
-            if index and row[4] != "ok":
-                line = "  " + "  ".join(cells) + "  " + s(row[4], "red")
-            out.append(line.rstrip())
+            cells = "  " + "  ".join(row[i].ljust(widths[i]) for i in range(4))
+            status = s(row[4], "red") if index and row[4] != "ok" else row[4]
+            if w is not None and len(cells.rstrip()) + 2 + len(row[4]) > w:
+                # Too wide for the terminal: the status goes under its row.
+                out.append(cells.rstrip())
+                if row[4]:
+                    out.append(_wrap(status, "      ", w))
+            else:
+                out.append(f"{cells}  {status}".rstrip())
 
     ev = d.evidence
     out += ["", s("Evidence (conntrack, this port)", "bold")]
     if ev.wrong_source:
-        for w in ev.wrong_source:
-            out.append(f"  {s('wrong source', 'red')}: {wrong_text(w)}")
+        for wrong in ev.wrong_source:
+            line = f"{s('wrong source', 'red')}: {_wrong_line(wrong)}"
+            out.append(_wrap(line, "  ", w, "      "))
     else:
         out.append("  no wrong-source replies in the table")
-    out.append(f"  {_answers(ev.healthy, ev.unanswered)}")
+    out.append(_wrap(_answers(ev.healthy, ev.unanswered), "  ", w, "      "))
     for stale in d.stale_nat:
-        out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  "))
+        out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  ", w, "      "))
 
     if d.rules:
         out += ["", s("Netfilter rules on the port", "bold")]
         for r in d.rules:
-            out.append(f"  {r.backend} {r.table} {r.chain}: {r.rule}")
+            out.append(_wrap(f"{r.backend} {r.table} {r.chain}: {r.rule}", "  ", w, "      "))
             if r.problem:
-                out.append(_wrap(f"cannot help: {r.problem}", "      "))
+                out.append(_wrap(f"cannot help: {r.problem}", "      ", w))
 
     if d.fixes:
         out += ["", s("How to fix it", "bold")]
         for fix in recommended_first(d.fixes):
             mark = s("recommended", "green") + " " if fix.recommended else ""
-            out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  "))
-            out.append(_wrap(fix.detail, "      "))
-        out += ["", f"  Runbook: {_runbooks(d)}; live view: ctfix watch"]
+            out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  ", w, "      "))
+            out.append(_wrap(fix.detail, "      ", w))
+        runbook = f"Runbook: {_runbooks(d)}; live view: ctfix watch"
+        out += ["", _wrap(runbook, "  ", w, "  ")]
     return "\n".join(out) + "\n"
 
 
@@ -278,7 +304,7 @@ def _md_escape(text: str) -> str:
 
 def render_markdown(d: Diagnosis) -> str:
     out = [
-        f"## UDP port {d.port} (namespace `{d.netns}`): **{_VERDICT_WORDS[d.verdict]}**"
+        f"## UDP port {d.port} (namespace `{_netns_text(d)}`): **{_VERDICT_WORDS[d.verdict]}**"
         + _headline_tail(d),
         "",
     ]
@@ -305,7 +331,7 @@ def render_markdown(d: Diagnosis) -> str:
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
     for w in ev.wrong_source:
-        out.append(f"- wrong source: {wrong_text(w)}")
+        out.append(f"- wrong source: {_wrong_line(w)}")
     if not ev.wrong_source:
         out.append("- no wrong-source replies in the table")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")

@@ -22,6 +22,7 @@ from ctfix.core.detectors.stale_nat import StaleNatFinding, stale_nat_text
 from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
 from ctfix.render.stale_nat import stale_nat_record
 from ctfix.render.style import Style, use_colour
+from ctfix.render.width import fill, terminal_width
 
 AnyFinding = WrongSourceFinding | StaleNatFinding
 
@@ -93,6 +94,8 @@ class WatchRenderer:
         self.json = json_lines
         self.netns = netns
         self.style = Style(use_colour(stream) and not json_lines)
+        #: a terminal's width: finding lines are filled at it (a pipe: one line each)
+        self.width = None if json_lines else terminal_width(stream)
 
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
@@ -105,7 +108,10 @@ class WatchRenderer:
         if self.json:
             self._write(json.dumps(finding_record(finding, self.netns)))
             return
-        self._write(self.finding_line(finding, update=update))
+        self._write(self._fit(self.finding_line(finding, update=update)))
+
+    def _fit(self, line: str, indent: str = "") -> str:
+        return fill(line, self.width, indent, "    ") if self.width else indent + line
 
     def _stale_text(self, finding: StaleNatFinding) -> str:
         return stale_nat_text(finding, lambda text: self.style(text, "bold", "red"))
@@ -163,8 +169,11 @@ class WatchRenderer:
             if finding.confirmed:
                 tags += ("confirmed",)
             self._write(
-                f"  {self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                f"{timestamp(finding.last_seen)}"
+                self._fit(
+                    f"{self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
+                    f"{timestamp(finding.last_seen)}",
+                    indent="  ",
+                )
             )
 
     def summary(self, record: dict[str, Any]) -> None:

@@ -189,3 +189,34 @@ def test_an_outage_is_in_the_headline_of_every_format() -> None:
     data = json.loads(render_json(down))
     assert data["service_down"] is True and data["reasons"][0]["code"] == "nothing-answers"
     assert json.loads(render_json(BROKEN))["service_down"] is False
+
+
+def test_text_fits_the_terminal_width_never_mid_word() -> None:
+    """With a width (a terminal's), every line but the client table fits, and wrapping
+    only moves whole words: the words are those of the unwrapped text."""
+    import dataclasses
+
+    from ctfix.core.model import ContainerRef
+
+    ctr = ContainerRef(id="a" * 64, name="a-container-with-a-rather-long-name", engine="docker")
+    d = dataclasses.replace(
+        BROKEN,
+        clients=tuple(dataclasses.replace(cn, onlink=("192.0.2.1",)) for cn in BROKEN.clients),
+        listeners=(*BROKEN.listeners, Listener("0.0.0.0", 56789, "ipv4", "listening", 7, "socat",
+                                               container=ctr)),
+        evidence=dataclasses.replace(
+            BROKEN.evidence,
+            wrong_source=tuple(
+                dataclasses.replace(w, container=ctr) for w in BROKEN.evidence.wrong_source
+            ),
+        ),
+    )  # fmt: skip
+    wide = render_text(d, width=1000)
+    assert "a-container-with-a-rather-long-name" in wide
+    for width in (80, 60):
+        text = render_text(d, width=width)
+        # At 60 columns the client table's cells alone do not fit; at 80 all does.
+        cells = ("  192.0.2.", "  network") if width < 80 else ()
+        too_wide = [line for line in text.splitlines() if len(line) > width]
+        assert [line for line in too_wide if not line.startswith(cells)] == []
+        assert text.split() == wide.split()

@@ -131,7 +131,8 @@ def judge(
 def who(listener: Listener) -> str:
     name = listener.process or "an unknown process"
     pid = f" (pid {listener.pid})" if listener.pid is not None else ""
-    unit = f" in {listener.unit}" if listener.unit else ""
+    ref = listener.container
+    unit = f" in container {ref.name}" if ref else f" in {listener.unit}" if listener.unit else ""
     return f"{name}{pid}{unit}"
 
 
@@ -172,7 +173,7 @@ def unbound_reason(
         "nothing-bound",
         f"Nothing is bound to UDP port {port} in this namespace: check the port "
         "(`ss -ulpn`), or pass --netns for a service that runs in another namespace "
-        "(a container: --netns pid:PID).",
+        "(a container: --netns container:NAME or pid:PID).",
     )
 
 

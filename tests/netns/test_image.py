@@ -1,0 +1,120 @@
+"""deploy/Dockerfile, built offline with a real Docker engine in the lab's host
+namespace, and the image's `ctfix watch` finding a wrong-source reply there.
+
+The engine's namespace has no route out, so the build uses what scripts/setup made
+on the host: a debootstrap'ed Debian base (docker import) and the dependencies'
+wheels; ctfix's own wheel is built here from the working tree. One build per run
+(the slow part: a few minutes on a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctfix.lab.topology import (
+    BRIDGE_V4,
+    UPLINK_V4,
+    Topology,
+    lab_topology,
+    udp_exchange,
+    wait_udp_bound,
+)
+from tests.fresh_clone import BASE_TARBALL, WHEELS, clone_tree, missing_wheels
+from tests.netns.docker_engine import DockerEngine, docker_engine
+
+PORT = 56790
+IMAGE = "ctfix:test"
+BASE = "ctfix-base:bookworm"
+
+
+@pytest.fixture(scope="module")
+def built() -> Iterator[tuple[Topology, DockerEngine]]:
+    """The lab with an engine in its host namespace, and the image built there."""
+    reason = missing_wheels()
+    if reason is None and not BASE_TARBALL.is_file():
+        reason = f"no offline image base {BASE_TARBALL} (run scripts/setup)"
+    if reason is not None:
+        pytest.skip(reason)
+    with (
+        tempfile.TemporaryDirectory(prefix="ctfix-image-") as tmp,
+        lab_topology(ipv6=False, netfilter="nft") as topo,
+        docker_engine(topo.host) as engine,
+    ):
+        context = clone_tree(Path(tmp) / "context")
+        wheels = context / "wheels"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+             "--no-deps", "--no-index", "--find-links", str(WHEELS), "-w", str(wheels),
+             str(context)],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        for wheel in WHEELS.glob("*.whl"):
+            shutil.copy2(wheel, wheels)
+        engine.docker("import", str(BASE_TARBALL), BASE, timeout=600)
+        engine.docker(
+            "build", "-q", "--build-arg", f"BASE={BASE}", "-t", IMAGE,
+            "-f", str(context / "deploy" / "Dockerfile"), str(context),
+            timeout=1200,
+        )  # fmt: skip
+        yield topo, engine
+
+
+def _logs(engine: DockerEngine, name: str) -> tuple[str, str]:
+    proc = subprocess.run(
+        [engine.client, "logs", name], capture_output=True, text=True, env=engine.env()
+    )
+    return proc.stdout, proc.stderr
+
+
+def _wait_for(engine: DockerEngine, name: str, what: str, found: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not found(*_logs(engine, name)):
+        if time.monotonic() > deadline:
+            out, err = _logs(engine, name)
+            pytest.fail(f"no {what} within {timeout:.0f} s; stdout={out!r} stderr={err!r}")
+        time.sleep(0.2)
+
+
+def _records(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_the_image_watch_finds_a_wrong_source_reply(built: tuple[Topology, DockerEngine]) -> None:
+    topo, engine = built
+    assert engine.docker("run", "--rm", IMAGE, "-V").startswith("ctfix ")
+    server = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{PORT},fork", "EXEC:cat"])
+    wait_udp_bound(server.pid, PORT, address="0.0.0.0")
+    # The container shares the namespace it watches (the DaemonSet's hostNetwork).
+    engine.docker(
+        "run", "-d", "--name", "watcher", "--network", "host",
+        "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", IMAGE, "watch", "--json",
+    )  # fmt: skip
+    _wait_for(engine, "watcher", "'watching' note", lambda _o, err: "watching" in err, 120)
+
+    assert udp_exchange(topo.container, BRIDGE_V4, PORT).answered
+    assert not udp_exchange(topo.container, UPLINK_V4, PORT).answered
+
+    def wrong_source(out: str, _err: str) -> bool:
+        return any(r.get("kind") == "wrong-source-reply" for r in _records(out))
+
+    _wait_for(engine, "watcher", "wrong-source finding", wrong_source, 60)
+    engine.docker("stop", "-t", "30", "watcher", timeout=60)
+    engine.docker("wait", "watcher")
+    out, _err = _logs(engine, "watcher")
+    findings = [r for r in _records(out) if r.get("kind") == "wrong-source-reply"]
+    assert findings[0]["service"] == f"{UPLINK_V4}:{PORT}"
+    assert findings[0]["actual_source"] == f"{BRIDGE_V4}:{PORT}"
+    summary = [r for r in _records(out) if r.get("kind") == "summary"]
+    assert summary and summary[-1]["findings"] >= 1
+
