@@ -46,6 +46,8 @@ class StaleNatWatch:
         self.local = local_addresses
         self.warn = warn
         self._warned: tuple[str, ...] = ()
+        self._routes: dict[str, str | None] = {}
+        detector.interface_of = self._route_interface
         self.changes = nat_rules.RulesetChanges()
         if self.changes.unsubscribed:
             warn(
@@ -119,8 +121,19 @@ class StaleNatWatch:
             for port in sorted(ports):
                 entries.extend(conntrack.dump(proto=17, port=port, usage=usage))
         self.checks += 1
+        self._routes.clear()
         for found in self.detector.check(entries, time.time(), usage=usage, ports=ports):
             self.report(found)
+
+    def _route_interface(self, client: str) -> str | None:
+        """The interface the route to a client leaves by (it stands in for the one its
+        datagrams came in by; see ctfix.core.detectors.stale_nat.judge), asked once
+        per client and check."""
+        if client not in self._routes:
+            from ctfix.platform import routing
+
+            self._routes[client] = routing.reply_source(client, 0).interface
+        return self._routes[client]
 
     def close(self) -> None:
         self.changes.close()

@@ -120,5 +120,8 @@ class Snapshot:
     # (nf_conntrack_udp_timeout, _stream) and when the snapshot was taken (epoch s).
     nat_rules: NatRuleset | None = None
     nat_usage: dict[int, CtUsage] = field(default_factory=dict)
+    # Client address -> the interface the route to it leaves by, for the clients whose
+    # entries to the port were never DNAT'd (the stale-nat check's arrival interface).
+    client_interfaces: dict[str, str] = field(default_factory=dict)
     udp_timeouts: tuple[int, int] = (30, 120)
     taken: float = 0.0

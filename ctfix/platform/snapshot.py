@@ -135,9 +135,29 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         probes=probes,
         nat_rules=nat_rules.read(),
         nat_usage=usage,
+        client_interfaces=client_interfaces(flows, port, local),
         udp_timeouts=_udp_timeouts(),
         taken=taken,
     )
+
+
+def client_interfaces(flows: list[CtEntry], port: int, local: frozenset[str]) -> dict[str, str]:
+    """The route's interface to each client whose entry to the port was never DNAT'd."""
+    found: dict[str, str] = {}
+    for entry in flows:
+        orig, reply = entry.orig, entry.reply
+        client = orig.src
+        if (
+            orig.dport != port
+            or client in local
+            or client in found
+            or (reply.src, reply.sport) != (orig.dst, orig.dport)
+        ):
+            continue
+        interface = routing.reply_source(client, port, dport=orig.sport).interface
+        if interface is not None:
+            found[client] = interface
+    return found
 
 
 def _udp_timeouts() -> tuple[int, int]:

@@ -46,4 +46,5 @@ def stale_nat_record(finding: StaleNatFinding) -> dict[str, Any]:
             for p in finding.pinned
         ],
         "rules": list(finding.rules),
+        "arrival": finding.arrival,
     }

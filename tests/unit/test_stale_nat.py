@@ -280,3 +280,28 @@ def test_a_port_forwarded_to_a_backend_elsewhere_is_not_an_outage() -> None:
     codes = [r.code for r in diagnosis.reasons]
     assert "forwarded-to-backend" in codes and "nothing-answers" not in codes
     assert diagnosis.service_down is False
+
+
+def test_never_natted_behind_an_interface_match_rests_on_the_route_to_the_client() -> None:
+    """Docker's rule: `iifname != "docker0" udp dport 5140 dnat to B`. Conntrack does
+    not record the input interface: only the route to the client can stand in for it,
+    and only for an entry that was never DNAT'd."""
+    objects: list[dict[str, object]] = [
+        {"chain": {"family": "ip", "table": "nat", "name": "pre", "type": "nat",
+                   "hook": "prerouting", "prio": -100, "policy": "accept"}},
+        {"rule": {"family": "ip", "table": "nat", "chain": "pre", "handle": 2, "expr": [
+            {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                       "right": 5140}},
+            {"dnat": {"addr": B}}]}},
+    ]
+    ev = Evaluator(NatRuleset(tuple(nat_chains(objects))), [SERVICE])
+    before = _entry("192.0.2.3", 40514, 5140, None)
+    assert judge([before], ev, now=0.0).stale == ()  # not knowing: both ways
+    [one] = judge([before], ev, now=0.0, interface_of=lambda client: "eth0").stale
+    assert (one.why, one.arrival, one.current) == ("never-natted", "eth0", (f"{B}:5140",))
+    assert judge([before], ev, now=0.0, interface_of=lambda client: "docker0").stale == ()
+    # A DNAT'd entry is never judged by a guessed interface.
+    moved = _entry("192.0.2.3", 40515, 5140, A)
+    assert judge([moved], ev, now=0.0, interface_of=lambda client: "docker0").stale[0].why == (
+        "rule-changed")

@@ -62,6 +62,9 @@ class StaleEntry:
     idle: float | None  # seconds since its last datagram, from its timeout (estimate)
     packets: int | None  # datagrams the client sent through it (nf_conntrack_acct)
     rules: tuple[str, ...] = ()  # the rules that make the current DNATs
+    #: never-natted and the rules match on the input interface: the one its datagrams
+    #: arrive by, inferred from the route to the client (a prediction)
+    arrival: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,7 @@ class StaleNatFinding:
     existing: bool  # found in a dump at start-up or a resync (not after a change seen live)
     pinned: tuple[Pinned, ...] = ()
     rules: tuple[str, ...] = ()
+    arrival: str | None = None  # see StaleEntry.arrival
     kind: Literal["stale-nat"] = "stale-nat"
 
     @property
@@ -137,10 +141,16 @@ def judge(
     udp_timeout: int = UDP_TIMEOUT,
     stream_timeout: int = UDP_TIMEOUT_STREAM,
     port: int | None = None,
+    interface_of: Callable[[str], str | None] | None = None,
 ) -> Judgement:
     """Which UDP entries the rules would no longer send where they go (module doc).
 
     port: only entries sent to this port (explain's and fix's port); None: all.
+    interface_of: the interface the route to a client address leaves by. Conntrack does
+    not record the interface a flow came in by; for an entry that was never DNAT'd
+    while rules that match on it would DNAT it now (Docker's `! -i docker0`), the
+    route to the client stands in for it, and the entry says so (`arrival`). It is
+    never used against a DNAT'd entry: there, not knowing means both ways.
     """
     local = evaluator.local
     forwarded = evaluator.forwarded_ports()
@@ -166,11 +176,16 @@ def judge(
         service = endpoint(orig.dst, orig.dport)
         target = endpoint(reply.src, reply.sport)
         why: StaleWhy
+        arrival = None
         if natted:
             if outcome.sends_to(reply.src, reply.sport, flow, local):
                 continue
             why = "rule-changed" if outcome.targets else "no-longer-forwarded"
         else:
+            if outcome.unnatted and outcome.targets and interface_of and not flow.local:
+                arrival = interface_of(orig.src)
+                if arrival is not None:
+                    outcome = evaluator.outcome(flow._replace(iif=arrival))
             if outcome.unnatted or not outcome.targets:
                 continue
             why = "never-natted"
@@ -192,6 +207,7 @@ def judge(
                 idle=idle_seconds(entry, udp_timeout, stream_timeout),
                 packets=used.orig_packets if used is not None else None,
                 rules=outcome.rules,
+                arrival=arrival,
             )
         )
     return Judgement(tuple(stale), tuple(undecided), judged, tuple(targets))
@@ -227,6 +243,7 @@ def aggregate(
                 pinned=tuple(Pinned(m.client, m.age, m.idle, m.packets)
                              for m in busiest[:MAX_PINNED]),
                 rules=first.rules,
+                arrival=first.arrival,
             )
         )
     return findings
@@ -258,6 +275,8 @@ class StaleNatDetector:
         self.stream_timeout = stream_timeout
         self.max_findings = max_findings
         self.evaluator: Evaluator | None = None
+        #: the route's interface to a client (see `judge`); watch sets it
+        self.interface_of: Callable[[str], str | None] | None = None
         self.findings: dict[tuple[str, str], StaleNatFinding] = {}
         #: keys the last check that covered their port found stale -> that port
         self._active: dict[tuple[str, str], int] = {}
@@ -278,6 +297,7 @@ class StaleNatDetector:
         usage: Mapping[int, CtUsage] | None = None,
         existing: bool = False,
         ports: Collection[int] | None = None,
+        interface_of: Callable[[str], str | None] | None = None,
     ) -> list[tuple[StaleNatFinding, Change]]:
         """Judge a dump: the whole table (ports None) or every entry to `ports`.
 
@@ -294,6 +314,7 @@ class StaleNatDetector:
             usage=usage,
             udp_timeout=self.udp_timeout,
             stream_timeout=self.stream_timeout,
+            interface_of=interface_of or self.interface_of,
         )
         self.undecided = judgement.undecided
         results: list[tuple[StaleNatFinding, Change]] = []
@@ -389,9 +410,14 @@ def stale_nat_text(finding: StaleNatFinding, mark: Callable[[str], str] = str) -
     )
     now = ", ".join(finding.current_targets)
     if finding.why == "never-natted":
+        via = (
+            f" (arriving by {finding.arrival}, predicted from the route to the client)"
+            if finding.arrival
+            else ""
+        )
         head = (
             f"{service}: {who} predate the DNAT and are still delivered to {service} "
-            f"itself; the rules now send new flows to {now}"
+            f"itself; the rules now send new flows{via} to {now}"
         )
     elif finding.why == "no-longer-forwarded" or not finding.current_targets:
         head = f"{service} still sends {who} to {stale_target}; the rules no longer forward it"

@@ -61,6 +61,7 @@ def stale_nat(snapshot: Snapshot) -> StaleNat:
         udp_timeout=udp,
         stream_timeout=stream,
         port=port,
+        interface_of=snapshot.client_interfaces.get,
     )
     findings = tuple(aggregate(judgement.stale, now, existing=True))
     reasons = [
