@@ -114,6 +114,7 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
 
+    nat = nat_rules.read()
     probes = probe_destinations(port, addresses, flows)
     choices: list[RouteChoice] = [
         routing.reply_source(destination, port, uid=uid) for destination in probes.values()
@@ -133,9 +134,9 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
-        nat_rules=nat_rules.read(),
+        nat_rules=nat,
         nat_usage=usage,
-        client_interfaces=client_interfaces(flows, port, local),
+        client_interfaces=client_interfaces(flows, port, local) if nat.matches_interfaces else {},
         udp_timeouts=_udp_timeouts(),
         taken=taken,
     )

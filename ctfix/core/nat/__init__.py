@@ -237,6 +237,13 @@ class NatRuleset:
     chains: tuple[NatChain, ...] = ()
     errors: tuple[str, ...] = ()
 
+    @property
+    def matches_interfaces(self) -> bool:
+        """Some rule matches on the input interface (which conntrack does not record)."""
+        return any(
+            "iifname" in m.fields for c in self.chains for r in c.rules for m in r.matches
+        )
+
 
 # -- evaluation -------------------------------------------------------------------------
 
