@@ -28,15 +28,23 @@ PORT = 56789
 CTFIX = [sys.executable, "-m", "ctfix"]
 
 
-def entries_file(total: int, port_entries: int, first: int = 0) -> str:
-    """`conntrack -R` input: requests to PORT and its wrong-source replies, then noise
-    (from the first-th noise entry on: files with different `first` do not overlap)."""
+def entries_file(
+    total: int, port_entries: int, ports: tuple[int, ...] = (PORT,), first: int = 0
+) -> str:
+    """`conntrack -R` input: for each port, `port_entries` requests to it and their
+    wrong-source replies (half each); then requests to other ports up to `total` (from
+    the first-th noise entry on: files with different `first` do not overlap)."""
     lines = []
-    for i in range(port_entries // 2):
-        client = f"192.0.2.{10 + i % 200}"
-        cport = 20000 + i // 200
-        lines.append(f"-I -s {client} -d {UPLINK_V4} -p udp --sport {cport} --dport {PORT} -t 600")
-        lines.append(f"-I -s {BRIDGE_V4} -d {client} -p udp --sport {PORT} --dport {cport} -t 600")
+    for port in ports:
+        for i in range(port_entries // 2):
+            client = f"192.0.2.{10 + i % 200}"
+            cport = 20000 + i // 200
+            lines.append(
+                f"-I -s {client} -d {UPLINK_V4} -p udp --sport {cport} --dport {port} -t 600"
+            )
+            lines.append(
+                f"-I -s {BRIDGE_V4} -d {client} -p udp --sport {port} --dport {cport} -t 600"
+            )
     i = first
     while len(lines) < total:
         client = f"203.0.113.{1 + i % 250}"

@@ -71,6 +71,7 @@ def _host_sysctl(topo: Topology, name: str, value: str) -> None:
 
 
 def _reader(stream: object, lines: list[tuple[float, str]]) -> None:
+    # A Popen's text stdout; typed object so the thread target's signature stays simple.
     for line in stream:  # type: ignore[attr-defined]
         lines.append((time.time(), line))
 

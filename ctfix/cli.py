@@ -12,8 +12,9 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from ctfix import __version__
 from ctfix.errors import CtfixError, ExitStatus
@@ -24,6 +25,7 @@ PROG = "ctfix"
 COMMANDS: dict[str, str] = {
     "watch": "detect wrong-source UDP replies live, from conntrack events",
     "explain": "say which process on a UDP port is affected, why, the evidence and the fix",
+    "scan": "every UDP service in the namespace, diagnosed like explain, worst first",
     "fix": "apply (or print, or revert) a reversible remediation for a UDP port",
     "serve": "run the reference UDP echo server that always answers from the right address",
     "lab": "reproduce the bug and its fix in throwaway network namespaces",
@@ -41,6 +43,7 @@ EPILOG = """\
 examples:
   ctfix lab                          see the bug and its fix in throwaway namespaces
   ctfix watch --json --duration 60   report wrong-source replies for a minute
+  ctfix scan                         every UDP service on this host, worst first
   ctfix explain 5353                 who is on UDP 5353, is it affected, how to fix it
   ctfix fix 5353 --method snat-zone  print the plan; add --apply to apply it
 
@@ -107,6 +110,7 @@ def build_parser(argv: Sequence[str], *, every_command: bool = False) -> argpars
             _load(name).add_arguments(cmd_parser)
         if name == chosen:
             _load(name).add_arguments(cmd_parser)
+            # argparse has no slot for it; main() reads it back for error messages.
             parser.chosen_parser = cmd_parser  # type: ignore[attr-defined]
     return parser
 
@@ -124,22 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return ExitStatus.ERROR
+    output = _ReaderGone(sys.stdout, stop=args.command in _STREAMING)
+    sys.stdout = cast(TextIO, output)
     try:
-        return int(_load(args.command).run(args))
+        status = int(_load(args.command).run(args))
+        output.flush()  # here, so that a reader gone shows now, not at exit
+        return status
     except CtfixError as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(f"ctfix {args.command}: error: {err.one_line()}", file=sys.stderr)
         return ExitStatus.ERROR
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
     except BrokenPipeError:
         # `ctfix watch | head`: the reader left; that is not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitStatus.OK
     except PermissionError as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(
             f"ctfix {args.command}: error: permission denied ({err.strerror or err}); "
             "run as root or with CAP_NET_ADMIN",
@@ -147,11 +152,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return ExitStatus.ERROR
     except Exception as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(
             f"ctfix {args.command}: internal error: {type(err).__name__}: {err}; "
             "rerun with --debug for the traceback and report it",
             file=sys.stderr,
         )
         return ExitStatus.ERROR
+    finally:
+        sys.stdout = output.stream
+
+
+def _traceback(debug: bool) -> None:
+    """--debug shows where an error came from; it never changes the exit status."""
+    if debug:
+        traceback.print_exc()
+
+
+#: commands whose output is a stream: when its reader leaves they stop (exit 0); the
+#: others finish and keep their own status (`ctfix fix --status | head -3` is 1 for a
+#: damaged fix, as without the pipe).
+_STREAMING = frozenset({"watch", "serve"})
+
+
+class _ReaderGone:
+    """sys.stdout while a command runs: once the reader has gone (EPIPE), the rest of
+    the output goes to /dev/null instead of raising (or stops a streaming command)."""
+
+    def __init__(self, stream: TextIO, stop: bool) -> None:
+        self.stream = stream
+        self.stop = stop
+        self.gone = False
+
+    def _reader_left(self) -> None:
+        self.gone = True
+        # Also for the interpreter's last flush at exit, which would fail the same way.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        finally:
+            os.close(devnull)
+        if self.stop:
+            raise BrokenPipeError
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

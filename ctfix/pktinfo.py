@@ -10,6 +10,9 @@ each request arrived on and hands that address back to ``sendmsg()`` as the repl
 source. Synchronous (``receive``/``reply``/``serve_forever``) and asyncio
 (``serve_async``) entry points share the same rules.
 
+One module on purpose (about 500 lines): it is meant to be copied whole into another
+service.
+
 Know before changing: every reply goes through ``reply()``, and ``reply()`` never falls
 back to a plain ``sendto()``. A reply that cannot leave from the right address is
 dropped and logged: a reply from the wrong address is worse than none, because the
@@ -51,6 +54,11 @@ Why each rule exists (what dnsmasq, unbound, PowerDNS, quic-go and quinn learned
   server send more bytes to a victim than the attacker sent. Requests from source
   port 0 are dropped: no real client can receive on port 0, so they are spoofed or
   broken, and answering them only feeds reflection.
+* Not a loop: requests from the server's own port (another echo server like this
+  one: two of them and one spoofed datagram would bounce for ever) or from a port
+  below 1024 (a spoofed victim's echo, chargen, DNS or NTP service, which answers
+  whatever arrives) are dropped. ``guard_reflection=False`` turns this off for a
+  protocol whose clients send from low ports and whose replies are never requests.
 * Drop messages are logged on the ``ctfix.pktinfo`` logger, the first of each kind
   and then at every power of two, so a flood cannot turn into a log flood.
 """
@@ -146,14 +154,41 @@ def _peer_text(peer: Sockaddr) -> str:
 # -- pure pieces: what arrived, what to send ------------------------------------------
 
 
+#: Requests from source ports below this are not answered (reflection guard).
+LOWEST_PEER_PORT = 1024
+
+
+def reflection_risk(peer_port: int, local_port: int | None) -> str | None:
+    """Why answering a request from peer_port could loop or reflect (None: it cannot).
+
+    A request from the server's own port may come from another server like this one
+    (two echo servers and one spoofed datagram bounce for ever); one from a port
+    below 1024 may be a spoofed victim's service (echo, chargen, DNS, NTP answer
+    whatever arrives). No real client of such a service sends from those ports.
+    """
+    if local_port is not None and peer_port == local_port:
+        return f"source port {peer_port} is this server's own port (an echo loop)"
+    if 0 < peer_port < LOWEST_PEER_PORT:
+        return f"source port {peer_port} is below {LOWEST_PEER_PORT} (reflection)"
+    return None
+
+
 def parse_request(
     payload: bytes,
     ancdata: Iterable[tuple[int, int, bytes]],
     flags: int,
     peer: Sockaddr,
     family: int,
+    *,
+    local_port: int | None = None,
+    guard_reflection: bool = True,
 ) -> Request | Dropped:
-    """Turn one recvmsg() result into a Request, or say why it must be dropped."""
+    """Turn one recvmsg() result into a Request, or say why it must be dropped.
+
+    `local_port` is the receiving socket's port; `guard_reflection=False` answers
+    the requests `reflection_risk` refuses (for a protocol whose clients do send from
+    low ports, such as NTP's 123, and whose replies are never requests).
+    """
     who = _peer_text(peer)
     if flags & socket.MSG_CTRUNC:
         return Dropped("ctrunc", f"ancillary data from {who} truncated (MSG_CTRUNC)")
@@ -161,6 +196,9 @@ def parse_request(
         return Dropped("trunc", f"datagram from {who} larger than the receive buffer")
     if peer[1] == 0:
         return Dropped("port0", f"request from {who}: source port 0 is never answered")
+    risk = reflection_risk(peer[1], local_port) if guard_reflection else None
+    if risk is not None:
+        return Dropped("reflection", f"request from {who}: {risk}")
     v4: tuple[int, str, str] | None = None  # ifindex, spec_dst, addr
     v6: tuple[int, str] | None = None  # ifindex, addr
     for level, kind, data in ancdata:
@@ -311,13 +349,21 @@ def open_sockets(
     return sockets
 
 
-def receive(sock: socket.socket, *, ancillary_size: int = ANCILLARY_SIZE) -> Request | None:
+def receive(
+    sock: socket.socket,
+    *,
+    ancillary_size: int = ANCILLARY_SIZE,
+    guard_reflection: bool = True,
+) -> Request | None:
     """Read one datagram; None if it must not be answered (the reason is logged).
 
     On a non-blocking socket with nothing to read, BlockingIOError propagates.
     """
     payload, ancdata, flags, peer = sock.recvmsg(MAX_DATAGRAM, ancillary_size)
-    parsed = parse_request(payload, ancdata, flags, peer, sock.family)
+    parsed = parse_request(
+        payload, ancdata, flags, peer, sock.family,
+        local_port=sock.getsockname()[1], guard_reflection=guard_reflection,
+    )
     if isinstance(parsed, Dropped):
         log_drop(parsed.kind, f"{parsed.reason}; request dropped")
         return None
@@ -410,12 +456,16 @@ def readable(
 
 
 def serve_forever(
-    sockets: Sequence[socket.socket], handler: Handler, *, stop: Stopper | None = None
+    sockets: Sequence[socket.socket],
+    handler: Handler,
+    *,
+    stop: Stopper | None = None,
+    guard_reflection: bool = True,
 ) -> None:
     """Answer each request with handler(request) (None: no reply) until stop.stop()."""
     for sock in readable(sockets, stop):
         try:
-            request = receive(sock)
+            request = receive(sock, guard_reflection=guard_reflection)
         except (BlockingIOError, InterruptedError):
             continue
         if request is None:
@@ -425,7 +475,9 @@ def serve_forever(
             reply(sock, request, answer)
 
 
-async def serve_async(sockets: Sequence[socket.socket], handler: AsyncHandler) -> None:
+async def serve_async(
+    sockets: Sequence[socket.socket], handler: AsyncHandler, *, guard_reflection: bool = True
+) -> None:
     """asyncio version of serve_forever: runs until cancelled.
 
     handler may return the reply (or None) or an awaitable of it; awaitables run as
@@ -447,7 +499,7 @@ async def serve_async(sockets: Sequence[socket.socket], handler: AsyncHandler) -
     def readable(sock: socket.socket) -> None:
         for _ in range(64):  # bounded, so one busy socket cannot starve the others
             try:
-                request = receive(sock)
+                request = receive(sock, guard_reflection=guard_reflection)
             except (BlockingIOError, InterruptedError):
                 return
             if request is None:
@@ -496,6 +548,7 @@ __all__ = [
     "parse_request",
     "readable",
     "receive",
+    "reflection_risk",
     "reply",
     "reply_allowed",
     "reply_ancillary",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import Literal, get_args
 
 from ctfix.errors import CtfixError, PrivilegeError
 
@@ -32,6 +33,30 @@ def add_rules_argument(parser: argparse.ArgumentParser) -> None:
         help="also load the knowledge-base files (*.yaml) in DIR; an entry with a "
         "built-in id replaces it; repeatable",
     )
+
+
+OutputFormat = Literal["text", "markdown", "json"]
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """--format text|markdown|json and its shorthand --json (explain, scan)."""
+    parser.add_argument(
+        "--format",
+        choices=get_args(OutputFormat),
+        # None, not "text": an explicit `--format text --json` contradicts itself.
+        default=None,
+        help="text (default), markdown for an incident document, or json",
+    )
+    parser.add_argument("--json", action="store_true", help="same as --format json")
+
+
+def output_format(args: argparse.Namespace) -> OutputFormat:
+    if args.json and args.format not in (None, "json"):
+        raise CtfixError(
+            f"--json and --format {args.format} contradict each other", "give only one of them"
+        )
+    chosen: OutputFormat = "json" if args.json else args.format or "text"
+    return chosen
 
 
 def port_number(text: str) -> int:

@@ -17,14 +17,16 @@ import sys
 from typing import TYPE_CHECKING
 
 from ctfix.commands.common import (
+    add_format_arguments,
     add_netns_argument,
     add_rules_argument,
     enter_netns,
+    output_format,
     port_number,
     positive_seconds,
     require_root,
 )
-from ctfix.errors import CtfixError, ExitStatus
+from ctfix.errors import ExitStatus
 
 if TYPE_CHECKING:
     from ctfix.core.model import Diagnosis
@@ -62,13 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("port", type=port_number, metavar="PORT", help="the UDP port")
     add_netns_argument(parser)
-    parser.add_argument(
-        "--format",
-        choices=("text", "markdown", "json"),
-        default="text",
-        help="text (default), markdown for an incident document, or json",
-    )
-    parser.add_argument("--json", action="store_true", help="same as --format json")
+    add_format_arguments(parser)
     add_rules_argument(parser)
     parser.add_argument(
         "--listen",
@@ -80,23 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
-    from ctfix.platform import containers, snapshot
+    from ctfix.platform import containers, rules_files, snapshot
     from ctfix.render import explain as render
 
-    if args.json and args.format != "text":
-        raise CtfixError(
-            f"--json and --format {args.format} contradict each other", "give only one of them"
-        )
-    kb = rules.load(args.rules, builtin=True)
+    fmt = output_format(args)
+    kb = rules_files.load(args.rules, builtin=True)
     require_root("ctfix explain (it reads conntrack and netfilter)")
     label = enter_netns(args.netns)
     snap = snapshot.collect(args.port, label, listen_seconds=args.listen)
     diagnosis = containers.annotate(diagnose(snap, kb))
-    fmt = "json" if args.json else args.format
     if fmt == "json":
-        sys.stdout.write(render.render_json(diagnosis))
+        from ctfix.render.jsonout import write_document
+
+        write_document(render.explain_document(diagnosis), sys.stdout)
     elif fmt == "markdown":
         sys.stdout.write(render.render_markdown(diagnosis))
     else:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ctfix.commands.common import (
@@ -32,7 +31,10 @@ from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
 if TYPE_CHECKING:
-    from ctfix.core.plan import Backend
+    from ctfix.core.plan import Backend, Plan
+    from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.remedy import Reverted
+    from ctfix.platform.remedy.marks import Marked
 
 EPILOG = """\
 examples:
@@ -42,15 +44,23 @@ examples:
   ctfix fix 5000 --method policy-route --apply --force
                          policy-route when you know no client in a network uses the
                          host's own address on its link (ctfix refuses otherwise)
+  ctfix fix 5000 --method snat-zone --gateway 192.0.2.1 --apply
+                         two uplinks: replies to clients of the uplink whose router is
+                         192.0.2.1 leave by it (where the host's routes do not say)
   ctfix fix 5000 --method bind --rules ./my-rules    how to fix the application itself
   ctfix fix 5140 --method flush-stale                the stale NAT entries it would delete
   ctfix fix 5140 --method flush-stale --apply        delete exactly those (nothing to revert)
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
 
+--revert removes only objects that carry ctfix's marks for the port; a record that
+names anything else is refused. Marked objects that no record explains (a lost
+state file) are shown by --status and removed by --revert too, listed apart.
+
 exit status:
   0    done (or a dry run; or nothing to revert)
-  1    --status: a recorded fix is DAMAGED or INTERRUPTED (revert it);
+  1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
+       no record explains are in the kernel (revert it);
        flush-stale: a client's next entry still does not go where the rules say
   2    refused or failed, nothing changed; bad input; missing privilege or feature
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
@@ -61,7 +71,7 @@ exit status:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
         f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply] [--force] "
-        "[--backend nft|iptables-legacy] [--netns NS] [--json]\n"
+        "[--backend nft|iptables-legacy] [--gateway ADDR]... [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
         "       ctfix fix --status [--netns NS] [--json]"
     )
@@ -78,7 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "DNAT target the rules no longer name)",
     )
     parser.add_argument("--apply", action="store_true", help="apply the plan (default: print it)")
-    parser.add_argument("--revert", action="store_true", help="remove what ctfix fix made")
+    parser.add_argument(
+        "--revert",
+        action="store_true",
+        help="remove what ctfix fix made (recorded, or found by its marks)",
+    )
     parser.add_argument("--status", action="store_true", help="show what ctfix fix made")
     parser.add_argument(
         "--force",
@@ -92,6 +106,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("nft", "iptables-legacy"),
         help="netfilter backend for snat-zone (default: the one the namespace uses)",
     )
+    parser.add_argument(
+        "--gateway",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="two uplinks: the router of the uplink ADDR is on (ADDR%%IFACE for a "
+        "link-local one), for replies that must leave by it when no route via it tells "
+        "ctfix (repeat for several uplinks)",
+    )
     add_rules_argument(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
@@ -101,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in ("apply", "revert", "status") if getattr(args, m)]
     if len(modes) > 1:
         raise CtfixError(f"--{modes[0]} and --{modes[1]} do not go together")
+    if args.status or args.revert:
+        _refuse_plan_options(args)
     if args.status:
         return _status(args)
     if args.revert:
@@ -118,7 +143,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.rules and args.method != "bind":
         raise CtfixError("--rules is for --method bind only", "drop --rules")
+    if args.gateway and args.method == "bind":
+        raise CtfixError("--gateway is for snat-zone and policy-route", "drop --gateway")
     if args.method == "bind":
+        if args.force:
+            raise CtfixError(
+                "--force is for policy-route and snat-zone; --method bind plans nothing",
+                "drop --force",
+            )
         if args.apply:
             raise CtfixError(
                 "--method bind changes nothing on the host, so there is nothing to apply",
@@ -141,14 +173,24 @@ def run(args: argparse.Namespace) -> int:
         overrides: dict[str, Backend] = {"nft": "nftables", "iptables-legacy": "iptables-legacy"}
         backend, why = remedy.choose_backend(overrides.get(args.backend or ""))
         notes.append(f"backend {backend}: {why}")
-    plan = make_plan(diagnosis, args.method, backend, force=args.force, notes=tuple(notes))
+    plan = make_plan(
+        diagnosis, args.method, backend, force=args.force, notes=tuple(notes),
+        gateways=tuple(args.gateway),
+    )
+    from ctfix.render import fix as render
+
     if not args.apply:
-        _print_plan(plan, label, args.json, _apply_command(args))
+        _write_plan(plan, label, args.json, _apply_command(args))
         return ExitStatus.OK
     if not plan.reversible:  # flush-stale: nothing to record, nothing to revert
-        from ctfix.commands.fix_flush import apply_unrecorded
+        from ctfix.platform.remedy import conntrack as flush
 
-        return apply_unrecorded(args, plan, label)
+        done = flush.flush(plan)
+        if args.json:
+            _write_json(render.flushed_document(plan, done, label))
+        else:
+            sys.stdout.write(render.flushed_text(plan, done, label))
+        return ExitStatus.PROBLEM if done.problems else ExitStatus.OK
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 
@@ -158,37 +200,61 @@ def run(args: argparse.Namespace) -> int:
         with FixState.locked(label) as state, _deferred_signals() as stop:
             result = remedy.apply_plan(plan, state, remedy.verify_plan, stop)
     except remedy.Interrupted as stopped:
-        return _interrupted(args, stopped)
+        name = signal.Signals(stopped.signum).name
+        revert = f"ctfix fix --revert {args.port}{_netns_flag(args)}"
+        sys.stderr.write(
+            render.interrupted_text(args.port, name, len(stopped.removed), stopped.failures, revert)
+        )
+        return 128 + int(stopped.signum)
     if args.json:
-        from ctfix.core.plan import plan_to_dict
-
-        out = {
-            "netns": label,
-            "applied": not result.already,
-            "already_applied": result.already,
-            "checks": list(result.checks),
-            "notes": list(result.notes),
-            "plan": plan_to_dict(plan),
-        }
-        print(json.dumps(out, indent=2))
-        return ExitStatus.OK
-    if result.already:
-        print(f"ctfix fix {plan.port}: already applied ({plan.method}); nothing changed")
+        _write_json(render.applied_document(plan, result, label))
     else:
-        print(f"ctfix fix {plan.port}: applied {plan.method} ({len(plan.steps)} step(s)) in "
-              f"netns {label}")
-    for line in result.checks:
-        print(f"  checked: {line}")
-    for warning in plan.warnings:
-        print(f"  warning: {warning}")
-    for note in result.notes:
-        print(f"  note: {note}")
-    print(f"  undo with: ctfix fix --revert {plan.port}{_netns_flag(args)}")
+        undo = f"ctfix fix --revert {plan.port}{_netns_flag(args)}"
+        sys.stdout.write(render.applied_text(plan, result, label, undo))
     return ExitStatus.OK
 
 
+def _write_json(document: dict[str, Any]) -> None:
+    from ctfix.render.jsonout import write_document
+
+    write_document(document, sys.stdout)
+
+
+def _write_plan(plan: Plan, label: str, as_json: bool, apply_with: str | None) -> None:
+    from ctfix.render import fix as render
+
+    if as_json:
+        _write_json(render.plan_document(plan, label))
+    else:
+        sys.stdout.write(render.plan_text(plan, label, apply_with))
+
+
+def _refuse_plan_options(args: argparse.Namespace) -> None:
+    """--status and --revert act on what is recorded: options that shape a plan (or,
+    for --status, pick a port) would be ignored, so they are refused instead."""
+    mode = "--status" if args.status else "--revert"
+    given = [
+        option
+        for option, value in (
+            ("--method", args.method),
+            ("--force", args.force),
+            ("--backend", args.backend),
+            ("--rules", args.rules),
+            ("PORT", args.status and args.port is not None),
+        )
+        if value
+    ]
+    if given:
+        what = "shows every recorded port" if args.status else "removes what was recorded"
+        raise CtfixError(
+            f"{mode} {what}; {given[0]} does not go with it",
+            f"drop {given[0]}" + (" (--status lists every port)" if given[0] == "PORT" else ""),
+        )
+
+
+
 @contextlib.contextmanager
-def _deferred_signals() -> Iterator[Any]:
+def _deferred_signals() -> Iterator[Callable[[], int | None]]:
     """Ctrl-C, SIGTERM and SIGHUP only record themselves while a fix is applied.
 
     apply_plan asks between steps and rolls back; a handler that raised inside a step
@@ -210,23 +276,6 @@ def _deferred_signals() -> Iterator[Any]:
             signal.signal(signum, handler)
 
 
-def _interrupted(args: argparse.Namespace, stopped: Any) -> int:
-    name = signal.Signals(stopped.signum).name
-    if stopped.failures:
-        print(
-            f"ctfix fix {args.port}: interrupted ({name}); rollback incomplete: "
-            f"{stopped.failures[0]}; run `ctfix fix --revert {args.port}{_netns_flag(args)}`",
-            file=sys.stderr,
-        )
-    else:
-        print(
-            f"ctfix fix {args.port}: interrupted ({name}); rolled back "
-            f"{len(stopped.removed)} step(s) already made, nothing changed",
-            file=sys.stderr,
-        )
-    return 128 + int(stopped.signum)
-
-
 def _apply_command(args: argparse.Namespace) -> str:
     """The dry run's last line: the same command with --apply, every option kept."""
     words = ["ctfix", "fix", str(args.port), "--method", args.method]
@@ -234,6 +283,8 @@ def _apply_command(args: argparse.Namespace) -> str:
         words += ["--backend", args.backend]
     if args.force:
         words.append("--force")
+    for gateway in args.gateway:
+        words += ["--gateway", gateway]
     if args.netns:
         words += ["--netns", args.netns]
     words.append("--apply")
@@ -262,12 +313,12 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
             f"kernel ({missing[0].summary}: missing)",
             f"run `ctfix fix --revert {args.port}` and apply again",
         )
+    from ctfix.render import fix as render
+
     if args.json:
-        print(json.dumps({"netns": label, "applied": False, "already_applied": True,
-                          "method": fix.method, "backend": fix.backend}, indent=2))
+        _write_json(render.already_document(fix, label))
     else:
-        print(f"ctfix fix {args.port}: already applied ({fix.method} via {fix.backend}); "
-              "nothing changed")
+        sys.stdout.write(render.already_text(args.port, fix))
     return True
 
 
@@ -275,103 +326,25 @@ def _netns_flag(args: argparse.Namespace) -> str:
     return f" --netns {args.netns}" if args.netns else ""
 
 
-# -- output ---------------------------------------------------------------------------
-
-
-def _print_plan(plan: Any, label: str, as_json: bool, apply_with: str | None) -> None:
-    from ctfix.core.plan import plan_to_dict
-
-    if as_json:
-        print(json.dumps({"netns": label, "applied": False, "plan": plan_to_dict(plan)},
-                         indent=2))
-        return
-    out = sys.stdout
-    if plan.method == "bind":
-        out.write(f"ctfix fix {plan.port} --method bind: nothing to apply; fix the application\n")
-        for line in plan.advice:
-            out.write(f"  {line}\n")
-        return
-    out.write(
-        f"ctfix fix {plan.port} --method {plan.method} (netns {label}): "
-        f"{len(plan.steps)} step(s), dry run, nothing changed\n"
-    )
-    for warning in plan.warnings:
-        out.write(f"  warning: {warning}\n")
-    for note in plan.notes:
-        out.write(f"  {note}\n")
-    for number, step in enumerate(plan.steps, 1):
-        out.write(f"\n{number}. {step.summary}\n")
-        for obj in step.creates:
-            out.write(f"   creates: {obj}\n")
-        for command in step.commands:
-            lines = command.splitlines()
-            out.write(f"   $ {lines[0]}\n")
-            for line in lines[1:]:
-                out.write(f"     {line}\n")
-        for command in step.undo:
-            out.write(f"   undo: {command}\n")
-    for check in plan.checks:
-        out.write(f"\nafter apply, check: a reply to {check.destination} leaves from "
-                  f"{check.source}\n")
-    if apply_with:
-        out.write(f"\napply with: {apply_with}\n")
-
-
 def _status(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.platform.remedy import marks
+    from ctfix.render import fix as render
 
     state = FixState.load(label)
     report = remedy.status(state)
+    refused = remedy.foreign_steps(state)
+    stray = marks.unrecorded(state.specs())
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
-    whole = {
-        fix.port: fix.complete and all(here for _s, _st, here in steps) for fix, steps in report
-    }
-    status = ExitStatus.OK if all(whole.values()) else ExitStatus.PROBLEM
+    revert = f"ctfix fix --revert{_netns_flag(args)}"
+    complete = render.whole(report, refused)
+    status = ExitStatus.OK if all(complete.values()) and not stray else ExitStatus.PROBLEM
     if args.json:
-        from ctfix.core.plan import step_to_dict
-
-        print(json.dumps({
-            "netns": label,
-            "state_file": state.path,
-            "fixes": [
-                {
-                    "port": fix.port,
-                    "method": fix.method,
-                    "backend": fix.backend,
-                    "complete": fix.complete,
-                    "whole": whole[fix.port],
-                    "started": fix.started,
-                    "notes": fix.notes,
-                    "steps": [
-                        {"status": st, "present": here, "step": step_to_dict(step)}
-                        for step, st, here in steps
-                    ],
-                }
-                for fix, steps in report
-            ],
-        }, indent=2))
-        return status
-    if not report:
-        print(f"ctfix fix --status: no fix recorded in netns {label}")
-        return ExitStatus.OK
-    print(f"ctfix fix --status (netns {label}, {state.path}):")
-    for fix, steps in report:
-        condition = "applied" if whole[fix.port] else (
-            "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
-        )
-        print(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
-        for step, st, here in steps:
-            mark = "present" if here else "MISSING"
-            first, *rest = step.creates or ("(nothing)",)
-            print(f"    [{st:7}] {mark:7} {first}")
-            for obj in rest:  # one object per line: an nftables table lists its parts
-                print(f"    {'':9} {'':7} {obj}")
-        for note in fix.notes:
-            print(f"    note: {note}")
-    if status != ExitStatus.OK:
-        print(f"  revert with: ctfix fix --revert{_netns_flag(args)}")
+        _write_json(render.status_document(report, label, state.path, revert, refused, stray))
+    else:
+        sys.stdout.write(render.status_text(report, label, state.path, revert, refused, stray))
     return status
 
 
@@ -380,44 +353,47 @@ def _revert(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
+    from ctfix.platform.remedy import marks
 
     with FixState.locked(label) as state:
+        # Objects with ctfix's marks that no record explains (the state file was lost
+        # or edited) are ctfix's too: removed with the recorded ones, and listed apart.
+        stray = marks.unrecorded(state.specs(), args.port)
+        recorded = bool(state.fixes) if args.port is None else args.port in state.fixes
+        done: list[Reverted] = remedy.revert(state, args.port) if recorded else []
+        stray_removed, failures = marks.remove_all(stray)
+        if failures:
+            raise CtfixError(
+                f"could not remove everything: {failures[0]}",
+                "fix the cause and run --revert again",
+            )
         # Reverting is safe to repeat: nothing recorded is the state it leads to, not an
         # error.
-        if args.port is None and not state.fixes:
-            nothing: str | None = f"nothing recorded in netns {label}"
-        elif args.port is not None and args.port not in state.fixes:
-            others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
-                state.fixes
-            ) else ""
-            nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
-        else:
-            done = remedy.revert(state, args.port)
-            nothing = None
-    return _reverted(args, label, [] if nothing is not None else done, nothing)
+        nothing: str | None = None
+        if not recorded and not stray_removed:
+            nothing = f"nothing recorded in netns {label}"
+            if args.port is not None:
+                others = f" (recorded: ports {', '.join(map(str, sorted(state.fixes)))})" if (
+                    state.fixes
+                ) else ""
+                nothing = f"nothing recorded for port {args.port} in netns {label}{others}"
+    return _reverted(args, label, done, nothing, stray_removed)
 
 
-def _reverted(args: argparse.Namespace, label: str, done: list[Any], nothing: str | None) -> int:
+def _reverted(
+    args: argparse.Namespace,
+    label: str,
+    done: list[Reverted],
+    nothing: str | None,
+    stray: list[Marked],
+) -> int:
     """--revert's report: `nothing` says why nothing was recorded (and so changed)."""
-    from dataclasses import asdict
-
-    from ctfix.platform import remedy
+    from ctfix.render import fix as render
 
     if args.json:
-        print(json.dumps({
-            "netns": label,
-            "changed": bool(done),
-            "reason": nothing,
-            "reverted": [asdict(fix) for fix in done],
-        }, indent=2))
-        return ExitStatus.OK
-    if nothing is not None:
-        print(f"ctfix fix --revert: {nothing}; nothing changed")
-        return ExitStatus.OK
-    what = f"port {args.port}" if args.port is not None else "every fix"
-    print(f"ctfix fix --revert: removed {what} in netns {label}")
-    for line in remedy.reverted_lines(done):
-        print(f"  {line}")
+        _write_json(render.reverted_document(done, label, nothing, stray))
+    else:
+        sys.stdout.write(render.reverted_text(done, args.port, label, nothing, stray))
     return ExitStatus.OK
 
 
@@ -428,21 +404,21 @@ def _bind(args: argparse.Namespace) -> int:
     """--method bind: advice only. Needs no privilege beyond what `--netns` needs: it
     reads the port's sockets (sock_diag) and the knowledge base, never conntrack,
     routes or netfilter."""
-    from ctfix.core import rules
     from ctfix.core.plan import make_plan
+    from ctfix.platform import rules_files
 
-    kb = rules.load(args.rules, builtin=True)  # a broken --rules file fails first
+    kb = rules_files.load(args.rules, builtin=True)  # a broken --rules file fails first
     label = enter_netns(args.netns)
     from ctfix.platform import sockdiag
 
     listeners = tuple(listener for listener, _uid in sockdiag.listeners(args.port))
     diagnosis = Diagnosis(args.port, label, "at-risk", (), listeners=listeners)
     plan = make_plan(diagnosis, "bind", advice=_bind_advice(diagnosis, kb))
-    _print_plan(plan, label, args.json, None)
+    _write_plan(plan, label, args.json, None)
     return ExitStatus.OK
 
 
-def _bind_advice(diagnosis: Diagnosis, kb: Any) -> tuple[str, ...]:
+def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
     from ctfix.core.plan.bind import pktinfo_advice
 
     port = diagnosis.port
@@ -483,10 +459,10 @@ def _diagnose(port: int, label: str) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
     from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
-    from ctfix.platform import snapshot
+    from ctfix.platform import rules_files, snapshot
 
     try:
-        kb: rules.KnowledgeBase | None = rules.load()
+        kb: rules.KnowledgeBase | None = rules_files.load()
     except CtfixError:
         kb = None  # the fix does not depend on recognising the program
     return diagnose(snapshot.collect(port, label), kb)

@@ -116,7 +116,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             story = run_story(topo, port, printer.report, timeout=args.timeout)
             printer.verdict(story)
         if args.keep:
-            printer.keep(topo, port, "stale-nat" if stale else "wrong-source")
+            from ctfix.commands.common import ctfix_command
+
+            printer.keep(topo, port, ctfix_command(), "stale-nat" if stale else "wrong-source")
         return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
     except (_Stop, KeyboardInterrupt) as stop:
         what = str(stop) or "SIGINT"

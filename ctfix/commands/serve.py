@@ -142,6 +142,10 @@ def _serve_broken(sockets: Sequence[socket.socket], stop: pktinfo.Stopper, delay
             continue
         if peer[1] == 0:
             continue
+        risk = pktinfo.reflection_risk(peer[1], sock.getsockname()[1])
+        if risk is not None:  # broken on purpose, but never a loop or a reflector
+            pktinfo.log_drop("reflection", f"request from {endpoint(peer[0], peer[1])}: {risk}")
+            continue
         # recvfrom() cannot say which local address the request was sent to: that
         # blindness is the bug, so the log can only name the client.
         log.debug("request of %d bytes from %s", len(payload), endpoint(peer[0], peer[1]))

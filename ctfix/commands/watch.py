@@ -11,7 +11,8 @@ the event buffer so that tests/netns/test_watch_overflow.py can force a real los
 
 Know before changing: the drain loop in `_drain` is the hot path (>100k events/s);
 keep attribute lookups out of it. Everything that changes the namespace (the
---track table) is undone in a `finally`, and SIGTERM is turned into an exception
+--track table) is undone in a `finally`, and every catchable stop signal (SIGTERM,
+SIGHUP, SIGQUIT, ...) is turned into an exception
 so that the `finally` runs: a name is recorded for removal *before* the change is
 made, and a stop at any point (even during start-up) ends normally, with a summary.
 CTFIX_WATCH_TEST_SIGNAL_AT (test-only) sends watch a SIGTERM at a named start-up
@@ -30,18 +31,26 @@ import socket
 import sys
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ctfix.commands.common import add_netns_argument, enter_netns, positive_seconds, require_root
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ctfix.core.decode import CtEvent
     from ctfix.core.detectors import Change
     from ctfix.core.detectors.stale_nat import StaleNatFinding
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.render.watch import WatchRenderer
+
+    #: a detector's finding and what the event (or dump) changed about it
+    Found = tuple[WrongSourceFinding | StaleNatFinding, Change]
+    Feed = Callable[[CtEvent, float], Found | None]
+    Report = Callable[[Found | None], None]
 
 _FAMILIES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 _NFT_FAMILY: dict[int, str] = {socket.AF_INET: "ip", socket.AF_INET6: "ip6"}
@@ -96,13 +105,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class _Stop(Exception):
-    """SIGTERM (or SIGINT) arrived: leave the loop, clean up, print the summary."""
+    """A signal arrived: leave the loop, clean up, print the summary."""
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     del signum, frame
     raise _Stop()
+
+
+#: Every signal whose default action ends the process and that can be caught: each
+#: one must run the clean-up (a SIGHUP from a closed terminal left the --track table).
+_STOP_SIGNALS = tuple(
+    sig
+    for sig in (
+        *(getattr(signal, name, None) for name in (
+            "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
+            "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGXFSZ", "SIGIO", "SIGPWR", "SIGSTKFLT",
+        )),
+        *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+    )
+    if sig is not None
+)
+
+
+def _set_stop_signals(handler: Any) -> dict[int, Any]:
+    """Install handler for every stop signal; the previous handlers."""
+    return {int(sig): signal.signal(sig, handler) for sig in _STOP_SIGNALS}
 
 
 def _note(text: str) -> None:
@@ -114,11 +147,21 @@ def _warn(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    require_root("watching conntrack events")
-    if args.metrics:
+    if args.metrics is not None:  # `--metrics ''` is a mistake, not "off"
         from ctfix.platform.metrics import parse_listen
 
         parse_listen(args.metrics)
+    require_root("watching conntrack events")
+    if args.metrics is not None:
+        # Bound before --netns is entered: the metrics listen where ctfix was started.
+        from ctfix.platform.metrics import MetricsListener
+
+        args.metrics_listener = MetricsListener(args.metrics)
+        if not args.metrics_listener.loopback:
+            _warn(
+                f"--metrics {args.metrics} is reachable from other hosts (no "
+                "authentication); prefer a loopback address such as localhost"
+            )
     label = enter_netns(args.netns)
 
     from ctfix.platform import conntrack
@@ -127,12 +170,21 @@ def run(args: argparse.Namespace) -> int:
     renderer = WatchRenderer(sys.stdout, json_lines=args.json, netns=label)
     conntrack.available()
     table: str | None = None
-    old_term = signal.getsignal(signal.SIGTERM)
-    old_int = signal.getsignal(signal.SIGINT)
+    previous = {int(sig): signal.getsignal(sig) or signal.SIG_DFL for sig in _STOP_SIGNALS}
     try:
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        _set_stop_signals(_on_signal)
+        borrowed = _leftover_tables()
         untracked = [fam for fam in _FAMILIES if conntrack.probe_tracking(fam) is not True]
+        if args.track:
+            # Tracked maybe only thanks to another watch's table: load ours too.
+            untracked += [fam for fam in borrowed if fam not in untracked]
+        else:
+            for fam, pid in borrowed.items():
+                if fam not in untracked:
+                    _warn(
+                        f"{_FAMILIES[fam]} may be tracked here only thanks to the --track "
+                        f"table of ctfix watch pid {pid}, removed when it exits; add --track"
+                    )
         if untracked and args.track:
             # Named before it is loaded: a signal just after libnftables commits must
             # still find it in the `finally`.
@@ -160,19 +212,46 @@ def run(args: argparse.Namespace) -> int:
     except _Stop:
         # Stopped before the watch loop began: a normal end, with an empty summary
         # (scripts always get one).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_stop_signals(signal.SIG_IGN)
         renderer.summary(_empty_summary())
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_stop_signals(signal.SIG_IGN)
         try:
             if table is not None:
                 _remove_track_table(table)
         finally:
-            signal.signal(signal.SIGTERM, old_term)
-            signal.signal(signal.SIGINT, old_int)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _leftover_tables() -> dict[int, int]:
+    """Remove the --track tables of watches that no longer run (a `kill -9`), with a
+    note, before anything looks at tracking: such a table still switches conntrack on,
+    and this watch would go blind once it is gone. Returns {family: pid} of tables of
+    other watches that may still run, which are left alone."""
+    from ctfix.platform import watchtables
+
+    nft_families = {name: fam for fam, name in _NFT_FAMILY.items()}
+    others: dict[int, int] = {}
+    try:
+        found = watchtables.tables()
+    except CtfixError:
+        return others  # no nftables here: nothing can have been left
+    for table in found:
+        if table.owner == "dead":
+            try:
+                watchtables.remove(table.family, table.name)
+            except CtfixError as err:
+                _warn(f"could not remove {table.family} {table.name}: {err.one_line()}")
+                continue
+            _note(
+                f"removed nftables table {table.family} {table.name}, left by ctfix watch "
+                f"pid {table.pid}, which no longer runs"
+            )
+        elif table.owner in ("alive", "unknown") and table.family in nft_families:
+            others[nft_families[table.family]] = table.pid
+    return others
 
 
 def _empty_summary() -> dict[str, Any]:
@@ -192,8 +271,11 @@ def _test_signal(step: str) -> None:
 
 
 def _track_table(families: list[int]) -> str:
-    """`ctfix_watch_<pid>:<nft families>`: what `_load_track_table` loads."""
-    return f"ctfix_watch_{os.getpid()}:" + ",".join(_NFT_FAMILY[f] for f in families)
+    """`ctfix_watch_<pid>_<start>_<pidns>:<nft families>`: what `_load_track_table`
+    loads (ctfix/platform/watchtables.py says why the name holds all that)."""
+    from ctfix.platform import watchtables
+
+    return f"{watchtables.own_name()}:" + ",".join(_NFT_FAMILY[f] for f in families)
 
 
 def _load_track_table(table: str) -> None:
@@ -228,11 +310,7 @@ def _remove_track_table(table: str) -> None:
         _warn(f"could not remove nftables table {name}: {err.one_line()}")
 
 
-def _report(
-    renderer: WatchRenderer,
-    metrics: WatchMetrics | None,
-    found: tuple[WrongSourceFinding | StaleNatFinding, Change] | None,
-) -> None:
+def _report(renderer: WatchRenderer, metrics: WatchMetrics | None, found: Found | None) -> None:
     """Show a finding when it is new or newly confirmed; count every reply in metrics."""
     if found is None:
         return
@@ -264,7 +342,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     detectors = (detector, stale)
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
-    closers: list[Any] = []
+    closers: list[Closable] = []
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
     stopped_by_duration = False
@@ -280,14 +358,15 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         if args.metrics:
             from ctfix.platform.metrics import WatchMetrics
 
-            metrics = WatchMetrics(args.metrics, label)
+            metrics = WatchMetrics(args.metrics_listener, label)
             closers.append(metrics)
-            _note(f"Prometheus metrics on http://{args.metrics}/metrics")
+            where = "" if label == "current" else " (where ctfix started, not in --netns)"
+            _note(f"Prometheus metrics on http://{args.metrics}/metrics{where}")
 
-        def report(found: tuple[Any, Change] | None) -> None:
+        def report(found: Found | None) -> None:
             _report(renderer, metrics, found)
 
-        feed = one_feed(detectors, report)
+        feed: Feed = one_feed(detectors, report)
         nat = StaleNatWatch(stale, report, addresses.addresses, _warn)
         closers.append(nat)
 
@@ -338,7 +417,8 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                         resync_due = _resync_due(resync_due, time.monotonic(), last_resync)
                 elif key.data == "icmp":
                     now = time.time()
-                    for rejected in icmp.read(key.fileobj):  # type: ignore[arg-type]
+                    # The key holds what was registered as "icmp": one of icmp.sockets.
+                    for rejected in icmp.read(cast(socket.socket, key.fileobj)):
                         confirmed = detector.icmp_port_unreachable(*rejected, now)
                         if confirmed is not None:
                             renderer.finding(confirmed, update=True)
@@ -378,8 +458,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _set_stop_signals(signal.SIG_IGN)
         if events is not None:
             lost = _lost(events, lost, overflows)
         for closer in reversed(closers):
@@ -433,9 +512,9 @@ def _totals(detector: WrongSourceDetector, lost: int, resyncs: int) -> dict[str,
 
 def _drain(
     events: EventSocket,
-    feed: Any,
-    decode_event: Any,
-    report: Any,
+    feed: Feed,
+    decode_event: Callable[[memoryview], CtEvent | None],
+    report: Report,
     limit: int = 8192,
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
@@ -454,7 +533,12 @@ def _drain(
                 report(found)
 
 
-def _drain_quietly(events: EventSocket, feed: Any, decode_event: Any, report: Any) -> int:
+def _drain_quietly(
+    events: EventSocket,
+    feed: Feed,
+    decode_event: Callable[[memoryview], CtEvent | None],
+    report: Report,
+) -> int:
     """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""
     from ctfix.platform.conntrack import Overflow
 

@@ -4,14 +4,19 @@ This is the hot path of `ctfix watch` (one call per conntrack event, >100k/s) an
 `dump()`. It never raises on bad input: a message it cannot understand is skipped
 and counted (`Batch.malformed`).
 
+One module on purpose (over 500 lines): the fixed layouts serve three readers (the
+fast path, the ports probe that lets `ctfix scan` skip entries unread, the general
+walk) and must change together.
+
 Know before changing:
 - The attribute order of a ctnetlink message is fixed for a kernel and family, so the
   common layouts (IPv4 and IPv6 tuples, UDP/TCP-style ports) are decoded by one
   precompiled `struct.Struct` over the two tuples, with every attribute header
   checked against the expected values before the result is trusted. Anything else
   (other protocols, a different kernel's layout, damaged bytes) takes the general
-  attribute walk, which gives the same values, only slower. The tests check that
-  both paths agree on recorded real messages.
+  attribute walk, which gives the same values, only slower (the first ORIG and
+  REPLY tuples count on both). The tests check that both paths agree on recorded
+  real messages and on mutated ones (lengths that cover several messages).
 - Netlink headers are in host byte order; attribute *values* (addresses, ports,
   status, timeout, mark, zone) are big-endian.
 - The values are NamedTuples, not dataclasses: they are just as immutable and
@@ -175,11 +180,11 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 
 
-def _tuple_format(addr_len: int) -> str:
+def _tuple_format(addr_len: int, *, addresses: bool = True) -> str:
     # Read big-endian so that ports come out as ints; each attribute header (host
     # order) is read as one u32 and compared with the expected value byte-swapped.
     pad = (-addr_len) % 4
-    a = f"{addr_len}s" + ("x" * pad)
+    a = (f"{addr_len}s" if addresses else "x" * addr_len) + ("x" * pad)
     return f"I I I{a} I{a} I I B3x I H2x I H2x"
 
 
@@ -223,6 +228,49 @@ def _layout(family: int, addr_len: int) -> _Layout:
 
 _V4 = _layout(AF_INET, 4)
 _V6 = _layout(AF_INET6, 16)
+
+
+class _PortsProbe(NamedTuple):
+    """The common layout seen as one big-endian integer (for `_touches`): the bits of
+    the attribute headers must equal one of `expected` under `mask`; then the three
+    ports are read at fixed offsets. No address, tuple or entry is built."""
+
+    size: int  # bytes from the nfgenmsg on: both tuples
+    mask: int
+    expected: frozenset[int]
+    ports: struct.Struct  # orig sport, orig dport, reply sport
+
+
+def _ports_probe(layout: _Layout, addr_len: int) -> _PortsProbe:
+    st = struct.Struct(">B3x " + " ".join([_tuple_format(addr_len, addresses=False)] * 2))
+    # values: family, then per tuple (11 each): h h h h h h num h sport h dport
+    headers = (1, 2, 3, 4, 5, 6, 8, 10, 12, 13, 14, 15, 16, 17, 19, 21)
+
+    def packed(header_values: tuple[int, ...]) -> int:
+        values = [0] * 23
+        for index, value in zip(headers, header_values, strict=True):
+            values[index] = value
+        return int.from_bytes(st.pack(*values), "big")
+
+    mask = packed((0xFFFFFFFF,) * len(headers))
+    # Byte offsets of the three ports. A tuple's format tokens: tuple, ip, src, dst,
+    # proto and num headers, num, sport header, sport, dport header, dport.
+    one = _tuple_format(addr_len, addresses=False).split()
+    head = struct.calcsize(">B3x")
+    tuple_size = struct.calcsize(">" + "".join(one))
+    sport_at = head + struct.calcsize(">" + "".join(one[:8]))
+    dport_at = head + struct.calcsize(">" + "".join(one[:10]))
+    reply_sport_at = head + tuple_size + struct.calcsize(">" + "".join(one[:8]))
+    ports = struct.Struct(
+        f">{sport_at}xH{dport_at - sport_at - 2}xH{reply_sport_at - dport_at - 2}xH"
+    )
+    expected = frozenset(packed(skeleton) for skeleton in layout.skeletons)
+    return _PortsProbe(st.size, mask, expected, ports)
+
+
+_PROBE_V4 = _ports_probe(_V4, 4)
+_PROBE_V6 = _ports_probe(_V6, 16)
+
 # Positions, in the unpacked values, of the attribute headers.
 # values: family, then per tuple (13 each): h h h src h dst h h num h sport h dport
 _skeleton = operator.itemgetter(1, 2, 3, 5, 7, 8, 10, 12, 14, 15, 16, 18, 20, 21, 23, 25)
@@ -315,12 +363,18 @@ def _walk_tuple(buf: Buf, pos: int, end: int, family: int) -> CtTuple | None:
 
 
 def _slow(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
+    """The general walk. The first CTA_TUPLE_ORIG and CTA_TUPLE_REPLY count, as on the
+    fast path (which reads them where the kernel puts them): a later one can only be
+    damage, or the next message under a nlmsg_len that covers several."""
     end = offset + msg_len
     orig = reply = None
+    seen_orig = seen_reply = False
     for t, vs, ve in _attrs(buf, offset + 20, end):
-        if t == CTA_TUPLE_ORIG:
+        if t == CTA_TUPLE_ORIG and not seen_orig:
+            seen_orig = True
             orig = _walk_tuple(buf, vs, ve, family)
-        elif t == CTA_TUPLE_REPLY:
+        elif t == CTA_TUPLE_REPLY and not seen_reply:
+            seen_reply = True
             reply = _walk_tuple(buf, vs, ve, family)
     if orig is None or reply is None:
         return None
@@ -356,10 +410,36 @@ def _kind(msg_type: int, flags: int) -> int:
     return UPDATE
 
 
-def decode(buf: Buf, *, fast: bool = True, usage: bool = False) -> Batch:
+def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool:
+    """Whether the entry's orig sport, orig dport or reply sport is in `ports`, read
+    from the bytes without building the entry (True when the layout is not the
+    common one: the caller decodes it and decides)."""
+    if msg_len < 20:
+        return True
+    family = buf[offset + 16]
+    if family == AF_INET:
+        probe = _PROBE_V4
+    elif family == AF_INET6:
+        probe = _PROBE_V6
+    else:
+        return True
+    start = offset + 16
+    if msg_len < 16 + probe.size:
+        return True
+    if int.from_bytes(buf[start : start + probe.size], "big") & probe.mask not in probe.expected:
+        return True
+    sport, dport, reply_sport = probe.ports.unpack_from(buf, start)
+    return sport in ports or dport in ports or reply_sport in ports
+
+
+def decode(
+    buf: Buf, *, fast: bool = True, ports: frozenset[int] | None = None, usage: bool = False
+) -> Batch:
     """Decode every netlink message in one buffer returned by recv(). Never raises.
 
-    usage: also read each entry's age and counters (`Batch.usage`), which only the
+    `ports`: skip, without decoding them, the entries whose orig sport, orig dport and
+    reply sport are all outside it (a dump read for a few ports of a big table).
+    `usage`: also read each entry's age and counters (`Batch.usage`), which only the
     stale-nat checks need; the plain decode never looks at them."""
     events: list[CtEvent] = []
     usages: list[CtUsage] | None = [] if usage else None
@@ -383,6 +463,9 @@ def decode(buf: Buf, *, fast: bool = True, usage: bool = False) -> Batch:
                     malformed += 1
                 done = True
             elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
+                if ports is not None and not _touches(buf, offset, msg_len, ports):
+                    offset += (msg_len + 3) & ~3
+                    continue
                 entry = decode_entry(buf, offset, fast=fast)
                 if entry is None:
                     malformed += 1
@@ -572,18 +655,30 @@ def _tuple_attrs(which: int, tup: CtTuple) -> bytes:
     )
 
 
+def _entry_request(msg_type: int, entry: CtEntry, seq: int, with_id: bool) -> bytes:
+    attrs = _tuple_attrs(CTA_TUPLE_ORIG, entry.orig)
+    if entry.zone:
+        attrs += nla(CTA_ZONE, _BE16.pack(entry.zone))
+    if with_id and entry.id is not None:
+        attrs += nla(CTA_ID, _BE32.pack(entry.id))
+    body = struct.pack("=BBH", entry.orig.family, 0, 0) + attrs
+    return _HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def get_request(entry: CtEntry, *, seq: int = 1) -> bytes:
+    """IPCTNL_MSG_CT_GET of the entry that holds this original tuple now (in its zone):
+    the kernel answers with it, or ENOENT."""
+    return _entry_request((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, entry, seq, False)
+
+
 def delete_request(entry: CtEntry, *, seq: int = 1) -> bytes:
     """IPCTNL_MSG_CT_DELETE of exactly this entry, acknowledged.
 
     Always by its original tuple (a delete without a tuple is a *flush* of the whole
     table to the kernel, so this function has no way to build one), in its zone, and,
     when the entry's id is known, only if the entry under that tuple still has that id
-    (else the kernel answers ENOENT: a new flow that took the tuple since is kept).
+    (else the kernel answers ENOENT). The kernel may give a re-created entry the id of
+    the one it replaces (the freed object is reused): callers that must not delete a
+    newer entry read it first (`get_request`) and compare its reply tuple.
     """
-    attrs = _tuple_attrs(CTA_TUPLE_ORIG, entry.orig)
-    if entry.zone:
-        attrs += nla(CTA_ZONE, _BE16.pack(entry.zone))
-    if entry.id is not None:
-        attrs += nla(CTA_ID, _BE32.pack(entry.id))
-    body = struct.pack("=BBH", entry.orig.family, 0, 0) + attrs
-    return _HDR.pack(16 + len(body), MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return _entry_request(MSG_CT_DELETE, entry, seq, True)

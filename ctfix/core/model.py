@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
 Verdict = Literal["ok", "at-risk", "broken"]
 Family = Literal["ipv4", "ipv6"]
+#: an unconnected socket serves every client; a connect()ed one only its peer
+ListenerState = Literal["listening", "connected"]
+#: what of a reply's source differs from what the client sent to
+Mismatch = Literal["address", "port", "address+port"]
+NetfilterBackend = Literal["nftables", "iptables-legacy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +71,8 @@ class Listener:
 
     address: str  # local address as bound: "0.0.0.0", "::", "192.0.2.1"
     port: int
-    family: str  # "ipv4" | "ipv6"
-    state: str  # "listening" (unconnected) | "connected"
+    family: Family
+    state: ListenerState
     pid: int | None = None
     process: str | None = None  # comm, e.g. "nc"
     cmdline: tuple[str, ...] = ()
@@ -86,18 +91,59 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class Uplink:
+    """A local address that remote clients sent to, living on another interface than
+    the one their replies leave by: its own uplink, and whether replies get there.
+
+    Remote: the clients are beyond a router, not on a link of the host.
+    """
+
+    address: str  # the local address the clients sent to
+    interface: str  # the interface it lives on (where requests to it come in)
+    network: str = ""  # the address's own network on `interface` (CIDR)
+    #: the next hop on `interface` toward the clients, from `route` (None: no route
+    #: covers them, or a device route such as `default dev ppp0` that needs none)
+    gateway: str | None = None
+    #: the host's route via `interface` that covers the clients (any table), as `ip
+    #: route` prints it; None when there is none
+    route: str | None = None
+    #: `interface` leads to a router (a route via it covers the clients, or goes through
+    #: a gateway): replies that leave by another interface take another path
+    routed: bool = False
+    #: a netfilter mark and an `ip rule fwmark` already send the port's replies out by
+    #: `interface` (a snat-zone fix with its reroute)
+    rerouted: bool = False
+    #: a reply that already leaves from `address` (a server that answers from the
+    #: destination address, or is bound to it) goes out by `interface`: the host routes
+    #: by source (`ip rule from ADDRESS lookup T`). None: not asked
+    source_routed: bool | None = None
+    #: replies to these clients leave by `interface` (or it is not an uplink: not
+    #: `routed`); False is the `reply-leaves-other-uplink` problem
+    ok: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ClientNetwork:
     """A network clients reach the service from, and what they would get back."""
 
     network: str  # CIDR, e.g. "192.0.2.0/24"
     addressed: tuple[str, ...]  # local addresses these clients sent to (seen or assumed)
     predicted_source: str | None  # source the kernel picks for a reply from the port
-    ok: bool  # every addressed address equals predicted_source
+    ok: bool  # every addressed address equals predicted_source (and leaves by its uplink)
     interface: str | None = None  # where the network is connected
     seen: bool = False  # from conntrack evidence (True) or from a connected route
     #: the host's own addresses on `interface` (the clients' gateway, on their link):
     #: clients may address them even when conntrack (30 s of memory) shows none doing so.
     onlink: tuple[str, ...] = ()
+    #: the interface the port's replies to them leave by, and its next hop (None: the
+    #: clients are on-link), from the same route lookup as predicted_source
+    egress: str | None = None
+    egress_gateway: str | None = None
+    #: addressed addresses whose own uplink is not `egress` (remote clients only)
+    uplinks: tuple[Uplink, ...] = ()
+    #: the address the route lookup was asked about (a client seen, else one in the
+    #: network; for the internet, 0.0.0.0/0 or ::/0, one only a default route covers)
+    probe: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +154,7 @@ class WrongSourceReply:
     service: str  # the addr:port the client sent to
     expected_source: str
     actual_source: str
-    mismatch: str  # "address" | "port" | "address+port"
+    mismatch: Mismatch
     count: int = 1  # pairs seen for this (service, actual source, client network)
     clients: int = 1  # distinct clients among them; `client` is the latest
     client_network: str | None = None  # the /24 or /64 they were aggregated by
@@ -126,7 +172,7 @@ class Evidence:
 class RuleHit:
     """A netfilter rule that touches the port, and why it cannot help (if so)."""
 
-    backend: str  # "nftables" | "iptables-legacy"
+    backend: NetfilterBackend
     table: str
     chain: str
     rule: str  # the rule as its own tool prints it

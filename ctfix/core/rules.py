@@ -1,4 +1,5 @@
-"""The knowledge base of UDP services: load `rules/*.yaml`, validate it, match a listener.
+"""The knowledge base of UDP services: parse and validate `rules/*.yaml` text, merge
+layers, match a listener. Pure: reading the files is ctfix.platform.rules_files.
 
 Each YAML file holds `version: 1` and a list `services:` of entries; an entry says how
 to recognise a service (process names as /proc/PID/comm shows them, command-line
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ctfix.core.model import Family
+from ctfix.core.pattern import InvalidPattern, PatternError, compile_pattern, search
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
@@ -29,6 +32,11 @@ if TYPE_CHECKING:
 #: /proc/PID/comm holds at most TASK_COMM_LEN - 1 = 15 characters.
 COMM_LEN = 15
 SCHEMA_VERSION = 1
+#: A rules file is a few kilobytes; one of a megabyte is a mistake (a log, a dump),
+#: and parsing a huge one took minutes and gigabytes before its error.
+MAX_FILE_BYTES = 1 << 20
+#: The schema nests four levels; a hundred thousand brackets blew Python's stack.
+MAX_DEPTH = 16
 
 Confidence = Literal["high", "medium", "low"]
 MatchedBy = Literal["process", "cmdline", "port"]
@@ -82,7 +90,7 @@ class ServiceRule:
     #: The upstream release that fixed the wrong source ("2.5"), for the advice to upgrade.
     fixed_in: str = ""
 
-    def affected(self, family: str | None = None, cmdline: Sequence[str] = ()) -> bool | None:
+    def affected(self, family: Family | None = None, cmdline: Sequence[str] = ()) -> bool | None:
         """The verdict for a wildcard listener of this service.
 
         `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
@@ -91,7 +99,7 @@ class ServiceRule:
         """
         if cmdline and self.fixed_if_cmdline:
             joined = " ".join(cmdline)
-            if any(re.search(pattern, joined) for pattern in self.fixed_if_cmdline):
+            if any(search(pattern, joined) for pattern in self.fixed_if_cmdline):
                 return False
         for name, verdict in self.affected_by_family:
             if name == family:
@@ -115,7 +123,7 @@ class ServiceRule:
         if not self.cmdline_patterns or not cmdline:
             return False
         joined = " ".join(cmdline)
-        return any(re.search(pattern, joined) for pattern in self.cmdline_patterns)
+        return any(search(pattern, joined) for pattern in self.cmdline_patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,43 +202,13 @@ def _names(process: str | None, cmdline: Sequence[str], exe: str | None) -> tupl
     return tuple(name[:COMM_LEN] for name in names)
 
 
-def builtin_dir() -> Path:
-    """The built-in `rules/`: the repository's top level (an editable install or a
-    checkout), else the copy a regular install puts in `<prefix>/share/ctfix/rules`."""
-    import sys
+def merge(layers: Sequence[Sequence[ServiceRule]]) -> KnowledgeBase:
+    """One knowledge base from layers of entries (built-in first, then each `--rules`
+    directory in order).
 
-    import ctfix
-
-    checkout = Path(ctfix.__file__).resolve().parent.parent / "rules"
-    installed = Path(sys.prefix) / "share" / "ctfix" / "rules"
-    return checkout if checkout.is_dir() or not installed.is_dir() else installed
-
-
-def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeBase:
-    """Load the built-in rules and then each user directory (`--rules DIR`).
-
-    A user entry replaces a built-in entry with the same id; a later user directory
-    replaces an earlier one. Two entries with one id inside the same layer are an
-    error naming both places. Raises RuleError for anything malformed.
+    A later layer's entry replaces an earlier one with the same id. Two entries with
+    one id inside the same layer are an error naming both places (RuleError).
     """
-    layers: list[list[ServiceRule]] = []
-    if builtin:
-        root = builtin_dir()
-        if not root.is_dir():
-            raise RuleError(str(root), None, "the built-in rules directory is missing")
-        layers.append(_load_dir(root, display_root=Path("rules")))
-    for directory in dirs or ():
-        if not directory.exists():
-            raise RuleError(str(directory), None, "no such rules directory")
-        if not directory.is_dir():
-            raise RuleError(str(directory), None, "--rules expects a directory of *.yaml files")
-        layer = _load_dir(directory, display_root=directory)
-        if not layer:
-            # Most likely a wrong directory, or files named *.yml.txt: say so rather
-            # than silently explain without the user's entries.
-            raise RuleError(str(directory), None, "no rules (*.yaml or *.yml files) in it")
-        layers.append(layer)
-
     merged: dict[str, ServiceRule] = {}
     order: list[str] = []
     for layer in layers:
@@ -254,21 +232,14 @@ def load(dirs: Sequence[Path] | None = None, builtin: bool = True) -> KnowledgeB
     return KnowledgeBase(tuple(merged[rule_id] for rule_id in ranked))
 
 
-def load_file(path: Path, display: str | None = None) -> list[ServiceRule]:
-    """Validate one file; `display` is how the file is named in errors."""
-    source = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(source, None, f"cannot read: {exc}") from None
-    return parse(text, source)
-
-
 def parse(text: str, source: str) -> list[ServiceRule]:
     """Validate the text of one rules file (named `source` in errors)."""
     import yaml
 
+    if len(text) > MAX_FILE_BYTES:
+        raise RuleError(source, None, f"a rules file holds at most {MAX_FILE_BYTES // 1024} KiB")
     try:
+        _check_depth(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -288,6 +259,24 @@ def parse(text: str, source: str) -> list[ServiceRule]:
     if not isinstance(services, yaml.SequenceNode) or not services.value:
         raise RuleError(source, _line(services), "'services' must be a non-empty list of entries")
     return [_entry(node, source) for node in services.value]
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before composing (which recurses): YAML's
+    event stream is read without recursion."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RuleError(
+                    source, event.start_mark.line + 1 if event.start_mark else None,
+                    f"nested deeper than {MAX_DEPTH} levels (a rules file needs four)",
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 # -- validation ------------------------------------------------------------------------
@@ -405,20 +394,14 @@ def _regex_list(node: yaml.Node | None, source: str, key: str) -> tuple[str, ...
     patterns = _text_list(node, source, key)
     for index, pattern in enumerate(patterns):
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            compile_pattern(pattern)  # a bounded matcher: see ctfix/core/pattern.py
+        except PatternError as exc:
+            what = "a valid" if isinstance(exc, InvalidPattern) else "a bounded-time"
             raise RuleError(
                 source, _item_line(node, index),
-                f"{key!r} item is not a valid regular expression: {exc}",
+                f"{key!r} item is not {what} regular expression: {exc}",
             ) from None
     return patterns
-
-
-def _load_dir(directory: Path, display_root: Path) -> list[ServiceRule]:
-    rules: list[ServiceRule] = []
-    for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
-        rules.extend(load_file(path, display=str(display_root / path.name)))
-    return rules
 
 
 def _line(node: yaml.Node) -> int:

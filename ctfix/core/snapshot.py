@@ -11,12 +11,17 @@ belongs in ctfix/core/diagnosis/, so that tests can build any situation by hand.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ctfix.core.decode import CtEntry, CtUsage
-from ctfix.core.model import Listener, WrongSourceReply
+from ctfix.core.model import Family, Listener, NetfilterBackend, WrongSourceReply
 from ctfix.core.nat import NatRuleset
+
+#: rtm_scope as `ip addr` names it ("site" only for deprecated IPv6 site-locals)
+AddressScope = Literal["global", "site", "link", "host", "nowhere"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,29 +31,48 @@ class LocalAddress:
     interface: str
     address: str
     prefixlen: int
-    family: str  # "ipv4" | "ipv6"
-    scope: str = "global"  # "global" | "link" | "host"
+    family: Family
+    scope: AddressScope = "global"
 
     @property
     def network(self) -> str:
-        return str(ipaddress.ip_interface(f"{self.address}/{self.prefixlen}").network)
+        return _network(self.address, self.prefixlen)
 
     @property
     def loopback(self) -> bool:
-        return self.scope == "host" or ipaddress.ip_address(self.address).is_loopback
+        return self.scope == "host" or _kind(self.address)[0]
+
+    @property
+    def link_local(self) -> bool:
+        return _kind(self.address)[1]
+
+
+# Pure, and asked again for every port scan diagnoses: cached, bounded.
+@functools.lru_cache(maxsize=1024)
+def _network(address: str, prefixlen: int) -> str:
+    return str(ipaddress.ip_interface(f"{address}/{prefixlen}").network)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind(address: str) -> tuple[bool, bool]:
+    """(loopback, link-local)"""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback, ip.is_link_local
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyRule:
     """One `ip rule`, as `ip rule show` prints it, with what matters for a port."""
 
-    family: str
+    family: Family
     priority: int
     text: str  # "100: from all ipproto udp sport 5353 lookup 100"
     table: int | None = None
     ipproto: int | None = None
     sport: tuple[int, int] | None = None  # inclusive range
     dport: tuple[int, int] | None = None
+    fwmark: int | None = None  # `fwmark M[/MASK]`: packets whose mark & mask == M
+    fwmask: int | None = None
 
     def matches_reply_from(self, port: int) -> bool:
         """True when the rule selects UDP replies sent from `port` specifically."""
@@ -59,13 +83,42 @@ class PolicyRule:
 
 @dataclass(frozen=True, slots=True)
 class RouteChoice:
-    """The kernel's answer to `ip route get DEST ipproto udp sport PORT`."""
+    """The kernel's answer to `ip route get DEST ipproto udp sport PORT`, optionally
+    `from SOURCE` or `mark M` (what a reply that already has a source, or that a
+    netfilter rule marked, would get)."""
 
     destination: str
-    source: str | None  # the source it would choose (RTA_PREFSRC)
+    source: str | None  # the source it would choose (RTA_PREFSRC), or the one given
     interface: str | None = None
     table: int | None = None
     error: str | None = None  # "Network is unreachable", ...
+    gateway: str | None = None  # the next hop (RTA_GATEWAY); None: the client is on-link
+    mark: int | None = None  # the lookup was asked with this fwmark
+    from_address: str | None = None  # the lookup was asked with this source address
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route of any table (`ip route show table all`), with its next hop.
+
+    A multipath route is one Route per next hop (same destination, table, metric).
+    """
+
+    family: str  # "ipv4" | "ipv6"
+    destination: str  # a CIDR; the default route is 0.0.0.0/0 or ::/0
+    interface: str | None
+    gateway: str | None = None
+    table: int = 254
+    metric: int = 0
+    kind: str = "unicast"  # "unicast" | "blackhole" | "unreachable" | "prohibit"
+    protocol: int = 0  # rtm_protocol: 2 kernel, 3 boot, 4 static, 199 ctfix, ...
+    text: str = ""  # as `ip route` prints it
+
+    def covers(self, address: str) -> bool:
+        """The route's destination contains the address (same family)."""
+        ip = ipaddress.ip_address(address)
+        net = ipaddress.ip_network(self.destination, strict=False)
+        return ip.version == net.version and ip in net
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +131,7 @@ class NetfilterRule:
     on which side the port appears (sport: the server's replies; dport: requests).
     """
 
-    backend: str  # "nftables" | "iptables-legacy"
+    backend: NetfilterBackend
     family: str  # "ip", "ip6", "inet", ... (nft) | "ipv4" | "ipv6" (legacy)
     table: str
     chain: str
@@ -90,6 +143,7 @@ class NetfilterRule:
     hook: str | None = None  # "prerouting", "output", "postrouting", ... when known
     matches_mark: bool = False
     nat_to: str | None = None  # the address a snat/dnat statement rewrites to
+    mark_to: int | None = None  # the value a mark statement sets (`meta mark set M`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +155,13 @@ class Snapshot:
     listeners: tuple[Listener, ...] = ()
     addresses: tuple[LocalAddress, ...] = ()
     routes: tuple[str, ...] = ()  # `ip route show table all` style lines, for the record
+    #: the same routes as values (local and broadcast routes left out): where each
+    #: interface leads, and through which gateway
+    route_table: tuple[Route, ...] = ()
     policy_rules: tuple[PolicyRule, ...] = ()
-    # One entry per destination asked: seen clients and a probe in each network.
+    # One entry per destination asked: seen clients and a probe in each network; and
+    # for remote clients, the lookups from the address they sent to and with each mark
+    # a netfilter rule sets on the port's replies (`mark`, `from_address` say which).
     route_choices: tuple[RouteChoice, ...] = ()
     # Conntrack entries of the port: requests to it (orig dport) and flows it started
     # (orig sport: its wrong-source replies), as ctfix.platform.conntrack.dump gives.

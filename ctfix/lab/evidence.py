@@ -1,4 +1,5 @@
-"""What proves the bug in the lab: the two conntrack entries and the client's ICMP.
+"""What proves the bug in the lab: the two conntrack entries and the client's ICMP,
+gathered as data (ctfix.lab.checks); ctfix.render.lab says it in words.
 
 Know before changing: the ICMP sockets must be open *before* the client sends,
 because a raw socket only sees packets that arrive while it exists; they are
@@ -13,9 +14,8 @@ import time
 from types import TracebackType
 from typing import NamedTuple
 
-from ctfix.core.addr import endpoint
 from ctfix.lab import topology as t
-from ctfix.lab.scenario import Check
+from ctfix.lab.checks import Check, ConntrackCheck, IcmpCheck
 from ctfix.platform import icmp, netns
 
 
@@ -70,33 +70,17 @@ class LabEvidence:
     def checks(self, port: int, ex: t.Exchange) -> list[Check]:
         """Checks for one exchange that went unanswered: conntrack, then ICMP."""
         client_addr, client_port = ex.client
-        checks = [self._conntrack_check(port, ex)]
+        conntrack = self._conntrack_check(port, ex)
         hits = [
             u
             for u in self._unreachables(0.3)
             if u.reply.dport == client_port and u.reply.dst == client_addr
         ]
-        if hits:
-            sender, r = hits[0]
-            seen = (
-                f"ICMP port unreachable from {sender} for the reply "
-                f"{endpoint(r.src, r.sport)} -> {endpoint(r.dst, r.dport)}"
-            )
-        else:
-            seen = "no ICMP port unreachable seen"
-        checks.append(
-            Check(
-                "the client rejects the reply it did not expect",
-                "ICMP port unreachable from the client, about a reply from another address",
-                seen,
-                bool(hits) and hits[0].reply.src != ex.server[0],
-            )
-        )
-        return checks
+        sender, rejected = hits[0] if hits else (None, None)
+        return [conntrack, IcmpCheck(ex.server[0], sender, rejected)]
 
-    def _conntrack_check(self, port: int, ex: t.Exchange) -> Check:
+    def _conntrack_check(self, port: int, ex: t.Exchange) -> ConntrackCheck:
         from ctfix.platform.conntrack import dump
-        from ctfix.render.conntrack import conntrack_line
 
         client_addr, client_port = ex.client
         with netns.entered(self.topo.host):
@@ -108,21 +92,4 @@ class LabEvidence:
                 request = entry
             elif o.dport == client_port and o.dst == client_addr and o.sport == port:
                 reply = entry
-        lines = [
-            f"{label} {conntrack_line(entry) if entry else '(not found)'}"
-            for label, entry in (("request", request), ("reply  ", reply))
-        ]
-        ok = request is not None and reply is not None and reply.orig.src != ex.server[0]
-        seen = (
-            f"a new flow from {endpoint(reply.orig.src, reply.orig.sport)}, not "
-            f"{endpoint(ex.server[0], port)}"
-            if reply is not None
-            else "no second flow"
-        )
-        return Check(
-            "conntrack in the host namespace",
-            "the request, then the reply filed as a NEW flow from another address",
-            seen,
-            ok,
-            tuple(lines),
-        )
+        return ConntrackCheck(port, ex.server[0], request, reply)

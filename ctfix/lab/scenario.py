@@ -1,10 +1,12 @@
 """The lab's story: reproduce the wrong-source bug, then show the IP_PKTINFO fix.
 
-Each step is a `Check`: what an engineer expects, what was seen, and whether they
-agree. The story runs on a `Topology` built by `ctfix.lab.topology` and reports
-through a callback, so `ctfix lab` prints as it goes and the tests read the same
-checks. Know before changing: the verdict (bug reproduced AND fix confirmed) is the
-lab's exit status; a check that is only informative must say so (`informative`).
+Each step is a check (ctfix.lab.checks): what was observed, and whether it is what
+an engineer expects. The story runs on a `Topology` built by `ctfix.lab.topology`
+and reports through a callback, so `ctfix lab` prints as it goes (ctfix.render.lab)
+and the tests read the same checks.
+
+Know before changing: the verdict (bug reproduced AND fix confirmed) is the lab's
+exit status.
 """
 
 from __future__ import annotations
@@ -14,51 +16,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
-from ctfix.core.addr import endpoint
 from ctfix.lab import topology as t
+from ctfix.lab.checks import Check, ExchangeCheck, Section, StaleSection, Story
+from ctfix.lab.evidence import LabEvidence
 
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One expectation and what the lab saw."""
-
-    title: str
-    expected: str
-    seen: str
-    ok: bool
-    detail: tuple[str, ...] = ()
-
-
-@dataclass
-class Section:
-    title: str
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-
-@dataclass
-class Story:
-    """What the lab found: the bug section(s) and the fix section(s)."""
-
-    port: int
-    bug: list[Section] = field(default_factory=list)
-    fix: list[Section] = field(default_factory=list)
-
-    @property
-    def reproduced(self) -> bool:
-        return bool(self.bug) and all(s.ok for s in self.bug)
-
-    @property
-    def fixed(self) -> bool:
-        return bool(self.fix) and all(s.ok for s in self.fix)
-
-
-Report = Callable[[str, object], None]  # ("section", Section) | ("check", Check)
+#: told each section as it starts, then each of its checks as it is made
+Report = Callable[[Section | StaleSection | Check], None]
 
 
 def _serve_argv(port: int, broken: bool) -> list[str]:
@@ -76,44 +40,23 @@ def _server(topo: t.Topology, port: int, broken: bool) -> Iterator[subprocess.Po
         topo.stop(proc)
 
 
-def _reply_text(ex: t.Exchange) -> str:
-    if ex.reply_from is None:
-        return "no reply"
-    return f"reply from {endpoint(*ex.reply_from)}"
-
-
 def _exchange_check(
     topo: t.Topology, address: str, port: int, *, want_reply: bool, timeout: float
-) -> tuple[Check, t.Exchange]:
+) -> tuple[ExchangeCheck, t.Exchange]:
     ex = t.udp_exchange(topo.container, address, port, timeout=timeout)
-    right = ex.reply_from is not None and ex.reply_from[0] == address
-    expected = (
-        f"reply from {endpoint(address, port)}"
-        if want_reply
-        else "no reply: the bug (the reply leaves from another address)"
-    )
-    ok = right if want_reply else ex.reply_from is None
-    title = f"connected client {endpoint(*ex.client)} -> {endpoint(address, port)}"
-    return Check(title, expected, _reply_text(ex), ok), ex
+    return ExchangeCheck(ex.client, address, port, want_reply, ex.reply_from), ex
 
 
 def run_story(
     topo: t.Topology, port: int, report: Report, *, timeout: float = 1.0, evidence: bool = True
 ) -> Story:
     """Run both halves of the story for each family the topology has."""
-    from ctfix.lab.evidence import LabEvidence
-
     story = Story(port)
     families = [socket.AF_INET] + ([socket.AF_INET6] if topo.ipv6 else [])
     for broken in (True, False):
-        title = (
-            "a wildcard server that answers with recvfrom()/sendto() (ctfix serve --broken)"
-            if broken
-            else "the reference server: wildcard + IP_PKTINFO (ctfix serve)"
-        )
         with _server(topo, port, broken) as proc, LabEvidence(topo) as proof:
-            section = Section(f"{title}, pid {proc.pid}")
-            report("section", section)
+            section = Section(broken, proc.pid)
+            report(section)
             for family in families:
                 uplink, bridge = topo.local_addresses(family)
                 for address, want in ((bridge, True), (uplink, not broken)):
@@ -123,6 +66,6 @@ def run_story(
                     extra = proof.checks(port, ex) if broken and not want and evidence else []
                     for item in (check, *extra):
                         section.checks.append(item)
-                        report("check", item)
+                        report(item)
             (story.bug if broken else story.fix).append(section)
     return story

@@ -29,7 +29,16 @@ from typing import Any, Literal
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import CtEntry
 from ctfix.lab import topology as t
-from ctfix.lab.scenario import Check, Report, Section, Story
+from ctfix.lab.checks import (
+    Check,
+    DeliveryCheck,
+    EntryCheck,
+    FlushCheck,
+    StaleFindingCheck,
+    StaleSection,
+    Story,
+)
+from ctfix.lab.scenario import Report
 from ctfix.platform import netns
 
 BACKEND_A = "198.51.100.21"
@@ -171,12 +180,8 @@ def _sender_entries(entries: list[CtEntry], port: int) -> list[CtEntry]:
     ]
 
 
-def _entry_text(entry: CtEntry) -> str:
-    orig, reply = entry.orig, entry.reply
-    return (
-        f"{endpoint(orig.src, orig.sport)} -> {endpoint(orig.dst, orig.dport)} goes to "
-        f"{endpoint(reply.src, reply.sport)}"
-    )
+def _targets(entries: list[CtEntry]) -> tuple[str, ...]:
+    return tuple(endpoint(e.reply.src, e.reply.sport) for e in entries)
 
 
 def _others(entries: list[CtEntry], port: int) -> set[tuple[object, ...]]:
@@ -196,20 +201,14 @@ def _backends(topo: t.Topology, port: int) -> Iterator[tuple[Backend, Backend]]:
         b.close()
 
 
-def _count(others: int) -> str:
-    return f"the other {others} entr{'y' if others == 1 else 'ies'}"
-
-
-def _add(section: Section, report: Report, check: Check) -> None:
+def _add(section: StaleSection, report: Report, check: Check) -> None:
     section.checks.append(check)
-    report("check", check)
+    report(check)
 
 
 def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1.0) -> Story:
     """Reproduce the black hole, find it, flush it, see the recovery (module doc)."""
     story = Story(port)
-    service = endpoint(t.UPLINK_V4, port)
-    a_at, b_at = endpoint(BACKEND_A, port), endpoint(BACKEND_B, port)
     # Ages and datagram counts for the finding (per-namespace, writable sysctls).
     topo.run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1",
              "net.netfilter.nf_conntrack_acct=1")
@@ -223,8 +222,8 @@ def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1
             neighbour.sendto(b"neighbour", (t.UPLINK_V4, port + 1))
             sender = start_sender(topo, SENDER_PORT, port)
             try:
-                _bug(topo, story, report, port, service, a, b, a_at, b_at, timeout)
-                _fix(topo, story, report, port, service, b, b_at)
+                _bug(topo, story, report, port, a, b, timeout)
+                _fix(topo, story, report, port, b)
             finally:
                 topo.stop(sender)
         finally:
@@ -232,101 +231,72 @@ def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1
     return story
 
 
+def _section(step: Literal["forwarded", "moved", "flushed"], port: int) -> StaleSection:
+    return StaleSection(
+        step, port, endpoint(t.CONTAINER_V4, SENDER_PORT), endpoint(t.UPLINK_V4, port),
+        endpoint(BACKEND_A, port), endpoint(BACKEND_B, port),
+    )
+
+
 def _bug(
-    topo: t.Topology, story: Story, report: Report, port: int, service: str,
-    a: Backend, b: Backend, a_at: str, b_at: str, timeout: float,
+    topo: t.Topology, story: Story, report: Report, port: int, a: Backend, b: Backend,
+    timeout: float,
 ) -> None:
-    client = endpoint(t.CONTAINER_V4, SENDER_PORT)
-    first = Section(f"a one-way sender {client} -> {service}, forwarded by DNAT to {a_at}")
-    report("section", first)
-    got = a.receives(max(timeout, 3.0))
-    _add(first, report, Check(
-        f"backend A {a_at} receives the sender's datagrams",
-        "datagrams at A", f"{got} datagram(s) at {a_at}" if got else "nothing at A", got > 0,
-    ))
+    first = _section("forwarded", port)
+    report(first)
+    waited = max(timeout, 3.0)
+    _add(first, report, DeliveryCheck("A", first.backend_a, a.receives(waited), True, waited))
     story.bug.append(first)
 
-    moved = Section(f"the rule moved to backend B {b_at}; A's address removed")
-    report("section", moved)
+    moved = _section("moved", port)
+    report(moved)
     move_dnat(topo, port, BACKEND_B)
     topo.ip(topo.upstream, f"addr del {BACKEND_A}/24 dev eth0\n")
     a.drain()
-    got = b.receives(max(timeout, 1.5))
-    _add(moved, report, Check(
-        f"backend B {b_at} receives nothing: the black hole",
-        f"nothing at B for {max(timeout, 1.5):g} s (the sender keeps its old entry)",
-        f"{got} datagram(s) at B" if got else "nothing at B", got == 0,
-    ))
-    pinned = _sender_entries(_udp_table(topo), port)
-    to_a = [e for e in pinned if e.reply.src == BACKEND_A]
-    _add(moved, report, Check(
-        "conntrack still sends the sender to A",
-        f"the sender's entry goes to {a_at}",
-        "; ".join(_entry_text(e) for e in pinned) or "no entry for the sender",
-        bool(to_a),
-        detail=("its timeout restarts with every datagram: it never expires",),
-    ))
-    explained = _ctfix(topo, "explain", str(port), "--json")
-    found = _stale_record(explained.stdout, a_at)
-    seen = (
-        f"verdict {found[0]}, stale target {found[1]['stale_target']}, now "
-        f"{', '.join(found[1]['current_targets'])}, {found[1]['clients']} client(s)"
-        if found else (explained.stderr.strip() or "no stale-nat finding")
-    )
-    ok = found is not None and found[0] == "broken" and b_at in found[1]["current_targets"]
-    _add(moved, report, Check(
-        f"`ctfix explain {port}` finds it",
-        f"broken, reason stale-nat: stale target {a_at}, current {b_at}", seen, ok,
-    ))
+    waited = max(timeout, 1.5)
+    _add(moved, report, DeliveryCheck("B", moved.backend_b, b.receives(waited), False, waited))
+    pinned = _targets(_sender_entries(_udp_table(topo), port))
+    _add(moved, report, EntryCheck(moved.client, moved.service, pinned, moved.backend_a, True))
+    _add(moved, report, _explained(topo, port, moved))
     story.bug.append(moved)
 
 
-def _stale_record(stdout: str, stale_target: str) -> tuple[str, dict[str, Any]] | None:
+def _explained(topo: t.Topology, port: int, section: StaleSection) -> StaleFindingCheck:
+    explained = _ctfix(topo, "explain", str(port), "--json")
+    want = (section.backend_a, section.backend_b)
     try:
-        document = json.loads(stdout)
+        document = json.loads(explained.stdout)
     except ValueError:
-        return None
+        return StaleFindingCheck(port, None, None, (), 0, *want,
+                                 error=explained.stderr.strip() or "no answer")
     codes = {r.get("code") for r in document.get("reasons", [])}
     for record in document.get("stale_nat", []):
-        if record.get("stale_target") == stale_target and "stale-nat" in codes:
-            return str(document.get("verdict")), record
-    return None
+        if record.get("stale_target") == section.backend_a and "stale-nat" in codes:
+            return StaleFindingCheck(
+                port, str(document.get("verdict")), record["stale_target"],
+                tuple(record["current_targets"]), int(record["clients"]), *want,
+            )
+    return StaleFindingCheck(port, str(document.get("verdict")), None, (), 0, *want)
 
 
-def _fix(
-    topo: t.Topology, story: Story, report: Report, port: int, service: str,
-    b: Backend, b_at: str,
-) -> None:
-    section = Section(f"ctfix fix {port} --method flush-stale --apply")
-    report("section", section)
+def _fix(topo: t.Topology, story: Story, report: Report, port: int, b: Backend) -> None:
+    section = _section("flushed", port)
+    report(section)
     before = _udp_table(topo)
     applied = _ctfix(topo, "fix", str(port), "--method", "flush-stale", "--apply", "--json")
+    others = _others(before, port)
     try:
-        result = json.loads(applied.stdout)
+        result: dict[str, Any] = json.loads(applied.stdout)
     except ValueError:
-        result = {}
-    deleted = int(result.get("deleted", 0))
-    after = _udp_table(topo)
-    kept = _others(before, port) <= _others(after, port)
-    _add(section, report, Check(
-        "exactly the stale entry is deleted",
-        "1 entry deleted; every other entry of the table still there",
-        f"{deleted} deleted; {_count(len(_others(before, port)))} of the table "
-        + ("all still there" if kept else "NOT all there")
-        if result else (applied.stderr.strip() or "no answer"),
-        deleted == 1 and kept,
-        detail=tuple(str(line) for line in result.get("checks", [])),
-    ))
-    got = b.receives(5.0)
-    _add(section, report, Check(
-        f"backend B {b_at} receives the sender's datagrams again",
-        "datagrams at B", f"{got} datagram(s) at {b_at}" if got else "nothing at B", got > 0,
-    ))
-    now = _sender_entries(_udp_table(topo), port)
-    _add(section, report, Check(
-        "the sender's new entry follows the rule",
-        f"{endpoint(t.CONTAINER_V4, SENDER_PORT)} -> {service} goes to {b_at}",
-        "; ".join(_entry_text(e) for e in now) or "no entry for the sender",
-        any(e.reply.src == BACKEND_B for e in now),
-    ))
+        check = FlushCheck(port, 0, len(others), False, (),
+                           error=applied.stderr.strip() or "no answer")
+    else:
+        kept = others <= _others(_udp_table(topo), port)
+        check = FlushCheck(port, int(result.get("deleted", 0)), len(others), kept,
+                           tuple(str(line) for line in result.get("checks", [])))
+    _add(section, report, check)
+    _add(section, report, DeliveryCheck("B", section.backend_b, b.receives(5.0), True, 5.0))
+    now = _targets(_sender_entries(_udp_table(topo), port))
+    _add(section, report, EntryCheck(section.client, section.service, now, section.backend_b,
+                                     False))
     story.fix.append(section)

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import netns
@@ -82,33 +82,23 @@ def require_tools(*tools: str) -> None:
 
 
 @dataclass
-class Topology:
-    """The namespaces of one lab run, and the processes started in them."""
+class Namespaces:
+    """The network namespaces of one run (named `ctfix-<run id>-<role>`) and the
+    processes started in them: what every topology shares. Subclasses say which
+    namespaces they have (`namespaces`) and build them."""
 
     run_id: str
-    ipv6: bool
-    netfilter: Netfilter
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list, kw_only=True)
 
-    bridge = "br0"
-    uplink = "eth0"
-    container_if = "eth0"
+    def name(self, role: str) -> str:
+        return f"{PREFIX}-{self.run_id}-{role}"
 
     @property
-    def host(self) -> str:
-        return f"{PREFIX}-{self.run_id}-host"
+    def namespaces(self) -> tuple[str, ...]:
+        raise NotImplementedError
 
-    @property
-    def container(self) -> str:
-        return f"{PREFIX}-{self.run_id}-ctr"
-
-    @property
-    def upstream(self) -> str:
-        return f"{PREFIX}-{self.run_id}-up"
-
-    @property
-    def namespaces(self) -> tuple[str, str, str]:
-        return (self.host, self.container, self.upstream)
+    def build(self) -> None:
+        raise NotImplementedError
 
     # -- commands in a namespace -------------------------------------------------
 
@@ -165,6 +155,78 @@ class Topology:
         if proc in self.processes:
             self.processes.remove(proc)
 
+    # -- building blocks ----------------------------------------------------------
+
+    def create_namespaces(self) -> None:
+        """Create every namespace of the run, with IPv6 DAD off (an address must be
+        usable the moment it is reported up)."""
+        for ns in self.namespaces:
+            proc = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+            if proc.returncode != 0:
+                if "Operation not permitted" in proc.stderr or os.geteuid() != 0:
+                    raise PrivilegeError("creating network namespaces", "CAP_SYS_ADMIN")
+                raise CtfixError(f"cannot create network namespace {ns}: {proc.stderr.strip()}")
+            self.run(
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            )
+
+    def veth(self, ns: str, name: str, peer_ns: str, peer_name: str) -> None:
+        """A veth pair from ns (`name`) to peer_ns (`peer_name`), made inside ns, both
+        ends up."""
+        self.ip(ns, f"link add {name} type veth peer name {peer_name} netns {peer_ns}\n"
+                    f"link set {name} up\n")
+        self.ip(peer_ns, f"link set {peer_name} up\n")
+
+    def forwarding(self, ns: str, ipv6: bool) -> None:
+        """Make ns a router (IPv4, and IPv6 when asked)."""
+        self.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if ipv6:
+            self.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+
+    def destroy(self) -> None:
+        """Stop our processes by pid, then delete our namespaces. Never raises."""
+        for proc in list(self.processes):
+            with contextlib.suppress(Exception):
+                self.stop(proc, timeout=1.0)
+        for ns in self.namespaces:
+            if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+AnyNamespaces = TypeVar("AnyNamespaces", bound=Namespaces)
+
+
+@dataclass
+class Topology(Namespaces):
+    """The namespaces of one lab run, and the processes started in them."""
+
+    ipv6: bool
+    netfilter: Netfilter
+
+    bridge = "br0"
+    uplink = "eth0"
+    container_if = "eth0"
+
+    @property
+    def host(self) -> str:
+        return self.name("host")
+
+    @property
+    def container(self) -> str:
+        return self.name("ctr")
+
+    @property
+    def upstream(self) -> str:
+        return self.name("up")
+
+    @property
+    def namespaces(self) -> tuple[str, str, str]:
+        return (self.host, self.container, self.upstream)
+
     # -- life cycle ---------------------------------------------------------------
 
     def build(self) -> None:
@@ -173,20 +235,7 @@ class Topology:
             require_tools("nft")
         elif self.netfilter == "iptables-legacy":
             require_tools("iptables-legacy", "ip6tables-legacy")
-        for ns in self.namespaces:
-            proc = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
-            if proc.returncode != 0:
-                if "Operation not permitted" in proc.stderr or os.geteuid() != 0:
-                    raise PrivilegeError("creating network namespaces", "CAP_SYS_ADMIN")
-                raise CtfixError(f"cannot create network namespace {ns}: {proc.stderr.strip()}")
-            # No DAD: an address must be usable the moment the lab reports it up.
-            self.run(
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            )
+        self.create_namespaces()
         self.run(self.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         v6 = self.ipv6
         self.ip(
@@ -246,15 +295,6 @@ addr add {UPLINK_V4}/24 dev {self.uplink}
                     *["!", "-o", self.bridge, "-j", "MASQUERADE"],
                 )
 
-    def destroy(self) -> None:
-        """Stop our processes by pid, then delete our namespaces. Never raises."""
-        for proc in list(self.processes):
-            with contextlib.suppress(Exception):
-                self.stop(proc, timeout=1.0)
-        for ns in self.namespaces:
-            if os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)):
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-
     # -- addresses ----------------------------------------------------------------
 
     def local_addresses(self, family: int = socket.AF_INET) -> list[str]:
@@ -290,16 +330,22 @@ def new_run_id() -> str:
 
 
 @contextlib.contextmanager
-def lab_topology(
-    *, ipv6: bool = False, netfilter: Netfilter = "nft", run_id: str | None = None
-) -> Iterator[Topology]:
-    """Build the topology, yield it, and always tear it down."""
-    topo = Topology(run_id or new_run_id(), ipv6=ipv6, netfilter=netfilter)
+def built(topo: AnyNamespaces) -> Iterator[AnyNamespaces]:
+    """Build a topology, yield it, and always tear it down (a half-built one too)."""
     try:
         topo.build()
         yield topo
     finally:
         topo.destroy()
+
+
+@contextlib.contextmanager
+def lab_topology(
+    *, ipv6: bool = False, netfilter: Netfilter = "nft", run_id: str | None = None
+) -> Iterator[Topology]:
+    """Build the topology, yield it, and always tear it down."""
+    with built(Topology(run_id or new_run_id(), ipv6=ipv6, netfilter=netfilter)) as topo:
+        yield topo
 
 
 def leftover_namespaces(run_id: str | None = None) -> list[str]:

@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,8 +79,12 @@ def dump_buffers(
     dport: int | None = None,
     *,
     reply_sport: int | None = None,
-) -> Iterator[bytes]:
-    """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures)."""
+    until_done: bool = True,
+) -> Generator[bytes, None, None]:
+    """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures).
+
+    until_done=False: the caller decodes each buffer and stops reading at the end
+    itself (`_dump_family`), so the buffers are not walked twice."""
     sock = _open("reading the conntrack table")
     try:
         sock.bind((0, 0))
@@ -96,7 +100,7 @@ def dump_buffers(
             n = sock.recv_into(buf)
             chunk = bytes(buf[:n])
             yield chunk
-            if decode.ends_dump(chunk):
+            if until_done and decode.ends_dump(chunk):
                 return
     finally:
         sock.close()
@@ -108,16 +112,18 @@ def _dump_family(
     sport: int | None,
     dport: int | None,
     reply_sport: int | None = None,
+    touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
 ) -> Iterator[CtEntry]:
     first = True
-    for chunk in dump_buffers(family, proto, sport, dport, reply_sport=reply_sport):
-        batch = decode.decode(chunk, usage=usage is not None)
+    chunks = dump_buffers(family, proto, sport, dport, reply_sport=reply_sport, until_done=False)
+    for chunk in chunks:
+        batch = decode.decode(chunk, ports=touching, usage=usage is not None)
         if batch.error:
             if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
                 # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask for
                 # everything and let the caller's user-space filter work.
-                yield from _dump_family(family, None, None, None, usage=usage)
+                yield from _dump_family(family, None, None, None, touching=touching, usage=usage)
                 return
             if first and batch.error == errno.EINVAL and proto is None:
                 # nfnetlink answers EINVAL for a subsystem nobody registered: no
@@ -131,6 +137,10 @@ def _dump_family(
                     usage[event.entry.id] = used
         for event in batch.events:
             yield event.entry
+        # The end (or what ends_dump would call one: not netlink, or empty).
+        if batch.done or batch.malformed or not chunk:
+            chunks.close()
+            return
 
 
 def dump(
@@ -141,6 +151,7 @@ def dump(
     zone: int | None = None,
     sport: int | None = None,
     reply_sport: int | None = None,
+    touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
@@ -151,16 +162,25 @@ def dump(
     original tuple's source port (entries a service on P started, e.g. its
     wrong-source replies); reply_sport: the reply tuple's source port (requests a
     DNAT forwarded to a service on P, whatever port they were sent to); zone: only
-    this conntrack zone (0 = default); usage: a dict to fill with each entry's age and
-    counters (CtUsage) by conntrack id, for the callers that show them.
+    this conntrack zone (0 = default); touching: only entries whose orig sport, orig
+    dport or reply sport is one of these (checked on the bytes, before decoding: a
+    dump of a whole big table read for a few ports, as `ctfix scan` reads it); usage:
+    a dict to fill with each entry's age and counters (CtUsage) by conntrack id.
     The kernel filters family, protocol and ports (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port, reply_sport, usage):
+        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching, usage):
             orig = entry.orig
+            if (
+                touching is not None
+                and orig.sport not in touching
+                and orig.dport not in touching
+                and entry.reply.sport not in touching
+            ):
+                continue
             if (
                 orig.family != fam
                 or orig.proto != proto
@@ -189,33 +209,52 @@ class Deleted(NamedTuple):
 
 
 def delete(entries: Iterable[CtEntry]) -> Deleted:
-    """Delete exactly these entries, one IPCTNL_MSG_CT_DELETE each, by original tuple,
-    zone and id (`ctfix.core.decode.delete_request`): never a wide flush."""
+    """Delete exactly these entries, never a wide flush: for each, read the entry that
+    holds its original tuple now (IPCTNL_MSG_CT_GET) and delete it (by tuple, zone and
+    id, `ctfix.core.decode.delete_request`) only if it is still the same one: same id
+    and same reply source (its DNAT target). An entry that expired, or whose tuple now
+    belongs to a newer flow (one that follows the rules: another reply source), is left
+    alone and counted as gone."""
     sock = _open("deleting conntrack entries")
     deleted: list[CtEntry] = []
     gone: list[CtEntry] = []
     try:
         sock.bind((0, 0))
-        buf = bytearray(_RECV_SIZE)
         for seq, entry in enumerate(entries, 1):
-            try:
-                sock.send(decode.delete_request(entry, seq=seq))
-            except PermissionError:
-                raise PrivilegeError("deleting conntrack entries") from None
-            while True:
-                n = sock.recv_into(buf)
-                batch = decode.decode(memoryview(buf)[:n])
-                if batch.done:
-                    break
-            if batch.error == 0:
-                deleted.append(entry)
-            elif batch.error == errno.ENOENT:
-                gone.append(entry)
-            else:
-                _raise_for(batch.error, "deleting a conntrack entry")
+            now, err = _request(sock, decode.get_request(entry, seq=2 * seq))
+            target = (entry.reply.src, entry.reply.sport)
+            same = (
+                bool(now)
+                and now[0].id == entry.id
+                and (now[0].reply.src, now[0].reply.sport) == target
+            )
+            if err not in (0, errno.ENOENT):
+                _raise_for(err, "reading a conntrack entry")
+            if same:
+                _, err = _request(sock, decode.delete_request(entry, seq=2 * seq + 1))
+                if err not in (0, errno.ENOENT):
+                    _raise_for(err, "deleting a conntrack entry")
+            (deleted if same and err == 0 else gone).append(entry)
     finally:
         sock.close()
     return Deleted(tuple(deleted), tuple(gone))
+
+
+def _request(sock: socket.socket, request: bytes) -> tuple[list[CtEntry], int]:
+    """Send one acknowledged request: the entries it answered with, and its errno (0:
+    done)."""
+    try:
+        sock.send(request)
+    except PermissionError:
+        raise PrivilegeError("changing the conntrack table") from None
+    buf = bytearray(_RECV_SIZE)
+    found: list[CtEntry] = []
+    while True:
+        n = sock.recv_into(buf)
+        batch = decode.decode(memoryview(buf)[:n])
+        found += [event.entry for event in batch.events]
+        if batch.error or batch.done or not n:
+            return found, batch.error
 
 
 # -- events --------------------------------------------------------------------------

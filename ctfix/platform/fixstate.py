@@ -26,9 +26,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from ctfix.core.plan import Plan, Step, step_from_dict, step_to_dict
+from ctfix.core.model import Method
+from ctfix.core.plan import (
+    BACKENDS,
+    METHODS,
+    Backend,
+    Plan,
+    Spec,
+    Step,
+    step_from_dict,
+    step_to_dict,
+)
 from ctfix.errors import CtfixError
 from ctfix.platform.locks import flock_within
 
@@ -59,17 +69,31 @@ def namespace_key() -> str:
         return f"netns-{os.stat('/proc/thread-self/ns/net').st_ino}"
 
 
+Choice = TypeVar("Choice", bound=str)
+
+
+def _one_of(value: object, allowed: tuple[Choice, ...]) -> Choice:
+    """`value` as one of the `allowed` strings (a Literal's members); ValueError else."""
+    for option in allowed:
+        if value == option:
+            return option
+    raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+
+
 @dataclass
 class RecordedStep:
     step: Step
     status: StepStatus
+    #: what the kernel said of the object once made (an nftables table's handle), so
+    #: that revert can tell it from one made again by somebody else
+    made: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RecordedFix:
     port: int
-    method: str
-    backend: str
+    method: Method
+    backend: Backend
     started: float
     complete: bool
     steps: list[RecordedStep] = field(default_factory=list)
@@ -145,24 +169,20 @@ class FixState:
                 f"cannot read the fix state file {path}: {err}",
                 "inspect it; remove it only once the objects it lists are gone",
             ) from None
+        if not isinstance(raw, dict):
+            raise _malformed(path, f"holds {type(raw).__name__}, not a JSON object")
         if raw.get("version") != VERSION:
-            raise CtfixError(f"{path}: state file version {raw.get('version')} not understood")
+            raise _malformed(path, f"state file version {raw.get('version')!r} not understood")
+        fixes = raw.get("fixes", {})
+        if not isinstance(fixes, dict):
+            raise _malformed(path, "'fixes' is not a JSON object")
         state = cls(path, str(raw.get("netns") or netns_label))
-        for port_text, fix in raw.get("fixes", {}).items():
+        for port_text, fix in fixes.items():
             try:
-                state.fixes[int(port_text)] = RecordedFix(
-                    port=int(port_text),
-                    method=str(fix["method"]),
-                    backend=str(fix["backend"]),
-                    started=float(fix["started"]),
-                    complete=bool(fix["complete"]),
-                    notes=[str(n) for n in fix.get("notes", [])],
-                    steps=[
-                        RecordedStep(step_from_dict(s["step"]), s["status"]) for s in fix["steps"]
-                    ],
-                )
-            except (KeyError, TypeError, ValueError) as err:
-                raise CtfixError(f"{path}: unreadable fix for port {port_text} ({err})") from None
+                state.fixes[int(port_text)] = _recorded_fix(int(port_text), fix)
+            except (KeyError, TypeError, ValueError, AttributeError, CtfixError) as err:
+                why = err.message if isinstance(err, CtfixError) else str(err)
+                raise _malformed(path, f"unreadable fix for port {port_text} ({why})") from None
         return state
 
     def to_json(self) -> dict[str, Any]:
@@ -177,7 +197,9 @@ class FixState:
                     "complete": fix.complete,
                     "notes": fix.notes,
                     "steps": [
-                        {"status": r.status, "step": step_to_dict(r.step)} for r in fix.steps
+                        {"status": r.status, "step": step_to_dict(r.step)}
+                        | ({"made": r.made} if r.made else {})
+                        for r in fix.steps
                     ],
                 }
                 for port, fix in sorted(self.fixes.items())
@@ -210,6 +232,10 @@ class FixState:
             raise
         _fsync_dir(directory)
 
+    def specs(self) -> list[tuple[int, Spec]]:
+        """(port, spec) of every recorded step: what explains a marked kernel object."""
+        return [(port, r.step.spec) for port, fix in self.fixes.items() for r in fix.steps]
+
     # -- recording -----------------------------------------------------------------
 
     def begin(self, plan: Plan) -> RecordedFix:
@@ -224,8 +250,9 @@ class FixState:
         self.save()
         return recorded
 
-    def mark_done(self, recorded: RecordedStep) -> None:
+    def mark_done(self, recorded: RecordedStep, made: dict[str, Any] | None = None) -> None:
         recorded.status = "done"
+        recorded.made = dict(made or {})
         self.save()
 
     def drop_step(self, fix: RecordedFix, recorded: RecordedStep) -> None:
@@ -240,6 +267,39 @@ class FixState:
     def forget(self, port: int) -> None:
         self.fixes.pop(port, None)
         self.save()
+
+
+def _malformed(path: str, what: str) -> CtfixError:
+    return CtfixError(
+        f"{path}: {what}",
+        "it is not a state file this ctfix wrote: move it away (`ctfix fix --status` then "
+        "finds ctfix's objects by their marks, and `--revert` removes them)",
+    )
+
+
+def _recorded_fix(port: int, fix: Any) -> RecordedFix:
+    """One fix of the file; KeyError/TypeError/ValueError/AttributeError when malformed."""
+    if not isinstance(fix, dict) or not isinstance(fix["steps"], list):
+        raise TypeError("a fix is an object with a list of steps")
+    if not isinstance(fix.get("notes", []), list):
+        raise TypeError("'notes' is not a list")
+    steps = []
+    for recorded in fix["steps"]:
+        status = recorded["status"]
+        if status not in ("pending", "done"):
+            raise ValueError(f"step status {status!r}")
+        steps.append(
+            RecordedStep(step_from_dict(recorded["step"]), status, dict(recorded.get("made", {})))
+        )
+    return RecordedFix(
+        port=port,
+        method=_one_of(fix["method"], METHODS),
+        backend=_one_of(fix["backend"], BACKENDS),
+        started=float(fix["started"]),
+        complete=bool(fix["complete"]),
+        notes=[str(n) for n in fix.get("notes", [])],
+        steps=steps,
+    )
 
 
 def _fsync_dir(directory: str) -> None:

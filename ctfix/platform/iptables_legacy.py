@@ -19,6 +19,7 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from ctfix.core.model import Family
 from ctfix.errors import CtfixError, MissingFeatureError
 from ctfix.platform.locks import flock_within
 
@@ -30,13 +31,24 @@ FAMILY_FILES = {
 }
 
 
-def loaded_tables(family: str = "ipv4") -> list[str]:
+class Unreadable(CtfixError):
+    """The list of legacy tables is root's (mode 0440): CAP_NET_ADMIN does not open it,
+    and asking the kernel table by table would create each table asked about."""
+
+
+def loaded_tables(family: Family = "ipv4") -> list[str]:
     """Names of the legacy tables that exist in this namespace (nothing is created)."""
     try:
         with open(FAMILY_FILES[family]) as fh:
             return [line.strip() for line in fh if line.strip()]
     except FileNotFoundError:
         return []
+    except PermissionError:
+        raise Unreadable(
+            f"{FAMILY_FILES[family]} is readable by root only, so iptables-legacy "
+            "tables were not read (CAP_NET_ADMIN is not enough)",
+            "run as root to include them",
+        ) from None
 
 
 def in_use() -> bool:
@@ -55,7 +67,7 @@ def import_iptc(message: str = "python-iptables is not installed") -> Any:
     return iptc
 
 
-def table_class(iptc: Any, family: str, existing: Iterable[str]) -> Any:
+def table_class(iptc: Any, family: Family, existing: Iterable[str]) -> Any:
     """python-iptables' Table class for the family, told which tables exist.
 
     Without this it probes (and so creates) every table it has not seen, the first

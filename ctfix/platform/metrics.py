@@ -8,10 +8,19 @@ advanced by deltas of the watcher's own totals, once a second, from the watch lo
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
+import threading
 from typing import Any
 
 from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.errors import CtfixError
+
+#: seconds a connection may stay silent before the server closes it
+IDLE_TIMEOUT = 5.0
+#: connections served at once; more get `503` at once (a scraper needs one)
+MAX_CONNECTIONS = 8
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -25,13 +34,107 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class MetricsListener:
+    """The metrics' HTTP server, bound where it is made: `ctfix watch` makes it before
+    it enters --netns, so that it listens where ctfix was started (the host), not in
+    the watched namespace. Each connection gets IDLE_TIMEOUT seconds of silence at
+    most, and at most MAX_CONNECTIONS are served at once."""
+
+    def __init__(self, listen: str) -> None:
+        host, port = parse_listen(listen)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as err:
+            raise CtfixError(f"bad --metrics {listen!r}: {err.strerror or err}") from None
+        self.loopback = all(_is_loopback(str(info[4][0])) for info in infos)
+        family, _type, _proto, _name, address = infos[0]
+        try:
+            self.server = _server(family, address)
+        except OSError as err:
+            raise CtfixError(f"cannot serve metrics on {listen}: {err.strerror or err}") from None
+        self.thread: threading.Thread | None = None
+
+    def serve(self, app: Any) -> None:
+        self.server.set_app(app)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="ctfix-metrics", daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.server.shutdown()
+            self.thread.join(timeout=1.0)
+        # shutdown() only stops serving; the listening socket stays bound until this.
+        self.server.server_close()
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _server(family: int, address: Any) -> Any:
+    """A threading WSGI server for `family`, bound to `address`, not yet serving."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class Handler(WSGIRequestHandler):
+        timeout = IDLE_TIMEOUT  # StreamRequestHandler puts it on the socket
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except OSError:  # the client went silent (timeout) or away
+                self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            del format, args  # scrapes are not news
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = family
+
+        def __init__(self) -> None:
+            self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+            super().__init__(address[:2] if family == socket.AF_INET else address, Handler)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):
+                with contextlib.suppress(OSError):
+                    request.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            del request, client_address  # a client's fault is no traceback on stderr
+
+    return Server()
+
+
 class WatchMetrics:
     """The watcher's counters and gauges, served over HTTP."""
 
-    def __init__(self, listen: str, netns: str) -> None:
+    def __init__(self, listen: str | MetricsListener, netns: str) -> None:
         import prometheus_client as prom
 
-        host, port = parse_listen(listen)
+        self.listener = listen if isinstance(listen, MetricsListener) else MetricsListener(listen)
         self.registry = prom.CollectorRegistry()
         labels = {"netns": netns}
         self._totals: dict[str, float] = {}
@@ -69,12 +172,7 @@ class WatchMetrics:
         # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
         self.conntrack = ConntrackHealthCollector(netns)
         self.registry.register(self.conntrack)
-        try:
-            self.server, self.thread = prom.start_http_server(
-                port, addr=host, registry=self.registry
-            )
-        except OSError as err:
-            raise CtfixError(f"cannot serve metrics on {listen}: {err.strerror or err}") from None
+        self.listener.serve(prom.make_wsgi_app(self.registry))
 
     def update(self, totals: dict[str, int], pending: int, findings: int) -> None:
         for name, value in totals.items():
@@ -100,7 +198,4 @@ class WatchMetrics:
         ).inc()
 
     def close(self) -> None:
-        self.server.shutdown()
-        # shutdown() only stops serving; the listening socket stays bound until this.
-        self.server.server_close()
-        self.thread.join(timeout=1.0)
+        self.listener.close()

@@ -26,6 +26,7 @@ import socket
 import struct
 from typing import Any
 
+from ctfix.core.model import Family
 from ctfix.core.nat import NatChain, NatRuleset
 from ctfix.errors import CtfixError
 from ctfix.platform import iptables_legacy
@@ -44,7 +45,8 @@ def read() -> NatRuleset:
         chains.extend(_nft_chains())
     except CtfixError as err:
         errors.append(f"nftables: {err.one_line()}")
-    for family in ("ipv4", "ipv6"):
+    families: tuple[Family, ...] = ("ipv4", "ipv6")
+    for family in families:
         if "nat" not in iptables_legacy.loaded_tables(family):
             continue
         try:
@@ -65,7 +67,7 @@ def _nft_chains() -> list[NatChain]:
     return nat_chains(objects, texts)
 
 
-def _legacy_chains(family: str) -> list[NatChain]:
+def _legacy_chains(family: Family) -> list[NatChain]:
     from ctfix.core.nat.legacy import nat_chains
 
     iptables_legacy.import_iptc("python-iptables is not installed but iptables-legacy "
@@ -74,10 +76,10 @@ def _legacy_chains(family: str) -> list[NatChain]:
     return nat_chains(table)
 
 
-def _read_legacy_nat(family: str) -> Any:
+def _read_legacy_nat(family: Family) -> Any:
     """In the child: the nat table as a LegacyTable."""
     from ctfix.core.nat.legacy import LegacyRule, LegacyTable
-    from ctfix.platform.netfilter_read import legacy_parts
+    from ctfix.platform.netfilter_read import legacy_saved
 
     iptc = iptables_legacy.import_iptc()
     loaded = iptables_legacy.loaded_tables(family)
@@ -90,7 +92,7 @@ def _read_legacy_nat(family: str) -> Any:
         policy = chain.get_policy().name if chain.is_builtin() else None
         chains.append((chain.name, policy))
         for rule in chain.rules:
-            parts = legacy_parts(rule, chain.name)
+            saved = legacy_saved(rule)
             rules.append(
                 LegacyRule(
                     chain=chain.name,
@@ -98,10 +100,10 @@ def _read_legacy_nat(family: str) -> Any:
                     destination=_plain(rule.dst),
                     in_interface=rule.in_interface or None,
                     protocol=rule.protocol or None,
-                    matches=parts.matches,
-                    target=parts.target,
-                    target_options=parts.target_options,
-                    text=parts.text,
+                    matches=saved.matches,
+                    target=saved.target_name,
+                    target_options=saved.target_saved,
+                    text=saved.text(chain.name),
                 )
             )
     return LegacyTable("ipv6" if family == "ipv6" else "ipv4", tuple(chains), tuple(rules))
@@ -124,7 +126,7 @@ _SO_GET_INFO = 64
 _SO_GET_ENTRIES = 65
 _INFO = struct.Struct("=32sI5I5III")  # name, valid_hooks, hook_entry, underflow, num, size
 #: per family: getsockopt level, entry offsets of (comefrom, counters end), next_offset
-_LEGACY_LAYOUT = {
+_LEGACY_LAYOUT: dict[Family, tuple[int, int, int, int, int]] = {
     "ipv4": (socket.SOL_IP, socket.AF_INET, 92, 112, 90),
     "ipv6": (socket.IPPROTO_IPV6, socket.AF_INET6, 144, 168, 142),
 }

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from ctfix.core.model import Family
 from ctfix.core.snapshot import NetfilterRule
 from ctfix.errors import CtfixError
 from ctfix.platform import iptables_legacy
@@ -82,6 +84,20 @@ def _nft_nat_to(expressions: list[JsonObject]) -> str | None:
     return None
 
 
+def _nft_mark_to(expressions: list[JsonObject]) -> int | None:
+    """The value of a `meta mark set VALUE` statement (a constant only)."""
+    for expr in expressions:
+        mangle = expr.get("mangle")
+        if not isinstance(mangle, dict):
+            continue
+        key = mangle.get("key")
+        value = mangle.get("value")
+        marks = isinstance(key, dict) and key.get("meta", {}).get("key") == "mark"
+        if marks and isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def _nft_classify(
     expressions: list[JsonObject], port: int
 ) -> tuple[frozenset[str], bool, bool, bool, bool]:
@@ -142,11 +158,18 @@ def nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
 
 def nft_rules(port: int) -> list[NetfilterRule]:
     """nftables rules whose matches or NAT targets name the port."""
+    return nft_rules_by_port([port])[port]
+
+
+def nft_rules_by_port(ports: Sequence[int]) -> dict[int, list[NetfilterRule]]:
+    """For each port, the nftables rules that name it; the ruleset is read once."""
     from ctfix.platform import nft
 
     objects = nft.ruleset()
     hooks: dict[tuple[str, str, str], str] = {}
-    candidates: list[tuple[JsonObject, tuple[frozenset[str], bool, bool, bool, bool]]] = []
+    candidates: list[
+        tuple[int, JsonObject, tuple[frozenset[str], bool, bool, bool, bool]]
+    ] = []
     for obj in objects:
         if "chain" in obj:
             chain = obj["chain"]
@@ -154,17 +177,18 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 hooks[(chain["family"], chain["table"], chain["name"])] = str(chain["hook"])
         elif "rule" in obj:
             rule = obj["rule"]
-            found = _nft_classify(rule.get("expr", []), port)
-            _actions, sport, dport, to_port, _mark = found
-            if sport or dport or to_port:
-                candidates.append((rule, found))
+            for port in ports:
+                found = _nft_classify(rule.get("expr", []), port)
+                _actions, sport, dport, to_port, _mark = found
+                if sport or dport or to_port:
+                    candidates.append((port, rule, found))
+    result: dict[int, list[NetfilterRule]] = {port: [] for port in ports}
     if not candidates:
-        return []
+        return result
     texts = nft_rule_texts(nft.ruleset_text_with_handles())
-    result: list[NetfilterRule] = []
-    for rule, (actions, sport, dport, to_port, mark) in candidates:
+    for port, rule, (actions, sport, dport, to_port, mark) in candidates:
         key = (rule["family"], rule["table"], rule["chain"])
-        result.append(
+        result[port].append(
             NetfilterRule(
                 backend="nftables",
                 family=rule["family"],
@@ -178,6 +202,7 @@ def nft_rules(port: int) -> list[NetfilterRule]:
                 hook=hooks.get(key),
                 matches_mark=mark,
                 nat_to=_nft_nat_to(rule.get("expr", [])),
+                mark_to=_nft_mark_to(rule.get("expr", [])),
             )
         )
     return result
@@ -262,7 +287,18 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
-def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
+def _legacy_mark_to(target_name: str, saved: str) -> int | None:
+    """MARK's value when it sets the whole mark (`--set-xmark V/0xffffffff`)."""
+    if target_name != "MARK":
+        return None
+    match = re.search(r"--set-x?mark\s+(0x[0-9a-fA-F]+|\d+)(?:/(0x[0-9a-fA-F]+|\d+))?", saved)
+    if match is None:
+        return None
+    mask = int(match.group(2), 0) if match.group(2) else 0xFFFFFFFF
+    return int(match.group(1), 0) if mask == 0xFFFFFFFF else None
+
+
+def _legacy_rules(ports: Sequence[int], family: Family) -> Iterator[tuple[int, NetfilterRule]]:
     loaded = iptables_legacy.loaded_tables(family)
     if not loaded:
         return
@@ -276,21 +312,40 @@ def _legacy_rules(port: int, family: str) -> Iterator[NetfilterRule]:
         chain_names = frozenset(c.name for c in chains)
         for chain in chains:
             for rule in chain.rules:
-                found = _legacy_rule(rule, port, family, name, chain.name, chain_names)
-                if found is not None:
-                    yield found
+                saved = _legacy_saved(rule)
+                if saved is None:
+                    continue
+                for port in ports:
+                    found = _legacy_rule(saved, port, family, name, chain.name, chain_names)
+                    if found is not None:
+                        yield port, found
 
 
-class LegacyParts(NamedTuple):
-    """One python-iptables rule as iptables-save prints it, in parts."""
+@dataclass(frozen=True, slots=True)
+class _Saved:
+    """One rule as iptables-save prints its parts (read from libiptc once)."""
 
-    text: str  # `-A CHAIN -d 198.51.100.13/32 -p udp -m udp --dport 53 -j DNAT ...`
-    matches: tuple[tuple[str, str], ...]  # (name, options), options with a leading space
-    target: str  # "" when the rule has none
-    target_options: str
+    options: str  # addresses, interfaces, protocol
+    matches: tuple[tuple[str, str], ...]  # (match name, its saved options)
+    target_name: str
+    target_saved: str
+
+    def text(self, chain: str) -> str:
+        """The whole rule: `-A CHAIN -d ... -p udp -m udp --dport 53 -j DNAT ...`."""
+        matches = "".join(f" -m {name}{saved}" for name, saved in self.matches)
+        target = f" -j {self.target_name}{self.target_saved}" if self.target_name else ""
+        return f"-A {chain}{self.options}{matches}{target}"
 
 
-def legacy_parts(rule: Any, chain: str) -> LegacyParts:
+def _legacy_saved(rule: Any) -> _Saved | None:
+    """The rule's parts in iptables-save's words; None when it cannot match UDP."""
+    if rule.protocol not in ("udp", "17", None, ""):
+        return None
+    return legacy_saved(rule)
+
+
+def legacy_saved(rule: Any) -> _Saved:
+    """Any rule's parts in iptables-save's words (the NAT model reads every rule)."""
     ip = rule.get_ip()
     options = ""
     options += _address_option("-s", rule.src)
@@ -301,32 +356,28 @@ def legacy_parts(rule: Any, chain: str) -> LegacyParts:
             options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
     if rule.protocol:
         options += f" -p {rule.protocol}"
-    matches = []
-    for match in rule.matches:
-        saved = iptables_legacy.saved_options(match, ip)
-        options += f" -m {match.name}{saved}"
-        matches.append((str(match.name), saved))
+    matches = tuple((m.name, iptables_legacy.saved_options(m, ip)) for m in rule.matches)
     target = rule.target
     target_name = target.name if target is not None else ""
     target_saved = iptables_legacy.saved_options(target, ip) if target_name else ""
-    if target_name:
-        options += f" -j {target_name}{target_saved}"
-    return LegacyParts(f"-A {chain}{options}", tuple(matches), str(target_name), target_saved)
+    return _Saved(options, matches, target_name, target_saved)
 
 
 def _legacy_rule(
-    rule: Any, port: int, family: str, table: str, chain: str, chain_names: frozenset[str]
+    saved_rule: _Saved,
+    port: int,
+    family: Family,
+    table: str,
+    chain: str,
+    chain_names: frozenset[str],
 ) -> NetfilterRule | None:
-    """The rule as iptables-save prints it, classified; None when it does not name port."""
-    if rule.protocol not in ("udp", "17", None, ""):
-        return None
-    parts = legacy_parts(rule, chain)
+    """The rule classified for the port; None when it does not name the port."""
     sport = dport = mark = False
-    for name, saved in parts.matches:
+    for name, saved in saved_rule.matches:
         s, d = _match_ports(saved, port)
         sport, dport = sport or s, dport or d
         mark = mark or name in ("mark", "connmark")
-    target_name, target_saved = parts.target, parts.target_options
+    target_name, target_saved = saved_rule.target_name, saved_rule.target_saved
     to_port = bool(
         re.search(rf"--to(?:-source|-destination)?\s+\S*:{port}\b", target_saved)
         or re.search(rf"--to-ports\s+{port}\b", target_saved)
@@ -349,7 +400,7 @@ def _legacy_rule(
         family=family,
         table=table,
         chain=chain,
-        rule=parts.text,
+        rule=saved_rule.text(chain),
         actions=frozenset(actions),
         matches_sport=sport,
         matches_dport=dport,
@@ -357,6 +408,7 @@ def _legacy_rule(
         hook=_BUILTIN_HOOKS.get(chain),
         matches_mark=mark,
         nat_to=_legacy_nat_to(target_saved),
+        mark_to=_legacy_mark_to(target_name, target_saved),
     )
 
 
@@ -366,10 +418,10 @@ def _import_iptc() -> Any:
     )
 
 
-def _read_family(port: int, family: str) -> list[NetfilterRule]:
+def _read_family(ports: Sequence[int], family: Family) -> list[tuple[int, NetfilterRule]]:
     """`_legacy_rules` for one family, in its own child (see `iptables_legacy.in_child`)."""
     try:
-        return iptables_legacy.in_child(lambda: list(_legacy_rules(port, family)))
+        return iptables_legacy.in_child(lambda: list(_legacy_rules(ports, family)))
     except CtfixError as err:
         raise CtfixError(
             f"reading the {family} iptables-legacy tables: {err.one_line()}"
@@ -378,20 +430,40 @@ def _read_family(port: int, family: str) -> list[NetfilterRule]:
 
 def legacy_rules(port: int) -> list[NetfilterRule]:
     """iptables-legacy rules (IPv4 and IPv6, loaded tables only) that name the port."""
-    families = [f for f in ("ipv4", "ipv6") if iptables_legacy.loaded_tables(f)]
+    return legacy_rules_by_port([port])[port]
+
+
+def legacy_rules_by_port(ports: Sequence[int]) -> dict[int, list[NetfilterRule]]:
+    """For each port, the iptables-legacy rules that name it; each table is read once."""
+    result: dict[int, list[NetfilterRule]] = {port: [] for port in ports}
+    both: tuple[Family, ...] = ("ipv4", "ipv6")
+    families = [f for f in both if iptables_legacy.loaded_tables(f)]
     if not families:
-        return []
+        return result
     _import_iptc()  # once, before forking: the children share the import
-    return [rule for family in families for rule in _read_family(port, family)]
+    for family in families:
+        for port, rule in _read_family(ports, family):
+            result[port].append(rule)
+    return result
 
 
 def rules_for_port(port: int) -> tuple[list[NetfilterRule], list[str]]:
     """Rules from every backend that holds any; errors per backend, not fatal."""
-    found: list[NetfilterRule] = []
+    found, errors = rules_for_ports([port])
+    return found[port], errors
+
+
+def rules_for_ports(ports: Sequence[int]) -> tuple[dict[int, list[NetfilterRule]], list[str]]:
+    """`rules_for_port` for many ports, each backend's ruleset read once (scan)."""
+    found: dict[int, list[NetfilterRule]] = {port: [] for port in ports}
     errors: list[str] = []
-    for backend, reader in (("nftables", nft_rules), ("iptables-legacy", legacy_rules)):
+    for backend, reader in (
+        ("nftables", nft_rules_by_port),
+        ("iptables-legacy", legacy_rules_by_port),
+    ):
         try:
-            found.extend(reader(port))
+            for port, rules in reader(ports).items():
+                found[port].extend(rules)
         except CtfixError as err:
             errors.append(f"{backend}: {err.one_line()}")
     return found, errors

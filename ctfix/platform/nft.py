@@ -8,7 +8,11 @@ applies whole or not at all, which `ctfix fix` relies on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
@@ -18,6 +22,24 @@ JsonObject = dict[str, Any]
 
 class NftError(CtfixError):
     """libnftables refused a command; the message is its own first error line."""
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """libnftables prints some errors itself ("Operation not permitted (you must be
+    root)") besides returning them: nothing but ctfix's own one line may reach the
+    user, so fd 2 points at /dev/null around each call (the error still comes back in
+    libnftables' error buffer, which `_check` reads)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _context() -> Any:
@@ -51,7 +73,8 @@ def _check(rc: int, error: str, what: str) -> None:
 def run_json(commands: list[JsonObject], what: str = "the change") -> JsonObject:
     """Run one atomic batch of JSON commands ({"add": {...}}, {"delete": {...}}, ...)."""
     nft = _context()
-    rc, output, error = nft.json_cmd({"nftables": commands})
+    with _quiet_stderr():
+        rc, output, error = nft.json_cmd({"nftables": commands})
     _check(rc, str(error or ""), what)
     result: JsonObject = output if isinstance(output, dict) else {"nftables": []}
     return result
@@ -60,7 +83,8 @@ def run_json(commands: list[JsonObject], what: str = "the change") -> JsonObject
 def run_text(command: str, what: str = "the command") -> list[JsonObject]:
     """Run nft syntax (one or more lines); return the JSON objects it printed."""
     nft = _context()
-    rc, output, error = nft.cmd(command)
+    with _quiet_stderr():
+        rc, output, error = nft.cmd(command)
     _check(rc, str(error or ""), what)
     if not output:
         return []
@@ -82,6 +106,7 @@ def ruleset_text_with_handles() -> str:
     nft.set_json_output(False)
     nft.set_handle_output(True)
     nft.set_stateless_output(True)
-    rc, output, error = nft.cmd("list ruleset")
+    with _quiet_stderr():
+        rc, output, error = nft.cmd("list ruleset")
     _check(rc, str(error or ""), "listing the ruleset")
     return str(output)

@@ -14,7 +14,8 @@ import ipaddress
 import socket
 import struct
 
-from ctfix.core.snapshot import LocalAddress, PolicyRule, RouteChoice
+from ctfix.core.model import Family
+from ctfix.core.snapshot import AddressScope, LocalAddress, PolicyRule, Route, RouteChoice
 from ctfix.platform import nlsock
 
 RTM_GETADDR = 22
@@ -29,7 +30,10 @@ RTA_OIF = 4
 RTA_GATEWAY = 5
 RTA_PRIORITY = 6
 RTA_PREFSRC = 7
+RTA_MULTIPATH = 9
+RTA_MARK = 16
 RTA_TABLE = 15
+RTA_SRC = 2
 RTA_UID = 25
 RTA_IP_PROTO = 27
 RTA_SPORT = 28
@@ -64,10 +68,13 @@ RTN_BROADCAST = 3
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
+_RTNEXTHOP = struct.Struct("=HBBi")  # rtnh_len, rtnh_flags, rtnh_hops, rtnh_ifindex
 
 _FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
-_FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
-_SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
+_FAMILY_NAMES: dict[int, Family] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+#: rtm_scope -> its name; a number /etc/iproute2/rt_scopes may name (none of these) is
+#: no address remote clients use: "nowhere" for ctfix.
+_SCOPES: dict[int, AddressScope] = {0: "global", 200: "site", 253: "link", 254: "host"}
 _TABLE_NAMES = {253: "default", 254: "main", 255: "local"}
 _PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "ipv6-icmp"}
 
@@ -79,6 +86,14 @@ def _ntop(family: int, raw: bytes) -> str:
 def _interfaces() -> dict[int, str]:
     # if_nameindex() asks through a socket of this thread's namespace.
     return {index: name for index, name in socket.if_nameindex()}
+
+
+def _interface_name(index: int) -> str | None:
+    # One ioctl (scan asks once per port and network), not a listing of them all.
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return None
 
 
 def local_addresses() -> list[LocalAddress]:
@@ -103,7 +118,7 @@ def local_addresses() -> list[LocalAddress]:
                 address=_ntop(family, raw),
                 prefixlen=prefixlen,
                 family=_FAMILY_NAMES[family],
-                scope=_SCOPES.get(scope, str(scope)),
+                scope=_SCOPES.get(scope, "nowhere"),
             )
         )
     return found
@@ -113,41 +128,97 @@ def _u32(raw: bytes | None) -> int | None:
     return struct.unpack("=I", raw[:4])[0] if raw else None
 
 
-def routes() -> list[str]:
-    """All routes of all tables, one `ip route show table all`-like line each."""
+_ROUTE_KINDS = {RTN_UNICAST: "unicast", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+
+
+def _nexthops(
+    family: int, attrs: dict[int, bytes], names: dict[int, str]
+) -> list[tuple[str | None, str | None]]:
+    """(gateway, interface) of each next hop: one, or each of a multipath route."""
+    raw = attrs.get(RTA_MULTIPATH)
+    if raw is None:
+        oif = _u32(attrs.get(RTA_OIF))
+        gateway = attrs.get(RTA_GATEWAY)
+        return [
+            (
+                _ntop(family, gateway) if gateway else None,
+                names.get(oif, str(oif)) if oif is not None else None,
+            )
+        ]
+    hops: list[tuple[str | None, str | None]] = []
+    offset = 0
+    while offset + _RTNEXTHOP.size <= len(raw):
+        length, _flags, _hops, ifindex = _RTNEXTHOP.unpack_from(raw, offset)
+        if length < _RTNEXTHOP.size:
+            break
+        nested = nlsock.attributes(raw, offset + _RTNEXTHOP.size, offset + length)
+        gateway = nested.get(RTA_GATEWAY)
+        hops.append(
+            (_ntop(family, gateway) if gateway else None, names.get(ifindex, str(ifindex)))
+        )
+        offset += (length + 3) & ~3
+    return hops
+
+
+def route_table() -> list[Route]:
+    """All routes of all tables (local, broadcast and multicast ones left out), IPv4
+    and IPv6: `ip route show table all` as values, one per next hop."""
     names = _interfaces()
-    lines: list[str] = []
+    found: list[Route] = []
     for family in (socket.AF_INET, socket.AF_INET6):
         payload = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
         for _kind, body in nlsock.request(
             nlsock.NETLINK_ROUTE, RTM_GETROUTE, payload, dump=True, what="listing routes"
         ):
-            fam, dst_len, _src_len, _tos, table8, _proto, scope, rtype, _flags = _RTMSG.unpack_from(
-                body
+            fam, dst_len, _src_len, _tos, table8, proto, scope, rtype, _flags = (
+                _RTMSG.unpack_from(body)
             )
             attrs = nlsock.attributes(body, _RTMSG.size, len(body))
             table = _u32(attrs.get(RTA_TABLE)) or table8
-            if table == 255 or rtype not in (RTN_UNICAST, 6, 7, 8):
+            if table == 255 or rtype not in _ROUTE_KINDS:
                 continue  # local/broadcast routes: noise for this purpose
             if fam == socket.AF_INET6 and attrs.get(RTA_DST, b"")[:2] == b"\xff\x00":
                 continue
             dst = attrs.get(RTA_DST)
-            words = [f"{_ntop(fam, dst)}/{dst_len}" if dst else "default"]
-            if rtype != RTN_UNICAST:
-                words.insert(0, {6: "blackhole", 7: "unreachable", 8: "prohibit"}[rtype])
-            if RTA_GATEWAY in attrs:
-                words += ["via", _ntop(fam, attrs[RTA_GATEWAY])]
-            oif = _u32(attrs.get(RTA_OIF))
-            if oif is not None:
-                words += ["dev", names.get(oif, str(oif))]
-            if table != 254:
-                words += ["table", _TABLE_NAMES.get(table, str(table))]
-            if scope == 253:
-                words += ["scope", "link"]
-            if RTA_PREFSRC in attrs:
-                words += ["src", _ntop(fam, attrs[RTA_PREFSRC])]
-            lines.append(" ".join(words))
-    return lines
+            any_address = "0.0.0.0" if fam == socket.AF_INET else "::"
+            destination = f"{_ntop(fam, dst) if dst else any_address}/{dst_len}"
+            metric = _u32(attrs.get(RTA_PRIORITY)) or 0
+            prefsrc = attrs.get(RTA_PREFSRC)
+            for gateway, interface in _nexthops(fam, attrs, names):
+                words = [f"{_ntop(fam, dst)}/{dst_len}" if dst else "default"]
+                if rtype != RTN_UNICAST:
+                    words.insert(0, _ROUTE_KINDS[rtype])
+                if gateway:
+                    words += ["via", gateway]
+                if interface is not None:
+                    words += ["dev", interface]
+                if table != 254:
+                    words += ["table", _TABLE_NAMES.get(table, str(table))]
+                if scope == 253:
+                    words += ["scope", "link"]
+                if prefsrc:
+                    words += ["src", _ntop(fam, prefsrc)]
+                if metric:
+                    words += ["metric", str(metric)]
+                found.append(
+                    Route(
+                        family=_FAMILY_NAMES[fam],
+                        destination=destination,
+                        interface=interface,
+                        gateway=gateway,
+                        table=table,
+                        metric=metric,
+                        kind=_ROUTE_KINDS[rtype],
+                        protocol=proto,
+                        text=" ".join(words),
+                    )
+                )
+    return found
+
+
+def routes() -> list[str]:
+    """All routes of all tables, one `ip route show table all`-like line each."""
+    return [route.text for route in route_table()]
 
 
 def _port_range(raw: bytes | None) -> tuple[int, int] | None:
@@ -168,6 +239,8 @@ def policy_rules() -> list[PolicyRule]:
             fam, dst_len, src_len, _tos, table8, _r1, _r2, action, flags = (
                 _FIB_RULE_HDR.unpack_from(body)
             )
+            if fam not in _FAMILY_NAMES:
+                continue
             attrs = nlsock.attributes(body, _FIB_RULE_HDR.size, len(body))
             priority = _u32(attrs.get(FRA_PRIORITY)) or 0
             table = _u32(attrs.get(FRA_TABLE)) or table8
@@ -179,8 +252,8 @@ def policy_rules() -> list[PolicyRule]:
             if FRA_DST in attrs:
                 words += ["to", f"{_ntop(fam, attrs[FRA_DST])}/{dst_len}"]
             mark = _u32(attrs.get(FRA_FWMARK))
+            mask = _u32(attrs.get(FRA_FWMASK))
             if mark:
-                mask = _u32(attrs.get(FRA_FWMASK))
                 shown_mask = f"/{hex(mask)}" if mask not in (None, 0xFFFFFFFF) else ""
                 words += ["fwmark", hex(mark) + shown_mask]
             for attr, label in ((FRA_IIFNAME, "iif"), (FRA_OIFNAME, "oif")):
@@ -211,24 +284,36 @@ def policy_rules() -> list[PolicyRule]:
                 )
             rules.append(
                 PolicyRule(
-                    family=_FAMILY_NAMES.get(fam, str(fam)),
+                    family=_FAMILY_NAMES[fam],
                     priority=priority,
                     text=" ".join(words),
                     table=table if action == FR_ACT_TO_TBL else None,
                     ipproto=ipproto,
                     sport=sport,
                     dport=dport,
+                    fwmark=mark or None,
+                    fwmask=mask if mark else None,
                 )
             )
     return rules
 
 
 def reply_source(
-    destination: str, sport: int, *, dport: int = 0, uid: int | None = None
+    destination: str,
+    sport: int,
+    *,
+    dport: int = 0,
+    uid: int | None = None,
+    mark: int | None = None,
+    source: str | None = None,
 ) -> RouteChoice:
-    """The source the kernel picks for a UDP datagram from port sport to destination.
+    """The source the kernel picks for a UDP datagram from port sport to destination,
+    and the interface and next hop it leaves by.
 
-    Same as `ip route get DEST ipproto udp sport SPORT [dport DPORT] [uid UID]`.
+    Same as `ip route get DEST ipproto udp sport SPORT [dport DPORT] [uid UID]
+    [mark M] [from SOURCE]`: `mark` is what a netfilter rule that marks the reply
+    makes the kernel look up again; `source`, what a reply that already has its
+    source (a bound or IP_PKTINFO server) gets.
     """
     ip = ipaddress.ip_address(destination)
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -241,6 +326,17 @@ def reply_source(
         payload += nlsock.attribute(RTA_DPORT, struct.pack("!H", dport))
     if uid is not None:
         payload += nlsock.attribute(RTA_UID, struct.pack("=I", uid))
+    if mark is not None:
+        payload += nlsock.attribute(RTA_MARK, struct.pack("=I", mark))
+    if source is not None:
+        given = ipaddress.ip_address(source)
+        if given.version != ip.version:
+            return RouteChoice(
+                destination, None, error="source of another family", mark=mark,
+                from_address=source,
+            )
+        payload = payload[:2] + bytes([given.max_prefixlen]) + payload[3:]  # rtm_src_len
+        payload += nlsock.attribute(RTA_SRC, given.packed)
     try:
         answers = list(
             nlsock.request(
@@ -252,19 +348,30 @@ def reply_source(
             )
         )
     except nlsock.NetlinkError as err:
-        return RouteChoice(destination, None, error=err.message.split(": ", 1)[-1])
+        return RouteChoice(
+            destination,
+            None,
+            error=err.message.split(": ", 1)[-1],
+            mark=mark,
+            from_address=source,
+        )
     for _kind, body in answers:
         attrs = nlsock.attributes(body, _RTMSG.size, len(body))
         table8 = _RTMSG.unpack_from(body)[4]
         oif = _u32(attrs.get(RTA_OIF))
-        src = attrs.get(RTA_PREFSRC)
+        # With a source given, the answer carries it as RTA_SRC, not RTA_PREFSRC.
+        src = attrs.get(RTA_PREFSRC) or (attrs.get(RTA_SRC) if source is not None else None)
+        gateway = attrs.get(RTA_GATEWAY)
         return RouteChoice(
             destination,
             _ntop(family, src) if src else None,
-            interface=_interfaces().get(oif) if oif is not None else None,
+            interface=_interface_name(oif) if oif is not None else None,
             table=_u32(attrs.get(RTA_TABLE)) or table8,
+            gateway=_ntop(family, gateway) if gateway else None,
+            mark=mark,
+            from_address=source,
         )
-    return RouteChoice(destination, None, error="no answer")
+    return RouteChoice(destination, None, error="no answer", mark=mark, from_address=source)
 
 
-__all__ = ["local_addresses", "policy_rules", "reply_source", "routes"]
+__all__ = ["local_addresses", "policy_rules", "reply_source", "route_table", "routes"]

@@ -14,16 +14,29 @@ from __future__ import annotations
 
 import select
 import time
+from dataclasses import dataclass
 
 from ctfix.core.decode import CtEntry, CtUsage
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
     probe_destinations,
+    reply_marks,
+    requests_to,
+    uplink_lookups,
     wrong_source_reply,
 )
 from ctfix.core.model import Listener, WrongSourceReply
-from ctfix.core.snapshot import RouteChoice, Snapshot
+from ctfix.core.nat import Evaluator, NatRuleset
+from ctfix.core.scan import FlowIndex
+from ctfix.core.snapshot import (
+    LocalAddress,
+    NetfilterRule,
+    PolicyRule,
+    Route,
+    RouteChoice,
+    Snapshot,
+)
 from ctfix.errors import CtfixError
 from ctfix.platform import nat_rules, netfilter_read, routing, sockdiag
 
@@ -92,14 +105,9 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
         live = listen(port, listen_seconds, local)
 
     owned = sockdiag.listeners(port)
-    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
-    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
-    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
-
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
     usage: dict[int, CtUsage] = {}
-    taken = time.time()
     try:
         flows = conntrack_flows(port, usage)
     except CtfixError as err:
@@ -113,36 +121,104 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
+    return _snapshot(
+        port,
+        netns,
+        owned,
+        _Namespace.read(addresses),
+        flows,
+        conntrack_error,
+        (netfilter, netfilter_errors),
+        live,
+        listen_seconds,
+        usage,
+    )
 
-    nat = nat_rules.read()
-    probes = probe_destinations(port, addresses, flows)
+@dataclass(frozen=True, slots=True)
+class _Namespace:
+    """What is the same for every port of the namespace."""
+
+    addresses: list[LocalAddress]
+    route_table: list[Route]
+    policy_rules: list[PolicyRule]
+    nat: NatRuleset  # the DNAT rules, as the stale-nat check reads them
+    udp_timeouts: tuple[int, int]
+    taken: float  # when the conntrack table was read (epoch seconds)
+
+    @classmethod
+    def read(cls, addresses: list[LocalAddress]) -> _Namespace:
+        from ctfix.platform import conntrack
+
+        return cls(
+            addresses,
+            routing.route_table(),
+            routing.policy_rules(),
+            nat_rules.read(),
+            conntrack.udp_timeouts(),
+            time.time(),
+        )
+
+
+def _snapshot(
+    port: int,
+    netns: str,
+    owned: list[tuple[Listener, int]],
+    namespace: _Namespace,
+    flows: list[CtEntry],
+    conntrack_error: str | None,
+    netfilter: tuple[list[NetfilterRule], list[str]],
+    live: list[WrongSourceReply],
+    listen_seconds: float,
+    usage: dict[int, CtUsage] | None = None,
+) -> Snapshot:
+    """One port's snapshot: its route lookups made, everything else as gathered."""
+    listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
+    # Route lookups carry the owner's uid so `ip rule ... uidrange` counts too.
+    uid = next((uid for listener, uid in owned if listener.state == "listening"), None)
+    addresses = namespace.addresses
+    local = {a.address for a in addresses}
+    probes = probe_destinations(port, addresses, flows, namespace.route_table)
     choices: list[RouteChoice] = [
         routing.reply_source(destination, port, uid=uid) for destination in probes.values()
+    ]
+    # Remote clients: where a reply from the address they sent to, or one a netfilter
+    # rule marked, would leave (two uplinks).
+    choices += [
+        routing.reply_source(destination, port, uid=uid, mark=mark, source=source)
+        for destination, mark, source in uplink_lookups(
+            probes,
+            requests_to(flows, port, local),
+            addresses,
+            reply_marks(port, netfilter[0]),
+        )
     ]
     return Snapshot(
         port=port,
         netns=netns,
         listeners=listeners,
         addresses=tuple(addresses),
-        routes=tuple(routing.routes()),
-        policy_rules=tuple(routing.policy_rules()),
+        routes=tuple(route.text for route in namespace.route_table),
+        route_table=tuple(namespace.route_table),
+        policy_rules=tuple(namespace.policy_rules),
         route_choices=tuple(choices),
         flows=tuple(flows),
         conntrack_error=conntrack_error,
-        netfilter=tuple(netfilter),
-        netfilter_errors=tuple(netfilter_errors),
+        netfilter=tuple(netfilter[0]),
+        netfilter_errors=tuple(netfilter[1]),
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
-        nat_rules=nat,
-        nat_usage=usage,
-        client_interfaces=client_interfaces(flows, port, local) if nat.matches_interfaces else {},
-        udp_timeouts=_udp_timeouts(),
-        taken=taken,
+        nat_rules=namespace.nat,
+        nat_usage=usage or {},
+        client_interfaces=(
+            client_interfaces(flows, port, local) if namespace.nat.matches_interfaces else {}
+        ),
+        udp_timeouts=namespace.udp_timeouts,
+        taken=namespace.taken,
     )
 
 
-def client_interfaces(flows: list[CtEntry], port: int, local: frozenset[str]) -> dict[str, str]:
+def client_interfaces(flows: list[CtEntry], port: int, local: set[str]) -> dict[str, str]:
     """The route's interface to each client whose entry to the port was never DNAT'd."""
     found: dict[str, str] = {}
     for entry in flows:
@@ -161,7 +237,81 @@ def client_interfaces(flows: list[CtEntry], port: int, local: frozenset[str]) ->
     return found
 
 
-def _udp_timeouts() -> tuple[int, int]:
+def collect_services(netns: str) -> list[Snapshot]:
+    """A snapshot of every UDP service port of the current namespace (scan), gathered
+    at the cost of about one: sockets, addresses, routes, policy rules, netfilter and
+    ONE conntrack dump are read once, and each port's view is cut from them; only the
+    route lookups are per port (policy rules may select by source port)."""
+    from ctfix.core import scan
+
+    owned = sockdiag.listeners(None)
+    ports = scan.service_ports((listener for listener, _uid in owned), ephemeral_ports())
+    addresses = routing.local_addresses()
+    local = {a.address for a in addresses}
+    namespace = _Namespace.read(addresses)
+    # The ports the DNAT rules forward are services too, socket or not (a Docker
+    # published port, a Service): their stale NAT entries make them broken.
+    forwarded = Evaluator(namespace.nat, local).forwarded_ports() or frozenset()
+    ports = sorted(set(ports) | forwarded)
+    if not ports:
+        return []
+    rules, rule_errors = netfilter_read.rules_for_ports(ports)
+    index = scan.FlowIndex()
+    conntrack_error: str | None = None
+    try:
+        index = _flow_index(ports, rules, local)
+    except CtfixError as err:
+        conntrack_error = err.one_line()
+    snapshots = []
+    for port in ports:
+        flows = scan.flows_for_port(index, port)
+        if conntrack_error is None:
+            for _address, target in forwarded_to(port, rules[port], flows, local):
+                flows.extend(scan.flows_from_port(index, target))
+        snapshots.append(
+            _snapshot(
+                port,
+                netns,
+                [(listener, uid) for listener, uid in owned if listener.port == port],
+                namespace,
+                flows,
+                conntrack_error,
+                (rules[port], rule_errors),
+                [],
+                0.0,
+            )
+        )
+    return snapshots
+
+
+def _flow_index(
+    ports: list[int], rules: dict[int, list[NetfilterRule]], local: set[str]
+) -> FlowIndex:
+    """ONE dump of the UDP table, decoding only the entries that touch a service port
+    or a port a DNAT forwards one to (named by a rule); a target only the flows name
+    gets a filtered dump of its own (rare: something usually listens there)."""
+    from ctfix.core import scan
     from ctfix.platform import conntrack
 
-    return conntrack.udp_timeouts()
+    targets = {t for port in ports for _a, t in forwarded_to(port, rules[port], (), local)}
+    touching = frozenset(ports) | targets
+    index = scan.index_flows(conntrack.dump(proto=17, touching=touching), ports)
+    fetched = set(touching)
+    for port in ports:
+        flows = scan.flows_for_port(index, port)
+        for _address, target in forwarded_to(port, (), flows, local):
+            if target not in fetched:
+                fetched.add(target)
+                index.by_sport[target] = list(conntrack.dump(proto=17, sport=target))
+    return index
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """net.ipv4.ip_local_port_range of the current namespace (the kernel's default
+    when it cannot be read): the ports clients' sockets get."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(word) for word in fh.read().split())
+    except (OSError, ValueError):
+        return (32768, 60999)
+    return low, high

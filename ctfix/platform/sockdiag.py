@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ctfix.core.model import ContainerRef, Listener
+from ctfix.core.model import ContainerRef, Family, Listener
 from ctfix.platform import nlsock
 from ctfix.platform.procfs import read_text
 
@@ -40,7 +40,7 @@ _MSG_SIZE = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size
 class UdpSocket:
     """One UDP socket as sock_diag reports it."""
 
-    family: str  # "ipv4" | "ipv6"
+    family: Family
     address: str
     port: int
     peer: str | None  # connected peer "addr:port", None when unconnected
@@ -54,8 +54,9 @@ def _address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(family, raw[:size])
 
 
-def udp_sockets(port: int) -> list[UdpSocket]:
-    """Every UDP socket (IPv4 and IPv6, any state) whose local port is `port`."""
+def udp_sockets(port: int | None = None) -> list[UdpSocket]:
+    """Every UDP socket (IPv4 and IPv6, any state) whose local port is `port` (None:
+    every UDP socket of the namespace)."""
     from ctfix.core.addr import endpoint
 
     found: list[UdpSocket] = []
@@ -74,7 +75,7 @@ def udp_sockets(port: int) -> list[UdpSocket]:
                 continue
             fam, state, _timer, _retrans = _MSG_HEAD.unpack_from(body)
             sport, dport, src, dst = _SOCKID.unpack_from(body, _MSG_HEAD.size)
-            if sport != port:
+            if port is not None and sport != port:
                 continue
             _exp, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(body, _MSG_HEAD.size + _SOCKID_SIZE)
             attrs = nlsock.attributes(body, _MSG_SIZE, len(body))
@@ -179,8 +180,9 @@ def unit_from_cgroup(text: str) -> str | None:
     return None
 
 
-def listeners(port: int) -> list[tuple[Listener, int]]:
-    """The port's sockets with their owners, each with the socket's uid (for routing)."""
+def listeners(port: int | None = None) -> list[tuple[Listener, int]]:
+    """The port's sockets (None: every UDP socket) with their owners, each with the
+    socket's uid (for routing)."""
     sockets = udp_sockets(port)
     holders = socket_holders(sock.inode for sock in sockets)
     result: list[tuple[Listener, int]] = []

@@ -9,13 +9,14 @@ evidence, and the fixes with their trade-offs, in that order.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ctfix.core.detectors.stale_nat import stale_nat_text
-from ctfix.core.diagnosis import recommended_first, wrong_text
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
 from ctfix.render.container import container_json, container_text
+from ctfix.render.jsonout import envelope
 from ctfix.render.stale_nat import WHY_STALE, stale_nat_record
 from ctfix.render.style import Style
 from ctfix.render.width import fill
@@ -34,7 +35,8 @@ _VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broke
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
-    """The stable JSON shape of a diagnosis."""
+    """The stable JSON shape of a diagnosis: explain's document after the envelope,
+    and each of scan's `services[]`."""
     return {
         "port": d.port,
         "netns": d.netns,
@@ -70,6 +72,23 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "probe": cn.probe,
+                "egress": cn.egress,
+                "egress_gateway": cn.egress_gateway,
+                "uplinks": [
+                    {
+                        "address": u.address,
+                        "interface": u.interface,
+                        "network": u.network,
+                        "gateway": u.gateway,
+                        "route": u.route,
+                        "routed": u.routed,
+                        "rerouted": u.rerouted,
+                        "source_routed": u.source_routed,
+                        "ok": u.ok,
+                    }
+                    for u in cn.uplinks
+                ],
             }
             for cn in d.clients
         ],
@@ -117,8 +136,9 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
     }
 
 
-def render_json(d: Diagnosis) -> str:
-    return json.dumps(to_json_obj(d), indent=2) + "\n"
+def explain_document(d: Diagnosis) -> dict[str, Any]:
+    """`ctfix explain --json`: the schema-2 envelope, then the diagnosis."""
+    return {**envelope(d.netns), **to_json_obj(d)}
 
 
 def _answers(healthy: int, unanswered: int) -> str:
@@ -159,7 +179,7 @@ def _netns_text(d: Diagnosis) -> str:
 
 def _wrong_line(w: WrongSourceReply) -> str:
     """A wrong-source record, with the container of its (latest) client if known."""
-    text = wrong_text(w)
+    text = wrong_source_text(w)
     return f"{text} ({container_text(w.container)})" if w.container else text
 
 
@@ -171,15 +191,23 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
     wrong = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
+    # Replies that leave by another uplink than their requests came in by.
+    other_way = sorted({u.interface for u in cn.uplinks if not u.ok})
+    problems = [f"wrong for {', '.join(wrong)}"] if wrong else []
+    if other_way:
+        problems.append(f"leaves by {cn.egress}, not {' or '.join(other_way)}")
     if cn.ok:
         status = "ok"
-    elif wrong:
-        status = f"wrong for {', '.join(wrong)}"
+    elif problems:
+        status = "; ".join(problems)
     else:
         status = "at risk"
+    leaves = cn.interface or "-"
+    if cn.egress_gateway and cn.egress == cn.interface:
+        leaves += f" via {cn.egress_gateway}"
     return (
         cn.network,
-        cn.interface or "-",
+        leaves,
         addressed,
         cn.predicted_source or "-",
         status,
@@ -254,7 +282,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
             f"sport {d.port}`)"
         )
         out += ["", _wrap(s(heading, "bold"), "", w, "  ")]
-        rows = [("network", "via", "clients send to", "reply from", "")]
+        rows = [("network", "leaves by", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for index, row in enumerate(rows):
@@ -322,7 +350,7 @@ def render_markdown(d: Diagnosis) -> str:
             "",
             f"Reply source as `ip route get CLIENT ipproto udp sport {d.port}` predicts it.",
             "",
-            "| network | via | clients send to | reply from | |",
+            "| network | leaves by | clients send to | reply from | |",
             "|---|---|---|---|---|",
         ]
         for cn in d.clients:

@@ -9,11 +9,166 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TextIO
 
+from ctfix.core.addr import endpoint
+from ctfix.lab.checks import (
+    Check,
+    ConntrackCheck,
+    DeliveryCheck,
+    EntryCheck,
+    ExchangeCheck,
+    FlushCheck,
+    IcmpCheck,
+    Section,
+    StaleFindingCheck,
+    StaleSection,
+)
+from ctfix.render.conntrack import conntrack_line
 from ctfix.render.style import Style
 
 if TYPE_CHECKING:
-    from ctfix.lab.scenario import Check, Section, Story
+    from ctfix.lab.checks import Story
     from ctfix.lab.topology import Topology
+
+
+def _section_title(section: Section | StaleSection) -> str:
+    if isinstance(section, StaleSection):
+        match section.step:
+            case "forwarded":
+                return (
+                    f"a one-way sender {section.client} -> {section.service}, forwarded by "
+                    f"DNAT to {section.backend_a}"
+                )
+            case "moved":
+                return f"the rule moved to backend B {section.backend_b}; A's address removed"
+            case "flushed":
+                return f"ctfix fix {section.port} --method flush-stale --apply"
+    title = (
+        "a wildcard server that answers with recvfrom()/sendto() (ctfix serve --broken)"
+        if section.broken
+        else "the reference server: wildcard + IP_PKTINFO (ctfix serve)"
+    )
+    return f"{title}, pid {section.pid}"
+
+
+def check_words(check: Check) -> tuple[str, str, str, list[str]]:
+    """(title, expected, seen, detail lines) of one check."""
+    match check:
+        case ExchangeCheck():
+            address = endpoint(check.address, check.port)
+            expected = (
+                f"reply from {address}"
+                if check.want_reply
+                else "no reply: the bug (the reply leaves from another address)"
+            )
+            came = check.reply_from
+            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+            return f"connected client {endpoint(*check.client)} -> {address}", expected, seen, []
+        case ConntrackCheck():
+            reply = check.reply
+            seen = (
+                f"a new flow from {endpoint(reply.orig.src, reply.orig.sport)}, not "
+                f"{endpoint(check.server, check.port)}"
+                if reply is not None
+                else "no second flow"
+            )
+            detail = [
+                f"{label} {conntrack_line(entry) if entry else '(not found)'}"
+                for label, entry in (("request", check.request), ("reply  ", reply))
+            ]
+            return (
+                "conntrack in the host namespace",
+                "the request, then the reply filed as a NEW flow from another address",
+                seen,
+                detail,
+            )
+        case IcmpCheck():
+            r = check.rejected
+            seen = (
+                f"ICMP port unreachable from {check.sender} for the reply "
+                f"{endpoint(r.src, r.sport)} -> {endpoint(r.dst, r.dport)}"
+                if r is not None
+                else "no ICMP port unreachable seen"
+            )
+            return (
+                "the client rejects the reply it did not expect",
+                "ICMP port unreachable from the client, about a reply from another address",
+                seen,
+                [],
+            )
+        case DeliveryCheck() | EntryCheck() | StaleFindingCheck() | FlushCheck():
+            return _stale_words(check)
+
+
+def _datagrams(count: int, where: str) -> str:
+    if not count:
+        return f"nothing at {where}"
+    return f"{count} datagram{'s' if count != 1 else ''} at {where}"
+
+
+def _stale_words(
+    check: DeliveryCheck | EntryCheck | StaleFindingCheck | FlushCheck,
+) -> tuple[str, str, str, list[str]]:
+    """The stale-nat story's checks in words."""
+    match check:
+        case DeliveryCheck():
+            where = f"backend {check.backend} {check.address}"
+            if check.want:
+                title = (
+                    f"{where} receives the sender's datagrams"
+                    + (" again" if check.backend == "B" else "")
+                )
+                return title, f"datagrams at {check.backend}", _datagrams(
+                    check.received, check.address), []
+            return (
+                f"{where} receives nothing: the black hole",
+                f"nothing at {check.backend} for {check.waited:g} s (the sender keeps its old "
+                "entry)",
+                _datagrams(check.received, check.backend),
+                [],
+            )
+        case EntryCheck():
+            seen = "; ".join(
+                f"{check.client} -> {check.service} goes to {target}" for target in check.targets
+            ) or "no entry for the sender"
+            if check.pinned:
+                return (
+                    "conntrack still sends the sender to A",
+                    f"the sender's entry goes to {check.want}",
+                    seen,
+                    ["its timeout restarts with every datagram: it never expires"],
+                )
+            return (
+                "the sender's new entry follows the rule",
+                f"{check.client} -> {check.service} goes to {check.want}",
+                seen,
+                [],
+            )
+        case StaleFindingCheck():
+            seen = (
+                f"verdict {check.verdict}, stale target {check.stale_target}, now "
+                f"{', '.join(check.current)}, {check.clients} client(s)"
+                if check.verdict is not None and check.stale_target is not None
+                else check.error or f"verdict {check.verdict}, no stale-nat finding"
+            )
+            return (
+                f"`ctfix explain {check.port}` finds it",
+                f"broken, reason stale-nat: stale target {check.want_stale}, current "
+                f"{check.want_current}",
+                seen,
+                [],
+            )
+        case FlushCheck():
+            others = f"the other {check.others} entr{'y' if check.others == 1 else 'ies'}"
+            seen = check.error or (
+                f"{check.deleted} deleted; {others} of the table "
+                + ("all still there" if check.kept else "NOT all there")
+            )
+            return (
+                "exactly the stale entry is deleted",
+                "1 entry deleted; every other entry of the table still there",
+                seen,
+                list(check.checks),
+            )
 
 
 class LabPrinter:
@@ -50,22 +205,20 @@ class LabPrinter:
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
 
-    def report(self, kind: str, item: object) -> None:
-        if kind == "section":
-            self._section(item)  # type: ignore[arg-type]
+    def report(self, item: Section | StaleSection | Check) -> None:
+        """The story's callback: a section as it starts, each check as it is made."""
+        if isinstance(item, Section | StaleSection):
+            self._p()
+            self._p(self.style(_section_title(item), "bold"))
         else:
-            self._check(item)  # type: ignore[arg-type]
+            self._check(*check_words(item), item.ok)
 
-    def _section(self, section: Section) -> None:
-        self._p()
-        self._p(self.style(section.title, "bold"))
-
-    def _check(self, check: Check) -> None:
+    def _check(self, title: str, expected: str, seen: str, detail: list[str], ok: bool) -> None:
         s = self.style
-        self._p(f"  {s.mark(check.ok)} {check.title}")
-        self._p(f"      expected: {check.expected}")
-        self._p(f"      seen:     {check.seen}")
-        for line in check.detail:
+        self._p(f"  {s.mark(ok)} {title}")
+        self._p(f"      expected: {expected}")
+        self._p(f"      seen:     {seen}")
+        for line in detail:
             self._p(f"      {s(line, 'dim')}")
 
     def stale_nat_topology(self, topo: Topology, port: int) -> None:
@@ -105,10 +258,8 @@ class LabPrinter:
                 "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
             )
 
-    def keep(self, topo: Topology, port: int, scenario: str = "wrong-source") -> None:
-        from ctfix.commands.common import ctfix_command
-
-        ctfix = ctfix_command()
+    def keep(self, topo: Topology, port: int, ctfix: str, scenario: str = "wrong-source") -> None:
+        """`ctfix`: how to run this ctfix from a shell (the command knows)."""
         self._p()
         self._p("The lab is still up (--keep). Enter it with:")
         for role, ns in (("host", topo.host), ("container", topo.container)):

@@ -5,32 +5,27 @@ pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
 last_seen (added since: clients, client_network); and the summary's kind, events,
 new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
-The words of a finding come from ctfix.core.detectors.wrong_source.wrong_source_text, which explain
-uses too: change them there, for both. Colour only on a TTY and never
-when NO_COLOR is set. Stale-nat findings (kind "stale-nat") have their own keys
+The words of a finding come from ctfix.core.detectors.wrong_source_words, which
+explain uses too: change them there, for both. Colour only on a TTY and never when
+NO_COLOR is set. Stale-nat findings (kind "stale-nat") have their own keys
 (ctfix.render.stale_nat, docs/json.md) and words (stale_nat_text).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ctfix.core.detectors.stale_nat import StaleNatFinding, stale_nat_text
-from ctfix.core.detectors.wrong_source import WrongSourceFinding, wrong_source_text
+from ctfix.core.detectors.wrong_source import WrongSourceFinding
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.render.jsonout import utc_timestamp
 from ctfix.render.stale_nat import stale_nat_record
 from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
 
 AnyFinding = WrongSourceFinding | StaleNatFinding
-
-
-def timestamp(seconds: float) -> str:
-    """UTC, ISO 8601 with milliseconds: `2025-05-01T12:00:00.123Z`."""
-    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
@@ -47,8 +42,8 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
     }
@@ -66,8 +61,8 @@ def stale_nat_watch_record(finding: StaleNatFinding, netns: str) -> dict[str, An
         "current_targets": record.pop("current_targets"),
         "clients": record.pop("clients"),
         "entries": record.pop("entries"),
-        "first_seen": timestamp(finding.first_seen),
-        "last_seen": timestamp(finding.last_seen),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
         "existing": finding.existing,
         **record,
     }
@@ -122,22 +117,13 @@ class WatchRenderer:
             return
         tags = " (already there at start)" if finding.existing else ""
         self._write(
-            f"{timestamp(finding.last_seen)} {self.style('STALE NAT', 'bold', 'red')} "
+            f"{utc_timestamp(finding.last_seen)} {self.style('STALE NAT', 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._stale_text(finding)}{tags}"
         )
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
-        return wrong_source_text(
-            service=finding.service,
-            expected_source=finding.expected_source,
-            actual_source=self.style(finding.actual_source, "bold", "red"),
-            mismatch=finding.mismatch,
-            count=finding.count,
-            clients=finding.clients,
-            client_network=finding.client_network,
-            client=finding.client,
-            tags=tags,
-        )
+        shown = self.style(finding.actual_source, "bold", "red")
+        return wrong_source_text(finding, tags=tags, actual_source=shown)
 
     def finding_line(self, finding: WrongSourceFinding, *, update: bool = False) -> str:
         tags: tuple[str, ...] = ("local",) if finding.local else ()
@@ -145,7 +131,7 @@ class WatchRenderer:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
-            f"{timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{utc_timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
@@ -162,7 +148,7 @@ class WatchRenderer:
             if isinstance(finding, StaleNatFinding):
                 self._write(
                     f"  stale NAT: {self._stale_text(finding)}; "
-                    f"{timestamp(finding.first_seen)} .. {timestamp(finding.last_seen)}"
+                    f"{utc_timestamp(finding.first_seen)} .. {utc_timestamp(finding.last_seen)}"
                 )
                 continue
             tags: tuple[str, ...] = ("local",) if finding.local else ()
@@ -170,8 +156,8 @@ class WatchRenderer:
                 tags += ("confirmed",)
             self._write(
                 self._fit(
-                    f"{self._text(finding, tags)}; {timestamp(finding.first_seen)} .. "
-                    f"{timestamp(finding.last_seen)}",
+                    f"{self._text(finding, tags)}; {utc_timestamp(finding.first_seen)} .. "
+                    f"{utc_timestamp(finding.last_seen)}",
                     indent="  ",
                 )
             )

@@ -76,7 +76,7 @@ def test_man_page_and_completions_are_installed(installed: Path) -> None:
 def test_the_knowledge_base_comes_with_the_install(installed: Path) -> None:
     code = (
         "import ctfix, sys\n"
-        "from ctfix.core import rules\n"
+        "from ctfix.platform import rules_files as rules\n"
         "kb = rules.load()\n"
         "print(ctfix.__file__)\n"
         "print(rules.builtin_dir())\n"
@@ -87,7 +87,7 @@ def test_the_knowledge_base_comes_with_the_install(installed: Path) -> None:
     module, rules_dir, ids = loaded.stdout.splitlines()
     assert module.startswith(str(installed))
     assert rules_dir == str(installed / "share" / "ctfix" / "rules")
-    from ctfix.core import rules
+    from ctfix.platform import rules_files as rules
 
     assert ids.split() == sorted(r.id for r in rules.load().entries)
 

@@ -148,7 +148,7 @@ def load_entries(topo: Topology, count: int, first: int = 0) -> None:
     """`conntrack -R` of `count` unreplied UDP entries that live 600 s (insert += count,
     as far as the table has room); loads with different `first` do not overlap.
     conntrack -R stops at the first entry it cannot add."""
-    path = entries_file(count, 0, first)
+    path = entries_file(count, 0, first=first)
     try:
         subprocess.run(
             topo.exec_argv(topo.host, ["conntrack", "-R", path]), capture_output=True, check=False

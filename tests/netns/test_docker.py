@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from ctfix.core import rules
 from ctfix.lab.topology import UPLINK_V4, Topology, lab_topology, wait_udp_bound
+from ctfix.platform import rules_files as rules
 from tests.netns.docker_engine import BRIDGE_V4, DockerEngine, docker_engine
 
 HOST_PORT = 56789

@@ -41,6 +41,8 @@ def explain_port(topo: Topology, port: int, *extra: str) -> tuple[int, dict[str,
     )
     assert proc.stderr == "", proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout)
+    assert (result["schema"], result["netns"]) == (2, topo.host)
+    assert all(set(reason) == {"code", "text"} for reason in result["reasons"])
     return proc.returncode, result
 
 

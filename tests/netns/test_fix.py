@@ -37,6 +37,7 @@ from ctfix.lab.topology import (
 )
 from ctfix.platform import netns
 from ctfix.platform.remedy import PAUSE_ENV
+from tests.netns.kernel import namespace_state
 
 PORT = 56789
 ALL_ADDRESSES = (UPLINK_V4, BRIDGE_V4, UPLINK_V6, BRIDGE_V6)
@@ -74,6 +75,13 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def schema2(document: dict[str, Any], topo: Topology) -> dict[str, Any]:
+    """The document, after checking it starts with the schema-2 envelope."""
+    assert list(document)[:5] == ["schema", "generated", "host", "ctfix", "netns"], document
+    assert document["schema"] == 2 and document["netns"] == topo.host
+    return document
+
+
 def ctfix_fix(topo: Topology, *args: str, env: dict[str, str] | None = None) -> (
     subprocess.CompletedProcess[str]
 ):
@@ -88,25 +96,7 @@ def ctfix_fix(topo: Topology, *args: str, env: dict[str, str] | None = None) -> 
 
 def kernel_state(topo: Topology) -> dict[str, str]:
     """Everything fix may touch, as the tools print it (timestamps, counters removed)."""
-
-    def run(*argv: str) -> str:
-        return topo.run(topo.host, *argv)
-
-    def saved(tool: str) -> str:
-        text = run(tool)
-        lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
-        return re.sub(r"\[\d+:\d+\]", "[0:0]", "".join(lines))
-
-    return {
-        "ip -4 rule": run("ip", "-4", "rule"),
-        "ip -6 rule": run("ip", "-6", "rule"),
-        "ip -4 route": run("ip", "-4", "route", "show", "table", "all"),
-        "ip -6 route": run("ip", "-6", "route", "show", "table", "all"),
-        "nft": run("nft", "list", "ruleset"),
-        "iptables-legacy-save": saved("iptables-legacy-save"),
-        "ip6tables-legacy-save": saved("ip6tables-legacy-save"),
-        "ipset": run("ipset", "list"),
-    }
+    return namespace_state(topo, topo.host)
 
 
 def answered(topo: Topology, address: str) -> bool:
@@ -147,13 +137,19 @@ def start_apply(
 def wait_for_steps(
     topo: Topology, ready: Callable[[list[dict[str, Any]]], bool], interval: float = 0.1
 ) -> list[dict[str, Any]]:
-    """Poll `fix --status --json` until the first recorded fix's steps satisfy ready
-    (or 20 s pass); return those steps."""
+    """Poll the state file until the first recorded fix's steps satisfy ready (or 20 s
+    pass); return those steps. The file itself, not `fix --status`: a status asks the
+    kernel about every step (seconds on a loaded machine), and an apply that pauses
+    0.4 s per step would be over before it answered."""
+    del topo  # the state directory (CTFIX_STATE_DIR) holds this test's namespace only
     deadline = time.monotonic() + 20
     steps: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        status = ctfix_fix(topo, "--status", "--json")
-        fixes = json.loads(status.stdout)["fixes"] if status.stdout else []
+        fixes = [
+            fix
+            for path in sorted(Path(os.environ["CTFIX_STATE_DIR"]).glob("netns-*.json"))
+            for _port, fix in sorted(json.loads(path.read_text())["fixes"].items())
+        ]
         steps = fixes[0]["steps"] if fixes else []
         if ready(steps):
             break
@@ -262,7 +258,7 @@ def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None
     assert without_members(kernel_state(topo)) == without_members(fixed)
 
     status = ctfix_fix(topo, "--status", "--json")
-    [fix] = json.loads(status.stdout)["fixes"]
+    [fix] = schema2(json.loads(status.stdout), topo)["fixes"]
     assert fix["method"] == "snat-zone" and fix["complete"]
     assert all(step["present"] for step in fix["steps"])
     text = ctfix_fix(topo, "--status")
@@ -331,7 +327,10 @@ def test_snat_zone_plans_only_for_what_a_wildcard_socket_receives(nft_lab: Topol
     assert replies() == [True, False, False, True]
     dry = ctfix_fix(topo, str(port), "--method", "snat-zone", "--json")
     assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout)["plan"]
+    plan = schema2(json.loads(dry.stdout), topo)["plan"]
+    # The nftables batch is JSON data, the very commands --apply gives libnftables.
+    [table] = [step["spec"] for step in plan["steps"] if step["spec"]["kind"] == "nft-table"]
+    assert table["batch"][0] == {"add": {"table": {"family": "inet", "name": f"ctfix_{port}"}}}
     creates = [obj for step in plan["steps"] for obj in step["creates"]]
     assert [obj for obj in creates if obj.startswith("set ")] == [
         f"set clients6_0: clients that sent to [{UPLINK_V6}]:{port}"
@@ -479,7 +478,7 @@ def test_dry_run_apply_line_keeps_netns_and_backend(legacy_lab: Topology) -> Non
     assert answered(topo, UPLINK_V4)
     reverted = ctfix_fix(topo, "--revert", "--json")  # QA P8: JSON when asked
     assert reverted.returncode == 0, reverted.stderr
-    [fix] = json.loads(reverted.stdout)["reverted"]
+    [fix] = schema2(json.loads(reverted.stdout), topo)["reverted"]
     assert (fix["port"], fix["method"], fix["backend"]) == (PORT, "snat-zone", "iptables-legacy")
     assert fix["removed_steps"] == fix["recorded"] and "ipset ctfix-56789-v4-0" in " ".join(
         fix["removed"]

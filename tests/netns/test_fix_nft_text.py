@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener
+from ctfix.core.model import ClientNetwork, Diagnosis, Listener, Uplink
 from ctfix.core.plan import NftTableSpec, make_plan
 from ctfix.core.plan.nft_syntax import NftCommand, render_batch
 from ctfix.lab.topology import (
@@ -36,20 +36,30 @@ def host_lab() -> Iterator[Topology]:
         yield topo
 
 
-def snat_zone_table() -> NftTableSpec:
+def snat_zone_table(reroute: bool = False) -> NftTableSpec:
+    """The snat-zone table; with `reroute`, as on a host with two uplinks (the replies
+    to the uplink address's clients are also marked in a `route` chain)."""
     listeners = (
         Listener("0.0.0.0", PORT, "ipv4", "listening"),
         Listener("::", PORT, "ipv6", "listening", v6only=True),
     )
+    uplinks = (
+        (Uplink(UPLINK_V4, "eth0", "198.51.100.0/24", "198.51.100.1", "default", True,
+                ok=False),),
+        (Uplink(UPLINK_V6, "eth0", "2001:db8:2::/64", "2001:db8:2::1", "default", True,
+                ok=False),),
+    ) if reroute else ((), ())
     clients = (
-        ClientNetwork(CONTAINER_NET_V4, (UPLINK_V4, BRIDGE_V4), BRIDGE_V4, False, "br0", True),
-        ClientNetwork(CONTAINER_NET_V6, (UPLINK_V6,), BRIDGE_V6, False, "br0", True),
+        ClientNetwork(CONTAINER_NET_V4, (UPLINK_V4, BRIDGE_V4), BRIDGE_V4, False, "br0", True,
+                      uplinks=uplinks[0]),
+        ClientNetwork(CONTAINER_NET_V6, (UPLINK_V6,), BRIDGE_V6, False, "br0", True,
+                      uplinks=uplinks[1]),
     )
     diagnosis = Diagnosis(
         PORT, "host", "broken", (), listeners=listeners, clients=clients,
         local_addresses=(BRIDGE_V4, UPLINK_V4, BRIDGE_V6, UPLINK_V6),
     )
-    [step] = make_plan(diagnosis, "snat-zone", "nftables").steps
+    step = make_plan(diagnosis, "snat-zone", "nftables").steps[-1]
     assert isinstance(step.spec, NftTableSpec)
     return step.spec
 
@@ -105,10 +115,11 @@ def _listed(topo: Topology, family: str, name: str) -> list[dict[str, Any]]:
     return objects
 
 
-@pytest.mark.parametrize("which", ["snat-zone", "other statements"])
+@pytest.mark.parametrize("which", ["snat-zone", "snat-zone with reroute", "other statements"])
 def test_text_and_batch_load_the_same_ruleset(host_lab: Topology, which: str) -> None:
-    if which == "snat-zone":
-        spec = snat_zone_table()
+    if which.startswith("snat-zone"):
+        spec = snat_zone_table(reroute=which.endswith("reroute"))
+        assert ("type route hook output" in spec.text) is which.endswith("reroute")
         batch, family, name = list(spec.batch), spec.family, spec.name
         text = spec.text
     else:

@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from ctfix.core import rules
+from ctfix.core.model import Family
 from ctfix.errors import CtfixError
 from ctfix.lab.topology import (
     BRIDGE_V4,
@@ -48,7 +49,7 @@ from ctfix.lab.topology import (
     lab_topology,
     wait_udp_bound,
 )
-from ctfix.platform import netns, sockdiag
+from ctfix.platform import netns, rules_files, sockdiag
 from tests.netns import kb_lab
 from tests.netns.kb_lab import KB_ROOT
 
@@ -70,7 +71,7 @@ class Variant:
     port: int
     argv: Argv  # writes the config into the directory, returns the command line
     request: Request
-    families: tuple[str, ...] = ("ipv4", "ipv6")
+    families: tuple[Family, ...] = ("ipv4", "ipv6")
     #: None: the entry's own verdict for this command line. "right"/"wrong": this
     #: configuration's outcome, for an entry that says `depends` or a fix option.
     expect: str | None = None
@@ -457,7 +458,7 @@ def _received(d: Path) -> Path:
     return d / "received.log"
 
 
-V4 = ("ipv4",)
+V4: tuple[Family, ...] = ("ipv4",)
 NC_OPENBSD, NC_TRAD = "/usr/bin/nc.openbsd", "/usr/bin/nc.traditional"
 VARIANTS: list[Variant] = [
     Variant("socat", "socat", "socat", "/usr/bin/socat", 40101,
@@ -575,7 +576,7 @@ def topo() -> Iterator[Topology]:
 
 @pytest.fixture(scope="module")
 def kb() -> rules.KnowledgeBase:
-    return rules.load()
+    return rules_files.load()
 
 
 def _version(package: str) -> str:
@@ -627,7 +628,7 @@ def _describe(seen: kb_lab.Seen) -> str:
     return f"{seen.target[0]}: reply from {seen.source[0]} port {seen.source[1]}"
 
 
-def _expected(variant: Variant, rule: rules.ServiceRule, family: str, argv: list[str]) -> str:
+def _expected(variant: Variant, rule: rules.ServiceRule, family: Family, argv: list[str]) -> str:
     if rule.one_way:
         return "silent"
     if variant.expect is not None:
@@ -772,7 +773,7 @@ def test_entries_that_cannot_run_here(rule_id: str) -> None:
 def test_every_debian_program_has_a_variant() -> None:
     """The variants above cover every entry but those UNTESTED names, with a reason."""
     tested = {v.rule for v in VARIANTS}
-    missing = {r.id for r in rules.load().entries} - tested - set(UNTESTED)
+    missing = {r.id for r in rules_files.load().entries} - tested - set(UNTESTED)
     assert not missing, f"entries without a test against the real program: {sorted(missing)}"
 
 

@@ -193,6 +193,13 @@ def test_a_sender_pinned_to_a_moved_backend_is_found_and_flushed_exactly(
             assert steady["stale_nat"] == []
             assert "stale-nat" not in [r["code"] for r in steady["reasons"]]
 
+            # scan: the forwarded ports are services too (no socket needed), judged alike.
+            scanned = json.loads(_ctfix(topo, "scan", "--json").stdout)
+            by_port = {service["port"]: service for service in scanned["services"]}
+            assert by_port[PORT]["verdict"] == "broken"
+            assert [s["stale_target"] for s in by_port[PORT]["stale_nat"]] == [A_AT]
+            assert by_port[STEADY_PORT]["stale_nat"] == []
+
             dry = _ctfix(topo, "fix", str(PORT), "--method", "flush-stale", "--json")
             assert dry.returncode == 0, dry.stderr
             [step] = json.loads(dry.stdout)["plan"]["steps"]
@@ -206,6 +213,9 @@ def test_a_sender_pinned_to_a_moved_backend_is_found_and_flushed_exactly(
             assert applied.returncode == 0, applied.stdout + applied.stderr
             result = json.loads(applied.stdout)
             assert (result["deleted"], result["recorded"]) == (1, False)
+            # fix saw the client's next entry go to B (the sender never pauses).
+            [after_flush] = result["next_entries"]
+            assert (after_flush["target"], after_flush["follows_rules"]) == (B_AT, True)
             after = _table(topo)
             others = {_identity(e) for e in before} - {_identity(pinned)}
             assert others <= {_identity(e) for e in after}

@@ -39,12 +39,17 @@ METRICS_PORT = 9464
 
 
 class Watch:
-    """`ctfix watch --json` in the lab's host namespace, its lines collected as they come."""
+    """`ctfix watch --json` of the lab's host namespace, its lines collected as they
+    come. Started in the lab's upstream namespace: --metrics listen where ctfix was
+    started, and a test's traffic stays in namespaces of its own."""
 
     def __init__(self, topo: Topology, *extra: str) -> None:
         env = dict(os.environ, CTFIX_WATCH_RCVBUF=str(SMALL_RCVBUF))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctfix", "watch", "--netns", topo.host, "--json", *extra],
+            topo.exec_argv(
+                topo.upstream,
+                [sys.executable, "-m", "ctfix", "watch", "--netns", topo.host, "--json", *extra],
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -135,13 +140,14 @@ def servers(lab: Topology) -> Iterator[BrokenServers]:
 
 
 def _lost_metric(topo: Topology, timeout: float) -> float:
-    """ctfix_watch_lost_events_total as scraped from the host namespace's loopback."""
+    """ctfix_watch_lost_events_total as scraped from the loopback of the namespace
+    watch was started in (the lab's upstream)."""
     deadline = time.monotonic() + timeout
     value = 0.0
     while time.monotonic() < deadline:
         url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
         # urllib connects in this thread, so inside the namespace.
-        with netns.entered(topo.host), urllib.request.urlopen(url, timeout=1) as response:
+        with netns.entered(topo.upstream), urllib.request.urlopen(url, timeout=1) as response:
             text = response.read().decode()
         for line in text.splitlines():
             if line.startswith("ctfix_watch_lost_events_total{"):

@@ -147,3 +147,32 @@ def test_a_lying_length_field_never_raises(raw: bytes, length: int) -> None:
     if len(mutated) > 24:
         struct.pack_into("=H", mutated, 20, length)  # the first attribute's length
         _check_never_raises(bytes(mutated))
+
+
+def _first_message(raw: bytes) -> bytes:
+    return raw[: struct.unpack_from("=I", raw, 0)[0]]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(RAW),
+    st.sampled_from(RAW),
+    st.integers(0, 400),
+    st.lists(st.tuples(st.integers(0, 800), st.integers(0, 255)), max_size=4),
+)
+def test_fast_and_slow_paths_agree_when_a_length_covers_several_messages(
+    first: bytes, second: bytes, extra: int, flips: list[tuple[int, int]]
+) -> None:
+    """Issue 9 item 11: a nlmsg_len that runs into the next message (and other damage)
+    must give the same answer on both paths: the same entry, or None on both."""
+    one = _first_message(first)
+    buf = bytearray(one + second)
+    struct.pack_into("=I", buf, 0, min(len(one) + extra, len(buf)))
+    for position, value in flips:
+        if position < len(buf):
+            buf[position] = value
+    raw = bytes(buf)
+    assert decode.decode_entry(raw, fast=True) == decode.decode_entry(raw, fast=False)
+    assert decode.decode(raw, fast=True) == decode.decode(raw, fast=False)
+    event = decode.decode_event(raw)
+    assert event is None or event.entry == decode.decode_entry(raw, fast=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctfix.core import rules
+from ctfix.core import rules as kb_rules
 from ctfix.core.decode import IPS_SEEN_REPLY, CtEntry, CtTuple
 from ctfix.core.diagnosis import (
     PROBLEM_DNAT_REPLY,
@@ -18,8 +18,9 @@ from ctfix.core.diagnosis import (
     diagnose,
     probe_destinations,
 )
-from ctfix.core.model import Diagnosis, Listener
+from ctfix.core.model import Diagnosis, Listener, NetfilterBackend
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, PolicyRule, RouteChoice, Snapshot
+from ctfix.platform import rules_files as rules
 from ctfix.render.explain import render_text, to_json_obj
 
 PORT = 56789
@@ -74,6 +75,7 @@ def snapshot(*listeners: Listener, flows: tuple[CtEntry, ...] = (), **kw: object
         flows=flows,
         probes=probes,
     )
+    # Tests pass any Snapshot field by name; replace() checks the names at run time.
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -89,6 +91,7 @@ def said(d: Diagnosis, code: str) -> str:
 
 
 def network(diagnosis_clients: object, cidr: str) -> object:
+    # Any iterable of ClientNetwork (a tuple, a list) serves; typed loosely for tests.
     return next(cn for cn in diagnosis_clients if cn.network == cidr)  # type: ignore[attr-defined]
 
 
@@ -230,7 +233,11 @@ def test_nothing_listening_but_clients_asking_says_the_service_may_be_down() -> 
 
 
 def nat_rule(
-    actions: set[str], *, sport: bool = True, dport: bool = False, backend: str = "nftables"
+    actions: set[str],
+    *,
+    sport: bool = True,
+    dport: bool = False,
+    backend: NetfilterBackend = "nftables",
 ) -> NetfilterRule:
     return NetfilterRule(backend, "ip", "t", "c", "rule", frozenset(actions), sport, dport)
 
@@ -518,8 +525,8 @@ def test_the_reason_names_the_same_addresses_as_the_client_table() -> None:
     assert f"send to {UPLINK} and may address {BRIDGE}" in said(d, "client-network-exposed")
 
 
-def _kb_with(text: str) -> rules.KnowledgeBase:
-    return rules.KnowledgeBase(tuple(rules.parse(text, "test.yaml")))
+def _kb_with(text: str) -> kb_rules.KnowledgeBase:
+    return kb_rules.KnowledgeBase(tuple(kb_rules.parse(text, "test.yaml")))
 
 
 GUESSED = f"""version: 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ctfix.commands.fix import _bind_advice
-from ctfix.core import rules
 from ctfix.core.model import Diagnosis, Listener
+from ctfix.platform import rules_files as rules
 
 PORT = 5353
 

@@ -41,7 +41,9 @@ def in6_pktinfo(addr: str, ifindex: int) -> tuple[int, int, bytes]:
 
 
 def parsed(*args: Any) -> Request:
-    result = pktinfo.parse_request(*args)
+    """A request the address rules accept (the reflection rules, about source ports,
+    are tested on their own below)."""
+    result = pktinfo.parse_request(*args, guard_reflection=False)
     assert isinstance(result, Request), result
     return result
 
@@ -165,6 +167,28 @@ def test_requests_that_must_not_be_answered(
     result = pktinfo.parse_request(b"q", ancdata, flags, peer, family)
     assert isinstance(result, Dropped)
     assert result.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("peer_port", "local_port", "guard", "kind"),
+    [
+        (7000, 7000, True, "reflection"),  # another echo server on our port: a loop
+        (53, 7000, True, "reflection"),
+        (1023, None, True, "reflection"),
+        (1024, None, True, None),
+        (7001, 7000, True, None),
+        (123, 123, False, None),  # NTP's symmetric mode, switched off on purpose
+    ],
+)
+def test_requests_that_could_loop_or_reflect_are_dropped(
+    peer_port: int, local_port: int | None, guard: bool, kind: str | None
+) -> None:
+    ancdata = [in_pktinfo(2, "192.0.2.1", "192.0.2.1")]
+    result = pktinfo.parse_request(
+        b"q", ancdata, 0, ("192.0.2.3", peer_port), V4,
+        local_port=local_port, guard_reflection=guard,
+    )
+    assert (result.kind if isinstance(result, Dropped) else None) == kind
 
 
 def test_ctrunc_wins_over_whatever_pktinfo_did_fit() -> None:

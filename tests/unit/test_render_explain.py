@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from typing import Any
 
 from ctfix.core.model import (
     ClientNetwork,
@@ -14,8 +16,16 @@ from ctfix.core.model import (
     RuleHit,
     WrongSourceReply,
 )
-from ctfix.render.explain import render_json, render_markdown, render_text
+from ctfix.render.explain import explain_document, render_markdown, render_text
+from ctfix.render.jsonout import document
 from ctfix.render.style import Style
+
+
+def as_json(d: Diagnosis) -> dict[str, Any]:
+    """explain --json as a script reads it from a pipe."""
+    parsed: dict[str, Any] = json.loads(document(explain_document(d), io.StringIO()))
+    return parsed
+
 
 BROKEN = Diagnosis(
     port=56789,
@@ -57,7 +67,9 @@ BROKEN = Diagnosis(
 
 
 def test_json_has_the_stable_keys_of_the_issue() -> None:
-    data = json.loads(render_json(BROKEN))
+    data = as_json(BROKEN)
+    assert list(data)[:5] == ["schema", "generated", "host", "ctfix", "netns"]
+    assert data["schema"] == 2 and data["generated"].endswith("Z")
     assert {
         "port",
         "netns",
@@ -78,6 +90,10 @@ def test_json_has_the_stable_keys_of_the_issue() -> None:
         "interface": "br0",
         "seen": True,
         "onlink": [],
+        "probe": None,
+        "egress": None,
+        "egress_gateway": None,
+        "uplinks": [],
     }
     assert data["evidence"]["healthy"] == 3
     assert data["evidence"]["wrong_source"][0]["actual_source"] == "192.0.2.1:56789"
@@ -152,12 +168,12 @@ def test_table_shows_the_gateway_address_clients_may_use() -> None:
     [row] = [line for line in render_text(d).splitlines() if line.startswith("  192.0.2.0/24")]
     assert "198.51.100.13 (seen), 192.0.2.1 (on-link)" in row
     assert row.endswith("wrong for 192.0.2.1")
-    assert json.loads(render_json(d))["clients"][0]["onlink"] == ["192.0.2.1"]
+    assert as_json(d)["clients"][0]["onlink"] == ["192.0.2.1"]
 
 
 def test_every_format_lists_the_fixes_in_the_same_order() -> None:
     """QA2 P8: the JSON listed pktinfo first, the text snat-zone (recommended) first."""
-    methods = [f["method"] for f in json.loads(render_json(BROKEN))["fixes"]]
+    methods = [f["method"] for f in as_json(BROKEN)["fixes"]]
     text, md = render_text(BROKEN), render_markdown(BROKEN)
     assert methods == ["snat-zone", "pktinfo"]
     assert text.index("[snat-zone]") < text.index("[pktinfo]")
@@ -186,10 +202,8 @@ def test_an_outage_is_in_the_headline_of_every_format() -> None:
         "ANSWERS: no socket on the port, 2 requests without a reply"
     )
     assert "NOTHING ANSWERS" in render_markdown(down).splitlines()[0]
-    data = json.loads(render_json(down))
+    data = as_json(down)
     assert data["service_down"] is True and data["reasons"][0]["code"] == "nothing-answers"
-    assert json.loads(render_json(BROKEN))["service_down"] is False
-
 
 def test_text_fits_the_terminal_width_never_mid_word() -> None:
     """With a width (a terminal's), every line but the client table fits, and wrapping
@@ -220,3 +234,17 @@ def test_text_fits_the_terminal_width_never_mid_word() -> None:
         too_wide = [line for line in text.splitlines() if len(line) > width]
         assert [line for line in too_wide if not line.startswith(cells)] == []
         assert text.split() == wide.split()
+    assert as_json(BROKEN)["service_down"] is False
+
+
+def test_json_is_compact_on_a_pipe_and_indented_on_a_terminal() -> None:
+    """`ip -j -p` habits: a script's pipe gets one line, a person's terminal reads it."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    obj = explain_document(BROKEN)
+    piped, shown = document(obj, io.StringIO()), document(obj, Terminal())
+    assert piped.count("\n") == 1 and shown.count("\n") > 20
+    assert json.loads(piped) == json.loads(shown) == obj

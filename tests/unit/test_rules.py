@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from ctfix.core import rules
-from ctfix.core.rules import RuleError, load, parse
+from ctfix.core.rules import RuleError, parse
+from ctfix.platform import rules_files
+from ctfix.platform.rules_files import load
 
 GOOD_ENTRY = """\
 version: 1
@@ -49,7 +51,7 @@ def error_for(tmp_path: Path, text: str, name: str = "bad.yaml") -> str:
 
 def test_every_builtin_file_loads_and_names_its_source() -> None:
     kb = load()
-    files = sorted(rules.builtin_dir().glob("*.yaml"))
+    files = sorted(rules_files.builtin_dir().glob("*.yaml"))
     assert files, "rules/ has no YAML files"
     sources = {rule.source for rule in kb.entries}
     assert sources == {f"rules/{path.name}" for path in files}
@@ -433,7 +435,7 @@ def test_rule_error_is_a_ctfix_error() -> None:
 def test_a_rules_directory_without_rules_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a rule\n")
     with pytest.raises(rules.RuleError) as err:
-        rules.load([tmp_path])
+        rules_files.load([tmp_path])
     assert "no rules (*.yaml or *.yml files)" in str(err.value)
 
 

@@ -191,6 +191,11 @@ def test_a_delete_request_always_names_the_tuple_and_the_id() -> None:
     assert decode._walk_tuple(request, *attrs[decode.CTA_TUPLE_ORIG], socket.AF_INET) == entry.orig
     assert request[slice(*attrs[decode.CTA_ID])] == struct.pack(">I", 4242)
     assert request[slice(*attrs[decode.CTA_ZONE])][:2] == struct.pack(">H", 7)
+    # The read before the delete: the same tuple, no id (whatever entry holds it now).
+    get = decode.get_request(entry, seq=4)
+    assert struct.unpack_from("=IHH", get)[1] == (decode.NFNL_SUBSYS_CTNETLINK << 8) | 1
+    kinds = {kind for kind, _s, _e in decode._attrs(get, 20, len(get))}
+    assert decode.CTA_TUPLE_ORIG in kinds and decode.CTA_ID not in kinds
     # Without a known id, it still names the tuple (never a flush).
     bare = decode.delete_request(entry._replace(id=None))
     kinds = {kind for kind, _s, _e in decode._attrs(bare, 20, len(bare))}

@@ -52,14 +52,11 @@ from typing import Literal
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
 from ctfix.core.detectors import UDP_TIMEOUT, Change
-from ctfix.core.model import Family
+from ctfix.core.model import Family, Mismatch
 
 #: How long a wrong-source pair is remembered: to confirm it by ICMP, and not to count
 #: it twice when a resync dump shows it again.
 PAIR_MEMORY = 180.0
-
-
-Mismatch = Literal["address", "port", "address+port"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,45 +501,3 @@ class WrongSourceDetector:
         finding = replace(finding, confirmed=True)
         self.findings[known[0]] = finding
         return finding
-
-
-# -- wording shared by watch and explain ----------------------------------------------
-
-
-def _plural(count: int, word: str, words: str) -> str:
-    return f"{count} {word if count == 1 else words}"
-
-
-def replies_text(count: int, clients: int, network: str | None, latest: str) -> str:
-    """ "1 reply to C", "3 replies to C", "2 replies to 2 clients in NET, latest C"."""
-    replies = _plural(count, "reply", "replies")
-    if clients <= 1 or count <= 1:
-        return f"{replies} to {latest}"
-    where = f" in {network}" if network else ""
-    return f"{replies} to {clients} clients{where}, latest {latest}"
-
-
-def wrong_source_text(
-    *,
-    service: str,
-    expected_source: str,
-    actual_source: str,
-    mismatch: str,
-    count: int,
-    clients: int,
-    client_network: str | None,
-    client: str,
-    tags: tuple[str, ...] = (),
-) -> str:
-    """One wrong-source finding in words, the same in watch and explain.
-
-    `198.51.100.13:53 answered from 192.0.2.1:53 (address mismatch, local): 2 replies
-    to 2 clients in 192.0.2.0/24, latest 192.0.2.3:40000`; "instead of E" is added when
-    the expected source is not the service (DNAT).
-    """
-    instead = f" instead of {expected_source}" if expected_source != service else ""
-    what = " and ".join(mismatch.split("+")) + " mismatch"
-    return (
-        f"{service} answered from {actual_source}{instead} ({', '.join((what, *tags))}): "
-        f"{replies_text(count, clients, client_network, client)}"
-    )

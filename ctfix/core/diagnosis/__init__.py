@@ -32,6 +32,13 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it
   specifically, or no serving socket of the family is exposed.
+* *Uplinks* (remote clients only, beyond a router): an address the clients sent to
+  that lives on another interface than the one their replies leave by (the same
+  lookup's interface, the *egress*), where that interface leads to a router (a route
+  via it, any table, covers the clients or has a gateway). Its replies leave by
+  another uplink than their requests came in by, unless a mark rerouted them there
+  (or, for replies that already leave from the address, a source rule does); then
+  the network is not *ok* either (`reply-leaves-other-uplink`).
 * Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
   reply, unless a remedy now in place covers it: a working snat-zone SNAT to the
   address the server had to answer from, or a policy rule on the port through which
@@ -47,13 +54,15 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 
 The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
-shows; what is history), `exposure` (per client network), `netfilter` (rules that
-cannot help), `advice` (the fixes); `codes` lists every reason code. `diagnose()`
+shows; what is history), `exposure` (per client network), `uplinks` (which uplink a
+reply to remote clients leaves by), `netfilter` (rules that cannot help), `advice`
+(the fixes); `codes` lists every reason code. `diagnose()`
 composes them and decides the verdict.
 
 Know before changing: this package only reads the Snapshot; anything it needs from
 the system must be collected by ctfix.platform.snapshot first (which asks
-`probe_destinations` what to look up), so the analysis stays testable by hand.
+`probe_destinations` and `uplink_lookups` what to look up), so the analysis stays
+testable by hand.
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ from ctfix.core.diagnosis import (
 )
 from ctfix.core.diagnosis.advice import recommended_first
 from ctfix.core.diagnosis.codes import ReasonCode, reason
-from ctfix.core.diagnosis.evidence import wrong_source_reply, wrong_text
+from ctfix.core.diagnosis.evidence import wrong_source_reply
 from ctfix.core.diagnosis.netfilter import (
     PROBLEM_DNAT_REPLY,
     PROBLEM_DROP_REPLY,
@@ -87,8 +96,10 @@ from ctfix.core.diagnosis.requests import (
     forwarded_to,
     newest_last,
     probe_destinations,
+    requests_to,
     usable_addresses,
 )
+from ctfix.core.diagnosis.uplinks import reply_marks, uplink_lookups
 from ctfix.core.model import Diagnosis, Family, Reason, Verdict
 from ctfix.core.snapshot import Snapshot
 
@@ -147,12 +158,16 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         )
     reasons += evidence.evidence_reasons(shown, snapshot)
     reasons += pinned.reasons
-    reasons += exposure.exposure_reasons(clients, snapshot, shown, listening)
+    reasons += exposure.exposure_reasons(clients, snapshot, shown, listening, rewritten)
     reasons += netfilter.netfilter_reasons(rewritten, rules)
     if snapshot.conntrack_error:
         reasons.append(
             reason("no-conntrack-evidence", f"No conntrack evidence: {snapshot.conntrack_error}.")
         )
+    reasons += [
+        reason("netfilter-not-read", f"Rules not read: {error}.")
+        for error in snapshot.netfilter_errors
+    ]
     reasons += present.history
 
     verdict: Verdict
@@ -206,8 +221,10 @@ __all__ = [
     "newest_last",
     "probe_destinations",
     "recommended_first",
+    "reply_marks",
+    "requests_to",
     "rule_problem",
+    "uplink_lookups",
     "usable_addresses",
     "wrong_source_reply",
-    "wrong_text",
 ]

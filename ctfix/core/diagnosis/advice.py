@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ctfix.core.diagnosis.netfilter import PROBLEM_NOTRACK
+from ctfix.core.diagnosis.uplinks import fix_note
 from ctfix.core.model import ClientNetwork, Fix, RuleHit, Verdict
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ def fixes_for(
             "IPv6) and pass it back in sendmsg(). `ctfix serve --port "
             f"{port}` is a reference server that does this; its library is "
             "ctfix/pktinfo.py and docs/pktinfo.md explains it. Trade-off: a code change "
-            "in the server; nothing to maintain on the host afterwards.",
+            "in the server; nothing to maintain on the host afterwards."
+            + fix_note(clients, "pktinfo"),
             recommended=service is None,
         )
     ]
@@ -75,7 +77,7 @@ def fixes_for(
                 "socket per local address that clients use (or the single address they "
                 f"should use). `ctfix fix {port} --method bind` prints the steps. "
                 "Trade-off: an address added later needs a new socket (a restart), and "
-                "the program must support several binds.",
+                "the program must support several binds." + fix_note(clients, "bind"),
             )
         )
     if single and not unseen:
@@ -149,6 +151,7 @@ def fixes_for(
             "every address at once, with the server unchanged. Trade-off: a set entry "
             "and a conntrack entry per client, and rules to keep. `ctfix fix "
             f"{port} --method snat-zone` shows the plan; --apply, --status, --revert."
+            + fix_note(clients, "snat-zone")
             + (
                 " Remove the NOTRACK rule on the port first: NAT needs conntrack."
                 if notrack

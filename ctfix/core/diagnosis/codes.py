@@ -38,9 +38,13 @@ ReasonCode = Literal[
     "client-network-exposed",
     "policy-rule-wrong",
     "only-matching-clients-seen",
+    # the uplink a reply to remote clients leaves by
+    "reply-leaves-other-uplink",
+    "reroute-in-place",
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
+    "netfilter-not-read",
 ]
 
 

@@ -19,8 +19,8 @@ from ctfix.core.detectors.wrong_source import (
     WrongSourceDetector,
     WrongSourceFinding,
     client_network,
-    wrong_source_text,
 )
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.requests import Request, newest_last
 from ctfix.core.model import Evidence, Reason, WrongSourceReply
@@ -40,20 +40,6 @@ def wrong_source_reply(finding: WrongSourceFinding) -> WrongSourceReply:
         count=finding.count,
         clients=finding.clients,
         client_network=finding.client_network,
-    )
-
-
-def wrong_text(wrong: WrongSourceReply) -> str:
-    """A wrong-source record in the words watch uses for a finding."""
-    return wrong_source_text(
-        service=wrong.service,
-        expected_source=wrong.expected_source,
-        actual_source=wrong.actual_source,
-        mismatch=wrong.mismatch,
-        count=wrong.count,
-        clients=wrong.clients,
-        client_network=wrong.client_network,
-        client=wrong.client,
     )
 
 
@@ -144,7 +130,7 @@ def evidence_reasons(evidence: Evidence, snapshot: Snapshot) -> list[Reason]:
         reasons.append(
             reason(
                 "wrong-source-live" if seen_live else "wrong-source-seen",
-                f"Conntrack shows wrong-source replies{when}: {wrong_text(wrong)}. A "
+                f"Conntrack shows wrong-source replies{when}: {wrong_source_text(wrong)}. A "
                 "connect()ed client drops such a reply and answers ICMP port unreachable.",
             )
         )

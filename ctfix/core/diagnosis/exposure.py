@@ -15,7 +15,8 @@ Know before changing (the definitions explain shows):
   PORT` for a client in the network (a seen client, else a probe address in it).
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it, or no
-  serving socket of the family is exposed, or a working snat-zone rewrites to it.
+  serving socket of the family is exposed, or a working snat-zone rewrites to it;
+  and, for remote clients, by that address's own uplink (see `uplinks`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 
 from ctfix.core.addr import family_name, unmap
+from ctfix.core.diagnosis import uplinks
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.evidence import MAIN_TABLE
 from ctfix.core.diagnosis.listeners import Listening, wild_for
@@ -40,11 +42,26 @@ _FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 
 
 def choice_for(snapshot: Snapshot, network: str) -> RouteChoice | None:
+    """The plain lookup for the network's probe (no mark, no source given)."""
     probe = snapshot.probes.get(network)
     for choice in snapshot.route_choices:
-        if choice.destination == probe:
+        if choice.destination == probe and choice.mark is None and choice.from_address is None:
             return choice
     return None
+
+
+def answering_from(
+    listening: Listening, family: Family, addresses: tuple[str, ...] | list[str]
+) -> set[str]:
+    """Those of `addresses` whose replies already leave from them: bound to by a
+    socket, or served by no exposed socket of the family."""
+    if not listening.exposed.get(family):
+        return set(addresses)
+    return {
+        unmap(listener.address)
+        for listener in listening.serving.get(family, ())
+        if not wild_for(listener, family)
+    } & set(addresses)
 
 
 def client_networks(
@@ -88,6 +105,7 @@ def client_networks(
             networks = [
                 (net, iface, assumed, False) for net, iface, fam in connected if fam == family
             ]
+            networks += uplinks.internet(snapshot, family, assumed)  # two uplinks
         for network, iface, addressed, was_seen in networks:
             choice = choice_for(snapshot, network)
             if wildcard:
@@ -98,11 +116,15 @@ def client_networks(
                 predicted = None
             interface = iface or (choice.interface if choice else None)
             near = tuple(onlink(snapshot.addresses, interface, family))
-            # `rewritten`: a working snat-zone setup gives those clients the right source.
-            ok = all(
-                not exposed.get(family) or a == predicted or a in specific or a in rewritten
-                for a in (*addressed, *near)
+            ok = _right_source(
+                (*addressed, *near), predicted, bool(exposed.get(family)), specific, rewritten
             )
+            # Remote clients: does each address's reply leave by its own uplink?
+            other = uplinks.uplinks_for(
+                snapshot, network, addressed, choice, iface,
+                answering_from(listening, family, addressed),
+            )
+            ok = ok and all(u.ok for u in other)
             result.append(
                 ClientNetwork(
                     network=network,
@@ -112,10 +134,29 @@ def client_networks(
                     interface=interface,
                     seen=was_seen,
                     onlink=near,
+                    egress=choice.interface if choice else None,
+                    egress_gateway=choice.gateway if choice else None,
+                    uplinks=other,
+                    probe=snapshot.probes.get(network),
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
     return result
+
+
+def _right_source(
+    addresses: tuple[str, ...],
+    predicted: str | None,
+    exposed: bool,
+    specific: set[str],
+    rewritten: set[str],
+) -> bool:
+    """Each address is answered from itself: the predicted source, bound to, or served
+    by no exposed socket; `rewritten`: a working snat-zone setup gives those clients
+    the right source."""
+    return all(
+        not exposed or a == predicted or a in specific or a in rewritten for a in addresses
+    )
 
 
 def _connected_peers(
@@ -155,14 +196,31 @@ def _connected_peers(
 
 
 def exposure_reasons(
-    clients: list[ClientNetwork], snapshot: Snapshot, evidence: Evidence, listening: Listening
+    clients: list[ClientNetwork],
+    snapshot: Snapshot,
+    evidence: Evidence,
+    listening: Listening,
+    rewritten: set[str],
 ) -> list[Reason]:
-    """Each exposed client network (and a policy rule that makes it so), or that the
-    clients seen so far happen to be served right."""
+    """Each exposed client network (and a policy rule that makes it so), each address
+    whose replies leave by another uplink, or that the clients seen so far happen to
+    be served right."""
     reasons: list[Reason] = []
+    other_uplink: list[Reason] = []  # said after who is exposed
     for cn in clients:
-        if cn.ok:
-            continue
+        family = family_name(cn.network.split("/")[0])
+        other_uplink += uplinks.uplink_reasons(
+            cn, answering_from(listening, family, cn.addressed)
+        )
+        everyone = (*cn.addressed, *cn.onlink)
+        if cn.ok or _right_source(
+            everyone,
+            cn.predicted_source,
+            bool(listening.exposed.get(family)),
+            answering_from(listening, family, everyone),
+            rewritten,
+        ):
+            continue  # answered from the right source (a wrong uplink is said above)
         extra = [a for a in cn.onlink if a not in cn.addressed]
         others = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
         how = "send to" if cn.seen else "may send to"
@@ -194,6 +252,7 @@ def exposure_reasons(
                         f"of {', '.join(others)}.",
                     )
                 )
+    reasons += other_uplink
     if (
         not evidence.wrong_source
         and any(listening.exposed.values())

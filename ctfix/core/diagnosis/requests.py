@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ctfix.core.addr import endpoint, family_name, unmap
 from ctfix.core.decode import CtEntry
 from ctfix.core.model import Family
-from ctfix.core.snapshot import LocalAddress, NetfilterRule
+from ctfix.core.snapshot import LocalAddress, NetfilterRule, Route
 
 UDP = 17
 
@@ -41,7 +41,7 @@ def usable_addresses(addresses: Iterable[LocalAddress], family: Family) -> list[
     for addr in addresses:
         if addr.family != family or addr.loopback or addr.scope not in ("global", "site"):
             continue
-        if ipaddress.ip_address(addr.address).is_link_local:
+        if addr.link_local:
             continue
         if addr.address not in found:
             found.append(addr.address)
@@ -55,7 +55,7 @@ def connected_networks(addresses: Iterable[LocalAddress]) -> list[tuple[str, str
     for addr in addresses:
         if addr.loopback or addr.scope not in ("global", "site"):
             continue
-        if ipaddress.ip_address(addr.address).is_link_local:
+        if addr.link_local:
             continue
         if addr.network not in seen:
             seen.add(addr.network)
@@ -176,12 +176,16 @@ def probe_in(network: str, local: set[str]) -> str:
 
 
 def probe_destinations(
-    port: int, addresses: Sequence[LocalAddress], flows: Iterable[CtEntry]
+    port: int,
+    addresses: Sequence[LocalAddress],
+    flows: Iterable[CtEntry],
+    routes: Sequence[Route] = (),
 ) -> dict[str, str]:
     """network -> the destination to ask the route lookup about.
 
     Every network explain may show: those of the clients seen for the port (a seen
-    client) and every directly connected network (a probe address in it).
+    client), every directly connected network (a probe address in it), and on a host
+    with two uplinks the internet (0.0.0.0/0, ::/0: see `internet_probe`).
     """
     local = {a.address for a in addresses}
     connected = connected_networks(addresses)
@@ -191,6 +195,10 @@ def probe_destinations(
         probes.setdefault(network, request.client)
     for network, _iface, _family in connected:
         probes.setdefault(network, probe_in(network, local))
+    for family, internet in (("ipv4", "0.0.0.0/0"), ("ipv6", "::/0")):
+        probe = internet_probe(routes, family)
+        if probe is not None:
+            probes.setdefault(internet, probe)
     return probes
 
 
@@ -207,3 +215,45 @@ def forwarded_here(flows: Iterable[CtEntry], port: int, local: set[str]) -> list
             and unmap(e.reply.src) in local
         }
     )
+
+
+def uplink_interfaces(routes: Iterable[Route], family: str) -> list[str]:
+    """Interfaces with a default route of the family (any table): the host's uplinks."""
+    found: list[str] = []
+    for route in routes:
+        if (
+            route.family == family
+            and route.kind == "unicast"
+            and route.destination in ("0.0.0.0/0", "::/0")
+            and route.interface is not None
+            and route.interface not in found
+        ):
+            found.append(route.interface)
+    return found
+
+
+#: Addresses that only a default route covers on any sane host (documentation
+#: ranges): what explain asks the route lookup about for "a client on the internet".
+#: A lookup sends nothing.
+_INTERNET = {
+    "ipv4": ("203.0.113.254", "198.51.100.254", "192.0.2.254"),
+    "ipv6": ("2001:db8:ffff:ffff::fe", "2001:db8:fffe:ffff::fe"),
+}
+
+
+def internet_probe(routes: Sequence[Route], family: str) -> str | None:
+    """On a host with two uplinks (default routes via two interfaces), an address
+    that only a default route covers, standing for clients on the internet; None on
+    other hosts (one uplink: its clients' replies have only one way out)."""
+    if len(uplink_interfaces(routes, family)) < 2:
+        return None
+    specific = [
+        ipaddress.ip_network(r.destination, strict=False)
+        for r in routes
+        if r.family == family and r.destination not in ("0.0.0.0/0", "::/0")
+    ]
+    for candidate in _INTERNET[family]:
+        ip = ipaddress.ip_address(candidate)
+        if not any(ip.version == net.version and ip in net for net in specific):
+            return candidate
+    return None

@@ -20,6 +20,8 @@ from typing import Any, Literal, Protocol
 from ctfix.core.model import Diagnosis, Method
 from ctfix.core.plan.specs import (
     CLIENT_TIMEOUT,
+    REROUTE_STEP,
+    REROUTE_UPLINKS,
     RT_PROTO,
     RT_TABLE_BASE,
     RULE_PRIORITY,
@@ -37,6 +39,7 @@ from ctfix.core.plan.specs import (
     comment,
     ipset_name,
     nft_table_name,
+    reroute_table,
     step_from_dict,
     step_to_dict,
     table_id,
@@ -46,6 +49,7 @@ from ctfix.errors import CtfixError
 Backend = Literal["iproute2", "nftables", "iptables-legacy", "ctnetlink", "none"]
 #: every `ctfix fix --method`, in the order help and errors list them
 METHODS: tuple[Method, ...] = typing.get_args(Method)
+BACKENDS: tuple[Backend, ...] = typing.get_args(Backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class Build(Protocol):
         force: bool,
         notes: tuple[str, ...],
         advice: tuple[str, ...],
+        gateways: tuple[str, ...],
     ) -> Plan: ...
 
 
@@ -119,9 +124,12 @@ def make_plan(
     force: bool = False,
     notes: tuple[str, ...] = (),
     advice: tuple[str, ...] = (),
+    gateways: tuple[str, ...] = (),
 ) -> Plan:
     """The steps that fix `diagnosis.port` by `method_name`, or a CtfixError saying
-    why not. `backend` defaults to the method's first (snat-zone: nftables)."""
+    why not. `backend` defaults to the method's first (snat-zone: nftables).
+    `gateways` (`fix --gateway`): the router of an uplink replies must leave by, where
+    the host's routes do not tell it (ADDR, or ADDR%IFACE for a link-local one)."""
     if method_name not in METHODS:
         raise CtfixError(f"unknown method {method_name!r}", f"use one of {', '.join(METHODS)}")
     chosen = method(method_name)
@@ -141,7 +149,9 @@ def make_plan(
             f"no UDP socket on port {port} and no evidence of wrong-source replies",
             f"check the port (`ctfix explain {port}`), or pass --force to plan anyway",
         )
-    return chosen.build(diagnosis, backend, force=force, notes=notes, advice=advice)
+    return chosen.build(
+        diagnosis, backend, force=force, notes=notes, advice=advice, gateways=gateways
+    )
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -159,8 +169,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 __all__ = [
+    "BACKENDS",
     "CLIENT_TIMEOUT",
     "METHODS",
+    "REROUTE_STEP",
+    "REROUTE_UPLINKS",
     "RT_PROTO",
     "RT_TABLE_BASE",
     "RULE_PRIORITY",
@@ -184,6 +197,7 @@ __all__ = [
     "method",
     "nft_table_name",
     "plan_to_dict",
+    "reroute_table",
     "step_from_dict",
     "step_to_dict",
     "table_id",

@@ -18,8 +18,9 @@ def build(
     force: bool,
     notes: tuple[str, ...],
     advice: tuple[str, ...],
+    gateways: tuple[str, ...],
 ) -> Plan:
-    del force  # nothing to force: nothing changes
+    del force, gateways  # nothing to force, nothing to route: nothing changes
     return Plan(diagnosis.port, "bind", backend, (), notes, advice=advice)
 
 

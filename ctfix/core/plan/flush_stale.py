@@ -85,8 +85,9 @@ def build(
     force: bool,
     notes: tuple[str, ...],
     advice: tuple[str, ...],
+    gateways: tuple[str, ...],
 ) -> Plan:
-    del force  # nothing to force: without stale entries there is nothing to delete
+    del force, gateways  # nothing to force without stale entries; nothing to route
     port = diagnosis.port
     if not diagnosis.stale_entries:
         raise CtfixError(

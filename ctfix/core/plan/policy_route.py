@@ -9,11 +9,10 @@ would lose their answers. Routes come before the rule that makes them used.
 
 from __future__ import annotations
 
-import ipaddress
-
 from ctfix.core.addr import unmap
 from ctfix.core.model import ClientNetwork, Diagnosis, Family
-from ctfix.core.plan import Backend, Plan, PlanMethod, targets
+from ctfix.core.plan import Backend, Plan, PlanMethod, reroute, targets
+from ctfix.core.plan.probes import probe_address
 from ctfix.core.plan.specs import (
     RT_PROTO,
     RULE_PRIORITY,
@@ -36,28 +35,6 @@ def _broken_networks(diagnosis: Diagnosis) -> list[ClientNetwork]:
     return broken
 
 
-def _probe_address(cn: ClientNetwork, diagnosis: Diagnosis) -> str:
-    """An address in the client network to ask the route lookup about.
-
-    A client actually seen is best; otherwise the network's last host address, which
-    is rarely a local one (asking about a local address would answer `local`).
-    """
-    net = ipaddress.ip_network(cn.network, strict=False)
-    for reply in diagnosis.evidence.wrong_source:
-        client = unmap(reply.client.rsplit(":", 1)[0].strip("[]"))
-        try:
-            if ipaddress.ip_address(client) in net:
-                return client
-        except ValueError:
-            continue
-    local = {unmap(a) for a in diagnosis.local_addresses}
-    first = net.network_address
-    candidate = net.broadcast_address - 1 if net.num_addresses > 2 else first
-    while str(candidate) in local and candidate != first:
-        candidate = candidate - 1
-    return str(candidate)
-
-
 def build(
     diagnosis: Diagnosis,
     backend: Backend,
@@ -65,10 +42,12 @@ def build(
     force: bool,
     notes: tuple[str, ...],
     advice: tuple[str, ...],
+    gateways: tuple[str, ...],
 ) -> Plan:
     """The routes and rules, or a CtfixError saying why a route cannot serve here."""
     del backend, advice  # always iproute2; no advice of its own
     port = diagnosis.port
+    routers = reroute.checked_gateways(diagnosis, gateways)  # two uplinks: next hops
     broken = _broken_networks(diagnosis)
     seen = [cn for cn in broken if cn.seen]
     if broken and not seen:
@@ -132,17 +111,24 @@ def build(
         if family not in families:
             families.append(family)
         ip = "ip -6" if family == "ipv6" else "ip"
-        where = f"{cn.network} dev {cn.interface} src {source} table {table} proto {RT_PROTO}"
+        # Clients beyond a router: through it, and by the source's own uplink.
+        interface, gateway = reroute.policy_next_hop(cn, source, routers)
+        interface = interface or cn.interface
+        route = RouteSpec(family, cn.network, interface, source, table, gateway=gateway)
+        via = f"via {gateway} " if gateway else ""
         steps.append(
             Step(
-                RouteSpec(family, cn.network, cn.interface, source, table),
-                f"replies to {cn.network} leave from {source}",
-                (f"route {cn.network} dev {cn.interface} src {source} in table {table}",),
-                (f"{ip} route add {where}",),
-                (f"{ip} route del {where}",),
+                route,
+                f"replies to {cn.network} leave from {source}"
+                + (f" by {interface} via {gateway}" if gateway else ""),
+                (f"route {cn.network} {via}dev {interface} src {source} in table {table}",),
+                (f"{ip} route add {route.words}",),
+                (f"{ip} route del {route.words}",),
             )
         )
-        checks.append(RouteCheck(_probe_address(cn, diagnosis), source))
+        checks.append(
+            RouteCheck(probe_address(cn, diagnosis), source, interface if gateway else None)
+        )
     if breaks and not force:
         raise CtfixError(
             f"policy-route would break {' and '.join(who for who, _ in breaks)}: none was "

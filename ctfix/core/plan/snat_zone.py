@@ -14,7 +14,7 @@ import ipaddress
 
 from ctfix.core.addr import endpoint, unmap
 from ctfix.core.model import Diagnosis, Family
-from ctfix.core.plan import Backend, Plan, PlanMethod, targets
+from ctfix.core.plan import Backend, Plan, PlanMethod, reroute, targets
 from ctfix.core.plan.nft_syntax import NftCommand
 from ctfix.core.plan.specs import (
     CLIENT_TIMEOUT,
@@ -70,6 +70,7 @@ def build(
     force: bool,
     notes: tuple[str, ...],
     advice: tuple[str, ...],
+    gateways: tuple[str, ...],
 ) -> Plan:
     """The steps for `backend`, or a CtfixError saying why there is nothing to fix."""
     del advice  # no advice of its own
@@ -86,14 +87,19 @@ def build(
             "other than the one its replies come from",
             f"see `ctfix explain {port}`, or pass --force to cover every local address",
         )
+    # Two uplinks: replies that must leave by another uplink get a mark and a table.
+    reroutes = reroute.reroutes(diagnosis, addresses, gateways)
+    marks = reroute.marks(reroutes)
     if backend == "nftables":
-        steps = _nft_steps(port, addresses)
+        steps = _nft_steps(port, addresses, marks)
     elif backend == "iptables-legacy":
-        steps = _ipt_steps(port, addresses)
+        steps = _ipt_steps(port, addresses, marks)
     else:  # make_plan checked it against METHOD.backends; never reached
         raise CtfixError(f"snat-zone needs nftables or iptables-legacy, not {backend}")
-    notes = (*notes, *(f"left alone: {why}" for why in skipped))
-    return Plan(port, "snat-zone", backend, tuple(steps), notes)
+    steps = reroute.route_steps(port, reroutes) + steps
+    notes = (*notes, *reroute.notes(reroutes), *(f"left alone: {why}" for why in skipped))
+    checks = tuple(reroute.checks(reroutes))
+    return Plan(port, "snat-zone", backend, tuple(steps), notes, checks)
 
 
 # -- nftables ------------------------------------------------------------------------------
@@ -114,7 +120,7 @@ def _match(left: object, right: object, op: str = "==") -> NftCommand:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
-def _nft_steps(port: int, addresses: list[str]) -> list[Step]:
+def _nft_steps(port: int, addresses: list[str], marks: dict[str, int]) -> list[Step]:
     table = nft_table_name(port)
     tag = comment(port)
     base = {"family": "inet", "table": table}
@@ -189,6 +195,10 @@ def _nft_steps(port: int, addresses: list[str]) -> list[Step]:
         ]
         for chain, expr in by_chain:
             rules.append({"add": {"rule": {**base, "chain": chain, "expr": expr, "comment": tag}}})
+        if address in marks:  # two uplinks: out by its own (reroute.py)
+            rules.append(reroute.nft_rule(base, tag, wrong_source, marks[address]))
+    if marks:
+        chains.append(reroute.NFT_CHAIN)
     for name, kind, hook, prio, prio_name in chains:
         batch.append(
             {
@@ -213,7 +223,13 @@ def _nft_steps(port: int, addresses: list[str]) -> list[Step]:
             f"remember the clients of {', '.join(addresses)} (and forget them when they ask "
             f"another local address); move port {port}'s replies to them from another "
             f"source into a conntrack zone of their own ({_zones(len(addresses))}) and SNAT "
-            "them there",
+            "them there"
+            + (
+                f"; mark those to clients of {', '.join(marks)} so that they leave by their "
+                "own uplink"
+                if marks
+                else ""
+            ),
             tuple(creates),
             (f"nft -f - <<'EOF'\n{spec.text}EOF",),
             (f"nft delete table inet {table}",),
@@ -248,12 +264,13 @@ def _quoted(value: str) -> list[str]:
     return value.split() if value else []
 
 
-def _ipt_steps(port: int, addresses: list[str]) -> list[Step]:
+def _ipt_steps(port: int, addresses: list[str], marks: dict[str, int]) -> list[Step]:
     tag = comment(port)
     ipsets: list[Step] = []
     remember: list[Step] = []
     zone: list[Step] = []
     snat: list[Step] = []
+    marked: list[Step] = []
     indexes: dict[Family, int] = {"ipv4": 0, "ipv6": 0}
     for number, address in enumerate(addresses):
         family = targets.family_of(address)
@@ -336,6 +353,13 @@ def _ipt_steps(port: int, addresses: list[str]) -> list[Step]:
                 f"and leave from {endpoint(address, port)}",
             ),
         ]
+        if address in marks:  # two uplinks: out by its own (reroute.py)
+            zone_rule = next(spec for bucket, spec, _ in specs if bucket is zone)
+            mark = marks[address]
+            specs.append(
+                (marked, reroute.ipt_rule(zone_rule, mark),
+                 f"and are marked {mark:#x}, so that they leave by {address}'s uplink")
+            )
         for bucket, spec, summary in specs:
             where = f"{spec.table} {spec.chain}"
             action = " ".join(
@@ -350,7 +374,7 @@ def _ipt_steps(port: int, addresses: list[str]) -> list[Step]:
                     (_ipt_argv(spec, "-D"),),
                 )
             )
-    return ipsets + remember + zone + snat
+    return ipsets + remember + zone + snat + marked
 
 
 METHOD = PlanMethod(

@@ -2,7 +2,9 @@
 
 Pure. Every spec names objects that are recognisably ctfix's (rule protocol 199 and
 priority 32100, routing table 0xC7F00000+port, nftables table `inet ctfix_<port>`,
-iptables comment `ctfix:<port>`, ipsets `ctfix-<port>-v4-<n>`).
+iptables comment `ctfix:<port>`, ipsets `ctfix-<port>-v4-<n>`; a snat-zone reroute's
+fwmark, equal to its table id, in 0xC7F00000-0xC7FFFFFF with the port in the low 16
+bits).
 
 Know before changing: a spec is what `--revert` undoes, possibly by a later ctfix
 version after a crash; so specs must stay serialisable (`step_to_dict` /
@@ -30,6 +32,15 @@ RT_PROTO = 199
 RULE_PRIORITY = 32100
 #: table id = RT_TABLE_BASE + port: one table per fixed port, in a range nobody uses.
 RT_TABLE_BASE = 0xC7F00000
+#: A snat-zone fix that sends replies out by another uplink (ctfix/core/plan/reroute.py)
+#: uses table RT_TABLE_BASE + n * REROUTE_STEP + port for the n-th such uplink of a
+#: family (n from 0: the first is the port's own table, which snat-zone does not
+#: otherwise use), and marks those replies with the same number: `ip rule fwmark T
+#: ipproto udp sport PORT lookup T`. So every table and fwmark of ctfix's is in
+#: 0xC7F00000-0xC7FFFFFF, with the port in the low 16 bits.
+REROUTE_STEP = 0x10000
+#: uplinks one port's fix can reroute to, per family (n < REROUTE_UPLINKS)
+REROUTE_UPLINKS = 16
 #: how long a client (address, port) is remembered after its last request, seconds.
 #: Longer than conntrack's UDP stream timeout (120 s), so a remembered reply path
 #: never outlives its memory.
@@ -38,6 +49,16 @@ CLIENT_TIMEOUT = 180
 
 def table_id(port: int) -> int:
     return RT_TABLE_BASE + port
+
+
+def reroute_table(port: int, index: int) -> int:
+    """The table (and fwmark) of the index-th uplink a snat-zone fix reroutes to."""
+    if not 0 <= index < REROUTE_UPLINKS:
+        raise CtfixError(
+            f"port {port}'s replies would need {index + 1} reroute tables; ctfix makes at "
+            f"most {REROUTE_UPLINKS} per family"
+        )
+    return RT_TABLE_BASE + index * REROUTE_STEP + port
 
 
 def nft_table_name(port: int) -> str:
@@ -54,7 +75,10 @@ def ipset_name(port: int, family: Family, index: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """`ip route add NETWORK dev IFACE src SOURCE table T proto 199`."""
+    """`ip route add NETWORK [via GATEWAY] dev IFACE src SOURCE table T proto 199`.
+
+    A default route is NETWORK 0.0.0.0/0 or ::/0.
+    """
 
     family: Family
     network: str
@@ -62,19 +86,44 @@ class RouteSpec:
     source: str
     table: int
     protocol: int = RT_PROTO
+    #: the next hop: the uplink's router, for clients beyond it (None: on-link)
+    gateway: str | None = None
     kind: Literal["route"] = "route"
+
+    @property
+    def words(self) -> str:
+        """`NETWORK [via GATEWAY] dev IFACE src SOURCE table T proto 199`, as `ip` takes it."""
+        network = "default" if self.network in ("0.0.0.0/0", "::/0") else self.network
+        via = f" via {self.gateway}" if self.gateway else ""
+        return (
+            f"{network}{via} dev {self.interface} src {self.source} table {self.table} "
+            f"proto {self.protocol}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class RuleSpec:
-    """`ip rule add priority P ipproto udp sport PORT lookup T protocol 199`."""
+    """`ip rule add priority P [fwmark M] ipproto udp sport PORT lookup T protocol 199`.
+
+    With `fwmark`: only the replies a snat-zone reroute marked (see reroute.py).
+    """
 
     family: Family
     port: int
     table: int
     priority: int = RULE_PRIORITY
     protocol: int = RT_PROTO
+    fwmark: int | None = None
     kind: Literal["rule"] = "rule"
+
+    @property
+    def words(self) -> str:
+        """`priority P [fwmark M] ipproto udp sport PORT lookup T protocol 199`."""
+        mark = f" fwmark {self.fwmark:#x}" if self.fwmark is not None else ""
+        return (
+            f"priority {self.priority}{mark} ipproto udp sport {self.port} lookup "
+            f"{self.table} protocol {self.protocol}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,22 +217,25 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class RouteCheck:
-    """After apply: a reply from the port to `destination` must leave from `source`."""
+    """After apply: a reply from the port to `destination` must leave from `source`
+    (and by `interface`, when given); with `mark`, a reply netfilter marked so."""
 
     destination: str
     source: str
+    interface: str | None = None
+    mark: int | None = None
 
 
 # -- serialisation (state file, --json) ---------------------------------------------------
 
 
-def _kind_of(cls: type[Any]) -> str:
+def _kind_of(cls: type[Spec]) -> str:
     return str(cls.__dataclass_fields__["kind"].default)
 
 
 #: kind -> spec class, from the `Spec` union itself: a new spec class is readable as
 #: soon as it is in the union.
-_SPECS: dict[str, type[Any]] = {_kind_of(cls): cls for cls in typing.get_args(Spec)}
+_SPECS: dict[str, type[Spec]] = {_kind_of(cls): cls for cls in typing.get_args(Spec)}
 
 
 def step_to_dict(step: Step) -> dict[str, Any]:

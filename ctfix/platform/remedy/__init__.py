@@ -21,8 +21,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, Never, NoReturn
 
+from ctfix.core.model import Method
 from ctfix.core.plan import (
     Backend,
     ConntrackEntrySpec,
@@ -37,15 +39,15 @@ from ctfix.core.plan import (
 )
 from ctfix.errors import CtfixError, MissingFeatureError
 from ctfix.platform import iptables_legacy
-from ctfix.platform.fixstate import FixState, RecordedFix
+from ctfix.platform.fixstate import FixState, RecordedFix, StepStatus
 
 #: Test hook: seconds to sleep after recording each step as pending, before applying
 #: it, so a test can `kill -9` the process in the middle of an apply.
 PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
 #: tables ctfix makes and choose_backend must not count as the namespace's own rules:
-#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>`.
+#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>[_<start>_<pidns>]`.
 #: (`ctfix_lab` is the lab's own, a real user of netfilter, so it counts.)
-_OWN_TABLE = re.compile(r"ctfix_(?:watch_)?\d+")
+_OWN_TABLE = re.compile(r"ctfix_\d+|ctfix_watch_\d+(?:_\d+_\d+)?")
 
 
 class AlreadyThere(CtfixError):
@@ -60,11 +62,13 @@ class AlreadyThere(CtfixError):
 
 
 class _Operations(NamedTuple):
-    create: Callable[[Any], None]
-    remove: Callable[[Any], bool]
-    present: Callable[[Any], bool]
+    """What can be done with one step's object, bound to its spec."""
+
+    create: Callable[[], None]
+    remove: Callable[[], bool]  # False: it was not there
+    present: Callable[[], bool]
     #: why creating it would clash with what is in the kernel now (None: it would not)
-    clash: Callable[[Any], str | None]
+    clash: Callable[[], str | None]
 
 
 def _operations(spec: Spec) -> _Operations:
@@ -73,47 +77,55 @@ def _operations(spec: Spec) -> _Operations:
     kind this ctfix does not know (a newer state file, a bug) raises instead of
     reaching another kind's backend."""
     match spec:
-        case RouteSpec():
+        case RouteSpec() as route:
             from ctfix.platform.remedy import iproute
 
             return _Operations(
-                iproute.create_route, iproute.remove_route, iproute.route_present,
-                iproute.route_clash,
+                partial(iproute.create_route, route),
+                partial(iproute.remove_route, route),
+                partial(iproute.route_present, route),
+                partial(iproute.route_clash, route),
             )
-        case RuleSpec():
+        case RuleSpec() as rule:
             from ctfix.platform.remedy import iproute
 
-            return _Operations(
-                iproute.create_rule, iproute.remove_rule, iproute.rule_present,
-                _clash_if(iproute.rule_present),
+            return _by_name(
+                partial(iproute.create_rule, rule),
+                partial(iproute.remove_rule, rule),
+                partial(iproute.rule_present, rule),
             )
-        case NftTableSpec():
+        case NftTableSpec() as table:
             from ctfix.platform.remedy import nftables
 
-            return _Operations(
-                nftables.create_table, nftables.remove_table, nftables.table_present,
-                _clash_if(nftables.table_present),
+            return _by_name(
+                partial(nftables.create_table, table),
+                partial(nftables.remove_table, table),
+                partial(nftables.table_present, table),
             )
-        case IpsetSpec():
+        case IpsetSpec() as ipset:
             from ctfix.platform.remedy import legacy
 
-            return _Operations(
-                legacy.create_ipset, legacy.remove_ipset, legacy.ipset_present,
-                _clash_if(legacy.ipset_present),
+            return _by_name(
+                partial(legacy.create_ipset, ipset),
+                partial(legacy.remove_ipset, ipset),
+                partial(legacy.ipset_present, ipset),
             )
-        case IptRuleSpec():
+        case IptRuleSpec() as ipt_rule:
             from ctfix.platform.remedy import legacy
 
-            return _Operations(
-                legacy.create_rule, legacy.remove_rule, legacy.rule_present,
-                _clash_if(legacy.rule_present),
+            return _by_name(
+                partial(legacy.create_rule, ipt_rule),
+                partial(legacy.remove_rule, ipt_rule),
+                partial(legacy.rule_present, ipt_rule),
             )
-        case ConntrackEntrySpec():
+        case ConntrackEntrySpec() as entry:
             from ctfix.platform.remedy import conntrack
 
             return _Operations(
-                conntrack.delete_entry, conntrack.cannot_undo, conntrack.entry_gone,
-                conntrack.no_clash,
+                partial(conntrack.delete_entry, entry),
+                partial(conntrack.cannot_undo, entry),
+                partial(conntrack.entry_gone, entry),
+                partial(conntrack.no_clash, entry),
             )
         case _:
             _unknown_kind(spec)
@@ -129,33 +141,33 @@ def _unknown_kind(spec: Never) -> NoReturn:
     )
 
 
-def _clash_if(
-    present_fn: Callable[[Any], bool]
-) -> Callable[[Any], str | None]:
-    """For objects known by name alone: the name is taken."""
+def _by_name(
+    create: Callable[[], None], remove: Callable[[], bool], present: Callable[[], bool]
+) -> _Operations:
+    """For objects known by name alone: creating clashes when the name is taken."""
 
-    def clash(spec: Any) -> str | None:
-        return "it is already in the kernel" if present_fn(spec) else None
+    def clash() -> str | None:
+        return "it is already in the kernel" if present() else None
 
-    return clash
+    return _Operations(create, remove, present, clash)
 
 
 def create(spec: Spec) -> None:
-    _operations(spec).create(spec)
+    _operations(spec).create()
 
 
 def remove(spec: Spec) -> bool:
     """Remove the object if it exists; False when it was not there."""
-    return _operations(spec).remove(spec)
+    return _operations(spec).remove()
 
 
 def present(spec: Spec) -> bool:
-    return _operations(spec).present(spec)
+    return _operations(spec).present()
 
 
 def clash(spec: Spec) -> str | None:
     """Why the step cannot be made without touching something already there."""
-    return _operations(spec).clash(spec)
+    return _operations(spec).clash()
 
 
 # -- backend choice -----------------------------------------------------------------------
@@ -167,7 +179,16 @@ def choose_backend(override: Backend | None) -> tuple[Backend, str]:
         return override, f"--backend {override}"
     nft_tables, nft_nat = _nft_usage()
     legacy_rules = legacy_nat = False
-    if iptables_legacy.in_use():
+    try:
+        legacy_in_use = iptables_legacy.in_use()
+    except iptables_legacy.Unreadable:
+        # Not root: the dry run goes on without them, and says so.
+        return (
+            "nftables",
+            "iptables-legacy tables could not be read (root only); "
+            + ("the namespace's rules are in nftables" if nft_tables else "assuming none"),
+        )
+    if legacy_in_use:
         from ctfix.platform.remedy import legacy
 
         legacy_rules = legacy.rules_present()
@@ -225,8 +246,10 @@ class Interrupted(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    already: bool  # the same fix was in place: nothing changed
-    checks: tuple[str, ...]  # what was verified, for the user
+    """The plan is in the kernel and verified (its route checks hold, every step is
+    present); `already`: it was, and nothing changed."""
+
+    already: bool
     notes: tuple[str, ...] = ()
 
 
@@ -253,7 +276,7 @@ def apply_plan(
             ]
             problems = missing or verify(plan)
             if not problems:
-                return ApplyResult(True, tuple(checked_lines(plan)), tuple(existing.notes))
+                return ApplyResult(True, tuple(existing.notes))
             raise CtfixError(
                 f"the recorded fix for port {plan.port} is no longer whole in the kernel "
                 f"({problems[0]})",
@@ -280,14 +303,14 @@ def apply_plan(
                 # Somebody else's object appeared since the check: not ours to undo.
                 state.drop_step(fix, recorded)
                 raise
-            state.mark_done(recorded)
+            state.mark_done(recorded, _made(step.spec))
         _stop_if_asked(stop)
         problems = verify(plan)
         if problems:
             raise CtfixError(f"the fix did not take: {problems[0]}", "nothing was left applied")
         _stop_if_asked(stop)
     except BaseException as err:
-        removed, failures = _undo(state, fix)
+        removed, failures, _missing = _undo(state, fix)
         if isinstance(err, Interrupted):
             err.removed, err.failures = removed, failures
         if isinstance(err, CtfixError):
@@ -300,7 +323,7 @@ def apply_plan(
         raise
     fix.notes = list(_legacy_notes(legacy_before))
     state.finish(fix)
-    return ApplyResult(False, tuple(checked_lines(plan)), tuple(fix.notes))
+    return ApplyResult(False, tuple(fix.notes))
 
 
 def _refuse_what_is_there(plan: Plan) -> None:
@@ -317,8 +340,9 @@ def _refuse_what_is_there(plan: Plan) -> None:
             raise CtfixError(
                 f"{made}: {why}, and ctfix fix has no record of making it in this "
                 "namespace; nothing changed",
-                "somebody else's? inspect it and remove it yourself if it is stale "
-                "(`ctfix fix --status` lists what ctfix recorded)",
+                "somebody else's? inspect it and remove it yourself if it is stale; if "
+                "`ctfix fix --status` lists it as ctfix's with no record, `ctfix fix "
+                f"--revert {plan.port}` removes it",
             )
 
 
@@ -328,18 +352,30 @@ def _stop_if_asked(stop: Callable[[], int | None]) -> None:
         raise Interrupted(signum)
 
 
-def _undo(state: FixState, fix: RecordedFix) -> tuple[list[tuple[str, ...]], list[str]]:
-    """Remove the fix's recorded objects, last first; (removed, failures).
+def _made(spec: Spec) -> dict[str, Any]:
+    from ctfix.platform.remedy import marks
+
+    return marks.made(spec)
+
+
+def _undo(
+    state: FixState, fix: RecordedFix
+) -> tuple[list[tuple[str, ...]], list[str], list[tuple[str, ...]]]:
+    """Remove the fix's recorded objects, last first; (removed, failures, missing).
 
     A step whose removal fails stays recorded (and so does the fix), so that a later
-    `--revert` can retry it; the others are still removed.
+    `--revert` can retry it; the others are still removed. A step whose object is
+    not in the kernel (removed by hand) is done: it is `missing`, and leaves the record.
     """
     removed: list[tuple[str, ...]] = []
     failures: list[str] = []
+    missing: list[tuple[str, ...]] = []
     for recorded in reversed(list(fix.steps)):
         try:
             if remove(recorded.step.spec):
                 removed.append(recorded.step.creates)
+            else:
+                missing.append(recorded.step.creates)
         except CtfixError as err:
             failures.append(f"{recorded.step.summary}: {err.one_line()}")
             continue
@@ -349,7 +385,7 @@ def _undo(state: FixState, fix: RecordedFix) -> tuple[list[tuple[str, ...]], lis
     else:
         fix.complete = False
         state.save()
-    return removed, failures
+    return removed, failures, missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,32 +393,60 @@ class Reverted:
     """One fix undone: what was recorded, what was actually removed from the kernel."""
 
     port: int
-    method: str
-    backend: str
+    method: Method
+    backend: Backend
     recorded: int  # steps in the record
     removed_steps: int  # steps found in the kernel and removed (the others were gone)
     removed: tuple[str, ...]  # the objects those steps had created
     notes: tuple[str, ...]
+    missing: tuple[str, ...] = ()  # the objects of the steps already gone (by hand?)
+
+
+def foreign_steps(state: FixState, port: int | None = None) -> dict[tuple[int, int], str]:
+    """{(port, step index): why its recorded object is not ctfix's}: a record that
+    points at anything but ctfix's own objects (edited, corrupt) is never acted on."""
+    from ctfix.platform.remedy import marks
+
+    return {
+        (p, index): why
+        for p, fix in sorted(state.fixes.items())
+        if port is None or p == port
+        for index, recorded in enumerate(fix.steps)
+        if (why := marks.foreign(recorded.step.spec, p, recorded.made)) is not None
+    }
 
 
 def revert(state: FixState, port: int | None) -> list[Reverted]:
-    """Undo the recorded fix for port (or every fix)."""
+    """Undo the recorded fix for port (or every fix).
+
+    Refuses, removing nothing, when any recorded step points at an object that is not
+    ctfix's (the kernel is the truth, the state file a hint).
+    """
     ports = [port] if port is not None else sorted(state.fixes)
     if port is not None and port not in state.fixes:
         raise CtfixError(
             f"no ctfix fix is recorded for port {port} in this namespace",
             "`ctfix fix --status` lists what is recorded",
         )
+    refused = foreign_steps(state, port)
+    if refused:
+        (p, _index), why = next(iter(refused.items()))
+        raise CtfixError(
+            f"refusing to revert port {p}: {why}; nothing was removed",
+            f"the state file {state.path} was edited or is corrupt: inspect it (ctfix's "
+            "own objects are found by their marks without it: `ctfix fix --status`)",
+        )
     done: list[Reverted] = []
     failures: list[str] = []
     for p in ports:
         fix = state.fixes[p]
         recorded = len(fix.steps)
-        removed, failed = _undo(state, fix)
+        removed, failed, missing = _undo(state, fix)
         done.append(
             Reverted(
                 p, fix.method, fix.backend, recorded, len(removed),
                 tuple(obj for creates in removed for obj in creates), tuple(fix.notes),
+                tuple(obj for creates in missing for obj in creates),
             )
         )
         failures.extend(failed)
@@ -392,19 +456,6 @@ def revert(state: FixState, port: int | None) -> list[Reverted]:
             "it stays recorded; fix the cause and run --revert again",
         )
     return done
-
-
-def reverted_lines(done: list[Reverted]) -> list[str]:
-    """What --revert prints: per port a summary, then one removed object per line."""
-    lines: list[str] = []
-    for fix in done:
-        lines.append(
-            f"port {fix.port}: removed {fix.removed_steps} of {fix.recorded} recorded step(s)"
-            + (" (the others were not in the kernel)" if fix.removed_steps < fix.recorded else "")
-        )
-        lines.extend(f"  removed {obj}" for obj in fix.removed)
-        lines.extend(f"  note: {note}" for note in fix.notes)
-    return lines
 
 
 def _legacy_tables() -> dict[str, set[str]]:
@@ -431,33 +482,25 @@ def verify_plan(plan: Plan) -> list[str]:
     problems = [f"{s.summary}: not in the kernel" for s in plan.steps if not present(s.spec)]
     if problems:
         return problems
+    from ctfix.platform import routing
+
     for check in plan.checks:
-        source = _reply_source(check.destination, plan.port)
-        if source != check.source:
+        choice = routing.reply_source(check.destination, plan.port, mark=check.mark)
+        marked = f" marked {check.mark:#x}" if check.mark is not None else ""
+        if choice.source != check.source:
             problems.append(
-                f"a reply from port {plan.port} to {check.destination} would leave from "
-                f"{source or 'nowhere'}, not {check.source}"
+                f"a reply from port {plan.port} to {check.destination}{marked} would leave "
+                f"from {choice.source or 'nowhere'}, not {check.source}"
+            )
+        elif check.interface is not None and choice.interface != check.interface:
+            problems.append(
+                f"a reply from port {plan.port} to {check.destination}{marked} would leave "
+                f"by {choice.interface or 'nowhere'}, not {check.interface}"
             )
     return problems
 
 
-def checked_lines(plan: Plan) -> list[str]:
-    lines = [
-        f"route lookup: a reply from UDP port {plan.port} to {c.destination} now leaves "
-        f"from {c.source}"
-        for c in plan.checks
-    ]
-    lines.append(f"all {len(plan.steps)} step(s) present in the kernel")
-    return lines
-
-
-def _reply_source(destination: str, port: int) -> str | None:
-    from ctfix.platform import routing
-
-    return routing.reply_source(destination, port).source
-
-
-def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, str, bool]]]]:
+def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]]:
     """For each recorded fix: (fix, [(step, recorded status, present in the kernel)])."""
     return [
         (fix, [(r.step, r.status, present(r.step.spec)) for r in fix.steps])

@@ -9,7 +9,7 @@ Know before changing: nothing here is recorded in the state file and nothing can
 undone: `remove` refuses, and `present` means "the change holds" (the entry with that
 id is no longer in the table). The check after the apply is an observation with a
 stated wait (`CHECK_WAIT`): a client that sends nothing within it is reported as not
-checked, never as fixed.
+checked, never as fixed (ctfix.render.fix says it in words).
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ def cannot_undo(spec: ConntrackEntrySpec) -> bool:
 
 
 def entry_gone(spec: ConntrackEntrySpec) -> bool:
-    """The step's change holds: no entry with that tuple and id is in the table."""
+    """The step's change holds: the client's tuple is not sent to the stale target any
+    more (no entry, or a newer one that goes elsewhere)."""
     from ctfix.platform import conntrack
 
     family = socket.AF_INET6 if spec.family == "ipv6" else socket.AF_INET
+    stale = (spec.reply_src, spec.reply_sport)
     return not any(
-        e.id == spec.id and _same_client(e, spec)
+        _same_client(e, spec) and (e.reply.src, e.reply.sport) == stale
         for e in conntrack.dump(family=family, port=spec.dport)
     )
 
@@ -76,11 +78,30 @@ def _same_client(entry: CtEntry, spec: ConntrackEntrySpec) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class NextEntry:
+    """Where a flushed client's next entry went (within the wait), by dump."""
+
+    client: str
+    service: str
+    target: str | None  # None: the client sent nothing within the wait
+    current: tuple[str, ...]  # where the rules said it would go
+
+    @property
+    def follows_rules(self) -> bool | None:
+        """True: it went where the rules say; None: not seen (not checked)."""
+        return None if self.target is None else self.target in self.current
+
+
+@dataclass(frozen=True, slots=True)
 class Flushed:
     deleted: int  # entries deleted
     gone: int  # entries already gone (expired, or their tuple taken by a newer entry)
-    checks: tuple[str, ...]  # what the clients' next entries did, one line each
-    problems: tuple[str, ...]  # clients whose next entry still does not follow the rules
+    next: tuple[NextEntry, ...]  # each deleted client's next entry
+    waited: float  # how long the check waited for them, seconds
+
+    @property
+    def problems(self) -> tuple[NextEntry, ...]:
+        return tuple(n for n in self.next if n.follows_rules is False)
 
 
 def flush(plan: Plan, wait: float = CHECK_WAIT) -> Flushed:
@@ -93,51 +114,36 @@ def flush(plan: Plan, wait: float = CHECK_WAIT) -> Flushed:
     result = conntrack.delete([entry_of(spec) for spec in specs])
     deleted_ids = {(e.orig, e.id) for e in result.deleted}
     removed = [s for s in specs if (entry_of(s).orig, s.id) in deleted_ids]
-    checks, problems = _check_next(removed, wait)
-    return Flushed(len(result.deleted), len(result.gone), tuple(checks), tuple(problems))
+    return Flushed(len(result.deleted), len(result.gone), _next_entries(removed, wait), wait)
 
 
-def _check_next(
-    specs: Sequence[ConntrackEntrySpec], wait: float
-) -> tuple[list[str], list[str]]:
+def _next_entries(specs: Sequence[ConntrackEntrySpec], wait: float) -> tuple[NextEntry, ...]:
     """For each deleted entry's client: where its next entry goes, by dump, within
     `wait` seconds."""
     from ctfix.platform import conntrack
 
     waiting = {(s.src, s.sport, s.dst, s.dport, s.zone): s for s in specs}
-    checks: list[str] = []
-    problems: list[str] = []
+    found: list[NextEntry] = []
     deadline = time.monotonic() + wait
     while waiting:
         for family, port in sorted({(s.family, s.dport) for s in waiting.values()}):
             af = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
             for entry in conntrack.dump(family=af, port=port):
                 orig = entry.orig
-                spec = waiting.get((orig.src, orig.sport, orig.dst, orig.dport, entry.zone))
-                if spec is None or entry.id == spec.id:
-                    continue
-                del waiting[(orig.src, orig.sport, orig.dst, orig.dport, entry.zone)]
-                went = endpoint(entry.reply.src, entry.reply.sport)
-                client = endpoint(spec.src, spec.sport)
-                service = endpoint(spec.dst, spec.dport)
-                if went in spec.current:
-                    checks.append(
-                        f"{client}'s next datagram to {service} made a new entry to {went}, "
-                        "as the rules say"
-                    )
-                else:
-                    problems.append(
-                        f"{client}'s next datagram to {service} made a new entry to {went}, "
-                        f"not to {', '.join(spec.current) or 'its own address'}: the rules "
-                        "may be more than ctfix reads (`ctfix explain "
-                        f"{spec.dport}`)"
-                    )
+                key = (orig.src, orig.sport, orig.dst, orig.dport, entry.zone)
+                # Deleted (acknowledged) before this dump: any entry with the client's
+                # tuple is its next one, whatever its id (the kernel may reuse it).
+                spec = waiting.pop(key, None)
+                if spec is not None:
+                    found.append(_next(spec, endpoint(entry.reply.src, entry.reply.sport)))
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(_POLL)
-    for spec in waiting.values():
-        checks.append(
-            f"{endpoint(spec.src, spec.sport)} sent nothing to {endpoint(spec.dst, spec.dport)} "
-            f"within {wait:g} s: its next entry was not checked"
-        )
-    return checks, problems
+    found += [_next(spec, None) for spec in waiting.values()]
+    return tuple(found)
+
+
+def _next(spec: ConntrackEntrySpec, target: str | None) -> NextEntry:
+    return NextEntry(
+        endpoint(spec.src, spec.sport), endpoint(spec.dst, spec.dport), target, spec.current
+    )

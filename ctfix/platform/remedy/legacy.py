@@ -14,14 +14,19 @@ Know before changing, three traps measured on this kernel:
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctfix.core.plan import IpsetSpec, IptRuleSpec
+from ctfix.core.model import Family
+from ctfix.core.plan import IpsetSpec, IptRuleSpec, Spec, comment
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import iptables_legacy
 from ctfix.platform.remedy import AlreadyThere
+from ctfix.platform.remedy.marks import Marked
 
 # -- ipset ---------------------------------------------------------------------------
 
@@ -81,7 +86,7 @@ def remove_ipset(spec: IpsetSpec) -> bool:
 # -- iptables-legacy (in a child per operation) ------------------------------------------
 
 
-def _iptc(family: str, creating: str | None = None) -> tuple[Any, Any, Any]:
+def _iptc(family: Family, creating: str | None = None) -> tuple[Any, Any, Any]:
     """(module, Table class, Rule class) with the table list declared to python-iptables."""
     iptc = iptables_legacy.import_iptc()
     loaded = set(iptables_legacy.loaded_tables(family))
@@ -202,12 +207,17 @@ def _sets_named(spec: IptRuleSpec) -> set[str]:
     }
 
 
-def rule_present(spec: IptRuleSpec) -> bool:
-    # libxtables rejects a rule naming a missing set (ValueError) even to look for
-    # it; such a rule cannot be in the kernel either (the apply's check before the
-    # sets exist, a status after somebody destroyed one).
+def _names_a_missing_set(spec: IptRuleSpec) -> bool:
+    """libxtables rejects a rule naming a missing set (ValueError) even to look for
+    it; such a rule cannot be in the kernel either (a set in use cannot be destroyed):
+    the apply's check before the sets exist, a status or revert after somebody
+    destroyed one."""
     named = _sets_named(spec)
-    if named and not named <= set(ipset_names()):
+    return bool(named) and not named <= set(ipset_names())
+
+
+def rule_present(spec: IptRuleSpec) -> bool:
+    if _names_a_missing_set(spec):
         return False
     return iptables_legacy.in_child(_find, spec)
 
@@ -223,6 +233,8 @@ def create_rule(spec: IptRuleSpec) -> None:
 
 
 def remove_rule(spec: IptRuleSpec) -> bool:
+    if _names_a_missing_set(spec):
+        return False
     return iptables_legacy.in_child(_delete, spec)
 
 
@@ -243,7 +255,7 @@ def nat_rules_present() -> bool:
     )
 
 
-def _holds_rules(family: str, only: str | None = None) -> bool:
+def _holds_rules(family: Family, only: str | None = None) -> bool:
     _iptc_module, table_class, _rule = _iptc(family)
     for name in iptables_legacy.loaded_tables(family):
         if (only and name != only) or name not in table_class.ALL:
@@ -254,3 +266,152 @@ def _holds_rules(family: str, only: str | None = None) -> bool:
             if not table.builtin_chain(chain.name) or chain.rules:
                 return True
     return False
+
+
+# -- ctfix's marks (see ctfix/platform/remedy/marks.py) ----------------------------------
+# Ours: rules commented `ctfix:<port>`, ipsets named `ctfix-<port>-v4|v6-<n>` (of the
+# type and family recorded when made).
+
+_OWN_SET = re.compile(r"ctfix-(\d{1,5})-v[46]-\d+")
+_COMMENT = re.compile(r'--comment "?ctfix:(\d{1,5})"?')
+
+
+def ipset_foreign(spec: IpsetSpec, port: int, made: Mapping[str, Any]) -> str | None:
+    del made
+    match = _OWN_SET.fullmatch(spec.name)
+    if match is None or int(match.group(1)) != port:
+        return (
+            f"ipset {spec.name} is not ctfix's (its sets for port {port} are "
+            f"ctfix-{port}-v4|v6-N)"
+        )
+    header = _ipset_header(spec.name)
+    if header is None:
+        return None
+    family = "inet6" if spec.family == "ipv6" else "inet"
+    if header != (spec.set_type, family):
+        return (
+            f"ipset {spec.name} is a {header[0]} set of family {header[1]}, not the "
+            f"{spec.set_type} {family} set ctfix made"
+        )
+    return None
+
+
+def _ipset_header(name: str) -> tuple[str, str] | None:
+    """(type, family) of the ipset, or None when there is no such set."""
+    if name not in ipset_names():
+        return None
+    proc = _ipset("list", "-t", name)
+    if proc.returncode != 0:
+        return None
+    fields = dict(line.partition(": ")[::2] for line in proc.stdout.splitlines())
+    words = fields.get("Header", "").split()
+    family = words[words.index("family") + 1] if "family" in words[:-1] else ""
+    return fields.get("Type", ""), family
+
+
+def rule_foreign(spec: IptRuleSpec, port: int, made: Mapping[str, Any]) -> str | None:
+    del made
+    if any(
+        ext.name == "comment" and ("comment", comment(port)) in ext.options for ext in spec.matches
+    ):
+        return None
+    return (
+        f"the iptables rule `{spec.table} {spec.chain} ... -j {spec.target.name}` does not "
+        f"carry ctfix's comment {comment(port)}"
+    )
+
+
+def _key(signature: tuple[Any, ...]) -> str:
+    return json.dumps(signature)
+
+
+def _comment_port(rule: Any) -> int | None:
+    ip = rule.get_ip()
+    for match in rule.matches:
+        if match.name == "comment":
+            found = _COMMENT.search(iptables_legacy.saved_options(match, ip))
+            if found:
+                return int(found.group(1))
+    return None
+
+
+def _marked_rules(
+    family: Family, recorded: list[IptRuleSpec]
+) -> list[tuple[int, str, str, str, str]]:
+    """In a child: (port, table, chain, key, description) of every rule commented
+    `ctfix:<port>` that none of the recorded specs is."""
+    _module, table_class, rule_class = _iptc(family)
+    explained = set()
+    for spec in recorded:
+        try:
+            explained.add(_key(_signature(_build(spec, rule_class))))
+        except Exception:  # names a set that is gone: such a rule cannot be loaded
+            continue
+    found = []
+    for name in iptables_legacy.loaded_tables(family):
+        if name not in table_class.ALL:
+            continue
+        table = table_class(name, autocommit=False)
+        table.refresh()
+        for chain in table.chains:
+            for rule in chain.rules:
+                port = _comment_port(rule)
+                key = _key(_signature(rule))
+                if port is None or key in explained:
+                    continue
+                target = rule.target
+                action = target.name + iptables_legacy.saved_options(target, rule.get_ip())
+                text = f"{family} {name} {chain.name} rule `{comment(port)}` -j {action}"
+                found.append((port, name, chain.name, key, text))
+    return found
+
+
+def _delete_marked(family: Family, table_name: str, chain_name: str, key: str, port: int) -> bool:
+    with iptables_legacy.xtables_lock():
+        if table_name not in iptables_legacy.loaded_tables(family):
+            return False
+        _module, table_class, _rule = _iptc(family)
+        table = table_class(table_name, autocommit=False)
+        table.refresh()
+        for chain in table.chains:
+            if chain.name != chain_name:
+                continue
+            for rule in chain.rules:
+                if _comment_port(rule) == port and _key(_signature(rule)) == key:
+                    chain.delete_rule(rule)
+                    table.commit()
+                    return True
+    return False
+
+
+def unrecorded(recorded: Sequence[tuple[int, Spec]]) -> list[Marked]:
+    found = []
+    try:
+        names = ipset_names()
+    except MissingFeatureError:
+        names = []
+    sets = {spec.name for _port, spec in recorded if isinstance(spec, IpsetSpec)}
+    for name in names:
+        match = _OWN_SET.fullmatch(name)
+        if match is not None and name not in sets:
+            found.append(Marked(int(match.group(1)), "ipset", f"ipset {name}", (name,)))
+    for family in ("ipv4", "ipv6"):
+        if not iptables_legacy.loaded_tables(family):
+            continue
+        specs = [s for _p, s in recorded if isinstance(s, IptRuleSpec) and s.family == family]
+        for port, table, chain, key, text in iptables_legacy.in_child(
+            _marked_rules, family, specs
+        ):
+            found.append(Marked(port, "iptables-rule", text, (family, table, chain, key)))
+    return found
+
+
+def remove_marked(marked: Marked) -> bool:
+    if marked.kind == "ipset":
+        [name] = marked.key
+        match = _OWN_SET.fullmatch(name)
+        if match is None or int(match.group(1)) != marked.port:
+            return False
+        return remove_ipset(IpsetSpec(name, "ipv4"))
+    family, table, chain, key = marked.key
+    return iptables_legacy.in_child(_delete_marked, family, table, chain, key, marked.port)

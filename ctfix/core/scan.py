@@ -1,0 +1,89 @@
+"""What `ctfix scan` needs beyond explain's diagnosis: which ports are services, and
+each port's view cut from one whole-namespace conntrack dump. Pure.
+
+Know before changing: a port's flows must be the entries explain's three filtered
+dumps give, in the same order (orig dport = port; then reply sport = port, sent to
+another port; then orig sport = port, answered from another port), so that scan and
+`explain PORT` reach the same verdict from the same table; `flows_for_port` does
+that from an index built in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ctfix.core.decode import CtEntry
+from ctfix.core.model import Diagnosis, Listener, Verdict
+
+UDP = 17
+
+#: how bad each verdict is, for worst-first order
+_RANK: dict[Verdict, int] = {"broken": 0, "at-risk": 1, "ok": 2}
+
+
+def service_ports(listeners: Iterable[Listener], ephemeral: tuple[int, int]) -> list[int]:
+    """The ports a UDP service listens on, ascending.
+
+    An unconnected socket serves its port. A connect()ed socket is a client's unless
+    its local port is outside the ephemeral range (`ip_local_port_range`): then it is
+    a server that connected to its first peer (netcat after its first datagram).
+    """
+    low, high = ephemeral
+    ports = {
+        lst.port
+        for lst in listeners
+        if lst.state == "listening" or not low <= lst.port <= high
+    }
+    return sorted(ports)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowIndex:
+    """A whole-namespace UDP conntrack dump, indexed by the three ports explain asks
+    about; each list keeps the dump's order."""
+
+    by_dport: dict[int, list[CtEntry]] = field(default_factory=dict)
+    by_reply_sport: dict[int, list[CtEntry]] = field(default_factory=dict)
+    by_sport: dict[int, list[CtEntry]] = field(default_factory=dict)
+
+
+def index_flows(entries: Iterable[CtEntry], ports: Iterable[int]) -> FlowIndex:
+    """One pass over the dump; only entries that touch one of `ports` are kept (and,
+    through orig sport, every port: a DNAT may forward a service to any port)."""
+    wanted = set(ports)
+    index = FlowIndex()
+    by_dport, by_reply_sport, by_sport = index.by_dport, index.by_reply_sport, index.by_sport
+    for entry in entries:
+        orig = entry.orig
+        if orig.proto != UDP:
+            continue
+        if orig.dport in wanted:
+            by_dport.setdefault(orig.dport, []).append(entry)
+        reply_sport = entry.reply.sport
+        if reply_sport in wanted and orig.dport != reply_sport:
+            by_reply_sport.setdefault(reply_sport, []).append(entry)
+        by_sport.setdefault(orig.sport, []).append(entry)
+    return index
+
+
+def flows_for_port(index: FlowIndex, port: int) -> list[CtEntry]:
+    """The port's entries, as explain's filtered dumps give them."""
+    return [
+        *index.by_dport.get(port, ()),
+        *index.by_reply_sport.get(port, ()),
+        *(e for e in index.by_sport.get(port, ()) if e.reply.sport != port),
+    ]
+
+
+def flows_from_port(index: FlowIndex, port: int) -> list[CtEntry]:
+    """Entries a service on `port` started (orig sport), as `dump(sport=port)` gives."""
+    return list(index.by_sport.get(port, ()))
+
+
+def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:
+    """broken, then at-risk, then ok (an outage counts as at-risk); by port within."""
+    return sorted(
+        diagnoses,
+        key=lambda d: (min(_RANK[d.verdict], 1 if d.service_down else 2), d.port),
+    )

@@ -1,0 +1,127 @@
+"""`ctfix scan` output: one line per UDP service port, worst first, with its headline
+reason; then explain's write-up of each port that is not ok. Text, markdown, JSON.
+
+Know before changing: each port's details are explain's own renderer (text,
+markdown) and its own JSON object (`services[]`), so scan can never say something
+about a port that `ctfix explain PORT` would not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ctfix.core.model import Diagnosis, Reason
+from ctfix.render import explain
+from ctfix.render.jsonout import envelope
+from ctfix.render.style import Style
+
+_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN"}
+_STYLE = {"ok": ("green",), "at-risk": ("yellow", "bold"), "broken": ("red", "bold")}
+#: per verdict, the reason codes that say best why, in order of preference
+_HEADLINE = {
+    "broken": ("wrong-source-live", "wrong-source-seen", "stale-nat"),
+    "at-risk": ("client-network-exposed", "policy-rule-wrong", "nothing-answers"),
+    "ok": (
+        "forwarded-to-backend",
+        "answers-from-destination",
+        "specific-bind",
+        "snat-zone-in-place",
+        "history-predates-fix",
+        "only-matching-clients-seen",
+    ),
+}
+
+
+def headline(d: Diagnosis) -> Reason | None:
+    """The one reason that says best why the port has its verdict."""
+    codes = ("nothing-answers",) if d.service_down else _HEADLINE[d.verdict]
+    for code in codes:
+        for reason in d.reasons:
+            if reason.code == code:
+                return reason
+    return d.reasons[0] if d.reasons else None
+
+
+def _first_sentence(text: str) -> str:
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def _who(d: Diagnosis) -> str:
+    names = []
+    for lst in d.listeners:
+        name = f"{lst.process or '?'}" + (f" ({lst.pid})" if lst.pid is not None else "")
+        if name not in names:
+            names.append(name)
+    return ", ".join(names) or "-"
+
+
+def _verdict(d: Diagnosis) -> str:
+    return "DOWN" if d.service_down else _WORDS[d.verdict]
+
+
+def _counts(diagnoses: Sequence[Diagnosis]) -> dict[str, int]:
+    return {v: sum(1 for d in diagnoses if d.verdict == v) for v in ("broken", "at-risk", "ok")}
+
+
+def _summary(diagnoses: Sequence[Diagnosis], netns: str) -> str:
+    if not diagnoses:
+        return f"ctfix scan: no UDP service in namespace {netns}"
+    counts = _counts(diagnoses)
+    parts = [f"{n} {'at risk' if v == 'at-risk' else v}" for v, n in counts.items() if n]
+    plural = "s" if len(diagnoses) != 1 else ""
+    return (
+        f"ctfix scan: {len(diagnoses)} UDP service{plural} in namespace {netns}: "
+        + ", ".join(parts)
+    )
+
+
+def render_text(diagnoses: Sequence[Diagnosis], netns: str, style: Style | None = None) -> str:
+    s = style or Style(False)
+    out = [_summary(diagnoses, netns)]
+    if not diagnoses:
+        return out[0] + "\n"
+    verdicts = [_verdict(d) for d in diagnoses]
+    ports = [str(d.port) for d in diagnoses]
+    whos = [_who(d) for d in diagnoses]
+    wide = [max(map(len, column)) for column in (verdicts, ports, whos)]
+    out.append("")
+    for d, verdict, port, who in zip(diagnoses, verdicts, ports, whos, strict=True):
+        why = headline(d)
+        said = f"{why.code}: {_first_sentence(why.text)}" if why else ""
+        look = ("red", "bold") if d.service_down else _STYLE[d.verdict]
+        out.append(
+            f"  {s(verdict.ljust(wide[0]), *look)}  {port.rjust(wide[1])}  "
+            f"{who.ljust(wide[2])}  {said}".rstrip()
+        )
+    for d in diagnoses:
+        if d.verdict == "ok" and not d.service_down:
+            continue
+        out += ["", "-" * 72, explain.render_text(d, s).rstrip("\n")]
+    return "\n".join(out) + "\n"
+
+
+def render_markdown(diagnoses: Sequence[Diagnosis], netns: str) -> str:
+    out = [f"# {_summary(diagnoses, netns).removeprefix('ctfix scan: ')}", ""]
+    if diagnoses:
+        out += ["| verdict | port | process | why |", "|---|---|---|---|"]
+        for d in diagnoses:
+            why = headline(d)
+            said = f"`{why.code}`: {_first_sentence(why.text)}" if why else ""
+            cells = [f"**{_verdict(d)}**", str(d.port), _who(d), said]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    for d in diagnoses:
+        if d.verdict == "ok" and not d.service_down:
+            continue
+        out += ["", explain.render_markdown(d).rstrip("\n")]
+    return "\n".join(out) + "\n"
+
+
+def scan_document(diagnoses: Sequence[Diagnosis], netns: str) -> dict[str, Any]:
+    """`ctfix scan --json`: the envelope, counts, then explain's object per port."""
+    return {
+        **envelope(netns),
+        "counts": _counts(diagnoses),
+        "services": [explain.to_json_obj(d) for d in diagnoses],
+    }
