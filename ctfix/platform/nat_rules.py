@@ -47,11 +47,10 @@ def read() -> NatRuleset:
         errors.append(f"nftables: {err.one_line()}")
     families: tuple[Family, ...] = ("ipv4", "ipv6")
     for family in families:
-        if "nat" not in iptables_legacy.loaded_tables(family):
-            continue
         try:
-            chains.extend(_legacy_chains(family))
-        except CtfixError as err:
+            if "nat" in iptables_legacy.loaded_tables(family):
+                chains.extend(_legacy_chains(family))
+        except CtfixError as err:  # not root: the table list itself is unreadable
             errors.append(f"iptables-legacy {family}: {err.one_line()}")
     return NatRuleset(tuple(chains), tuple(errors))
 
@@ -138,8 +137,11 @@ def legacy_fingerprint() -> bytes:
     digest = hashlib.sha256()
     found = False
     for family, (level, af, counters_from, counters_to, next_at) in _LEGACY_LAYOUT.items():
-        if "nat" not in iptables_legacy.loaded_tables(family):
-            continue
+        try:
+            if "nat" not in iptables_legacy.loaded_tables(family):
+                continue
+        except CtfixError:
+            continue  # not root: read() says so; nothing to fingerprint
         blob = _legacy_entries(level, af, b"nat")
         if blob is None:
             continue
