@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "serve": "run the reference UDP echo server that always answers from the right address",
     "lab": "reproduce the bug and its fix in throwaway network namespaces",
     "health": "say whether conntrack itself drops packets: table fill, insert_failed, drops",
+    "check": "one line and exit 0 OK, 1 problem, 2 unknown: a node-problem-detector plugin",
 }
 
 DESCRIPTION = """\

@@ -21,6 +21,26 @@ def add_netns_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_all_netns_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--all-netns",
+        action="store_true",
+        help="every network namespace of the host, one after the other: the host's, each "
+        "container's, each `ip netns` one (found in /proc/*/ns/net and nsfs bind mounts; "
+        "needs CAP_SYS_ADMIN to enter them); not with --netns",
+    )
+
+
+def netns_choice(args: argparse.Namespace) -> bool:
+    """True for --all-netns; a CtfixError when it comes with --netns."""
+    if args.all_netns and args.netns is not None:
+        raise CtfixError(
+            "--all-netns and --netns contradict each other",
+            "give --netns for one namespace, or --all-netns for every one",
+        )
+    return bool(args.all_netns)
+
+
 def add_rules_argument(parser: argparse.ArgumentParser) -> None:
     from pathlib import Path
 

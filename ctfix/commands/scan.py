@@ -12,36 +12,55 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ctfix.commands.common import (
+    add_all_netns_argument,
     add_format_arguments,
     add_netns_argument,
     add_rules_argument,
     enter_netns,
+    netns_choice,
     output_format,
     require_root,
 )
-from ctfix.errors import ExitStatus
+from ctfix.errors import CtfixError, ExitStatus
+
+if TYPE_CHECKING:
+    from ctfix.core.model import Diagnosis
+    from ctfix.core.netns_scan import NamespaceScan
+    from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.namespaces import NamespaceRef
 
 DESCRIPTION = """\
 List every UDP service in a network namespace, each diagnosed as `ctfix explain PORT`
-would (same verdict, reasons and fixes), worst first: broken, at risk, ok. One line
-per port with the reason that says most, then the full write-up of each port that is
-not ok. Read-only.
+would (same verdict, reasons and fixes), worst first: broken, at risk, unknown (ctfix
+cannot see: conntrack does not track a family served), ok. One line per port with the
+reason that says most, then the full write-up of each port that is not ok. Read-only
+(but for one loopback datagram per family, to see whether conntrack tracks it).
 
 A service port is one with an unconnected UDP socket, or a connect()ed one whose
 local port is outside net.ipv4.ip_local_port_range (a server such as netcat that
 connected to its first client); clients' sockets are left out. The sockets,
 addresses, routes, rules and conntrack table are read once for all ports.
 
-exit status: 0 every port ok, 1 any broken or at risk (or nothing answering),
-2 error (bad input, missing privileges, missing namespace)."""
+With --all-netns, every network namespace of the host (the host's, each
+container's, each `ip netns` one) is entered in turn, in this one process, and its
+services judged the same way; the report groups them by namespace, the namespace
+with the worst service first. A namespace that disappears during the scan is
+skipped with a note.
+
+exit status: 0 every port ok, 1 any broken, at risk or unknown (or nothing answering),
+2 error (bad input, missing privileges, missing namespace; with --all-netns, a
+namespace that exists but could not be read, when nothing was found wrong)."""
 
 EPILOG = """\
 examples:
   ctfix scan                            every UDP service of this namespace
   ctfix scan --netns pid:4242           inside a container, by a process id
   ctfix scan --format markdown          for an incident document
+  ctfix scan --all-netns                the host, every container, every ip netns
   ctfix scan --json | jq '.services[] | select(.verdict != "ok") | .port'"""
 
 
@@ -49,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = EPILOG
     add_netns_argument(parser)
+    add_all_netns_argument(parser)
     add_format_arguments(parser)
     add_rules_argument(parser)
 
@@ -60,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
     from ctfix.render import scan as render
 
     fmt = output_format(args)
+    every = netns_choice(args)
     kb = rules_files.load(args.rules, builtin=True)
     require_root("ctfix scan (it reads conntrack and netfilter)")
+    if every:
+        return _run_all(fmt, kb)
     label = enter_netns(args.netns)
     diagnoses = worst_first([diagnose(snap, kb) for snap in snapshot.collect_services(label)])
     if fmt == "json":
@@ -71,10 +94,103 @@ def run(args: argparse.Namespace) -> int:
     elif fmt == "markdown":
         sys.stdout.write(render.render_markdown(diagnoses, label))
     else:
+        from ctfix.render.stamp import stamp_text
         from ctfix.render.style import Style
 
-        sys.stdout.write(render.render_text(diagnoses, label, Style.for_stream(sys.stdout)))
+        style = Style.for_stream(sys.stdout)
+        sys.stdout.write(render.render_text(diagnoses, label, style, stamp_text()))
+    return ExitStatus.OK if all(healthy(d) for d in diagnoses) else ExitStatus.PROBLEM
+
+
+def healthy(diagnosis: Diagnosis) -> bool:
     from ctfix.commands.explain import exit_status
 
-    healthy = all(exit_status(d) == ExitStatus.OK for d in diagnoses)
-    return ExitStatus.OK if healthy else ExitStatus.PROBLEM
+    return exit_status(diagnosis) == ExitStatus.OK
+
+
+def _run_all(fmt: str, kb: KnowledgeBase) -> int:
+    from ctfix.render import scan_all as render
+
+    require_root("ctfix scan --all-netns (it enters every namespace)", "CAP_SYS_ADMIN")
+    scans = scan_namespaces(kb)
+    if fmt == "json":
+        from ctfix.render.jsonout import write_document
+
+        write_document(render.scan_document(scans), sys.stdout)
+    elif fmt == "markdown":
+        sys.stdout.write(render.render_markdown(scans))
+    else:
+        from ctfix.render.stamp import stamp_text
+        from ctfix.render.style import Style
+        from ctfix.render.width import terminal_width
+
+        style, width = Style.for_stream(sys.stdout), terminal_width(sys.stdout)
+        sys.stdout.write(render.render_text(scans, style, stamp_text(), width))
+    return status_of(scans)
+
+
+def status_of(scans: Sequence[NamespaceScan]) -> int:
+    """1 when any service is not ok; else 2 when a namespace could not be read (what
+    it holds is unknown); else 0."""
+    if any(not healthy(d) for scan in scans for d in scan.diagnoses):
+        return ExitStatus.PROBLEM
+    if any(scan.unreadable for scan in scans):
+        return ExitStatus.ERROR
+    return ExitStatus.OK
+
+
+def scan_namespaces(kb: KnowledgeBase, *, health: bool = False) -> list[NamespaceScan]:
+    """Every namespace of the host, each entered in turn on this thread and scanned as
+    `ctfix scan` scans one (and its conntrack health read, for check); in
+    ctfix.platform.namespaces.ordered() order."""
+    from ctfix.platform import namespaces
+
+    return [
+        scan_namespace(ref, kb, health=health)
+        for ref in namespaces.ordered(namespaces.snapshot())
+    ]
+
+
+def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
+    """One namespace, entered on this thread: its services judged, worst first; gone
+    or unreadable, a note."""
+    import dataclasses
+
+    from ctfix.core.netns_scan import NamespaceScan
+    from ctfix.platform import namespaces
+
+    found = NamespaceScan(ref.label, ref.spec, ref.kind, ref.id, ref.container)
+    try:
+        with namespaces.entered(ref):
+            return scan_here(found, kb, health=health)
+    except namespaces.NamespaceGone:
+        return dataclasses.replace(found, skipped="gone during the scan", gone=True)
+    except CtfixError as err:
+        return dataclasses.replace(found, skipped=err.one_line())
+
+
+def scan_here(found: NamespaceScan, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
+    """`found` with the current namespace's services judged (and its conntrack health
+    read: a failure there is a note, the services still count)."""
+    import dataclasses
+
+    from ctfix.core.diagnosis import diagnose
+    from ctfix.core.health import Health, assess
+    from ctfix.core.scan import worst_first
+    from ctfix.platform import ctstats, snapshot
+
+    snapshots = snapshot.collect_services(found.netns)
+    reading: Health | None = None
+    health_error: str | None = None
+    if health:
+        try:
+            reading = assess(ctstats.sample())
+        except CtfixError as err:
+            health_error = err.one_line()
+    diagnoses = [
+        dataclasses.replace(diagnose(snap, kb), netns_container=found.container)
+        for snap in snapshots
+    ]
+    return dataclasses.replace(
+        found, diagnoses=tuple(worst_first(diagnoses)), health=reading, health_error=health_error
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import selectors
@@ -30,19 +31,25 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from ctfix.commands.common import add_netns_argument, enter_netns, positive_seconds, require_root
+from ctfix.commands.common import (
+    add_netns_argument,
+    add_rules_argument,
+    enter_netns,
+    positive_seconds,
+    require_root,
+)
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ctfix.core.decode import CtEvent
     from ctfix.core.detectors import Change
     from ctfix.core.detectors.stale_nat import StaleNatFinding
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
+    from ctfix.core.rules import KnowledgeBase
     from ctfix.platform.conntrack import EventSocket
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.render.watch import WatchRenderer
@@ -53,6 +60,7 @@ if TYPE_CHECKING:
     Report = Callable[[Found | None], None]
 
 _FAMILIES: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+_FAMILY_KEYS: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 _NFT_FAMILY: dict[int, str] = {socket.AF_INET: "ip", socket.AF_INET6: "ip6"}
 
 
@@ -66,12 +74,21 @@ client sent to, live, from the kernel's conntrack events, until Ctrl-C, SIGTERM 
   local         both addresses belong to this namespace (a multi-homed server)
   confirmed     the client's ICMP port unreachable for that reply was seen
 
-It also reports stale NAT entries ("STALE NAT", JSON kind "stale-nat"): clients that
-conntrack still sends to a DNAT target the rules no longer name, checked at start and
-within seconds of every change of the NAT rules (docs/runbooks/udp-stale-nat.md).
+History is not news: wrong-source replies already in the conntrack table when
+watch starts print once, under their own heading ("existing"), with the kernel's
+times when net.netfilter.nf_conntrack_timestamp is on (else "before <start>"); they
+are not counted as findings. A program that answers from another port by design
+(TFTP; the knowledge base's replies_from_other_port, --rules adds entries) is
+compared by address only.
 
-exit status: 0, or 1 when --duration ended with findings; 2 on errors (no
-CAP_NET_ADMIN, no such namespace, conntrack unavailable)."""
+It also reports stale NAT entries ("STALE NAT", JSON kind "stale-nat"): clients that
+conntrack still sends to a DNAT target the rules no longer name, checked at start
+(printed with "existing": they are there now, but predate the watch) and within
+seconds of every change of the NAT rules (docs/runbooks/udp-stale-nat.md).
+
+exit status: 0, or 1 when --duration ended with live findings (replies seen during
+the watch; existing ones never count); 2 on errors (no CAP_NET_ADMIN, no such
+namespace, conntrack unavailable)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="switch conntrack on for the families the namespace does not track yet "
         "(a small nftables table, removed on exit)",
     )
+    add_rules_argument(parser)
 
 
 class Closable(Protocol):
@@ -147,6 +165,16 @@ def _warn(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctfix.platform import rules_files
+
+    # --rules first, so that a broken file fails before anything is changed; the
+    # built-in knowledge base alone is loaded when first needed (a reply from another
+    # port), which most watches never see.
+    kb: KnowledgeBase | Callable[[], KnowledgeBase]
+    if args.rules:
+        kb = rules_files.load(args.rules, builtin=True)
+    else:
+        kb = functools.partial(rules_files.load, None, builtin=True)
     if args.metrics is not None:  # `--metrics ''` is a mistake, not "off"
         from ctfix.platform.metrics import parse_listen
 
@@ -170,11 +198,14 @@ def run(args: argparse.Namespace) -> int:
     renderer = WatchRenderer(sys.stdout, json_lines=args.json, netns=label)
     conntrack.available()
     table: str | None = None
+    tracking: dict[str, bool | None] = {}
     previous = {int(sig): signal.getsignal(sig) or signal.SIG_DFL for sig in _STOP_SIGNALS}
     try:
         _set_stop_signals(_on_signal)
         borrowed = _leftover_tables()
-        untracked = [fam for fam in _FAMILIES if conntrack.probe_tracking(fam) is not True]
+        probed = {fam: conntrack.probe_tracking(fam) for fam in _FAMILIES}
+        tracking = {_FAMILY_KEYS[fam]: on for fam, on in probed.items()}
+        untracked = [fam for fam, on in probed.items() if on is not True]
         if args.track:
             # Tracked maybe only thanks to another watch's table: load ours too.
             untracked += [fam for fam in borrowed if fam not in untracked]
@@ -199,21 +230,23 @@ def run(args: argparse.Namespace) -> int:
                 f"{' and '.join(_FAMILIES[f] for f in untracked)} "
                 f"{'are' if len(untracked) > 1 else 'is'} tracked; it is removed on exit"
             )
-            still = [fam for fam in untracked if conntrack.probe_tracking(fam) is False]
-            for fam in still:
-                _warn(f"{_FAMILIES[fam]} is still not tracked after --track")
+            for fam in untracked:
+                now_on = conntrack.probe_tracking(fam)
+                tracking[_FAMILY_KEYS[fam]] = now_on
+                if now_on is False:
+                    _warn(f"{_FAMILIES[fam]} is still not tracked after --track")
         elif untracked:
             for fam in untracked:
                 _warn(
                     f"{_FAMILIES[fam]} is not tracked in this namespace (no loaded rule "
                     "needs conntrack): its replies are invisible; add --track"
                 )
-        return _watch(args, label, renderer)
+        return _watch(args, label, renderer, kb, tracking)
     except _Stop:
         # Stopped before the watch loop began: a normal end, with an empty summary
         # (scripts always get one).
         _set_stop_signals(signal.SIG_IGN)
-        renderer.summary(_empty_summary())
+        renderer.summary(_empty_summary(tracking))
         return 0
     finally:
         _set_stop_signals(signal.SIG_IGN)
@@ -254,10 +287,17 @@ def _leftover_tables() -> dict[int, int]:
     return others
 
 
-def _empty_summary() -> dict[str, Any]:
+def _empty_summary(tracking: dict[str, bool | None]) -> dict[str, Any]:
     from ctfix.render.watch import summary_record
 
-    return summary_record(events=0, new_flows=0, lost=0, resyncs=0, findings=0)
+    return summary_record(
+        events=0, new_flows=0, lost=0, resyncs=0, findings=0, tracking=_both(tracking)
+    )
+
+
+def _both(tracking: dict[str, bool | None]) -> dict[str, bool | None]:
+    """Both families, in order; None where watch did not get to probe one."""
+    return {family: tracking.get(family) for family in ("ipv4", "ipv6")}
 
 
 #: Test-only, not in --help: a start-up step ("track-loaded", "subscribing") at which
@@ -318,11 +358,19 @@ def _report(renderer: WatchRenderer, metrics: WatchMetrics | None, found: Found 
     if change:
         # CONFIRMED: the ICMP came before the reply's event; the finding is older.
         renderer.finding(finding, update=change != change.NEW)
-    if metrics is not None and finding.kind == "wrong-source":
+    # Replies counted as they happen: history found at start-up is not a new reply
+    # (a restart of watch must not look like a burst to an alert rule).
+    if metrics is not None and finding.kind == "wrong-source" and not finding.existing:
         metrics.finding(finding)
 
 
-def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int:
+def _watch(
+    args: argparse.Namespace,
+    label: str,
+    renderer: WatchRenderer,
+    kb: KnowledgeBase | Callable[[], KnowledgeBase],
+    tracking: dict[str, bool | None],
+) -> int:
     from ctfix.commands.watch_nat import StaleNatWatch
     from ctfix.core import decode
     from ctfix.core.detectors import one_feed
@@ -331,11 +379,13 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     from ctfix.platform import conntrack
     from ctfix.platform.addresses import LocalAddresses
     from ctfix.platform.icmp import IcmpWatch
+    from ctfix.platform.programs import OtherPortPrograms
     from ctfix.render.watch import summary_record
 
     # One detector per problem kind, all fed the same events; wrong-source also gets
-    # the namespace's addresses and the clients' ICMP.
-    detector = WrongSourceDetector(udp_timeout=_udp_timeout())
+    # the namespace's addresses and client networks, the clients' ICMP, and which
+    # programs answer from other ports by design (asked only for such replies).
+    detector = WrongSourceDetector(udp_timeout=_udp_timeout(), other_port=OtherPortPrograms(kb))
     # stale-nat learns from dumps only (one_feed leaves it out of the event loop); the
     # StaleNatWatch below re-checks it when the NAT rules change.
     stale = StaleNatDetector(udp_timeout=detector.udp_timeout, stream_timeout=_udp_stream_timeout())
@@ -346,13 +396,17 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
     metrics: WatchMetrics | None = None
     lost = resyncs = overflows = 0
     stopped_by_duration = False
+    started: float | None = None  # when watch subscribed: None if it never did
     try:
         _test_signal("subscribing")
         events = conntrack.EventSocket(rcvbuf=rcvbuf)
         closers.append(events)
+        # Subscribed: from now on a reply is news; what the dump below finds is history.
+        started = renderer.started = detector.since = time.time()
         addresses = LocalAddresses()
         closers.append(addresses)
         detector.local_addresses = addresses.addresses
+        detector.networks = addresses.networks
         icmp = IcmpWatch()
         closers.append(icmp)
         if args.metrics:
@@ -370,19 +424,32 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
         nat = StaleNatWatch(stale, report, addresses.addresses, _warn)
         closers.append(nat)
 
-        def resync(events: EventSocket) -> int:
-            """Feed what is queued, then rebuild from a dump; the number of entries."""
+        def resync(events: EventSocket, history: list[WrongSourceFinding] | None = None) -> int:
+            """Feed what is queued, then rebuild from a dump; the number of entries.
+            `history`: collect the existing findings there instead of reporting them."""
             nonlocal overflows
             overflows += _drain_quietly(events, feed, decode.decode_event, report)
             entries = list(conntrack.dump(proto=17))
             now = time.time()
             for each in detectors:
                 for found in each.examine(entries, now, complete=True):
-                    report(found)
+                    # Stale NAT entries there at start are a black hole now: reported at
+                    # once (marked existing), not filed as history.
+                    finding = found[0]
+                    if history is not None and finding.kind == "wrong-source" and finding.existing:
+                        history.append(finding)
+                    else:
+                        report(found)
             return len(entries)
 
-        resync(events)
+        history: list[WrongSourceFinding] = []
+        resync(events, history)
         detector.stats.recovered = 0
+        # Printed once, under their own heading; later dumps (after lost events) only
+        # show what happened since the start-up dump: news.
+        keys = dict.fromkeys(f.key for f in history if f.key in detector.history)
+        renderer.existing([detector.history[key] for key in keys])
+        detector.dumps_are_history = False
 
         sel = selectors.DefaultSelector()
         closers.append(sel)
@@ -424,6 +491,7 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
                             renderer.finding(confirmed, update=True)
                 elif key.data == "addr" and addresses.refresh():
                     detector.local_addresses = addresses.addresses
+                    detector.networks = addresses.networks
                     nat.addresses(addresses.addresses, time.monotonic())
                 elif key.data == "nat":
                     nat.readable(time.monotonic())
@@ -465,8 +533,9 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             # Closing must not hide the summary.
             with contextlib.suppress(Exception):
                 closer.close()
-    findings = sorted((f for each in detectors for f in each.found), key=lambda f: f.first_seen)
-    renderer.final(findings)
+    found = [f for each in detectors for f in each.found]
+    live = sorted((f for f in found if not f.existing), key=lambda f: f.first_seen or 0.0)
+    renderer.final(live)
     totals = _totals(detector, lost, resyncs)
     renderer.summary(
         summary_record(
@@ -474,11 +543,14 @@ def _watch(args: argparse.Namespace, label: str, renderer: WatchRenderer) -> int
             new_flows=totals["new_flows"],
             lost=lost,
             resyncs=resyncs,
-            findings=len(findings),
+            findings=len(live),
+            existing=len(found) - len(live),
+            started=started,
+            tracking=_both(tracking),
         )
     )
-    # Like grep: a timed watch tells a script whether it found something.
-    return 1 if findings and stopped_by_duration else 0
+    # Like grep: a timed watch tells a script whether it found something new.
+    return 1 if live and stopped_by_duration else 0
 
 
 def _resync_due(due: float | None, now: float, last_resync: float) -> float:

@@ -58,7 +58,9 @@ CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_ID = 12
 CTA_ZONE = 18
+CTA_TIMESTAMP = 20
 CTA_FILTER = 25
+CTA_TIMESTAMP_START = 1  # inside CTA_TIMESTAMP: u64 nanoseconds, wall clock
 
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -104,7 +106,10 @@ class CtEntry(NamedTuple):
     """A conntrack entry: both tuples and the attributes detection uses.
 
     `zone` is 0 for the default zone; `mark`, `timeout` (seconds left) and `id` are
-    None when the message did not carry them.
+    None when the message did not carry them. `start` is when the entry was created,
+    in nanoseconds since the epoch (CTA_TIMESTAMP), only where the namespace has
+    net.netfilter.nf_conntrack_timestamp on, and only in dumps and DESTROY events (the
+    kernel puts no timestamp in NEW and UPDATE events).
     """
 
     orig: CtTuple
@@ -114,6 +119,7 @@ class CtEntry(NamedTuple):
     mark: int | None = None
     timeout: int | None = None
     id: int | None = None
+    start: int | None = None
 
     @property
     def family(self) -> int:
@@ -178,6 +184,7 @@ _new_tuple = tuple.__new__
 _NLA = struct.Struct("=HH")
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
 
 
 def _tuple_format(addr_len: int, *, addresses: bool = True) -> str:
@@ -296,14 +303,18 @@ def _fast(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
     rdst = cache.get(v[19]) or _addr(v[19])
     orig = _new_tuple(CtTuple, (osrc, odst, v[11], v[13], v[9], fam))
     reply = _new_tuple(CtTuple, (rsrc, rdst, v[24], v[26], v[22], fam))
-    status, zone, mark, timeout, ct_id = _scalars(buf, offset + layout.size, offset + msg_len)
-    return _new_tuple(CtEntry, (orig, reply, status, zone, mark, timeout, ct_id))
+    return _new_tuple(
+        CtEntry, (orig, reply, *_scalars(buf, offset + layout.size, offset + msg_len))
+    )
 
 
-def _scalars(buf: Buf, pos: int, end: int) -> tuple[int, int, int | None, int | None, int | None]:
-    """Walk the top-level attributes after the tuples for the few scalars we keep."""
+def _scalars(
+    buf: Buf, pos: int, end: int
+) -> tuple[int, int, int | None, int | None, int | None, int | None]:
+    """Walk the top-level attributes after the tuples for the few scalars we keep:
+    status, zone, mark, timeout, id, start."""
     status = zone = 0
-    mark = timeout = ct_id = None
+    mark = timeout = ct_id = start = None
     while pos + 4 <= end:
         nla_len, nla_type = _NLA.unpack_from(buf, pos)
         if nla_len < 4 or pos + nla_len > end:
@@ -318,10 +329,20 @@ def _scalars(buf: Buf, pos: int, end: int) -> tuple[int, int, int | None, int | 
                 mark = _BE32.unpack_from(buf, pos + 4)[0]
             elif t == CTA_ID:
                 ct_id = _BE32.unpack_from(buf, pos + 4)[0]
+            elif t == CTA_TIMESTAMP:
+                start = _timestamp_start(buf, pos + 4, pos + nla_len)
         if t == CTA_ZONE and nla_len >= 6:
             zone = _BE16.unpack_from(buf, pos + 4)[0]
         pos += (nla_len + 3) & ~3
-    return status, zone, mark, timeout, ct_id
+    return status, zone, mark, timeout, ct_id, start
+
+
+def _timestamp_start(buf: Buf, pos: int, end: int) -> int | None:
+    """CTA_TIMESTAMP_START inside a CTA_TIMESTAMP (dumps and DESTROY events only)."""
+    for t, vs, ve in _attrs(buf, pos, end):
+        if t == CTA_TIMESTAMP_START and ve - vs >= 8:
+            return int(_BE64.unpack_from(buf, vs)[0]) or None
+    return None
 
 
 # -- the general walk -----------------------------------------------------------------
@@ -378,8 +399,7 @@ def _slow(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
             reply = _walk_tuple(buf, vs, ve, family)
     if orig is None or reply is None:
         return None
-    status, zone, mark, timeout, ct_id = _scalars(buf, offset + 20, end)
-    return CtEntry(orig, reply, status, zone, mark, timeout, ct_id)
+    return CtEntry(orig, reply, *_scalars(buf, offset + 20, end))
 
 
 def decode_entry(buf: Buf, offset: int = 0, *, fast: bool = True) -> CtEntry | None:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from ctfix.core.detectors.stale_nat import StaleEntry, StaleNatFinding
 
-Verdict = Literal["ok", "at-risk", "broken"]
+#: `unknown`: ctfix cannot see (a family the port serves with a wildcard socket is not
+#: tracked by conntrack, or the table cannot be read): never `ok` for lack of evidence
+Verdict = Literal["ok", "at-risk", "broken", "unknown"]
 Family = Literal["ipv4", "ipv6"]
 #: an unconnected socket serves every client; a connect()ed one only its peer
 ListenerState = Literal["listening", "connected"]
@@ -135,6 +137,12 @@ class ClientNetwork:
     #: the host's own addresses on `interface` (the clients' gateway, on their link):
     #: clients may address them even when conntrack (30 s of memory) shows none doing so.
     onlink: tuple[str, ...] = ()
+    #: addressed addresses whose requests from this network conntrack shows answered
+    #: from the right source (observed, whatever routing predicts)
+    answered: tuple[str, ...] = ()
+    #: addresses (addressed or on-link) whose clients here would get replies from
+    #: another address: what makes the network not ok (empty when ok)
+    wrong_for: tuple[str, ...] = ()
     #: the interface the port's replies to them leave by, and its next hop (None: the
     #: clients are on-link), from the same route lookup as predicted_source
     egress: str | None = None
@@ -157,7 +165,9 @@ class WrongSourceReply:
     mismatch: Mismatch
     count: int = 1  # pairs seen for this (service, actual source, client network)
     clients: int = 1  # distinct clients among them; `client` is the latest
-    client_network: str | None = None  # the /24 or /64 they were aggregated by
+    client_network: str | None = None  # the client network they were aggregated by
+    #: the program answers from other ports by design: `actual_source` is an address
+    replies_from_other_port: bool = False
     container: ContainerRef | None = None  # the container `client` (the latest) is in
 
 
@@ -166,6 +176,9 @@ class Evidence:
     wrong_source: tuple[WrongSourceReply, ...] = ()
     healthy: int = 0  # replied flows on the port whose reply came from the right source
     unanswered: int = 0  # requests without any reply in the table (and no wrong-source pair)
+    #: (client address, addressed address) of each request answered from the right
+    #: source (not in the JSON: the client table's `answered` shows it per network)
+    right_answers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,5 +222,13 @@ class Diagnosis:
     #: and stale target), and the exact entries (what `fix --method flush-stale` deletes)
     stale_nat: tuple[StaleNatFinding, ...] = ()
     stale_entries: tuple[StaleEntry, ...] = ()
+    #: per family, whether conntrack tracked it while the evidence was gathered (None:
+    #: could not tell); where it did not, no evidence can exist
+    tracking: dict[str, bool | None] = field(default_factory=dict)
+    #: families that `--listen` switched tracking on for, for its duration
+    tracking_switched_on: tuple[str, ...] = ()
+    #: the families that matter here (served, with a global address) and that are not
+    #: tracked: no evidence can exist for them
+    blind: tuple[str, ...] = ()
     #: the container whose network namespace this is (None: the host's, or unknown)
     netns_container: ContainerRef | None = None

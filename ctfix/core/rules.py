@@ -16,8 +16,9 @@ rename them. yaml is imported inside functions only (start-up cost, see HACKING.
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -84,23 +85,56 @@ class ServiceRule:
     #: Regexes on the command line that show the service's own fix is on
     #: (OpenVPN's `--multihome`): when one matches, the listener is not affected.
     fixed_if_cmdline: tuple[str, ...] = ()
+    #: (file glob, regex) pairs: a configuration file of the program (its path as the
+    #: program sees it) in which a line matching the regex shows its fix is on.
+    fixed_if_config: tuple[tuple[str, str], ...] = ()
     #: The service never answers a datagram (syslog, StatsD): its unanswered flows are
     #: normal, and no reply source can be wrong.
     one_way: bool = False
     #: The upstream release that fixed the wrong source ("2.5"), for the advice to upgrade.
     fixed_in: str = ""
 
-    def affected(self, family: Family | None = None, cmdline: Sequence[str] = ()) -> bool | None:
-        """The verdict for a wildcard listener of this service.
+    def fix_in_effect(
+        self, cmdline: Sequence[str] = (), configs: Mapping[str, str] | None = None
+    ) -> str | None:
+        """What shows that the service's own fix is already on, in words (None: nothing
+        does): a `fixed_if_cmdline` match, or a `fixed_if_config` line in a file read.
 
-        `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
-        process's argv. True = affected, False = answers correctly, None = depends on
-        configuration that ctfix cannot see (see `why`).
+        `configs`: path -> text of the program's configuration files that were read.
         """
         if cmdline and self.fixed_if_cmdline:
             joined = " ".join(cmdline)
-            if any(search(pattern, joined) for pattern in self.fixed_if_cmdline):
-                return False
+            for pattern in self.fixed_if_cmdline:
+                if search(pattern, joined):
+                    # Name the argument that shows it where one alone does.
+                    words = [w for w in cmdline if search(pattern, w)]
+                    shown = words[0] if words else pattern
+                    return f"`{shown}` on its command line"
+        for glob, pattern in self.fixed_if_config:
+            for path, text in sorted((configs or {}).items()):
+                if not fnmatch.fnmatchcase(path, glob):
+                    continue
+                # Line by line: `^` and `$` are a line's ends, as in the file's syntax.
+                for line in text.splitlines():
+                    if search(pattern, line):
+                        return f"`{line.strip()}` in {path}"
+        return None
+
+    def affected(
+        self,
+        family: Family | None = None,
+        cmdline: Sequence[str] = (),
+        configs: Mapping[str, str] | None = None,
+    ) -> bool | None:
+        """The verdict for a wildcard listener of this service.
+
+        `family` is "ipv4" or "ipv6" (as in `Listener.family`); `cmdline` is the
+        process's argv; `configs` its configuration files read (path -> text).
+        True = affected, False = answers correctly, None = depends on configuration
+        that ctfix cannot see (see `why`).
+        """
+        if self.fix_in_effect(cmdline, configs) is not None:
+            return False
         for name, verdict in self.affected_by_family:
             if name == family:
                 return verdict
@@ -284,7 +318,8 @@ def _check_depth(text: str, source: str) -> None:
 _REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "reference",
              "confidence"}
 _OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
-             "see_also", "affected_by_family", "fixed_if_cmdline", "one_way", "fixed_in"}
+             "see_also", "affected_by_family", "fixed_if_cmdline", "one_way", "fixed_in",
+             "fixed_if_config"}
 _FAMILIES = ("ipv4", "ipv6")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -325,6 +360,7 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         for name, node_value in family_fields.items():
             by_family.append((name, _verdict(node_value, source, f"affected_by_family.{name}")))
     fixed_if = _regex_list(fields.get("fixed_if_cmdline"), source, "fixed_if_cmdline")
+    fixed_if_config = _config_checks(fields.get("fixed_if_config"), source)
 
     confidence = _text(fields["confidence"], source, "confidence")
     if confidence not in ("high", "medium", "low"):
@@ -373,12 +409,47 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         fixed_if_cmdline=fixed_if,
         one_way=one_way,
         fixed_in=fixed_in,
+        fixed_if_config=fixed_if_config,
     )
 
 
 def _flag(fields: dict[str, yaml.Node], source: str, key: str) -> bool:
     node = fields.get(key)
     return False if node is None else bool(_scalar(node, source, key, bool))
+
+
+def _config_checks(node: yaml.Node | None, source: str) -> tuple[tuple[str, str], ...]:
+    """`fixed_if_config`: a list of {file: absolute glob, pattern: regex}."""
+    import yaml
+
+    if node is None:
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        raise RuleError(
+            source, _line(node), "'fixed_if_config' must be a list of {file: GLOB, pattern: REGEX}"
+        )
+    checks = []
+    for item in node.value:
+        fields = _mapping(
+            item, source, "a 'fixed_if_config' item", {"file", "pattern"}, {"file", "pattern"}
+        )
+        glob = _text(fields["file"], source, "file")
+        if not glob.startswith("/"):
+            raise RuleError(
+                source, _line(fields["file"]), f"'file' must be an absolute path or glob: {glob!r}"
+            )
+        pattern = _text(fields["pattern"], source, "pattern")
+        try:
+            compile_pattern(pattern)  # a bounded matcher: see ctfix/core/pattern.py
+        except PatternError as exc:
+            what = "a valid" if isinstance(exc, InvalidPattern) else "a bounded-time"
+            raise RuleError(
+                source,
+                _line(fields["pattern"]),
+                f"'pattern' is not {what} regular expression: {exc}",
+            ) from None
+        checks.append((glob, pattern))
+    return tuple(checks)
 
 
 def _verdict(node: yaml.Node, source: str, key: str) -> bool | None:

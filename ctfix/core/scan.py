@@ -19,7 +19,7 @@ from ctfix.core.model import Diagnosis, Listener, Verdict
 UDP = 17
 
 #: how bad each verdict is, for worst-first order
-_RANK: dict[Verdict, int] = {"broken": 0, "at-risk": 1, "ok": 2}
+_RANK: dict[Verdict, int] = {"broken": 0, "at-risk": 1, "unknown": 2, "ok": 3}
 
 
 def service_ports(listeners: Iterable[Listener], ephemeral: tuple[int, int]) -> list[int]:
@@ -81,9 +81,14 @@ def flows_from_port(index: FlowIndex, port: int) -> list[CtEntry]:
     return list(index.by_sport.get(port, ()))
 
 
+def severity(d: Diagnosis) -> int:
+    """0 broken, 1 at-risk (or an outage), 2 unknown (ctfix cannot see), 3 ok: lower
+    is worse."""
+    rank = _RANK[d.verdict]
+    return min(rank, 1) if d.service_down else rank
+
+
 def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:
-    """broken, then at-risk, then ok (an outage counts as at-risk); by port within."""
-    return sorted(
-        diagnoses,
-        key=lambda d: (min(_RANK[d.verdict], 1 if d.service_down else 2), d.port),
-    )
+    """broken, then at-risk, then unknown (ctfix cannot see), then ok (an outage
+    counts as at-risk); by port within."""
+    return sorted(diagnoses, key=lambda d: (severity(d), d.port))

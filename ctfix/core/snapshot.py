@@ -147,6 +147,16 @@ class NetfilterRule:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """A configuration file of a process on the port, as that process sees its path
+    (read through /proc/PID/root), for the knowledge base's `fixed_if_config`."""
+
+    pid: int
+    path: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything explain observed, for one port, in one namespace."""
 
@@ -184,3 +194,11 @@ class Snapshot:
     client_interfaces: dict[str, str] = field(default_factory=dict)
     udp_timeouts: tuple[int, int] = (30, 120)
     taken: float = 0.0
+    # Per family ("ipv4", "ipv6"): whether conntrack tracked it while the evidence was
+    # gathered (a probe datagram over loopback); None = could not tell. Empty: not
+    # probed (hand-built snapshots), taken as tracked.
+    tracking: dict[str, bool | None] = field(default_factory=dict)
+    # Families --listen switched tracking on for (a temporary nftables table).
+    tracking_switched_on: tuple[str, ...] = ()
+    # Configuration files of the port's processes that the knowledge base names.
+    config_files: tuple[ConfigFile, ...] = ()

@@ -10,12 +10,15 @@ Know before changing: create it after entering the watched namespace (netlink
 sockets stay in the namespace they were created in). Only the *local* end of an
 address counts: on a point-to-point link (WireGuard, ppp, GRE, `ip addr add A peer
 P`) IFA_ADDRESS is the peer, a remote client. Addresses are compared as strings in
-the form inet_ntop prints them (what the decoder produces).
+the form inet_ntop prints them (what the decoder produces). `networks` is the same
+listing's client networks (ctfix.core.clientnet), what findings are grouped by.
 """
 
 from __future__ import annotations
 
 import socket
+
+from ctfix.core.clientnet import ClientNetworks, connected
 
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
@@ -23,9 +26,16 @@ RTMGRP_IPV6_IFADDR = 0x100
 
 def list_addresses() -> frozenset[str]:
     """Every address configured in the current network namespace (local ends only)."""
+    return _listing()[0]
+
+
+def _listing() -> tuple[frozenset[str], ClientNetworks]:
+    """The namespace's addresses and its client networks, from one dump."""
     from ctfix.platform import routing
 
-    return frozenset(address.address for address in routing.local_addresses())
+    found = routing.local_addresses()
+    networks = connected((a.address, a.prefixlen, a.interface, a.scope) for a in found)
+    return frozenset(a.address for a in found), ClientNetworks(networks)
 
 
 class LocalAddresses:
@@ -37,7 +47,7 @@ class LocalAddresses:
             self.sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self.sock.setblocking(False)
             # Subscribe first, then list: a change in between is announced, not lost.
-            self.addresses = list_addresses()
+            self.addresses, self.networks = _listing()
         except BaseException:
             self.sock.close()
             raise
@@ -54,9 +64,9 @@ class LocalAddresses:
                 break
             except OSError:
                 break  # ENOBUFS: we re-list anyway
-        new = list_addresses()
-        changed = new != self.addresses
-        self.addresses = new
+        new, networks = _listing()
+        changed = new != self.addresses or networks.networks != self.networks.networks
+        self.addresses, self.networks = new, networks
         return changed
 
     def close(self) -> None:

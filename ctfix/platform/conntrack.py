@@ -412,8 +412,10 @@ def probe_tracking(family: int) -> bool | None:
 
     The kernel tracks a family in a namespace only once some loaded rule needs
     conntrack (NAT, ct state, ...); /proc's nf_conntrack_count is per namespace but not
-    per family, so a probe is the direct test. None: cannot tell (loopback is down
-    or has no address of that family).
+    per family, so a probe is the direct test. The datagram goes to the probe socket
+    itself (its own address and port): no other socket receives it, and no rule on a
+    well-known port counts it. None: cannot tell (loopback is down or has no address
+    of that family).
     """
     loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     try:
@@ -423,8 +425,7 @@ def probe_tracking(family: int) -> bool | None:
     try:
         sock.bind((loopback, 0))
         port = sock.getsockname()[1]
-        # Port 9 (discard): nothing listens in a namespace that did not ask for it.
-        sock.sendto(b"ctfix watch: is this family tracked?", (loopback, 9))
+        sock.sendto(b"ctfix: is this family tracked?", (loopback, port))
     except OSError:
         return None
     finally:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ctfix.core.model import ContainerRef, Diagnosis
 from ctfix.errors import CtfixError
 from ctfix.platform import engines
-from ctfix.platform.procfs import read_text
+from ctfix.platform.procfs import read_text, stat_key
 
 POD_LABEL = "io.kubernetes.pod.name"
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
@@ -89,14 +89,6 @@ def container_from_cgroup(text: str) -> CgroupContainer | None:
         if found is not None:
             return found
     return None
-
-
-def _netns_key(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def _ref(ident: str, record: engines.EngineContainer, engine: str | None) -> ContainerRef:
@@ -168,7 +160,7 @@ class Resolver:
                 names = []
             for name in names:
                 if name.isdigit():
-                    key = _netns_key(f"{self.proc}/{name}/ns/net")
+                    key = stat_key(f"{self.proc}/{name}/ns/net")
                     if key is not None:
                         members.setdefault(key, []).append(int(name))
             for pids in members.values():
@@ -179,8 +171,8 @@ class Resolver:
     def for_netns(self, path: str) -> ContainerRef | None:
         """The container whose network namespace `path` is (None: the host's, or no
         container's)."""
-        key = _netns_key(path)
-        if key is None or key == _netns_key(f"{self.proc}/1/ns/net"):
+        key = stat_key(path)
+        if key is None or key == stat_key(f"{self.proc}/1/ns/net"):
             return None
         pids = self._namespace_members().get(key)
         return self.for_pid(pids[0]) if pids else None
@@ -193,7 +185,7 @@ class Resolver:
             from ctfix.platform import netns, routing
 
             addresses: dict[str, tuple[int, int]] = {}
-            host = _netns_key(f"{self.proc}/1/ns/net")
+            host = stat_key(f"{self.proc}/1/ns/net")
             for key, pids in self._namespace_members().items():
                 cgroup = read_text(f"{self.proc}/{pids[0]}/cgroup") or ""
                 if key == host or container_from_cgroup(cgroup) is None:

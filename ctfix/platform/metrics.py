@@ -1,7 +1,9 @@
 """Prometheus exposition for `ctfix watch --metrics HOST:PORT` (prometheus-client).
 
 Know before changing: metric names and labels are what the alert rules in
-deploy/prometheus/ctfix-watch-rules.yaml query; rename them together. Counters are
+deploy/prometheus/ctfix-watch-rules.yaml query; rename them together. Labels that
+grow with what is found go through ctfix.platform.metric_conventions.LabelCap (at
+most SERIES_LIMIT label sets, then `other`), as README.md's metrics table says. Counters are
 advanced by deltas of the watcher's own totals, once a second, from the watch loop
 (the HTTP server runs in prometheus-client's thread and only reads).
 """
@@ -167,6 +169,11 @@ class WatchMetrics:
             registry=self.registry,
         )
         self._netns = netns
+        from ctfix.platform.metric_conventions import LabelCap, register_build_info
+
+        register_build_info(self.registry)
+        # service x sources x client network grows with what is found: bounded.
+        self._wrong_labels = LabelCap()
         from ctfix.platform.health_metrics import ConntrackHealthCollector
 
         # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
@@ -188,14 +195,14 @@ class WatchMetrics:
         self.conntrack.refresh()
 
     def finding(self, finding: WrongSourceFinding) -> None:
-        self.wrong.labels(
-            netns=self._netns,
-            service=finding.service,
-            actual_source=finding.actual_source,
-            expected_source=finding.expected_source,
-            client_network=finding.client_network,
-            mismatch=finding.mismatch,
-        ).inc()
+        labels = (
+            finding.service,
+            finding.actual_source,
+            finding.expected_source,
+            finding.client_network,
+            finding.mismatch,
+        )
+        self.wrong.labels(self._netns, *self._wrong_labels.admit(labels)).inc()
 
     def close(self) -> None:
         self.listener.close()

@@ -132,9 +132,20 @@ def entered(ns: Netns | str) -> Iterator[None]:
     if target is CURRENT:
         yield
         return
+    fd = _open(target)
+    try:
+        with entered_fd(fd, target.spec):
+            yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def entered_fd(fd: int, what: str) -> Iterator[None]:
+    """`entered()` for a namespace already opened (fd stays the caller's to close)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        enter(target)
+        _setns(fd, what)
         try:
             yield
         finally:

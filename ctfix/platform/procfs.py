@@ -6,6 +6,8 @@ a vanished or unreadable file is an ordinary answer (None), never an exception.
 
 from __future__ import annotations
 
+import os
+
 
 def read_text(path: str) -> str | None:
     try:
@@ -13,3 +15,13 @@ def read_text(path: str) -> str | None:
             return fh.read().decode(errors="replace")
     except OSError:
         return None
+
+
+def stat_key(path: str) -> tuple[int, int] | None:
+    """(device, inode) of what path names (a namespace file), or None when it is gone
+    or not ours to look at."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)

@@ -7,16 +7,27 @@ Know before changing: everything reads the calling thread's network namespace, s
 the command enters the namespace (`ctfix.commands.common.enter_netns`) before this
 runs; and conntrack is asked with kernel-side filters (orig dport = port, orig
 sport = port, reply sport = port for requests a DNAT forwarded to the port), so a
-table of 250k entries costs a few filtered walks, not a copy.
+table of 250k entries costs a few filtered walks, not a copy. Only when requests are
+left without a reply among those entries is the UDP table walked once more, for the
+entries sent to those clients (a reply from another port, e.g. TFTP's).
+
+Two small exceptions to read-only, both in the namespace explained: whether a family
+is tracked is probed with one datagram over loopback, to the probe's own socket (as
+watch does), and `--listen` may have the command switch tracking on (`track`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import select
+import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ctfix.core.decode import CtEntry, CtUsage
+from ctfix.core.decode import NEW, CtEntry, CtEvent, CtUsage
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
@@ -24,12 +35,16 @@ from ctfix.core.diagnosis import (
     reply_marks,
     requests_to,
     uplink_lookups,
+    waiting_clients,
     wrong_source_reply,
 )
+from ctfix.core.diagnosis.listeners import config_globs
+from ctfix.core.diagnosis.requests import client_networks_of, usable_addresses
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.nat import Evaluator, NatRuleset
 from ctfix.core.scan import FlowIndex
 from ctfix.core.snapshot import (
+    ConfigFile,
     LocalAddress,
     NetfilterRule,
     PolicyRule,
@@ -39,6 +54,14 @@ from ctfix.core.snapshot import (
 )
 from ctfix.errors import CtfixError
 from ctfix.platform import nat_rules, netfilter_read, routing, sockdiag
+
+if TYPE_CHECKING:
+    from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.conntrack import EventSocket
+
+#: Bounds on what is read for the knowledge base's `fixed_if_config`.
+CONFIG_MAX_FILES = 32
+CONFIG_MAX_BYTES = 256 << 10
 
 
 def conntrack_flows(port: int, usage: dict[int, CtUsage] | None = None) -> list[CtEntry]:
@@ -54,23 +77,95 @@ def conntrack_flows(port: int, usage: dict[int, CtUsage] | None = None) -> list[
     return flows
 
 
+def replies_to(clients: set[tuple[str, int]]) -> list[CtEntry]:
+    """Entries sent to these clients (orig dst:dport), from anywhere: a reply from
+    another port than the service's. One walk of the UDP table, filtered here (the
+    kernel's dump filter takes one port, and clients use many)."""
+    from ctfix.platform import conntrack
+
+    if not clients:
+        return []
+    return [e for e in conntrack.dump(proto=17) if (e.orig.dst, e.orig.dport) in clients]
+
+
+def tracking() -> dict[str, bool | None]:
+    """Per family, whether conntrack tracks it in this namespace (None: cannot tell)."""
+    from ctfix.platform import conntrack
+
+    found: dict[str, bool | None] = {}
+    for family, name in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        try:
+            found[name] = conntrack.probe_tracking(family)
+        except CtfixError:
+            found[name] = None
+    return found
+
+
+def config_files(wanted: Sequence[tuple[int, str]]) -> tuple[ConfigFile, ...]:
+    """Read the files a process sees at these globs (through /proc/PID/root, so a
+    container's own files), bounded in number and size; unreadable ones are skipped."""
+    found: list[ConfigFile] = []
+    for pid, pattern in wanted:
+        root = f"/proc/{pid}/root"
+        for path in sorted(glob.glob(root + pattern)):
+            if len(found) >= CONFIG_MAX_FILES:
+                return tuple(found)
+            try:
+                with open(path, "rb") as fh:
+                    text = fh.read(CONFIG_MAX_BYTES).decode("utf-8", "replace")
+            except OSError:
+                continue
+            found.append(ConfigFile(pid, path[len(root) :], text))
+    return tuple(found)
+
+
 def _ours(service: str, expected_source: str, port: int) -> bool:
     # A DNAT'd request names the port it was sent to; the server's port is expected.
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
-def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSourceReply]:
-    """Watch conntrack events for `seconds`; the wrong-source replies of the port."""
+def listen(
+    port: int,
+    seconds: float,
+    addresses: Sequence[LocalAddress],
+    kb: KnowledgeBase | None = None,
+    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
+) -> tuple[list[WrongSourceReply], tuple[str, ...]]:
+    """Watch conntrack events for `seconds`; the wrong-source replies of the port
+    that happened meanwhile, and the families `track` switched tracking on for.
+
+    `track` is called once subscribed (so that nothing it makes visible is missed),
+    with the families clients can reach (a global address of theirs is here): it
+    switches tracking on where it is off and says for which families. What happened
+    from the subscription on is news, even when the first dump shows it before its
+    event is read (`fresh_ids`).
+    """
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
+    from ctfix.platform.programs import OtherPortPrograms
 
-    detector = WrongSourceDetector(local_addresses=local)
+    detector = WrongSourceDetector(
+        local_addresses=frozenset(a.address for a in addresses),
+        networks=client_networks_of(addresses),
+        other_port=OtherPortPrograms(kb),
+    )
     events = conntrack.EventSocket()
-    # Only what happened during the listen is live; the first resync only teaches the
-    # detector the requests already waiting, and its findings are the table's.
-    seen_live: set[tuple[str, str, str]] = set()
+    detector.since = time.time()  # subscribed: only what happens from here is news
+    switched: tuple[str, ...] = ()
     try:
+        if track is not None:
+            reachable = [f for f in ("ipv4", "ipv6") if usable_addresses(addresses, f)]
+            switched = track(reachable)
+        # The first dump teaches the detector the requests already waiting; its other
+        # findings are the table's (history), but for entries whose NEW event is
+        # already queued (made since the subscription): those are fed after it.
+        queued = _queued(events)
+        detector.fresh_ids = {e.entry.id for e in queued if e.kind == NEW and e.entry.id}
         detector.resync(newest_last(conntrack_flows(port)), now=time.time())
+        detector.dumps_are_history = False
+        now = time.time()
+        for event in queued:
+            detector.feed(event, now)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([events], [], [], min(left, 0.5))
@@ -79,30 +174,53 @@ def listen(port: int, seconds: float, local: frozenset[str]) -> list[WrongSource
             try:
                 batch = events.read()
             except conntrack.Overflow:
-                found = detector.resync(newest_last(conntrack_flows(port)), now=time.time())
-                seen_live.update(f.key for f, is_new in found if is_new)
+                detector.resync(newest_last(conntrack_flows(port)), now=time.time())
                 continue
             now = time.time()
             for event in batch:
-                result = detector.feed(event, now)
-                if result is not None:
-                    seen_live.add(result[0].key)
+                detector.feed(event, now)
     finally:
         events.close()
-    return [
+    live = [
         wrong_source_reply(f)
         for f in detector.findings.values()
-        if f.key in seen_live and _ours(f.service, f.expected_source, port)
+        if _ours(f.service, f.expected_source, port)
     ]
+    return live, switched
 
 
-def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
-    """Everything explain needs about the port, from the current namespace."""
+def _queued(events: EventSocket) -> list[CtEvent]:
+    """The events waiting on the socket (a loss is covered by the dump that follows)."""
+    from ctfix.platform import conntrack
+
+    queued: list[CtEvent] = []
+    while True:
+        try:
+            batch = events.read()
+        except conntrack.Overflow:
+            return queued
+        if not batch:
+            return queued
+        queued.extend(batch)
+
+
+def collect(
+    port: int,
+    netns: str,
+    listen_seconds: float = 0.0,
+    kb: KnowledgeBase | None = None,
+    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
+) -> Snapshot:
+    """Everything explain needs about the port, from the current namespace.
+
+    `kb`: the knowledge base (which programs change ports, which config files to
+    read); `track`: how `--listen` switches tracking on (see `listen`)."""
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
     live: list[WrongSourceReply] = []
+    switched: tuple[str, ...] = ()
     if listen_seconds > 0:
-        live = listen(port, listen_seconds, local)
+        live, switched = listen(port, listen_seconds, addresses, kb, track)
 
     owned = sockdiag.listeners(port)
     flows: list[CtEntry] = []
@@ -121,17 +239,26 @@ def collect(port: int, netns: str, listen_seconds: float = 0.0) -> Snapshot:
 
         for _address, target in forwarded_to(port, netfilter, flows, set(local)):
             flows.extend(conntrack.dump(proto=17, sport=target))
-    return _snapshot(
+        # Requests still without a reply: their replies may have left from another
+        # port (TFTP): look them up by the client's tuple.
+        flows.extend(replies_to(waiting_clients(flows, port, set(local))))
+    snap = _snapshot(
         port,
         netns,
         owned,
-        _Namespace.read(addresses),
+        _Namespace.read(addresses, conntrack_error),
         flows,
         conntrack_error,
         (netfilter, netfilter_errors),
         live,
         listen_seconds,
         usage,
+    )
+    listeners = [listener for listener, _uid in owned]
+    return dataclasses.replace(
+        snap,
+        tracking_switched_on=switched,
+        config_files=config_files(config_globs(listeners, kb, port)),
     )
 
 @dataclass(frozen=True, slots=True)
@@ -141,19 +268,28 @@ class _Namespace:
     addresses: list[LocalAddress]
     route_table: list[Route]
     policy_rules: list[PolicyRule]
+    #: per family, whether conntrack tracks it (empty: the table could not be read)
+    tracking: dict[str, bool | None]
     nat: NatRuleset  # the DNAT rules, as the stale-nat check reads them
     udp_timeouts: tuple[int, int]
     taken: float  # when the conntrack table was read (epoch seconds)
 
     @classmethod
-    def read(cls, addresses: list[LocalAddress]) -> _Namespace:
+    def read(
+        cls,
+        addresses: list[LocalAddress],
+        conntrack_error: str | None,
+        nat: NatRuleset | None = None,
+    ) -> _Namespace:
         from ctfix.platform import conntrack
 
+        probed = tracking() if conntrack_error is None else {}
         return cls(
             addresses,
             routing.route_table(),
             routing.policy_rules(),
-            nat_rules.read(),
+            probed,
+            nat if nat is not None else nat_rules.read(),
             conntrack.udp_timeouts(),
             time.time(),
         )
@@ -215,6 +351,7 @@ def _snapshot(
         ),
         udp_timeouts=namespace.udp_timeouts,
         taken=namespace.taken,
+        tracking=namespace.tracking,
     )
 
 
@@ -248,11 +385,10 @@ def collect_services(netns: str) -> list[Snapshot]:
     ports = scan.service_ports((listener for listener, _uid in owned), ephemeral_ports())
     addresses = routing.local_addresses()
     local = {a.address for a in addresses}
-    namespace = _Namespace.read(addresses)
     # The ports the DNAT rules forward are services too, socket or not (a Docker
     # published port, a Service): their stale NAT entries make them broken.
-    forwarded = Evaluator(namespace.nat, local).forwarded_ports() or frozenset()
-    ports = sorted(set(ports) | forwarded)
+    nat = nat_rules.read()
+    ports = sorted(set(ports) | (Evaluator(nat, local).forwarded_ports() or frozenset()))
     if not ports:
         return []
     rules, rule_errors = netfilter_read.rules_for_ports(ports)
@@ -262,12 +398,17 @@ def collect_services(netns: str) -> list[Snapshot]:
         index = _flow_index(ports, rules, local)
     except CtfixError as err:
         conntrack_error = err.one_line()
-    snapshots = []
+    namespace = _Namespace.read(addresses, conntrack_error, nat)
+    per_port: dict[int, list[CtEntry]] = {}
     for port in ports:
-        flows = scan.flows_for_port(index, port)
+        flows = per_port[port] = scan.flows_for_port(index, port)
         if conntrack_error is None:
             for _address, target in forwarded_to(port, rules[port], flows, local):
                 flows.extend(scan.flows_from_port(index, target))
+    if conntrack_error is None:
+        _add_replies_from_other_ports(per_port, local)
+    snapshots = []
+    for port, flows in per_port.items():
         snapshots.append(
             _snapshot(
                 port,
@@ -282,6 +423,15 @@ def collect_services(netns: str) -> list[Snapshot]:
             )
         )
     return snapshots
+
+
+def _add_replies_from_other_ports(per_port: dict[int, list[CtEntry]], local: set[str]) -> None:
+    """Each port's requests left without a reply may have been answered from another
+    port (TFTP): one more walk of the table, for all ports at once, by client tuple."""
+    waiting = {port: waiting_clients(flows, port, local) for port, flows in per_port.items()}
+    found = replies_to(set().union(*waiting.values()))
+    for port, clients in waiting.items():
+        per_port[port].extend(e for e in found if (e.orig.dst, e.orig.dport) in clients)
 
 
 def _flow_index(

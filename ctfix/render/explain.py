@@ -30,8 +30,19 @@ WHY = (
     "ICMP port unreachable."
 )
 
-_VERDICT_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN"}
-_VERDICT_STYLE = {"ok": ("green", "bold"), "at-risk": ("yellow", "bold"), "broken": ("red", "bold")}
+_VERDICT_WORDS = {
+    "ok": "OK",
+    "at-risk": "AT RISK",
+    "broken": "BROKEN",
+    "unknown": "UNKNOWN (ctfix cannot see)",
+}
+_VERDICT_STYLE = {
+    "ok": ("green", "bold"),
+    "at-risk": ("yellow", "bold"),
+    "broken": ("red", "bold"),
+    "unknown": ("yellow", "bold"),
+}
+_FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def to_json_obj(d: Diagnosis) -> dict[str, Any]:
@@ -72,6 +83,8 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                 "interface": cn.interface,
                 "seen": cn.seen,
                 "onlink": list(cn.onlink),
+                "answered": list(cn.answered),
+                "wrong_for": list(cn.wrong_for),
                 "probe": cn.probe,
                 "egress": cn.egress,
                 "egress_gateway": cn.egress_gateway,
@@ -103,6 +116,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     "count": w.count,
                     "clients": w.clients,
                     "client_network": w.client_network,
+                    "replies_from_other_port": w.replies_from_other_port,
                     "container": container_json(w.container),
                 }
                 for w in d.evidence.wrong_source
@@ -133,6 +147,9 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "service_down": d.service_down,
         "forwarded_to": list(d.forwarded_to),
         "stale_nat": [stale_nat_record(f) for f in d.stale_nat],
+        "tracking": {family: d.tracking.get(family) for family in ("ipv4", "ipv6")},
+        "tracking_switched_on": list(d.tracking_switched_on),
+        "blind": list(d.blind),
     }
 
 
@@ -190,14 +207,13 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
     if extra:
         # Clients may use their gateway whatever conntrack remembers (30 s).
         addressed += f", {', '.join(extra)} (on-link)"
-    wrong = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
     # Replies that leave by another uplink than their requests came in by.
     other_way = sorted({u.interface for u in cn.uplinks if not u.ok})
-    problems = [f"wrong for {', '.join(wrong)}"] if wrong else []
+    problems = [f"wrong for {', '.join(cn.wrong_for)}"] if cn.wrong_for else []
     if other_way:
         problems.append(f"leaves by {cn.egress}, not {' or '.join(other_way)}")
     if cn.ok:
-        status = "ok"
+        status = "ok (answered, seen)" if cn.answered else "ok"
     elif problems:
         status = "; ".join(problems)
     else:
@@ -255,6 +271,32 @@ def _runbooks(d: Diagnosis) -> str:
     return ", ".join(books)
 
 
+def _blind(d: Diagnosis) -> list[str]:
+    return [_FAMILY_WORDS[f] for f in d.blind]
+
+
+def _blind_line(d: Diagnosis) -> str | None:
+    """The evidence section's first line where conntrack cannot see."""
+    blind = _blind(d)
+    if not blind:
+        return None
+    return (
+        f"conntrack does not track {' and '.join(blind)} here: no evidence can exist for "
+        f"{'them' if len(blind) > 1 else 'it'} (use --listen S, or ctfix watch --track)"
+    )
+
+
+def _no_wrong_source(d: Diagnosis) -> str:
+    """"No wrong-source replies", said only as far as the table can show them."""
+    blind = _blind(d)
+    if not blind:
+        return "no wrong-source replies in the table"
+    seen = [_FAMILY_WORDS[f] for f in ("ipv4", "ipv6") if d.tracking.get(f) is not False]
+    if not seen:
+        return "no wrong-source reply can show in the table (nothing is tracked)"
+    return f"no {' or '.join(seen)} wrong-source replies in the table (the only ones it can show)"
+
+
 def render_text(d: Diagnosis, style: Style | None = None, width: int | None = None) -> str:
     """The write-up for people, every line wrapped at `width` (a terminal's: see
     ctfix.render.width.terminal_width); without one, as for a pipe (see `_wrap`)."""
@@ -270,7 +312,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
     out.append(s("What happens", "bold"))
     for reason in d.reasons:
         out.append(_wrap(reason.text, "  ", w).replace("  ", "- ", 1))
-    if d.verdict != "ok":
+    if d.verdict in ("at-risk", "broken"):
         out += ["", s("Why", "bold"), *(_wrap(text, "  ", w) for text in _why(d))]
 
     out += ["", s("Sockets on the port", "bold")]
@@ -298,12 +340,15 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
 
     ev = d.evidence
     out += ["", s("Evidence (conntrack, this port)", "bold")]
+    blind = _blind_line(d)
+    if blind:
+        out.append(_wrap(s(blind, "yellow"), "  ", w, "  "))
     if ev.wrong_source:
         for wrong in ev.wrong_source:
             line = f"{s('wrong source', 'red')}: {_wrong_line(wrong)}"
             out.append(_wrap(line, "  ", w, "      "))
     else:
-        out.append("  no wrong-source replies in the table")
+        out.append(_wrap(_no_wrong_source(d), "  ", w, "      "))
     out.append(_wrap(_answers(ev.healthy, ev.unanswered), "  ", w, "      "))
     for stale in d.stale_nat:
         out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  ", w, "      "))
@@ -338,7 +383,7 @@ def render_markdown(d: Diagnosis) -> str:
     ]
     out += ["### What happens", ""]
     out += [f"- {reason.text}" for reason in d.reasons]
-    if d.verdict != "ok":
+    if d.verdict in ("at-risk", "broken"):
         out += ["", "### Why", ""]
         out += [line for text in _why(d) for line in (text, "")][:-1]
     out += ["", "### Sockets on the port", ""]
@@ -358,10 +403,13 @@ def render_markdown(d: Diagnosis) -> str:
             out.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     ev = d.evidence
     out += ["", "### Evidence (conntrack)", ""]
+    blind = _blind_line(d)
+    if blind:
+        out.append(f"- **{blind}**")
     for w in ev.wrong_source:
         out.append(f"- wrong source: {_wrong_line(w)}")
     if not ev.wrong_source:
-        out.append("- no wrong-source replies in the table")
+        out.append(f"- {_no_wrong_source(d)}")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
     out += [f"- stale NAT: {stale_nat_text(stale)}" for stale in d.stale_nat]
     if d.rules:

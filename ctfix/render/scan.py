@@ -14,16 +14,25 @@ from typing import Any
 from ctfix.core.model import Diagnosis, Reason
 from ctfix.render import explain
 from ctfix.render.jsonout import envelope
+from ctfix.render.stamp import markdown_document
 from ctfix.render.style import Style
 
-_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN"}
-_STYLE = {"ok": ("green",), "at-risk": ("yellow", "bold"), "broken": ("red", "bold")}
+_WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN", "unknown": "UNKNOWN"}
+_STYLE = {
+    "ok": ("green",),
+    "at-risk": ("yellow", "bold"),
+    "broken": ("red", "bold"),
+    "unknown": ("yellow", "bold"),
+}
 #: per verdict, the reason codes that say best why, in order of preference
 _HEADLINE = {
     "broken": ("wrong-source-live", "wrong-source-seen", "stale-nat"),
     "at-risk": ("client-network-exposed", "policy-rule-wrong", "nothing-answers"),
+    "unknown": ("not-tracked", "no-conntrack-evidence"),
     "ok": (
         "forwarded-to-backend",
+        "observed-right-source",
+        "fix-already-in-effect",
         "answers-from-destination",
         "specific-bind",
         "snat-zone-in-place",
@@ -48,7 +57,7 @@ def _first_sentence(text: str) -> str:
     return text if end < 0 else text[: end + 1]
 
 
-def _who(d: Diagnosis) -> str:
+def processes_text(d: Diagnosis) -> str:
     names = []
     for lst in d.listeners:
         name = f"{lst.process or '?'}" + (f" ({lst.pid})" if lst.pid is not None else "")
@@ -57,12 +66,13 @@ def _who(d: Diagnosis) -> str:
     return ", ".join(names) or "-"
 
 
-def _verdict(d: Diagnosis) -> str:
+def verdict_word(d: Diagnosis) -> str:
     return "DOWN" if d.service_down else _WORDS[d.verdict]
 
 
 def _counts(diagnoses: Sequence[Diagnosis]) -> dict[str, int]:
-    return {v: sum(1 for d in diagnoses if d.verdict == v) for v in ("broken", "at-risk", "ok")}
+    verdicts = ("broken", "at-risk", "unknown", "ok")
+    return {v: sum(1 for d in diagnoses if d.verdict == v) for v in verdicts}
 
 
 def _summary(diagnoses: Sequence[Diagnosis], netns: str) -> str:
@@ -77,45 +87,79 @@ def _summary(diagnoses: Sequence[Diagnosis], netns: str) -> str:
     )
 
 
-def render_text(diagnoses: Sequence[Diagnosis], netns: str, style: Style | None = None) -> str:
-    s = style or Style(False)
-    out = [_summary(diagnoses, netns)]
-    if not diagnoses:
-        return out[0] + "\n"
-    verdicts = [_verdict(d) for d in diagnoses]
+def service_rows(diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ") -> list[str]:
+    """One aligned line per port: verdict, port, process, the headline reason."""
+    verdicts = [verdict_word(d) for d in diagnoses]
     ports = [str(d.port) for d in diagnoses]
-    whos = [_who(d) for d in diagnoses]
+    whos = [processes_text(d) for d in diagnoses]
+    if not diagnoses:
+        return []
     wide = [max(map(len, column)) for column in (verdicts, ports, whos)]
-    out.append("")
+    rows = []
     for d, verdict, port, who in zip(diagnoses, verdicts, ports, whos, strict=True):
         why = headline(d)
         said = f"{why.code}: {_first_sentence(why.text)}" if why else ""
         look = ("red", "bold") if d.service_down else _STYLE[d.verdict]
-        out.append(
-            f"  {s(verdict.ljust(wide[0]), *look)}  {port.rjust(wide[1])}  "
+        rows.append(
+            f"{indent}{s(verdict.ljust(wide[0]), *look)}  {port.rjust(wide[1])}  "
             f"{who.ljust(wide[2])}  {said}".rstrip()
         )
+    return rows
+
+
+def write_ups(diagnoses: Sequence[Diagnosis], s: Style) -> list[str]:
+    """explain's write-up of each port that is not ok, each after a rule."""
+    out: list[str] = []
     for d in diagnoses:
         if d.verdict == "ok" and not d.service_down:
             continue
         out += ["", "-" * 72, explain.render_text(d, s).rstrip("\n")]
+    return out
+
+
+def render_text(
+    diagnoses: Sequence[Diagnosis],
+    netns: str,
+    style: Style | None = None,
+    stamp: str | None = None,
+) -> str:
+    """The text report; `stamp` (ctfix.render.stamp) says when and where, under the
+    summary."""
+    s = style or Style(False)
+    out = [_summary(diagnoses, netns)] + ([f"  {stamp}"] if stamp else [])
+    if not diagnoses:
+        return "\n".join(out) + "\n"
+    out += ["", *service_rows(diagnoses, s), *write_ups(diagnoses, s)]
     return "\n".join(out) + "\n"
 
 
+def markdown_cells(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def markdown_why(d: Diagnosis) -> str:
+    why = headline(d)
+    return f"`{why.code}`: {_first_sentence(why.text)}" if why else ""
+
+
+def markdown_write_ups(diagnoses: Sequence[Diagnosis]) -> list[str]:
+    return [
+        "\n" + explain.render_markdown(d).rstrip("\n")
+        for d in diagnoses
+        if d.verdict != "ok" or d.service_down
+    ]
+
+
 def render_markdown(diagnoses: Sequence[Diagnosis], netns: str) -> str:
+    """The markdown report, stamped with when and where it was made."""
     out = [f"# {_summary(diagnoses, netns).removeprefix('ctfix scan: ')}", ""]
     if diagnoses:
         out += ["| verdict | port | process | why |", "|---|---|---|---|"]
         for d in diagnoses:
-            why = headline(d)
-            said = f"`{why.code}`: {_first_sentence(why.text)}" if why else ""
-            cells = [f"**{_verdict(d)}**", str(d.port), _who(d), said]
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    for d in diagnoses:
-        if d.verdict == "ok" and not d.service_down:
-            continue
-        out += ["", explain.render_markdown(d).rstrip("\n")]
-    return "\n".join(out) + "\n"
+            cells = [f"**{verdict_word(d)}**", str(d.port), processes_text(d), markdown_why(d)]
+            out.append(markdown_cells(cells))
+    out += markdown_write_ups(diagnoses)
+    return markdown_document("\n".join(out) + "\n")
 
 
 def scan_document(diagnoses: Sequence[Diagnosis], netns: str) -> dict[str, Any]:

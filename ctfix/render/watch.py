@@ -3,8 +3,15 @@
 Know before changing: the JSON keys are a stable contract (users' scripts and alert
 pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
-last_seen (added since: clients, client_network); and the summary's kind, events,
-new_flows, lost, resyncs, findings. Add keys if needed; never rename or remove one.
+last_seen (added since: clients, client_network, existing, seen_before,
+replies_from_other_port); and the summary's kind, events, new_flows, lost, resyncs,
+findings (added since: existing, started, tracking). Add keys if needed; never rename
+or remove one. docs/json.md describes each.
+
+History and news: an existing finding (in the table when watch started) prints once,
+under its own heading, with the kernel's times or `before <start>`; it never counts
+in `findings` nor in the exit status. first_seen/last_seen are null for an existing
+finding whose age the kernel cannot tell: never a made-up time.
 The words of a finding come from ctfix.core.detectors.wrong_source_words, which
 explain uses too: change them there, for both. Colour only on a TTY and never when
 NO_COLOR is set. Stale-nat findings (kind "stale-nat") have their own keys
@@ -28,7 +35,16 @@ from ctfix.render.width import fill, terminal_width
 AnyFinding = WrongSourceFinding | StaleNatFinding
 
 
-def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
+def _time(seconds: float | None) -> str | None:
+    """utc_timestamp, or None: never "now" for a time nobody knows."""
+    return None if seconds is None else utc_timestamp(seconds)
+
+
+def finding_record(
+    finding: WrongSourceFinding, netns: str, started: float | None = None
+) -> dict[str, Any]:
+    """One finding line; `started`: when the watch began (an existing finding's
+    `seen_before`)."""
     return {
         "kind": "wrong-source-reply",
         "family": finding.family,
@@ -42,10 +58,13 @@ def finding_record(finding: WrongSourceFinding, netns: str) -> dict[str, Any]:
         "local": finding.local,
         "confirmed": finding.confirmed,
         "count": finding.count,
-        "first_seen": utc_timestamp(finding.first_seen),
-        "last_seen": utc_timestamp(finding.last_seen),
+        "first_seen": _time(finding.first_seen),
+        "last_seen": _time(finding.last_seen),
         "clients": finding.clients,
         "client_network": finding.client_network,
+        "existing": finding.existing,
+        "seen_before": _time(started) if finding.existing else None,
+        "replies_from_other_port": finding.replies_from_other_port,
     }
 
 
@@ -69,8 +88,18 @@ def stale_nat_watch_record(finding: StaleNatFinding, netns: str) -> dict[str, An
 
 
 def summary_record(
-    *, events: int, new_flows: int, lost: int, resyncs: int, findings: int
+    *,
+    events: int,
+    new_flows: int,
+    lost: int,
+    resyncs: int,
+    findings: int,
+    existing: int = 0,
+    started: float | None = None,
+    tracking: dict[str, bool | None] | None = None,
 ) -> dict[str, Any]:
+    """`findings` counts live findings only; `existing` those found in the table at
+    start-up; `tracking`: per family, whether conntrack tracked it (null: unknown)."""
     return {
         "kind": "summary",
         "events": events,
@@ -78,6 +107,9 @@ def summary_record(
         "lost": lost,
         "resyncs": resyncs,
         "findings": findings,
+        "existing": existing,
+        "started": _time(started),
+        "tracking": tracking if tracking is not None else {"ipv4": None, "ipv6": None},
     }
 
 
@@ -89,6 +121,8 @@ class WatchRenderer:
         self.json = json_lines
         self.netns = netns
         self.style = Style(use_colour(stream) and not json_lines)
+        #: when the watch began (time.time()); set by the command once subscribed
+        self.started: float | None = None
         #: a terminal's width: finding lines are filled at it (a pipe: one line each)
         self.width = None if json_lines else terminal_width(stream)
 
@@ -96,12 +130,18 @@ class WatchRenderer:
         self.stream.write(line + "\n")
         self.stream.flush()
 
+    def _record(self, finding: WrongSourceFinding) -> str:
+        return json.dumps(finding_record(finding, self.netns, self.started))
+
     def finding(self, finding: AnyFinding, *, update: bool = False) -> None:
         if isinstance(finding, StaleNatFinding):
             self._stale(finding)
             return
         if self.json:
-            self._write(json.dumps(finding_record(finding, self.netns)))
+            self._write(self._record(finding))
+            return
+        if finding.existing:
+            self._write(self.aged_line(finding))
             return
         self._write(self._fit(self.finding_line(finding, update=update)))
 
@@ -117,9 +157,48 @@ class WatchRenderer:
             return
         tags = " (already there at start)" if finding.existing else ""
         self._write(
-            f"{utc_timestamp(finding.last_seen)} {self.style('STALE NAT', 'bold', 'red')} "
-            f"{finding.proto}/{finding.family[-1]} {self._stale_text(finding)}{tags}"
+            self._fit(
+                f"{utc_timestamp(finding.last_seen)} {self.style('STALE NAT', 'bold', 'red')} "
+                f"{finding.proto}/{finding.family[-1]} {self._stale_text(finding)}{tags}"
+            )
         )
+
+    def existing(self, findings: list[WrongSourceFinding]) -> None:
+        """The findings already in the table at start-up: once, under their own
+        heading (text), or as records with "existing": true (JSON)."""
+        if not findings:
+            return
+        if not self.json:
+            before = utc_timestamp(self.started) if self.started is not None else "start-up"
+            self._write(
+                self.style(
+                    f"Already in the conntrack table before {before} (history, not news; "
+                    "not counted as findings):",
+                    "bold",
+                )
+            )
+        for finding in findings:
+            self.finding(finding)
+
+    def aged_line(self, finding: WrongSourceFinding) -> str:
+        """A finding's indented line with its age: an existing one (its real age where
+        the kernel says it), or a live one in the table at exit."""
+        tags: tuple[str, ...] = ("local",) if finding.local else ()
+        if finding.confirmed:
+            tags += ("confirmed",)
+        return self._fit(f"{self._text(finding, tags)}; {self._age(finding)}", indent="  ")
+
+    def _age(self, finding: WrongSourceFinding) -> str:
+        """When: seen live, or (existing) the kernel's entry times, or only "before"."""
+        origin = " (conntrack timestamps)" if finding.existing else ""
+        first, last = _time(finding.first_seen), _time(finding.last_seen)
+        if first is not None and last is not None:
+            return f"{first} .. {last}{origin}"
+        if last is not None:
+            return f"latest {last}{origin}"
+        if self.started is not None:
+            return f"before {utc_timestamp(self.started)}"
+        return "before the watch began"
 
     def _text(self, finding: WrongSourceFinding, tags: tuple[str, ...]) -> str:
         shown = self.style(finding.actual_source, "bold", "red")
@@ -131,36 +210,33 @@ class WatchRenderer:
             tags += (self.style("confirmed", "bold"),)
         head = "confirmed" if update else "wrong source"
         return (
-            f"{utc_timestamp(finding.last_seen)} {self.style(head.upper(), 'bold', 'red')} "
+            f"{_time(finding.last_seen) or '-'} {self.style(head.upper(), 'bold', 'red')} "
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
     def final(self, findings: Sequence[AnyFinding]) -> None:
-        """At exit: every finding with its final counts (JSON), or a short table."""
+        """At exit: every live finding with its final counts (JSON), or a short table.
+        Existing findings were printed once at start-up (or when confirmed)."""
+        live = [finding for finding in findings if not finding.existing]
         if self.json:
-            for finding in findings:
+            for finding in live:
                 if isinstance(finding, StaleNatFinding):
                     self._write(json.dumps(stale_nat_watch_record(finding, self.netns)))
                 else:
-                    self._write(json.dumps(finding_record(finding, self.netns)))
+                    self._write(self._record(finding))
             return
-        for finding in findings:
+        for finding in live:
             if isinstance(finding, StaleNatFinding):
                 self._write(
-                    f"  stale NAT: {self._stale_text(finding)}; "
-                    f"{utc_timestamp(finding.first_seen)} .. {utc_timestamp(finding.last_seen)}"
+                    self._fit(
+                        f"stale NAT: {self._stale_text(finding)}; "
+                        f"{utc_timestamp(finding.first_seen)} .. "
+                        f"{utc_timestamp(finding.last_seen)}",
+                        indent="  ",
+                    )
                 )
-                continue
-            tags: tuple[str, ...] = ("local",) if finding.local else ()
-            if finding.confirmed:
-                tags += ("confirmed",)
-            self._write(
-                self._fit(
-                    f"{self._text(finding, tags)}; {utc_timestamp(finding.first_seen)} .. "
-                    f"{utc_timestamp(finding.last_seen)}",
-                    indent="  ",
-                )
-            )
+            else:
+                self._write(self.aged_line(finding))
 
     def summary(self, record: dict[str, Any]) -> None:
         if self.json:
@@ -173,7 +249,16 @@ class WatchRenderer:
             _plural(record["resyncs"], "resync"),
             _plural(record["findings"], "finding"),
         ]
+        if record.get("existing"):
+            counts.append(f"{record['existing']} existing (before the watch, not counted)")
+        tracking = record.get("tracking") or {}
+        blind = [_FAMILY_WORDS[f] for f, on in tracking.items() if on is False]
+        if blind:
+            counts.append(f"blind to {' and '.join(blind)} (not tracked)")
         self._write(f"summary: {', '.join(counts)}")
+
+
+_FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}
 
 
 def _plural(count: int, word: str) -> str:

@@ -134,8 +134,12 @@ def _anchors(markdown: str) -> set[str]:
 def test_health_alerts_cover_fill_insert_failed_and_drops_with_runbook_links() -> None:
     rules = _health_group()
     exprs = {str(rule["alert"]): str(rule["expr"]) for rule in rules}
-    assert set(exprs) == {"ConntrackTableNearlyFull", "ConntrackInsertFailed", "ConntrackDropping"}
-    assert "0.85" in exprs["ConntrackTableNearlyFull"]
+    assert set(exprs) == {
+        "CtfixConntrackTableNearlyFull",
+        "CtfixConntrackInsertFailed",
+        "CtfixConntrackDropping",
+    }
+    assert "0.85" in exprs["CtfixConntrackTableNearlyFull"]
     anchors = _anchors(RUNBOOK.read_text())
     for rule in rules:
         assert isinstance(rule["labels"], dict) and rule["labels"]["severity"] in ("warning",)

@@ -37,6 +37,7 @@ def ctfix(*argv: str) -> subprocess.CompletedProcess[str]:
         ("fix", "--status", "5000"),
         ("fix", "5000", "--method", "snat-zone", "--json", "--netns", "/nonexistent", "--status"),
         ("fix", "5000", "--method", "bind", "--force"),
+        ("scan", "--all-netns", "--netns", "blue"),
         ("watch", "--metrics", ""),
         ("watch", "--metrics", "   "),
     ],

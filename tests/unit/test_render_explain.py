@@ -37,7 +37,17 @@ BROKEN = Diagnosis(
         ),
     ),
     listeners=(Listener("0.0.0.0", 56789, "ipv4", "listening", pid=42, process="nc"),),
-    clients=(ClientNetwork("192.0.2.0/24", ("198.51.100.13",), "192.0.2.1", False, "br0", True),),
+    clients=(
+        ClientNetwork(
+            "192.0.2.0/24",
+            ("198.51.100.13",),
+            "192.0.2.1",
+            False,
+            "br0",
+            True,
+            wrong_for=("198.51.100.13",),
+        ),
+    ),
     evidence=Evidence(
         (
             WrongSourceReply(
@@ -90,6 +100,8 @@ def test_json_has_the_stable_keys_of_the_issue() -> None:
         "interface": "br0",
         "seen": True,
         "onlink": [],
+        "answered": [],
+        "wrong_for": ["198.51.100.13"],
         "probe": None,
         "egress": None,
         "egress_gateway": None,
@@ -163,6 +175,7 @@ def test_table_shows_the_gateway_address_clients_may_use() -> None:
         "br0",
         True,
         onlink=("192.0.2.1",),
+        wrong_for=("192.0.2.1",),
     )
     d = Diagnosis(56789, "lab-host", "at-risk", (), clients=(routed,))
     [row] = [line for line in render_text(d).splitlines() if line.startswith("  192.0.2.0/24")]

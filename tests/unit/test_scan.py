@@ -72,7 +72,7 @@ def test_json_is_the_envelope_then_explains_object_per_port() -> None:
     ordered = worst_first([diagnosis(53, "ok", "specific-bind")])
     data = json.loads(document(scan_document(ordered, "h"), io.StringIO()))
     assert list(data)[:5] == ["schema", "generated", "host", "ctfix", "netns"]
-    assert data["counts"] == {"broken": 0, "at-risk": 0, "ok": 1}
+    assert data["counts"] == {"broken": 0, "at-risk": 0, "unknown": 0, "ok": 1}
     [service] = data["services"]
     assert service["port"] == 53 and service["reasons"][0]["code"] == "specific-bind"
 

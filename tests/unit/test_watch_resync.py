@@ -29,12 +29,19 @@ def bad_reply(client_port: int, *, ct_id: int | None = None) -> CtEntry:
     return entry(BRIDGE, 53, CLIENT, client_port, ct_id=ct_id)
 
 
+def watching() -> WrongSourceDetector:
+    """A detector past watch's start-up dump: a later dump's new findings are news."""
+    d = WrongSourceDetector()
+    d.dumps_are_history = False
+    return d
+
+
 def counts(d: WrongSourceDetector) -> dict[str, int]:
     return {f.service: f.count for f in d.findings.values()}
 
 
 def test_a_reply_seen_as_an_event_and_in_the_dump_is_counted_once() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     assert d.feed(CtEvent(NEW, bad_reply(4000, ct_id=2)), 1.1) is not None
     assert d.resync([request(4000, ct_id=1), bad_reply(4000, ct_id=2)], 2.0, complete=True) == []
@@ -42,7 +49,7 @@ def test_a_reply_seen_as_an_event_and_in_the_dump_is_counted_once() -> None:
 
 
 def test_a_reply_created_during_the_dump_and_then_seen_as_an_event_is_counted_once() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     found = d.resync([request(4000, ct_id=1), bad_reply(4000, ct_id=2)], 2.0, complete=True)
     assert [change for _f, change in found] == [Change.NEW]
@@ -52,7 +59,7 @@ def test_a_reply_created_during_the_dump_and_then_seen_as_an_event_is_counted_on
 
 
 def test_a_new_reply_entry_whose_event_was_lost_counts_again() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     d.feed(CtEvent(NEW, bad_reply(4000, ct_id=2)), 1.1)
     # The first reply entry expired, the server answered again: a new entry (new id)
@@ -62,7 +69,7 @@ def test_a_new_reply_entry_whose_event_was_lost_counts_again() -> None:
 
 
 def test_recovered_counts_requests_learnt_from_the_dump_not_replies() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     dump = [bad_reply(4001, ct_id=4), request(4000, ct_id=1), request(4001, ct_id=3)]
     found = d.resync(dump, 2.0, complete=True)
@@ -72,7 +79,7 @@ def test_recovered_counts_requests_learnt_from_the_dump_not_replies() -> None:
 
 
 def test_a_complete_resync_forgets_requests_answered_while_events_were_lost() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     d.feed(CtEvent(NEW, request(4001, ct_id=2)), 1.0)
     d.feed(CtEvent(NEW, request(4002, ct_id=3)), 1.0)
@@ -88,14 +95,14 @@ def test_a_complete_resync_forgets_requests_answered_while_events_were_lost() ->
 
 
 def test_a_partial_dump_only_adds() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000, ct_id=1)), 1.0)
     d.resync([request(4001, ct_id=2)], 2.0)
     assert d.pending == 2 and d.stats.stale == 0
 
 
 def test_without_ids_a_dump_never_counts_a_known_pair_again() -> None:
-    d = WrongSourceDetector()
+    d = watching()
     d.feed(CtEvent(NEW, request(4000)), 1.0)
     d.feed(CtEvent(NEW, bad_reply(4000)), 1.1)
     assert d.resync([request(4000), bad_reply(4000)], 2.0) == []

@@ -10,6 +10,22 @@ it is a wrong-source reply when its source, as it leaves after its own NAT
 (its reply tuple's dst:dport), is not B':p'. The source port is compared too but not
 required to match: a server that answers from another port (TFTP-like) is reported.
 
+Port-changing protocols. A program that answers from another port by design (TFTP's
+transfer id, RFC 1350; the knowledge base's `replies_from_other_port`) is named by the
+caller's `other_port(server_port)`: its reply from the addressed address but another
+port is an answer, not a finding; one from another address is a finding whose actual
+source is the address alone (aggregated per address, so that transfers, each from a
+new port, do not multiply findings).
+
+History and news. A finding made from an event happened while the caller watched
+(`existing` False). One made from a dump is `existing` (it was in the table before)
+when the kernel's timestamp of the reply entry (CTA_TIMESTAMP, where
+nf_conntrack_timestamp is on) is before `since`, or, without a timestamp, while
+`dumps_are_history` (watch's start-up dump: True; its resync dumps after lost events:
+False, since the start-up dump already showed everything older). Existing findings
+are kept apart from live ones (`history` and `findings`), each aggregated on its own,
+and carry the kernel's times where it gave them, else None: never a made-up time.
+
 What is a request, when the namespace's addresses are known (`local_addresses`): a
 client is remote (C is not local) and it addressed this namespace (B is local) or a
 service DNAT'd behind it (B':p' differs from B:p). Everything else is not a request:
@@ -40,16 +56,15 @@ Know before changing:
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import socket
 import struct
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from ctfix.core.addr import endpoint
+from ctfix.core.clientnet import ClientNetworks
 from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
 from ctfix.core.detectors import UDP_TIMEOUT, Change
 from ctfix.core.model import Family, Mismatch
@@ -68,32 +83,31 @@ class WrongSourceFinding:
     client: str  # "addr:port" of the latest client seen
     service: str  # the addr:port the client sent to
     expected_source: str
+    # "addr:port"; the address alone for a program that answers from other ports by
+    # design (`replies_from_other_port`): findings aggregate per address then
     actual_source: str
     mismatch: Mismatch
     local: bool
     confirmed: bool
     count: int
-    first_seen: float
-    last_seen: float
+    # Seconds since the epoch: when ctfix saw the replies (live), or the kernel's
+    # creation time of their entries (existing, with conntrack timestamps); None when
+    # nobody can tell (existing, without timestamps).
+    first_seen: float | None
+    last_seen: float | None
     client_network: str
     # Distinct clients (addr:port as the server saw it) among the `count` replies; one
     # that comes back after PAIR_MEMORY without a wrong reply in between counts again.
     clients: int = 1
     kind: Literal["wrong-source"] = "wrong-source"
+    #: found in the table (before the watch began), not seen happening (module doc)
+    existing: bool = False
+    #: the program answers from another port by design: only the address is compared
+    replies_from_other_port: bool = False
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.service, self.actual_source, self.client_network)
-
-
-# Pure and called for every wrong-source reply with the same few client addresses:
-# cached, bounded (an ipaddress parse costs about a microsecond).
-@functools.lru_cache(maxsize=4096)
-def client_network(address: str) -> str:
-    """The client's /24 (IPv4) or /64 (IPv6): the unit findings are aggregated by."""
-    ip = ipaddress.ip_address(address)
-    prefix = 24 if ip.version == 4 else 64
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 def mismatch_of(expected: tuple[str, int], actual: tuple[str, int]) -> Mismatch | None:
@@ -159,11 +173,24 @@ class WrongSourceDetector:
         udp_timeout: int = UDP_TIMEOUT,
         local_addresses: frozenset[str] = frozenset(),
         track_answers: bool = False,
+        networks: ClientNetworks | None = None,
+        other_port: Callable[[int], bool] | None = None,
     ) -> None:
         self.max_flows = max_flows
         self.max_findings = max_findings
         self.udp_timeout = udp_timeout
         self.local_addresses = local_addresses
+        #: the namespace's client networks (ctfix.core.clientnet): findings' grouping
+        self.networks = networks if networks is not None else ClientNetworks()
+        #: server port -> whether its program answers from other ports by design
+        self.other_port = other_port
+        #: History and news (module doc): watching since (epoch seconds), and whether a
+        #: dump finding without a kernel timestamp is history.
+        self.since: float | None = None
+        self.dumps_are_history = True
+        #: conntrack ids of entries whose NEW event came after `since` but was read
+        #: after a dump that shows them (explain --listen's start-up): news all the same
+        self.fresh_ids: set[int] = set()
         # track_answers (explain, one bounded snapshot; not watch, unbounded): request
         # client (addr, port) -> True when a new entry answered it from the wrong
         # source, False when from the right one (the snat-zone remedy's zoned reply).
@@ -173,11 +200,14 @@ class WrongSourceDetector:
         # client (packed addr + port) -> expected(18|6) + service + client + deadline
         self._pending: dict[bytes, bytes] = {}
         self._order: deque[bytes] = deque()
+        # live findings, and existing ones (history), apart: see the module doc
         self.findings: dict[tuple[str, str, str], WrongSourceFinding] = {}
+        self.history: dict[tuple[str, str, str], WrongSourceFinding] = {}
         # (actual source, client) -> (finding key, last seen, conntrack id of the reply
-        # entry); for ICMP confirmation and not to count one entry twice
+        # entry, whether the finding is history); for ICMP confirmation and not to
+        # count one entry twice
         self._pairs: dict[
-            tuple[str, int, str, int], tuple[tuple[str, str, str], float, int | None]
+            tuple[str, int, str, int], tuple[tuple[str, str, str], float, int | None, bool]
         ] = {}
         self._icmp_seen: dict[tuple[str, int, str, int], float] = {}
         self._matched = False  # set by _match: the entry answered a pending request
@@ -282,7 +312,7 @@ class WrongSourceDetector:
         # Both dicts are in last-seen order: one pass from the front, then delete
         # (repeated next(iter(d)) after deletions would be quadratic).
         old_pairs = []
-        for pair, (_key, seen, _id) in self._pairs.items():
+        for pair, (_key, seen, _id, _history) in self._pairs.items():
             if now - seen <= PAIR_MEMORY:
                 break
             old_pairs.append(pair)
@@ -303,7 +333,11 @@ class WrongSourceDetector:
 
     @property
     def found(self) -> Collection[WrongSourceFinding]:
-        return self.findings.values()
+        """Every finding: the live ones, then the existing ones."""
+        return [*self.findings.values(), *self.history.values()]
+
+    def _findings_of(self, history: bool) -> dict[tuple[str, str, str], WrongSourceFinding]:
+        return self.history if history else self.findings
 
     # -- events --------------------------------------------------------------------
 
@@ -336,7 +370,10 @@ class WrongSourceDetector:
         Leave it False for a partial dump (one port), which can only add.
         """
         udp = socket.IPPROTO_UDP
-        unreplied = [e for e in entries if e.orig.proto == udp and not e.status & IPS_SEEN_REPLY]
+        entries = [e for e in entries if e.orig.proto == udp]
+        # Only unreplied entries can be requests still waiting; any entry can be a
+        # reply (a TFTP client ACKs the new port's DATA: that reply entry is replied).
+        unreplied = [e for e in entries if not e.status & IPS_SEEN_REPLY]
         pending = self._pending
         # key -> the value it had before this dump (None: not pending), for every key
         # the dump stored. A reply is only known to be one once its request is stored,
@@ -348,7 +385,7 @@ class WrongSourceDetector:
             if key is not None and key not in before:
                 before[key] = previous
         results = []
-        for entry in unreplied:
+        for entry in entries:
             found = self._match(entry, now, from_dump=True)
             if found is not None:
                 results.append(found)
@@ -409,6 +446,12 @@ class WrongSourceDetector:
         # The source the reply leaves with, after its own NAT (snat-zone remedy).
         actual = (entry.reply.dst, entry.reply.dport)
         mismatch = mismatch_of(expected, actual)
+        by_design = False
+        if mismatch is not None and mismatch != "address" and self.other_port is not None:
+            # Another port: an answer for a program that changes ports by design.
+            by_design = self.other_port(expected[1])
+            if by_design and mismatch == "port":
+                mismatch = None
         if self.answered is not None:
             self.answered[client] = self.answered.get(client, False) or mismatch is not None
         if mismatch is None:
@@ -421,7 +464,17 @@ class WrongSourceDetector:
                     return None  # the same entry again: an event and a dump, either order
             elif from_dump:
                 return None  # without ids, a dump never counts a known pair again
-        return self._record(entry, expected, service, client, actual, mismatch, pair, now)
+        return self._record(
+            entry, expected, service, client, actual, mismatch, pair, now, from_dump, by_design
+        )
+
+    def _is_history(self, entry: CtEntry, from_dump: bool) -> bool:
+        """Whether a reply was in the table before the watch began (module doc)."""
+        if not from_dump or (entry.id is not None and entry.id in self.fresh_ids):
+            return False
+        if entry.start is not None and self.since is not None:
+            return entry.start < self.since * 1e9
+        return self.dumps_are_history
 
     def _record(
         self,
@@ -433,20 +486,27 @@ class WrongSourceDetector:
         mismatch: Mismatch,
         pair: tuple[str, int, str, int],
         now: float,
+        from_dump: bool = False,
+        by_design: bool = False,
     ) -> tuple[WrongSourceFinding, Change] | None:
         family: Family = "ipv6" if entry.orig.family == socket.AF_INET6 else "ipv4"
         service_s = endpoint(*service)
-        actual_s = endpoint(*actual)
-        network = client_network(client[0])
+        # A program that changes ports by design: its findings aggregate per address.
+        actual_s = actual[0] if by_design else endpoint(*actual)
+        network = self.networks.network(client[0])
         key = (service_s, actual_s, network)
+        history = self._is_history(entry, from_dump)
+        # Live: when ctfix saw it. History: the kernel's creation time, else unknown.
+        seen = now if not history else None if entry.start is None else entry.start / 1e9
         local = expected[0] in self.local_addresses and actual[0] in self.local_addresses
         confirmed = self._icmp_seen.pop(pair, None) is not None
-        old = self.findings.get(key)
+        findings = self._findings_of(history)
+        old = findings.get(key)
         known = self._pairs.pop(pair, None)
-        new_client = known is None or known[0] != key
-        self._pairs[pair] = (key, now, entry.id)
+        new_client = known is None or known[0] != key or known[3] != history
+        self._pairs[pair] = (key, now, entry.id, history)
         if old is None:
-            if len(self.findings) >= self.max_findings:
+            if len(self.findings) + len(self.history) >= self.max_findings:
                 return None
             finding = WrongSourceFinding(
                 family=family,
@@ -459,22 +519,25 @@ class WrongSourceDetector:
                 local=local,
                 confirmed=confirmed,
                 count=1,
-                first_seen=now,
-                last_seen=now,
+                first_seen=seen,
+                last_seen=seen,
                 client_network=network,
+                existing=history,
+                replies_from_other_port=by_design,
             )
-            self.findings[key] = finding
+            findings[key] = finding
             return finding, Change.NEW
         finding = replace(
             old,
             client=endpoint(*client),
             count=old.count + 1,
             clients=old.clients + new_client,
-            last_seen=now,
+            first_seen=_earliest(old.first_seen, seen),
+            last_seen=_latest(old.last_seen, seen),
             local=local or old.local,
             confirmed=confirmed or old.confirmed,
         )
-        self.findings[key] = finding
+        findings[key] = finding
         # The client's ICMP came before the reply's event (read in another batch, or
         # the event came from a resync dump): the confirmation is news, say so.
         return finding, Change.CONFIRMED if confirmed and not old.confirmed else Change.COUNTED
@@ -495,9 +558,29 @@ class WrongSourceDetector:
             if len(self._icmp_seen) > 4096:
                 self._icmp_seen.pop(next(iter(self._icmp_seen)))
             return None
-        finding = self.findings.get(known[0])
+        findings = self._findings_of(known[3])
+        finding = findings.get(known[0])
         if finding is None or finding.confirmed:
             return None
         finding = replace(finding, confirmed=True)
-        self.findings[known[0]] = finding
+        findings[known[0]] = finding
         return finding
+
+
+def _earliest(old: float | None, seen: float | None) -> float | None:
+    """The first time of an aggregate: unknown as soon as one reply's time is unknown
+    (an entry without a timestamp predates those with one, so it could be the first)."""
+    if old is None or seen is None:
+        return None
+    return min(old, seen)
+
+
+def _latest(old: float | None, seen: float | None) -> float | None:
+    """The last time of an aggregate: the latest known one (an entry without a
+    timestamp was made before timestamps were on, so before every known one)."""
+    if old is None:
+        return seen
+    if seen is None:
+        return old
+    return max(old, seen)
+

@@ -44,6 +44,8 @@ class WrongSourceRecord(Protocol):
     def client_network(self) -> str | None: ...
     @property
     def client(self) -> str: ...
+    @property
+    def replies_from_other_port(self) -> bool: ...
 
 
 def wrong_source_text(
@@ -54,8 +56,11 @@ def wrong_source_text(
     `198.51.100.13:53 answered from 192.0.2.1:53 (address mismatch, local): 2 replies
     to 2 clients in 192.0.2.0/24, latest 192.0.2.3:40000`; "instead of E" is added when
     the expected source is not the service (DNAT). `actual_source`: the record's, as
-    the caller wants it shown (watch colours it).
+    the caller wants it shown (watch colours it). A program that answers from other
+    ports by design (TFTP) says so: its actual source is an address alone.
     """
+    if record.replies_from_other_port:
+        tags = ("its port changes by design", *tags)
     service, expected = record.service, record.expected_source
     instead = f" instead of {expected}" if expected != service else ""
     what = " and ".join(record.mismatch.split("+")) + " mismatch"

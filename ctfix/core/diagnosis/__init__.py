@@ -15,9 +15,11 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   or whose reply tuple's source port is (a local DNAT forwarded them here). Their
   *addressed* address is the reply tuple's source: what the server must answer from.
 * *Client networks*, per family served: the networks of the clients seen in the
-  conntrack table for the port (the directly connected network that contains the
-  client, else its /24 or /64); when none is seen for a family, each directly
-  connected network of that family (loopback and link-local left out).
+  conntrack table for the port (ctfix.core.clientnet, the one definition watch uses
+  too: the connected network that contains the client, else the /24 or /64 around
+  it that overlaps no connected network); when none is seen for a family, each
+  connected client network of that family (loopback, link-local and host prefixes
+  such as a /32 on lo left out).
 * *Addressed*: for a seen network, the local addresses its clients sent to. For an
   assumed network: every global local address of the family when an exposed
   wildcard socket serves it (a client on a connected network can reach any local
@@ -29,9 +31,16 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   none. They count like addressed ones for *ok* (and for the policy-route advice).
 * *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
   PORT` for a client in the network (a seen client, else a probe address in it).
+* *Evidence beats prediction*: a request conntrack shows answered from the right
+  source makes its address fine for its network; one answered from an address that
+  routing would not pick (and no rewrite or specific bind explains) proves that the
+  program chooses its source: its family is not exposed (`observed-right-source`).
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it
-  specifically, or no serving socket of the family is exposed.
+  specifically, or no serving socket of the family is exposed, or a working
+  snat-zone rewrites to it, or conntrack shows it answered.
+* *Blind*: a family that conntrack does not track here (`tracking`), or a table that
+  cannot be read: no evidence can exist, and a clean table proves nothing.
 * *Uplinks* (remote clients only, beyond a router): an address the clients sent to
   that lives on another interface than the one their replies leave by (the same
   lookup's interface, the *egress*), where that interface leads to a router (a route
@@ -44,7 +53,10 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   address the server had to answer from, or a policy rule on the port through which
   the route lookup for the client's network now gives that address. Such a recorded
   reply predates the change and is reported as such; one seen live (`--listen`) is
-  never discounted. Else `at-risk` when some client network is not ok; else `ok`.
+  never discounted. Else `at-risk` when some client network is not ok; else
+  `unknown` when a blind family is served by a wildcard socket (only a specific bind
+  is right without evidence; a knowledge-base claim or a routing prediction could be
+  contradicted by evidence that cannot exist); else `ok`.
   Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
   to a target the DNAT rules no longer name; `stale`), whatever the rest says.
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere (on the host,
@@ -54,9 +66,10 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 
 The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
-shows; what is history), `exposure` (per client network), `uplinks` (which uplink a
-reply to remote clients leaves by), `netfilter` (rules that cannot help), `advice`
-(the fixes); `codes` lists every reason code. `diagnose()`
+shows; what is history), `blindness` (where conntrack cannot show anything),
+`exposure` (per client network), `uplinks` (which uplink a reply to remote clients
+leaves by), `netfilter` (rules that cannot help), `advice` (the fixes); `codes`
+lists every reason code. `diagnose()`
 composes them and decides the verdict.
 
 Know before changing: this package only reads the Snapshot; anything it needs from
@@ -72,6 +85,7 @@ from typing import TYPE_CHECKING
 from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
 from ctfix.core.diagnosis import (
     advice,
+    blindness,
     evidence,
     exposure,
     listeners,
@@ -98,6 +112,7 @@ from ctfix.core.diagnosis.requests import (
     probe_destinations,
     requests_to,
     usable_addresses,
+    waiting_clients,
 )
 from ctfix.core.diagnosis.uplinks import reply_marks, uplink_lookups
 from ctfix.core.model import Diagnosis, Family, Reason, Verdict
@@ -112,13 +127,29 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     port = snapshot.port
     local = {a.address for a in snapshot.addresses}
     asked = requests.requests_to(snapshot.flows, port, local)
-    shown = evidence.gather(snapshot, asked, local)
+    on_port = [lst for lst in snapshot.listeners if lst.port == port]
+
+    def other_port(server_port: int) -> bool:
+        return listeners.replies_from_other_port(
+            on_port if server_port == port else (), kb, server_port
+        )
+
+    shown = evidence.gather(snapshot, asked, local, other_port)
     caught: set[Family] = {
         family_name(unmap(parse_endpoint(w.client)[0])) for w in shown.wrong_source
     }
-    listening = listeners.judge(snapshot.listeners, kb, port, caught)
     rewritten = netfilter.rewritten_addresses(snapshot.netfilter)
-    clients = exposure.client_networks(snapshot, asked, listening, rewritten)
+    chosen = {
+        f: text
+        for f, text in exposure.observed_choice(snapshot, shown, rewritten).items()
+        if f not in caught
+    }
+    configs: dict[int, dict[str, str]] = {}
+    for config in snapshot.config_files:
+        configs.setdefault(config.pid, {})[config.path] = config.text
+    listening = listeners.judge(snapshot.listeners, kb, port, caught, chosen, configs)
+    clients = exposure.client_networks(snapshot, asked, listening, rewritten, shown)
+    blind = blindness.blind_families(snapshot, listening)
     forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
     rules = netfilter.rule_hits(snapshot.netfilter)
     present = evidence.split_history(shown, snapshot, rewritten)
@@ -156,6 +187,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
                 "cannot translate the reply back.",
             )
         )
+    reasons += blindness.blindness_reasons(snapshot, blind)
     reasons += evidence.evidence_reasons(shown, snapshot)
     reasons += pinned.reasons
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening, rewritten)
@@ -175,6 +207,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         verdict = "broken"
     elif any(not cn.ok for cn in clients):
         verdict = "at-risk"
+    elif blindness.judged_blind(snapshot, listening, blind):
+        verdict = "unknown"
     else:
         verdict = "ok"
 
@@ -182,7 +216,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # Advice for the program it claims to be ("nothing to do") would be wrong for it.
     advice_rule = None if listening.contradicted else service_rule
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
-    wanted = verdict != "ok" and not (forwards and not snapshot.listeners)
+    wanted = verdict in ("at-risk", "broken") and not (forwards and not snapshot.listeners)
     fixes = advice.fixes_for(port, verdict, clients, advice_rule, rules) if wanted else ()
     if pinned.entries:
         verdict = "broken"  # stale NAT entries: a black hole now (their fix is their own)
@@ -204,6 +238,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
         stale_nat=pinned.findings,
         stale_entries=pinned.entries,
+        tracking=blindness.tracking_of(snapshot),
+        tracking_switched_on=snapshot.tracking_switched_on,
+        blind=tuple(blind),
     )
 
 
@@ -226,5 +263,6 @@ __all__ = [
     "rule_problem",
     "uplink_lookups",
     "usable_addresses",
+    "waiting_clients",
     "wrong_source_reply",
 ]

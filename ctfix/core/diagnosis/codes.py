@@ -25,6 +25,8 @@ ReasonCode = Literal[
     "specific-bind",
     "answers-from-destination",
     "knowledge-base-contradicted",
+    "observed-right-source",
+    "fix-already-in-effect",
     # evidence
     "wrong-source-seen",
     "wrong-source-live",
@@ -34,6 +36,8 @@ ReasonCode = Literal[
     # stale NAT: entries the DNAT rules no longer send where they go
     "stale-nat",
     "stale-nat-not-judged",
+    "not-tracked",
+    "tracking-switched-on",
     # exposure per client network
     "client-network-exposed",
     "policy-rule-wrong",

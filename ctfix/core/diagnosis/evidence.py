@@ -12,17 +12,18 @@ happened during this run and is never discounted.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctfix.core.addr import parse_endpoint, unmap
+from ctfix.core.clientnet import ClientNetworks
 from ctfix.core.detectors.wrong_source import (
     WrongSourceDetector,
     WrongSourceFinding,
-    client_network,
 )
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
-from ctfix.core.diagnosis.requests import Request, newest_last
+from ctfix.core.diagnosis.requests import Request, client_networks_of, newest_last
 from ctfix.core.model import Evidence, Reason, WrongSourceReply
 from ctfix.core.snapshot import Snapshot
 
@@ -40,44 +41,69 @@ def wrong_source_reply(finding: WrongSourceFinding) -> WrongSourceReply:
         count=finding.count,
         clients=finding.clients,
         client_network=finding.client_network,
+        replies_from_other_port=finding.replies_from_other_port,
     )
 
 
-def gather(snapshot: Snapshot, requests: list[Request], local: set[str]) -> Evidence:
+def gather(
+    snapshot: Snapshot,
+    requests: list[Request],
+    local: set[str],
+    other_port: Callable[[int], bool] | None = None,
+) -> Evidence:
     """Wrong-source findings, and the port's requests that were answered or not.
 
     The detector keeps only remote clients' flows to local addresses as requests
-    (ctfix.core.detectors.wrong_source), so the server's own outgoing flows, including the snat-zone
-    remedy's zoned replies, are never paired as client and reply. A request is
-    answered when its entry saw a reply, or when another entry answered its client: a
-    wrong-source reply (counted in `wrong_source`, not as unanswered) or a zoned reply
-    that left from the right source (healthy).
+    (ctfix.core.detectors.wrong_source), so the server's own outgoing flows, including
+    the snat-zone remedy's zoned replies, are never paired as client and reply. A
+    request is answered when its entry saw a reply, or when another entry answered its
+    client: a wrong-source reply (counted in `wrong_source`, not as unanswered), a
+    zoned reply that left from the right source, or, for a program that answers from
+    other ports by design (`other_port`), a reply from the addressed address and a new
+    port (healthy). Client networks are ctfix.core.clientnet's, as in watch.
     """
-    detector = WrongSourceDetector(local_addresses=frozenset(local), track_answers=True)
+    networks = client_networks_of(snapshot.addresses)
+    detector = WrongSourceDetector(
+        local_addresses=frozenset(local),
+        track_answers=True,
+        networks=networks,
+        other_port=other_port,
+    )
     detector.examine(newest_last(snapshot.flows), now=0.0)
     answered = detector.answered or {}
     merged: dict[tuple[str, str, str], WrongSourceReply] = {}
-    for finding in detector.findings.values():
+    for finding in detector.found:
         merged[finding.key] = wrong_source_reply(finding)
     for live in snapshot.live_findings:
-        key = finding_key(live)
+        key = finding_key(live, networks)
         # --listen resyncs from the table first: its count includes the table's.
         if key not in merged or live.count > merged[key].count:
             merged[key] = live
     wrong = tuple(sorted(merged.values(), key=lambda w: (w.service, w.actual_source, w.client)))
     healthy = unanswered = 0
+    right: list[tuple[str, str]] = []
     for r in requests:
         wrongly = answered.get((r.client, r.client_port))
         if r.replied or wrongly is False:
             healthy += 1
+            right.append((r.client, r.addressed))
         elif wrongly is None:
             unanswered += 1
-    return Evidence(wrong_source=wrong, healthy=healthy, unanswered=unanswered)
+    return Evidence(
+        wrong_source=wrong,
+        healthy=healthy,
+        unanswered=unanswered,
+        right_answers=tuple(dict.fromkeys(right)),
+    )
 
 
-def finding_key(wrong: WrongSourceReply) -> tuple[str, str, str]:
+def finding_key(
+    wrong: WrongSourceReply, networks: ClientNetworks | None = None
+) -> tuple[str, str, str]:
     """The detector's aggregation key of a wrong-source record."""
-    network = wrong.client_network or client_network(unmap(parse_endpoint(wrong.client)[0]))
+    network = wrong.client_network or (networks or ClientNetworks()).network(
+        unmap(parse_endpoint(wrong.client)[0])
+    )
     return (wrong.service, wrong.actual_source, network)
 
 

@@ -3,9 +3,10 @@ back: the exposure of a wildcard server, network by network. Pure.
 
 Know before changing (the definitions explain shows):
 * *Client networks*, per family served: the networks of the clients seen in the
-  conntrack table for the port (the directly connected network that contains the
-  client, else its /24 or /64); when none is seen for a family, each directly
-  connected network of that family (loopback and link-local left out).
+  conntrack table for the port (ctfix.core.clientnet: the connected network that
+  contains the client, else a /24 or /64 fallback; the same definition as watch's);
+  when none is seen for a family, each connected client network of that family
+  (loopback, link-local and host prefixes such as a /32 on lo left out).
 * *Addressed*: for a seen network, the local addresses its clients sent to. For an
   assumed network: every global local address of the family when an exposed
   wildcard socket serves it, else the specifically bound addresses.
@@ -13,10 +14,16 @@ Know before changing (the definitions explain shows):
   by (its clients' gateway); they count like addressed ones for *ok*.
 * *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
   PORT` for a client in the network (a seen client, else a probe address in it).
+* *Answered*: the addressed addresses whose requests from the network conntrack
+  shows answered from the right source. Evidence beats prediction: such an address
+  is fine whatever routing predicts, and one that routing would not pick (nor a
+  snat-zone rewrite, nor a specific bind explain) proves the program chooses its
+  source (`observed_choice`): the family is not exposed.
 * A network is *ok* when each address it addresses or has on-link would be answered
   from that address: it is the predicted source, or a socket is bound to it, or no
-  serving socket of the family is exposed, or a working snat-zone rewrites to it;
-  and, for remote clients, by that address's own uplink (see `uplinks`).
+  serving socket of the family is exposed, or a working snat-zone rewrites to it, or
+  it was answered (`wrong_for` lists the others); and, for remote clients, by that
+  address's own uplink (see `uplinks`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ctfix.core.diagnosis.evidence import MAIN_TABLE
 from ctfix.core.diagnosis.listeners import Listening, wild_for
 from ctfix.core.diagnosis.requests import (
     Request,
+    client_networks_of,
     connected_networks,
     network_of,
     onlink,
@@ -48,6 +56,31 @@ def choice_for(snapshot: Snapshot, network: str) -> RouteChoice | None:
         if choice.destination == probe and choice.mark is None and choice.from_address is None:
             return choice
     return None
+
+
+def observed_choice(
+    snapshot: Snapshot, evidence: Evidence, rewritten: set[str]
+) -> dict[Family, str]:
+    """family -> what shows the server choosing the source of its replies there: a
+    request answered from the right source, to an address that routing would not pick
+    for its client's network, that no snat-zone rewrite covers and no socket is bound
+    to (those would explain it otherwise). In words, for explain's reason."""
+    networks = client_networks_of(snapshot.addresses)
+    bound = {unmap(lst.address) for lst in snapshot.listeners if not lst.wildcard}
+    found: dict[Family, str] = {}
+    for client, addressed in evidence.right_answers:
+        family = family_name(client)
+        if family in found or addressed in rewritten or addressed in bound:
+            continue
+        network, _iface = network_of(client, networks)
+        choice = choice_for(snapshot, network)
+        if choice is None or choice.source is None or unmap(choice.source) == addressed:
+            continue
+        found[family] = (
+            f"requests from {network} to {addressed} from {addressed}, where routing "
+            f"would answer from {unmap(choice.source)}"
+        )
+    return found
 
 
 def answering_from(
@@ -69,10 +102,15 @@ def client_networks(
     requests: list[Request],
     listening: Listening,
     rewritten: set[str],
+    evidence: Evidence | None = None,
 ) -> list[ClientNetwork]:
     """Every client network of the port, with what it addresses and would get back."""
     serving, exposed = listening.serving, listening.exposed
     connected = connected_networks(snapshot.addresses)
+    networks_of = client_networks_of(snapshot.addresses)
+    answered: dict[str, set[str]] = {}
+    for client, target in evidence.right_answers if evidence else ():
+        answered.setdefault(network_of(client, networks_of)[0], set()).add(target)
     result: list[ClientNetwork] = []
     for family in _FAMILIES:
         listeners = serving.get(family)
@@ -87,7 +125,7 @@ def client_networks(
         for request in requests:
             if request.family != family:
                 continue
-            network, iface = network_of(request.client, connected)
+            network, iface = network_of(request.client, networks_of)
             addressed = seen.setdefault(network, [])
             interfaces[network] = iface
             if request.addressed not in addressed:
@@ -116,9 +154,14 @@ def client_networks(
                 predicted = None
             interface = iface or (choice.interface if choice else None)
             near = tuple(onlink(snapshot.addresses, interface, family))
-            ok = _right_source(
-                (*addressed, *near), predicted, bool(exposed.get(family)), specific, rewritten
+            right = answered.get(network, set())
+            # `rewritten`: a working snat-zone setup gives those clients the right source;
+            # `right`: conntrack shows them answered from it (evidence beats prediction).
+            wrong = _wrong_for(
+                (*addressed, *near), predicted, bool(exposed.get(family)), specific | right,
+                rewritten,
             )
+            ok = not wrong
             # Remote clients: does each address's reply leave by its own uplink?
             other = uplinks.uplinks_for(
                 snapshot, network, addressed, choice, iface,
@@ -138,24 +181,28 @@ def client_networks(
                     egress_gateway=choice.gateway if choice else None,
                     uplinks=other,
                     probe=snapshot.probes.get(network),
+                    answered=tuple(a for a in addressed if a in right),
+                    wrong_for=wrong,
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
     return result
 
 
-def _right_source(
+def _wrong_for(
     addresses: tuple[str, ...],
     predicted: str | None,
     exposed: bool,
-    specific: set[str],
+    right: set[str],
     rewritten: set[str],
-) -> bool:
-    """Each address is answered from itself: the predicted source, bound to, or served
-    by no exposed socket; `rewritten`: a working snat-zone setup gives those clients
-    the right source."""
-    return all(
-        not exposed or a == predicted or a in specific or a in rewritten for a in addresses
+) -> tuple[str, ...]:
+    """Those of the addresses that would not be answered from themselves: not the
+    predicted source, not bound to or seen answered (`right`), not rewritten by a
+    working snat-zone setup; none when no exposed socket serves the family."""
+    return tuple(
+        a
+        for a in dict.fromkeys(addresses)
+        if exposed and a != predicted and a not in right and a not in rewritten
     )
 
 
@@ -167,29 +214,31 @@ def _connected_peers(
     Its replies leave from its local address, which the kernel fixed at connect() by
     routing: the peer's network is affected if the peer sent to another address.
     """
-    connected = connected_networks(snapshot.addresses)
+    networks = client_networks_of(snapshot.addresses)
     covered = {cn.network for cn in known}
     found: list[ClientNetwork] = []
     for listener in snapshot.listeners:
         if listener.state != "connected" or not listener.peer:
             continue
         peer = unmap(listener.peer.rsplit(":", 1)[0].strip("[]"))
-        network, iface = network_of(peer, connected)
+        network, iface = network_of(peer, networks)
         if network in covered:
             continue
         covered.add(network)
         source = unmap(listener.address)
         addressed = sorted({r.addressed for r in requests if r.client == peer}) or [source]
         near = tuple(onlink(snapshot.addresses, iface, family_name(peer)))
+        wrong = _wrong_for((*addressed, *near), source, True, set(), rewritten)
         found.append(
             ClientNetwork(
                 network=network,
                 addressed=tuple(addressed),
                 predicted_source=source,
-                ok=all(a == source or a in rewritten for a in (*addressed, *near)),
+                ok=not wrong,
                 interface=iface,
                 seen=True,
                 onlink=near,
+                wrong_for=wrong,
             )
         )
     return found
@@ -212,17 +261,10 @@ def exposure_reasons(
         other_uplink += uplinks.uplink_reasons(
             cn, answering_from(listening, family, cn.addressed)
         )
-        everyone = (*cn.addressed, *cn.onlink)
-        if cn.ok or _right_source(
-            everyone,
-            cn.predicted_source,
-            bool(listening.exposed.get(family)),
-            answering_from(listening, family, everyone),
-            rewritten,
-        ):
+        if cn.ok or not cn.wrong_for:
             continue  # answered from the right source (a wrong uplink is said above)
         extra = [a for a in cn.onlink if a not in cn.addressed]
-        others = [a for a in (*cn.addressed, *extra) if a != cn.predicted_source]
+        others = list(cn.wrong_for)
         how = "send to" if cn.seen else "may send to"
         source = cn.predicted_source or "an address routing picks"
         # The same addresses as the client table's "clients send to" column.
@@ -232,12 +274,17 @@ def exposure_reasons(
             if extra
             else ""
         )
+        answered = (
+            f" (conntrack shows those of {', '.join(cn.answered)} answered from it)"
+            if cn.answered
+            else ""
+        )
         reasons.append(
             reason(
                 "client-network-exposed",
-                f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{also}; replies to "
-                f"them leave from {source}, so those that address {', '.join(others)} get no "
-                "answer.",
+                f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{also}{answered}; "
+                f"replies to them leave from {source}, so those that address "
+                f"{', '.join(others)} get no answer.",
             )
         )
         choice = choice_for(snapshot, cn.network)
@@ -253,18 +300,43 @@ def exposure_reasons(
                     )
                 )
     reasons += other_uplink
-    if (
-        not evidence.wrong_source
-        and any(listening.exposed.values())
-        and clients
-        and all(cn.ok for cn in clients)
-        and any(cn.seen for cn in clients)
-    ):
+    untried = _untried(clients, snapshot, listening, rewritten)
+    if not evidence.wrong_source and clients and all(cn.ok for cn in clients) and untried:
         reasons.append(
             reason(
                 "only-matching-clients-seen",
-                "Every client seen so far addressed the address its replies come from; a "
-                "client that sends to another local address would not get an answer.",
+                "Every client seen so far addressed the address its replies come from; "
+                + "; ".join(
+                    f"a client in {network} that sends to {' or '.join(addresses)} would "
+                    "not get an answer"
+                    for network, addresses in untried.items()
+                )
+                + " (no such request was seen, nor answered).",
             )
         )
     return reasons
+
+
+def _untried(
+    clients: list[ClientNetwork], snapshot: Snapshot, listening: Listening, rewritten: set[str]
+) -> dict[str, list[str]]:
+    """Seen network -> the local addresses its clients have not used, that nothing would
+    answer them from (routing picks another, no rewrite, no socket bound to it): what
+    the only-matching reason may claim, and nothing else."""
+    bound = {unmap(lst.address) for lst in snapshot.listeners if not lst.wildcard}
+    found: dict[str, list[str]] = {}
+    for cn in clients:
+        family = family_name(cn.network.split("/", 1)[0])
+        if not cn.seen or not listening.exposed.get(family):
+            continue
+        others = [
+            a
+            for a in usable_addresses(snapshot.addresses, family)
+            if a != cn.predicted_source
+            and a not in cn.addressed
+            and a not in rewritten
+            and a not in bound
+        ]
+        if others:
+            found[cn.network] = others
+    return found

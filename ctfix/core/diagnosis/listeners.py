@@ -6,12 +6,15 @@ v6only). A wildcard socket is *exposed* unless its program is known to answer fr
 the request's destination (the knowledge base says `affected` is False, matched by
 name or command line, not by port alone; or it is `ctfix serve`); evidence beats that
 claim: a family in which conntrack caught it answering from the wrong source makes it
-exposed again (`contradicted`).
+exposed again (`contradicted`). Evidence beats prediction the other way too: a family
+in which conntrack shows requests to an address that routing would not pick answered
+from that address (`observed`) proves that the program chooses its source: it is not
+exposed there, whatever the knowledge base knows of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,9 +39,17 @@ class Known:
     port_only: bool
     correct: bool  # answers from the request's destination even on a wildcard
     label: str | None
+    #: what shows the knowledge base's own fix is already on (command line, config)
+    in_effect: str | None = None
 
 
-def recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> Known:
+def recognise(
+    listener: Listener,
+    kb: KnowledgeBase | None,
+    port: int,
+    configs: Mapping[str, str] | None = None,
+) -> Known:
+    """`configs`: the process's configuration files that were read (path -> text)."""
     if is_ctfix_serve(listener):
         return Known(None, False, True, "ctfix serve (IP_PKTINFO reference server)")
     if kb is None:
@@ -46,9 +57,48 @@ def recognise(listener: Listener, kb: KnowledgeBase | None, port: int) -> Known:
     match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
     if match is None:
         return Known(None, False, False, None)
-    verdict = match.rule.affected(listener.family, listener.cmdline)
+    verdict = match.rule.affected(listener.family, listener.cmdline, configs)
     correct = verdict is False and not match.port_only
-    return Known(match.rule, match.port_only, correct, match.rule.name)
+    in_effect = match.rule.fix_in_effect(listener.cmdline, configs) if correct else None
+    return Known(match.rule, match.port_only, correct, match.rule.name, in_effect)
+
+
+def config_globs(
+    listeners: Iterable[Listener], kb: KnowledgeBase | None, port: int
+) -> list[tuple[int, str]]:
+    """(pid, file glob) of the configuration files the knowledge base says show a
+    listener's fix is on (`fixed_if_config`): what the collector reads."""
+    wanted: list[tuple[int, str]] = []
+    if kb is None:
+        return wanted
+    for listener in listeners:
+        match = kb.match(listener.process, listener.cmdline, port, exe=listener.exe)
+        if listener.pid is None or match is None or match.port_only:
+            continue
+        for glob, _pattern in match.rule.fixed_if_config:
+            if (listener.pid, glob) not in wanted:
+                wanted.append((listener.pid, glob))
+    return wanted
+
+
+def replies_from_other_port(
+    listeners: Iterable[Listener], kb: KnowledgeBase | None, port: int
+) -> bool:
+    """Whether the program on the port answers from other ports by design (TFTP's
+    transfer ids): a socket's program that the knowledge base marks
+    `replies_from_other_port`, recognised by process or command line (never by port
+    alone); or a port that every knowledge-base entry claiming it marks so (69: the
+    protocol does it, whichever program speaks it)."""
+    if kb is None:
+        return False
+    claims = kb.by_port(port)
+    if claims and all(rule.replies_from_other_port for rule in claims):
+        return True
+    for listener in listeners:
+        match = kb.match(listener.process, listener.cmdline, exe=listener.exe)
+        if match is not None and match.rule.replies_from_other_port:
+            return True
+    return False
 
 
 def serves(listener: Listener) -> tuple[Family, ...]:
@@ -75,6 +125,9 @@ class Judged:
     known: Known
     #: the knowledge base trusts it, but conntrack caught it answering wrongly
     contradicted: bool = False
+    #: conntrack shows it answering from addresses routing would not pick: it chooses
+    #: its source (the text: which address, and what routing would have picked)
+    observed: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,17 +155,31 @@ class Listening:
 
 
 def judge(
-    listeners: Iterable[Listener], kb: KnowledgeBase | None, port: int, caught: set[Family]
+    listeners: Iterable[Listener],
+    kb: KnowledgeBase | None,
+    port: int,
+    caught: set[Family],
+    observed: Mapping[Family, str] | None = None,
+    configs: Mapping[int, Mapping[str, str]] | None = None,
 ) -> Listening:
-    """`caught`: the families of the clients conntrack shows wrong-source replies to."""
+    """`caught`: the families of the clients conntrack shows wrong-source replies to;
+    `observed`: family -> what shows the server choosing its source there (none of
+    those families is caught); `configs`: pid -> its configuration files read."""
+    observed = observed or {}
     judged: list[Judged] = []
     for listener in listeners:
-        info = recognise(listener, kb, port)
+        info = recognise(listener, kb, port, (configs or {}).get(listener.pid or -1))
+        wild = [f for f in serves(listener) if wild_for(listener, f)]
         # Evidence beats a claim: a program the knowledge base trusts that was caught
         # answering from the wrong source is judged like any other wildcard server.
-        if info.correct and any(f in caught and wild_for(listener, f) for f in serves(listener)):
+        if info.correct and any(f in caught for f in wild):
             doubted = Known(info.rule, info.port_only, False, info.label)
             judged.append(Judged(listener, doubted, contradicted=True))
+        elif not info.correct and wild and all(f in observed for f in wild):
+            # ... and a prediction: seen answering from what routing would not pick.
+            shown = "; ".join(observed[f] for f in wild)
+            trusted = Known(info.rule, info.port_only, True, info.label)
+            judged.append(Judged(listener, trusted, observed=shown))
         else:
             judged.append(Judged(listener, info))
     serving: dict[Family, list[Listener]] = {}
@@ -189,6 +256,20 @@ def listener_reason(one: Judged, port: int) -> Reason:
             "unreachable.",
         )
     line = f"{who(listener)} listens on {bind_text(listener)}"
+    if listener.wildcard and one.observed:
+        return reason(
+            "observed-right-source",
+            line + f": conntrack shows it answering {one.observed}. It chooses the "
+            "source of its replies (IP_PKTINFO, or a socket per address), so the "
+            "verdict rests on these observed replies, not on a prediction.",
+        )
+    if listener.wildcard and info.correct and info.in_effect:
+        return reason(
+            "fix-already-in-effect",
+            line + f"; it is {info.label}, and its own fix is already in effect "
+            f"({info.in_effect}): it answers from the address each request was sent "
+            "to. Nothing to change.",
+        )
     if listener.wildcard and info.correct:
         return reason(
             "answers-from-destination",

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ctfix.core.addr import endpoint, family_name, unmap
+from ctfix.core.clientnet import ClientNetworks, Connected, connected
 from ctfix.core.decode import CtEntry
 from ctfix.core.model import Family
 from ctfix.core.snapshot import LocalAddress, NetfilterRule, Route
@@ -49,19 +50,20 @@ def usable_addresses(addresses: Iterable[LocalAddress], family: Family) -> list[
 
 
 def connected_networks(addresses: Iterable[LocalAddress]) -> list[tuple[str, str, str]]:
-    """(network, interface, family) of each directly connected, non-loopback network."""
-    found: list[tuple[str, str, str]] = []
-    seen: set[str] = set()
-    for addr in addresses:
-        if addr.loopback or addr.scope not in ("global", "site"):
-            continue
-        if addr.link_local:
-            continue
-        if addr.network not in seen:
-            seen.add(addr.network)
-            found.append((addr.network, addr.interface, addr.family))
-    return found
+    """(network, interface, family) of each connected client network
+    (ctfix.core.clientnet: not loopback, link-local, nor a host prefix such as a /32
+    on lo)."""
+    return [(c.network, c.interface, c.family) for c in _connected(addresses)]
 
+
+def _connected(addresses: Iterable[LocalAddress]) -> tuple[Connected, ...]:
+    return connected((a.address, a.prefixlen, a.interface, a.scope) for a in addresses)
+
+
+def client_networks_of(addresses: Iterable[LocalAddress]) -> ClientNetworks:
+    """The one client-network definition (ctfix.core.clientnet) for these addresses:
+    what watch's detector groups by, and explain's client table."""
+    return ClientNetworks(_connected(addresses))
 
 
 def requests_to(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[Request]:
@@ -149,14 +151,9 @@ def onlink(
     return usable_addresses((a for a in addresses if a.interface == interface), family)
 
 
-def network_of(client: str, connected: Sequence[tuple[str, str, str]]) -> tuple[str, str | None]:
-    ip = ipaddress.ip_address(client)
-    for network, interface, _family in connected:
-        net = ipaddress.ip_network(network)
-        if ip.version == net.version and ip in net:
-            return network, interface
-    prefix = 24 if ip.version == 4 else 64
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)), None
+def network_of(client: str, networks: ClientNetworks) -> tuple[str, str | None]:
+    """The client's network and the interface it is connected on (None: routed)."""
+    return networks.of(client)
 
 
 def probe_in(network: str, local: set[str]) -> str:
@@ -188,18 +185,32 @@ def probe_destinations(
     with two uplinks the internet (0.0.0.0/0, ::/0: see `internet_probe`).
     """
     local = {a.address for a in addresses}
-    connected = connected_networks(addresses)
+    networks = client_networks_of(addresses)
     probes: dict[str, str] = {}
     for request in requests_to(flows, port, local):
-        network, _iface = network_of(request.client, connected)
+        network, _iface = network_of(request.client, networks)
         probes.setdefault(network, request.client)
-    for network, _iface, _family in connected:
-        probes.setdefault(network, probe_in(network, local))
+    for each in networks.networks:
+        probes.setdefault(each.network, probe_in(each.network, local))
     for family, internet in (("ipv4", "0.0.0.0/0"), ("ipv6", "::/0")):
         probe = internet_probe(routes, family)
         if probe is not None:
             probes.setdefault(internet, probe)
     return probes
+
+
+def waiting_clients(flows: Iterable[CtEntry], port: int, local: set[str]) -> set[tuple[str, int]]:
+    """(address, port) of the clients whose requests to the port have no reply among
+    `flows`: neither on their own entry nor as an entry sent to them. Their replies,
+    if any, left from another port (TFTP's transfer ids) or started another flow: the
+    collector looks them up by the client's tuple (a dump filtered by port cannot)."""
+    flows = list(flows)
+    answered = {(e.orig.dst, e.orig.dport) for e in flows if e.orig.proto == UDP}
+    return {
+        (r.client, r.client_port)
+        for r in requests_to(flows, port, local)
+        if not r.replied and (r.client, r.client_port) not in answered
+    }
 
 
 

@@ -38,7 +38,7 @@ from dataclasses import replace
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.requests import (
     Request,
-    connected_networks,
+    client_networks_of,
     network_of,
     uplink_interfaces,
 )
@@ -99,10 +99,10 @@ def uplink_lookups(
     remote client networks (seen ones, and the internet on a host with two uplinks):
     from each address their clients sent (or may send) to, and with each mark the
     port's replies get. The destination is the network's probe."""
-    connected = connected_networks(addresses)
+    networks = client_networks_of(addresses)
     remote: list[tuple[str, str]] = []  # (probe, addressed)
     for request in requests:
-        network, iface = network_of(request.client, connected)
+        network, iface = network_of(request.client, networks)
         probe = probes.get(network)
         if iface is None and probe is not None:
             remote.append((probe, request.addressed))
