@@ -125,14 +125,20 @@ def enter_netns(spec: str | None) -> str:
     return target.label
 
 
-def positive_seconds(text: str) -> float:
+def positive_seconds(text: str, *, zero: bool = False) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds above 0")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "above 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds {least}")
     return value
+
+
+def seconds_or_zero(text: str) -> float:
+    """Like `positive_seconds`, and 0 turns the thing off."""
+    return positive_seconds(text, zero=True)
 
 
 __all__ = ["CtfixError", "add_netns_argument", "enter_netns", "port_number", "require_root"]

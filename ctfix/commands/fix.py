@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,14 @@ from ctfix.commands.common import (
     enter_netns,
     port_number,
     require_root,
+    seconds_or_zero,
 )
-from ctfix.core.model import Diagnosis
+from ctfix.core.model import Diagnosis, FixEffect
 from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
 if TYPE_CHECKING:
+    from ctfix.core.model import ForwardedService
     from ctfix.core.plan import Backend, Plan
     from ctfix.core.rules import KnowledgeBase
     from ctfix.platform.remedy import Reverted
@@ -57,10 +60,20 @@ examples:
 names anything else is refused. Marked objects that no record explains (a lost
 state file) are shown by --status and removed by --revert too, listed apart.
 
+After --apply, fix listens to conntrack for --listen S seconds (default 3) for
+wrong-source replies on the port: rules in the kernel prove that they exist, not that
+they work. --status judges each fix by the evidence since it was applied (conntrack
+dates each wrong-source reply; --listen S watches live events too) and names the
+services a DNAT forwards to the port that a snat-zone fix does not cover.
+
 exit status:
   0    done (or a dry run; or nothing to revert)
+  1    --apply: applied, but wrong-source replies went on while it listened
+       (INEFFECTIVE; it stays applied: revert it or look at `ctfix explain PORT`)
   1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
-       no record explains are in the kernel (revert it);
+       no record explains are in the kernel (revert it); or a fix is INEFFECTIVE
+       (wrong-source replies since it was applied) or does NOT COVER a service
+       DNAT'd to the port since;
        flush-stale: a client's next entry still does not go where the rules say
   2    refused or failed, nothing changed; bad input; missing privilege or feature
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
@@ -70,10 +83,10 @@ exit status:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
-        f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply] [--force] "
+        f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply [--listen S]] [--force] "
         "[--backend nft|iptables-legacy] [--gateway ADDR]... [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
-        "       ctfix fix --status [--netns NS] [--json]"
+        "       ctfix fix --status [--listen S] [--netns NS] [--json]"
     )
     parser.epilog = EPILOG
     parser.add_argument("port", nargs="?", type=port_number, metavar="PORT", help="UDP port")
@@ -116,6 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ctfix (repeat for several uplinks)",
     )
     add_rules_argument(parser)
+    parser.add_argument(
+        "--listen",
+        metavar="S",
+        type=seconds_or_zero,
+        help="--apply: listen S seconds afterwards for wrong-source replies (default 3; 0: "
+        "do not); --status: also watch live conntrack events for S seconds",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     add_netns_argument(parser)
 
@@ -126,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         raise CtfixError(f"--{modes[0]} and --{modes[1]} do not go together")
     if args.status or args.revert:
         _refuse_plan_options(args)
+    if args.listen is not None and not (args.apply or args.status):
+        raise CtfixError("--listen goes with --apply or --status", "drop --listen")
     if args.status:
         return _status(args)
     if args.revert:
@@ -206,12 +228,25 @@ def run(args: argparse.Namespace) -> int:
             render.interrupted_text(args.port, name, len(stopped.removed), stopped.failures, revert)
         )
         return 128 + int(stopped.signum)
+    seconds = 3.0 if args.listen is None else args.listen
+    listened = _listen_after(plan.port, seconds) if seconds and not result.already else None
     if args.json:
-        _write_json(render.applied_document(plan, result, label))
+        _write_json(render.applied_document(plan, result, label, listened))
     else:
         undo = f"ctfix fix --revert {plan.port}{_netns_flag(args)}"
-        sys.stdout.write(render.applied_text(plan, result, label, undo))
-    return ExitStatus.OK
+        sys.stdout.write(render.applied_text(plan, result, label, undo, listened))
+    # Applied, but wrong-source replies went on: it stays (the user decides), exit 1.
+    return ExitStatus.PROBLEM if listened and listened.findings else ExitStatus.OK
+
+
+def _listen_after(port: int, seconds: float) -> Any:
+    """What listening to conntrack for `seconds` right after an apply saw (in the
+    namespace the command entered), as render.fix.Listened."""
+    from ctfix.platform import routing, snapshot
+    from ctfix.render.fix import Listened
+
+    heard = snapshot.listen(port, seconds, routing.local_addresses())
+    return Listened(heard.seconds, heard.requests, heard.findings)
 
 
 def _write_json(document: dict[str, Any]) -> None:
@@ -240,6 +275,7 @@ def _refuse_plan_options(args: argparse.Namespace) -> None:
             ("--force", args.force),
             ("--backend", args.backend),
             ("--rules", args.rules),
+            ("--listen", args.revert and args.listen is not None),
             ("PORT", args.status and args.port is not None),
         )
         if value
@@ -306,7 +342,8 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
     fix = FixState.load(label).fixes.get(args.port)
     if fix is None or not fix.complete or fix.method != args.method:
         return False
-    missing = [r.step for r in fix.steps if not remedy.present(r.step.spec)]
+    here = remedy.present_all([r.step.spec for r in fix.steps])
+    missing = [r.step for r, found in zip(fix.steps, here, strict=True) if not found]
     if missing:
         raise CtfixError(
             f"the recorded {fix.method} fix for port {args.port} is no longer whole in the "
@@ -334,18 +371,47 @@ def _status(args: argparse.Namespace) -> int:
     from ctfix.render import fix as render
 
     state = FixState.load(label)
+    # Effect, not presence: what the evidence since each fix says. First: conntrack
+    # forgets a wrong-source reply nf_conntrack_udp_timeout after its last packet.
+    now = time.time()
+    effects = {
+        port: _effect(port, label, args.listen or 0.0)
+        for port, fix in state.fixes.items()
+        if fix.complete
+    }
     report = remedy.status(state)
     refused = remedy.foreign_steps(state)
     stray = marks.unrecorded(state.specs())
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
     revert = f"ctfix fix --revert{_netns_flag(args)}"
     complete = render.whole(report, refused)
-    status = ExitStatus.OK if all(complete.values()) and not stray else ExitStatus.PROBLEM
+    judged = {
+        port: found
+        for port, found in effects.items()
+        if found is not None and complete.get(port)
+    }
+    working = all(complete.values()) and not any(map(render.failing, judged.values()))
+    status = ExitStatus.OK if working and not stray else ExitStatus.PROBLEM
     if args.json:
-        _write_json(render.status_document(report, label, state.path, revert, refused, stray))
+        _write_json(
+            render.status_document(report, label, state.path, revert, refused, stray, judged)
+        )
     else:
-        sys.stdout.write(render.status_text(report, label, state.path, revert, refused, stray))
+        sys.stdout.write(
+            render.status_text(
+                report, label, state.path, revert, refused, stray, judged, now
+            )
+        )
     return status
+
+
+def _effect(port: int, label: str, listen: float) -> FixEffect | str | None:
+    """The recorded fix's effect from a fresh diagnosis of the port; a string says
+    why there is none (no privilege to read conntrack, ...)."""
+    try:
+        return _diagnose(port, label, listen).fix_effect
+    except CtfixError as err:
+        return err.one_line()
 
 
 def _revert(args: argparse.Namespace) -> int:
@@ -402,8 +468,8 @@ def _reverted(
 
 def _bind(args: argparse.Namespace) -> int:
     """--method bind: advice only. Needs no privilege beyond what `--netns` needs: it
-    reads the port's sockets (sock_diag) and the knowledge base, never conntrack,
-    routes or netfilter."""
+    reads the port's sockets (sock_diag), the knowledge base and, when it may, the DNAT
+    rules (clients behind a DNAT need a socket on its target); never conntrack."""
     from ctfix.core.plan import make_plan
     from ctfix.platform import rules_files
 
@@ -412,14 +478,33 @@ def _bind(args: argparse.Namespace) -> int:
     from ctfix.platform import sockdiag
 
     listeners = tuple(listener for listener, _uid in sockdiag.listeners(args.port))
-    diagnosis = Diagnosis(args.port, label, "at-risk", (), listeners=listeners)
-    plan = make_plan(diagnosis, "bind", advice=_bind_advice(diagnosis, kb))
+    forwarded, unread = _forwarded_here(args.port)
+    diagnosis = Diagnosis(
+        args.port, label, "at-risk", (), listeners=listeners, forwarded_from=forwarded
+    )
+    plan = make_plan(diagnosis, "bind", advice=(*_bind_advice(diagnosis, kb), *unread))
     _write_plan(plan, label, args.json, None)
     return ExitStatus.OK
 
 
+def _forwarded_here(port: int) -> tuple[tuple[ForwardedService, ...], tuple[str, ...]]:
+    """Services a DNAT forwards to the port, from the rules (no conntrack: bind advice
+    needs no privilege; without CAP_NET_ADMIN the rules cannot be read, and it says so)."""
+    from ctfix.core.diagnosis.forwarding import forwarded_services
+    from ctfix.platform import dnat_read, routing
+
+    rules, errors = dnat_read.dnat_rules(port)
+    local = {a.address for a in routing.local_addresses()}
+    unread = tuple(
+        f"(the DNAT rules could not be read: {error}; clients of a service DNAT'd to port "
+        f"{port} need a socket on the DNAT's target address)"
+        for error in errors[:1]
+    )
+    return tuple(forwarded_services(port, rules, (), local)), unread
+
+
 def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
-    from ctfix.core.plan.bind import pktinfo_advice
+    from ctfix.core.plan.bind import dnat_advice, pktinfo_advice
 
     port = diagnosis.port
     lines: list[str] = []
@@ -452,10 +537,10 @@ def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
         )
     elif not diagnosis.listeners:
         lines.append(f"(no UDP socket on port {port} now: the advice below is generic)")
-    return (*lines, *pktinfo_advice(port))
+    return (*lines, *dnat_advice(diagnosis.forwarded_from), *pktinfo_advice(port))
 
 
-def _diagnose(port: int, label: str) -> Diagnosis:
+def _diagnose(port: int, label: str, listen: float = 0.0) -> Diagnosis:
     """explain's diagnosis of the port, in the namespace the process has entered."""
     from ctfix.core import rules
     from ctfix.core.diagnosis import diagnose
@@ -465,4 +550,4 @@ def _diagnose(port: int, label: str) -> Diagnosis:
         kb: rules.KnowledgeBase | None = rules_files.load()
     except CtfixError:
         kb = None  # the fix does not depend on recognising the program
-    return diagnose(snapshot.collect(port, label), kb)
+    return diagnose(snapshot.collect(port, label, listen_seconds=listen), kb)

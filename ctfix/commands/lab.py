@@ -15,6 +15,7 @@ from typing import TextIO
 
 from ctfix.commands.common import port_number, positive_seconds, require_root
 from ctfix.errors import ExitStatus
+from ctfix.lab.registry import DEFAULT, SCENARIOS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +29,7 @@ that addresses the uplink without an answer: the lab shows the two conntrack
 entries and the client's ICMP port unreachable that prove why. Then the IP_PKTINFO
 reference server answers on every address. Everything is removed at the end.
 
---scenario stale-nat tells the other story: a one-way sender (syslog-like, a fixed
-source port) forwarded by DNAT to backend A, the rule moved to backend B and A's
-address removed: the black hole, ctfix's finding, `ctfix fix --method flush-stale`
-and the recovery.
+Other scenarios (--scenario) tell other stories on the same topology.
 
 exit status: 0 bug reproduced and fix confirmed, 1 otherwise, 2 errors."""
     parser.epilog = """\
@@ -39,7 +37,18 @@ examples:
   ctfix lab                 IPv4 story, about 3 seconds
   ctfix lab --ipv6          IPv4 and IPv6
   ctfix lab --keep          leave the namespaces up to experiment in them
-  ctfix lab --scenario stale-nat   a sender pinned to a backend that moved, and the flush"""
+  ctfix lab --scenario clusterip --ipv6
+                            a Kubernetes ClusterIP DNAT'd to a hostNetwork server:
+                            the failure, explain's finding, the snat-zone repair, revert
+
+scenarios:
+""" + "\n".join(f"  {name:13} {summary}" for name, (_m, summary) in SCENARIOS.items())
+    parser.add_argument(
+        "--scenario",
+        choices=tuple(SCENARIOS),
+        default=DEFAULT,
+        help=f"which story to tell (default: {DEFAULT})",
+    )
     parser.add_argument("--ipv6", action="store_true", help="also run the story over IPv6")
     parser.add_argument(
         "--keep",
@@ -47,17 +56,10 @@ examples:
         help="leave the namespaces up afterwards and print how to enter and remove them",
     )
     parser.add_argument(
-        "--scenario",
-        choices=SCENARIOS,
-        default=SCENARIOS[0],
-        help="wrong-source (default): a server that answers from the wrong address; "
-        "stale-nat: clients pinned by conntrack to a DNAT backend that moved",
-    )
-    parser.add_argument(
         "--port",
         type=port_number,
-        default=None,
-        help="UDP port of the lab's service (default: 56789; stale-nat: 5140)",
+        default=56789,
+        help="UDP port of the lab's service (default: 56789)",
     )
     parser.add_argument(
         "--netfilter",
@@ -74,10 +76,6 @@ examples:
     )
 
 
-#: the stories `--scenario` offers, the default first
-SCENARIOS = ("wrong-source", "stale-nat")
-
-
 class _Stop(Exception):
     pass
 
@@ -88,37 +86,23 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     require_root("ctfix lab (it creates network namespaces)", "CAP_SYS_ADMIN")
+    from ctfix.lab import registry
     from ctfix.lab import topology as t
-    from ctfix.lab.scenario import run_story
-    from ctfix.render.lab import LabPrinter, stale_nat_why
+    from ctfix.render.lab import LabPrinter
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
     printer = LabPrinter(out)
-    stale = getattr(args, "scenario", SCENARIOS[0]) == "stale-nat"
-    if stale and args.ipv6:
-        from ctfix.errors import CtfixError
-
-        raise CtfixError("--scenario stale-nat runs over IPv4 only", "drop --ipv6")
-    port = args.port if args.port is not None else (5140 if stale else 56789)
     topo = t.Topology(t.new_run_id(), ipv6=args.ipv6, netfilter=args.netfilter)
     try:
-        if stale:
-            from ctfix.lab import stale_nat
-
-            printer.stale_nat_topology(topo, port)
-            topo.build()
-            story = stale_nat.run_story(topo, port, printer.report, timeout=args.timeout)
-            printer.verdict(story, why=stale_nat_why())
-        else:
-            printer.topology(topo, port)
-            topo.build()
-            story = run_story(topo, port, printer.report, timeout=args.timeout)
-            printer.verdict(story)
+        printer.topology(topo, args.port, args.scenario)
+        topo.build()
+        story = registry.run(args.scenario, topo, args.port, printer.report, args.timeout)
+        printer.verdict(story, args.scenario)
         if args.keep:
             from ctfix.commands.common import ctfix_command
 
-            printer.keep(topo, port, ctfix_command(), "stale-nat" if stale else "wrong-source")
+            printer.keep(topo, args.port, ctfix_command(), args.scenario)
         return ExitStatus.OK if story.reproduced and story.fixed else ExitStatus.PROBLEM
     except (_Stop, KeyboardInterrupt) as stop:
         what = str(stop) or "SIGINT"

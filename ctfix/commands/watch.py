@@ -639,19 +639,17 @@ def _rcvbuf(default: int) -> int:
 
 
 def _udp_stream_timeout() -> int:
-    from ctfix.platform.conntrack import udp_timeouts
+    from ctfix.core.detectors import UDP_TIMEOUT_STREAM
+    from ctfix.platform import ctstats
 
-    return udp_timeouts()[1]
+    return ctstats.udp_timeout_stream() or UDP_TIMEOUT_STREAM
 
 
 def _udp_timeout() -> int:
-    try:
-        with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout") as fh:
-            return int(fh.read().strip())
-    except (OSError, ValueError):
-        from ctfix.core.detectors import UDP_TIMEOUT
+    from ctfix.core.detectors import UDP_TIMEOUT
+    from ctfix.platform import ctstats
 
-        return UDP_TIMEOUT
+    return ctstats.udp_timeout() or UDP_TIMEOUT
 
 
 __all__ = ["add_arguments", "run"]

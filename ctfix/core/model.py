@@ -143,6 +143,10 @@ class ClientNetwork:
     #: addresses (addressed or on-link) whose clients here would get replies from
     #: another address: what makes the network not ok (empty when ok)
     wrong_for: tuple[str, ...] = ()
+    #: services ("addr:port") these clients sent to that a DNAT forwarded to an address
+    #: in `addressed` (their `wrong_for` names them when they would get no answer): a
+    #: reply must go back from that address, or be rewritten to the service itself
+    services: tuple[str, ...] = ()
     #: the interface the port's replies to them leave by, and its next hop (None: the
     #: clients are on-link), from the same route lookup as predicted_source
     egress: str | None = None
@@ -169,6 +173,60 @@ class WrongSourceReply:
     #: the program answers from other ports by design: `actual_source` is an address
     replies_from_other_port: bool = False
     container: ContainerRef | None = None  # the container `client` (the latest) is in
+    #: when the first and the latest of these replies left (seconds since the epoch),
+    #: as far as conntrack tells (timestamps, or the entry's time left); None: unknown
+    first_seen: float | None = None
+    last_seen: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedService:
+    """Requests to `address:port` (as clients send them) that a DNAT forwards to this
+    port on this host (`target_address:target_port`): the server must answer them from
+    the target, and a rewrite of a wrong-source reply must go back to `address:port`.
+
+    `address` is None when the DNAT matches no single destination address (`matched`
+    says what it matches: a network, any address); such clients can be remembered only
+    once conntrack shows which address they used (then it is another, exact, entry).
+    """
+
+    address: str | None
+    port: int | None  # None: the DNAT keeps any port (only with `address` None)
+    target_address: str
+    target_port: int
+    #: where the DNAT is: "prerouting" (other hosts' clients), "output" (this host's
+    #: own); empty when only conntrack shows it (the rule was not read)
+    hooks: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()  # the DNAT rule(s) as their tool prints them
+    seen: int = 0  # requests to it in the conntrack table
+    matched: str | None = None  # what the rule matches when `address` is None
+
+    @property
+    def service(self) -> str:
+        """`203.0.113.10:40054`, or what the rule matches: `any address:40054`."""
+        if self.address is not None and self.port is not None:
+            return _endpoint(self.address, self.port)
+        where = self.address or self.matched or "any address"
+        return f"{where}:{self.port if self.port is not None else 'any port'}"
+
+    @property
+    def target(self) -> str:
+        return _endpoint(self.target_address, self.target_port)
+
+    @property
+    def exact(self) -> bool:
+        """One known address and port: its clients can be remembered in advance."""
+        return self.address is not None and self.port is not None
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}, DNAT'd to {self.target}"
+
+
+def _endpoint(address: str, port: int) -> str:
+    from ctfix.core.addr import endpoint  # it imports this module
+
+    return endpoint(address, port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +258,38 @@ class Fix:
     recommended: bool = False  # explain's pick for this host (may be several)
 
 
+FixVerdict = Literal["ineffective", "no-failure-seen", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class FixEffect:
+    """What the evidence says about the fix ctfix recorded for the port.
+
+    `ineffective`: wrong-source replies left since the fix was applied (the services
+    they answered are `ineffective_for`). `no-failure-seen`: none in what could show
+    one (`evidence`): not proof that it works. `unknown`: nothing could have shown one
+    (conntrack unreadable, not listening). `uncovered`: services
+    forwarded to the port that the fix does not remember clients of (a DNAT made
+    after it, or one it could not cover).
+    """
+
+    method: str
+    applied_at: float  # seconds since the epoch
+    covers: tuple[str, ...]  # "clients of S" per target, as the plan named them
+    verdict: FixVerdict
+    since_fix: tuple[WrongSourceReply, ...] = ()  # the evidence of `ineffective`
+    ineffective_for: tuple[str, ...] = ()  # services ("addr:port") those replies answered
+    uncovered: tuple[ForwardedService, ...] = ()
+    #: what the verdict rests on: conntrack timestamps, conntrack time left, live events
+    evidence: tuple[str, ...] = ()
+    #: how far back, in seconds before the diagnosis, a wrong-source reply since the fix
+    #: would still show (the table forgets an unreplied entry after
+    #: nf_conntrack_udp_timeout; 0: nothing could show one)
+    window: float = 0.0
+    #: the window reaches back to the apply: nothing since the fix could have gone unseen
+    whole_time: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Diagnosis:
     port: int
@@ -222,6 +312,10 @@ class Diagnosis:
     #: and stale target), and the exact entries (what `fix --method flush-stale` deletes)
     stale_nat: tuple[StaleNatFinding, ...] = ()
     stale_entries: tuple[StaleEntry, ...] = ()
+    #: services whose requests a DNAT forwards to this port on this host
+    forwarded_from: tuple[ForwardedService, ...] = ()
+    #: the fix ctfix recorded for the port, and whether it works (None: no record)
+    fix_effect: FixEffect | None = None
     #: per family, whether conntrack tracked it while the evidence was gathered (None:
     #: could not tell); where it did not, no evidence can exist
     tracking: dict[str, bool | None] = field(default_factory=dict)

@@ -143,7 +143,41 @@ class NetfilterRule:
     hook: str | None = None  # "prerouting", "output", "postrouting", ... when known
     matches_mark: bool = False
     nat_to: str | None = None  # the address a snat/dnat statement rewrites to
+    nat_port: int | None = None  # and the port, when it names one
     mark_to: int | None = None  # the value a mark statement sets (`meta mark set M`)
+
+
+@dataclass(frozen=True, slots=True)
+class DnatRule:
+    """A DNAT that sends UDP requests to the port, with the path that leads to it.
+
+    The matches are those of the whole path from a built-in hook to the DNAT (the
+    rule's own and those of the rules that jump to its chain, as kube-proxy's
+    KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP chains do). Only what the reader understood:
+    a negated or unreadable destination match reads as no known destination.
+    """
+
+    backend: str  # "nftables" | "iptables-legacy"
+    family: str  # "ip", "ip6", "inet" (nft) | "ipv4" | "ipv6" (legacy)
+    hook: str  # "prerouting" | "output": the built-in chain the path starts at
+    destinations: tuple[str, ...]  # addresses or networks matched; (): none known
+    dports: tuple[int, ...]  # destination ports matched; (): any
+    to_address: str
+    to_port: int | None  # None: the destination port is kept
+    rule: str  # the DNAT rule as its tool prints it
+    via: tuple[str, ...] = ()  # the rules that jump to it, from the hook inward
+
+
+@dataclass(frozen=True, slots=True)
+class FixRecord:
+    """What `ctfix fix` recorded for the port (its state file: a hint, not the truth;
+    the rules themselves are read from the kernel)."""
+
+    method: str
+    applied_at: float  # seconds since the epoch
+    #: (service the clients sent to, address:port the server answers them from) per
+    #: target the fix remembers clients of: equal for clients of a local address
+    covers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,16 +218,23 @@ class Snapshot:
     listened_seconds: float = 0.0
     # The destination asked for each client network (diagnose.probe_destinations).
     probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address
+    dnat_rules: tuple[DnatRule, ...] = ()
+    # When the snapshot was taken and when --listen began (seconds since the epoch).
+    taken_at: float = 0.0
+    listened_since: float | None = None
+    # net.netfilter.nf_conntrack_udp_timeout: how long an unreplied entry lives after
+    # its last packet (dates a wrong-source reply from its time left); None: unknown.
+    udp_timeout: int | None = None
+    fix: FixRecord | None = None
     # The namespace's NAT rules, as the stale-nat check reads them (None: not read),
-    # the age and counters of the port's entries by conntrack id, the UDP timeouts
-    # (nf_conntrack_udp_timeout, _stream) and when the snapshot was taken (epoch s).
+    # the age and counters of the port's entries by conntrack id, and
+    # net.netfilter.nf_conntrack_udp_timeout_stream (an ASSURED entry's; None: unknown).
     nat_rules: NatRuleset | None = None
     nat_usage: dict[int, CtUsage] = field(default_factory=dict)
     # Client address -> the interface the route to it leaves by, for the clients whose
     # entries to the port were never DNAT'd (the stale-nat check's arrival interface).
     client_interfaces: dict[str, str] = field(default_factory=dict)
-    udp_timeouts: tuple[int, int] = (30, 120)
-    taken: float = 0.0
+    udp_timeout_stream: int | None = None
     # Per family ("ipv4", "ipv6"): whether conntrack tracked it while the evidence was
     # gathered (a probe datagram over loopback); None = could not tell. Empty: not
     # probed (hand-built snapshots), taken as tracked.

@@ -64,6 +64,88 @@ class IcmpCheck:
         return self.rejected is not None and self.rejected.src != self.server
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceCheck:
+    """A pod (or a direct client) asked `address:port`: a reply from exactly that
+    address AND port, or none (the failure)? Behind a DNAT the port counts too."""
+
+    client: tuple[str, int]
+    address: str
+    port: int
+    want_reply: bool
+    reply_from: tuple[str, int] | None
+    direct: bool = False  # a client of the node's own address, not of the ClusterIP
+    again: bool = False  # after the revert: the failure back
+
+    @property
+    def ok(self) -> bool:
+        if self.want_reply:
+            return self.reply_from == (self.address, self.port)
+        return self.reply_from is None
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainCheck:
+    """`ctfix explain PORT --json`: broken, every DNAT'd service named, snat-zone
+    recommended."""
+
+    port: int
+    verdict: str | None  # None: no answer
+    named: tuple[str, ...]  # forwarded_from services
+    wanted: tuple[str, ...]
+    recommended: tuple[str, ...]
+    reasons: tuple[str, ...]  # the texts of the reasons about them
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.verdict == "broken"
+            and set(self.wanted) <= set(self.named)
+            and "snat-zone" in self.recommended
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyCheck:
+    """`ctfix fix PORT --method snat-zone --apply`: applied, covering `wanted`."""
+
+    port: int
+    returncode: int
+    covers: tuple[str, ...]
+    wanted: tuple[str, ...]
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and set(self.wanted) <= set(self.covers)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusCheck:
+    """`ctfix fix --status`: whole, and no wrong-source reply since the apply."""
+
+    returncode: int
+    fix_ok: bool
+    verdict: str  # the effect's verdict ("unreadable" when there was no answer)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.fix_ok
+
+
+@dataclass(frozen=True, slots=True)
+class RevertCheck:
+    """`ctfix fix --revert PORT`: the ruleset exactly as before the fix."""
+
+    port: int
+    returncode: int
+    same: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.same
+
+
 # -- the stale-nat story (ctfix.lab.stale_nat) ---------------------------------------------
 
 
@@ -140,6 +222,11 @@ Check = (
     ExchangeCheck
     | ConntrackCheck
     | IcmpCheck
+    | ServiceCheck
+    | ExplainCheck
+    | ApplyCheck
+    | StatusCheck
+    | RevertCheck
     | DeliveryCheck
     | EntryCheck
     | StaleFindingCheck
@@ -148,29 +235,14 @@ Check = (
 
 
 @dataclass
-class StaleSection:
-    """One step of the stale-nat story: forwarded to A, moved to B, flushed."""
-
-    step: Literal["forwarded", "moved", "flushed"]
-    port: int
-    client: str
-    service: str
-    backend_a: str
-    backend_b: str
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-
-@dataclass
 class Section:
-    """One server's half of the story: the broken twin or the reference server."""
+    """One part of the story: for the wrong-source story, the broken twin or the
+    reference server; other scenarios name theirs by `kind` (ctfix.render.lab)."""
 
     broken: bool
     pid: int
     checks: list[Check] = field(default_factory=list)
+    kind: str = ""
 
     @property
     def ok(self) -> bool:
@@ -182,8 +254,8 @@ class Story:
     """What the lab found: the bug section(s) and the fix section(s)."""
 
     port: int
-    bug: list[Section | StaleSection] = field(default_factory=list)
-    fix: list[Section | StaleSection] = field(default_factory=list)
+    bug: list[Section] = field(default_factory=list)
+    fix: list[Section] = field(default_factory=list)
 
     @property
     def reproduced(self) -> bool:

@@ -1,4 +1,5 @@
-"""The lab's story: reproduce the wrong-source bug, then show the IP_PKTINFO fix.
+"""The lab's first story (`ctfix lab`, scenario wrong-source): reproduce the
+wrong-source bug, then show the IP_PKTINFO fix. Other scenarios: ctfix.lab.registry.
 
 Each step is a check (ctfix.lab.checks): what was observed, and whether it is what
 an engineer expects. The story runs on a `Topology` built by `ctfix.lab.topology`
@@ -18,11 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ctfix.lab import topology as t
-from ctfix.lab.checks import Check, ExchangeCheck, Section, StaleSection, Story
+from ctfix.lab.checks import Check, ExchangeCheck, Section, Story
 from ctfix.lab.evidence import LabEvidence
 
 #: told each section as it starts, then each of its checks as it is made
-Report = Callable[[Section | StaleSection | Check], None]
+Report = Callable[[Section | Check], None]
 
 
 def _serve_argv(port: int, broken: bool) -> list[str]:
@@ -31,7 +32,9 @@ def _serve_argv(port: int, broken: bool) -> list[str]:
 
 
 @contextmanager
-def _server(topo: t.Topology, port: int, broken: bool) -> Iterator[subprocess.Popen[bytes]]:
+def server(topo: t.Topology, port: int, broken: bool) -> Iterator[subprocess.Popen[bytes]]:
+    """`ctfix serve [--broken]` on the port in the host namespace: ready, then stopped
+    (every scenario's server)."""
     proc = topo.spawn(topo.host, _serve_argv(port, broken), stderr=subprocess.PIPE)
     try:
         t.wait_udp_bound(proc.pid, port)
@@ -54,7 +57,7 @@ def run_story(
     story = Story(port)
     families = [socket.AF_INET] + ([socket.AF_INET6] if topo.ipv6 else [])
     for broken in (True, False):
-        with _server(topo, port, broken) as proc, LabEvidence(topo) as proof:
+        with server(topo, port, broken) as proc, LabEvidence(topo) as proof:
             section = Section(broken, proc.pid)
             report(section)
             for family in families:

@@ -22,31 +22,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import CtEntry
+from ctfix.errors import CtfixError
 from ctfix.lab import topology as t
 from ctfix.lab.checks import (
     Check,
     DeliveryCheck,
     EntryCheck,
     FlushCheck,
+    Section,
     StaleFindingCheck,
-    StaleSection,
     Story,
 )
-from ctfix.lab.scenario import Report
 from ctfix.platform import netns
 
 BACKEND_A = "198.51.100.21"
 BACKEND_B = "198.51.100.22"
 SENDER_PORT = 40514
-#: the service port when the user gives none (syslog's 514 needs no root here, but
-#: a port of its own keeps the lab clear of anything on the machine)
-DEFAULT_PORT = 5140
 _TABLE = "ctfix_lab_svc"
 
 #: a one-way sender: `python -c SENDER ADDRESS SOURCE_PORT PORT`, 10 datagrams/s, each
@@ -201,13 +198,19 @@ def _backends(topo: t.Topology, port: int) -> Iterator[tuple[Backend, Backend]]:
         b.close()
 
 
-def _add(section: StaleSection, report: Report, check: Check) -> None:
+#: told each section as it starts, then each of its checks (ctfix.lab.registry)
+Report = Callable[[Section | Check], None]
+
+
+def _add(section: Section, report: Report, check: Check) -> None:
     section.checks.append(check)
     report(check)
 
 
 def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1.0) -> Story:
     """Reproduce the black hole, find it, flush it, see the recovery (module doc)."""
+    if topo.ipv6:
+        raise CtfixError("the stale-nat lab runs over IPv4 only", "drop --ipv6")
     story = Story(port)
     # Ages and datagram counts for the finding (per-namespace, writable sysctls).
     topo.run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1",
@@ -231,9 +234,14 @@ def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1
     return story
 
 
-def _section(step: Literal["forwarded", "moved", "flushed"], port: int) -> StaleSection:
-    return StaleSection(
-        step, port, endpoint(t.CONTAINER_V4, SENDER_PORT), endpoint(t.UPLINK_V4, port),
+def _section(step: Literal["forwarded", "moved", "flushed"]) -> Section:
+    return Section(False, 0, kind=f"stale-nat-{step}")
+
+
+def _where(port: int) -> tuple[str, str, str, str]:
+    """(client, service, backend A, backend B) as endpoints."""
+    return (
+        endpoint(t.CONTAINER_V4, SENDER_PORT), endpoint(t.UPLINK_V4, port),
         endpoint(BACKEND_A, port), endpoint(BACKEND_B, port),
     )
 
@@ -242,28 +250,30 @@ def _bug(
     topo: t.Topology, story: Story, report: Report, port: int, a: Backend, b: Backend,
     timeout: float,
 ) -> None:
-    first = _section("forwarded", port)
+    client, service, at_a, at_b = _where(port)
+    first = _section("forwarded")
     report(first)
     waited = max(timeout, 3.0)
-    _add(first, report, DeliveryCheck("A", first.backend_a, a.receives(waited), True, waited))
+    _add(first, report, DeliveryCheck("A", at_a, a.receives(waited), True, waited))
     story.bug.append(first)
 
-    moved = _section("moved", port)
+    moved = _section("moved")
     report(moved)
     move_dnat(topo, port, BACKEND_B)
     topo.ip(topo.upstream, f"addr del {BACKEND_A}/24 dev eth0\n")
     a.drain()
     waited = max(timeout, 1.5)
-    _add(moved, report, DeliveryCheck("B", moved.backend_b, b.receives(waited), False, waited))
+    _add(moved, report, DeliveryCheck("B", at_b, b.receives(waited), False, waited))
     pinned = _targets(_sender_entries(_udp_table(topo), port))
-    _add(moved, report, EntryCheck(moved.client, moved.service, pinned, moved.backend_a, True))
-    _add(moved, report, _explained(topo, port, moved))
+    _add(moved, report, EntryCheck(client, service, pinned, at_a, True))
+    _add(moved, report, _explained(topo, port))
     story.bug.append(moved)
 
 
-def _explained(topo: t.Topology, port: int, section: StaleSection) -> StaleFindingCheck:
+def _explained(topo: t.Topology, port: int) -> StaleFindingCheck:
     explained = _ctfix(topo, "explain", str(port), "--json")
-    want = (section.backend_a, section.backend_b)
+    _client, _service, at_a, at_b = _where(port)
+    want = (at_a, at_b)
     try:
         document = json.loads(explained.stdout)
     except ValueError:
@@ -271,7 +281,7 @@ def _explained(topo: t.Topology, port: int, section: StaleSection) -> StaleFindi
                                  error=explained.stderr.strip() or "no answer")
     codes = {r.get("code") for r in document.get("reasons", [])}
     for record in document.get("stale_nat", []):
-        if record.get("stale_target") == section.backend_a and "stale-nat" in codes:
+        if record.get("stale_target") == at_a and "stale-nat" in codes:
             return StaleFindingCheck(
                 port, str(document.get("verdict")), record["stale_target"],
                 tuple(record["current_targets"]), int(record["clients"]), *want,
@@ -280,7 +290,8 @@ def _explained(topo: t.Topology, port: int, section: StaleSection) -> StaleFindi
 
 
 def _fix(topo: t.Topology, story: Story, report: Report, port: int, b: Backend) -> None:
-    section = _section("flushed", port)
+    client, service, _at_a, at_b = _where(port)
+    section = _section("flushed")
     report(section)
     before = _udp_table(topo)
     applied = _ctfix(topo, "fix", str(port), "--method", "flush-stale", "--apply", "--json")
@@ -295,8 +306,7 @@ def _fix(topo: t.Topology, story: Story, report: Report, port: int, b: Backend) 
         check = FlushCheck(port, int(result.get("deleted", 0)), len(others), kept,
                            tuple(str(line) for line in result.get("checks", [])))
     _add(section, report, check)
-    _add(section, report, DeliveryCheck("B", section.backend_b, b.receives(5.0), True, 5.0))
+    _add(section, report, DeliveryCheck("B", at_b, b.receives(5.0), True, 5.0))
     now = _targets(_sender_entries(_udp_table(topo), port))
-    _add(section, report, EntryCheck(section.client, section.service, now, section.backend_b,
-                                     False))
+    _add(section, report, EntryCheck(client, service, now, at_b, False))
     story.fix.append(section)

@@ -43,7 +43,7 @@ _RECV_SIZE = 1 << 16  # dumps fill skbs up to ~32 KiB; events are one message ea
 _UNAVAILABLE = {errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT}
 
 __all__ = ["CtEntry", "CtEvent", "CtUsage", "EventSocket", "Overflow", "available", "delete",
-           "dump", "udp_timeouts"]
+           "dump"]
 
 
 def _unavailable() -> MissingFeatureError:
@@ -388,22 +388,6 @@ class EventSocket:
         self.sock.close()
 
 
-# -- the namespace's UDP timeouts ----------------------------------------------------------
-
-
-def udp_timeouts() -> tuple[int, int]:
-    """(nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream) of the current
-    namespace, the kernel's defaults where they cannot be read."""
-    found = []
-    for name, default in (("", 30), ("_stream", 120)):
-        try:
-            with open(f"/proc/sys/net/netfilter/nf_conntrack_udp_timeout{name}") as fh:
-                found.append(int(fh.read().strip()))
-        except (OSError, ValueError):
-            found.append(default)
-    return found[0], found[1]
-
-
 # -- is a family tracked at all? ---------------------------------------------------------
 
 
@@ -431,3 +415,4 @@ def probe_tracking(family: int) -> bool | None:
     finally:
         sock.close()
     return any(True for _ in dump(family=family, proto=socket.IPPROTO_UDP, sport=port))
+

@@ -36,6 +36,7 @@ from ctfix.core.plan import (
     Plan,
     Spec,
     Step,
+    cover_to_dict,
     step_from_dict,
     step_to_dict,
 )
@@ -98,6 +99,10 @@ class RecordedFix:
     complete: bool
     steps: list[RecordedStep] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. legacy tables it loaded
+    #: when the apply finished (None: unfinished, or an older record: `started` then)
+    applied: float | None = None
+    #: snat-zone: the clients it remembers ({"service", "target", "label", "hooks"})
+    covers: list[dict[str, Any]] = field(default_factory=list)
 
     def same_plan(self, plan: Plan) -> bool:
         return (
@@ -196,6 +201,8 @@ class FixState:
                     "started": fix.started,
                     "complete": fix.complete,
                     "notes": fix.notes,
+                    "applied": fix.applied,
+                    "covers": fix.covers,
                     "steps": [
                         {"status": r.status, "step": step_to_dict(r.step)}
                         | ({"made": r.made} if r.made else {})
@@ -239,7 +246,10 @@ class FixState:
     # -- recording -----------------------------------------------------------------
 
     def begin(self, plan: Plan) -> RecordedFix:
-        fix = RecordedFix(plan.port, plan.method, plan.backend, time.time(), complete=False)
+        fix = RecordedFix(
+            plan.port, plan.method, plan.backend, time.time(), complete=False,
+            covers=[cover_to_dict(t) for t in plan.covers],
+        )
         self.fixes[plan.port] = fix
         self.save()
         return fix
@@ -262,6 +272,7 @@ class FixState:
 
     def finish(self, fix: RecordedFix) -> None:
         fix.complete = True
+        fix.applied = time.time()
         self.save()
 
     def forget(self, port: int) -> None:
@@ -299,7 +310,19 @@ def _recorded_fix(port: int, fix: Any) -> RecordedFix:
         complete=bool(fix["complete"]),
         notes=[str(n) for n in fix.get("notes", [])],
         steps=steps,
+        # Older records have neither: the apply began at `started`, covers unknown.
+        applied=float(fix["applied"]) if fix.get("applied") is not None else None,
+        covers=[_cover(c) for c in fix.get("covers", [])],
     )
+
+
+def _cover(raw: Any) -> dict[str, Any]:
+    """One covered target ({"service", "target", ...}); TypeError when malformed."""
+    if not isinstance(raw, dict) or not all(
+        isinstance(raw.get(key), str) for key in ("service", "target")
+    ):
+        raise TypeError("a covered target is an object with a service and a target")
+    return dict(raw)
 
 
 def _fsync_dir(directory: str) -> None:

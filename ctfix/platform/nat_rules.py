@@ -78,7 +78,7 @@ def _legacy_chains(family: Family) -> list[NatChain]:
 def _read_legacy_nat(family: Family) -> Any:
     """In the child: the nat table as a LegacyTable."""
     from ctfix.core.nat.legacy import LegacyRule, LegacyTable
-    from ctfix.platform.netfilter_read import legacy_saved
+    from ctfix.platform.netfilter_read import legacy_parts, legacy_rule_text
 
     iptc = iptables_legacy.import_iptc()
     loaded = iptables_legacy.loaded_tables(family)
@@ -91,7 +91,7 @@ def _read_legacy_nat(family: Family) -> Any:
         policy = chain.get_policy().name if chain.is_builtin() else None
         chains.append((chain.name, policy))
         for rule in chain.rules:
-            saved = legacy_saved(rule)
+            saved = legacy_parts(rule)
             rules.append(
                 LegacyRule(
                     chain=chain.name,
@@ -102,7 +102,7 @@ def _read_legacy_nat(family: Family) -> Any:
                     matches=saved.matches,
                     target=saved.target_name,
                     target_options=saved.target_saved,
-                    text=saved.text(chain.name),
+                    text=legacy_rule_text(rule, chain.name),
                 )
             )
     return LegacyTable("ipv6" if family == "ipv6" else "ipv4", tuple(chains), tuple(rules))

@@ -84,6 +84,17 @@ def _nft_nat_to(expressions: list[JsonObject]) -> str | None:
     return None
 
 
+def _nft_nat_port(expressions: list[JsonObject]) -> int | None:
+    """The port a snat/dnat statement rewrites to (None: none named)."""
+    for expr in expressions:
+        for key in ("snat", "dnat"):
+            value = expr.get(key)
+            if isinstance(value, dict) and isinstance(value.get("addr"), str):
+                port = value.get("port")
+                return port if isinstance(port, int) and not isinstance(port, bool) else None
+    return None
+
+
 def _nft_mark_to(expressions: list[JsonObject]) -> int | None:
     """The value of a `meta mark set VALUE` statement (a constant only)."""
     for expr in expressions:
@@ -142,6 +153,11 @@ _RULE_LINE = re.compile(r"^\s*(.*\S) # handle (\d+)$")
 
 def nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
     """(family, table, chain, handle) -> the rule as `nft list ruleset` prints it."""
+    return _nft_rule_texts(text)
+
+
+def _nft_rule_texts(text: str) -> dict[tuple[str, str, str, int], str]:
+    """(family, table, chain, handle) -> the rule as `nft list ruleset` prints it."""
     texts: dict[tuple[str, str, str, int], str] = {}
     family = table = chain = None
     for line in text.splitlines():
@@ -185,7 +201,7 @@ def nft_rules_by_port(ports: Sequence[int]) -> dict[int, list[NetfilterRule]]:
     result: dict[int, list[NetfilterRule]] = {port: [] for port in ports}
     if not candidates:
         return result
-    texts = nft_rule_texts(nft.ruleset_text_with_handles())
+    texts = _nft_rule_texts(nft.ruleset_text_with_handles())
     for port, rule, (actions, sport, dport, to_port, mark) in candidates:
         key = (rule["family"], rule["table"], rule["chain"])
         result[port].append(
@@ -202,6 +218,7 @@ def nft_rules_by_port(ports: Sequence[int]) -> dict[int, list[NetfilterRule]]:
                 hook=hooks.get(key),
                 matches_mark=mark,
                 nat_to=_nft_nat_to(rule.get("expr", [])),
+                nat_port=_nft_nat_port(rule.get("expr", [])),
                 mark_to=_nft_mark_to(rule.get("expr", [])),
             )
         )
@@ -287,6 +304,34 @@ def _legacy_nat_to(saved: str) -> str | None:
     return match.group(1).strip("[]") if match else None
 
 
+def parse_nat_target(token: str) -> tuple[str, int | None] | None:
+    """`198.51.100.13:53`, `[2001:db8::1]:53`, `2001:db8::1`, `198.51.100.13` ->
+    (address, port); None for anything else (a map, a range)."""
+    if token.startswith("["):
+        address, _, rest = token[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif token.count(":") == 1:
+        address, _, port = token.partition(":")
+    else:
+        address, port = token, ""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if port and not port.isdigit():
+        return None
+    return address, int(port) if port else None
+
+
+def _legacy_nat_port(saved: str) -> int | None:
+    """`--to-source 198.51.100.13:53` / `[2001:db8::1]:53` -> 53 (None: no port)."""
+    match = re.search(r"--to-(?:source|destination)\s+(\S+)", saved)
+    if match is None:
+        return None
+    target = parse_nat_target(match.group(1))
+    return target[1] if target else None
+
+
 def _legacy_mark_to(target_name: str, saved: str) -> int | None:
     """MARK's value when it sets the whole mark (`--set-xmark V/0xffffffff`)."""
     if target_name != "MARK":
@@ -330,22 +375,28 @@ class _Saved:
     target_name: str
     target_saved: str
 
-    def text(self, chain: str) -> str:
-        """The whole rule: `-A CHAIN -d ... -p udp -m udp --dport 53 -j DNAT ...`."""
-        matches = "".join(f" -m {name}{saved}" for name, saved in self.matches)
-        target = f" -j {self.target_name}{self.target_saved}" if self.target_name else ""
-        return f"-A {chain}{self.options}{matches}{target}"
-
 
 def _legacy_saved(rule: Any) -> _Saved | None:
     """The rule's parts in iptables-save's words; None when it cannot match UDP."""
     if rule.protocol not in ("udp", "17", None, ""):
         return None
-    return legacy_saved(rule)
+    return _legacy_parts(rule)
 
 
-def legacy_saved(rule: Any) -> _Saved:
+def legacy_parts(rule: Any) -> _Saved:
     """Any rule's parts in iptables-save's words (the NAT model reads every rule)."""
+    return _legacy_parts(rule)
+
+
+def legacy_rule_text(rule: Any, chain: str) -> str:
+    """Any rule as iptables-save prints it: `-A CHAIN -d ... -p udp -m ... -j ...`."""
+    parts = _legacy_parts(rule)
+    matches = "".join(f" -m {name}{saved}" for name, saved in parts.matches)
+    target = f" -j {parts.target_name}{parts.target_saved}" if parts.target_name else ""
+    return f"-A {chain}{parts.options}{matches}{target}"
+
+
+def _legacy_parts(rule: Any) -> _Saved:
     ip = rule.get_ip()
     options = ""
     options += _address_option("-s", rule.src)
@@ -354,7 +405,7 @@ def legacy_saved(rule: Any) -> _Saved:
         if iface:
             neg = iface.startswith("!")
             options += f" {'! ' if neg else ''}{flag} {iface.lstrip('!')}"
-    if rule.protocol:
+    if rule.protocol and rule.protocol not in ("ip", "all", "0"):  # iptables-save omits them
         options += f" -p {rule.protocol}"
     matches = tuple((m.name, iptables_legacy.saved_options(m, ip)) for m in rule.matches)
     target = rule.target
@@ -372,8 +423,10 @@ def _legacy_rule(
     chain_names: frozenset[str],
 ) -> NetfilterRule | None:
     """The rule classified for the port; None when it does not name the port."""
+    options = saved_rule.options
     sport = dport = mark = False
     for name, saved in saved_rule.matches:
+        options += f" -m {name}{saved}"
         s, d = _match_ports(saved, port)
         sport, dport = sport or s, dport or d
         mark = mark or name in ("mark", "connmark")
@@ -384,6 +437,8 @@ def _legacy_rule(
     )
     if not (sport or dport or to_port):
         return None
+    if target_name:
+        options += f" -j {target_name}{target_saved}"
     actions: set[str] = set()
     if target_name == "CT":
         if "--notrack" in target_saved:
@@ -400,7 +455,7 @@ def _legacy_rule(
         family=family,
         table=table,
         chain=chain,
-        rule=saved_rule.text(chain),
+        rule=f"-A {chain}{options}",
         actions=frozenset(actions),
         matches_sport=sport,
         matches_dport=dport,
@@ -408,8 +463,14 @@ def _legacy_rule(
         hook=_BUILTIN_HOOKS.get(chain),
         matches_mark=mark,
         nat_to=_legacy_nat_to(target_saved),
+        nat_port=_legacy_nat_port(target_saved),
         mark_to=_legacy_mark_to(target_name, target_saved),
     )
+
+
+def import_iptc() -> Any:
+    """python-iptables (imported once; the children that read tables share it)."""
+    return _import_iptc()
 
 
 def _import_iptc() -> Any:

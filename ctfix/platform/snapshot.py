@@ -45,6 +45,7 @@ from ctfix.core.nat import Evaluator, NatRuleset
 from ctfix.core.scan import FlowIndex
 from ctfix.core.snapshot import (
     ConfigFile,
+    FixRecord,
     LocalAddress,
     NetfilterRule,
     PolicyRule,
@@ -53,7 +54,7 @@ from ctfix.core.snapshot import (
     Snapshot,
 )
 from ctfix.errors import CtfixError
-from ctfix.platform import nat_rules, netfilter_read, routing, sockdiag
+from ctfix.platform import dnat_read, nat_rules, netfilter_read, routing, sockdiag
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
@@ -124,13 +125,34 @@ def _ours(service: str, expected_source: str, port: int) -> bool:
     return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
 
 
+@dataclass(frozen=True, slots=True)
+class Listened:
+    """What `listen` saw: the port's wrong-source replies that happened meanwhile, how
+    many new requests reached the port (a quiet port proves nothing either way), and
+    the families `track` switched tracking on for."""
+
+    since: float  # when listening began (seconds since the epoch)
+    seconds: float
+    findings: tuple[WrongSourceReply, ...]
+    requests: int
+    switched: tuple[str, ...] = ()
+
+
+def _request_to(entry: CtEntry, port: int, local: frozenset[str]) -> bool:
+    """A remote client's new flow to the port, or DNAT'd to it on a local address."""
+    orig = entry.orig
+    return orig.proto == 17 and orig.src not in local and (
+        orig.dport == port or (entry.reply.sport == port and entry.reply.src in local)
+    )
+
+
 def listen(
     port: int,
     seconds: float,
     addresses: Sequence[LocalAddress],
     kb: KnowledgeBase | None = None,
     track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
-) -> tuple[list[WrongSourceReply], tuple[str, ...]]:
+) -> Listened:
     """Watch conntrack events for `seconds`; the wrong-source replies of the port
     that happened meanwhile, and the families `track` switched tracking on for.
 
@@ -150,8 +172,10 @@ def listen(
         other_port=OtherPortPrograms(kb),
     )
     events = conntrack.EventSocket()
-    detector.since = time.time()  # subscribed: only what happens from here is news
+    local = frozenset(a.address for a in addresses)
+    detector.since = since = time.time()  # subscribed: only what happens from here is news
     switched: tuple[str, ...] = ()
+    requests = 0
     try:
         if track is not None:
             reachable = [f for f in ("ipv4", "ipv6") if usable_addresses(addresses, f)]
@@ -165,6 +189,7 @@ def listen(
         detector.dumps_are_history = False
         now = time.time()
         for event in queued:
+            requests += event.kind == NEW and _request_to(event.entry, port, local)
             detector.feed(event, now)
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
@@ -178,15 +203,34 @@ def listen(
                 continue
             now = time.time()
             for event in batch:
+                requests += event.kind == NEW and _request_to(event.entry, port, local)
                 detector.feed(event, now)
     finally:
         events.close()
-    live = [
+    live = tuple(
         wrong_source_reply(f)
         for f in detector.findings.values()
         if _ours(f.service, f.expected_source, port)
-    ]
-    return live, switched
+    )
+    return Listened(since, seconds, live, requests, switched)
+
+
+def fix_record(port: int, netns: str) -> FixRecord | None:
+    """What `ctfix fix` recorded for the port in this namespace (None: nothing, or a
+    record this user cannot read: explain then judges the rules alone)."""
+    from ctfix.platform.fixstate import FixState
+
+    try:
+        fix = FixState.load(netns).fixes.get(port)
+    except CtfixError:
+        return None
+    if fix is None or not fix.complete:
+        return None
+    return FixRecord(
+        fix.method,
+        fix.applied if fix.applied is not None else fix.started,
+        tuple((str(c["service"]), str(c["target"])) for c in fix.covers),
+    )
 
 
 def _queued(events: EventSocket) -> list[CtEvent]:
@@ -217,14 +261,14 @@ def collect(
     read); `track`: how `--listen` switches tracking on (see `listen`)."""
     addresses = routing.local_addresses()
     local = frozenset(a.address for a in addresses)
-    live: list[WrongSourceReply] = []
-    switched: tuple[str, ...] = ()
-    if listen_seconds > 0:
-        live, switched = listen(port, listen_seconds, addresses, kb, track)
+    listened = listen(port, listen_seconds, addresses, kb, track) if listen_seconds > 0 else None
 
     owned = sockdiag.listeners(port)
     flows: list[CtEntry] = []
     conntrack_error: str | None = None
+    # Before the dump: entries are dated from their time left as of this moment, and
+    # an earlier moment dates them earlier, never after the fact.
+    taken_at = time.time()
     usage: dict[int, CtUsage] = {}
     try:
         flows = conntrack_flows(port, usage)
@@ -242,6 +286,7 @@ def collect(
         # Requests still without a reply: their replies may have left from another
         # port (TFTP): look them up by the client's tuple.
         flows.extend(replies_to(waiting_clients(flows, port, set(local))))
+    dnat, dnat_errors = dnat_read.dnat_rules(port)
     snap = _snapshot(
         port,
         netns,
@@ -249,17 +294,29 @@ def collect(
         _Namespace.read(addresses, conntrack_error),
         flows,
         conntrack_error,
-        (netfilter, netfilter_errors),
-        live,
+        (netfilter, [*netfilter_errors, *dnat_errors]),
+        list(listened.findings) if listened else [],
         listen_seconds,
         usage,
     )
     listeners = [listener for listener, _uid in owned]
     return dataclasses.replace(
         snap,
-        tracking_switched_on=switched,
+        tracking_switched_on=listened.switched if listened else (),
         config_files=config_files(config_globs(listeners, kb, port)),
+        # What dates the evidence, and the fix it is judged against (explain and fix).
+        dnat_rules=tuple(dnat),
+        taken_at=taken_at,
+        listened_since=listened.since if listened else None,
+        udp_timeout=_udp_timeout(),
+        fix=fix_record(port, netns),
     )
+
+
+def _udp_timeout() -> int | None:
+    from ctfix.platform import ctstats
+
+    return ctstats.udp_timeout()
 
 @dataclass(frozen=True, slots=True)
 class _Namespace:
@@ -271,8 +328,8 @@ class _Namespace:
     #: per family, whether conntrack tracks it (empty: the table could not be read)
     tracking: dict[str, bool | None]
     nat: NatRuleset  # the DNAT rules, as the stale-nat check reads them
-    udp_timeouts: tuple[int, int]
-    taken: float  # when the conntrack table was read (epoch seconds)
+    udp_timeout_stream: int | None  # nf_conntrack_udp_timeout_stream (None: unreadable)
+    taken: float  # when this was read (epoch seconds)
 
     @classmethod
     def read(
@@ -281,7 +338,7 @@ class _Namespace:
         conntrack_error: str | None,
         nat: NatRuleset | None = None,
     ) -> _Namespace:
-        from ctfix.platform import conntrack
+        from ctfix.platform import ctstats
 
         probed = tracking() if conntrack_error is None else {}
         return cls(
@@ -290,7 +347,7 @@ class _Namespace:
             routing.policy_rules(),
             probed,
             nat if nat is not None else nat_rules.read(),
-            conntrack.udp_timeouts(),
+            ctstats.udp_timeout_stream(),
             time.time(),
         )
 
@@ -344,14 +401,14 @@ def _snapshot(
         live_findings=tuple(live),
         listened_seconds=listen_seconds,
         probes=probes,
+        tracking=namespace.tracking,
         nat_rules=namespace.nat,
         nat_usage=usage or {},
         client_interfaces=(
             client_interfaces(flows, port, local) if namespace.nat.matches_interfaces else {}
         ),
-        udp_timeouts=namespace.udp_timeouts,
-        taken=namespace.taken,
-        tracking=namespace.tracking,
+        udp_timeout_stream=namespace.udp_timeout_stream,
+        taken_at=namespace.taken,
     )
 
 

@@ -14,7 +14,14 @@ from typing import Any
 from ctfix.core.detectors.stale_nat import stale_nat_text
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis import recommended_first
-from ctfix.core.model import ClientNetwork, Diagnosis, Listener, WrongSourceReply
+from ctfix.core.model import (
+    ClientNetwork,
+    Diagnosis,
+    FixEffect,
+    ForwardedService,
+    Listener,
+    WrongSourceReply,
+)
 from ctfix.render.container import container_json, container_text
 from ctfix.render.jsonout import envelope
 from ctfix.render.stale_nat import WHY_STALE, stale_nat_record
@@ -102,25 +109,12 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
                     }
                     for u in cn.uplinks
                 ],
+                "services": list(cn.services),
             }
             for cn in d.clients
         ],
         "evidence": {
-            "wrong_source": [
-                {
-                    "client": w.client,
-                    "service": w.service,
-                    "expected_source": w.expected_source,
-                    "actual_source": w.actual_source,
-                    "mismatch": w.mismatch,
-                    "count": w.count,
-                    "clients": w.clients,
-                    "client_network": w.client_network,
-                    "replies_from_other_port": w.replies_from_other_port,
-                    "container": container_json(w.container),
-                }
-                for w in d.evidence.wrong_source
-            ],
+            "wrong_source": [wrong_json(w) for w in d.evidence.wrong_source],
             "healthy": d.evidence.healthy,
             "unanswered": d.evidence.unanswered,
         },
@@ -150,6 +144,55 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "tracking": {family: d.tracking.get(family) for family in ("ipv4", "ipv6")},
         "tracking_switched_on": list(d.tracking_switched_on),
         "blind": list(d.blind),
+        "forwarded_from": [forwarded_json(f) for f in d.forwarded_from],
+        "fix_effect": effect_json(d.fix_effect),
+    }
+
+
+def wrong_json(w: WrongSourceReply) -> dict[str, Any]:
+    return {
+        "client": w.client,
+        "service": w.service,
+        "expected_source": w.expected_source,
+        "actual_source": w.actual_source,
+        "mismatch": w.mismatch,
+        "count": w.count,
+        "clients": w.clients,
+        "client_network": w.client_network,
+        "replies_from_other_port": w.replies_from_other_port,
+        "container": container_json(w.container),
+        "first_seen": w.first_seen,
+        "last_seen": w.last_seen,
+    }
+
+
+def forwarded_json(f: ForwardedService) -> dict[str, Any]:
+    return {
+        "service": f.service,
+        "address": f.address,
+        "port": f.port,
+        "target": f.target,
+        "hooks": list(f.hooks),
+        "rules": list(f.rules),
+        "seen": f.seen,
+        "exact": f.exact,
+    }
+
+
+def effect_json(e: FixEffect | None) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    return {
+        "method": e.method,
+        "applied_at": e.applied_at,
+        "covers": list(e.covers),
+        "verdict": e.verdict,
+        "since_fix": [wrong_json(w) for w in e.since_fix],
+        "ineffective_for": list(e.ineffective_for),
+        "uncovered": [forwarded_json(f) for f in e.uncovered],
+        "evidence": list(e.evidence),
+        "window": e.window,
+        "whole_time": e.whole_time,
     }
 
 
@@ -232,6 +275,12 @@ def _client_cells(cn: ClientNetwork) -> tuple[str, str, str, str, str]:
 
 #: where prose is filled when the output is not a terminal
 PIPE_WIDTH = 88
+
+
+def _forwarded_line(f: ForwardedService) -> str:
+    where = f" in {'/'.join(f.hooks)}" if f.hooks else ""
+    seen = f", {f.seen} request{'s' if f.seen != 1 else ''} in conntrack" if f.seen else ""
+    return f"{f.service} -> {f.target} (DNAT{where}{seen})"
 
 
 def _wrap(text: str, indent: str, width: int | None, hang: str | None = None) -> str:
@@ -317,6 +366,9 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
 
     out += ["", s("Sockets on the port", "bold")]
     out += [_wrap(_listener_line(lst), "  ", w, "      ") for lst in d.listeners] or ["  none"]
+    if d.forwarded_from:
+        out += ["", s("Services DNAT'd to the port", "bold")]
+        out += [_wrap(_forwarded_line(f), "  ", w, "      ") for f in d.forwarded_from]
 
     if d.clients:
         heading = (
@@ -388,6 +440,9 @@ def render_markdown(d: Diagnosis) -> str:
         out += [line for text in _why(d) for line in (text, "")][:-1]
     out += ["", "### Sockets on the port", ""]
     out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
+    if d.forwarded_from:
+        out += ["", "### Services DNAT'd to the port", ""]
+        out += [f"- `{_forwarded_line(f)}`" for f in d.forwarded_from]
     if d.clients:
         out += [
             "",

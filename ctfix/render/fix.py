@@ -5,15 +5,22 @@ Know before changing: the plan's text shows every object a step creates and the
 equivalent shell commands, so an engineer can review it (or run it by hand) before
 --apply; the JSON keys are a contract (docs/json.md). Values come in as data from
 ctfix.core.plan and ctfix.platform.remedy; nothing here looks at the system.
+"present" is the word for objects found in the kernel, which proves that rules exist,
+not that they work; a line about the effect always says what it rests on (how long it
+listened and how many requests came, or which conntrack clock dated the evidence),
+because a quiet port proves nothing either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ctfix.core.detectors.wrong_source_words import wrong_source_text
+from ctfix.core.model import FixEffect, WrongSourceReply
 from ctfix.core.plan import Plan, Step, plan_to_dict, step_to_dict
+from ctfix.render.explain import effect_json, wrong_json
 from ctfix.render.jsonout import envelope
 
 if TYPE_CHECKING:
@@ -24,6 +31,8 @@ if TYPE_CHECKING:
 
 #: (fix, [(step, recorded status, present in the kernel)]), as remedy.status gives it
 StatusReport = Sequence[tuple["RecordedFix", Sequence[tuple[Step, "StepStatus", bool]]]]
+#: per port, the recorded fix's effect (a string: why it could not be judged)
+Effects = Mapping[int, "FixEffect | str"]
 
 
 # -- the plan (dry run, and --method bind) --------------------------------------------
@@ -40,6 +49,7 @@ def plan_text(plan: Plan, netns: str, apply_with: str | None) -> str:
     ]
     out += [f"  warning: {warning}" for warning in plan.warnings]
     out += [f"  {note}" for note in plan.notes]
+    out += [f"  covers: clients of {target.label}" for target in plan.covers]
     for number, step in enumerate(plan.steps, 1):
         out += ["", f"{number}. {step.summary}"]
         out += [f"   creates: {obj}" for obj in step.creates]
@@ -69,19 +79,59 @@ def plan_document(plan: Plan, netns: str) -> dict[str, Any]:
 
 
 def checked_lines(plan: Plan) -> list[str]:
-    """What --apply verified: each route lookup, then that every step is in the kernel."""
-    lines = [
+    """What --apply checked in the kernel besides presence: each route lookup."""
+    return [
         f"route lookup: a reply from UDP port {plan.port} to {c.destination}"
         + (f" marked {c.mark:#x}" if c.mark is not None else "")
         + f" now leaves from {c.source}"
         + (f" by {c.interface}" if c.interface else "")
         for c in plan.checks
     ]
-    lines.append(f"all {len(plan.steps)} step(s) present in the kernel")
-    return lines
 
 
-def applied_text(plan: Plan, result: ApplyResult, netns: str, undo: str) -> str:
+def present_line(steps: int) -> str:
+    return f"present: all {steps} step(s) in the kernel (rules exist; the effect is below)"
+
+
+@dataclass(frozen=True, slots=True)
+class Listened:
+    """What listening after --apply saw (platform.snapshot.Listened, as values)."""
+
+    seconds: float
+    requests: int
+    findings: tuple[WrongSourceReply, ...]
+
+
+def _services(found: Sequence[WrongSourceReply]) -> str:
+    return ", ".join(sorted({w.service for w in found}))
+
+
+def listened_lines(port: int, listened: Listened) -> list[str]:
+    """After --apply: what the listening right after it saw."""
+    window = f"in the {listened.seconds:g} s after applying"
+    found = listened.findings
+    if found:
+        count = sum(w.count for w in found)
+        return [
+            f"effect: INEFFECTIVE for clients of {_services(found)}: {count} wrong-source "
+            f"repl{'ies' if count > 1 else 'y'} {window}",
+            *(f"  evidence: {wrong_source_text(w)}" for w in found),
+        ]
+    if not listened.requests:
+        return [
+            f"effect: not shown yet: no request reached port {port} {window}; "
+            f"`ctfix fix --status` (or `ctfix explain {port}`) tells later"
+        ]
+    requests = listened.requests
+    return [
+        f"effect: no wrong-source reply {window} ({requests} request"
+        f"{'s' if requests != 1 else ''} to port {port})"
+    ]
+
+
+def applied_text(
+    plan: Plan, result: ApplyResult, netns: str, undo: str, listened: Listened | None = None
+) -> str:
     if result.already:
         out = [f"ctfix fix {plan.port}: already applied ({plan.method}); nothing changed"]
     else:
@@ -89,20 +139,33 @@ def applied_text(plan: Plan, result: ApplyResult, netns: str, undo: str) -> str:
             f"ctfix fix {plan.port}: applied {plan.method} ({len(plan.steps)} step(s)) in "
             f"netns {netns}"
         ]
+    out += [f"  covers: clients of {target.label}" for target in plan.covers]
+    out.append(f"  {present_line(len(plan.steps))}")
     out += [f"  checked: {line}" for line in checked_lines(plan)]
+    if listened is not None:
+        out += [f"  {line}" for line in listened_lines(plan.port, listened)]
     out += [f"  warning: {warning}" for warning in plan.warnings]
     out += [f"  note: {note}" for note in result.notes]
     out.append(f"  undo with: {undo}")
     return "\n".join(out) + "\n"
 
 
-def applied_document(plan: Plan, result: ApplyResult, netns: str) -> dict[str, Any]:
+def applied_document(
+    plan: Plan, result: ApplyResult, netns: str, listened: Listened | None = None
+) -> dict[str, Any]:
     return {
         **envelope(netns),
         "applied": not result.already,
         "already_applied": result.already,
+        "present": len(plan.steps),
         "checks": checked_lines(plan),
         "notes": list(result.notes),
+        "effect": None if listened is None else {
+            "listened": listened.seconds,
+            "requests": listened.requests,
+            "wrong_source": [wrong_json(w) for w in listened.findings],
+            "ineffective": bool(listened.findings),
+        },
         "plan": plan_to_dict(plan),
     }
 
@@ -209,6 +272,51 @@ def interrupted_text(
 Foreign = Mapping[tuple[int, int], str]
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def effect_lines(effect: FixEffect, now: float) -> list[str]:
+    """--status: the effect since the fix was applied, and services it misses."""
+    applied = f"applied {_ago(now - effect.applied_at)} ago"
+    basis = "; ".join(effect.evidence)
+    lines: list[str] = []
+    if effect.verdict == "ineffective":
+        count = sum(w.count for w in effect.since_fix)
+        lines.append(
+            f"effect: INEFFECTIVE for clients of {', '.join(effect.ineffective_for)}: "
+            f"{count} wrong-source repl{'ies' if count > 1 else 'y'} since the fix was "
+            f"{applied} ({basis})"
+        )
+        lines += [f"  evidence: {wrong_source_text(w)}" for w in effect.since_fix]
+    elif effect.verdict == "no-failure-seen" and effect.whole_time:
+        lines.append(f"effect: no wrong-source reply since the fix was {applied} ({basis})")
+    elif effect.verdict == "no-failure-seen":
+        lines.append(
+            f"effect: no wrong-source reply in the {_ago(effect.window)} that conntrack "
+            f"remembers (the fix was {applied}; {basis})"
+        )
+    else:
+        lines.append(
+            f"effect: unknown: nothing could show a wrong-source reply since the fix was "
+            f"{applied} (conntrack unreadable); try --listen S"
+        )
+    lines += [
+        f"NOT COVERED: clients of {s.label} (a DNAT newer than the fix): revert and apply "
+        "again"
+        for s in effect.uncovered
+    ]
+    return lines
+
+
+def failing(found: FixEffect | str | None) -> bool:
+    """The fix is in place but ineffective, or misses a service DNAT'd to its port."""
+    return isinstance(found, FixEffect) and (
+        found.verdict == "ineffective" or bool(found.uncovered)
+    )
+
+
 def whole(report: StatusReport, foreign: Foreign | None = None) -> dict[int, bool]:
     """Per port: the fix is complete, every step is in the kernel, and every recorded
     object is ctfix's own (a record pointing elsewhere is never acted on)."""
@@ -234,8 +342,11 @@ def status_text(
     revert: str,
     foreign: Foreign | None = None,
     stray: Sequence[Marked] = (),
+    effects: Effects | None = None,
+    now: float = 0.0,
 ) -> str:
-    """`revert`: the revert command for this namespace (a port is appended for orphans)."""
+    """`revert`: the revert command for this namespace (a port is appended for orphans);
+    `effects`: each whole fix's effect (`now`: when they were judged)."""
     if not report and not stray:
         return f"ctfix fix --status: no fix recorded in netns {netns}\n"
     refused = foreign or {}
@@ -255,6 +366,12 @@ def status_text(
             out += [f"    {'':9} {'':7} {obj}" for obj in rest]
             if why:
                 out.append(f"    {'':9} refused: {why}")
+        out += [f"    covers: clients of {c.get('label')}" for c in fix.covers]
+        judged = (effects or {}).get(fix.port)
+        if isinstance(judged, str):
+            out.append(f"    effect: unknown: {judged}")
+        elif judged is not None:
+            out += [f"    {line}" for line in effect_lines(judged, now)]
         out += [f"    note: {note}" for note in fix.notes]
     for port, found in by_port(stray):
         out.append(
@@ -266,6 +383,14 @@ def status_text(
     if not all(complete.values()):
         out.append(f"  revert with: {revert}")
     return "\n".join(out) + "\n"
+
+
+def _effect(found: FixEffect | str | None) -> FixEffect | None:
+    return found if isinstance(found, FixEffect) else None
+
+
+def _error(found: FixEffect | str | None) -> str | None:
+    return found if isinstance(found, str) else None
 
 
 def _with_port(revert: str, port: int) -> str:
@@ -281,9 +406,11 @@ def status_document(
     revert: str,
     foreign: Foreign | None = None,
     stray: Sequence[Marked] = (),
+    effects: Effects | None = None,
 ) -> dict[str, Any]:
     refused = foreign or {}
     complete = whole(report, refused)
+    found = effects or {}
     return {
         **envelope(netns),
         "state_file": state_path,
@@ -294,7 +421,12 @@ def status_document(
                 "backend": fix.backend,
                 "complete": fix.complete,
                 "whole": complete[fix.port],
+                "ok": complete[fix.port] and not failing(found.get(fix.port)),
                 "started": fix.started,
+                "applied": fix.applied,
+                "covers": fix.covers,
+                "effect": effect_json(_effect(found.get(fix.port))),
+                "effect_error": _error(found.get(fix.port)),
                 "notes": fix.notes,
                 "steps": [
                     {

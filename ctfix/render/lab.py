@@ -11,16 +11,20 @@ from typing import TYPE_CHECKING, TextIO
 
 from ctfix.core.addr import endpoint
 from ctfix.lab.checks import (
+    ApplyCheck,
     Check,
     ConntrackCheck,
     DeliveryCheck,
     EntryCheck,
     ExchangeCheck,
+    ExplainCheck,
     FlushCheck,
     IcmpCheck,
+    RevertCheck,
     Section,
+    ServiceCheck,
     StaleFindingCheck,
-    StaleSection,
+    StatusCheck,
 )
 from ctfix.render.conntrack import conntrack_line
 from ctfix.render.style import Style
@@ -30,18 +34,115 @@ if TYPE_CHECKING:
     from ctfix.lab.topology import Topology
 
 
-def _section_title(section: Section | StaleSection) -> str:
-    if isinstance(section, StaleSection):
-        match section.step:
-            case "forwarded":
-                return (
-                    f"a one-way sender {section.client} -> {section.service}, forwarded by "
-                    f"DNAT to {section.backend_a}"
-                )
-            case "moved":
-                return f"the rule moved to backend B {section.backend_b}; A's address removed"
-            case "flushed":
-                return f"ctfix fix {section.port} --method flush-stale --apply"
+#: each scenario's headline (ctfix.lab.registry names the scenarios)
+TITLES = {
+    "wrong-source": "a UDP service that answers from the wrong address",
+    "clusterip": "a hostNetwork UDP server behind a Kubernetes ClusterIP",
+    "stale-nat": "UDP clients pinned by conntrack to a backend that moved",
+}
+#: sections of scenarios other than wrong-source, by kind
+_SECTIONS = {
+    "clusterip-failure": "pods ask the ClusterIP; a wildcard server on the node answers "
+    "with recvfrom()/sendto() (ctfix serve --broken)",
+    "clusterip-finding": "what ctfix finds",
+    "clusterip-repair": "the snat-zone repair (the server unchanged)",
+    "clusterip-revert": "the revert",
+    "stale-nat-forwarded": "a one-way sender from a fixed port, forwarded by DNAT to "
+    "backend A",
+    "stale-nat-moved": "the rule moved to backend B; A's address removed",
+    "stale-nat-flushed": "the exact flush: ctfix fix PORT --method flush-stale --apply",
+}
+#: why a good result is good, per scenario
+WHY = {
+    "wrong-source": (
+        "the broken server's reply to a client that addressed the uplink left by\n"
+        "br0, so the kernel gave it br0's address as the source; the client's\n"
+        "connected socket does not match it and answers ICMP port unreachable, and\n"
+        "conntrack files the reply as a new flow. The reference server reads the\n"
+        "address each request was sent to (IP_PKTINFO / IPV6_PKTINFO) and replies\n"
+        "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
+    ),
+    "clusterip": (
+        "kube-proxy DNATs the ClusterIP to the node's address, but the wildcard\n"
+        "server's reply to a pod leaves by the bridge with the bridge's address: it does\n"
+        "not match the DNAT'd conntrack entry, so it is not translated back, becomes a\n"
+        "NEW flow, and the pod's connected socket rejects it (kubernetes 95565).\n"
+        "snat-zone remembers each pod by what it sent to before DNAT (ClusterIP and\n"
+        "port), moves the wrong-source reply into a conntrack zone of its own and SNATs\n"
+        "it to exactly that. The lasting fix is in the server (IP_PKTINFO, or a bind to\n"
+        "the node's address): see docs/runbooks/udp-wrong-source.md."
+    ),
+    "stale-nat": (
+        "conntrack chose the sender's backend when its first datagram arrived and\n"
+        "restarts the entry's timeout with every datagram, so a sender that never pauses\n"
+        "keeps its old target for ever, whatever the rules say now. ctfix compares each\n"
+        "entry with where the current rules would send a new flow, and deletes exactly\n"
+        "the stale ones (by tuple and id); the next datagram follows the rules.\n"
+        "Find them: `ctfix watch`; diagnose a port: `ctfix explain PORT`; runbook:\n"
+        "docs/runbooks/udp-stale-nat.md."
+    ),
+}
+
+
+def _setup_lines(scenario: str, topo: Topology, port: int) -> list[str]:
+    """What a scenario adds to the lab's topology, one line per item."""
+    if scenario == "stale-nat":
+        from ctfix.lab import stale_nat as sn
+        from ctfix.lab import topology as t
+
+        return [
+            f"DNAT          {endpoint(t.UPLINK_V4, port)} forwarded to backend A "
+            f"{endpoint(sn.BACKEND_A, port)}, later B {endpoint(sn.BACKEND_B, port)} (both in "
+            f"the upstream ns; {topo.netfilter})",
+            f"sender        {endpoint(t.CONTAINER_V4, sn.SENDER_PORT)} in the container, "
+            "one-way, 10 datagrams/s from that fixed port (syslog-like)",
+        ]
+    if scenario != "clusterip":
+        return []
+    from ctfix.lab import clusterip
+
+    families = [(clusterip.CLUSTER_IP_V4, "198.51.100.13")]
+    if topo.ipv6:
+        families.append((clusterip.CLUSTER_IP_V6, "2001:db8:2::13"))
+    clusters = " and ".join(ip for ip, _node in families)
+    nodes = " and ".join(endpoint(node, port) for _ip, node in families)
+    return [
+        "Kubernetes    the host ns is the node, br0 is cni0, the container ns is a pod; "
+        f"ClusterIP {clusters} on UDP ports {port} and {clusterip.other_port(port)}, "
+        f"DNAT'd to {nodes} (kube-proxy's chains, {topo.netfilter}, prerouting and output)"
+    ]
+
+
+def _try_lines(scenario: str, topo: Topology, port: int, ctfix: str) -> list[str]:
+    if scenario == "stale-nat":
+        return [
+            f"ip netns exec {topo.container} nc -u -p 40515 198.51.100.13 {port}",
+            f"{ctfix} watch --netns {topo.host}     (then move the DNAT rule)",
+            f"{ctfix} explain {port} --netns {topo.host}",
+            f"{ctfix} fix {port} --method flush-stale --netns {topo.host}",
+        ]
+    if scenario == "clusterip":
+        from ctfix.lab import clusterip
+
+        return [
+            f"ip netns exec {topo.host} {ctfix} serve --broken --port {port} &",
+            f"ip netns exec {topo.container} nc -u {clusterip.CLUSTER_IP_V4} "
+            f"{clusterip.other_port(port)}",
+            f"{ctfix} explain {port} --netns {topo.host}",
+            f"{ctfix} fix {port} --method snat-zone --netns {topo.host}",
+        ]
+    return [
+        f"ip netns exec {topo.host} {ctfix} serve --broken --port {port} &",
+        f"ip netns exec {topo.container} nc -u 198.51.100.13 {port}",
+        f"{ctfix} watch --netns {topo.host}",
+        f"{ctfix} explain {port} --netns {topo.host}",
+    ]
+
+
+def _section_title(section: Section) -> str:
+    if section.kind:
+        title = _SECTIONS.get(section.kind, section.kind)
+        return f"{title}, pid {section.pid}" if section.broken else title
     title = (
         "a wildcard server that answers with recvfrom()/sendto() (ctfix serve --broken)"
         if section.broken
@@ -50,19 +151,23 @@ def _section_title(section: Section | StaleSection) -> str:
     return f"{title}, pid {section.pid}"
 
 
+def _exchange_words(
+    check: ExchangeCheck | ServiceCheck, who: str, when: str, failure: str
+) -> tuple[str, str, str, list[str]]:
+    """A client asked address:port: (title, expected, seen, detail)."""
+    address = endpoint(check.address, check.port)
+    expected = f"reply from {address}" if check.want_reply else failure
+    came = check.reply_from
+    seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
+    return f"{who} {endpoint(*check.client)} -> {address}{when}", expected, seen, []
+
+
 def check_words(check: Check) -> tuple[str, str, str, list[str]]:
     """(title, expected, seen, detail lines) of one check."""
     match check:
         case ExchangeCheck():
-            address = endpoint(check.address, check.port)
-            expected = (
-                f"reply from {address}"
-                if check.want_reply
-                else "no reply: the bug (the reply leaves from another address)"
-            )
-            came = check.reply_from
-            seen = "no reply" if came is None else f"reply from {endpoint(*came)}"
-            return f"connected client {endpoint(*check.client)} -> {address}", expected, seen, []
+            failure = "no reply: the bug (the reply leaves from another address)"
+            return _exchange_words(check, "connected client", "", failure)
         case ConntrackCheck():
             reply = check.reply
             seen = (
@@ -77,9 +182,58 @@ def check_words(check: Check) -> tuple[str, str, str, list[str]]:
             ]
             return (
                 "conntrack in the host namespace",
-                "the request, then the reply filed as a NEW flow from another address",
+                "the request"
+                + (
+                    f" DNAT'd to {endpoint(check.server, check.port)}"
+                    if check.request is not None and check.request.orig.dst != check.server
+                    else ""
+                )
+                + ", then the reply filed as a NEW flow from another address",
                 seen,
                 detail,
+            )
+        case ServiceCheck():
+            failure = "no reply: the reply leaves from another address and matches no entry"
+            who = "direct client" if check.direct else "pod"
+            return _exchange_words(check, who, ", again" if check.again else "", failure)
+        case ExplainCheck():
+            seen = (
+                f"{(check.verdict or 'no answer').upper()}; DNAT'd here: "
+                f"{', '.join(check.named) or 'none'}; recommended: "
+                f"{', '.join(check.recommended) or '-'}"
+            )
+            return (
+                f"ctfix explain {check.port}",
+                f"BROKEN, naming {', '.join(check.wanted)} as DNAT'd to the port, and "
+                "snat-zone recommended",
+                seen,
+                list(check.reasons),
+            )
+        case ApplyCheck():
+            seen = (
+                f"exit {check.returncode}; covers the clients of "
+                f"{', '.join(check.covers) or 'nothing'}"
+                + (f"; {check.error}" if check.error else "")
+            )
+            return (
+                f"ctfix fix {check.port} --method snat-zone --apply",
+                f"applied, covering the clients of {', '.join(check.wanted)}",
+                seen,
+                [],
+            )
+        case StatusCheck():
+            return (
+                "ctfix fix --status",
+                "whole, and no wrong-source reply since it was applied",
+                f"exit {check.returncode}; effect: {check.verdict}",
+                [],
+            )
+        case RevertCheck():
+            return (
+                f"ctfix fix --revert {check.port}",
+                "the ruleset exactly as before the fix",
+                f"exit {check.returncode}; ruleset {'as before' if check.same else 'DIFFERENT'}",
+                [],
             )
         case IcmpCheck():
             r = check.rejected
@@ -113,12 +267,10 @@ def _stale_words(
         case DeliveryCheck():
             where = f"backend {check.backend} {check.address}"
             if check.want:
-                title = (
-                    f"{where} receives the sender's datagrams"
-                    + (" again" if check.backend == "B" else "")
-                )
-                return title, f"datagrams at {check.backend}", _datagrams(
-                    check.received, check.address), []
+                again = " again" if check.backend == "B" else ""
+                title = f"{where} receives the sender's datagrams{again}"
+                seen = _datagrams(check.received, check.address)
+                return title, f"datagrams at {check.backend}", seen, []
             return (
                 f"{where} receives nothing: the black hole",
                 f"nothing at {check.backend} for {check.waited:g} s (the sender keeps its old "
@@ -164,7 +316,7 @@ def _stale_words(
                 + ("all still there" if check.kept else "NOT all there")
             )
             return (
-                "exactly the stale entry is deleted",
+                f"ctfix fix {check.port} --method flush-stale --apply",
                 "1 entry deleted; every other entry of the table still there",
                 seen,
                 list(check.checks),
@@ -179,11 +331,11 @@ class LabPrinter:
     def _p(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
-    def topology(self, topo: Topology, port: int) -> None:
+    def topology(self, topo: Topology, port: int, scenario: str = "wrong-source") -> None:
         from ctfix.lab import topology as t
 
         s = self.style
-        self._p(s("ctfix lab: a UDP service that answers from the wrong address", "bold"))
+        self._p(s(f"ctfix lab: {TITLES[scenario]}", "bold"))
 
         def both(v4: str, v6: str, sep: str = ", ") -> str:
             """The IPv4 item, and the IPv6 one too when the lab runs IPv6."""
@@ -204,10 +356,12 @@ class LabPrinter:
             f" leaving by anything but br0 ({topo.netfilter}), as Docker does\n"
             f"  service       UDP port {port} in the host ns; clients in the container"
         )
+        for line in _setup_lines(scenario, topo, port):
+            self._p(f"  {line}")
 
-    def report(self, item: Section | StaleSection | Check) -> None:
+    def report(self, item: Section | Check) -> None:
         """The story's callback: a section as it starts, each check as it is made."""
-        if isinstance(item, Section | StaleSection):
+        if isinstance(item, Section):
             self._p()
             self._p(self.style(_section_title(item), "bold"))
         else:
@@ -221,72 +375,26 @@ class LabPrinter:
         for line in detail:
             self._p(f"      {s(line, 'dim')}")
 
-    def stale_nat_topology(self, topo: Topology, port: int) -> None:
-        from ctfix.lab import stale_nat as sn
-        from ctfix.lab import topology as t
-
-        s = self.style
-        self._p(s("ctfix lab: UDP clients pinned by conntrack to a backend that moved", "bold"))
-        self._p(
-            f"  host ns       {topo.host}\n"
-            f"                  eth0 {t.UPLINK_V4}/24 (uplink): UDP port {port} forwarded "
-            f"by DNAT ({topo.netfilter})\n"
-            f"  container ns  {topo.container}\n"
-            f"                  a one-way sender from {t.CONTAINER_V4}:{sn.SENDER_PORT} "
-            f"(syslog-like), 10 datagrams/s\n"
-            f"  upstream ns   {topo.upstream}\n"
-            f"                  backend A {sn.BACKEND_A}:{port}, backend B "
-            f"{sn.BACKEND_B}:{port}"
-        )
-
-    def verdict(self, story: Story, why: str | None = None) -> None:
+    def verdict(self, story: Story, scenario: str = "wrong-source") -> None:
         s = self.style
         self._p()
         bug = "reproduced" if story.reproduced else "NOT reproduced"
         fix = "confirmed" if story.fixed else "NOT confirmed"
         good = story.reproduced and story.fixed
         self._p(s(f"Result: bug {bug}, fix {fix}.", "bold", "green" if good else "red"))
-        if good and why is not None:
-            self._p(why)
-        elif good:
-            self._p(
-                "Why: the broken server's reply to a client that addressed the uplink left by\n"
-                "br0, so the kernel gave it br0's address as the source; the client's\n"
-                "connected socket does not match it and answers ICMP port unreachable, and\n"
-                "conntrack files the reply as a new flow. The reference server reads the\n"
-                "address each request was sent to (IP_PKTINFO / IPV6_PKTINFO) and replies\n"
-                "from it. Find such services: `ctfix watch`; diagnose one: `ctfix explain PORT`."
-            )
+        if good:
+            self._p(f"Why: {WHY[scenario]}")
 
-    def keep(self, topo: Topology, port: int, ctfix: str, scenario: str = "wrong-source") -> None:
+    def keep(
+        self, topo: Topology, port: int, ctfix: str, scenario: str = "wrong-source"
+    ) -> None:
         """`ctfix`: how to run this ctfix from a shell (the command knows)."""
         self._p()
         self._p("The lab is still up (--keep). Enter it with:")
         for role, ns in (("host", topo.host), ("container", topo.container)):
             self._p(f"  ip netns exec {ns} bash    # {role}")
         self._p("Try it:")
-        if scenario == "stale-nat":
-            self._p(f"  ip netns exec {topo.container} nc -u -p 40515 198.51.100.13 {port}")
-            self._p(f"  {ctfix} watch --netns {topo.host}     (then move the DNAT rule)")
-            self._p(f"  {ctfix} explain {port} --netns {topo.host}")
-            self._p(f"  {ctfix} fix {port} --method flush-stale --netns {topo.host}")
-        else:
-            self._p(f"  ip netns exec {topo.host} {ctfix} serve --broken --port {port} &")
-            self._p(f"  ip netns exec {topo.container} nc -u 198.51.100.13 {port}")
-            self._p(f"  {ctfix} watch --netns {topo.host}")
-            self._p(f"  {ctfix} explain {port} --netns {topo.host}")
+        for line in _try_lines(scenario, topo, port, ctfix):
+            self._p(f"  {line}")
         self._p("Remove it with:")
         self._p("  " + " && ".join(f"ip netns del {ns}" for ns in topo.namespaces))
-
-
-def stale_nat_why() -> str:
-    """The stale-nat story's closing explanation."""
-    return (
-        "Why: conntrack chose the sender's backend when its first datagram arrived and\n"
-        "restarts the entry's timeout with every datagram, so a sender that never pauses\n"
-        "keeps its old target for ever, whatever the rules say now. ctfix compares each\n"
-        "entry with where the current rules would send a new flow, and deletes exactly\n"
-        "the stale ones (by tuple and id); the next datagram follows the rules.\n"
-        "Find them: `ctfix watch`; diagnose a port: `ctfix explain PORT`; runbook:\n"
-        "docs/runbooks/udp-stale-nat.md."
-    )

@@ -17,7 +17,7 @@ LAB = [sys.executable, "-m", "ctfix", "lab"]
 @pytest.mark.parametrize("netfilter", ["nft", "iptables-legacy"])
 def test_stale_nat_story_is_reproduced_and_recovers(netfilter: str) -> None:
     proc = subprocess.run(
-        [*LAB, "--scenario", "stale-nat", "--netfilter", netfilter],
+        [*LAB, "--scenario", "stale-nat", "--netfilter", netfilter, "--port", "5140"],
         capture_output=True, text=True, timeout=180, check=False,
     )
     out = proc.stdout

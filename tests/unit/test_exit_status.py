@@ -37,6 +37,9 @@ def ctfix(*argv: str) -> subprocess.CompletedProcess[str]:
         ("fix", "--status", "5000"),
         ("fix", "5000", "--method", "snat-zone", "--json", "--netns", "/nonexistent", "--status"),
         ("fix", "5000", "--method", "bind", "--force"),
+        ("fix", "--revert", "--listen", "3"),
+        ("fix", "5000", "--method", "snat-zone", "--listen", "3"),  # a dry run listens not
+        ("fix", "5000", "--method", "snat-zone", "--apply", "--listen", "-1"),
         ("scan", "--all-netns", "--netns", "blue"),
         ("watch", "--metrics", ""),
         ("watch", "--metrics", "   "),

@@ -106,6 +106,7 @@ def test_json_has_the_stable_keys_of_the_issue() -> None:
         "egress": None,
         "egress_gateway": None,
         "uplinks": [],
+        "services": [],
     }
     assert data["evidence"]["healthy"] == 3
     assert data["evidence"]["wrong_source"][0]["actual_source"] == "192.0.2.1:56789"

@@ -241,7 +241,7 @@ def _snapshot(entries: list[CtEntry], rules: NatRuleset) -> Snapshot:
         addresses=(LocalAddress("eth0", SERVICE, 24, "ipv4"),),
         flows=tuple(entries),
         nat_rules=rules,
-        taken=100.0,
+        taken_at=100.0,
     )
 
 

@@ -360,7 +360,12 @@ class WrongSourceDetector:
         return None
 
     def resync(
-        self, entries: Sequence[CtEntry], now: float, *, complete: bool = False
+        self,
+        entries: Sequence[CtEntry],
+        now: float,
+        *,
+        complete: bool = False,
+        time_of: Callable[[CtEntry], float] | None = None,
     ) -> list[tuple[WrongSourceFinding, Change]]:
         """Rebuild from a dump after lost events: learn unreplied flows, then match.
 
@@ -368,6 +373,9 @@ class WrongSourceDetector:
         event that came before it was fed. A pending request it does not list as
         unreplied was answered or destroyed while events were lost: it is forgotten.
         Leave it False for a partial dump (one port), which can only add.
+        time_of: when a wrong-source reply entry's last packet left, as far as the
+        table tells (explain dates its evidence so); findings then say when they
+        happened instead of `now`.
         """
         udp = socket.IPPROTO_UDP
         entries = [e for e in entries if e.orig.proto == udp]
@@ -386,7 +394,7 @@ class WrongSourceDetector:
                 before[key] = previous
         results = []
         for entry in entries:
-            found = self._match(entry, now, from_dump=True)
+            found = self._match(entry, time_of(entry) if time_of else now, from_dump=True)
             if found is not None:
                 results.append(found)
             if not self._matched:
@@ -445,7 +453,9 @@ class WrongSourceDetector:
         self._matched = True
         # The source the reply leaves with, after its own NAT (snat-zone remedy).
         actual = (entry.reply.dst, entry.reply.dport)
-        mismatch = mismatch_of(expected, actual)
+        # A reply rewritten to what a DNAT'd client sent to (the snat-zone remedy for
+        # clients of a ClusterIP) is as right as one from the DNAT's target.
+        mismatch = None if actual == service else mismatch_of(expected, actual)
         by_design = False
         if mismatch is not None and mismatch != "address" and self.other_port is not None:
             # Another port: an answer for a program that changes ports by design.

@@ -48,15 +48,22 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   another uplink than their requests came in by, unless a mark rerouted them there
   (or, for replies that already leave from the address, a source rule does); then
   the network is not *ok* either (`reply-leaves-other-uplink`).
+* *Forwarded services*: what clients send to before a DNAT that forwards it to the
+  port on a local address (from the DNAT rules with the chains that jump to them,
+  and from conntrack); their clients are answered right only from the DNAT's target,
+  or by a rewrite to the service itself (address and port).
 * Verdict: `broken` when the conntrack table (or `--listen`) shows a wrong-source
   reply, unless a remedy now in place covers it: a working snat-zone SNAT to the
-  address the server had to answer from, or a policy rule on the port through which
-  the route lookup for the client's network now gives that address. Such a recorded
-  reply predates the change and is reported as such; one seen live (`--listen`) is
-  never discounted. Else `at-risk` when some client network is not ok; else
-  `unknown` when a blind family is served by a wildcard socket (only a specific bind
-  is right without evidence; a knowledge-base claim or a routing prediction could be
-  contradicted by evidence that cannot exist); else `ok`.
+  address the server had to answer from (for clients of a forwarded service: to the
+  service), or a policy rule on the port through which the route lookup for the
+  client's network now gives that address. Such a recorded reply predates the change
+  and is reported as such, unless conntrack dates it after the fix ctfix recorded
+  (then the fix is *ineffective* for it); one seen live (`--listen`) is never
+  discounted. Else `at-risk` when some client network is not ok, or the recorded fix
+  misses a forwarded service; else `unknown` when a blind family is served by a
+  wildcard socket (only a specific bind is right without evidence; a knowledge-base
+  claim or a routing prediction could be contradicted by evidence that cannot
+  exist); else `ok`.
   Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
   to a target the DNAT rules no longer name; `stale`), whatever the rest says.
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere (on the host,
@@ -68,7 +75,8 @@ The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
 shows; what is history), `blindness` (where conntrack cannot show anything),
 `exposure` (per client network), `uplinks` (which uplink a reply to remote clients
-leaves by), `netfilter` (rules that cannot help), `advice` (the fixes); `codes`
+leaves by), `forwarding` (services a DNAT forwards here), `netfilter` (rules that
+cannot help), `effect` (does the recorded fix work), `advice` (the fixes); `codes`
 lists every reason code. `diagnose()`
 composes them and decides the verdict.
 
@@ -86,8 +94,10 @@ from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
 from ctfix.core.diagnosis import (
     advice,
     blindness,
+    effect,
     evidence,
     exposure,
+    forwarding,
     listeners,
     netfilter,
     requests,
@@ -138,7 +148,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     caught: set[Family] = {
         family_name(unmap(parse_endpoint(w.client)[0])) for w in shown.wrong_source
     }
-    rewritten = netfilter.rewritten_addresses(snapshot.netfilter)
+    rewritten = netfilter.rewrites(port, snapshot.netfilter)
     chosen = {
         f: text
         for f, text in exposure.observed_choice(snapshot, shown, rewritten).items()
@@ -151,8 +161,10 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     clients = exposure.client_networks(snapshot, asked, listening, rewritten, shown)
     blind = blindness.blind_families(snapshot, listening)
     forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
+    behind = forwarding.forwarded_services(port, snapshot.dnat_rules, snapshot.flows, local)
     rules = netfilter.rule_hits(snapshot.netfilter)
     present = evidence.split_history(shown, snapshot, rewritten)
+    fixed = effect.fix_effect(snapshot, shown, behind, listening.exposed)
 
     # Who is on the port, what reaches it, what conntrack shows, who is exposed, what
     # the rules do: in the order an expert would say it.
@@ -177,16 +189,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
             )
             for address, target in forwards
         ]
-    dnat_here = requests.forwarded_here(snapshot.flows, port, local)
-    if dnat_here:
-        reasons.append(
-            reason(
-                "forwarded-here-by-dnat",
-                f"Requests to {', '.join(dnat_here)} are forwarded here by DNAT: the server "
-                "must answer them from the address the DNAT sent them to, or conntrack "
-                "cannot translate the reply back.",
-            )
-        )
+    reasons += forwarding.forwarding_reasons(behind)
     reasons += blindness.blindness_reasons(snapshot, blind)
     reasons += evidence.evidence_reasons(shown, snapshot)
     reasons += pinned.reasons
@@ -201,11 +204,12 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         for error in snapshot.netfilter_errors
     ]
     reasons += present.history
+    reasons += effect.effect_reasons(fixed, snapshot)
 
     verdict: Verdict
     if present.current:
         verdict = "broken"
-    elif any(not cn.ok for cn in clients):
+    elif any(not cn.ok for cn in clients) or (fixed and fixed.uncovered):
         verdict = "at-risk"
     elif blindness.judged_blind(snapshot, listening, blind):
         verdict = "unknown"
@@ -217,7 +221,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     advice_rule = None if listening.contradicted else service_rule
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
     wanted = verdict in ("at-risk", "broken") and not (forwards and not snapshot.listeners)
-    fixes = advice.fixes_for(port, verdict, clients, advice_rule, rules) if wanted else ()
+    fixes = (
+        advice.fixes_for(port, verdict, clients, advice_rule, rules, behind) if wanted else ()
+    )
     if pinned.entries:
         verdict = "broken"  # stale NAT entries: a black hole now (their fix is their own)
     return Diagnosis(
@@ -238,6 +244,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
         stale_nat=pinned.findings,
         stale_entries=pinned.entries,
+        forwarded_from=tuple(behind),
+        fix_effect=fixed,
         tracking=blindness.tracking_of(snapshot),
         tracking_switched_on=snapshot.tracking_switched_on,
         blind=tuple(blind),

@@ -9,11 +9,12 @@ saying why not, so the reader learns why the recommended one was chosen.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ctfix.core.diagnosis.netfilter import PROBLEM_NOTRACK
 from ctfix.core.diagnosis.uplinks import fix_note
-from ctfix.core.model import ClientNetwork, Fix, RuleHit, Verdict
+from ctfix.core.model import ClientNetwork, Fix, FixMethod, ForwardedService, RuleHit, Verdict
 
 if TYPE_CHECKING:
     from ctfix.core.rules import ServiceRule
@@ -25,7 +26,72 @@ def recommended_first(fixes: Iterable[Fix]) -> tuple[Fix, ...]:
 
 
 
+def dnat_notes(
+    clients: Sequence[ClientNetwork], forwarded: Sequence[ForwardedService]
+) -> dict[FixMethod, str]:
+    """What each method does for clients that reached the server through a DNAT.
+
+    The server must answer them from the DNAT's target, or the reply is rewritten to
+    exactly what they sent to: the application fixes and snat-zone serve them; a
+    route serves them when its source is the target (each network's one address is
+    the target, for DNAT'd clients), but never the host's own clients of a DNAT in
+    output: a reply to a local address is routed by the `local` table first.
+    """
+    if not forwarded:
+        return {}
+    exact = [f for f in forwarded if f.exact]
+    named = "; ".join(f.label for f in exact) or "services DNAT'd here"
+    targets = sorted({f.target_address for f in forwarded})
+    notes: dict[FixMethod, str] = {
+        "pktinfo": f" Clients of {named} are served too: IP_PKTINFO gives the address "
+        "after DNAT, the one conntrack expects the reply from.",
+        "bind": f" Bind to {' and '.join(targets)} (the DNAT target) for the clients of "
+        f"{named}: their requests arrive addressed to it, and its replies are translated "
+        "back to what they sent to.",
+        "snat-zone": f" It covers the clients of {named} too: it remembers each by what it "
+        "sent to before DNAT and rewrites the reply to exactly that address and port.",
+    }
+    vague = [f for f in forwarded if not f.exact]
+    if vague:
+        notes["snat-zone"] += (
+            f" Clients of {', '.join(f.service for f in vague)} (a DNAT that matches no "
+            "single address) are covered only once conntrack has shown them: plan it "
+            "again then."
+        )
+    seen = [cn for cn in clients if cn.services]
+    route = (
+        f" For the clients of {', '.join(s for cn in seen for s in cn.services)} (seen "
+        f"in {', '.join(cn.network for cn in seen)}), the route's source is the DNAT target, "
+        "so the reply matches the DNAT'd entry and conntrack translates it back."
+        if seen
+        else ""
+    )
+    own = sorted({f.service for f in forwarded if "output" in f.hooks})
+    if own:
+        route += (
+            f" It does not reach this host's own clients of {', '.join(own)} (a DNAT in "
+            "output): a reply to a local address is routed by the `local` table before "
+            "any policy rule."
+        )
+    if route:
+        notes["policy-route"] = route
+    return notes
+
+
 def fixes_for(
+    port: int,
+    verdict: Verdict,
+    clients: Sequence[ClientNetwork],
+    service: ServiceRule | None,
+    rules: Sequence[RuleHit],
+    forwarded: Sequence[ForwardedService] = (),
+) -> tuple[Fix, ...]:
+    fixes = _fixes(port, verdict, clients, service, rules)
+    notes = dnat_notes(clients, forwarded)
+    return tuple(replace(f, detail=f.detail + notes.get(f.method, "")) for f in fixes)
+
+
+def _fixes(
     port: int,
     verdict: Verdict,
     clients: Sequence[ClientNetwork],

@@ -20,6 +20,7 @@ ReasonCode = Literal[
     "dnat-to-other-port",
     "forwarded-here-by-dnat",
     "forwarded-to-backend",
+    "dnat-destination-unknown",
     "connected-socket",
     "wildcard-socket",
     "specific-bind",
@@ -48,6 +49,9 @@ ReasonCode = Literal[
     # netfilter rules
     "snat-zone-in-place",
     "rules-cannot-help",
+    # the fix ctfix recorded for the port
+    "fix-ineffective",
+    "fix-not-covering",
     "netfilter-not-read",
 ]
 

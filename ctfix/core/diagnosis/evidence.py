@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ctfix.core.addr import parse_endpoint, unmap
 from ctfix.core.clientnet import ClientNetworks
+from ctfix.core.decode import CtEntry
 from ctfix.core.detectors.wrong_source import (
     WrongSourceDetector,
     WrongSourceFinding,
 )
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
+from ctfix.core.diagnosis.netfilter import Rewrites
 from ctfix.core.diagnosis.requests import Request, client_networks_of, newest_last
 from ctfix.core.model import Evidence, Reason, WrongSourceReply
 from ctfix.core.snapshot import Snapshot
@@ -31,7 +33,7 @@ MAIN_TABLE = 254
 
 
 def wrong_source_reply(finding: WrongSourceFinding) -> WrongSourceReply:
-    """watch's detector finding as explain's evidence record."""
+    """watch's detector finding as explain's evidence record (0.0: an undated time)."""
     return WrongSourceReply(
         client=finding.client,
         service=finding.service,
@@ -42,7 +44,31 @@ def wrong_source_reply(finding: WrongSourceFinding) -> WrongSourceReply:
         clients=finding.clients,
         client_network=finding.client_network,
         replies_from_other_port=finding.replies_from_other_port,
+        first_seen=finding.first_seen or None,
+        last_seen=finding.last_seen or None,
     )
+
+
+def last_packet(entry: CtEntry, snapshot: Snapshot) -> float:
+    """When the entry's latest packet passed, as far as the table tells (0.0: unknown).
+
+    Two clocks: the entry's start (conntrack timestamps, net.netfilter.
+    nf_conntrack_timestamp=1), and its time left: an unreplied UDP entry lives
+    nf_conntrack_udp_timeout seconds after its last packet, so that packet passed
+    (timeout - left) seconds before the dump, at the latest. The kernel rounds the
+    time left down, so this errs early: it never dates a reply after the fact.
+    """
+    times: list[float] = []
+    if entry.start is not None:
+        times.append(entry.start / 1e9)
+    if (
+        entry.timeout is not None
+        and snapshot.udp_timeout
+        and snapshot.taken_at
+        and not entry.seen_reply
+    ):
+        times.append(snapshot.taken_at - max(0, snapshot.udp_timeout - entry.timeout))
+    return max(times, default=0.0)
 
 
 def gather(
@@ -69,7 +95,12 @@ def gather(
         networks=networks,
         other_port=other_port,
     )
-    detector.examine(newest_last(snapshot.flows), now=0.0)
+    # Each reply is dated by its own entry (`last_packet`: when it last left), not as
+    # watch's start-up history: a fix's effect is judged by those times.
+    detector.dumps_are_history = False
+    detector.resync(
+        newest_last(snapshot.flows), now=0.0, time_of=lambda e: last_packet(e, snapshot)
+    )
     answered = detector.answered or {}
     merged: dict[tuple[str, str, str], WrongSourceReply] = {}
     for finding in detector.found:
@@ -79,6 +110,8 @@ def gather(
         # --listen resyncs from the table first: its count includes the table's.
         if key not in merged or live.count > merged[key].count:
             merged[key] = live
+        elif live.last_seen is not None:  # what --listen saw is the latest
+            merged[key] = replace(merged[key], last_seen=live.last_seen)
     wrong = tuple(sorted(merged.values(), key=lambda w: (w.service, w.actual_source, w.client)))
     healthy = unanswered = 0
     right: list[tuple[str, str]] = []
@@ -109,17 +142,22 @@ def finding_key(
 
 
 def _remedy_for(
-    wrong: WrongSourceReply, snapshot: Snapshot, rewritten: set[str], expected: str
+    wrong: WrongSourceReply, snapshot: Snapshot, rewritten: Rewrites, expected: str
 ) -> str | None:
     """The remedy now in place that answers this record's clients from the right
     source, in words; None when there is none (the record is the present).
 
     Only a change on the host counts, never a claim: a working snat-zone rewrite to
-    the address the server had to answer from, or a policy rule on the port through
-    which the route lookup for the client's network now gives that address. A
-    knowledge-base entry or a network that merely looks ok proves nothing.
+    the address the server had to answer from (for clients of a DNAT'd service: to
+    the service itself), or a policy rule on the port through which the route lookup
+    for the client's network now gives that address. A knowledge-base entry or a
+    network that merely looks ok proves nothing.
     """
-    if expected in rewritten:
+    service = parse_endpoint(wrong.service)
+    forwarded = unmap(service[0]) != expected or service[1] != snapshot.port
+    if forwarded and rewritten.to(unmap(service[0]), service[1]):
+        return f"the snat-zone rewrite to {wrong.service}"
+    if not forwarded and rewritten.to(expected):
         return f"the snat-zone rewrite to {expected}"
     policy = [r.text for r in snapshot.policy_rules if r.matches_reply_from(snapshot.port)]
     if not policy:
@@ -179,16 +217,28 @@ class Present:
     history: tuple[Reason, ...]
 
 
-def split_history(evidence: Evidence, snapshot: Snapshot, rewritten: set[str]) -> Present:
-    """Recorded evidence is history only when a remedy now in place covers its clients;
-    what --listen saw happened during this run and is never discounted."""
+def after_fix(wrong: WrongSourceReply, snapshot: Snapshot) -> bool:
+    """Did a reply of this record leave after the recorded fix was applied? Seen live
+    while listening after it, or dated after it by the table (`last_packet`)."""
+    if snapshot.fix is None:
+        return False
+    applied = snapshot.fix.applied_at
+    if finding_key(wrong) in live_keys(snapshot) and (snapshot.listened_since or 0) >= applied:
+        return True
+    return wrong.last_seen is not None and wrong.last_seen > applied
+
+
+def split_history(evidence: Evidence, snapshot: Snapshot, rewritten: Rewrites) -> Present:
+    """Recorded evidence is history only when a remedy now in place covers its clients
+    and nothing dates it after the recorded fix; what --listen saw happened during this
+    run and is never discounted."""
     live = live_keys(snapshot)
     current: list[WrongSourceReply] = []
     history: dict[str, int] = {}
     for wrong in evidence.wrong_source:
         expected = unmap(parse_endpoint(wrong.expected_source)[0])
         remedy = None
-        if finding_key(wrong) not in live:
+        if finding_key(wrong) not in live and not after_fix(wrong, snapshot):
             remedy = _remedy_for(wrong, snapshot, rewritten, expected)
         if remedy is None:
             current.append(wrong)

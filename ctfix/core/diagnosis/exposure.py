@@ -23,18 +23,22 @@ Know before changing (the definitions explain shows):
   from that address: it is the predicted source, or a socket is bound to it, or no
   serving socket of the family is exposed, or a working snat-zone rewrites to it, or
   it was answered (`wrong_for` lists the others); and, for remote clients, by that
-  address's own uplink (see `uplinks`).
+  address's own uplink (see `uplinks`). A service a DNAT forwards here (`services`)
+  counts by its target address, except that only a rewrite to the service itself
+  (address and port, before DNAT) rescues its clients: a rewrite to the target is for
+  the target's own clients; `wrong_for` names such a service by its `addr:port`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from ctfix.core.addr import family_name, unmap
+from ctfix.core.addr import endpoint, family_name, unmap
 from ctfix.core.diagnosis import uplinks
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.evidence import MAIN_TABLE
 from ctfix.core.diagnosis.listeners import Listening, wild_for
+from ctfix.core.diagnosis.netfilter import Rewrites
 from ctfix.core.diagnosis.requests import (
     Request,
     client_networks_of,
@@ -59,7 +63,7 @@ def choice_for(snapshot: Snapshot, network: str) -> RouteChoice | None:
 
 
 def observed_choice(
-    snapshot: Snapshot, evidence: Evidence, rewritten: set[str]
+    snapshot: Snapshot, evidence: Evidence, rewritten: Rewrites
 ) -> dict[Family, str]:
     """family -> what shows the server choosing the source of its replies there: a
     request answered from the right source, to an address that routing would not pick
@@ -70,7 +74,7 @@ def observed_choice(
     found: dict[Family, str] = {}
     for client, addressed in evidence.right_answers:
         family = family_name(client)
-        if family in found or addressed in rewritten or addressed in bound:
+        if family in found or rewritten.to(addressed) or addressed in bound:
             continue
         network, _iface = network_of(client, networks)
         choice = choice_for(snapshot, network)
@@ -101,7 +105,7 @@ def client_networks(
     snapshot: Snapshot,
     requests: list[Request],
     listening: Listening,
-    rewritten: set[str],
+    rewritten: Rewrites,
     evidence: Evidence | None = None,
 ) -> list[ClientNetwork]:
     """Every client network of the port, with what it addresses and would get back."""
@@ -122,6 +126,9 @@ def client_networks(
         }
         seen: dict[str, list[str]] = {}
         interfaces: dict[str, str | None] = {}
+        # network -> (service, the address it is forwarded to) of DNAT'd requests
+        forwarded: dict[str, list[tuple[tuple[str, int], str]]] = {}
+        reached: dict[str, set[str]] = {}  # network -> addresses its clients sent to
         for request in requests:
             if request.family != family:
                 continue
@@ -130,6 +137,11 @@ def client_networks(
             interfaces[network] = iface
             if request.addressed not in addressed:
                 addressed.append(request.addressed)
+            pair = (request.service, request.addressed)
+            if not request.forwarded:
+                reached.setdefault(network, set()).add(request.addressed)
+            elif pair not in forwarded.setdefault(network, []):
+                forwarded[network].append(pair)
         if seen:
             networks = [(net, interfaces[net], sorted(addr), True) for net, addr in seen.items()]
         else:
@@ -155,11 +167,19 @@ def client_networks(
             interface = iface or (choice.interface if choice else None)
             near = tuple(onlink(snapshot.addresses, interface, family))
             right = answered.get(network, set())
+            dnat = forwarded.get(network, [])
+            # An address reached only through a DNAT: a rewrite to it is no help to
+            # those clients (only one to their service is).
+            through_dnat = {a for _service, a in dnat} - reached.get(network, set())
             # `rewritten`: a working snat-zone setup gives those clients the right source;
             # `right`: conntrack shows them answered from it (evidence beats prediction).
             wrong = _wrong_for(
-                (*addressed, *near), predicted, bool(exposed.get(family)), specific | right,
+                tuple(a for a in (*addressed, *near) if a not in through_dnat),
+                predicted,
+                bool(exposed.get(family)),
+                specific | right,
                 rewritten,
+                tuple(dnat),
             )
             ok = not wrong
             # Remote clients: does each address's reply leave by its own uplink?
@@ -183,6 +203,7 @@ def client_networks(
                     probe=snapshot.probes.get(network),
                     answered=tuple(a for a in addressed if a in right),
                     wrong_for=wrong,
+                    services=tuple(endpoint(*service) for service, _a in dnat),
                 )
             )
     result.extend(_connected_peers(snapshot, requests, result, rewritten))
@@ -194,20 +215,27 @@ def _wrong_for(
     predicted: str | None,
     exposed: bool,
     right: set[str],
-    rewritten: set[str],
+    rewritten: Rewrites,
+    dnat: tuple[tuple[tuple[str, int], str], ...] = (),
 ) -> tuple[str, ...]:
     """Those of the addresses that would not be answered from themselves: not the
     predicted source, not bound to or seen answered (`right`), not rewritten by a
-    working snat-zone setup; none when no exposed socket serves the family."""
-    return tuple(
-        a
-        for a in dict.fromkeys(addresses)
-        if exposed and a != predicted and a not in right and a not in rewritten
-    )
+    working snat-zone setup; none when no exposed socket serves the family. And the
+    services of `dnat` ((service, the address it is DNAT'd to)) whose address is not
+    answered so, unless the rewrite goes to the service itself."""
+    if not exposed:
+        return ()
+    wrong = [a for a in addresses if a != predicted and a not in right and not rewritten.to(a)]
+    wrong += [
+        endpoint(*service)
+        for service, a in dnat
+        if a != predicted and a not in right and not rewritten.to(*service)
+    ]
+    return tuple(dict.fromkeys(wrong))
 
 
 def _connected_peers(
-    snapshot: Snapshot, requests: list[Request], known: list[ClientNetwork], rewritten: set[str]
+    snapshot: Snapshot, requests: list[Request], known: list[ClientNetwork], rewritten: Rewrites
 ) -> list[ClientNetwork]:
     """Networks served only by a connect()ed socket (netcat after its first datagram).
 
@@ -249,7 +277,7 @@ def exposure_reasons(
     snapshot: Snapshot,
     evidence: Evidence,
     listening: Listening,
-    rewritten: set[str],
+    rewritten: Rewrites,
 ) -> list[Reason]:
     """Each exposed client network (and a policy rule that makes it so), each address
     whose replies leave by another uplink, or that the clients seen so far happen to
@@ -274,6 +302,7 @@ def exposure_reasons(
             if extra
             else ""
         )
+        dnat = f" (also as {', '.join(cn.services)}, through DNAT)" if cn.services else ""
         answered = (
             f" (conntrack shows those of {', '.join(cn.answered)} answered from it)"
             if cn.answered
@@ -282,8 +311,8 @@ def exposure_reasons(
         reasons.append(
             reason(
                 "client-network-exposed",
-                f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{also}{answered}; "
-                f"replies to them leave from {source}, so those that address "
+                f"Clients in {cn.network} {how} {', '.join(cn.addressed)}{dnat}{also}"
+                f"{answered}; replies to them leave from {source}, so those that address "
                 f"{', '.join(others)} get no answer.",
             )
         )
@@ -318,7 +347,7 @@ def exposure_reasons(
 
 
 def _untried(
-    clients: list[ClientNetwork], snapshot: Snapshot, listening: Listening, rewritten: set[str]
+    clients: list[ClientNetwork], snapshot: Snapshot, listening: Listening, rewritten: Rewrites
 ) -> dict[str, list[str]]:
     """Seen network -> the local addresses its clients have not used, that nothing would
     answer them from (routing picks another, no rewrite, no socket bound to it): what
@@ -334,7 +363,7 @@ def _untried(
             for a in usable_addresses(snapshot.addresses, family)
             if a != cn.predicted_source
             and a not in cn.addressed
-            and a not in rewritten
+            and not rewritten.to(a)
             and a not in bound
         ]
         if others:

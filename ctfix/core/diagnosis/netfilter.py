@@ -9,8 +9,9 @@ nftables does not rescue an SNAT in iptables-legacy).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ctfix.core.addr import unmap
+from ctfix.core.addr import endpoint, unmap
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.model import Reason, RuleHit
 from ctfix.core.snapshot import NetfilterRule
@@ -70,17 +71,45 @@ def rule_problem(rule: NetfilterRule, ruleset: Sequence[NetfilterRule]) -> str |
 
 
 
-def rewritten_addresses(ruleset: Sequence[NetfilterRule]) -> set[str]:
-    """Addresses a working snat-zone setup rewrites the port's replies to: an SNAT of
-    the replies that a zone in the same backend makes possible."""
-    return {
-        unmap(r.nat_to)
-        for r in ruleset
-        if r.nat_to
-        and r.actions & _NAT_SOURCE
-        and (r.matches_sport or r.to_port)
-        and rule_problem(r, ruleset) is None
-    }
+@dataclass(frozen=True, slots=True)
+class Rewrites:
+    """Where a working snat-zone setup rewrites the port's replies to: an SNAT of the
+    replies that a zone in the same backend makes possible, by (address, port); the
+    port is None when the SNAT keeps the server's port."""
+
+    port: int
+    endpoints: frozenset[tuple[str, int | None]] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.endpoints)
+
+    def to(self, address: str, port: int | None = None) -> bool:
+        """Are wrong-source replies rewritten to address:port (default: the server's)?"""
+        port = self.port if port is None else port
+        return (address, port) in self.endpoints or (
+            port == self.port and (address, None) in self.endpoints
+        )
+
+    def names(self) -> list[str]:
+        """`198.51.100.13` (the server's port kept), `203.0.113.10:40054`, sorted."""
+        return sorted(
+            address if port in (None, self.port) else endpoint(address, port)
+            for address, port in self.endpoints
+        )
+
+
+def rewrites(port: int, ruleset: Sequence[NetfilterRule]) -> Rewrites:
+    return Rewrites(
+        port,
+        frozenset(
+            (unmap(r.nat_to), r.nat_port)
+            for r in ruleset
+            if r.nat_to
+            and r.actions & _NAT_SOURCE
+            and (r.matches_sport or r.to_port)
+            and rule_problem(r, ruleset) is None
+        ),
+    )
 
 
 def rule_hits(ruleset: Sequence[NetfilterRule]) -> tuple[RuleHit, ...]:
@@ -96,13 +125,13 @@ def rule_hits(ruleset: Sequence[NetfilterRule]) -> tuple[RuleHit, ...]:
     )
 
 
-def netfilter_reasons(rewritten: set[str], rules: Sequence[RuleHit]) -> list[Reason]:
+def netfilter_reasons(rewritten: Rewrites, rules: Sequence[RuleHit]) -> list[Reason]:
     reasons: list[Reason] = []
     if rewritten:
         reasons.append(
             reason(
                 "snat-zone-in-place",
-                f"Replies to clients of {', '.join(sorted(rewritten))} that leave from another "
+                f"Replies to clients of {', '.join(rewritten.names())} that leave from another "
                 "address are rewritten by SNAT in a separate conntrack zone (snat-zone): those "
                 "clients get the right source.",
             )

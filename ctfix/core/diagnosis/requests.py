@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ctfix.core.addr import endpoint, family_name, unmap
+from ctfix.core.addr import family_name, unmap
 from ctfix.core.clientnet import ClientNetworks, Connected, connected
 from ctfix.core.decode import CtEntry
 from ctfix.core.model import Family
@@ -34,6 +34,10 @@ class Request:
     addressed: str
     family: Family
     replied: bool
+    #: what the client sent to (address, port): before DNAT, so another address or
+    #: port than the server's when a DNAT forwarded it here (`forwarded`)
+    service: tuple[str, int] = ("", 0)
+    forwarded: bool = False
 
 
 def usable_addresses(addresses: Iterable[LocalAddress], family: Family) -> list[str]:
@@ -92,7 +96,15 @@ def requests_to(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[Re
         seen.add(key)
         addressed = served if served in local else unmap(orig.dst)
         requests.append(
-            Request(client, orig.sport, addressed, family_name(client), entry.seen_reply)
+            Request(
+                client,
+                orig.sport,
+                addressed,
+                family_name(client),
+                entry.seen_reply,
+                (unmap(orig.dst), orig.dport),
+                (unmap(orig.dst), orig.dport) != (served, entry.reply.sport),
+            )
         )
     return requests
 
@@ -212,20 +224,6 @@ def waiting_clients(flows: Iterable[CtEntry], port: int, local: set[str]) -> set
         if not r.replied and (r.client, r.client_port) not in answered
     }
 
-
-
-def forwarded_here(flows: Iterable[CtEntry], port: int, local: set[str]) -> list[str]:
-    """`addr:port` the clients sent to that a DNAT forwarded to this port (sorted)."""
-    return sorted(
-        {
-            endpoint(unmap(e.orig.dst), e.orig.dport)
-            for e in flows
-            if e.orig.proto == UDP
-            and e.orig.dport != port
-            and e.reply.sport == port
-            and unmap(e.reply.src) in local
-        }
-    )
 
 
 def uplink_interfaces(routes: Iterable[Route], family: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ctfix.core.detectors import UDP_TIMEOUT, UDP_TIMEOUT_STREAM
 from ctfix.core.detectors.stale_nat import (
     StaleEntry,
     StaleNatFinding,
@@ -50,9 +51,10 @@ def stale_nat(snapshot: Snapshot) -> StaleNat:
     if snapshot.nat_rules is None or snapshot.conntrack_error:
         return StaleNat()
     port = snapshot.port
-    now = snapshot.taken
+    now = snapshot.taken_at
     evaluator = Evaluator(snapshot.nat_rules, (a.address for a in snapshot.addresses))
-    udp, stream = snapshot.udp_timeouts
+    udp = snapshot.udp_timeout or UDP_TIMEOUT
+    stream = snapshot.udp_timeout_stream or UDP_TIMEOUT_STREAM
     judgement = judge(
         snapshot.flows,
         evaluator,

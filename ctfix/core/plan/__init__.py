@@ -44,6 +44,7 @@ from ctfix.core.plan.specs import (
     step_to_dict,
     table_id,
 )
+from ctfix.core.plan.targets import Target
 from ctfix.errors import CtfixError
 
 Backend = Literal["iproute2", "nftables", "iptables-legacy", "ctnetlink", "none"]
@@ -66,6 +67,9 @@ class Plan:
     #: False: its steps cannot be undone and need no undo (flush-stale deletes
     #: conntrack entries); it is applied without a state-file record.
     reversible: bool = True
+    #: snat-zone: the clients it remembers (recorded, so --status can name services
+    #: forwarded to the port after the fix)
+    covers: tuple[Target, ...] = ()
 
 
 class Build(Protocol):
@@ -163,8 +167,19 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "warnings": list(plan.warnings),
         "advice": list(plan.advice),
         "checks": [asdict(c) for c in plan.checks],
+        "covers": [cover_to_dict(t) for t in plan.covers],
         "steps": [step_to_dict(s) for s in plan.steps],
         "reversible": plan.reversible,
+    }
+
+
+def cover_to_dict(target: Target) -> dict[str, Any]:
+    """A covered target as the state file and --json record it."""
+    return {
+        "service": target.service,
+        "target": target.reply_source,
+        "label": target.label,
+        "hooks": list(target.hooks),
     }
 
 
@@ -190,8 +205,10 @@ __all__ = [
     "Spec",
     "SpecKind",
     "Step",
+    "Target",
     "XtExtension",
     "comment",
+    "cover_to_dict",
     "ipset_name",
     "make_plan",
     "method",

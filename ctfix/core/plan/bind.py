@@ -7,7 +7,7 @@ the generic IP_PKTINFO advice from `pktinfo_advice`.
 
 from __future__ import annotations
 
-from ctfix.core.model import Diagnosis
+from ctfix.core.model import Diagnosis, ForwardedService
 from ctfix.core.plan import Backend, Plan, PlanMethod
 
 
@@ -39,3 +39,19 @@ def pktinfo_advice(port: int) -> tuple[str, ...]:
 
 
 METHOD = PlanMethod("bind", ("none",), changes_host=False, build=build)
+
+
+def dnat_advice(forwarded: tuple[ForwardedService, ...]) -> tuple[str, ...]:
+    """For clients that reach the port through a DNAT: bind to the DNAT's target."""
+    if not forwarded:
+        return ()
+    by_target: dict[str, list[str]] = {}
+    for service in forwarded:
+        by_target.setdefault(service.target_address, []).append(service.service)
+    return tuple(
+        f"Clients of {', '.join(services)} reach this port through DNAT, addressed to "
+        f"{target}: a socket bound to {target} answers them from it, and conntrack "
+        "translates the reply back to what they sent to (binding works for them; so "
+        "does IP_PKTINFO, which gives the address after DNAT)."
+        for target, services in by_target.items()
+    )

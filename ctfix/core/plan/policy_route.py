@@ -152,6 +152,7 @@ def build(
                 (f"{ip} rule del {rule}",),
             )
         )
+    notes = (*notes, *_dnat_notes(diagnosis, broken))
     if any(
         len(targets.addressed(cn, diagnosis.listeners)) > 1 for cn in diagnosis.clients if cn.ok
     ):
@@ -163,6 +164,25 @@ def build(
         port, "policy-route", "iproute2", tuple(steps), notes, tuple(checks),
         warnings=tuple(warnings),
     )
+
+
+def _dnat_notes(diagnosis: Diagnosis, routed: list[ClientNetwork]) -> list[str]:
+    """Which clients behind a DNAT the routes serve, and which they cannot."""
+    notes = [
+        f"covers: clients of {service} in {cn.network} (DNAT'd to "
+        f"{targets.addressed(cn, diagnosis.listeners)[0]}): their replies leave from "
+        "the DNAT target, and conntrack translates them back"
+        for cn in routed
+        for service in cn.services
+    ]
+    own = sorted({f.service for f in diagnosis.forwarded_from if "output" in f.hooks})
+    if own:
+        notes.append(
+            f"not covered: this host's own clients of {', '.join(own)} (a DNAT in "
+            "output): a reply to a local address is routed by the `local` table before "
+            "any policy rule; --method snat-zone covers them"
+        )
+    return notes
 
 
 METHOD = PlanMethod("policy-route", ("iproute2",), changes_host=True, build=build)

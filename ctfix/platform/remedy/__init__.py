@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Never, NoReturn
@@ -165,6 +165,24 @@ def present(spec: Spec) -> bool:
     return _operations(spec).present()
 
 
+def present_all(specs: Sequence[Spec]) -> list[bool]:
+    """`present` of each spec, iptables-legacy rules read in one go (see
+    `legacy.rules_found`)."""
+    found = [False] * len(specs)
+    rules = [(i, s) for i, s in enumerate(specs) if isinstance(s, IptRuleSpec)]
+    if rules:
+        from ctfix.platform.remedy import legacy
+
+        for (index, _spec), answer in zip(
+            rules, legacy.rules_found([s for _i, s in rules]), strict=True
+        ):
+            found[index] = answer
+    for index, spec in enumerate(specs):
+        if not isinstance(spec, IptRuleSpec):
+            found[index] = present(spec)
+    return found
+
+
 def clash(spec: Spec) -> str | None:
     """Why the step cannot be made without touching something already there."""
     return _operations(spec).clash()
@@ -269,10 +287,11 @@ def apply_plan(
     existing = state.fixes.get(plan.port)
     if existing is not None:
         if existing.complete and existing.same_plan(plan):
+            here = present_all([r.step.spec for r in existing.steps])
             missing = [
                 f"{r.step.summary}: not in the kernel"
-                for r in existing.steps
-                if not present(r.step.spec)
+                for r, found in zip(existing.steps, here, strict=True)
+                if not found
             ]
             problems = missing or verify(plan)
             if not problems:
@@ -333,8 +352,13 @@ def _refuse_what_is_there(plan: Plan) -> None:
     it (or a state file was lost): recording it would make a rollback or a revert
     delete it.
     """
+    # iptables-legacy rules and the others are known by name alone: taken if present.
+    taken = present_all([s.spec for s in plan.steps if not isinstance(s.spec, RouteSpec)])
+    named = iter(taken)
     for step in plan.steps:
-        why = clash(step.spec)
+        why = clash(step.spec) if isinstance(step.spec, RouteSpec) else (
+            "it is already in the kernel" if next(named) else None
+        )
         if why is not None:
             made = step.creates[0] if step.creates else step.summary
             raise CtfixError(
@@ -479,7 +503,12 @@ def _legacy_notes(before: dict[str, set[str]]) -> tuple[str, ...]:
 
 def verify_plan(plan: Plan) -> list[str]:
     """What is wrong after apply (empty: every object is loaded, every lookup right)."""
-    problems = [f"{s.summary}: not in the kernel" for s in plan.steps if not present(s.spec)]
+    here = present_all([s.spec for s in plan.steps])
+    problems = [
+        f"{s.summary}: not in the kernel"
+        for s, found in zip(plan.steps, here, strict=True)
+        if not found
+    ]
     if problems:
         return problems
     from ctfix.platform import routing
@@ -502,7 +531,10 @@ def verify_plan(plan: Plan) -> list[str]:
 
 def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]]:
     """For each recorded fix: (fix, [(step, recorded status, present in the kernel)])."""
-    return [
-        (fix, [(r.step, r.status, present(r.step.spec)) for r in fix.steps])
-        for _port, fix in sorted(state.fixes.items())
-    ]
+    report: list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]] = []
+    for _port, fix in sorted(state.fixes.items()):
+        here = present_all([r.step.spec for r in fix.steps])
+        report.append(
+            (fix, [(r.step, r.status, found) for r, found in zip(fix.steps, here, strict=True)])
+        )
+    return report
