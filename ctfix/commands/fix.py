@@ -51,6 +51,8 @@ examples:
                          two uplinks: replies to clients of the uplink whose router is
                          192.0.2.1 leave by it (where the host's routes do not say)
   ctfix fix 5000 --method bind --rules ./my-rules    how to fix the application itself
+  ctfix fix 5140 --method flush-stale                the stale NAT entries it would delete
+  ctfix fix 5140 --method flush-stale --apply        delete exactly those (nothing to revert)
   ctfix fix --status                                 what ctfix fix made, against the kernel
   ctfix fix --revert 5000                            remove it (safe to repeat)
 
@@ -71,7 +73,8 @@ exit status:
   1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
        no record explains are in the kernel (revert it); or a fix is INEFFECTIVE
        (wrong-source replies since it was applied) or does NOT COVER a service
-       DNAT'd to the port since
+       DNAT'd to the port since;
+       flush-stale: a client's next entry still does not go where the rules say
   2    refused or failed, nothing changed; bad input; missing privilege or feature
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) during --apply:
        what was applied so far is rolled back
@@ -93,7 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="policy-route: a route per client network with the right source (only when "
         "each network addresses one local address); snat-zone: remember each client and "
         "rewrite the replies' source in a conntrack zone of their own (mixed addressing, "
-        "unmodified server); bind: change nothing, say how to fix the application",
+        "unmodified server); bind: change nothing, say how to fix the application; "
+        "flush-stale: delete exactly the port's stale NAT entries (clients pinned to a "
+        "DNAT target the rules no longer name)",
     )
     parser.add_argument("--apply", action="store_true", help="apply the plan (default: print it)")
     parser.add_argument(
@@ -154,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.backend and args.method != "snat-zone":
         raise CtfixError(
             f"--backend is for snat-zone only; {args.method} uses "
-            + ("iproute2 (ip rule/ip route)" if args.method == "policy-route" else "nothing"),
+            + {"policy-route": "iproute2 (ip rule/ip route)",
+               "flush-stale": "ctnetlink (conntrack)"}.get(args.method, "nothing"),
             "drop --backend",
         )
     if args.rules and args.method != "bind":
@@ -198,6 +204,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.apply:
         _write_plan(plan, label, args.json, _apply_command(args))
         return ExitStatus.OK
+    if not plan.reversible:  # flush-stale: nothing to record, nothing to revert
+        from ctfix.platform.remedy import conntrack as flush
+
+        done = flush.flush(plan)
+        if args.json:
+            _write_json(render.flushed_document(plan, done, label))
+        else:
+            sys.stdout.write(render.flushed_text(plan, done, label))
+        return ExitStatus.PROBLEM if done.problems else ExitStatus.OK
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 

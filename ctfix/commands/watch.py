@@ -50,6 +50,7 @@ from ctfix.errors import CtfixError
 if TYPE_CHECKING:
     from ctfix.core.decode import CtEvent
     from ctfix.core.detectors import Change, Detector
+    from ctfix.core.detectors.stale_nat import StaleNatFinding
     from ctfix.core.detectors.unanswered import Stats as UnansweredStats
     from ctfix.core.detectors.unanswered import UnansweredFinding
     from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
@@ -58,8 +59,8 @@ if TYPE_CHECKING:
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.render.watch import WatchRenderer
 
-    #: a detector's finding and what the event changed about it
-    Found = tuple[WrongSourceFinding | UnansweredFinding, Change]
+    #: a detector's finding and what the event (or dump) changed about it
+    Found = tuple[WrongSourceFinding | StaleNatFinding | UnansweredFinding, Change]
     Feed = Callable[[CtEvent, float], Found | None]
     #: one feed per event kind, indexed by it (ctfix.core.detectors.feeds_by_kind)
     Feeds = tuple[Feed, ...]
@@ -83,8 +84,9 @@ final counts:
   confirmed     the client's ICMP port unreachable for that reply was seen
   unanswered    requests that got no reply, per service and reason: no-socket
                 (nothing bound), no-reply (bound, never answered), wrong-source,
-                stale-nat; one-way services (syslog, StatsD: the knowledge base)
-                are counted apart, listed at exit only, and are no problem
+                stale-nat (its DNAT target was stale); one-way services (syslog,
+                StatsD: the knowledge base) are counted apart, listed at exit only,
+                and are no problem
 
 History is not news: wrong-source replies already in the conntrack table when
 watch starts print once, under their own heading ("existing"), with the kernel's
@@ -92,6 +94,11 @@ times when net.netfilter.nf_conntrack_timestamp is on (else "before <start>"); t
 are not counted as findings. A program that answers from another port by design
 (TFTP; the knowledge base's replies_from_other_port, --rules adds entries) is
 compared by address only.
+
+It also reports stale NAT entries ("STALE NAT", JSON kind "stale-nat"): clients that
+conntrack still sends to a DNAT target the rules no longer name, checked at start
+(printed with "existing": they are there now, but predate the watch) and within
+seconds of every change of the NAT rules (docs/runbooks/udp-stale-nat.md).
 
 exit status: 0, or 1 when --duration ended with live findings (replies seen and
 requests unanswered during the watch; existing ones and one-way services' flows
@@ -358,11 +365,7 @@ def _remove_track_table(table: str) -> None:
         _warn(f"could not remove nftables table {name}: {err.one_line()}")
 
 
-def _report(
-    renderer: WatchRenderer,
-    metrics: WatchMetrics | None,
-    found: Found | None,
-) -> None:
+def _report(renderer: WatchRenderer, metrics: WatchMetrics | None, found: Found | None) -> None:
     """Show a finding when it is new or newly confirmed; count every reply in metrics.
 
     An unanswered finding prints when it first appears, unless it is a one-way
@@ -379,7 +382,7 @@ def _report(
         renderer.finding(finding, update=change != change.NEW)
     # Replies counted as they happen: history found at start-up is not a new reply
     # (a restart of watch must not look like a burst to an alert rule).
-    if metrics is not None and not finding.existing:
+    if metrics is not None and finding.kind == "wrong-source" and not finding.existing:
         metrics.finding(finding)
 
 
@@ -390,9 +393,11 @@ def _watch(
     kb: KnowledgeBase | Callable[[], KnowledgeBase],
     tracking: dict[str, bool | None],
 ) -> int:
+    from ctfix.commands.watch_nat import StaleNatWatch
     from ctfix.commands.watch_unanswered import UnansweredWatch
     from ctfix.core import decode
     from ctfix.core.detectors import feeds_by_kind
+    from ctfix.core.detectors.stale_nat import StaleNatDetector
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.platform import conntrack
     from ctfix.platform.addresses import LocalAddresses
@@ -404,8 +409,13 @@ def _watch(
     # the namespace's addresses and client networks, the clients' ICMP, and which
     # programs answer from other ports by design (asked only for such replies).
     detector = WrongSourceDetector(udp_timeout=_udp_timeout(), other_port=OtherPortPrograms(kb))
-    # and the unanswered detector, once built
-    detectors: tuple[Detector[WrongSourceFinding | UnansweredFinding], ...] = (detector,)
+    # stale-nat learns from dumps only (one_feed leaves it out of the event loop); the
+    # StaleNatWatch below re-checks it when the NAT rules change.
+    stale = StaleNatDetector(udp_timeout=detector.udp_timeout, stream_timeout=_udp_stream_timeout())
+    # and the unanswered detector (last: it asks the other two), once built
+    detectors: tuple[
+        Detector[WrongSourceFinding | StaleNatFinding | UnansweredFinding], ...
+    ] = (detector, stale)
     counted: UnansweredStats | None = None
     rcvbuf = _rcvbuf(conntrack.DEFAULT_RCVBUF)
     events: EventSocket | None = None
@@ -431,9 +441,9 @@ def _watch(
         detector.networks = addresses.networks
         sel = selectors.DefaultSelector()
         closers.append(sel)
-        unanswered = UnansweredWatch(detector, kb, sel, _warn)
+        unanswered = UnansweredWatch(detector, stale, kb, sel, _warn)
         closers.append(unanswered)
-        detectors = (detector, unanswered.detector)
+        detectors = (detector, stale, unanswered.detector)
         counted = unanswered.detector.stats
         icmp = IcmpWatch()
         closers.append(icmp)
@@ -451,6 +461,8 @@ def _watch(
             _report(renderer, metrics, found)
 
         feed: Feeds = feeds_by_kind(detectors, report)
+        nat = StaleNatWatch(stale, report, addresses.addresses, _warn)
+        closers.append(nat)
 
         def resync(
             events: EventSocket,
@@ -464,8 +476,11 @@ def _watch(
             now = time.time()
             for each in detectors:
                 for found in each.examine(entries, now, complete=True):
-                    if history is not None and found[0].existing:
-                        history.append(found[0])
+                    # Stale NAT entries there at start are a black hole now: reported at
+                    # once (marked existing), not filed as history.
+                    finding = found[0]
+                    if history is not None and finding.kind != "stale-nat" and finding.existing:
+                        history.append(finding)
                     else:
                         report(found)
             return len(entries)
@@ -478,7 +493,7 @@ def _watch(
         keys = dict.fromkeys(f.key for f in history if f.key in detector.history)
         silent = unanswered.detector.findings
         quiet = [silent[k] for k in dict.fromkeys(f.key for f in history) if k in silent]
-        renderer.existing([detector.history[key] for key in keys] + quiet)
+        renderer.existing([*(detector.history[key] for key in keys), *quiet])
         for finding in quiet:  # an outage already in the table: confirm what follows
             unanswered.found(finding)
         detector.dumps_are_history = False
@@ -486,6 +501,7 @@ def _watch(
 
         sel.register(events.sock, selectors.EVENT_READ, "ct")
         sel.register(addresses.sock, selectors.EVENT_READ, "addr")
+        sel.register(nat.sock, selectors.EVENT_READ, "nat")
         for sock in icmp.sockets:
             sel.register(sock, selectors.EVENT_READ, "icmp")
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -504,6 +520,7 @@ def _watch(
             wait = min(next_tick, deadline or next_tick) - mono
             if resync_due is not None:
                 wait = min(wait, max(0.0, resync_due - mono))
+            wait = min(wait, nat.wait(mono))
             for key, _mask in sel.select(max(0.0, wait)):
                 if key.data == "ct":
                     try:
@@ -523,8 +540,12 @@ def _watch(
                 elif key.data == "addr" and addresses.refresh():
                     detector.local_addresses = addresses.addresses
                     detector.networks = addresses.networks
+                    nat.addresses(addresses.addresses, time.monotonic())
                     unanswered.addresses(addresses.addresses)
+                elif key.data == "nat":
+                    nat.readable(time.monotonic())
             mono = time.monotonic()
+            nat.tick(mono)
             # At --duration's end a due resync still runs: the summary must not miss
             # the findings whose events were dropped.
             if resync_due is not None and (mono >= resync_due or (deadline or math.inf) <= mono):
@@ -584,7 +605,8 @@ def _watch(
 
 
 def exit_status(
-    live: Sequence[WrongSourceFinding | UnansweredFinding], stopped_by_duration: bool
+    live: Sequence[WrongSourceFinding | StaleNatFinding | UnansweredFinding],
+    stopped_by_duration: bool,
 ) -> int:
     """Like grep: a timed watch tells a script whether it found something new (live
     findings only; a one-way service's unanswered flows are not a finding to act on)."""
@@ -676,6 +698,13 @@ def _rcvbuf(default: int) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise CtfixError(f"bad {RCVBUF_ENV}={text!r}", "a number of bytes, or unset it")
     return int(text)
+
+
+def _udp_stream_timeout() -> int:
+    from ctfix.core.detectors import UDP_TIMEOUT_STREAM
+    from ctfix.platform import ctstats
+
+    return ctstats.udp_timeout_stream() or UDP_TIMEOUT_STREAM
 
 
 def _udp_timeout() -> int:

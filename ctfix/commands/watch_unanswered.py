@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ctfix.core.detectors.stale_nat import StaleNatDetector
     from ctfix.core.detectors.unanswered import UnansweredDetector, UnansweredFinding
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.core.rules import KnowledgeBase
@@ -34,23 +35,26 @@ class UnansweredWatch:
     def __init__(
         self,
         wrong: WrongSourceDetector,
+        stale: StaleNatDetector,
         kb: KnowledgeBase | Callable[[], KnowledgeBase] | None,
         selector: selectors.BaseSelector,
         warn: Callable[[str], None],
     ) -> None:
-        from ctfix.core.detectors.unanswered import GRACE, UnansweredDetector
+        from ctfix.core.detectors.unanswered import StaleFindings, UnansweredDetector
         from ctfix.platform.udp_view import RulesView, SocketView
 
         self.sockets = SocketView()
         self.detector: UnansweredDetector = UnansweredDetector(
             sockets=self.sockets,
             wrong=wrong,
+            # What stale-nat judged (at start-up, after a resync, after a rule change):
+            # a request whose entry was one of its stale (service, target) is stale-nat.
+            stale=StaleFindings(stale.findings),
             firewall=RulesView(),
             kb=kb,
             local_addresses=wrong.local_addresses,
             udp_timeout=wrong.udp_timeout,
             remember=True,
-            grace=GRACE,
         )
         self.selector = selector
         self.warn = warn

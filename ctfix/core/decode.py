@@ -150,12 +150,14 @@ class Batch(NamedTuple):
 
     `done` is True at the end of a dump (NLMSG_DONE); `error` is the errno of an
     NLMSG_ERROR message (0 = none or an ACK); `malformed` counts messages skipped.
+    `usage` (only when asked, `decode(buf, usage=True)`): one CtUsage per event.
     """
 
     events: list[CtEvent]
     done: bool = False
     error: int = 0
     malformed: int = 0
+    usage: list[CtUsage] | None = None
 
 
 # -- address formatting, cached: the same few addresses recur in nearly every event ---
@@ -450,12 +452,17 @@ def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool
     return sport in ports or dport in ports or reply_sport in ports
 
 
-def decode(buf: Buf, *, fast: bool = True, ports: frozenset[int] | None = None) -> Batch:
+def decode(
+    buf: Buf, *, fast: bool = True, ports: frozenset[int] | None = None, usage: bool = False
+) -> Batch:
     """Decode every netlink message in one buffer returned by recv(). Never raises.
 
     `ports`: skip, without decoding them, the entries whose orig sport, orig dport and
-    reply sport are all outside it (a dump read for a few ports of a big table)."""
+    reply sport are all outside it (a dump read for a few ports of a big table).
+    `usage`: also read each entry's age and counters (`Batch.usage`), which only the
+    stale-nat checks need; the plain decode never looks at them."""
     events: list[CtEvent] = []
+    usages: list[CtUsage] | None = [] if usage else None
     done = False
     error = malformed = 0
     offset = 0
@@ -484,10 +491,14 @@ def decode(buf: Buf, *, fast: bool = True, ports: frozenset[int] | None = None) 
                     malformed += 1
                 else:
                     events.append(CtEvent(_kind(msg_type, flags), entry))
+                    if usages is not None:
+                        usages.append(usage_of(buf, offset, msg_len))
             offset += (msg_len + 3) & ~3
     except (struct.error, ValueError, IndexError):
         malformed += 1
-    return Batch(events, done, error, malformed)
+        if usages is not None:
+            del usages[len(events) :]
+    return Batch(events, done, error, malformed, usages)
 
 
 # -- building requests (pure too: bytes out) -------------------------------------------
@@ -581,3 +592,113 @@ def ends_dump(buf: Buf) -> bool:
     except struct.error:
         return True
     return size == 0
+
+
+# -- age and counters (the stale-nat checks only; never on the event hot path) ----------
+
+CTA_COUNTERS_ORIG = 9
+CTA_COUNTERS_REPLY = 10
+CTA_TIMESTAMP = 20
+CTA_COUNTERS_PACKETS = 1
+CTA_COUNTERS_BYTES = 2
+CTA_TIMESTAMP_START = 1
+_BE64 = struct.Struct(">Q")
+
+
+class CtUsage(NamedTuple):
+    """How long an entry has lived and how much it carried, when the kernel says.
+
+    `start`: when the entry was made, nanoseconds since the epoch (only with
+    net.netfilter.nf_conntrack_timestamp=1); packets and bytes per direction (only
+    with net.netfilter.nf_conntrack_acct=1). None when the message did not carry them.
+    """
+
+    start: int | None = None
+    orig_packets: int | None = None
+    orig_bytes: int | None = None
+    reply_packets: int | None = None
+    reply_bytes: int | None = None
+
+
+def _u64_pair(buf: Buf, pos: int, end: int) -> tuple[int | None, int | None]:
+    """(CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES) of a counters nest; the same for a
+    timestamp nest (START, STOP)."""
+    first = second = None
+    for t, vs, ve in _attrs(buf, pos, end):
+        if ve - vs >= 8:
+            if t == 1:
+                first = int(_BE64.unpack_from(buf, vs)[0])
+            elif t == 2:
+                second = int(_BE64.unpack_from(buf, vs)[0])
+    return first, second
+
+
+def usage_of(buf: Buf, offset: int, msg_len: int) -> CtUsage:
+    """The CtUsage of the conntrack message at buf[offset:offset + msg_len]."""
+    start = None
+    counters: dict[int, tuple[int | None, int | None]] = {}
+    try:
+        for t, vs, ve in _attrs(buf, offset + 20, offset + msg_len):
+            if t == CTA_TIMESTAMP:
+                start = _u64_pair(buf, vs, ve)[0]
+            elif t in (CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY):
+                counters[t] = _u64_pair(buf, vs, ve)
+    except (struct.error, IndexError):
+        return CtUsage()
+    orig = counters.get(CTA_COUNTERS_ORIG, (None, None))
+    reply = counters.get(CTA_COUNTERS_REPLY, (None, None))
+    return CtUsage(start, orig[0], orig[1], reply[0], reply[1])
+
+
+# -- deleting one entry ----------------------------------------------------------------
+
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+
+
+def _tuple_attrs(which: int, tup: CtTuple) -> bytes:
+    if tup.family == AF_INET6:
+        src_t, dst_t = CTA_IP_V6_SRC, CTA_IP_V6_DST
+    else:
+        src_t, dst_t = CTA_IP_V4_SRC, CTA_IP_V4_DST
+    ip = nla(src_t, socket.inet_pton(tup.family, tup.src)) + nla(
+        dst_t, socket.inet_pton(tup.family, tup.dst)
+    )
+    proto = (
+        nla(CTA_PROTO_NUM, bytes([tup.proto]))
+        + nla(CTA_PROTO_SRC_PORT, _BE16.pack(tup.sport))
+        + nla(CTA_PROTO_DST_PORT, _BE16.pack(tup.dport))
+    )
+    return nla(
+        which | NLA_F_NESTED,
+        nla(CTA_TUPLE_IP | NLA_F_NESTED, ip) + nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto),
+    )
+
+
+def _entry_request(msg_type: int, entry: CtEntry, seq: int, with_id: bool) -> bytes:
+    attrs = _tuple_attrs(CTA_TUPLE_ORIG, entry.orig)
+    if entry.zone:
+        attrs += nla(CTA_ZONE, _BE16.pack(entry.zone))
+    if with_id and entry.id is not None:
+        attrs += nla(CTA_ID, _BE32.pack(entry.id))
+    body = struct.pack("=BBH", entry.orig.family, 0, 0) + attrs
+    return _HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def get_request(entry: CtEntry, *, seq: int = 1) -> bytes:
+    """IPCTNL_MSG_CT_GET of the entry that holds this original tuple now (in its zone):
+    the kernel answers with it, or ENOENT."""
+    return _entry_request((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, entry, seq, False)
+
+
+def delete_request(entry: CtEntry, *, seq: int = 1) -> bytes:
+    """IPCTNL_MSG_CT_DELETE of exactly this entry, acknowledged.
+
+    Always by its original tuple (a delete without a tuple is a *flush* of the whole
+    table to the kernel, so this function has no way to build one), in its zone, and,
+    when the entry's id is known, only if the entry under that tuple still has that id
+    (else the kernel answers ENOENT). The kernel may give a re-created entry the id of
+    the one it replaces (the freed object is reused): callers that must not delete a
+    newer entry read it first (`get_request`) and compare its reply tuple.
+    """
+    return _entry_request(MSG_CT_DELETE, entry, seq, True)

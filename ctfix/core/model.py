@@ -8,7 +8,10 @@ renaming one breaks users' scripts. Add fields, do not rename them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ctfix.core.detectors.stale_nat import StaleEntry, StaleNatFinding
 
 #: `unknown`: ctfix cannot see (a family the port serves with a wildcard socket is not
 #: tracked by conntrack, or the table cannot be read): never `ok` for lack of evidence
@@ -37,7 +40,7 @@ class Reason:
 
 #: what `ctfix fix --method` does: the one list of methods (ctfix.core.plan registers
 #: a planner for each, and `fix --method` offers exactly these)
-Method = Literal["policy-route", "snat-zone", "bind"]
+Method = Literal["policy-route", "snat-zone", "bind", "flush-stale"]
 #: what explain may recommend: the methods, and the application's own fix
 FixMethod = Literal["pktinfo", Method]
 
@@ -320,6 +323,10 @@ class Diagnosis:
     service_down: bool = False
     #: "addr:port" on this host that a DNAT forwards the port's requests to
     forwarded_to: tuple[str, ...] = ()
+    #: clients still sent to a target the DNAT rules no longer name (one per service
+    #: and stale target), and the exact entries (what `fix --method flush-stale` deletes)
+    stale_nat: tuple[StaleNatFinding, ...] = ()
+    stale_entries: tuple[StaleEntry, ...] = ()
     #: services whose requests a DNAT forwards to this port on this host
     forwarded_from: tuple[ForwardedService, ...] = ()
     #: the fix ctfix recorded for the port, and whether it works (None: no record)

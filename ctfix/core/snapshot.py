@@ -16,8 +16,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ctfix.core.decode import CtEntry
+from ctfix.core.decode import CtEntry, CtUsage
 from ctfix.core.model import Family, Listener, NetfilterBackend, WrongSourceReply
+from ctfix.core.nat import NatRuleset
 
 #: rtm_scope as `ip addr` names it ("site" only for deprecated IPv6 site-locals)
 AddressScope = Literal["global", "site", "link", "host", "nowhere"]
@@ -225,6 +226,15 @@ class Snapshot:
     # its last packet (dates a wrong-source reply from its time left); None: unknown.
     udp_timeout: int | None = None
     fix: FixRecord | None = None
+    # The namespace's NAT rules, as the stale-nat check reads them (None: not read),
+    # the age and counters of the port's entries by conntrack id, and
+    # net.netfilter.nf_conntrack_udp_timeout_stream (an ASSURED entry's; None: unknown).
+    nat_rules: NatRuleset | None = None
+    nat_usage: dict[int, CtUsage] = field(default_factory=dict)
+    # Client address -> the interface the route to it leaves by, for the clients whose
+    # entries to the port were never DNAT'd (the stale-nat check's arrival interface).
+    client_interfaces: dict[str, str] = field(default_factory=dict)
+    udp_timeout_stream: int | None = None
     # Per family ("ipv4", "ipv6"): whether conntrack tracked it while the evidence was
     # gathered (a probe datagram over loopback); None = could not tell. Empty: not
     # probed (hand-built snapshots), taken as tracked.

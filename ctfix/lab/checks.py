@@ -9,6 +9,7 @@ never in the renderer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ctfix.core.decode import CtEntry
 from ctfix.platform.icmp import Rejected
@@ -145,6 +146,78 @@ class RevertCheck:
         return self.returncode == 0 and self.same
 
 
+# -- the stale-nat story (ctfix.lab.stale_nat) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryCheck:
+    """How many of the sender's datagrams a backend got (the black hole: none)."""
+
+    backend: Literal["A", "B"]
+    address: str  # addr:port
+    received: int
+    want: bool  # False: the black hole, nothing expected
+    waited: float  # seconds the lab listened
+
+    @property
+    def ok(self) -> bool:
+        return (self.received > 0) == self.want
+
+
+@dataclass(frozen=True, slots=True)
+class EntryCheck:
+    """Where conntrack sends the sender: each of its entries' reply source."""
+
+    client: str
+    service: str
+    targets: tuple[str, ...]
+    want: str
+    pinned: bool  # True: the old entry that never expires; False: the one after the flush
+
+    @property
+    def ok(self) -> bool:
+        return self.want in self.targets
+
+
+@dataclass(frozen=True, slots=True)
+class StaleFindingCheck:
+    """What `ctfix explain PORT --json` said about the port's stale entries."""
+
+    port: int
+    verdict: str | None  # None: explain did not answer (`error`)
+    stale_target: str | None
+    current: tuple[str, ...]
+    clients: int
+    want_stale: str
+    want_current: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.verdict == "broken"
+            and self.stale_target == self.want_stale
+            and self.want_current in self.current
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FlushCheck:
+    """What `ctfix fix PORT --method flush-stale --apply` deleted, and whether the rest
+    of the table stayed."""
+
+    port: int
+    deleted: int
+    others: int  # the other entries of the table before
+    kept: bool  # all of them still there after
+    checks: tuple[str, ...]  # the fix's own words about the clients' next entries
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.deleted == 1 and self.kept
+
+
 Check = (
     ExchangeCheck
     | ConntrackCheck
@@ -154,6 +227,10 @@ Check = (
     | ApplyCheck
     | StatusCheck
     | RevertCheck
+    | DeliveryCheck
+    | EntryCheck
+    | StaleFindingCheck
+    | FlushCheck
 )
 
 

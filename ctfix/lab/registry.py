@@ -35,6 +35,11 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "Kubernetes: a ClusterIP DNAT'd to a hostNetwork server on the node; the pods get "
         "nothing until ctfix fix --method snat-zone, then the revert",
     ),
+    "stale-nat": (
+        "ctfix.lab.stale_nat",
+        "a one-way sender pinned by conntrack to a DNAT backend that moved: the black "
+        "hole, ctfix's finding, the exact flush (flush-stale), the recovery (IPv4)",
+    ),
 }
 DEFAULT = "wrong-source"
 

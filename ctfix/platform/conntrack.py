@@ -20,11 +20,12 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ctfix.core import decode
-from ctfix.core.decode import CtEntry, CtEvent
+from ctfix.core.decode import CtEntry, CtEvent, CtUsage
 from ctfix.errors import MissingFeatureError, PrivilegeError
 from ctfix.platform import bpf
 
@@ -42,7 +43,8 @@ _RECV_SIZE = 1 << 16  # dumps fill skbs up to ~32 KiB; events are one message ea
 
 _UNAVAILABLE = {errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT, errno.EAFNOSUPPORT}
 
-__all__ = ["CtEntry", "CtEvent", "EventSocket", "Overflow", "available", "dump"]
+__all__ = ["CtEntry", "CtEvent", "CtUsage", "EventSocket", "Overflow", "available", "delete",
+           "dump"]
 
 
 def _unavailable() -> MissingFeatureError:
@@ -112,16 +114,17 @@ def _dump_family(
     dport: int | None,
     reply_sport: int | None = None,
     touching: frozenset[int] | None = None,
+    usage: dict[int, CtUsage] | None = None,
 ) -> Iterator[CtEntry]:
     first = True
     chunks = dump_buffers(family, proto, sport, dport, reply_sport=reply_sport, until_done=False)
     for chunk in chunks:
-        batch = decode.decode(chunk, ports=touching)
+        batch = decode.decode(chunk, ports=touching, usage=usage is not None)
         if batch.error:
             if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
                 # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask for
                 # everything and let the caller's user-space filter work.
-                yield from _dump_family(family, None, None, None, touching=touching)
+                yield from _dump_family(family, None, None, None, touching=touching, usage=usage)
                 return
             if first and batch.error == errno.EINVAL and proto is None:
                 # nfnetlink answers EINVAL for a subsystem nobody registered: no
@@ -129,6 +132,10 @@ def _dump_family(
                 raise _unavailable()
             _raise_for(batch.error, "reading the conntrack table")
         first = False
+        if usage is not None and batch.usage is not None:
+            for event, used in zip(batch.events, batch.usage, strict=True):
+                if event.entry.id is not None:
+                    usage[event.entry.id] = used
         for event in batch.events:
             yield event.entry
         # The end (or what ends_dump would call one: not netlink, or empty).
@@ -146,6 +153,7 @@ def dump(
     sport: int | None = None,
     reply_sport: int | None = None,
     touching: frozenset[int] | None = None,
+    usage: dict[int, CtUsage] | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -157,14 +165,15 @@ def dump(
     DNAT forwarded to a service on P, whatever port they were sent to); zone: only
     this conntrack zone (0 = default); touching: only entries whose orig sport, orig
     dport or reply sport is one of these (checked on the bytes, before decoding: a
-    dump of a whole big table read for a few ports, as `ctfix scan` reads it).
+    dump of a whole big table read for a few ports, as `ctfix scan` reads it); usage:
+    a dict to fill with each entry's age and counters (CtUsage) by conntrack id.
     The kernel filters family, protocol and ports (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching):
+        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching, usage):
             orig = entry.orig
             if (
                 touching is not None
@@ -190,6 +199,63 @@ def available() -> None:
     # A dump for a port no entry has is cheap and exercises privilege and module.
     for _entry in dump(family=socket.AF_INET, proto=17, port=1, zone=None):
         break
+
+
+class Deleted(NamedTuple):
+    """What `delete` did: entries removed, entries already gone (expired, or their
+    tuple now belongs to a newer entry with another id, which is kept)."""
+
+    deleted: tuple[CtEntry, ...]
+    gone: tuple[CtEntry, ...]
+
+
+def delete(entries: Iterable[CtEntry]) -> Deleted:
+    """Delete exactly these entries, never a wide flush: for each, read the entry that
+    holds its original tuple now (IPCTNL_MSG_CT_GET) and delete it (by tuple, zone and
+    id, `ctfix.core.decode.delete_request`) only if it is still the same one: same id
+    and same reply source (its DNAT target). An entry that expired, or whose tuple now
+    belongs to a newer flow (one that follows the rules: another reply source), is left
+    alone and counted as gone."""
+    sock = _open("deleting conntrack entries")
+    deleted: list[CtEntry] = []
+    gone: list[CtEntry] = []
+    try:
+        sock.bind((0, 0))
+        for seq, entry in enumerate(entries, 1):
+            now, err = _request(sock, decode.get_request(entry, seq=2 * seq))
+            target = (entry.reply.src, entry.reply.sport)
+            same = (
+                bool(now)
+                and now[0].id == entry.id
+                and (now[0].reply.src, now[0].reply.sport) == target
+            )
+            if err not in (0, errno.ENOENT):
+                _raise_for(err, "reading a conntrack entry")
+            if same:
+                _, err = _request(sock, decode.delete_request(entry, seq=2 * seq + 1))
+                if err not in (0, errno.ENOENT):
+                    _raise_for(err, "deleting a conntrack entry")
+            (deleted if same and err == 0 else gone).append(entry)
+    finally:
+        sock.close()
+    return Deleted(tuple(deleted), tuple(gone))
+
+
+def _request(sock: socket.socket, request: bytes) -> tuple[list[CtEntry], int]:
+    """Send one acknowledged request: the entries it answered with, and its errno (0:
+    done)."""
+    try:
+        sock.send(request)
+    except PermissionError:
+        raise PrivilegeError("changing the conntrack table") from None
+    buf = bytearray(_RECV_SIZE)
+    found: list[CtEntry] = []
+    while True:
+        n = sock.recv_into(buf)
+        batch = decode.decode(memoryview(buf)[:n])
+        found += [event.entry for event in batch.events]
+        if batch.error or batch.done or not n:
+            return found, batch.error
 
 
 # -- events --------------------------------------------------------------------------

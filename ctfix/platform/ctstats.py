@@ -77,6 +77,12 @@ def udp_timeout() -> int | None:
     return _sysctl("nf_conntrack_udp_timeout")
 
 
+def udp_timeout_stream() -> int | None:
+    """net.netfilter.nf_conntrack_udp_timeout_stream: how long an ASSURED UDP entry
+    (traffic both ways) lives after its last packet (None: not readable)."""
+    return _sysctl("nf_conntrack_udp_timeout_stream")
+
+
 def sample() -> Sample:
     """One reading of the current namespace's conntrack statistics.
 

@@ -383,6 +383,11 @@ def _legacy_saved(rule: Any) -> _Saved | None:
     return _legacy_parts(rule)
 
 
+def legacy_parts(rule: Any) -> _Saved:
+    """Any rule's parts in iptables-save's words (the NAT model reads every rule)."""
+    return _legacy_parts(rule)
+
+
 def legacy_rule_text(rule: Any, chain: str) -> str:
     """Any rule as iptables-save prints it: `-A CHAIN -d ... -p udp -m ... -j ...`."""
     parts = _legacy_parts(rule)

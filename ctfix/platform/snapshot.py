@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ctfix.core.decode import DESTROY, NEW, CtEntry, CtEvent
+from ctfix.core.decode import DESTROY, NEW, CtEntry, CtEvent, CtUsage
 from ctfix.core.diagnosis import (
     forwarded_to,
     newest_last,
@@ -41,6 +41,7 @@ from ctfix.core.diagnosis import (
 from ctfix.core.diagnosis.listeners import config_globs
 from ctfix.core.diagnosis.requests import client_networks_of, usable_addresses
 from ctfix.core.model import Listener, WrongSourceReply
+from ctfix.core.nat import Evaluator, NatRuleset
 from ctfix.core.scan import FlowIndex
 from ctfix.core.snapshot import (
     ConfigFile,
@@ -53,7 +54,7 @@ from ctfix.core.snapshot import (
     Snapshot,
 )
 from ctfix.errors import CtfixError
-from ctfix.platform import dnat_read, netfilter_read, routing, sockdiag
+from ctfix.platform import dnat_read, nat_rules, netfilter_read, routing, sockdiag
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
@@ -64,12 +65,13 @@ CONFIG_MAX_FILES = 32
 CONFIG_MAX_BYTES = 256 << 10
 
 
-def conntrack_flows(port: int) -> list[CtEntry]:
+def conntrack_flows(port: int, usage: dict[int, CtUsage] | None = None) -> list[CtEntry]:
     """Requests to the port, requests a DNAT forwarded to it, and flows the port
-    started (its replies), both families, each entry once."""
+    started (its replies), both families, each entry once. usage: filled with the
+    age and counters of the requests to the port (the stale-nat check shows them)."""
     from ctfix.platform import conntrack
 
-    flows = list(conntrack.dump(proto=17, port=port))
+    flows = list(conntrack.dump(proto=17, port=port, usage=usage))
     # A request DNAT'd from another port: orig dport is that port, reply sport is ours.
     flows.extend(e for e in conntrack.dump(proto=17, reply_sport=port) if e.orig.dport != port)
     flows.extend(e for e in conntrack.dump(proto=17, sport=port) if e.reply.sport != port)
@@ -285,8 +287,9 @@ def collect(
     # Before the dump: entries are dated from their time left as of this moment, and
     # an earlier moment dates them earlier, never after the fact.
     taken_at = time.time()
+    usage: dict[int, CtUsage] = {}
     try:
-        flows = conntrack_flows(port)
+        flows = conntrack_flows(port, usage)
     except CtfixError as err:
         conntrack_error = err.one_line()
 
@@ -312,6 +315,7 @@ def collect(
         (netfilter, [*netfilter_errors, *dnat_errors]),
         list(listened.findings) if listened else [],
         listen_seconds,
+        usage,
     )
     listeners = [listener for listener, _uid in owned]
     return dataclasses.replace(
@@ -342,11 +346,29 @@ class _Namespace:
     policy_rules: list[PolicyRule]
     #: per family, whether conntrack tracks it (empty: the table could not be read)
     tracking: dict[str, bool | None]
+    nat: NatRuleset  # the DNAT rules, as the stale-nat check reads them
+    udp_timeout_stream: int | None  # nf_conntrack_udp_timeout_stream (None: unreadable)
+    taken: float  # when this was read (epoch seconds)
 
     @classmethod
-    def read(cls, addresses: list[LocalAddress], conntrack_error: str | None) -> _Namespace:
+    def read(
+        cls,
+        addresses: list[LocalAddress],
+        conntrack_error: str | None,
+        nat: NatRuleset | None = None,
+    ) -> _Namespace:
+        from ctfix.platform import ctstats
+
         probed = tracking() if conntrack_error is None else {}
-        return cls(addresses, routing.route_table(), routing.policy_rules(), probed)
+        return cls(
+            addresses,
+            routing.route_table(),
+            routing.policy_rules(),
+            probed,
+            nat if nat is not None else nat_rules.read(),
+            ctstats.udp_timeout_stream(),
+            time.time(),
+        )
 
 
 def _snapshot(
@@ -359,6 +381,7 @@ def _snapshot(
     netfilter: tuple[list[NetfilterRule], list[str]],
     live: list[WrongSourceReply],
     listen_seconds: float,
+    usage: dict[int, CtUsage] | None = None,
 ) -> Snapshot:
     """One port's snapshot: its route lookups made, everything else as gathered."""
     listeners: tuple[Listener, ...] = tuple(listener for listener, _uid in owned)
@@ -398,7 +421,33 @@ def _snapshot(
         listened_seconds=listen_seconds,
         probes=probes,
         tracking=namespace.tracking,
+        nat_rules=namespace.nat,
+        nat_usage=usage or {},
+        client_interfaces=(
+            client_interfaces(flows, port, local) if namespace.nat.matches_interfaces else {}
+        ),
+        udp_timeout_stream=namespace.udp_timeout_stream,
+        taken_at=namespace.taken,
     )
+
+
+def client_interfaces(flows: list[CtEntry], port: int, local: set[str]) -> dict[str, str]:
+    """The route's interface to each client whose entry to the port was never DNAT'd."""
+    found: dict[str, str] = {}
+    for entry in flows:
+        orig, reply = entry.orig, entry.reply
+        client = orig.src
+        if (
+            orig.dport != port
+            or client in local
+            or client in found
+            or (reply.src, reply.sport) != (orig.dst, orig.dport)
+        ):
+            continue
+        interface = routing.reply_source(client, port, dport=orig.sport).interface
+        if interface is not None:
+            found[client] = interface
+    return found
 
 
 def collect_services(netns: str) -> list[Snapshot]:
@@ -410,10 +459,14 @@ def collect_services(netns: str) -> list[Snapshot]:
 
     owned = sockdiag.listeners(None)
     ports = scan.service_ports((listener for listener, _uid in owned), ephemeral_ports())
-    if not ports:
-        return []
     addresses = routing.local_addresses()
     local = {a.address for a in addresses}
+    # The ports the DNAT rules forward are services too, socket or not (a Docker
+    # published port, a Service): their stale NAT entries make them broken.
+    nat = nat_rules.read()
+    ports = sorted(set(ports) | (Evaluator(nat, local).forwarded_ports() or frozenset()))
+    if not ports:
+        return []
     rules, rule_errors = netfilter_read.rules_for_ports(ports)
     index = scan.FlowIndex()
     conntrack_error: str | None = None
@@ -421,7 +474,7 @@ def collect_services(netns: str) -> list[Snapshot]:
         index = _flow_index(ports, rules, local)
     except CtfixError as err:
         conntrack_error = err.one_line()
-    namespace = _Namespace.read(addresses, conntrack_error)
+    namespace = _Namespace.read(addresses, conntrack_error, nat)
     per_port: dict[int, list[CtEntry]] = {}
     for port in ports:
         flows = per_port[port] = scan.flows_for_port(index, port)

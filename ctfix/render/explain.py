@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ctfix.core.detectors.stale_nat import stale_nat_text
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis import recommended_first
 from ctfix.core.model import (
@@ -24,6 +25,7 @@ from ctfix.core.model import (
 )
 from ctfix.render.container import container_json, container_text
 from ctfix.render.jsonout import envelope
+from ctfix.render.stale_nat import WHY_STALE, stale_nat_record
 from ctfix.render.style import Style
 from ctfix.render.width import fill
 
@@ -141,6 +143,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "local_addresses": list(d.local_addresses),
         "service_down": d.service_down,
         "forwarded_to": list(d.forwarded_to),
+        "stale_nat": [stale_nat_record(f) for f in d.stale_nat],
         "tracking": {family: d.tracking.get(family) for family in ("ipv4", "ipv6")},
         "tracking_switched_on": list(d.tracking_switched_on),
         "blind": list(d.blind),
@@ -330,6 +333,19 @@ def _headline_tail(d: Diagnosis) -> str:
     return ""
 
 
+def _why(d: Diagnosis) -> list[str]:
+    """The background the verdict rests on: wrong sources, stale NAT, or both."""
+    exposed = any(not cn.ok for cn in d.clients)
+    why = [WHY] if d.evidence.wrong_source or exposed or not d.stale_nat else []
+    return [*why, *([WHY_STALE] if d.stale_nat else [])]
+
+
+def _runbooks(d: Diagnosis) -> str:
+    books = ["docs/runbooks/udp-wrong-source.md"] if _why(d)[0] == WHY else []
+    books += ["docs/runbooks/udp-stale-nat.md"] if d.stale_nat else []
+    return ", ".join(books)
+
+
 def _blind(d: Diagnosis) -> list[str]:
     return [_FAMILY_WORDS[f] for f in d.blind]
 
@@ -372,7 +388,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
     for reason in d.reasons:
         out.append(_wrap(reason.text, "  ", w).replace("  ", "- ", 1))
     if d.verdict in ("at-risk", "broken"):
-        out += ["", s("Why", "bold"), _wrap(WHY, "  ", w)]
+        out += ["", s("Why", "bold"), *(_wrap(text, "  ", w) for text in _why(d))]
 
     out += ["", s("Sockets on the port", "bold")]
     out += [_wrap(_listener_line(lst), "  ", w, "      ") for lst in d.listeners] or ["  none"]
@@ -412,6 +428,8 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
     else:
         out.append(_wrap(_no_wrong_source(d), "  ", w, "      "))
     out.append(_wrap(_answers(ev.healthy, ev.unanswered), "  ", w, "      "))
+    for stale in d.stale_nat:
+        out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  ", w, "      "))
     out += [_wrap(_unanswered_line(u), "  ", w, "      ") for u in d.unanswered]
     if any(not u.one_way for u in d.unanswered):
         out.append(f"  {UNANSWERED_RUNBOOK}")
@@ -429,7 +447,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
             mark = s("recommended", "green") + " " if fix.recommended else ""
             out.append(_wrap(f"[{fix.method}] {mark}{fix.summary}", "  ", w, "      "))
             out.append(_wrap(fix.detail, "      ", w))
-        runbook = "Runbook: docs/runbooks/udp-wrong-source.md; live view: ctfix watch"
+        runbook = f"Runbook: {_runbooks(d)}; live view: ctfix watch"
         out += ["", _wrap(runbook, "  ", w, "  ")]
     return "\n".join(out) + "\n"
 
@@ -447,7 +465,8 @@ def render_markdown(d: Diagnosis) -> str:
     out += ["### What happens", ""]
     out += [f"- {reason.text}" for reason in d.reasons]
     if d.verdict in ("at-risk", "broken"):
-        out += ["", "### Why", "", WHY]
+        out += ["", "### Why", ""]
+        out += [line for text in _why(d) for line in (text, "")][:-1]
     out += ["", "### Sockets on the port", ""]
     out += [f"- `{_listener_line(lst)}`" for lst in d.listeners] or ["- none"]
     if d.forwarded_from:
@@ -476,6 +495,7 @@ def render_markdown(d: Diagnosis) -> str:
     if not ev.wrong_source:
         out.append(f"- {_no_wrong_source(d)}")
     out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
+    out += [f"- stale NAT: {stale_nat_text(stale)}" for stale in d.stale_nat]
     out += [f"- {_unanswered_line(u)}" for u in d.unanswered]
     if any(not u.one_way for u in d.unanswered):
         out.append(f"- {UNANSWERED_RUNBOOK}")
@@ -492,5 +512,6 @@ def render_markdown(d: Diagnosis) -> str:
             out.append(f"- **{fix.method}**{rec}: {fix.summary}")
             detail = fix.detail.strip().splitlines()
             out += [f"  {line}" if line.strip() else "" for line in detail]
-        out += ["", "Runbook: `docs/runbooks/udp-wrong-source.md`; live view: `ctfix watch`."]
+        books = ", ".join(f"`{book}`" for book in _runbooks(d).split(", "))
+        out += ["", f"Runbook: {books}; live view: `ctfix watch`."]
     return "\n".join(out) + "\n"

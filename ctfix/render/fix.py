@@ -26,6 +26,7 @@ from ctfix.render.jsonout import envelope
 if TYPE_CHECKING:
     from ctfix.platform.fixstate import RecordedFix, StepStatus
     from ctfix.platform.remedy import ApplyResult, Reverted
+    from ctfix.platform.remedy.conntrack import Flushed
     from ctfix.platform.remedy.marks import Marked
 
 #: (fix, [(step, recorded status, present in the kernel)]), as remedy.status gives it
@@ -165,6 +166,72 @@ def applied_document(
             "wrong_source": [wrong_json(w) for w in listened.findings],
             "ineffective": bool(listened.findings),
         },
+        "plan": plan_to_dict(plan),
+    }
+
+
+def _flush_notes(plan: Plan) -> list[str]:
+    return [note for note in plan.notes if note.startswith("Nothing to revert")]
+
+
+def _next_words(done: Flushed) -> tuple[list[str], list[str]]:
+    """(checks, problems): where each flushed client's next entry went, in words."""
+    checks: list[str] = []
+    problems: list[str] = []
+    for one in done.next:
+        if one.target is None:
+            checks.append(
+                f"{one.client} sent nothing to {one.service} within {done.waited:g} s: its "
+                "next entry was not checked"
+            )
+        elif one.follows_rules:
+            checks.append(
+                f"{one.client}'s next datagram to {one.service} made a new entry to "
+                f"{one.target}, as the rules say"
+            )
+        else:
+            port = one.service.rsplit(":", 1)[1]
+            problems.append(
+                f"{one.client}'s next datagram to {one.service} made a new entry to "
+                f"{one.target}, not to {', '.join(one.current) or 'its own address'}: the "
+                f"rules may be more than ctfix reads (`ctfix explain {port}`)"
+            )
+    return checks, problems
+
+
+def flushed_text(plan: Plan, done: Flushed, netns: str) -> str:
+    """--apply of flush-stale: what was deleted, where the clients' next entries went."""
+    entries = f"{done.deleted} stale conntrack entr{'ies' if done.deleted != 1 else 'y'}"
+    gone = f" ({done.gone} already gone: expired, or taken by a newer flow)" if done.gone else ""
+    checks, problems = _next_words(done)
+    out = [f"ctfix fix {plan.port}: deleted {entries} in netns {netns}{gone}"]
+    out += [f"  checked: {line}" for line in checks]
+    out += [f"  PROBLEM: {line}" for line in problems]
+    out += [f"  note: {note}" for note in _flush_notes(plan)]
+    return "\n".join(out) + "\n"
+
+
+def flushed_document(plan: Plan, done: Flushed, netns: str) -> dict[str, Any]:
+    checks, problems = _next_words(done)
+    return {
+        **envelope(netns),
+        "applied": True,
+        "recorded": False,
+        "deleted": done.deleted,
+        "already_gone": done.gone,
+        "next_entries": [
+            {
+                "client": one.client,
+                "service": one.service,
+                "target": one.target,
+                "current_targets": list(one.current),
+                "follows_rules": one.follows_rules,
+            }
+            for one in done.next
+        ],
+        "checks": checks,
+        "problems": problems,
+        "notes": _flush_notes(plan),
         "plan": plan_to_dict(plan),
     }
 

@@ -14,12 +14,16 @@ from ctfix.lab.checks import (
     ApplyCheck,
     Check,
     ConntrackCheck,
+    DeliveryCheck,
+    EntryCheck,
     ExchangeCheck,
     ExplainCheck,
+    FlushCheck,
     IcmpCheck,
     RevertCheck,
     Section,
     ServiceCheck,
+    StaleFindingCheck,
     StatusCheck,
 )
 from ctfix.render.conntrack import conntrack_line
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
 TITLES = {
     "wrong-source": "a UDP service that answers from the wrong address",
     "clusterip": "a hostNetwork UDP server behind a Kubernetes ClusterIP",
+    "stale-nat": "UDP clients pinned by conntrack to a backend that moved",
 }
 #: sections of scenarios other than wrong-source, by kind
 _SECTIONS = {
@@ -42,6 +47,10 @@ _SECTIONS = {
     "clusterip-finding": "what ctfix finds",
     "clusterip-repair": "the snat-zone repair (the server unchanged)",
     "clusterip-revert": "the revert",
+    "stale-nat-forwarded": "a one-way sender from a fixed port, forwarded by DNAT to "
+    "backend A",
+    "stale-nat-moved": "the rule moved to backend B; A's address removed",
+    "stale-nat-flushed": "the exact flush: ctfix fix PORT --method flush-stale --apply",
 }
 #: why a good result is good, per scenario
 WHY = {
@@ -63,11 +72,31 @@ WHY = {
         "it to exactly that. The lasting fix is in the server (IP_PKTINFO, or a bind to\n"
         "the node's address): see docs/runbooks/udp-wrong-source.md."
     ),
+    "stale-nat": (
+        "conntrack chose the sender's backend when its first datagram arrived and\n"
+        "restarts the entry's timeout with every datagram, so a sender that never pauses\n"
+        "keeps its old target for ever, whatever the rules say now. ctfix compares each\n"
+        "entry with where the current rules would send a new flow, and deletes exactly\n"
+        "the stale ones (by tuple and id); the next datagram follows the rules.\n"
+        "Find them: `ctfix watch`; diagnose a port: `ctfix explain PORT`; runbook:\n"
+        "docs/runbooks/udp-stale-nat.md."
+    ),
 }
 
 
 def _setup_lines(scenario: str, topo: Topology, port: int) -> list[str]:
     """What a scenario adds to the lab's topology, one line per item."""
+    if scenario == "stale-nat":
+        from ctfix.lab import stale_nat as sn
+        from ctfix.lab import topology as t
+
+        return [
+            f"DNAT          {endpoint(t.UPLINK_V4, port)} forwarded to backend A "
+            f"{endpoint(sn.BACKEND_A, port)}, later B {endpoint(sn.BACKEND_B, port)} (both in "
+            f"the upstream ns; {topo.netfilter})",
+            f"sender        {endpoint(t.CONTAINER_V4, sn.SENDER_PORT)} in the container, "
+            "one-way, 10 datagrams/s from that fixed port (syslog-like)",
+        ]
     if scenario != "clusterip":
         return []
     from ctfix.lab import clusterip
@@ -85,6 +114,13 @@ def _setup_lines(scenario: str, topo: Topology, port: int) -> list[str]:
 
 
 def _try_lines(scenario: str, topo: Topology, port: int, ctfix: str) -> list[str]:
+    if scenario == "stale-nat":
+        return [
+            f"ip netns exec {topo.container} nc -u -p 40515 198.51.100.13 {port}",
+            f"{ctfix} watch --netns {topo.host}     (then move the DNAT rule)",
+            f"{ctfix} explain {port} --netns {topo.host}",
+            f"{ctfix} fix {port} --method flush-stale --netns {topo.host}",
+        ]
     if scenario == "clusterip":
         from ctfix.lab import clusterip
 
@@ -212,6 +248,78 @@ def check_words(check: Check) -> tuple[str, str, str, list[str]]:
                 "ICMP port unreachable from the client, about a reply from another address",
                 seen,
                 [],
+            )
+        case DeliveryCheck() | EntryCheck() | StaleFindingCheck() | FlushCheck():
+            return _stale_words(check)
+
+
+def _datagrams(count: int, where: str) -> str:
+    if not count:
+        return f"nothing at {where}"
+    return f"{count} datagram{'s' if count != 1 else ''} at {where}"
+
+
+def _stale_words(
+    check: DeliveryCheck | EntryCheck | StaleFindingCheck | FlushCheck,
+) -> tuple[str, str, str, list[str]]:
+    """The stale-nat story's checks in words."""
+    match check:
+        case DeliveryCheck():
+            where = f"backend {check.backend} {check.address}"
+            if check.want:
+                again = " again" if check.backend == "B" else ""
+                title = f"{where} receives the sender's datagrams{again}"
+                seen = _datagrams(check.received, check.address)
+                return title, f"datagrams at {check.backend}", seen, []
+            return (
+                f"{where} receives nothing: the black hole",
+                f"nothing at {check.backend} for {check.waited:g} s (the sender keeps its old "
+                "entry)",
+                _datagrams(check.received, check.backend),
+                [],
+            )
+        case EntryCheck():
+            seen = "; ".join(
+                f"{check.client} -> {check.service} goes to {target}" for target in check.targets
+            ) or "no entry for the sender"
+            if check.pinned:
+                return (
+                    "conntrack still sends the sender to A",
+                    f"the sender's entry goes to {check.want}",
+                    seen,
+                    ["its timeout restarts with every datagram: it never expires"],
+                )
+            return (
+                "the sender's new entry follows the rule",
+                f"{check.client} -> {check.service} goes to {check.want}",
+                seen,
+                [],
+            )
+        case StaleFindingCheck():
+            seen = (
+                f"verdict {check.verdict}, stale target {check.stale_target}, now "
+                f"{', '.join(check.current)}, {check.clients} client(s)"
+                if check.verdict is not None and check.stale_target is not None
+                else check.error or f"verdict {check.verdict}, no stale-nat finding"
+            )
+            return (
+                f"`ctfix explain {check.port}` finds it",
+                f"broken, reason stale-nat: stale target {check.want_stale}, current "
+                f"{check.want_current}",
+                seen,
+                [],
+            )
+        case FlushCheck():
+            others = f"the other {check.others} entr{'y' if check.others == 1 else 'ies'}"
+            seen = check.error or (
+                f"{check.deleted} deleted; {others} of the table "
+                + ("all still there" if check.kept else "NOT all there")
+            )
+            return (
+                f"ctfix fix {check.port} --method flush-stale --apply",
+                "1 entry deleted; every other entry of the table still there",
+                seen,
+                list(check.checks),
             )
 
 

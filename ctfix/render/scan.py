@@ -26,7 +26,7 @@ _STYLE = {
 }
 #: per verdict, the reason codes that say best why, in order of preference
 _HEADLINE = {
-    "broken": ("wrong-source-live", "wrong-source-seen"),
+    "broken": ("wrong-source-live", "wrong-source-seen", "stale-nat"),
     "at-risk": ("client-network-exposed", "policy-rule-wrong", "nothing-answers"),
     "unknown": ("not-tracked", "no-conntrack-evidence"),
     "ok": (
@@ -34,6 +34,7 @@ _HEADLINE = {
         "unanswered-no-socket",
         "unanswered-no-reply",
         "unanswered-stale-nat",
+        "forwarded-to-backend",
         "observed-right-source",
         "fix-already-in-effect",
         "answers-from-destination",

@@ -5,33 +5,40 @@ pipelines parse them): kind, family, proto, netns, client, service,
 expected_source, actual_source, mismatch, local, confirmed, count, first_seen,
 last_seen (added since: clients, client_network, existing, seen_before,
 replies_from_other_port); and the summary's kind, events, new_flows, lost, resyncs,
-findings (added since: existing, started, tracking, unanswered,
-unanswered_uncounted); the unanswered records' kind, family, proto, netns, service,
-reason, flows, clients, first_seen, last_seen, one_way, existing, target, confirmed,
-program, rules, client. Add keys if needed; never rename or remove one. docs/json.md
-describes each.
+findings (added since: existing, started, tracking). Add keys if needed; never rename
+or remove one. docs/json.md describes each.
 
 History and news: an existing finding (in the table when watch started) prints once,
 under its own heading, with the kernel's times or `before <start>`; it never counts
 in `findings` nor in the exit status. first_seen/last_seen are null for an existing
 finding whose age the kernel cannot tell: never a made-up time.
-The words of a finding come from ctfix.core.detectors.wrong_source_words and
-unanswered_words, which explain uses too: change them there, for both. Colour only
-on a TTY and never when NO_COLOR is set.
+The words of a finding come from ctfix.core.detectors.wrong_source_words, which
+explain uses too (unanswered requests': unanswered_words): change them there, for
+both. Colour only on a TTY and never when NO_COLOR is set. Unanswered records (kind
+"unanswered": family, proto, netns, service, reason, flows, clients, first_seen,
+last_seen, one_way, existing, target, confirmed, program, rules, client) and the
+summary's unanswered and unanswered_uncounted are keys too. Stale-nat findings (kind
+"stale-nat") have their own keys (ctfix.render.stale_nat, docs/json.md) and words
+(stale_nat_text).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, TextIO
 
+from ctfix.core.detectors.stale_nat import StaleNatFinding, stale_nat_text
 from ctfix.core.detectors.unanswered import UnansweredFinding
 from ctfix.core.detectors.unanswered_words import unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.render.jsonout import utc_timestamp
+from ctfix.render.stale_nat import stale_nat_record
 from ctfix.render.style import Style, use_colour
 from ctfix.render.width import fill, terminal_width
+
+AnyFinding = WrongSourceFinding | StaleNatFinding | UnansweredFinding
 
 
 def _time(seconds: float | None) -> str | None:
@@ -67,6 +74,25 @@ def finding_record(
     }
 
 
+def stale_nat_watch_record(finding: StaleNatFinding, netns: str) -> dict[str, Any]:
+    """watch's line for a stale-nat finding: the issue's keys first, then the rest."""
+    record = stale_nat_record(finding)
+    head = {key: record.pop(key) for key in ("kind", "family", "proto")}
+    return {
+        **head,
+        "netns": netns,
+        "service": record.pop("service"),
+        "stale_target": record.pop("stale_target"),
+        "current_targets": record.pop("current_targets"),
+        "clients": record.pop("clients"),
+        "entries": record.pop("entries"),
+        "first_seen": utc_timestamp(finding.first_seen),
+        "last_seen": utc_timestamp(finding.last_seen),
+        "existing": finding.existing,
+        **record,
+    }
+
+
 def unanswered_record(finding: UnansweredFinding, netns: str) -> dict[str, Any]:
     return {
         "kind": "unanswered",
@@ -87,9 +113,6 @@ def unanswered_record(finding: UnansweredFinding, netns: str) -> dict[str, Any]:
         "rules": list(finding.rules),
         "client": finding.client,
     }
-
-
-Finding = WrongSourceFinding | UnansweredFinding
 
 
 def summary_record(
@@ -140,20 +163,18 @@ class WatchRenderer:
         self.stream.write(line + "\n")
         self.stream.flush()
 
-    def _record(self, finding: Finding) -> str:
-        if finding.kind == "unanswered":
-            return json.dumps(unanswered_record(finding, self.netns))
+    def _record(self, finding: WrongSourceFinding) -> str:
         return json.dumps(finding_record(finding, self.netns, self.started))
 
-    def finding(self, finding: Finding, *, update: bool = False) -> None:
+    def finding(self, finding: AnyFinding, *, update: bool = False) -> None:
+        if isinstance(finding, StaleNatFinding):
+            self._stale(finding)
+            return
+        if isinstance(finding, UnansweredFinding):
+            self._unanswered(finding)
+            return
         if self.json:
             self._write(self._record(finding))
-            return
-        if finding.kind == "unanswered":
-            if finding.existing:
-                self._write(self.unanswered_aged(finding))
-            else:
-                self._write(self._fit(self.unanswered_line(finding)))
             return
         if finding.existing:
             self._write(self.aged_line(finding))
@@ -162,6 +183,29 @@ class WatchRenderer:
 
     def _fit(self, line: str, indent: str = "") -> str:
         return fill(line, self.width, indent, "    ") if self.width else indent + line
+
+    def _stale_text(self, finding: StaleNatFinding) -> str:
+        return stale_nat_text(finding, lambda text: self.style(text, "bold", "red"))
+
+    def _stale(self, finding: StaleNatFinding) -> None:
+        if self.json:
+            self._write(json.dumps(stale_nat_watch_record(finding, self.netns)))
+            return
+        tags = " (already there at start)" if finding.existing else ""
+        self._write(
+            self._fit(
+                f"{utc_timestamp(finding.last_seen)} {self.style('STALE NAT', 'bold', 'red')} "
+                f"{finding.proto}/{finding.family[-1]} {self._stale_text(finding)}{tags}"
+            )
+        )
+
+    def _unanswered(self, finding: UnansweredFinding) -> None:
+        if self.json:
+            self._write(json.dumps(unanswered_record(finding, self.netns)))
+        elif finding.existing:
+            self._write(self.unanswered_aged(finding))
+        else:
+            self._write(self._fit(self.unanswered_line(finding)))
 
     def unanswered_line(self, finding: UnansweredFinding) -> str:
         head = self.style("unanswered".upper(), "bold", "yellow")
@@ -183,7 +227,7 @@ class WatchRenderer:
             indent="  ",
         )
 
-    def existing(self, findings: list[Finding]) -> None:
+    def existing(self, findings: Sequence[WrongSourceFinding | UnansweredFinding]) -> None:
         """The findings already in the table at start-up: once, under their own
         heading (text), or as records with "existing": true (JSON)."""
         if not findings:
@@ -234,17 +278,31 @@ class WatchRenderer:
             f"{finding.proto}/{finding.family[-1]} {self._text(finding, tags)}"
         )
 
-    def final(self, findings: list[Finding]) -> None:
+    def final(self, findings: Sequence[AnyFinding]) -> None:
         """At exit: every live finding with its final counts (JSON), or a short table.
         Existing findings were printed once at start-up (or when confirmed)."""
         live = [finding for finding in findings if not finding.existing]
         if self.json:
             for finding in live:
-                self._write(self._record(finding))
+                if isinstance(finding, StaleNatFinding):
+                    self._write(json.dumps(stale_nat_watch_record(finding, self.netns)))
+                elif isinstance(finding, UnansweredFinding):
+                    self._write(json.dumps(unanswered_record(finding, self.netns)))
+                else:
+                    self._write(self._record(finding))
             return
         for finding in live:
-            if finding.kind == "unanswered":
+            if isinstance(finding, UnansweredFinding):
                 self._write(self.unanswered_aged(finding))
+            elif isinstance(finding, StaleNatFinding):
+                self._write(
+                    self._fit(
+                        f"stale NAT: {self._stale_text(finding)}; "
+                        f"{utc_timestamp(finding.first_seen)} .. "
+                        f"{utc_timestamp(finding.last_seen)}",
+                        indent="  ",
+                    )
+                )
             else:
                 self._write(self.aged_line(finding))
 

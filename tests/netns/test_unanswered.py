@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 
 from ctfix.core.decode import CtEntry
+from ctfix.lab import stale_nat as stale_lab
 from ctfix.lab.topology import (
     BRIDGE_V4,
+    CONTAINER_V4,
     UPLINK_V4,
     UPLINK_V6,
     Topology,
@@ -286,8 +288,8 @@ def _entries(topo: Topology, port: int) -> list[CtEntry]:
 
 
 def _aged(topo: Topology, port: int) -> Callable[[], bool]:
-    """The port's entries are there, each past the 2 s grace after its last datagram
-    (under the default 30 s timeout, at most 27 s are left)."""
+    """The port's entries are there, each a few seconds past its last datagram (under
+    the default 30 s timeout, at most 27 s left): requests nobody answered promptly."""
 
     def aged() -> bool:
         entries = _entries(topo, port)
@@ -297,10 +299,10 @@ def _aged(topo: Topology, port: int) -> Callable[[], bool]:
 
 
 def test_requests_already_in_the_table_are_history(tmp_path: Path) -> None:
-    """Requests already in the table when watch starts (older than its grace) are
-    counted from its start-up dump as `existing` records: printed once, never findings,
-    never in the exit status (as for wrong-source replies); the one-way service's
-    stay one-way."""
+    """Requests already in the table when watch starts are counted from its start-up
+    dump as `existing` records (the kernel sends no DESTROY for them: they were made
+    while nothing listened): printed once, never findings, never in the exit status
+    (as for wrong-source replies); the one-way service's stay one-way."""
     with lab_topology(ipv6=False, netfilter="nft") as topo:
         _rsyslog(topo, tmp_path)
         _syslog(topo)
@@ -401,3 +403,38 @@ def test_scan_shows_each_service_ports_unanswered_requests_as_explain_does() -> 
     assert service["verdict"] == "ok"
     line = next(line for line in text.splitlines() if " 7012 " in line)
     assert "unanswered-no-reply" in line
+
+
+def test_a_sender_pinned_to_a_moved_backend_ends_unanswered_as_stale_nat(
+    short_lab: Topology,
+) -> None:
+    """A DNAT moves from backend A to B while a one-way sender keeps its entry pinned to
+    A: watch's stale-nat detector reports the entry; when the sender stops and the
+    entry ends, its requests are unanswered for that reason, with A as the target.
+    watch starts first: the kernel sends no DESTROY event for an entry made while
+    nobody listened to conntrack events (it has no event extension)."""
+    topo = short_lab
+    port, a_at = 5140, f"{stale_lab.BACKEND_A}:5140"
+    topo.ip(topo.upstream, "".join(
+        f"addr add {address}/24 dev eth0\n"
+        for address in (stale_lab.BACKEND_A, stale_lab.BACKEND_B)
+    ))
+    backend = stale_lab.Backend(topo, stale_lab.BACKEND_A, port)
+    try:
+        stale_lab.load_dnat(topo, port, stale_lab.BACKEND_A)
+        with _watching(topo) as watch:
+            sender = stale_lab.start_sender(topo, stale_lab.SENDER_PORT, port)
+            _until("A to receive the sender", lambda: bool(backend.drain()))
+            stale_lab.move_dnat(topo, port, stale_lab.BACKEND_B)
+            watch.wait_for("the stale-nat record", lambda r: r["kind"] == "stale-nat")
+            topo.stop(sender)
+            record = watch.wait_for(
+                "the unanswered record", lambda r: r["kind"] == "unanswered"
+            )
+            watch.stop()
+    finally:
+        backend.close()
+    assert (record["service"], record["reason"], record["target"]) == (
+        f"{UPLINK_V4}:{port}", "stale-nat", a_at
+    )
+    assert record["client"] == f"{CONTAINER_V4}:{stale_lab.SENDER_PORT}"

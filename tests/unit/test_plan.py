@@ -275,7 +275,7 @@ def test_every_method_is_registered_and_offered_by_fix() -> None:
 
     from ctfix.commands import fix
 
-    assert METHODS == ("policy-route", "snat-zone", "bind")
+    assert METHODS == ("policy-route", "snat-zone", "bind", "flush-stale")
     for name in METHODS:
         assert method(name).name == name
     parser = argparse.ArgumentParser()

@@ -11,7 +11,6 @@ import pytest
 from ctfix.core.decode import DESTROY, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent, CtTuple
 from ctfix.core.detectors import Change, Detector, feeds_by_kind
 from ctfix.core.detectors.unanswered import (
-    GRACE,
     Binding,
     Holder,
     ListenerSockets,
@@ -227,18 +226,19 @@ def test_one_way_is_known_by_the_program_never_by_the_port() -> None:
     assert (down.reason, down.one_way, down.problem) == ("no-socket", False, True)
 
 
-def test_a_dump_counts_unreplied_requests_after_the_grace_once() -> None:
-    d = detector(remember=True, grace=GRACE)
-    old = flow("192.0.2.3", 40000, "198.51.100.13", 53, timeout=30 - GRACE, ct_id=7)
-    young = flow("192.0.2.3", 40001, "198.51.100.13", 53, timeout=30, ct_id=8)
-    [(finding, change)] = d.examine([old, young, old], 100.0, complete=True)
+def test_a_dump_counts_each_unreplied_request_once() -> None:
+    d = detector(remember=True)
+    old = flow("192.0.2.3", 40000, "198.51.100.13", 53, timeout=20, ct_id=7)
+    [(finding, change)] = d.examine([old, old], 100.0, complete=True)
     assert (finding.flows, finding.existing, change) == (1, True, Change.NEW)
-    # A resync's dump repeating the entry adds nothing.
+    # A resync's dump repeating the entry adds nothing, nor does its DESTROY.
     assert d.examine([old], 101.0) == []
-    # Their DESTROY events: the counted one is not counted again; the young one ends
-    # while watching: news, in a finding of its own (the start-up's stays history).
     assert d.feed(ended(old), 128.0) is None
-    again = only(d.feed(ended(young), 130.0))
+    # After the start-up dump, dumps find news; a request ending while watching is news
+    # too, in a finding of its own (the start-up's stays history).
+    d.dumps_are_history = False
+    later = flow("192.0.2.3", 40001, "198.51.100.13", 53, timeout=30, ct_id=8)
+    again = only(d.feed(ended(later), 130.0))
     assert (again.flows, again.existing, again.service) == (1, False, finding.service)
     assert sorted(f.existing for f in d.found) == [False, True]
 

@@ -8,8 +8,10 @@ what the event changed (`Change`). watch, explain and scan compose detectors; th
 renderers show findings by kind.
 
 Today: `wrong_source` (a reply that leaves from another address or port than the
-client sent to) and `unanswered` (requests that ended without any reply, classified
-by why; it takes DESTROY events only). Planned kinds: stale-nat, health.
+client sent to), `stale_nat` (entries the current DNAT rules would no longer send
+where they go; it learns from dumps only) and `unanswered` (requests that ended
+without any reply, classified by why; it takes DESTROY events only). Planned kinds:
+health.
 
 Know before changing: `feed` runs for every conntrack event (>100k/s): a detector
 must not allocate or add indirections there for events that are not findings, and
@@ -96,11 +98,13 @@ def one_feed(
 
     With one detector it is that detector's bound `feed`, so composing costs nothing
     per event; with several, one function feeds each and reports what they find
-    itself (it returns None, so the loop's own report never fires twice).
+    itself (it returns None, so the loop's own report never fires twice). Detectors
+    that learn from dumps only (a true `snapshot_only` attribute) are left out.
     """
-    if len(detectors) == 1:
-        return detectors[0].feed
-    feeds = tuple(d.feed for d in detectors)
+    fed = [d for d in detectors if not getattr(d, "snapshot_only", False)]
+    if len(fed) == 1:
+        return fed[0].feed
+    feeds = tuple(d.feed for d in fed)
 
     def feed_all(event: CtEvent, now: float) -> tuple[F, Change] | None:
         for feed in feeds:

@@ -8,16 +8,17 @@ What is counted. A *request* is a remote client's flow to this namespace or to a
 service DNAT'd behind it (`is_request`: the rule the wrong-source detector uses). It
 is *unanswered* when its conntrack entry ends without IPS_SEEN_REPLY (a DESTROY event:
 watch subscribes to those, filtered in the kernel), or when a dump shows it unreplied
-(`examine`: explain and scan, which count every unreplied request as the evidence's
-"requests without any reply" does, so that two commands on one table agree; watch's
-start-up, which waits `grace` seconds after the last datagram, since a younger entry
-gets its DESTROY later anyway). Multicast and broadcast requests are not counted
+(`examine`: explain and scan, and watch's start-up; every unreplied request counts, as
+the evidence's "requests without any reply" counts it, so that two commands on one
+table agree; at watch's start-up they are history, `existing`). Measured: the kernel
+sends no DESTROY event for an entry made while nothing listened to conntrack events in
+the namespace (it has no event extension), so the start-up dump is the only chance to
+count what was there before watch. Multicast and broadcast requests are not counted
 (their answers come from unicast addresses, which conntrack never pairs with them).
 
 Why, the first that holds:
-- `stale-nat`: its DNAT target was stale (the `stale` hook: the stale-nat detector,
-  composed by whoever has it). Until a composer passes that hook, this reason cannot
-  occur.
+- `stale-nat`: its DNAT target was stale (the `stale` hook: what the stale-nat
+  detector judged, `StaleFindings`; watch and explain pass it).
 - `wrong-source`: the wrong-source detector matched a wrong-source reply for this
   client (the `wrong` hook): the server did answer, from an address the client refused.
   When it matched a reply from the right source instead (the snat-zone remedy puts
@@ -61,7 +62,7 @@ beside the classification that asks them, so one file says what a reason rests o
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -78,11 +79,6 @@ if TYPE_CHECKING:
 UnansweredReason = Literal["no-socket", "no-reply", "wrong-source", "stale-nat"]
 #: every reason, in the order they are decided
 REASONS: tuple[UnansweredReason, ...] = ("stale-nat", "wrong-source", "no-socket", "no-reply")
-
-#: watch's grace: seconds without a reply after its last datagram before an unreplied
-#: entry in its start-up dump is counted (UDP services answer in milliseconds; one
-#: younger than that is left to its DESTROY event, so nothing is lost by waiting).
-GRACE = 2
 
 #: How much later than the request a socket holder's process must have started to be
 #: taken for one that was not there yet: /proc's boot time and conntrack's timeouts
@@ -142,11 +138,24 @@ class Answers(Protocol):
 
 
 class StaleTargets(Protocol):
-    """The stale-nat detector (branch stalenat), asked about one ended request: did
-    its DNAT send it to a stale target? Nothing implements it yet: composers pass None
-    and `stale-nat` does not occur until they pass that detector."""
+    """The stale-nat detector's judgement, asked about one ended request: did its DNAT
+    send it to a stale target? (`StaleFindings` over its findings.)"""
 
     def was_stale(self, entry: CtEntry) -> bool: ...
+
+
+class StaleFindings:
+    """`StaleTargets` over the stale-nat detector's findings, keyed (service, stale
+    target) as ctfix.core.detectors.stale_nat aggregates them: watch passes the live
+    dict, explain the port's judgement."""
+
+    def __init__(self, findings: Mapping[tuple[str, str], object]) -> None:
+        self.findings = findings
+
+    def was_stale(self, entry: CtEntry) -> bool:
+        orig, reply = entry.orig, entry.reply
+        key = (endpoint(orig.dst, orig.dport), endpoint(reply.src, reply.sport))
+        return key in self.findings
 
 
 class Firewall(Protocol):
@@ -295,8 +304,7 @@ class UnansweredDetector:
     no-socket only when the ICMP confirms it), `wrong`, `stale`, `firewall`, `kb` (for
     one-way services). `remember`: keep the conntrack ids counted from dumps so that
     their DESTROY events are not counted again (watch); explain and scan, which see
-    one dump, leave it False. `grace`: watch's GRACE (module docstring); 0 for
-    explain and scan.
+    one dump, leave it False.
     """
 
     kind: Literal["unanswered"] = "unanswered"
@@ -314,7 +322,6 @@ class UnansweredDetector:
         local_addresses: frozenset[str] = frozenset(),
         udp_timeout: int = UDP_TIMEOUT,
         remember: bool = False,
-        grace: float = 0.0,
         max_findings: int = 4096,
         max_clients: int = 65536,
         max_remembered: int = 65536,
@@ -327,7 +334,6 @@ class UnansweredDetector:
         self.local_addresses = local_addresses
         self.udp_timeout = udp_timeout
         self.remember = remember
-        self.grace = grace
         #: dumps find history (`existing` findings) until the composer says otherwise:
         #: watch, after its start-up dump (a resync's finds are news, as for wrong-source)
         self.dumps_are_history = True
@@ -368,7 +374,7 @@ class UnansweredDetector:
     def examine(
         self, entries: Sequence[CtEntry], now: float, *, complete: bool = False
     ) -> list[tuple[UnansweredFinding, Change]]:
-        """Unreplied requests in a dump (`grace` seconds after their last datagram).
+        """Unreplied requests in a dump.
 
         `complete` changes nothing: a dump cannot bring back flows that ended while
         events were lost (their entries are gone).
@@ -388,7 +394,7 @@ class UnansweredDetector:
             seen.add(ident)
             left = entry.timeout
             idle = self.udp_timeout - left if left is not None else self.udp_timeout
-            if idle < self.grace or not is_request(entry, local) or _multicast(orig.dst):
+            if not is_request(entry, local) or _multicast(orig.dst):
                 continue
             if self.remember:
                 if entry.id is None or len(self._counted) >= self.max_remembered:

@@ -454,8 +454,12 @@ class WrongSourceDetector:
         expected = _unpack_endpoint(value[:size])
         service = _unpack_endpoint(value[size : 2 * size])
         client = _unpack_endpoint(value[2 * size : 3 * size])
-        if client == (orig.src, orig.sport) and expected == (orig.dst, orig.dport):
-            return None  # the same flow seen again (a dump repeating an event)
+        if client == (orig.src, orig.sport):
+            # The same client again: the same flow (a dump repeating an event), or its
+            # next flow when a masquerade made its first one's reply go to the address
+            # and port it sends to (a fixed-port sender NATed to the service's own
+            # address): a request, never a reply to itself.
+            return None
         self._matched = True
         # The source the reply leaves with, after its own NAT (snat-zone remedy).
         actual = (entry.reply.dst, entry.reply.dport)

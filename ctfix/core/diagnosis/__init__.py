@@ -64,8 +64,11 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   wildcard socket (only a specific bind is right without evidence; a knowledge-base
   claim or a routing prediction could be contradicted by evidence that cannot
   exist); else `ok`.
-* *Service down*: nothing bound, no DNAT forwarding the port elsewhere on the host,
-  and requests without any reply. The verdict (about wrong sources) stays `ok`;
+  Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
+  to a target the DNAT rules no longer name; `stale`), whatever the rest says.
+* *Service down*: nothing bound, no DNAT forwarding the port elsewhere (on the host,
+  or to the backends the NAT rules name for its clients), and requests without any
+  reply. The verdict (about wrong sources) stays `ok`;
   the headline, the reasons and the exit status (1) say it.
 * *Unanswered*: the port's requests that got no reply, per service and reason
   (no-socket, no-reply, wrong-source, stale-nat; one-way services apart), as watch
@@ -103,6 +106,7 @@ from ctfix.core.diagnosis import (
     listeners,
     netfilter,
     requests,
+    stale,
     unanswered,
 )
 from ctfix.core.diagnosis.advice import recommended_first
@@ -171,9 +175,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # Who is on the port, what reaches it, what conntrack shows, who is exposed, what
     # the rules do: in the order an expert would say it.
     reasons: list[Reason] = []
+    pinned = stale.stale_nat(snapshot)
+    away = pinned.backends and not forwards  # DNAT'd to backends elsewhere
     if not snapshot.listeners:
-        reasons.append(listeners.unbound_reason(port, forwards, shown.unanswered))
-    service_down = not snapshot.listeners and not forwards and shown.unanswered > 0
+        reasons.append(
+            stale.forwarded_reason(port, pinned.backends)
+            if away
+            else listeners.unbound_reason(port, forwards, shown.unanswered)
+        )
+    service_down = not snapshot.listeners and not forwards and not away and shown.unanswered > 0
     reasons += [listeners.listener_reason(one, port) for one in listening.judged]
     if snapshot.listeners:
         reasons += [
@@ -188,7 +198,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     reasons += forwarding.forwarding_reasons(behind)
     reasons += blindness.blindness_reasons(snapshot, blind)
     reasons += evidence.evidence_reasons(shown, snapshot)
-    silent = unanswered.findings(snapshot, kb, local)
+    reasons += pinned.reasons
+    silent = unanswered.findings(snapshot, kb, local, stale=pinned.findings)
     reasons += unanswered.unanswered_reasons(silent, snapshot.listened_seconds)
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening, rewritten)
     reasons += netfilter.netfilter_reasons(rewritten, rules)
@@ -221,6 +232,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     fixes = (
         advice.fixes_for(port, verdict, clients, advice_rule, rules, behind) if wanted else ()
     )
+    if pinned.entries:
+        verdict = "broken"  # stale NAT entries: a black hole now (their fix is their own)
     return Diagnosis(
         port=port,
         netns=snapshot.netns,
@@ -230,13 +243,15 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         clients=tuple(clients),
         evidence=shown,
         rules=rules,
-        fixes=recommended_first(fixes),
+        fixes=recommended_first((*pinned.fixes, *fixes)),
         local_addresses=tuple(
             a.address for a in snapshot.addresses if not a.loopback and a.scope != "link"
         ),
         service=service_rule.name if service_rule else None,
         service_down=service_down,
         forwarded_to=tuple(endpoint(a, p) for a, p in forwards),
+        stale_nat=pinned.findings,
+        stale_entries=pinned.entries,
         forwarded_from=tuple(behind),
         fix_effect=fixed,
         tracking=blindness.tracking_of(snapshot),

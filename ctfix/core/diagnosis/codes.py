@@ -19,6 +19,7 @@ ReasonCode = Literal[
     "forwarded-by-dnat",
     "dnat-to-other-port",
     "forwarded-here-by-dnat",
+    "forwarded-to-backend",
     "dnat-destination-unknown",
     "connected-socket",
     "wildcard-socket",
@@ -33,6 +34,9 @@ ReasonCode = Literal[
     "nothing-seen-live",
     "history-predates-fix",
     "no-conntrack-evidence",
+    # stale NAT: entries the DNAT rules no longer send where they go
+    "stale-nat",
+    "stale-nat-not-judged",
     "not-tracked",
     "tracking-switched-on",
     # exposure per client network

@@ -6,22 +6,25 @@ so explain, scan and watch classify alike: over the port's unreplied entries in 
 table (all of them, as the evidence's "requests without any reply" counts them: two
 commands on one table agree, whenever they run) and the entries that ended without a
 reply while `--listen` watched. Its sockets are the port's listeners; the
-wrong-source detector it asks has paired the same table's requests and replies. No
-ICMP is read here, and no stale-nat judgement is composed yet (the reason cannot
-occur until the stale-nat detector is passed as the `stale` hook). Requests a DNAT
-forwards to another port on this host are that port's (`ctfix explain TARGET`).
+wrong-source detector it asks has paired the same table's requests and replies, and
+the stale NAT findings it asks are the port's own (ctfix.core.diagnosis.stale). No
+ICMP is read here. Requests a DNAT forwards to another port on this host are that
+port's (`ctfix explain TARGET`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import unmap
 from ctfix.core.decode import DESTROY, CtEvent
 from ctfix.core.detectors import UDP_TIMEOUT
+from ctfix.core.detectors.stale_nat import StaleNatFinding
 from ctfix.core.detectors.unanswered import (
     ListenerSockets,
     RulesFirewall,
+    StaleFindings,
     UnansweredDetector,
     UnansweredFinding,
 )
@@ -44,9 +47,13 @@ _CODES: dict[str, ReasonCode] = {
 
 
 def findings(
-    snapshot: Snapshot, kb: KnowledgeBase | None, local: set[str]
+    snapshot: Snapshot,
+    kb: KnowledgeBase | None,
+    local: set[str],
+    stale: Sequence[StaleNatFinding] = (),
 ) -> list[UnansweredFinding]:
-    """The unanswered detector's findings for the port, most flows first."""
+    """The unanswered detector's findings for the port, most flows first; `stale`:
+    the port's stale NAT findings (ctfix.core.diagnosis.stale)."""
     port = snapshot.port
     addresses = frozenset(local)
 
@@ -70,6 +77,7 @@ def findings(
         sockets=ListenerSockets(snapshot.listeners),
         wrong=wrong,
         firewall=RulesFirewall(snapshot.netfilter),
+        stale=StaleFindings({finding.key: finding for finding in stale}),
         kb=kb,
         local_addresses=addresses,
         udp_timeout=snapshot.udp_timeout or UDP_TIMEOUT,

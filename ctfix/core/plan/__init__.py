@@ -25,6 +25,7 @@ from ctfix.core.plan.specs import (
     RT_PROTO,
     RT_TABLE_BASE,
     RULE_PRIORITY,
+    ConntrackEntrySpec,
     IpsetSpec,
     IptRuleSpec,
     NftTableSpec,
@@ -46,7 +47,7 @@ from ctfix.core.plan.specs import (
 from ctfix.core.plan.targets import Target
 from ctfix.errors import CtfixError
 
-Backend = Literal["iproute2", "nftables", "iptables-legacy", "none"]
+Backend = Literal["iproute2", "nftables", "iptables-legacy", "ctnetlink", "none"]
 #: every `ctfix fix --method`, in the order help and errors list them
 METHODS: tuple[Method, ...] = typing.get_args(Method)
 BACKENDS: tuple[Backend, ...] = typing.get_args(Backend)
@@ -63,6 +64,9 @@ class Plan:
     advice: tuple[str, ...] = ()  # method "bind": what to change in the application
     #: what the plan knowingly breaks (only with --force): printed before applying.
     warnings: tuple[str, ...] = ()
+    #: False: its steps cannot be undone and need no undo (flush-stale deletes
+    #: conntrack entries); it is applied without a state-file record.
+    reversible: bool = True
     #: snat-zone: the clients it remembers (recorded, so --status can name services
     #: forwarded to the port after the fix)
     covers: tuple[Target, ...] = ()
@@ -108,6 +112,10 @@ def method(name: Method) -> PlanMethod:
             from ctfix.core.plan import bind
 
             return bind.METHOD
+        case "flush-stale":
+            from ctfix.core.plan import flush_stale
+
+            return flush_stale.METHOD
         case _:
             typing.assert_never(name)
 
@@ -161,6 +169,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "checks": [asdict(c) for c in plan.checks],
         "covers": [cover_to_dict(t) for t in plan.covers],
         "steps": [step_to_dict(s) for s in plan.steps],
+        "reversible": plan.reversible,
     }
 
 
@@ -184,6 +193,7 @@ __all__ = [
     "RT_TABLE_BASE",
     "RULE_PRIORITY",
     "Backend",
+    "ConntrackEntrySpec",
     "IpsetSpec",
     "IptRuleSpec",
     "NftTableSpec",

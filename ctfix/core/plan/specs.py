@@ -179,8 +179,31 @@ class IptRuleSpec:
     kind: Literal["iptables-rule"] = "iptables-rule"
 
 
-Spec = RouteSpec | RuleSpec | NftTableSpec | IpsetSpec | IptRuleSpec
-SpecKind = Literal["route", "rule", "nft-table", "ipset", "iptables-rule"]
+@dataclass(frozen=True, slots=True)
+class ConntrackEntrySpec:
+    """One conntrack entry to delete (flush-stale): its original tuple, zone and id
+    (the kernel deletes it only if the entry under that tuple still has that id), the
+    reply source it sent the client to, and where the rules send it now.
+
+    Deleting cannot be undone and needs no undo: the client's next datagram makes a
+    new entry, the way the rules say now. It is never recorded in the state file.
+    """
+
+    family: Family
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    reply_src: str
+    reply_sport: int
+    zone: int = 0
+    id: int | None = None
+    current: tuple[str, ...] = ()  # the targets the rules name now ("addr:port")
+    kind: Literal["conntrack-entry"] = "conntrack-entry"
+
+
+Spec = RouteSpec | RuleSpec | NftTableSpec | IpsetSpec | IptRuleSpec | ConntrackEntrySpec
+SpecKind = Literal["route", "rule", "nft-table", "ipset", "iptables-rule", "conntrack-entry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +254,8 @@ def step_from_dict(data: dict[str, Any]) -> Step:
         if cls is IptRuleSpec:
             raw["matches"] = tuple(_xt(m) for m in raw["matches"])
             raw["target"] = _xt(raw["target"])
+        if cls is ConntrackEntrySpec:
+            raw["current"] = tuple(raw.get("current", ()))
         if cls is NftTableSpec:
             raw.pop("text", None)  # older files kept the text; it is rendered now
             batch = raw["batch"]

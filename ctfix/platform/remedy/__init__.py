@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Never, NoReturn
 from ctfix.core.model import Method
 from ctfix.core.plan import (
     Backend,
+    ConntrackEntrySpec,
     IpsetSpec,
     IptRuleSpec,
     NftTableSpec,
@@ -116,6 +117,15 @@ def _operations(spec: Spec) -> _Operations:
                 partial(legacy.create_rule, ipt_rule),
                 partial(legacy.remove_rule, ipt_rule),
                 partial(legacy.rule_present, ipt_rule),
+            )
+        case ConntrackEntrySpec() as entry:
+            from ctfix.platform.remedy import conntrack
+
+            return _Operations(
+                partial(conntrack.delete_entry, entry),
+                partial(conntrack.cannot_undo, entry),
+                partial(conntrack.entry_gone, entry),
+                partial(conntrack.no_clash, entry),
             )
         case _:
             _unknown_kind(spec)
