@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,7 +39,10 @@ class UnansweredWatch:
         kb: KnowledgeBase | Callable[[], KnowledgeBase] | None,
         selector: selectors.BaseSelector,
         warn: Callable[[str], None],
+        caps: Mapping[str, int] | None = None,
     ) -> None:
+        """`caps`: the detector's limits (max_findings, max_clients, max_remembered)
+        where not its defaults."""
         from ctfix.core.detectors.unanswered import StaleFindings, UnansweredDetector
         from ctfix.platform.udp_view import RulesView, SocketView
 
@@ -55,6 +58,7 @@ class UnansweredWatch:
             local_addresses=wrong.local_addresses,
             udp_timeout=wrong.udp_timeout,
             remember=True,
+            **(caps or {}),
         )
         self.selector = selector
         self.warn = warn

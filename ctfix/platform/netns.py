@@ -141,14 +141,17 @@ def entered(ns: Netns | str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def entered_fd(fd: int, what: str) -> Iterator[None]:
-    """`entered()` for a namespace already opened (fd stays the caller's to close)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+def entered_fd(fd: int, what: str, home: int | None = None) -> Iterator[None]:
+    """`entered()` for a namespace already opened (fd stays the caller's to close).
+    `home`: an open descriptor of the namespace to come back to, for a caller that
+    enters often (`watch --all-netns`); default: the thread's namespace now."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if home is None else home
     try:
         _setns(fd, what)
         try:
             yield
         finally:
-            _setns(home, "(return to the original)")
+            _setns(own, "(return to the original)")
     finally:
-        os.close(home)
+        if home is None:
+            os.close(own)
