@@ -83,10 +83,12 @@ class AllWatch:
 
 
 @contextlib.contextmanager
-def watching_all(*extra: str, spawn: Callable[..., Any] | None = None) -> Iterator[AllWatch]:
+def watching_all(*extra: str, env: dict[str, str] | None = None) -> Iterator[AllWatch]:
+    """`watch --all-netns --json EXTRA...` (or, with `--netns`, one namespace), ready."""
     with tempfile.NamedTemporaryFile("w+", prefix="ctfix-watch-all-") as errors:
-        argv = [*WATCH, "--all-netns", "--json", *extra]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
+        every = [] if "--netns" in extra else ["--all-netns"]
+        argv = [*WATCH, *every, "--json", *extra]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
         try:
             watch = AllWatch(proc, errors)
             watch.wait_note("ctfix watch: watching ", timeout=START_TIMEOUT)
