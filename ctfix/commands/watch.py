@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ctfix.core.detectors.stale_nat import StaleNatFinding
     from ctfix.core.detectors.unanswered import UnansweredFinding
     from ctfix.core.detectors.wrong_source import WrongSourceFinding
+    from ctfix.core.model import ContainerRef
     from ctfix.core.rules import KnowledgeBase
     from ctfix.core.watch_filter import Network, Selection
     from ctfix.render.status import Console
@@ -255,14 +256,14 @@ def run(args: argparse.Namespace) -> int:
         return watch_all(args, kb, selection_of(args), console)
     label = enter_netns(args.netns)
 
-    from ctfix.platform import conntrack, containers
+    from ctfix.platform import conntrack
     from ctfix.render.watch import WatchRenderer
 
     renderer = WatchRenderer(
         sys.stdout,
         json_lines=args.json,
         netns=label,
-        netns_container=containers.resolver().for_netns("/proc/thread-self/ns/net"),
+        netns_container=_netns_container(),
         before_write=console.clear,
     )
     conntrack.available()
@@ -290,6 +291,19 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _netns_container() -> ContainerRef | None:
+    """The container whose namespace this is (None: the host's, or no container's);
+    the engines' clients are loaded only when it is not pid 1's namespace."""
+    from ctfix.platform.procfs import stat_key
+
+    here = stat_key("/proc/thread-self/ns/net")
+    if here is None or here == stat_key("/proc/1/ns/net"):
+        return None
+    from ctfix.platform import containers
+
+    return containers.resolver().for_netns("/proc/thread-self/ns/net")
 
 
 def _tracking(track_asked: bool, tables: list[str], console: Console) -> dict[str, bool | None]:
@@ -371,8 +385,7 @@ def _watch(
     """Watch the namespace this process is in until --duration or a signal."""
     from ctfix.commands.watch_loop import run_loop
     from ctfix.commands.watch_ns import NamespaceWatch
-    from ctfix.commands.watch_report import Reporter
-    from ctfix.platform.containers import ClientContainers
+    from ctfix.commands.watch_report import Reporter, client_containers
 
     metrics = None
     sel = selectors.DefaultSelector()
@@ -383,7 +396,7 @@ def _watch(
         metrics = WatchMetrics(args.metrics_listener, label)
         where = "" if label == "current" else " (where ctfix started, not in --netns)"
         console.note(f"Prometheus metrics on http://{args.metrics}/metrics{where}")
-    reporter = Reporter(renderer, metrics, selection_of(args), ClientContainers())
+    reporter = Reporter(renderer, metrics, selection_of(args), client_containers())
     watcher = NamespaceWatch(
         label,
         renderer=renderer,

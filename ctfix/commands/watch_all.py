@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import select
 import selectors
@@ -286,7 +285,7 @@ class AllNamespaces:
             fd = namespaces.open_ref(ref)
         except namespaces.NamespaceGone:
             return  # gone before it could be watched: nothing happened there for us
-        inside = functools.partial(netns.entered_fd, fd, ref.label, self._home)
+        inside = netns.Entering(fd, ref.label, self._home)
         renderer = WatchRenderer(
             sys.stdout,
             json_lines=self.json,

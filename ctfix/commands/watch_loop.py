@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 #: seconds between two ticks (expiry, losses, metrics)
 TICK = 1.0
+#: --all-netns: seconds between two looks at the namespaces' timers (NAT checks due,
+#: resyncs due); their own delays are 0.2 s and more
+TURN = 0.05
 
 
 class Stop(Exception):
@@ -98,9 +101,13 @@ def run_loop(
     """Watch until `deadline` (monotonic; None: until a signal raises Stop, which the
     caller catches); True when the deadline ended it. `follower` (--all-netns) owns the
     list of watchers; the selector's keys hold (watcher, tag), or (None, tag) for the
-    follower's own socket."""
+    follower's own socket. With many watchers their timers are looked at every TURN
+    seconds, not at every wake-up (which would cost each event a pass over them all)."""
+    from ctfix.commands.watch_ns import ENTERED
+
     active = list(watchers if follower is None else follower.watchers)
     next_tick = time.monotonic() + TICK
+    next_turns = 0.0
     while True:
         mono = time.monotonic()
         if deadline is not None and mono >= deadline and all(
@@ -108,27 +115,32 @@ def run_loop(
         ):
             return True
         wait = min(next_tick, deadline or next_tick, console.due(mono)) - mono
-        for watcher in active:
-            wait = min(wait, watcher.wait(mono))
-        if follower is not None:
-            wait = min(wait, follower.wait(mono))
+        if follower is None:
+            for watcher in active:
+                wait = min(wait, watcher.wait(mono))
+        else:
+            wait = min(wait, next_turns - mono, follower.wait(mono))
         for key, _mask in sel.select(max(0.0, wait)):
             watcher, tag = key.data
             if watcher is None:
                 if follower is not None:
                     follower.follow(time.monotonic(), readable=True)
-            elif watcher.inside is None:
+            elif watcher.inside is None or tag not in ENTERED:
                 watcher.ready(tag, key.fileobj)
             else:
                 with watcher.inside():
                     watcher.ready(tag, key.fileobj)
         mono = time.monotonic()
-        for watcher in active:
-            if watcher.inside is None:
+        if follower is None:
+            for watcher in active:
                 watcher.turn(mono, deadline)
-            elif watcher.wait(mono) <= 0.0 or (deadline is not None and mono >= deadline):
-                with watcher.inside():
-                    watcher.turn(mono, deadline)
+        elif mono >= next_turns or (deadline is not None and mono >= deadline):
+            next_turns = mono + TURN
+            for watcher in active:
+                if watcher.wait(mono) <= 0.0 or (deadline is not None and mono >= deadline):
+                    assert watcher.inside is not None
+                    with watcher.inside():
+                        watcher.turn(mono, deadline)
         if mono >= next_tick:
             next_tick = mono + TICK
             for watcher in active:

@@ -19,10 +19,15 @@ carry `lost` and `resyncs`. CTFIX_WATCH_RCVBUF (test-only, not in --help) shrink
 event buffer so that tests/netns/test_watch_overflow.py can force a real loss.
 
 Know before changing: the drain loop in `_drain` is the hot path (>100k events/s);
-keep attribute lookups out of it. Everything a watcher does may open a socket in, or
-read /proc/net of, the current namespace (a dump, sock_diag, the rules, the loss
-count), so the loop runs `start`, `ready`, `turn`, `tick` and `close` inside the
-watcher's namespace (`inside`: None when `--netns` entered it for the whole process).
+keep attribute lookups out of it. A watcher opens sockets in, and reads /proc/net of,
+the current namespace (a dump, sock_diag, the rules, the loss count), so with
+`--all-netns` (`inside` given; None when `--netns` entered the namespace for the
+whole process) the loop runs `start`, `turn`, `tick`, `close` and `ready` for the
+tags in ENTERED inside it; the event drain and the ICMP reads only use sockets made
+there, and the few hooks on their finding paths that read the namespace (the socket
+view, the rules view, the programs on a port, the ICMP tap) enter it themselves
+(`inside`, re-entrant): two setns calls per batch of events would cost more than the
+events (bench/watch_all_bench.py).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ if TYPE_CHECKING:
     Feeds = tuple[Feed, ...]
     Report = Callable[[Found | None], None]
 
+#: the socket tags whose `ready` reads the namespace (the loop enters it for them)
+ENTERED = frozenset({"addr"})
 #: socket family -> the summary's family key
 FAMILY_KEYS: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
@@ -154,7 +161,7 @@ class NamespaceWatch:
         # the namespace's addresses and client networks, the clients' ICMP, and which
         # programs answer from other ports by design (asked only for such replies).
         self.detector = detector = WrongSourceDetector(
-            udp_timeout=_udp_timeout(), other_port=OtherPortPrograms(self.kb)
+            udp_timeout=_udp_timeout(), other_port=OtherPortPrograms(self.kb, inside=self.inside)
         )
         # stale-nat learns from dumps only (one_feed leaves it out of the event loop); the
         # StaleNatWatch below re-checks it when the NAT rules change.
@@ -187,7 +194,13 @@ class NamespaceWatch:
         detector.networks = addresses.networks
         self.selector = sel
         self.unanswered = unanswered = UnansweredWatch(
-            detector, stale, self.kb, _Tagged(sel, self), self.warn, caps=limits.unanswered
+            detector,
+            stale,
+            self.kb,
+            _Tagged(sel, self),
+            self.warn,
+            caps=limits.unanswered,
+            inside=self.inside,
         )
         self.closers.append(unanswered)
         selection = self.reporter.selection

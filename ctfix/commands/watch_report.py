@@ -118,3 +118,20 @@ class Reporter:
         if self.containers is None or finding.kind == "stale-nat":
             return None
         return self.containers(finding.client)
+
+
+def client_containers() -> Callable[[str], ContainerRef | None]:
+    """The lookup of a client's container (ctfix.platform.containers.ClientContainers),
+    loaded on its first use: the engines' clients cost ~5 MiB of memory, which a watch
+    that finds nothing never needs."""
+    lookup: Callable[[str], ContainerRef | None] | None = None
+
+    def find(client: str) -> ContainerRef | None:
+        nonlocal lookup
+        if lookup is None:
+            from ctfix.platform.containers import ClientContainers
+
+            lookup = ClientContainers()
+        return lookup(client)
+
+    return find

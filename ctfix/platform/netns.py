@@ -13,7 +13,8 @@ import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ctfix.errors import CtfixError, PrivilegeError
@@ -155,3 +156,36 @@ def entered_fd(fd: int, what: str, home: int | None = None) -> Iterator[None]:
     finally:
         if home is None:
             os.close(own)
+
+
+#: enters a namespace for its block (a caller that lives elsewhere: `watch --all-netns`)
+Inside = Callable[[], AbstractContextManager[None]]
+
+
+def within(inside: Inside | None) -> AbstractContextManager[None]:
+    """`inside()`, or nothing to do when None (the thread is in the namespace)."""
+    return contextlib.nullcontext() if inside is None else inside()
+
+
+class Entering:
+    """An `Inside` for one namespace opened once (`fd`), entered from `home` and back:
+    two setns calls. Re-entrant: a block nested in another of the same namespace does
+    nothing (the outer block comes back home, not the inner one)."""
+
+    def __init__(self, fd: int, what: str, home: int) -> None:
+        self.fd = fd
+        self.what = what
+        self.home = home
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self._depth:
+            yield
+            return
+        with entered_fd(self.fd, self.what, self.home):
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1

@@ -64,9 +64,9 @@ def status_text(counts: StatusCounts, rate: float) -> str:
 
 def _width(stream: TextIO) -> int:
     """The terminal's columns ($COLUMNS first, as everywhere in ctfix)."""
-    columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit() and int(columns) > 0:
-        return int(columns)
+    given = os.environ.get("COLUMNS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     try:
         columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
