@@ -6,8 +6,9 @@ memory, against `conntrack -E` run in each namespace, in the same run (root).
 Builds `--namespaces` namespaces, each with loopback up, 192.0.2.1/32 on it and one
 `ct state new` rule (so the kernel tracks it), a 120 s UDP timeout (the entries
 outlive the run, for the count) and a socket that takes the burst's datagrams
-without reading them (no ICMP port unreachable comes back). Then, with one `ctfix watch --all-netns --json` and
-one `conntrack -E -e NEW -p udp -b 64MiB` per namespace listening:
+without reading them (no ICMP port unreachable comes back). Then, with one
+`ctfix watch --all-netns --json` and one `conntrack -E -e NEW -p udp -b 64MiB` per
+namespace listening:
 
 1. start-up: seconds from starting watch to its "watching" note, and its RSS then
    (every namespace of the host is watched: also those other work has at the time);

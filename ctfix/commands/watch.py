@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
     if args.rules:
         kb = rules_files.load(args.rules, builtin=True)
     else:
-        kb = functools.partial(rules_files.load, None, builtin=True)
+        # Once for every detector and namespace that asks (--all-netns has many).
+        kb = functools.cache(functools.partial(rules_files.load, None, builtin=True))
     if args.metrics is not None:  # `--metrics ''` is a mistake, not "off"
         from ctfix.platform.metrics import parse_listen
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ctfix.lab.topology import UPLINK_V4, Topology, wait_udp_bound
 from tests.netns.docker_engine import DockerEngine
-from tests.netns.test_docker import HOST_PORT, ask, docker_lab
+from tests.netns.test_docker import HOST_PORT, ask, docker_lab, host_service_and_client
 from tests.netns.test_watch_all_netns import START_TIMEOUT, watching_all
 
 __all__ = ["docker_lab"]  # the fixture, shared with test_docker.py
@@ -48,9 +48,7 @@ def test_watch_names_the_container_of_a_client_and_of_a_namespace(
     docker_lab: tuple[Topology, DockerEngine],
 ) -> None:
     topo, engine = docker_lab
-    server = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{HOST_PORT},fork", "EXEC:cat"])
-    wait_udp_bound(server.pid, HOST_PORT, address="0.0.0.0")
-    client_id = engine.run("web-client", "sleep", "600")
+    client_id = host_service_and_client(topo, engine)
     with (
         watching_all(env=engine.env()) as every,
         watching_all("--netns", topo.host, env=engine.env()) as one,

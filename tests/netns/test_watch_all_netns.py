@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
@@ -31,7 +30,7 @@ import pytest
 from ctfix.lab.fleet import BROKEN_PORT, SERVER_V4, SERVICE_V4, Fleet, fleet_topology
 from ctfix.lab.topology import Namespaces, built, new_run_id
 from ctfix.platform import netns
-from tests.netns.logs import wait_for_text
+from tests.netns.logs import JsonLines, wait_for_text
 
 WATCH = [sys.executable, "-m", "ctfix", "watch"]
 #: starting to watch ~60 namespaces takes two conntrack dumps each, and a dump walks
@@ -52,14 +51,9 @@ class AllWatch:
     def __init__(self, proc: subprocess.Popen[str], errors: IO[str]) -> None:
         self.proc = proc
         self.errors = errors
-        self.records: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.records.append(json.loads(line))
+        assert proc.stdout is not None
+        self.lines = JsonLines(proc.stdout)
+        self.records = self.lines.records
 
     def stderr(self) -> str:
         with open(self.errors.name) as fh:
@@ -78,8 +72,7 @@ class AllWatch:
     def stop(self) -> list[dict[str, Any]]:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=120)
-        self._reader.join(timeout=30)
-        return list(self.records)
+        return self.lines.join(timeout=30)
 
 
 @contextlib.contextmanager

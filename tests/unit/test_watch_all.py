@@ -15,7 +15,8 @@ from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFi
 from ctfix.core.model import ContainerRef
 from ctfix.platform.conntrack import DEFAULT_RCVBUF
 from ctfix.platform.containers import ClientContainers
-from ctfix.platform.metrics import MetricsListener, WatchMetrics
+from ctfix.platform.metrics import WatchMetrics
+from tests.unit.test_prometheus_rules import NoServer
 
 
 def test_each_namespace_gets_a_share_and_the_host_its_full_buffer() -> None:
@@ -80,19 +81,6 @@ def test_a_client_container_is_asked_once_per_address_and_a_miss_again_later() -
     res.known["192.0.2.9"] = web
     assert lookup("192.0.2.9:53") == web and res.forgotten == 1
     assert lookup("not an endpoint") is None
-
-
-class NoServer(MetricsListener):
-    """A listener that serves nothing: a unit test opens no socket."""
-
-    def __init__(self) -> None:
-        self.thread = None
-
-    def serve(self, app: Any) -> None:
-        del app
-
-    def close(self) -> None:
-        pass
 
 
 def _no_reading() -> Any:
