@@ -194,5 +194,6 @@ def _warn(text: str) -> None:
 def exit_status(diagnosis: Diagnosis) -> int:
     """0 only when the port is fine: ok, and not an outage (nothing bound, clients
     unanswered), which the verdict (about wrong sources) would call ok."""
-    healthy = diagnosis.verdict == "ok" and not diagnosis.service_down
-    return ExitStatus.OK if healthy else ExitStatus.PROBLEM
+    from ctfix.core.scan import healthy
+
+    return ExitStatus.OK if healthy(diagnosis) else ExitStatus.PROBLEM

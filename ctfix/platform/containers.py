@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ctfix.core.model import ContainerRef, Diagnosis
 from ctfix.errors import CtfixError
 from ctfix.platform import engines
+from ctfix.platform.netns import Netns, entered
 from ctfix.platform.procfs import read_text, stat_key
 
 POD_LABEL = "io.kubernetes.pod.name"
@@ -184,7 +185,7 @@ class Resolver:
     def _address_map(self) -> dict[str, tuple[int, int]]:
         """Every local address of every container's namespace -> that namespace."""
         if self._addresses is None:
-            from ctfix.platform import netns, routing
+            from ctfix.platform import routing
 
             addresses: dict[str, tuple[int, int]] = {}
             host = stat_key(f"{self.proc}/1/ns/net")
@@ -194,7 +195,7 @@ class Resolver:
                     continue
                 path = f"{self.proc}/{pids[0]}/ns/net"
                 try:
-                    with netns.entered(netns.Netns(f"pid:{pids[0]}", path)):
+                    with entered(Netns(f"pid:{pids[0]}", path)):
                         local = routing.local_addresses()
                 except (CtfixError, OSError):
                     continue  # gone meanwhile, or not ours to enter
@@ -317,6 +318,18 @@ def resolver() -> Resolver:
     if _resolver is None:
         _resolver = Resolver()
     return _resolver
+
+
+def container_netns(spec: str) -> Netns:
+    """`--netns container:NAME_OR_ID` -> the container's network namespace; raises a
+    one-line CtfixError when the spec is empty, no engine answers or none knows it."""
+    name = spec[len("container:") :]
+    if not name:
+        raise CtfixError(
+            f"bad --netns {spec!r}", "use container:NAME or container:ID (as `docker ps`)"
+        )
+    _ref, path = resolver().netns_of(name)
+    return Netns(spec, path)
 
 
 def annotate(diagnosis: Diagnosis, netns_path: str = "/proc/thread-self/ns/net") -> Diagnosis:

@@ -1,4 +1,5 @@
-"""Network namespaces: resolve `--netns NAME|PATH|pid:PID|container:NAME` and enter them.
+"""Network namespaces: resolve `--netns NAME|PATH|pid:PID` and enter them
+(`container:NAME` is ctfix.platform.containers.container_netns: it asks the engines).
 
 Know before changing: setns(2) switches only the calling *thread*. `enter()` is for a
 command that works in one namespace for its whole life (call it before any thread or
@@ -53,7 +54,9 @@ def _exists(path: str, spec: str) -> bool:
 
 
 def resolve(spec: str | None) -> Netns:
-    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do.
+    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do (a
+    `container:` spec: `containers.container_netns`, which this module must not import:
+    containers enters namespaces through it).
 
     None means the current namespace; an empty string is an error, so that a script's
     `--netns "$NS"` with NS unset never acts on the host's own namespace by accident.
@@ -66,16 +69,6 @@ def resolve(spec: str | None) -> Netns:
             "give an `ip netns` name, a path or pid:PID, or leave --netns out for the "
             "current namespace",
         )
-    if spec.startswith("container:"):
-        name = spec[len("container:") :]
-        if not name:
-            raise CtfixError(
-                f"bad --netns {spec!r}", "use container:NAME or container:ID (as `docker ps`)"
-            )
-        from ctfix.platform import containers
-
-        _ref, path = containers.resolver().netns_of(name)
-        return Netns(spec, path)
     if spec.startswith("pid:"):
         pid = spec[4:]
         if not (pid.isascii() and pid.isdigit()):
