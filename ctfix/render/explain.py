@@ -217,20 +217,29 @@ def explain_document(d: Diagnosis) -> dict[str, Any]:
     return {**envelope(d.netns), **to_json_obj(d)}
 
 
-def _answers(healthy: int, unanswered: int) -> str:
+def _answers(d: Diagnosis) -> str:
+    """The evidence's two counts; `unanswered` is the unanswered records' sum (not
+    one-way), split by reason, so that the lines below it add up to it."""
+    ev = d.evidence
+    fixed = f" ({ev.through_fix} through ctfix's fix)" if ev.through_fix else ""
+    why: dict[str, int] = {}
+    for u in d.unanswered:
+        if not u.one_way:
+            why[u.reason] = why.get(u.reason, 0) + u.flows
+    split = ", ".join(f"{reason} {flows}" for reason, flows in why.items())
     return (
-        f"requests answered from the right source: {healthy}; "
-        f"requests without any reply: {unanswered}"
+        f"requests answered from the right source: {ev.healthy}{fixed}; "
+        f"requests without a usable reply: {ev.unanswered}" + (f" ({split})" if split else "")
     )
 
 
 def _unanswered_line(u: UnansweredService) -> str:
-    """`unanswered, no-socket: 12 requests from 3 clients to 198.51.100.13:53`."""
+    """`unanswered, no-socket: 12 requests from 3 client hosts to 198.51.100.13:53`."""
     target = f" (DNAT to {u.target})" if u.target else ""
     tail = ", one-way service: expected" if u.one_way else ""
     return (
         f"unanswered, {u.reason}{tail}: {u.flows} request{'s' if u.flows != 1 else ''} from "
-        f"{u.clients} client{'s' if u.clients != 1 else ''} to {u.service}{target}"
+        f"{u.clients} client host{'s' if u.clients != 1 else ''} to {u.service}{target}"
     )
 
 
@@ -427,7 +436,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
             out.append(_wrap(line, "  ", w, "      "))
     else:
         out.append(_wrap(_no_wrong_source(d), "  ", w, "      "))
-    out.append(_wrap(_answers(ev.healthy, ev.unanswered), "  ", w, "      "))
+    out.append(_wrap(_answers(d), "  ", w, "      "))
     for stale in d.stale_nat:
         out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  ", w, "      "))
     out += [_wrap(_unanswered_line(u), "  ", w, "      ") for u in d.unanswered]
@@ -494,7 +503,7 @@ def render_markdown(d: Diagnosis) -> str:
         out.append(f"- wrong source: {_wrong_line(w)}")
     if not ev.wrong_source:
         out.append(f"- {_no_wrong_source(d)}")
-    out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
+    out.append(f"- {_answers(d)}")
     out += [f"- stale NAT: {stale_nat_text(stale)}" for stale in d.stale_nat]
     out += [f"- {_unanswered_line(u)}" for u in d.unanswered]
     if any(not u.one_way for u in d.unanswered):

@@ -21,11 +21,12 @@ _WHY: dict[UnansweredReason, str] = {
 def unanswered_text(finding: UnansweredFinding) -> str:
     """One finding in words, the same in watch and explain.
 
-    `12 requests from 3 clients to 198.51.100.13:5353 got no reply: nothing was bound
+    `12 requests from 3 client hosts to 198.51.100.13:5353 got no reply: nothing was bound
     to 198.51.100.13:5353 (the host's ICMP port unreachable was seen)`.
     """
     flows = f"{finding.flows} request{'s' if finding.flows != 1 else ''}"
-    clients = f"{finding.clients} client{'s' if finding.clients != 1 else ''}"
+    # Client hosts (addresses), where a wrong-source record counts client ports.
+    clients = f"{finding.clients} client host{'s' if finding.clients != 1 else ''}"
     head = f"{flows} from {clients} to {finding.service}"
     where = finding.target or finding.service
     if finding.target:

@@ -93,6 +93,7 @@ testable by hand.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
@@ -178,6 +179,9 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # the rules do: in the order an expert would say it.
     reasons: list[Reason] = []
     pinned = stale.stale_nat(snapshot)
+    silent = unanswered.findings(snapshot, kb, local, stale=pinned.findings, other_port=other_port)
+    # One count of requests without a usable reply: the unanswered records' (not one-way).
+    shown = replace(shown, unanswered=sum(f.flows for f in silent if not f.one_way))
     away = pinned.backends and not forwards  # DNAT'd to backends elsewhere
     if not snapshot.listeners:
         reasons.append(
@@ -200,8 +204,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     reasons += forwarding.forwarding_reasons(behind)
     reasons += blindness.blindness_reasons(snapshot, blind)
     reasons += evidence.evidence_reasons(shown, snapshot)
+    reasons += evidence.through_fix_reasons(shown, rewritten)
     reasons += pinned.reasons
-    silent = unanswered.findings(snapshot, kb, local, stale=pinned.findings)
     reasons += unanswered.unanswered_reasons(silent, snapshot.listened_seconds)
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening, rewritten)
     reasons += netfilter.netfilter_reasons(rewritten, rules)

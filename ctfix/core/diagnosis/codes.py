@@ -33,6 +33,7 @@ ReasonCode = Literal[
     "wrong-source-live",
     "nothing-seen-live",
     "history-predates-fix",
+    "answered-through-fix",
     "no-conntrack-evidence",
     # stale NAT: entries the DNAT rules no longer send where they go
     "stale-nat",
