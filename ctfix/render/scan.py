@@ -27,7 +27,12 @@ _STYLE = {
 #: per verdict, the reason codes that say best why, in order of preference
 _HEADLINE = {
     "broken": ("wrong-source-live", "wrong-source-seen", "stale-nat"),
-    "at-risk": ("client-network-exposed", "policy-rule-wrong", "nothing-answers"),
+    "at-risk": (
+        "client-network-exposed",
+        "policy-rule-wrong",
+        "answered-through-fix",
+        "nothing-answers",
+    ),
     "unknown": ("not-tracked", "no-conntrack-evidence"),
     "ok": (
         # ok about wrong sources, yet requests went unanswered: that is the news
@@ -38,6 +43,7 @@ _HEADLINE = {
         "observed-right-source",
         "fix-already-in-effect",
         "answers-from-destination",
+        "one-way-service",
         "specific-bind",
         "snat-zone-in-place",
         "history-predates-fix",

@@ -25,6 +25,7 @@ ReasonCode = Literal[
     "wildcard-socket",
     "specific-bind",
     "answers-from-destination",
+    "one-way-service",
     "knowledge-base-contradicted",
     "observed-right-source",
     "fix-already-in-effect",

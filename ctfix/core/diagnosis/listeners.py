@@ -256,6 +256,13 @@ def listener_reason(one: Judged, port: int) -> Reason:
             "unreachable.",
         )
     line = f"{who(listener)} listens on {bind_text(listener)}"
+    if info.rule is not None and info.rule.one_way and info.correct and not one.contradicted:
+        return reason(
+            "one-way-service",
+            line + f"; it is {info.label}, a one-way service (knowledge base): it never "
+            "replies, so the source of replies does not matter, and requests without a "
+            "reply are expected.",
+        )
     if listener.wildcard and one.observed:
         return reason(
             "observed-right-source",
