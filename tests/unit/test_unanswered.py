@@ -18,6 +18,7 @@ from ctfix.core.detectors.unanswered import (
     UnansweredFinding,
     dropping_rules,
 )
+from ctfix.core.detectors.unanswered_words import unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
 from ctfix.core.diagnosis import diagnose
 from ctfix.core.model import Listener, NetfilterBackend
@@ -149,6 +150,11 @@ def test_a_stale_nat_target_comes_first() -> None:
     entry = flow("192.0.2.3", 40000, "198.51.100.200", 53, reply_src="203.0.113.50")
     found = only(d.feed(ended(entry), 1.0))
     assert (found.reason, found.target) == ("stale-nat", "203.0.113.50:53")
+    # QA F10: ctfix knows the rules no longer name the old target, not whether it
+    # serves (often another host), nor whether one-way senders expected a reply.
+    text = unanswered_text(found)
+    assert "no longer name" in text and "no longer serves" not in text
+    assert "got no reply" not in text
 
 
 def test_a_dnat_to_another_host_that_never_answered_is_no_reply_with_its_target() -> None:

@@ -14,7 +14,9 @@ _WHY: dict[UnansweredReason, str] = {
     "application did not answer, or a rule dropped or untracked its replies)",
     "wrong-source": "the server answered from the wrong source address, which the "
     "clients refused (see the wrong-source findings)",
-    "stale-nat": "a stale DNAT entry sent them to {where}, which no longer serves it",
+    # What ctfix knows is the rules, not whether the old backend (often on another
+    # host) still serves, nor whether these clients expect a reply (syslog does not).
+    "stale-nat": "a stale DNAT entry sent them to {where}, which the rules no longer name",
 }
 
 
@@ -38,7 +40,10 @@ def unanswered_text(finding: UnansweredFinding) -> str:
             "base) and never answers"
         )
     holder = f"a socket of {finding.program}" if finding.program else "a socket"
-    text = f"{head} got no reply: " + _WHY[finding.reason].format(where=where, holder=holder)
+    why = _WHY[finding.reason].format(where=where, holder=holder)
+    # Stale NAT: the requests went astray, answered or not (one-way traffic never is).
+    got = "" if finding.reason == "stale-nat" else " got no reply"
+    text = f"{head}{got}: {why}"
     if finding.reason == "no-reply" and finding.target and finding.program is None:
         text = f"{head} got no reply: {where} never answered"
     if finding.confirmed:
