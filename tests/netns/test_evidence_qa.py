@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from ctfix.core.diagnosis.blindness import TRACKING_OFF, TRACKING_ON
 from ctfix.lab.topology import (
     BRIDGE_V4,
     UPLINK_V4,
@@ -30,6 +31,7 @@ from ctfix.lab.topology import (
     udp_exchange,
     wait_udp_bound,
 )
+from ctfix.platform import netns, snapshot
 from tests.netns.test_evidence import broken_server, codes, explain, transfers
 from tests.netns.udp_servers import CONTENT
 
@@ -81,3 +83,17 @@ def test_replies_through_a_reverted_fix_are_the_fixs_not_the_servers(
     )
     assert plan.returncode == 0, plan.stderr
     assert json.loads(plan.stdout)["plan"]["steps"], plan.stdout
+
+
+def test_the_command_explain_suggests_switches_tracking_on_in_an_empty_namespace() -> None:
+    """F11: the `not-tracked` reason's command must work where it is suggested: in a
+    namespace without any ruleset (no `inet filter` table to add a rule to)."""
+    with lab_topology(ipv6=False, netfilter="none") as topo:
+        assert topo.run(topo.host, "nft", "list", "ruleset").strip() == ""
+        with netns.entered(topo.host):
+            assert snapshot.tracking() == {"ipv4": False, "ipv6": False}
+        subprocess.run(["ip", "netns", "exec", topo.host, "sh", "-ec", TRACKING_ON], check=True)
+        with netns.entered(topo.host):
+            assert snapshot.tracking() == {"ipv4": True, "ipv6": True}
+        subprocess.run(["ip", "netns", "exec", topo.host, "sh", "-ec", TRACKING_OFF], check=True)
+        assert topo.run(topo.host, "nft", "list", "ruleset").strip() == ""
