@@ -97,3 +97,51 @@ def test_the_command_explain_suggests_switches_tracking_on_in_an_empty_namespace
             assert snapshot.tracking() == {"ipv4": True, "ipv6": True}
         subprocess.run(["ip", "netns", "exec", topo.host, "sh", "-ec", TRACKING_OFF], check=True)
         assert topo.run(topo.host, "nft", "list", "ruleset").strip() == ""
+
+
+def test_real_tftpd_hpa_first_request_is_the_caveat_and_transfers_are_answers(
+    lab4: Topology, tmp_path: Path
+) -> None:
+    """F18: Debian's in.tftpd answers the first request after it starts from the
+    address routing picks (its knowledge-base entry's documented caveat), every later
+    one from the address asked, each from a new port. explain: no request it answered
+    is unanswered (TFTP replies come from a new port, so the request's own entry stays
+    unreplied, as watch knows), and the one wrong reply is the caveat, not a
+    contradiction of the knowledge base."""
+    if not TFTPD_HPA.exists():
+        pytest.skip("tftpd-hpa is not installed: run scripts/setup")
+    root = tmp_path / "tftp"
+    root.mkdir()
+    (root / "file").write_bytes(CONTENT)
+    server = lab4.spawn(
+        lab4.host, [str(TFTPD_HPA), "-L", "-a", "0.0.0.0:69", "-s", str(root)]
+    )
+    wait_udp_bound(server.pid, 69)
+    got = (
+        transfers(lab4, UPLINK_V4, 1, port=69)
+        + transfers(lab4, BRIDGE_V4, 1, port=69)
+        + transfers(lab4, UPLINK_V4, 2, port=69)
+    )
+    assert [(g[0], g[1][0]) for g in got if g] == [
+        (CONTENT, BRIDGE_V4),  # the first request after start: the caveat
+        (CONTENT, BRIDGE_V4),
+        (CONTENT, UPLINK_V4),
+        (CONTENT, UPLINK_V4),
+    ]
+    status, result = explain(lab4, 69)
+    found = codes(result)
+    assert "first-reply-caveat" in found, result["reasons"]
+    assert "knowledge-base-contradicted" not in found, result["reasons"]
+    assert (status, result["verdict"]) == (0, "ok"), result["reasons"]
+    (wrong,) = result["evidence"]["wrong_source"]
+    assert (wrong["service"], wrong["actual_source"], wrong["count"]) == (
+        f"{UPLINK_V4}:69",
+        BRIDGE_V4,
+        1,
+    )
+    # Only the first request's reply was refused-worthy; the other three were answered.
+    assert result["evidence"]["healthy"] == 3
+    assert [(u["service"], u["reason"], u["flows"]) for u in result["unanswered"]] == [
+        (f"{UPLINK_V4}:69", "wrong-source", 1)
+    ]
+    assert result["evidence"]["unanswered"] == 1 == unanswered_flows(result)

@@ -153,9 +153,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         )
 
     shown = evidence.gather(snapshot, asked, local, other_port)
-    caught: set[Family] = {
-        family_name(unmap(parse_endpoint(w.client)[0])) for w in shown.wrong_source
-    }
+    replies: dict[Family, int] = {}
+    for w in shown.wrong_source:
+        family = family_name(unmap(parse_endpoint(w.client)[0]))
+        replies[family] = replies.get(family, 0) + w.count
+    caught = set(replies)
     rewritten = netfilter.rewrites(port, snapshot.netfilter)
     chosen = {
         f: text
@@ -165,14 +167,14 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     configs: dict[int, dict[str, str]] = {}
     for config in snapshot.config_files:
         configs.setdefault(config.pid, {})[config.path] = config.text
-    listening = listeners.judge(snapshot.listeners, kb, port, caught, chosen, configs)
+    listening = listeners.judge(snapshot.listeners, kb, port, caught, chosen, configs, replies)
     clients = exposure.client_networks(snapshot, asked, listening, rewritten, shown)
     blind = blindness.blind_families(snapshot, listening)
     forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
     paths = dnat_paths(snapshot.nat_rules, port) if snapshot.nat_rules is not None else ()
     behind = forwarding.forwarded_services(port, paths, snapshot.flows, local)
     rules = netfilter.rule_hits(snapshot.netfilter)
-    present = evidence.split_history(shown, snapshot, rewritten)
+    present = evidence.split_history(shown, snapshot, rewritten, listening.caveat)
     fixed = effect.fix_effect(snapshot, shown, behind, listening.exposed)
 
     # Who is on the port, what reaches it, what conntrack shows, who is exposed, what

@@ -27,6 +27,7 @@ ReasonCode = Literal[
     "answers-from-destination",
     "one-way-service",
     "knowledge-base-contradicted",
+    "first-reply-caveat",
     "observed-right-source",
     "fix-already-in-effect",
     # evidence

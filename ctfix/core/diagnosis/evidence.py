@@ -12,10 +12,10 @@ happened during this run and is never discounted.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
-from ctfix.core.addr import parse_endpoint, unmap
+from ctfix.core.addr import family_name, parse_endpoint, unmap
 from ctfix.core.clientnet import ClientNetworks
 from ctfix.core.decode import CtEntry
 from ctfix.core.detectors.wrong_source import (
@@ -26,7 +26,7 @@ from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.netfilter import Rewrites
 from ctfix.core.diagnosis.requests import Request, client_networks_of, newest_last
-from ctfix.core.model import Evidence, Reason, WrongSourceReply
+from ctfix.core.model import Evidence, Family, Reason, WrongSourceReply
 from ctfix.core.snapshot import Snapshot
 from ctfix.core.zones import CT_ZONE
 
@@ -254,14 +254,23 @@ def after_fix(wrong: WrongSourceReply, snapshot: Snapshot) -> bool:
     return wrong.last_seen is not None and wrong.last_seen > applied
 
 
-def split_history(evidence: Evidence, snapshot: Snapshot, rewritten: Rewrites) -> Present:
+def split_history(
+    evidence: Evidence,
+    snapshot: Snapshot,
+    rewritten: Rewrites,
+    caveat: Collection[Family] = (),
+) -> Present:
     """Recorded evidence is history only when a remedy now in place covers its clients
     and nothing dates it after the recorded fix; what --listen saw happened during this
-    run and is never discounted."""
+    run and is never discounted. `caveat`: families whose one wrong-source reply is the
+    program's documented first-request caveat (ctfix.core.diagnosis.listeners): not
+    the present either (its reason says what it is)."""
     live = live_keys(snapshot)
     current: list[WrongSourceReply] = []
     history: dict[str, int] = {}
     for wrong in evidence.wrong_source:
+        if family_name(unmap(parse_endpoint(wrong.client)[0])) in caveat:
+            continue
         expected = unmap(parse_endpoint(wrong.expected_source)[0])
         remedy = None
         if finding_key(wrong) not in live and not after_fix(wrong, snapshot):

@@ -25,7 +25,7 @@ from ctfix.core.plan.specs import (
     nft_table_name,
 )
 from ctfix.core.plan.targets import Target
-from ctfix.core.zones import CT_ZONE
+from ctfix.core.zones import CT_ZONE as CT_ZONE  # re-exported: the plan's first zone
 from ctfix.errors import CtfixError
 
 # CT_ZONE (ctfix.core.zones): the conntrack zone the replies rewritten to the first
