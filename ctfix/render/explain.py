@@ -334,10 +334,20 @@ def _headline_tail(d: Diagnosis) -> str:
     """What the verdict alone would hide: an outage, or a port served elsewhere."""
     if d.service_down:
         asked = d.evidence.unanswered
-        return (
-            f" (no wrong-source replies), but NOTHING ANSWERS: no socket on the port, "
-            f"{asked} request{'s' if asked != 1 else ''} without a reply"
+        requests = f"{asked} request{'s' if asked != 1 else ''} without a usable reply"
+        if d.verdict == "ok":
+            return (
+                " (no wrong-source replies), but NOTHING ANSWERS: no socket on the port, "
+                + requests
+            )
+        # Broken (or at risk) and gone: netcat exits on the ICMP error its
+        # wrong-source reply brings back.
+        gone = (
+            " (it answered from the wrong source, then went away)"
+            if d.evidence.wrong_source
+            else ""
         )
+        return f", and NOTHING ANSWERS now: no socket on the port{gone}, {requests}"
     if d.forwarded_to and not d.listeners:
         return f" (forwarded by DNAT to {', '.join(d.forwarded_to)})"
     return ""

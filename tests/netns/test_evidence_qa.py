@@ -145,3 +145,47 @@ def test_real_tftpd_hpa_first_request_is_the_caveat_and_transfers_are_answers(
         (f"{UPLINK_V4}:69", "wrong-source", 1)
     ]
     assert result["evidence"]["unanswered"] == 1 == unanswered_flows(result)
+
+
+def _run_json(*argv: str) -> tuple[int, dict[str, Any]]:
+    proc = subprocess.run([*CTFIX, *argv, "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    document: dict[str, Any] = json.loads(proc.stdout)
+    return proc.returncode, document
+
+
+def test_a_netcat_gone_after_a_wrong_source_reply_is_listed_by_scan_and_check(
+    lab4: Topology,
+) -> None:
+    """F14: netcat-openbsd answers its first client from the routing source, gets the
+    client's ICMP port unreachable and exits: no socket is left, only the evidence.
+    explain says broken (and that nothing answers now); scan and check list the port
+    with the same verdict, though no socket is bound."""
+    port = 6100
+    nc = lab4.spawn(
+        lab4.host,
+        ["sh", "-c", f"while :; do echo pong; sleep 0.1; done | exec nc.openbsd -4 -u -l {port}"],
+    )
+    wait_udp_bound(nc.pid, port)
+    assert not udp_exchange(lab4.container, UPLINK_V4, port, timeout=1.0).answered
+    nc.wait(timeout=30)  # it exits on the ICMP error
+    assert lab4.run(lab4.host, "ss", "-Hulnp", f"sport = :{port}").strip() == ""
+
+    status, result = explain(lab4, port)
+    assert (status, result["verdict"], result["service_down"]) == (1, "broken", True)
+    assert result["listeners"] == [] and result["evidence"]["wrong_source"]
+
+    scan_status, scanned = _run_json("scan", "--netns", lab4.host)
+    by_port = {s["port"]: s for s in scanned["services"]}
+    assert port in by_port, sorted(by_port)
+    assert by_port[port]["verdict"] == "broken" and scan_status == 1
+    def wrong(document: dict[str, Any]) -> list[tuple[str, str, int]]:
+        return [
+            (w["service"], w["actual_source"], w["count"])
+            for w in document["evidence"]["wrong_source"]
+        ]
+
+    assert wrong(by_port[port]) == wrong(result)
+
+    _check_status, checked = _run_json("check", "--netns", lab4.host)
+    assert any(p["port"] == port for p in checked["problems"]), checked
