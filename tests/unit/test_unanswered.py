@@ -398,3 +398,20 @@ def test_a_timed_watch_exits_1_for_problems_and_not_for_one_way_flows() -> None:
     assert exit_status([syslog], stopped_by_duration=True) == 0
     assert exit_status([syslog, down], stopped_by_duration=True) == 1
     assert exit_status([syslog, down], stopped_by_duration=False) == 0  # Ctrl-C, SIGTERM
+
+
+def test_a_request_answered_through_the_fix_is_answered_when_both_ended_during_listen() -> None:
+    """QA F8: the request's zone-0 entry stays unreplied, the reply lives in ctfix's
+    zone; during --listen both can end (the reply's DESTROY is an unreplied entry of
+    another port): the request was answered, not `no-reply`."""
+    server = Listener("0.0.0.0", 7000, "ipv4", "listening", pid=9, process="python3")
+    request = flow("192.0.2.3", 40000, "198.51.100.13", 7000)
+    zoned = CtEntry(
+        CtTuple("192.0.2.1", "192.0.2.3", 7000, 40000, 17, socket.AF_INET),
+        CtTuple("192.0.2.3", "198.51.100.13", 40000, 7000, 17, socket.AF_INET),  # SNAT'd
+        zone=51185,
+    )
+    d = diagnose(
+        _snapshot(7000, server, ended_unreplied=(request, zoned), listened_seconds=3.0), KB
+    )
+    assert d.unanswered == () and d.evidence.unanswered == 0
