@@ -334,12 +334,13 @@ def _headline_tail(d: Diagnosis) -> str:
     """What the verdict alone would hide: an outage, or a port served elsewhere."""
     if d.service_down:
         asked = d.evidence.unanswered
-        requests = f"{asked} request{'s' if asked != 1 else ''} without a usable reply"
+        requests = f"{asked} request{'s' if asked != 1 else ''} without a"
         if d.verdict == "ok":
             return (
                 " (no wrong-source replies), but NOTHING ANSWERS: no socket on the port, "
-                + requests
+                f"{requests} reply"
             )
+        requests += " usable reply"
         # Broken (or at risk) and gone: netcat exits on the ICMP error its
         # wrong-source reply brings back.
         gone = (
