@@ -5,10 +5,12 @@ from __future__ import annotations
 from ctfix.core import scan
 from ctfix.core.decode import CtEntry
 from ctfix.core.diagnosis import diagnose
+from ctfix.core.plan import make_plan
 from ctfix.render.explain import render_text, to_json_obj
 from tests.unit.test_diagnose import (
     BRIDGE,
     CLIENT,
+    NC,
     PORT,
     UPLINK,
     reply_from,
@@ -44,3 +46,17 @@ def test_scan_looks_for_gone_servers_among_the_hosts_unreplied_flows() -> None:
     assert scan.gone_server_ports(flows, [6100], LOCAL, (40000, 50000)) == [PORT]
     assert scan.answered_wrongly([request(UPLINK), wrong], LOCAL)
     assert not scan.answered_wrongly([request(BRIDGE), wrong], LOCAL)
+
+
+def test_replies_rewritten_in_ctfix_zones_are_the_fixs_and_leave_something_to_fix() -> None:
+    """F4: after a revert, the zone entry of a reply the fix rewrote is no evidence of
+    the server choosing its source: at risk, and policy-route still has a network to
+    route (it refused with "nothing to route" when the fix's answer counted)."""
+    zoned = CtEntry(udp(BRIDGE, CLIENT, PORT, 5), udp(CLIENT, UPLINK, 5, PORT), zone=51185)
+    d = diagnose(snapshot(NC, flows=(request(UPLINK, cport=5), zoned)))
+    codes = [r.code for r in d.reasons]
+    assert "answered-through-fix" in codes and "observed-right-source" not in codes
+    assert d.verdict == "at-risk"
+    assert (d.evidence.healthy, d.evidence.through_fix, d.evidence.unanswered) == (1, 1, 0)
+    plan = make_plan(d, "policy-route", force=True)
+    assert plan.steps
