@@ -32,7 +32,9 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 * *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
   PORT` for a client in the network (a seen client, else a probe address in it).
 * *Evidence beats prediction*: a request conntrack shows answered from the right
-  source makes its address fine for its network; one answered from an address that
+  source (by the server: a reply the snat-zone fix rewrote in one of ctfix's zones,
+  ctfix.core.zones, is the fix's, also after a revert) makes its address fine for its
+  network; one answered from an address that
   routing would not pick (and no rewrite or specific bind explains) proves that the
   program chooses its source: its family is not exposed (`observed-right-source`).
 * A network is *ok* when each address it addresses or has on-link would be answered
@@ -59,21 +61,25 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   client's network now gives that address. Such a recorded reply predates the change
   and is reported as such, unless conntrack dates it after the fix ctfix recorded
   (then the fix is *ineffective* for it); one seen live (`--listen`) is never
-  discounted. Else `at-risk` when some client network is not ok, or the recorded fix
-  misses a forwarded service; else `unknown` when a blind family is served by a
+  discounted. The one wrong-source reply per family of a program whose knowledge-base
+  entry documents it (`wrong_first_reply`: the first request after it starts) does
+  not make it `broken` either. Else `at-risk` when some client network is not ok, or
+  the recorded fix misses a forwarded service; else `unknown` when a blind family is served by a
   wildcard socket (only a specific bind is right without evidence; a knowledge-base
   claim or a routing prediction could be contradicted by evidence that cannot
   exist); else `ok`.
   Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
   to a target the DNAT rules no longer name; `stale`), whatever the rest says.
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere (on the host,
-  or to the backends the NAT rules name for its clients), and requests without any
-  reply. The verdict (about wrong sources) stays `ok`;
-  the headline, the reasons and the exit status (1) say it.
+  or to the backends the NAT rules name for its clients), and requests without a
+  usable reply. The verdict (about wrong sources) is what it is (`ok`, or `broken` for
+  a server gone after wrong-source replies); the headline, the reasons and the exit
+  status (1) say it.
 * *Unanswered*: the port's requests that got no reply, per service and reason
   (no-socket, no-reply, wrong-source, stale-nat; one-way services apart), as watch
-  classifies them (`unanswered`). Reasons only: neither the verdict nor the exit
-  status changes for them.
+  classifies them (`unanswered`); `evidence.unanswered` is their count (one-way apart),
+  the one count of requests without a usable reply. Reasons only: neither the verdict
+  nor the exit status changes for them.
 
 The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
