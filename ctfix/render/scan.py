@@ -8,10 +8,11 @@ about a port that `ctfix explain PORT` would not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctfix.core.model import Diagnosis, Reason
+from ctfix.core.model import Diagnosis, Reason, Verdict
+from ctfix.core.scan import verdict_counts
 from ctfix.render import explain
 from ctfix.render.jsonout import envelope
 from ctfix.render.stamp import markdown_document
@@ -74,20 +75,18 @@ def verdict_word(d: Diagnosis) -> str:
     return "DOWN" if d.service_down else _WORDS[d.verdict]
 
 
-def _counts(diagnoses: Sequence[Diagnosis]) -> dict[str, int]:
-    verdicts = ("broken", "at-risk", "unknown", "ok")
-    return {v: sum(1 for d in diagnoses if d.verdict == v) for v in verdicts}
+def counts_text(counts: Mapping[Verdict, int]) -> str:
+    """`2 broken, 1 at risk, 3 unknown`: the verdicts that have services, worst first."""
+    return ", ".join(f"{n} {_WORDS[v].lower()}" for v, n in counts.items() if n)
 
 
 def _summary(diagnoses: Sequence[Diagnosis], netns: str) -> str:
     if not diagnoses:
         return f"ctfix scan: no UDP service in namespace {netns}"
-    counts = _counts(diagnoses)
-    parts = [f"{n} {'at risk' if v == 'at-risk' else v}" for v, n in counts.items() if n]
     plural = "s" if len(diagnoses) != 1 else ""
     return (
         f"ctfix scan: {len(diagnoses)} UDP service{plural} in namespace {netns}: "
-        + ", ".join(parts)
+        + counts_text(verdict_counts(diagnoses))
     )
 
 
@@ -170,6 +169,6 @@ def scan_document(diagnoses: Sequence[Diagnosis], netns: str) -> dict[str, Any]:
     """`ctfix scan --json`: the envelope, counts, then explain's object per port."""
     return {
         **envelope(netns),
-        "counts": _counts(diagnoses),
+        "counts": verdict_counts(diagnoses),
         "services": [explain.to_json_obj(d) for d in diagnoses],
     }

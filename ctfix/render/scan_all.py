@@ -17,6 +17,7 @@ from ctfix.render import explain
 from ctfix.render.container import container_json, container_text
 from ctfix.render.jsonout import envelope
 from ctfix.render.scan import (
+    counts_text,
     markdown_cells,
     markdown_why,
     markdown_write_ups,
@@ -39,14 +40,10 @@ def _plural(n: int, word: str) -> str:
 
 def summary(scans: Sequence[NamespaceScan]) -> str:
     services = sum(len(scan.diagnoses) for scan in scans)
-    parts = [
-        f"{n} {'at risk' if verdict == 'at-risk' else verdict}"
-        for verdict, n in counts(scans).items()
-        if n
-    ]
+    said = counts_text(counts(scans))
     return (
         f"{_plural(len(scans), 'network namespace')}, {_plural(services, 'UDP service')}"
-        + (": " + ", ".join(parts) if parts else "")
+        + (": " + said if said else "")
     )
 
 
