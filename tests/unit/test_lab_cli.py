@@ -28,3 +28,17 @@ def test_lab_bad_port_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None
         main(["lab", "--port", "70000"])
     assert exc.value.code == 2
     assert "not a UDP port" in capsys.readouterr().err
+
+
+def test_an_ipv4_only_scenario_refuses_ipv6_before_anything_is_built(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """QA F19: the refusal came after the lab was built and its header printed."""
+    from ctfix.lab.registry import IPV4_ONLY
+
+    before = leftover_namespaces()
+    for scenario in IPV4_ONLY:
+        assert main(["lab", "--scenario", scenario, "--ipv6"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and "--ipv6" in err
+    assert leftover_namespaces() == before
