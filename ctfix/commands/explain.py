@@ -62,12 +62,12 @@ verdicts and exit status:
 
 EPILOG = """\
 examples:
-  ctfix explain 53                          the host's DNS port
-  ctfix explain 5353 --netns pid:4242       inside a container, by a process id
-  ctfix explain 1194 --listen 30            watch live events for 30 s first
-  ctfix explain 53 --format markdown        for an incident document
-  ctfix explain 53 --json | jq .verdict     for scripts
-  ctfix explain 123 --rules /etc/ctfix/rules   with your own knowledge-base entries"""
+  ctfix explain 53                            the host's DNS port
+  ctfix explain 5353 --netns pid:4242         inside a container, by a process id
+  ctfix explain 1194 --listen 30              watch live events for 30 s first
+  ctfix explain 53 --format markdown          for an incident document
+  ctfix explain 53 --json | jq .verdict       for scripts
+  ctfix explain 123 --rules /etc/ctfix/rules  with your own knowledge base"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -58,7 +58,7 @@ examples:
   ctfix scan                            every UDP service of this namespace
   ctfix scan --netns pid:4242           inside a container, by a process id
   ctfix scan --format markdown          for an incident document
-  ctfix scan --all-netns                the host, every container, every ip netns
+  ctfix scan --all-netns                every namespace: host, containers, ip netns
   ctfix scan --json | jq '.services[] | select(.verdict != "ok") | .port'"""
 
 

@@ -105,11 +105,11 @@ namespace, conntrack unavailable, a bad filter)."""
 
 EPILOG = """\
 examples:
-  ctfix watch                                  watch this namespace until Ctrl-C
-  ctfix watch --netns web --json --duration 60  JSON lines for a minute
-  ctfix watch --track --metrics localhost:9464  track every family, serve metrics
-  ctfix watch --port domain --client 10.0.0.0/8  DNS findings about clients in 10/8
-  ctfix watch --all-netns --json               the host and every container, as JSON"""
+  ctfix watch                                    this namespace, until Ctrl-C
+  ctfix watch --netns web --json --duration 60   JSON lines for a minute
+  ctfix watch --track --metrics localhost:9464   track every family, metrics
+  ctfix watch --port domain --client 10.0.0.0/8  DNS, clients in 10.0.0.0/8
+  ctfix watch --all-netns --json                 the host and every container"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
