@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import textwrap
-from collections.abc import Callable
 from typing import TextIO
 
 #: narrower terminals still get this many columns (a word per line helps no one)
@@ -77,12 +76,12 @@ def reflow(text: str, width: int) -> str:
                 and lines[i + len(block)][:1] not in ("", " ")
             ):
                 block.append(lines[i + len(block)])
-            out += _fit(block, width, lambda b: fill(" ".join(b), width))
+            out += block if _fits(block, width) else fill(" ".join(block), width).splitlines()
         else:
             below = _deeper(lines, i + 1, indent)
             block += below
             column = len(below[0]) - len(below[0].lstrip()) if below else None
-            out += _fit(block, width, lambda b: _item(b, column, width))
+            out += block if _fits(block, width) else _item(block, column, width).splitlines()
         i += len(block)
     return "\n".join(out)
 
@@ -93,16 +92,16 @@ def _deeper(lines: list[str], start: int, indent: int) -> list[str]:
     found: list[str] = []
     for line in lines[start:]:
         depth = len(line) - len(line.lstrip())
-        if not line.strip() or depth <= indent or (found and depth != len(found[0]) - len(
-            found[0].lstrip()
-        )):
+        if not line.strip() or depth <= indent:
+            break
+        if found and depth != len(found[0]) - len(found[0].lstrip()):
             break
         found.append(line)
     return found
 
 
-def _fit(block: list[str], width: int, refill: Callable[[list[str]], str]) -> list[str]:
-    return block if all(len(line) <= width for line in block) else refill(block).splitlines()
+def _fits(block: list[str], width: int) -> bool:
+    return all(len(line) <= width for line in block)
 
 
 def _item(block: list[str], column: int | None, width: int) -> str:
