@@ -62,6 +62,12 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
         return reflow(text, width)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        from ctfix.render.width import fill
+
+        # an option's help: filled, never broken inside a word (`policy-route`)
+        return fill(" ".join(text.split()), width).splitlines()
+
     def _format_usage(
         self,
         usage: str | None,

@@ -269,7 +269,9 @@ def _write_plan(plan: Plan, label: str, as_json: bool, apply_with: str | None) -
     if as_json:
         _write_json(render.plan_document(plan, label))
     else:
-        sys.stdout.write(render.plan_text(plan, label, apply_with))
+        from ctfix.render.width import terminal_width
+
+        sys.stdout.write(render.plan_text(plan, label, apply_with, terminal_width(sys.stdout)))
 
 
 def _refuse_plan_options(args: argparse.Namespace) -> None:

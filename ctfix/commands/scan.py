@@ -94,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ctfix.render.stamp import stamp_text
         from ctfix.render.style import Style
+        from ctfix.render.width import terminal_width
 
-        style = Style.for_stream(sys.stdout)
-        sys.stdout.write(render.render_text(diagnoses, label, style, stamp_text()))
+        style, width = Style.for_stream(sys.stdout), terminal_width(sys.stdout)
+        sys.stdout.write(render.render_text(diagnoses, label, style, stamp_text(), width))
     return ExitStatus.OK if all(healthy(d) for d in diagnoses) else ExitStatus.PROBLEM
 
 

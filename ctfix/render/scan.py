@@ -17,6 +17,7 @@ from ctfix.render import explain
 from ctfix.render.jsonout import envelope
 from ctfix.render.stamp import markdown_document
 from ctfix.render.style import Style
+from ctfix.render.width import cut, fill
 
 _WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN", "unknown": "UNKNOWN"}
 _STYLE = {
@@ -90,8 +91,11 @@ def _summary(diagnoses: Sequence[Diagnosis], netns: str) -> str:
     )
 
 
-def service_rows(diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ") -> list[str]:
-    """One aligned line per port: verdict, port, process, the headline reason."""
+def service_rows(
+    diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ", width: int | None = None
+) -> list[str]:
+    """One aligned line per port: verdict, port, process, the headline reason; with a
+    width (a terminal's), the reason is cut to fit (the write-ups say it in full)."""
     verdicts = [verdict_word(d) for d in diagnoses]
     ports = [str(d.port) for d in diagnoses]
     whos = [processes_text(d) for d in diagnoses]
@@ -103,20 +107,23 @@ def service_rows(diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ") -
         why = headline(d)
         said = f"{why.code}: {_first_sentence(why.text)}" if why else ""
         look = ("red", "bold") if d.service_down else _STYLE[d.verdict]
-        rows.append(
-            f"{indent}{s(verdict.ljust(wide[0]), *look)}  {port.rjust(wide[1])}  "
-            f"{who.ljust(wide[2])}  {said}".rstrip()
-        )
+        lead = f"{port.rjust(wide[1])}  {who.ljust(wide[2])}  "
+        if width is not None:
+            # the verdict's colours take no columns: measure without them
+            said = cut(said, max(0, width - len(indent) - wide[0] - 2 - len(lead)))
+        rows.append(f"{indent}{s(verdict.ljust(wide[0]), *look)}  {lead}{said}".rstrip())
     return rows
 
 
-def write_ups(diagnoses: Sequence[Diagnosis], s: Style) -> list[str]:
-    """explain's write-up of each port that is not ok, each after a rule."""
+def write_ups(diagnoses: Sequence[Diagnosis], s: Style, width: int | None = None) -> list[str]:
+    """explain's write-up of each port that is not ok, each after a rule, wrapped as
+    `ctfix explain PORT` wraps it at `width`."""
     out: list[str] = []
+    rule = "-" * min(72, width or 72)
     for d in diagnoses:
         if d.verdict == "ok" and not d.service_down:
             continue
-        out += ["", "-" * 72, explain.render_text(d, s).rstrip("\n")]
+        out += ["", rule, explain.render_text(d, s, width).rstrip("\n")]
     return out
 
 
@@ -125,15 +132,24 @@ def render_text(
     netns: str,
     style: Style | None = None,
     stamp: str | None = None,
+    width: int | None = None,
 ) -> str:
     """The text report; `stamp` (ctfix.render.stamp) says when and where, under the
-    summary."""
+    summary; `width` (a terminal's): every line fits it (None: a pipe's layout)."""
     s = style or Style(False)
-    out = [_summary(diagnoses, netns)] + ([f"  {stamp}"] if stamp else [])
+    out = [*heading_lines(_summary(diagnoses, netns), width)]
+    out += [*heading_lines(stamp, width, "  ")] if stamp else []
     if not diagnoses:
         return "\n".join(out) + "\n"
-    out += ["", *service_rows(diagnoses, s), *write_ups(diagnoses, s)]
+    out += ["", *service_rows(diagnoses, s, width=width), *write_ups(diagnoses, s, width)]
     return "\n".join(out) + "\n"
+
+
+def heading_lines(text: str, width: int | None, indent: str = "") -> list[str]:
+    """A heading or summary line, filled at width (continuation indented 2 more)."""
+    if width is None:
+        return [indent + text]
+    return fill(text, width, indent, indent + "  ").splitlines()
 
 
 def markdown_cells(cells: Sequence[str]) -> str:

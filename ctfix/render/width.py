@@ -44,6 +44,17 @@ def fill(text: str, width: int, indent: str = "", hang: str | None = None) -> st
     )
 
 
+def cut(text: str, width: int) -> str:
+    """One line kept to width on purpose: cut at a word's end, marked with "..."
+    (where the full text is said elsewhere: scan's rows, before each write-up)."""
+    if len(text) <= width:
+        return text
+    kept = text[: max(0, width - 3)]
+    if " " in kept.strip() and text[len(kept)] != " ":
+        kept = kept.rsplit(" ", 1)[0]
+    return kept.rstrip() + "..."
+
+
 #: a gap of two spaces or more: where a two-column line's second column starts
 _GAP = re.compile(r"(?<=\S) {2,}(?=\S)")
 #: a comment column further right than this share of the width goes under its item
