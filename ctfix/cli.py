@@ -23,8 +23,8 @@ PROG = "ctfix"
 
 #: name -> one-line summary shown by `ctfix --help`.
 COMMANDS: dict[str, str] = {
-    "watch": "detect wrong-source UDP replies live, from conntrack events",
-    "explain": "say which process on a UDP port is affected, why, the evidence and the fix",
+    "watch": "report wrong-source replies, stale NAT and unanswered requests live",
+    "explain": "who is on a UDP port, what fails (wrong source, stale NAT, no answer), the fix",
     "scan": "every UDP service in the namespace, diagnosed like explain, worst first",
     "fix": "apply (or print, or revert) a reversible remediation for a UDP port",
     "serve": "run the reference UDP echo server that always answers from the right address",
@@ -42,11 +42,11 @@ services from the kernel's connection tracking, explains them and fixes them.
 
 EPILOG = """\
 examples:
-  ctfix lab                          the bug and its fix in throwaway namespaces
-  ctfix watch --json --duration 60   report problems seen live for a minute
-  ctfix scan                         every UDP service here, worst first
-  ctfix explain 5353                 who is on UDP 5353, what fails, the fix
-  ctfix fix 5353 --method snat-zone  print the plan; add --apply to apply it
+  ctfix lab                          the bug and its fix, in a lab
+  ctfix watch --json --duration 60   problems seen live for a minute
+  ctfix scan                         every UDP service, worst first
+  ctfix explain 5353                 who is on UDP 5353 and what fails
+  ctfix fix 5353 --method snat-zone  print the plan (--apply applies it)
 
 Run `ctfix COMMAND --help` for a command's options.
 """

@@ -44,7 +44,7 @@ EPILOG = """\
 examples:
   ctfix fix 5000 --method snat-zone            print the plan, change nothing
   ctfix fix 5000 --method snat-zone --apply    apply it (all or nothing)
-  ctfix fix 5000 --method snat-zone --backend iptables-legacy --netns H --apply
+  ctfix fix 5000 --method snat-zone --backend iptables-legacy --apply
   ctfix fix 5000 --method policy-route --apply --force
         policy-route when you know no client in a network uses the host's own
         address on its link (ctfix refuses otherwise)

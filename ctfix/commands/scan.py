@@ -59,7 +59,7 @@ examples:
   ctfix scan --netns pid:4242           inside a container, by a process id
   ctfix scan --format markdown          for an incident document
   ctfix scan --all-netns                every namespace: host, containers, ip netns
-  ctfix scan --json | jq '.services[] | select(.verdict != "ok") | .port'"""
+  ctfix scan --json | jq '.services[] | select(.verdict != "ok").port'"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,15 +62,15 @@ kernel's conntrack events, until Ctrl-C, SIGTERM or --duration. A finding prints
 once and then only updates its count; at exit every live finding is listed with its
 final counts:
 
-  service       the address:port the client sent to
-  actual source where the reply came from; expected: what the client waits for
-  local         both addresses belong to this namespace (a multi-homed server)
-  confirmed     the client's ICMP port unreachable for that reply was seen
-  unanswered    requests that got no reply, per service and reason: no-socket
-                (nothing bound), no-reply (bound, never answered), wrong-source,
-                stale-nat (its DNAT target was stale); one-way services (syslog,
-                StatsD: the knowledge base) are counted apart, listed at exit only,
-                and are no problem
+  service        the address:port the client sent to
+  actual source  where the reply came from; expected: what the client waits for
+  local          both addresses belong to this namespace (a multi-homed server)
+  confirmed      the client's ICMP port unreachable for that reply was seen
+  unanswered     requests that got no reply, per service and reason: no-socket
+                 (nothing bound), no-reply (bound, never answered), wrong-source,
+                 stale-nat (its DNAT target was stale); one-way services (syslog,
+                 StatsD: the knowledge base) are counted apart, listed at exit
+                 only, and are no problem
 
 History is not news: wrong-source replies already in the conntrack table when
 watch starts print once, under their own heading ("existing"), with the kernel's

@@ -122,7 +122,7 @@ def _item(block: list[str], column: int | None, width: int) -> str:
     lead = " " * (len(first) - len(first.lstrip()))
     gaps = [gap.end() for gap in _GAP.finditer(first)]
     rest = [line.strip() for line in block[1:]]
-    if gaps and (column is None or column <= max(gaps)):
+    if gaps:
         # the gap the continuation lines start under (or the nearest), else the last
         at = gaps[-1] if column is None else min(gaps, key=lambda gap: abs(gap - column))
         comment = " ".join([first[at:], *rest])
