@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from ctfix.core.model import Diagnosis
 
 DESCRIPTION = """\
-Say which process on a UDP port is affected by wrong-source replies, why, with the
-evidence, and how to fix it. Read-only: explain never changes anything.
+Say who is on a UDP port and what fails there (wrong-source replies, clients still
+sent to a stale DNAT target, requests nothing answers), why, with the evidence, and
+how to fix it. Read-only: explain never changes anything.
 
 It reads the sockets on the port and their processes, the namespace's addresses,
 routes and policy rules (the reply source is a route lookup with ipproto udp and the
