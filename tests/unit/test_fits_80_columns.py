@@ -54,6 +54,16 @@ BROKEN = Diagnosis(
             True,
             wrong_for=("198.51.100.13",),
         ),
+        # a client table too wide for 80 columns even without its status column
+        ClientNetwork(
+            "2001:db8:1::/64",
+            ("2001:db8:1::1", "2001:db8:2::13", "2001:db8:3::10"),
+            "2001:db8:1::1",
+            False,
+            "br0",
+            False,
+            wrong_for=("2001:db8:2::13", "2001:db8:3::10"),
+        ),
     ),
     evidence=Evidence(
         (
