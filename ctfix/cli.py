@@ -60,7 +60,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         from ctfix.render.width import reflow
 
-        return reflow(text, width)
+        lines = reflow(text, width).split("\n")
+        return "\n".join(indent + line if line else line for line in lines)
 
     def _split_lines(self, text: str, width: int) -> list[str]:
         from ctfix.render.width import fill
