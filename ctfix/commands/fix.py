@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(render.flushed_document(plan, done, label))
         else:
-            sys.stdout.write(render.flushed_text(plan, done, label))
+            _write_text(render.flushed_text(plan, done, label))
         return ExitStatus.PROBLEM if done.problems else ExitStatus.OK
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         _write_json(render.applied_document(plan, result, label, listened))
     else:
         undo = f"ctfix fix --revert {plan.port}{_netns_flag(args)}"
-        sys.stdout.write(render.applied_text(plan, result, label, undo, listened))
+        _write_text(render.applied_text(plan, result, label, undo, listened))
     # Applied, but wrong-source replies went on: it stays (the user decides), exit 1.
     return ExitStatus.PROBLEM if listened and listened.findings else ExitStatus.OK
 
@@ -361,8 +361,16 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
     if args.json:
         _write_json(render.already_document(fix, label))
     else:
-        sys.stdout.write(render.already_text(args.port, fix))
+        _write_text(render.already_text(args.port, fix))
     return True
+
+
+def _write_text(text: str) -> None:
+    """A report for people, made to fit a terminal's width (a pipe gets it as is)."""
+    from ctfix.render.width import reflow, terminal_width
+
+    width = terminal_width(sys.stdout)
+    sys.stdout.write(reflow(text, width, hang="  ") + "\n" if width else text)
 
 
 def _netns_flag(args: argparse.Namespace) -> str:
@@ -409,7 +417,7 @@ def _status(args: argparse.Namespace) -> int:
             render.status_document(report, label, state.path, revert, refused, stray, judged)
         )
     else:
-        sys.stdout.write(
+        _write_text(
             render.status_text(
                 report, label, state.path, revert, refused, stray, judged, now
             )
@@ -471,7 +479,7 @@ def _reverted(
     if args.json:
         _write_json(render.reverted_document(done, label, nothing, stray))
     else:
-        sys.stdout.write(render.reverted_text(done, args.port, label, nothing, stray))
+        _write_text(render.reverted_text(done, args.port, label, nothing, stray))
     return ExitStatus.OK
 
 

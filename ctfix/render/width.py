@@ -61,14 +61,15 @@ _GAP = re.compile(r"(?<=\S) {2,}(?=\S)")
 _FAR_RIGHT = 0.6
 
 
-def reflow(text: str, width: int) -> str:
+def reflow(text: str, width: int, hang: str = "") -> str:
     """Preformatted text (help's descriptions and epilogs) made to fit `width`; what
     already fits is left as written. Unindented paragraphs are refilled. An indented
     item in two columns (`  ctfix lab      what it does`, or the command alone on
     its line and what it does on deeper-indented lines below) keeps its first column
     and refills the second in place, or under the item (6 deeper) when that column
-    is too far right; other indented lines are filled at their indent. Never
-    mid-word."""
+    is too far right; other indented lines are filled at their indent. `hang`: how
+    an unindented paragraph's continuation lines start (a report's headline: "  ").
+    Never mid-word."""
     lines = text.splitlines()
     out: list[str] = []
     i = 0
@@ -87,7 +88,8 @@ def reflow(text: str, width: int) -> str:
                 and lines[i + len(block)][:1] not in ("", " ")
             ):
                 block.append(lines[i + len(block)])
-            out += block if _fits(block, width) else fill(" ".join(block), width).splitlines()
+            refilled = fill(" ".join(block), width, "", hang)
+            out += block if _fits(block, width) else refilled.splitlines()
         else:
             below = _deeper(lines, i + 1, indent)
             block += below

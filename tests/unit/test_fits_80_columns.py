@@ -228,3 +228,19 @@ def test_fix_dry_run_and_bind_advice_fit_except_the_commands_themselves() -> Non
     )
     bind = render_fix.plan_text(make_plan(BROKEN, "bind", advice=advice), LONG_NETNS, None, 80)
     assert not _over(bind) and "      socat UDP4-RECVFROM:5353,bind=198.51.100.13" in bind
+
+
+def test_a_report_reflowed_for_a_terminal_keeps_its_shape_and_words() -> None:
+    """fix's reports (--apply, --status, --revert) go through reflow with a hang."""
+    report = (
+        f"ctfix fix --status (netns {LONG_NETNS}, /run/ctfix/fix/netns-cookie-119388.json):\n"
+        "  port 5353: snat-zone via nftables, applied\n"
+        "    [done   ] present table inet ctfix_5353\n"
+        "    effect: no wrong-source reply since the fix was applied 6 s ago (conntrack time "
+        "left: a wrong-source reply stays in the table 30 s after its last packet)\n"
+    )
+    shown = reflow(report, COLUMNS, hang="  ")
+    assert not _over(shown) and shown.split() == report.split()
+    lines = shown.splitlines()
+    assert lines[1].startswith("  ") and not lines[1].startswith("   ")  # the headline's hang
+    assert "    [done   ] present table inet ctfix_5353" in lines
