@@ -367,10 +367,10 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
 
 def _write_text(text: str) -> None:
     """A report for people, made to fit a terminal's width (a pipe gets it as is)."""
-    from ctfix.render.width import reflow, terminal_width
+    from ctfix.render.width import fit_lines, terminal_width
 
     width = terminal_width(sys.stdout)
-    sys.stdout.write(reflow(text, width, hang="  ") + "\n" if width else text)
+    sys.stdout.write(fit_lines(text, width) if width else text)
 
 
 def _netns_flag(args: argparse.Namespace) -> str:

@@ -44,6 +44,16 @@ def fill(text: str, width: int, indent: str = "", hang: str | None = None) -> st
     )
 
 
+def fit_lines(text: str, width: int) -> str:
+    """A report whose every line says one thing (fix's --apply, --status): each line
+    that does not fit is filled at its own indent, its continuation 4 deeper."""
+    out = []
+    for line in text.splitlines():
+        lead = line[: len(line) - len(line.lstrip())]
+        out.append(line if len(line) <= width else fill(line.strip(), width, lead, lead + " " * 4))
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
 def cut(text: str, width: int) -> str:
     """One line kept to width on purpose: cut at a word's end, marked with "..."
     (where the full text is said elsewhere: scan's rows, before each write-up)."""
@@ -61,15 +71,14 @@ _GAP = re.compile(r"(?<=\S) {2,}(?=\S)")
 _FAR_RIGHT = 0.6
 
 
-def reflow(text: str, width: int, hang: str = "") -> str:
+def reflow(text: str, width: int) -> str:
     """Preformatted text (help's descriptions and epilogs) made to fit `width`; what
     already fits is left as written. Unindented paragraphs are refilled. An indented
     item in two columns (`  ctfix lab      what it does`, or the command alone on
     its line and what it does on deeper-indented lines below) keeps its first column
     and refills the second in place, or under the item (6 deeper) when that column
-    is too far right; other indented lines are filled at their indent. `hang`: how
-    an unindented paragraph's continuation lines start (a report's headline: "  ").
-    Never mid-word."""
+    is too far right; other indented lines are filled at their indent. Never
+    mid-word."""
     lines = text.splitlines()
     out: list[str] = []
     i = 0
@@ -88,8 +97,7 @@ def reflow(text: str, width: int, hang: str = "") -> str:
                 and lines[i + len(block)][:1] not in ("", " ")
             ):
                 block.append(lines[i + len(block)])
-            refilled = fill(" ".join(block), width, "", hang)
-            out += block if _fits(block, width) else refilled.splitlines()
+            out += block if _fits(block, width) else fill(" ".join(block), width).splitlines()
         else:
             below = _deeper(lines, i + 1, indent)
             block += below

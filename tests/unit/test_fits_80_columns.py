@@ -18,7 +18,7 @@ from ctfix.render import fix as render_fix
 from ctfix.render import scan, scan_all
 from ctfix.render.status import Console
 from ctfix.render.watch import WatchRenderer, summary_record
-from ctfix.render.width import reflow
+from ctfix.render.width import fit_lines, reflow
 
 COLUMNS = 80
 PORT = 5353
@@ -231,7 +231,7 @@ def test_fix_dry_run_and_bind_advice_fit_except_the_commands_themselves() -> Non
 
 
 def test_a_report_reflowed_for_a_terminal_keeps_its_shape_and_words() -> None:
-    """fix's reports (--apply, --status, --revert) go through reflow with a hang."""
+    """fix's reports (--apply, --status, --revert) go through fit_lines: a line each."""
     report = (
         f"ctfix fix --status (netns {LONG_NETNS}, /run/ctfix/fix/netns-cookie-119388.json):\n"
         "  port 5353: snat-zone via nftables, applied\n"
@@ -239,8 +239,8 @@ def test_a_report_reflowed_for_a_terminal_keeps_its_shape_and_words() -> None:
         "    effect: no wrong-source reply since the fix was applied 6 s ago (conntrack time "
         "left: a wrong-source reply stays in the table 30 s after its last packet)\n"
     )
-    shown = reflow(report, COLUMNS, hang="  ")
+    shown = fit_lines(report, COLUMNS)
     assert not _over(shown) and shown.split() == report.split()
     lines = shown.splitlines()
-    assert lines[1].startswith("  ") and not lines[1].startswith("   ")  # the headline's hang
+    assert lines[1].startswith("    ") and not lines[1].startswith("     ")  # under it
     assert "    [done   ] present table inet ctfix_5353" in lines
