@@ -167,17 +167,21 @@ def _manpage(parser: argparse.ArgumentParser) -> str:
     files = [
         ".TP",
         rf"\fI{_escape(DEFAULT_DIR)}/*.json\fR",
-        "What ctfix fix made in each network namespace, one file per namespace (named by "
-        "its netns cookie), with a .lock file beside it. Under /run: gone at reboot, as "
-        "are the kernel objects it lists. The kernel is the truth: ctfix finds its "
-        "objects by their marks without it.",
+        _escape(
+            "What ctfix fix made in each network namespace, one file per namespace (named "
+            "by its netns cookie), with a .lock file beside it. Under /run: gone at "
+            "reboot, as are the kernel objects it lists. The kernel is the truth: ctfix "
+            "finds its objects by their marks without it."
+        ),
         ".TP",
         r"\fI<prefix>/share/ctfix/rules/*.yaml\fR",
-        "The knowledge base of UDP services (--rules DIR adds or replaces entries).",
+        _escape("The knowledge base of UDP services (--rules DIR adds or replaces entries)."),
         ".TP",
         rf"\fI{_escape(sockets)}\fR",
-        "Container engines' API sockets, read for container names (DOCKER_HOST, "
-        "CONTAINER_HOST and CONTAINER_RUNTIME_ENDPOINT name others).",
+        _escape(
+            "Container engines' API sockets, read for container names (DOCKER_HOST, "
+            "CONTAINER_HOST and CONTAINER_RUNTIME_ENDPOINT name others)."
+        ),
         ".TP",
         rf"\fI{_escape(XTABLES_LOCK)}\fR",
         "The xtables lock (XTABLES_LOCKFILE).",
@@ -199,8 +203,9 @@ def _manpage(parser: argparse.ArgumentParser) -> str:
 #: what every command shares, before each one's own exit statuses
 EVERY_STATUS = (
     "Every command exits 2 on an error (bad input, a missing privilege or kernel "
-    "feature, no such namespace) with one line on stderr that says what to do, and 130 "
-    "when Ctrl-C stops it. Each command's own statuses:"
+    "feature, no such namespace) with one line on stderr that says what to do, and, "
+    "unless said otherwise below, 130 when Ctrl-C interrupts it. Each command's own "
+    "statuses:"
 )
 
 
