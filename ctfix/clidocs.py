@@ -250,18 +250,19 @@ def _escape(text: str) -> str:
 
 def _roff(text: str, width: int) -> list[str]:
     """Help text as roff: prose paragraphs filled by man, indented blocks (examples,
-    tables) kept as written (reflowed at `width` first), `heading:` lines in bold."""
+    tables) kept as written (reflowed at `width` first), a paragraph's first line that
+    ends with ":" (`exit status:`) in bold."""
     from ctfix.render.width import reflow
 
     out: list[str] = []
     for paragraph in re.split(r"\n\s*\n", reflow(text.strip("\n"), width)):
         out.append(".PP")
         preformatted = False
-        for line in paragraph.splitlines():
+        for index, line in enumerate(paragraph.splitlines()):
             if line.startswith(" ") != preformatted:
                 preformatted = not preformatted
                 out.append(".nf" if preformatted else ".fi")
-            if not preformatted and line.endswith(":"):
+            if index == 0 and line.endswith(":"):  # `examples:`, `exit status:`
                 out += [rf"\fB{_escape(line)}\fR", ".br"]
             else:
                 out.append(_escape(line))
