@@ -142,6 +142,12 @@ def healthy(d: Diagnosis) -> bool:
     return d.verdict == "ok" and not d.service_down
 
 
+def verdict_counts(diagnoses: Iterable[Diagnosis]) -> dict[Verdict, int]:
+    """Services per verdict, every verdict present, worst first (scan's `counts`)."""
+    verdicts = [d.verdict for d in diagnoses]
+    return {v: verdicts.count(v) for v in sorted(_RANK, key=_RANK.__getitem__)}
+
+
 def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:
     """broken, then at-risk, then unknown (ctfix cannot see), then ok (an outage
     counts as at-risk); by port within."""

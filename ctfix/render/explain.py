@@ -426,6 +426,16 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
         rows = [("network", "leaves by", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        if w is not None and sum(widths) + 2 * 4 > w:
+            # Too wide for the terminal even without the status: a network per block.
+            for network, leaves, send_to, reply_from, status in rows[1:]:
+                said = f"{network}: leaves by {leaves}, reply from {reply_from}"
+                out.append(_wrap(said, "  ", w, "      "))
+                out.append(_wrap(f"clients send to {send_to}", "      ", w, "        "))
+                if status:
+                    shown = s(status, "red") if status != "ok" else status
+                    out.append(_wrap(shown, "      ", w, "        "))
+            rows = []
         for index, row in enumerate(rows):
             cells = "  " + "  ".join(row[i].ljust(widths[i]) for i in range(4))
             status = s(row[4], "red") if index and row[4] != "ok" else row[4]
