@@ -16,7 +16,7 @@ from ctfix.core.model import ContainerRef
 from ctfix.platform.conntrack import DEFAULT_RCVBUF
 from ctfix.platform.containers import ClientContainers
 from ctfix.platform.metrics import WatchMetrics
-from tests.unit.test_prometheus_rules import NoServer
+from tests.unit.no_server import NoServer
 
 
 def test_each_namespace_gets_a_share_and_the_host_its_full_buffer() -> None:
