@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -42,6 +43,9 @@ from ctfix.lab.topology import (
 from ctfix.platform import netns
 
 PORT = 47001
+#: seconds a reply that must come may take on a loaded machine. Only a failing test
+#: waits this long: a reply from the wrong source never reaches a connect()ed client.
+ANSWER = 10.0
 EVERY_ADDRESS = [UPLINK_V4, BRIDGE_V4, UPLINK_V6, BRIDGE_V6]
 
 
@@ -140,7 +144,9 @@ def test_connected_client_gets_echo_via_every_local_address(
 ) -> None:
     start_server(topo, *mode)
     for address in EVERY_ADDRESS:
-        exchange = udp_exchange(topo.container, address, PORT, b"echo " + address.encode())
+        exchange = udp_exchange(
+            topo.container, address, PORT, b"echo " + address.encode(), timeout=ANSWER
+        )
         assert exchange.reply == b"echo " + address.encode(), f"no echo via {address}"
         assert exchange.reply_from == (address, PORT)
 
@@ -149,9 +155,9 @@ def test_broken_server_fails_via_uplink_and_works_via_bridge(topo: Topology) -> 
     start_server(topo, "--broken")
     for uplink, bridge in [(UPLINK_V4, BRIDGE_V4), (UPLINK_V6, BRIDGE_V6)]:
         assert not udp_exchange(topo.container, uplink, PORT).answered
-        assert udp_exchange(topo.container, bridge, PORT).answered
+        assert udp_exchange(topo.container, bridge, PORT, timeout=ANSWER).answered
         # The reply was sent, from the bridge address: exactly the bug.
-        unconnected = udp_exchange(topo.container, uplink, PORT, connect=False)
+        unconnected = udp_exchange(topo.container, uplink, PORT, connect=False, timeout=ANSWER)
         assert unconnected.reply_from == (bridge, PORT)
 
 
@@ -185,9 +191,10 @@ def test_server_says_where_it_listens_and_exits_0_on_sigterm(topo: Topology) -> 
 def test_address_option_binds_only_those_addresses(topo: Topology) -> None:
     bridge_ll = link_local(topo, topo.host, topo.bridge)
     start_server(topo, "--address", UPLINK_V4, "--address", f"{bridge_ll}%{topo.bridge}")
-    assert udp_exchange(topo.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    exchange = udp_exchange(topo.container, UPLINK_V4, PORT, timeout=ANSWER)
+    assert exchange.reply_from == (UPLINK_V4, PORT)
     scope = ifindex(topo, topo.container, topo.container_if)
-    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope)
+    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope, timeout=ANSWER)
     assert exchange.reply_from == (bridge_ll, PORT)
     assert not udp_exchange(topo.container, BRIDGE_V4, PORT, timeout=0.3).answered
 
@@ -201,7 +208,8 @@ def test_netns_option_serves_inside_that_namespace(topo: Topology) -> None:
     )
     topo.processes.append(proc)  # stopped by pid at teardown, whatever happens
     wait_udp_bound(proc.pid, PORT)
-    assert udp_exchange(topo.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    exchange = udp_exchange(topo.container, UPLINK_V4, PORT, timeout=ANSWER)
+    assert exchange.reply_from == (UPLINK_V4, PORT)
     status, _ = stop_server(topo, proc)
     assert status == 0
 
@@ -213,7 +221,7 @@ def test_secondary_addresses_answer_from_themselves(topo: Topology) -> None:
     topo.ip(topo.host, "addr add 203.0.113.13/24 dev eth0\naddr add 198.51.100.14/24 dev eth0")
     start_server(topo)
     for address in ["203.0.113.13", "198.51.100.14"]:
-        exchange = udp_exchange(topo.container, address, PORT)
+        exchange = udp_exchange(topo.container, address, PORT, timeout=ANSWER)
         assert exchange.reply_from == (address, PORT), f"no echo via secondary {address}"
 
 
@@ -237,7 +245,7 @@ table ip6 ctfix_test {{
     )
     start_server(topo)
     for public in ["203.0.113.80", "2001:db8:3::80"]:
-        exchange = udp_exchange(topo.container, public, PORT)
+        exchange = udp_exchange(topo.container, public, PORT, timeout=ANSWER)
         assert exchange.reply_from == (public, PORT), f"no echo via DNAT address {public}"
 
 
@@ -292,7 +300,7 @@ def test_link_local_request_keeps_its_scope(topo: Topology) -> None:
     start_server(topo)
     bridge_ll = link_local(topo, topo.host, topo.bridge)
     scope = ifindex(topo, topo.container, topo.container_if)
-    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope)
+    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope, timeout=ANSWER)
     assert exchange.reply_from == (bridge_ll, PORT)
 
 
@@ -324,7 +332,7 @@ def test_reply_is_dropped_when_its_address_vanished(
     assert f"from {secondary}: " in logged
     assert "the address is gone; reply dropped" in logged
     # Still serving the addresses that remain.
-    assert udp_exchange(topo.container, BRIDGE_V4, PORT).answered
+    assert udp_exchange(topo.container, BRIDGE_V4, PORT, timeout=ANSWER).answered
     status, _ = stop_server(topo, proc)
     assert status == 0
 
@@ -354,12 +362,20 @@ def test_asyncio_server_answers_from_the_right_address(
     thread.start()
     try:
         for address in [UPLINK_V4, UPLINK_V6]:
-            exchange = udp_exchange(topo.container, address, PORT, b"quiet")
+            exchange = udp_exchange(topo.container, address, PORT, b"quiet", timeout=ANSWER)
             assert (exchange.reply, exchange.reply_from) == (b"quiet", (address, PORT))
-        with caplog.at_level(logging.WARNING, logger="ctfix.pktinfo"):
-            big = udp_exchange(topo.container, UPLINK_V4, PORT, b"big?", connect=False, timeout=0.5)
-        assert not big.answered
-        assert any("larger than its 4-byte request" in r.message for r in caplog.records)
+        with caplog.at_level(logging.WARNING, logger="ctfix.pktinfo"), client_socket(topo) as sock:
+            sock.sendto(b"big?", (UPLINK_V4, PORT))
+            # The server's word that it refused to answer (not a guess at how long it
+            # takes to get there), then nothing arrives: it sent nothing, and a reply
+            # of any length would be here by now.
+            deadline = time.monotonic() + ANSWER
+            while not any("larger than its 4-byte request" in r.message for r in caplog.records):
+                assert time.monotonic() < deadline, "the server never refused the big reply"
+                time.sleep(0.02)
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                print("unexpected reply:", sock.recvfrom(100))
     finally:
         loop.call_soon_threadsafe(task.cancel)
         thread.join(5)
