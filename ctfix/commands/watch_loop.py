@@ -17,7 +17,6 @@ so that tests can check that.
 
 from __future__ import annotations
 
-import os
 import selectors
 import signal
 import time
@@ -63,16 +62,6 @@ STOP_SIGNALS = tuple(
 def set_stop_signals(handler: Any) -> dict[int, Any]:
     """Install handler for every stop signal; the previous handlers."""
     return {int(sig): signal.signal(sig, handler) for sig in STOP_SIGNALS}
-
-
-#: Test-only, not in --help: a start-up step ("track-loaded", "subscribing") at which
-#: watch sends itself SIGTERM, to check that a stop there ends normally and cleanly.
-SIGNAL_AT_ENV = "CTFIX_WATCH_TEST_SIGNAL_AT"
-
-
-def test_signal(step: str) -> None:
-    if os.environ.get(SIGNAL_AT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Follower(Protocol):
