@@ -25,20 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-#: seconds for one connect or one answer; a name is not worth a longer wait.
-TIMEOUT = 1.0
-#: tests only: seconds instead of TIMEOUT. A test's own engine on a loaded machine can
-#: take longer than a person would wait for a name, and such a test is about the name.
+#: tests only: seconds to wait instead (a test's own engine on a loaded machine; such
+#: a test is about the name, not the wait)
 TIMEOUT_VARIABLE = "CTFIX_TEST_ENGINE_TIMEOUT"
-
-
-def answer_timeout() -> float:
-    """TIMEOUT, or the tests' CTFIX_TEST_ENGINE_TIMEOUT when set to a positive number."""
-    try:
-        chosen = float(os.environ.get(TIMEOUT_VARIABLE, ""))
-    except ValueError:
-        return TIMEOUT
-    return chosen if chosen > 0 else TIMEOUT
+_CHOSEN = os.environ.get(TIMEOUT_VARIABLE, "")
+#: seconds for one connect or one answer; a name is not worth a longer wait.
+TIMEOUT = float(_CHOSEN) if _CHOSEN.replace(".", "", 1).isdigit() and float(_CHOSEN) else 1.0
 #: an engine's answer larger than this is not an answer (ListContainers on a big node
 #: is a few hundred kB).
 MAX_ANSWER = 16 * 1024 * 1024
@@ -170,11 +162,9 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def docker_get(path: str, url: str, timeout: float | None = None) -> Any:
+def docker_get(path: str, url: str, timeout: float = TIMEOUT) -> Any:
     """GET `url` from the Docker API at the unix socket `path`: the decoded JSON, or
-    None for 404. Raises EngineUnavailable for anything else (or no answer within
-    `timeout`, by default answer_timeout())."""
-    timeout = answer_timeout() if timeout is None else timeout
+    None for 404. Raises EngineUnavailable for anything else."""
     conn = _UnixHTTPConnection(path, timeout)
     try:
         conn.request("GET", url, headers={"Accept": "application/json"})
@@ -268,13 +258,10 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def grpc_unary(
-    path: str, method: str, message: bytes, timeout: float | None = None
-) -> bytes | None:
+def grpc_unary(path: str, method: str, message: bytes, timeout: float = TIMEOUT) -> bytes | None:
     """Call `method` ("/pkg.Service/Method") at the unix socket `path` with one
     protobuf `message`; the answer's message, or None when the call ended without
     one (a gRPC error status such as NotFound or Unimplemented)."""
-    timeout = answer_timeout() if timeout is None else timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
