@@ -112,10 +112,13 @@ def listen(
             switched = track(reachable)
         # The first dump teaches the detector the requests already waiting; its other
         # findings are the table's (history), but for entries whose NEW event is
-        # already queued (made since the subscription): those are fed after it.
+        # queued (made since the subscription): those are fed after it. The queue is
+        # read after the dump: an entry made between a drain and the dump would be in
+        # the dump without its event in the queue, and taken for history.
+        dumped = newest_last(conntrack_flows(port))
         queued = _queued(events)
         detector.fresh_ids = {e.entry.id for e in queued if e.kind == NEW and e.entry.id}
-        detector.resync(newest_last(conntrack_flows(port)), now=time.time())
+        detector.resync(dumped, now=time.time())
         detector.dumps_are_history = False
         now = time.time()
         for event in queued:
