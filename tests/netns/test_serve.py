@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -56,12 +57,16 @@ def topo() -> Iterator[Topology]:
 
 
 def start_server(topo: Topology, *options: str, stderr: bool = False) -> subprocess.Popen[bytes]:
+    """`ctfix serve` in the host namespace, once it says it listens (every socket is
+    bound then, with pktinfo on: a port bound is not yet a server that answers)."""
     proc = topo.spawn(
         topo.host,
         [sys.executable, "-m", "ctfix", "serve", "--port", str(PORT), *options],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE if stderr else subprocess.DEVNULL,
     )
-    wait_udp_bound(proc.pid, PORT)
+    assert proc.stdout is not None
+    read_until(proc, "ctfix serve: listening on", stream=proc.stdout)
     return proc
 
 
@@ -73,10 +78,14 @@ def stop_server(topo: Topology, proc: subprocess.Popen[bytes]) -> tuple[int, str
     return proc.returncode, err.decode() if err else ""
 
 
-def read_until(proc: subprocess.Popen[bytes], needle: str, timeout: float = 3.0) -> str:
-    """Read the server's stderr until needle shows up (no sleeping on guesses)."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
+def read_until(
+    proc: subprocess.Popen[bytes], needle: str, timeout: float = ANSWER, stream: Any = None
+) -> str:
+    """Read the server's stderr (or `stream`) until needle shows up (no sleeping on
+    guesses; only a failing test waits `timeout`)."""
+    stream = proc.stderr if stream is None else stream
+    assert stream is not None
+    fd = stream.fileno()
     seen = b""
     while needle.encode() not in seen:
         ready, _, _ = select.select([fd], [], [], timeout)
@@ -380,6 +389,42 @@ def test_asyncio_server_answers_from_the_right_address(
         loop.call_soon_threadsafe(task.cancel)
         thread.join(5)
         loop.close()
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_request_that_arrives_the_moment_a_socket_is_bound_is_answered(
+    topo: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends as soon as the port is bound (a test, a restart under load)
+    must not meet a socket without pktinfo. Each socket gets a datagram right after its
+    bind, before open_sockets returns; the address to answer from must be the one it
+    was sent to."""
+    early = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+    class SentToAtOnce(socket.socket):
+        def bind(self, address: Any) -> None:
+            super().bind(address)
+            # A client socket never calls bind(): the kernel picks its port.
+            with socket.socket(self.family, socket.SOCK_DGRAM) as client:
+                client.sendto(b"early", (early[self.family], PORT))
+
+    with netns.entered(topo.host):
+        monkeypatch.setattr(socket, "socket", SentToAtOnce)
+        try:
+            sockets = pktinfo.open_sockets(PORT)
+        finally:
+            monkeypatch.undo()
+    try:
+        for sock in sockets:
+            sock.settimeout(ANSWER)
+            request = pktinfo.receive(sock)
+            assert request is not None, f"the early request to {sock.family!r} was dropped"
+            # The address to answer from: with pktinfo enabled only after the datagram
+            # was queued, IPv4's was 0.0.0.0 (routing's choice: the bug itself).
+            address = early[sock.family]
+            assert (request.payload, request.local_address) == (b"early", address)
+    finally:
         for sock in sockets:
             sock.close()
 
