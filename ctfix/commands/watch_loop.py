@@ -114,6 +114,11 @@ def run_loop(
             if watcher is None:
                 if follower is not None:
                     follower.follow(time.monotonic(), readable=True)
+                    active = list(follower.watchers)
+            elif sel.get_map().get(key.fd) is not key:
+                # Its namespace went earlier in this batch: its sockets are closed (and
+                # the descriptor may already be another socket's).
+                continue
             elif watcher.inside is None or tag not in ENTERED:
                 watcher.ready(tag, key.fileobj)
             else:
