@@ -285,14 +285,21 @@ def reset_drop_counts() -> None:
 # -- sockets -----------------------------------------------------------------------
 
 
-def bind_udp(address: str, port: int, *, v6only: bool = True) -> socket.socket:
-    """A plain UDP socket bound to address:port (``fe80::1%br0`` style scopes work)."""
+def bind_udp(
+    address: str, port: int, *, v6only: bool = True, pktinfo: bool = False
+) -> socket.socket:
+    """A UDP socket bound to address:port (``fe80::1%br0`` style scopes work), plain
+    or with pktinfo enabled before the bind: a datagram that arrives the moment the
+    socket is bound must carry its destination, or it could only be dropped."""
     host, _, scope = address.partition("%")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        if pktinfo:
+            enable_pktinfo(sock)
+        if family == socket.AF_INET6:
             scope_id = (
                 (int(scope) if scope.isdigit() else socket.if_nametoindex(scope)) if scope else 0
             )
@@ -329,19 +336,17 @@ def open_sockets(
     try:
         if addresses:
             for address in addresses:
-                sockets.append(bind_udp(address, port))
+                sockets.append(bind_udp(address, port, pktinfo=True))
         elif dual_stack:
-            sockets.append(bind_udp("::", port, v6only=False))
+            sockets.append(bind_udp("::", port, v6only=False, pktinfo=True))
         else:
-            sockets.append(bind_udp("0.0.0.0", port))
+            sockets.append(bind_udp("0.0.0.0", port, pktinfo=True))
             try:
-                sockets.append(bind_udp("::", port))
+                sockets.append(bind_udp("::", port, pktinfo=True))
             except OSError as err:
                 if err.errno != errno.EAFNOSUPPORT:
                     raise
                 log.warning("IPv6 is not available here; serving IPv4 only")
-        for sock in sockets:
-            enable_pktinfo(sock)
     except BaseException:
         for sock in sockets:
             sock.close()

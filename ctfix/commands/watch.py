@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ctfix.commands.common import (
@@ -38,13 +38,12 @@ from ctfix.commands.common import (
     positive_seconds,
     require_root,
 )
-from ctfix.commands.watch_loop import STOP_SIGNALS, Stop, on_signal, set_stop_signals, test_signal
+from ctfix.commands.watch_events import test_signal
+from ctfix.commands.watch_loop import STOP_SIGNALS, Stop, on_signal, set_stop_signals
+from ctfix.commands.watch_report import exit_status
 from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
-    from ctfix.core.detectors.stale_nat import StaleNatFinding
-    from ctfix.core.detectors.unanswered import UnansweredFinding
-    from ctfix.core.detectors.wrong_source import WrongSourceFinding
     from ctfix.core.model import ContainerRef
     from ctfix.core.rules import KnowledgeBase
     from ctfix.core.watch_filter import Network, Selection
@@ -428,16 +427,6 @@ def _watch(
     live, record = watcher.finish()
     renderer.summary(record)
     return exit_status(live, stopped_by_duration)
-
-
-def exit_status(
-    live: Sequence[WrongSourceFinding | StaleNatFinding | UnansweredFinding],
-    stopped_by_duration: bool,
-) -> int:
-    """Like grep: a timed watch tells a script whether it found something new (live
-    findings only; a one-way service's unanswered flows are not a finding to act on)."""
-    problems = [f for f in live if f.kind != "unanswered" or f.problem]
-    return 1 if problems and stopped_by_duration else 0
 
 
 __all__ = ["add_arguments", "exit_status", "run"]

@@ -90,7 +90,7 @@ def watch_all(
     console: Console,
 ) -> int:
     """Watch every namespace until --duration or a signal; the exit status."""
-    from ctfix.commands.watch import exit_status
+    from ctfix.commands.watch_report import exit_status
     from ctfix.platform import conntrack
     from ctfix.platform.containers import ClientContainers
     from ctfix.render.watch import WatchRenderer, all_summary_record

@@ -17,7 +17,6 @@ so that tests can check that.
 
 from __future__ import annotations
 
-import os
 import selectors
 import signal
 import time
@@ -63,16 +62,6 @@ STOP_SIGNALS = tuple(
 def set_stop_signals(handler: Any) -> dict[int, Any]:
     """Install handler for every stop signal; the previous handlers."""
     return {int(sig): signal.signal(sig, handler) for sig in STOP_SIGNALS}
-
-
-#: Test-only, not in --help: a start-up step ("track-loaded", "subscribing") at which
-#: watch sends itself SIGTERM, to check that a stop there ends normally and cleanly.
-SIGNAL_AT_ENV = "CTFIX_WATCH_TEST_SIGNAL_AT"
-
-
-def test_signal(step: str) -> None:
-    if os.environ.get(SIGNAL_AT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Follower(Protocol):
@@ -125,6 +114,11 @@ def run_loop(
             if watcher is None:
                 if follower is not None:
                     follower.follow(time.monotonic(), readable=True)
+                    active = list(follower.watchers)
+            elif sel.get_map().get(key.fd) is not key:
+                # Its namespace went earlier in this batch: its sockets are closed (and
+                # the descriptor may already be another socket's).
+                continue
             elif watcher.inside is None or tag not in ENTERED:
                 watcher.ready(tag, key.fileobj)
             else:

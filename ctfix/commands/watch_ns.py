@@ -15,26 +15,25 @@ open raw ICMP sockets, dump the table once, then feed every event to the detecto
 When the kernel drops events (ENOBUFS) the loss is counted (the kernel's per-socket
 drop count), the state is rebuilt from a complete dump 0.2 s later (at most once a
 second), a warning line says so, and watching goes on; the summary and the metrics
-carry `lost` and `resyncs`. CTFIX_WATCH_RCVBUF (test-only, not in --help) shrinks the
-event buffer so that tests/netns/test_watch_overflow.py can force a real loss.
+carry `lost` and `resyncs`. The event socket, its drain and the loss count are
+ctfix/commands/watch_events.py.
 
-Know before changing: the drain loop in `_drain` is the hot path (>100k events/s);
-keep attribute lookups out of it. A watcher opens sockets in, and reads /proc/net of,
-the current namespace (a dump, sock_diag, the rules, the loss count), so with
-`--all-netns` (`inside` given; None when `--netns` entered the namespace for the
-whole process) the loop runs `start`, `turn`, `tick`, `close` and `ready` for the
-tags in ENTERED inside it; the event drain and the ICMP reads only use sockets made
-there, and the few hooks on their finding paths that read the namespace (the socket
-view, the rules view, the programs on a port, the ICMP tap) enter it themselves
-(`inside`, re-entrant): two setns calls per batch of events would cost more than the
-events (bench/watch_all_bench.py).
+Know before changing: the event drain (ctfix/commands/watch_events.py) is the hot path
+(>100k events/s); keep attribute lookups out of it. A watcher opens sockets in, and
+reads /proc/net of, the current namespace (a dump, sock_diag, the rules, the loss
+count), so with `--all-netns` (`inside` given; None when `--netns` entered the
+namespace for the whole process) the loop runs `start`, `turn`, `tick`, `close` and
+`ready` for the tags in ENTERED inside it; the event drain and the ICMP reads only use
+sockets made there, and the few hooks on their finding paths that read the namespace
+(the socket view, the rules view, the programs on a port, the ICMP tap) enter it
+themselves (`inside`, re-entrant): two setns calls per batch of events would cost more
+than the events (bench/watch_all_bench.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import selectors
 import socket
 import time
@@ -43,7 +42,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from ctfix.errors import CtfixError
+from ctfix.commands.watch_events import drain, drain_quietly, lost_so_far, resync_due
 
 if TYPE_CHECKING:
     from ctfix.commands.watch_nat import StaleNatWatch
@@ -145,13 +144,12 @@ class NamespaceWatch:
         what was already there and put the sockets in the loop's selector `sel` (data:
         (self, tag)); inside the namespace. What it opened is in `closers`, for
         `close()`, whatever ends it."""
-        from ctfix.commands.watch_loop import test_signal
+        from ctfix.commands.watch_events import subscribe
         from ctfix.commands.watch_nat import StaleNatWatch
         from ctfix.commands.watch_unanswered import UnansweredWatch
         from ctfix.core.detectors import feeds_by_kind
         from ctfix.core.detectors.stale_nat import StaleNatDetector
         from ctfix.core.detectors.wrong_source import WrongSourceDetector
-        from ctfix.platform import conntrack
         from ctfix.platform.addresses import LocalAddresses
         from ctfix.platform.icmp import IcmpWatch
         from ctfix.platform.programs import OtherPortPrograms
@@ -177,14 +175,7 @@ class NamespaceWatch:
             stale.max_findings = limits.stale_findings
         # and the unanswered detector (last: it asks the other two), once built
         self.detectors = (detector, stale)
-        rcvbuf = _rcvbuf(limits.rcvbuf or conntrack.DEFAULT_RCVBUF)
-        test_signal("subscribing")
-        groups = (
-            conntrack.NFNLGRP_CONNTRACK_NEW,
-            conntrack.NFNLGRP_CONNTRACK_UPDATE,
-            conntrack.NFNLGRP_CONNTRACK_DESTROY,  # of unreplied entries only (kernel filter)
-        )
-        self.events = events = conntrack.EventSocket(groups=groups, rcvbuf=rcvbuf)
+        self.events = events = subscribe(limits.rcvbuf)
         self.closers.append(events)
         # Subscribed: from now on a reply is news; what the dump below finds is history.
         self.started = self.renderer.started = detector.since = time.time()
@@ -244,7 +235,7 @@ class NamespaceWatch:
         from ctfix.core import decode
         from ctfix.platform import conntrack
 
-        self.overflows += _drain_quietly(events, self.feed, decode.decode_event, self.report)
+        self.overflows += drain_quietly(events, self.feed, decode.decode_event, self.report)
         entries = list(conntrack.dump(proto=17))
         now = time.time()
         for each in self.detectors:
@@ -277,10 +268,10 @@ class NamespaceWatch:
 
             assert self.events is not None
             try:
-                _drain(self.events, self.feed, decode.decode_event, self.report)
+                drain(self.events, self.feed, decode.decode_event, self.report)
             except conntrack.Overflow:
                 self.overflows += 1
-                self.resync_due = _resync_due(self.resync_due, time.monotonic(), self.last_resync)
+                self.resync_due = resync_due(self.resync_due, time.monotonic(), self.last_resync)
         elif tag == "icmp":
             now = time.time()
             # The key holds what was registered as "icmp": one of icmp.sockets.
@@ -318,7 +309,7 @@ class NamespaceWatch:
             self.resyncs += 1
             self.resync_due = None
             self.last_resync = mono = time.monotonic()
-            self.lost = _lost(self.events, self.lost, self.overflows)
+            self.lost = lost_so_far(self.events, self.lost, self.overflows)
             if mono - self.last_warning >= 5.0:
                 self.last_warning = mono
                 self.warn(
@@ -335,11 +326,9 @@ class NamespaceWatch:
         # Every second, not only at a resync: under a lasting overload the
         # lost-events metric must move while it happens.
         if self.events is not None:
-            self.lost = _lost(self.events, self.lost, self.overflows)
+            self.lost = lost_so_far(self.events, self.lost, self.overflows)
         if self.metrics is not None:
-            self.metrics.update(
-                self.totals(), self.detector.pending, len(self.detector.findings)
-            )
+            self.metrics.update(self.totals(), self.detector.pending, len(self.detector.findings))
 
     def totals(self) -> dict[str, int]:
         stats = self.detector.stats
@@ -355,7 +344,7 @@ class NamespaceWatch:
         self.unregister()
         if self.events is not None:
             with contextlib.suppress(OSError):
-                self.lost = _lost(self.events, self.lost, self.overflows)
+                self.lost = lost_so_far(self.events, self.lost, self.overflows)
         for closer in reversed(self.closers):
             # Closing must not hide the summary.
             with contextlib.suppress(Exception):
@@ -430,83 +419,6 @@ class _Tagged(selectors.BaseSelector):
 
     def get_map(self) -> Any:
         return self.sel.get_map()
-
-
-def _resync_due(due: float | None, now: float, last_resync: float) -> float:
-    """When to resync after an ENOBUFS at `now` (monotonic seconds).
-
-    0.2 s later, so that the burst that overflowed the buffer drains first; at most
-    once a second under a lasting overload (a dump of a big table costs more than it
-    recovers); and an ENOBUFS while one is due never postpones it, or a lasting
-    overload would postpone it for ever.
-    """
-    if due is not None:
-        return due
-    return max(now + 0.2, last_resync + 1.0)
-
-
-def _lost(events: EventSocket, lost: int, overflows: int) -> int:
-    """Events the kernel dropped so far: its count for the socket (each dropped
-    message), or, where /proc does not say, at least one per ENOBUFS."""
-    drops = events.drops()
-    return max(lost, overflows if drops is None else drops)
-
-
-def _drain(
-    events: EventSocket,
-    feed: Feeds,
-    decode_event: Callable[[memoryview], CtEvent | None],
-    report: Report,
-    limit: int = 8192,
-) -> None:
-    """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
-
-    `feed`: the detectors' feeds by event kind (ctfix.core.detectors.feeds_by_kind),
-    built once."""
-    recv_into = events.recv_into
-    now = time.time()
-    for _ in range(limit):
-        view = recv_into()
-        if view is None:
-            return
-        event = decode_event(view)
-        if event is not None:
-            found = feed[event[0]](event, now)
-            if found is not None:
-                report(found)
-
-
-def _drain_quietly(
-    events: EventSocket,
-    feed: Feeds,
-    decode_event: Callable[[memoryview], CtEvent | None],
-    report: Report,
-) -> int:
-    """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""
-    from ctfix.platform.conntrack import Overflow
-
-    overflows = 0
-    for _ in range(64):
-        try:
-            _drain(events, feed, decode_event, report)
-            return overflows
-        except Overflow:
-            overflows += 1
-    return overflows
-
-
-#: Test-only, not in --help: the event socket's receive buffer in bytes. A small one
-#: makes the kernel drop events (ENOBUFS) so tests can drive the overflow path.
-RCVBUF_ENV = "CTFIX_WATCH_RCVBUF"
-
-
-def _rcvbuf(default: int) -> int:
-    text = os.environ.get(RCVBUF_ENV)
-    if text is None:
-        return default
-    if not text.isdigit() or int(text) <= 0:
-        raise CtfixError(f"bad {RCVBUF_ENV}={text!r}", "a number of bytes, or unset it")
-    return int(text)
 
 
 def _udp_stream_timeout() -> int:

@@ -135,3 +135,13 @@ def client_containers() -> Callable[[str], ContainerRef | None]:
         return lookup(client)
 
     return find
+
+
+def exit_status(
+    live: Sequence[AnyFinding],
+    stopped_by_duration: bool,
+) -> int:
+    """Like grep: a timed watch tells a script whether it found something new (live
+    findings only; a one-way service's unanswered flows are not a finding to act on)."""
+    problems = [f for f in live if f.kind != "unanswered" or f.problem]
+    return 1 if problems and stopped_by_duration else 0

@@ -9,7 +9,8 @@ runs; and conntrack is asked with kernel-side filters (orig dport = port, orig
 sport = port, reply sport = port for requests a DNAT forwarded to the port), so a
 table of 250k entries costs a few filtered walks, not a copy. Only when requests are
 left without a reply among those entries is the UDP table walked once more, for the
-entries sent to those clients (a reply from another port, e.g. TFTP's).
+entries sent to those clients (a reply from another port, e.g. TFTP's): both are
+ctfix.platform.port_flows. `--listen`'s live evidence is ctfix.platform.listen.
 
 Two small exceptions to read-only, both in the namespace explained: whether a family
 is tracked is probed with one datagram over loopback, to the probe's own socket (as
@@ -20,26 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import select
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ctfix.core.decode import DESTROY, NEW, CtEntry, CtEvent, CtUsage
+from ctfix.core.decode import CtEntry, CtUsage
 from ctfix.core.diagnosis import (
     forwarded_to,
-    newest_last,
     probe_destinations,
     reply_marks,
     requests_to,
     uplink_lookups,
     waiting_clients,
-    wrong_source_reply,
 )
 from ctfix.core.diagnosis.listeners import config_globs
-from ctfix.core.diagnosis.requests import client_networks_of, usable_addresses
 from ctfix.core.model import Listener, WrongSourceReply
 from ctfix.core.nat import Evaluator, NatRuleset
 from ctfix.core.scan import FlowIndex
@@ -56,37 +53,16 @@ from ctfix.core.snapshot import (
 from ctfix.errors import CtfixError
 from ctfix.platform import nat_rules, netfilter_read, routing, sockdiag
 
+# `as listen`: handed on explicitly (commands/fix.py listens through this module).
+from ctfix.platform.listen import listen as listen
+from ctfix.platform.port_flows import conntrack_flows, replies_to
+
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
-    from ctfix.platform.conntrack import EventSocket
 
 #: Bounds on what is read for the knowledge base's `fixed_if_config`.
 CONFIG_MAX_FILES = 32
 CONFIG_MAX_BYTES = 256 << 10
-
-
-def conntrack_flows(port: int, usage: dict[int, CtUsage] | None = None) -> list[CtEntry]:
-    """Requests to the port, requests a DNAT forwarded to it, and flows the port
-    started (its replies), both families, each entry once. usage: filled with the
-    age and counters of the requests to the port (the stale-nat check shows them)."""
-    from ctfix.platform import conntrack
-
-    flows = list(conntrack.dump(proto=17, port=port, usage=usage))
-    # A request DNAT'd from another port: orig dport is that port, reply sport is ours.
-    flows.extend(e for e in conntrack.dump(proto=17, reply_sport=port) if e.orig.dport != port)
-    flows.extend(e for e in conntrack.dump(proto=17, sport=port) if e.reply.sport != port)
-    return flows
-
-
-def replies_to(clients: set[tuple[str, int]]) -> list[CtEntry]:
-    """Entries sent to these clients (orig dst:dport), from anywhere: a reply from
-    another port than the service's. One walk of the UDP table, filtered here (the
-    kernel's dump filter takes one port, and clients use many)."""
-    from ctfix.platform import conntrack
-
-    if not clients:
-        return []
-    return [e for e in conntrack.dump(proto=17) if (e.orig.dst, e.orig.dport) in clients]
 
 
 def tracking() -> dict[str, bool | None]:
@@ -120,119 +96,6 @@ def config_files(wanted: Sequence[tuple[int, str]]) -> tuple[ConfigFile, ...]:
     return tuple(found)
 
 
-def _ours(service: str, expected_source: str, port: int) -> bool:
-    # A DNAT'd request names the port it was sent to; the server's port is expected.
-    return service.endswith(f":{port}") or expected_source.endswith(f":{port}")
-
-
-@dataclass(frozen=True, slots=True)
-class Listened:
-    """What `listen` saw: the port's wrong-source replies that happened meanwhile, how
-    many new requests reached the port (a quiet port proves nothing either way), and
-    the families `track` switched tracking on for."""
-
-    since: float  # when listening began (seconds since the epoch)
-    seconds: float
-    findings: tuple[WrongSourceReply, ...]
-    requests: int
-    switched: tuple[str, ...] = ()
-    #: the port's entries that ended without a reply meanwhile (DESTROY events, which
-    #: the kernel filter passes only for unreplied entries)
-    ended: tuple[CtEntry, ...] = ()
-
-
-def _request_to(entry: CtEntry, port: int, local: frozenset[str]) -> bool:
-    """A remote client's new flow to the port, or DNAT'd to it on a local address."""
-    orig = entry.orig
-    return orig.proto == 17 and orig.src not in local and (
-        orig.dport == port or (entry.reply.sport == port and entry.reply.src in local)
-    )
-
-
-def listen(
-    port: int,
-    seconds: float,
-    addresses: Sequence[LocalAddress],
-    kb: KnowledgeBase | None = None,
-    track: Callable[[Sequence[str]], tuple[str, ...]] | None = None,
-) -> Listened:
-    """Watch conntrack events for `seconds`; the wrong-source replies of the port
-    that happened meanwhile, and the families `track` switched tracking on for.
-
-    `track` is called once subscribed (so that nothing it makes visible is missed),
-    with the families clients can reach (a global address of theirs is here): it
-    switches tracking on where it is off and says for which families. What happened
-    from the subscription on is news, even when the first dump shows it before its
-    event is read (`fresh_ids`).
-    """
-    from ctfix.core.detectors.wrong_source import WrongSourceDetector
-    from ctfix.platform import conntrack
-    from ctfix.platform.programs import OtherPortPrograms
-
-    detector = WrongSourceDetector(
-        local_addresses=frozenset(a.address for a in addresses),
-        networks=client_networks_of(addresses),
-        other_port=OtherPortPrograms(kb),
-    )
-    events = conntrack.EventSocket(
-        groups=(
-            conntrack.NFNLGRP_CONNTRACK_NEW,
-            conntrack.NFNLGRP_CONNTRACK_UPDATE,
-            conntrack.NFNLGRP_CONNTRACK_DESTROY,
-        )
-    )
-    local = frozenset(a.address for a in addresses)
-    detector.since = since = time.time()  # subscribed: only what happens from here is news
-    switched: tuple[str, ...] = ()
-    requests = 0
-    ended: list[CtEntry] = []
-
-    def feed(event: CtEvent, now: float) -> int:
-        """Feed one event; 1 when it is a new request to the port."""
-        entry = event.entry
-        ended_here = port in (entry.orig.dport, entry.reply.sport)
-        if event.kind == DESTROY and not entry.seen_reply and ended_here:
-            ended.append(entry)
-        detector.feed(event, now)
-        return int(event.kind == NEW and _request_to(entry, port, local))
-
-    try:
-        if track is not None:
-            reachable = [f for f in ("ipv4", "ipv6") if usable_addresses(addresses, f)]
-            switched = track(reachable)
-        # The first dump teaches the detector the requests already waiting; its other
-        # findings are the table's (history), but for entries whose NEW event is
-        # already queued (made since the subscription): those are fed after it.
-        queued = _queued(events)
-        detector.fresh_ids = {e.entry.id for e in queued if e.kind == NEW and e.entry.id}
-        detector.resync(newest_last(conntrack_flows(port)), now=time.time())
-        detector.dumps_are_history = False
-        now = time.time()
-        for event in queued:
-            requests += feed(event, now)
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([events], [], [], min(left, 0.5))
-            if not readable:
-                continue
-            try:
-                batch = events.read()
-            except conntrack.Overflow:
-                detector.resync(newest_last(conntrack_flows(port)), now=time.time())
-                continue
-            now = time.time()
-            for event in batch:
-                requests += feed(event, now)
-    finally:
-        events.close()
-    live = tuple(
-        wrong_source_reply(f)
-        for f in detector.findings.values()
-        if _ours(f.service, f.expected_source, port)
-    )
-    return Listened(since, seconds, live, requests, switched, tuple(ended))
-
-
 def fix_record(port: int, netns: str) -> FixRecord | None:
     """What `ctfix fix` recorded for the port in this namespace (None: nothing, or a
     record this user cannot read: explain then judges the rules alone)."""
@@ -249,21 +112,6 @@ def fix_record(port: int, netns: str) -> FixRecord | None:
         fix.applied if fix.applied is not None else fix.started,
         tuple((str(c["service"]), str(c["target"])) for c in fix.covers),
     )
-
-
-def _queued(events: EventSocket) -> list[CtEvent]:
-    """The events waiting on the socket (a loss is covered by the dump that follows)."""
-    from ctfix.platform import conntrack
-
-    queued: list[CtEvent] = []
-    while True:
-        try:
-            batch = events.read()
-        except conntrack.Overflow:
-            return queued
-        if not batch:
-            return queued
-        queued.extend(batch)
 
 
 def collect(

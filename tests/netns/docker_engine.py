@@ -28,12 +28,16 @@ from pathlib import Path
 
 import pytest
 
+from ctfix.platform.engines import TIMEOUT_VARIABLE
+
 #: the engine's bridge (docker0): a documentation range the lab does not use
 BRIDGE_CIDR = "203.0.113.1/24"
 BRIDGE_V4 = "203.0.113.1"
 IMAGE = "ctfix-tiny:1"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
+#: seconds ctfix waits for this engine's answers (it is asked when it is up)
+ANSWER_TIMEOUT = 60.0
 #: what dockerd and its containerd shims make outside their roots
 _ROOT_LEFTOVERS = ("/etc/docker/key.json", "/run/docker", "/run/containerd")
 
@@ -110,8 +114,11 @@ class DockerEngine:
         return f"unix://{self.socket}"
 
     def env(self) -> dict[str, str]:
-        """The environment for ctfix and the docker CLI to reach this engine."""
-        return {**os.environ, "DOCKER_HOST": self.host}
+        """The environment for ctfix and the docker CLI to reach this engine, which
+        ctfix waits for as long as the CLI would (on a loaded machine this dockerd can
+        take more than ctfix's 1 s to answer an inspect, and ctfix then names a
+        container by its short id: the tests assert the name)."""
+        return {**os.environ, "DOCKER_HOST": self.host, TIMEOUT_VARIABLE: str(ANSWER_TIMEOUT)}
 
     def docker(self, *args: str, stdin: bytes | None = None, timeout: float = 120.0) -> str:
         proc = subprocess.run(

@@ -25,7 +25,7 @@ from ctfix.lab.topology import (
     udp_exchange,
     wait_udp_bound,
 )
-from ctfix.platform import netns
+from ctfix.platform import conntrack, netns
 
 PORT = 56789
 EXPLAIN = [sys.executable, "-m", "ctfix", "explain"]
@@ -78,6 +78,19 @@ def kernel_state(topo: Topology) -> tuple[str, str, str]:
 def lab4() -> Iterator[Topology]:
     with lab_topology(ipv6=False, netfilter="nft") as topo:
         yield topo
+
+
+def subscribed_to_conntrack(ns: str) -> bool:
+    """Whether a netfilter netlink socket in `ns` listens to conntrack's NEW events
+    (/proc/net/netlink: protocol 12, group bit NFNLGRP_CONNTRACK_NEW); in a test's own
+    namespace only the ctfix under test does."""
+    with netns.entered(ns), open("/proc/thread-self/net/netlink") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    new_events = 1 << (conntrack.NFNLGRP_CONNTRACK_NEW - 1)
+    return any(
+        int(row[1]) == conntrack.NETLINK_NETFILTER and int(row[3], 16) & new_events
+        for row in rows
+    )
 
 
 def codes(result: dict[str, Any]) -> list[str]:
@@ -328,13 +341,18 @@ def test_a_broken_server_named_like_a_trusted_one_is_broken(lab4: Topology, tmp_
 
     # The request is sent while explain listens: live evidence.
     listening = subprocess.Popen(
-        [*EXPLAIN, str(PORT), "--netns", lab4.host, "--json", "--listen", "2"],
+        [*EXPLAIN, str(PORT), "--netns", lab4.host, "--json", "--listen", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        time.sleep(0.8)  # explain subscribes to events first thing
+        # Sent as soon as explain has subscribed to conntrack events: from then on it
+        # is live evidence, however soon (not after a guessed start-up time).
+        deadline = time.monotonic() + 60
+        while not subscribed_to_conntrack(lab4.host) and listening.poll() is None:
+            assert time.monotonic() < deadline, "explain never subscribed to events"
+            time.sleep(0.01)
         assert not udp_exchange(lab4.container, UPLINK_V4, PORT, timeout=0.5).answered
         out, err = listening.communicate(timeout=30)
     finally:

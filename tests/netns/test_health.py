@@ -7,28 +7,24 @@ Know before changing: the readings of ctfix and of the conntrack tool are differ
 moments, so ctfix's figures must lie between the tool's before and after (they are
 equal when nothing moved). A verdict over an interval needs the counter to move
 inside the interval: the test drives it after ctfix says its first reading is taken,
-checks that ctfix was still waiting when conntrack had counted it, and otherwise
-starts again with a longer interval (no sleeps, no timing assumptions).
+checks that conntrack had counted it before ctfix's second reading was due (ctfix
+reads to a deadline on the monotonic clock), and otherwise starts again with a longer
+interval (no sleeps, no timing assumptions).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from ctfix.lab.topology import Topology, lab_topology
-from ctfix.platform import netns
 from tests.netns.conntrack_drive import (
     add_colliding_snat,
     collide,
@@ -41,6 +37,7 @@ from tests.netns.conntrack_drive import (
     summed,
     wait_counter,
 )
+from tests.netns.metrics_http import free_port, scrape
 
 PORT = 56789
 
@@ -65,6 +62,10 @@ def health_during(topo: Topology, drive: Callable[[], None]) -> tuple[int, dict[
     """`ctfix health --interval T` with `drive()` run inside its interval."""
     interval = 2.0
     while True:
+        # ctfix's second reading comes `interval` after its first, which comes after
+        # this (both on the machine's one monotonic clock): a rise conntrack counted
+        # before launched + interval is inside the interval, however slow the rest.
+        launched = time.monotonic()
         proc = subprocess.Popen(
             health_argv(topo, "--interval", str(interval)),
             stdout=subprocess.PIPE,
@@ -76,7 +77,7 @@ def health_during(topo: Topology, drive: Callable[[], None]) -> tuple[int, dict[
             started = proc.stderr.readline()
             assert "first reading taken" in started, started + proc.stderr.read()
             drive()
-            inside = proc.poll() is None
+            inside = time.monotonic() < launched + interval
             out, err = proc.communicate(timeout=interval + 30)
         finally:
             if proc.poll() is None:
@@ -195,30 +196,18 @@ def fill_and_evict(lab: Topology, limit: int) -> None:
     assert doc["increase"]["early_drop"] >= 5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _scrape(topo: Topology, port: int) -> dict[str, float] | None:
-    """ctfix_conntrack_* values from watch's metrics, wherever it listens (the watched
-    namespace, or this one); None while it does not answer yet."""
-    url = f"http://127.0.0.1:{port}/metrics"
-    for where in (netns.entered(topo.host), contextlib.nullcontext()):
-        try:
-            with where:
-                response = urllib.request.urlopen(url, timeout=1)
-            text = response.read().decode()
-        except (urllib.error.URLError, ConnectionError):
-            continue
-        return {
-            line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("ctfix_conntrack_")
-        }
-    return None
+def _conntrack_values(topo: Topology, port: int) -> dict[str, float]:
+    """ctfix_conntrack_* values from watch's metrics in the lab's host namespace (where
+    it was started); none while it does not answer yet."""
+    try:
+        text = scrape(topo.host, port)
+    except ConnectionRefusedError:
+        return {}
+    return {
+        line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ctfix_conntrack_")
+    }
 
 
 def test_watch_exports_the_counters_conntrack_reports(lab: Topology) -> None:
@@ -226,16 +215,16 @@ def test_watch_exports_the_counters_conntrack_reports(lab: Topology) -> None:
     add_colliding_snat(lab, PORT)
     collide(lab, PORT, 2)
     load_entries(lab, 40)
-    port = _free_port()
+    port = free_port(lab.host)
     watch = lab.spawn(
         lab.host,
         [sys.executable, "-m", "ctfix", "watch", "--metrics", f"127.0.0.1:{port}"],
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # watch starts slowly on a loaded machine
         while True:
             stats, count = conntrack_stats(lab), conntrack_count(lab)
-            values = _scrape(lab, port) or {}
+            values = _conntrack_values(lab, port)
             expected = {f"ctfix_conntrack_{name}_total": summed(stats, name) for name in stats[0]}
             expected["ctfix_conntrack_entries"] = count
             got = {name: values.get(name) for name in expected}

@@ -8,15 +8,26 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 from ctfix.lab.topology import leftover_namespaces
 
 LAB = [sys.executable, "-m", "ctfix", "lab"]
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _marked() -> tuple[str, dict[str, str]]:
+    """A mark for one run of the lab, and the environment that carries it: every
+    process the lab starts inherits it, so the test can find what this run left
+    behind without mistaking another run's servers (another checkout's tests, on the
+    same machine, in namespaces of their own) for its own."""
+    mark = f"CTFIX_TEST_RUN={uuid.uuid4().hex}"
+    name, _, value = mark.partition("=")
+    return mark, dict(os.environ, **{name: value})
+
+
+def _run(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*LAB, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [*LAB, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
 
 
@@ -26,24 +37,26 @@ def _namespaces_named_in(output: str) -> set[str]:
     return names
 
 
-def _servers_on(port: int) -> list[int]:
-    """Pids of `ctfix serve --port PORT` processes still running."""
+def _left_by(mark: str) -> list[int]:
+    """Pids of processes still running that one lab run started (they carry its mark:
+    the servers, and anything they started)."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
         except OSError:
             continue
-        if b"serve" in argv and str(port).encode() in argv:
+        if mark.encode() in environ:
             pids.append(int(entry))
     return pids
 
 
 def test_lab_reproduces_bug_and_fix_v4_and_v6() -> None:
-    proc = _run("--ipv6", "--port", "40123")
+    mark, env = _marked()
+    proc = _run("--ipv6", "--port", "40123", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "Result: bug reproduced, fix confirmed." in out
@@ -58,11 +71,12 @@ def test_lab_reproduces_bug_and_fix_v4_and_v6() -> None:
     assert "seen:     reply from 198.51.100.13:40123" in out
     assert "seen:     reply from [2001:db8:2::13]:40123" in out
     assert not _namespaces_named_in(out) & set(leftover_namespaces())
-    assert not _servers_on(40123)
+    assert not _left_by(mark)
 
 
 def test_lab_keep_leaves_namespaces_and_says_how_to_remove_them() -> None:
-    proc = _run("--keep", "--port", "40124")
+    mark, env = _marked()
+    proc = _run("--keep", "--port", "40124", env=env)
     left = _namespaces_named_in(proc.stdout)
     try:
         assert left <= set(leftover_namespaces())
@@ -71,14 +85,15 @@ def test_lab_keep_leaves_namespaces_and_says_how_to_remove_them() -> None:
         for ns in left:
             assert f"ip netns del {ns}" in proc.stdout
             assert f"ip netns exec {ns}" in proc.stdout or ns.endswith("-up")
-        assert not _servers_on(40124)
+        assert not _left_by(mark)
     finally:
         for ns in left:
             subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_lab_sigterm_mid_run_tears_everything_down() -> None:
-    proc = subprocess.Popen([*LAB, "--port", "40125"], stdout=subprocess.PIPE, text=True)
+    mark, env = _marked()
+    proc = subprocess.Popen([*LAB, "--port", "40125"], stdout=subprocess.PIPE, text=True, env=env)
     seen = ""
     try:
         assert proc.stdout is not None
@@ -87,6 +102,9 @@ def test_lab_sigterm_mid_run_tears_everything_down() -> None:
             seen += line
             if "pid" in line:
                 break
+        # The server runs and carries the run's mark (so the check below can fail).
+        [server] = re.findall(r"pid (\d+)", seen)
+        assert int(server) in _left_by(mark), seen
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=30)
@@ -96,4 +114,4 @@ def test_lab_sigterm_mid_run_tears_everything_down() -> None:
             proc.wait()
     assert status != 0
     assert not _namespaces_named_in(seen) & set(leftover_namespaces())
-    assert not _servers_on(40125)
+    assert not _left_by(mark)

@@ -21,7 +21,9 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,6 +44,9 @@ from ctfix.lab.topology import (
 from ctfix.platform import netns
 
 PORT = 47001
+#: seconds a reply that must come may take on a loaded machine. Only a failing test
+#: waits this long: a reply from the wrong source never reaches a connect()ed client.
+ANSWER = 10.0
 EVERY_ADDRESS = [UPLINK_V4, BRIDGE_V4, UPLINK_V6, BRIDGE_V6]
 
 
@@ -52,12 +57,16 @@ def topo() -> Iterator[Topology]:
 
 
 def start_server(topo: Topology, *options: str, stderr: bool = False) -> subprocess.Popen[bytes]:
+    """`ctfix serve` in the host namespace, once it says it listens (every socket is
+    bound then, with pktinfo on: a port bound is not yet a server that answers)."""
     proc = topo.spawn(
         topo.host,
         [sys.executable, "-m", "ctfix", "serve", "--port", str(PORT), *options],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE if stderr else subprocess.DEVNULL,
     )
-    wait_udp_bound(proc.pid, PORT)
+    assert proc.stdout is not None
+    read_until(proc, "ctfix serve: listening on", stream=proc.stdout)
     return proc
 
 
@@ -69,10 +78,14 @@ def stop_server(topo: Topology, proc: subprocess.Popen[bytes]) -> tuple[int, str
     return proc.returncode, err.decode() if err else ""
 
 
-def read_until(proc: subprocess.Popen[bytes], needle: str, timeout: float = 3.0) -> str:
-    """Read the server's stderr until needle shows up (no sleeping on guesses)."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
+def read_until(
+    proc: subprocess.Popen[bytes], needle: str, timeout: float = ANSWER, stream: Any = None
+) -> str:
+    """Read the server's stderr (or `stream`) until needle shows up (no sleeping on
+    guesses; only a failing test waits `timeout`)."""
+    stream = proc.stderr if stream is None else stream
+    assert stream is not None
+    fd = stream.fileno()
     seen = b""
     while needle.encode() not in seen:
         ready, _, _ = select.select([fd], [], [], timeout)
@@ -140,7 +153,9 @@ def test_connected_client_gets_echo_via_every_local_address(
 ) -> None:
     start_server(topo, *mode)
     for address in EVERY_ADDRESS:
-        exchange = udp_exchange(topo.container, address, PORT, b"echo " + address.encode())
+        exchange = udp_exchange(
+            topo.container, address, PORT, b"echo " + address.encode(), timeout=ANSWER
+        )
         assert exchange.reply == b"echo " + address.encode(), f"no echo via {address}"
         assert exchange.reply_from == (address, PORT)
 
@@ -149,9 +164,9 @@ def test_broken_server_fails_via_uplink_and_works_via_bridge(topo: Topology) -> 
     start_server(topo, "--broken")
     for uplink, bridge in [(UPLINK_V4, BRIDGE_V4), (UPLINK_V6, BRIDGE_V6)]:
         assert not udp_exchange(topo.container, uplink, PORT).answered
-        assert udp_exchange(topo.container, bridge, PORT).answered
+        assert udp_exchange(topo.container, bridge, PORT, timeout=ANSWER).answered
         # The reply was sent, from the bridge address: exactly the bug.
-        unconnected = udp_exchange(topo.container, uplink, PORT, connect=False)
+        unconnected = udp_exchange(topo.container, uplink, PORT, connect=False, timeout=ANSWER)
         assert unconnected.reply_from == (bridge, PORT)
 
 
@@ -185,9 +200,10 @@ def test_server_says_where_it_listens_and_exits_0_on_sigterm(topo: Topology) -> 
 def test_address_option_binds_only_those_addresses(topo: Topology) -> None:
     bridge_ll = link_local(topo, topo.host, topo.bridge)
     start_server(topo, "--address", UPLINK_V4, "--address", f"{bridge_ll}%{topo.bridge}")
-    assert udp_exchange(topo.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    exchange = udp_exchange(topo.container, UPLINK_V4, PORT, timeout=ANSWER)
+    assert exchange.reply_from == (UPLINK_V4, PORT)
     scope = ifindex(topo, topo.container, topo.container_if)
-    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope)
+    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope, timeout=ANSWER)
     assert exchange.reply_from == (bridge_ll, PORT)
     assert not udp_exchange(topo.container, BRIDGE_V4, PORT, timeout=0.3).answered
 
@@ -201,7 +217,8 @@ def test_netns_option_serves_inside_that_namespace(topo: Topology) -> None:
     )
     topo.processes.append(proc)  # stopped by pid at teardown, whatever happens
     wait_udp_bound(proc.pid, PORT)
-    assert udp_exchange(topo.container, UPLINK_V4, PORT).reply_from == (UPLINK_V4, PORT)
+    exchange = udp_exchange(topo.container, UPLINK_V4, PORT, timeout=ANSWER)
+    assert exchange.reply_from == (UPLINK_V4, PORT)
     status, _ = stop_server(topo, proc)
     assert status == 0
 
@@ -213,7 +230,7 @@ def test_secondary_addresses_answer_from_themselves(topo: Topology) -> None:
     topo.ip(topo.host, "addr add 203.0.113.13/24 dev eth0\naddr add 198.51.100.14/24 dev eth0")
     start_server(topo)
     for address in ["203.0.113.13", "198.51.100.14"]:
-        exchange = udp_exchange(topo.container, address, PORT)
+        exchange = udp_exchange(topo.container, address, PORT, timeout=ANSWER)
         assert exchange.reply_from == (address, PORT), f"no echo via secondary {address}"
 
 
@@ -237,7 +254,7 @@ table ip6 ctfix_test {{
     )
     start_server(topo)
     for public in ["203.0.113.80", "2001:db8:3::80"]:
-        exchange = udp_exchange(topo.container, public, PORT)
+        exchange = udp_exchange(topo.container, public, PORT, timeout=ANSWER)
         assert exchange.reply_from == (public, PORT), f"no echo via DNAT address {public}"
 
 
@@ -292,7 +309,7 @@ def test_link_local_request_keeps_its_scope(topo: Topology) -> None:
     start_server(topo)
     bridge_ll = link_local(topo, topo.host, topo.bridge)
     scope = ifindex(topo, topo.container, topo.container_if)
-    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope)
+    exchange = udp_exchange(topo.container, bridge_ll, PORT, scope_id=scope, timeout=ANSWER)
     assert exchange.reply_from == (bridge_ll, PORT)
 
 
@@ -324,7 +341,7 @@ def test_reply_is_dropped_when_its_address_vanished(
     assert f"from {secondary}: " in logged
     assert "the address is gone; reply dropped" in logged
     # Still serving the addresses that remain.
-    assert udp_exchange(topo.container, BRIDGE_V4, PORT).answered
+    assert udp_exchange(topo.container, BRIDGE_V4, PORT, timeout=ANSWER).answered
     status, _ = stop_server(topo, proc)
     assert status == 0
 
@@ -354,16 +371,60 @@ def test_asyncio_server_answers_from_the_right_address(
     thread.start()
     try:
         for address in [UPLINK_V4, UPLINK_V6]:
-            exchange = udp_exchange(topo.container, address, PORT, b"quiet")
+            exchange = udp_exchange(topo.container, address, PORT, b"quiet", timeout=ANSWER)
             assert (exchange.reply, exchange.reply_from) == (b"quiet", (address, PORT))
-        with caplog.at_level(logging.WARNING, logger="ctfix.pktinfo"):
-            big = udp_exchange(topo.container, UPLINK_V4, PORT, b"big?", connect=False, timeout=0.5)
-        assert not big.answered
-        assert any("larger than its 4-byte request" in r.message for r in caplog.records)
+        with caplog.at_level(logging.WARNING, logger="ctfix.pktinfo"), client_socket(topo) as sock:
+            sock.sendto(b"big?", (UPLINK_V4, PORT))
+            # The server's word that it refused to answer (not a guess at how long it
+            # takes to get there), then nothing arrives: it sent nothing, and a reply
+            # of any length would be here by now.
+            deadline = time.monotonic() + ANSWER
+            while not any("larger than its 4-byte request" in r.message for r in caplog.records):
+                assert time.monotonic() < deadline, "the server never refused the big reply"
+                time.sleep(0.02)
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                print("unexpected reply:", sock.recvfrom(100))
     finally:
         loop.call_soon_threadsafe(task.cancel)
         thread.join(5)
         loop.close()
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_request_that_arrives_the_moment_a_socket_is_bound_is_answered(
+    topo: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends as soon as the port is bound (a test, a restart under load)
+    must not meet a socket without pktinfo. Each socket gets a datagram right after its
+    bind, before open_sockets returns; the address to answer from must be the one it
+    was sent to."""
+    early = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+
+    class SentToAtOnce(socket.socket):
+        def bind(self, address: Any) -> None:
+            super().bind(address)
+            # A client socket never calls bind(): the kernel picks its port.
+            with socket.socket(self.family, socket.SOCK_DGRAM) as client:
+                client.sendto(b"early", (early[self.family], PORT))
+
+    with netns.entered(topo.host):
+        monkeypatch.setattr(socket, "socket", SentToAtOnce)
+        try:
+            sockets = pktinfo.open_sockets(PORT)
+        finally:
+            monkeypatch.undo()
+    try:
+        for sock in sockets:
+            sock.settimeout(ANSWER)
+            request = pktinfo.receive(sock)
+            assert request is not None, f"the early request to {sock.family!r} was dropped"
+            # The address to answer from: with pktinfo enabled only after the datagram
+            # was queued, IPv4's was 0.0.0.0 (routing's choice: the bug itself).
+            address = early[sock.family]
+            assert (request.payload, request.local_address) == (b"early", address)
+    finally:
         for sock in sockets:
             sock.close()
 

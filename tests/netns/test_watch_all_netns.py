@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,8 @@ import pytest
 
 from ctfix.lab.fleet import BROKEN_PORT, SERVER_V4, SERVICE_V4, Fleet, fleet_topology
 from ctfix.lab.topology import Namespaces, built, new_run_id
-from ctfix.platform import netns
 from tests.netns.logs import JsonLines, wait_for_text
+from tests.netns.metrics_http import free_port, scrape
 
 WATCH = [sys.executable, "-m", "ctfix", "watch"]
 #: starting to watch ~60 namespaces takes two conntrack dumps each, and a dump walks
@@ -162,20 +161,11 @@ def test_the_namespace_cap_is_said_and_counted(fleet: Fleet) -> None:
     assert watched[0]["netns"] == "host"  # the host first, then containers, ip netns...
 
 
-def _free_port(ns: str) -> int:
-    with netns.entered(ns):
-        probe = socket.socket()
-    with probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def test_metrics_carry_one_netns_label_per_namespace_watched(fleet: Fleet) -> None:
     """Run in one of the fleet's namespaces (its loopback serves the metrics): each
     namespace watched has its series; a namespace that goes takes them with it."""
     home = fleet.ok_server
-    port = _free_port(home)
+    port = free_port(home)
     with tempfile.NamedTemporaryFile("w+") as log:
         proc = fleet.spawn(
             home,
@@ -185,26 +175,16 @@ def test_metrics_carry_one_netns_label_per_namespace_watched(fleet: Fleet) -> No
         try:
             wait_for_text(log, "ctfix watch: watching ", timeout=START_TIMEOUT)
 
-            def scrape() -> str:
-                with netns.entered(home):
-                    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-                with sock:
-                    sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-                    chunks = []
-                    while chunk := sock.recv(65536):
-                        chunks.append(chunk)
-                return b"".join(chunks).decode()
-
             def series(ns: str) -> str:
                 return f'ctfix_watch_events_total{{netns="{ns}"}}'
 
             def wait_scraped(what: str, check: Callable[[str], bool]) -> None:
                 deadline = time.monotonic() + 60
-                while not check(scrape()):
+                while not check(scrape(home, port)):
                     assert time.monotonic() < deadline, f"never {what}"
                     time.sleep(0.5)
 
-            text = scrape()
+            text = scrape(home, port)
             assert all(series(ns) in text for ns in fleet.namespaces)
             assert "ctfix_build_info{" in text
             with built(Lone(new_run_id())) as lone:

@@ -23,6 +23,7 @@ from ctfix.core.ctstats import CpuStats
 from ctfix.core.health import COUNTERS, Sample
 from ctfix.platform.health_metrics import REFRESH_SECONDS, ConntrackHealthCollector
 from ctfix.platform.metrics import WatchMetrics
+from tests.unit.no_server import NoServer
 
 ROOT = pathlib.Path(__file__).parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "ctfix-watch-rules.yaml"
@@ -102,12 +103,10 @@ def test_before_the_first_reading_a_scrape_has_no_conntrack_samples() -> None:
     assert _scrape(collector) == {}
 
 
-def test_watch_metrics_register_the_conntrack_collector(monkeypatch: pytest.MonkeyPatch) -> None:
-    import prometheus_client
-
-    # No HTTP server in a unit test: only the registry matters here.
-    monkeypatch.setattr(prometheus_client, "start_http_server", lambda *a, **k: (None, None))
-    metrics = WatchMetrics("localhost:9464", "ns1")
+def test_watch_metrics_register_the_conntrack_collector() -> None:
+    # No HTTP server in a unit test (a fixed port would collide with anything that
+    # listens there): only the registry matters here.
+    metrics = WatchMetrics(NoServer(), "ns1")
     metrics.conntrack._read = lambda: READING
     metrics.update({}, pending=0, findings=0)
     text = generate_latest(metrics.registry).decode()

@@ -9,7 +9,6 @@ import pathlib
 import platform
 import re
 import subprocess
-from typing import Any
 
 import yaml
 from prometheus_client import generate_latest
@@ -18,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ctfix import __version__
 from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.platform.metric_conventions import OTHER, SERIES_LIMIT, LabelCap
-from ctfix.platform.metrics import MetricsListener, WatchMetrics
+from ctfix.platform.metrics import WatchMetrics
+from tests.unit.no_server import NoServer
 from tests.unit.test_conntrack_metrics import _anchors, _promtool
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -89,19 +89,6 @@ def test_label_cap_keeps_the_first_sets_and_folds_the_rest_into_other() -> None:
     assert cap.admit(("c", "3")) == (OTHER, OTHER)
     assert cap.admit(("a", "1")) == ("a", "1")  # a kept set stays itself
     assert cap.folded == 1
-
-
-class NoServer(MetricsListener):
-    """A listener that serves nothing: a unit test opens no socket."""
-
-    def __init__(self) -> None:
-        self.thread = None
-
-    def serve(self, app: Any) -> None:
-        del app
-
-    def close(self) -> None:
-        pass
 
 
 def test_watch_metrics_have_build_info_and_a_bounded_number_of_finding_series() -> None:

@@ -16,6 +16,7 @@ from ctfix.core.plan import Plan, Spec, make_plan
 from ctfix.errors import CtfixError
 from ctfix.platform import remedy
 from ctfix.platform.fixstate import FixState
+from ctfix.platform.remedy import registry
 
 PORT = 56789
 KEY = "netns-cookie-test"
@@ -48,11 +49,11 @@ class FakeKernel:
         self.foreign: set[Spec] = set()
         self.appears_meanwhile: set[Spec] = set()  # made by somebody else mid-apply
         self.removed: list[Spec] = []
-        monkeypatch.setattr(remedy, "create", self.create)
-        monkeypatch.setattr(remedy, "remove", self.remove)
-        monkeypatch.setattr(remedy, "present", lambda spec: spec in self.objects)
+        monkeypatch.setattr(registry, "create", self.create)
+        monkeypatch.setattr(registry, "remove", self.remove)
+        monkeypatch.setattr(registry, "present", lambda spec: spec in self.objects)
         monkeypatch.setattr(
-            remedy, "clash", lambda spec: "it is already in the kernel" if spec in self.objects
+            registry, "clash", lambda spec: "it is already in the kernel" if spec in self.objects
             else None,
         )
         monkeypatch.setattr(remedy, "_legacy_tables", lambda: {"ipv4": set(), "ipv6": set()})

@@ -4,19 +4,22 @@ event), and metrics that drop a namespace's series when it goes."""
 
 from __future__ import annotations
 
+import selectors
 import socket
-from typing import Any
+from typing import Any, cast
 
+import pytest
 from prometheus_client import generate_latest
 
 from ctfix.commands.watch_all import MAX_NETNS, TOTAL_FLOWS, limits
+from ctfix.commands.watch_loop import Stop, run_loop
 from ctfix.core.decode import NEW, CtEntry, CtEvent, CtTuple
 from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
 from ctfix.core.model import ContainerRef
 from ctfix.platform.conntrack import DEFAULT_RCVBUF
 from ctfix.platform.containers import ClientContainers
 from ctfix.platform.metrics import WatchMetrics
-from tests.unit.test_prometheus_rules import NoServer
+from tests.unit.no_server import NoServer
 
 
 def test_each_namespace_gets_a_share_and_the_host_its_full_buffer() -> None:
@@ -106,3 +109,76 @@ def test_metrics_have_a_netns_label_per_namespace_and_forget_a_gone_one() -> Non
     metrics.forget("web")
     text = generate_latest(metrics.registry).decode()
     assert text.count("ctfix_watch_events_total{") == 2 and 'netns="web"' not in text
+
+
+class _Batch(selectors.BaseSelector):
+    """A selector whose first select() says that the follower's socket and a watcher's
+    event socket are both readable; the second stops the loop."""
+
+    def __init__(self, keys: list[selectors.SelectorKey]) -> None:
+        self.keys = {key.fd: key for key in keys}
+        self.batches = [list(keys)]
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        raise NotImplementedError
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self.keys.pop(fileobj)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if not self.batches:
+            raise Stop()
+        return [(key, selectors.EVENT_READ) for key in self.batches.pop(0)]
+
+    def get_map(self) -> Any:
+        return self.keys
+
+
+class _Gone:
+    """A namespace's watcher whose namespace the follower finds gone."""
+
+    inside = None
+    resync_due = None
+
+    def __init__(self) -> None:
+        self.read: list[str] = []
+
+    def ready(self, tag: str, fileobj: Any) -> None:
+        self.read.append(tag)  # on a closed socket: EBADF
+
+    def wait(self, mono: float) -> float:
+        return 1.0
+
+
+def test_a_namespace_gone_earlier_in_a_batch_is_not_read() -> None:
+    """Seen with namespaces coming and going: the follower's socket and a watcher's
+    event socket readable at once; the follower closes the watcher (its namespace is
+    gone), and the loop then read the closed socket (EBADF, the end of the watch)."""
+    gone = _Gone()
+    follower_key = selectors.SelectorKey(3, 3, selectors.EVENT_READ, (None, "follow"))
+    events_key = selectors.SelectorKey(7, 7, selectors.EVENT_READ, (gone, "ct"))
+    sel = _Batch([follower_key, events_key])
+
+    class Follower:
+        def __init__(self) -> None:
+            self.watchers: list[Any] = [gone]
+
+        def wait(self, mono: float) -> float:
+            return 1.0
+
+        def follow(self, mono: float, *, readable: bool = False) -> None:
+            if readable and self.watchers:
+                sel.unregister(7)  # NamespaceWatch.close(): unregister, then close
+                self.watchers = []
+
+    class Quiet:
+        status = False
+
+        def due(self, mono: float) -> float:
+            return mono + 1.0
+
+    with pytest.raises(Stop):
+        run_loop(
+            sel, [], console=cast(Any, Quiet()), deadline=None, follower=cast(Any, Follower())
+        )
+    assert gone.read == []

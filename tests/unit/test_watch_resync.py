@@ -112,10 +112,10 @@ def test_without_ids_a_dump_never_counts_a_known_pair_again() -> None:
 
 
 def test_an_overflow_schedules_a_resync_that_later_overflows_do_not_postpone() -> None:
-    from ctfix.commands.watch_ns import _resync_due
+    from ctfix.commands.watch_events import resync_due
 
-    first = _resync_due(None, 100.0, last_resync=-math.inf)
+    first = resync_due(None, 100.0, last_resync=-math.inf)
     assert first == 100.2
-    assert _resync_due(first, 100.15, last_resync=-math.inf) == first
+    assert resync_due(first, 100.15, last_resync=-math.inf) == first
     # Right after a resync, the next one waits a second.
-    assert _resync_due(None, 101.0, last_resync=100.9) == 101.9
+    assert resync_due(None, 101.0, last_resync=100.9) == 101.9

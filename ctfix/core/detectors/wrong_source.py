@@ -35,7 +35,10 @@ would look like their reply), the namespace's own clients, forwarded flows that
 nothing here NATs, directed broadcasts. Without local addresses every unreplied
 entry is a candidate (the pure rule, for tests and for callers that cannot list them).
 
-Know before changing:
+Know before changing (over 500 lines on purpose: this docstring is the rule's
+specification, and the rest is one detector whose packed memory of pending requests
+and matching against it are one piece of the hot path; split, each half would have to
+know the other's byte layout):
 - Memory is the constraint (1M unreplied flows in < 200 MB): a pending request is
   two small `bytes` (key: client address+port; value: expected source, service,
   client, deadline) in a dict, plus one reference in a deque that orders expiry.

@@ -1,4 +1,8 @@
 """Apply a `ctfix.core.plan.Plan` all-or-nothing, check it, revert it, report it.
+What each kind of step is made and removed with is `registry.py` (one backend module
+per kind: iproute, nftables, legacy, conntrack; asked as `registry.create(...)`, so a
+test can stand a fake kernel in for all of them); which netfilter backend snat-zone
+uses is `backend_choice.py`; whose an object is, `marks.py`.
 
 Works in the network namespace the process is in (the command enters `--netns`
 first). Backends: policy routing (pyroute2), nftables (one table of ctfix's own, one
@@ -17,236 +21,24 @@ rollback, so the rollback never removes what somebody else made.
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple, Never, NoReturn
+from typing import Any
 
 from ctfix.core.model import Method
-from ctfix.core.plan import (
-    Backend,
-    ConntrackEntrySpec,
-    IpsetSpec,
-    IptRuleSpec,
-    NftTableSpec,
-    Plan,
-    RouteSpec,
-    RuleSpec,
-    Spec,
-    Step,
-)
-from ctfix.errors import CtfixError, MissingFeatureError
+from ctfix.core.plan import Backend, Plan, RouteSpec, Spec, Step
+from ctfix.errors import CtfixError
 from ctfix.platform import iptables_legacy
 from ctfix.platform.fixstate import FixState, RecordedFix, StepStatus
+from ctfix.platform.remedy import registry
+from ctfix.platform.remedy.backend_choice import choose_backend
+from ctfix.platform.remedy.marks import AlreadyThere
+from ctfix.platform.remedy.registry import clash, create, present, present_all, remove
 
 #: Test hook: seconds to sleep after recording each step as pending, before applying
 #: it, so a test can `kill -9` the process in the middle of an apply.
 PAUSE_ENV = "CTFIX_TEST_PAUSE_BETWEEN_STEPS"
-#: tables ctfix makes and choose_backend must not count as the namespace's own rules:
-#: `ctfix fix`'s `ctfix_<port>` and `ctfix watch --track`'s `ctfix_watch_<pid>[_<start>_<pidns>]`.
-#: (`ctfix_lab` is the lab's own, a real user of netfilter, so it counts.)
-_OWN_TABLE = re.compile(r"ctfix_\d+|ctfix_watch_\d+(?:_\d+_\d+)?")
-
-
-class AlreadyThere(CtfixError):
-    """A create found its object (or its name, its route slot) taken by somebody else.
-
-    apply_plan drops that step from the record before rolling back, so the rollback
-    never removes the object that was there.
-    """
-
-
-# -- dispatch per kind of step ------------------------------------------------------------
-
-
-class _Operations(NamedTuple):
-    """What can be done with one step's object, bound to its spec."""
-
-    create: Callable[[], None]
-    remove: Callable[[], bool]  # False: it was not there
-    present: Callable[[], bool]
-    #: why creating it would clash with what is in the kernel now (None: it would not)
-    clash: Callable[[], str | None]
-
-
-def _operations(spec: Spec) -> _Operations:
-    """The registry: the backend functions for each kind of step (imported only when
-    needed). Exhaustive: a spec kind without a case fails mypy here, and a spec of a
-    kind this ctfix does not know (a newer state file, a bug) raises instead of
-    reaching another kind's backend."""
-    match spec:
-        case RouteSpec() as route:
-            from ctfix.platform.remedy import iproute
-
-            return _Operations(
-                partial(iproute.create_route, route),
-                partial(iproute.remove_route, route),
-                partial(iproute.route_present, route),
-                partial(iproute.route_clash, route),
-            )
-        case RuleSpec() as rule:
-            from ctfix.platform.remedy import iproute
-
-            return _by_name(
-                partial(iproute.create_rule, rule),
-                partial(iproute.remove_rule, rule),
-                partial(iproute.rule_present, rule),
-            )
-        case NftTableSpec() as table:
-            from ctfix.platform.remedy import nftables
-
-            return _by_name(
-                partial(nftables.create_table, table),
-                partial(nftables.remove_table, table),
-                partial(nftables.table_present, table),
-            )
-        case IpsetSpec() as ipset:
-            from ctfix.platform.remedy import legacy
-
-            return _by_name(
-                partial(legacy.create_ipset, ipset),
-                partial(legacy.remove_ipset, ipset),
-                partial(legacy.ipset_present, ipset),
-            )
-        case IptRuleSpec() as ipt_rule:
-            from ctfix.platform.remedy import legacy
-
-            return _by_name(
-                partial(legacy.create_rule, ipt_rule),
-                partial(legacy.remove_rule, ipt_rule),
-                partial(legacy.rule_present, ipt_rule),
-            )
-        case ConntrackEntrySpec() as entry:
-            from ctfix.platform.remedy import conntrack
-
-            return _Operations(
-                partial(conntrack.delete_entry, entry),
-                partial(conntrack.cannot_undo, entry),
-                partial(conntrack.entry_gone, entry),
-                partial(conntrack.no_clash, entry),
-            )
-        case _:
-            _unknown_kind(spec)
-
-
-def _unknown_kind(spec: Never) -> NoReturn:
-    """mypy proves this unreachable (every Spec has a case); at run time it is the
-    refusal for anything else."""
-    kind = getattr(spec, "kind", type(spec).__name__)
-    raise CtfixError(
-        f"a step of kind {kind!r} that this ctfix cannot make or remove",
-        "is the state file from a newer ctfix? revert with that version",
-    )
-
-
-def _by_name(
-    create: Callable[[], None], remove: Callable[[], bool], present: Callable[[], bool]
-) -> _Operations:
-    """For objects known by name alone: creating clashes when the name is taken."""
-
-    def clash() -> str | None:
-        return "it is already in the kernel" if present() else None
-
-    return _Operations(create, remove, present, clash)
-
-
-def create(spec: Spec) -> None:
-    _operations(spec).create()
-
-
-def remove(spec: Spec) -> bool:
-    """Remove the object if it exists; False when it was not there."""
-    return _operations(spec).remove()
-
-
-def present(spec: Spec) -> bool:
-    return _operations(spec).present()
-
-
-def present_all(specs: Sequence[Spec]) -> list[bool]:
-    """`present` of each spec, iptables-legacy rules read in one go (see
-    `legacy.rules_found`)."""
-    found = [False] * len(specs)
-    rules = [(i, s) for i, s in enumerate(specs) if isinstance(s, IptRuleSpec)]
-    if rules:
-        from ctfix.platform.remedy import legacy
-
-        for (index, _spec), answer in zip(
-            rules, legacy.rules_found([s for _i, s in rules]), strict=True
-        ):
-            found[index] = answer
-    for index, spec in enumerate(specs):
-        if not isinstance(spec, IptRuleSpec):
-            found[index] = present(spec)
-    return found
-
-
-def clash(spec: Spec) -> str | None:
-    """Why the step cannot be made without touching something already there."""
-    return _operations(spec).clash()
-
-
-# -- backend choice -----------------------------------------------------------------------
-
-
-def choose_backend(override: Backend | None) -> tuple[Backend, str]:
-    """(backend, why) for snat-zone: the one the namespace already uses."""
-    if override:
-        return override, f"--backend {override}"
-    nft_tables, nft_nat = _nft_usage()
-    legacy_rules = legacy_nat = False
-    try:
-        legacy_in_use = iptables_legacy.in_use()
-    except iptables_legacy.Unreadable:
-        # Not root: the dry run goes on without them, and says so.
-        return (
-            "nftables",
-            "iptables-legacy tables could not be read (root only); "
-            + ("the namespace's rules are in nftables" if nft_tables else "assuming none"),
-        )
-    if legacy_in_use:
-        from ctfix.platform.remedy import legacy
-
-        legacy_rules = legacy.rules_present()
-        legacy_nat = legacy_rules and legacy.nat_rules_present()
-    if legacy_rules and not nft_tables:
-        return "iptables-legacy", "only iptables-legacy tables hold rules in this namespace"
-    if legacy_rules and nft_tables:
-        if legacy_nat and not nft_nat:
-            return (
-                "iptables-legacy",
-                "both nftables and iptables-legacy hold rules; the NAT rules are in "
-                "iptables-legacy",
-            )
-        return (
-            "nftables",
-            "both nftables and iptables-legacy hold rules; "
-            + ("the NAT rules are in nftables" if nft_nat else "preferring nftables"),
-        )
-    if nft_tables:
-        return "nftables", "the namespace's rules are in nftables"
-    return "nftables", "the namespace holds no netfilter rules"
-
-
-def _nft_usage() -> tuple[bool, bool]:
-    """(has tables other than ctfix's, has a nat chain other than ctfix's)."""
-    from ctfix.platform import nft
-
-    try:
-        objects = nft.ruleset()
-    except MissingFeatureError:
-        return False, False
-    tables = nat = False
-    for obj in objects:
-        table = obj.get("table")
-        if table and not _OWN_TABLE.fullmatch(str(table.get("name", ""))):
-            tables = True
-        chain = obj.get("chain")
-        if chain and not _OWN_TABLE.fullmatch(str(chain.get("table", ""))):
-            nat = nat or chain.get("type") == "nat"
-    return tables, nat
 
 
 # -- apply / verify / revert --------------------------------------------------------------
@@ -287,7 +79,7 @@ def apply_plan(
     existing = state.fixes.get(plan.port)
     if existing is not None:
         if existing.complete and existing.same_plan(plan):
-            here = present_all([r.step.spec for r in existing.steps])
+            here = registry.present_all([r.step.spec for r in existing.steps])
             missing = [
                 f"{r.step.summary}: not in the kernel"
                 for r, found in zip(existing.steps, here, strict=True)
@@ -317,7 +109,7 @@ def apply_plan(
             if pause:
                 time.sleep(pause)
             try:
-                create(step.spec)
+                registry.create(step.spec)
             except AlreadyThere:
                 # Somebody else's object appeared since the check: not ours to undo.
                 state.drop_step(fix, recorded)
@@ -353,10 +145,10 @@ def _refuse_what_is_there(plan: Plan) -> None:
     delete it.
     """
     # iptables-legacy rules and the others are known by name alone: taken if present.
-    taken = present_all([s.spec for s in plan.steps if not isinstance(s.spec, RouteSpec)])
+    taken = registry.present_all([s.spec for s in plan.steps if not isinstance(s.spec, RouteSpec)])
     named = iter(taken)
     for step in plan.steps:
-        why = clash(step.spec) if isinstance(step.spec, RouteSpec) else (
+        why = registry.clash(step.spec) if isinstance(step.spec, RouteSpec) else (
             "it is already in the kernel" if next(named) else None
         )
         if why is not None:
@@ -396,7 +188,7 @@ def _undo(
     missing: list[tuple[str, ...]] = []
     for recorded in reversed(list(fix.steps)):
         try:
-            if remove(recorded.step.spec):
+            if registry.remove(recorded.step.spec):
                 removed.append(recorded.step.creates)
             else:
                 missing.append(recorded.step.creates)
@@ -503,7 +295,7 @@ def _legacy_notes(before: dict[str, set[str]]) -> tuple[str, ...]:
 
 def verify_plan(plan: Plan) -> list[str]:
     """What is wrong after apply (empty: every object is loaded, every lookup right)."""
-    here = present_all([s.spec for s in plan.steps])
+    here = registry.present_all([s.spec for s in plan.steps])
     problems = [
         f"{s.summary}: not in the kernel"
         for s, found in zip(plan.steps, here, strict=True)
@@ -533,8 +325,28 @@ def status(state: FixState) -> list[tuple[RecordedFix, list[tuple[Step, StepStat
     """For each recorded fix: (fix, [(step, recorded status, present in the kernel)])."""
     report: list[tuple[RecordedFix, list[tuple[Step, StepStatus, bool]]]] = []
     for _port, fix in sorted(state.fixes.items()):
-        here = present_all([r.step.spec for r in fix.steps])
+        here = registry.present_all([r.step.spec for r in fix.steps])
         report.append(
             (fix, [(r.step, r.status, found) for r, found in zip(fix.steps, here, strict=True)])
         )
     return report
+
+
+__all__ = [
+    "PAUSE_ENV",
+    "AlreadyThere",
+    "ApplyResult",
+    "Interrupted",
+    "Reverted",
+    "apply_plan",
+    "choose_backend",
+    "clash",
+    "create",
+    "foreign_steps",
+    "present",
+    "present_all",
+    "remove",
+    "revert",
+    "status",
+    "verify_plan",
+]

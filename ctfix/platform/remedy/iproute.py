@@ -18,8 +18,7 @@ from ctfix.core.model import Family
 from ctfix.core.plan import RT_PROTO, RT_TABLE_BASE, RouteSpec, RuleSpec, Spec, table_id
 from ctfix.core.plan.specs import REROUTE_STEP, REROUTE_UPLINKS
 from ctfix.errors import CtfixError, PrivilegeError
-from ctfix.platform.remedy import AlreadyThere
-from ctfix.platform.remedy.marks import Marked
+from ctfix.platform.remedy.marks import AlreadyThere, Marked
 
 _AF: dict[Family, int] = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 _ABSENT = (errno.ENOENT, errno.ESRCH, errno.ENODEV)

@@ -25,8 +25,7 @@ from ctfix.core.model import Family
 from ctfix.core.plan import IpsetSpec, IptRuleSpec, Spec, comment
 from ctfix.errors import CtfixError, MissingFeatureError, PrivilegeError
 from ctfix.platform import iptables_legacy
-from ctfix.platform.remedy import AlreadyThere
-from ctfix.platform.remedy.marks import Marked
+from ctfix.platform.remedy.marks import AlreadyThere, Marked
 
 # -- ipset ---------------------------------------------------------------------------
 

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ctfix.core.plan import Spec
-from ctfix.errors import MissingFeatureError
+from ctfix.errors import CtfixError, MissingFeatureError
+
+
+class AlreadyThere(CtfixError):
+    """A create found its object (or its name, its route slot) taken by somebody else.
+
+    apply_plan drops that step from the record before rolling back, so the rollback
+    never removes the object that was there.
+    """
 
 
 @dataclass(frozen=True, slots=True)

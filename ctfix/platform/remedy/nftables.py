@@ -17,8 +17,7 @@ from typing import Any
 from ctfix.core.plan import NftTableSpec, Spec, comment, nft_table_name
 from ctfix.errors import MissingFeatureError
 from ctfix.platform import nft
-from ctfix.platform.remedy import AlreadyThere
-from ctfix.platform.remedy.marks import Marked
+from ctfix.platform.remedy.marks import AlreadyThere, Marked
 
 _MISSING_FEATURE_HINTS = ("Operation not supported", "No such file or directory", "not supported")
 
