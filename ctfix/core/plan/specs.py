@@ -272,8 +272,12 @@ def step_from_dict(data: dict[str, Any]) -> Step:
             commands=tuple(data["commands"]),
             undo=tuple(data["undo"]),
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except KeyError as err:
+        raise CtfixError(f"unreadable step in the state file (no {err.args[0]!r})") from None
+    except ValueError as err:
         raise CtfixError(f"unreadable step in the state file ({err})") from None
+    except TypeError:  # Python's words name its types: say it in the file's terms
+        raise CtfixError("unreadable step in the state file (a value of the wrong kind)") from None
 
 
 def _xt(raw: dict[str, Any]) -> XtExtension:
