@@ -422,6 +422,19 @@ def _revert(args: argparse.Namespace) -> int:
     from ctfix.platform.remedy import marks
 
     with FixState.locked(label) as state:
+        refused = remedy.foreign_steps(state, args.port)
+        if refused:
+            # remedy.revert would refuse too; here the refusal can name the way out.
+            from ctfix.render.fix import aside_hint
+
+            (port, _index), why = next(iter(refused.items()))
+            raise CtfixError(
+                f"refusing to revert port {port}: {why}; nothing was removed",
+                aside_hint(
+                    state.path, f"ctfix fix --revert{_netns_flag(args)}",
+                    sorted({p for p, _i in refused}),
+                ),
+            )
         # Objects with ctfix's marks that no record explains (the state file was lost
         # or edited) are ctfix's too: removed with the recorded ones, and listed apart.
         stray = marks.unrecorded(state.specs(), args.port)

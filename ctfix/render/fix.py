@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.model import FixEffect, WrongSourceReply
-from ctfix.core.plan import Plan, Step, plan_to_dict, step_to_dict
+from ctfix.core.plan import Plan, Step, plan_to_dict, spec_object, step_to_dict
 from ctfix.render.explain import effect_json, wrong_json
 from ctfix.render.jsonout import envelope
 
@@ -352,15 +352,19 @@ def status_text(
     refused = foreign or {}
     complete = whole(report, refused)
     out = [f"ctfix fix --status (netns {netns}, {state_path}):"]
+    pointing = sorted({port for port, _index in refused})
     for fix, steps in report:
         condition = "applied" if complete[fix.port] else (
-            "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
+            "RECORD POINTS AT OBJECTS NOT CTFIX'S: the state file was edited or is corrupt"
+            if fix.port in pointing
+            else "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
         )
         out.append(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
         for index, (step, status, here) in enumerate(steps):
             why = refused.get((fix.port, index))
             mark = "FOREIGN" if why else "present" if here else "MISSING"
-            first, *rest = step.creates or ("(nothing)",)
+            # A record pointing elsewhere: the object it names, not what ctfix made.
+            first, *rest = (spec_object(step.spec),) if why else step.creates or ("(nothing)",)
             out.append(f"    [{status:7}] {mark:7} {first}")
             # One object per line: an nftables table lists its parts.
             out += [f"    {'':9} {'':7} {obj}" for obj in rest]
@@ -380,9 +384,22 @@ def status_text(
         )
         out += [f"    {marked.obj}" for marked in found]
         out.append(f"  remove them with: {_with_port(revert, port)}")
-    if not all(complete.values()):
+    if pointing:
+        out.append(f"  way out: {aside_hint(state_path, revert, pointing)}")
+    elif not all(complete.values()):
         out.append(f"  revert with: {revert}")
     return "\n".join(out) + "\n"
+
+
+def aside_hint(state_path: str, revert: str, ports: Sequence[int]) -> str:
+    """The way out of a record that points at objects that are not ctfix's: --revert
+    refuses to follow it, and without it ctfix finds its own objects by their marks."""
+    commands = " and ".join(f"`{_with_port(revert, port)}`" for port in ports)
+    return (
+        f"move the state file aside (`mv {state_path} {state_path}.aside`), then run "
+        f"{commands}: it removes ctfix's own objects, found by their marks, and nothing "
+        "else"
+    )
 
 
 def _effect(found: FixEffect | str | None) -> FixEffect | None:
@@ -411,9 +428,11 @@ def status_document(
     refused = foreign or {}
     complete = whole(report, refused)
     found = effects or {}
+    pointing = sorted({port for port, _index in refused})
     return {
         **envelope(netns),
         "state_file": state_path,
+        "way_out": aside_hint(state_path, revert, pointing) if pointing else None,
         "fixes": [
             {
                 "port": fix.port,
@@ -434,6 +453,8 @@ def status_document(
                         "present": here,
                         "step": step_to_dict(step),
                         "foreign": refused.get((fix.port, index)),
+                        # what the record points at (an edited record: not ctfix's)
+                        "object": spec_object(step.spec),
                     }
                     for index, (step, status, here) in enumerate(steps)
                 ],

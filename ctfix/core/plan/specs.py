@@ -226,6 +226,26 @@ class RouteCheck:
     mark: int | None = None
 
 
+def spec_object(spec: Spec) -> str:
+    """The kernel object a spec names, from the spec itself: what a record points at
+    (a step's `creates` is text saved beside it, and says what ctfix made, which an
+    edited record no longer names)."""
+    match spec:
+        case NftTableSpec():
+            return f"table {spec.family} {spec.name}"
+        case IpsetSpec():
+            return f"ipset {spec.name}"
+        case RuleSpec():
+            return f"{spec.family} rule {spec.words}"
+        case RouteSpec():
+            return f"{'ipv6 ' if spec.family == 'ipv6' else ''}route {spec.words}"
+        case IptRuleSpec():
+            ipt = "ip6tables" if spec.family == "ipv6" else "iptables"
+            return f"{ipt} -t {spec.table} {spec.chain} rule -j {spec.target.name}"
+        case ConntrackEntrySpec():
+            return f"conntrack entry {spec.src}:{spec.sport} -> {spec.dst}:{spec.dport}"
+
+
 # -- serialisation (state file, --json) ---------------------------------------------------
 
 
