@@ -69,7 +69,9 @@ services a DNAT forwards to the port that a snat-zone fix does not cover.
 exit status:
   0    done (or a dry run; or nothing to revert)
   1    --apply: applied, but wrong-source replies went on while it listened
-       (INEFFECTIVE; it stays applied: revert it or look at `ctfix explain PORT`)
+       (INEFFECTIVE; it stays applied: revert it or look at `ctfix explain PORT`);
+       or already applied, but INEFFECTIVE, or it does NOT COVER a service DNAT'd
+       to the port since (nothing changed: revert, then apply again)
   1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
        no record explains are in the kernel (revert it); or a fix is INEFFECTIVE
        (wrong-source replies since it was applied) or does NOT COVER a service
@@ -184,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.core.plan import make_plan
 
-    if args.apply and _already_applied(args, label):
-        return ExitStatus.OK
+    already = _already_applied(args, label) if args.apply else None
+    if already is not None:
+        return already
     diagnosis = _diagnose(args.port, label)
     notes: list[str] = []
     backend: Backend | None = None
@@ -329,19 +332,22 @@ def _apply_command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _already_applied(args: argparse.Namespace, label: str) -> bool:
-    """Same port, same method already recorded and whole: say so, change nothing.
+def _already_applied(args: argparse.Namespace, label: str) -> int | None:
+    """Same port, same method already recorded and whole: say so and what it does now,
+    change nothing; the exit status (None: not applied, plan it).
 
-    Checked before diagnosing again: once the fix works, the evidence changes (e.g.
+    Checked before planning again: once the fix works, the evidence changes (e.g.
     clients that now get replies), and a fresh plan must not turn a no-op into a
-    refusal or a second fix.
+    refusal or a second fix. But the fix is judged as --status judges it: a service
+    DNAT'd to the port since (which a new plan would cover), or wrong-source replies
+    since, is not "nothing to do" (exit 1, with the way out).
     """
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 
     fix = FixState.load(label).fixes.get(args.port)
     if fix is None or not fix.complete or fix.method != args.method:
-        return False
+        return None
     here = remedy.present_all([r.step.spec for r in fix.steps])
     missing = [r.step for r, found in zip(fix.steps, here, strict=True) if not found]
     if missing:
@@ -352,11 +358,15 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
         )
     from ctfix.render import fix as render
 
+    effect = _effect(args.port, label, 0.0)
+    again = render.Again(
+        f"ctfix fix --revert {args.port}{_netns_flag(args)}", _apply_command(args)
+    )
     if args.json:
-        _write_json(render.already_document(fix, label))
+        _write_json(render.already_document(fix, label, effect, again))
     else:
-        sys.stdout.write(render.already_text(args.port, fix))
-    return True
+        sys.stdout.write(render.already_text(args.port, fix, effect, again, time.time()))
+    return ExitStatus.PROBLEM if render.failing(effect) else ExitStatus.OK
 
 
 def _netns_flag(args: argparse.Namespace) -> str:

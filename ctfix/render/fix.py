@@ -236,18 +236,75 @@ def flushed_document(plan: Plan, done: Flushed, netns: str) -> dict[str, Any]:
     }
 
 
-def already_text(port: int, fix: RecordedFix) -> str:
-    """Same port and method already recorded and whole: nothing was planned again."""
-    return f"ctfix fix {port}: already applied ({fix.method} via {fix.backend}); nothing changed\n"
+@dataclass(frozen=True, slots=True)
+class Again:
+    """The way to a fix planned afresh: revert the recorded one, then apply again."""
+
+    revert: str
+    apply: str
 
 
-def already_document(fix: RecordedFix, netns: str) -> dict[str, Any]:
+def _already_words(fix: RecordedFix, effect: FixEffect | str | None) -> str:
+    """Why applying again changed nothing, and whether that is the end of it."""
+    if isinstance(effect, FixEffect) and effect.uncovered:
+        services = ", ".join(s.label for s in effect.uncovered)
+        return (
+            f"already applied ({fix.method} via {fix.backend}), but the recorded fix does "
+            f"not cover clients of {services}, which a new plan would add; nothing changed"
+        )
+    if isinstance(effect, FixEffect) and effect.verdict == "ineffective":
+        return (
+            f"already applied ({fix.method} via {fix.backend}), but INEFFECTIVE: applying "
+            "it again would change nothing; nothing changed"
+        )
+    return f"already applied ({fix.method} via {fix.backend}); nothing changed"
+
+
+def already_text(
+    port: int,
+    fix: RecordedFix,
+    effect: FixEffect | str | None = None,
+    again: Again | None = None,
+    now: float = 0.0,
+) -> str:
+    """Same port and method already recorded and whole: nothing was planned again;
+    `effect`: what --status would say of it (uncovered services: the way out)."""
+    out = [f"ctfix fix {port}: {_already_words(fix, effect)}"]
+    if isinstance(effect, str):
+        out.append(f"  effect: unknown: {effect}")
+    elif effect is not None:
+        lines = effect_lines(effect, now)
+        if effect.uncovered:  # said in the first line; the way out is below
+            lines = [line for line in lines if not line.startswith("NOT COVERED")]
+        out += [f"  {line}" for line in lines]
+    if isinstance(effect, FixEffect) and effect.uncovered and again is not None:
+        out.append(
+            f"  to cover them: `{again.revert}`, then `{again.apply}` (their clients get "
+            "no rewrite between the two)"
+        )
+    elif failing(effect) and again is not None:
+        out.append(f"  see `ctfix explain {port}`; undo with: `{again.revert}`")
+    return "\n".join(out) + "\n"
+
+
+def already_document(
+    fix: RecordedFix,
+    netns: str,
+    effect: FixEffect | str | None = None,
+    again: Again | None = None,
+) -> dict[str, Any]:
+    uncovered = isinstance(effect, FixEffect) and bool(effect.uncovered)
     return {
         **envelope(netns),
         "applied": False,
         "already_applied": True,
         "method": fix.method,
         "backend": fix.backend,
+        "ok": not failing(effect),
+        "effect": effect_json(_effect(effect)),
+        "effect_error": _error(effect),
+        # uncovered services: what to run to have them covered (null: nothing to do)
+        "cover_with": [again.revert, again.apply] if uncovered and again else None,
     }
 
 
