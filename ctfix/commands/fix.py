@@ -45,8 +45,8 @@ examples:
   ctfix fix 5000 --method snat-zone --apply          apply it (all or nothing)
   ctfix fix 5000 --method snat-zone --backend iptables-legacy --netns H --apply
   ctfix fix 5000 --method policy-route --apply --force
-                         policy-route when you know no client in a network uses the
-                         host's own address on its link (ctfix refuses otherwise)
+                         policy-route when you know no client in a network uses
+                         another of the host's addresses (ctfix refuses otherwise)
   ctfix fix 5000 --method snat-zone --gateway 192.0.2.1 --apply
                          two uplinks: replies to clients of the uplink whose router is
                          192.0.2.1 leave by it (where the host's routes do not say)
@@ -113,8 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force",
         action="store_true",
         help="plan even when the port has no socket and no evidence; policy-route even "
-        "though clients that address the host's own address on their link (their gateway) "
-        "would get no answer",
+        "though clients that may address another of the host's addresses (on their link: "
+        "their gateway) would be answered from the routed one",
     )
     parser.add_argument(
         "--backend",

@@ -185,7 +185,7 @@ def test_policy_route_refuses_to_break_the_clients_of_their_gateway(nft_lab: Top
     refused = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
-    assert "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1" in line
+    assert "policy-route would answer clients in 192.0.2.0/24 that address 192.0.2.1" in line
     assert "clients in 2001:db8:1::/64 that address 2001:db8:1::1" in line  # QA P8: all
     assert "use --method snat-zone" in line and "--force" in line
     assert kernel_state(topo) == before
@@ -218,7 +218,7 @@ def test_policy_route_forced_fixes_the_uplink_warns_and_reverts_exactly(
     assert (
         "warning: --force: replies to 192.0.2.0/24 will leave from 198.51.100.13; clients in "
         "192.0.2.0/24 that address 192.0.2.1 (the host's own address on br0, their gateway) "
-        "will get no answer until --revert" in applied.stdout
+        "will be answered from it, not from the address they asked" in applied.stdout
     )
     assert answered(topo, UPLINK_V4) and answered(topo, UPLINK_V6)
     assert not answered(topo, BRIDGE_V4)

@@ -260,6 +260,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         tracking_switched_on=snapshot.tracking_switched_on,
         blind=tuple(blind),
         unanswered=tuple(unanswered.service_record(f) for f in silent),
+        udp_timeout=snapshot.udp_timeout,
     )
 
 
