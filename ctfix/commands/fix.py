@@ -33,9 +33,12 @@ from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ctfix.core.model import ForwardedService
     from ctfix.core.plan import Backend, Plan
     from ctfix.core.rules import KnowledgeBase
+    from ctfix.core.snippet import SnippetValues
     from ctfix.platform.remedy import Reverted
     from ctfix.platform.remedy.marks import Marked
 
@@ -505,7 +508,10 @@ def _bind(args: argparse.Namespace) -> int:
     diagnosis = Diagnosis(
         args.port, label, "at-risk", (), listeners=listeners, forwarded_from=forwarded
     )
-    plan = make_plan(diagnosis, "bind", advice=(*_bind_advice(diagnosis, kb), *unread))
+    values = _snippet_values(args.port, forwarded)
+    plan = make_plan(
+        diagnosis, "bind", advice=(*_bind_advice(diagnosis, kb, values), *unread)
+    )
     _write_plan(plan, label, args.json, None)
     return ExitStatus.OK
 
@@ -527,8 +533,33 @@ def _forwarded_here(port: int) -> tuple[tuple[ForwardedService, ...], tuple[str,
     return tuple(forwarded_services(port, dnat_paths(ruleset, port), (), local)), unread
 
 
-def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
+def _snippet_values(port: int, forwarded: Sequence[ForwardedService]) -> SnippetValues:
+    """No conntrack here (bind advice needs no privilege): the addresses clients may
+    use are the host's own (global ones) and the targets of DNATs to the port."""
+    from ctfix.core.diagnosis.requests import connected_networks, usable_addresses
+    from ctfix.core.snippet import values
+    from ctfix.platform import routing
+
+    here = routing.local_addresses()
+    connected = connected_networks(here)
+    return values(
+        port,
+        [
+            *(f.target_address for f in forwarded),
+            *usable_addresses(here, "ipv4"),
+            *usable_addresses(here, "ipv6"),
+        ],
+        [network for network, _iface, _family in connected],
+        [iface for _network, iface, _family in connected],
+    )
+
+
+def _bind_advice(
+    diagnosis: Diagnosis, kb: KnowledgeBase, values: SnippetValues
+) -> tuple[str, ...]:
+    """`values`: what a knowledge-base snippet is filled in with for this host."""
     from ctfix.core.plan.bind import dnat_advice, pktinfo_advice
+    from ctfix.core.snippet import filled_in
 
     port = diagnosis.port
     lines: list[str] = []
@@ -546,11 +577,16 @@ def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
                 "the port, so that entry's advice is not given)"
             )
             break
-        lines.append(
-            f"{listener.process or 'the service'} is {rule.name}: {rule.fix}{rule.upgrade_advice()}"
+        process = listener.process or "the service"
+        # "socat is socat (UDP-RECVFROM / UDP-LISTEN)" says nothing: the name alone then.
+        who = rule.name if rule.name.lower().startswith(process.lower()) else (
+            f"{process} is {rule.name}"
         )
-        if rule.snippet:
-            lines.extend(f"    {line}" for line in rule.snippet.rstrip().splitlines())
+        lines.append(f"{who}: {rule.fix}{rule.upgrade_advice()}")
+        heading, text = filled_in(rule.snippet, values)
+        if heading and text:
+            lines.append(f"  {heading}")
+        lines.extend(f"    {line}" for line in text.splitlines() if text.strip())
         if rule.reference:
             lines.append(f"    see {rule.reference}")
         break

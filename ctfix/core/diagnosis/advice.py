@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from ctfix.core.diagnosis.netfilter import PROBLEM_NOTRACK
 from ctfix.core.diagnosis.uplinks import fix_note
 from ctfix.core.model import ClientNetwork, Fix, FixMethod, ForwardedService, RuleHit, Verdict
+from ctfix.core.snippet import SnippetValues, for_this_host
+from ctfix.core.snippet import values as snippet_values
 
 if TYPE_CHECKING:
     from ctfix.core.rules import ServiceRule
@@ -78,6 +80,23 @@ def dnat_notes(
     return notes
 
 
+def _first_sentence(text: str) -> tuple[str, str]:
+    """(the first sentence, with its full stop; the rest, or "")."""
+    first, _sep, rest = text.strip().partition(". ")
+    return f"{first.rstrip('.')}.", rest.strip()
+
+
+def _snippet_values(port: int, clients: Sequence[ClientNetwork]) -> SnippetValues:
+    """The port, and the addresses, networks and interfaces of its clients (seen, or
+    assumed from the host's connected networks)."""
+    return snippet_values(
+        port,
+        [a for cn in clients for a in cn.addressed],
+        [cn.network for cn in clients],
+        [cn.interface for cn in clients if cn.interface],
+    )
+
+
 def fixes_for(
     port: int,
     verdict: Verdict,
@@ -123,14 +142,16 @@ def _fixes(
         )
     ]
     if service is not None:
-        snippet = f"\n{service.snippet.rstrip()}" if service.snippet else ""
+        first, rest = _first_sentence(service.fix)
         reference = f"\nReference: {service.reference}" if service.reference else ""
+        # The summary says the fix's first sentence; the detail goes on from there.
         fixes.append(
             Fix(
                 method="bind",
-                summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
-                detail=f"{service.why.strip()}\n{service.fix.strip()}{service.upgrade_advice()}"
-                f"{snippet}{reference}",
+                summary=f"{service.name}: {first}",
+                detail=f"{service.why.strip()}{' ' + rest if rest else ''}"
+                f"{service.upgrade_advice()}{fix_note(clients, 'bind')}"
+                f"{for_this_host(service.snippet, _snippet_values(port, clients))}{reference}",
                 recommended=True,
             )
         )
