@@ -224,9 +224,14 @@ def test_policy_route_forced_fixes_the_uplink_warns_and_reverts_exactly(
     assert not answered(topo, BRIDGE_V4)
     fixed = kernel_state(topo)
 
-    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply")
-    assert again.returncode == 0, again.stderr
-    assert "already applied" in again.stdout
+    # Applying again changes nothing, and judges the fix as --status does: the
+    # bridge's clients, who --force gave up, got wrong-source replies since (exit 1).
+    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply",
+                      "--json")
+    said = json.loads(again.stdout)
+    assert said["already_applied"] and not said["ok"], again.stdout
+    assert said["effect"]["verdict"] == "ineffective" and said["cover_with"] is None
+    assert again.returncode == ctfix_fix(topo, "--status").returncode == 1
     assert kernel_state(topo) == fixed
 
     reverted = ctfix_fix(topo, "--revert", str(PORT))
@@ -499,7 +504,7 @@ services:
     affected_when_wildcard: true
     why: it answers with recvfrom/sendto on a wildcard socket
     fix: start it with --bind ADDRESS, once per address
-    snippet: 'test-echo --bind 192.0.2.1 --bind 198.51.100.13'
+    snippet: 'test-echo --port {port} --bind {address4}'
     reference: https://example.org/test-echo
     confidence: high
 """
@@ -511,7 +516,10 @@ def test_bind_uses_local_rules_and_needs_no_privilege(nft_lab: Topology, tmp_pat
     advised = ctfix_fix(topo, str(PORT), "--method", "bind", "--rules", str(tmp_path))
     assert advised.returncode == 0, advised.stderr
     assert "is the test echo server: start it with --bind ADDRESS" in advised.stdout
-    assert "test-echo --bind 192.0.2.1 --bind 198.51.100.13" in advised.stdout
+    # QA F20: the snippet is filled in with this port and this host's own addresses.
+    for address in ("192.0.2.1", "198.51.100.13"):
+        assert f"test-echo --port {PORT} --bind {address}" in advised.stdout
+    assert "{address4}" not in advised.stdout and "{port}" not in advised.stdout
     assert f"ctfix serve --port {PORT}" in advised.stdout and "PORT" not in advised.stdout
 
     refused = ctfix_fix(topo, str(PORT), "--method", "bind", "--apply")
