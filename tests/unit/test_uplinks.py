@@ -435,3 +435,16 @@ def test_policy_route_refusal_beyond_a_router_says_what_routing_does_not_their_g
     with pytest.raises(CtfixError) as err:
         make_plan(unread, "policy-route")
     assert "nf_conntrack_udp_timeout seconds (unreadable here)" in err.value.message
+
+
+def test_explain_policy_route_advice_beyond_a_router_names_no_gateway() -> None:
+    """QA F23, explain's side: the same words as fix's refusal."""
+    from ctfix.core.diagnosis.advice import fixes_for
+
+    only_wan2 = replace(REMOTE, addressed=(WAN2,))
+    [route] = [
+        f for f in fixes_for(PORT, "broken", [only_wan2], None, [], (), 5)
+        if f.method == "policy-route"
+    ]
+    assert "their gateway" not in route.detail and f"address {WAN1} (the host)" in route.detail
+    assert "after 5 s (nf_conntrack_udp_timeout in this namespace)" in route.detail

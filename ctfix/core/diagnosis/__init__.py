@@ -232,7 +232,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
     wanted = verdict in ("at-risk", "broken") and not (forwards and not snapshot.listeners)
     fixes = (
-        advice.fixes_for(port, verdict, clients, advice_rule, rules, behind) if wanted else ()
+        advice.fixes_for(
+            port, verdict, clients, advice_rule, rules, behind, snapshot.udp_timeout
+        )
+        if wanted
+        else ()
     )
     if pinned.entries:
         verdict = "broken"  # stale NAT entries: a black hole now (their fix is their own)

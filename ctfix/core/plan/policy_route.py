@@ -11,6 +11,7 @@ before the rule that makes them used.
 from __future__ import annotations
 
 from ctfix.core.addr import unmap
+from ctfix.core.detectors.wrong_source_words import conntrack_memory
 from ctfix.core.model import ClientNetwork, Diagnosis, Family
 from ctfix.core.plan import Backend, Plan, PlanMethod, reroute, targets
 from ctfix.core.plan.probes import probe_address
@@ -133,7 +134,7 @@ def build(
         raise CtfixError(
             f"policy-route would answer {' and '.join(who for who, _ in breaks)}: none was "
             "seen, but "
-            f"{_memory(diagnosis.udp_timeout)}, so that is no proof there are none",
+            f"{conntrack_memory(diagnosis.udp_timeout)}, so that is no proof there are none",
             "use --method snat-zone (it serves both), or add --force if no client "
             + ", and none ".join(unless for _, unless in breaks),
         )
@@ -175,19 +176,6 @@ def _stranded(cn: ClientNetwork, stranded: list[str]) -> str:
     return (
         f"clients in {cn.network} that address {' or '.join(stranded)} "
         f"({where}{'' if remote else ', their gateway'})"
-    )
-
-
-def _memory(udp_timeout: int | None) -> str:
-    """How long conntrack remembers an unanswered flow here, as read."""
-    if udp_timeout is None:
-        return (
-            "conntrack forgets an unanswered flow after nf_conntrack_udp_timeout seconds "
-            "(unreadable here)"
-        )
-    return (
-        f"conntrack forgets an unanswered flow after {udp_timeout} s "
-        "(nf_conntrack_udp_timeout in this namespace)"
     )
 
 
