@@ -279,8 +279,8 @@ def already_text(
         out += [f"  {line}" for line in lines]
     if isinstance(effect, FixEffect) and effect.uncovered and again is not None:
         out.append(
-            f"  to cover them: `{again.revert}`, then `{again.apply}` (their clients get "
-            "no rewrite between the two)"
+            f"  to cover them: `{again.revert}`, then `{again.apply}` (between the two, "
+            "no reply from the port is rewritten)"
         )
     elif failing(effect) and again is not None:
         out.append(f"  see `ctfix explain {port}`; undo with: `{again.revert}`")
@@ -440,7 +440,8 @@ def status_text(
             "(state file lost or edited?):"
         )
         out += [f"    {marked.obj}" for marked in found]
-        out.append(f"  remove them with: {_with_port(revert, port)}")
+        if port not in pointing:  # else --revert PORT refuses: the way out is below
+            out.append(f"  remove them with: {_with_port(revert, port)}")
     if pointing:
         out.append(f"  way out: {aside_hint(state_path, revert, pointing)}")
     elif not all(complete.values()):
@@ -523,7 +524,8 @@ def status_document(
                 "port": m.port,
                 "kind": m.kind,
                 "object": m.obj,
-                "remove_with": _with_port(revert, m.port),
+                # null: a record of the port points elsewhere; `way_out` says what to do
+                "remove_with": None if m.port in pointing else _with_port(revert, m.port),
             }
             for m in stray
         ],

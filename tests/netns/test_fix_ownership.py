@@ -87,6 +87,7 @@ def test_a_record_pointing_at_the_masquerade_table_is_refused_and_deletes_nothin
     assert not report["fixes"][0]["whole"]
     # ctfix's own table is now explained by no record: it is named as such.
     assert [o["object"] for o in report["unrecorded"]] == [f"table inet ctfix_{PORT}"]
+    assert report["unrecorded"][0]["remove_with"] is None  # refused: the way out instead
 
     reverted = ctfix_fix(topo, "--revert")
     assert reverted.returncode == 2, reverted.stdout
