@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ctfix.errors import CtfixError
-from ctfix.platform import fixstate
+from ctfix.platform import fixstate, locks
 
 
 def test_unreadable_state_file_says_to_run_as_root(
@@ -111,7 +111,7 @@ def test_a_waiter_on_a_lock_file_unlinked_by_its_holder_locks_the_new_one(
     monkeypatch.setenv("CTFIX_STATE_DIR", str(tmp_path))
     lock = tmp_path / "netns-cookie-1.lock"
     calls: list[int] = []
-    real = fixstate.flock_within
+    real = locks.flock_within
 
     def after_the_holder_unlinked(fd: int, timeout: float) -> bool:
         got = real(fd, timeout)
