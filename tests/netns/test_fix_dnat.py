@@ -143,17 +143,21 @@ def test_applying_again_names_a_service_forwarded_since_and_the_way_to_cover_it(
     assert reply_from(topo, CLUSTER_IP_V4, LATER) is None  # nothing changed
 
     # The way out it gives, run as given: the new service's pods are answered from it.
-    for command in said["cover_with"]:
+    for command in [*said["cover_with"], f"ctfix fix --revert --netns {topo.host}"]:
         words = shlex.split(command)
         assert words[:2] == ["ctfix", "fix"]
+        if "--revert" not in words:  # before the last revert: the new service answered
+            assert reply_from(topo, CLUSTER_IP_V4, LATER) is None
+        # A bound, not a timing: iptables-legacy removes each of the ~40 rules in a
+        # child of its own (python-iptables), minutes on a loaded machine.
         done = subprocess.run([sys.executable, "-m", "ctfix", *words[1:]],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
-    assert reply_from(topo, CLUSTER_IP_V4, LATER) == (CLUSTER_IP_V4, LATER)
-    assert reply_from(topo, CLUSTER_IP_V4, OTHER) == (CLUSTER_IP_V4, OTHER)
-    now = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply", "--json")
-    assert now.returncode == 0 and as_json(now)["ok"], now.stdout
-    assert ctfix_fix(topo, "--revert").returncode == 0
+        if words[2] == str(PORT):  # applied again: it covers the new service
+            assert reply_from(topo, CLUSTER_IP_V4, LATER) == (CLUSTER_IP_V4, LATER)
+            assert reply_from(topo, CLUSTER_IP_V4, OTHER) == (CLUSTER_IP_V4, OTHER)
+            now = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply", "--json")
+            assert now.returncode == 0 and as_json(now)["ok"], now.stdout
 
 
 @pytest.mark.parametrize(
