@@ -34,9 +34,12 @@ from ctfix.core.plan import METHODS
 from ctfix.errors import CtfixError, ExitStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ctfix.core.model import ForwardedService
     from ctfix.core.plan import Backend, Plan
     from ctfix.core.rules import KnowledgeBase
+    from ctfix.core.snippet import SnippetValues
     from ctfix.platform.remedy import Reverted
     from ctfix.platform.remedy.marks import Marked
 
@@ -46,8 +49,8 @@ examples:
   ctfix fix 5000 --method snat-zone --apply    apply it (all or nothing)
   ctfix fix 5000 --method snat-zone --backend iptables-legacy --apply
   ctfix fix 5000 --method policy-route --apply --force
-        policy-route when you know no client in a network uses the host's own
-        address on its link (ctfix refuses otherwise)
+        policy-route when you know no client in a network uses another of the
+        host's addresses (ctfix refuses otherwise)
   ctfix fix 5000 --method snat-zone --gateway 192.0.2.1 --apply
         two uplinks: replies to clients of the uplink whose router is 192.0.2.1
         leave by it (where the host's routes do not say)
@@ -72,7 +75,9 @@ services a DNAT forwards to the port that a snat-zone fix does not cover.
 exit status:
   0    done (or a dry run; or nothing to revert)
   1    --apply: applied, but wrong-source replies went on while it listened
-       (INEFFECTIVE; it stays applied: revert it or look at `ctfix explain PORT`)
+       (INEFFECTIVE; it stays applied: revert it or look at `ctfix explain PORT`);
+       or already applied, but INEFFECTIVE, or it does NOT COVER a service DNAT'd
+       to the port since (nothing changed: revert, then apply again)
   1    --status: a recorded fix is DAMAGED or INTERRUPTED, or ctfix-marked objects
        no record explains are in the kernel (revert it); or a fix is INEFFECTIVE
        (wrong-source replies since it was applied) or does NOT COVER a service
@@ -116,8 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force",
         action="store_true",
         help="plan even when the port has no socket and no evidence; policy-route even "
-        "though clients that address the host's own address on their link (their gateway) "
-        "would get no answer",
+        "though clients that may address another of the host's addresses (on their link: "
+        "their gateway) would be answered from the routed one",
     )
     parser.add_argument(
         "--backend",
@@ -192,8 +197,9 @@ def run(args: argparse.Namespace) -> int:
     label = enter_netns(args.netns)
     from ctfix.core.plan import make_plan
 
-    if args.apply and _already_applied(args, label):
-        return ExitStatus.OK
+    already = _already_applied(args, label) if args.apply else None
+    if already is not None:
+        return already
     diagnosis = _diagnose(args.port, label)
     notes: list[str] = []
     backend: Backend | None = None
@@ -335,19 +341,22 @@ def _apply_command(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
-def _already_applied(args: argparse.Namespace, label: str) -> bool:
-    """Same port, same method already recorded and whole: say so, change nothing.
+def _already_applied(args: argparse.Namespace, label: str) -> int | None:
+    """Same port, same method already recorded and whole: say so and what it does now,
+    change nothing; the exit status (None: not applied, plan it).
 
-    Checked before diagnosing again: once the fix works, the evidence changes (e.g.
+    Checked before planning again: once the fix works, the evidence changes (e.g.
     clients that now get replies), and a fresh plan must not turn a no-op into a
-    refusal or a second fix.
+    refusal or a second fix. But the fix is judged as --status judges it: a service
+    DNAT'd to the port since (which a new plan would cover), or wrong-source replies
+    since, is not "nothing to do" (exit 1, with the way out).
     """
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
 
     fix = FixState.load(label).fixes.get(args.port)
     if fix is None or not fix.complete or fix.method != args.method:
-        return False
+        return None
     here = remedy.present_all([r.step.spec for r in fix.steps])
     missing = [r.step for r, found in zip(fix.steps, here, strict=True) if not found]
     if missing:
@@ -358,11 +367,15 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
         )
     from ctfix.render import fix as render
 
+    effect = _effect(args.port, label, 0.0)
+    again = render.Again(
+        f"ctfix fix --revert {args.port}{_netns_flag(args)}", _apply_command(args)
+    )
     if args.json:
-        _write_json(render.already_document(fix, label))
+        _write_json(render.already_document(fix, label, effect, again))
     else:
-        _write_text(render.already_text(args.port, fix))
-    return True
+        _write_text(render.already_text(args.port, fix, effect, again, time.time()))
+    return ExitStatus.PROBLEM if render.failing(effect) else ExitStatus.OK
 
 
 def _write_text(text: str) -> None:
@@ -442,6 +455,19 @@ def _revert(args: argparse.Namespace) -> int:
     from ctfix.platform.remedy import marks
 
     with FixState.locked(label) as state:
+        refused = remedy.foreign_steps(state, args.port)
+        if refused:
+            # remedy.revert would refuse too; here the refusal can name the way out.
+            from ctfix.render.fix import aside_hint
+
+            (port, _index), why = next(iter(refused.items()))
+            raise CtfixError(
+                f"refusing to revert port {port}: {why}; nothing was removed",
+                aside_hint(
+                    state.path, f"ctfix fix --revert{_netns_flag(args)}",
+                    sorted({p for p, _i in refused}),
+                ),
+            )
         # Objects with ctfix's marks that no record explains (the state file was lost
         # or edited) are ctfix's too: removed with the recorded ones, and listed apart.
         stray = marks.unrecorded(state.specs(), args.port)
@@ -502,7 +528,10 @@ def _bind(args: argparse.Namespace) -> int:
     diagnosis = Diagnosis(
         args.port, label, "at-risk", (), listeners=listeners, forwarded_from=forwarded
     )
-    plan = make_plan(diagnosis, "bind", advice=(*_bind_advice(diagnosis, kb), *unread))
+    values = _snippet_values(args.port, forwarded)
+    plan = make_plan(
+        diagnosis, "bind", advice=(*_bind_advice(diagnosis, kb, values), *unread)
+    )
     _write_plan(plan, label, args.json, None)
     return ExitStatus.OK
 
@@ -524,8 +553,33 @@ def _forwarded_here(port: int) -> tuple[tuple[ForwardedService, ...], tuple[str,
     return tuple(forwarded_services(port, dnat_paths(ruleset, port), (), local)), unread
 
 
-def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
+def _snippet_values(port: int, forwarded: Sequence[ForwardedService]) -> SnippetValues:
+    """No conntrack here (bind advice needs no privilege): the addresses clients may
+    use are the host's own (global ones) and the targets of DNATs to the port."""
+    from ctfix.core.diagnosis.requests import connected_networks, usable_addresses
+    from ctfix.core.snippet import values
+    from ctfix.platform import routing
+
+    here = routing.local_addresses()
+    connected = connected_networks(here)
+    return values(
+        port,
+        [
+            *(f.target_address for f in forwarded),
+            *usable_addresses(here, "ipv4"),
+            *usable_addresses(here, "ipv6"),
+        ],
+        [network for network, _iface, _family in connected],
+        [iface for _network, iface, _family in connected],
+    )
+
+
+def _bind_advice(
+    diagnosis: Diagnosis, kb: KnowledgeBase, values: SnippetValues
+) -> tuple[str, ...]:
+    """`values`: what a knowledge-base snippet is filled in with for this host."""
     from ctfix.core.plan.bind import dnat_advice, pktinfo_advice
+    from ctfix.core.snippet import filled_in
 
     port = diagnosis.port
     lines: list[str] = []
@@ -543,11 +597,16 @@ def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:
                 "the port, so that entry's advice is not given)"
             )
             break
-        lines.append(
-            f"{listener.process or 'the service'} is {rule.name}: {rule.fix}{rule.upgrade_advice()}"
+        process = listener.process or "the service"
+        # "socat is socat (UDP-RECVFROM / UDP-LISTEN)" says nothing: the name alone then.
+        who = rule.name if rule.name.lower().startswith(process.lower()) else (
+            f"{process} is {rule.name}"
         )
-        if rule.snippet:
-            lines.extend(f"    {line}" for line in rule.snippet.rstrip().splitlines())
+        lines.append(f"{who}: {rule.fix}{rule.upgrade_advice()}")
+        heading, text = filled_in(rule.snippet, values)
+        if heading and text:
+            lines.append(f"  {heading}")
+        lines.extend(f"    {line}" for line in text.splitlines() if text.strip())
         if rule.reference:
             lines.append(f"    see {rule.reference}")
         break

@@ -344,3 +344,6 @@ class Diagnosis:
     netns_container: ContainerRef | None = None
     #: requests to the port that got no reply, per service and reason
     unanswered: tuple[UnansweredService, ...] = ()
+    #: nf_conntrack_udp_timeout of the namespace as read (None: unreadable): how long
+    #: conntrack remembers an unanswered flow, so how far back "none seen" reaches
+    udp_timeout: int | None = None

@@ -173,6 +173,8 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
             "a one_way service never replies: 'affected_when_wildcard' must be false",
         )
 
+    snippet = _optional_text(fields.get("snippet"), source, "snippet")
+    _check_snippet(snippet, fields.get("snippet"), source)
     return ServiceRule(
         id=rule_id,
         name=_text(fields["name"], source, "name"),
@@ -182,7 +184,7 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         affected_when_wildcard=affected,
         why=_text(fields["why"], source, "why").strip(),
         fix=_text(fields["fix"], source, "fix").strip(),
-        snippet=_optional_text(fields.get("snippet"), source, "snippet"),
+        snippet=snippet,
         reference=reference,
         replies_from_other_port=other_port,
         confidence=confidence,  # type: ignore[arg-type]  # checked just above
@@ -197,6 +199,18 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         fixed_if_config=fixed_if_config,
         wrong_first_reply=first_reply,
     )
+
+
+def _check_snippet(snippet: str, node: yaml.Node | None, source: str) -> None:
+    """A placeholder ctfix cannot fill (a typo) is an error at its own line."""
+    from ctfix.core.snippet import check
+
+    wrong = check(snippet)
+    if wrong is None or node is None:
+        return
+    offset, what = wrong
+    block = getattr(node, "style", None) in ("|", ">")  # the text starts a line below
+    raise RuleError(source, _line(node) + offset + int(block), f"snippet: {what}")
 
 
 def _flag(fields: dict[str, yaml.Node], source: str, key: str) -> bool:

@@ -135,26 +135,37 @@ class FixState:
         key = key or namespace_key()
         directory = state_dir()
         path = os.path.join(directory, f"{key}.lock")
+        deadline = time.monotonic() + timeout
+        while True:
+            fd = _open_lock(directory, path)
+            try:
+                if not flock_within(fd, max(0.0, deadline - time.monotonic())):
+                    raise CtfixError(
+                        f"another `ctfix fix --apply/--revert` in netns {netns_label} "
+                        f"has held {path} for {timeout:g} s; nothing changed",
+                        "wait for it to finish (`ctfix fix --status` shows its record)",
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
+            if _still_at(fd, path):
+                break
+            # The holder before us found no record left and unlinked the lock file
+            # while holding it: our flock is on a file nobody else can open. Again.
+            os.close(fd)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        except PermissionError:
-            raise CtfixError(
-                f"cannot open the fix state lock {path}: permission denied",
-                "run as root (sudo ctfix fix ...)",
-            ) from None
-        except OSError as err:
-            raise CtfixError(f"cannot open the fix state lock {path}: {err.strerror}") from None
-        try:
-            if not flock_within(fd, timeout):
-                raise CtfixError(
-                    f"another `ctfix fix --apply/--revert` in netns {netns_label} "
-                    f"has held {path} for {timeout:g} s; nothing changed",
-                    "wait for it to finish (`ctfix fix --status` shows its record)",
-                )
-            yield cls.load(netns_label, key)
+            state = cls.load(netns_label, key)
+            yield state
         finally:
-            os.close(fd)  # releases the flock
+            try:
+                # No record left (reverted, refused, rolled back): the lock file goes
+                # too, unlinked while held, so that nothing of ctfix stays behind.
+                # Whoever waits on it sees it gone (`_still_at`) and opens a new one.
+                if not os.path.exists(os.path.join(directory, f"{key}.json")):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            finally:
+                os.close(fd)  # releases the flock
 
     @classmethod
     def load(cls, netns_label: str, key: str | None = None) -> FixState:
@@ -169,13 +180,16 @@ class FixState:
                 f"cannot read the fix state file {path}: permission denied",
                 "run as root (sudo ctfix fix ...): the file is root's, like what it records",
             ) from None
-        except (OSError, ValueError) as err:
+        except ValueError as err:  # not JSON at all (UnicodeDecodeError is one too)
+            raise _malformed(path, f"not JSON ({err})") from None
+        except OSError as err:
             raise CtfixError(
-                f"cannot read the fix state file {path}: {err}",
-                "inspect it; remove it only once the objects it lists are gone",
+                f"cannot read the fix state file {path}: {err.strerror or err}",
+                "fix the cause (disk, permissions) and try again",
             ) from None
         if not isinstance(raw, dict):
-            raise _malformed(path, f"holds {type(raw).__name__}, not a JSON object")
+            held = _JSON_KINDS.get(type(raw), "a value")
+            raise _malformed(path, f"holds {held}, not a JSON object")
         if raw.get("version") != VERSION:
             raise _malformed(path, f"state file version {raw.get('version')!r} not understood")
         fixes = raw.get("fixes", {})
@@ -186,7 +200,7 @@ class FixState:
             try:
                 state.fixes[int(port_text)] = _recorded_fix(int(port_text), fix)
             except (KeyError, TypeError, ValueError, AttributeError, CtfixError) as err:
-                why = err.message if isinstance(err, CtfixError) else str(err)
+                why = _why(err)
                 raise _malformed(path, f"unreadable fix for port {port_text} ({why})") from None
         return state
 
@@ -280,6 +294,34 @@ class FixState:
         self.save()
 
 
+def _open_lock(directory: str, path: str) -> int:
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except PermissionError:
+        raise CtfixError(
+            f"cannot open the fix state lock {path}: permission denied",
+            "run as root (sudo ctfix fix ...)",
+        ) from None
+    except OSError as err:
+        raise CtfixError(f"cannot open the fix state lock {path}: {err.strerror}") from None
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """The locked file is the one `path` names now (not one unlinked meanwhile)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+#: JSON's names for what a state file held instead of an object
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
 def _malformed(path: str, what: str) -> CtfixError:
     return CtfixError(
         f"{path}: {what}",
@@ -288,17 +330,34 @@ def _malformed(path: str, what: str) -> CtfixError:
     )
 
 
+class _Shape(ValueError):
+    """The file's structure is not a state file's, in words (no Python type names)."""
+
+
+def _why(err: Exception) -> str:
+    """What was wrong with a fix of the file, in the file's own terms."""
+    if isinstance(err, CtfixError):
+        return err.message
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r}" if err.args else "a key is missing"
+    if isinstance(err, _Shape):
+        return str(err)
+    if isinstance(err, ValueError):
+        return f"a value it cannot use: {err}"
+    return "a value of the wrong kind"  # TypeError, AttributeError: Python's words
+
+
 def _recorded_fix(port: int, fix: Any) -> RecordedFix:
     """One fix of the file; KeyError/TypeError/ValueError/AttributeError when malformed."""
-    if not isinstance(fix, dict) or not isinstance(fix["steps"], list):
-        raise TypeError("a fix is an object with a list of steps")
+    if not isinstance(fix, dict) or not isinstance(fix.get("steps"), list):
+        raise _Shape("a fix is an object with a list of steps")
     if not isinstance(fix.get("notes", []), list):
-        raise TypeError("'notes' is not a list")
+        raise _Shape("'notes' is not a list")
     steps = []
     for recorded in fix["steps"]:
         status = recorded["status"]
         if status not in ("pending", "done"):
-            raise ValueError(f"step status {status!r}")
+            raise _Shape(f"step status {status!r} is neither 'pending' nor 'done'")
         steps.append(
             RecordedStep(step_from_dict(recorded["step"]), status, dict(recorded.get("made", {})))
         )
@@ -321,7 +380,7 @@ def _cover(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict) or not all(
         isinstance(raw.get(key), str) for key in ("service", "target")
     ):
-        raise TypeError("a covered target is an object with a service and a target")
+        raise _Shape("a covered target is an object with a service and a target")
     return dict(raw)
 
 

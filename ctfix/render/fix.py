@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.model import FixEffect, WrongSourceReply
-from ctfix.core.plan import Plan, Step, plan_to_dict, step_to_dict
+from ctfix.core.plan import Plan, Step, plan_to_dict, spec_object, step_to_dict
 from ctfix.render.explain import effect_json, wrong_json
 from ctfix.render.jsonout import envelope
 from ctfix.render.width import fill
@@ -255,18 +255,75 @@ def flushed_document(plan: Plan, done: Flushed, netns: str) -> dict[str, Any]:
     }
 
 
-def already_text(port: int, fix: RecordedFix) -> str:
-    """Same port and method already recorded and whole: nothing was planned again."""
-    return f"ctfix fix {port}: already applied ({fix.method} via {fix.backend}); nothing changed\n"
+@dataclass(frozen=True, slots=True)
+class Again:
+    """The way to a fix planned afresh: revert the recorded one, then apply again."""
+
+    revert: str
+    apply: str
 
 
-def already_document(fix: RecordedFix, netns: str) -> dict[str, Any]:
+def _already_words(fix: RecordedFix, effect: FixEffect | str | None) -> str:
+    """Why applying again changed nothing, and whether that is the end of it."""
+    if isinstance(effect, FixEffect) and effect.uncovered:
+        services = ", ".join(s.label for s in effect.uncovered)
+        return (
+            f"already applied ({fix.method} via {fix.backend}), but the recorded fix does "
+            f"not cover clients of {services}, which a new plan would add; nothing changed"
+        )
+    if isinstance(effect, FixEffect) and effect.verdict == "ineffective":
+        return (
+            f"already applied ({fix.method} via {fix.backend}), but INEFFECTIVE: applying "
+            "it again would change nothing; nothing changed"
+        )
+    return f"already applied ({fix.method} via {fix.backend}); nothing changed"
+
+
+def already_text(
+    port: int,
+    fix: RecordedFix,
+    effect: FixEffect | str | None = None,
+    again: Again | None = None,
+    now: float = 0.0,
+) -> str:
+    """Same port and method already recorded and whole: nothing was planned again;
+    `effect`: what --status would say of it (uncovered services: the way out)."""
+    out = [f"ctfix fix {port}: {_already_words(fix, effect)}"]
+    if isinstance(effect, str):
+        out.append(f"  effect: unknown: {effect}")
+    elif effect is not None:
+        lines = effect_lines(effect, now)
+        if effect.uncovered:  # said in the first line; the way out is below
+            lines = [line for line in lines if not line.startswith("NOT COVERED")]
+        out += [f"  {line}" for line in lines]
+    if isinstance(effect, FixEffect) and effect.uncovered and again is not None:
+        out.append(
+            f"  to cover them: `{again.revert}`, then `{again.apply}` (between the two, "
+            "no reply from the port is rewritten)"
+        )
+    elif failing(effect) and again is not None:
+        out.append(f"  see `ctfix explain {port}`; undo with: `{again.revert}`")
+    return "\n".join(out) + "\n"
+
+
+def already_document(
+    fix: RecordedFix,
+    netns: str,
+    effect: FixEffect | str | None = None,
+    again: Again | None = None,
+) -> dict[str, Any]:
+    uncovered = isinstance(effect, FixEffect) and bool(effect.uncovered)
     return {
         **envelope(netns),
         "applied": False,
         "already_applied": True,
         "method": fix.method,
         "backend": fix.backend,
+        "ok": not failing(effect),
+        "effect": effect_json(_effect(effect)),
+        "effect_error": _error(effect),
+        # uncovered services: what to run to have them covered (null: nothing to do)
+        "cover_with": [again.revert, again.apply] if uncovered and again else None,
     }
 
 
@@ -371,15 +428,19 @@ def status_text(
     refused = foreign or {}
     complete = whole(report, refused)
     out = [f"ctfix fix --status (netns {netns}, {state_path}):"]
+    pointing = sorted({port for port, _index in refused})
     for fix, steps in report:
         condition = "applied" if complete[fix.port] else (
-            "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
+            "RECORD POINTS AT OBJECTS NOT CTFIX'S: the state file was edited or is corrupt"
+            if fix.port in pointing
+            else "INTERRUPTED apply: revert it" if not fix.complete else "DAMAGED: revert it"
         )
         out.append(f"  port {fix.port}: {fix.method} via {fix.backend}, {condition}")
         for index, (step, status, here) in enumerate(steps):
             why = refused.get((fix.port, index))
             mark = "FOREIGN" if why else "present" if here else "MISSING"
-            first, *rest = step.creates or ("(nothing)",)
+            # A record pointing elsewhere: the object it names, not what ctfix made.
+            first, *rest = (spec_object(step.spec),) if why else step.creates or ("(nothing)",)
             out.append(f"    [{status:7}] {mark:7} {first}")
             # One object per line: an nftables table lists its parts.
             out += [f"    {'':9} {'':7} {obj}" for obj in rest]
@@ -398,10 +459,24 @@ def status_text(
             "(state file lost or edited?):"
         )
         out += [f"    {marked.obj}" for marked in found]
-        out.append(f"  remove them with: {_with_port(revert, port)}")
-    if not all(complete.values()):
+        if port not in pointing:  # else --revert PORT refuses: the way out is below
+            out.append(f"  remove them with: {_with_port(revert, port)}")
+    if pointing:
+        out.append(f"  way out: {aside_hint(state_path, revert, pointing)}")
+    elif not all(complete.values()):
         out.append(f"  revert with: {revert}")
     return "\n".join(out) + "\n"
+
+
+def aside_hint(state_path: str, revert: str, ports: Sequence[int]) -> str:
+    """The way out of a record that points at objects that are not ctfix's: --revert
+    refuses to follow it, and without it ctfix finds its own objects by their marks."""
+    commands = " and ".join(f"`{_with_port(revert, port)}`" for port in ports)
+    return (
+        f"move the state file aside (`mv {state_path} {state_path}.aside`), then run "
+        f"{commands}: it removes ctfix's own objects, found by their marks, and nothing "
+        "else"
+    )
 
 
 def _effect(found: FixEffect | str | None) -> FixEffect | None:
@@ -430,9 +505,11 @@ def status_document(
     refused = foreign or {}
     complete = whole(report, refused)
     found = effects or {}
+    pointing = sorted({port for port, _index in refused})
     return {
         **envelope(netns),
         "state_file": state_path,
+        "way_out": aside_hint(state_path, revert, pointing) if pointing else None,
         "fixes": [
             {
                 "port": fix.port,
@@ -453,6 +530,8 @@ def status_document(
                         "present": here,
                         "step": step_to_dict(step),
                         "foreign": refused.get((fix.port, index)),
+                        # what the record points at (an edited record: not ctfix's)
+                        "object": spec_object(step.spec),
                     }
                     for index, (step, status, here) in enumerate(steps)
                 ],
@@ -464,7 +543,8 @@ def status_document(
                 "port": m.port,
                 "kind": m.kind,
                 "object": m.obj,
-                "remove_with": _with_port(revert, m.port),
+                # null: a record of the port points elsewhere; `way_out` says what to do
+                "remove_with": None if m.port in pointing else _with_port(revert, m.port),
             }
             for m in stray
         ],

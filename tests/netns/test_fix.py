@@ -185,7 +185,7 @@ def test_policy_route_refuses_to_break_the_clients_of_their_gateway(nft_lab: Top
     refused = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--apply")
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
-    assert "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1" in line
+    assert "policy-route would answer clients in 192.0.2.0/24 that address 192.0.2.1" in line
     assert "clients in 2001:db8:1::/64 that address 2001:db8:1::1" in line  # QA P8: all
     assert "use --method snat-zone" in line and "--force" in line
     assert kernel_state(topo) == before
@@ -218,15 +218,20 @@ def test_policy_route_forced_fixes_the_uplink_warns_and_reverts_exactly(
     assert (
         "warning: --force: replies to 192.0.2.0/24 will leave from 198.51.100.13; clients in "
         "192.0.2.0/24 that address 192.0.2.1 (the host's own address on br0, their gateway) "
-        "will get no answer until --revert" in applied.stdout
+        "will be answered from it, not from the address they asked" in applied.stdout
     )
     assert answered(topo, UPLINK_V4) and answered(topo, UPLINK_V6)
     assert not answered(topo, BRIDGE_V4)
     fixed = kernel_state(topo)
 
-    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply")
-    assert again.returncode == 0, again.stderr
-    assert "already applied" in again.stdout
+    # Applying again changes nothing, and judges the fix as --status does: the
+    # bridge's clients, who --force gave up, got wrong-source replies since (exit 1).
+    again = ctfix_fix(topo, str(PORT), "--method", "policy-route", "--force", "--apply",
+                      "--json")
+    said = json.loads(again.stdout)
+    assert said["already_applied"] and not said["ok"], again.stdout
+    assert said["effect"]["verdict"] == "ineffective" and said["cover_with"] is None
+    assert again.returncode == ctfix_fix(topo, "--status").returncode == 1
     assert kernel_state(topo) == fixed
 
     reverted = ctfix_fix(topo, "--revert", str(PORT))
@@ -505,7 +510,7 @@ services:
     affected_when_wildcard: true
     why: it answers with recvfrom/sendto on a wildcard socket
     fix: start it with --bind ADDRESS, once per address
-    snippet: 'test-echo --bind 192.0.2.1 --bind 198.51.100.13'
+    snippet: 'test-echo --port {port} --bind {address4}'
     reference: https://example.org/test-echo
     confidence: high
 """
@@ -517,7 +522,10 @@ def test_bind_uses_local_rules_and_needs_no_privilege(nft_lab: Topology, tmp_pat
     advised = ctfix_fix(topo, str(PORT), "--method", "bind", "--rules", str(tmp_path))
     assert advised.returncode == 0, advised.stderr
     assert "is the test echo server: start it with --bind ADDRESS" in advised.stdout
-    assert "test-echo --bind 192.0.2.1 --bind 198.51.100.13" in advised.stdout
+    # QA F20: the snippet is filled in with this port and this host's own addresses.
+    for address in ("192.0.2.1", "198.51.100.13"):
+        assert f"test-echo --port {PORT} --bind {address}" in advised.stdout
+    assert "{address4}" not in advised.stdout and "{port}" not in advised.stdout
     assert f"ctfix serve --port {PORT}" in advised.stdout and "PORT" not in advised.stdout
 
     refused = ctfix_fix(topo, str(PORT), "--method", "bind", "--apply")

@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -118,6 +119,45 @@ def test_snat_zone_repairs_the_clusterip_clients_and_reverts_exactly(cluster: To
         after = without_loaded_raw(after, before)
     assert after == before
     assert reply_from(topo, CLUSTER_IP_V4, OTHER) is None
+
+
+def test_applying_again_names_a_service_forwarded_since_and_the_way_to_cover_it(
+    cluster: Topology,
+) -> None:
+    """QA F9: the natural reflex, applying again, must not say "nothing to do" (exit 0)
+    while the recorded fix misses a service a new plan would cover; the commands it
+    gives cover it."""
+    topo = cluster
+    first = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply", "--listen", "0")
+    assert first.returncode == 0, first.stderr
+    same = as_json(ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply", "--json"))
+    assert same["already_applied"] and same["ok"] and same["cover_with"] is None
+
+    forward_later(topo)
+    later = f"{CLUSTER_IP_V4}:{LATER}"
+    again = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply", "--json")
+    assert again.returncode == 1, again.stdout
+    said = as_json(again)
+    assert said["already_applied"] and not said["applied"] and not said["ok"]
+    assert later in [s["service"] for s in said["effect"]["uncovered"]]
+    assert reply_from(topo, CLUSTER_IP_V4, LATER) is None  # nothing changed
+
+    # The way out it gives, run as given: the new service's pods are answered from it.
+    for command in [*said["cover_with"], f"ctfix fix --revert --netns {topo.host}"]:
+        words = shlex.split(command)
+        assert words[:2] == ["ctfix", "fix"]
+        if "--revert" not in words:  # before the last revert: the new service answered
+            assert reply_from(topo, CLUSTER_IP_V4, LATER) is None
+        # A bound, not a timing: iptables-legacy removes each of the ~40 rules in a
+        # child of its own (python-iptables), minutes on a loaded machine.
+        done = subprocess.run([sys.executable, "-m", "ctfix", *words[1:]],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        if words[2] == str(PORT):  # applied again: it covers the new service
+            assert reply_from(topo, CLUSTER_IP_V4, LATER) == (CLUSTER_IP_V4, LATER)
+            assert reply_from(topo, CLUSTER_IP_V4, OTHER) == (CLUSTER_IP_V4, OTHER)
+            now = ctfix_fix(topo, str(PORT), "--method", "snat-zone", "--apply", "--json")
+            assert now.returncode == 0 and as_json(now)["ok"], now.stdout
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ def test_a_record_pointing_at_the_masquerade_table_is_refused_and_deletes_nothin
 ) -> None:
     """Item 1: the nft step edited to name the namespace's own MASQUERADE table."""
     topo = nft_lab
+    before = kernel_state(topo)
     _applied(topo)
 
     def point_at_masquerade(step: dict[str, Any]) -> None:
@@ -79,9 +80,14 @@ def test_a_record_pointing_at_the_masquerade_table_is_refused_and_deletes_nothin
     report = json.loads(status.stdout)
     [step] = report["fixes"][0]["steps"]
     assert step["foreign"] and "table ip ctfix_lab" in step["foreign"]
+    # QA F16: the object the record points at, not the name ctfix made it under.
+    assert step["object"] == "table ip ctfix_lab"
+    assert "FOREIGN table ip ctfix_lab" in ctfix_fix(topo, "--status").stdout
+    assert report["way_out"] and f"--revert {PORT}" in report["way_out"]
     assert not report["fixes"][0]["whole"]
     # ctfix's own table is now explained by no record: it is named as such.
     assert [o["object"] for o in report["unrecorded"]] == [f"table inet ctfix_{PORT}"]
+    assert report["unrecorded"][0]["remove_with"] is None  # refused: the way out instead
 
     reverted = ctfix_fix(topo, "--revert")
     assert reverted.returncode == 2, reverted.stdout
@@ -90,6 +96,20 @@ def test_a_record_pointing_at_the_masquerade_table_is_refused_and_deletes_nothin
     assert "Traceback" not in reverted.stderr
     assert without_members(kernel_state(topo)) == tampered
     assert answered(topo, UPLINK_V4)  # ctfix's own table still works
+
+    # The way out the refusal gives works: the record aside, --revert PORT removes
+    # ctfix's own table (found by its marks) and nothing else.
+    assert f"ctfix fix --revert {PORT} --netns {topo.host}" in line
+    state = _state_file(state_dir)
+    state.rename(state.with_name(state.name + ".aside"))
+    out = ctfix_fix(topo, "--revert", str(PORT), "--json")
+    assert out.returncode == 0, out.stderr
+    assert [o["object"] for o in json.loads(out.stdout)["unrecorded_removed"]] == [
+        f"table inet ctfix_{PORT}"
+    ]
+    assert kernel_state(topo) == before  # the MASQUERADE table is still there
+    assert not answered(topo, UPLINK_V4)
+    assert not list(state_dir.glob("*.lock"))  # QA F22: the last record gone, the lock too
 
 
 def test_a_record_pointing_at_a_foreign_ipset_is_refused_and_deletes_nothing(
@@ -159,6 +179,7 @@ def test_a_lost_state_file_is_found_by_status_and_cleaned_by_revert(
     assert not answered(topo, UPLINK_V4)
     clean = ctfix_fix(topo, "--status")
     assert clean.returncode == 0 and "no fix recorded" in clean.stdout
+    assert sorted(p.name for p in state_dir.iterdir()) == []  # QA F22: no lock file left
 
 
 def test_a_fix_partly_removed_by_hand_reverts_and_says_what_was_missing(

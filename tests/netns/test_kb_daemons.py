@@ -503,7 +503,7 @@ VARIANTS: list[Variant] = [
             lambda d: kresd(d), _localhost, bound="::"),
     Variant("knot-resolver", "kresd-per-address", "knot-resolver", "/usr/sbin/kresd", 53,
             lambda d: kresd(d, (UPLINK_V4, BRIDGE_V4, UPLINK_V6, BRIDGE_V6)), _localhost,
-            expect="right", fix_option="net.listen('198.51.100.13'", bound=BRIDGE_V6),
+            expect="right", fix_option="net.listen('{address}'", bound=BRIDGE_V6),
     Variant("pdns-recursor", "pdns-recursor", "pdns-recursor", "/usr/sbin/pdns_recursor", 53,
             pdns_recursor, _localhost, bound="::"),
     Variant("pdns-server", "pdns-server", "pdns-server", "/usr/sbin/pdns_server", 53,

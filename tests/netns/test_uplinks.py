@@ -164,6 +164,32 @@ def test_explain_names_the_uplink_mismatch_before_any_fix(nft_uplinks: TwoUplink
     assert namespace_state(topo, topo.host) == before
 
 
+def test_policy_route_refusal_says_what_routing_would_do_and_this_namespace_timeout(
+    nft_uplinks: TwoUplinks,
+) -> None:
+    """QA F23: only clients of wan2 seen; those that may address wan1's address are two
+    routers away (wan1's address is not their gateway): they would be answered from
+    wan2's. And conntrack's memory is this namespace's nf_conntrack_udp_timeout."""
+    topo = nft_uplinks
+    topo.run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=7")
+    topo.run(topo.host, "conntrack", "-F")
+    assert not udp_exchange(topo.internet, WAN2_V4, PORT, timeout=1.0).answered
+    report = explain_json(topo)
+    assert client_network(report, CLIENT_NET_V4)["addressed"] == [WAN2_V4]
+    before = namespace_state(topo, topo.host)
+    refused = ctfix(topo, "fix", str(PORT), "--method", "policy-route")
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert f"that address {WAN1_V4} (the host's own address on wan1) from {WAN2_V4}" in line
+    assert "their gateway" not in line
+    assert "after 7 s (nf_conntrack_udp_timeout in this namespace)" in line
+    forced = ctfix(topo, "fix", str(PORT), "--method", "policy-route", "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    [warning] = [w for w in json.loads(forced.stdout)["plan"]["warnings"] if WAN1_V4 in w]
+    assert "their gateway" not in warning
+    assert namespace_state(topo, topo.host) == before
+
+
 def test_snat_zone_sends_replies_out_by_their_own_uplink_and_reverts_exactly(
     uplinks: TwoUplinks,
 ) -> None:

@@ -113,8 +113,8 @@ def test_policy_route_refuses_when_clients_may_address_their_gateway() -> None:
     with pytest.raises(CtfixError) as err:
         make_plan(diagnosis(GATEWAY_UNSEEN), "policy-route")
     assert err.value.message.startswith(
-        "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1 "
-        "(the host's own address on br0, their gateway): none was seen"
+        "policy-route would answer clients in 192.0.2.0/24 that address 192.0.2.1 "
+        "(the host's own address on br0, their gateway) from 198.51.100.13: none was seen"
     )
     assert err.value.hint == (
         "use --method snat-zone (it serves both), or add --force if no client in "
@@ -125,12 +125,17 @@ def test_policy_route_refuses_when_clients_may_address_their_gateway() -> None:
 def test_policy_route_refusal_names_every_network_it_would_break() -> None:
     """QA P8: the dual-stack lab's refusal named only 192.0.2.0/24."""
     with pytest.raises(CtfixError) as err:
-        make_plan(diagnosis(GATEWAY_UNSEEN, GATEWAY_UNSEEN_V6), "policy-route")
+        make_plan(
+            replace(diagnosis(GATEWAY_UNSEEN, GATEWAY_UNSEEN_V6), udp_timeout=30),
+            "policy-route",
+        )
     assert err.value.message == (
-        "policy-route would break clients in 192.0.2.0/24 that address 192.0.2.1 (the "
-        "host's own address on br0, their gateway) and clients in 2001:db8:1::/64 that "
-        "address 2001:db8:1::1 (the host's own address on br0, their gateway): none was "
-        "seen, but conntrack forgets a flow after 30 s, so that is no proof there are none"
+        "policy-route would answer clients in 192.0.2.0/24 that address 192.0.2.1 (the "
+        "host's own address on br0, their gateway) from 198.51.100.13 and clients in "
+        "2001:db8:1::/64 that address 2001:db8:1::1 (the host's own address on br0, their "
+        "gateway) from 2001:db8:2::13: none was seen, but conntrack forgets an unanswered "
+        "flow after 30 s (nf_conntrack_udp_timeout in this namespace), so that is no proof "
+        "there are none"
     )
     assert err.value.hint == (
         "use --method snat-zone (it serves both), or add --force if no client in "
@@ -146,10 +151,10 @@ def test_policy_route_forced_plans_the_same_routes_and_names_who_breaks() -> Non
     assert forced.warnings == (
         "--force: replies to 192.0.2.0/24 will leave from 198.51.100.13; clients in "
         "192.0.2.0/24 that address 192.0.2.1 (the host's own address on br0, their "
-        "gateway) will get no answer until --revert",
+        "gateway) will be answered from it, not from the address they asked, until --revert",
         "--force: replies to 2001:db8:1::/64 will leave from 2001:db8:2::13; clients in "
         "2001:db8:1::/64 that address 2001:db8:1::1 (the host's own address on br0, their "
-        "gateway) will get no answer until --revert",
+        "gateway) will be answered from it, not from the address they asked, until --revert",
     )
 
 

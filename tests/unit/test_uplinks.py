@@ -412,3 +412,39 @@ def test_reroute_steps_survive_the_state_file_and_old_records_still_read() -> No
     old = step_to_dict(plan.steps[0])
     del old["spec"]["gateway"]  # a state file from before two uplinks
     assert step_from_dict(old).spec == replace(route, gateway=None)
+
+
+def test_policy_route_refusal_beyond_a_router_says_what_routing_does_not_their_gateway() -> None:
+    """QA F23: clients two routers away that may address wan1's address are not on its
+    link (it is not their gateway); they would be answered from wan2's. And conntrack's
+    memory is this namespace's nf_conntrack_udp_timeout, as read."""
+    only_wan2 = replace(REMOTE, addressed=(WAN2,))
+    diagnosis = replace(two_uplinks(only_wan2), udp_timeout=5)
+    with pytest.raises(CtfixError) as err:
+        make_plan(diagnosis, "policy-route")
+    assert err.value.message == (
+        f"policy-route would answer clients in 203.0.113.0/24 that address {WAN1} (the "
+        f"host's own address on wan1) from {WAN2}: none was seen, but conntrack forgets "
+        "an unanswered flow after 5 s (nf_conntrack_udp_timeout in this namespace), so "
+        "that is no proof there are none"
+    )
+    forced = make_plan(diagnosis, "policy-route", force=True)
+    [warning] = forced.warnings
+    assert "gateway" not in warning and f"will leave from {WAN2}" in warning
+    unread = replace(diagnosis, udp_timeout=None)
+    with pytest.raises(CtfixError) as err:
+        make_plan(unread, "policy-route")
+    assert "nf_conntrack_udp_timeout seconds (unreadable here)" in err.value.message
+
+
+def test_explain_policy_route_advice_beyond_a_router_names_no_gateway() -> None:
+    """QA F23, explain's side: the same words as fix's refusal."""
+    from ctfix.core.diagnosis.advice import fixes_for
+
+    only_wan2 = replace(REMOTE, addressed=(WAN2,))
+    [route] = [
+        f for f in fixes_for(PORT, "broken", [only_wan2], None, [], (), 5)
+        if f.method == "policy-route"
+    ]
+    assert "their gateway" not in route.detail and f"address {WAN1} (the host)" in route.detail
+    assert "after 5 s (nf_conntrack_udp_timeout in this namespace)" in route.detail

@@ -12,6 +12,20 @@ from typing import Protocol
 from ctfix.core.model import Mismatch
 
 
+def conntrack_memory(udp_timeout: int | None) -> str:
+    """How long conntrack remembers an unanswered flow in this namespace, as read
+    (nf_conntrack_udp_timeout): how far back "none was seen" reaches."""
+    if udp_timeout is None:
+        return (
+            "conntrack forgets an unanswered flow after nf_conntrack_udp_timeout seconds "
+            "(unreadable here)"
+        )
+    return (
+        f"conntrack forgets an unanswered flow after {udp_timeout} s "
+        "(nf_conntrack_udp_timeout in this namespace)"
+    )
+
+
 def _plural(count: int, word: str, words: str) -> str:
     return f"{count} {word if count == 1 else words}"
 

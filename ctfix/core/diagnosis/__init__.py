@@ -244,7 +244,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     # A forwarded port's fixes belong to the port it is forwarded to (`ctfix explain` there).
     wanted = verdict in ("at-risk", "broken") and not (forwards and not snapshot.listeners)
     fixes = (
-        advice.fixes_for(port, verdict, clients, advice_rule, rules, behind) if wanted else ()
+        advice.fixes_for(
+            port, verdict, clients, advice_rule, rules, behind, snapshot.udp_timeout
+        )
+        if wanted
+        else ()
     )
     if pinned.entries:
         verdict = "broken"  # stale NAT entries: a black hole now (their fix is their own)
@@ -272,6 +276,7 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         tracking_switched_on=snapshot.tracking_switched_on,
         blind=tuple(blind),
         unanswered=tuple(unanswered.service_record(f) for f in silent),
+        udp_timeout=snapshot.udp_timeout,
     )
 
 

@@ -12,9 +12,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from ctfix.core.detectors.wrong_source_words import conntrack_memory
 from ctfix.core.diagnosis.netfilter import PROBLEM_NOTRACK
 from ctfix.core.diagnosis.uplinks import fix_note
 from ctfix.core.model import ClientNetwork, Fix, FixMethod, ForwardedService, RuleHit, Verdict
+from ctfix.core.snippet import SnippetValues, for_this_host
+from ctfix.core.snippet import values as snippet_values
 
 if TYPE_CHECKING:
     from ctfix.core.rules import ServiceRule
@@ -78,6 +81,23 @@ def dnat_notes(
     return notes
 
 
+def _first_sentence(text: str) -> tuple[str, str]:
+    """(the first sentence, with its full stop; the rest, or "")."""
+    first, _sep, rest = text.strip().partition(". ")
+    return f"{first.rstrip('.')}.", rest.strip()
+
+
+def _snippet_values(port: int, clients: Sequence[ClientNetwork]) -> SnippetValues:
+    """The port, and the addresses, networks and interfaces of its clients (seen, or
+    assumed from the host's connected networks)."""
+    return snippet_values(
+        port,
+        [a for cn in clients for a in cn.addressed],
+        [cn.network for cn in clients],
+        [cn.interface for cn in clients if cn.interface],
+    )
+
+
 def fixes_for(
     port: int,
     verdict: Verdict,
@@ -85,8 +105,10 @@ def fixes_for(
     service: ServiceRule | None,
     rules: Sequence[RuleHit],
     forwarded: Sequence[ForwardedService] = (),
+    udp_timeout: int | None = None,
 ) -> tuple[Fix, ...]:
-    fixes = _fixes(port, verdict, clients, service, rules)
+    """`udp_timeout`: nf_conntrack_udp_timeout as read (None: unreadable)."""
+    fixes = _fixes(port, verdict, clients, service, rules, udp_timeout)
     notes = dnat_notes(clients, forwarded)
     return tuple(replace(f, detail=f.detail + notes.get(f.method, "")) for f in fixes)
 
@@ -97,13 +119,14 @@ def _fixes(
     clients: Sequence[ClientNetwork],
     service: ServiceRule | None,
     rules: Sequence[RuleHit],
+    udp_timeout: int | None,
 ) -> tuple[Fix, ...]:
     affected = [cn for cn in clients if not cn.ok]
     mixed = [cn for cn in affected if len(cn.addressed) > 1]
     single = bool(affected) and not mixed
     unseen = [cn for cn in affected if not cn.seen]
     # A route gives a network's replies one source: the clients of its on-link address
-    # (their gateway) would break, and conntrack's 30 s memory cannot rule them out.
+    # (their gateway) would break, and conntrack's short memory cannot rule them out.
     spared = [(cn, [a for a in cn.onlink if a not in cn.addressed]) for cn in affected if cn.seen]
     at_stake = [(cn, extra) for cn, extra in spared if extra]
     notrack = any(r.problem == PROBLEM_NOTRACK for r in rules)
@@ -123,14 +146,16 @@ def _fixes(
         )
     ]
     if service is not None:
-        snippet = f"\n{service.snippet.rstrip()}" if service.snippet else ""
+        first, rest = _first_sentence(service.fix)
         reference = f"\nReference: {service.reference}" if service.reference else ""
+        # The summary says the fix's first sentence; the detail goes on from there.
         fixes.append(
             Fix(
                 method="bind",
-                summary=f"{service.name}: {service.fix.strip().split('. ')[0].rstrip('.')}.",
-                detail=f"{service.why.strip()}\n{service.fix.strip()}{service.upgrade_advice()}"
-                f"{snippet}{reference}",
+                summary=f"{service.name}: {first}",
+                detail=f"{service.why.strip()}{' ' + rest if rest else ''}"
+                f"{service.upgrade_advice()}{fix_note(clients, 'bind')}"
+                f"{for_this_host(service.snippet, _snippet_values(port, clients))}{reference}",
                 recommended=True,
             )
         )
@@ -155,6 +180,13 @@ def _fixes(
             "to the server and no per-flow state."
         )
         if at_stake:
+            # On their link the other address is their gateway; beyond a router, only
+            # another address of the host's.
+            stake = " or ".join(
+                f"{' or '.join(extra)} ({'the host' if remote else 'their gateway'})"
+                for cn, extra in at_stake
+                for remote in [cn.egress_gateway is not None or bool(cn.uplinks)]
+            )
             only_if = "; ".join(
                 f"clients in {cn.network} never address {' or '.join(extra)}"
                 for cn, extra in at_stake
@@ -165,9 +197,9 @@ def _fixes(
                     summary=f"Only if {only_if}: route the port's replies from the address "
                     f"seen ({routes}).",
                     detail=f"{how} But it gives all replies to a network that one source: "
-                    "clients that address the host's own address on their link (their "
-                    "gateway) would stop getting answers. None was seen, but conntrack "
-                    "forgets a flow after 30 s, so that is no proof. `ctfix fix "
+                    f"clients that address {stake} would be answered from it and stop "
+                    f"getting answers. None was seen, but {conntrack_memory(udp_timeout)}, "
+                    "so that is no proof. `ctfix fix "
                     f"{port} --method policy-route` refuses for this reason; add --force "
                     "only if you know those clients never use that address (snat-zone "
                     "serves both).",

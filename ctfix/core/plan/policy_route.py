@@ -3,13 +3,15 @@ and one `ip rule` per family that sends the port's replies through that table.
 
 Pure. Know before changing: a route gives all replies to a network ONE source, so it
 is right only where each client network addresses one local address; it must refuse
-(or, with --force, warn) when clients of the host's on-link address (their gateway)
-would lose their answers. Routes come before the rule that makes them used.
+(or, with --force, warn) when clients that may address another of the host's addresses
+(on their link: their gateway) would be answered from the routed one. Routes come
+before the rule that makes them used.
 """
 
 from __future__ import annotations
 
 from ctfix.core.addr import unmap
+from ctfix.core.detectors.wrong_source_words import conntrack_memory
 from ctfix.core.model import ClientNetwork, Diagnosis, Family
 from ctfix.core.plan import Backend, Plan, PlanMethod, reroute, targets
 from ctfix.core.plan.probes import probe_address
@@ -96,14 +98,13 @@ def build(
             if a != source and targets.unexposed_reason(a, diagnosis.listeners) is None
         ]
         if stranded:
-            who = (
-                f"clients in {cn.network} that address {' or '.join(stranded)} (the host's "
-                f"own address on {cn.interface}, their gateway)"
+            who = _stranded(cn, stranded)
+            breaks.append(
+                (f"{who} from {source}", f"in {cn.network} ever addresses {' or '.join(stranded)}")
             )
-            breaks.append((who, f"in {cn.network} ever addresses {' or '.join(stranded)}"))
             warnings.append(
-                f"--force: replies to {cn.network} will leave from {source}; {who} will "
-                "get no answer until --revert"
+                f"--force: replies to {cn.network} will leave from {source}; {who} will be "
+                "answered from it, not from the address they asked, until --revert"
             )
         family = targets.family_of(source)
         if targets.family_of(cn.network.split("/")[0]) != family:
@@ -131,9 +132,9 @@ def build(
         )
     if breaks and not force:
         raise CtfixError(
-            f"policy-route would break {' and '.join(who for who, _ in breaks)}: none was "
-            "seen, but conntrack forgets a flow after 30 s, so that is no proof there are "
-            "none",
+            f"policy-route would answer {' and '.join(who for who, _ in breaks)}: none was "
+            "seen, but "
+            f"{conntrack_memory(diagnosis.udp_timeout)}, so that is no proof there are none",
             "use --method snat-zone (it serves both), or add --force if no client "
             + ", and none ".join(unless for _, unless in breaks),
         )
@@ -163,6 +164,18 @@ def build(
     return Plan(
         port, "policy-route", "iproute2", tuple(steps), notes, tuple(checks),
         warnings=tuple(warnings),
+    )
+
+
+def _stranded(cn: ClientNetwork, stranded: list[str]) -> str:
+    """Who a route would answer from another address than the one they asked, by what
+    routing would do: on their link that address is the host's, their gateway; beyond
+    a router it is only another address of the host."""
+    where = f"the host's own address on {cn.interface}" if cn.interface else "the host's"
+    remote = cn.egress_gateway is not None or bool(cn.uplinks)
+    return (
+        f"clients in {cn.network} that address {' or '.join(stranded)} "
+        f"({where}{'' if remote else ', their gateway'})"
     )
 
 

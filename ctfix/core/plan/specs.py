@@ -226,6 +226,26 @@ class RouteCheck:
     mark: int | None = None
 
 
+def spec_object(spec: Spec) -> str:
+    """The kernel object a spec names, from the spec itself: what a record points at
+    (a step's `creates` is text saved beside it, and says what ctfix made, which an
+    edited record no longer names)."""
+    match spec:
+        case NftTableSpec():
+            return f"table {spec.family} {spec.name}"
+        case IpsetSpec():
+            return f"ipset {spec.name}"
+        case RuleSpec():
+            return f"{spec.family} rule {spec.words}"
+        case RouteSpec():
+            return f"{'ipv6 ' if spec.family == 'ipv6' else ''}route {spec.words}"
+        case IptRuleSpec():
+            ipt = "ip6tables" if spec.family == "ipv6" else "iptables"
+            return f"{ipt} -t {spec.table} {spec.chain} rule -j {spec.target.name}"
+        case ConntrackEntrySpec():
+            return f"conntrack entry {spec.src}:{spec.sport} -> {spec.dst}:{spec.dport}"
+
+
 # -- serialisation (state file, --json) ---------------------------------------------------
 
 
@@ -272,8 +292,12 @@ def step_from_dict(data: dict[str, Any]) -> Step:
             commands=tuple(data["commands"]),
             undo=tuple(data["undo"]),
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except KeyError as err:
+        raise CtfixError(f"unreadable step in the state file (no {err.args[0]!r})") from None
+    except ValueError as err:
         raise CtfixError(f"unreadable step in the state file ({err})") from None
+    except TypeError:  # Python's words name its types: say it in the file's terms
+        raise CtfixError("unreadable step in the state file (a value of the wrong kind)") from None
 
 
 def _xt(raw: dict[str, Any]) -> XtExtension:
