@@ -436,8 +436,9 @@ def exit_status(
 ) -> int:
     """Like grep: a timed watch tells a script whether it found something new (live
     findings only; a one-way service's unanswered flows are not a finding to act on)."""
-    problems = [f for f in live if f.kind != "unanswered" or f.problem]
-    return 1 if problems and stopped_by_duration else 0
+    from ctfix.commands.watch_ns import is_problem
+
+    return 1 if stopped_by_duration and any(is_problem(f) for f in live) else 0
 
 
 __all__ = ["add_arguments", "exit_status", "run"]
