@@ -125,6 +125,11 @@ def run_loop(
             if watcher is None:
                 if follower is not None:
                     follower.follow(time.monotonic(), readable=True)
+                    # It may have stopped some (their namespace is gone, their
+                    # descriptors closed): none of them is touched again.
+                    active = list(follower.watchers)
+            elif watcher.closed:
+                continue  # stopped by the follower earlier in this wake-up
             elif watcher.inside is None or tag not in ENTERED:
                 watcher.ready(tag, key.fileobj)
             else:

@@ -137,6 +137,7 @@ class NamespaceWatch:
         self.resync_due: float | None = None
         self.last_resync = self.last_warning = -math.inf
         self.gone = False  # the namespace disappeared while watched
+        self.closed = False  # close() ran: its sockets (and namespace) are not to be used
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -355,6 +356,7 @@ class NamespaceWatch:
 
     def close(self) -> None:
         """Count the last losses and close every socket (inside the namespace)."""
+        self.closed = True
         self.unregister()
         if self.events is not None:
             with contextlib.suppress(OSError):
