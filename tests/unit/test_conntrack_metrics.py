@@ -102,12 +102,12 @@ def test_before_the_first_reading_a_scrape_has_no_conntrack_samples() -> None:
     assert _scrape(collector) == {}
 
 
-def test_watch_metrics_register_the_conntrack_collector(monkeypatch: pytest.MonkeyPatch) -> None:
-    import prometheus_client
+def test_watch_metrics_register_the_conntrack_collector() -> None:
+    # No HTTP server in a unit test (a fixed port on the machine collides with any
+    # other run): only the registry matters here.
+    from tests.unit.test_prometheus_rules import NoServer
 
-    # No HTTP server in a unit test: only the registry matters here.
-    monkeypatch.setattr(prometheus_client, "start_http_server", lambda *a, **k: (None, None))
-    metrics = WatchMetrics("localhost:9464", "ns1")
+    metrics = WatchMetrics(NoServer(), "ns1")
     metrics.conntrack._read = lambda: READING
     metrics.update({}, pending=0, findings=0)
     text = generate_latest(metrics.registry).decode()
