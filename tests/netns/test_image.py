@@ -152,12 +152,21 @@ def test_the_image_run_as_the_daemonset_runs_it_watches_other_namespaces(
 ) -> None:
     """QA F6: with the DaemonSet's arguments (`watch --all-netns`), capabilities,
     hostPID and /run/netns, the image's watch reports a wrong-source reply in a
-    namespace that is neither its own nor its engine's (a pod's, on a node)."""
+    namespace that is neither its own nor its engine's (a pod's, on a node). One of
+    the namespaces holds an iptables-legacy DNAT (kube-proxy's on older nodes): the
+    image reads it (python-iptables needs iptables' extensions; without them watch
+    ended with an internal error at start)."""
     _topo, engine = built
+    # python-iptables loads in the image: iptables' extensions are there.
+    python = "/opt/ctfix/bin/python"
+    engine.docker("run", "--rm", "--entrypoint", python, IMAGE, "-c", "import iptc")
     pod, container = watch_pod()
     args = [a.replace("$(NODE_IP)", "127.0.0.1") for a in container["args"]]
     with fleet_topology(count=2, broken=1) as fleet:
         [server] = fleet.broken_servers
+        fleet.run(fleet.ok_server, "iptables-legacy", "-w", "-t", "nat", "-A", "PREROUTING",
+                  "-p", "udp", "--dport", "5140", "-j", "DNAT",
+                  "--to-destination", "198.51.100.22")  # fmt: skip
         engine.docker(
             "run", "-d", "--name", "daemonset", *_docker_flags(pod, container), IMAGE, *args
         )  # fmt: skip
