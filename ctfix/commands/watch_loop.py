@@ -114,8 +114,10 @@ def run_loop(
             if watcher is None:
                 if follower is not None:
                     follower.follow(time.monotonic(), readable=True)
+                    # It may have stopped some (their namespace is gone, their
+                    # descriptors closed): none of them is touched again.
                     active = list(follower.watchers)
-            elif sel.get_map().get(key.fd) is not key:
+            elif sel.get_map().get(key.fd) is not key or watcher.closed:
                 # Its namespace went earlier in this batch: its sockets are closed (and
                 # the descriptor may already be another socket's).
                 continue

@@ -8,10 +8,16 @@ notification, so that a batch of rule changes (Docker, kube-proxy, `nft -f`) is 
 once, whole; iptables-legacy has no notifications and is polled (`LEGACY_POLL`) by a
 cheap fingerprint of its nat tables (ctfix.platform.nat_rules).
 
+While something is stale, its ports' entries are judged again every RECHECK seconds
+against the same rules, so that what was flushed (`ctfix fix --method flush-stale`)
+or expired stops being stale now (the `ctfix_watch_stale_nat_entries` gauge goes back
+to 0); a namespace with nothing stale pays nothing for it.
+
 Know before changing: a check dumps (filtered in the kernel) the ports the rules
 forward now *and* those they forwarded before the change: entries to a port that is
 no longer forwarded are stale too. Findings from a check after a change seen live are
-not `existing`; those of watch's start-up and resync dumps are.
+not `existing`; those of watch's start-up and resync dumps are. Every dump walks the
+whole host's table in the kernel, hence a re-check only while something is stale.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
 SETTLE = 0.3
 #: seconds between two looks at iptables-legacy's nat tables
 LEGACY_POLL = 1.0
+#: seconds between two re-checks of the entries still stale
+RECHECK = 15.0
 
 
 class StaleNatWatch:
@@ -57,6 +65,7 @@ class StaleNatWatch:
         self.sock = self.changes.sock
         self.due: float | None = None
         self.next_poll = time.monotonic() + LEGACY_POLL
+        self.next_recheck = time.monotonic() + RECHECK
         self.ports: frozenset[int] | None = frozenset()
         self.checks = 0
         self._load()
@@ -89,6 +98,8 @@ class StaleNatWatch:
     def wait(self, mono: float) -> float:
         """Seconds the loop may sleep before `tick` has something to do."""
         due = self.next_poll if self.due is None else min(self.due, self.next_poll)
+        if self.detector.active_ports:
+            due = min(due, self.next_recheck)
         return max(0.0, due - mono)
 
     def tick(self, mono: float) -> None:
@@ -99,6 +110,8 @@ class StaleNatWatch:
         if self.due is not None and mono >= self.due:
             self.due = None
             self.check()
+        elif mono >= self.next_recheck and self.detector.active_ports:
+            self.recheck()
 
     def _schedule(self, mono: float) -> None:
         if self.due is None:
@@ -108,11 +121,19 @@ class StaleNatWatch:
 
     def check(self) -> None:
         """Re-read the rules; judge the entries of every port forwarded before or now."""
-        from ctfix.platform import conntrack
-
         before = self.ports
         self._load()
-        ports = None if before is None or self.ports is None else before | self.ports
+        self._judge(None if before is None or self.ports is None else before | self.ports)
+
+    def recheck(self) -> None:
+        """Judge again, against the same rules, the entries of the ports still stale."""
+        self._judge(self.detector.active_ports)
+
+    def _judge(self, ports: frozenset[int] | None) -> None:
+        """Dump the entries of `ports` (None: all) and judge them."""
+        from ctfix.platform import conntrack
+
+        self.next_recheck = time.monotonic() + RECHECK
         usage: dict[int, CtUsage] = {}
         entries: list[CtEntry] = []
         if ports is None:

@@ -136,6 +136,7 @@ class NamespaceWatch:
         self.resync_due: float | None = None
         self.last_resync = self.last_warning = -math.inf
         self.gone = False  # the namespace disappeared while watched
+        self.closed = False  # close() ran: its sockets (and namespace) are not to be used
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -328,7 +329,12 @@ class NamespaceWatch:
         if self.events is not None:
             self.lost = lost_so_far(self.events, self.lost, self.overflows)
         if self.metrics is not None:
-            self.metrics.update(self.totals(), self.detector.pending, len(self.detector.findings))
+            self.metrics.update(
+                self.totals(),
+                self.detector.pending,
+                len(self.detector.findings),
+                self.stale.active,
+            )
 
     def totals(self) -> dict[str, int]:
         stats = self.detector.stats
@@ -341,6 +347,7 @@ class NamespaceWatch:
 
     def close(self) -> None:
         """Count the last losses and close every socket (inside the namespace)."""
+        self.closed = True
         self.unregister()
         if self.events is not None:
             with contextlib.suppress(OSError):
@@ -369,22 +376,32 @@ class NamespaceWatch:
         unanswered: UnansweredWatch | None = getattr(self, "unanswered", None)
         counted = unanswered.detector.stats if unanswered is not None else None
         totals = self.totals() if self.detectors else {"events": 0, "new_flows": 0}
+        # One-way services' records are listed, and are no finding (nor in the exit status).
+        problems = sum(1 for f in live if is_problem(f))
         record = summary_record(
             events=totals["events"],
             new_flows=totals["new_flows"],
             lost=self.lost,
             resyncs=self.resyncs,
-            findings=len(live),
+            findings=problems,
+            one_way=len(live) - problems,
             existing=sum(1 for f in found if f.existing),
             started=self.started,
             tracking=both(self.tracking),
             unanswered=counted.flows if counted else 0,
+            one_way_requests=counted.one_way if counted else 0,
             uncounted=counted.uncounted_flows if counted else 0,
             netns=self.label,
             netns_container=self.netns_container,
             hidden=hidden,
         )
         return live, record
+
+
+def is_problem(finding: WrongSourceFinding | StaleNatFinding | UnansweredFinding) -> bool:
+    """Whether a finding is one to act on: all are, but a one-way service's unanswered
+    requests (they never get a reply, by design)."""
+    return finding.kind != "unanswered" or finding.problem
 
 
 def both(tracking: dict[str, bool | None]) -> dict[str, bool | None]:

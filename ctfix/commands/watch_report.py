@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
+from ctfix.commands.watch_ns import is_problem
 from ctfix.core.detectors import Change
 
 if TYPE_CHECKING:
@@ -57,9 +58,10 @@ class Reporter:
         self.live_findings = 0
 
     def __call__(self, found: Found | None) -> None:
-        """Show a finding when it is new or newly confirmed; count every reply in
-        metrics. An unanswered finding prints when it first appears, unless it is a
-        one-way service's (no problem: it is listed at exit only)."""
+        """Show a finding when it is new or newly confirmed; count every reply and
+        every unanswered request in metrics. An unanswered finding prints when it
+        first appears, unless it is a one-way service's (no problem: it is listed at
+        exit only)."""
         if found is None:
             return
         finding, change = found
@@ -73,12 +75,16 @@ class Reporter:
                 change = Change.NEW  # the first event that selects it: news for this watch
         if (finding.key, finding.existing) not in self.shown:
             self.shown.add((finding.key, finding.existing))
-            if not finding.existing and (finding.kind != "unanswered" or finding.problem):
+            if not finding.existing and is_problem(finding):
                 self.live_findings += 1
         renderer = self.renderer
+        metrics = self.metrics
         if finding.kind == "unanswered":
             if change == change.NEW and finding.problem:
                 renderer.finding(finding, container=self.container_of(finding))
+            # Each report is one more request counted (history is not news).
+            if metrics is not None and not finding.existing:
+                metrics.unanswered_request(finding)
             return
         if change:
             # CONFIRMED: the ICMP came before the reply's event; the finding is older.
@@ -87,7 +93,6 @@ class Reporter:
             )
         # Replies counted as they happen: history found at start-up is not a new reply
         # (a restart of watch must not look like a burst to an alert rule).
-        metrics = self.metrics
         if metrics is not None and finding.kind == "wrong-source" and not finding.existing:
             metrics.finding(finding)
 
@@ -143,5 +148,4 @@ def exit_status(
 ) -> int:
     """Like grep: a timed watch tells a script whether it found something new (live
     findings only; a one-way service's unanswered flows are not a finding to act on)."""
-    problems = [f for f in live if f.kind != "unanswered" or f.problem]
-    return 1 if problems and stopped_by_duration else 0
+    return 1 if stopped_by_duration and any(is_problem(f) for f in live) else 0

@@ -64,6 +64,17 @@ def import_iptc(message: str = "python-iptables is not installed") -> Any:
         raise MissingFeatureError(
             message, "pip install python-iptables (or run scripts/setup)"
         ) from None
+    except Exception as err:
+        # iptc.errors.XTablesError, which iptc raises while it imports itself (so it
+        # cannot be named here) when iptables' extensions are not installed: without
+        # them no rule with a match or target can be read (a minimal container image).
+        if type(err).__name__ != "XTablesError":
+            raise
+        raise MissingFeatureError(
+            f"python-iptables cannot load iptables' extensions ({err})",
+            "install the iptables package (its extensions, /usr/lib/*/xtables), or set "
+            "XTABLES_LIBDIR to where they are",
+        ) from None
     return iptc
 
 

@@ -6,6 +6,9 @@ metric keeps at most SERIES_LIMIT distinct label sets per process, the first one
 seen (a counter's series cannot move once scraped, so "top" means first), and counts
 every later one in a single series whose labels all say OTHER. Prometheus then holds
 at most SERIES_LIMIT + 1 series of it per watched namespace, whatever the traffic.
+A metric may keep labels of a small fixed set of values (an unanswered request's
+`reason` and `one_way`) as they are in that series (`fold`: the labels that become
+OTHER), so that alerts can still tell them apart: one OTHER series per value then.
 
 Know before changing: the limit and OTHER are documented in README.md (Metrics) and
 tested; the alert rules in deploy/prometheus/ aggregate by these labels, so an
@@ -25,10 +28,12 @@ OTHER = "other"
 
 
 class LabelCap:
-    """Admits the first `limit` label sets; every later new one becomes all-OTHER."""
+    """Admits the first `limit` label sets; every later new one becomes OTHER in the
+    labels at the positions `fold` (None: all of them)."""
 
-    def __init__(self, limit: int = SERIES_LIMIT) -> None:
+    def __init__(self, limit: int = SERIES_LIMIT, fold: tuple[int, ...] | None = None) -> None:
         self.limit = limit
+        self.fold = fold
         self._kept: set[tuple[str, ...]] = set()
         self.folded = 0  # label values counted under OTHER so far
 
@@ -39,7 +44,11 @@ class LabelCap:
             self._kept.add(values)
             return values
         self.folded += 1
-        return tuple(OTHER for _ in values)
+        fold = self.fold
+        return tuple(
+            OTHER if fold is None or index in fold else value
+            for index, value in enumerate(values)
+        )
 
 
 def register_build_info(registry: Any) -> None:

@@ -5,7 +5,11 @@ deploy/prometheus/ctfix-watch-rules.yaml query; rename them together. Labels tha
 grow with what is found go through ctfix.platform.metric_conventions.LabelCap (at
 most SERIES_LIMIT label sets, then `other`), as README.md's metrics table says. Counters are
 advanced by deltas of the watcher's own totals, once a second, from the watch loop
-(the HTTP server runs in prometheus-client's thread and only reads).
+(the HTTP server runs in prometheus-client's thread and only reads); a wrong-source
+reply and an unanswered request are counted as the watcher reports them (news only:
+what watch found in the table at start-up is history, and a restart of watch must not
+look like a burst); the stale-NAT gauge is what the last check of the NAT rules
+against the table found stale (ctfix/commands/watch_nat.py re-checks while any is).
 """
 
 from __future__ import annotations
@@ -14,10 +18,16 @@ import contextlib
 import ipaddress
 import socket
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.errors import CtfixError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from ctfix.core.detectors.stale_nat import StaleNatFinding
+    from ctfix.core.detectors.unanswered import UnansweredFinding
+    from ctfix.core.detectors.wrong_source import WrongSourceFinding
 
 #: seconds a connection may stay silent before the server closes it
 IDLE_TIMEOUT = 5.0
@@ -159,7 +169,9 @@ class WatchMetrics:
         )
         self.findings = prom.Gauge(
             "ctfix_watch_findings",
-            "Distinct wrong-source findings",
+            "Distinct wrong-source findings (service, actual source, client network) seen "
+            "live since watch started; unanswered requests and stale NAT entries have "
+            "metrics of their own",
             ["netns"],
             registry=self.registry,
         )
@@ -169,12 +181,31 @@ class WatchMetrics:
             ["netns", "service", "actual_source", "expected_source", "client_network", "mismatch"],
             registry=self.registry,
         )
+        self.unanswered = prom.Counter(
+            "ctfix_watch_unanswered_requests",
+            "UDP requests whose conntrack entry ended without any reply, per service and "
+            "reason (no-socket, no-reply, wrong-source, stale-nat); one_way=\"true\": "
+            "a one-way service's (syslog, StatsD), which never answers by design",
+            ["netns", "service", "reason", "one_way"],
+            registry=self.registry,
+        )
+        self.stale = prom.Gauge(
+            "ctfix_watch_stale_nat_entries",
+            "Conntrack entries that still send a service's clients to a DNAT target the "
+            "rules no longer name (a black hole or the old backend), per service and "
+            "stale target, as of the last check (0: no longer stale)",
+            ["netns", "service", "stale_target"],
+            registry=self.registry,
+        )
         from ctfix.platform.metric_conventions import LabelCap, register_build_info
 
         register_build_info(self.registry)
         # service x sources x client network grows with what is found: bounded, over
         # all namespaces together (README: metrics).
         self._wrong_labels = LabelCap()
+        # reason and one_way stay themselves beyond the cap: alerts leave one-way out
+        self._unanswered_labels = LabelCap(fold=(0,))
+        self._stale_labels = LabelCap()
         from ctfix.platform.health_metrics import ConntrackHealthCollector
 
         # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
@@ -201,18 +232,33 @@ class WatchMetrics:
         for metric in (*self.counters.values(), self.pending, self.findings):
             with contextlib.suppress(KeyError):
                 metric.remove(netns)
-        for labels in found.wrong_labels:
-            with contextlib.suppress(KeyError):
-                self.wrong.remove(netns, *labels)
+        for metric, label_sets in (
+            (self.wrong, found.wrong_labels),
+            (self.unanswered, found.unanswered_labels),
+            (self.stale, found.stale_labels),
+        ):
+            for labels in label_sets:
+                with contextlib.suppress(KeyError):
+                    metric.remove(netns, *labels)
         self.conntrack.forget(netns)
 
-    def update(self, totals: dict[str, int], pending: int, findings: int) -> None:
+    def update(
+        self,
+        totals: dict[str, int],
+        pending: int,
+        findings: int,
+        stale: Iterable[StaleNatFinding] = (),
+    ) -> None:
         assert self.default is not None, "WatchMetrics(netns=None): use namespace(label)"
-        self.default.update(totals, pending, findings)
+        self.default.update(totals, pending, findings, stale)
 
     def finding(self, finding: WrongSourceFinding) -> None:
         assert self.default is not None, "WatchMetrics(netns=None): use namespace(label)"
         self.default.finding(finding)
+
+    def unanswered_request(self, finding: UnansweredFinding) -> None:
+        assert self.default is not None, "WatchMetrics(netns=None): use namespace(label)"
+        self.default.unanswered_request(finding)
 
     def close(self) -> None:
         self.listener.close()
@@ -228,11 +274,20 @@ class NamespaceMetrics:
         self.counters = {name: c.labels(netns) for name, c in parent.counters.items()}
         self.pending = parent.pending.labels(netns)
         self.findings = parent.findings.labels(netns)
-        #: the wrong-source label sets this namespace used (removed with it)
+        #: the label sets this namespace used, per metric (removed with it)
         self.wrong_labels: set[tuple[str, ...]] = set()
+        self.unanswered_labels: set[tuple[str, ...]] = set()
+        self.stale_labels: set[tuple[str, ...]] = set()
 
-    def update(self, totals: dict[str, int], pending: int, findings: int) -> None:
-        """Once a second, in the watched namespace (the conntrack reading is its)."""
+    def update(
+        self,
+        totals: dict[str, int],
+        pending: int,
+        findings: int,
+        stale: Iterable[StaleNatFinding] = (),
+    ) -> None:
+        """Once a second, in the watched namespace (the conntrack reading is its).
+        `stale`: the stale-nat findings the last check found stale now."""
         for name, value in totals.items():
             metric = self.counters.get(name)
             if metric is None:
@@ -243,7 +298,18 @@ class NamespaceMetrics:
             self._totals[name] = value
         self.pending.set(pending)
         self.findings.set(findings)
+        self._stale(stale)
         self.parent.conntrack.refresh(netns=self.netns)
+
+    def _stale(self, stale: Iterable[StaleNatFinding]) -> None:
+        """Each (service, stale target)'s entries now; 0 for those no longer stale."""
+        entries = dict.fromkeys(self.stale_labels, 0)
+        for finding in stale:
+            labels = self.parent._stale_labels.admit((finding.service, finding.stale_target))
+            entries[labels] = entries.get(labels, 0) + finding.entries
+        self.stale_labels.update(entries)
+        for labels, count in entries.items():
+            self.parent.stale.labels(self.netns, *labels).set(count)
 
     def finding(self, finding: WrongSourceFinding) -> None:
         labels = self.parent._wrong_labels.admit(
@@ -257,3 +323,11 @@ class NamespaceMetrics:
         )
         self.wrong_labels.add(labels)
         self.parent.wrong.labels(self.netns, *labels).inc()
+
+    def unanswered_request(self, finding: UnansweredFinding) -> None:
+        """One more request of `finding` ended unanswered (each report counts one)."""
+        labels = self.parent._unanswered_labels.admit(
+            (finding.service, finding.reason, "true" if finding.one_way else "false")
+        )
+        self.unanswered_labels.add(labels)
+        self.parent.unanswered.labels(self.netns, *labels).inc()

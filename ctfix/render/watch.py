@@ -148,19 +148,23 @@ def summary_record(
     lost: int,
     resyncs: int,
     findings: int,
+    one_way: int = 0,
     existing: int = 0,
     started: float | None = None,
     tracking: dict[str, bool | None] | None = None,
     unanswered: int = 0,
+    one_way_requests: int = 0,
     uncounted: int = 0,
     netns: str | None = None,
     netns_container: ContainerRef | None = None,
     hidden: int = 0,
 ) -> dict[str, Any]:
-    """`findings` counts live findings only (those the filters select); `existing`
-    those found in the table at start-up; `tracking`: per family, whether conntrack
-    tracked it (null: unknown); `unanswered`: requests counted unanswered, `uncounted`
-    those a cap kept out; `hidden`: live findings the filters left out."""
+    """`findings` counts live findings that are problems (those the filters select);
+    `one_way` the live records of one-way services (no reply by design: never a
+    finding); `existing` those found in the table at start-up; `tracking`: per family,
+    whether conntrack tracked it (null: unknown); `unanswered`: requests counted
+    unanswered, `one_way_requests` of which to one-way services, `uncounted` those a
+    cap kept out; `hidden`: live findings the filters left out."""
     return {
         "kind": "summary",
         "events": events,
@@ -168,10 +172,12 @@ def summary_record(
         "lost": lost,
         "resyncs": resyncs,
         "findings": findings,
+        "one_way": one_way,
         "existing": existing,
         "started": _time(started),
         "tracking": tracking if tracking is not None else {"ipv4": None, "ipv6": None},
         "unanswered": unanswered,
+        "one_way_requests": one_way_requests,
         "unanswered_uncounted": uncounted,
         "netns": netns,
         "netns_container": container_json(netns_container),
@@ -194,9 +200,11 @@ def all_summary_record(
         lost=sum(n["lost"] for n in namespaces),
         resyncs=sum(n["resyncs"] for n in namespaces),
         findings=sum(n["findings"] for n in namespaces),
+        one_way=sum(n["one_way"] for n in namespaces),
         existing=sum(n["existing"] for n in namespaces),
         started=started,
         unanswered=sum(n["unanswered"] for n in namespaces),
+        one_way_requests=sum(n["one_way_requests"] for n in namespaces),
         uncounted=sum(n["unanswered_uncounted"] for n in namespaces),
         hidden=sum(n["hidden"] for n in namespaces),
     )
@@ -424,6 +432,11 @@ class WatchRenderer:
             _plural(record.get("unanswered", 0), "unanswered request"),
             _plural(record["findings"], "finding"),
         ]
+        if record.get("one_way_requests"):
+            counts[-2] += (
+                f" ({record['one_way_requests']} of them to one-way services: no reply "
+                "by design, no finding)"
+            )
         if record.get("existing"):
             counts.append(f"{record['existing']} existing (before the watch, not counted)")
         if record.get("hidden"):

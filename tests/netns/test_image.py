@@ -1,5 +1,6 @@
 """deploy/Dockerfile, built offline with a real Docker engine in the lab's host
-namespace, and the image's `ctfix watch` finding a wrong-source reply there.
+namespace, and the image's `ctfix watch` finding a wrong-source reply there; run as
+deploy/kubernetes' DaemonSet runs it, in another namespace too.
 
 The engine's namespace has no route out, so the build uses what scripts/setup made
 on the host: a debootstrap'ed Debian base (docker import) and the dependencies'
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from ctfix.lab.fleet import fleet_topology
 from ctfix.lab.topology import (
     BRIDGE_V4,
     UPLINK_V4,
@@ -31,6 +33,7 @@ from ctfix.lab.topology import (
 )
 from tests.fresh_clone import BASE_TARBALL, WHEELS, clone_tree, missing_wheels
 from tests.netns.docker_engine import DockerEngine, docker_engine
+from tests.unit.test_deploy_watch import watch_pod
 
 PORT = 56790
 IMAGE = "ctfix:test"
@@ -118,3 +121,71 @@ def test_the_image_watch_finds_a_wrong_source_reply(built: tuple[Topology, Docke
     summary = [r for r in _records(out) if r.get("kind") == "summary"]
     assert summary and summary[-1]["findings"] >= 1
 
+
+
+def _docker_flags(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """`docker run` flags for what the DaemonSet's pod spec asks of Kubernetes."""
+    flags = ["--network", "host"] if pod.get("hostNetwork") else []
+    flags += ["--pid", "host"] if pod.get("hostPID") else []
+    security = container["securityContext"]
+    flags += ["--user", str(security["runAsUser"])]
+    flags += ["--read-only"] if security.get("readOnlyRootFilesystem") else []
+    if security.get("allowPrivilegeEscalation") is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    if security.get("appArmorProfile", {}).get("type") == "Unconfined":
+        flags += ["--security-opt", "apparmor=unconfined"]
+    for cap in security["capabilities"]["drop"]:
+        flags += ["--cap-drop", cap]
+    for cap in security["capabilities"]["add"]:
+        flags += ["--cap-add", cap]
+    paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    for mount in container["volumeMounts"]:
+        options = ["ro"] if mount.get("readOnly") else []
+        if mount.get("mountPropagation") == "HostToContainer":
+            options.append("rslave")
+        flags += ["-v", f"{paths[mount['name']]}:{mount['mountPath']}:{','.join(options)}"]
+    return flags
+
+
+def test_the_image_run_as_the_daemonset_runs_it_watches_other_namespaces(
+    built: tuple[Topology, DockerEngine],
+) -> None:
+    """QA F6: with the DaemonSet's arguments (`watch --all-netns`), capabilities,
+    hostPID and /run/netns, the image's watch reports a wrong-source reply in a
+    namespace that is neither its own nor its engine's (a pod's, on a node). One of
+    the namespaces holds an iptables-legacy DNAT (kube-proxy's on older nodes): the
+    image reads it (python-iptables needs iptables' extensions; without them watch
+    ended with an internal error at start)."""
+    _topo, engine = built
+    # python-iptables loads in the image: iptables' extensions are there.
+    python = "/opt/ctfix/bin/python"
+    engine.docker("run", "--rm", "--entrypoint", python, IMAGE, "-c", "import iptc")
+    pod, container = watch_pod()
+    args = [a.replace("$(NODE_IP)", "127.0.0.1") for a in container["args"]]
+    with fleet_topology(count=2, broken=1) as fleet:
+        [server] = fleet.broken_servers
+        fleet.run(fleet.ok_server, "iptables-legacy", "-w", "-t", "nat", "-A", "PREROUTING",
+                  "-p", "udp", "--dport", "5140", "-j", "DNAT",
+                  "--to-destination", "198.51.100.22")  # fmt: skip
+        engine.docker(
+            "run", "-d", "--name", "daemonset", *_docker_flags(pod, container), IMAGE, *args
+        )  # fmt: skip
+        try:
+            # every namespace of the machine: two dumps each, on a loaded machine
+            _wait_for(engine, "daemonset", "'watching' note",
+                      lambda _o, err: "watching" in err, 300)  # fmt: skip
+
+            def found(out: str, _err: str) -> bool:
+                fleet.ask_broken()
+                return any(
+                    r.get("kind") == "wrong-source-reply" and r.get("netns") == server
+                    for r in _records(out)
+                )
+
+            _wait_for(engine, "daemonset", f"a finding in {server}", found, 120)
+        finally:
+            engine.docker("stop", "-t", "30", "daemonset", timeout=60)
+    out, err = _logs(engine, "daemonset")
+    [*_, summary] = _records(out)
+    assert summary["kind"] == "summary" and summary["all_netns"] is True, err
+    assert summary["namespaces"]["watched"] >= 2 and summary["findings"] >= 1

@@ -263,8 +263,10 @@ def _rsyslog(topo: Topology, directory: Path) -> None:
 
 def test_a_one_way_service_raises_nothing(short_lab: Topology, tmp_path: Path) -> None:
     """The real rsyslogd receives and never answers: its flows are counted apart
-    (`one_way`), never printed live, never a problem. A no-socket request sent after
-    them shows that their DESTROY events were read (events come in order)."""
+    (`one_way`), never printed live, never a problem, never in the summary's
+    `findings` (QA F12: a script alerting on findings > 0 paged for syslog). A
+    no-socket request sent after them shows that their DESTROY events were read
+    (events come in order)."""
     topo = short_lab
     _rsyslog(topo, tmp_path)
     with _watching(topo) as watch:
@@ -280,6 +282,10 @@ def test_a_one_way_service_raises_nothing(short_lab: Topology, tmp_path: Path) -
     assert syslog["one_way"] is True and syslog["flows"] == 3
     assert syslog["program"] == "rsyslogd"
     assert final[(f"{UPLINK_V4}:7004", "no-socket")]["one_way"] is False
+    summary = records[-1]
+    assert summary["kind"] == "summary"
+    assert (summary["findings"], summary["one_way"]) == (1, 1)  # 7004's; rsyslogd's apart
+    assert (summary["unanswered"], summary["one_way_requests"]) == (4, 3)
 
 
 def _entries(topo: Topology, port: int) -> list[CtEntry]:
@@ -322,6 +328,7 @@ def test_requests_already_in_the_table_are_history(tmp_path: Path) -> None:
     assert (down["one_way"], down["existing"], down["flows"]) == (False, True, 1)
     summary = records[-1]
     assert (summary["findings"], summary["existing"], summary["unanswered"]) == (0, 2, 4)
+    assert (summary["one_way"], summary["one_way_requests"]) == (0, 3)  # history: not live
 
 
 def test_the_kernel_passes_only_destroy_events_of_unreplied_entries(short_lab: Topology) -> None:

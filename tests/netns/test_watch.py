@@ -264,9 +264,11 @@ def test_a_stop_during_start_up_ends_normally_and_removes_the_track_table(
         "lost": 0,
         "resyncs": 0,
         "findings": 0,
+        "one_way": 0,
         "existing": 0,
         "started": None,  # stopped before it subscribed: it never watched
         "unanswered": 0,
+        "one_way_requests": 0,
         "unanswered_uncounted": 0,
         "netns": topo.host,
         "netns_container": None,  # an `ip netns` of the lab: no container's

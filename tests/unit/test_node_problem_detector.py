@@ -13,6 +13,7 @@ import yaml
 
 from ctfix.cli import build_parser
 from ctfix.render.check import MAX_LINE
+from tests.unit.test_deploy_watch import assert_sees_every_namespace
 
 ROOT = pathlib.Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy" / "node-problem-detector"
@@ -63,8 +64,8 @@ def test_the_daemonset_mounts_the_config_it_names_and_sees_the_hosts_namespaces(
         if doc["kind"] == "DaemonSet"
     ]
     pod = daemonset["spec"]["template"]["spec"]
-    assert pod["hostPID"] is True
     [container] = pod["containers"]
+    assert_sees_every_namespace(pod, container)
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     config_volume = next(n for n, v in volumes.items() if "configMap" in v)
@@ -72,6 +73,3 @@ def test_the_daemonset_mounts_the_config_it_names_and_sees_the_hosts_namespaces(
     [flag] = [a for a in container["command"] if a.startswith("--config.custom-plugin-monitor=")]
     path = flag.split("=", 1)[1]
     assert path == f"{mounts[config_volume]['mountPath']}/{CONFIG.name}"
-    netns = next(m for m in mounts.values() if m["mountPath"] == "/run/netns")
-    assert netns["mountPropagation"] == "HostToContainer"
-    assert volumes[netns["name"]]["hostPath"]["path"] == "/run/netns"

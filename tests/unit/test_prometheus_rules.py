@@ -13,8 +13,11 @@ import subprocess
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from ctfix import __version__
+from ctfix.core.detectors.stale_nat import StaleNatFinding
+from ctfix.core.detectors.unanswered import UnansweredFinding, UnansweredReason
 from ctfix.core.detectors.wrong_source import WrongSourceFinding
 from ctfix.platform.metric_conventions import OTHER, SERIES_LIMIT, LabelCap
 from ctfix.platform.metrics import WatchMetrics
@@ -117,3 +120,79 @@ def test_promtool_exercises_the_watch_alerts() -> None:
         [_promtool(), "test", "rules", str(WATCH_TESTS)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def unanswered(index: int, reason: UnansweredReason = "no-socket", one_way: bool = False) -> (
+    UnansweredFinding
+):
+    return UnansweredFinding(
+        family="ipv4",
+        proto="udp",
+        service=f"198.51.100.13:{2000 + index}",
+        reason=reason,
+        flows=1,
+        clients=1,
+        first_seen=0.0,
+        last_seen=0.0,
+        client="192.0.2.3:4000",
+        one_way=one_way,
+    )
+
+
+def _samples(metrics: WatchMetrics, name: str) -> list[Sample]:
+    text = generate_latest(metrics.registry).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return [s for s in families[name].samples if not s.name.endswith("_created")]
+
+
+def test_unanswered_requests_are_counted_per_service_and_reason_with_one_way_apart() -> None:
+    """The counter an alert can read without one-way services: beyond the cap only the
+    service becomes "other"; reason and one_way stay what they were (QA F24)."""
+    metrics = WatchMetrics(NoServer(), "ns1")
+    for index in range(SERIES_LIMIT):
+        metrics.unanswered_request(unanswered(index))
+    metrics.unanswered_request(unanswered(0))  # a kept series goes on counting
+    metrics.unanswered_request(unanswered(SERIES_LIMIT, "no-reply", one_way=True))
+    metrics.unanswered_request(unanswered(SERIES_LIMIT + 1, "no-reply", one_way=True))
+    metrics.unanswered_request(unanswered(SERIES_LIMIT + 2, "stale-nat"))
+    samples = _samples(metrics, "ctfix_watch_unanswered_requests")
+    assert len(samples) == SERIES_LIMIT + 2
+    other = {(s.labels["reason"], s.labels["one_way"]): s.value for s in samples
+             if s.labels["service"] == OTHER}
+    assert other == {("no-reply", "true"): 2, ("stale-nat", "false"): 1}
+    [first] = [s for s in samples if s.labels["service"] == "198.51.100.13:2000"]
+    assert (first.labels["reason"], first.labels["one_way"], first.value) == (
+        "no-socket", "false", 2
+    )
+
+
+def stale(service: str, target: str, entries: int) -> StaleNatFinding:
+    return StaleNatFinding(
+        family="ipv4",
+        proto="udp",
+        service=service,
+        stale_target=target,
+        current_targets=("198.51.100.22:5140",),
+        why="rule-changed",
+        clients=entries,
+        entries=entries,
+        first_seen=0.0,
+        last_seen=0.0,
+        existing=False,
+    )
+
+
+def test_the_stale_nat_gauge_is_what_is_stale_now_and_goes_with_its_namespace() -> None:
+    metrics = WatchMetrics(NoServer())
+    ns1 = metrics.namespace("ns1")
+    a = stale("198.51.100.13:5140", "198.51.100.21:5140", 3)
+    ns1.update({}, pending=0, findings=0, stale=[a])
+    ns1.unanswered_request(unanswered(1))
+    assert [(s.labels["stale_target"], s.value) for s in _samples(
+        metrics, "ctfix_watch_stale_nat_entries"
+    )] == [("198.51.100.21:5140", 3)]
+    ns1.update({}, pending=0, findings=0, stale=[])  # flushed, or expired
+    assert [s.value for s in _samples(metrics, "ctfix_watch_stale_nat_entries")] == [0]
+    metrics.forget("ns1")
+    assert _samples(metrics, "ctfix_watch_stale_nat_entries") == []
+    assert _samples(metrics, "ctfix_watch_unanswered_requests") == []

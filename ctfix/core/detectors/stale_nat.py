@@ -356,6 +356,12 @@ class StaleNatDetector:
         return [self.findings[key] for key in self._active if key in self.findings]
 
     @property
+    def active_ports(self) -> frozenset[int]:
+        """The ports of the findings the last checks found stale (what a re-check of
+        the entries still stale dumps)."""
+        return frozenset(self._active.values())
+
+    @property
     def found(self) -> Collection[StaleNatFinding]:
         return self.findings.values()
 
