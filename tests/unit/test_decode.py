@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctfix.core import decode
+from ctfix.core import ctlayout, ctnetlink, decode
 from ctfix.core.decode import CtEntry, CtTuple
 
 FIXTURES = json.loads(
@@ -58,8 +58,9 @@ def test_recorded_events_decode_to_their_recorded_values_on_both_paths() -> None
 def test_recorded_events_take_the_fast_path() -> None:
     for record in EVENTS:
         raw = bytes.fromhex(record["hex"])
-        # The zone attribute follows the tuples, so the fast path still applies.
-        assert decode._fast(raw, 0, len(raw), raw[16]) is not None
+        decode.decode_event(raw)
+        # Its layout is learned: the next message of its shape is one unpack.
+        assert ctlayout.cached(raw, 0, len(raw)) is not None
 
 
 def test_recorded_dumps_decode_every_entry_and_the_end() -> None:
@@ -97,7 +98,7 @@ def test_the_dump_request_asks_the_kernel_to_filter_protocol_and_port() -> None:
     assert length == len(request)
     assert msg_type == (1 << 8) | decode.IPCTNL_MSG_CT_GET
     assert flags & 0x300 == 0x300  # NLM_F_DUMP
-    attrs = {t: (vs, ve) for t, vs, ve in decode._attrs(request, 20, len(request))}
+    attrs = {t: (vs, ve) for t, vs, ve in ctnetlink.attrs(request, 20, len(request))}
     vs, _ = attrs[decode.CTA_FILTER]
     assert struct.unpack_from("=I", request, vs + 4)[0] == (1 << 3) | (1 << 5)
     assert struct.pack(">H", 5353) in request
