@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _judge(args: argparse.Namespace) -> tuple[CheckResult, str | None]:
     from ctfix.commands.common import enter_netns, netns_choice, require_root
-    from ctfix.commands.scan import scan_here, scan_namespaces
+    from ctfix.commands.scanning import scan_here, scan_namespaces
     from ctfix.core.check import judge
     from ctfix.core.netns_scan import NamespaceScan
     from ctfix.platform import namespaces, rules_files

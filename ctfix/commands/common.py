@@ -120,7 +120,12 @@ def enter_netns(spec: str | None) -> str:
     """Resolve and enter --netns for the whole command; return its label for output."""
     from ctfix.platform import netns
 
-    target = netns.resolve(spec)
+    if spec is not None and spec.startswith("container:"):
+        from ctfix.platform import containers
+
+        target = containers.container_netns(spec)
+    else:
+        target = netns.resolve(spec)
     netns.enter(target)
     return target.label
 

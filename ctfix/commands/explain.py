@@ -134,7 +134,7 @@ def _switching_tracking(
     """A `track()` for --listen: switch conntrack on for the families not tracked here
     (watch --track's table), say which; the table goes when the block ends, whatever
     ends it. A namespace where it cannot be loaded is refused (one line, exit 2)."""
-    from ctfix.commands import watch
+    from ctfix.platform import track as tracking
 
     loaded: list[str] = []
 
@@ -149,10 +149,10 @@ def _switching_tracking(
         ]
         if not untracked:
             return ()
-        table = watch._track_table(untracked)
+        table = tracking.table_name(untracked)
         loaded.append(table)  # named before it is loaded: a signal finds it below
         try:
-            watch._load_track_table(table)
+            tracking.load(table)
         except CtfixError as err:
             loaded.remove(table)
             raise CtfixError(
@@ -178,7 +178,7 @@ def _switching_tracking(
             signal.signal(getattr(signal, name), signal.SIG_IGN)
         try:
             for table in loaded:
-                watch._remove_track_table(table)
+                tracking.remove(table, _warn)
         finally:
             for name, handler in previous.items():
                 signal.signal(getattr(signal, name), handler)
@@ -187,8 +187,13 @@ def _switching_tracking(
 _FAMILY_KEYS: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
+def _warn(text: str) -> None:
+    print(f"ctfix explain: warning: {text}", file=sys.stderr, flush=True)
+
+
 def exit_status(diagnosis: Diagnosis) -> int:
     """0 only when the port is fine: ok, and not an outage (nothing bound, clients
     unanswered), which the verdict (about wrong sources) would call ok."""
-    healthy = diagnosis.verdict == "ok" and not diagnosis.service_down
-    return ExitStatus.OK if healthy else ExitStatus.PROBLEM
+    from ctfix.core.scan import healthy
+
+    return ExitStatus.OK if healthy(diagnosis) else ExitStatus.PROBLEM

@@ -491,16 +491,17 @@ def _forwarded_here(port: int) -> tuple[tuple[ForwardedService, ...], tuple[str,
     """Services a DNAT forwards to the port, from the rules (no conntrack: bind advice
     needs no privilege; without CAP_NET_ADMIN the rules cannot be read, and it says so)."""
     from ctfix.core.diagnosis.forwarding import forwarded_services
-    from ctfix.platform import dnat_read, routing
+    from ctfix.core.nat.paths import dnat_paths
+    from ctfix.platform import nat_rules, routing
 
-    rules, errors = dnat_read.dnat_rules(port)
+    ruleset = nat_rules.read()
     local = {a.address for a in routing.local_addresses()}
     unread = tuple(
         f"(the DNAT rules could not be read: {error}; clients of a service DNAT'd to port "
         f"{port} need a socket on the DNAT's target address)"
-        for error in errors[:1]
+        for error in ruleset.errors[:1]
     )
-    return tuple(forwarded_services(port, rules, (), local)), unread
+    return tuple(forwarded_services(port, dnat_paths(ruleset, port), (), local)), unread
 
 
 def _bind_advice(diagnosis: Diagnosis, kb: KnowledgeBase) -> tuple[str, ...]:

@@ -25,13 +25,11 @@ from ctfix.commands.common import (
     output_format,
     require_root,
 )
-from ctfix.errors import CtfixError, ExitStatus
+from ctfix.errors import ExitStatus
 
 if TYPE_CHECKING:
-    from ctfix.core.model import Diagnosis
     from ctfix.core.netns_scan import NamespaceScan
     from ctfix.core.rules import KnowledgeBase
-    from ctfix.platform.namespaces import NamespaceRef
 
 DESCRIPTION = """\
 List every UDP service in a network namespace, each diagnosed as `ctfix explain PORT`
@@ -75,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctfix.core.diagnosis import diagnose
-    from ctfix.core.scan import worst_first
+    from ctfix.core.scan import healthy, worst_first
     from ctfix.platform import rules_files, snapshot
     from ctfix.render import scan as render
 
@@ -102,13 +100,8 @@ def run(args: argparse.Namespace) -> int:
     return ExitStatus.OK if all(healthy(d) for d in diagnoses) else ExitStatus.PROBLEM
 
 
-def healthy(diagnosis: Diagnosis) -> bool:
-    from ctfix.commands.explain import exit_status
-
-    return exit_status(diagnosis) == ExitStatus.OK
-
-
 def _run_all(fmt: str, kb: KnowledgeBase) -> int:
+    from ctfix.commands.scanning import scan_namespaces
     from ctfix.render import scan_all as render
 
     require_root("ctfix scan --all-netns (it enters every namespace)", "CAP_SYS_ADMIN")
@@ -132,65 +125,10 @@ def _run_all(fmt: str, kb: KnowledgeBase) -> int:
 def status_of(scans: Sequence[NamespaceScan]) -> int:
     """1 when any service is not ok; else 2 when a namespace could not be read (what
     it holds is unknown); else 0."""
+    from ctfix.core.scan import healthy
+
     if any(not healthy(d) for scan in scans for d in scan.diagnoses):
         return ExitStatus.PROBLEM
     if any(scan.unreadable for scan in scans):
         return ExitStatus.ERROR
     return ExitStatus.OK
-
-
-def scan_namespaces(kb: KnowledgeBase, *, health: bool = False) -> list[NamespaceScan]:
-    """Every namespace of the host, each entered in turn on this thread and scanned as
-    `ctfix scan` scans one (and its conntrack health read, for check); in
-    ctfix.platform.namespaces.ordered() order."""
-    from ctfix.platform import namespaces
-
-    return [
-        scan_namespace(ref, kb, health=health)
-        for ref in namespaces.ordered(namespaces.snapshot())
-    ]
-
-
-def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
-    """One namespace, entered on this thread: its services judged, worst first; gone
-    or unreadable, a note."""
-    import dataclasses
-
-    from ctfix.core.netns_scan import NamespaceScan
-    from ctfix.platform import namespaces
-
-    found = NamespaceScan(ref.label, ref.spec, ref.kind, ref.id, ref.container)
-    try:
-        with namespaces.entered(ref):
-            return scan_here(found, kb, health=health)
-    except namespaces.NamespaceGone:
-        return dataclasses.replace(found, skipped="gone during the scan", gone=True)
-    except CtfixError as err:
-        return dataclasses.replace(found, skipped=err.one_line())
-
-
-def scan_here(found: NamespaceScan, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
-    """`found` with the current namespace's services judged (and its conntrack health
-    read: a failure there is a note, the services still count)."""
-    import dataclasses
-
-    from ctfix.core.diagnosis import diagnose
-    from ctfix.core.health import Health, assess
-    from ctfix.core.scan import worst_first
-    from ctfix.platform import ctstats, snapshot
-
-    snapshots = snapshot.collect_services(found.netns)
-    reading: Health | None = None
-    health_error: str | None = None
-    if health:
-        try:
-            reading = assess(ctstats.sample())
-        except CtfixError as err:
-            health_error = err.one_line()
-    diagnoses = [
-        dataclasses.replace(diagnose(snap, kb), netns_container=found.container)
-        for snap in snapshots
-    ]
-    return dataclasses.replace(
-        found, diagnoses=tuple(worst_first(diagnoses)), health=reading, health_error=health_error
-    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ctfix.core.detectors.wrong_source import WrongSourceDetector
     from ctfix.core.rules import KnowledgeBase
     from ctfix.platform.icmp import SentUnreachable
+    from ctfix.platform.netns import Inside
 
 #: seconds without a no-socket flow after which the ICMP tap is closed
 TAP_IDLE = 300.0
@@ -39,22 +40,29 @@ class UnansweredWatch:
         kb: KnowledgeBase | Callable[[], KnowledgeBase] | None,
         selector: selectors.BaseSelector,
         warn: Callable[[str], None],
+        caps: Mapping[str, int] | None = None,
+        inside: Inside | None = None,
     ) -> None:
+        """`caps`: the detector's limits (max_findings, max_clients, max_remembered)
+        where not its defaults; `inside`: enters the namespace to read it, for a
+        caller that lives elsewhere (ctfix.platform.netns.Inside)."""
         from ctfix.core.detectors.unanswered import StaleFindings, UnansweredDetector
         from ctfix.platform.udp_view import RulesView, SocketView
 
-        self.sockets = SocketView()
+        self.inside = inside
+        self.sockets = SocketView(inside=inside)
         self.detector: UnansweredDetector = UnansweredDetector(
             sockets=self.sockets,
             wrong=wrong,
             # What stale-nat judged (at start-up, after a resync, after a rule change):
             # a request whose entry was one of its stale (service, target) is stale-nat.
             stale=StaleFindings(stale.findings),
-            firewall=RulesView(),
+            firewall=RulesView(inside=inside),
             kb=kb,
             local_addresses=wrong.local_addresses,
             udp_timeout=wrong.udp_timeout,
             remember=True,
+            **(caps or {}),
         )
         self.selector = selector
         self.warn = warn
@@ -76,9 +84,11 @@ class UnansweredWatch:
         self._last_no_socket = time.monotonic()
         if self.tap is None:
             from ctfix.platform.icmp import SentUnreachable
+            from ctfix.platform.netns import within
 
             try:
-                self.tap = SentUnreachable()
+                with within(self.inside):
+                    self.tap = SentUnreachable()
             except OSError as err:  # `confirmed` stays false
                 self._tap_refused = True
                 self.warn(f"cannot read the ICMP this namespace sends: {err.strerror}")

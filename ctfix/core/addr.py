@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from typing import Literal
 
-from ctfix.core.model import Family
-
+#: an address family as ctfix names it everywhere (JSON, options, records)
+Family = Literal["ipv4", "ipv6"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from ctfix.core.addr import Family as Family  # the vocabulary's, defined with addresses
+from ctfix.core.addr import endpoint
+
 if TYPE_CHECKING:
     from ctfix.core.detectors.stale_nat import StaleEntry, StaleNatFinding
 
 #: `unknown`: ctfix cannot see (a family the port serves with a wildcard socket is not
 #: tracked by conntrack, or the table cannot be read): never `ok` for lack of evidence
 Verdict = Literal["ok", "at-risk", "broken", "unknown"]
-Family = Literal["ipv4", "ipv6"]
 #: an unconnected socket serves every client; a connect()ed one only its peer
 ListenerState = Literal["listening", "connected"]
 #: what of a reply's source differs from what the client sent to
@@ -205,13 +207,13 @@ class ForwardedService:
     def service(self) -> str:
         """`203.0.113.10:40054`, or what the rule matches: `any address:40054`."""
         if self.address is not None and self.port is not None:
-            return _endpoint(self.address, self.port)
+            return endpoint(self.address, self.port)
         where = self.address or self.matched or "any address"
         return f"{where}:{self.port if self.port is not None else 'any port'}"
 
     @property
     def target(self) -> str:
-        return _endpoint(self.target_address, self.target_port)
+        return endpoint(self.target_address, self.target_port)
 
     @property
     def exact(self) -> bool:
@@ -221,12 +223,6 @@ class ForwardedService:
     @property
     def label(self) -> str:
         return f"{self.service}, DNAT'd to {self.target}"
-
-
-def _endpoint(address: str, port: int) -> str:
-    from ctfix.core.addr import endpoint  # it imports this module
-
-    return endpoint(address, port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,12 @@ def severity(d: Diagnosis) -> int:
     return min(rank, 1) if d.service_down else rank
 
 
+def healthy(d: Diagnosis) -> bool:
+    """The port is fine: ok, and not an outage (nothing bound, clients unanswered),
+    which the verdict (about wrong sources) would call ok. explain exits 0 only then."""
+    return d.verdict == "ok" and not d.service_down
+
+
 def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:
     """broken, then at-risk, then unknown (ctfix cannot see), then ok (an outage
     counts as at-risk); by port within."""

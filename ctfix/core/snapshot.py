@@ -148,27 +148,6 @@ class NetfilterRule:
 
 
 @dataclass(frozen=True, slots=True)
-class DnatRule:
-    """A DNAT that sends UDP requests to the port, with the path that leads to it.
-
-    The matches are those of the whole path from a built-in hook to the DNAT (the
-    rule's own and those of the rules that jump to its chain, as kube-proxy's
-    KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP chains do). Only what the reader understood:
-    a negated or unreadable destination match reads as no known destination.
-    """
-
-    backend: str  # "nftables" | "iptables-legacy"
-    family: str  # "ip", "ip6", "inet" (nft) | "ipv4" | "ipv6" (legacy)
-    hook: str  # "prerouting" | "output": the built-in chain the path starts at
-    destinations: tuple[str, ...]  # addresses or networks matched; (): none known
-    dports: tuple[int, ...]  # destination ports matched; (): any
-    to_address: str
-    to_port: int | None  # None: the destination port is kept
-    rule: str  # the DNAT rule as its tool prints it
-    via: tuple[str, ...] = ()  # the rules that jump to it, from the hook inward
-
-
-@dataclass(frozen=True, slots=True)
 class FixRecord:
     """What `ctfix fix` recorded for the port (its state file: a hint, not the truth;
     the rules themselves are read from the kernel)."""
@@ -218,7 +197,6 @@ class Snapshot:
     listened_seconds: float = 0.0
     # The destination asked for each client network (diagnose.probe_destinations).
     probes: dict[str, str] = field(default_factory=dict)  # network CIDR -> probe address
-    dnat_rules: tuple[DnatRule, ...] = ()
     # When the snapshot was taken and when --listen began (seconds since the epoch).
     taken_at: float = 0.0
     listened_since: float | None = None

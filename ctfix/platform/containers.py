@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctfix.core.model import ContainerRef, Diagnosis
 from ctfix.errors import CtfixError
 from ctfix.platform import engines
+from ctfix.platform.netns import Netns, entered
 from ctfix.platform.procfs import read_text, stat_key
 
 POD_LABEL = "io.kubernetes.pod.name"
@@ -182,7 +185,7 @@ class Resolver:
     def _address_map(self) -> dict[str, tuple[int, int]]:
         """Every local address of every container's namespace -> that namespace."""
         if self._addresses is None:
-            from ctfix.platform import netns, routing
+            from ctfix.platform import routing
 
             addresses: dict[str, tuple[int, int]] = {}
             host = stat_key(f"{self.proc}/1/ns/net")
@@ -192,7 +195,7 @@ class Resolver:
                     continue
                 path = f"{self.proc}/{pids[0]}/ns/net"
                 try:
-                    with netns.entered(netns.Netns(f"pid:{pids[0]}", path)):
+                    with entered(Netns(f"pid:{pids[0]}", path)):
                         local = routing.local_addresses()
                 except (CtfixError, OSError):
                     continue  # gone meanwhile, or not ours to enter
@@ -201,6 +204,12 @@ class Resolver:
                         addresses.setdefault(address.address, key)
             self._addresses = addresses
         return self._addresses
+
+    def forget_addresses(self) -> None:
+        """Look again at every container's addresses (and the namespaces' members)
+        next time: containers come and go while a watch runs."""
+        self._addresses = None
+        self._members = None
 
     def for_address(self, address: str) -> ContainerRef | None:
         """The container that owns `address` in its own network namespace."""
@@ -251,6 +260,55 @@ class Resolver:
         )
 
 
+class ClientContainers:
+    """The container of a finding's client, for a long-running watch: each address is
+    looked up once (on its first finding: never per event), then answered from a
+    bounded cache; an address no container had is asked again after `max_age`
+    seconds, with the map of every container's addresses rebuilt at most that often.
+    Never raises: a name is a courtesy."""
+
+    def __init__(
+        self,
+        res: Resolver | None = None,
+        max_age: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resolver = res
+        self.max_age = max_age
+        self.clock = clock
+        self._cache: dict[str, tuple[ContainerRef | None, float]] = {}
+        self._rebuilt: float | None = None
+        self.lookups = 0  # addresses actually looked up (tests, bench)
+
+    def __call__(self, client: str) -> ContainerRef | None:
+        """`client`: "addr:port", as findings carry it."""
+        from ctfix.core.addr import parse_endpoint, unmap
+
+        try:
+            address = unmap(parse_endpoint(client)[0])
+        except ValueError:
+            return None
+        now = self.clock()
+        cached = self._cache.get(address)
+        if cached is not None and (cached[0] is not None or now - cached[1] < self.max_age):
+            return cached[0]
+        res = self._resolver or resolver()
+        if cached is not None and (self._rebuilt is None or now - self._rebuilt >= self.max_age):
+            res.forget_addresses()  # a container may have come since: look again
+            self._rebuilt = now
+        elif self._rebuilt is None:
+            self._rebuilt = now
+        self.lookups += 1
+        try:
+            ref = res.for_address(address)
+        except Exception:  # a courtesy must never end a watch
+            ref = None
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[address] = (ref, now)
+        return ref
+
+
 _resolver: Resolver | None = None
 
 
@@ -260,6 +318,18 @@ def resolver() -> Resolver:
     if _resolver is None:
         _resolver = Resolver()
     return _resolver
+
+
+def container_netns(spec: str) -> Netns:
+    """`--netns container:NAME_OR_ID` -> the container's network namespace; raises a
+    one-line CtfixError when the spec is empty, no engine answers or none knows it."""
+    name = spec[len("container:") :]
+    if not name:
+        raise CtfixError(
+            f"bad --netns {spec!r}", "use container:NAME or container:ID (as `docker ps`)"
+        )
+    _ref, path = resolver().netns_of(name)
+    return Netns(spec, path)
 
 
 def annotate(diagnosis: Diagnosis, netns_path: str = "/proc/thread-self/ns/net") -> Diagnosis:

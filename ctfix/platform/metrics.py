@@ -131,18 +131,19 @@ def _server(family: int, address: Any) -> Any:
 
 
 class WatchMetrics:
-    """The watcher's counters and gauges, served over HTTP."""
+    """The watcher's counters and gauges, served over HTTP: one `netns` label value per
+    watched namespace (`namespace(label)`; a namespace no longer watched is
+    `forget`-ten, its series removed). With one namespace (`netns` given) `update` and
+    `finding` are that namespace's."""
 
-    def __init__(self, listen: str | MetricsListener, netns: str) -> None:
+    def __init__(self, listen: str | MetricsListener, netns: str | None = None) -> None:
         import prometheus_client as prom
 
         self.listener = listen if isinstance(listen, MetricsListener) else MetricsListener(listen)
         self.registry = prom.CollectorRegistry()
-        labels = {"netns": netns}
-        self._totals: dict[str, float] = {}
 
         def counter(name: str, doc: str) -> Any:
-            return prom.Counter(name, doc, ["netns"], registry=self.registry).labels(**labels)
+            return prom.Counter(name, doc, ["netns"], registry=self.registry)
 
         self.counters = {
             "events": counter("ctfix_watch_events", "UDP conntrack events processed"),
@@ -155,33 +156,83 @@ class WatchMetrics:
             "Unreplied UDP flows tracked",
             ["netns"],
             registry=self.registry,
-        ).labels(**labels)
+        )
         self.findings = prom.Gauge(
             "ctfix_watch_findings",
             "Distinct wrong-source findings",
             ["netns"],
             registry=self.registry,
-        ).labels(**labels)
+        )
         self.wrong = prom.Counter(
             "ctfix_watch_wrong_source_replies",
             "Wrong-source UDP replies, per service, actual source and client network",
             ["netns", "service", "actual_source", "expected_source", "client_network", "mismatch"],
             registry=self.registry,
         )
-        self._netns = netns
         from ctfix.platform.metric_conventions import LabelCap, register_build_info
 
         register_build_info(self.registry)
-        # service x sources x client network grows with what is found: bounded.
+        # service x sources x client network grows with what is found: bounded, over
+        # all namespaces together (README: metrics).
         self._wrong_labels = LabelCap()
         from ctfix.platform.health_metrics import ConntrackHealthCollector
 
         # ctfix_conntrack_*: conntrack's own statistics, read by update() below.
         self.conntrack = ConntrackHealthCollector(netns)
         self.registry.register(self.conntrack)
+        self._namespaces: dict[str, NamespaceMetrics] = {}
+        self.default = self.namespace(netns) if netns is not None else None
         self.listener.serve(prom.make_wsgi_app(self.registry))
 
+    def namespace(self, netns: str) -> NamespaceMetrics:
+        """The series of one watched namespace (made on first use)."""
+        found = self._namespaces.get(netns)
+        if found is None:
+            found = self._namespaces[netns] = NamespaceMetrics(self, netns)
+            self.conntrack.add(netns)
+        return found
+
+    def forget(self, netns: str) -> None:
+        """A namespace is no longer watched: remove its series (so that the `netns`
+        label has one value per namespace watched now, not per one ever seen)."""
+        found = self._namespaces.pop(netns, None)
+        if found is None:
+            return
+        for metric in (*self.counters.values(), self.pending, self.findings):
+            with contextlib.suppress(KeyError):
+                metric.remove(netns)
+        for labels in found.wrong_labels:
+            with contextlib.suppress(KeyError):
+                self.wrong.remove(netns, *labels)
+        self.conntrack.forget(netns)
+
     def update(self, totals: dict[str, int], pending: int, findings: int) -> None:
+        assert self.default is not None, "WatchMetrics(netns=None): use namespace(label)"
+        self.default.update(totals, pending, findings)
+
+    def finding(self, finding: WrongSourceFinding) -> None:
+        assert self.default is not None, "WatchMetrics(netns=None): use namespace(label)"
+        self.default.finding(finding)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class NamespaceMetrics:
+    """One namespace's series: advanced by deltas of its watcher's totals."""
+
+    def __init__(self, parent: WatchMetrics, netns: str) -> None:
+        self.parent = parent
+        self.netns = netns
+        self._totals: dict[str, float] = {}
+        self.counters = {name: c.labels(netns) for name, c in parent.counters.items()}
+        self.pending = parent.pending.labels(netns)
+        self.findings = parent.findings.labels(netns)
+        #: the wrong-source label sets this namespace used (removed with it)
+        self.wrong_labels: set[tuple[str, ...]] = set()
+
+    def update(self, totals: dict[str, int], pending: int, findings: int) -> None:
+        """Once a second, in the watched namespace (the conntrack reading is its)."""
         for name, value in totals.items():
             metric = self.counters.get(name)
             if metric is None:
@@ -192,17 +243,17 @@ class WatchMetrics:
             self._totals[name] = value
         self.pending.set(pending)
         self.findings.set(findings)
-        self.conntrack.refresh()
+        self.parent.conntrack.refresh(netns=self.netns)
 
     def finding(self, finding: WrongSourceFinding) -> None:
-        labels = (
-            finding.service,
-            finding.actual_source,
-            finding.expected_source,
-            finding.client_network,
-            finding.mismatch,
+        labels = self.parent._wrong_labels.admit(
+            (
+                finding.service,
+                finding.actual_source,
+                finding.expected_source,
+                finding.client_network,
+                finding.mismatch,
+            )
         )
-        self.wrong.labels(self._netns, *self._wrong_labels.admit(labels)).inc()
-
-    def close(self) -> None:
-        self.listener.close()
+        self.wrong_labels.add(labels)
+        self.parent.wrong.labels(self.netns, *labels).inc()

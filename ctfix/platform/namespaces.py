@@ -385,13 +385,10 @@ def diff(
     )
 
 
-@contextlib.contextmanager
-def entered(ref: NamespaceRef) -> Iterator[None]:
-    """Run the body inside the namespace on this thread, then come back. Raises
-    NamespaceGone when it no longer exists (or its pid now names another one)."""
-    from ctfix.platform import netns
-
-    fd = None
+def open_ref(ref: NamespaceRef) -> int:
+    """An open descriptor of the namespace (the caller closes it), checked to be that
+    namespace and not a newer one on a reused inode. Raises NamespaceGone when it no
+    longer exists (or its pid now names another one)."""
     for path in (ref.path, *ref.mounts):
         fd = _open(path)
         if fd is None:
@@ -400,11 +397,18 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
         key = (st.st_dev, st.st_ino)
         # The same inode may name a newer namespace: the id tells them apart.
         if key == (ref.dev, ref.inode) and namespace_id(fd, key) == ref.id:
-            break
+            return fd
         os.close(fd)
-        fd = None
-    if fd is None:
-        raise NamespaceGone(f"network namespace {ref.label} is gone")
+    raise NamespaceGone(f"network namespace {ref.label} is gone")
+
+
+@contextlib.contextmanager
+def entered(ref: NamespaceRef) -> Iterator[None]:
+    """Run the body inside the namespace on this thread, then come back. Raises
+    NamespaceGone when it no longer exists (or its pid now names another one)."""
+    from ctfix.platform import netns
+
+    fd = open_ref(ref)
     try:
         with netns.entered_fd(fd, ref.label):
             yield

@@ -1,11 +1,9 @@
-"""Read the namespace's DNAT rules (nftables and iptables-legacy) into the NAT model,
-and tell cheaply whether they changed.
+"""The namespace's DNAT rules (nftables and iptables-legacy) as the NAT model, and a
+cheap way to tell whether they changed.
 
-Read-only. nftables: the JSON ruleset through libnftables (rule texts from the same
-ruleset printed with handles). iptables-legacy: the nat table through
-python-iptables, in a forked child per family, only when the table exists (see
-ctfix.platform.iptables_legacy: opening a table creates it). The parsing is pure
-(ctfix.core.nat.nft_json, ctfix.core.nat.legacy).
+Read-only. The rules are read by ctfix.platform.netfilter_read (once per command: a
+command that reads them for other reasons too hands its read over); the parsing is
+pure (ctfix.core.nat.nft_json, ctfix.core.nat.legacy).
 
 `RulesetChanges` is what `ctfix watch` listens to: nftables change notifications
 (netlink group NFNLGRP_NFTABLES, which iptables-nft's changes go through too) and a
@@ -24,12 +22,12 @@ import hashlib
 import os
 import socket
 import struct
-from typing import Any
 
 from ctfix.core.model import Family
 from ctfix.core.nat import NatChain, NatRuleset
 from ctfix.errors import CtfixError
-from ctfix.platform import iptables_legacy
+from ctfix.platform import iptables_legacy, netfilter_read
+from ctfix.platform.netfilter_read import Ruleset
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -37,85 +35,24 @@ NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 
 
-def read() -> NatRuleset:
-    """Every NAT-relevant chain of the current namespace, both backends."""
+def read(ruleset: Ruleset | None = None) -> NatRuleset:
+    """Every NAT-relevant chain of the current namespace, both backends, from the
+    rules a command read (`netfilter_read.read()`), or from its own read of them."""
+    from ctfix.core.nat import legacy, nft_json
+
+    if ruleset is None:
+        ruleset = netfilter_read.read(legacy_tables=("nat",))
     chains: list[NatChain] = []
-    errors: list[str] = []
+    errors = ruleset.error_lines()
     try:
-        chains.extend(_nft_chains())
-    except CtfixError as err:
+        chains.extend(nft_json.nat_chains(ruleset.nft, ruleset.nft_texts))
+    except CtfixError as err:  # the rule texts could not be read
         errors.append(f"nftables: {err.one_line()}")
-    families: tuple[Family, ...] = ("ipv4", "ipv6")
-    for family in families:
-        try:
-            if "nat" in iptables_legacy.loaded_tables(family):
-                chains.extend(_legacy_chains(family))
-        except CtfixError as err:  # not root: the table list itself is unreadable
-            errors.append(f"iptables-legacy {family}: {err.one_line()}")
+    for tables in ruleset.legacy.values():
+        for table in tables:
+            if table.name == "nat":
+                chains.extend(legacy.nat_chains(table))
     return NatRuleset(tuple(chains), tuple(errors))
-
-
-def _nft_chains() -> list[NatChain]:
-    from ctfix.core.nat.nft_json import nat_chains
-    from ctfix.platform import netfilter_read, nft
-
-    objects = nft.ruleset()
-    if not any("chain" in o and o["chain"].get("type") == "nat" for o in objects):
-        return []
-    texts = netfilter_read.nft_rule_texts(nft.ruleset_text_with_handles())
-    return nat_chains(objects, texts)
-
-
-def _legacy_chains(family: Family) -> list[NatChain]:
-    from ctfix.core.nat.legacy import nat_chains
-
-    iptables_legacy.import_iptc("python-iptables is not installed but iptables-legacy "
-                                "nat tables exist")
-    table = iptables_legacy.in_child(_read_legacy_nat, family)
-    return nat_chains(table)
-
-
-def _read_legacy_nat(family: Family) -> Any:
-    """In the child: the nat table as a LegacyTable."""
-    from ctfix.core.nat.legacy import LegacyRule, LegacyTable
-    from ctfix.platform.netfilter_read import legacy_parts, legacy_rule_text
-
-    iptc = iptables_legacy.import_iptc()
-    loaded = iptables_legacy.loaded_tables(family)
-    cls = iptables_legacy.table_class(iptc, family, loaded)
-    table = cls("nat", autocommit=False)
-    table.refresh()
-    chains: list[tuple[str, str | None]] = []
-    rules: list[LegacyRule] = []
-    for chain in table.chains:
-        policy = chain.get_policy().name if chain.is_builtin() else None
-        chains.append((chain.name, policy))
-        for rule in chain.rules:
-            saved = legacy_parts(rule)
-            rules.append(
-                LegacyRule(
-                    chain=chain.name,
-                    source=_plain(rule.src),
-                    destination=_plain(rule.dst),
-                    in_interface=rule.in_interface or None,
-                    protocol=rule.protocol or None,
-                    matches=saved.matches,
-                    target=saved.target_name,
-                    target_options=saved.target_saved,
-                    text=legacy_rule_text(rule, chain.name),
-                )
-            )
-    return LegacyTable("ipv6" if family == "ipv6" else "ipv4", tuple(chains), tuple(rules))
-
-
-def _plain(address: str | None) -> str | None:
-    """None for "any" (0.0.0.0/0, ::/0) as python-iptables gives it."""
-    if not address:
-        return None
-    bare = address.lstrip("!")
-    if bare in ("0.0.0.0/0.0.0.0", "0.0.0.0/0", "::/0", "::/::"):
-        return None
-    return address
 
 
 # -- change notifications -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Network namespaces: resolve `--netns NAME|PATH|pid:PID|container:NAME` and enter them.
+"""Network namespaces: resolve `--netns NAME|PATH|pid:PID` and enter them
+(`container:NAME` is ctfix.platform.containers.container_netns: it asks the engines).
 
 Know before changing: setns(2) switches only the calling *thread*. `enter()` is for a
 command that works in one namespace for its whole life (call it before any thread or
@@ -13,7 +14,8 @@ import contextlib
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ctfix.errors import CtfixError, PrivilegeError
@@ -52,7 +54,9 @@ def _exists(path: str, spec: str) -> bool:
 
 
 def resolve(spec: str | None) -> Netns:
-    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do.
+    """Turn NAME, PATH or pid:PID into a namespace file; errors say what to do (a
+    `container:` spec: `containers.container_netns`, which this module must not import:
+    containers enters namespaces through it).
 
     None means the current namespace; an empty string is an error, so that a script's
     `--netns "$NS"` with NS unset never acts on the host's own namespace by accident.
@@ -65,16 +69,6 @@ def resolve(spec: str | None) -> Netns:
             "give an `ip netns` name, a path or pid:PID, or leave --netns out for the "
             "current namespace",
         )
-    if spec.startswith("container:"):
-        name = spec[len("container:") :]
-        if not name:
-            raise CtfixError(
-                f"bad --netns {spec!r}", "use container:NAME or container:ID (as `docker ps`)"
-            )
-        from ctfix.platform import containers
-
-        _ref, path = containers.resolver().netns_of(name)
-        return Netns(spec, path)
     if spec.startswith("pid:"):
         pid = spec[4:]
         if not (pid.isascii() and pid.isdigit()):
@@ -141,14 +135,50 @@ def entered(ns: Netns | str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def entered_fd(fd: int, what: str) -> Iterator[None]:
-    """`entered()` for a namespace already opened (fd stays the caller's to close)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+def entered_fd(fd: int, what: str, home: int | None = None) -> Iterator[None]:
+    """`entered()` for a namespace already opened (fd stays the caller's to close).
+    `home`: an open descriptor of the namespace to come back to, for a caller that
+    enters often (`watch --all-netns`); default: the thread's namespace now."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC) if home is None else home
     try:
         _setns(fd, what)
         try:
             yield
         finally:
-            _setns(home, "(return to the original)")
+            _setns(own, "(return to the original)")
     finally:
-        os.close(home)
+        if home is None:
+            os.close(own)
+
+
+#: enters a namespace for its block (a caller that lives elsewhere: `watch --all-netns`)
+Inside = Callable[[], AbstractContextManager[None]]
+
+
+def within(inside: Inside | None) -> AbstractContextManager[None]:
+    """`inside()`, or nothing to do when None (the thread is in the namespace)."""
+    return contextlib.nullcontext() if inside is None else inside()
+
+
+class Entering:
+    """An `Inside` for one namespace opened once (`fd`), entered from `home` and back:
+    two setns calls. Re-entrant: a block nested in another of the same namespace does
+    nothing (the outer block comes back home, not the inner one)."""
+
+    def __init__(self, fd: int, what: str, home: int) -> None:
+        self.fd = fd
+        self.what = what
+        self.home = home
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self._depth:
+            yield
+            return
+        with entered_fd(self.fd, self.what, self.home):
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1

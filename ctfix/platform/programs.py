@@ -9,7 +9,8 @@ transfer from a new port, and looking the sockets up each time would cost millis
 per transfer.
 
 Know before changing: called from inside the detector, on the finding path only
-(never for a reply from the right port); it reads the calling thread's namespace.
+(never for a reply from the right port); it reads the calling thread's namespace, or
+the one `inside` enters (ctfix.platform.netns.Inside: `watch --all-netns`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
+    from ctfix.platform.netns import Inside
 
 #: Bound on the cache (one entry per server port that replied from another port).
 _MAX_PORTS = 4096
@@ -34,10 +36,14 @@ class OtherPortPrograms:
     """
 
     def __init__(
-        self, kb: KnowledgeBase | Callable[[], KnowledgeBase] | None, ttl: float = 30.0
+        self,
+        kb: KnowledgeBase | Callable[[], KnowledgeBase] | None,
+        ttl: float = 30.0,
+        inside: Inside | None = None,
     ) -> None:
         self._kb = kb
         self.ttl = ttl
+        self.inside = inside
         self._cache: dict[int, tuple[bool, float]] = {}
 
     @property
@@ -60,12 +66,14 @@ class OtherPortPrograms:
     def _ask(self, port: int) -> bool:
         from ctfix.core.diagnosis.listeners import replies_from_other_port
         from ctfix.platform import sockdiag
+        from ctfix.platform.netns import within
 
         kb = self.kb
         if kb is None:
             return False
         try:
-            listeners = [listener for listener, _uid in sockdiag.listeners(port)]
+            with within(self.inside):
+                listeners = [listener for listener, _uid in sockdiag.listeners(port)]
         except OSError:
             listeners = []  # sock_diag refused: the port's own claims still count
         return replies_from_other_port(listeners, kb, port)

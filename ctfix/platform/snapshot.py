@@ -54,7 +54,7 @@ from ctfix.core.snapshot import (
     Snapshot,
 )
 from ctfix.errors import CtfixError
-from ctfix.platform import dnat_read, nat_rules, netfilter_read, routing, sockdiag
+from ctfix.platform import nat_rules, netfilter_read, routing, sockdiag
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
@@ -293,7 +293,8 @@ def collect(
     except CtfixError as err:
         conntrack_error = err.one_line()
 
-    netfilter, netfilter_errors = netfilter_read.rules_for_port(port)
+    ruleset = netfilter_read.read()
+    netfilter, netfilter_errors = netfilter_read.rules_for_port(port, ruleset)
     if conntrack_error is None:
         # A port forwarded elsewhere on this host: its requests are answered from the
         # target port, so the replies (the evidence) are that port's flows.
@@ -304,15 +305,14 @@ def collect(
         # Requests still without a reply: their replies may have left from another
         # port (TFTP): look them up by the client's tuple.
         flows.extend(replies_to(waiting_clients(flows, port, set(local))))
-    dnat, dnat_errors = dnat_read.dnat_rules(port)
     snap = _snapshot(
         port,
         netns,
         owned,
-        _Namespace.read(addresses, conntrack_error),
+        _Namespace.read(addresses, conntrack_error, nat_rules.read(ruleset)),
         flows,
         conntrack_error,
-        (netfilter, [*netfilter_errors, *dnat_errors]),
+        (netfilter, netfilter_errors),
         list(listened.findings) if listened else [],
         listen_seconds,
         usage,
@@ -323,7 +323,6 @@ def collect(
         tracking_switched_on=listened.switched if listened else (),
         config_files=config_files(config_globs(listeners, kb, port)),
         # What dates the evidence, and the fix it is judged against (explain and fix).
-        dnat_rules=tuple(dnat),
         taken_at=taken_at,
         listened_since=listened.since if listened else None,
         udp_timeout=_udp_timeout(),
@@ -355,7 +354,7 @@ class _Namespace:
         cls,
         addresses: list[LocalAddress],
         conntrack_error: str | None,
-        nat: NatRuleset | None = None,
+        nat: NatRuleset,
     ) -> _Namespace:
         from ctfix.platform import ctstats
 
@@ -365,7 +364,7 @@ class _Namespace:
             routing.route_table(),
             routing.policy_rules(),
             probed,
-            nat if nat is not None else nat_rules.read(),
+            nat,
             ctstats.udp_timeout_stream(),
             time.time(),
         )
@@ -463,11 +462,12 @@ def collect_services(netns: str) -> list[Snapshot]:
     local = {a.address for a in addresses}
     # The ports the DNAT rules forward are services too, socket or not (a Docker
     # published port, a Service): their stale NAT entries make them broken.
-    nat = nat_rules.read()
+    ruleset = netfilter_read.read()
+    nat = nat_rules.read(ruleset)
     ports = sorted(set(ports) | (Evaluator(nat, local).forwarded_ports() or frozenset()))
     if not ports:
         return []
-    rules, rule_errors = netfilter_read.rules_for_ports(ports)
+    rules, rule_errors = netfilter_read.rules_for_ports(ports, ruleset)
     index = scan.FlowIndex()
     conntrack_error: str | None = None
     try:

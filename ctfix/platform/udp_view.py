@@ -13,8 +13,9 @@ drop a port's requests or replies.
   only when a new no-reply finding asks.
 
 Know before changing: create it after entering the watched namespace (sock_diag
-answers for the caller's namespace); /proc is the PID namespace's, which is why
-sockets are matched by inode.
+answers for the caller's namespace), or give `inside` (ctfix.platform.netns.Inside)
+to a caller that lives elsewhere and reads through it (`watch --all-netns`); /proc is
+the PID namespace's, which is why sockets are matched by inode.
 """
 
 from __future__ import annotations
@@ -27,14 +28,21 @@ from ctfix.core.detectors.unanswered import Binding, Holder, dropping_rules
 from ctfix.core.model import Family
 from ctfix.errors import CtfixError
 from ctfix.platform import procfs, sockdiag
+from ctfix.platform.netns import Inside, within
 
 
 class SocketView:
     """The `Sockets` hook of ctfix.core.detectors.unanswered, from sock_diag."""
 
-    def __init__(self, max_age: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_age: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        inside: Inside | None = None,
+    ) -> None:
         self.max_age = max_age
         self.clock = clock
+        self.inside = inside
         self.dumps = 0
         self.error: str | None = None  # why the last dump failed, if it did
         self._taken: float | None = None
@@ -44,7 +52,9 @@ class SocketView:
     def refresh(self) -> None:
         """Dump the sockets now (raises CtfixError when sock_diag cannot be read)."""
         by_port: dict[int, list[Binding]] = {}
-        for sock in sockdiag.udp_sockets(None):
+        with within(self.inside):
+            found = sockdiag.udp_sockets(None)
+        for sock in found:
             family: Family = "ipv6" if sock.family == "ipv6" else "ipv4"
             by_port.setdefault(sock.port, []).append(
                 Binding(family, sock.address, sock.port, sock.peer, sock.v6only, sock.inode)
@@ -103,9 +113,15 @@ class RulesView:
     """The `Firewall` hook: rules that can drop or untrack a port's replies before
     conntrack sees them (ctfix.core.detectors.unanswered.dropping_rules)."""
 
-    def __init__(self, max_age: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_age: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        inside: Inside | None = None,
+    ) -> None:
         self.max_age = max_age
         self.clock = clock
+        self.inside = inside
         self._cache: dict[int, tuple[float, tuple[str, ...]]] = {}
 
     def could_drop(self, port: int) -> tuple[str, ...]:
@@ -115,7 +131,8 @@ class RulesView:
         cached = self._cache.get(port)
         if cached is not None and now - cached[0] < self.max_age:
             return cached[1]
-        rules, _errors = netfilter_read.rules_for_port(port)
+        with within(self.inside):
+            rules, _errors = netfilter_read.rules_for_port(port)
         found = dropping_rules(rules, port)
         if len(self._cache) >= 1024:
             self._cache.clear()

@@ -103,7 +103,8 @@ def test_ip_netns_and_process_only_namespaces_are_found_named_and_followed() -> 
 
 
 def test_a_namespace_gone_before_it_is_entered_is_skipped_not_an_error() -> None:
-    from ctfix.commands.scan import scan_namespace, status_of
+    from ctfix.commands.scan import status_of
+    from ctfix.commands.scanning import scan_namespace
     from ctfix.platform import rules_files
 
     with built(Pair(new_run_id())) as pair:

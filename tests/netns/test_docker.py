@@ -73,13 +73,19 @@ def explain_json(engine: DockerEngine, port: int | str, netns: str) -> dict[str,
     return result
 
 
+def host_service_and_client(topo: Topology, engine: DockerEngine) -> str:
+    """A wildcard socat on HOST_PORT in the engine's (the lab's host) namespace, and a
+    container `web-client` to ask it; the container's id."""
+    server = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{HOST_PORT},fork", "EXEC:cat"])
+    wait_udp_bound(server.pid, HOST_PORT, address="0.0.0.0")
+    return engine.run("web-client", "sleep", "600")
+
+
 def test_host_service_asked_by_a_container_names_the_client_container(
     docker_lab: tuple[Topology, DockerEngine],
 ) -> None:
     topo, engine = docker_lab
-    server = topo.spawn(topo.host, ["socat", f"UDP4-RECVFROM:{HOST_PORT},fork", "EXEC:cat"])
-    wait_udp_bound(server.pid, HOST_PORT, address="0.0.0.0")
-    client_id = engine.run("web-client", "sleep", "600")
+    client_id = host_service_and_client(topo, engine)
 
     assert ask(engine, "web-client", BRIDGE_V4, HOST_PORT)["answered"]
     through_uplink = ask(engine, "web-client", UPLINK_V4, HOST_PORT)

@@ -268,6 +268,9 @@ def test_a_stop_during_start_up_ends_normally_and_removes_the_track_table(
         "started": None,  # stopped before it subscribed: it never watched
         "unanswered": 0,
         "unanswered_uncounted": 0,
+        "netns": topo.host,
+        "netns_container": None,  # an `ip netns` of the lab: no container's
+        "hidden": 0,
     }
     assert "ctfix_watch_" not in topo.run(topo.host, "nft", "list", "tables")
 

@@ -15,13 +15,11 @@ bridge address: the bug); everything stays in the namespaces the test built.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ import pytest
 from bench.flows import blast
 from ctfix.lab.topology import BRIDGE_V4, CONTAINER_V4, UPLINK_V4, Topology
 from ctfix.platform import netns
+from tests.netns.logs import JsonLines
 
 BURST = 4000  # flows; each event is ~1 KiB of receive buffer, the buffer ~128 KiB
 SMALL_RCVBUF = 64 << 10
@@ -55,15 +54,10 @@ class Watch:
             text=True,
             env=env,
         )
-        self.records: list[dict[str, Any]] = []
-        self._stderr: str | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.records.append(json.loads(line))
+        self.lines = JsonLines(self.proc.stdout)
+        self.records = self.lines.records
+        self._stderr: str | None = None
 
     def finding_for(self, port: int, timeout: float) -> dict[str, Any] | None:
         """The first finding line for service UPLINK_V4:port, waiting up to timeout."""
@@ -90,7 +84,7 @@ class Watch:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(timeout=5)
+        self.lines.join(timeout=5)
         assert self.proc.stderr is not None
         self._stderr = self.proc.stderr.read()
         self.proc.stderr.close()

@@ -19,10 +19,12 @@ from ctfix.core.diagnosis.advice import dnat_notes
 from ctfix.core.diagnosis.evidence import last_packet
 from ctfix.core.diagnosis.forwarding import forwarded_services
 from ctfix.core.model import ClientNetwork, Diagnosis, ForwardedService, Listener
+from ctfix.core.nat import NatRuleset
+from ctfix.core.nat.nft_json import nat_chains
+from ctfix.core.nat.paths import DnatPath, dnat_paths
 from ctfix.core.plan import IptRuleSpec, make_plan, plan_to_dict
 from ctfix.core.plan.bind import dnat_advice
 from ctfix.core.snapshot import (
-    DnatRule,
     FixRecord,
     LocalAddress,
     NetfilterRule,
@@ -30,7 +32,6 @@ from ctfix.core.snapshot import (
     Snapshot,
 )
 from ctfix.lab import registry
-from ctfix.platform.dnat_read import nft_dnat_rules
 
 PORT = 56789
 BRIDGE, NODE, POD = "192.0.2.1", "198.51.100.13", "192.0.2.3"
@@ -65,6 +66,13 @@ def rule(chain_name: str, handle: int, *expr: dict[str, Any]) -> dict[str, Any]:
 
 def jump(target: str) -> dict[str, Any]:
     return {"jump": {"target": target}}
+
+
+def nft_dnat_rules(
+    objects: list[dict[str, Any]], texts: dict[tuple[str, str, str, int], str], port: int
+) -> list[DnatPath]:
+    """The DNAT paths to `port` of a ruleset, as explain reads them (the NAT model)."""
+    return dnat_paths(NatRuleset(tuple(nat_chains(objects, texts))), port)
 
 
 #: kube-proxy's shape: hooks -> services -> one chain per endpoint -> DNAT
@@ -127,6 +135,48 @@ def test_a_negated_destination_is_no_known_destination() -> None:
     assert not service.exact and service.service == f"any address:{OTHER}"
 
 
+def test_kube_proxy_nftables_mode_a_verdict_map_by_address_protocol_and_port() -> None:
+    """`ip daddr . meta l4proto . th dport vmap @service-ips`: each UDP entry is a path;
+    the TCP one on the same address and port is not."""
+    key = {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}},
+                      {"meta": {"key": "l4proto"}},
+                      {"payload": {"protocol": "th", "field": "dport"}}]}
+    elements = [[{"concat": [CLUSTER_IP, proto, OTHER]}, {"goto": {"target": f"svc_{proto}"}}]
+                for proto in ("udp", "tcp")]
+    service_ips = {"map": {"family": "ip", "table": "kube", "name": "service-ips",
+                           "map": "verdict", "elem": elements}}
+    objects = [
+        chain("prerouting", "prerouting"), chain("svc_udp"), chain("svc_tcp"), service_ips,
+        rule("prerouting", 1, {"vmap": {"key": key, "data": "@service-ips"}}),
+        rule("svc_udp", 2, {"dnat": {"addr": NODE, "port": PORT}}),
+        rule("svc_tcp", 3, {"dnat": {"addr": NODE, "port": PORT}}),
+    ]
+    vmap = "ip daddr . meta l4proto . th dport vmap @service-ips"
+    texts = {("ip", "kube", "svc_udp", 2): f"dnat to {NODE}:{PORT}",
+             ("ip", "kube", "prerouting", 1): vmap}
+    [found] = nft_dnat_rules(objects, texts, PORT)
+    assert (found.destinations, found.dports, found.to_address, found.to_port) == (
+        (CLUSTER_IP,), (OTHER,), NODE, PORT
+    )
+    assert found.via == (vmap,)
+
+
+def test_each_entry_of_a_dnat_map_is_a_service() -> None:
+    """`dnat ip to ip daddr . udp dport map { A . 40054 : NODE . PORT, ... }`."""
+    key = {"concat": [{"payload": {"protocol": "ip", "field": "daddr"}},
+                      {"payload": {"protocol": "udp", "field": "dport"}}]}
+    entries = [[{"concat": [CLUSTER_IP, p]}, {"concat": [NODE, PORT]}] for p in (OTHER, 40055)]
+    objects = [
+        chain("prerouting", "prerouting"),
+        rule("prerouting", 1, payload("udp", "dport", {"set": [OTHER, 40055]}),
+             {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": {"set": entries}}}}}),
+    ]
+    found = nft_dnat_rules(objects, {}, PORT)
+    assert [(r.destinations, r.dports, r.to_port) for r in found] == [
+        ((CLUSTER_IP,), (OTHER,), PORT), ((CLUSTER_IP,), (40055,), PORT)
+    ]
+
+
 # -- the diagnosis ----------------------------------------------------------------------
 
 
@@ -152,10 +202,18 @@ def zoned_reply(port: int, cport: int) -> CtEntry:
                    zone=51186, timeout=29)
 
 
-SERVICE_RULES = tuple(
-    DnatRule("nftables", "ip", "prerouting", (CLUSTER_IP,), (p,), NODE, to, f"dnat {p}")
-    for p, to in ((PORT, None), (OTHER, PORT))
-)
+def services(*forwards: tuple[int, int | None]) -> NatRuleset:
+    """A ClusterIP's ports DNAT'd to the node: (service port, target port or None)."""
+    objects = [chain("prerouting", "prerouting")] + [
+        rule("prerouting", handle, payload("ip", "daddr", CLUSTER_IP),
+             payload("udp", "dport", p), {"dnat": {"addr": NODE, "port": to}})
+        for handle, (p, to) in enumerate(forwards, 1)
+    ]
+    return NatRuleset(tuple(nat_chains(objects)))
+
+
+SERVICES = services((PORT, None), (OTHER, PORT))
+SERVICE_RULES = dnat_paths(SERVICES)
 
 
 def snapshot(flows: tuple[CtEntry, ...] = (), **kw: Any) -> Snapshot:
@@ -166,7 +224,7 @@ def snapshot(flows: tuple[CtEntry, ...] = (), **kw: Any) -> Snapshot:
     )
     base = Snapshot(
         port=PORT, netns="node", listeners=(WILD,), addresses=ADDRESSES,
-        route_choices=choices, flows=flows, probes=probes, dnat_rules=SERVICE_RULES,
+        route_choices=choices, flows=flows, probes=probes, nat_rules=SERVICES,
         taken_at=NOW, udp_timeout=30,
     )
     return replace(base, **kw)
@@ -262,10 +320,9 @@ def test_conntrack_timestamps_date_a_reply_too() -> None:
 
 
 def test_a_service_forwarded_after_the_fix_is_named_as_not_covered() -> None:
-    newer = DnatRule("nftables", "ip", "prerouting", (CLUSTER_IP,), (40055,), NODE, PORT, "x")
+    newer = services((PORT, None), (OTHER, PORT), (40055, PORT))
     fix = FixRecord("snat-zone", NOW - 20, COVERS)
-    d = diagnose(snapshot(netfilter=WORKING, fix=fix,
-                          dnat_rules=(*SERVICE_RULES, newer)))
+    d = diagnose(snapshot(netfilter=WORKING, fix=fix, nat_rules=newer))
     assert d.verdict == "at-risk", d.reasons
     assert d.fix_effect is not None
     assert [s.service for s in d.fix_effect.uncovered] == [f"{CLUSTER_IP}:40055"]

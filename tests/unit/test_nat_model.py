@@ -10,9 +10,9 @@ import socket
 from typing import Any
 
 from ctfix.core.nat import Evaluator, Flow, NatRuleset
-from ctfix.core.nat.legacy import LegacyRule, LegacyTable
 from ctfix.core.nat.legacy import nat_chains as legacy_chains
 from ctfix.core.nat.nft_json import nat_chains
+from ctfix.core.ruleset import LegacyRule, LegacyTable
 
 LOCAL = ("198.51.100.13", "192.0.2.1")
 

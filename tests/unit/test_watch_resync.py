@@ -112,7 +112,7 @@ def test_without_ids_a_dump_never_counts_a_known_pair_again() -> None:
 
 
 def test_an_overflow_schedules_a_resync_that_later_overflows_do_not_postpone() -> None:
-    from ctfix.commands.watch import _resync_due
+    from ctfix.commands.watch_ns import _resync_due
 
     first = _resync_due(None, 100.0, last_resync=-math.inf)
     assert first == 100.2

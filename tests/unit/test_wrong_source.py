@@ -172,25 +172,27 @@ def test_an_icmp_read_before_the_reply_of_a_known_finding_prints_a_confirmed_lin
     """The second client's ICMP is read before its reply's event (another batch, or a
     resync dump): the finding exists already, and still the user must see it turn
     confirmed, once."""
-    from ctfix.commands.watch import _report
+    from ctfix.commands.watch_report import Reporter
+    from ctfix.core.watch_filter import Selection
     from ctfix.render.watch import WatchRenderer
 
     out = io.StringIO()
     renderer = WatchRenderer(out, json_lines=False, netns="lab")
+    report = Reporter(renderer, None, Selection())
     d = detector()
     d.feed(new(flow("192.0.2.3", 4000, "198.51.100.13", 53)), 1.0)
-    _report(renderer, None, d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4000)), 1.1))
+    report(d.feed(new(flow("192.0.2.1", 53, "192.0.2.3", 4000)), 1.1))
     d.feed(new(flow("192.0.2.4", 4001, "198.51.100.13", 53)), 2.0)
     assert d.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.4", 4001, 2.05) is None
     second = d.feed(new(flow("192.0.2.1", 53, "192.0.2.4", 4001)), 2.1)
     assert second is not None and second[1] is Change.CONFIRMED
-    _report(renderer, None, second)
+    report(second)
     # A third reply to an already confirmed finding only counts.
     d.feed(new(flow("192.0.2.5", 4002, "198.51.100.13", 53)), 3.0)
     d.icmp_port_unreachable("192.0.2.1", 53, "192.0.2.5", 4002, 3.05)
     third = d.feed(new(flow("192.0.2.1", 53, "192.0.2.5", 4002)), 3.1)
     assert third is not None and third[1] is Change.COUNTED
-    _report(renderer, None, third)
+    report(third)
     lines = out.getvalue().splitlines()
     assert len(lines) == 2, lines
     assert " WRONG SOURCE " in lines[0] and "confirmed" not in lines[0]

@@ -35,10 +35,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
-from ctfix.core.addr import endpoint
+from ctfix.core.addr import Family, endpoint
 from ctfix.core.decode import IPS_ASSURED, IPS_DST_NAT, CtEntry, CtEvent, CtUsage
 from ctfix.core.detectors import UDP_TIMEOUT, UDP_TIMEOUT_STREAM, Change
-from ctfix.core.model import Family
 from ctfix.core.nat import Evaluator, Flow, NatRuleset
 
 StaleWhy = Literal["rule-changed", "no-longer-forwarded", "never-natted"]

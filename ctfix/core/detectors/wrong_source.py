@@ -329,6 +329,15 @@ class WrongSourceDetector:
     def pending(self) -> int:
         return len(self._pending)
 
+    def limit_flows(self, max_flows: int) -> None:
+        """A new `max_flows` (`watch --all-netns` shares one budget between its
+        namespaces), enforced now: the oldest pending requests go first, counted as
+        evicted. Not on the hot path: called when the set of namespaces changes."""
+        self.max_flows = max(1, max_flows)
+        while len(self._pending) > self.max_flows and self._order:
+            self._evict_one()
+        self.stats.pending = len(self._pending)
+
     def answer_to(self, address: str, port: int) -> bool | None:
         """What answered this client (addr, port as the server addressed it) from
         another entry within PAIR_MEMORY: True a wrong-source reply, False a reply

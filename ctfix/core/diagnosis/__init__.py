@@ -132,6 +132,7 @@ from ctfix.core.diagnosis.requests import (
 )
 from ctfix.core.diagnosis.uplinks import reply_marks, uplink_lookups
 from ctfix.core.model import Diagnosis, Family, Reason, Verdict
+from ctfix.core.nat.paths import dnat_paths
 from ctfix.core.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -167,7 +168,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     clients = exposure.client_networks(snapshot, asked, listening, rewritten, shown)
     blind = blindness.blind_families(snapshot, listening)
     forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
-    behind = forwarding.forwarded_services(port, snapshot.dnat_rules, snapshot.flows, local)
+    paths = dnat_paths(snapshot.nat_rules, port) if snapshot.nat_rules is not None else ()
+    behind = forwarding.forwarded_services(port, paths, snapshot.flows, local)
     rules = netfilter.rule_hits(snapshot.netfilter)
     present = evidence.split_history(shown, snapshot, rewritten)
     fixed = effect.fix_effect(snapshot, shown, behind, listening.exposed)

@@ -1,5 +1,6 @@
-"""Which services a DNAT forwards to the port on this host: from the DNAT rules (and
-the path to each) and from the conntrack entries of requests already forwarded. Pure.
+"""Which services a DNAT forwards to the port on this host: from the DNAT rules (the
+NAT model's paths, ctfix.core.nat.paths) and from the conntrack entries of requests
+already forwarded. Pure.
 
 Know before changing: a forwarded service is known by what its clients send to
 *before* DNAT (address, port). The server must answer it from the target (the DNAT's
@@ -20,7 +21,7 @@ from ctfix.core.addr import unmap
 from ctfix.core.decode import CtEntry
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.model import ForwardedService, Reason
-from ctfix.core.snapshot import DnatRule
+from ctfix.core.nat.paths import DnatPath
 
 UDP = 17
 
@@ -39,7 +40,7 @@ def _single(destination: str) -> str | None:
     return unmap(str(net.network_address)) if net.num_addresses == 1 else None
 
 
-def _from_rule(rule: DnatRule, port: int) -> list[ForwardedService]:
+def _from_rule(rule: DnatPath, port: int) -> list[ForwardedService]:
     target = unmap(rule.to_address)
     # The port is kept (no port in the DNAT): only requests to `port` itself come here.
     ports: list[int | None] = [port] if rule.to_port is None else list(rule.dports or [None])
@@ -57,7 +58,7 @@ def _from_rule(rule: DnatRule, port: int) -> list[ForwardedService]:
 
 
 def forwarded_services(
-    port: int, rules: Iterable[DnatRule], flows: Iterable[CtEntry], local: set[str]
+    port: int, rules: Iterable[DnatPath], flows: Iterable[CtEntry], local: set[str]
 ) -> list[ForwardedService]:
     """Services DNAT'd to `port` on a local address: the rules' first (ruleset order),
     then those only conntrack shows; each once, with every hook and rule that leads

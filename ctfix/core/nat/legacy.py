@@ -1,6 +1,6 @@
 """iptables-legacy's nat table, rule by rule as iptables-save prints it -> the NAT
-model's chains. Pure: ctfix.platform.nat_rules reads the table with python-iptables
-and hands over plain strings (`LegacyRule`).
+model's chains. Pure: ctfix.platform.netfilter_read reads the table with
+python-iptables and hands over plain strings (`ctfix.core.ruleset.LegacyRule`).
 
 Know before changing: options are read from the text iptables-save would print for
 each match and target (`--dport 5140`, `--to-destination 198.51.100.21:5140`); a
@@ -13,9 +13,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from typing import Literal, NamedTuple
 
-from ctfix.core.nat import (
+from ctfix.core.nat.model import (
     Action,
     Elem,
     Field,
@@ -30,6 +29,7 @@ from ctfix.core.nat import (
     address_interval,
     network_interval,
 )
+from ctfix.core.ruleset import LegacyRule, LegacyTable
 
 _PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "icmpv6": 58, "ipv6-icmp": 58,
               "sctp": 132, "udplite": 136}
@@ -40,27 +40,6 @@ _HOOKS = {"PREROUTING": "prerouting", "OUTPUT": "output", "INPUT": "input",
 _PASSIVE = frozenset({"LOG", "NFLOG", "MARK", "CONNMARK", "TRACE", "AUDIT", "MASQUERADE",
                       "SNAT", "NETMAP-SNAT"})
 _NAT_PRIORITY = -100  # NF_IP_PRI_NAT_DST: legacy nat PREROUTING and OUTPUT
-
-
-class LegacyRule(NamedTuple):
-    """One rule of the nat table, in iptables' own terms (each may start with `!`)."""
-
-    chain: str
-    source: str | None  # "192.0.2.0/255.255.255.0", "!192.0.2.3/32", None
-    destination: str | None
-    in_interface: str | None
-    protocol: str | None  # "udp", "17", "!tcp", None
-    matches: tuple[tuple[str, str], ...]  # (name, options as iptables-save prints them)
-    target: str  # "DNAT", "RETURN", a chain name, "" (none)
-    target_options: str
-    text: str  # the whole rule, `-A CHAIN ...`
-
-
-class LegacyTable(NamedTuple):
-    family: Literal["ipv4", "ipv6"]
-    #: every chain: (name, policy) with policy None for user chains
-    chains: tuple[tuple[str, str | None], ...]
-    rules: tuple[LegacyRule, ...]
 
 
 def nat_chains(table: LegacyTable) -> list[NatChain]:

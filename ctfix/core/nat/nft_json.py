@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
 from typing import Any
 
-from ctfix.core.nat import (
+from ctfix.core.nat.model import (
     Action,
     Elem,
     Field,
@@ -38,10 +37,7 @@ from ctfix.core.nat import (
     address_interval,
     network_interval,
 )
-
-JsonObject = dict[str, Any]
-#: (family, table, chain, handle) -> the rule as `nft list ruleset` prints it
-RuleTexts = Mapping[tuple[str, str, str, int], str]
+from ctfix.core.ruleset import JsonObject, RuleTexts
 
 _PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50,
                "srcnat": 100}
@@ -64,7 +60,7 @@ class _Unreadable(Exception):
 
 def nat_chains(objects: list[JsonObject], texts: RuleTexts | None = None) -> list[NatChain]:
     """The chains of every table that holds a nat base chain at prerouting or output."""
-    texts = texts or {}
+    texts = texts if texts is not None else {}  # not `or`: a lazy mapping stays unread
     nat_tables = {
         (c["family"], c["table"])
         for c in (o["chain"] for o in objects if "chain" in o)
@@ -347,6 +343,8 @@ def _fields(left: Any) -> tuple[tuple[Field, ...], int | None]:
         protocol, name = payload.get("protocol"), payload.get("field")
         if protocol in ("ip", "ip6") and name in ("saddr", "daddr"):
             return (name,), None
+        if (protocol, name) == ("ip", "protocol"):  # iptables-nft's `-p udp`, say
+            return ("l4proto",), None
         if name in ("sport", "dport") and (protocol in _PROTOCOLS or protocol == "th"):
             return (name,), _PROTOCOLS.get(protocol)
         return ("opaque",), None
