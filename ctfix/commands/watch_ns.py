@@ -33,6 +33,7 @@ events (bench/watch_all_bench.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import selectors
@@ -245,10 +246,18 @@ class NamespaceWatch:
         from ctfix.platform import conntrack
 
         self.overflows += _drain_quietly(events, self.feed, decode.decode_event, self.report)
-        entries = list(conntrack.dump(proto=17))
+        # Streamed: each chunk of the dump goes to every detector as it is decoded, so
+        # the table is never held (a detector keeps what it keeps in steady state).
         now = time.time()
-        for each in self.detectors:
-            for found in each.examine(entries, now, complete=True):
+        snapshots = [each.snapshot(now, complete=True) for each in self.detectors]
+        dumped = 0
+        entries = iter(conntrack.dump(proto=17))
+        while chunk := list(itertools.islice(entries, DUMP_CHUNK)):
+            dumped += len(chunk)
+            for snapshot in snapshots:
+                snapshot.add(chunk)
+        for snapshot in snapshots:
+            for found in snapshot.finish():
                 # Stale NAT entries there at start are a black hole now: reported at
                 # once (marked existing), not filed as history.
                 finding = found[0]
@@ -256,7 +265,7 @@ class NamespaceWatch:
                     history.append(finding)
                 else:
                     self.report(found)
-        return len(entries)
+        return dumped
 
     # -- the loop's hooks -------------------------------------------------------------
 
@@ -494,6 +503,9 @@ def _drain_quietly(
             overflows += 1
     return overflows
 
+
+#: entries of a dump decoded and handed to the detectors at a time (watch_ns.resync)
+DUMP_CHUNK = 2048
 
 #: Test-only, not in --help: the event socket's receive buffer in bytes. A small one
 #: makes the kernel drop events (ENOBUFS) so tests can drive the overflow path.

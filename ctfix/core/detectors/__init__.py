@@ -2,7 +2,8 @@
 
 A detector is fed by one stream of decoded events (`feed(event, now)`, the hot path
 of `ctfix watch`) and by snapshots of the table (`examine(entries, now)`: explain's
-and scan's dump, or watch's resync after lost events). Each returns findings of its
+and scan's dump; `snapshot(now)`, fed chunk by chunk: watch's start-up and its resyncs
+after lost events, which never hold the whole table). Each returns findings of its
 own type, every one with a `kind` (FindingKind) and an aggregation `key`, paired with
 what the event changed (`Change`). watch, explain and scan compose detectors; the
 renderers show findings by kind.
@@ -61,6 +62,15 @@ class Finding(Protocol):
 FindingT = TypeVar("FindingT", bound=Finding, covariant=True)
 
 
+class Snapshot(Protocol[FindingT]):
+    """A dump being examined (`Detector.snapshot`): `add` each chunk of entries in the
+    dump's order, then `finish` once for the findings."""
+
+    def add(self, entries: Sequence[CtEntry]) -> None: ...
+
+    def finish(self) -> Sequence[tuple[FindingT, Change]]: ...
+
+
 class Detector(Protocol[FindingT]):
     """One problem kind's detector (see the module docstring)."""
 
@@ -76,6 +86,11 @@ class Detector(Protocol[FindingT]):
     ) -> Sequence[tuple[FindingT, Change]]:
         """A snapshot of the table (`complete`: the whole table, after every event that
         came before it was fed); the findings it made or changed."""
+        ...
+
+    def snapshot(self, now: float, *, complete: bool = False) -> Snapshot[FindingT]:
+        """`examine` fed chunk by chunk: a dump read as it comes, never held whole
+        (watch's start-up and resyncs); the same findings as `examine` of all chunks."""
         ...
 
     def expire(self, now: float) -> None:
@@ -150,6 +165,7 @@ __all__ = [
     "Detector",
     "Finding",
     "FindingKind",
+    "Snapshot",
     "feeds_by_kind",
     "one_feed",
 ]

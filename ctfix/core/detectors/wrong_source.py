@@ -59,12 +59,13 @@ from __future__ import annotations
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from ctfix.core.addr import endpoint
 from ctfix.core.clientnet import ClientNetworks
+from ctfix.core.compact import CompactEntries
 from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
 from ctfix.core.detectors import UDP_TIMEOUT, Change
 from ctfix.core.detectors.flows import is_request
@@ -396,46 +397,23 @@ class WrongSourceDetector:
         table tells (explain dates its evidence so); findings then say when they
         happened instead of `now`.
         """
-        udp = socket.IPPROTO_UDP
-        entries = [e for e in entries if e.orig.proto == udp]
-        # Only unreplied entries can be requests still waiting; any entry can be a
-        # reply (a TFTP client ACKs the new port's DATA: that reply entry is replied).
-        unreplied = [e for e in entries if not e.status & IPS_SEEN_REPLY]
-        pending = self._pending
-        # key -> the value it had before this dump (None: not pending), for every key
-        # the dump stored. A reply is only known to be one once its request is stored,
-        # and the dump's order is the hash table's: store all, then undo the replies.
-        before: dict[bytes, bytes | None] = {}
-        for entry in unreplied:
-            previous = pending.get(self._key(entry))
-            key = self._remember(entry, now)
-            if key is not None and key not in before:
-                before[key] = previous
-        results = []
-        for entry in entries:
-            found = self._match(entry, time_of(entry) if time_of else now, from_dump=True)
-            if found is not None:
-                results.append(found)
-            if not self._matched:
-                continue
-            key = self._key(entry)
-            value = pending.get(key)
-            if key in before and value is not None and self._made_by(value, entry):
-                previous = before[key]
-                if previous is None:
-                    del pending[key]
-                    del before[key]
-                else:
-                    pending[key] = previous  # what was there before it is not stale
-        if complete:
-            stale = [key for key in pending if key not in before]
-            for key in stale:
-                del pending[key]
-            self.stats.stale += len(stale)
-        self.stats.recovered += sum(
-            1 for key, previous in before.items() if previous is None and key in pending
-        )
-        return results
+        kept = list(entries)
+        snapshot = self.snapshot(now, complete=complete, time_of=time_of, keep=kept)
+        snapshot.add(kept)
+        return snapshot.finish()
+
+    def snapshot(
+        self,
+        now: float,
+        *,
+        complete: bool = False,
+        time_of: Callable[[CtEntry], float] | None = None,
+        keep: list[CtEntry] | None = None,
+    ) -> WrongSourceSnapshot:
+        """`resync` fed chunk by chunk (`add`, then `finish`): a dump read as it comes,
+        never held whole. The entries are kept as bytes (ctfix.core.compact) until
+        `finish` matches them; `keep`: the caller holds them all already (as a list)."""
+        return WrongSourceSnapshot(self, now, complete, time_of, keep)
 
     #: the snapshot entry of the ctfix.core.detectors protocol
     examine = resync
@@ -615,3 +593,99 @@ def _latest(old: float | None, seen: float | None) -> float | None:
         return old
     return max(old, seen)
 
+
+class WrongSourceSnapshot:
+    """One dump, chunk by chunk, for a WrongSourceDetector (its `snapshot`).
+
+    Two passes, as the dump's order is the hash table's (a reply may come before its
+    request): `add` stores every unreplied entry as a pending request and keeps each
+    entry; `finish` matches the kept entries, in order, against what is pending then,
+    and undoes the requests that turned out to be replies. Only entries whose original
+    destination is pending are built again (what `_match` would look up first).
+    """
+
+    def __init__(
+        self,
+        detector: WrongSourceDetector,
+        now: float,
+        complete: bool,
+        time_of: Callable[[CtEntry], float] | None,
+        keep: list[CtEntry] | None,
+    ) -> None:
+        self.detector = detector
+        self.now = now
+        self.complete = complete
+        self.time_of = time_of
+        self._kept = keep
+        self._compact = CompactEntries() if keep is None else None
+        # key -> the value it had before this dump (None: not pending), for every key
+        # the dump stored. A reply is only known to be one once its request is stored,
+        # and the dump's order is the hash table's: store all, then undo the replies.
+        self.before: dict[bytes, bytes | None] = {}
+
+    def add(self, entries: Iterable[CtEntry]) -> None:
+        """Some of the dump's entries, in its order."""
+        detector = self.detector
+        pending = detector._pending
+        before = self.before
+        compact = self._compact
+        remember = detector._remember
+        now = self.now
+        udp = socket.IPPROTO_UDP
+        for entry in entries:
+            if entry.orig.proto != udp:
+                continue
+            # Only unreplied entries can be requests still waiting; any entry can be a
+            # reply (a TFTP client ACKs the new port's DATA: that reply entry is replied).
+            if not entry.status & IPS_SEEN_REPLY:
+                previous = pending.get(detector._key(entry))
+                key = remember(entry, now)
+                if key is not None and key not in before:
+                    before[key] = previous
+            if compact is not None:
+                compact.append(entry)
+
+    def _stored(self) -> Iterator[CtEntry]:
+        """The entries added that are worth a `_match` (all, when the caller kept them)."""
+        if self._compact is None:
+            udp = socket.IPPROTO_UDP
+            yield from (e for e in self._kept or () if e.orig.proto == udp)
+            return
+        pending = self.detector._pending
+        compact = self._compact
+        for probe, offset in compact.probes():
+            if probe in pending:
+                yield compact.entry_at(offset)
+
+    def finish(self) -> list[tuple[WrongSourceFinding, Change]]:
+        """Match what was added; the findings it made or changed."""
+        detector = self.detector
+        pending = detector._pending
+        before = self.before
+        time_of = self.time_of
+        results = []
+        for entry in self._stored():
+            found = detector._match(entry, time_of(entry) if time_of else self.now, from_dump=True)
+            if found is not None:
+                results.append(found)
+            if not detector._matched:
+                continue
+            key = detector._key(entry)
+            value = pending.get(key)
+            if key in before and value is not None and detector._made_by(value, entry):
+                previous = before[key]
+                if previous is None:
+                    del pending[key]
+                    del before[key]
+                else:
+                    pending[key] = previous  # what was there before it is not stale
+        if self.complete:
+            stale = [key for key in pending if key not in before]
+            for key in stale:
+                del pending[key]
+            detector.stats.stale += len(stale)
+        detector.stats.recovered += sum(
+            1 for key, previous in before.items() if previous is None and key in pending
+        )
+        self._compact = self._kept = None
+        return results
