@@ -62,7 +62,7 @@ beside the classification that asks them, so one file says what a reason rests o
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -561,20 +561,34 @@ class UnansweredDetector:
 
 
 class UnansweredSnapshot:
-    """One dump, chunk by chunk, for an UnansweredDetector (its `snapshot`)."""
+    """One dump, chunk by chunk, for an UnansweredDetector (its `snapshot`).
+
+    A big table counts thousands of flows into a few findings: of each finding's
+    changes it keeps the first and the latest (a finding carries its counts, so the
+    ones between say nothing more), not one finding object per flow."""
 
     def __init__(self, detector: UnansweredDetector, now: float) -> None:
         self.detector = detector
         self.now = now
-        self.results: list[tuple[UnansweredFinding, Change]] = []
+        #: finding key -> its first change in this dump, and its latest one after it
+        self.results: dict[Hashable, list[tuple[UnansweredFinding, Change]]] = {}
         self._seen: set[object] | None = None if detector.remember else set()
 
     def add(self, entries: Iterable[CtEntry]) -> None:
         """Some of the dump's entries, in its order."""
-        self.results += self.detector._examine(entries, self.now, self._seen)
+        results = self.results
+        for found in self.detector._examine(entries, self.now, self._seen):
+            changes = results.get(found[0].key)
+            if changes is None:
+                results[found[0].key] = [found]
+            elif len(changes) == 1:
+                changes.append(found)
+            else:
+                changes[1] = found
 
     def finish(self) -> list[tuple[UnansweredFinding, Change]]:
-        """The findings the dump made or changed, as `examine` gives them."""
+        """The findings the dump made or changed (each finding's first and latest
+        change, in the order findings first changed)."""
         self._seen = None
-        return self.results
+        return [found for changes in self.results.values() for found in changes]
 

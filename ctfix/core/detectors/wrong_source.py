@@ -621,7 +621,10 @@ class WrongSourceSnapshot:
         # key -> the value it had before this dump (None: not pending), for every key
         # the dump stored. A reply is only known to be one once its request is stored,
         # and the dump's order is the hash table's: store all, then undo the replies.
+        # Not kept when nothing was pending (watch's start-up): then every pending key
+        # is one the dump stored, its value before None.
         self.before: dict[bytes, bytes | None] = {}
+        self.fresh = not detector._pending
 
     def add(self, entries: Iterable[CtEntry]) -> None:
         """Some of the dump's entries, in its order."""
@@ -632,12 +635,16 @@ class WrongSourceSnapshot:
         remember = detector._remember
         now = self.now
         udp = socket.IPPROTO_UDP
+        fresh = self.fresh
         for entry in entries:
             if entry.orig.proto != udp:
                 continue
             # Only unreplied entries can be requests still waiting; any entry can be a
             # reply (a TFTP client ACKs the new port's DATA: that reply entry is replied).
-            if not entry.status & IPS_SEEN_REPLY:
+            if fresh:
+                if not entry.status & IPS_SEEN_REPLY:
+                    remember(entry, now)
+            elif not entry.status & IPS_SEEN_REPLY:
                 previous = pending.get(detector._key(entry))
                 key = remember(entry, now)
                 if key is not None and key not in before:
@@ -663,6 +670,7 @@ class WrongSourceSnapshot:
         pending = detector._pending
         before = self.before
         time_of = self.time_of
+        fresh = self.fresh
         results = []
         for entry in self._stored():
             found = detector._match(entry, time_of(entry) if time_of else self.now, from_dump=True)
@@ -672,13 +680,21 @@ class WrongSourceSnapshot:
                 continue
             key = detector._key(entry)
             value = pending.get(key)
-            if key in before and value is not None and detector._made_by(value, entry):
+            if value is None or not detector._made_by(value, entry):
+                continue
+            if fresh:
+                del pending[key]
+            elif key in before:
                 previous = before[key]
                 if previous is None:
                     del pending[key]
                     del before[key]
                 else:
                     pending[key] = previous  # what was there before it is not stale
+        self._compact = self._kept = None
+        if fresh:
+            detector.stats.recovered += len(pending)
+            return results
         if self.complete:
             stale = [key for key in pending if key not in before]
             for key in stale:
@@ -687,5 +703,5 @@ class WrongSourceSnapshot:
         detector.stats.recovered += sum(
             1 for key, previous in before.items() if previous is None and key in pending
         )
-        self._compact = self._kept = None
+        self.before = {}
         return results
