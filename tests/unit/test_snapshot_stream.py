@@ -85,22 +85,28 @@ def test_a_wrong_source_snapshot_in_chunks_finds_what_a_whole_resync_finds() -> 
 
 def test_a_snapshot_from_nothing_pending_is_one_onto_pending_requests() -> None:
     """watch's start-up (nothing pending yet) keeps no record of what the dump stored:
-    the same findings and requests as a dump onto a detector that already waits for
-    an unrelated request."""
+    the same findings and requests as a complete dump onto a detector that already
+    waits for an unrelated request (which that dump forgets), and the same again when
+    it repeats what the detector already holds (a resync after lost events)."""
     rows = table(9)
     fresh = detector()
-    expected = fresh.resync(rows, 100.0)
+    expected = fresh.resync(rows, 100.0, complete=True)
     waiting = detector()
     unrelated = entry("203.0.113.200", 999, "198.51.100.13", 53, ct_id=10_000)
     key = waiting._remember(unrelated, 1.0)
     assert key is not None and waiting.pending == 1
-    assert waiting.resync(rows, 100.0) == expected
-    del waiting._pending[key]
+    assert waiting.resync(rows, 100.0, complete=True) == expected
+    # the unrelated request is not in the (complete) dump: answered or gone meanwhile
+    assert key not in waiting._pending and waiting.stats.stale == 1
     # the same requests (deadlines count from each detector's first request)
     assert {k: v[:-4] for k, v in waiting._pending.items()} == {
         k: v[:-4] for k, v in fresh._pending.items()
     }
     assert waiting.stats.recovered == fresh.stats.recovered
+    # the same dump again: nothing new, nothing stale, the same requests
+    pending = dict(waiting._pending)
+    assert waiting.resync(rows, 100.0, complete=True) == []  # the same replies (ids)
+    assert waiting._pending == pending and waiting.stats.stale == 1
 
 
 def test_an_unanswered_snapshot_in_chunks_counts_what_examine_counts() -> None:

@@ -253,6 +253,10 @@ class WrongSourceDetector:
             )
         )
         pending = self._pending
+        if pending.get(key) == value:
+            # Unchanged (a dump repeating what the events said): its place in the
+            # expiry order stands, and no second copy of key and value is kept.
+            return key
         pending[key] = value
         self._order.append(key)
         if len(pending) > self.max_flows:
@@ -619,12 +623,17 @@ class WrongSourceSnapshot:
         self._kept = keep
         self._compact = CompactEntries() if keep is None else None
         # key -> the value it had before this dump (None: not pending), for every key
-        # the dump stored. A reply is only known to be one once its request is stored,
-        # and the dump's order is the hash table's: store all, then undo the replies.
-        # Not kept when nothing was pending (watch's start-up): then every pending key
-        # is one the dump stored, its value before None.
+        # the dump stored anew or changed. A reply is only known to be one once its
+        # request is stored, and the dump's order is the hash table's: store all, then
+        # undo the replies. Not kept when nothing was pending (watch's start-up): then
+        # every pending key is one the dump stored, its value before None.
         self.before: dict[bytes, bytes | None] = {}
         self.fresh = not detector._pending
+        # complete: the keys pending before the dump that it has not stored (yet); what
+        # is left at the end was answered or destroyed while events were lost
+        self.unseen: dict[bytes, None] | None = (
+            dict.fromkeys(detector._pending) if complete and not self.fresh else None
+        )
 
     def add(self, entries: Iterable[CtEntry]) -> None:
         """Some of the dump's entries, in its order."""
@@ -636,6 +645,7 @@ class WrongSourceSnapshot:
         now = self.now
         udp = socket.IPPROTO_UDP
         fresh = self.fresh
+        unseen = self.unseen
         for entry in entries:
             if entry.orig.proto != udp:
                 continue
@@ -647,8 +657,12 @@ class WrongSourceSnapshot:
             elif not entry.status & IPS_SEEN_REPLY:
                 previous = pending.get(detector._key(entry))
                 key = remember(entry, now)
-                if key is not None and key not in before:
-                    before[key] = previous
+                if key is not None:
+                    if unseen is not None:
+                        unseen.pop(key, None)
+                    # Unchanged (the same value object): nothing to undo, nothing to keep.
+                    if key not in before and pending.get(key) is not previous:
+                        before[key] = previous
             if compact is not None:
                 compact.append(entry)
 
@@ -695,11 +709,12 @@ class WrongSourceSnapshot:
         if fresh:
             detector.stats.recovered += len(pending)
             return results
-        if self.complete:
-            stale = [key for key in pending if key not in before]
+        if self.unseen is not None:
+            stale = [key for key in self.unseen if key in pending]
             for key in stale:
                 del pending[key]
             detector.stats.stale += len(stale)
+            self.unseen = None
         detector.stats.recovered += sum(
             1 for key, previous in before.items() if previous is None and key in pending
         )
