@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from ctfix.commands.watch_nat import StaleNatWatch
     from ctfix.commands.watch_report import Found, Reporter
     from ctfix.commands.watch_unanswered import UnansweredWatch
-    from ctfix.core.decode import CtEvent
+    from ctfix.core.decode import Packed
     from ctfix.core.detectors import Detector
     from ctfix.core.detectors.stale_nat import StaleNatDetector, StaleNatFinding
     from ctfix.core.detectors.unanswered import UnansweredFinding
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from ctfix.platform.icmp import IcmpWatch
     from ctfix.platform.metrics import NamespaceMetrics, WatchMetrics
 
-    Feed = Callable[[CtEvent, float], Found | None]
-    #: one feed per event kind, indexed by it (ctfix.core.detectors.feeds_by_kind)
+    Feed = Callable[[Packed, float], Found | None]
+    #: one feed per event kind, indexed by it (ctfix.core.detectors.packed_feeds_by_kind)
     Feeds = tuple[Feed, ...]
     Report = Callable[[Found | None], None]
 
@@ -149,7 +149,7 @@ class NamespaceWatch:
         from ctfix.commands.watch_loop import test_signal
         from ctfix.commands.watch_nat import StaleNatWatch
         from ctfix.commands.watch_unanswered import UnansweredWatch
-        from ctfix.core.detectors import feeds_by_kind
+        from ctfix.core.detectors import packed_feeds_by_kind
         from ctfix.core.detectors.stale_nat import StaleNatDetector
         from ctfix.core.detectors.wrong_source import WrongSourceDetector
         from ctfix.platform import conntrack
@@ -209,7 +209,7 @@ class NamespaceWatch:
         self.reporter.on_unanswered = unanswered.found
         self.icmp = IcmpWatch()
         self.closers.append(self.icmp)
-        self.feed = feeds_by_kind(self.detectors, self.report)
+        self.feed = packed_feeds_by_kind(self.detectors, self.report)
         self.nat = StaleNatWatch(stale, self.report, addresses.addresses, self.warn)
         self.closers.append(self.nat)
 
@@ -245,7 +245,7 @@ class NamespaceWatch:
         from ctfix.core import decode
         from ctfix.platform import conntrack
 
-        self.overflows += _drain_quietly(events, self.feed, decode.decode_event, self.report)
+        self.overflows += _drain_quietly(events, self.feed, decode.packed_event, self.report)
         # Streamed: each chunk of the dump goes to every detector as it is decoded, so
         # the table is never held (a detector keeps what it keeps in steady state).
         now = time.time()
@@ -286,7 +286,7 @@ class NamespaceWatch:
 
             assert self.events is not None
             try:
-                _drain(self.events, self.feed, decode.decode_event, self.report)
+                _drain(self.events, self.feed, decode.packed_event, self.report)
             except conntrack.Overflow:
                 self.overflows += 1
                 self.resync_due = _resync_due(self.resync_due, time.monotonic(), self.last_resync)
@@ -464,14 +464,14 @@ def _lost(events: EventSocket, lost: int, overflows: int) -> int:
 def _drain(
     events: EventSocket,
     feed: Feeds,
-    decode_event: Callable[[memoryview], CtEvent | None],
+    decode_event: Callable[[memoryview], Packed | None],
     report: Report,
     limit: int = 8192,
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
 
-    `feed`: the detectors' feeds by event kind (ctfix.core.detectors.feeds_by_kind),
-    built once."""
+    `feed`: the detectors' feeds by event kind (ctfix.core.detectors.packed_feeds_by_kind),
+    built once; `decode_event`: ctfix.core.decode.packed_event (the Packed form)."""
     recv_into = events.recv_into
     now = time.time()
     for _ in range(limit):
@@ -488,7 +488,7 @@ def _drain(
 def _drain_quietly(
     events: EventSocket,
     feed: Feeds,
-    decode_event: Callable[[memoryview], CtEvent | None],
+    decode_event: Callable[[memoryview], Packed | None],
     report: Report,
 ) -> int:
     """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""

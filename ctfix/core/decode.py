@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 from ctfix.core import ctlayout
 from ctfix.core.ctnetlink import (
@@ -182,11 +182,25 @@ Packed: TypeAlias = tuple[
     bytes, bytes, int, bytes, bytes,
     int, int, "int | None", "int | None", "int | None", "int | None",
 ]
-# Positions in a Packed.
-P_KIND, P_FAMILY = 0, 1
-P_ORIG_SRC, P_ORIG_DST, P_ORIG_PROTO, P_ORIG_SPORT, P_ORIG_DPORT = 2, 3, 4, 5, 6
-P_REPLY_SRC, P_REPLY_DST, P_REPLY_PROTO, P_REPLY_SPORT, P_REPLY_DPORT = 7, 8, 9, 10, 11
-P_STATUS, P_ZONE, P_MARK, P_TIMEOUT, P_ID, P_START = 12, 13, 14, 15, 16, 17
+# Positions in a Packed (Final: a type checker knows each field's type by them).
+P_KIND: Final = 0
+P_FAMILY: Final = 1
+P_ORIG_SRC: Final = 2
+P_ORIG_DST: Final = 3
+P_ORIG_PROTO: Final = 4
+P_ORIG_SPORT: Final = 5
+P_ORIG_DPORT: Final = 6
+P_REPLY_SRC: Final = 7
+P_REPLY_DST: Final = 8
+P_REPLY_PROTO: Final = 9
+P_REPLY_SPORT: Final = 10
+P_REPLY_DPORT: Final = 11
+P_STATUS: Final = 12
+P_ZONE: Final = 13
+P_MARK: Final = 14
+P_TIMEOUT: Final = 15
+P_ID: Final = 16
+P_START: Final = 17
 
 
 class PackedBatch(NamedTuple):
@@ -562,6 +576,7 @@ __all__ = [
     "IPCTNL_MSG_CT_NEW", "IPPROTO_UDP", "IPS_ASSURED", "IPS_CONFIRMED", "IPS_DST_NAT",
     "IPS_EXPECTED", "IPS_SEEN_REPLY", "IPS_SRC_NAT", "MSG_CT_DELETE", "MSG_CT_NEW", "NEW",
     "NFNL_SUBSYS_CTNETLINK", "NLA_F_NESTED", "NLA_TYPE_MASK", "NLMSG_DONE", "NLMSG_ERROR",
+    *(name for name in globals() if name.startswith("P_")),
     "NLM_F_ACK", "NLM_F_CREATE", "NLM_F_EXCL", "NLM_F_MULTI", "NLM_F_REQUEST", "UPDATE",
     "Batch", "Buf", "CtEntry", "CtEvent", "CtTuple", "CtUsage", "Packed", "PackedBatch",
     "address_bytes", "address_text", "decode", "decode_entry", "decode_event",

@@ -26,7 +26,7 @@ import enum
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Literal, Protocol, TypeVar
 
-from ctfix.core.decode import DESTROY, DUMPED, NEW, UPDATE, CtEntry, CtEvent
+from ctfix.core.decode import DESTROY, DUMPED, NEW, UPDATE, CtEntry, CtEvent, Packed, event_of
 
 FindingKind = Literal["wrong-source", "stale-nat", "unanswered", "health"]
 
@@ -104,6 +104,7 @@ class Detector(Protocol[FindingT]):
 
 
 F = TypeVar("F", bound=Finding)
+E = TypeVar("E")
 
 
 def one_feed(
@@ -116,12 +117,20 @@ def one_feed(
     itself (it returns None, so the loop's own report never fires twice). Detectors
     that learn from dumps only (a true `snapshot_only` attribute) are left out.
     """
-    fed = [d for d in detectors if not getattr(d, "snapshot_only", False)]
-    if len(fed) == 1:
-        return fed[0].feed
-    feeds = tuple(d.feed for d in fed)
+    fed = [d.feed for d in detectors if not getattr(d, "snapshot_only", False)]
+    return _all_of(fed, report)
 
-    def feed_all(event: CtEvent, now: float) -> tuple[F, Change] | None:
+
+def _all_of(
+    fed: Sequence[Callable[[E, float], tuple[F, Change] | None]],
+    report: Callable[[tuple[F, Change]], None],
+) -> Callable[[E, float], tuple[F, Change] | None]:
+    """One feed of several (`one_feed`): itself for one."""
+    if len(fed) == 1:
+        return fed[0]
+    feeds = tuple(fed)
+
+    def feed_all(event: E, now: float) -> tuple[F, Change] | None:
         for feed in feeds:
             found = feed(event, now)
             if found is not None:
@@ -135,7 +144,7 @@ def one_feed(
 ALL_KINDS = frozenset({NEW, UPDATE, DESTROY, DUMPED})
 
 
-def _nothing(event: CtEvent, now: float) -> None:
+def _nothing(event: object, now: float) -> None:
     del event, now
 
 
@@ -157,6 +166,37 @@ def feeds_by_kind(
     return tuple(table)
 
 
+def packed_feeds_by_kind(
+    detectors: Sequence[Detector[F]], report: Callable[[tuple[F, Change]], None]
+) -> tuple[Callable[[Packed, float], tuple[F, Change] | None], ...]:
+    """`feeds_by_kind` for events in the Packed form (ctfix.core.decode; watch's hot
+    path): a detector's `feed_packed` where it has one (the wrong-source detector:
+    NEW and UPDATE events build no entry), else its `feed` of the event built from it."""
+    table: list[Callable[[Packed, float], tuple[F, Change] | None]] = [_nothing]
+    for kind in (NEW, UPDATE, DESTROY, DUMPED):
+        wanted = [
+            _packed_feed(d)
+            for d in detectors
+            if kind in getattr(d, "kinds", ALL_KINDS) and not getattr(d, "snapshot_only", False)
+        ]
+        table.append(_all_of(wanted, report) if wanted else _nothing)
+    return tuple(table)
+
+
+def _packed_feed(detector: Detector[F]) -> Callable[[Packed, float], tuple[F, Change] | None]:
+    fast: Callable[[Packed, float], tuple[F, Change] | None] | None = getattr(
+        detector, "feed_packed", None
+    )
+    if fast is not None:
+        return fast
+    feed = detector.feed
+
+    def converted(event: Packed, now: float) -> tuple[F, Change] | None:
+        return feed(event_of(event), now)
+
+    return converted
+
+
 __all__ = [
     "ALL_KINDS",
     "UDP_TIMEOUT",
@@ -168,4 +208,5 @@ __all__ = [
     "Snapshot",
     "feeds_by_kind",
     "one_feed",
+    "packed_feeds_by_kind",
 ]

@@ -66,7 +66,30 @@ from typing import Literal
 from ctfix.core.addr import endpoint
 from ctfix.core.clientnet import ClientNetworks
 from ctfix.core.compact import CompactEntries
-from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
+from ctfix.core.decode import (
+    DESTROY,
+    DUMPED,
+    IPS_SEEN_REPLY,
+    NEW,
+    P_KIND,
+    P_ORIG_DPORT,
+    P_ORIG_DST,
+    P_ORIG_PROTO,
+    P_ORIG_SPORT,
+    P_ORIG_SRC,
+    P_REPLY_DPORT,
+    P_REPLY_DST,
+    P_REPLY_SPORT,
+    P_REPLY_SRC,
+    P_STATUS,
+    P_TIMEOUT,
+    UPDATE,
+    CtEntry,
+    CtEvent,
+    Packed,
+    address_bytes,
+    event_of,
+)
 from ctfix.core.detectors import UDP_TIMEOUT, Change
 from ctfix.core.detectors.flows import is_request
 from ctfix.core.model import Family, Mismatch
@@ -127,6 +150,7 @@ def mismatch_of(expected: tuple[str, int], actual: tuple[str, int]) -> Mismatch 
 
 _PORT = struct.Struct(">H")
 _DEADLINE = struct.Struct(">I")
+_UDP = socket.IPPROTO_UDP
 _PACK_CACHE: dict[str, bytes] = {}
 
 
@@ -216,6 +240,8 @@ class WrongSourceDetector:
         # for `answer_to`, in last-seen order
         self._answers: dict[tuple[str, int], tuple[float, bool]] = {}
         self._matched = False  # set by _match: the entry answered a pending request
+        self._local_of: frozenset[str] | None = None  # what _local_bytes was made from
+        self._local_bytes: frozenset[bytes] = frozenset()
         self._probe = b""  # set by _match: packed orig dst + dport, reused by _remember
 
     # -- state ---------------------------------------------------------------------
@@ -252,6 +278,9 @@ class WrongSourceDetector:
                 _DEADLINE.pack(self._tick(now) + timeout + 1),
             )
         )
+        return self._store(key, value)
+
+    def _store(self, key: bytes, value: bytes) -> bytes:
         pending = self._pending
         if pending.get(key) == value:
             # Unchanged (a dump repeating what the events said): its place in the
@@ -262,6 +291,21 @@ class WrongSourceDetector:
         if len(pending) > self.max_flows:
             self._evict_one()
         return key
+
+    def _local_raw(self) -> frozenset[bytes]:
+        """`local_addresses` as the kernel's bytes (for `feed_packed`), kept while the
+        caller keeps the same set."""
+        local = self.local_addresses
+        if self._local_of is not local:
+            raw = set()
+            for address in local:
+                try:
+                    raw.add(address_bytes(address))
+                except OSError:  # not an address inet_ntop gives: it matches no entry
+                    continue
+            self._local_bytes = frozenset(raw)
+            self._local_of = local
+        return self._local_bytes
 
     @staticmethod
     def _key(entry: CtEntry) -> bytes:
@@ -382,6 +426,65 @@ class WrongSourceDetector:
         if kind == DUMPED:
             return self._new_flow(entry, now, from_dump=True)
         return None
+
+    def feed_packed(self, event: Packed, now: float) -> tuple[WrongSourceFinding, Change] | None:
+        """`feed` for an event in the Packed form (watch's hot path): the same state and
+        findings. A NEW event that answers nothing pending (nearly all of them) is
+        stored from its bytes as they came, without building an entry; the rest take
+        `feed`'s own path."""
+        if event[P_ORIG_PROTO] != _UDP:
+            return None
+        kind = event[P_KIND]
+        if kind == NEW:
+            probe = event[P_ORIG_DST] + event[P_ORIG_DPORT]
+            pending = self._pending
+            if probe in pending:  # a reply, or the same client again: the full rule
+                return self.feed(event_of(event), now)
+            self.stats.events += 1
+            self.stats.new_flows += 1
+            self._matched = False
+            if not event[P_STATUS] & IPS_SEEN_REPLY:
+                self._remember_packed(event, now, probe)
+            return None
+        if kind in (UPDATE, DESTROY):
+            self.stats.events += 1
+            if kind == DESTROY or event[P_STATUS] & IPS_SEEN_REPLY:
+                key = event[P_REPLY_DST] + event[P_REPLY_DPORT]
+                value = self._pending.get(key)
+                if value is not None and value[:-4].endswith(
+                    event[P_ORIG_SRC] + event[P_ORIG_SPORT]
+                ):
+                    del self._pending[key]
+            return None
+        return self.feed(event_of(event), now)
+
+    def _remember_packed(self, event: Packed, now: float, service: bytes) -> None:
+        """`_remember` of a Packed NEW event (`feed_packed`): the same rule on bytes."""
+        if self.local_addresses:  # flows.is_request, on bytes
+            local = self._local_raw()
+            if event[P_ORIG_SRC] in local:
+                return
+            if event[P_ORIG_DST] not in local and (
+                event[P_REPLY_SRC] == event[P_ORIG_DST]
+                and event[P_REPLY_SPORT] == event[P_ORIG_DPORT]
+            ):
+                return
+        if service[0] >= 224 if len(service) == 6 else service[0] == 0xFF:
+            return  # multicast/broadcast (`_remember`)
+        timeout = event[P_TIMEOUT]
+        if timeout is None:
+            timeout = self.udp_timeout
+        value = b"".join(
+            (
+                event[P_REPLY_SRC],
+                event[P_REPLY_SPORT],
+                service,
+                event[P_ORIG_SRC],
+                event[P_ORIG_SPORT],
+                _DEADLINE.pack(self._tick(now) + timeout + 1),
+            )
+        )
+        self._store(event[P_REPLY_DST] + event[P_REPLY_DPORT], value)
 
     def resync(
         self,
