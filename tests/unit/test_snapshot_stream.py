@@ -107,6 +107,11 @@ def test_a_snapshot_from_nothing_pending_is_one_onto_pending_requests() -> None:
     pending = dict(waiting._pending)
     assert waiting.resync(rows, 100.0, complete=True) == []  # the same replies (ids)
     assert waiting._pending == pending and waiting.stats.stale == 1
+    # a second later, the kernel's timeouts as they were (whole seconds round both
+    # ways): the same requests, kept once, in the same expiry order
+    order = len(waiting._order)
+    assert waiting.resync(rows, 101.0, complete=True) == []
+    assert waiting._pending == pending and len(waiting._order) == order
 
 
 def test_an_unanswered_snapshot_in_chunks_counts_what_examine_counts() -> None:
