@@ -10,9 +10,9 @@ Two forms of one entry:
   scan, fix and the tests use.
 - `Packed`: one flat tuple (the event kind first, then the values in the order of
   `ctfix.core.ctlayout`'s fields) with addresses and ports as the kernel's big-endian
-  bytes, read by one `struct` call and never converted: watch's event loop and its
-  streaming start-up dump take this form, and the wrong-source detector keys its
-  pending requests with those very bytes. `entry_of` and `packed_of` convert.
+  bytes, read by one `struct` call and never converted: watch's event loop takes this
+  form (`packed_event`), and the wrong-source detector keys its pending requests with
+  those very bytes (`feed_packed`). `entry_of`, `event_of` and `packed_of` convert.
 
 Where the values are in a message is `ctfix.core.ctlayout`'s (the walk, and the learned
 layouts that make it one unpack); the kernel's numbers are `ctfix.core.ctnetlink`'s
@@ -206,15 +206,6 @@ P_ID: Final = 16
 P_START: Final = 17
 
 
-class PackedBatch(NamedTuple):
-    """`Batch` for the Packed form (`decode_packed`)."""
-
-    events: list[Packed]
-    done: bool = False
-    error: int = 0
-    malformed: int = 0
-
-
 # -- addresses, cached both ways: the same few recur in nearly every event ---------------
 
 _ADDR_CACHE: dict[bytes, str] = {}
@@ -374,57 +365,6 @@ def _error(buf: Buf, offset: int, msg_len: int) -> tuple[int, bool]:
     return (-code if code < 0 else code), True
 
 
-def decode_packed(buf: Buf, *, ports: frozenset[int] | None = None) -> PackedBatch:
-    """`decode`, in the Packed form: a dump's buffer for watch's start-up and resyncs,
-    which build no CtEntry for entries no detector keeps."""
-    events: list[Packed] = []
-    done = False
-    error = malformed = 0
-    offset = 0
-    size = len(buf)
-    append = events.append
-    learned = _LEARNED
-    from_bytes = int.from_bytes
-    try:
-        while offset + 16 <= size:
-            msg_len, msg_type, flags = _HEAD.unpack_from(buf, offset)
-            end = offset + msg_len
-            if msg_len < 16 or end > size:
-                malformed += 1
-                break
-            if msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
-                if msg_len < 20:
-                    malformed += 1
-                    offset += (msg_len + 3) & ~3
-                    continue
-                if ports is not None and not _touches(buf, offset, msg_len, ports):
-                    offset += (msg_len + 3) & ~3
-                    continue
-                tail = _RAW_TAILS[DESTROY] if msg_type == MSG_CT_DELETE else _NEW_TAILS[
-                    flags & _KIND_FLAGS]
-                # ctlayout.layout() inlined: this loop runs for every entry of a dump.
-                for known in learned.get(msg_len, ()):
-                    if from_bytes(buf[offset + 16 : end], "big") & known.mask == known.expected:
-                        append(known.get_raw(known.unpack_raw(buf, offset + 16) + tail))
-                        break
-                else:
-                    new = ctlayout.layout(buf, offset, msg_len)
-                    if new is None:
-                        malformed += 1
-                    else:
-                        append(new.raw(buf, offset, tail))
-            elif msg_type == NLMSG_DONE:
-                done = True
-            elif msg_type == NLMSG_ERROR:
-                error, done = _error(buf, offset, msg_len)
-                malformed += error < 0
-                error = max(error, 0)
-            offset += (msg_len + 3) & ~3
-    except (struct.error, ValueError, IndexError):
-        malformed += 1
-    return PackedBatch(events, done, error, malformed)
-
-
 def decode_event(buf: Buf) -> CtEvent | None:
     """One event per recv(): the first message as a CtEvent, or None.
 
@@ -581,8 +521,8 @@ __all__ = [
     "NFNL_SUBSYS_CTNETLINK", "NLA_F_NESTED", "NLA_TYPE_MASK", "NLMSG_DONE", "NLMSG_ERROR",
     *(name for name in globals() if name.startswith("P_")),
     "NLM_F_ACK", "NLM_F_CREATE", "NLM_F_EXCL", "NLM_F_MULTI", "NLM_F_REQUEST", "UPDATE",
-    "Batch", "Buf", "CtEntry", "CtEvent", "CtTuple", "CtUsage", "Packed", "PackedBatch",
+    "Batch", "Buf", "CtEntry", "CtEvent", "CtTuple", "CtUsage", "Packed",
     "address_bytes", "address_text", "decode", "decode_entry", "decode_event",
-    "decode_packed", "delete_request", "dump_request", "ends_dump", "entry_of", "event_of",
+    "delete_request", "dump_request", "ends_dump", "entry_of", "event_of",
     "get_request", "nla", "packed_event", "packed_of", "usage_of",
 ]

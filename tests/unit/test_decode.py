@@ -112,6 +112,7 @@ def _check_never_raises(raw: bytes) -> None:
     assert isinstance(batch.events, list)
     decode.decode(raw, fast=False)
     decode.decode_event(raw)
+    decode.packed_event(raw)
     decode.decode_entry(raw)
     decode.ends_dump(raw)
 
@@ -177,3 +178,40 @@ def test_fast_and_slow_paths_agree_when_a_length_covers_several_messages(
     assert decode.decode(raw, fast=True) == decode.decode(raw, fast=False)
     event = decode.decode_event(raw)
     assert event is None or event.entry == decode.decode_entry(raw, fast=False)
+
+
+def _packed_agrees(raw: bytes) -> None:
+    """watch's hot path (the Packed form) reads a message as decode_event does."""
+    event = decode.decode_event(raw)
+    packed = decode.packed_event(raw)
+    if event is None:
+        assert packed is None
+    else:
+        assert packed == decode.packed_of(event.entry, event.kind)
+        assert decode.event_of(packed) == event
+
+
+def test_recorded_messages_read_the_same_in_the_packed_form() -> None:
+    for raw in RAW:
+        _packed_agrees(raw)
+        _packed_agrees(_first_message(raw))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(RAW),
+    st.sampled_from(RAW),
+    st.integers(0, 400),
+    st.lists(st.tuples(st.integers(0, 800), st.integers(0, 255)), max_size=4),
+)
+def test_the_packed_form_agrees_on_damaged_and_overlapping_messages(
+    first: bytes, second: bytes, extra: int, flips: list[tuple[int, int]]
+) -> None:
+    one = _first_message(first)
+    buf = bytearray(one + second)
+    struct.pack_into("=I", buf, 0, min(len(one) + extra, len(buf)))
+    for position, value in flips:
+        if position < len(buf):
+            buf[position] = value
+    _packed_agrees(bytes(buf))
+
