@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from ctfix import __version__
@@ -23,8 +23,8 @@ PROG = "ctfix"
 
 #: name -> one-line summary shown by `ctfix --help`.
 COMMANDS: dict[str, str] = {
-    "watch": "detect wrong-source UDP replies live, from conntrack events",
-    "explain": "say which process on a UDP port is affected, why, the evidence and the fix",
+    "watch": "report wrong-source replies, stale NAT and unanswered requests live",
+    "explain": "who is on a UDP port, what fails (wrong source, stale NAT, no answer), the fix",
     "scan": "every UDP service in the namespace, diagnosed like explain, worst first",
     "fix": "apply (or print, or revert) a reversible remediation for a UDP port",
     "serve": "run the reference UDP echo server that always answers from the right address",
@@ -42,14 +42,46 @@ services from the kernel's connection tracking, explains them and fixes them.
 
 EPILOG = """\
 examples:
-  ctfix lab                          see the bug and its fix in throwaway namespaces
-  ctfix watch --json --duration 60   report wrong-source replies for a minute
-  ctfix scan                         every UDP service on this host, worst first
-  ctfix explain 5353                 who is on UDP 5353, is it affected, how to fix it
-  ctfix fix 5353 --method snat-zone  print the plan; add --apply to apply it
+  ctfix lab                          the bug and its fix, in a lab
+  ctfix watch --json --duration 60   problems seen live for a minute
+  ctfix scan                         every UDP service, worst first
+  ctfix explain 5353                 who is on UDP 5353 and what fails
+  ctfix fix 5353 --method snat-zone  print the plan (--apply applies it)
 
 Run `ctfix COMMAND --help` for a command's options.
 """
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """argparse's help at the terminal's width: descriptions and epilogs are
+    preformatted (examples in two columns, exit-status tables) and made to fit by
+    ctfix.render.width.reflow; a usage line written by hand is filled too."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        from ctfix.render.width import reflow
+
+        lines = reflow(text, width).split("\n")
+        return "\n".join(indent + line if line else line for line in lines)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        from ctfix.render.width import fill
+
+        # an option's help: filled, never broken inside a word (`policy-route`)
+        return fill(" ".join(text.split()), width).splitlines()
+
+    def _format_usage(
+        self,
+        usage: str | None,
+        actions: Iterable[argparse.Action],
+        groups: Iterable[argparse._MutuallyExclusiveGroup],
+        prefix: str | None,
+    ) -> str:
+        text = super()._format_usage(usage, actions, groups, prefix)
+        if all(len(line) <= self._width for line in text.splitlines()):
+            return text
+        from ctfix.render.width import fill_usage
+
+        return fill_usage(text, self._prog, self._width) + "\n\n"
 
 
 class _Command(Protocol):
@@ -89,7 +121,7 @@ def build_parser(argv: Sequence[str], *, every_command: bool = False) -> argpars
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -102,7 +134,7 @@ def build_parser(argv: Sequence[str], *, every_command: bool = False) -> argpars
             name,
             help=summary,
             description=summary[0].upper() + summary[1:] + ".",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Help,
         )
         cmd_parser.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS

@@ -9,6 +9,14 @@ import pytest
 
 from ctfix.lab.topology import Topology, lab_topology, leftover_namespaces
 
+# pytest imports readline early (_pytest.capture), and GNU readline exports the
+# terminal's COLUMNS and LINES into the process's C environment (not os.environ), which
+# every ctfix a test starts inherits: it would then fill its text at 80 columns as for
+# a terminal. A test reads ctfix as a pipe does; one that wants a width sets COLUMNS.
+for _name in ("COLUMNS", "LINES"):
+    if _name not in os.environ:
+        os.unsetenv(_name)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

@@ -50,7 +50,7 @@ EPILOG = """\
 examples:
   ctfix check                           this namespace: one line, exit 0/1/2
   ctfix check --all-netns               the node: every namespace
-  ctfix check --all-netns --json | jq '.problems[] | {kind, netns, port}'"""
+  ctfix check --all-netns --json | jq '.problems[] | {netns, port}'"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

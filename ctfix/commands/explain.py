@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     from ctfix.core.model import Diagnosis
 
 DESCRIPTION = """\
-Say which process on a UDP port is affected by wrong-source replies, why, with the
-evidence, and how to fix it. Read-only: explain never changes anything.
+Say who is on a UDP port and what fails there (wrong-source replies, clients still
+sent to a stale DNAT target, requests nothing answers), why, with the evidence, and
+how to fix it. Read-only: explain never changes anything.
 
 It reads the sockets on the port and their processes, the namespace's addresses,
 routes and policy rules (the reply source is a route lookup with ipproto udp and the
@@ -62,12 +63,12 @@ verdicts and exit status:
 
 EPILOG = """\
 examples:
-  ctfix explain 53                          the host's DNS port
-  ctfix explain 5353 --netns pid:4242       inside a container, by a process id
-  ctfix explain 1194 --listen 30            watch live events for 30 s first
-  ctfix explain 53 --format markdown        for an incident document
-  ctfix explain 53 --json | jq .verdict     for scripts
-  ctfix explain 123 --rules /etc/ctfix/rules   with your own knowledge-base entries"""
+  ctfix explain 53                            the host's DNS port
+  ctfix explain 5353 --netns pid:4242         inside a container, by a process id
+  ctfix explain 1194 --listen 30              watch live events for 30 s first
+  ctfix explain 53 --format markdown          for an incident document
+  ctfix explain 53 --json | jq .verdict       for scripts
+  ctfix explain 123 --rules /etc/ctfix/rules  with your own knowledge base"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -41,20 +42,22 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 examples:
-  ctfix fix 5000 --method snat-zone                  print the plan, change nothing
-  ctfix fix 5000 --method snat-zone --apply          apply it (all or nothing)
-  ctfix fix 5000 --method snat-zone --backend iptables-legacy --netns H --apply
+  ctfix fix 5000 --method snat-zone            print the plan, change nothing
+  ctfix fix 5000 --method snat-zone --apply    apply it (all or nothing)
+  ctfix fix 5000 --method snat-zone --backend iptables-legacy --apply
   ctfix fix 5000 --method policy-route --apply --force
-                         policy-route when you know no client in a network uses the
-                         host's own address on its link (ctfix refuses otherwise)
+        policy-route when you know no client in a network uses the host's own
+        address on its link (ctfix refuses otherwise)
   ctfix fix 5000 --method snat-zone --gateway 192.0.2.1 --apply
-                         two uplinks: replies to clients of the uplink whose router is
-                         192.0.2.1 leave by it (where the host's routes do not say)
-  ctfix fix 5000 --method bind --rules ./my-rules    how to fix the application itself
-  ctfix fix 5140 --method flush-stale                the stale NAT entries it would delete
-  ctfix fix 5140 --method flush-stale --apply        delete exactly those (nothing to revert)
-  ctfix fix --status                                 what ctfix fix made, against the kernel
-  ctfix fix --revert 5000                            remove it (safe to repeat)
+        two uplinks: replies to clients of the uplink whose router is 192.0.2.1
+        leave by it (where the host's routes do not say)
+  ctfix fix 5000 --method bind --rules ./my-rules
+        how to fix the application itself
+  ctfix fix 5140 --method flush-stale          the stale NAT entries it would delete
+  ctfix fix 5140 --method flush-stale --apply  delete exactly those (no revert)
+  ctfix fix --status                           what ctfix fix made, by the kernel
+  ctfix fix --status 5000                      the same, for port 5000 only
+  ctfix fix --revert 5000                      remove it (safe to repeat)
 
 --revert removes only objects that carry ctfix's marks for the port; a record that
 names anything else is refused. Marked objects that no record explains (a lost
@@ -86,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"ctfix fix PORT --method {'|'.join(METHODS)} [--apply [--listen S]] [--force] "
         "[--backend nft|iptables-legacy] [--gateway ADDR]... [--netns NS] [--json]\n"
         "       ctfix fix --revert [PORT] [--netns NS] [--json]\n"
-        "       ctfix fix --status [--listen S] [--netns NS] [--json]"
+        "       ctfix fix --status [PORT] [--listen S] [--netns NS] [--json]"
     )
     parser.epilog = EPILOG
     parser.add_argument("port", nargs="?", type=port_number, metavar="PORT", help="UDP port")
@@ -106,7 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove what ctfix fix made (recorded, or found by its marks)",
     )
-    parser.add_argument("--status", action="store_true", help="show what ctfix fix made")
+    parser.add_argument(
+        "--status", action="store_true", help="show what ctfix fix made (for PORT, or every port)"
+    )
     parser.add_argument(
         "--force",
         action="store_true",
@@ -153,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     if args.revert:
         return _revert(args)
     if args.port is None:
-        raise CtfixError("which port?", "ctfix fix PORT --method ...")
+        raise CtfixError(
+            "no port given",
+            "ctfix fix PORT --method METHOD (--status or --revert without PORT: every port)",
+        )
     if args.method is None:
         raise CtfixError("--method is required", f"one of {', '.join(METHODS)}")
     if args.backend and args.method != "snat-zone":
@@ -211,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(render.flushed_document(plan, done, label))
         else:
-            sys.stdout.write(render.flushed_text(plan, done, label))
+            _write_text(render.flushed_text(plan, done, label))
         return ExitStatus.PROBLEM if done.problems else ExitStatus.OK
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
@@ -234,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         _write_json(render.applied_document(plan, result, label, listened))
     else:
         undo = f"ctfix fix --revert {plan.port}{_netns_flag(args)}"
-        sys.stdout.write(render.applied_text(plan, result, label, undo, listened))
+        _write_text(render.applied_text(plan, result, label, undo, listened))
     # Applied, but wrong-source replies went on: it stays (the user decides), exit 1.
     return ExitStatus.PROBLEM if listened and listened.findings else ExitStatus.OK
 
@@ -261,12 +269,14 @@ def _write_plan(plan: Plan, label: str, as_json: bool, apply_with: str | None) -
     if as_json:
         _write_json(render.plan_document(plan, label))
     else:
-        sys.stdout.write(render.plan_text(plan, label, apply_with))
+        from ctfix.render.width import terminal_width
+
+        sys.stdout.write(render.plan_text(plan, label, apply_with, terminal_width(sys.stdout)))
 
 
 def _refuse_plan_options(args: argparse.Namespace) -> None:
-    """--status and --revert act on what is recorded: options that shape a plan (or,
-    for --status, pick a port) would be ignored, so they are refused instead."""
+    """--status and --revert act on what is recorded (PORT narrows them to one port):
+    options that shape a plan would be ignored, so they are refused instead."""
     mode = "--status" if args.status else "--revert"
     given = [
         option
@@ -276,16 +286,12 @@ def _refuse_plan_options(args: argparse.Namespace) -> None:
             ("--backend", args.backend),
             ("--rules", args.rules),
             ("--listen", args.revert and args.listen is not None),
-            ("PORT", args.status and args.port is not None),
         )
         if value
     ]
     if given:
-        what = "shows every recorded port" if args.status else "removes what was recorded"
-        raise CtfixError(
-            f"{mode} {what}; {given[0]} does not go with it",
-            f"drop {given[0]}" + (" (--status lists every port)" if given[0] == "PORT" else ""),
-        )
+        what = "shows what was recorded" if args.status else "removes what was recorded"
+        raise CtfixError(f"{mode} {what}; {given[0]} does not go with it", f"drop {given[0]}")
 
 
 
@@ -355,8 +361,16 @@ def _already_applied(args: argparse.Namespace, label: str) -> bool:
     if args.json:
         _write_json(render.already_document(fix, label))
     else:
-        sys.stdout.write(render.already_text(args.port, fix))
+        _write_text(render.already_text(args.port, fix))
     return True
+
+
+def _write_text(text: str) -> None:
+    """A report for people, made to fit a terminal's width (a pipe gets it as is)."""
+    from ctfix.render.width import fit_lines, terminal_width
+
+    width = terminal_width(sys.stdout)
+    sys.stdout.write(fit_lines(text, width) if width else text)
 
 
 def _netns_flag(args: argparse.Namespace) -> str:
@@ -371,6 +385,12 @@ def _status(args: argparse.Namespace) -> int:
     from ctfix.render import fix as render
 
     state = FixState.load(label)
+    # Marked objects no record explains: judged against every record, shown for PORT.
+    stray = marks.unrecorded(state.specs(), args.port)
+    if args.port is not None:
+        state = dataclasses.replace(
+            state, fixes={p: fix for p, fix in state.fixes.items() if p == args.port}
+        )
     # Effect, not presence: what the evidence since each fix says. First: conntrack
     # forgets a wrong-source reply nf_conntrack_udp_timeout after its last packet.
     now = time.time()
@@ -381,9 +401,9 @@ def _status(args: argparse.Namespace) -> int:
     }
     report = remedy.status(state)
     refused = remedy.foreign_steps(state)
-    stray = marks.unrecorded(state.specs())
     # A fix that is not whole is a problem to act on (revert it): say so in the status.
-    revert = f"ctfix fix --revert{_netns_flag(args)}"
+    only = "" if args.port is None else f" {args.port}"
+    revert = f"ctfix fix --revert{only}{_netns_flag(args)}"
     complete = render.whole(report, refused)
     judged = {
         port: found
@@ -397,7 +417,7 @@ def _status(args: argparse.Namespace) -> int:
             render.status_document(report, label, state.path, revert, refused, stray, judged)
         )
     else:
-        sys.stdout.write(
+        _write_text(
             render.status_text(
                 report, label, state.path, revert, refused, stray, judged, now
             )
@@ -459,7 +479,7 @@ def _reverted(
     if args.json:
         _write_json(render.reverted_document(done, label, nothing, stray))
     else:
-        sys.stdout.write(render.reverted_text(done, args.port, label, nothing, stray))
+        _write_text(render.reverted_text(done, args.port, label, nothing, stray))
     return ExitStatus.OK
 
 

@@ -14,8 +14,8 @@ from types import FrameType
 from typing import TextIO
 
 from ctfix.commands.common import port_number, positive_seconds, require_root
-from ctfix.errors import ExitStatus
-from ctfix.lab.registry import DEFAULT, SCENARIOS
+from ctfix.errors import CtfixError, ExitStatus
+from ctfix.lab.registry import DEFAULT, IPV4_ONLY, SCENARIOS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,13 @@ scenarios:
         default=DEFAULT,
         help=f"which story to tell (default: {DEFAULT})",
     )
-    parser.add_argument("--ipv6", action="store_true", help="also run the story over IPv6")
+    parser.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="also run the story over IPv6 (every scenario but "
+        + ", ".join(sorted(IPV4_ONLY))
+        + ")",
+    )
     parser.add_argument(
         "--keep",
         action="store_true",
@@ -85,6 +91,8 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    if args.ipv6 and args.scenario in IPV4_ONLY:
+        raise CtfixError(f"the {args.scenario} lab runs over IPv4 only", "drop --ipv6")
     require_root("ctfix lab (it creates network namespaces)", "CAP_SYS_ADMIN")
     from ctfix.lab import registry
     from ctfix.lab import topology as t

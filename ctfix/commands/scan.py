@@ -58,8 +58,8 @@ examples:
   ctfix scan                            every UDP service of this namespace
   ctfix scan --netns pid:4242           inside a container, by a process id
   ctfix scan --format markdown          for an incident document
-  ctfix scan --all-netns                the host, every container, every ip netns
-  ctfix scan --json | jq '.services[] | select(.verdict != "ok") | .port'"""
+  ctfix scan --all-netns                every namespace: host, containers, ip netns
+  ctfix scan --json | jq '.services[] | select(.verdict != "ok").port'"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ctfix.render.stamp import stamp_text
         from ctfix.render.style import Style
+        from ctfix.render.width import terminal_width
 
-        style = Style.for_stream(sys.stdout)
-        sys.stdout.write(render.render_text(diagnoses, label, style, stamp_text()))
+        style, width = Style.for_stream(sys.stdout), terminal_width(sys.stdout)
+        sys.stdout.write(render.render_text(diagnoses, label, style, stamp_text(), width))
     return ExitStatus.OK if all(healthy(d) for d in diagnoses) else ExitStatus.PROBLEM
 
 

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  ctfix serve --port 5353 --dual-stack        one :: socket for both families\n"
         "  ctfix serve --port 5353 --address 192.0.2.1 --address fe80::1%br0\n"
         "  ctfix serve --port 5353 --broken -v         the bug, logging each reply\n"
-        "stops cleanly (exit 0) on Ctrl-C or SIGTERM"
+        "\n"
+        "exit status: 0 stopped by Ctrl-C or SIGTERM (cleanly); 2 errors (the port is taken,\n"
+        "an address this host does not have, missing privilege)."
     )
     parser.add_argument(
         "--port", type=port_number, required=True, metavar="P", help="UDP port to serve"

@@ -62,15 +62,15 @@ kernel's conntrack events, until Ctrl-C, SIGTERM or --duration. A finding prints
 once and then only updates its count; at exit every live finding is listed with its
 final counts:
 
-  service       the address:port the client sent to
-  actual source where the reply came from; expected: what the client waits for
-  local         both addresses belong to this namespace (a multi-homed server)
-  confirmed     the client's ICMP port unreachable for that reply was seen
-  unanswered    requests that got no reply, per service and reason: no-socket
-                (nothing bound), no-reply (bound, never answered), wrong-source,
-                stale-nat (its DNAT target was stale); one-way services (syslog,
-                StatsD: the knowledge base) are counted apart, listed at exit only,
-                and are no problem
+  service        the address:port the client sent to
+  actual source  where the reply came from; expected: what the client waits for
+  local          both addresses belong to this namespace (a multi-homed server)
+  confirmed      the client's ICMP port unreachable for that reply was seen
+  unanswered     requests that got no reply, per service and reason: no-socket
+                 (nothing bound), no-reply (bound, never answered), wrong-source,
+                 stale-nat (its DNAT target was stale); one-way services (syslog,
+                 StatsD: the knowledge base) are counted apart, listed at exit
+                 only, and are no problem
 
 History is not news: wrong-source replies already in the conntrack table when
 watch starts print once, under their own heading ("existing"), with the kernel's
@@ -105,11 +105,11 @@ namespace, conntrack unavailable, a bad filter)."""
 
 EPILOG = """\
 examples:
-  ctfix watch                                  watch this namespace until Ctrl-C
-  ctfix watch --netns web --json --duration 60  JSON lines for a minute
-  ctfix watch --track --metrics localhost:9464  track every family, serve metrics
-  ctfix watch --port domain --client 10.0.0.0/8  DNS findings about clients in 10/8
-  ctfix watch --all-netns --json               the host and every container, as JSON"""
+  ctfix watch                                    this namespace, until Ctrl-C
+  ctfix watch --netns web --json --duration 60   JSON lines for a minute
+  ctfix watch --track --metrics localhost:9464   track every family, metrics
+  ctfix watch --port domain --client 10.0.0.0/8  DNS, clients in 10.0.0.0/8
+  ctfix watch --all-netns --json                 the host and every container"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,7 @@ def dump_request(
     dport: int | None = None,
     seq: int = 1,
     reply_sport: int | None = None,
+    src: str | None = None,
 ) -> bytes:
     """IPCTNL_MSG_CT_GET dump request, with CTA_FILTER for what the kernel can filter.
 
@@ -59,10 +60,20 @@ def dump_request(
     of the kernel (it can filter only non-default zones); callers filter them.
     reply_sport filters on the reply tuple's source port the same way
     (CTA_FILTER_REPLY_FLAGS with CTA_TUPLE_REPLY): the port a DNAT sent requests to.
+    src (with proto) filters on the original tuple's source address (an address of
+    `family`): the flows this host started from it, its servers' replies among them.
     """
     attrs = b""
     flags = 0
     if proto is not None:
+        ip_attrs = b""
+        if src is not None:
+            if family == socket.AF_INET6:
+                ip_attrs = nla(CTA_IP_V6_SRC, socket.inet_pton(socket.AF_INET6, src))
+            else:
+                ip_attrs = nla(CTA_IP_V4_SRC, socket.inet_pton(socket.AF_INET, src))
+            ip_attrs = nla(CTA_TUPLE_IP | NLA_F_NESTED, ip_attrs)
+            flags |= 1 << 0  # CTA_FILTER_FLAG(CTA_IP_SRC)
         proto_attrs = nla(CTA_PROTO_NUM, bytes([proto]))
         flags |= 1 << 3  # CTA_FILTER_FLAG(CTA_PROTO_NUM)
         if sport is not None:
@@ -71,8 +82,8 @@ def dump_request(
         if dport is not None:
             proto_attrs += nla(CTA_PROTO_DST_PORT, _BE16.pack(dport))
             flags |= 1 << 5
-        tuple_attrs = nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto_attrs)
-        attrs += nla(CTA_TUPLE_ORIG | NLA_F_NESTED, tuple_attrs)
+        orig_attrs = ip_attrs + nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto_attrs)
+        attrs += nla(CTA_TUPLE_ORIG | NLA_F_NESTED, orig_attrs)
         filters = nla(1, struct.pack("=I", flags))  # CTA_FILTER_ORIG_FLAGS
         if reply_sport is not None:
             reply_attrs = nla(CTA_PROTO_NUM, bytes([proto]))

@@ -228,8 +228,13 @@ class ForwardedService:
 @dataclass(frozen=True, slots=True)
 class Evidence:
     wrong_source: tuple[WrongSourceReply, ...] = ()
-    healthy: int = 0  # replied flows on the port whose reply came from the right source
-    unanswered: int = 0  # requests without any reply in the table (and no wrong-source pair)
+    healthy: int = 0  # requests answered from the right source (through_fix included)
+    #: of `healthy`, those answered by a reply the snat-zone remedy rewrote in one of
+    #: ctfix's zones (ctfix.core.zones): the fix's work, not the server's
+    through_fix: int = 0
+    #: requests without a usable reply: no reply at all, or only a refused wrong-source
+    #: one; the sum of the non-one-way unanswered records' flows (Diagnosis.unanswered)
+    unanswered: int = 0
     #: (client address, addressed address) of each request answered from the right
     #: source (not in the JSON: the client table's `answered` shows it per network)
     right_answers: tuple[tuple[str, str], ...] = ()

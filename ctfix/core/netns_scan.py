@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ctfix.core.health import Health
-from ctfix.core.model import ContainerRef, Diagnosis
-from ctfix.core.scan import severity
+from ctfix.core.model import ContainerRef, Diagnosis, Verdict
+from ctfix.core.scan import severity, verdict_counts
 
 #: how a namespace was found, and so what its label is: pid 1's (`host`), a
 #: container's (its name, or namespace/pod), an `ip netns` name, another bind mount
@@ -67,7 +67,6 @@ def all_services(scans: Sequence[NamespaceScan]) -> list[tuple[NamespaceScan, Di
     return sorted(pairs, key=lambda pair: severity(pair[1]))
 
 
-def counts(scans: Sequence[NamespaceScan]) -> dict[str, int]:
-    """Services per verdict over every namespace (as scan's own `counts`)."""
-    verdicts = [d.verdict for scan in scans for d in scan.diagnoses]
-    return {v: verdicts.count(v) for v in ("broken", "at-risk", "ok")}
+def counts(scans: Sequence[NamespaceScan]) -> dict[Verdict, int]:
+    """Services per verdict over every namespace, unknown ones too (scan's `counts`)."""
+    return verdict_counts(d for scan in scans for d in scan.diagnoses)

@@ -93,6 +93,10 @@ class ServiceRule:
     one_way: bool = False
     #: The upstream release that fixed the wrong source ("2.5"), for the advice to upgrade.
     fixed_in: str = ""
+    #: A documented caveat of a program that otherwise answers from the destination:
+    #: the first request after it starts (one per socket) is answered from the address
+    #: routing picks (Debian 12's in.tftpd). One wrong-source reply per family is that.
+    wrong_first_reply: bool = False
 
     def fix_in_effect(
         self, cmdline: Sequence[str] = (), configs: Mapping[str, str] | None = None
@@ -319,7 +323,7 @@ _REQUIRED = {"id", "name", "ports", "affected_when_wildcard", "why", "fix", "ref
              "confidence"}
 _OPTIONAL = {"processes", "cmdline_patterns", "snippet", "replies_from_other_port", "notes",
              "see_also", "affected_by_family", "fixed_if_cmdline", "one_way", "fixed_in",
-             "fixed_if_config"}
+             "fixed_if_config", "wrong_first_reply"}
 _FAMILIES = ("ipv4", "ipv6")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
@@ -375,6 +379,13 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
 
     other_port = _flag(fields, source, "replies_from_other_port")
     one_way = _flag(fields, source, "one_way")
+    first_reply = _flag(fields, source, "wrong_first_reply")
+    if first_reply and affected is not False:
+        raise RuleError(
+            source, _line(fields["wrong_first_reply"]),
+            "'wrong_first_reply' is a caveat of a program that answers from the "
+            "destination: 'affected_when_wildcard' must be false",
+        )
     fixed_in_node = fields.get("fixed_in")
     if fixed_in_node is not None and not isinstance(_construct(fixed_in_node), str):
         # `fixed_in: 2.10` is the float 2.1: a version must be quoted.
@@ -410,6 +421,7 @@ def _entry(node: yaml.Node, source: str) -> ServiceRule:
         one_way=one_way,
         fixed_in=fixed_in,
         fixed_if_config=fixed_if_config,
+        wrong_first_reply=first_reply,
     )
 
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ctfix.core.decode import CtEntry
+from ctfix.core.decode import IPS_SEEN_REPLY, CtEntry
+from ctfix.core.detectors.wrong_source import WrongSourceDetector
+from ctfix.core.diagnosis.requests import newest_last
 from ctfix.core.model import Diagnosis, Listener, Verdict
+from ctfix.core.zones import is_fix_zone
 
 UDP = 17
 
@@ -36,6 +39,51 @@ def service_ports(listeners: Iterable[Listener], ephemeral: tuple[int, int]) -> 
         if lst.state == "listening" or not low <= lst.port <= high
     }
     return sorted(ports)
+
+
+#: At most this many ports are looked at for a server gone after wrong-source replies
+#: (`gone_server_ports`): each costs a filtered dump.
+MAX_GONE_PORTS = 64
+
+
+def gone_server_ports(
+    host_flows: Iterable[CtEntry],
+    ports: Iterable[int],
+    local: set[str],
+    ephemeral: tuple[int, int],
+) -> list[int]:
+    """Ports a server may have answered from before it went away (netcat exits on the
+    ICMP error its wrong-source reply brings back): the source ports of unreplied
+    flows this host started (`host_flows`: orig src local) to a remote client, outside
+    the ephemeral range (a client's port) and not a service port already; not the
+    snat-zone remedy's rewritten replies (ctfix.core.zones). Candidates only:
+    `answered_wrongly` decides from each port's own flows. Ascending, at most
+    MAX_GONE_PORTS."""
+    known = set(ports)
+    low, high = ephemeral
+    found: set[int] = set()
+    for entry in host_flows:
+        orig = entry.orig
+        if (
+            orig.proto != UDP
+            or entry.status & IPS_SEEN_REPLY
+            or is_fix_zone(entry.zone)
+            or orig.sport in known
+            or low <= orig.sport <= high
+            or orig.src not in local
+            or orig.dst in local
+        ):
+            continue
+        found.add(orig.sport)
+    return sorted(found)[:MAX_GONE_PORTS]
+
+
+def answered_wrongly(flows: Sequence[CtEntry], local: set[str]) -> bool:
+    """Whether a port's flows (explain's dumps) show a wrong-source reply: what makes a
+    port with no socket left a service to report (scan, check), as explain reports it."""
+    detector = WrongSourceDetector(local_addresses=frozenset(local))
+    detector.examine(newest_last(flows), 0.0)
+    return bool(detector.found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +140,12 @@ def healthy(d: Diagnosis) -> bool:
     """The port is fine: ok, and not an outage (nothing bound, clients unanswered),
     which the verdict (about wrong sources) would call ok. explain exits 0 only then."""
     return d.verdict == "ok" and not d.service_down
+
+
+def verdict_counts(diagnoses: Iterable[Diagnosis]) -> dict[Verdict, int]:
+    """Services per verdict, every verdict present, worst first (scan's `counts`)."""
+    verdicts = [d.verdict for d in diagnoses]
+    return {v: verdicts.count(v) for v in sorted(_RANK, key=_RANK.__getitem__)}
 
 
 def worst_first(diagnoses: Sequence[Diagnosis]) -> list[Diagnosis]:

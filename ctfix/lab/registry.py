@@ -38,10 +38,12 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "stale-nat": (
         "ctfix.lab.stale_nat",
         "a one-way sender pinned by conntrack to a DNAT backend that moved: the black "
-        "hole, ctfix's finding, the exact flush (flush-stale), the recovery (IPv4)",
+        "hole, ctfix's finding, the exact flush (flush-stale), the recovery (IPv4 only)",
     ),
 }
 DEFAULT = "wrong-source"
+#: scenarios told over IPv4 only: `--ipv6` is refused before anything is built
+IPV4_ONLY = frozenset({"stale-nat"})
 
 
 def run(name: str, topo: Topology, port: int, report: Report, timeout: float) -> Story:

@@ -28,7 +28,6 @@ from typing import Any, Literal
 
 from ctfix.core.addr import endpoint
 from ctfix.core.decode import CtEntry
-from ctfix.errors import CtfixError
 from ctfix.lab import topology as t
 from ctfix.lab.checks import (
     Check,
@@ -209,8 +208,7 @@ def _add(section: Section, report: Report, check: Check) -> None:
 
 def run_story(topo: t.Topology, port: int, report: Report, *, timeout: float = 1.0) -> Story:
     """Reproduce the black hole, find it, flush it, see the recovery (module doc)."""
-    if topo.ipv6:
-        raise CtfixError("the stale-nat lab runs over IPv4 only", "drop --ipv6")
+    assert not topo.ipv6, "IPv4 only: `ctfix lab` refuses --ipv6 (registry.IPV4_ONLY)"
     story = Story(port)
     # Ages and datagram counts for the finding (per-namespace, writable sysctls).
     topo.run(topo.host, "sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1",

@@ -80,6 +80,7 @@ def dump_buffers(
     dport: int | None = None,
     *,
     reply_sport: int | None = None,
+    src: str | None = None,
     until_done: bool = True,
 ) -> Generator[bytes, None, None]:
     """The raw recv() buffers of one dump (for `dump()`, benchmarks and fixtures).
@@ -90,7 +91,12 @@ def dump_buffers(
     try:
         sock.bind((0, 0))
         request = decode.dump_request(
-            family=family, proto=proto, sport=sport, dport=dport, reply_sport=reply_sport
+            family=family,
+            proto=proto,
+            sport=sport,
+            dport=dport,
+            reply_sport=reply_sport,
+            src=src,
         )
         try:
             sock.send(request)
@@ -115,9 +121,12 @@ def _dump_family(
     reply_sport: int | None = None,
     touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
+    src: str | None = None,
 ) -> Iterator[CtEntry]:
     first = True
-    chunks = dump_buffers(family, proto, sport, dport, reply_sport=reply_sport, until_done=False)
+    chunks = dump_buffers(
+        family, proto, sport, dport, reply_sport=reply_sport, src=src, until_done=False
+    )
     for chunk in chunks:
         batch = decode.decode(chunk, ports=touching, usage=usage is not None)
         if batch.error:
@@ -154,6 +163,7 @@ def dump(
     reply_sport: int | None = None,
     touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
+    src: str | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -166,14 +176,16 @@ def dump(
     this conntrack zone (0 = default); touching: only entries whose orig sport, orig
     dport or reply sport is one of these (checked on the bytes, before decoding: a
     dump of a whole big table read for a few ports, as `ctfix scan` reads it); usage:
-    a dict to fill with each entry's age and counters (CtUsage) by conntrack id.
-    The kernel filters family, protocol and ports (>= 5.8); the same conditions are
+    a dict to fill with each entry's age and counters (CtUsage) by conntrack id;
+    src: only entries whose original source is this address (the flows this host
+    started from it; `family` must be its family).
+    The kernel filters family, protocol, ports and src (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching, usage):
+        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching, usage, src):
             orig = entry.orig
             if (
                 touching is not None
@@ -189,6 +201,7 @@ def dump(
                 or (sport is not None and orig.sport != sport)
                 or (reply_sport is not None and entry.reply.sport != reply_sport)
                 or (zone is not None and entry.zone != zone)
+                or (src is not None and orig.src != src)
             ):
                 continue
             yield entry

@@ -465,6 +465,9 @@ def collect_services(netns: str) -> list[Snapshot]:
     ruleset = netfilter_read.read()
     nat = nat_rules.read(ruleset)
     ports = sorted(set(ports) | (Evaluator(nat, local).forwarded_ports() or frozenset()))
+    # A server gone after answering from the wrong source (netcat dies on the ICMP
+    # error) leaves no socket, only its evidence: explain reports it, so scan does.
+    ports = sorted(set(ports) | set(_gone_servers(ports, addresses)))
     if not ports:
         return []
     rules, rule_errors = netfilter_read.rules_for_ports(ports, ruleset)
@@ -499,6 +502,34 @@ def collect_services(netns: str) -> list[Snapshot]:
             )
         )
     return snapshots
+
+
+def _gone_servers(ports: list[int], addresses: Sequence[LocalAddress]) -> list[int]:
+    """Ports without a socket whose conntrack flows show wrong-source replies
+    (ctfix.core.scan.gone_server_ports, then answered_wrongly on explain's dumps of
+    each). Nothing when the table cannot be read: the main dump says why."""
+    from ctfix.core import scan
+    from ctfix.platform import conntrack
+
+    local = {a.address for a in addresses}
+    try:
+        host_flows = [
+            entry
+            for a in addresses
+            if not a.loopback
+            for entry in conntrack.dump(
+                family=socket.AF_INET6 if a.family == "ipv6" else socket.AF_INET,
+                proto=17,
+                src=a.address,
+            )
+        ]
+        return [
+            port
+            for port in scan.gone_server_ports(host_flows, ports, local, ephemeral_ports())
+            if scan.answered_wrongly(conntrack_flows(port), local)
+        ]
+    except CtfixError:
+        return []
 
 
 def _add_replies_from_other_ports(per_port: dict[int, list[CtEntry]], local: set[str]) -> None:

@@ -73,16 +73,18 @@ def _shorten(label: str, room: int) -> str:
 
 
 def fit(make: Callable[[str], str], label: str, more: str = "", limit: int = MAX_LINE) -> str:
-    """The line `make(label) + more`, within `limit` bytes: drop `more`, then shorten
-    the label, then cut (never inside a character)."""
+    """The line `make(label) + more`, within `limit` bytes: shorten the label in its
+    middle (not below MIN_LABEL), then drop `more` (shortening again), then cut (never
+    inside a character). "(+N more)" says this is not the only problem: it goes last."""
     for suffix in (more, ""):
-        if _fits(make(label) + suffix, limit):
-            return make(label) + suffix
-    overflow = len(make(label).encode()) - limit
-    line = make(_shorten(label, len(label) - overflow))
-    if _fits(line, limit):
-        return line
-    return _cut(line, limit)
+        whole = make(label) + suffix
+        if _fits(whole, limit):
+            return whole
+        overflow = len(whole.encode()) - limit
+        short = make(_shorten(label, len(label) - overflow)) + suffix
+        if _fits(short, limit):
+            return short
+    return _cut(make(_shorten(label, MIN_LABEL)), limit)
 
 
 def line(result: CheckResult, single: str | None = None) -> str:

@@ -119,6 +119,7 @@ def to_json_obj(d: Diagnosis) -> dict[str, Any]:
         "evidence": {
             "wrong_source": [wrong_json(w) for w in d.evidence.wrong_source],
             "healthy": d.evidence.healthy,
+            "through_fix": d.evidence.through_fix,
             "unanswered": d.evidence.unanswered,
         },
         "rules": [
@@ -217,20 +218,29 @@ def explain_document(d: Diagnosis) -> dict[str, Any]:
     return {**envelope(d.netns), **to_json_obj(d)}
 
 
-def _answers(healthy: int, unanswered: int) -> str:
+def _answers(d: Diagnosis) -> str:
+    """The evidence's two counts; `unanswered` is the unanswered records' sum (not
+    one-way), split by reason, so that the lines below it add up to it."""
+    ev = d.evidence
+    fixed = f" ({ev.through_fix} through ctfix's fix)" if ev.through_fix else ""
+    why: dict[str, int] = {}
+    for u in d.unanswered:
+        if not u.one_way:
+            why[u.reason] = why.get(u.reason, 0) + u.flows
+    split = ", ".join(f"{reason} {flows}" for reason, flows in why.items())
     return (
-        f"requests answered from the right source: {healthy}; "
-        f"requests without any reply: {unanswered}"
+        f"requests answered from the right source: {ev.healthy}{fixed}; "
+        f"requests without a usable reply: {ev.unanswered}" + (f" ({split})" if split else "")
     )
 
 
 def _unanswered_line(u: UnansweredService) -> str:
-    """`unanswered, no-socket: 12 requests from 3 clients to 198.51.100.13:53`."""
+    """`unanswered, no-socket: 12 requests from 3 client hosts to 198.51.100.13:53`."""
     target = f" (DNAT to {u.target})" if u.target else ""
     tail = ", one-way service: expected" if u.one_way else ""
     return (
         f"unanswered, {u.reason}{tail}: {u.flows} request{'s' if u.flows != 1 else ''} from "
-        f"{u.clients} client{'s' if u.clients != 1 else ''} to {u.service}{target}"
+        f"{u.clients} client host{'s' if u.clients != 1 else ''} to {u.service}{target}"
     )
 
 
@@ -324,10 +334,21 @@ def _headline_tail(d: Diagnosis) -> str:
     """What the verdict alone would hide: an outage, or a port served elsewhere."""
     if d.service_down:
         asked = d.evidence.unanswered
-        return (
-            f" (no wrong-source replies), but NOTHING ANSWERS: no socket on the port, "
-            f"{asked} request{'s' if asked != 1 else ''} without a reply"
+        requests = f"{asked} request{'s' if asked != 1 else ''} without a"
+        if d.verdict == "ok":
+            return (
+                " (no wrong-source replies), but NOTHING ANSWERS: no socket on the port, "
+                f"{requests} reply"
+            )
+        requests += " usable reply"
+        # Broken (or at risk) and gone: netcat exits on the ICMP error its
+        # wrong-source reply brings back.
+        gone = (
+            " (it answered from the wrong source, then went away)"
+            if d.evidence.wrong_source
+            else ""
         )
+        return f", and NOTHING ANSWERS now: no socket on the port{gone}, {requests}"
     if d.forwarded_to and not d.listeners:
         return f" (forwarded by DNAT to {', '.join(d.forwarded_to)})"
     return ""
@@ -405,6 +426,16 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
         rows = [("network", "leaves by", "clients send to", "reply from", "")]
         rows += [_client_cells(cn) for cn in d.clients]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        if w is not None and sum(widths) + 2 * 4 > w:
+            # Too wide for the terminal even without the status: a network per block.
+            for network, leaves, send_to, reply_from, status in rows[1:]:
+                said = f"{network}: leaves by {leaves}, reply from {reply_from}"
+                out.append(_wrap(said, "  ", w, "      "))
+                out.append(_wrap(f"clients send to {send_to}", "      ", w, "        "))
+                if status:
+                    shown = s(status, "red") if status != "ok" else status
+                    out.append(_wrap(shown, "      ", w, "        "))
+            rows = []
         for index, row in enumerate(rows):
             cells = "  " + "  ".join(row[i].ljust(widths[i]) for i in range(4))
             status = s(row[4], "red") if index and row[4] != "ok" else row[4]
@@ -427,7 +458,7 @@ def render_text(d: Diagnosis, style: Style | None = None, width: int | None = No
             out.append(_wrap(line, "  ", w, "      "))
     else:
         out.append(_wrap(_no_wrong_source(d), "  ", w, "      "))
-    out.append(_wrap(_answers(ev.healthy, ev.unanswered), "  ", w, "      "))
+    out.append(_wrap(_answers(d), "  ", w, "      "))
     for stale in d.stale_nat:
         out.append(_wrap(f"{s('stale NAT', 'red')}: {stale_nat_text(stale)}", "  ", w, "      "))
     out += [_wrap(_unanswered_line(u), "  ", w, "      ") for u in d.unanswered]
@@ -494,7 +525,7 @@ def render_markdown(d: Diagnosis) -> str:
         out.append(f"- wrong source: {_wrong_line(w)}")
     if not ev.wrong_source:
         out.append(f"- {_no_wrong_source(d)}")
-    out.append(f"- {_answers(ev.healthy, ev.unanswered)}")
+    out.append(f"- {_answers(d)}")
     out += [f"- stale NAT: {stale_nat_text(stale)}" for stale in d.stale_nat]
     out += [f"- {_unanswered_line(u)}" for u in d.unanswered]
     if any(not u.one_way for u in d.unanswered):

@@ -22,6 +22,7 @@ from ctfix.core.model import FixEffect, WrongSourceReply
 from ctfix.core.plan import Plan, Step, plan_to_dict, step_to_dict
 from ctfix.render.explain import effect_json, wrong_json
 from ctfix.render.jsonout import envelope
+from ctfix.render.width import fill
 
 if TYPE_CHECKING:
     from ctfix.platform.fixstate import RecordedFix, StepStatus
@@ -38,21 +39,34 @@ Effects = Mapping[int, "FixEffect | str"]
 # -- the plan (dry run, and --method bind) --------------------------------------------
 
 
-def plan_text(plan: Plan, netns: str, apply_with: str | None) -> str:
+def _said(text: str, width: int | None, indent: str = "", hang: str = "  ") -> str:
+    """Prose filled at a terminal's width (none: one line, for a pipe)."""
+    return fill(text, width, indent, hang) if width else indent + text
+
+
+def plan_text(plan: Plan, netns: str, apply_with: str | None, width: int | None = None) -> str:
+    """The dry run (or bind's advice); prose fits `width`, commands stay verbatim (to
+    review and paste)."""
+    def said(text: str, indent: str = "", hang: str = "  ") -> str:
+        return _said(text, width, indent, hang)
+
     if plan.method == "bind":
-        out = [f"ctfix fix {plan.port} --method bind: nothing to apply; fix the application"]
-        out += [f"  {line}" for line in plan.advice]
+        out = [said(f"ctfix fix {plan.port} --method bind: nothing to apply; fix the application")]
+        # prose filled; indented lines (commands, snippets, links) as they are
+        out += [f"  {line}" if line[:1] == " " else said(line, "  ", "  ") for line in plan.advice]
         return "\n".join(out) + "\n"
     out = [
-        f"ctfix fix {plan.port} --method {plan.method} (netns {netns}): "
-        f"{len(plan.steps)} step(s), dry run, nothing changed"
+        said(
+            f"ctfix fix {plan.port} --method {plan.method} (netns {netns}): "
+            f"{len(plan.steps)} step(s), dry run, nothing changed"
+        )
     ]
-    out += [f"  warning: {warning}" for warning in plan.warnings]
-    out += [f"  {note}" for note in plan.notes]
-    out += [f"  covers: clients of {target.label}" for target in plan.covers]
+    out += [said(f"warning: {warning}", "  ", "    ") for warning in plan.warnings]
+    out += [said(note, "  ", "    ") for note in plan.notes]
+    out += [said(f"covers: clients of {target.label}", "  ", "    ") for target in plan.covers]
     for number, step in enumerate(plan.steps, 1):
-        out += ["", f"{number}. {step.summary}"]
-        out += [f"   creates: {obj}" for obj in step.creates]
+        out += ["", said(f"{number}. {step.summary}", "", "   ")]
+        out += [said(f"creates: {obj}", "   ", "     ") for obj in step.creates]
         for command in step.commands:
             first, *rest = command.splitlines()
             out.append(f"   $ {first}")
@@ -63,11 +77,16 @@ def plan_text(plan: Plan, netns: str, apply_with: str | None) -> str:
         by = f" by {check.interface}" if check.interface else ""
         out += [
             "",
-            f"after apply, check: a reply to {check.destination}{marked} leaves from "
-            f"{check.source}{by}",
+            said(
+                f"after apply, check: a reply to {check.destination}{marked} leaves from "
+                f"{check.source}{by}"
+            ),
         ]
     if apply_with:
-        out += ["", f"apply with: {apply_with}"]
+        line = f"apply with: {apply_with}"
+        # a command is never broken: it goes under its label when the line is too wide
+        fits = not width or len(line) <= width
+        out += ["", line] if fits else ["", "apply with:", f"  {apply_with}"]
     return "\n".join(out) + "\n"
 
 

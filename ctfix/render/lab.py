@@ -391,8 +391,10 @@ class LabPrinter:
         """`ctfix`: how to run this ctfix from a shell (the command knows)."""
         self._p()
         self._p("The lab is still up (--keep). Enter it with:")
-        for role, ns in (("host", topo.host), ("container", topo.container)):
-            self._p(f"  ip netns exec {ns} bash    # {role}")
+        roles = (("host", topo.host), ("container", topo.container))
+        wide = max(len(ns) for _role, ns in roles)
+        for role, ns in roles:
+            self._p(f"  ip netns exec {ns.ljust(wide)} bash    # {role}")
         self._p("Try it:")
         for line in _try_lines(scenario, topo, port, ctfix):
             self._p(f"  {line}")

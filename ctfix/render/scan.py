@@ -8,14 +8,16 @@ about a port that `ctfix explain PORT` would not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctfix.core.model import Diagnosis, Reason
+from ctfix.core.model import Diagnosis, Reason, Verdict
+from ctfix.core.scan import verdict_counts
 from ctfix.render import explain
 from ctfix.render.jsonout import envelope
 from ctfix.render.stamp import markdown_document
 from ctfix.render.style import Style
+from ctfix.render.width import cut, fill
 
 _WORDS = {"ok": "OK", "at-risk": "AT RISK", "broken": "BROKEN", "unknown": "UNKNOWN"}
 _STYLE = {
@@ -27,7 +29,12 @@ _STYLE = {
 #: per verdict, the reason codes that say best why, in order of preference
 _HEADLINE = {
     "broken": ("wrong-source-live", "wrong-source-seen", "stale-nat"),
-    "at-risk": ("client-network-exposed", "policy-rule-wrong", "nothing-answers"),
+    "at-risk": (
+        "client-network-exposed",
+        "policy-rule-wrong",
+        "answered-through-fix",
+        "nothing-answers",
+    ),
     "unknown": ("not-tracked", "no-conntrack-evidence"),
     "ok": (
         # ok about wrong sources, yet requests went unanswered: that is the news
@@ -38,6 +45,7 @@ _HEADLINE = {
         "observed-right-source",
         "fix-already-in-effect",
         "answers-from-destination",
+        "one-way-service",
         "specific-bind",
         "snat-zone-in-place",
         "history-predates-fix",
@@ -74,25 +82,26 @@ def verdict_word(d: Diagnosis) -> str:
     return "DOWN" if d.service_down else _WORDS[d.verdict]
 
 
-def _counts(diagnoses: Sequence[Diagnosis]) -> dict[str, int]:
-    verdicts = ("broken", "at-risk", "unknown", "ok")
-    return {v: sum(1 for d in diagnoses if d.verdict == v) for v in verdicts}
+def counts_text(counts: Mapping[Verdict, int]) -> str:
+    """`2 broken, 1 at risk, 3 unknown`: the verdicts that have services, worst first."""
+    return ", ".join(f"{n} {_WORDS[v].lower()}" for v, n in counts.items() if n)
 
 
 def _summary(diagnoses: Sequence[Diagnosis], netns: str) -> str:
     if not diagnoses:
         return f"ctfix scan: no UDP service in namespace {netns}"
-    counts = _counts(diagnoses)
-    parts = [f"{n} {'at risk' if v == 'at-risk' else v}" for v, n in counts.items() if n]
     plural = "s" if len(diagnoses) != 1 else ""
     return (
         f"ctfix scan: {len(diagnoses)} UDP service{plural} in namespace {netns}: "
-        + ", ".join(parts)
+        + counts_text(verdict_counts(diagnoses))
     )
 
 
-def service_rows(diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ") -> list[str]:
-    """One aligned line per port: verdict, port, process, the headline reason."""
+def service_rows(
+    diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ", width: int | None = None
+) -> list[str]:
+    """One aligned line per port: verdict, port, process, the headline reason; with a
+    width (a terminal's), the reason is cut to fit (the write-ups say it in full)."""
     verdicts = [verdict_word(d) for d in diagnoses]
     ports = [str(d.port) for d in diagnoses]
     whos = [processes_text(d) for d in diagnoses]
@@ -104,20 +113,23 @@ def service_rows(diagnoses: Sequence[Diagnosis], s: Style, indent: str = "  ") -
         why = headline(d)
         said = f"{why.code}: {_first_sentence(why.text)}" if why else ""
         look = ("red", "bold") if d.service_down else _STYLE[d.verdict]
-        rows.append(
-            f"{indent}{s(verdict.ljust(wide[0]), *look)}  {port.rjust(wide[1])}  "
-            f"{who.ljust(wide[2])}  {said}".rstrip()
-        )
+        lead = f"{port.rjust(wide[1])}  {who.ljust(wide[2])}  "
+        if width is not None:
+            # the verdict's colours take no columns: measure without them
+            said = cut(said, max(0, width - len(indent) - wide[0] - 2 - len(lead)))
+        rows.append(f"{indent}{s(verdict.ljust(wide[0]), *look)}  {lead}{said}".rstrip())
     return rows
 
 
-def write_ups(diagnoses: Sequence[Diagnosis], s: Style) -> list[str]:
-    """explain's write-up of each port that is not ok, each after a rule."""
+def write_ups(diagnoses: Sequence[Diagnosis], s: Style, width: int | None = None) -> list[str]:
+    """explain's write-up of each port that is not ok, each after a rule, wrapped as
+    `ctfix explain PORT` wraps it at `width`."""
     out: list[str] = []
+    rule = "-" * min(72, width or 72)
     for d in diagnoses:
         if d.verdict == "ok" and not d.service_down:
             continue
-        out += ["", "-" * 72, explain.render_text(d, s).rstrip("\n")]
+        out += ["", rule, explain.render_text(d, s, width).rstrip("\n")]
     return out
 
 
@@ -126,15 +138,24 @@ def render_text(
     netns: str,
     style: Style | None = None,
     stamp: str | None = None,
+    width: int | None = None,
 ) -> str:
     """The text report; `stamp` (ctfix.render.stamp) says when and where, under the
-    summary."""
+    summary; `width` (a terminal's): every line fits it (None: a pipe's layout)."""
     s = style or Style(False)
-    out = [_summary(diagnoses, netns)] + ([f"  {stamp}"] if stamp else [])
+    out = [*heading_lines(_summary(diagnoses, netns), width)]
+    out += [*heading_lines(stamp, width, "  ")] if stamp else []
     if not diagnoses:
         return "\n".join(out) + "\n"
-    out += ["", *service_rows(diagnoses, s), *write_ups(diagnoses, s)]
+    out += ["", *service_rows(diagnoses, s, width=width), *write_ups(diagnoses, s, width)]
     return "\n".join(out) + "\n"
+
+
+def heading_lines(text: str, width: int | None, indent: str = "") -> list[str]:
+    """A heading or summary line, filled at width (continuation indented 2 more)."""
+    if width is None:
+        return [indent + text]
+    return fill(text, width, indent, indent + "  ").splitlines()
 
 
 def markdown_cells(cells: Sequence[str]) -> str:
@@ -170,6 +191,6 @@ def scan_document(diagnoses: Sequence[Diagnosis], netns: str) -> dict[str, Any]:
     """`ctfix scan --json`: the envelope, counts, then explain's object per port."""
     return {
         **envelope(netns),
-        "counts": _counts(diagnoses),
+        "counts": verdict_counts(diagnoses),
         "services": [explain.to_json_obj(d) for d in diagnoses],
     }

@@ -17,6 +17,8 @@ from ctfix.render import explain
 from ctfix.render.container import container_json, container_text
 from ctfix.render.jsonout import envelope
 from ctfix.render.scan import (
+    counts_text,
+    heading_lines,
     markdown_cells,
     markdown_why,
     markdown_write_ups,
@@ -27,7 +29,6 @@ from ctfix.render.scan import (
 )
 from ctfix.render.stamp import markdown_document
 from ctfix.render.style import Style
-from ctfix.render.width import fill
 
 #: namespaces without a service are named one by one up to this many
 LIST_QUIET = 20
@@ -39,14 +40,10 @@ def _plural(n: int, word: str) -> str:
 
 def summary(scans: Sequence[NamespaceScan]) -> str:
     services = sum(len(scan.diagnoses) for scan in scans)
-    parts = [
-        f"{n} {'at risk' if verdict == 'at-risk' else verdict}"
-        for verdict, n in counts(scans).items()
-        if n
-    ]
+    said = counts_text(counts(scans))
     return (
         f"{_plural(len(scans), 'network namespace')}, {_plural(services, 'UDP service')}"
-        + (": " + ", ".join(parts) if parts else "")
+        + (": " + said if said else "")
     )
 
 
@@ -82,7 +79,7 @@ def _quiet(scans: Sequence[NamespaceScan], width: int | None) -> list[str]:
     if len(quiet) > LIST_QUIET:
         return [head + " (--json lists them)"]
     said = head + ": " + ", ".join(quiet)
-    return (fill(said, width, hang="  ") if width else said).splitlines()
+    return heading_lines(said, width)
 
 
 def render_text(
@@ -91,18 +88,21 @@ def render_text(
     stamp: str | None = None,
     width: int | None = None,
 ) -> str:
-    """Grouped by namespace; `width` fills the list of quiet namespaces (None: one
-    line, for a pipe)."""
+    """Grouped by namespace; `width` (a terminal's): every line fits it (None: one
+    line each, for a pipe)."""
     s = style or Style(False)
     ordered = worst_first(scans)
-    out = [f"ctfix scan --all-netns: {summary(ordered)}"] + ([f"  {stamp}"] if stamp else [])
+    out = heading_lines(f"ctfix scan --all-netns: {summary(ordered)}", width)
+    out += heading_lines(stamp, width, "  ") if stamp else []
     for scan in ordered:
         if scan.diagnoses:
-            out += ["", s(namespace_heading(scan), "bold"), *service_rows(scan.diagnoses, s)]
-    tail = _quiet(ordered, width) + _skipped_lines(ordered)
+            heading = [s(line, "bold") for line in heading_lines(namespace_heading(scan), width)]
+            out += ["", *heading, *service_rows(scan.diagnoses, s, width=width)]
+    skipped = [line for said in _skipped_lines(ordered) for line in heading_lines(said, width)]
+    tail = _quiet(ordered, width) + skipped
     if tail:
         out += ["", *tail]
-    out += write_ups([d for _scan, d in all_services(ordered)], s)
+    out += write_ups([d for _scan, d in all_services(ordered)], s, width)
     return "\n".join(out) + "\n"
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ctfix.render.style import Style, use_colour
+from ctfix.render.width import fill, terminal_width
 
 #: seconds between two redraws of the status line, at least
 STATUS_EVERY = 0.5
@@ -62,18 +63,6 @@ def status_text(counts: StatusCounts, rate: float) -> str:
     return "ctfix watch: " + ", ".join(parts)
 
 
-def _width(stream: TextIO) -> int:
-    """The terminal's columns ($COLUMNS first, as everywhere in ctfix)."""
-    given = os.environ.get("COLUMNS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        columns = 0
-    return columns or 80  # a terminal that says 0 columns has not said
-
-
 class Console:
     """Notes, warnings and the status line, all on one stream (stderr)."""
 
@@ -87,8 +76,11 @@ class Console:
         self._next = 0.0
 
     def note(self, text: str) -> None:
+        """One note, filled at the terminal's width (one line on a pipe)."""
         self.clear()
-        print(f"{self.prefix}: {text}", file=self.stream, flush=True)
+        line = f"{self.prefix}: {text}"
+        width = terminal_width(self.stream)
+        print(fill(line, width, "", "  ") if width else line, file=self.stream, flush=True)
 
     def warn(self, text: str) -> None:
         self.note(f"warning: {text}")
@@ -113,7 +105,7 @@ class Console:
         if self._last is not None and mono > self._last[0]:
             rate = max(0, counts.events - self._last[1]) / (mono - self._last[0])
         self._last = (mono, counts.events)
-        width = _width(self.stream)
+        width = terminal_width(self.stream) or 80
         text = status_text(counts, rate)[: max(1, width - 1)]  # never wraps
         self.stream.write(_ERASE + self.style(text, "dim"))
         self.stream.flush()

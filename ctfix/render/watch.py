@@ -335,13 +335,11 @@ class WatchRenderer:
         if not self.json:
             before = utc_timestamp(self.started) if self.started is not None else "start-up"
             where = f" of {self.netns}" if self.tagged else ""
-            self._write(
-                self.style(
-                    f"Already in the conntrack table{where} before {before} (history, not "
-                    "news; not counted as findings):",
-                    "bold",
-                )
+            heading = self._fit(
+                f"Already in the conntrack table{where} before {before} (history, not "
+                "news; not counted as findings):"
             )
+            self._write(self.style(heading, "bold"))
         for finding in findings:
             self.finding(finding, container=container_of(finding) if container_of else None)
 
@@ -443,7 +441,7 @@ class WatchRenderer:
             head = f"summary of {_plural(spaces['watched'], 'namespace')}"
             more = [f"{spaces[k]} {k}" for k in ("gone", "unwatched", "failed") if spaces[k]]
             head += f" ({', '.join(more)})" if more else ""
-        self._write(f"{head}: {', '.join(counts)}")
+        self._write(self._fit(f"{head}: {', '.join(counts)}"))
 
 
 _FAMILY_WORDS = {"ipv4": "IPv4", "ipv6": "IPv6"}

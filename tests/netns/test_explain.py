@@ -269,7 +269,9 @@ def socat_cat(topo: Topology, port: int = PORT) -> None:
 def test_two_clients_answered_from_the_wrong_source_are_two_not_one_unanswered(
     lab4: Topology,
 ) -> None:
-    """QA P2.5: two clients, two wrong-source replies; neither is 'without any reply'."""
+    """QA P2.5: two clients, two wrong-source replies; both are requests without a
+    usable reply, counted once: `evidence.unanswered` is the unanswered records' count
+    (round 4 F1), and each is `wrong-source`, none `no-reply`."""
     socat_cat(lab4)
     first, second = (udp_exchange(lab4.container, UPLINK_V4, PORT, timeout=0.5) for _ in "12")
     assert not first.answered and not second.answered
@@ -282,7 +284,8 @@ def test_two_clients_answered_from_the_wrong_source_are_two_not_one_unanswered(
     )
     assert (wrong["count"], wrong["clients"]) == (2, 2)
     assert wrong["client_network"] == CONTAINER_NET_V4
-    assert result["evidence"]["unanswered"] == 0
+    assert [(u["reason"], u["flows"]) for u in result["unanswered"]] == [("wrong-source", 2)]
+    assert result["evidence"]["unanswered"] == 2
 
 
 def test_after_a_working_snat_zone_fix_no_client_is_the_server_itself(

@@ -260,6 +260,12 @@ def test_snat_zone_fixes_clients_of_both_addresses(broken_lab: Topology) -> None
     status = ctfix_fix(topo, "--status", "--json")
     [fix] = schema2(json.loads(status.stdout), topo)["fixes"]
     assert fix["method"] == "snat-zone" and fix["complete"]
+    # --status PORT (QA F5: the runbook's `ctfix fix P --status`) narrows it to the port
+    mine = ctfix_fix(topo, "--status", str(PORT), "--json")
+    [only] = json.loads(mine.stdout)["fixes"]
+    assert mine.returncode == 0 and (only["port"], only["steps"]) == (PORT, fix["steps"])
+    other = ctfix_fix(topo, "--status", str(PORT + 1), "--json")
+    assert other.returncode == 0 and json.loads(other.stdout)["fixes"] == []
     assert all(step["present"] for step in fix["steps"])
     text = ctfix_fix(topo, "--status")
     assert text.returncode == 0 and "applied" in text.stdout

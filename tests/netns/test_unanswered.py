@@ -376,6 +376,12 @@ def test_explain_gives_the_same_reasons_from_the_table(tmp_path: Path) -> None:
     assert codes(down) == ["unanswered-no-socket"]
     assert down["service_down"] is True
     assert codes(syslog) == ["unanswered-one-way"]
+    # QA F13: its program is named one-way, not "answers from the destination"; QA F1:
+    # one count of requests without a usable reply, the records' (one-way apart).
+    every = {r["code"] for r in syslog["reasons"]}
+    assert "one-way-service" in every and "answers-from-destination" not in every
+    assert (syslog["evidence"]["unanswered"], silent["evidence"]["unanswered"]) == (0, 1)
+    assert down["evidence"]["unanswered"] == 1
     assert [(u["reason"], u["one_way"], u["flows"]) for u in syslog["unanswered"]] == [
         ("no-reply", True, 3)
     ]

@@ -137,11 +137,26 @@ def test_a_long_namespace_is_shortened_in_its_middle_before_the_addresses_go() -
     assert "..." in text
 
 
-def test_fit_drops_the_count_of_others_first() -> None:
+def test_the_namespace_is_shortened_before_the_count_of_others_goes() -> None:
+    """QA F8: an `ip netns` name of 19 characters lost "(+3 more)", and the Node
+    condition read as if this were the only problem."""
+    label = "ctfix-69723a62-host"
+    problems = [scan(label, broken(56789, label))] + [
+        scan(f"b{i}", broken(i, f"b{i}")) for i in range(1, 4)
+    ]
+    text = line(judge(problems))
+    assert text.endswith(" (+3 more)") and len(text.encode()) <= MAX_LINE, text
+    assert "198.51.100.13 -> 192.0.2.1" in text  # the addresses stay too
+    assert "ctfix-" in text and "-host:" in text and "..." in text and label not in text
+
     def make(label: str) -> str:
         return f"UDP 1 in {label}: x"
 
-    assert fit(make, "n" * 60, " (+2 more)") == make("n" * 60)
+    # a label too long to make room at MIN_LABEL: the count goes, the label shortened
+    squeezed = fit(make, "n" * 60, " (+2 more)", limit=30)
+    assert "..." in squeezed and "more" not in squeezed and len(squeezed) == 30
+    shortened = fit(make, "n" * 60, " (+2 more)")
+    assert shortened.endswith(": x (+2 more)") and "..." in shortened and len(shortened) == 79
     assert fit(make, "n", " (+2 more)") == make("n") + " (+2 more)"
     assert error_line("e" * 200).endswith("...") and len(error_line("e" * 200)) == MAX_LINE
 

@@ -311,7 +311,10 @@ def test_working_snat_zone_rules_make_the_networks_ok() -> None:
 # -- evidence counts and pairing (QA P2.3, P2.5) ------------------------------------------
 
 
-def test_two_clients_with_wrong_source_replies_are_two_and_none_is_unanswered() -> None:
+def test_two_clients_with_wrong_source_replies_are_two_and_one_count_of_unanswered() -> None:
+    """QA F1: evidence.unanswered is the unanswered records' count (a refused
+    wrong-source reply is no usable reply), never 0 beside them; F2: the wrong-source
+    record counts client ports, the unanswered one client hosts."""
     flows = (
         request(UPLINK, cport=57589),
         reply_from(BRIDGE, cport=57589),
@@ -322,11 +325,14 @@ def test_two_clients_with_wrong_source_replies_are_two_and_none_is_unanswered() 
     d = diagnose(snapshot(NC, flows=flows))
     [wrong] = d.evidence.wrong_source
     assert (wrong.count, wrong.clients, wrong.client_network) == (2, 2, "192.0.2.0/24")
-    assert d.evidence.unanswered == 1
+    document = to_json_obj(d)
+    by_reason = {u["reason"]: u["flows"] for u in document["unanswered"]}
+    assert by_reason == {"wrong-source": 2, "no-reply": 1}
+    assert document["evidence"]["unanswered"] == 3 == sum(by_reason.values())
     text = render_text(d)
-    assert f"2 replies to 2 clients in 192.0.2.0/24, latest {wrong.client}" in text
-    assert "requests without any reply: 1" in text
-    assert to_json_obj(d)["evidence"]["wrong_source"][0]["clients"] == 2
+    assert f"2 replies to 2 client ports in 192.0.2.0/24, latest {wrong.client}" in text
+    assert "from 1 client host to" in text
+    assert document["evidence"]["wrong_source"][0]["clients"] == 2
 
 
 def test_after_a_working_snat_zone_fix_the_zoned_replies_are_answers_not_evidence() -> None:

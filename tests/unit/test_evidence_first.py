@@ -373,6 +373,30 @@ def test_blind_with_a_prediction_of_risk_stays_at_risk_and_a_bound_socket_ok() -
     )
 
 
+# -- a documented first-request caveat (QA F18) -------------------------------------------
+
+
+def test_one_wrong_reply_of_a_program_with_a_first_reply_caveat_is_that_caveat() -> None:
+    kb = rules_files.load(None, builtin=True)
+    tftpd = replace(NC, process="in.tftpd", cmdline=("/usr/sbin/in.tftpd", "-L", "-s", "/srv"))
+    one = (request(UPLINK, cport=1), reply(BRIDGE, cport=1))
+    d = diagnose(snapshot(tftpd, flows=one), kb)
+    codes = [r.code for r in d.reasons]
+    assert "first-reply-caveat" in codes and "knowledge-base-contradicted" not in codes
+    assert d.verdict == "ok" and len(d.evidence.wrong_source) == 1
+    # A second wrong reply is more than the caveat: the evidence wins.
+    two = (*one, request(UPLINK, cport=2), reply(BRIDGE, cport=2))
+    d = diagnose(snapshot(tftpd, flows=two), kb)
+    codes = [r.code for r in d.reasons]
+    assert "knowledge-base-contradicted" in codes and "first-reply-caveat" not in codes
+    assert d.verdict == "broken"
+    # atftpd's entry documents no such caveat: its one wrong reply contradicts it.
+    atftpd = replace(NC, process="atftpd", cmdline=("/usr/sbin/atftpd", "/srv"))
+    d = diagnose(snapshot(atftpd, flows=one), kb)
+    assert "knowledge-base-contradicted" in [r.code for r in d.reasons]
+    assert d.verdict == "broken"
+
+
 # -- the decoder: CTA_TIMESTAMP --------------------------------------------------------
 
 

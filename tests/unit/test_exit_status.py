@@ -34,7 +34,6 @@ def ctfix(*argv: str) -> subprocess.CompletedProcess[str]:
         ("fix", "--revert", "--rules", "/tmp"),
         ("fix", "--status", "--method", "bind"),
         ("fix", "--status", "--force"),
-        ("fix", "--status", "5000"),
         ("fix", "5000", "--method", "snat-zone", "--json", "--netns", "/nonexistent", "--status"),
         ("fix", "5000", "--method", "bind", "--force"),
         ("fix", "--revert", "--listen", "3"),

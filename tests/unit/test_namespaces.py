@@ -89,30 +89,35 @@ def scans() -> list[NamespaceScan]:
             (diagnosis(5353, "web", "broken"), diagnosis(123, "web", "ok")),
         ),
         NamespaceScan("blue", "blue", "ip-netns", 3, None, (diagnosis(67, "blue", "at-risk"),)),
+        NamespaceScan("dark", "dark", "ip-netns", 6, None, (diagnosis(69, "dark", "unknown"),)),
         NamespaceScan("empty", "empty", "ip-netns", 4),
         NamespaceScan("went", "went", "ip-netns", 5, skipped="gone during the scan", gone=True),
     ]
 
 
 def test_namespaces_worst_first_and_services_worst_first_overall() -> None:
-    assert [s.netns for s in worst_first(scans())] == ["web", "blue", "host", "empty", "went"]
+    order = ["web", "blue", "dark", "host", "empty", "went"]
+    assert [s.netns for s in worst_first(scans())] == order
     pairs = [(scan.netns, d.port) for scan, d in all_services(scans())]
-    assert pairs == [("web", 5353), ("blue", 67), ("web", 123), ("host", 53)]
+    assert pairs == [("web", 5353), ("blue", 67), ("dark", 69), ("web", 123), ("host", 53)]
 
 
 def test_json_services_carry_their_namespace_and_container_and_the_index_lists_all() -> None:
     document = json.loads(json.dumps(scan_all.scan_document(scans())))
     assert document["schema"] == 2 and document["all_netns"] is True
-    assert document["counts"] == {"broken": 1, "at-risk": 1, "ok": 2}
+    # unknown services (ctfix cannot see) are counted as scan counts them (F17)
+    assert document["counts"] == {"broken": 1, "at-risk": 1, "unknown": 1, "ok": 2}
+    assert sum(document["counts"].values()) == len(document["services"])
     services = document["services"]
     assert [(s["netns"], s["port"]) for s in services][:2] == [("web", 5353), ("blue", 67)]
     assert services[0]["netns_container"]["name"] == "web"
     assert services[1]["netns_container"] is None
     index = {ns["netns"]: ns for ns in document["namespaces"]}
-    assert set(index) == {"host", "web", "blue", "empty", "went"}
+    assert set(index) == {"host", "web", "blue", "dark", "empty", "went"}
     assert index["went"]["gone"] is True and index["went"]["skipped"]
     assert index["web"]["container"]["engine"] == "docker"
-    assert index["web"]["counts"] == {"broken": 1, "at-risk": 0, "ok": 1}
+    assert index["web"]["counts"] == {"broken": 1, "at-risk": 0, "unknown": 0, "ok": 1}
+    assert index["dark"]["counts"]["unknown"] == 1
 
 
 def test_text_groups_services_under_their_namespace_worst_namespace_first() -> None:
@@ -120,7 +125,8 @@ def test_text_groups_services_under_their_namespace_worst_namespace_first() -> N
     lines = text.splitlines()
     assert lines[1].strip() == "STAMP"
     headings = [line.split(":")[0] for line in lines if line.startswith("namespace ")]
-    assert headings == ["namespace web", "namespace blue", "namespace host"]
+    assert headings == ["namespace web", "namespace blue", "namespace dark", "namespace host"]
+    assert "1 unknown" in lines[0]  # the headline counts what ctfix cannot see
     web = lines.index(next(line for line in lines if line.startswith("namespace web")))
     assert "5353" in lines[web + 1] and "123" in lines[web + 2]
     assert any("went" in line and line.startswith("skipped") for line in lines)

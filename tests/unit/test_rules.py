@@ -452,3 +452,9 @@ def test_new_optional_fields_are_validated() -> None:
         parse(base + "    affected_when_wildcard: true\n    fixed_in: 2.10\n", "x.yaml")
     with pytest.raises(RuleError, match="one_way service never replies"):
         parse(base + "    affected_when_wildcard: true\n    one_way: true\n", "x.yaml")
+    # A first-reply caveat belongs to a program that otherwise answers right.
+    first = "    wrong_first_reply: true\n"
+    caveat = parse(base + "    affected_when_wildcard: false\n" + first, "x.yaml")
+    assert caveat[0].wrong_first_reply
+    with pytest.raises(RuleError, match="'wrong_first_reply' is a caveat"):
+        parse(base + "    affected_when_wildcard: true\n    wrong_first_reply: true\n", "x.yaml")

@@ -18,6 +18,7 @@ from ctfix.core.detectors.unanswered import (
     UnansweredFinding,
     dropping_rules,
 )
+from ctfix.core.detectors.unanswered_words import unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceDetector, WrongSourceFinding
 from ctfix.core.diagnosis import diagnose
 from ctfix.core.model import Listener, NetfilterBackend
@@ -149,6 +150,11 @@ def test_a_stale_nat_target_comes_first() -> None:
     entry = flow("192.0.2.3", 40000, "198.51.100.200", 53, reply_src="203.0.113.50")
     found = only(d.feed(ended(entry), 1.0))
     assert (found.reason, found.target) == ("stale-nat", "203.0.113.50:53")
+    # QA F10: ctfix knows the rules no longer name the old target, not whether it
+    # serves (often another host), nor whether one-way senders expected a reply.
+    text = unanswered_text(found)
+    assert "no longer name" in text and "no longer serves" not in text
+    assert "got no reply" not in text
 
 
 def test_a_dnat_to_another_host_that_never_answered_is_no_reply_with_its_target() -> None:
@@ -392,3 +398,20 @@ def test_a_timed_watch_exits_1_for_problems_and_not_for_one_way_flows() -> None:
     assert exit_status([syslog], stopped_by_duration=True) == 0
     assert exit_status([syslog, down], stopped_by_duration=True) == 1
     assert exit_status([syslog, down], stopped_by_duration=False) == 0  # Ctrl-C, SIGTERM
+
+
+def test_a_request_answered_through_the_fix_is_answered_when_both_ended_during_listen() -> None:
+    """QA F8: the request's zone-0 entry stays unreplied, the reply lives in ctfix's
+    zone; during --listen both can end (the reply's DESTROY is an unreplied entry of
+    another port): the request was answered, not `no-reply`."""
+    server = Listener("0.0.0.0", 7000, "ipv4", "listening", pid=9, process="python3")
+    request = flow("192.0.2.3", 40000, "198.51.100.13", 7000)
+    zoned = CtEntry(
+        CtTuple("192.0.2.1", "192.0.2.3", 7000, 40000, 17, socket.AF_INET),
+        CtTuple("192.0.2.3", "198.51.100.13", 40000, 7000, 17, socket.AF_INET),  # SNAT'd
+        zone=51185,
+    )
+    d = diagnose(
+        _snapshot(7000, server, ended_unreplied=(request, zoned), listened_seconds=3.0), KB
+    )
+    assert d.unanswered == () and d.evidence.unanswered == 0

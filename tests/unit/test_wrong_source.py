@@ -197,7 +197,7 @@ def test_an_icmp_read_before_the_reply_of_a_known_finding_prints_a_confirmed_lin
     assert len(lines) == 2, lines
     assert " WRONG SOURCE " in lines[0] and "confirmed" not in lines[0]
     assert " CONFIRMED " in lines[1] and "(address mismatch, local, confirmed)" in lines[1]
-    assert "2 replies to 2 clients in 192.0.2.0/24, latest 192.0.2.4:4001" in lines[1]
+    assert "2 replies to 2 client ports in 192.0.2.0/24, latest 192.0.2.4:4001" in lines[1]
 
 
 def test_multicast_is_never_a_request_even_without_local_addresses() -> None:

@@ -14,18 +14,21 @@ _WHY: dict[UnansweredReason, str] = {
     "application did not answer, or a rule dropped or untracked its replies)",
     "wrong-source": "the server answered from the wrong source address, which the "
     "clients refused (see the wrong-source findings)",
-    "stale-nat": "a stale DNAT entry sent them to {where}, which no longer serves it",
+    # What ctfix knows is the rules, not whether the old backend (often on another
+    # host) still serves, nor whether these clients expect a reply (syslog does not).
+    "stale-nat": "a stale DNAT entry sent them to {where}, which the rules no longer name",
 }
 
 
 def unanswered_text(finding: UnansweredFinding) -> str:
     """One finding in words, the same in watch and explain.
 
-    `12 requests from 3 clients to 198.51.100.13:5353 got no reply: nothing was bound
+    `12 requests from 3 client hosts to 198.51.100.13:5353 got no reply: nothing was bound
     to 198.51.100.13:5353 (the host's ICMP port unreachable was seen)`.
     """
     flows = f"{finding.flows} request{'s' if finding.flows != 1 else ''}"
-    clients = f"{finding.clients} client{'s' if finding.clients != 1 else ''}"
+    # Client hosts (addresses), where a wrong-source record counts client ports.
+    clients = f"{finding.clients} client host{'s' if finding.clients != 1 else ''}"
     head = f"{flows} from {clients} to {finding.service}"
     where = finding.target or finding.service
     if finding.target:
@@ -37,7 +40,10 @@ def unanswered_text(finding: UnansweredFinding) -> str:
             "base) and never answers"
         )
     holder = f"a socket of {finding.program}" if finding.program else "a socket"
-    text = f"{head} got no reply: " + _WHY[finding.reason].format(where=where, holder=holder)
+    why = _WHY[finding.reason].format(where=where, holder=holder)
+    # Stale NAT: the requests went astray, answered or not (one-way traffic never is).
+    got = "" if finding.reason == "stale-nat" else " got no reply"
+    text = f"{head}{got}: {why}"
     if finding.reason == "no-reply" and finding.target and finding.program is None:
         text = f"{head} got no reply: {where} never answered"
     if finding.confirmed:

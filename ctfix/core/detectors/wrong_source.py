@@ -44,7 +44,9 @@ Know before changing (over 500 lines on purpose: the matching rule has two entri
 - Zones: requests and replies are matched across conntrack zones. The snat-zone
   remedy puts replies in another zone on purpose, and its SNAT makes the reply leave
   from the right source; because the actual source is taken after the reply's own
-  NAT, a fixed service is not reported. The price: two clients with the same address
+  NAT, a fixed service is not reported. Such an answer is the remedy's, not the
+  server's (`through_fix`, by ctfix.core.zones): explain never credits it to the
+  server. The price: two clients with the same address
   and port in different zones at the same moment (overlapping address spaces) can be
   confused.
 - Time: callers pass `now` (seconds, time.time()); entries expire after the
@@ -94,6 +96,7 @@ from ctfix.core.detectors import UDP_TIMEOUT, Change
 from ctfix.core.detectors.flows import is_request
 from ctfix.core.detectors.wrong_source_snapshot import WrongSourceSnapshot
 from ctfix.core.model import Family, Mismatch
+from ctfix.core.zones import is_fix_zone
 
 #: How long a wrong-source pair is remembered: to confirm it by ICMP, and not to count
 #: it twice when a resync dump shows it again.
@@ -227,6 +230,10 @@ class WrongSourceDetector:
         # client (addr, port) -> True when a new entry answered it from the wrong
         # source, False when from the right one (the snat-zone remedy's zoned reply).
         self.answered: dict[tuple[str, int], bool] | None = {} if track_answers else None
+        #: track_answers: the clients answered from the right source by an entry in one
+        #: of ctfix's own zones (ctfix.core.zones): the snat-zone remedy's work, not the
+        #: server's, whether or not the remedy is still in place
+        self.through_fix: set[tuple[str, int]] = set()
         self.stats = Stats()
         self._epoch: float | None = None
         # client (packed addr + port) -> expected(18|6) + service + client + deadline
@@ -580,6 +587,8 @@ class WrongSourceDetector:
                 mismatch = None
         if self.answered is not None:
             self.answered[client] = self.answered.get(client, False) or mismatch is not None
+            if mismatch is None and is_fix_zone(entry.zone):
+                self.through_fix.add(client)
         if mismatch is None:
             self._answered((orig.dst, orig.dport), now, wrong=False)
             return None

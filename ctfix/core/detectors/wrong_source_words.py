@@ -17,12 +17,15 @@ def _plural(count: int, word: str, words: str) -> str:
 
 
 def replies_text(count: int, clients: int, network: str | None, latest: str) -> str:
-    """ "1 reply to C", "3 replies to C", "2 replies to 2 clients in NET, latest C"."""
+    """ "1 reply to C", "3 replies to C", "2 replies to 2 client ports in NET, latest C".
+
+    `clients` counts client ports (address:port as the server saw them), where an
+    unanswered record counts client hosts: the words say which."""
     replies = _plural(count, "reply", "replies")
     if clients <= 1 or count <= 1:
         return f"{replies} to {latest}"
     where = f" in {network}" if network else ""
-    return f"{replies} to {clients} clients{where}, latest {latest}"
+    return f"{replies} to {clients} client ports{where}, latest {latest}"
 
 
 class WrongSourceRecord(Protocol):
@@ -54,7 +57,7 @@ def wrong_source_text(
     """One wrong-source finding in words, the same in watch and explain.
 
     `198.51.100.13:53 answered from 192.0.2.1:53 (address mismatch, local): 2 replies
-    to 2 clients in 192.0.2.0/24, latest 192.0.2.3:40000`; "instead of E" is added when
+    to 2 client ports in 192.0.2.0/24, latest 192.0.2.3:40000`; "instead of E" is added when
     the expected source is not the service (DNAT). `actual_source`: the record's, as
     the caller wants it shown (watch colours it). A program that answers from other
     ports by design (TFTP) says so: its actual source is an address alone.

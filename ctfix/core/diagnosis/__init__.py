@@ -32,7 +32,9 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
 * *Predicted source*: the kernel's answer to `ip route get CLIENT ipproto udp sport
   PORT` for a client in the network (a seen client, else a probe address in it).
 * *Evidence beats prediction*: a request conntrack shows answered from the right
-  source makes its address fine for its network; one answered from an address that
+  source (by the server: a reply the snat-zone fix rewrote in one of ctfix's zones,
+  ctfix.core.zones, is the fix's, also after a revert) makes its address fine for its
+  network; one answered from an address that
   routing would not pick (and no rewrite or specific bind explains) proves that the
   program chooses its source: its family is not exposed (`observed-right-source`).
 * A network is *ok* when each address it addresses or has on-link would be answered
@@ -59,21 +61,25 @@ Definitions (the contract of `ctfix explain`; keep this docstring in step with t
   client's network now gives that address. Such a recorded reply predates the change
   and is reported as such, unless conntrack dates it after the fix ctfix recorded
   (then the fix is *ineffective* for it); one seen live (`--listen`) is never
-  discounted. Else `at-risk` when some client network is not ok, or the recorded fix
-  misses a forwarded service; else `unknown` when a blind family is served by a
+  discounted. The one wrong-source reply per family of a program whose knowledge-base
+  entry documents it (`wrong_first_reply`: the first request after it starts) does
+  not make it `broken` either. Else `at-risk` when some client network is not ok, or
+  the recorded fix misses a forwarded service; else `unknown` when a blind family is served by a
   wildcard socket (only a specific bind is right without evidence; a knowledge-base
   claim or a routing prediction could be contradicted by evidence that cannot
   exist); else `ok`.
   Also `broken` when conntrack holds stale NAT entries of the port (clients still sent
   to a target the DNAT rules no longer name; `stale`), whatever the rest says.
 * *Service down*: nothing bound, no DNAT forwarding the port elsewhere (on the host,
-  or to the backends the NAT rules name for its clients), and requests without any
-  reply. The verdict (about wrong sources) stays `ok`;
-  the headline, the reasons and the exit status (1) say it.
+  or to the backends the NAT rules name for its clients), and requests without a
+  usable reply. The verdict (about wrong sources) is what it is (`ok`, or `broken` for
+  a server gone after wrong-source replies); the headline, the reasons and the exit
+  status (1) say it.
 * *Unanswered*: the port's requests that got no reply, per service and reason
   (no-socket, no-reply, wrong-source, stale-nat; one-way services apart), as watch
-  classifies them (`unanswered`). Reasons only: neither the verdict nor the exit
-  status changes for them.
+  classifies them (`unanswered`); `evidence.unanswered` is their count (one-way apart),
+  the one count of requests without a usable reply. Reasons only: neither the verdict
+  nor the exit status changes for them.
 
 The parts, each one idea: `requests` (which requests and addresses exist),
 `listeners` (who listens; knowledge-base recognition), `evidence` (what conntrack
@@ -93,6 +99,7 @@ testable by hand.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import endpoint, family_name, parse_endpoint, unmap
@@ -152,9 +159,11 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
         )
 
     shown = evidence.gather(snapshot, asked, local, other_port)
-    caught: set[Family] = {
-        family_name(unmap(parse_endpoint(w.client)[0])) for w in shown.wrong_source
-    }
+    replies: dict[Family, int] = {}
+    for w in shown.wrong_source:
+        family = family_name(unmap(parse_endpoint(w.client)[0]))
+        replies[family] = replies.get(family, 0) + w.count
+    caught = set(replies)
     rewritten = netfilter.rewrites(port, snapshot.netfilter)
     chosen = {
         f: text
@@ -164,20 +173,23 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     configs: dict[int, dict[str, str]] = {}
     for config in snapshot.config_files:
         configs.setdefault(config.pid, {})[config.path] = config.text
-    listening = listeners.judge(snapshot.listeners, kb, port, caught, chosen, configs)
+    listening = listeners.judge(snapshot.listeners, kb, port, caught, chosen, configs, replies)
     clients = exposure.client_networks(snapshot, asked, listening, rewritten, shown)
     blind = blindness.blind_families(snapshot, listening)
     forwards = forwarded_to(port, snapshot.netfilter, snapshot.flows, local)
     paths = dnat_paths(snapshot.nat_rules, port) if snapshot.nat_rules is not None else ()
     behind = forwarding.forwarded_services(port, paths, snapshot.flows, local)
     rules = netfilter.rule_hits(snapshot.netfilter)
-    present = evidence.split_history(shown, snapshot, rewritten)
+    present = evidence.split_history(shown, snapshot, rewritten, listening.caveat)
     fixed = effect.fix_effect(snapshot, shown, behind, listening.exposed)
 
     # Who is on the port, what reaches it, what conntrack shows, who is exposed, what
     # the rules do: in the order an expert would say it.
     reasons: list[Reason] = []
     pinned = stale.stale_nat(snapshot)
+    silent = unanswered.findings(snapshot, kb, local, stale=pinned.findings, other_port=other_port)
+    # One count of requests without a usable reply: the unanswered records' (not one-way).
+    shown = replace(shown, unanswered=sum(f.flows for f in silent if not f.one_way))
     away = pinned.backends and not forwards  # DNAT'd to backends elsewhere
     if not snapshot.listeners:
         reasons.append(
@@ -200,8 +212,8 @@ def diagnose(snapshot: Snapshot, kb: KnowledgeBase | None = None) -> Diagnosis:
     reasons += forwarding.forwarding_reasons(behind)
     reasons += blindness.blindness_reasons(snapshot, blind)
     reasons += evidence.evidence_reasons(shown, snapshot)
+    reasons += evidence.through_fix_reasons(shown, rewritten)
     reasons += pinned.reasons
-    silent = unanswered.findings(snapshot, kb, local, stale=pinned.findings)
     reasons += unanswered.unanswered_reasons(silent, snapshot.listened_seconds)
     reasons += exposure.exposure_reasons(clients, snapshot, shown, listening, rewritten)
     reasons += netfilter.netfilter_reasons(rewritten, rules)

@@ -56,6 +56,17 @@ def judged_blind(snapshot: Snapshot, listening: Listening, blind: list[Family]) 
     )
 
 
+#: Shell commands that switch conntrack on for both families in a namespace, whatever
+#: its ruleset (even none: a table of their own, not an `inet filter` that may not
+#: exist), and undo it. tests/netns/test_evidence_qa.py runs them in an empty one.
+TRACKING_ON = (
+    "nft add table inet conntrack_on; nft add chain inet conntrack_on pre "
+    "'{ type filter hook prerouting priority 0; }'; nft add rule inet conntrack_on pre "
+    "ct state new accept"
+)
+TRACKING_OFF = "nft delete table inet conntrack_on"
+
+
 def blindness_reasons(snapshot: Snapshot, blind: list[Family]) -> list[Reason]:
     reasons: list[Reason] = []
     if blind:
@@ -67,8 +78,9 @@ def blindness_reasons(snapshot: Snapshot, blind: list[Family]) -> list[Reason]:
                 "it): no request and no reply can show in the table, so there is no "
                 f"evidence either way, and a clean table proves nothing. To see: `ctfix "
                 f"explain {snapshot.port} --listen 30` (switches tracking on while it "
-                "listens) or `ctfix watch --track`; or load a rule that needs conntrack "
-                "(e.g. `nft add rule inet filter input ct state new accept`).",
+                "listens) or `ctfix watch --track`; or, to keep it on, load a rule that "
+                f"needs conntrack, which works on an empty ruleset too: `{TRACKING_ON}` "
+                f"(and `{TRACKING_OFF}` to undo it).",
             )
         )
     if snapshot.tracking_switched_on:

@@ -25,7 +25,9 @@ ReasonCode = Literal[
     "wildcard-socket",
     "specific-bind",
     "answers-from-destination",
+    "one-way-service",
     "knowledge-base-contradicted",
+    "first-reply-caveat",
     "observed-right-source",
     "fix-already-in-effect",
     # evidence
@@ -33,6 +35,7 @@ ReasonCode = Literal[
     "wrong-source-live",
     "nothing-seen-live",
     "history-predates-fix",
+    "answered-through-fix",
     "no-conntrack-evidence",
     # stale NAT: entries the DNAT rules no longer send where they go
     "stale-nat",

@@ -12,10 +12,10 @@ happened during this run and is never discounted.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
-from ctfix.core.addr import parse_endpoint, unmap
+from ctfix.core.addr import family_name, parse_endpoint, unmap
 from ctfix.core.clientnet import ClientNetworks
 from ctfix.core.decode import CtEntry
 from ctfix.core.detectors.wrong_source import (
@@ -26,8 +26,9 @@ from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.diagnosis.codes import reason
 from ctfix.core.diagnosis.netfilter import Rewrites
 from ctfix.core.diagnosis.requests import Request, client_networks_of, newest_last
-from ctfix.core.model import Evidence, Reason, WrongSourceReply
+from ctfix.core.model import Evidence, Family, Reason, WrongSourceReply
 from ctfix.core.snapshot import Snapshot
+from ctfix.core.zones import CT_ZONE
 
 MAIN_TABLE = 254
 
@@ -83,10 +84,12 @@ def gather(
     (ctfix.core.detectors.wrong_source), so the server's own outgoing flows, including
     the snat-zone remedy's zoned replies, are never paired as client and reply. A
     request is answered when its entry saw a reply, or when another entry answered its
-    client: a wrong-source reply (counted in `wrong_source`, not as unanswered), a
-    zoned reply that left from the right source, or, for a program that answers from
-    other ports by design (`other_port`), a reply from the addressed address and a new
-    port (healthy). Client networks are ctfix.core.clientnet's, as in watch.
+    client: a wrong-source reply (counted in `wrong_source`), a zoned reply that left
+    from the right source (healthy, and `through_fix` when the zone is ctfix's: the
+    remedy's answer, never in `right_answers`, which show the server's own), or, for a
+    program that answers from other ports by design (`other_port`), a reply from the
+    addressed address and a new port (healthy). Client networks are
+    ctfix.core.clientnet's, as in watch.
     """
     networks = client_networks_of(snapshot.addresses)
     detector = WrongSourceDetector(
@@ -113,19 +116,22 @@ def gather(
         elif live.last_seen is not None:  # what --listen saw is the latest
             merged[key] = replace(merged[key], last_seen=live.last_seen)
     wrong = tuple(sorted(merged.values(), key=lambda w: (w.service, w.actual_source, w.client)))
-    healthy = unanswered = 0
+    healthy = through_fix = 0
     right: list[tuple[str, str]] = []
     for r in requests:
         wrongly = answered.get((r.client, r.client_port))
         if r.replied or wrongly is False:
             healthy += 1
-            right.append((r.client, r.addressed))
-        elif wrongly is None:
-            unanswered += 1
+            if not r.replied and (r.client, r.client_port) in detector.through_fix:
+                through_fix += 1  # the remedy's answer: it shows nothing of the server
+            else:
+                right.append((r.client, r.addressed))
+    # `unanswered` is the unanswered records' count (ctfix.core.diagnosis.unanswered),
+    # filled in by diagnose(): one count of requests without a usable reply.
     return Evidence(
         wrong_source=wrong,
         healthy=healthy,
-        unanswered=unanswered,
+        through_fix=through_fix,
         right_answers=tuple(dict.fromkeys(right)),
     )
 
@@ -180,6 +186,26 @@ def _remedy_for(
 
 
 
+def through_fix_reasons(evidence: Evidence, rewritten: Rewrites) -> list[Reason]:
+    """Requests answered through ctfix's own zones while no snat-zone rewrite is in
+    place (a fix reverted moments ago, its entries still in the table): the replies
+    were the remedy's, and say nothing about the server (ctfix.core.zones)."""
+    count = evidence.through_fix
+    if not count or rewritten:
+        return []
+    return [
+        reason(
+            "answered-through-fix",
+            f"{count} request{'s' if count > 1 else ''} in the table "
+            f"{'were' if count > 1 else 'was'} answered through ctfix's snat-zone fix "
+            f"(replies rewritten in conntrack zones from {CT_ZONE}), which is no longer "
+            "in place: those replies were the fix's work, not the server's, so they show "
+            "nothing of how the server answers now. They leave the table with their "
+            "entries.",
+        )
+    ]
+
+
 def live_keys(snapshot: Snapshot) -> set[tuple[str, str, str]]:
     return {finding_key(w) for w in snapshot.live_findings}
 
@@ -228,14 +254,23 @@ def after_fix(wrong: WrongSourceReply, snapshot: Snapshot) -> bool:
     return wrong.last_seen is not None and wrong.last_seen > applied
 
 
-def split_history(evidence: Evidence, snapshot: Snapshot, rewritten: Rewrites) -> Present:
+def split_history(
+    evidence: Evidence,
+    snapshot: Snapshot,
+    rewritten: Rewrites,
+    caveat: Collection[Family] = (),
+) -> Present:
     """Recorded evidence is history only when a remedy now in place covers its clients
     and nothing dates it after the recorded fix; what --listen saw happened during this
-    run and is never discounted."""
+    run and is never discounted. `caveat`: families whose one wrong-source reply is the
+    program's documented first-request caveat (ctfix.core.diagnosis.listeners): not
+    the present either (its reason says what it is)."""
     live = live_keys(snapshot)
     current: list[WrongSourceReply] = []
     history: dict[str, int] = {}
     for wrong in evidence.wrong_source:
+        if family_name(unmap(parse_endpoint(wrong.client)[0])) in caveat:
+            continue
         expected = unmap(parse_endpoint(wrong.expected_source)[0])
         remedy = None
         if finding_key(wrong) not in live and not after_fix(wrong, snapshot):

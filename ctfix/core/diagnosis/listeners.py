@@ -128,6 +128,9 @@ class Judged:
     #: conntrack shows it answering from addresses routing would not pick: it chooses
     #: its source (the text: which address, and what routing would have picked)
     observed: str | None = None
+    #: the families whose one wrong-source reply is the knowledge base's documented
+    #: first-request caveat (`wrong_first_reply`), not a contradiction
+    caveat: tuple[Family, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,11 @@ class Listening:
     @property
     def contradicted(self) -> bool:
         return any(j.contradicted for j in self.judged)
+
+    @property
+    def caveat(self) -> set[Family]:
+        """Families whose wrong-source evidence is a known first-request caveat."""
+        return {family for j in self.judged for family in j.caveat}
 
     @property
     def service_rule(self) -> ServiceRule | None:
@@ -161,18 +169,25 @@ def judge(
     caught: set[Family],
     observed: Mapping[Family, str] | None = None,
     configs: Mapping[int, Mapping[str, str]] | None = None,
+    replies: Mapping[Family, int] | None = None,
 ) -> Listening:
     """`caught`: the families of the clients conntrack shows wrong-source replies to;
     `observed`: family -> what shows the server choosing its source there (none of
-    those families is caught); `configs`: pid -> its configuration files read."""
+    those families is caught); `configs`: pid -> its configuration files read;
+    `replies`: family -> how many wrong-source replies conntrack shows."""
     observed = observed or {}
     judged: list[Judged] = []
     for listener in listeners:
         info = recognise(listener, kb, port, (configs or {}).get(listener.pid or -1))
         wild = [f for f in serves(listener) if wild_for(listener, f)]
+        hit = tuple(f for f in wild if f in caught)
+        if info.correct and hit and _first_reply(info, hit, replies or {}):
+            # The one wrong reply its knowledge-base entry documents (first request
+            # after start): the caveat, and the claim stands.
+            judged.append(Judged(listener, info, caveat=hit))
         # Evidence beats a claim: a program the knowledge base trusts that was caught
         # answering from the wrong source is judged like any other wildcard server.
-        if info.correct and any(f in caught for f in wild):
+        elif info.correct and hit:
             doubted = Known(info.rule, info.port_only, False, info.label)
             judged.append(Judged(listener, doubted, contradicted=True))
         elif not info.correct and wild and all(f in observed for f in wild):
@@ -193,6 +208,15 @@ def judge(
         for family, listeners_ in serving.items()
     }
     return Listening(tuple(judged), serving, exposed)
+
+
+def _first_reply(info: Known, families: tuple[Family, ...], replies: Mapping[Family, int]) -> bool:
+    """Whether the wrong-source replies in these families are no more than the first
+    request's per socket that the program's entry documents (`wrong_first_reply`)."""
+    rule = info.rule
+    if rule is None or not rule.wrong_first_reply or info.port_only:
+        return False
+    return all(0 < replies.get(family, 0) <= 1 for family in families)
 
 
 def who(listener: Listener) -> str:
@@ -256,6 +280,22 @@ def listener_reason(one: Judged, port: int) -> Reason:
             "unreachable.",
         )
     line = f"{who(listener)} listens on {bind_text(listener)}"
+    if info.rule is not None and info.rule.one_way and info.correct and not one.contradicted:
+        return reason(
+            "one-way-service",
+            line + f"; it is {info.label}, a one-way service (knowledge base): it never "
+            "replies, so the source of replies does not matter, and requests without a "
+            "reply are expected.",
+        )
+    if one.caveat and info.rule is not None:
+        return reason(
+            "first-reply-caveat",
+            line + f"; it is {info.label}, which answers from the address each request "
+            "was sent to, except the first request after it starts, which it answers "
+            "from the address routing picks (a caveat the knowledge base documents). "
+            "The one wrong-source reply conntrack shows (below) is that caveat, not a "
+            f"sign of misbehaviour. {info.rule.fix}",
+        )
     if listener.wildcard and one.observed:
         return reason(
             "observed-right-source",

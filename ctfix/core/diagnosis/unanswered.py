@@ -14,7 +14,7 @@ port's (`ctfix explain TARGET`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ctfix.core.addr import unmap
@@ -31,7 +31,7 @@ from ctfix.core.detectors.unanswered import (
 from ctfix.core.detectors.unanswered_words import unanswered_text
 from ctfix.core.detectors.wrong_source import WrongSourceDetector
 from ctfix.core.diagnosis.codes import ReasonCode, reason
-from ctfix.core.diagnosis.requests import UDP, newest_last
+from ctfix.core.diagnosis.requests import UDP, client_networks_of, newest_last
 from ctfix.core.model import Reason, UnansweredService
 from ctfix.core.snapshot import Snapshot
 
@@ -51,9 +51,17 @@ def findings(
     kb: KnowledgeBase | None,
     local: set[str],
     stale: Sequence[StaleNatFinding] = (),
+    other_port: Callable[[int], bool] | None = None,
 ) -> list[UnansweredFinding]:
     """The unanswered detector's findings for the port, most flows first; `stale`:
-    the port's stale NAT findings (ctfix.core.diagnosis.stale)."""
+    the port's stale NAT findings (ctfix.core.diagnosis.stale); `other_port`: whether
+    the program on a server port answers from other ports by design (TFTP), as the
+    evidence and watch ask it: its request's own entry stays unreplied while a reply
+    from the addressed address and a new port answered it.
+
+    The wrong-source detector asked sees every entry: the table's, and every unreplied
+    one that ended during --listen, the replies too (a reply the snat-zone remedy
+    rewrote in ctfix's zone may end before the request it answered)."""
     port = snapshot.port
     addresses = frozenset(local)
 
@@ -71,8 +79,12 @@ def findings(
         e for e in snapshot.flows
         if e.orig.proto == UDP and ours(e.orig.dport, e.reply.sport, e.reply.src)
     ]
-    wrong = WrongSourceDetector(local_addresses=addresses)
-    wrong.examine(newest_last([*ended, *snapshot.flows]), now=0.0)
+    wrong = WrongSourceDetector(
+        local_addresses=addresses,
+        networks=client_networks_of(snapshot.addresses),
+        other_port=other_port,
+    )
+    wrong.examine(newest_last([*snapshot.ended_unreplied, *snapshot.flows]), now=0.0)
     detector = UnansweredDetector(
         sockets=ListenerSockets(snapshot.listeners),
         wrong=wrong,

@@ -25,14 +25,16 @@ from ctfix.core.plan.specs import (
     nft_table_name,
 )
 from ctfix.core.plan.targets import Target
+from ctfix.core.zones import CT_ZONE as CT_ZONE  # re-exported: the plan's first zone
 from ctfix.errors import CtfixError
 
-#: the conntrack zone the replies rewritten to the first target address live in (any
-#: zone other than 0 works); the n-th address uses CT_ZONE + n. One zone per address,
-#: because a NAT binding is made once per conntrack entry: if a client with a fixed
-#: source port switched from one rewritten address to another within the same zone,
-#: its replies would keep the first address's binding.
-CT_ZONE = 51185
+# CT_ZONE (ctfix.core.zones): the conntrack zone the replies rewritten to the first
+# target address live in (any zone other than 0 works); the n-th address uses
+# CT_ZONE + n. One zone per address, because a NAT binding is made once per conntrack
+# entry: if a client with a fixed source port switched from one rewritten address to
+# another within the same zone, its replies would keep the first address's binding.
+# ctfix.core.zones says which zones are ctfix's (explain tells the remedy's replies
+# from the server's by them).
 
 
 def build(
