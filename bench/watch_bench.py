@@ -226,6 +226,8 @@ def main() -> int:
 
         count_before = int(topo.run(topo.host, "cat", "/proc/sys/net/netfilter/nf_conntrack_count"))
         cpu_before_burst = process_cpu(watch.pid)
+        # `ip netns exec` execs conntrack: the same pid
+        ct_cpu_before_burst = process_cpu(conntrack_e.pid)
         blaster = start_blast(topo, args.flows)
         time.sleep(0.3)  # into the burst (the blaster imports and enters the namespace)
         # One bad reply every 10 ms spreads them over the whole burst (~2 s).
@@ -245,6 +247,7 @@ def main() -> int:
         created = count_after - count_before
         time.sleep(3.0)  # let both listeners drain their queues
         burst_cpu = process_cpu(watch.pid) - cpu_before_burst
+        ct_burst_cpu = process_cpu(conntrack_e.pid) - ct_cpu_before_burst
 
         watch.send_signal(signal.SIGTERM)
         _pid, status, usage = os.wait4(watch.pid, 0)
@@ -282,6 +285,15 @@ def main() -> int:
     print(
         f"  ctfix watch CPU during the burst only {burst_cpu:.2f} s = "
         f"{1e6 * burst_cpu / max(1, created):.1f} us per new flow (start-up left out)"
+    )
+    # Per event received during the burst: watch's NEW events are its new flows (the
+    # bad replies' UPDATEs are a few hundred); conntrack -E gets NEW events only.
+    ours = burst_cpu / max(1, watch_seen)
+    theirs = ct_burst_cpu / max(1, conntrack_seen)
+    print(
+        f"  CPU per event received during the burst: ctfix watch {1e6 * ours:.1f} us, "
+        f"conntrack -E {1e6 * theirs:.1f} us ({ct_burst_cpu:.2f} s for {conntrack_seen}); "
+        f"ratio {ours / max(theirs, 1e-9):.2f}"
     )
     print(latency_line("idle", idle))
     print(latency_line(f"during the {args.flows}-flow burst", during))

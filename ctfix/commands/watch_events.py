@@ -21,11 +21,11 @@ from ctfix.errors import CtfixError
 
 if TYPE_CHECKING:
     from ctfix.commands.watch_report import Found
-    from ctfix.core.decode import CtEvent
+    from ctfix.core.decode import Packed
     from ctfix.platform.conntrack import EventSocket
 
-    Feed = Callable[[CtEvent, float], Found | None]
-    #: one feed per event kind, indexed by it (ctfix.core.detectors.feeds_by_kind)
+    Feed = Callable[[Packed, float], Found | None]
+    #: one feed per event kind, indexed by it (ctfix.core.detectors.packed_feeds_by_kind)
     Feeds = tuple[Feed, ...]
     Report = Callable[[Found | None], None]
 
@@ -78,14 +78,14 @@ def lost_so_far(events: EventSocket, lost: int, overflows: int) -> int:
 def drain(
     events: EventSocket,
     feed: Feeds,
-    decode_event: Callable[[memoryview], CtEvent | None],
+    decode_event: Callable[[memoryview], Packed | None],
     report: Report,
     limit: int = 8192,
 ) -> None:
     """Read and process up to `limit` waiting events (raises Overflow on ENOBUFS).
 
-    `feed`: the detectors' feeds by event kind (ctfix.core.detectors.feeds_by_kind),
-    built once."""
+    `feed`: the detectors' feeds by event kind (ctfix.core.detectors.packed_feeds_by_kind),
+    built once; `decode_event`: ctfix.core.decode.packed_event (the Packed form)."""
     recv_into = events.recv_into
     now = time.time()
     for _ in range(limit):
@@ -102,7 +102,7 @@ def drain(
 def drain_quietly(
     events: EventSocket,
     feed: Feeds,
-    decode_event: Callable[[memoryview], CtEvent | None],
+    decode_event: Callable[[memoryview], Packed | None],
     report: Report,
 ) -> int:
     """Feed what is queued before a dump (which covers any loss); the ENOBUFS seen."""

@@ -109,7 +109,13 @@ def run_loop(
                 wait = min(wait, watcher.wait(mono))
         else:
             wait = min(wait, next_turns - mono, follower.wait(mono))
-        for key, _mask in sel.select(max(0.0, wait)):
+        ready = sel.select(max(0.0, wait))
+        registered = sel.get_map()
+        for key, _mask in ready:
+            if registered.get(key.fd) is not key:
+                # Unregistered by an earlier key of this batch (its namespace is gone, or
+                # was left): its socket is closed, or its number already another's.
+                continue
             watcher, tag = key.data
             if watcher is None:
                 if follower is not None:

@@ -33,6 +33,7 @@ than the events (bench/watch_all_bench.py).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import selectors
 import socket
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from ctfix.commands.watch_nat import StaleNatWatch
     from ctfix.commands.watch_report import Found, Reporter
     from ctfix.commands.watch_unanswered import UnansweredWatch
-    from ctfix.core.decode import CtEvent
+    from ctfix.core.decode import Packed
     from ctfix.core.detectors import Detector
     from ctfix.core.detectors.stale_nat import StaleNatDetector, StaleNatFinding
     from ctfix.core.detectors.unanswered import UnansweredFinding
@@ -60,8 +61,8 @@ if TYPE_CHECKING:
     from ctfix.platform.icmp import IcmpWatch
     from ctfix.platform.metrics import NamespaceMetrics, WatchMetrics
 
-    Feed = Callable[[CtEvent, float], Found | None]
-    #: one feed per event kind, indexed by it (ctfix.core.detectors.feeds_by_kind)
+    Feed = Callable[[Packed, float], Found | None]
+    #: one feed per event kind, indexed by it (ctfix.core.detectors.packed_feeds_by_kind)
     Feeds = tuple[Feed, ...]
     Report = Callable[[Found | None], None]
 
@@ -148,7 +149,7 @@ class NamespaceWatch:
         from ctfix.commands.watch_events import subscribe
         from ctfix.commands.watch_nat import StaleNatWatch
         from ctfix.commands.watch_unanswered import UnansweredWatch
-        from ctfix.core.detectors import feeds_by_kind
+        from ctfix.core.detectors import packed_feeds_by_kind
         from ctfix.core.detectors.stale_nat import StaleNatDetector
         from ctfix.core.detectors.wrong_source import WrongSourceDetector
         from ctfix.platform.addresses import LocalAddresses
@@ -200,7 +201,7 @@ class NamespaceWatch:
         self.reporter.on_unanswered = unanswered.found
         self.icmp = IcmpWatch()
         self.closers.append(self.icmp)
-        self.feed = feeds_by_kind(self.detectors, self.report)
+        self.feed = packed_feeds_by_kind(self.detectors, self.report)
         self.nat = StaleNatWatch(stale, self.report, addresses.addresses, self.warn)
         self.closers.append(self.nat)
 
@@ -236,11 +237,19 @@ class NamespaceWatch:
         from ctfix.core import decode
         from ctfix.platform import conntrack
 
-        self.overflows += drain_quietly(events, self.feed, decode.decode_event, self.report)
-        entries = list(conntrack.dump(proto=17))
+        self.overflows += drain_quietly(events, self.feed, decode.packed_event, self.report)
+        # Streamed: each chunk of the dump goes to every detector as it is decoded, so
+        # the table is never held (a detector keeps what it keeps in steady state).
         now = time.time()
-        for each in self.detectors:
-            for found in each.examine(entries, now, complete=True):
+        snapshots = [each.snapshot(now, complete=True) for each in self.detectors]
+        dumped = 0
+        entries = iter(conntrack.dump(proto=17))
+        while chunk := list(itertools.islice(entries, DUMP_CHUNK)):
+            dumped += len(chunk)
+            for snapshot in snapshots:
+                snapshot.add(chunk)
+        for snapshot in snapshots:
+            for found in snapshot.finish():
                 # Stale NAT entries there at start are a black hole now: reported at
                 # once (marked existing), not filed as history.
                 finding = found[0]
@@ -248,7 +257,7 @@ class NamespaceWatch:
                     history.append(finding)
                 else:
                     self.report(found)
-        return len(entries)
+        return dumped
 
     # -- the loop's hooks -------------------------------------------------------------
 
@@ -269,7 +278,7 @@ class NamespaceWatch:
 
             assert self.events is not None
             try:
-                drain(self.events, self.feed, decode.decode_event, self.report)
+                drain(self.events, self.feed, decode.packed_event, self.report)
             except conntrack.Overflow:
                 self.overflows += 1
                 self.resync_due = resync_due(self.resync_due, time.monotonic(), self.last_resync)
@@ -436,6 +445,10 @@ class _Tagged(selectors.BaseSelector):
 
     def get_map(self) -> Any:
         return self.sel.get_map()
+
+
+#: entries of a dump decoded and handed to the detectors at a time (watch_ns.resync)
+DUMP_CHUNK = 2048
 
 
 def _udp_stream_timeout() -> int:

@@ -27,8 +27,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ctfix.core.ctnetlink import attrs as attributes
 from ctfix.core.decode import NFNL_SUBSYS_CTNETLINK, NLMSG_DONE, NLMSG_ERROR, Buf, nla
-from ctfix.core.decode import _attrs as attributes
 
 IPCTNL_MSG_CT_GET_STATS_CPU = 4
 IPCTNL_MSG_CT_GET_STATS = 5

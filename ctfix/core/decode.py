@@ -1,94 +1,109 @@
-"""ctnetlink bytes -> small immutable values (`CtTuple`, `CtEntry`, `CtEvent`). Pure.
+"""ctnetlink bytes -> small immutable values (`CtTuple`, `CtEntry`, `CtEvent`, and the
+hot path's `Packed`). Pure.
 
 This is the hot path of `ctfix watch` (one call per conntrack event, >100k/s) and of
-`dump()`. It never raises on bad input: a message it cannot understand is skipped
+every dump. It never raises on bad input: a message it cannot understand is skipped
 and counted (`Batch.malformed`).
 
-One module on purpose (over 500 lines): the fixed layouts serve three readers (the
-fast path, the ports probe that lets `ctfix scan` skip entries unread, the general
-walk) and must change together.
+Two forms of one entry:
+- `CtEntry` (with its two `CtTuple`s): addresses as text, ports as ints; what explain,
+  scan, fix and the tests use.
+- `Packed`: one flat tuple (the event kind first, then the values in the order of
+  `ctfix.core.ctlayout`'s fields) with addresses and ports as the kernel's big-endian
+  bytes, read by one `struct` call and never converted: watch's event loop takes this
+  form (`packed_event`), and the wrong-source detector keys its pending requests with
+  those very bytes (`feed_packed`). `entry_of`, `event_of` and `packed_of` convert.
 
-Know before changing:
-- The attribute order of a ctnetlink message is fixed for a kernel and family, so the
-  common layouts (IPv4 and IPv6 tuples, UDP/TCP-style ports) are decoded by one
-  precompiled `struct.Struct` over the two tuples, with every attribute header
-  checked against the expected values before the result is trusted. Anything else
-  (other protocols, a different kernel's layout, damaged bytes) takes the general
-  attribute walk, which gives the same values, only slower (the first ORIG and
-  REPLY tuples count on both). The tests check that both paths agree on recorded
-  real messages and on mutated ones (lengths that cover several messages).
-- Netlink headers are in host byte order; attribute *values* (addresses, ports,
-  status, timeout, mark, zone) are big-endian.
-- The values are NamedTuples, not dataclasses: they are just as immutable and
-  slot-free, and build in ~0.1 us instead of ~0.4 us (a frozen dataclass's
-  `__init__` goes through `object.__setattr__`), which matters at kernel event rates.
+Where the values are in a message is `ctfix.core.ctlayout`'s (the walk, and the learned
+layouts that make it one unpack); the kernel's numbers are `ctfix.core.ctnetlink`'s
+(re-exported here), the requests ctfix sends `ctfix.core.ctrequest`'s (re-exported).
+
+Over 500 lines on purpose: both forms, their conversions and the three readers (one
+message, one event, a buffer of many) must change together.
+
+Know before changing: the values are NamedTuples and plain tuples, not dataclasses:
+just as immutable and slot-free, and built in ~0.1 us instead of ~0.4 us (a frozen
+dataclass's `__init__` goes through `object.__setattr__`), which matters at kernel
+event rates.
 """
 
 from __future__ import annotations
 
-import operator
 import socket
 import struct
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
-Buf: TypeAlias = bytes | bytearray | memoryview
-
-# -- constants from linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h ---------------
-
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_MULTI = 0x2
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
-
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_GET = 1
-IPCTNL_MSG_CT_DELETE = 2
-MSG_CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-MSG_CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-
-CTA_TUPLE_ORIG = 1
-CTA_TUPLE_REPLY = 2
-CTA_STATUS = 3
-CTA_TIMEOUT = 7
-CTA_MARK = 8
-CTA_ID = 12
-CTA_ZONE = 18
-CTA_TIMESTAMP = 20
-CTA_FILTER = 25
-CTA_TIMESTAMP_START = 1  # inside CTA_TIMESTAMP: u64 nanoseconds, wall clock
-
-CTA_TUPLE_IP = 1
-CTA_TUPLE_PROTO = 2
-CTA_TUPLE_ZONE = 3
-CTA_IP_V4_SRC = 1
-CTA_IP_V4_DST = 2
-CTA_IP_V6_SRC = 3
-CTA_IP_V6_DST = 4
-CTA_PROTO_NUM = 1
-CTA_PROTO_SRC_PORT = 2
-CTA_PROTO_DST_PORT = 3
-
-IPS_EXPECTED = 1 << 0
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
-IPS_CONFIRMED = 1 << 3
-IPS_SRC_NAT = 1 << 4
-IPS_DST_NAT = 1 << 5
-
-AF_INET = socket.AF_INET
-AF_INET6 = socket.AF_INET6
-IPPROTO_UDP = 17
+from ctfix.core import ctlayout
+from ctfix.core.ctnetlink import (
+    AF_INET,
+    AF_INET6,
+    CTA_COUNTERS_BYTES,
+    CTA_COUNTERS_ORIG,
+    CTA_COUNTERS_PACKETS,
+    CTA_COUNTERS_REPLY,
+    CTA_FILTER,
+    CTA_ID,
+    CTA_IP_V4_DST,
+    CTA_IP_V4_SRC,
+    CTA_IP_V6_DST,
+    CTA_IP_V6_SRC,
+    CTA_MARK,
+    CTA_PROTO_DST_PORT,
+    CTA_PROTO_NUM,
+    CTA_PROTO_SRC_PORT,
+    CTA_STATUS,
+    CTA_TIMEOUT,
+    CTA_TIMESTAMP,
+    CTA_TIMESTAMP_START,
+    CTA_TUPLE_IP,
+    CTA_TUPLE_ORIG,
+    CTA_TUPLE_PROTO,
+    CTA_TUPLE_REPLY,
+    CTA_TUPLE_ZONE,
+    CTA_ZONE,
+    HDR,
+    IPCTNL_MSG_CT_DELETE,
+    IPCTNL_MSG_CT_GET,
+    IPCTNL_MSG_CT_NEW,
+    IPPROTO_UDP,
+    IPS_ASSURED,
+    IPS_CONFIRMED,
+    IPS_DST_NAT,
+    IPS_EXPECTED,
+    IPS_SEEN_REPLY,
+    IPS_SRC_NAT,
+    MSG_CT_DELETE,
+    MSG_CT_NEW,
+    NFNL_SUBSYS_CTNETLINK,
+    NLA_F_NESTED,
+    NLA_TYPE_MASK,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_MULTI,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    Buf,
+    nla,
+)
+from ctfix.core.ctnetlink import attrs as _attrs
+from ctfix.core.ctrequest import delete_request, dump_request, get_request
 
 # Event kinds (what the kernel's message type and flags say happened).
 NEW = 1
 UPDATE = 2
 DESTROY = 3
 DUMPED = 4  # an entry from a dump (GET reply), not an event
+
+
+def _kind_of_new(flags: int) -> int:
+    """The kind of a MSG_CT_NEW message, by its flags."""
+    if flags & NLM_F_MULTI:
+        return DUMPED
+    if flags & (NLM_F_CREATE | NLM_F_EXCL):
+        return NEW
+    return UPDATE
 
 
 class CtTuple(NamedTuple):
@@ -160,296 +175,140 @@ class Batch(NamedTuple):
     usage: list[CtUsage] | None = None
 
 
-# -- address formatting, cached: the same few addresses recur in nearly every event ---
+#: One entry and what happened to it, flat (module doc): kind, family, then per tuple
+#: source address, destination address, protocol, source port, destination port
+#: (addresses 4 or 16 bytes, ports 2 bytes, as the kernel sends them), then status,
+#: zone, mark, timeout, id, start (None where the message had none; a start of 0 too).
+Packed: TypeAlias = tuple[
+    int, int,
+    bytes, bytes, int, bytes, bytes,
+    bytes, bytes, int, bytes, bytes,
+    int, int, "int | None", "int | None", "int | None", "int | None",
+]
+# Positions in a Packed (Final: a type checker knows each field's type by them).
+P_KIND: Final = 0
+P_FAMILY: Final = 1
+P_ORIG_SRC: Final = 2
+P_ORIG_DST: Final = 3
+P_ORIG_PROTO: Final = 4
+P_ORIG_SPORT: Final = 5
+P_ORIG_DPORT: Final = 6
+P_REPLY_SRC: Final = 7
+P_REPLY_DST: Final = 8
+P_REPLY_PROTO: Final = 9
+P_REPLY_SPORT: Final = 10
+P_REPLY_DPORT: Final = 11
+P_STATUS: Final = 12
+P_ZONE: Final = 13
+P_MARK: Final = 14
+P_TIMEOUT: Final = 15
+P_ID: Final = 16
+P_START: Final = 17
+
+
+# -- addresses, cached both ways: the same few recur in nearly every event ---------------
 
 _ADDR_CACHE: dict[bytes, str] = {}
-_ADDR_CACHE_MAX = 1 << 16
+_PACK_CACHE: dict[str, bytes] = {}
+_CACHE_MAX = 1 << 16
 
 
 def _addr(raw: bytes) -> str:
     text = _ADDR_CACHE.get(raw)
     if text is None:
         text = socket.inet_ntop(AF_INET6 if len(raw) == 16 else AF_INET, raw)
-        if len(_ADDR_CACHE) >= _ADDR_CACHE_MAX:
+        if len(_ADDR_CACHE) >= _CACHE_MAX:
             _ADDR_CACHE.clear()
         _ADDR_CACHE[raw] = text
     return text
 
 
-# -- the fast path: one Struct over nlmsghdr, nfgenmsg and both tuples ----------------
+def address_text(raw: bytes) -> str:
+    """A Packed address (4 or 16 bytes) as text."""
+    return _ADDR_CACHE.get(raw) or _addr(raw)
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr
+
+def address_bytes(address: str) -> bytes:
+    """An address as a Packed holds it (4 or 16 bytes)."""
+    raw = _PACK_CACHE.get(address)
+    if raw is None:
+        raw = socket.inet_pton(AF_INET6 if ":" in address else AF_INET, address)
+        if len(_PACK_CACHE) >= _CACHE_MAX:
+            _PACK_CACHE.clear()
+        _PACK_CACHE[address] = raw
+    return raw
+
+
+# -- one message ---------------------------------------------------------------------------
+
 # NamedTuple's own __new__ checks arguments in Python; the fields are all given here.
 _new_tuple = tuple.__new__
-_NLA = struct.Struct("=HH")
-_BE16 = struct.Struct(">H")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
+_RAW_TAILS = tuple((*ctlayout.RAW_TAIL, kind) for kind in range(DUMPED + 1))
+_KIND_FLAGS = NLM_F_MULTI | NLM_F_CREATE | NLM_F_EXCL
+#: the tail of a MSG_CT_NEW message by its `flags & _KIND_FLAGS` (what `_kind` says)
+_NEW_TAILS = tuple(_RAW_TAILS[_kind_of_new(flags)] for flags in range(_KIND_FLAGS + 1))
+_LEARNED = ctlayout.LEARNED
+_TAIL = ctlayout.TAIL
+_HEAD = struct.Struct("=IHH")  # nlmsghdr's length, type, flags
 
 
-def _tuple_format(addr_len: int, *, addresses: bool = True) -> str:
-    # Read big-endian so that ports come out as ints; each attribute header (host
-    # order) is read as one u32 and compared with the expected value byte-swapped.
-    pad = (-addr_len) % 4
-    a = (f"{addr_len}s" if addresses else "x" * addr_len) + ("x" * pad)
-    return f"I I I{a} I{a} I I B3x I H2x I H2x"
-
-
-def _hdr(length: int, nla_type: int) -> int:
-    """An attribute header as the big-endian read of its host-order bytes gives it."""
-    return int(_BE32.unpack(_NLA.pack(length, nla_type))[0])
-
-
-class _Layout(NamedTuple):
-    size: int  # bytes covered: nlmsghdr + nfgenmsg + both tuples
-    unpack_from: Callable[[Buf, int], tuple[Any, ...]]
-    skeletons: frozenset[tuple[int, ...]]  # accepted attribute headers, in order
-
-
-def _layout(family: int, addr_len: int) -> _Layout:
-    st = struct.Struct(">B3x " + _tuple_format(addr_len) + " " + _tuple_format(addr_len))
-    alen = 4 + addr_len + ((-addr_len) % 4)
-    ip_len = 4 + 2 * alen
-    proto_len = 4 + 8 + 8 + 8
-    tuple_len = 4 + ip_len + proto_len
-    src_t, dst_t = (
-        (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == AF_INET else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
-    )
-    skeletons = set()
-    for nested in (0, NLA_F_NESTED):
-        one = []
-        for which in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
-            one += [
-                _hdr(tuple_len, which | nested),
-                _hdr(ip_len, CTA_TUPLE_IP | nested),
-                _hdr(4 + addr_len, src_t),
-                _hdr(4 + addr_len, dst_t),
-                _hdr(proto_len, CTA_TUPLE_PROTO | nested),
-                _hdr(5, CTA_PROTO_NUM),
-                _hdr(6, CTA_PROTO_SRC_PORT),
-                _hdr(6, CTA_PROTO_DST_PORT),
-            ]
-        skeletons.add(tuple(one))
-    return _Layout(16 + st.size, st.unpack_from, frozenset(skeletons))
-
-
-_V4 = _layout(AF_INET, 4)
-_V6 = _layout(AF_INET6, 16)
-
-
-class _PortsProbe(NamedTuple):
-    """The common layout seen as one big-endian integer (for `_touches`): the bits of
-    the attribute headers must equal one of `expected` under `mask`; then the three
-    ports are read at fixed offsets. No address, tuple or entry is built."""
-
-    size: int  # bytes from the nfgenmsg on: both tuples
-    mask: int
-    expected: frozenset[int]
-    ports: struct.Struct  # orig sport, orig dport, reply sport
-
-
-def _ports_probe(layout: _Layout, addr_len: int) -> _PortsProbe:
-    st = struct.Struct(">B3x " + " ".join([_tuple_format(addr_len, addresses=False)] * 2))
-    # values: family, then per tuple (11 each): h h h h h h num h sport h dport
-    headers = (1, 2, 3, 4, 5, 6, 8, 10, 12, 13, 14, 15, 16, 17, 19, 21)
-
-    def packed(header_values: tuple[int, ...]) -> int:
-        values = [0] * 23
-        for index, value in zip(headers, header_values, strict=True):
-            values[index] = value
-        return int.from_bytes(st.pack(*values), "big")
-
-    mask = packed((0xFFFFFFFF,) * len(headers))
-    # Byte offsets of the three ports. A tuple's format tokens: tuple, ip, src, dst,
-    # proto and num headers, num, sport header, sport, dport header, dport.
-    one = _tuple_format(addr_len, addresses=False).split()
-    head = struct.calcsize(">B3x")
-    tuple_size = struct.calcsize(">" + "".join(one))
-    sport_at = head + struct.calcsize(">" + "".join(one[:8]))
-    dport_at = head + struct.calcsize(">" + "".join(one[:10]))
-    reply_sport_at = head + tuple_size + struct.calcsize(">" + "".join(one[:8]))
-    ports = struct.Struct(
-        f">{sport_at}xH{dport_at - sport_at - 2}xH{reply_sport_at - dport_at - 2}xH"
-    )
-    expected = frozenset(packed(skeleton) for skeleton in layout.skeletons)
-    return _PortsProbe(st.size, mask, expected, ports)
-
-
-_PROBE_V4 = _ports_probe(_V4, 4)
-_PROBE_V6 = _ports_probe(_V6, 16)
-
-# Positions, in the unpacked values, of the attribute headers.
-# values: family, then per tuple (13 each): h h h src h dst h h num h sport h dport
-_skeleton = operator.itemgetter(1, 2, 3, 5, 7, 8, 10, 12, 14, 15, 16, 18, 20, 21, 23, 25)
-
-
-def _fast(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
-    if family == AF_INET:
-        layout = _V4
-    elif family == AF_INET6:
-        layout = _V6
-    else:
-        return None
-    if msg_len < layout.size:
-        return None
-    v = layout.unpack_from(buf, offset + 16)
-    if _skeleton(v) not in layout.skeletons:
-        return None
-    fam = v[0]
+def _entry(v: tuple[Any, ...]) -> CtEntry:
+    """A CtEntry from a layout's values (ctfix.core.ctlayout's field order)."""
+    (fam, osrc, odst, oproto, osport, odport, rsrc, rdst, rproto, rsport, rdport,
+     status, zone, mark, timeout, ct_id, start) = v
     cache = _ADDR_CACHE
-    osrc = cache.get(v[4]) or _addr(v[4])
-    odst = cache.get(v[6]) or _addr(v[6])
-    rsrc = cache.get(v[17]) or _addr(v[17])
-    rdst = cache.get(v[19]) or _addr(v[19])
-    orig = _new_tuple(CtTuple, (osrc, odst, v[11], v[13], v[9], fam))
-    reply = _new_tuple(CtTuple, (rsrc, rdst, v[24], v[26], v[22], fam))
-    return _new_tuple(
-        CtEntry, (orig, reply, *_scalars(buf, offset + layout.size, offset + msg_len))
-    )
-
-
-def _scalars(
-    buf: Buf, pos: int, end: int
-) -> tuple[int, int, int | None, int | None, int | None, int | None]:
-    """Walk the top-level attributes after the tuples for the few scalars we keep:
-    status, zone, mark, timeout, id, start."""
-    status = zone = 0
-    mark = timeout = ct_id = start = None
-    while pos + 4 <= end:
-        nla_len, nla_type = _NLA.unpack_from(buf, pos)
-        if nla_len < 4 or pos + nla_len > end:
-            break
-        t = nla_type & NLA_TYPE_MASK
-        if nla_len >= 8:
-            if t == CTA_STATUS:
-                status = _BE32.unpack_from(buf, pos + 4)[0]
-            elif t == CTA_TIMEOUT:
-                timeout = _BE32.unpack_from(buf, pos + 4)[0]
-            elif t == CTA_MARK:
-                mark = _BE32.unpack_from(buf, pos + 4)[0]
-            elif t == CTA_ID:
-                ct_id = _BE32.unpack_from(buf, pos + 4)[0]
-            elif t == CTA_TIMESTAMP:
-                start = _timestamp_start(buf, pos + 4, pos + nla_len)
-        if t == CTA_ZONE and nla_len >= 6:
-            zone = _BE16.unpack_from(buf, pos + 4)[0]
-        pos += (nla_len + 3) & ~3
-    return status, zone, mark, timeout, ct_id, start
-
-
-def _timestamp_start(buf: Buf, pos: int, end: int) -> int | None:
-    """CTA_TIMESTAMP_START inside a CTA_TIMESTAMP (dumps and DESTROY events only)."""
-    for t, vs, ve in _attrs(buf, pos, end):
-        if t == CTA_TIMESTAMP_START and ve - vs >= 8:
-            return int(_BE64.unpack_from(buf, vs)[0]) or None
-    return None
-
-
-# -- the general walk -----------------------------------------------------------------
-
-
-def _attrs(buf: Buf, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """Yield (type, value start, value end) of the attributes in buf[pos:end]."""
-    while pos + 4 <= end:
-        nla_len, nla_type = _NLA.unpack_from(buf, pos)
-        if nla_len < 4 or pos + nla_len > end:
-            return
-        yield nla_type & NLA_TYPE_MASK, pos + 4, pos + nla_len
-        pos += (nla_len + 3) & ~3
-
-
-def _walk_tuple(buf: Buf, pos: int, end: int, family: int) -> CtTuple | None:
-    src = dst = None
-    sport = dport = 0
-    proto = -1
-    for t, vs, ve in _attrs(buf, pos, end):
-        if t == CTA_TUPLE_IP:
-            for at, avs, ave in _attrs(buf, vs, ve):
-                size = ave - avs
-                if at in (CTA_IP_V4_SRC, CTA_IP_V6_SRC) and size in (4, 16):
-                    src = _addr(bytes(buf[avs:ave]))
-                elif at in (CTA_IP_V4_DST, CTA_IP_V6_DST) and size in (4, 16):
-                    dst = _addr(bytes(buf[avs:ave]))
-        elif t == CTA_TUPLE_PROTO:
-            for pt, pvs, pve in _attrs(buf, vs, ve):
-                if pt == CTA_PROTO_NUM and pve - pvs >= 1:
-                    proto = buf[pvs]
-                elif pt == CTA_PROTO_SRC_PORT and pve - pvs >= 2:
-                    sport = _BE16.unpack_from(buf, pvs)[0]
-                elif pt == CTA_PROTO_DST_PORT and pve - pvs >= 2:
-                    dport = _BE16.unpack_from(buf, pvs)[0]
-    if src is None or dst is None or proto < 0:
-        return None
-    return CtTuple(src, dst, sport, dport, proto, family)
-
-
-def _slow(buf: Buf, offset: int, msg_len: int, family: int) -> CtEntry | None:
-    """The general walk. The first CTA_TUPLE_ORIG and CTA_TUPLE_REPLY count, as on the
-    fast path (which reads them where the kernel puts them): a later one can only be
-    damage, or the next message under a nlmsg_len that covers several."""
-    end = offset + msg_len
-    orig = reply = None
-    seen_orig = seen_reply = False
-    for t, vs, ve in _attrs(buf, offset + 20, end):
-        if t == CTA_TUPLE_ORIG and not seen_orig:
-            seen_orig = True
-            orig = _walk_tuple(buf, vs, ve, family)
-        elif t == CTA_TUPLE_REPLY and not seen_reply:
-            seen_reply = True
-            reply = _walk_tuple(buf, vs, ve, family)
-    if orig is None or reply is None:
-        return None
-    return CtEntry(orig, reply, *_scalars(buf, offset + 20, end))
+    orig = _new_tuple(CtTuple, (
+        cache.get(osrc) or _addr(osrc), cache.get(odst) or _addr(odst),
+        osport, odport, oproto, fam,
+    ))
+    reply = _new_tuple(CtTuple, (
+        cache.get(rsrc) or _addr(rsrc), cache.get(rdst) or _addr(rdst),
+        rsport, rdport, rproto, fam,
+    ))
+    return _new_tuple(CtEntry, (orig, reply, status, zone, mark, timeout, ct_id, start or None))
 
 
 def decode_entry(buf: Buf, offset: int = 0, *, fast: bool = True) -> CtEntry | None:
-    """Decode the ctnetlink conntrack message at buf[offset:]; None if it is not one."""
+    """Decode the ctnetlink conntrack message at buf[offset:]; None if it is not one.
+
+    fast=False walks the message afresh instead of using a learned layout (the same
+    values, by construction: tests compare the two)."""
     try:
         if len(buf) - offset < 20:
             return None
-        msg_len = _HDR.unpack_from(buf, offset)[0]
+        msg_len = HDR.unpack_from(buf, offset)[0]
         if msg_len < 20 or offset + msg_len > len(buf):
             return None
-        family = buf[offset + 16]
         if fast:
-            entry = _fast(buf, offset, msg_len, family)
-            if entry is not None:
-                return entry
-        return _slow(buf, offset, msg_len, family)
+            # ctlayout.cached() inlined: this runs for every entry of explain's dumps.
+            shape = -1
+            for known in _LEARNED.get(msg_len, ()):
+                if shape < 0:
+                    shape = int.from_bytes(buf[offset + 16 : offset + msg_len], "big")
+                if shape & known.mask == known.expected:
+                    return _entry(known.get(known.unpack(buf, offset + 16) + _TAIL))
+        layout = ctlayout.layout(buf, offset, msg_len, learn=fast)
+        return None if layout is None else _entry(layout.values(buf, offset))
     except (struct.error, ValueError, IndexError):
         return None
 
 
 def _kind(msg_type: int, flags: int) -> int:
-    if msg_type == MSG_CT_DELETE:
-        return DESTROY
-    if flags & NLM_F_MULTI:
-        return DUMPED
-    if flags & (NLM_F_CREATE | NLM_F_EXCL):
-        return NEW
-    return UPDATE
+    return DESTROY if msg_type == MSG_CT_DELETE else _kind_of_new(flags)
 
 
 def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool:
     """Whether the entry's orig sport, orig dport or reply sport is in `ports`, read
-    from the bytes without building the entry (True when the layout is not the
-    common one: the caller decodes it and decides)."""
-    if msg_len < 20:
+    from the bytes without building the entry (True when no learned layout fits: the
+    caller decodes it, which learns one, and decides)."""
+    layout = ctlayout.cached(buf, offset, msg_len) if msg_len >= 20 else None
+    if layout is None:
         return True
-    family = buf[offset + 16]
-    if family == AF_INET:
-        probe = _PROBE_V4
-    elif family == AF_INET6:
-        probe = _PROBE_V6
-    else:
-        return True
-    start = offset + 16
-    if msg_len < 16 + probe.size:
-        return True
-    if int.from_bytes(buf[start : start + probe.size], "big") & probe.mask not in probe.expected:
-        return True
-    sport, dport, reply_sport = probe.ports.unpack_from(buf, start)
+    sport, dport, reply_sport = layout.ports(buf, offset)
     return sport in ports or dport in ports or reply_sport in ports
+
+
+# -- buffers ---------------------------------------------------------------------------------
 
 
 def decode(
@@ -469,23 +328,19 @@ def decode(
     size = len(buf)
     try:
         while offset + 16 <= size:
-            msg_len, msg_type, flags, _seq, _pid = _HDR.unpack_from(buf, offset)
+            msg_len, msg_type, flags, _seq, _pid = HDR.unpack_from(buf, offset)
             if msg_len < 16 or offset + msg_len > size:
                 malformed += 1
                 break
             if msg_type == NLMSG_DONE:
                 done = True
             elif msg_type == NLMSG_ERROR:
-                if msg_len >= 20:
-                    code = struct.unpack_from("=i", buf, offset + 16)[0]
-                    error = -code if code < 0 else code
-                else:
-                    malformed += 1
-                done = True
-            elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
-                if ports is not None and not _touches(buf, offset, msg_len, ports):
-                    offset += (msg_len + 3) & ~3
-                    continue
+                error, done = _error(buf, offset, msg_len)
+                malformed += error < 0
+                error = max(error, 0)
+            elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE) and (
+                ports is None or _touches(buf, offset, msg_len, ports)
+            ):
                 entry = decode_entry(buf, offset, fast=fast)
                 if entry is None:
                     malformed += 1
@@ -501,74 +356,17 @@ def decode(
     return Batch(events, done, error, malformed, usages)
 
 
-# -- building requests (pure too: bytes out) -------------------------------------------
-
-
-def nla(nla_type: int, payload: bytes) -> bytes:
-    """One netlink attribute, padded to 4 bytes."""
-    raw = _NLA.pack(4 + len(payload), nla_type) + payload
-    return raw + b"\0" * ((-len(raw)) % 4)
-
-
-def dump_request(
-    *,
-    family: int,
-    proto: int | None = None,
-    sport: int | None = None,
-    dport: int | None = None,
-    seq: int = 1,
-    reply_sport: int | None = None,
-    src: str | None = None,
-) -> bytes:
-    """IPCTNL_MSG_CT_GET dump request, with CTA_FILTER for what the kernel can filter.
-
-    The kernel (>= 5.8) filters a dump on the original tuple's protocol and ports
-    when CTA_FILTER/CTA_FILTER_ORIG_FLAGS names them and CTA_TUPLE_ORIG carries the
-    values, which is what `conntrack -L -p udp --dport P` sends. Zones are not asked
-    of the kernel (it can filter only non-default zones); callers filter them.
-    reply_sport filters on the reply tuple's source port the same way
-    (CTA_FILTER_REPLY_FLAGS with CTA_TUPLE_REPLY): the port a DNAT sent requests to.
-    src (with proto) filters on the original tuple's source address (an address of
-    `family`): the flows this host started from it, its servers' replies among them.
-    """
-    attrs = b""
-    flags = 0
-    if proto is not None:
-        ip_attrs = b""
-        if src is not None:
-            if family == socket.AF_INET6:
-                ip_attrs = nla(CTA_IP_V6_SRC, socket.inet_pton(socket.AF_INET6, src))
-            else:
-                ip_attrs = nla(CTA_IP_V4_SRC, socket.inet_pton(socket.AF_INET, src))
-            ip_attrs = nla(CTA_TUPLE_IP | NLA_F_NESTED, ip_attrs)
-            flags |= 1 << 0  # CTA_FILTER_FLAG(CTA_IP_SRC)
-        proto_attrs = nla(CTA_PROTO_NUM, bytes([proto]))
-        flags |= 1 << 3  # CTA_FILTER_FLAG(CTA_PROTO_NUM)
-        if sport is not None:
-            proto_attrs += nla(CTA_PROTO_SRC_PORT, _BE16.pack(sport))
-            flags |= 1 << 4
-        if dport is not None:
-            proto_attrs += nla(CTA_PROTO_DST_PORT, _BE16.pack(dport))
-            flags |= 1 << 5
-        tuple_attrs = ip_attrs + nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto_attrs)
-        attrs += nla(CTA_TUPLE_ORIG | NLA_F_NESTED, tuple_attrs)
-        filters = nla(1, struct.pack("=I", flags))  # CTA_FILTER_ORIG_FLAGS
-        if reply_sport is not None:
-            reply_attrs = nla(CTA_PROTO_NUM, bytes([proto]))
-            reply_attrs += nla(CTA_PROTO_SRC_PORT, _BE16.pack(reply_sport))
-            attrs += nla(
-                CTA_TUPLE_REPLY | NLA_F_NESTED, nla(CTA_TUPLE_PROTO | NLA_F_NESTED, reply_attrs)
-            )
-            # CTA_FILTER_REPLY_FLAGS: protocol and source port of the reply tuple.
-            filters += nla(2, struct.pack("=I", (1 << 3) | (1 << 4)))
-        attrs += nla(CTA_FILTER | NLA_F_NESTED, filters)
-    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    body = struct.pack("=BBH", family, 0, 0) + attrs
-    return _HDR.pack(16 + len(body), msg_type, 0x1 | 0x300, seq, 0) + body
+def _error(buf: Buf, offset: int, msg_len: int) -> tuple[int, bool]:
+    """(errno, True) of an NLMSG_ERROR message (0: an ACK); (-1, True) when it is too
+    short to say."""
+    if msg_len < 20:
+        return -1, True
+    code = struct.unpack_from("=i", buf, offset + 16)[0]
+    return (-code if code < 0 else code), True
 
 
 def decode_event(buf: Buf) -> CtEvent | None:
-    """The hot path for one event per recv(): the first message as a CtEvent, or None.
+    """One event per recv(): the first message as a CtEvent, or None.
 
     Same result as `decode(buf).events[0]` for a conntrack message; None for
     anything else (use `decode` to see errors and the end of dumps).
@@ -576,18 +374,41 @@ def decode_event(buf: Buf) -> CtEvent | None:
     try:
         if len(buf) < 20:
             return None
-        msg_len, msg_type, flags, _seq, _pid = _HDR.unpack_from(buf, 0)
-        if msg_type != MSG_CT_NEW and msg_type != MSG_CT_DELETE:
+        _len, msg_type, flags = _HEAD.unpack_from(buf, 0)
+    except struct.error:
+        return None
+    if msg_type != MSG_CT_NEW and msg_type != MSG_CT_DELETE:
+        return None
+    entry = decode_entry(buf)
+    return None if entry is None else _new_tuple(CtEvent, (_kind(msg_type, flags), entry))
+
+
+def packed_event(buf: Buf) -> Packed | None:
+    """The hot path: the first message of one recv() as a Packed, or None (as
+    `decode_event`)."""
+    try:
+        if len(buf) < 20:
+            return None
+        msg_len, msg_type, flags = _HEAD.unpack_from(buf, 0)
+        if msg_type == MSG_CT_NEW:
+            tail = _NEW_TAILS[flags & _KIND_FLAGS]
+        elif msg_type == MSG_CT_DELETE:
+            tail = _RAW_TAILS[DESTROY]
+        else:
             return None
         if msg_len < 20 or msg_len > len(buf):
             return None
-        family = buf[16]
-        entry = _fast(buf, 0, msg_len, family) or _slow(buf, 0, msg_len, family)
+        # ctlayout.layout() inlined: this runs for every event.
+        layouts = _LEARNED.get(msg_len)
+        if layouts is not None:
+            shape = int.from_bytes(buf[16:msg_len], "big")
+            for known in layouts:
+                if shape & known.mask == known.expected:
+                    return known.get_raw(known.unpack_raw(buf, 16) + tail)
+        new = ctlayout.layout(buf, 0, msg_len)
+        return None if new is None else new.raw(buf, 0, tail)
     except (struct.error, ValueError, IndexError):
         return None
-    if entry is None:
-        return None
-    return _new_tuple(CtEvent, (_kind(msg_type, flags), entry))
 
 
 def ends_dump(buf: Buf) -> bool:
@@ -605,15 +426,39 @@ def ends_dump(buf: Buf) -> bool:
     return size == 0
 
 
-# -- age and counters (the stale-nat checks only; never on the event hot path) ----------
+# -- between the two forms ---------------------------------------------------------------
 
-CTA_COUNTERS_ORIG = 9
-CTA_COUNTERS_REPLY = 10
-CTA_TIMESTAMP = 20
-CTA_COUNTERS_PACKETS = 1
-CTA_COUNTERS_BYTES = 2
-CTA_TIMESTAMP_START = 1
-_BE64 = struct.Struct(">Q")
+
+def entry_of(packed: Packed) -> CtEntry:
+    """The CtEntry of a Packed."""
+    (_, fam, osrc, odst, oproto, osport, odport, rsrc, rdst, rproto, rsport, rdport,
+     status, zone, mark, timeout, ct_id, start) = packed
+    frm = int.from_bytes
+    return _entry((fam, osrc, odst, oproto, frm(osport, "big"), frm(odport, "big"),
+                   rsrc, rdst, rproto, frm(rsport, "big"), frm(rdport, "big"),
+                   status, zone, mark, timeout, ct_id, start))
+
+
+def event_of(packed: Packed) -> CtEvent:
+    """The CtEvent of a Packed."""
+    return _new_tuple(CtEvent, (packed[0], entry_of(packed)))
+
+
+def packed_of(entry: CtEntry, kind: int = DUMPED) -> Packed:
+    """The Packed of a CtEntry (what an event or a dump of it would give)."""
+    orig, reply = entry.orig, entry.reply
+    pack = address_bytes
+    return (
+        kind, orig.family,
+        pack(orig.src), pack(orig.dst), orig.proto, orig.sport.to_bytes(2, "big"),
+        orig.dport.to_bytes(2, "big"),
+        pack(reply.src), pack(reply.dst), reply.proto, reply.sport.to_bytes(2, "big"),
+        reply.dport.to_bytes(2, "big"),
+        entry.status, entry.zone, entry.mark, entry.timeout, entry.id, entry.start,
+    )
+
+
+# -- age and counters (the stale-nat checks only; never on the event hot path) ----------
 
 
 class CtUsage(NamedTuple):
@@ -631,15 +476,18 @@ class CtUsage(NamedTuple):
     reply_bytes: int | None = None
 
 
+_BE64 = struct.Struct(">Q")
+
+
 def _u64_pair(buf: Buf, pos: int, end: int) -> tuple[int | None, int | None]:
     """(CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES) of a counters nest; the same for a
     timestamp nest (START, STOP)."""
     first = second = None
     for t, vs, ve in _attrs(buf, pos, end):
         if ve - vs >= 8:
-            if t == 1:
+            if t == CTA_COUNTERS_PACKETS:
                 first = int(_BE64.unpack_from(buf, vs)[0])
-            elif t == 2:
+            elif t == CTA_COUNTERS_BYTES:
                 second = int(_BE64.unpack_from(buf, vs)[0])
     return first, second
 
@@ -661,55 +509,20 @@ def usage_of(buf: Buf, offset: int, msg_len: int) -> CtUsage:
     return CtUsage(start, orig[0], orig[1], reply[0], reply[1])
 
 
-# -- deleting one entry ----------------------------------------------------------------
-
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-
-
-def _tuple_attrs(which: int, tup: CtTuple) -> bytes:
-    if tup.family == AF_INET6:
-        src_t, dst_t = CTA_IP_V6_SRC, CTA_IP_V6_DST
-    else:
-        src_t, dst_t = CTA_IP_V4_SRC, CTA_IP_V4_DST
-    ip = nla(src_t, socket.inet_pton(tup.family, tup.src)) + nla(
-        dst_t, socket.inet_pton(tup.family, tup.dst)
-    )
-    proto = (
-        nla(CTA_PROTO_NUM, bytes([tup.proto]))
-        + nla(CTA_PROTO_SRC_PORT, _BE16.pack(tup.sport))
-        + nla(CTA_PROTO_DST_PORT, _BE16.pack(tup.dport))
-    )
-    return nla(
-        which | NLA_F_NESTED,
-        nla(CTA_TUPLE_IP | NLA_F_NESTED, ip) + nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto),
-    )
-
-
-def _entry_request(msg_type: int, entry: CtEntry, seq: int, with_id: bool) -> bytes:
-    attrs = _tuple_attrs(CTA_TUPLE_ORIG, entry.orig)
-    if entry.zone:
-        attrs += nla(CTA_ZONE, _BE16.pack(entry.zone))
-    if with_id and entry.id is not None:
-        attrs += nla(CTA_ID, _BE32.pack(entry.id))
-    body = struct.pack("=BBH", entry.orig.family, 0, 0) + attrs
-    return _HDR.pack(16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
-
-
-def get_request(entry: CtEntry, *, seq: int = 1) -> bytes:
-    """IPCTNL_MSG_CT_GET of the entry that holds this original tuple now (in its zone):
-    the kernel answers with it, or ENOENT."""
-    return _entry_request((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, entry, seq, False)
-
-
-def delete_request(entry: CtEntry, *, seq: int = 1) -> bytes:
-    """IPCTNL_MSG_CT_DELETE of exactly this entry, acknowledged.
-
-    Always by its original tuple (a delete without a tuple is a *flush* of the whole
-    table to the kernel, so this function has no way to build one), in its zone, and,
-    when the entry's id is known, only if the entry under that tuple still has that id
-    (else the kernel answers ENOENT). The kernel may give a re-created entry the id of
-    the one it replaces (the freed object is reused): callers that must not delete a
-    newer entry read it first (`get_request`) and compare its reply tuple.
-    """
-    return _entry_request(MSG_CT_DELETE, entry, seq, True)
+__all__ = [
+    "AF_INET", "AF_INET6", "CTA_COUNTERS_BYTES", "CTA_COUNTERS_ORIG", "CTA_COUNTERS_PACKETS",
+    "CTA_COUNTERS_REPLY", "CTA_FILTER", "CTA_ID", "CTA_IP_V4_DST", "CTA_IP_V4_SRC",
+    "CTA_IP_V6_DST", "CTA_IP_V6_SRC", "CTA_MARK", "CTA_PROTO_DST_PORT", "CTA_PROTO_NUM",
+    "CTA_PROTO_SRC_PORT", "CTA_STATUS", "CTA_TIMEOUT", "CTA_TIMESTAMP", "CTA_TIMESTAMP_START",
+    "CTA_TUPLE_IP", "CTA_TUPLE_ORIG", "CTA_TUPLE_PROTO", "CTA_TUPLE_REPLY", "CTA_TUPLE_ZONE",
+    "CTA_ZONE", "DESTROY", "DUMPED", "IPCTNL_MSG_CT_DELETE", "IPCTNL_MSG_CT_GET",
+    "IPCTNL_MSG_CT_NEW", "IPPROTO_UDP", "IPS_ASSURED", "IPS_CONFIRMED", "IPS_DST_NAT",
+    "IPS_EXPECTED", "IPS_SEEN_REPLY", "IPS_SRC_NAT", "MSG_CT_DELETE", "MSG_CT_NEW", "NEW",
+    "NFNL_SUBSYS_CTNETLINK", "NLA_F_NESTED", "NLA_TYPE_MASK", "NLMSG_DONE", "NLMSG_ERROR",
+    *(name for name in globals() if name.startswith("P_")),
+    "NLM_F_ACK", "NLM_F_CREATE", "NLM_F_EXCL", "NLM_F_MULTI", "NLM_F_REQUEST", "UPDATE",
+    "Batch", "Buf", "CtEntry", "CtEvent", "CtTuple", "CtUsage", "Packed",
+    "address_bytes", "address_text", "decode", "decode_entry", "decode_event",
+    "delete_request", "dump_request", "ends_dump", "entry_of", "event_of",
+    "get_request", "nla", "packed_event", "packed_of", "usage_of",
+]

@@ -34,7 +34,11 @@ from ctfix.core.decode import CtEntry, CtEvent
 if TYPE_CHECKING:
     from ctfix.core.detectors import Change
     from ctfix.core.detectors.stale_nat import StaleNatFinding
-    from ctfix.core.detectors.unanswered import UnansweredDetector, UnansweredFinding
+    from ctfix.core.detectors.unanswered import (
+        UnansweredDetector,
+        UnansweredFinding,
+        UnansweredSnapshot,
+    )
     from ctfix.core.detectors.wrong_source import WrongSourceFinding
 
     AnyFinding = WrongSourceFinding | StaleNatFinding | UnansweredFinding
@@ -158,6 +162,7 @@ class ServiceRequests:
         self.detector = detector
         self.kinds = detector.kinds
         self._selected = selection.service_selected
+        self._snapshot: UnansweredSnapshot | None = None
 
     def feed(self, event: CtEvent, now: float) -> tuple[UnansweredFinding, Change] | None:
         orig = event[1].orig
@@ -171,6 +176,21 @@ class ServiceRequests:
         selected = self._selected
         chosen = [e for e in entries if selected(e.orig.dst, e.orig.dport)]
         return self.detector.examine(chosen, now, complete=complete)
+
+    def snapshot(self, now: float, *, complete: bool = False) -> ServiceRequests:
+        self._snapshot = self.detector.snapshot(now, complete=complete)
+        return self
+
+    def add(self, entries: Sequence[CtEntry]) -> None:
+        """A chunk of the snapshot begun by `snapshot` (the selected services' entries)."""
+        selected = self._selected
+        assert self._snapshot is not None, "snapshot() first"
+        self._snapshot.add([e for e in entries if selected(e.orig.dst, e.orig.dport)])
+
+    def finish(self) -> list[tuple[UnansweredFinding, Change]]:
+        assert self._snapshot is not None, "snapshot() first"
+        snapshot, self._snapshot = self._snapshot, None
+        return snapshot.finish()
 
     def expire(self, now: float) -> None:
         self.detector.expire(now)

@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctfix.core import decode
+from ctfix.core import ctlayout, ctnetlink, decode
 from ctfix.core.decode import CtEntry, CtTuple
 
 FIXTURES = json.loads(
@@ -58,8 +58,9 @@ def test_recorded_events_decode_to_their_recorded_values_on_both_paths() -> None
 def test_recorded_events_take_the_fast_path() -> None:
     for record in EVENTS:
         raw = bytes.fromhex(record["hex"])
-        # The zone attribute follows the tuples, so the fast path still applies.
-        assert decode._fast(raw, 0, len(raw), raw[16]) is not None
+        decode.decode_event(raw)
+        # Its layout is learned: the next message of its shape is one unpack.
+        assert ctlayout.cached(raw, 0, len(raw)) is not None
 
 
 def test_recorded_dumps_decode_every_entry_and_the_end() -> None:
@@ -97,7 +98,7 @@ def test_the_dump_request_asks_the_kernel_to_filter_protocol_and_port() -> None:
     assert length == len(request)
     assert msg_type == (1 << 8) | decode.IPCTNL_MSG_CT_GET
     assert flags & 0x300 == 0x300  # NLM_F_DUMP
-    attrs = {t: (vs, ve) for t, vs, ve in decode._attrs(request, 20, len(request))}
+    attrs = {t: (vs, ve) for t, vs, ve in ctnetlink.attrs(request, 20, len(request))}
     vs, _ = attrs[decode.CTA_FILTER]
     assert struct.unpack_from("=I", request, vs + 4)[0] == (1 << 3) | (1 << 5)
     assert struct.pack(">H", 5353) in request
@@ -111,6 +112,7 @@ def _check_never_raises(raw: bytes) -> None:
     assert isinstance(batch.events, list)
     decode.decode(raw, fast=False)
     decode.decode_event(raw)
+    decode.packed_event(raw)
     decode.decode_entry(raw)
     decode.ends_dump(raw)
 
@@ -176,3 +178,40 @@ def test_fast_and_slow_paths_agree_when_a_length_covers_several_messages(
     assert decode.decode(raw, fast=True) == decode.decode(raw, fast=False)
     event = decode.decode_event(raw)
     assert event is None or event.entry == decode.decode_entry(raw, fast=False)
+
+
+def _packed_agrees(raw: bytes) -> None:
+    """watch's hot path (the Packed form) reads a message as decode_event does."""
+    event = decode.decode_event(raw)
+    packed = decode.packed_event(raw)
+    if event is None:
+        assert packed is None
+    else:
+        assert packed == decode.packed_of(event.entry, event.kind)
+        assert decode.event_of(packed) == event
+
+
+def test_recorded_messages_read_the_same_in_the_packed_form() -> None:
+    for raw in RAW:
+        _packed_agrees(raw)
+        _packed_agrees(_first_message(raw))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(RAW),
+    st.sampled_from(RAW),
+    st.integers(0, 400),
+    st.lists(st.tuples(st.integers(0, 800), st.integers(0, 255)), max_size=4),
+)
+def test_the_packed_form_agrees_on_damaged_and_overlapping_messages(
+    first: bytes, second: bytes, extra: int, flips: list[tuple[int, int]]
+) -> None:
+    one = _first_message(first)
+    buf = bytearray(one + second)
+    struct.pack_into("=I", buf, 0, min(len(one) + extra, len(buf)))
+    for position, value in flips:
+        if position < len(buf):
+            buf[position] = value
+    _packed_agrees(bytes(buf))
+

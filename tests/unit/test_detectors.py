@@ -65,6 +65,15 @@ class EveryNew:
     ) -> list[tuple[Seen, Change]]:
         return []
 
+    def snapshot(self, now: float, *, complete: bool = False) -> EveryNew:
+        return self
+
+    def add(self, entries: Sequence[CtEntry]) -> None:
+        pass
+
+    def finish(self) -> list[tuple[Seen, Change]]:
+        return []
+
     def expire(self, now: float) -> None:
         pass
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import socket
 import struct
 
-from ctfix.core import decode
+from ctfix.core import ctnetlink, decode
 
 
 def _attrs(raw: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    return {t: (vs, ve) for t, vs, ve in decode._attrs(raw, start, end)}
+    return {t: (vs, ve) for t, vs, ve in ctnetlink.attrs(raw, start, end)}
 
 
 def test_reply_source_port_is_filtered_by_the_kernel() -> None:

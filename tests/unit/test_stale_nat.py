@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from ctfix.core import decode
+from ctfix.core import ctnetlink, decode
+from ctfix.core.ctrequest import tuple_attrs
 from ctfix.core.decode import IPS_ASSURED, IPS_DST_NAT, IPS_SRC_NAT, CtEntry, CtTuple, CtUsage
 from ctfix.core.detectors import Change, Detector, one_feed
 from ctfix.core.detectors.stale_nat import StaleNatDetector, judge
@@ -159,10 +160,21 @@ def _nla(kind: int, payload: bytes) -> bytes:
 def _dumped(entry: CtEntry, *extra: bytes) -> bytes:
     """A dump's message for the entry (as the kernel sends it), with extra attributes."""
     body = struct.pack("=BBH", socket.AF_INET, 0, 0)
-    body += decode._tuple_attrs(decode.CTA_TUPLE_ORIG, entry.orig)
-    body += decode._tuple_attrs(decode.CTA_TUPLE_REPLY, entry.reply)
+    body += tuple_attrs(decode.CTA_TUPLE_ORIG, entry.orig)
+    body += tuple_attrs(decode.CTA_TUPLE_REPLY, entry.reply)
     body += _nla(decode.CTA_ID, struct.pack(">I", entry.id or 0)) + b"".join(extra)
     return struct.pack("=IHHII", 16 + len(body), decode.MSG_CT_NEW, decode.NLM_F_MULTI, 1, 0) + body
+
+
+def _read_tuple(nest: bytes) -> CtTuple | None:
+    """The tuple a CTA_TUPLE_* nest's payload names, as the decoder reads it (in a
+    message that gives it as both tuples)."""
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0)
+    body += _nla(decode.CTA_TUPLE_ORIG | decode.NLA_F_NESTED, nest)
+    body += _nla(decode.CTA_TUPLE_REPLY | decode.NLA_F_NESTED, nest)
+    header = struct.pack("=IHHII", 16 + len(body), decode.MSG_CT_NEW, decode.NLM_F_MULTI, 1, 0)
+    entry = decode.decode_entry(header + body)
+    return None if entry is None else entry.orig
 
 
 def test_usage_is_read_only_when_asked() -> None:
@@ -187,18 +199,18 @@ def test_a_delete_request_always_names_the_tuple_and_the_id() -> None:
     length, msg_type, flags, seq, _pid = struct.unpack_from("=IHHII", request)
     assert (length, msg_type, seq) == (len(request), decode.MSG_CT_DELETE, 5)
     assert flags & decode.NLM_F_ACK
-    attrs = {kind: (start, end) for kind, start, end in decode._attrs(request, 20, length)}
-    assert decode._walk_tuple(request, *attrs[decode.CTA_TUPLE_ORIG], socket.AF_INET) == entry.orig
+    attrs = {kind: (start, end) for kind, start, end in ctnetlink.attrs(request, 20, length)}
+    assert _read_tuple(request[slice(*attrs[decode.CTA_TUPLE_ORIG])]) == entry.orig
     assert request[slice(*attrs[decode.CTA_ID])] == struct.pack(">I", 4242)
     assert request[slice(*attrs[decode.CTA_ZONE])][:2] == struct.pack(">H", 7)
     # The read before the delete: the same tuple, no id (whatever entry holds it now).
     get = decode.get_request(entry, seq=4)
     assert struct.unpack_from("=IHH", get)[1] == (decode.NFNL_SUBSYS_CTNETLINK << 8) | 1
-    kinds = {kind for kind, _s, _e in decode._attrs(get, 20, len(get))}
+    kinds = {kind for kind, _s, _e in ctnetlink.attrs(get, 20, len(get))}
     assert decode.CTA_TUPLE_ORIG in kinds and decode.CTA_ID not in kinds
     # Without a known id, it still names the tuple (never a flush).
     bare = decode.delete_request(entry._replace(id=None))
-    kinds = {kind for kind, _s, _e in decode._attrs(bare, 20, len(bare))}
+    kinds = {kind for kind, _s, _e in ctnetlink.attrs(bare, 20, len(bare))}
     assert decode.CTA_TUPLE_ORIG in kinds and decode.CTA_ID not in kinds
 
 

@@ -2,7 +2,8 @@
 
 A detector is fed by one stream of decoded events (`feed(event, now)`, the hot path
 of `ctfix watch`) and by snapshots of the table (`examine(entries, now)`: explain's
-and scan's dump, or watch's resync after lost events). Each returns findings of its
+and scan's dump; `snapshot(now)`, fed chunk by chunk: watch's start-up and its resyncs
+after lost events, which never hold the whole table). Each returns findings of its
 own type, every one with a `kind` (FindingKind) and an aggregation `key`, paired with
 what the event changed (`Change`). watch, explain and scan compose detectors; the
 renderers show findings by kind.
@@ -25,7 +26,7 @@ import enum
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Literal, Protocol, TypeVar
 
-from ctfix.core.decode import DESTROY, DUMPED, NEW, UPDATE, CtEntry, CtEvent
+from ctfix.core.decode import DESTROY, DUMPED, NEW, UPDATE, CtEntry, CtEvent, Packed, event_of
 
 FindingKind = Literal["wrong-source", "stale-nat", "unanswered", "health"]
 
@@ -61,6 +62,15 @@ class Finding(Protocol):
 FindingT = TypeVar("FindingT", bound=Finding, covariant=True)
 
 
+class Snapshot(Protocol[FindingT]):
+    """A dump being examined (`Detector.snapshot`): `add` each chunk of entries in the
+    dump's order, then `finish` once for the findings."""
+
+    def add(self, entries: Sequence[CtEntry]) -> None: ...
+
+    def finish(self) -> Sequence[tuple[FindingT, Change]]: ...
+
+
 class Detector(Protocol[FindingT]):
     """One problem kind's detector (see the module docstring)."""
 
@@ -78,6 +88,11 @@ class Detector(Protocol[FindingT]):
         came before it was fed); the findings it made or changed."""
         ...
 
+    def snapshot(self, now: float, *, complete: bool = False) -> Snapshot[FindingT]:
+        """`examine` fed chunk by chunk: a dump read as it comes, never held whole
+        (watch's start-up and resyncs); the same findings as `examine` of all chunks."""
+        ...
+
     def expire(self, now: float) -> None:
         """Forget what the kernel has forgotten; call about once a second."""
         ...
@@ -89,6 +104,7 @@ class Detector(Protocol[FindingT]):
 
 
 F = TypeVar("F", bound=Finding)
+E = TypeVar("E")
 
 
 def one_feed(
@@ -101,12 +117,20 @@ def one_feed(
     itself (it returns None, so the loop's own report never fires twice). Detectors
     that learn from dumps only (a true `snapshot_only` attribute) are left out.
     """
-    fed = [d for d in detectors if not getattr(d, "snapshot_only", False)]
-    if len(fed) == 1:
-        return fed[0].feed
-    feeds = tuple(d.feed for d in fed)
+    fed = [d.feed for d in detectors if not getattr(d, "snapshot_only", False)]
+    return _all_of(fed, report)
 
-    def feed_all(event: CtEvent, now: float) -> tuple[F, Change] | None:
+
+def _all_of(
+    fed: Sequence[Callable[[E, float], tuple[F, Change] | None]],
+    report: Callable[[tuple[F, Change]], None],
+) -> Callable[[E, float], tuple[F, Change] | None]:
+    """One feed of several (`one_feed`): itself for one."""
+    if len(fed) == 1:
+        return fed[0]
+    feeds = tuple(fed)
+
+    def feed_all(event: E, now: float) -> tuple[F, Change] | None:
         for feed in feeds:
             found = feed(event, now)
             if found is not None:
@@ -120,7 +144,7 @@ def one_feed(
 ALL_KINDS = frozenset({NEW, UPDATE, DESTROY, DUMPED})
 
 
-def _nothing(event: CtEvent, now: float) -> None:
+def _nothing(event: object, now: float) -> None:
     del event, now
 
 
@@ -142,6 +166,37 @@ def feeds_by_kind(
     return tuple(table)
 
 
+def packed_feeds_by_kind(
+    detectors: Sequence[Detector[F]], report: Callable[[tuple[F, Change]], None]
+) -> tuple[Callable[[Packed, float], tuple[F, Change] | None], ...]:
+    """`feeds_by_kind` for events in the Packed form (ctfix.core.decode; watch's hot
+    path): a detector's `feed_packed` where it has one (the wrong-source detector:
+    NEW and UPDATE events build no entry), else its `feed` of the event built from it."""
+    table: list[Callable[[Packed, float], tuple[F, Change] | None]] = [_nothing]
+    for kind in (NEW, UPDATE, DESTROY, DUMPED):
+        wanted = [
+            _packed_feed(d)
+            for d in detectors
+            if kind in getattr(d, "kinds", ALL_KINDS) and not getattr(d, "snapshot_only", False)
+        ]
+        table.append(_all_of(wanted, report) if wanted else _nothing)
+    return tuple(table)
+
+
+def _packed_feed(detector: Detector[F]) -> Callable[[Packed, float], tuple[F, Change] | None]:
+    fast: Callable[[Packed, float], tuple[F, Change] | None] | None = getattr(
+        detector, "feed_packed", None
+    )
+    if fast is not None:
+        return fast
+    feed = detector.feed
+
+    def converted(event: Packed, now: float) -> tuple[F, Change] | None:
+        return feed(event_of(event), now)
+
+    return converted
+
+
 __all__ = [
     "ALL_KINDS",
     "UDP_TIMEOUT",
@@ -150,6 +205,8 @@ __all__ = [
     "Detector",
     "Finding",
     "FindingKind",
+    "Snapshot",
     "feeds_by_kind",
     "one_feed",
+    "packed_feeds_by_kind",
 ]

@@ -306,7 +306,18 @@ class StaleNatDetector:
         """
         if self.evaluator is None:
             return []
-        judgement = judge(
+        judgement = self._judge(entries, now, usage, interface_of)
+        return self._conclude(judgement, now, existing, ports)
+
+    def _judge(
+        self,
+        entries: Iterable[CtEntry],
+        now: float,
+        usage: Mapping[int, CtUsage] | None = None,
+        interface_of: Callable[[str], str | None] | None = None,
+    ) -> Judgement:
+        assert self.evaluator is not None
+        return judge(
             entries,
             self.evaluator,
             now=now,
@@ -315,6 +326,11 @@ class StaleNatDetector:
             stream_timeout=self.stream_timeout,
             interface_of=interface_of or self.interface_of,
         )
+
+    def _conclude(
+        self, judgement: Judgement, now: float, existing: bool, ports: Collection[int] | None
+    ) -> list[tuple[StaleNatFinding, Change]]:
+        """What a judgement of a dump changes about the findings (`check`)."""
         self.undecided = judgement.undecided
         results: list[tuple[StaleNatFinding, Change]] = []
         found_now: dict[tuple[str, str], int] = {}
@@ -342,8 +358,14 @@ class StaleNatDetector:
         self, entries: Sequence[CtEntry], now: float, *, complete: bool = False
     ) -> list[tuple[StaleNatFinding, Change]]:
         """A resync dump (watch's start-up, or after lost events): findings `existing`."""
-        ports = None if complete else {e.orig.dport for e in entries}
-        return self.check(entries, now, existing=True, ports=ports)
+        snapshot = self.snapshot(now, complete=complete)
+        snapshot.add(entries)
+        return snapshot.finish()
+
+    def snapshot(self, now: float, *, complete: bool = False) -> StaleNatSnapshot:
+        """`examine` fed chunk by chunk: each chunk judged as it comes (judging one
+        entry never depends on another), the judgements merged at `finish`."""
+        return StaleNatSnapshot(self, now, complete)
 
     def expire(self, now: float) -> None:
         """Nothing to forget: findings are kept as the watch's history (bounded by
@@ -364,6 +386,40 @@ class StaleNatDetector:
     @property
     def found(self) -> Collection[StaleNatFinding]:
         return self.findings.values()
+
+
+class StaleNatSnapshot:
+    """One dump, chunk by chunk, for a StaleNatDetector (its `snapshot`)."""
+
+    def __init__(self, detector: StaleNatDetector, now: float, complete: bool) -> None:
+        self.detector = detector
+        self.now = now
+        self.ports: set[int] | None = None if complete else set()
+        self.stale: list[StaleEntry] = []
+        self.undecided: list[Undecided] = []
+        self.judged = 0
+        self.targets: dict[str, None] = {}
+
+    def add(self, entries: Sequence[CtEntry]) -> None:
+        """Some of the dump's entries, in its order."""
+        if self.ports is not None:
+            self.ports.update(e.orig.dport for e in entries)
+        if self.detector.evaluator is None:
+            return
+        judgement = self.detector._judge(entries, self.now)
+        self.stale += judgement.stale
+        self.undecided += judgement.undecided
+        self.judged += judgement.judged
+        self.targets.update(dict.fromkeys(judgement.targets))
+
+    def finish(self) -> list[tuple[StaleNatFinding, Change]]:
+        """What the whole dump changed; the findings (existing), as `examine` gives them."""
+        if self.detector.evaluator is None:
+            return []
+        judgement = Judgement(
+            tuple(self.stale), tuple(self.undecided), self.judged, tuple(self.targets)
+        )
+        return self.detector._conclude(judgement, self.now, True, self.ports)
 
 
 def _port_of(service: str) -> int:

@@ -62,7 +62,7 @@ beside the classification that asks them, so one file says what a reason rests o
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
@@ -379,34 +379,48 @@ class UnansweredDetector:
         `complete` changes nothing: a dump cannot bring back flows that ended while
         events were lost (their entries are gone).
         """
+        snapshot = self.snapshot(now, complete=complete)
+        snapshot.add(entries)
+        return snapshot.finish()
+
+    def snapshot(self, now: float, *, complete: bool = False) -> UnansweredSnapshot:
+        """`examine` fed chunk by chunk (each entry is counted as it comes)."""
         del complete
-        results = []
-        seen: set[object] = set()
+        return UnansweredSnapshot(self, now)
+
+    def _examine(
+        self, entries: Iterable[CtEntry], now: float, seen: set[object] | None
+    ) -> Iterator[tuple[UnansweredFinding, Change]]:
+        """`examine`'s work; `seen`: the entries of this dump so far (None when the
+        detector `remember`s: then `_counted` is that set, for every entry it counts)."""
         udp = socket.IPPROTO_UDP
         local = self.local_addresses
+        counted = self._counted
         for entry in entries:
             orig = entry.orig
             if orig.proto != udp or entry.status & IPS_SEEN_REPLY:
                 continue
             ident: object = entry.id if entry.id is not None else (orig, entry.zone)
-            if ident in seen or ident in self._counted:
+            if ident in counted:
                 continue
-            seen.add(ident)
+            if seen is not None:
+                if ident in seen:
+                    continue
+                seen.add(ident)
             left = entry.timeout
             idle = self.udp_timeout - left if left is not None else self.udp_timeout
             if not is_request(entry, local) or _multicast(orig.dst):
                 continue
             if self.remember:
-                if entry.id is None or len(self._counted) >= self.max_remembered:
+                if entry.id is None or len(counted) >= self.max_remembered:
                     continue  # its DESTROY will count it
                 # Its DESTROY comes `left` seconds from now, later if the client sends
                 # again; long after that the id is forgotten (a count twice at worst).
-                self._counted[entry.id] = now + (left or 0) + 4 * self.udp_timeout + 60
+                counted[entry.id] = now + (left or 0) + 4 * self.udp_timeout + 60
             found = self._count(entry, now, since=now - idle, existing=self.dumps_are_history)
             if found is not None:
                 self.stats.from_dump += 1
-                results.append(found)
-        return results
+                yield found
 
     def icmp_sent(
         self, client: str, client_port: int, service: str, service_port: int, now: float
@@ -544,3 +558,37 @@ class UnansweredDetector:
         )
         self.findings[key] = finding
         return finding, Change.NEW
+
+
+class UnansweredSnapshot:
+    """One dump, chunk by chunk, for an UnansweredDetector (its `snapshot`).
+
+    A big table counts thousands of flows into a few findings: of each finding's
+    changes it keeps the first and the latest (a finding carries its counts, so the
+    ones between say nothing more), not one finding object per flow."""
+
+    def __init__(self, detector: UnansweredDetector, now: float) -> None:
+        self.detector = detector
+        self.now = now
+        #: finding key -> its first change in this dump, and its latest one after it
+        self.results: dict[Hashable, list[tuple[UnansweredFinding, Change]]] = {}
+        self._seen: set[object] | None = None if detector.remember else set()
+
+    def add(self, entries: Iterable[CtEntry]) -> None:
+        """Some of the dump's entries, in its order."""
+        results = self.results
+        for found in self.detector._examine(entries, self.now, self._seen):
+            changes = results.get(found[0].key)
+            if changes is None:
+                results[found[0].key] = [found]
+            elif len(changes) == 1:
+                changes.append(found)
+            else:
+                changes[1] = found
+
+    def finish(self) -> list[tuple[UnansweredFinding, Change]]:
+        """The findings the dump made or changed (each finding's first and latest
+        change, in the order findings first changed)."""
+        self._seen = None
+        return [found for changes in self.results.values() for found in changes]
+

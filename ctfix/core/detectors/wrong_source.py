@@ -37,8 +37,8 @@ entry is a candidate (the pure rule, for tests and for callers that cannot list 
 
 Know before changing (over 500 lines on purpose: this docstring is the rule's
 specification, and the rest is one detector whose packed memory of pending requests
-and matching against it are one piece of the hot path; split, each half would have to
-know the other's byte layout):
+and matching against it are one piece of the hot path; the matching rule has two
+entries, `feed` for CtEvents and `feed_packed` for watch's hot path, which must agree):
 - Memory is the constraint (1M unreplied flows in < 200 MB): a pending request is
   two small `bytes` (key: client address+port; value: expected source, service,
   client, deadline) in a dict, plus one reference in a deque that orders expiry.
@@ -70,9 +70,33 @@ from typing import Literal
 
 from ctfix.core.addr import endpoint
 from ctfix.core.clientnet import ClientNetworks
-from ctfix.core.decode import DESTROY, DUMPED, IPS_SEEN_REPLY, NEW, UPDATE, CtEntry, CtEvent
+from ctfix.core.decode import (
+    DESTROY,
+    DUMPED,
+    IPS_SEEN_REPLY,
+    NEW,
+    P_KIND,
+    P_ORIG_DPORT,
+    P_ORIG_DST,
+    P_ORIG_PROTO,
+    P_ORIG_SPORT,
+    P_ORIG_SRC,
+    P_REPLY_DPORT,
+    P_REPLY_DST,
+    P_REPLY_SPORT,
+    P_REPLY_SRC,
+    P_STATUS,
+    P_TIMEOUT,
+    UPDATE,
+    CtEntry,
+    CtEvent,
+    Packed,
+    address_bytes,
+    event_of,
+)
 from ctfix.core.detectors import UDP_TIMEOUT, Change
 from ctfix.core.detectors.flows import is_request
+from ctfix.core.detectors.wrong_source_snapshot import WrongSourceSnapshot
 from ctfix.core.model import Family, Mismatch
 from ctfix.core.zones import is_fix_zone
 
@@ -132,6 +156,12 @@ def mismatch_of(expected: tuple[str, int], actual: tuple[str, int]) -> Mismatch 
 
 _PORT = struct.Struct(">H")
 _DEADLINE = struct.Struct(">I")
+_UDP = socket.IPPROTO_UDP
+
+
+def _deadline(value: bytes) -> int:
+    """The deadline (in ticks) a pending request's value ends with."""
+    return int.from_bytes(value[-4:], "big")
 _PACK_CACHE: dict[str, bytes] = {}
 
 
@@ -225,6 +255,8 @@ class WrongSourceDetector:
         # for `answer_to`, in last-seen order
         self._answers: dict[tuple[str, int], tuple[float, bool]] = {}
         self._matched = False  # set by _match: the entry answered a pending request
+        self._local_of: frozenset[str] | None = None  # what _local_bytes was made from
+        self._local_bytes: frozenset[bytes] = frozenset()
         self._probe = b""  # set by _match: packed orig dst + dport, reused by _remember
 
     # -- state ---------------------------------------------------------------------
@@ -261,12 +293,40 @@ class WrongSourceDetector:
                 _DEADLINE.pack(self._tick(now) + timeout + 1),
             )
         )
+        return self._store(key, value)
+
+    def _store(self, key: bytes, value: bytes) -> bytes:
         pending = self._pending
+        old = pending.get(key)
+        if (
+            old is not None
+            and old[:-4] == value[:-4]
+            and -1 <= _deadline(old) - _deadline(value) <= 1
+        ):
+            # Unchanged (a dump repeating what the events said; its deadline within the
+            # rounding of whole seconds, the kernel's and this clock's): its place in
+            # the expiry order stands, and no second copy of key and value is kept.
+            return key
         pending[key] = value
         self._order.append(key)
         if len(pending) > self.max_flows:
             self._evict_one()
         return key
+
+    def _local_raw(self) -> frozenset[bytes]:
+        """`local_addresses` as the kernel's bytes (for `feed_packed`), kept while the
+        caller keeps the same set."""
+        local = self.local_addresses
+        if self._local_of is not local:
+            raw = set()
+            for address in local:
+                try:
+                    raw.add(address_bytes(address))
+                except OSError:  # not an address inet_ntop gives: it matches no entry
+                    continue
+            self._local_bytes = frozenset(raw)
+            self._local_of = local
+        return self._local_bytes
 
     @staticmethod
     def _key(entry: CtEntry) -> bytes:
@@ -388,6 +448,65 @@ class WrongSourceDetector:
             return self._new_flow(entry, now, from_dump=True)
         return None
 
+    def feed_packed(self, event: Packed, now: float) -> tuple[WrongSourceFinding, Change] | None:
+        """`feed` for an event in the Packed form (watch's hot path): the same state and
+        findings. A NEW event that answers nothing pending (nearly all of them) is
+        stored from its bytes as they came, without building an entry; the rest take
+        `feed`'s own path."""
+        if event[P_ORIG_PROTO] != _UDP:
+            return None
+        kind = event[P_KIND]
+        if kind == NEW:
+            probe = event[P_ORIG_DST] + event[P_ORIG_DPORT]
+            pending = self._pending
+            if probe in pending:  # a reply, or the same client again: the full rule
+                return self.feed(event_of(event), now)
+            self.stats.events += 1
+            self.stats.new_flows += 1
+            self._matched = False
+            if not event[P_STATUS] & IPS_SEEN_REPLY:
+                self._remember_packed(event, now, probe)
+            return None
+        if kind in (UPDATE, DESTROY):
+            self.stats.events += 1
+            if kind == DESTROY or event[P_STATUS] & IPS_SEEN_REPLY:
+                key = event[P_REPLY_DST] + event[P_REPLY_DPORT]
+                value = self._pending.get(key)
+                if value is not None and value[:-4].endswith(
+                    event[P_ORIG_SRC] + event[P_ORIG_SPORT]
+                ):
+                    del self._pending[key]
+            return None
+        return self.feed(event_of(event), now)
+
+    def _remember_packed(self, event: Packed, now: float, service: bytes) -> None:
+        """`_remember` of a Packed NEW event (`feed_packed`): the same rule on bytes."""
+        if self.local_addresses:  # flows.is_request, on bytes
+            local = self._local_raw()
+            if event[P_ORIG_SRC] in local:
+                return
+            if event[P_ORIG_DST] not in local and (
+                event[P_REPLY_SRC] == event[P_ORIG_DST]
+                and event[P_REPLY_SPORT] == event[P_ORIG_DPORT]
+            ):
+                return
+        if service[0] >= 224 if len(service) == 6 else service[0] == 0xFF:
+            return  # multicast/broadcast (`_remember`)
+        timeout = event[P_TIMEOUT]
+        if timeout is None:
+            timeout = self.udp_timeout
+        value = b"".join(
+            (
+                event[P_REPLY_SRC],
+                event[P_REPLY_SPORT],
+                service,
+                event[P_ORIG_SRC],
+                event[P_ORIG_SPORT],
+                _DEADLINE.pack(self._tick(now) + timeout + 1),
+            )
+        )
+        self._store(event[P_REPLY_DST] + event[P_REPLY_DPORT], value)
+
     def resync(
         self,
         entries: Sequence[CtEntry],
@@ -406,46 +525,23 @@ class WrongSourceDetector:
         table tells (explain dates its evidence so); findings then say when they
         happened instead of `now`.
         """
-        udp = socket.IPPROTO_UDP
-        entries = [e for e in entries if e.orig.proto == udp]
-        # Only unreplied entries can be requests still waiting; any entry can be a
-        # reply (a TFTP client ACKs the new port's DATA: that reply entry is replied).
-        unreplied = [e for e in entries if not e.status & IPS_SEEN_REPLY]
-        pending = self._pending
-        # key -> the value it had before this dump (None: not pending), for every key
-        # the dump stored. A reply is only known to be one once its request is stored,
-        # and the dump's order is the hash table's: store all, then undo the replies.
-        before: dict[bytes, bytes | None] = {}
-        for entry in unreplied:
-            previous = pending.get(self._key(entry))
-            key = self._remember(entry, now)
-            if key is not None and key not in before:
-                before[key] = previous
-        results = []
-        for entry in entries:
-            found = self._match(entry, time_of(entry) if time_of else now, from_dump=True)
-            if found is not None:
-                results.append(found)
-            if not self._matched:
-                continue
-            key = self._key(entry)
-            value = pending.get(key)
-            if key in before and value is not None and self._made_by(value, entry):
-                previous = before[key]
-                if previous is None:
-                    del pending[key]
-                    del before[key]
-                else:
-                    pending[key] = previous  # what was there before it is not stale
-        if complete:
-            stale = [key for key in pending if key not in before]
-            for key in stale:
-                del pending[key]
-            self.stats.stale += len(stale)
-        self.stats.recovered += sum(
-            1 for key, previous in before.items() if previous is None and key in pending
-        )
-        return results
+        kept = list(entries)
+        snapshot = self.snapshot(now, complete=complete, time_of=time_of, keep=kept)
+        snapshot.add(kept)
+        return snapshot.finish()
+
+    def snapshot(
+        self,
+        now: float,
+        *,
+        complete: bool = False,
+        time_of: Callable[[CtEntry], float] | None = None,
+        keep: list[CtEntry] | None = None,
+    ) -> WrongSourceSnapshot:
+        """`resync` fed chunk by chunk (`add`, then `finish`): a dump read as it comes,
+        never held whole. The entries are kept as bytes (ctfix.core.compact) until
+        `finish` matches them; `keep`: the caller holds them all already (as a list)."""
+        return WrongSourceSnapshot(self, now, complete, time_of, keep)
 
     #: the snapshot entry of the ctfix.core.detectors protocol
     examine = resync
