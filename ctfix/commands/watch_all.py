@@ -327,7 +327,8 @@ class AllNamespaces:
                 self.metrics.forget(ref.label)
             if not isinstance(err, CtfixError | OSError):
                 raise  # a stop signal, or a bug: the caller's clean-up runs
-            if not isinstance(err, namespaces.NamespaceGone):
+            # Gone while it was being entered or started: nothing to say about it.
+            if not isinstance(err, namespaces.NamespaceGone) and not namespaces.gone(ref):
                 why = err.one_line() if isinstance(err, CtfixError) else str(err)
                 self.failed[ref.id] = why
                 self.console.warn(f"cannot watch namespace {ref.label}: {why}")

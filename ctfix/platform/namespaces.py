@@ -410,10 +410,26 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
 
     fd = open_ref(ref)
     try:
-        with netns.entered_fd(fd, ref.label):
+        with contextlib.ExitStack() as inside:
+            try:
+                inside.enter_context(netns.entered_fd(fd, ref.label))
+            except CtfixError as err:
+                if gone(ref):
+                    raise NamespaceGone(f"network namespace {ref.label} is gone") from err
+                raise
             yield
     finally:
         os.close(fd)
+
+
+def gone(ref: NamespaceRef) -> bool:
+    """The namespace no longer exists: what a failure to open or enter it is, when it
+    went meanwhile (a skip, never an error)."""
+    try:
+        os.close(open_ref(ref))
+    except NamespaceGone:
+        return True
+    return False
 
 
 def current_id() -> NamespaceId:
