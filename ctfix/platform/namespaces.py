@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from ctfix.core.model import ContainerRef
 from ctfix.core.netns_scan import NamespaceKind
 from ctfix.errors import CtfixError
+from ctfix.platform.netns import NamespaceGone as NamespaceGone  # also Entering's
 from ctfix.platform.procfs import read_text, stat_key
 
 NamespaceId = int
@@ -71,10 +72,6 @@ class NamespaceRef:
     process: str | None = None  # the lowest process's name (comm)
     container: ContainerRef | None = None
     mounts: tuple[str, ...] = ()
-
-
-class NamespaceGone(CtfixError):
-    """The namespace no longer exists (its last process exited, its mount went)."""
 
 
 # -- mountinfo ---------------------------------------------------------------------

@@ -113,3 +113,93 @@ def test_watch_all_netns_skips_a_namespace_gone_while_it_was_entered(
         assert set(every.failed) == {REF.id} and "cannot watch namespace" in stderr.getvalue()
     finally:
         every.close()
+
+
+def test_a_namespace_no_longer_watched_is_never_entered_through_a_reused_descriptor() -> None:
+    """watch --all-netns closes a gone namespace's descriptor; its number is soon
+    another file's (here /dev/null; it could be another namespace's). Entering it then
+    said "... is not a network namespace" and ended the watch (exit 2), or entered the
+    wrong namespace; now it is NamespaceGone, and setns is not called."""
+    from ctfix.platform.netns import Entering
+
+    home = here()
+    entering = Entering(here(), "f2-gone", home)
+    try:
+        with entering():
+            pass
+        number, null = entering.fd, dev_null()
+        entering.close()
+        reused = os.dup2(null, number)  # the number now names /dev/null
+        os.close(null)
+        try:
+            with pytest.raises(NamespaceGone), entering():
+                pass
+        finally:
+            os.close(reused)
+    finally:
+        entering.close()
+        os.close(home)
+
+
+def test_the_loop_lets_a_watcher_no_longer_watched_go_without_ending_the_watch() -> None:
+    """Its events read inside it, its timers and its tick: none runs (before, entering
+    it raised out of the loop: the end of the watch), and the watch goes on."""
+    import selectors
+    from typing import Any, cast
+
+    from ctfix.commands.watch_loop import Stop, run_loop
+    from ctfix.platform.netns import Entering
+    from tests.unit.test_watch_all import _Batch
+
+    home = here()
+    closed = Entering(here(), "f2-gone", home)
+    closed.close()
+
+    class Closed:
+        inside = closed
+        resync_due = None
+
+        def __init__(self) -> None:
+            self.worked: list[str] = []
+
+        def ready(self, tag: str, fileobj: Any) -> None:
+            self.worked.append(tag)
+
+        def turn(self, mono: float, deadline: float | None) -> None:
+            self.worked.append("turn")
+
+        def tick(self, mono: float) -> None:
+            self.worked.append("tick")
+
+        def wait(self, mono: float) -> float:
+            return 0.0
+
+    watcher = Closed()
+    key = selectors.SelectorKey(7, 7, selectors.EVENT_READ, (watcher, "addr"))  # read inside
+    sel = _Batch([key])
+
+    class Follower:
+        def __init__(self) -> None:
+            self.watchers = [watcher]
+
+        def wait(self, mono: float) -> float:
+            return 0.0
+
+        def follow(self, mono: float, *, readable: bool = False) -> None:
+            pass
+
+    class Quiet:
+        status = False
+
+        def due(self, mono: float) -> float:
+            return mono
+
+    try:
+        with pytest.raises(Stop):
+            run_loop(
+                sel, [], console=cast(Any, Quiet()), deadline=None,
+                follower=cast(Any, Follower()),
+            )
+    finally:
+        os.close(home)
+    assert watcher.worked == []
