@@ -46,6 +46,8 @@ def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> Nam
     except namespaces.NamespaceGone:
         return dataclasses.replace(found, skipped="gone during the scan", gone=True)
     except CtfixError as err:
+        if namespaces.gone(ref):  # it went while we read it: gone, not unknown
+            return dataclasses.replace(found, skipped="gone during the scan", gone=True)
         return dataclasses.replace(found, skipped=err.one_line())
 
 

@@ -19,7 +19,8 @@ kernel buffers each namespace's events in at most `limits()`'s rcvbuf (the host'
 64 MiB as for one namespace).
 
 Know before changing: a watcher's work runs inside its namespace, entered through a
-descriptor held open for as long as it is watched (`inside`, two setns calls); our
+descriptor held open for as long as it is watched (`inside`, two setns calls; closed,
+it refuses to enter, never setns on a number another file may have by then); our
 own sockets keep a namespace alive after its last process and mount are gone, so
 "gone" is what the snapshot says, never what the kernel still lets us read.
 """
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from ctfix.platform.containers import ClientContainers
     from ctfix.platform.metrics import WatchMetrics
     from ctfix.platform.namespaces import NamespaceId, NamespaceRef
+    from ctfix.platform.netns import Entering
     from ctfix.render.status import Console
 
 #: namespaces watched at most, by default (`--max-netns`)
@@ -181,7 +183,7 @@ class AllNamespaces:
         self.unwatched: set[NamespaceId] = set()  # over --max-netns
         self.failed: dict[NamespaceId, str] = {}
         self.started: float | None = None
-        self._fds: dict[NamespaceId, int] = {}
+        self._entering: dict[NamespaceId, Entering] = {}
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._mounts: tuple[select.epoll, int] | None = None
         self._next_scan = 0.0
@@ -322,17 +324,18 @@ class AllNamespaces:
         except BaseException as err:
             with contextlib.suppress(CtfixError, OSError), inside():
                 watcher.close()
-            os.close(fd)
+            inside.close()
             if self.metrics is not None:
                 self.metrics.forget(ref.label)
             if not isinstance(err, CtfixError | OSError):
                 raise  # a stop signal, or a bug: the caller's clean-up runs
-            if not isinstance(err, namespaces.NamespaceGone):
+            # Gone while it was being entered or started: nothing to say about it.
+            if not isinstance(err, namespaces.NamespaceGone) and not namespaces.gone(ref):
                 why = err.one_line() if isinstance(err, CtfixError) else str(err)
                 self.failed[ref.id] = why
                 self.console.warn(f"cannot watch namespace {ref.label}: {why}")
             return
-        self._fds[ref.id] = fd
+        self._entering[ref.id] = inside
         self.current[ref.id] = watcher
         self.ended.append(watcher)
         if not quiet:
@@ -342,7 +345,7 @@ class AllNamespaces:
     def _stop(self, ident: NamespaceId, watcher: NamespaceWatch, *, gone: bool) -> None:
         """Stop watching a namespace: what its socket still holds is read first."""
         self.current.pop(ident, None)
-        fd = self._fds.pop(ident)
+        inside = self._entering.pop(ident)
         try:
             assert watcher.inside is not None
             with watcher.inside():
@@ -352,7 +355,7 @@ class AllNamespaces:
         except (CtfixError, OSError):
             watcher.close()
         finally:
-            os.close(fd)
+            inside.close()
         watcher.gone = gone
         if self.metrics is not None:
             self.metrics.forget(watcher.label)

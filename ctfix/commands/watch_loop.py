@@ -20,13 +20,15 @@ from __future__ import annotations
 import selectors
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 if TYPE_CHECKING:
     from ctfix.commands.watch_ns import NamespaceWatch
     from ctfix.render.status import Console, StatusCounts
+
+P = ParamSpec("P")
 
 #: seconds between two ticks (expiry, losses, metrics)
 TICK = 1.0
@@ -130,8 +132,7 @@ def run_loop(
             elif watcher.inside is None or tag not in ENTERED:
                 watcher.ready(tag, key.fileobj)
             else:
-                with watcher.inside():
-                    watcher.ready(tag, key.fileobj)
+                inside(watcher, watcher.ready, tag, key.fileobj)
         mono = time.monotonic()
         if follower is None:
             for watcher in active:
@@ -140,22 +141,34 @@ def run_loop(
             next_turns = mono + TURN
             for watcher in active:
                 if watcher.wait(mono) <= 0.0 or (deadline is not None and mono >= deadline):
-                    assert watcher.inside is not None
-                    with watcher.inside():
-                        watcher.turn(mono, deadline)
+                    inside(watcher, watcher.turn, mono, deadline)
         if mono >= next_tick:
             next_tick = mono + TICK
             for watcher in active:
                 if watcher.inside is None:
                     watcher.tick(mono)
                 else:
-                    with watcher.inside():
-                        watcher.tick(mono)
+                    inside(watcher, watcher.tick, mono)
         if follower is not None:
             follower.follow(mono)
             active = list(follower.watchers)
         if console.status:
             console.show(counts(active, many=follower is not None), time.monotonic())
+
+
+def inside(
+    watcher: NamespaceWatch, work: Callable[P, object], *args: P.args, **kwargs: P.kwargs
+) -> None:
+    """`work` inside the watcher's namespace; none when it is no longer watched (its
+    namespace went: ctfix.platform.netns.Entering is closed), never an error."""
+    from ctfix.platform.netns import NamespaceGone
+
+    assert watcher.inside is not None
+    try:
+        with watcher.inside():
+            work(*args, **kwargs)
+    except NamespaceGone:
+        pass
 
 
 def counts(watchers: Iterable[NamespaceWatch], *, many: bool) -> StatusCounts:

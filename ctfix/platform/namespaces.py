@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from ctfix.core.model import ContainerRef
 from ctfix.core.netns_scan import NamespaceKind
 from ctfix.errors import CtfixError
+from ctfix.platform.netns import NamespaceGone as NamespaceGone  # also Entering's
 from ctfix.platform.procfs import read_text, stat_key
 
 NamespaceId = int
@@ -71,10 +72,6 @@ class NamespaceRef:
     process: str | None = None  # the lowest process's name (comm)
     container: ContainerRef | None = None
     mounts: tuple[str, ...] = ()
-
-
-class NamespaceGone(CtfixError):
-    """The namespace no longer exists (its last process exited, its mount went)."""
 
 
 # -- mountinfo ---------------------------------------------------------------------
@@ -410,10 +407,26 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
 
     fd = open_ref(ref)
     try:
-        with netns.entered_fd(fd, ref.label):
+        with contextlib.ExitStack() as inside:
+            try:
+                inside.enter_context(netns.entered_fd(fd, ref.label))
+            except CtfixError as err:
+                if gone(ref):
+                    raise NamespaceGone(f"network namespace {ref.label} is gone") from err
+                raise
             yield
     finally:
         os.close(fd)
+
+
+def gone(ref: NamespaceRef) -> bool:
+    """The namespace no longer exists: what a failure to open or enter it is, when it
+    went meanwhile (a skip, never an error)."""
+    try:
+        os.close(open_ref(ref))
+    except NamespaceGone:
+        return True
+    return False
 
 
 def current_id() -> NamespaceId:

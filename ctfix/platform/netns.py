@@ -160,10 +160,16 @@ def within(inside: Inside | None) -> AbstractContextManager[None]:
     return contextlib.nullcontext() if inside is None else inside()
 
 
+class NamespaceGone(CtfixError):
+    """The namespace no longer exists (its last process exited, its mount went)."""
+
+
 class Entering:
-    """An `Inside` for one namespace opened once (`fd`), entered from `home` and back:
-    two setns calls. Re-entrant: a block nested in another of the same namespace does
-    nothing (the outer block comes back home, not the inner one)."""
+    """An `Inside` for one namespace opened once (`fd`, its own from then on), entered
+    from `home` and back: two setns calls. Re-entrant: a block nested in another of the
+    same namespace does nothing (the outer block comes back home, not the inner one).
+    Once closed it is NamespaceGone: its descriptor's number may name another file by
+    then (another namespace's even), which setns must never be given."""
 
     def __init__(self, fd: int, what: str, home: int) -> None:
         self.fd = fd
@@ -171,8 +177,15 @@ class Entering:
         self.home = home
         self._depth = 0
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
+        if self.fd < 0:
+            raise NamespaceGone(f"network namespace {self.what} is no longer watched")
         if self._depth:
             yield
             return
