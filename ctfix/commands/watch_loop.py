@@ -125,10 +125,6 @@ def run_loop(
                     # It may have stopped some (their namespace is gone, their
                     # descriptors closed): none of them is touched again.
                     active = list(follower.watchers)
-            elif sel.get_map().get(key.fd) is not key or watcher.closed:
-                # Its namespace went earlier in this batch: its sockets are closed (and
-                # the descriptor may already be another socket's).
-                continue
             elif watcher.inside is None or tag not in ENTERED:
                 watcher.ready(tag, key.fileobj)
             else:
