@@ -7,6 +7,9 @@ Know before changing, three traps measured on this kernel:
 - libxtables keeps one protocol's extensions per process (after IPv4's SNAT is
   loaded, IPv6's cannot be): every libiptc operation runs in a forked child
   (`iptables_legacy.in_child`), which inherits the namespace the command entered.
+  A child costs little (python-iptables is imported once, before forking), but a
+  snat-zone fix has dozens of rules: reads (`rules_found`) and removals
+  (`remove_rules`) take one child per family, not one per rule.
 - The kernel cannot unload a legacy table from a live namespace: when the fix needs
   `raw` (for the CT zone) and `raw` was not loaded, an empty `raw` table (ACCEPT
   policies) remains after revert. `tables_created()` tells the caller, who says so.
