@@ -107,7 +107,14 @@ def in_child(function: Callable[..., T], *args: Any) -> T:
     is loaded for IPv4, python-iptables cannot find the IPv6 MASQUERADE ("can't find
     target"). A child per operation keeps each one clean; it inherits the namespace
     the caller entered. Errors come back as `CtfixError`.
+
+    python-iptables is imported here, in the caller, once: importing it costs most
+    of a second (ctypes' find_library runs ldconfig), which every child paid again
+    when it imported it itself (a revert of a snat-zone fix with a dozen rules spent
+    ~20 s of its ~20 s on it). The import loads no extension (those are what a
+    process cannot hold for both families), so the children still start clean.
     """
+    import_iptc()
     readable, writable = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into the caller's code
@@ -116,10 +123,8 @@ def in_child(function: Callable[..., T], *args: Any) -> T:
             os.close(readable)
             try:
                 outcome: tuple[str, Any] = ("ok", function(*args))
-            except CtfixError as err:
-                outcome = ("error", err)
             except Exception as err:
-                outcome = ("error", CtfixError(f"{type(err).__name__}: {err}"))
+                outcome = ("error", as_ctfix_error(err))
             with os.fdopen(writable, "wb") as out:
                 pickle.dump(outcome, out)
         except BaseException:
@@ -137,6 +142,14 @@ def in_child(function: Callable[..., T], *args: Any) -> T:
         raise value
     result: T = value
     return result
+
+
+def as_ctfix_error(err: Exception) -> CtfixError:
+    """The error as a child reports it: a CtfixError as it is, anything else (an
+    IPTCError, a ValueError from libxtables) as a one-line CtfixError."""
+    if isinstance(err, CtfixError):
+        return err
+    return CtfixError(f"{type(err).__name__}: {err}")
 
 
 #: The lock `iptables -w` takes around a table change (iptables' XT_LOCK_NAME; like

@@ -186,15 +186,16 @@ def _undo(
     removed: list[tuple[str, ...]] = []
     failures: list[str] = []
     missing: list[tuple[str, ...]] = []
-    for recorded in reversed(list(fix.steps)):
-        try:
-            if registry.remove(recorded.step.spec):
-                removed.append(recorded.step.creates)
-            else:
-                missing.append(recorded.step.creates)
-        except CtfixError as err:
-            failures.append(f"{recorded.step.summary}: {err.one_line()}")
+    steps = list(reversed(list(fix.steps)))
+    outcomes = registry.remove_each([recorded.step.spec for recorded in steps])
+    for recorded, outcome in zip(steps, outcomes, strict=True):
+        if isinstance(outcome, CtfixError):
+            failures.append(f"{recorded.step.summary}: {outcome.one_line()}")
             continue
+        if outcome:
+            removed.append(recorded.step.creates)
+        else:
+            missing.append(recorded.step.creates)
         state.drop_step(fix, recorded)
     if not failures:
         state.forget(fix.port)

@@ -7,6 +7,9 @@ Know before changing, three traps measured on this kernel:
 - libxtables keeps one protocol's extensions per process (after IPv4's SNAT is
   loaded, IPv6's cannot be): every libiptc operation runs in a forked child
   (`iptables_legacy.in_child`), which inherits the namespace the command entered.
+  A child costs little (python-iptables is imported once, before forking), but a
+  snat-zone fix has dozens of rules: reads (`rules_found`) and removals
+  (`remove_rules`) take one child per family, not one per rule.
 - The kernel cannot unload a legacy table from a live namespace: when the fix needs
   `raw` (for the CT zone) and `raw` was not loaded, an empty `raw` table (ACCEPT
   policies) remains after revert. `tables_created()` tells the caller, who says so.
@@ -82,7 +85,7 @@ def remove_ipset(spec: IpsetSpec) -> bool:
     return True
 
 
-# -- iptables-legacy (in a child per operation) ------------------------------------------
+# -- iptables-legacy (a child per operation; python-iptables imported once) ---------------
 
 
 def _iptc(family: Family, creating: str | None = None) -> tuple[Any, Any, Any]:
@@ -156,9 +159,18 @@ def _find(spec: IptRuleSpec) -> bool:
     return _located(spec) is not None
 
 
-def _insert(spec: IptRuleSpec) -> None:
-    # Read, change and commit the whole table under the lock `iptables -w` takes.
+def _insert(spec: IptRuleSpec, look: bool) -> None:
+    """In a child: refuse when the rule is there already (`look`: it can be, as no
+    set it names is missing), else add it. Read, look, change and commit the whole
+    table under one hold of the lock `iptables -w` takes, in one child (a child for
+    the look and another for the change doubled an apply's cost)."""
     with iptables_legacy.xtables_lock():
+        if look and _located(spec) is not None:
+            raise AlreadyThere(
+                f"the iptables-legacy rule `{spec.table} {spec.chain} ... "
+                f"{spec.target.name}` exists already",
+                "see `ctfix fix --status`",
+            )
         _insert_locked(spec)
 
 
@@ -185,15 +197,28 @@ def _insert_locked(spec: IptRuleSpec) -> None:
         ) from None
 
 
-def _delete(spec: IptRuleSpec) -> bool:
+def _delete_each(specs: list[IptRuleSpec]) -> list[bool | CtfixError]:
+    """In a child: remove each rule in turn (False: it was not there), each in its
+    own commit, under one hold of the lock `iptables -w` takes. A rule that cannot be
+    removed is reported as its error and the others are still removed."""
+    outcomes: list[bool | CtfixError] = []
     with iptables_legacy.xtables_lock():
-        found = _located(spec)
-        if found is None:
-            return False
-        table, chain, rule = found
-        chain.delete_rule(rule)
-        table.commit()
-        return True
+        for spec in specs:
+            try:
+                outcomes.append(_delete_locked(spec))
+            except Exception as err:
+                outcomes.append(iptables_legacy.as_ctfix_error(err))
+    return outcomes
+
+
+def _delete_locked(spec: IptRuleSpec) -> bool:
+    found = _located(spec)
+    if found is None:
+        return False
+    table, chain, rule = found
+    chain.delete_rule(rule)
+    table.commit()
+    return True
 
 
 def _sets_named(spec: IptRuleSpec) -> set[str]:
@@ -221,23 +246,50 @@ def rule_present(spec: IptRuleSpec) -> bool:
     return iptables_legacy.in_child(_find, spec)
 
 
+def _by_family(specs: Sequence[IptRuleSpec], sets: set[str]) -> list[list[int]]:
+    """The indexes of the rules that can be in the kernel (every set they name is in
+    `sets`), one list per family: what one child does."""
+    groups = [
+        [i for i, spec in enumerate(specs) if spec.family == family and _sets_named(spec) <= sets]
+        for family in ("ipv4", "ipv6")
+    ]
+    return [group for group in groups if group]
+
+
 def rules_found(specs: list[IptRuleSpec]) -> list[bool]:
     """`rule_present` for many rules at once: one `ipset list`, one child per family
     that reads each table once (a snat-zone fix for a few ClusterIPs has dozens of
     rules; one child each made --status take a minute on a busy host)."""
-    names = set(ipset_names())
     found = [False] * len(specs)
-    for family in ("ipv4", "ipv6"):
-        wanted = [
-            i for i, spec in enumerate(specs)
-            if spec.family == family and _sets_named(spec) <= names
-        ]
-        if not wanted:
-            continue
+    for wanted in _by_family(specs, set(ipset_names())):
         answers = iptables_legacy.in_child(_find_all, [specs[i] for i in wanted])
         for index, answer in zip(wanted, answers, strict=True):
             found[index] = answer
     return found
+
+
+def remove_rules(specs: Sequence[IptRuleSpec]) -> list[bool | CtfixError]:
+    """`remove_rule` of each rule (False: it was not there; an error: it could not be
+    removed, the others still were), with one `ipset list` and one child per family
+    (a child per rule made reverting a snat-zone fix take a minute on a busy host).
+    The rules of one family are removed in the order given."""
+    outcomes: list[bool | CtfixError] = [False] * len(specs)
+    sets: set[str] = set()
+    if any(_sets_named(spec) for spec in specs):
+        try:
+            sets = set(ipset_names())
+        except CtfixError as err:  # no rule naming a set can be looked for
+            for index, spec in enumerate(specs):
+                if _sets_named(spec):
+                    outcomes[index] = err
+    for wanted in _by_family(specs, sets):
+        try:
+            answers = iptables_legacy.in_child(_delete_each, [specs[i] for i in wanted])
+        except CtfixError as err:  # the lock was not had, the child died: none removed
+            answers = [err] * len(wanted)
+        for index, answer in zip(wanted, answers, strict=True):
+            outcomes[index] = answer
+    return outcomes
 
 
 def _find_all(specs: list[IptRuleSpec]) -> list[bool]:
@@ -266,19 +318,14 @@ def _find_all(specs: list[IptRuleSpec]) -> list[bool]:
 
 
 def create_rule(spec: IptRuleSpec) -> None:
-    if rule_present(spec):
-        raise AlreadyThere(
-            f"the iptables-legacy rule `{spec.table} {spec.chain} ... {spec.target.name}` "
-            "exists already",
-            "see `ctfix fix --status`",
-        )
-    iptables_legacy.in_child(_insert, spec)
+    iptables_legacy.in_child(_insert, spec, not _names_a_missing_set(spec))
 
 
 def remove_rule(spec: IptRuleSpec) -> bool:
-    if _names_a_missing_set(spec):
-        return False
-    return iptables_legacy.in_child(_delete, spec)
+    [outcome] = remove_rules([spec])
+    if isinstance(outcome, CtfixError):
+        raise outcome
+    return outcome
 
 
 def rules_present() -> bool:

@@ -9,8 +9,9 @@ Backends are imported only when a step of theirs is met.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from itertools import takewhile
 from typing import NamedTuple, Never, NoReturn
 
 from ctfix.core.plan import (
@@ -123,6 +124,28 @@ def create(spec: Spec) -> None:
 def remove(spec: Spec) -> bool:
     """Remove the object if it exists; False when it was not there."""
     return _operations(spec).remove()
+
+
+def remove_each(specs: Sequence[Spec]) -> Iterator[bool | CtfixError]:
+    """`remove` of each spec in order, yielding each outcome (an error is that step's,
+    and the next ones are still tried) as soon as it is known, so the caller records
+    it before the next removal. A run of iptables-legacy rules is removed at once, in
+    one child per family (see `legacy.remove_rules`); the steps around it keep their
+    order (rules go before the ipsets they name)."""
+    index = 0
+    while index < len(specs):
+        rules = list(takewhile(lambda s: isinstance(s, IptRuleSpec), specs[index:]))
+        if rules:
+            from ctfix.platform.remedy import legacy
+
+            yield from legacy.remove_rules([s for s in rules if isinstance(s, IptRuleSpec)])
+            index += len(rules)
+            continue
+        try:
+            yield remove(specs[index])
+        except CtfixError as err:
+            yield err
+        index += 1
 
 
 def present(spec: Spec) -> bool:
