@@ -5,22 +5,35 @@ from __future__ import annotations
 import pytest
 
 from ctfix.cli import main
-from ctfix.lab.topology import leftover_namespaces
+from ctfix.lab.topology import Topology
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The namespaces the lab asked to create (none are): compared with what this
+    test's run did, not with the machine's namespaces, which other runs change."""
+    asked: list[str] = []
+
+    def create(self: Topology) -> None:
+        asked.extend(self.namespaces)
+        raise AssertionError("the lab began to build")
+
+    monkeypatch.setattr(Topology, "create_namespaces", create)
+    return asked
 
 
 def test_lab_without_privilege_is_one_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], built: list[str]
 ) -> None:
     import ctfix.commands.common as common
 
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     monkeypatch.setattr(common, "_has_capability", lambda name: False)
-    before = leftover_namespaces()
     assert main(["lab"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "CAP_SYS_ADMIN" in err[0] and "root" in err[0]
-    assert leftover_namespaces() == before
+    assert built == []
 
 
 def test_lab_bad_port_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,17 +44,16 @@ def test_lab_bad_port_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_an_ipv4_only_scenario_refuses_ipv6_before_anything_is_built(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], built: list[str]
 ) -> None:
     """QA F19: the refusal came after the lab was built and its header printed."""
     from ctfix.lab.registry import IPV4_ONLY
 
-    before = leftover_namespaces()
     for scenario in IPV4_ONLY:
         assert main(["lab", "--scenario", scenario, "--ipv6"]) == 2
         out, err = capsys.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1 and "--ipv6" in err
-    assert leftover_namespaces() == before
+    assert built == []
 
 
 def test_keep_prints_aligned_enter_lines_and_the_ctfix_it_was_given() -> None:
