@@ -452,13 +452,34 @@ def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool
     return sport in ports or dport in ports or reply_sport in ports
 
 
+def _unreplied(buf: Buf, offset: int, msg_len: int) -> bool:
+    """Whether the entry never saw a reply, from its CTA_STATUS read in place (True
+    when the status cannot be found: the caller decodes it and decides)."""
+    pos, end = offset + 20, offset + msg_len  # after nlmsghdr and nfgenmsg
+    while pos + 8 <= end:
+        nla_len, nla_type = _NLA.unpack_from(buf, pos)
+        if nla_len < 4 or pos + nla_len > end:
+            return True
+        if nla_type & NLA_TYPE_MASK == CTA_STATUS:
+            return not _BE32.unpack_from(buf, pos + 4)[0] & IPS_SEEN_REPLY
+        pos += (nla_len + 3) & ~3
+    return True
+
+
 def decode(
-    buf: Buf, *, fast: bool = True, ports: frozenset[int] | None = None, usage: bool = False
+    buf: Buf,
+    *,
+    fast: bool = True,
+    ports: frozenset[int] | None = None,
+    usage: bool = False,
+    unreplied: bool = False,
 ) -> Batch:
     """Decode every netlink message in one buffer returned by recv(). Never raises.
 
     `ports`: skip, without decoding them, the entries whose orig sport, orig dport and
-    reply sport are all outside it (a dump read for a few ports of a big table).
+    reply sport are all outside it (a dump read for a few ports of a big table);
+    `unreplied`: but decode those that never saw a reply all the same (scan's count of
+    requests to ports with nothing bound, ctfix.core.unbound).
     `usage`: also read each entry's age and counters (`Batch.usage`), which only the
     stale-nat checks need; the plain decode never looks at them."""
     events: list[CtEvent] = []
@@ -483,7 +504,11 @@ def decode(
                     malformed += 1
                 done = True
             elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
-                if ports is not None and not _touches(buf, offset, msg_len, ports):
+                if (
+                    ports is not None
+                    and not _touches(buf, offset, msg_len, ports)
+                    and not (unreplied and _unreplied(buf, offset, msg_len))
+                ):
                     offset += (msg_len + 3) & ~3
                     continue
                 entry = decode_entry(buf, offset, fast=fast)
