@@ -433,7 +433,8 @@ def _kind(msg_type: int, flags: int) -> int:
 def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool:
     """Whether the entry's orig sport, orig dport or reply sport is in `ports`, read
     from the bytes without building the entry (True when the layout is not the
-    common one: the caller decodes it and decides)."""
+    common one: the caller decodes it and decides; so False means the common layout,
+    which `_plain_request` counts on)."""
     if msg_len < 20:
         return True
     family = buf[offset + 16]
@@ -452,16 +453,30 @@ def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool
     return sport in ports or dport in ports or reply_sport in ports
 
 
-def _unreplied(buf: Buf, offset: int, msg_len: int) -> bool:
-    """Whether the entry never saw a reply, from its CTA_STATUS read in place (True
-    when the status cannot be found: the caller decodes it and decides)."""
-    pos, end = offset + 20, offset + msg_len  # after nlmsghdr and nfgenmsg
-    while pos + 8 <= end:
+#: What an unreplied entry's raw request is handed to (`decode(unreplied=...)`): its
+#: family, orig source and destination addresses (packed, as inet_pton gives them)
+#: and orig destination port.
+UnrepliedSink: TypeAlias = Callable[[int, bytes, bytes, int], None]
+
+def _plain_request(buf: Buf, offset: int, msg_len: int) -> tuple[int, bytes, bytes, int] | bool:
+    """(family, orig src, orig dst, orig dport) of a UDP entry that never saw a reply
+    and whose reply tuple comes from where its request went (not NATted), read in place
+    without building it; False for any other entry; True when its status cannot be
+    found (the caller decodes it). Only for an entry `_touches` has read: the common
+    layout, checked there."""
+    layout = _V4 if buf[offset + 16] == AF_INET else _V6
+    v = layout.unpack_from(buf, offset + 16)
+    if v[9] != IPPROTO_UDP or v[17] != v[6] or v[24] != v[13]:
+        return False
+    pos, end = offset + layout.size, offset + msg_len
+    while pos + 8 <= end:  # CTA_STATUS: among the first attributes after the tuples
         nla_len, nla_type = _NLA.unpack_from(buf, pos)
         if nla_len < 4 or pos + nla_len > end:
             return True
         if nla_type & NLA_TYPE_MASK == CTA_STATUS:
-            return not _BE32.unpack_from(buf, pos + 4)[0] & IPS_SEEN_REPLY
+            if _BE32.unpack_from(buf, pos + 4)[0] & IPS_SEEN_REPLY:
+                return False
+            return (v[0], v[4], v[6], v[13])
         pos += (nla_len + 3) & ~3
     return True
 
@@ -472,14 +487,16 @@ def decode(
     fast: bool = True,
     ports: frozenset[int] | None = None,
     usage: bool = False,
-    unreplied: bool = False,
+    unreplied: UnrepliedSink | None = None,
 ) -> Batch:
     """Decode every netlink message in one buffer returned by recv(). Never raises.
 
     `ports`: skip, without decoding them, the entries whose orig sport, orig dport and
     reply sport are all outside it (a dump read for a few ports of a big table);
-    `unreplied`: but decode those that never saw a reply all the same (scan's count of
-    requests to ports with nothing bound, ctfix.core.unbound).
+    `unreplied`: of those skipped, hand each that never saw a reply and is not NATted
+    to this sink as raw values (scan's count of requests to ports with nothing bound,
+    ctfix.core.unbound: a port scan can leave 200k of them, too many to build); one in
+    an unusual layout is decoded and returned instead.
     `usage`: also read each entry's age and counters (`Batch.usage`), which only the
     stale-nat checks need; the plain decode never looks at them."""
     events: list[CtEvent] = []
@@ -504,13 +521,15 @@ def decode(
                     malformed += 1
                 done = True
             elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
-                if (
-                    ports is not None
-                    and not _touches(buf, offset, msg_len, ports)
-                    and not (unreplied and _unreplied(buf, offset, msg_len))
-                ):
-                    offset += (msg_len + 3) & ~3
-                    continue
+                if ports is not None and not _touches(buf, offset, msg_len, ports):
+                    request = (
+                        _plain_request(buf, offset, msg_len) if unreplied is not None else False
+                    )
+                    if request is not True:
+                        if unreplied is not None and isinstance(request, tuple):
+                            unreplied(*request)
+                        offset += (msg_len + 3) & ~3
+                        continue
                 entry = decode_entry(buf, offset, fast=fast)
                 if entry is None:
                     malformed += 1

@@ -18,10 +18,12 @@ give only to one-way services (syslog, StatsD: their senders expect no reply).
 
 Know before changing: this is a tally, not the detector: the detector costs
 microseconds a flow and a port scan can leave 200k entries, so the count is made while
-the dump streams past (`UnboundTally.tee`) and the entries are not kept. For a port
-with nothing bound the detector gives `no-socket` to exactly these requests, so
-`ctfix explain PORT` counts the same (a netns test compares them); a request another
-port answered (explain's rarer `wrong-source`) is not looked for here.
+the dump streams past, mostly on raw values the decoder hands over without building
+the entry (`UnboundTally.count_raw`; `tee` for the entries it builds), and nothing is
+kept but the counts. For a port with nothing bound the detector gives `no-socket` to
+exactly these requests, so `ctfix explain PORT` counts the same (a netns test compares
+them); a request another port answered (explain's rarer `wrong-source`) is not looked
+for here.
 """
 
 from __future__ import annotations
@@ -68,42 +70,57 @@ class UnboundTally:
     """Counts requests to ports with nothing bound as a dump streams past.
 
     The gatherer (ctfix.platform.snapshot.collect_services) says what is local, bound
-    and listed (`begin`), passes its dump through `tee`, and sets `error` when the dump
-    failed; the command then asks for the `summary`."""
+    and listed (`begin`), hands the dump's decoder `count_raw` (the entries it does not
+    build) and passes the entries it builds through `tee`, and sets `error` when the
+    dump failed; the command then asks for the `summary`. Addresses are kept packed
+    (as inet_pton gives them) and formatted once, in the summary."""
 
     def __init__(self) -> None:
-        self.local: frozenset[str] = frozenset()
         self.skip: frozenset[int] = frozenset()  # bound or listed ports
         self.error: str | None = None
-        self._flows: dict[tuple[int, str, int], int] = {}
-        self._clients: dict[tuple[int, str, int], set[str]] = {}
+        self._local: frozenset[bytes] = frozenset()
+        self._flows: dict[tuple[int, bytes, int], int] = {}
+        self._clients: dict[tuple[int, bytes, int], set[bytes]] = {}
 
     def begin(self, local: Iterable[str], bound: Iterable[int], listed: Iterable[int]) -> None:
         """What the namespace holds: its addresses, the ports any UDP socket is bound
         to, the ports scan lists."""
-        self.local = frozenset(local)
+        self._local = frozenset(packed for a in local if (packed := _packed(a)) is not None)
         self.skip = frozenset(bound) | frozenset(listed)
 
+    def count_raw(self, family: int, src: bytes, dst: bytes, dport: int) -> None:
+        """Count an unreplied, not NATted UDP entry (its orig tuple's values) when it is
+        a remote client's request to a local port with nothing bound."""
+        if dport in self.skip or dst not in self._local or src in self._local:
+            return
+        key = (family, dst, dport)
+        flows = self._flows.get(key)
+        if flows is None:
+            self._flows[key] = 1
+            self._clients[key] = {src}
+        else:
+            self._flows[key] = flows + 1
+            self._clients[key].add(src)
+
     def count(self, entry: CtEntry) -> None:
-        """Count the entry when it is a request to a port with nothing bound."""
+        """`count_raw` for an entry the dump built."""
         orig, reply = entry.orig, entry.reply
         if (
             entry.status & IPS_SEEN_REPLY
             or orig.proto != UDP
             or orig.dport in self.skip
-            or orig.dst not in self.local
-            or orig.src in self.local
             or reply.src != orig.dst
             or reply.sport != orig.dport
         ):
             return
-        key = (orig.family, orig.dst, orig.dport)
-        self._flows[key] = self._flows.get(key, 0) + 1
-        self._clients.setdefault(key, set()).add(orig.src)
+        src, dst = _packed(orig.src), _packed(orig.dst)
+        if src is not None and dst is not None:
+            self.count_raw(orig.family, src, dst, orig.dport)
 
     def tee(self, entries: Iterable[CtEntry], touching: frozenset[int]) -> Iterator[CtEntry]:
         """Count every entry; pass on those whose orig sport, orig dport or reply sport
-        is in `touching` (what the dump would have given without `unreplied`)."""
+        is in `touching` (the dump's own choice: an entry it built for this count
+        alone, in an unusual layout, goes no further)."""
         for entry in entries:
             self.count(entry)
             orig = entry.orig
@@ -123,9 +140,9 @@ class UnboundTally:
         found = [
             UnboundService(
                 "ipv6" if family == socket.AF_INET6 else "ipv4",
-                endpoint(address, port),
+                endpoint(_text(address), port),
                 flows,
-                len({unmap(client) for client in self._clients[family, address, port]}),
+                len({unmap(_text(client)) for client in self._clients[family, address, port]}),
             )
             for (family, address, port), flows in self._flows.items()
             if not one_way[port]
@@ -138,3 +155,16 @@ def _one_way(kb: KnowledgeBase | None, port: int) -> bool:
     """The knowledge base names the port for one-way services only (syslog on 514)."""
     rules = kb.by_port(port) if kb is not None else ()
     return bool(rules) and all(rule.one_way for rule in rules)
+
+
+def _packed(address: str) -> bytes | None:
+    """An address as conntrack's attributes carry it (None: not an address)."""
+    text = address.split("%", 1)[0]
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except OSError:
+        return None
+
+
+def _text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET6 if len(packed) == 16 else socket.AF_INET, packed)

@@ -122,7 +122,7 @@ def _dump_family(
     touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
     src: str | None = None,
-    unreplied: bool = False,
+    unreplied: decode.UnrepliedSink | None = None,
 ) -> Iterator[CtEntry]:
     first = True
     chunks = dump_buffers(
@@ -169,7 +169,7 @@ def dump(
     touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
     src: str | None = None,
-    unreplied: bool = False,
+    unreplied: decode.UnrepliedSink | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -184,9 +184,10 @@ def dump(
     dump of a whole big table read for a few ports, as `ctfix scan` reads it); usage:
     a dict to fill with each entry's age and counters (CtUsage) by conntrack id;
     src: only entries whose original source is this address (the flows this host
-    started from it; `family` must be its family); unreplied: with `touching`, also the
-    entries that never saw a reply (checked on the bytes too: scan's count of requests
-    to ports with nothing bound).
+    started from it; `family` must be its family); unreplied: with `touching`, the
+    entries it leaves out that never saw a reply go to this sink as raw values
+    (decode.decode; scan's count of requests to ports with nothing bound), but for
+    one in an unusual layout, which is yielded.
     The kernel filters family, protocol, ports and src (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
@@ -202,7 +203,7 @@ def dump(
                 and orig.sport not in touching
                 and orig.dport not in touching
                 and entry.reply.sport not in touching
-                and not (unreplied and not entry.status & decode.IPS_SEEN_REPLY)
+                and not (unreplied is not None and not entry.status & decode.IPS_SEEN_REPLY)
             ):
                 continue
             if (

@@ -569,13 +569,14 @@ def _flow_index(
     """ONE dump of the UDP table, decoding only the entries that touch a service port
     or a port a DNAT forwards one to (named by a rule); a target only the flows name
     gets a filtered dump of its own (rare: something usually listens there).
-    `unbound`: the unreplied entries are decoded too, and counted there."""
+    `unbound`: the unreplied entries are counted there too (most without being built)."""
     from ctfix.core import scan
     from ctfix.platform import conntrack
 
     targets = {t for port in ports for _a, t in forwarded_to(port, rules[port], (), local)}
     touching = frozenset(ports) | targets
-    dumped = conntrack.dump(proto=17, touching=touching, unreplied=unbound is not None)
+    sink = unbound.count_raw if unbound is not None else None
+    dumped = conntrack.dump(proto=17, touching=touching, unreplied=sink)
     if unbound is not None:
         dumped = unbound.tee(dumped, touching)
     index = scan.index_flows(dumped, ports)

@@ -111,9 +111,30 @@ def _set_seen_reply(raw: bytes, entry: CtEntry) -> bytes:
     return raw.replace(old, new, 1)
 
 
-def test_a_dump_read_for_some_ports_also_keeps_the_unreplied_entries() -> None:
-    """scan's one dump decodes the entries that touch its ports and, for this count,
-    those that never saw a reply, deciding on the bytes."""
+def _raw(raw: bytes) -> tuple[list[CtEntry], list[tuple[int, bytes, bytes, int]]]:
+    """What a dump read for port 1 alone builds, and what it hands the unreplied sink."""
+    handed: list[tuple[int, bytes, bytes, int]] = []
+
+    def sink(family: int, src: bytes, dst: bytes, dport: int) -> None:
+        handed.append((family, src, dst, dport))
+
+    built = [e.entry for e in decode.decode(raw, ports=frozenset({1}), unreplied=sink).events]
+    return built, handed
+
+
+def _key(entry: CtEntry) -> tuple[int, bytes, bytes, int]:
+    orig = entry.orig
+    return (
+        orig.family,
+        socket.inet_pton(orig.family, orig.src),
+        socket.inet_pton(orig.family, orig.dst),
+        orig.dport,
+    )
+
+
+def test_a_dump_read_for_some_ports_hands_its_unreplied_entries_to_the_count() -> None:
+    """scan's one dump builds the entries that touch its ports; the others that never
+    saw a reply go to the count as raw values, decided on the bytes: no entry built."""
     fixtures = pathlib.Path(__file__).parent / "fixtures" / "ctnetlink_messages.json"
     dumps = [r for r in json.loads(fixtures.read_text()) if r["source"] == "dump"]
     checked = False
@@ -123,17 +144,27 @@ def test_a_dump_read_for_some_ports_also_keeps_the_unreplied_entries() -> None:
         if not every:
             continue
         assert not any(e.seen_reply for e in every)
-        kept = [e.entry for e in decode.decode(raw, ports=frozenset({1}), unreplied=True).events]
-        assert kept == every
+        assert _raw(raw) == ([], [_key(e) for e in every])
         answered = _set_seen_reply(raw, every[0])
         again = [e.entry for e in decode.decode(answered).events]
         assert again[0].seen_reply and again[1:] == every[1:]
-        kept = [
-            e.entry for e in decode.decode(answered, ports=frozenset({1}), unreplied=True).events
-        ]
-        assert kept == every[1:]
+        assert _raw(answered) == ([], [_key(e) for e in every[1:]])
         checked = True
     assert checked
+
+
+def test_the_raw_count_and_the_built_count_agree() -> None:
+    entries = [
+        udp("203.0.113.1", 40000, HOST, 7001),
+        udp("203.0.113.2", 40000, HOST, 7001),
+        udp("2001:db8:9::1", 40000, "2001:db8:2::13", 7002),
+        udp("203.0.113.1", 40000, HOST, 53),  # bound
+    ]
+    raw = UnboundTally()
+    raw.begin(LOCAL, (53,), ())
+    for entry in entries:
+        raw.count_raw(*_key(entry))
+    assert raw.summary(KB) == tally(entries, bound=(53,)).summary(KB)
 
 
 def test_scan_shows_the_section_in_each_format_without_changing_its_counts() -> None:
