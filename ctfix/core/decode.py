@@ -458,17 +458,33 @@ def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool
 #: and orig destination port.
 UnrepliedSink: TypeAlias = Callable[[int, bytes, bytes, int], None]
 
+def _request_struct(addr_len: int) -> struct.Struct:
+    """The common layout read for `_plain_request` only: family; orig src, dst, proto
+    and dport; reply src and sport (headers skipped: `_touches` has checked them)."""
+    pad = (-addr_len) % 4
+    address, skip = f"{addr_len}s" + "x" * pad, "x" * (addr_len + pad)
+    orig = f"4x 4x 4x{address} 4x{address} 4x 4x B3x 4x 4x 4x H2x"
+    reply = f"4x 4x 4x{address} 4x{skip} 4x 4x 4x 4x H2x 4x 4x"
+    return struct.Struct(">B3x " + orig + " " + reply)
+
+
+_REQUEST_V4 = _request_struct(4)
+_REQUEST_V6 = _request_struct(16)
+
+
 def _plain_request(buf: Buf, offset: int, msg_len: int) -> tuple[int, bytes, bytes, int] | bool:
     """(family, orig src, orig dst, orig dport) of a UDP entry that never saw a reply
     and whose reply tuple comes from where its request went (not NATted), read in place
     without building it; False for any other entry; True when its status cannot be
     found (the caller decodes it). Only for an entry `_touches` has read: the common
     layout, checked there."""
-    layout = _V4 if buf[offset + 16] == AF_INET else _V6
-    v = layout.unpack_from(buf, offset + 16)
-    if v[9] != IPPROTO_UDP or v[17] != v[6] or v[24] != v[13]:
+    v4 = buf[offset + 16] == AF_INET
+    family, src, dst, proto, dport, reply_src, reply_sport = (
+        _REQUEST_V4 if v4 else _REQUEST_V6
+    ).unpack_from(buf, offset + 16)
+    if proto != IPPROTO_UDP or reply_src != dst or reply_sport != dport:
         return False
-    pos, end = offset + layout.size, offset + msg_len
+    pos, end = offset + (_V4 if v4 else _V6).size, offset + msg_len
     while pos + 8 <= end:  # CTA_STATUS: among the first attributes after the tuples
         nla_len, nla_type = _NLA.unpack_from(buf, pos)
         if nla_len < 4 or pos + nla_len > end:
@@ -476,7 +492,7 @@ def _plain_request(buf: Buf, offset: int, msg_len: int) -> tuple[int, bytes, byt
         if nla_type & NLA_TYPE_MASK == CTA_STATUS:
             if _BE32.unpack_from(buf, pos + 4)[0] & IPS_SEEN_REPLY:
                 return False
-            return (v[0], v[4], v[6], v[13])
+            return (family, src, dst, dport)
         pos += (nla_len + 3) & ~3
     return True
 
