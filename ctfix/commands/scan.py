@@ -49,6 +49,12 @@ services judged the same way; the report groups them by namespace, the namespace
 with the worst service first. A namespace that disappears during the scan is
 skipped with a note.
 
+Requests to ports with nothing bound (what explain calls unanswered-no-socket) are
+not services: a last section counts them per address:port from the same conntrack
+dump (unreplied requests, client hosts), most first, at most 10 listed, ports the
+knowledge base gives to one-way services (syslog) left out. It is information: it
+changes neither the counts nor the exit status.
+
 exit status: 0 every port ok, 1 any broken, at risk or unknown (or nothing answering),
 2 error (bad input, missing privileges, missing namespace; with --all-netns, a
 namespace that exists but could not be read, when nothing was found wrong)."""
@@ -74,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctfix.core.diagnosis import diagnose
     from ctfix.core.scan import healthy, worst_first
+    from ctfix.core.unbound import UnboundTally
     from ctfix.platform import rules_files, snapshot
     from ctfix.render import scan as render
 
@@ -84,20 +91,25 @@ def run(args: argparse.Namespace) -> int:
     if every:
         return _run_all(fmt, kb)
     label = enter_netns(args.netns)
-    diagnoses = worst_first([diagnose(snap, kb) for snap in snapshot.collect_services(label)])
+    tally = UnboundTally()
+    snapshots = snapshot.collect_services(label, unbound=tally)
+    diagnoses = worst_first([diagnose(snap, kb) for snap in snapshots])
+    unbound = tally.summary(kb)  # information: it changes neither counts nor status
     if fmt == "json":
         from ctfix.render.jsonout import write_document
 
-        write_document(render.scan_document(diagnoses, label), sys.stdout)
+        write_document(render.scan_document(diagnoses, label, unbound), sys.stdout)
     elif fmt == "markdown":
-        sys.stdout.write(render.render_markdown(diagnoses, label))
+        sys.stdout.write(render.render_markdown(diagnoses, label, unbound))
     else:
         from ctfix.render.stamp import stamp_text
         from ctfix.render.style import Style
         from ctfix.render.width import terminal_width
 
         style, width = Style.for_stream(sys.stdout), terminal_width(sys.stdout)
-        sys.stdout.write(render.render_text(diagnoses, label, style, stamp_text(), width))
+        sys.stdout.write(
+            render.render_text(diagnoses, label, style, stamp_text(), width, unbound)
+        )
     return ExitStatus.OK if all(healthy(d) for d in diagnoses) else ExitStatus.PROBLEM
 
 
@@ -106,7 +118,7 @@ def _run_all(fmt: str, kb: KnowledgeBase) -> int:
     from ctfix.render import scan_all as render
 
     require_root("ctfix scan --all-netns (it enters every namespace)", "CAP_SYS_ADMIN")
-    scans = scan_namespaces(kb)
+    scans = scan_namespaces(kb, unbound=True)
     if fmt == "json":
         from ctfix.render.jsonout import write_document
 

@@ -19,19 +19,24 @@ if TYPE_CHECKING:
     from ctfix.platform.namespaces import NamespaceRef
 
 
-def scan_namespaces(kb: KnowledgeBase, *, health: bool = False) -> list[NamespaceScan]:
+def scan_namespaces(
+    kb: KnowledgeBase, *, health: bool = False, unbound: bool = False
+) -> list[NamespaceScan]:
     """Every namespace of the host, each entered in turn on this thread and scanned as
-    `ctfix scan` scans one (and its conntrack health read, for check); in
-    ctfix.platform.namespaces.ordered() order."""
+    `ctfix scan` scans one (and its conntrack health read, for check; its requests to
+    ports with nothing bound counted, for scan); in ctfix.platform.namespaces.ordered()
+    order."""
     from ctfix.platform import namespaces
 
     return [
-        scan_namespace(ref, kb, health=health)
+        scan_namespace(ref, kb, health=health, unbound=unbound)
         for ref in namespaces.ordered(namespaces.snapshot())
     ]
 
 
-def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
+def scan_namespace(
+    ref: NamespaceRef, kb: KnowledgeBase, *, health: bool, unbound: bool = False
+) -> NamespaceScan:
     """One namespace, entered on this thread: its services judged, worst first; gone
     or unreadable, a note."""
     import dataclasses
@@ -42,7 +47,7 @@ def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> Nam
     found = NamespaceScan(ref.label, ref.spec, ref.kind, ref.id, ref.container)
     try:
         with namespaces.entered(ref):
-            return scan_here(found, kb, health=health)
+            return scan_here(found, kb, health=health, unbound=unbound)
     except namespaces.NamespaceGone:
         return dataclasses.replace(found, skipped="gone during the scan", gone=True)
     except CtfixError as err:
@@ -51,17 +56,22 @@ def scan_namespace(ref: NamespaceRef, kb: KnowledgeBase, *, health: bool) -> Nam
         return dataclasses.replace(found, skipped=err.one_line())
 
 
-def scan_here(found: NamespaceScan, kb: KnowledgeBase, *, health: bool) -> NamespaceScan:
+def scan_here(
+    found: NamespaceScan, kb: KnowledgeBase, *, health: bool, unbound: bool = False
+) -> NamespaceScan:
     """`found` with the current namespace's services judged (and its conntrack health
-    read: a failure there is a note, the services still count)."""
+    read: a failure there is a note, the services still count; and its requests to
+    ports with nothing bound counted, ctfix.core.unbound)."""
     import dataclasses
 
     from ctfix.core.diagnosis import diagnose
     from ctfix.core.health import Health, assess
     from ctfix.core.scan import worst_first
+    from ctfix.core.unbound import UnboundTally
     from ctfix.platform import ctstats, snapshot
 
-    snapshots = snapshot.collect_services(found.netns)
+    tally = UnboundTally() if unbound else None
+    snapshots = snapshot.collect_services(found.netns, unbound=tally)
     reading: Health | None = None
     health_error: str | None = None
     if health:
@@ -74,5 +84,9 @@ def scan_here(found: NamespaceScan, kb: KnowledgeBase, *, health: bool) -> Names
         for snap in snapshots
     ]
     return dataclasses.replace(
-        found, diagnoses=tuple(worst_first(diagnoses)), health=reading, health_error=health_error
+        found,
+        diagnoses=tuple(worst_first(diagnoses)),
+        health=reading,
+        health_error=health_error,
+        unbound=tally.summary(kb) if tally is not None else None,
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple, TypeAlias
 
 from ctfix.core import ctlayout
@@ -300,7 +301,8 @@ def _kind(msg_type: int, flags: int) -> int:
 def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool:
     """Whether the entry's orig sport, orig dport or reply sport is in `ports`, read
     from the bytes without building the entry (True when no learned layout fits: the
-    caller decodes it, which learns one, and decides)."""
+    caller decodes it, which learns one, and decides; so False means a learned layout,
+    which `_plain_request` reads too)."""
     layout = ctlayout.cached(buf, offset, msg_len) if msg_len >= 20 else None
     if layout is None:
         return True
@@ -308,16 +310,53 @@ def _touches(buf: Buf, offset: int, msg_len: int, ports: frozenset[int]) -> bool
     return sport in ports or dport in ports or reply_sport in ports
 
 
+#: What an unreplied entry's raw request is handed to (`decode(unreplied=...)`): its
+#: family, orig source and destination addresses (packed, as inet_pton gives them)
+#: and orig destination port.
+UnrepliedSink: TypeAlias = Callable[[int, bytes, bytes, int], None]
+
+
+def _plain_request(buf: Buf, offset: int, msg_len: int) -> tuple[int, bytes, bytes, int] | bool:
+    """(family, orig src, orig dst, orig dport) of a UDP entry that never saw a reply
+    and whose reply tuple comes from where its request went (not NATted), read in place
+    through its learned layout without building it; False for any other entry; True
+    when it has no learned layout (the caller decodes it). Only for an
+    entry `_touches` has read."""
+    layout = ctlayout.cached(buf, offset, msg_len)
+    if layout is None:
+        return True
+    v = layout.values(buf, offset)
+    if (
+        v[ctlayout.ORIG_PROTO] != IPPROTO_UDP
+        or v[ctlayout.REPLY_SRC] != v[ctlayout.ORIG_DST]
+        or v[ctlayout.REPLY_SPORT] != v[ctlayout.ORIG_DPORT]
+    ):
+        return False
+    # A dump entry always carries CTA_STATUS (a layout without one reads 0 here).
+    if v[ctlayout.STATUS] & IPS_SEEN_REPLY:
+        return False
+    return (v[ctlayout.FAMILY], v[ctlayout.ORIG_SRC], v[ctlayout.ORIG_DST], v[ctlayout.ORIG_DPORT])
+
+
 # -- buffers ---------------------------------------------------------------------------------
 
 
 def decode(
-    buf: Buf, *, fast: bool = True, ports: frozenset[int] | None = None, usage: bool = False
+    buf: Buf,
+    *,
+    fast: bool = True,
+    ports: frozenset[int] | None = None,
+    usage: bool = False,
+    unreplied: UnrepliedSink | None = None,
 ) -> Batch:
     """Decode every netlink message in one buffer returned by recv(). Never raises.
 
     `ports`: skip, without decoding them, the entries whose orig sport, orig dport and
-    reply sport are all outside it (a dump read for a few ports of a big table).
+    reply sport are all outside it (a dump read for a few ports of a big table);
+    `unreplied`: of those skipped, hand each that never saw a reply and is not NATted
+    to this sink as raw values (scan's count of requests to ports with nothing bound,
+    ctfix.core.unbound: a port scan can leave 200k of them, too many to build); one in
+    an unusual layout is decoded and returned instead.
     `usage`: also read each entry's age and counters (`Batch.usage`), which only the
     stale-nat checks need; the plain decode never looks at them."""
     events: list[CtEvent] = []
@@ -338,9 +377,16 @@ def decode(
                 error, done = _error(buf, offset, msg_len)
                 malformed += error < 0
                 error = max(error, 0)
-            elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE) and (
-                ports is None or _touches(buf, offset, msg_len, ports)
-            ):
+            elif msg_type in (MSG_CT_NEW, MSG_CT_DELETE):
+                if ports is not None and not _touches(buf, offset, msg_len, ports):
+                    request = (
+                        _plain_request(buf, offset, msg_len) if unreplied is not None else False
+                    )
+                    if request is not True:
+                        if unreplied is not None and isinstance(request, tuple):
+                            unreplied(*request)
+                        offset += (msg_len + 3) & ~3
+                        continue
                 entry = decode_entry(buf, offset, fast=fast)
                 if entry is None:
                     malformed += 1

@@ -16,6 +16,7 @@ from typing import Literal
 from ctfix.core.health import Health
 from ctfix.core.model import ContainerRef, Diagnosis, Verdict
 from ctfix.core.scan import severity, verdict_counts
+from ctfix.core.unbound import UnboundSummary
 
 #: how a namespace was found, and so what its label is: pid 1's (`host`), a
 #: container's (its name, or namespace/pod), an `ip netns` name, another bind mount
@@ -42,6 +43,8 @@ class NamespaceScan:
     skipped: str | None = None
     gone: bool = False  # skipped because it no longer exists: not an error
     health_error: str | None = None  # why its conntrack health was not read (check)
+    #: requests to its ports with nothing bound (scan only; information, never a verdict)
+    unbound: UnboundSummary | None = None
 
     @property
     def severity(self) -> int:

@@ -122,18 +122,23 @@ def _dump_family(
     touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
     src: str | None = None,
+    unreplied: decode.UnrepliedSink | None = None,
 ) -> Iterator[CtEntry]:
     first = True
     chunks = dump_buffers(
         family, proto, sport, dport, reply_sport=reply_sport, src=src, until_done=False
     )
     for chunk in chunks:
-        batch = decode.decode(chunk, ports=touching, usage=usage is not None)
+        batch = decode.decode(
+            chunk, ports=touching, usage=usage is not None, unreplied=unreplied
+        )
         if batch.error:
             if first and batch.error in (errno.EINVAL, errno.EOPNOTSUPP) and proto:
                 # A kernel without dump filtering (< 5.8) refuses CTA_FILTER: ask for
                 # everything and let the caller's user-space filter work.
-                yield from _dump_family(family, None, None, None, touching=touching, usage=usage)
+                yield from _dump_family(
+                    family, None, None, None, touching=touching, usage=usage, unreplied=unreplied
+                )
                 return
             if first and batch.error == errno.EINVAL and proto is None:
                 # nfnetlink answers EINVAL for a subsystem nobody registered: no
@@ -164,6 +169,7 @@ def dump(
     touching: frozenset[int] | None = None,
     usage: dict[int, CtUsage] | None = None,
     src: str | None = None,
+    unreplied: decode.UnrepliedSink | None = None,
 ) -> Iterator[CtEntry]:
     """Yield the conntrack entries of the current network namespace.
 
@@ -178,20 +184,26 @@ def dump(
     dump of a whole big table read for a few ports, as `ctfix scan` reads it); usage:
     a dict to fill with each entry's age and counters (CtUsage) by conntrack id;
     src: only entries whose original source is this address (the flows this host
-    started from it; `family` must be its family).
+    started from it; `family` must be its family); unreplied: with `touching`, the
+    entries it leaves out that never saw a reply go to this sink as raw values
+    (decode.decode; scan's count of requests to ports with nothing bound), but for
+    one in an unusual layout, which is yielded.
     The kernel filters family, protocol, ports and src (>= 5.8); the same conditions are
     checked again here, so older kernels give the same answer, slower. Raises
     PrivilegeError without CAP_NET_ADMIN and MissingFeatureError without ctnetlink.
     """
     families = [family] if family is not None else [socket.AF_INET, socket.AF_INET6]
     for fam in families:
-        for entry in _dump_family(fam, proto, sport, port, reply_sport, touching, usage, src):
+        for entry in _dump_family(
+            fam, proto, sport, port, reply_sport, touching, usage, src, unreplied
+        ):
             orig = entry.orig
             if (
                 touching is not None
                 and orig.sport not in touching
                 and orig.dport not in touching
                 and entry.reply.sport not in touching
+                and not (unreplied is not None and not entry.status & decode.IPS_SEEN_REPLY)
             ):
                 continue
             if (

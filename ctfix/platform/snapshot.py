@@ -59,6 +59,7 @@ from ctfix.platform.port_flows import conntrack_flows, replies_to
 
 if TYPE_CHECKING:
     from ctfix.core.rules import KnowledgeBase
+    from ctfix.core.unbound import UnboundTally
 
 #: Bounds on what is read for the knowledge base's `fixed_if_config`.
 CONFIG_MAX_FILES = 32
@@ -297,11 +298,15 @@ def client_interfaces(flows: list[CtEntry], port: int, local: set[str]) -> dict[
     return found
 
 
-def collect_services(netns: str) -> list[Snapshot]:
+def collect_services(netns: str, unbound: UnboundTally | None = None) -> list[Snapshot]:
     """A snapshot of every UDP service port of the current namespace (scan), gathered
     at the cost of about one: sockets, addresses, routes, policy rules, netfilter and
     ONE conntrack dump are read once, and each port's view is cut from them; only the
-    route lookups are per port (policy rules may select by source port)."""
+    route lookups are per port (policy rules may select by source port).
+
+    `unbound`: also count, from that same dump, the requests to ports with nothing
+    bound (scan's summary, ctfix.core.unbound); the dump is taken for it even when
+    there is no service."""
     from ctfix.core import scan
 
     owned = sockdiag.listeners(None)
@@ -316,15 +321,21 @@ def collect_services(netns: str) -> list[Snapshot]:
     # A server gone after answering from the wrong source (netcat dies on the ICMP
     # error) leaves no socket, only its evidence: explain reports it, so scan does.
     ports = sorted(set(ports) | set(_gone_servers(ports, addresses)))
+    if unbound is not None:
+        unbound.begin(local, (listener.port for listener, _uid in owned), ports)
     if not ports:
+        if unbound is not None:
+            _count_unbound_alone(unbound, local)
         return []
     rules, rule_errors = netfilter_read.rules_for_ports(ports, ruleset)
     index = scan.FlowIndex()
     conntrack_error: str | None = None
     try:
-        index = _flow_index(ports, rules, local)
+        index = _flow_index(ports, rules, local, unbound)
     except CtfixError as err:
         conntrack_error = err.one_line()
+        if unbound is not None:
+            unbound.error = conntrack_error
     namespace = _Namespace.read(addresses, conntrack_error, nat)
     per_port: dict[int, list[CtEntry]] = {}
     for port in ports:
@@ -389,18 +400,34 @@ def _add_replies_from_other_ports(per_port: dict[int, list[CtEntry]], local: set
         per_port[port].extend(e for e in found if (e.orig.dst, e.orig.dport) in clients)
 
 
+def _count_unbound_alone(unbound: UnboundTally, local: set[str]) -> None:
+    """No service port: the one dump is taken for the unbound count alone."""
+    try:
+        _flow_index([], {}, local, unbound)
+    except CtfixError as err:
+        unbound.error = err.one_line()
+
+
 def _flow_index(
-    ports: list[int], rules: dict[int, list[NetfilterRule]], local: set[str]
+    ports: list[int],
+    rules: dict[int, list[NetfilterRule]],
+    local: set[str],
+    unbound: UnboundTally | None = None,
 ) -> FlowIndex:
     """ONE dump of the UDP table, decoding only the entries that touch a service port
     or a port a DNAT forwards one to (named by a rule); a target only the flows name
-    gets a filtered dump of its own (rare: something usually listens there)."""
+    gets a filtered dump of its own (rare: something usually listens there).
+    `unbound`: the unreplied entries are counted there too (most without being built)."""
     from ctfix.core import scan
     from ctfix.platform import conntrack
 
     targets = {t for port in ports for _a, t in forwarded_to(port, rules[port], (), local)}
     touching = frozenset(ports) | targets
-    index = scan.index_flows(conntrack.dump(proto=17, touching=touching), ports)
+    sink = unbound.count_raw if unbound is not None else None
+    dumped = conntrack.dump(proto=17, touching=touching, unreplied=sink)
+    if unbound is not None:
+        dumped = unbound.tee(dumped, touching)
+    index = scan.index_flows(dumped, ports)
     fetched = set(touching)
     for port in ports:
         flows = scan.flows_for_port(index, port)

@@ -13,7 +13,9 @@ from typing import Any
 
 from ctfix.core.model import Diagnosis, Reason, Verdict
 from ctfix.core.scan import verdict_counts
+from ctfix.core.unbound import UnboundSummary
 from ctfix.render import explain
+from ctfix.render import unbound as unbound_section
 from ctfix.render.jsonout import envelope
 from ctfix.render.stamp import markdown_document
 from ctfix.render.style import Style
@@ -139,15 +141,17 @@ def render_text(
     style: Style | None = None,
     stamp: str | None = None,
     width: int | None = None,
+    unbound: UnboundSummary | None = None,
 ) -> str:
     """The text report; `stamp` (ctfix.render.stamp) says when and where, under the
-    summary; `width` (a terminal's): every line fits it (None: a pipe's layout)."""
+    summary; `width` (a terminal's): every line fits it (None: a pipe's layout);
+    `unbound`: the requests to ports with nothing bound, last."""
     s = style or Style(False)
     out = [*heading_lines(_summary(diagnoses, netns), width)]
     out += [*heading_lines(stamp, width, "  ")] if stamp else []
-    if not diagnoses:
-        return "\n".join(out) + "\n"
-    out += ["", *service_rows(diagnoses, s, width=width), *write_ups(diagnoses, s, width)]
+    if diagnoses:
+        out += ["", *service_rows(diagnoses, s, width=width), *write_ups(diagnoses, s, width)]
+    out += unbound_section.text_lines([(None, unbound)])
     return "\n".join(out) + "\n"
 
 
@@ -175,7 +179,9 @@ def markdown_write_ups(diagnoses: Sequence[Diagnosis]) -> list[str]:
     ]
 
 
-def render_markdown(diagnoses: Sequence[Diagnosis], netns: str) -> str:
+def render_markdown(
+    diagnoses: Sequence[Diagnosis], netns: str, unbound: UnboundSummary | None = None
+) -> str:
     """The markdown report, stamped with when and where it was made."""
     out = [f"# {_summary(diagnoses, netns).removeprefix('ctfix scan: ')}", ""]
     if diagnoses:
@@ -184,13 +190,18 @@ def render_markdown(diagnoses: Sequence[Diagnosis], netns: str) -> str:
             cells = [f"**{verdict_word(d)}**", str(d.port), processes_text(d), markdown_why(d)]
             out.append(markdown_cells(cells))
     out += markdown_write_ups(diagnoses)
+    out += unbound_section.markdown_lines([(None, unbound)])
     return markdown_document("\n".join(out) + "\n")
 
 
-def scan_document(diagnoses: Sequence[Diagnosis], netns: str) -> dict[str, Any]:
-    """`ctfix scan --json`: the envelope, counts, then explain's object per port."""
+def scan_document(
+    diagnoses: Sequence[Diagnosis], netns: str, unbound: UnboundSummary | None = None
+) -> dict[str, Any]:
+    """`ctfix scan --json`: the envelope, counts, then explain's object per port, then
+    the requests to ports with nothing bound."""
     return {
         **envelope(netns),
         "counts": verdict_counts(diagnoses),
         "services": [explain.to_json_obj(d) for d in diagnoses],
+        **unbound_section.json_keys(unbound),
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 from ctfix.core.netns_scan import NamespaceScan, all_services, counts, worst_first
 from ctfix.render import explain
+from ctfix.render import unbound as unbound_section
 from ctfix.render.container import container_json, container_text
 from ctfix.render.jsonout import envelope
 from ctfix.render.scan import (
@@ -103,6 +104,7 @@ def render_text(
     if tail:
         out += ["", *tail]
     out += write_ups([d for _scan, d in all_services(ordered)], s, width)
+    out += unbound_section.text_lines([(scan.netns, scan.unbound) for scan in ordered])
     return "\n".join(out) + "\n"
 
 
@@ -122,6 +124,7 @@ def render_markdown(scans: Sequence[NamespaceScan]) -> str:
     if skipped:
         out += ["", *(f"- {line}" for line in skipped)]
     out += markdown_write_ups([d for _scan, d in services])
+    out += unbound_section.markdown_lines([(scan.netns, scan.unbound) for scan in ordered])
     return markdown_document("\n".join(out) + "\n")
 
 
@@ -135,6 +138,7 @@ def namespace_json(scan: NamespaceScan) -> dict[str, Any]:
         "counts": counts([scan]),
         "skipped": scan.skipped,
         "gone": scan.gone,
+        **unbound_section.json_keys(scan.unbound),
     }
 
 

@@ -150,8 +150,9 @@ def test_scan_all_netns_finds_the_broken_services_by_namespace_name(fleet: Fleet
             assert service["netns_container"] is None
     ok = [s for s in services if s["netns"] == fleet.ok_server]
     assert [(s["port"], s["verdict"]) for s in ok] == [(OK_PORT, "ok")]
-    # Worst first overall, over every namespace's services (other namespaces on the
-    # machine may hold `unknown` ones, or a service that is down: at-risk's place).
+    # Worst first overall: no broken service after a better one.
+    # Other namespaces of the machine (other runs') may hold any verdict: unknown (a
+    # family not tracked) too, and an outage ranks with at-risk (core.scan.severity).
     rank = {"broken": 0, "at-risk": 1, "unknown": 2, "ok": 3}
     ranks = [
         min(rank[s["verdict"]], 1) if s["service_down"] else rank[s["verdict"]]
