@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from ctfix.core.addr import endpoint, parse_endpoint, unmap
@@ -153,6 +153,8 @@ class StaleFindings:
         self.findings = findings
 
     def was_stale(self, entry: CtEntry) -> bool:
+        if not self.findings:  # the usual case: no endpoints to format per request
+            return False
         orig, reply = entry.orig, entry.reply
         key = (endpoint(orig.dst, orig.dport), endpoint(reply.src, reply.sport))
         return key in self.findings
@@ -460,9 +462,10 @@ class UnansweredDetector:
             if answer is not None:
                 return _Classified("wrong-source", False, False, None) if answer else None
         icmp = self._icmp
-        if (unmap(orig.src), orig.sport, unmap(orig.dst), orig.dport) in icmp or (
-            unmap(reply.dst), reply.dport, unmap(reply.src), reply.sport
-        ) in icmp:
+        if icmp and (
+            (unmap(orig.src), orig.sport, unmap(orig.dst), orig.dport) in icmp
+            or (unmap(reply.dst), reply.dport, unmap(reply.src), reply.sport) in icmp
+        ):
             return _Classified("no-socket", False, True, None)
         local = self.local_addresses
         if self.sockets is None or (local and reply.src not in local):
@@ -524,14 +527,24 @@ class UnansweredDetector:
                 self.stats.uncounted_clients += 1
         latest = endpoint(orig.src, orig.sport)
         if old is not None:
-            finding = replace(
-                old,
+            # The constructor, not dataclasses.replace (3x its cost): a start-up dump
+            # counts up to max_remembered flows here, one new finding object each.
+            finding = UnansweredFinding(
+                family=old.family,
+                proto=old.proto,
+                service=old.service,
+                reason=old.reason,
                 flows=old.flows + 1,
                 clients=len(clients),
+                first_seen=old.first_seen,
                 last_seen=now,
                 client=latest,
+                one_way=old.one_way,
+                existing=old.existing,
+                target=old.target,
                 confirmed=old.confirmed or why.confirmed,
                 program=why.program or old.program,
+                rules=old.rules,
             )
             self.findings[key] = finding
             return finding, Change.COUNTED
