@@ -398,6 +398,7 @@ class UnansweredDetector:
         udp = socket.IPPROTO_UDP
         local = self.local_addresses
         counted = self._counted
+        remember = self.remember
         for entry in entries:
             orig = entry.orig
             if orig.proto != udp or entry.status & IPS_SEEN_REPLY:
@@ -409,13 +410,15 @@ class UnansweredDetector:
                 if ident in seen:
                     continue
                 seen.add(ident)
+            if remember and (entry.id is None or len(counted) >= self.max_remembered):
+                # Not to be remembered: its DESTROY will count it. Checked before the
+                # rest: in a big table, most of a start-up dump's entries end here.
+                continue
             left = entry.timeout
             idle = self.udp_timeout - left if left is not None else self.udp_timeout
             if not is_request(entry, local) or _multicast(orig.dst):
                 continue
-            if self.remember:
-                if entry.id is None or len(counted) >= self.max_remembered:
-                    continue  # its DESTROY will count it
+            if remember and entry.id is not None:
                 # Its DESTROY comes `left` seconds from now, later if the client sends
                 # again; long after that the id is forgotten (a count twice at worst).
                 counted[entry.id] = now + (left or 0) + 4 * self.udp_timeout + 60
