@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 from ctfix.core.addr import endpoint, parse_endpoint, unmap
@@ -153,6 +153,8 @@ class StaleFindings:
         self.findings = findings
 
     def was_stale(self, entry: CtEntry) -> bool:
+        if not self.findings:  # the usual case: no endpoints to format per request
+            return False
         orig, reply = entry.orig, entry.reply
         key = (endpoint(orig.dst, orig.dport), endpoint(reply.src, reply.sport))
         return key in self.findings
@@ -396,6 +398,7 @@ class UnansweredDetector:
         udp = socket.IPPROTO_UDP
         local = self.local_addresses
         counted = self._counted
+        remember = self.remember
         for entry in entries:
             orig = entry.orig
             if orig.proto != udp or entry.status & IPS_SEEN_REPLY:
@@ -407,13 +410,15 @@ class UnansweredDetector:
                 if ident in seen:
                     continue
                 seen.add(ident)
+            if remember and (entry.id is None or len(counted) >= self.max_remembered):
+                # Not to be remembered: its DESTROY will count it. Checked before the
+                # rest: in a big table, most of a start-up dump's entries end here.
+                continue
             left = entry.timeout
             idle = self.udp_timeout - left if left is not None else self.udp_timeout
             if not is_request(entry, local) or _multicast(orig.dst):
                 continue
-            if self.remember:
-                if entry.id is None or len(counted) >= self.max_remembered:
-                    continue  # its DESTROY will count it
+            if remember and entry.id is not None:
                 # Its DESTROY comes `left` seconds from now, later if the client sends
                 # again; long after that the id is forgotten (a count twice at worst).
                 counted[entry.id] = now + (left or 0) + 4 * self.udp_timeout + 60
@@ -460,9 +465,10 @@ class UnansweredDetector:
             if answer is not None:
                 return _Classified("wrong-source", False, False, None) if answer else None
         icmp = self._icmp
-        if (unmap(orig.src), orig.sport, unmap(orig.dst), orig.dport) in icmp or (
-            unmap(reply.dst), reply.dport, unmap(reply.src), reply.sport
-        ) in icmp:
+        if icmp and (
+            (unmap(orig.src), orig.sport, unmap(orig.dst), orig.dport) in icmp
+            or (unmap(reply.dst), reply.dport, unmap(reply.src), reply.sport) in icmp
+        ):
             return _Classified("no-socket", False, True, None)
         local = self.local_addresses
         if self.sockets is None or (local and reply.src not in local):
@@ -524,14 +530,24 @@ class UnansweredDetector:
                 self.stats.uncounted_clients += 1
         latest = endpoint(orig.src, orig.sport)
         if old is not None:
-            finding = replace(
-                old,
+            # The constructor, not dataclasses.replace (3x its cost): a start-up dump
+            # counts up to max_remembered flows here, one new finding object each.
+            finding = UnansweredFinding(
+                family=old.family,
+                proto=old.proto,
+                service=old.service,
+                reason=old.reason,
                 flows=old.flows + 1,
                 clients=len(clients),
+                first_seen=old.first_seen,
                 last_seen=now,
                 client=latest,
+                one_way=old.one_way,
+                existing=old.existing,
+                target=old.target,
                 confirmed=old.confirmed or why.confirmed,
                 program=why.program or old.program,
+                rules=old.rules,
             )
             self.findings[key] = finding
             return finding, Change.COUNTED
