@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ctfix.commands.watch_events import drain, drain_quietly, lost_so_far, resync_due
+from ctfix.commands.watch_report import is_problem
 
 if TYPE_CHECKING:
     from ctfix.commands.watch_nat import StaleNatWatch
@@ -405,12 +406,6 @@ class NamespaceWatch:
             hidden=hidden,
         )
         return live, record
-
-
-def is_problem(finding: WrongSourceFinding | StaleNatFinding | UnansweredFinding) -> bool:
-    """Whether a finding is one to act on: all are, but a one-way service's unanswered
-    requests (they never get a reply, by design)."""
-    return finding.kind != "unanswered" or finding.problem
 
 
 def both(tracking: dict[str, bool | None]) -> dict[str, bool | None]:

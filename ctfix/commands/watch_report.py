@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
-from ctfix.commands.watch_ns import is_problem
 from ctfix.core.detectors import Change
 
 if TYPE_CHECKING:
@@ -140,6 +139,12 @@ def client_containers() -> Callable[[str], ContainerRef | None]:
         return lookup(client)
 
     return find
+
+
+def is_problem(finding: AnyFinding) -> bool:
+    """Whether a finding is one to act on: all are, but a one-way service's unanswered
+    requests (they never get a reply, by design)."""
+    return finding.kind != "unanswered" or finding.problem
 
 
 def exit_status(
