@@ -88,10 +88,14 @@ def run(args: argparse.Namespace) -> int:
             write_document(render.to_json_obj(health, label), sys.stdout)
         else:
             from ctfix.render.style import Style
+            from ctfix.render.width import fit_lines, terminal_width
 
             when = utc_timestamp() if args.interval is not None else None
             style = Style.for_stream(sys.stdout)
-            sys.stdout.write(render.render_text(health, label, style, when))
+            text = render.render_text(health, label, style, when)
+            # A terminal gets every line within its width (a pipe gets them as they are).
+            width = terminal_width(sys.stdout)
+            sys.stdout.write(fit_lines(text, width) if width else text)
             sys.stdout.flush()
 
     previous = ctstats.sample()

@@ -32,7 +32,9 @@ def _address(endpoint: str) -> str:
         return endpoint
 
 
-def _problem_text(problem: Problem, label: str) -> str:
+def _problem_text(problem: Problem, label: str, brief: bool = False) -> str:
+    """The problem in words; `brief` leaves out what is least needed (an at-risk
+    problem's client network), so that "(+N more)" can stay on the line."""
     d, health = problem.diagnosis, problem.health
     if health is not None:
         size = f"{health.entries}/{health.max_entries}"
@@ -54,7 +56,8 @@ def _problem_text(problem: Problem, label: str) -> str:
     for cn in d.clients:
         other = [a for a in cn.addressed if a != cn.predicted_source]
         if not cn.ok and other and cn.predicted_source:
-            return f"{head}: at risk, {other[0]} -> {cn.predicted_source} for {cn.network}"
+            pair = f"{head}: at risk, {other[0]} -> {cn.predicted_source}"
+            return pair if brief else f"{pair} for {cn.network}"
     return f"{head}: at risk"
 
 
@@ -72,19 +75,28 @@ def _shorten(label: str, room: int) -> str:
     return f"{label[:head]}...{label[len(label) - tail :]}" if tail else label[:head] + "..."
 
 
-def fit(make: Callable[[str], str], label: str, more: str = "", limit: int = MAX_LINE) -> str:
+def fit(
+    make: Callable[[str], str],
+    label: str,
+    more: str = "",
+    limit: int = MAX_LINE,
+    brief: Callable[[str], str] | None = None,
+) -> str:
     """The line `make(label) + more`, within `limit` bytes: shorten the label in its
-    middle (not below MIN_LABEL), then drop `more` (shortening again), then cut (never
-    inside a character). "(+N more)" says this is not the only problem: it goes last."""
+    middle (not below MIN_LABEL), then say it `brief`ly (when given), then drop `more`
+    (shortening again), then cut (never inside a character). "(+N more)" says this is
+    not the only problem: it goes last."""
+    makes = [make] if brief is None else [make, brief]
     for suffix in (more, ""):
-        whole = make(label) + suffix
-        if _fits(whole, limit):
-            return whole
-        overflow = len(whole.encode()) - limit
-        short = make(_shorten(label, len(label) - overflow)) + suffix
-        if _fits(short, limit):
-            return short
-    return _cut(make(_shorten(label, MIN_LABEL)), limit)
+        for each in makes:
+            whole = each(label) + suffix
+            if _fits(whole, limit):
+                return whole
+            overflow = len(whole.encode()) - limit
+            short = each(_shorten(label, len(label) - overflow)) + suffix
+            if _fits(short, limit):
+                return short
+    return _cut(makes[-1](_shorten(label, MIN_LABEL)), limit)
 
 
 def line(result: CheckResult, single: str | None = None) -> str:
@@ -94,7 +106,12 @@ def line(result: CheckResult, single: str | None = None) -> str:
     if worst is not None:
         others = len(result.problems) - 1
         more = f" (+{others} more)" if others else ""
-        return fit(lambda label: _problem_text(worst, label), worst.netns, more)
+        return fit(
+            lambda label: _problem_text(worst, label),
+            worst.netns,
+            more,
+            brief=lambda label: _problem_text(worst, label, brief=True),
+        )
     if result.unchecked:
         first = result.unchecked[0]
         others = len(result.unchecked) - 1

@@ -221,3 +221,16 @@ def test_contradicting_options_are_unknown_before_anything_is_read(
     assert command.run(args(all_netns=True, netns="blue")) == 2
     [only] = capsys.readouterr().out.splitlines()
     assert only.startswith("unknown: --all-netns")
+
+
+def test_an_at_risk_line_leaves_out_its_client_network_before_the_count_of_others() -> None:
+    """QA re-check of F8: an at-risk problem in a 19-character namespace filled the line
+    with "for 192.0.2.0/24" and "(+1 more)" went; the client network goes first."""
+    label = "ctfix-69723a62-host"
+    problems = [scan(label, at_risk(5353, label)), scan("b1", at_risk(1, "b1"))]
+    text = line(judge(problems))
+    assert text.endswith(" (+1 more)") and len(text.encode()) <= MAX_LINE, text
+    assert "at risk" in text and "5353" in text
+    # with room for it, the network is said
+    alone = line(judge([scan("h", at_risk(5353, "h"))]))
+    assert " for " in alone and "more" not in alone
