@@ -12,8 +12,10 @@ _WHY: dict[UnansweredReason, str] = {
     "no-socket": "nothing was bound to {where}",
     "no-reply": "{holder} receives them on {where} and no reply reached conntrack (the "
     "application did not answer, or a rule dropped or untracked its replies)",
-    "wrong-source": "the server answered from the wrong source address, which the "
-    "clients refused (see the wrong-source findings)",
+    # Observed: the reply's source; not observed: what the client did with it (a
+    # connect()ed client drops it, an unconnected one may take it).
+    "wrong-source": "the server answered from another source address, which a "
+    "connect()ed client drops (see the wrong-source findings)",
     # What ctfix knows is the rules, not whether the old backend (often on another
     # host) still serves, nor whether these clients expect a reply (syslog does not).
     "stale-nat": "a stale DNAT entry sent them to {where}, which the rules no longer name",
@@ -42,7 +44,9 @@ def unanswered_text(finding: UnansweredFinding) -> str:
     holder = f"a socket of {finding.program}" if finding.program else "a socket"
     why = _WHY[finding.reason].format(where=where, holder=holder)
     # Stale NAT: the requests went astray, answered or not (one-way traffic never is).
-    got = "" if finding.reason == "stale-nat" else " got no reply"
+    got = {"stale-nat": "", "wrong-source": " got no reply from the address they sent to"}.get(
+        finding.reason, " got no reply"
+    )
     text = f"{head}{got}: {why}"
     if finding.reason == "no-reply" and finding.target and finding.program is None:
         text = f"{head} got no reply: {where} never answered"
