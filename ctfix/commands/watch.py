@@ -85,7 +85,8 @@ seconds of every change of the NAT rules (docs/runbooks/udp-stale-nat.md).
 
 Filters, as with conntrack -E and tcpdump: --port, --client and --service select the
 findings of every kind (each repeatable: values of one option are alternatives,
-options narrow each other); the summary says how many they left out.
+options narrow each other); the summary says how many wrong-source and stale-NAT
+findings they left out (unanswered requests left out are not counted there).
 
 With --all-netns every network namespace of the host is watched at once (the
 host's, each container's, each `ip netns` one), followed as they appear and
