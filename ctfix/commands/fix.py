@@ -345,7 +345,7 @@ def _already_applied(args: argparse.Namespace, label: str) -> int | None:
             f"kernel ({missing[0].summary}: missing)",
             f"run `ctfix fix --revert {args.port}` and apply again",
         )
-    from ctfix.render import fix as render
+    from ctfix.render import fix_status as render
 
     effect = _effect(args.port, label, 0.0)
     again = render.Again(

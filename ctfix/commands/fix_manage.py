@@ -73,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
     from ctfix.platform import remedy
     from ctfix.platform.fixstate import FixState
     from ctfix.platform.remedy import marks
-    from ctfix.render import fix as render
+    from ctfix.render import fix_status as render
 
     state = FixState.load(label)
     # Marked objects no record explains: judged against every record, shown for PORT.
@@ -138,7 +138,7 @@ def _revert(args: argparse.Namespace) -> int:
         refused = remedy.foreign_steps(state, args.port)
         if refused:
             # remedy.revert would refuse too; here the refusal can name the way out.
-            from ctfix.render.fix import aside_hint
+            from ctfix.render.fix_status import aside_hint
 
             (port, _index), why = next(iter(refused.items()))
             raise CtfixError(
@@ -181,7 +181,7 @@ def _reverted(
     stray: list[Marked],
 ) -> int:
     """--revert's report: `nothing` says why nothing was recorded (and so changed)."""
-    from ctfix.render import fix as render
+    from ctfix.render import fix_status as render
 
     if args.json:
         _write_json(render.reverted_document(done, label, nothing, stray))
