@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.model import WrongSourceReply
 from ctfix.core.plan import Plan, plan_to_dict
-from ctfix.render.explain import wrong_json
+from ctfix.render.explain_json import wrong_json
 from ctfix.render.jsonout import envelope
 from ctfix.render.width import fill
 

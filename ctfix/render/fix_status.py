@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ctfix.core.detectors.wrong_source_words import wrong_source_text
 from ctfix.core.model import FixEffect
 from ctfix.core.plan import Step, spec_object, step_to_dict
-from ctfix.render.explain import effect_json
+from ctfix.render.explain_json import effect_json
 from ctfix.render.jsonout import envelope
 
 if TYPE_CHECKING:
